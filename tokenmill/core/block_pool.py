@@ -1,0 +1,111 @@
+"""BlockPool: the fixed set of KV-cache blocks, with reference counts and content hashes.
+
+A block holds the KV of `block_size` consecutive tokens of some sequence. A full block may carry
+a hash of its content (its tokens and all tokens before it), so a later request with the same
+prefix can reuse it. Freed blocks go to the tail of an LRU free queue; a freed block keeps its
+hash (and stays findable) until it is handed out again, which evicts it from the cache.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+
+
+def hash_block_tokens(parent_hash: int | None, token_ids: Sequence[int]) -> int:
+    """Content hash of one full block, chained to the hash of the block before it."""
+    return hash((parent_hash, tuple(token_ids)))
+
+
+class KVBlock:
+    __slots__ = ("block_id", "ref_cnt", "block_hash")
+
+    def __init__(self, block_id: int) -> None:
+        self.block_id = block_id
+        self.ref_cnt = 0
+        self.block_hash: int | None = None
+
+    def __repr__(self) -> str:
+        return f"KVBlock({self.block_id}, ref={self.ref_cnt}, hash={self.block_hash})"
+
+
+class BlockPool:
+    """Owns every block; hands them out, takes them back, and indexes full ones by hash."""
+
+    def __init__(self, num_blocks: int, enable_caching: bool = False) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.enable_caching = enable_caching
+        self.blocks = [KVBlock(i) for i in range(num_blocks)]
+        # Free blocks in eviction order (front = evicted first).
+        self._free: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self._cached: dict[int, KVBlock] = {}
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks in use by some request (cached-but-free blocks count as free)."""
+        return 1.0 - len(self._free) / self.num_blocks
+
+    def get_new_blocks(self, n: int) -> list[KVBlock]:
+        """Take n blocks from the front of the free queue (evicting their cached content)."""
+        if n > len(self._free):
+            raise RuntimeError(f"asked for {n} blocks, only {len(self._free)} free")
+        out = []
+        for _ in range(n):
+            _, block = self._free.popitem(last=False)
+            if block.block_hash is not None:
+                if self._cached.get(block.block_hash) is block:
+                    del self._cached[block.block_hash]
+                block.block_hash = None
+            block.ref_cnt = 1
+            out.append(block)
+        return out
+
+    def get_cached_block(self, block_hash: int) -> KVBlock | None:
+        return self._cached.get(block_hash) if self.enable_caching else None
+
+    def touch(self, blocks: Iterable[KVBlock]) -> None:
+        """Take a reference on blocks found in the cache (they may be sitting in the free queue)."""
+        for block in blocks:
+            if block.ref_cnt == 0:
+                del self._free[block.block_id]
+            block.ref_cnt += 1
+
+    def free_blocks(self, blocks: Iterable[KVBlock]) -> None:
+        """Drop one reference from each block; blocks reaching zero join the free queue's tail.
+
+        Callers pass a sequence's blocks in reverse so its last blocks are evicted first.
+        """
+        for block in blocks:
+            if block.ref_cnt <= 0:
+                raise RuntimeError(f"double free of {block}")
+            block.ref_cnt -= 1
+            if block.ref_cnt == 0:
+                self._free[block.block_id] = block
+
+    def cache_full_block(self, block: KVBlock, block_hash: int) -> None:
+        """Record that `block` holds the content identified by `block_hash`."""
+        if not self.enable_caching or block.block_hash is not None:
+            return
+        block.block_hash = block_hash
+        self._cached.setdefault(block_hash, block)
+
+    def reset_prefix_cache(self) -> None:
+        for block in self.blocks:
+            block.block_hash = None
+        self._cached.clear()
+
+    def check_invariants(self) -> None:
+        """Assert internal consistency (used by tests after every operation)."""
+        free_ids = set(self._free)
+        for block in self.blocks:
+            assert block.ref_cnt >= 0, block
+            assert (block.ref_cnt == 0) == (block.block_id in free_ids), block
+        for h, block in self._cached.items():
+            assert block.block_hash == h, (h, block)
+        assert len(free_ids) == len(self._free)

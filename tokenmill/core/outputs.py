@@ -1,0 +1,61 @@
+"""Contracts between the scheduler and the model runner (pure Python)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tokenmill.core.request import Request
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledRequest:
+    """One request's share of a step: compute tokens [num_computed_tokens, +num_tokens)."""
+
+    request: Request
+    num_computed_tokens: int
+    num_scheduled_tokens: int
+    block_ids: tuple[int, ...]
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def token_ids(self) -> list[int]:
+        start = self.num_computed_tokens
+        return self.request.token_ids_slice(start, start + self.num_scheduled_tokens)
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the end of the known tokens, so a new token is sampled."""
+        return self.num_computed_tokens + self.num_scheduled_tokens == self.request.num_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerOutput:
+    scheduled: tuple[ScheduledRequest, ...]
+    total_num_scheduled_tokens: int
+    # Requests finished or aborted since the previous step: the runner drops their state.
+    finished_req_ids: frozenset[str] = frozenset()
+    preempted_req_ids: frozenset[str] = frozenset()
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass(slots=True)
+class SampleLogprobs:
+    """Log-probabilities at one position: the sampled token, then the top-k alternatives."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    sampled_rank: int | None = None
+
+
+@dataclass(slots=True)
+class ModelRunnerOutput:
+    """For each request that sampled this step, its new token (and optionally logprobs)."""
+
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, SampleLogprobs] = field(default_factory=dict)

@@ -1,0 +1,203 @@
+"""Scheduler: continuous batching with chunked prefill and preemption by recompute (FCFS)."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from tokenmill.core.kv_cache_manager import KVCacheManager
+from tokenmill.core.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from tokenmill.core.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Per-step budgets. max_num_batched_tokens bounds the tokens of one forward pass."""
+
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 128
+    max_model_len: int = 2048
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"without chunked prefill, max_num_batched_tokens ({self.max_num_batched_tokens}) "
+                f"must be >= max_model_len ({self.max_model_len})"
+            )
+
+
+@dataclass(slots=True)
+class FinishedRequest:
+    request: Request
+    new_token_ids: list[int]
+
+
+class Scheduler:
+    """Decides, each step, how many tokens of which requests to compute.
+
+    Running requests are served first (in arrival order), then waiting ones, within the token
+    budget and max_num_seqs. When blocks run out, the newest running request is preempted: its
+    blocks are freed and it goes back to the front of the queue to be recomputed later.
+    """
+
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv_cache_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._finished_ids: set[str] = set()
+        self.num_preemptions_total = 0
+
+    # ---- queue management -------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
+        """Finish (or abort) requests wherever they are; their blocks are freed at once."""
+        assert status.finished
+        done = []
+        for rid in request_ids:
+            req = self.requests.pop(rid, None)
+            if req is None:
+                continue
+            if req.status == RequestStatus.RUNNING:
+                self.running.remove(req)
+            else:
+                self.waiting.remove(req)
+            req.status = status
+            self.kv.free(req)
+            self._finished_ids.add(rid)
+            done.append(req)
+        return done
+
+    def abort_requests(self, request_ids: Iterable[str]) -> list[Request]:
+        return self.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.requests)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- one step ---------------------------------------------------------------------
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self.waiting.appendleft(req)
+        logger.debug("preempted %s", req.request_id)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: set[str] = set()
+
+        idx = 0
+        while idx < len(self.running) and budget > 0:
+            req = self.running[idx]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if num_new <= 0:
+                idx += 1
+                continue
+            while True:
+                blocks = self.kv.allocate_slots(req, num_new)
+                if blocks is not None:
+                    break
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.add(victim.request_id)
+                if victim is req:
+                    break
+            if blocks is None:
+                break  # req itself was preempted; everything after it too
+            scheduled.append(self._make_scheduled(req, num_new, blocks))
+            budget -= num_new
+            idx += 1
+
+        if not preempted:
+            budget = self._schedule_waiting(budget, scheduled)
+
+        finished = frozenset(self._finished_ids)
+        self._finished_ids.clear()
+        total = self.config.max_num_batched_tokens - budget
+        return SchedulerOutput(tuple(scheduled), total, finished, frozenset(preempted))
+
+    def _schedule_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            hits, num_hit_tokens = self.kv.get_computed_blocks(req)
+            num_new = req.num_tokens - num_hit_tokens
+            if num_new > budget:
+                if not self.config.enable_chunked_prefill:
+                    break
+                num_new = budget
+            blocks = self.kv.allocate_slots(req, num_new, hits)
+            if blocks is None:
+                break
+            self.waiting.popleft()
+            req.num_computed_tokens = num_hit_tokens
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            scheduled.append(self._make_scheduled(req, num_new, blocks))
+            budget -= num_new
+        return budget
+
+    @staticmethod
+    def _make_scheduled(req: Request, num_new: int, blocks: list) -> ScheduledRequest:
+        block_ids = tuple(b.block_id for b in blocks)
+        return ScheduledRequest(req, req.num_computed_tokens, num_new, block_ids)
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
+    ) -> tuple[list[tuple[Request, list[int]]], list[Request]]:
+        """Advance progress, append sampled tokens, apply stop rules.
+
+        Returns (requests that got new tokens with those tokens, requests that finished).
+        """
+        updated: list[tuple[Request, list[int]]] = []
+        finished: list[Request] = []
+        for sched in scheduler_output.scheduled:
+            req = sched.request
+            if req.is_finished or req.request_id not in self.requests:
+                continue  # aborted while the step ran
+            if req.status != RequestStatus.RUNNING:
+                continue  # preempted in this step's scheduling
+            req.num_computed_tokens += sched.num_scheduled_tokens
+            token = runner_output.sampled.get(req.request_id)
+            if token is None:
+                continue
+            req.output_token_ids.append(token)
+            updated.append((req, [token]))
+            status = self._check_stop(req, token)
+            if status is not None:
+                self.finish_requests([req.request_id], status)
+                finished.append(req)
+        return updated, finished
+
+    def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
+        params = req.sampling_params
+        if req.num_output_tokens >= params.min_tokens:
+            if token in params.stop_token_ids:
+                req.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+            if not params.ignore_eos and token in req.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH_CAPPED
+        return None

@@ -1,0 +1,115 @@
+"""LLM: the offline Python API (`LLM(model).generate(prompts, params)`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from tokenmill.config import EngineArgs
+from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.engine.tokenizer import Tokenizer
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+Messages = list[dict[str, Any]]
+
+
+def _is_token_ids(x: Any) -> bool:
+    return isinstance(x, list) and bool(x) and all(isinstance(t, int) for t in x)
+
+
+class LLM:
+    """Load a model once, then generate for batches of prompts with continuous batching.
+
+    `model` is a GGUF file, a Hugging Face folder or Hub id, or None for the embedded default.
+    Other keyword arguments are EngineArgs fields (dtype, max_model_len, kv_cache_memory_gib,
+    max_num_seqs, max_num_batched_tokens, ...); unknown ones are an error.
+    """
+
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        self.engine = LLMEngine(EngineArgs.from_kwargs(model=model, **kwargs))
+
+    def get_tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    def _normalize(self, prompts: Prompt | Sequence[Prompt],
+                   params: SamplingParams | Sequence[SamplingParams] | None,
+                   ) -> tuple[list[Prompt], list[SamplingParams]]:
+        if isinstance(prompts, str) or _is_token_ids(prompts):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if params is None:
+            params = SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        params = list(params)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
+        return prompts, params
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate for every prompt; results in input order. Bad input raises ValueError and
+        nothing is left queued."""
+        prompts, params = self._normalize(prompts, sampling_params)
+        return self._run([(p, None) for p in prompts], params, use_tqdm)
+
+    def chat(self, messages: Messages | Sequence[Messages],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             add_generation_prompt: bool = True, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Apply the model's chat template to each conversation, then generate."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prepared = [self.encode_chat(c, add_generation_prompt) for c in convs]
+        _, params = self._normalize([p[0] for p in prepared], sampling_params)
+        return self._run(prepared, params, use_tqdm)
+
+    def encode_chat(self, messages: Messages,
+                    add_generation_prompt: bool = True) -> tuple[str, list[int]]:
+        tok = self.engine.tokenizer
+        text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        return text, tok.encode(text, add_special_tokens=False)
+
+    def _run(self, prompts: list[tuple[Prompt, list[int] | None]], params: list[SamplingParams],
+             use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.engine
+        ids: list[str] = []
+        try:
+            for (prompt, token_ids), p in zip(prompts, params):
+                ids.append(engine.add_request(None, prompt, p, prompt_token_ids=token_ids))
+        except Exception:
+            engine.abort_request(ids)
+            raise
+        results: dict[str, RequestOutput] = {}
+        wanted = set(ids)
+        bar = tqdm(total=len(ids), desc="Generating", disable=not use_tqdm)
+        try:
+            while len(results) < len(ids) and engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished and out.request_id in wanted:
+                        results[out.request_id] = out
+                        bar.update(1)
+        finally:
+            bar.close()
+            engine.abort_request([i for i in ids if i not in results])
+        return [results[i] for i in ids]
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+               prompt_token_ids: list[int] | None = None) -> Iterator[RequestOutput]:
+        """Yield this request's outputs as they are produced (delta_text / delta_token_ids hold
+        what is new). Other queued requests advance too. Closing the iterator aborts it."""
+        engine = self.engine
+        rid = engine.add_request(None, prompt, sampling_params, prompt_token_ids)
+        finished = False
+        try:
+            while not finished:
+                for out in engine.step():
+                    if out.request_id == rid:
+                        finished = out.finished
+                        yield out
+        finally:
+            if not finished:
+                engine.abort_request(rid)

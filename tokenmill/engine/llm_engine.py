@@ -1,0 +1,254 @@
+"""LLMEngine: add_request / abort_request / step over the scheduler and the model runner."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from tokenmill.config import DEFAULT_CPU_KV_GIB, EngineArgs
+from tokenmill.core.kv_cache_manager import KVCacheManager
+from tokenmill.core.outputs import SampleLogprobs
+from tokenmill.core.request import Request, RequestStatus
+from tokenmill.core.scheduler import Scheduler, SchedulerConfig
+from tokenmill.engine.detokenizer import IncrementalDetokenizer
+from tokenmill.engine.tokenizer import Tokenizer
+from tokenmill.loader.load import ModelInfo, load_model, load_tokenizer
+from tokenmill.loader.resolve import resolve_model
+from tokenmill.outputs import CompletionOutput, Logprob, RequestOutput
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.worker.model_runner import ModelRunner, kv_cache_bytes_per_token
+
+logger = logging.getLogger(__name__)
+GiB = 1 << 30
+
+
+@dataclass
+class _Sample:
+    """Engine-side state of one of a request's n samples (one core Request)."""
+
+    group_id: str
+    index: int
+    request: Request
+    detok: IncrementalDetokenizer
+    logprobs: list[dict[int, Logprob]] | None
+    cumulative_logprob: float = 0.0
+    pending_text: str = ""
+    pending_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Group:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    samples: list[_Sample]
+
+    @property
+    def finished(self) -> bool:
+        return all(s.request.is_finished for s in self.samples)
+
+
+class LLMEngine:
+    """Synchronous engine. Call `step()` until `has_unfinished_requests()` is False."""
+
+    def __init__(self, args: EngineArgs) -> None:
+        self.args = args
+        args.apply_threads()
+        torch.manual_seed(args.seed)
+        self.device = args.torch_device()
+        self.dtype = args.torch_dtype(self.device)
+        source = resolve_model(args.model)
+        t0 = time.perf_counter()
+        self.model, self.model_info = load_model(source, self.dtype, args.max_model_len,
+                                                 self.device)
+        info = self.model_info
+        self.tokenizer: Tokenizer = load_tokenizer(info)
+        arch = info.arch
+        logger.info("loaded %s (%s, %s) in %.1fs", source.name, arch.architecture,
+                    info.weight_format, time.perf_counter() - t0)
+
+        bytes_per_token = kv_cache_bytes_per_token(arch.num_layers, arch.num_kv_heads,
+                                                   arch.head_dim, self.dtype)
+        num_blocks = self._num_kv_blocks(bytes_per_token)
+        capacity = num_blocks * args.block_size
+        max_len = min(arch.max_position_embeddings, args.max_model_len or 1 << 62)
+        if max_len > capacity:
+            logger.warning("max_model_len %d exceeds the KV capacity; capping it to %d tokens",
+                           max_len, capacity)
+            max_len = capacity
+        self.max_model_len = max_len
+        self.kv_capacity_tokens = capacity
+        self.kv_cache_bytes = capacity * bytes_per_token
+        self.scheduler = Scheduler(
+            SchedulerConfig(args.max_num_batched_tokens, args.max_num_seqs, max_len,
+                            args.enable_chunked_prefill),
+            KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching),
+        )
+        self.runner = ModelRunner(self.model, num_blocks, args.block_size, self.dtype, self.device)
+        logger.info(
+            "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s); max concurrency at full "
+            "context (%d tokens): %.1f", num_blocks, args.block_size, capacity,
+            self.kv_cache_bytes / GiB, str(self.dtype).removeprefix("torch."), max_len,
+            capacity / max_len,
+        )
+        self.groups: dict[str, _Group] = {}
+        self._child_to_group: dict[str, _Sample] = {}
+        self._ids = itertools.count()
+
+
+    # ---- set-up ---------------------------------------------------------------------------
+    def _num_kv_blocks(self, bytes_per_token: int) -> int:
+        args = self.args
+        if args.num_kv_blocks is not None:
+            return args.num_kv_blocks
+        if args.kv_cache_memory_gib is not None:
+            budget = args.kv_cache_memory_gib * GiB
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = 0.9 * free
+        else:
+            budget = DEFAULT_CPU_KV_GIB * GiB
+        num_blocks = int(budget // (bytes_per_token * args.block_size))
+        if num_blocks < 1:
+            raise ValueError(
+                f"KV cache budget of {budget / GiB:.3f} GiB holds no block "
+                f"({bytes_per_token * args.block_size} bytes each)"
+            )
+        return num_blocks
+
+    # ---- requests ---------------------------------------------------------------------------
+    def new_request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    def encode_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            return prompt, self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        vocab = self.model_info.arch.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+        return None, ids
+
+    def add_request(self, request_id: str | None, prompt: str | list[int],
+                    params: SamplingParams | None = None,
+                    prompt_token_ids: list[int] | None = None) -> str:
+        """Validate, tokenize and queue a request (n samples). Raises ValueError on bad input,
+        leaving the engine untouched."""
+        params = params or SamplingParams()
+        request_id = request_id or self.new_request_id()
+        if request_id in self.groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if prompt_token_ids is not None:
+            text, ids = (prompt if isinstance(prompt, str) else None), list(prompt_token_ids)
+        else:
+            text, ids = self.encode_prompt(prompt)
+        if not ids:
+            raise ValueError("prompt is empty (no tokens)")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens, but the context is {self.max_model_len} tokens "
+                "(it must leave room for at least one generated token)"
+            )
+        room = self.max_model_len - len(ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        eos = set() if params.ignore_eos else self.tokenizer.eos_token_ids
+        children = [params] if params.n == 1 else [params.clone_for_child(i)
+                                                   for i in range(params.n)]
+        samples = []
+        for i, p in enumerate(children):
+            req = Request(f"{request_id}#{i}", ids, p, eos, max_tokens, time.monotonic())
+            detok = IncrementalDetokenizer(self.tokenizer, ids, p.skip_special_tokens, p.stop,
+                                           p.include_stop_str_in_output)
+            samples.append(_Sample(request_id, i, req, detok, [] if p.logprobs is not None else None))
+        group = _Group(request_id, text, ids, samples)
+        self.groups[request_id] = group
+        for s in samples:
+            self._child_to_group[s.request.request_id] = s
+            self.scheduler.add_request(s.request)
+        return request_id
+
+    def abort_request(self, request_ids: str | list[str]) -> None:
+        """Abort requests (by the id given to add_request); their KV blocks are freed now."""
+        for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
+            group = self.groups.pop(rid, None)
+            if group is None:
+                continue
+            child_ids = [s.request.request_id for s in group.samples]
+            self.scheduler.abort_requests(child_ids)
+            for cid in child_ids:
+                self._child_to_group.pop(cid, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.groups)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.groups)
+
+    # ---- stepping ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step and return outputs of the requests that changed."""
+        sched = self.scheduler.schedule()
+        runner_out = self.runner.execute(sched)
+        updated, finished = self.scheduler.update_from_output(sched, runner_out)
+        touched: dict[str, None] = {}  # ordered set
+        for req, new_ids in updated:
+            sample = self._child_to_group.get(req.request_id)
+            if sample is None:
+                continue
+            self._on_tokens(sample, new_ids, runner_out.logprobs.get(req.request_id))
+            touched[sample.group_id] = None
+        for req in finished:
+            sample = self._child_to_group.get(req.request_id)
+            if sample is not None:
+                sample.pending_text += sample.detok.flush()
+        outputs = []
+        for gid in touched:
+            group = self.groups.get(gid)
+            if group is None:
+                continue
+            outputs.append(self._make_output(group))
+            if group.finished:
+                del self.groups[gid]
+                for s in group.samples:
+                    self._child_to_group.pop(s.request.request_id, None)
+        return outputs
+
+    def _on_tokens(self, sample: _Sample, new_ids: list[int], lp: SampleLogprobs | None) -> None:
+        req = sample.request
+        sample.pending_ids.extend(new_ids)
+        if lp is not None and sample.logprobs is not None:
+            entry = {lp.token_ids[0]: Logprob(lp.logprobs[0], lp.sampled_rank,
+                                              self.tokenizer.decode([lp.token_ids[0]], False))}
+            for rank, (tid, val) in enumerate(zip(lp.token_ids[1:], lp.logprobs[1:]), start=1):
+                entry.setdefault(tid, Logprob(val, rank, self.tokenizer.decode([tid], False)))
+            sample.logprobs.append(entry)
+            sample.cumulative_logprob += lp.logprobs[0]
+        sample.pending_text += sample.detok.add_tokens(new_ids)
+        if sample.detok.stop_reason is not None and not req.is_finished:
+            req.stop_reason = sample.detok.stop_reason
+            self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
+
+    def _make_output(self, group: _Group) -> RequestOutput:
+        outs = []
+        for s in group.samples:
+            req = s.request
+            outs.append(CompletionOutput(
+                index=s.index, text=s.detok.text, token_ids=list(req.output_token_ids),
+                cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
+                logprobs=list(s.logprobs) if s.logprobs is not None else None,
+                finish_reason=req.finish_reason, stop_reason=req.stop_reason,
+                delta_text=s.pending_text, delta_token_ids=s.pending_ids,
+            ))
+            s.pending_text, s.pending_ids = "", []
+        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outs,
+                             group.finished)

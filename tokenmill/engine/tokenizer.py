@@ -1,0 +1,533 @@
+"""Text <-> token ids for one model, with its special ids and its chat template.
+
+`Tokenizer` wraps a `tokenizers.Tokenizer` (the Rust library). It is built either from a Hugging
+Face folder (`tokenizer.json` + `tokenizer_config.json` [+ `chat_template.jinja`,
+`generation_config.json`]) or from GGUF metadata, where llama.cpp stores the vocabulary, merges
+and token types instead of a `tokenizer.json`; `gguf_backend` rebuilds the equivalent pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from functools import lru_cache
+from typing import Any, ClassVar, NoReturn
+
+import jinja2
+from jinja2 import nodes
+from jinja2.ext import Extension
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as RustTokenizer
+
+from tokenmill.errors import ChatTemplateError, ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+# llama.cpp token types (gguf.TokenType)
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+_SPM_SPACE = "\u2581"  # sentencepiece's visible space
+
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT4O_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# `tokenizer.ggml.pre` -> the split the merges were learned with. Anything else gets GPT-2's.
+_SPLIT_BY_PRE: dict[str, str] = {
+    **dict.fromkeys(
+        ("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "falcon3", "dbrx"), _LLAMA3_SPLIT
+    ),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), _QWEN2_SPLIT),
+    **dict.fromkeys(("gpt-4o", "llama4"), _GPT4O_SPLIT),
+}
+_GPT2_LIKE_PRE = {"default", "gpt2", "gpt-2", "smollm", "starcoder", "refact"}
+
+
+@lru_cache(maxsize=1)
+def byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (how byte-level vocabularies spell bytes)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _gguf_merges(metadata: Mapping[str, Any]) -> list[tuple[str, str]] | None:
+    raw = metadata.get("tokenizer.ggml.merges")
+    if raw is None:
+        return None
+    merges = []
+    for line in raw:
+        left, _, right = line.partition(" ")
+        merges.append((left, right))
+    return merges
+
+
+def merges_from_scores(
+    tokens: Sequence[str], scores: Sequence[float], token_types: Sequence[int]
+) -> list[tuple[str, str]]:
+    """BPE merges equivalent to sentencepiece's score-driven merging: every way to split a token
+    into two vocabulary pieces, best score first (ties: longer left, then longer right piece).
+
+    Control, byte and unknown tokens are never the result of a merge in sentencepiece, so they
+    produce none here.
+    """
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    candidates: list[tuple[float, str, str]] = []
+    seen: set[str] = set()
+    for index, tok in enumerate(tokens):
+        kind = token_types[index] if index < len(token_types) else _NORMAL
+        if tok in seen or kind in (_CONTROL, _BYTE, _UNKNOWN):
+            continue
+        seen.add(tok)
+        pairs = [(tok[:k], tok[k:]) for k in range(1, len(tok))]
+        pairs = sorted(
+            ((lt, rt) for lt, rt in pairs if lt in vocab and rt in vocab),
+            key=lambda p: (vocab[p[0]], vocab[p[1]]),
+        )
+        candidates.extend((float(scores[index]), lt, rt) for lt, rt in pairs)
+    # a stable sort keeps vocabulary order among exact ties
+    candidates.sort(key=lambda c: (c[0], len(c[1]), len(c[2])), reverse=True)
+    return [(lt, rt) for _, lt, rt in candidates]
+
+
+def _byte_level_backend(metadata: Mapping[str, Any], tokens: list[str], types: list[int]) -> Any:
+    alphabet = byte_level_alphabet()
+    chars = set(alphabet.values())
+    vocab: dict[str, int] = {}
+    for i, tok in enumerate(tokens):
+        # Control / user-defined tokens keep their spelling: they are matched whole in the text
+        # and decoded verbatim. Normal tokens must be in the byte alphabet; respell any that aren't.
+        kind = types[i] if i < len(types) else _NORMAL
+        if kind in (_CONTROL, _USER_DEFINED) or set(tok) <= chars:
+            vocab[tok] = i
+        else:
+            vocab["".join(alphabet[b] for b in tok.encode("utf-8"))] = i
+    merges = _gguf_merges(metadata)
+    if merges is None:
+        raise ModelLoadError("GGUF byte-level BPE tokenizer has no 'tokenizer.ggml.merges'")
+    backend = RustTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    pre = metadata.get("tokenizer.ggml.pre") or "default"
+    if pre in _SPLIT_BY_PRE:
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_SPLIT_BY_PRE[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    else:
+        if pre not in _GPT2_LIKE_PRE:
+            logger.warning("GGUF pre-tokenizer %r is not known; using GPT-2's split", pre)
+        steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        if pre == "smollm":  # SmolLM's own tokenizer.json splits every digit first
+            steps.insert(0, pre_tokenizers.Digits(individual_digits=True))
+        backend.pre_tokenizer = pre_tokenizers.Sequence(steps)
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _sentencepiece_backend(metadata: Mapping[str, Any], tokens: list[str], types: list[int]) -> Any:
+    merges = _gguf_merges(metadata)
+    if merges is None:
+        scores = metadata.get("tokenizer.ggml.scores")
+        if scores is None:
+            raise ModelLoadError("GGUF sentencepiece tokenizer has neither merges nor scores")
+        merges = merges_from_scores(tokens, scores, types)
+    unk_id = metadata.get("tokenizer.ggml.unknown_token_id")
+    unk = tokens[unk_id] if isinstance(unk_id, int) and 0 <= unk_id < len(tokens) else None
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    model = models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
+    backend = RustTokenizer(model)
+    add_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement=_SPM_SPACE, prepend_scheme="first" if add_prefix else "never", split=False
+    )
+    steps = [decoders.Replace(_SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_prefix:
+        steps.append(decoders.Strip(content=" ", left=1, right=0))
+    backend.decoder = decoders.Sequence(steps)
+    return backend
+
+
+def gguf_backend(metadata: Mapping[str, Any]) -> Any:
+    """A `tokenizers.Tokenizer` equivalent to the one GGUF metadata describes."""
+    kind = metadata.get("tokenizer.ggml.model")
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise ModelLoadError("GGUF file has no tokenizer vocabulary ('tokenizer.ggml.tokens')")
+    tokens = [str(t) for t in tokens]
+    types = [int(t) for t in metadata.get("tokenizer.ggml.token_type") or ()]
+    if kind == "gpt2":
+        backend = _byte_level_backend(metadata, tokens, types)
+    elif kind == "llama":
+        backend = _sentencepiece_backend(metadata, tokens, types)
+    else:
+        raise ModelLoadError(
+            f"GGUF tokenizer model {kind!r} is not supported (supported: 'gpt2', 'llama')"
+        )
+    # Control tokens (e.g. <|im_start|>) are matched whole and are special; user-defined ones
+    # (e.g. <think>) are matched whole but decoded like text.
+    control = [
+        AddedToken(t, special=True, normalized=False)
+        for t, k in zip(tokens, types)
+        if k == _CONTROL
+    ]
+    user = [
+        AddedToken(t, special=False, normalized=False)
+        for t, k in zip(tokens, types)
+        if k == _USER_DEFINED
+    ]
+    if control:
+        backend.add_special_tokens(control)
+    if user:
+        backend.add_tokens(user)
+    if backend.get_vocab_size(with_added_tokens=True) != len(tokens):
+        logger.warning(
+            "GGUF tokenizer grew from %d to %d tokens while adding special tokens",
+            len(tokens),
+            backend.get_vocab_size(with_added_tokens=True),
+        )
+    return backend
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} should hold a JSON object")
+    return data
+
+
+def _token_content(value: Any) -> str | None:
+    """tokenizer_config writes special tokens as strings or as serialized AddedToken dicts."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _as_id_list(value: Any) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    return []
+
+
+# --------------------------------------------------------------------------------- chat templates
+def _raise_exception(message: str) -> NoReturn:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    # jinja's own tojson HTML-escapes; templates expect plain JSON
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+class _GenerationTag(Extension):
+    """`{% generation %}...{% endgeneration %}` (marks assistant text in HF templates): a no-op."""
+
+    tags: ClassVar[set[str]] = {"generation"}
+
+    def parse(self, parser: Any) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller: Any) -> str:
+        return caller()
+
+
+@lru_cache(maxsize=1)
+def _jinja_env() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", _GenerationTag]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
+    return env
+
+
+@lru_cache(maxsize=16)
+def _compile_template(source: str) -> jinja2.Template:
+    try:
+        return _jinja_env().from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ChatTemplateError(f"chat template has a syntax error (line {e.lineno}): {e.message}")
+    except jinja2.TemplateError as e:
+        raise ChatTemplateError(f"chat template cannot be compiled: {e}") from None
+
+
+def _message_content(content: Any, index: int) -> str | None:
+    """A message's content as a string: text parts ({"type": "text", "text": ...}) joined by \\n."""
+    if content is None or isinstance(content, str):
+        return content
+    if not isinstance(content, (list, tuple)):
+        raise ChatTemplateError(f"messages[{index}]['content'] must be a string or a list of parts")
+    texts = []
+    for part in content:
+        if not isinstance(part, Mapping) or part.get("type") != "text":
+            kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+            raise ChatTemplateError(f"messages[{index}] has an unsupported content part: {kind!r}")
+        if not isinstance(part.get("text"), str):
+            raise ChatTemplateError(f"messages[{index}] has a text part without a 'text' string")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def validate_messages(messages: Any) -> list[dict[str, Any]]:
+    """Check chat messages and return copies whose content is a plain string (or None)."""
+    if not isinstance(messages, (list, tuple)):
+        raise ChatTemplateError("messages must be a list of {'role': ..., 'content': ...} dicts")
+    out = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, Mapping):
+            raise ChatTemplateError(f"messages[{i}] must be a dict, got {type(msg).__name__}")
+        if not isinstance(msg.get("role"), str) or not msg["role"]:
+            raise ChatTemplateError(f"messages[{i}] has no 'role' string")
+        if "content" not in msg and "tool_calls" not in msg:
+            raise ChatTemplateError(f"messages[{i}] has no 'content'")
+        out.append({**msg, "content": _message_content(msg.get("content"), i)})
+    return out
+
+
+def render_chat_template(
+    template: str | None, messages: Any, add_generation_prompt: bool = True, **variables: Any
+) -> str:
+    """Render a chat template in a sandbox; every failure is a ChatTemplateError."""
+    if not template:
+        raise ChatTemplateError("this model has no chat template; send a plain prompt instead")
+    compiled = _compile_template(template)
+    context = {
+        **variables,
+        "messages": validate_messages(messages),
+        "add_generation_prompt": add_generation_prompt,
+    }
+    try:
+        return compiled.render(**context)
+    except jinja2.TemplateError as e:  # raise_exception() and sandbox violations land here
+        raise ChatTemplateError(f"chat template error: {e}") from None
+    except Exception as e:  # noqa: BLE001  (a template is code: any error means it is broken)
+        raise ChatTemplateError(
+            f"chat template failed while rendering: {type(e).__name__}: {e}"
+        ) from None
+
+
+class Tokenizer:
+    """A model's tokenizer: encode/decode, special ids, stop ids and chat template.
+
+    `add_bos_token` / `add_eos_token`: None trusts the backend's post-processor; True/False make
+    `encode(add_special_tokens=True)` add (or not add) BOS/EOS whatever the backend does.
+    """
+
+    def __init__(
+        self,
+        backend: Any,
+        *,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        extra_eos_token_ids: Iterable[int] = (),
+        add_bos_token: bool | None = None,
+        add_eos_token: bool | None = None,
+        chat_templates: Mapping[str, str] | None = None,
+    ) -> None:
+        self.backend = backend
+        self._bos_id = bos_token_id
+        self._eos_id = eos_token_id
+        self._eos_ids = {i for i in (eos_token_id, *extra_eos_token_ids) if i is not None}
+        self._templates = dict(chat_templates or {})
+        # What the backend's post-processor already adds, probed on an empty text.
+        probe = backend.encode("", add_special_tokens=True).ids
+        adds_bos = bos_token_id is not None and probe[:1] == [bos_token_id]
+        adds_eos = (
+            eos_token_id is not None and len(probe) > int(adds_bos) and probe[-1] == eos_token_id
+        )
+        self._prepend_bos = bool(add_bos_token) and bos_token_id is not None and not adds_bos
+        self._strip_bos = add_bos_token is False and adds_bos
+        self._append_eos = bool(add_eos_token) and eos_token_id is not None and not adds_eos
+        self._strip_eos = add_eos_token is False and adds_eos
+        special = {i for i, tok in backend.get_added_tokens_decoder().items() if tok.special}
+        self._special_ids = special | self._eos_ids | ({bos_token_id} - {None})
+
+    # ----------------------------------------------------------------------------- constructors
+    @classmethod
+    def from_gguf_metadata(cls, metadata: Mapping[str, Any]) -> Tokenizer:
+        """Build from GGUF key/values (see `tokenmill.loader.gguf_file.gguf_metadata`)."""
+        backend = gguf_backend(metadata)
+        add_bos = metadata.get("tokenizer.ggml.add_bos_token")
+        if add_bos is None:  # llama.cpp adds BOS to sentencepiece vocabularies unless told not to
+            add_bos = metadata.get("tokenizer.ggml.model") == "llama"
+        extra = [metadata.get(f"tokenizer.ggml.{k}_token_id") for k in ("eot", "eom")]
+        template = metadata.get("tokenizer.chat_template")
+        return cls(
+            backend,
+            bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
+            eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
+            extra_eos_token_ids=[i for i in extra if isinstance(i, int)],
+            add_bos_token=bool(add_bos),
+            add_eos_token=bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
+            chat_templates={"default": template} if isinstance(template, str) else None,
+        )
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike) -> Tokenizer:
+        from tokenmill.loader.gguf_file import gguf_metadata, open_gguf
+
+        return cls.from_gguf_metadata(gguf_metadata(open_gguf(path)))
+
+    @classmethod
+    def from_hf_dir(cls, path: str | os.PathLike) -> Tokenizer:
+        """Build from a Hugging Face model or tokenizer folder."""
+        path = os.fspath(path)
+        tok_file = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(tok_file):
+            raise ModelLoadError(f"{path} has no tokenizer.json (needed to build the tokenizer)")
+        try:
+            backend = RustTokenizer.from_file(tok_file)
+        except Exception as e:  # noqa: BLE001  (the Rust library raises plain Exception)
+            raise ModelLoadError(f"cannot load {tok_file}: {e}") from None
+        config = _read_json(os.path.join(path, "tokenizer_config.json"))
+        gen_config = _read_json(os.path.join(path, "generation_config.json"))
+
+        def token_id(key: str) -> int | None:
+            content = _token_content(config.get(key))
+            return backend.token_to_id(content) if content is not None else None
+
+        gen_eos = _as_id_list(gen_config.get("eos_token_id"))
+        eos_id = token_id("eos_token")
+        if eos_id is None and gen_eos:
+            eos_id = gen_eos[0]
+        bos_id = token_id("bos_token")
+        if bos_id is None:
+            bos_id = next(iter(_as_id_list(gen_config.get("bos_token_id"))), None)
+        templates: dict[str, str] = {}
+        raw = config.get("chat_template")
+        if isinstance(raw, str):
+            templates["default"] = raw
+        elif isinstance(raw, list):
+            templates.update(
+                {
+                    t["name"]: t["template"]
+                    for t in raw
+                    if isinstance(t, dict) and "name" in t and "template" in t
+                }
+            )
+        jinja_file = os.path.join(path, "chat_template.jinja")
+        if os.path.isfile(jinja_file):
+            with open(jinja_file, encoding="utf-8") as f:
+                templates["default"] = f.read()
+        return cls(
+            backend,
+            bos_token_id=bos_id,
+            eos_token_id=eos_id,
+            extra_eos_token_ids=gen_eos,
+            add_bos_token=config.get("add_bos_token"),
+            add_eos_token=config.get("add_eos_token"),
+            chat_templates=templates,
+        )
+
+    # ----------------------------------------------------------------------------- encode/decode
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids: list[int] = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens:
+            if self._strip_bos and ids[:1] == [self._bos_id]:
+                ids = ids[1:]
+            if self._strip_eos and ids[-1:] == [self._eos_id]:
+                ids = ids[:-1]
+            if self._prepend_bos:
+                ids = [self._bos_id, *ids]
+            if self._append_eos:
+                ids = [*ids, self._eos_id]
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    # ----------------------------------------------------------------------------- properties
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._bos_id
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._eos_id
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        """Ids that end generation: EOS plus extra stop ids (generation_config, GGUF eot/eom)."""
+        return set(self._eos_ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def all_special_ids(self) -> set[int]:
+        return set(self._special_ids)
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._templates.get("default") or next(iter(self._templates.values()), None)
+
+    def _token_text(self, token_id: int | None) -> str:
+        text = self.id_to_token(token_id) if token_id is not None else None
+        return text or ""
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        **extra: Any,
+    ) -> str:
+        """Render `messages` to the prompt text with the model's chat template (sandboxed)."""
+        template = self.chat_template
+        if extra.get("tools") and "tool_use" in self._templates:
+            template = self._templates["tool_use"]
+        return render_chat_template(
+            template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self._token_text(self._bos_id),
+            eos_token=self._token_text(self._eos_id),
+            **extra,
+        )

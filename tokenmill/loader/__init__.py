@@ -1,0 +1,1 @@
+"""Model file discovery and weight loading (GGUF, safetensors). Never unpickles anything."""

@@ -1,0 +1,103 @@
+"""CausalLM: what every model module provides, and strict weight loading by HF names."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from tokenmill.errors import ModelLoadError
+from tokenmill.layers.linear import Linear
+from tokenmill.models.config import ModelArchConfig
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+def _short_list(names: Iterable[str], limit: int = 8) -> str:
+    names = sorted(names)
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+class CausalLM(torch.nn.Module):
+    """Base of model modules: forward -> hidden states; compute_logits on selected rows.
+
+    Parameters keep Hugging Face names; fused layers are listed in `stacked_params` so separate
+    q/k/v (gate/up) checkpoint tensors load into the right rows. `ignored_weights` are checkpoint
+    tensors that are known and not needed (e.g. precomputed rotary tables).
+    """
+
+    stacked_params: dict[str, tuple[str, str]] = {}
+    ignored_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
+
+    def __init__(self, cfg: ModelArchConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[KVCache], meta) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def output_weight(self) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[num_rows, hidden] -> [num_rows, vocab] float32."""
+        return torch.nn.functional.linear(hidden, self.output_weight()).float()
+
+    def normalize_name(self, name: str) -> str:
+        """Map a checkpoint tensor name onto this module's naming (override per family)."""
+        return name
+
+    def transform_weight(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Convert a checkpoint tensor's layout to this module's (override per family)."""
+        return tensor
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy every checkpoint tensor into its parameter; missing/unexpected -> error."""
+        params = dict(self.named_parameters())
+        expected: set[tuple[str, str]] = set()
+        for pname, _ in params.items():
+            module_name = pname.rsplit(".", 1)[0]
+            module = self.get_submodule(module_name)
+            if isinstance(module, Linear) and pname.endswith(".weight"):
+                expected.update((pname, shard) for shard in module.output_sizes)
+            elif isinstance(module, Linear) and pname.endswith(".bias"):
+                expected.update((pname, shard) for shard in module.output_sizes)
+            else:
+                expected.add((pname, ""))
+        loaded: set[tuple[str, str]] = set()
+        unexpected: list[str] = []
+        for raw_name, tensor in weights:
+            name = self.normalize_name(raw_name)
+            if name is None or name.endswith(self.ignored_suffixes):
+                continue
+            target, shard = name, ""
+            for frag, (fused, shard_id) in self.stacked_params.items():
+                if f".{frag}." in name:
+                    target, shard = name.replace(f".{frag}.", f".{fused}."), shard_id
+                    break
+            param = params.get(target)
+            if param is None:
+                unexpected.append(raw_name)
+                continue
+            tensor = self.transform_weight(name, tensor)
+            if shard:
+                module = self.get_submodule(target.rsplit(".", 1)[0])
+                start, size = module.shard_offsets[shard]
+                dest = param.data.narrow(0, start, size)
+            else:
+                dest = param.data
+            if tuple(dest.shape) != tuple(tensor.shape):
+                raise ModelLoadError(
+                    f"tensor {raw_name!r} has shape {tuple(tensor.shape)}, "
+                    f"the model expects {tuple(dest.shape)}"
+                )
+            dest.copy_(tensor)
+            loaded.add((target, shard))
+        if unexpected:
+            raise ModelLoadError(f"unexpected tensors in checkpoint: {_short_list(unexpected)}")
+        missing = {f"{p}[{s}]" if s else p for p, s in expected - loaded}
+        if missing:
+            raise ModelLoadError(f"tensors missing from checkpoint: {_short_list(missing)}")

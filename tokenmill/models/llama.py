@@ -1,0 +1,120 @@
+"""Llama family: Llama 2/3, Mistral, Qwen2/2.5 (qkv bias), Qwen3 (q/k norm), SmolLM2."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tokenmill.layers.attention import AttentionMetadata, TorchPagedAttention
+from tokenmill.layers.linear import Linear
+from tokenmill.layers.norm import RMSNorm
+from tokenmill.layers.rotary import RotaryEmbedding, apply_rotary
+from tokenmill.models.base import CausalLM, KVCache
+from tokenmill.models.config import ModelArchConfig
+
+
+class LlamaAttention(torch.nn.Module):
+    def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        d = cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.q_size, self.kv_size = cfg.num_heads * d, cfg.num_kv_heads * d
+        self.qkv_proj = Linear(
+            cfg.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size},
+            bias=cfg.attention_bias, dtype=dtype,
+        )
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, dtype=dtype)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.norm_eps, dtype)
+            self.k_norm = RMSNorm(d, cfg.norm_eps, dtype)
+        self.qk_norm = cfg.qk_norm
+        self.attn = TorchPagedAttention(cfg.num_heads, cfg.num_kv_heads, d, d**-0.5)
+
+    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
+        return self.o_proj(self.attn.forward(q, k, v, kv_cache, meta))
+
+
+class LlamaMLP(torch.nn.Module):
+    def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        if cfg.hidden_act != "silu":
+            raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported (only 'silu')")
+        i = cfg.intermediate_size
+        self.intermediate_size = i
+        self.gate_up_proj = Linear(cfg.hidden_size, {"gate": i, "up": i}, dtype=dtype)
+        self.down_proj = Linear(i, cfg.hidden_size, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(torch.nn.Module):
+    def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg, dtype)
+        self.mlp = LlamaMLP(cfg, dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype)
+
+    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(torch.nn.Module):
+    def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype, max_positions: int,
+                 rope_freq_factors: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.embed_tokens = torch.nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = torch.nn.ModuleList(
+            LlamaDecoderLayer(cfg, dtype) for _ in range(cfg.num_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype)
+        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta,
+                                      cfg.rope_scaling, rope_freq_factors)
+
+
+class LlamaForCausalLM(CausalLM):
+    # checkpoint name fragment -> (fused module fragment, shard)
+    stacked_params = {
+        "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up"),
+    }
+
+    def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype, max_positions: int,
+                 rope_freq_factors: torch.Tensor | None = None) -> None:
+        super().__init__(cfg)
+        self.model = LlamaModel(cfg, dtype, max_positions, rope_freq_factors)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
+        m = self.model
+        x = m.embed_tokens(input_ids)
+        cos_sin = m.rotary.cos_sin(positions, x.dtype)
+        for layer, kv_cache in zip(m.layers, kv_caches):
+            x = layer(x, cos_sin, kv_cache, meta)
+        return m.norm(x)
+
+    def output_weight(self) -> torch.Tensor:
+        if self.cfg.tie_word_embeddings:
+            return self.model.embed_tokens.weight
+        return self.lm_head.weight
+
+    def normalize_name(self, name: str) -> str | None:
+        if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+            return None  # some tied checkpoints store the copy anyway
+        return name

@@ -1,0 +1,147 @@
+"""SamplingMetadata: the per-step, per-row sampling settings as batched tensors.
+
+Built once per step from the requests' `SamplingParams` (a loop over requests, not tokens).
+Optional fields are None when no row in the batch uses the feature, so the sampler can skip
+the work entirely (e.g. no sort when no row uses top-k / top-p).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tokenmill.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingMetadata:
+    """One row per sequence to sample this step.
+
+    Token-id matrices are padded with `vocab_size` (one past the last real id), so the sampler
+    can scatter into a `[num_rows, vocab_size + 1]` buffer and drop the padding column.
+    Greedy rows have temperature 0 and neutral top-k / top-p / min-p values.
+    """
+
+    temperature: torch.Tensor  # [num_rows] float32, 0 for greedy rows
+    top_k: torch.Tensor | None  # [num_rows] int64, 0 = no limit
+    top_p: torch.Tensor | None  # [num_rows] float32
+    min_p: torch.Tensor | None  # [num_rows] float32
+    repetition_penalty: torch.Tensor | None  # [num_rows] float32
+    presence_penalty: torch.Tensor | None  # [num_rows] float32
+    frequency_penalty: torch.Tensor | None  # [num_rows] float32
+    prompt_token_ids: torch.Tensor | None  # [num_rows, max_prompt_len] int64
+    output_token_ids: torch.Tensor | None  # [num_rows, max_out_len] int64
+    min_tokens_mask: torch.Tensor | None  # [num_rows, vocab_size] bool, True = forbidden
+    generators: dict[int, torch.Generator] = field(default_factory=dict)  # row -> generator
+    max_num_logprobs: int | None = None  # None: no logprobs; k >= 0: sampled + top-k
+    all_greedy: bool = False
+    all_random: bool = False
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.temperature.shape[0])
+
+
+def _optional_row_tensor(
+    values: list[float] | list[int], neutral: float, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor | None:
+    """A [num_rows] tensor, or None when every row holds the neutral value."""
+    if all(v == neutral for v in values):
+        return None
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _padded_ids(rows: list[list[int]], pad_id: int, device: torch.device) -> torch.Tensor:
+    """[num_rows, max(1, max_len)] int64, padded on the right with `pad_id`."""
+    width = max([1] + [len(r) for r in rows])
+    padded = [list(r) + [pad_id] * (width - len(r)) for r in rows]
+    return torch.tensor(padded, dtype=torch.int64, device=device)
+
+
+def _min_tokens_mask(
+    params: list[SamplingParams],
+    output_ids: list[list[int]],
+    stop_ids: list[set[int]] | None,
+    vocab_size: int,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """True where a stop token is forbidden because the row has fewer than min_tokens outputs."""
+    if stop_ids is None:
+        return None
+    rows: list[int] = []
+    cols: list[int] = []
+    for i, (p, out, ids) in enumerate(zip(params, output_ids, stop_ids)):
+        if len(out) >= p.min_tokens:
+            continue
+        valid = [t for t in ids if 0 <= t < vocab_size]
+        rows.extend([i] * len(valid))
+        cols.extend(valid)
+    if not rows:
+        return None
+    mask = torch.zeros(len(params), vocab_size, dtype=torch.bool, device=device)
+    mask[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = True
+    return mask
+
+
+def build_sampling_metadata(
+    params: list[SamplingParams],
+    prompt_ids: list[list[int]],
+    output_ids: list[list[int]],
+    generators: dict[int, torch.Generator],
+    vocab_size: int,
+    device: torch.device,
+    stop_ids_for_min_tokens: list[set[int]] | None = None,
+) -> SamplingMetadata:
+    """Batch the rows' sampling settings into tensors on `device`.
+
+    `generators` maps a row index to that request's own generator (seeded requests).
+    `stop_ids_for_min_tokens[i]` holds the ids (eos + stop_token_ids) that row i may not emit
+    while it has fewer than `params[i].min_tokens` output tokens.
+    """
+    num_rows = len(params)
+    if len(prompt_ids) != num_rows or len(output_ids) != num_rows:
+        raise ValueError("params, prompt_ids and output_ids must have one entry per row")
+    if stop_ids_for_min_tokens is not None and len(stop_ids_for_min_tokens) != num_rows:
+        raise ValueError("stop_ids_for_min_tokens must have one entry per row")
+    if any(not 0 <= i < num_rows for i in generators):
+        raise ValueError(f"generator row indices must be in [0, {num_rows})")
+
+    greedy = [p.greedy for p in params]
+    temperature = [0.0 if g else float(p.temperature) for p, g in zip(params, greedy)]
+    # Filters are irrelevant to greedy rows; neutral values let the sampler skip them.
+    top_k = [
+        0 if g or p.top_k <= 0 or p.top_k >= vocab_size else p.top_k for p, g in zip(params, greedy)
+    ]
+    top_p = [1.0 if g else float(p.top_p) for p, g in zip(params, greedy)]
+    min_p = [0.0 if g else float(p.min_p) for p, g in zip(params, greedy)]
+
+    f32 = torch.float32
+    repetition = _optional_row_tensor(
+        [float(p.repetition_penalty) for p in params], 1.0, f32, device
+    )
+    presence = _optional_row_tensor([float(p.presence_penalty) for p in params], 0.0, f32, device)
+    frequency = _optional_row_tensor([float(p.frequency_penalty) for p in params], 0.0, f32, device)
+    any_penalty = repetition is not None or presence is not None or frequency is not None
+
+    requested = [p.logprobs for p in params if p.logprobs is not None]
+    return SamplingMetadata(
+        temperature=torch.tensor(temperature, dtype=f32, device=device),
+        top_k=_optional_row_tensor(top_k, 0, torch.int64, device),
+        top_p=_optional_row_tensor(top_p, 1.0, f32, device),
+        min_p=_optional_row_tensor(min_p, 0.0, f32, device),
+        repetition_penalty=repetition,
+        presence_penalty=presence,
+        frequency_penalty=frequency,
+        prompt_token_ids=(
+            _padded_ids(prompt_ids, vocab_size, device) if repetition is not None else None
+        ),
+        output_token_ids=_padded_ids(output_ids, vocab_size, device) if any_penalty else None,
+        min_tokens_mask=_min_tokens_mask(
+            params, output_ids, stop_ids_for_min_tokens, vocab_size, device
+        ),
+        generators=dict(generators),
+        max_num_logprobs=max(requested) if requested else None,
+        all_greedy=all(greedy),
+        all_random=not any(greedy),
+    )

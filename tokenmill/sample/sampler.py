@@ -1,0 +1,218 @@
+"""Batched sampler: penalties, temperature, top-k / top-p / min-p, seeded sampling, logprobs.
+
+Order (vLLM's): logprobs come from the raw model logits; then the min_tokens mask, repetition
+penalty, frequency / presence penalties; greedy rows take the argmax of the penalised logits;
+random rows are divided by their temperature, filtered by top-k, top-p and min-p, and sampled
+with the exponential-race trick (argmax of probs / q, q ~ Exp(1)), drawing q for seeded rows
+from their own generator so that their tokens do not depend on the rest of the batch.
+Everything runs in float32 whatever the logits' dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.sample.metadata import SamplingMetadata, build_sampling_metadata
+
+__all__ = [
+    "Sampler",
+    "SamplerOutput",
+    "SamplingMetadata",
+    "apply_min_p",
+    "apply_penalties",
+    "apply_temperature",
+    "apply_top_k_top_p",
+    "build_sampling_metadata",
+    "compute_logprobs",
+    "process_logits",
+    "random_sample",
+]
+
+_NEG_INF = float("-inf")
+
+
+@dataclass
+class SamplerOutput:
+    """What one sampling step returns, one row per sampled sequence."""
+
+    sampled_token_ids: torch.Tensor  # [num_rows] int64
+    logprobs: torch.Tensor | None = None  # [num_rows, 1 + k] float32: sampled first, then top-k
+    logprob_token_ids: torch.Tensor | None = None  # [num_rows, 1 + k] int64
+    sampled_rank: torch.Tensor | None = None  # [num_rows] int64, 1 = most likely raw token
+
+
+def _token_mask(token_ids: torch.Tensor, num_rows: int, vocab_size: int) -> torch.Tensor:
+    """[num_rows, vocab_size] bool: which ids occur in each row (padding id = vocab_size)."""
+    mask = torch.zeros(num_rows, vocab_size + 1, dtype=torch.bool, device=token_ids.device)
+    mask.scatter_(1, token_ids, True)
+    return mask[:, :vocab_size]
+
+
+def _token_counts(token_ids: torch.Tensor, num_rows: int, vocab_size: int) -> torch.Tensor:
+    """[num_rows, vocab_size] float32: how often each id occurs in each row."""
+    counts = torch.zeros(num_rows, vocab_size + 1, dtype=torch.float32, device=token_ids.device)
+    ones = torch.ones(token_ids.shape, dtype=torch.float32, device=token_ids.device)
+    counts.scatter_add_(1, token_ids, ones)
+    return counts[:, :vocab_size]
+
+
+def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """min_tokens mask, then CTRL repetition penalty, then OpenAI frequency / presence penalties.
+
+    logits: [num_rows, vocab] float32. Returns a new tensor; the input is not modified.
+    """
+    num_rows, vocab_size = logits.shape
+    if md.min_tokens_mask is not None:
+        logits = logits.masked_fill(md.min_tokens_mask, _NEG_INF)
+    if md.repetition_penalty is not None:
+        seen = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=logits.device)
+        if md.prompt_token_ids is not None:
+            seen |= _token_mask(md.prompt_token_ids, num_rows, vocab_size)
+        if md.output_token_ids is not None:
+            seen |= _token_mask(md.output_token_ids, num_rows, vocab_size)
+        penalty = md.repetition_penalty.unsqueeze(1)  # [num_rows, 1]
+        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(seen, penalised, logits)
+    if md.output_token_ids is not None and (
+        md.frequency_penalty is not None or md.presence_penalty is not None
+    ):
+        counts = _token_counts(md.output_token_ids, num_rows, vocab_size)
+        if md.frequency_penalty is not None:
+            logits = logits - md.frequency_penalty.unsqueeze(1) * counts
+        if md.presence_penalty is not None:
+            logits = logits - md.presence_penalty.unsqueeze(1) * (counts > 0).float()
+    return logits
+
+
+def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """Divide each row by its temperature; greedy rows (temperature 0) are left as they are."""
+    safe = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    return logits / safe.unsqueeze(1)
+
+
+def _kth_largest(values: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """[num_rows, 1]: each row's k-th largest value of a descending-sorted `values`; -inf if k=0."""
+    kth = values.gather(1, (k - 1).clamp(min=0).unsqueeze(1))
+    return torch.where(k.unsqueeze(1) > 0, kth, torch.full_like(kth, _NEG_INF))
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+) -> torch.Tensor:
+    """Set to -inf every token outside the row's top-k and outside its top-p nucleus.
+
+    top-k keeps tokens whose logit is >= the k-th largest (ties at the threshold are kept).
+    top-p keeps the smallest highest-probability set whose total probability reaches top_p
+    (always at least the most likely token). Without top_p there is no full-vocabulary sort.
+    """
+    if top_k is None and top_p is None:
+        return logits
+    vocab_size = logits.shape[1]
+    if top_p is None:
+        assert top_k is not None
+        max_k = min(int(top_k.max().item()), vocab_size)
+        if max_k <= 0:
+            return logits
+        top_values = logits.topk(max_k, dim=1).values  # [num_rows, max_k], descending
+        return logits.masked_fill(logits < _kth_largest(top_values, top_k), _NEG_INF)
+
+    sorted_logits, order = logits.sort(dim=1, descending=True)  # [num_rows, vocab]
+    if top_k is not None:
+        kth = _kth_largest(sorted_logits, top_k)
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, _NEG_INF)
+    probs = sorted_logits.softmax(dim=1)
+    mass_before = probs.cumsum(dim=1) - probs  # probability of the strictly better tokens
+    remove = (mass_before >= top_p.unsqueeze(1)) & (top_p.unsqueeze(1) < 1.0)
+    remove[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(remove, _NEG_INF)
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor | None) -> torch.Tensor:
+    """Drop tokens with prob < min_p * max_prob, i.e. logit < max_logit + log(min_p)."""
+    if min_p is None:
+        return logits
+    threshold = logits.amax(dim=1, keepdim=True) + min_p.unsqueeze(1).log()
+    return logits.masked_fill(logits < threshold, _NEG_INF)
+
+
+def process_logits(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """The float32 logits random rows sample from: penalties, temperature, top-k/p, min-p."""
+    logits = apply_penalties(logits.to(torch.float32), md)
+    return _filter(logits, md)
+
+
+def _filter(penalised: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    logits = apply_temperature(penalised, md.temperature)
+    logits = apply_top_k_top_p(logits, md.top_k, md.top_p)
+    return apply_min_p(logits, md.min_p)
+
+
+def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+    """[num_rows] int64 sampled from probs [num_rows, vocab] by argmax(probs / q), q ~ Exp(1).
+
+    Rows with a generator draw their q from it alone (independent of the batch); the other rows
+    share one batched draw from the global RNG.
+    """
+    q = torch.empty_like(probs)
+    if len(generators) < probs.shape[0]:
+        q.exponential_()
+    for row, generator in generators.items():
+        q[row].exponential_(generator=generator)
+    # Exp(1) may round to 0; a tiny floor keeps 0-probability tokens at 0 instead of NaN.
+    q.clamp_(min=torch.finfo(torch.float32).tiny)
+    return probs.div(q).argmax(dim=1)
+
+
+def compute_logprobs(
+    raw_logprobs: torch.Tensor, sampled: torch.Tensor, num_logprobs: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logprobs [num_rows, 1 + k], token ids [num_rows, 1 + k], sampled rank [num_rows]).
+
+    Column 0 is the sampled token; columns 1..k are the k most likely tokens, best first.
+    The rank counts tokens at least as likely as the sampled one (1 = the most likely).
+    """
+    ids = sampled.unsqueeze(1)  # [num_rows, 1]
+    sampled_logprob = raw_logprobs.gather(1, ids)
+    rank = (raw_logprobs >= sampled_logprob).sum(dim=1)
+    k = min(num_logprobs, raw_logprobs.shape[1])
+    if k == 0:
+        return sampled_logprob, ids, rank
+    top = raw_logprobs.topk(k, dim=1)
+    logprobs = torch.cat([sampled_logprob, top.values], dim=1)
+    token_ids = torch.cat([ids, top.indices], dim=1)
+    return logprobs, token_ids, rank
+
+
+class Sampler(torch.nn.Module):
+    """Turns the logits of the rows to sample into next tokens (and logprobs when asked)."""
+
+    def forward(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
+        md = metadata
+        if logits.dim() != 2 or logits.shape[0] != md.num_rows:
+            raise ValueError(
+                f"logits must be [num_rows={md.num_rows}, vocab], got {tuple(logits.shape)}"
+            )
+        logits = logits.to(torch.float32)  # [num_rows, vocab]; all later ops are out of place
+        raw_logprobs = None
+        if md.max_num_logprobs is not None:
+            raw_logprobs = torch.log_softmax(logits, dim=1)
+
+        penalised = apply_penalties(logits, md)
+        greedy = None if md.all_random else penalised.argmax(dim=1)
+        if md.all_greedy:
+            assert greedy is not None
+            sampled = greedy
+        else:
+            probs = _filter(penalised, md).softmax(dim=1)
+            sampled = random_sample(probs, md.generators)
+            if greedy is not None:
+                sampled = torch.where(md.temperature == 0, greedy, sampled)
+
+        if raw_logprobs is None:
+            return SamplerOutput(sampled_token_ids=sampled)
+        assert md.max_num_logprobs is not None
+        logprobs, token_ids, rank = compute_logprobs(raw_logprobs, sampled, md.max_num_logprobs)
+        return SamplerOutput(sampled, logprobs, token_ids, rank)

@@ -1,0 +1,144 @@
+"""ModelRunner: SchedulerOutput -> flat input tensors -> forward -> sample -> ModelRunnerOutput."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tokenmill.core.outputs import ModelRunnerOutput, SampleLogprobs, SchedulerOutput
+from tokenmill.layers.attention import AttentionMetadata, build_padded_layout
+from tokenmill.models.base import CausalLM, KVCache
+from tokenmill.sample.sampler import Sampler, build_sampling_metadata
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInputs:
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    attn: AttentionMetadata
+    logits_indices: torch.Tensor  # [num_sampled] int64: rows of the hidden states to sample
+    sample_rows: list[int]  # indices into scheduler_output.scheduled of the sampling requests
+
+
+def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device) -> ModelInputs:
+    """Build the flat, unpadded batch of one step (a pure function of the schedule)."""
+    token_ids: list[int] = []
+    query_lens, seq_lens, block_tables, sample_rows = [], [], [], []
+    for i, s in enumerate(sched.scheduled):
+        token_ids.extend(s.token_ids)
+        query_lens.append(s.num_scheduled_tokens)
+        seq_lens.append(s.num_computed_tokens + s.num_scheduled_tokens)
+        block_tables.append(list(s.block_ids))
+        if s.samples:
+            sample_rows.append(i)
+    q = np.asarray(query_lens, dtype=np.int64)
+    sl = np.asarray(seq_lens, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(q)])
+    # position of every new token: (seq_len - query_len) + offset within its chunk
+    req_of_token = np.repeat(np.arange(len(q)), q)
+    positions = (sl - q)[req_of_token] + (np.arange(starts[-1]) - starts[:-1][req_of_token])
+    max_blocks = max(len(bt) for bt in block_tables)
+    bt = np.zeros((len(q), max_blocks), dtype=np.int64)
+    for i, row in enumerate(block_tables):
+        bt[i, : len(row)] = row
+    slot_mapping = bt[req_of_token, positions // block_size] * block_size + positions % block_size
+    pad_index, context_slots, mask = build_padded_layout(
+        query_lens, seq_lens, block_tables, block_size, device)
+    attn = AttentionMetadata(
+        num_tokens=int(starts[-1]),
+        slot_mapping=torch.from_numpy(slot_mapping).to(device),
+        query_start_loc=torch.from_numpy(starts.astype(np.int32)).to(device),
+        seq_lens=torch.from_numpy(sl.astype(np.int32)).to(device),
+        block_tables=torch.from_numpy(bt.astype(np.int32)).to(device),
+        max_query_len=int(q.max()), max_seq_len=int(sl.max()),
+        query_pad_index=pad_index, context_slots=context_slots, attn_mask=mask,
+    )
+    logits_indices = torch.tensor([int(starts[i + 1]) - 1 for i in sample_rows], dtype=torch.int64)
+    return ModelInputs(
+        input_ids=torch.tensor(token_ids, dtype=torch.int64, device=device),
+        positions=torch.from_numpy(positions).to(device),
+        attn=attn, logits_indices=logits_indices.to(device), sample_rows=sample_rows,
+    )
+
+
+def kv_cache_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int,
+                             dtype: torch.dtype) -> int:
+    return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+class ModelRunner:
+    """Owns the model, the KV cache tensors and per-request sampling state (generators)."""
+
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int,
+                 kv_dtype: torch.dtype, device: torch.device) -> None:
+        self.model = model
+        self.device = device
+        self.block_size = block_size
+        cfg = model.cfg
+        self.vocab_size = cfg.vocab_size
+        shape = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_caches: list[KVCache] = [
+            (torch.zeros(shape, dtype=kv_dtype, device=device),
+             torch.zeros(shape, dtype=kv_dtype, device=device))
+            for _ in range(cfg.num_layers)
+        ]
+        self.sampler = Sampler()
+        self.generators: dict[str, torch.Generator] = {}
+
+    def _generator(self, request_id: str, seed: int) -> torch.Generator:
+        gen = self.generators.get(request_id)
+        if gen is None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seed)
+            self.generators[request_id] = gen
+        return gen
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        for rid in sched.finished_req_ids:
+            self.generators.pop(rid, None)
+        if sched.is_empty:
+            return ModelRunnerOutput()
+        inputs = prepare_inputs(sched, self.block_size, self.device)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn)
+        if not inputs.sample_rows:
+            return ModelRunnerOutput()
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        return self._sample(sched, inputs.sample_rows, logits)
+
+    def _sample(self, sched: SchedulerOutput, rows: list[int],
+                logits: torch.Tensor) -> ModelRunnerOutput:
+        reqs = [sched.scheduled[i].request for i in rows]
+        params = [r.sampling_params for r in reqs]
+        generators = {
+            row: self._generator(r.request_id, p.seed)
+            for row, (r, p) in enumerate(zip(reqs, params)) if p.seed is not None
+        }
+        min_tok_stops = [
+            (set(r.eos_token_ids) | set(p.stop_token_ids))
+            if r.num_output_tokens < p.min_tokens else set()
+            for r, p in zip(reqs, params)
+        ]
+        meta = build_sampling_metadata(
+            params, [r.prompt_token_ids for r in reqs], [r.output_token_ids for r in reqs],
+            generators, self.vocab_size, self.device, min_tok_stops,
+        )
+        out = self.sampler(logits, meta)
+        tokens = out.sampled_token_ids.tolist()
+        result = ModelRunnerOutput(sampled={r.request_id: t for r, t in zip(reqs, tokens)})
+        if out.logprobs is not None:
+            lps = out.logprobs.tolist()
+            ids = out.logprob_token_ids.tolist()
+            ranks = out.sampled_rank.tolist() if out.sampled_rank is not None else [None] * len(reqs)
+            for row, r in enumerate(reqs):
+                k = r.sampling_params.logprobs
+                if k is None:
+                    continue
+                result.logprobs[r.request_id] = SampleLogprobs(
+                    ids[row][: 1 + k], lps[row][: 1 + k], ranks[row])
+        return result
