@@ -39,12 +39,12 @@ class IncrementalDetokenizer:
         tokenizer: Tokenizer,
         prompt_token_ids: Sequence[int],
         skip_special_tokens: bool = True,
-        stop: Sequence[str] = (),
+        stop: Sequence[str] | str | None = (),
         include_stop_str_in_output: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self.stop = [s for s in stop if s]
+        self.stop = [stop] if isinstance(stop, str) else [s for s in stop or () if s]
         self.include_stop_str_in_output = include_stop_str_in_output
         self.output_token_ids: list[int] = []
         self.stop_reason: str | None = None
@@ -59,7 +59,9 @@ class IncrementalDetokenizer:
     @property
     def text(self) -> str:
         """The output text released so far (cut at the stop string, if one matched)."""
-        return "".join(self._released)
+        if len(self._released) > 1:
+            self._released = ["".join(self._released)]
+        return self._released[0] if self._released else ""
 
     @property
     def finished(self) -> bool:
@@ -79,30 +81,17 @@ class IncrementalDetokenizer:
         decoded = self._decode_new()
         if not decoded:
             return ""
-        self._pending += decoded
-        if not self.stop:
-            return self._release(len(self._pending))
-        hit = self._find_stop()
-        if hit is not None:
-            start, stop_str = hit
-            self.stop_reason = stop_str
-            self._finished = True
-            end = start + len(stop_str) if self.include_stop_str_in_output else start
-            return self._release(end)
-        if self.include_stop_str_in_output:  # a partial stop string may be shown: no hold-back
-            return self._release(len(self._pending))
-        return self._release(len(self._pending) - self._held_back_length())
+        return self._emit(decoded, final=False)
 
     def flush(self) -> str:
         """Release all held-back text (the request ended without a stop string) and finish."""
         if self._finished:
             return ""
-        self._finished = True
+        # an unfinished character at the very end is released as U+FFFD, as decode() would
         tail = self._decode_window(self._prefix_offset, len(self._ids))
         head = self._decode_window(self._prefix_offset, self._read_offset)
-        self._pending += tail[len(head) :]
         self._read_offset = len(self._ids)
-        return self._release(len(self._pending))
+        return self._emit(tail[len(head) :], final=True)
 
     # ------------------------------------------------------------------------------- internals
     def _decode_window(self, start: int, end: int) -> str:
@@ -126,6 +115,22 @@ class IncrementalDetokenizer:
             self._read_offset -= self._prefix_offset
             self._prefix_offset = 0
         return new_text[len(prefix_text) :]
+
+    def _emit(self, decoded: str, final: bool) -> str:
+        """Append decoded text, cut at a stop string, and release what is safe to show."""
+        self._pending += decoded
+        hit = self._find_stop()
+        if hit is not None:
+            start, stop_str = hit
+            self.stop_reason = stop_str
+            self._finished = True
+            return self._release(
+                start + len(stop_str) if self.include_stop_str_in_output else start
+            )
+        if final:
+            self._finished = True
+            return self._release(len(self._pending))
+        return self._release(len(self._pending) - self._held_back_length())
 
     def _find_stop(self) -> tuple[int, str] | None:
         """Earliest stop string in the pending text (longest first among equal starts).

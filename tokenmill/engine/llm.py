@@ -35,9 +35,11 @@ class LLM:
     def get_tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
 
-    def _normalize(self, prompts: Prompt | Sequence[Prompt],
-                   params: SamplingParams | Sequence[SamplingParams] | None,
-                   ) -> tuple[list[Prompt], list[SamplingParams]]:
+    def _normalize(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None,
+    ) -> tuple[list[Prompt], list[SamplingParams]]:
         if isinstance(prompts, str) or _is_token_ids(prompts):
             prompts = [prompts]
         prompts = list(prompts)
@@ -50,31 +52,43 @@ class LLM:
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
         return prompts, params
 
-    def generate(self, prompts: Prompt | Sequence[Prompt],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
         """Generate for every prompt; results in input order. Bad input raises ValueError and
         nothing is left queued."""
         prompts, params = self._normalize(prompts, sampling_params)
         return self._run([(p, None) for p in prompts], params, use_tqdm)
 
-    def chat(self, messages: Messages | Sequence[Messages],
-             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-             add_generation_prompt: bool = True, use_tqdm: bool = False) -> list[RequestOutput]:
+    def chat(
+        self,
+        messages: Messages | Sequence[Messages],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        add_generation_prompt: bool = True,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
         """Apply the model's chat template to each conversation, then generate."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prepared = [self.encode_chat(c, add_generation_prompt) for c in convs]
         _, params = self._normalize([p[0] for p in prepared], sampling_params)
         return self._run(prepared, params, use_tqdm)
 
-    def encode_chat(self, messages: Messages,
-                    add_generation_prompt: bool = True) -> tuple[str, list[int]]:
+    def encode_chat(
+        self, messages: Messages, add_generation_prompt: bool = True
+    ) -> tuple[str, list[int]]:
         tok = self.engine.tokenizer
         text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         return text, tok.encode(text, add_special_tokens=False)
 
-    def _run(self, prompts: list[tuple[Prompt, list[int] | None]], params: list[SamplingParams],
-             use_tqdm: bool) -> list[RequestOutput]:
+    def _run(
+        self,
+        prompts: list[tuple[Prompt, list[int] | None]],
+        params: list[SamplingParams],
+        use_tqdm: bool,
+    ) -> list[RequestOutput]:
         engine = self.engine
         ids: list[str] = []
         try:
@@ -97,8 +111,12 @@ class LLM:
             engine.abort_request([i for i in ids if i not in results])
         return [results[i] for i in ids]
 
-    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
-               prompt_token_ids: list[int] | None = None) -> Iterator[RequestOutput]:
+    def stream(
+        self,
+        prompt: Prompt,
+        sampling_params: SamplingParams | None = None,
+        prompt_token_ids: list[int] | None = None,
+    ) -> Iterator[RequestOutput]:
         """Yield this request's outputs as they are produced (delta_text / delta_token_ids hold
         what is new). Other queued requests advance too. Closing the iterator aborts it."""
         engine = self.engine

@@ -63,42 +63,57 @@ class LLMEngine:
         self.dtype = args.torch_dtype(self.device)
         source = resolve_model(args.model)
         t0 = time.perf_counter()
-        self.model, self.model_info = load_model(source, self.dtype, args.max_model_len,
-                                                 self.device)
+        self.model, self.model_info = load_model(
+            source, self.dtype, args.max_model_len, self.device
+        )
         info = self.model_info
         self.tokenizer: Tokenizer = load_tokenizer(info)
         arch = info.arch
-        logger.info("loaded %s (%s, %s) in %.1fs", source.name, arch.architecture,
-                    info.weight_format, time.perf_counter() - t0)
+        logger.info(
+            "loaded %s (%s, %s) in %.1fs",
+            source.name,
+            arch.architecture,
+            info.weight_format,
+            time.perf_counter() - t0,
+        )
 
-        bytes_per_token = kv_cache_bytes_per_token(arch.num_layers, arch.num_kv_heads,
-                                                   arch.head_dim, self.dtype)
+        bytes_per_token = kv_cache_bytes_per_token(
+            arch.num_layers, arch.num_kv_heads, arch.head_dim, self.dtype
+        )
         num_blocks = self._num_kv_blocks(bytes_per_token)
         capacity = num_blocks * args.block_size
         max_len = min(arch.max_position_embeddings, args.max_model_len or 1 << 62)
         if max_len > capacity:
-            logger.warning("max_model_len %d exceeds the KV capacity; capping it to %d tokens",
-                           max_len, capacity)
+            logger.warning(
+                "max_model_len %d exceeds the KV capacity; capping it to %d tokens",
+                max_len,
+                capacity,
+            )
             max_len = capacity
         self.max_model_len = max_len
         self.kv_capacity_tokens = capacity
         self.kv_cache_bytes = capacity * bytes_per_token
         self.scheduler = Scheduler(
-            SchedulerConfig(args.max_num_batched_tokens, args.max_num_seqs, max_len,
-                            args.enable_chunked_prefill),
+            SchedulerConfig(
+                args.max_num_batched_tokens, args.max_num_seqs, max_len, args.enable_chunked_prefill
+            ),
             KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching),
         )
         self.runner = ModelRunner(self.model, num_blocks, args.block_size, self.dtype, self.device)
         logger.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s); max concurrency at full "
-            "context (%d tokens): %.1f", num_blocks, args.block_size, capacity,
-            self.kv_cache_bytes / GiB, str(self.dtype).removeprefix("torch."), max_len,
+            "context (%d tokens): %.1f",
+            num_blocks,
+            args.block_size,
+            capacity,
+            self.kv_cache_bytes / GiB,
+            str(self.dtype).removeprefix("torch."),
+            max_len,
             capacity / max_len,
         )
         self.groups: dict[str, _Group] = {}
         self._child_to_group: dict[str, _Sample] = {}
         self._ids = itertools.count()
-
 
     # ---- set-up ---------------------------------------------------------------------------
     def _num_kv_blocks(self, bytes_per_token: int) -> int:
@@ -138,9 +153,13 @@ class LLMEngine:
             raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
         return None, ids
 
-    def add_request(self, request_id: str | None, prompt: str | list[int],
-                    params: SamplingParams | None = None,
-                    prompt_token_ids: list[int] | None = None) -> str:
+    def add_request(
+        self,
+        request_id: str | None,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        prompt_token_ids: list[int] | None = None,
+    ) -> str:
         """Validate, tokenize and queue a request (n samples). Raises ValueError on bad input,
         leaving the engine untouched."""
         params = params or SamplingParams()
@@ -161,14 +180,18 @@ class LLMEngine:
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         eos = set() if params.ignore_eos else self.tokenizer.eos_token_ids
-        children = [params] if params.n == 1 else [params.clone_for_child(i)
-                                                   for i in range(params.n)]
+        children = (
+            [params] if params.n == 1 else [params.clone_for_child(i) for i in range(params.n)]
+        )
         samples = []
         for i, p in enumerate(children):
             req = Request(f"{request_id}#{i}", ids, p, eos, max_tokens, time.monotonic())
-            detok = IncrementalDetokenizer(self.tokenizer, ids, p.skip_special_tokens, p.stop,
-                                           p.include_stop_str_in_output)
-            samples.append(_Sample(request_id, i, req, detok, [] if p.logprobs is not None else None))
+            detok = IncrementalDetokenizer(
+                self.tokenizer, ids, p.skip_special_tokens, p.stop, p.include_stop_str_in_output
+            )
+            samples.append(
+                _Sample(request_id, i, req, detok, [] if p.logprobs is not None else None)
+            )
         group = _Group(request_id, text, ids, samples)
         self.groups[request_id] = group
         for s in samples:
@@ -227,8 +250,11 @@ class LLMEngine:
         req = sample.request
         sample.pending_ids.extend(new_ids)
         if lp is not None and sample.logprobs is not None:
-            entry = {lp.token_ids[0]: Logprob(lp.logprobs[0], lp.sampled_rank,
-                                              self.tokenizer.decode([lp.token_ids[0]], False))}
+            entry = {
+                lp.token_ids[0]: Logprob(
+                    lp.logprobs[0], lp.sampled_rank, self.tokenizer.decode([lp.token_ids[0]], False)
+                )
+            }
             for rank, (tid, val) in enumerate(zip(lp.token_ids[1:], lp.logprobs[1:]), start=1):
                 entry.setdefault(tid, Logprob(val, rank, self.tokenizer.decode([tid], False)))
             sample.logprobs.append(entry)
@@ -242,13 +268,20 @@ class LLMEngine:
         outs = []
         for s in group.samples:
             req = s.request
-            outs.append(CompletionOutput(
-                index=s.index, text=s.detok.text, token_ids=list(req.output_token_ids),
-                cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
-                logprobs=list(s.logprobs) if s.logprobs is not None else None,
-                finish_reason=req.finish_reason, stop_reason=req.stop_reason,
-                delta_text=s.pending_text, delta_token_ids=s.pending_ids,
-            ))
+            outs.append(
+                CompletionOutput(
+                    index=s.index,
+                    text=s.detok.text,
+                    token_ids=list(req.output_token_ids),
+                    cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
+                    logprobs=list(s.logprobs) if s.logprobs is not None else None,
+                    finish_reason=req.finish_reason,
+                    stop_reason=req.stop_reason,
+                    delta_text=s.pending_text,
+                    delta_token_ids=s.pending_ids,
+                )
+            )
             s.pending_text, s.pending_ids = "", []
-        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outs,
-                             group.finished)
+        return RequestOutput(
+            group.request_id, group.prompt, group.prompt_token_ids, outs, group.finished
+        )

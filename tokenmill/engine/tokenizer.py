@@ -54,7 +54,9 @@ _SPLIT_BY_PRE: dict[str, str] = {
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), _QWEN2_SPLIT),
     **dict.fromkeys(("gpt-4o", "llama4"), _GPT4O_SPLIT),
 }
-_GPT2_LIKE_PRE = {"default", "gpt2", "gpt-2", "smollm", "starcoder", "refact"}
+# llama.cpp splits every digit off first for these (as their own tokenizer.json files do)
+_DIGITS_FIRST_PRE = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
+_GPT2_PRE = {"default", "gpt2", "gpt-2", "mpt", "olmo", "jais"}
 
 
 @lru_cache(maxsize=1)
@@ -134,10 +136,10 @@ def _byte_level_backend(metadata: Mapping[str, Any], tokens: list[str], types: l
             ]
         )
     else:
-        if pre not in _GPT2_LIKE_PRE:
+        if pre not in _GPT2_PRE | _DIGITS_FIRST_PRE:
             logger.warning("GGUF pre-tokenizer %r is not known; using GPT-2's split", pre)
         steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
-        if pre == "smollm":  # SmolLM's own tokenizer.json splits every digit first
+        if pre in _DIGITS_FIRST_PRE:
             steps.insert(0, pre_tokenizers.Digits(individual_digits=True))
         backend.pre_tokenizer = pre_tokenizers.Sequence(steps)
     backend.decoder = decoders.ByteLevel()
@@ -287,7 +289,9 @@ def _compile_template(source: str) -> jinja2.Template:
     try:
         return _jinja_env().from_string(source)
     except jinja2.TemplateSyntaxError as e:
-        raise ChatTemplateError(f"chat template has a syntax error (line {e.lineno}): {e.message}")
+        raise ChatTemplateError(
+            f"chat template has a syntax error (line {e.lineno}): {e.message}"
+        ) from None
     except jinja2.TemplateError as e:
         raise ChatTemplateError(f"chat template cannot be compiled: {e}") from None
 
@@ -326,13 +330,17 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
 
 
 def render_chat_template(
-    template: str | None, messages: Any, add_generation_prompt: bool = True, **variables: Any
+    template: str | None, messages: Any, add_generation_prompt: bool = True, /, **variables: Any
 ) -> str:
-    """Render a chat template in a sandbox; every failure is a ChatTemplateError."""
+    """Render a chat template in a sandbox with `messages`, `add_generation_prompt` and any
+    extra `variables` (bos_token, tools, ...); every failure is a ChatTemplateError."""
     if not template:
         raise ChatTemplateError("this model has no chat template; send a plain prompt instead")
     compiled = _compile_template(template)
+    # HF always passes tools/documents (as None when absent); `tools is not none` depends on it
     context = {
+        "tools": None,
+        "documents": None,
         **variables,
         "messages": validate_messages(messages),
         "add_generation_prompt": add_generation_prompt,
@@ -523,11 +531,9 @@ class Tokenizer:
         template = self.chat_template
         if extra.get("tools") and "tool_use" in self._templates:
             template = self._templates["tool_use"]
-        return render_chat_template(
-            template,
-            messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self._token_text(self._bos_id),
-            eos_token=self._token_text(self._eos_id),
+        variables = {
+            "bos_token": self._token_text(self._bos_id),
+            "eos_token": self._token_text(self._eos_id),
             **extra,
-        )
+        }
+        return render_chat_template(template, messages, add_generation_prompt, **variables)

@@ -1,0 +1,59 @@
+"""The embedded SmolLM2 GGUF: logits and greedy continuations equal transformers' (gguf_file=)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import paged_logits
+from tokenmill import SamplingParams
+from tokenmill.worker.model_runner import ModelRunner
+
+PLAIN_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+    "import numpy as np\n\nx = np.",
+    "Water boils at a temperature of",
+]
+CHATS = [
+    [{"role": "user", "content": "What is 2 + 2?"}],
+    [{"role": "system", "content": "You are terse."},
+     {"role": "user", "content": "Name a fruit that is yellow."}],
+    [{"role": "user", "content": "Write a haiku about the sea."}],
+]
+
+
+def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+                             dtype=torch.long), max_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def test_gguf_logits_match_transformers(llm_f32, hf_gguf_model):
+    engine = llm_f32.engine
+    tok = engine.tokenizer
+    prompts = [tok.encode(p) for p in PLAIN_PROMPTS[:3]]
+    runner = ModelRunner(engine.model, num_blocks=64, block_size=16, kv_dtype=torch.float32,
+                         device=torch.device("cpu"))
+    got = paged_logits(runner, prompts, [[len(p)] for p in prompts])
+    for ids, logits in zip(prompts, got):
+        with torch.no_grad():
+            ref = hf_gguf_model(torch.tensor([ids])).logits[0].float()
+        torch.testing.assert_close(logits, ref, atol=2e-3, rtol=1e-3)
+        assert logits.argmax(-1).tolist() == ref.argmax(-1).tolist()
+
+
+@pytest.mark.slow
+def test_greedy_continuations_identical(llm_f32, hf_gguf_model):
+    prompts = [llm_f32.get_tokenizer().encode(p) for p in PLAIN_PROMPTS]
+    prompts += [llm_f32.encode_chat(c)[1] for c in CHATS]
+    assert len(prompts) >= 8
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    outs = llm_f32.generate(prompts, params)
+    for ids, out in zip(prompts, outs):
+        expected = _hf_greedy(hf_gguf_model, ids, 64)
+        assert out.outputs[0].token_ids == expected, llm_f32.get_tokenizer().decode(ids)

@@ -1,0 +1,102 @@
+"""Logits of every supported architecture equal transformers' (tiny random checkpoints)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import paged_logits
+from tokenmill.loader.load import load_model
+from tokenmill.loader.resolve import resolve_model
+from tokenmill.worker.model_runner import ModelRunner
+
+ATOL = 2e-5
+
+
+def _llama_like(cls_name: str, **extra):
+    import transformers
+
+    cfg_cls = getattr(transformers, cls_name.replace("ForCausalLM", "Config"))
+    model_cls = getattr(transformers, cls_name)
+    base = dict(vocab_size=160, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    base.update(extra)
+    return model_cls(cfg_cls(**base))
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(vocab_size=160, n_embd=64, n_layer=2, n_head=4,
+                                      n_positions=256))
+
+
+ARCHS = {
+    "llama": lambda: _llama_like("LlamaForCausalLM", tie_word_embeddings=False),
+    "llama3-rope": lambda: _llama_like("LlamaForCausalLM", rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+    "mistral": lambda: _llama_like("MistralForCausalLM", head_dim=16),
+    "qwen2": lambda: _llama_like("Qwen2ForCausalLM", tie_word_embeddings=True),
+    "qwen3": lambda: _llama_like("Qwen3ForCausalLM", head_dim=32, tie_word_embeddings=True),
+    "gpt2": _gpt2,
+}
+
+
+def _randomize(model: torch.nn.Module) -> None:
+    # Default init leaves norms at 1 and biases at 0; perturb everything so a mix-up shows.
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHS))
+def checkpoint(request, tmp_path_factory):
+    torch.manual_seed(0)
+    model = ARCHS[request.param]().eval()
+    _randomize(model)
+    path = tmp_path_factory.mktemp(request.param)
+    # A small shard size exercises the sharded index path.
+    model.save_pretrained(path, max_shard_size="200KB")
+    return request.param, path, model
+
+
+def _runner(path) -> ModelRunner:
+    model, _ = load_model(resolve_model(str(path)), torch.float32, progress=False)
+    return ModelRunner(model, num_blocks=64, block_size=4, kv_dtype=torch.float32,
+                       device=torch.device("cpu"))
+
+
+def _reference_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+def test_prefill_and_decode_match_transformers(checkpoint):
+    name, path, ref = checkpoint
+    runner = _runner(path)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 160, (n,), generator=g).tolist() for n in (37, 5, 20)]
+    expected = [_reference_logits(ref, p) for p in prompts]
+
+    # Whole-prompt prefill, all three in one flat batch.
+    got = paged_logits(runner, prompts, [[len(p)] for p in prompts])
+    for e, o in zip(expected, got):
+        torch.testing.assert_close(o, e, atol=ATOL, rtol=1e-4)
+
+    # Token-by-token decoding for one, uneven chunks for the others, in the same steps.
+    runner2 = _runner(path)
+    chunks = [[1] * 37, [2, 1, 2], [7, 7, 6]]
+    got = paged_logits(runner2, prompts, chunks)
+    for e, o in zip(expected, got):
+        torch.testing.assert_close(o, e, atol=ATOL, rtol=1e-4)
+
+
+def test_tied_checkpoint_has_no_lm_head(checkpoint):
+    name, path, ref = checkpoint
+    model, info = load_model(resolve_model(str(path)), torch.float32, progress=False)
+    assert info.arch.tie_word_embeddings == ref.config.tie_word_embeddings
+    if info.arch.tie_word_embeddings:
+        assert model.output_weight().data_ptr() != 0
+        assert not hasattr(model, "lm_head")
