@@ -98,5 +98,33 @@ def test_tied_checkpoint_has_no_lm_head(checkpoint):
     model, info = load_model(resolve_model(str(path)), torch.float32, progress=False)
     assert info.arch.tie_word_embeddings == ref.config.tie_word_embeddings
     if info.arch.tie_word_embeddings:
-        assert model.output_weight().data_ptr() != 0
         assert not hasattr(model, "lm_head")
+
+
+def test_bfloat16_path_close_to_float32(checkpoint):
+    """The bf16 path (packed oneDNN weights on CPU, fused norm) tracks the float32 one."""
+    name, path, _ = checkpoint
+    g = torch.Generator().manual_seed(2)
+    prompt = torch.randint(0, 160, (24,), generator=g).tolist()
+    ref = paged_logits(_runner(path), [prompt], [[24]])[0]
+    model, _ = load_model(resolve_model(str(path)), torch.bfloat16, progress=False)
+    runner = ModelRunner(model, num_blocks=64, block_size=4, kv_dtype=torch.bfloat16,
+                         device=torch.device("cpu"))
+    got = paged_logits(runner, [prompt], [[10, 1, 13]])[0]
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, atol=0.05, rtol=0.05)
+
+
+def test_packed_linear_equals_dense():
+    from tokenmill.layers.linear import Linear
+
+    layer = Linear(64, {"a": 48, "b": 16}, bias=True, dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    dense = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    layer.quant_method.process_weights_after_loading(layer)
+    if torch.backends.mkldnn.is_available():
+        assert layer.packed_weight is not None and layer.weight is None
+    torch.testing.assert_close(layer(x), dense, atol=0, rtol=0)

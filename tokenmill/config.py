@@ -113,8 +113,9 @@ class EngineArgs:
                                 help=help_)
 
     @classmethod
-    def from_cli(cls, ns: argparse.Namespace) -> "EngineArgs":
-        return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})
+    def from_cli(cls, ns: argparse.Namespace, skip: tuple[str, ...] = ()) -> "EngineArgs":
+        return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)
+                      if hasattr(ns, f.name) and f.name not in skip})
 
 
 def default_threads() -> int:

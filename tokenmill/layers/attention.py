@@ -29,8 +29,9 @@ class AttentionMetadata:
     max_seq_len: int
     # Reference-backend layout (padded): built once per step by the runner.
     query_pad_index: torch.Tensor | None  # [num_tokens] int64: row in [num_reqs * max_query_len]
-    context_slots: torch.Tensor  # [num_reqs, max_seq_len] int64: slot of each context position
+    context_slots: torch.Tensor  # [num_reqs * max_seq_len] int64: slot of each context position
     attn_mask: torch.Tensor | None  # [num_reqs, 1, max_query_len, max_seq_len] bool, True=attend
+    is_causal: bool = False  # one request computing its whole context: plain causal, no mask
 
 
 def build_padded_layout(
@@ -39,7 +40,7 @@ def build_padded_layout(
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """Index tensors for the padded reference layout (pure function of the batch shape).
 
-    Returns (query_pad_index, context_slots, attn_mask). Query j of request r (0-based within
+    Returns (query_pad_index, context_slots (flattened), attn_mask). Query j of request r (0-based within
     its chunk) sits at absolute position seq_len - query_len + j and may see context positions
     <= that one. Padding rows see position 0 only, so they never produce NaN.
     """
@@ -60,7 +61,7 @@ def build_padded_layout(
     if max_q == 1:
         # Pure decode: one query per request, sees its whole context.
         mask = None if min(seq_lens) == max_s else (pos[None, :] < s_lens[:, None])[:, None, None]
-        return None, slots.to(device), None if mask is None else mask.to(device)
+        return None, slots.flatten().to(device), None if mask is None else mask.to(device)
 
     q_pos = torch.arange(max_q, dtype=torch.int64)
     abs_q = (s_lens - q_lens)[:, None] + q_pos[None, :]  # [num_reqs, max_q]
@@ -69,7 +70,7 @@ def build_padded_layout(
     mask = mask & valid_q[:, :, None]
     mask[:, :, 0] |= ~valid_q
     pad_index = (torch.arange(num_reqs)[:, None] * max_q + q_pos[None, :])[valid_q]
-    return pad_index.to(device), slots.to(device), mask[:, None].to(device)
+    return pad_index.to(device), slots.flatten().to(device), mask[:, None].to(device)
 
 
 class TorchPagedAttention:
@@ -93,23 +94,31 @@ class TorchPagedAttention:
         k_cache.index_copy_(0, meta.slot_mapping, k)
         v_cache.index_copy_(0, meta.slot_mapping, v)
 
-        num_reqs, max_s = meta.context_slots.shape
-        max_q = meta.max_query_len
+        num_reqs, max_q = meta.seq_lens.shape[0], meta.max_query_len
+        max_s = meta.context_slots.shape[0] // num_reqs
+        # index_select on rows is much faster than advanced indexing on CPU.
         # [num_reqs, num_kv_heads, max_s, head_dim]
-        keys = k_cache[meta.context_slots].transpose(1, 2)
-        values = v_cache[meta.context_slots].transpose(1, 2)
+        keys = torch.index_select(k_cache, 0, meta.context_slots).view(
+            num_reqs, max_s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        values = torch.index_select(v_cache, 0, meta.context_slots).view(
+            num_reqs, max_s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        rep = self.num_heads // self.num_kv_heads
+        if max_q == 1 and rep > 1:
+            # Decode: treat the q heads sharing a kv head as that head's queries. SDPA then
+            # needs no GQA expansion (3x faster on CPU than enable_gqa for one query).
+            out = F.scaled_dot_product_attention(
+                q.view(num_reqs, self.num_kv_heads, rep, self.head_dim), keys, values,
+                attn_mask=meta.attn_mask, scale=self.scale)
+            return out.reshape(num_reqs, self.num_heads * self.head_dim)
         if meta.query_pad_index is None:
             qp = q.view(num_reqs, max_q, self.num_heads, self.head_dim)
         else:
             qp = q.new_zeros(num_reqs * max_q, self.num_heads, self.head_dim)
             qp[meta.query_pad_index] = q
             qp = qp.view(num_reqs, max_q, self.num_heads, self.head_dim)
-        if self.num_kv_heads != self.num_heads:
-            rep = self.num_heads // self.num_kv_heads
-            keys = keys.repeat_interleave(rep, dim=1)
-            values = values.repeat_interleave(rep, dim=1)
         out = F.scaled_dot_product_attention(
-            qp.transpose(1, 2), keys, values, attn_mask=meta.attn_mask, scale=self.scale
+            qp.transpose(1, 2), keys, values, attn_mask=meta.attn_mask, scale=self.scale,
+            is_causal=meta.is_causal, enable_gqa=rep > 1,
         )  # [num_reqs, num_heads, max_q, head_dim]
         out = out.transpose(1, 2).reshape(num_reqs * max_q, self.num_heads * self.head_dim)
         if meta.query_pad_index is not None:

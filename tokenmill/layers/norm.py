@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 class RMSNorm(torch.nn.Module):
@@ -12,7 +13,6 @@ class RMSNorm(torch.nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+        # One fused kernel (accumulates in float32 for half inputs); in float32 it is
+        # bit-identical to the reference x * rsqrt(mean(x^2) + eps) * weight.
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)

@@ -52,9 +52,12 @@ class RotaryEmbedding(torch.nn.Module):
         inv_freq = rope_inv_freq(rotary_dim, base, scaling, freq_factors)
         t = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)  # [max_positions, rotary_dim]
-        self.register_buffer("cos_cached", emb.cos(), persistent=False)
-        self.register_buffer("sin_cached", emb.sin(), persistent=False)
+        # [max_positions, rotary_dim]; the sine carries rotate_half's sign: rotate_half(x) * sin
+        # == roll(x, rotary_dim / 2) * signed_sin, which saves a cat and a neg per call.
+        cos = torch.cat([freqs, freqs], dim=-1).cos()
+        sin = freqs.sin()
+        self.register_buffer("cos_cached", cos, persistent=False)
+        self.register_buffer("sin_cached", torch.cat([-sin, sin], dim=-1), persistent=False)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # [num_tokens, 1, rotary_dim], broadcast over heads
@@ -62,12 +65,11 @@ class RotaryEmbedding(torch.nn.Module):
                 self.sin_cached[positions].to(dtype)[:, None, :])
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [num_tokens, num_heads, head_dim]; rotates the first rotary_dim channels."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: [num_tokens, num_heads, head_dim]; rotates the first rotary_dim channels
+    (Hugging Face rotate-half layout): x * cos + rotate_half(x) * sin."""
     rot = cos.shape[-1]
     if rot < x.shape[-1]:
         x_rot, x_pass = x[..., :rot], x[..., rot:]
-        return torch.cat([apply_rotary(x_rot, cos, sin), x_pass], dim=-1)
-    half = rot // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+        return torch.cat([apply_rotary(x_rot, cos, signed_sin), x_pass], dim=-1)
+    return torch.addcmul(x * cos, torch.roll(x, rot // 2, dims=-1), signed_sin)

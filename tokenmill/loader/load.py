@@ -84,6 +84,7 @@ def load_model(source: ModelSource, dtype: torch.dtype, max_model_len: int | Non
     bar = tqdm(weights, total=total, desc="Loading weights", unit="tensor", disable=not progress,
                leave=False)
     model.load_weights(bar)
+    model.process_weights_after_loading()
     model.eval()
     return model, info
 

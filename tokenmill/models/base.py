@@ -38,12 +38,21 @@ class CausalLM(torch.nn.Module):
                 kv_caches: list[KVCache], meta) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def output_weight(self) -> torch.Tensor:  # pragma: no cover - abstract
+    def input_embeddings(self) -> torch.nn.Embedding:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[num_rows, hidden] -> [num_rows, vocab] float32."""
-        return torch.nn.functional.linear(hidden, self.output_weight()).float()
+        if self.cfg.tie_word_embeddings:
+            logits = torch.nn.functional.linear(hidden, self.input_embeddings().weight)
+        else:
+            logits = self.lm_head(hidden)
+        return logits.float()
+
+    def process_weights_after_loading(self) -> None:
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.quant_method.process_weights_after_loading(module)
 
     def normalize_name(self, name: str) -> str:
         """Map a checkpoint tensor name onto this module's naming (override per family)."""

@@ -63,8 +63,8 @@ class GPT2LMHeadModel(CausalLM):
             x = block(x, kv_cache, meta)
         return self.ln_f(x)
 
-    def output_weight(self) -> torch.Tensor:
-        return self.wte.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
+    def input_embeddings(self) -> torch.nn.Embedding:
+        return self.wte
 
     def normalize_name(self, name: str) -> str | None:
         name = name.removeprefix("transformer.")

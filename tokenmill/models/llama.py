@@ -32,14 +32,18 @@ class LlamaAttention(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
                 kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
-        n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(n, self.num_heads, self.head_dim)
-        k = k.view(n, self.num_kv_heads, self.head_dim)
-        v = v.view(n, self.num_kv_heads, self.head_dim)
+        n, d = x.shape[0], self.head_dim
+        qkv = self.qkv_proj(x)
+        v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, d)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
+            q = self.q_norm(qkv[:, : self.q_size].reshape(n, self.num_heads, d))
+            k = self.k_norm(qkv[:, self.q_size : self.q_size + self.kv_size]
+                            .reshape(n, self.num_kv_heads, d))
+            q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
+        else:
+            # q and k are adjacent in the fused output: rotate both heads at once.
+            qk = qkv[:, : self.q_size + self.kv_size].view(n, self.num_heads + self.num_kv_heads, d)
+            q, k = apply_rotary(qk, *cos_sin).split([self.num_heads, self.num_kv_heads], dim=1)
         return self.o_proj(self.attn.forward(q, k, v, kv_cache, meta))
 
 
@@ -109,10 +113,8 @@ class LlamaForCausalLM(CausalLM):
             x = layer(x, cos_sin, kv_cache, meta)
         return m.norm(x)
 
-    def output_weight(self) -> torch.Tensor:
-        if self.cfg.tie_word_embeddings:
-            return self.model.embed_tokens.weight
-        return self.lm_head.weight
+    def input_embeddings(self) -> torch.nn.Embedding:
+        return self.model.embed_tokens
 
     def normalize_name(self, name: str) -> str | None:
         if name == "lm_head.weight" and self.cfg.tie_word_embeddings:

