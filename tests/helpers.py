@@ -38,7 +38,8 @@ def paged_logits(runner: ModelRunner, prompts: list[list[int]],
                                   inputs.attn)
             logits = runner.model.compute_logits(hidden)
         start = 0
-        for s in scheduled:
+        for i in inputs.order:  # the runner lays decodes out first
+            s = scheduled[i]
             n = s.num_scheduled_tokens
             out[int(s.request_id[1:])].append(logits[start:start + n])
             s.request.num_computed_tokens += n

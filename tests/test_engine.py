@@ -215,3 +215,19 @@ def test_bad_safetensors_and_unknown_arch(tmp_path):
 def test_unknown_engine_option():
     with pytest.raises(TypeError, match="unknown engine option"):
         LLM(not_an_option=1)
+
+
+def test_prefix_caching_reuses_blocks_and_keeps_outputs(alone_outputs):
+    llm = LLM(dtype="float32", max_model_len=256, enable_prefix_caching=True,
+              kv_cache_memory_gib=0.5)
+    prompts = _prompts(32)
+    first = llm.generate(prompts, GREEDY)
+    second = llm.generate(prompts, GREEDY)  # every full prompt block is now cached
+    pool = llm.engine.scheduler.kv.block_pool
+    assert pool.num_free_blocks == pool.num_blocks
+    assert any(b.block_hash is not None for b in pool.blocks)
+    long_prompts = [o for o in second if len(o.prompt_token_ids) > 16]
+    assert long_prompts and all(o.num_cached_tokens >= 16 for o in long_prompts)
+    for i, (ref, a, b) in enumerate(zip(alone_outputs, first, second)):
+        _assert_same_or_tie(ref, a, f"prompt {i} with prefix caching")
+        _assert_same_or_tie(ref, b, f"prompt {i} from cached blocks")

@@ -39,7 +39,7 @@ class Request:
     __slots__ = (
         "request_id", "prompt_token_ids", "output_token_ids", "sampling_params", "eos_token_ids",
         "max_tokens", "status", "num_computed_tokens", "stop_reason", "arrival_time",
-        "num_preemptions", "block_hashes", "extra",
+        "num_preemptions", "block_hashes", "num_cached_tokens", "extra",
     )
 
     def __init__(
@@ -63,6 +63,7 @@ class Request:
         self.arrival_time = arrival_time
         self.num_preemptions = 0
         self.block_hashes: list[int] = []  # hashes of full blocks of all_token_ids, in order
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache when first scheduled
         self.extra: dict[str, Any] = {}
 
     @property

@@ -152,6 +152,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             req.num_computed_tokens = num_hit_tokens
+            if req.num_preemptions == 0:
+                req.num_cached_tokens = num_hit_tokens
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             scheduled.append(self._make_scheduled(req, num_new, blocks))

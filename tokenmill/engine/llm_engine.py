@@ -283,5 +283,6 @@ class LLMEngine:
             )
             s.pending_text, s.pending_ids = "", []
         return RequestOutput(
-            group.request_id, group.prompt, group.prompt_token_ids, outs, group.finished
+            group.request_id, group.prompt, group.prompt_token_ids, outs, group.finished,
+            num_cached_tokens=group.samples[0].request.num_cached_tokens,
         )

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from tokenmill.core.outputs import ModelRunnerOutput, SampleLogprobs, SchedulerOutput
-from tokenmill.layers.attention import AttentionMetadata, build_padded_layout
+from tokenmill.layers.attention import AttentionMetadata, build_padded_group
 from tokenmill.models.base import CausalLM, KVCache
 from tokenmill.sample.sampler import Sampler, build_sampling_metadata
 
@@ -23,19 +23,28 @@ class ModelInputs:
     attn: AttentionMetadata
     logits_indices: torch.Tensor  # [num_sampled] int64: rows of the hidden states to sample
     sample_rows: list[int]  # indices into scheduler_output.scheduled of the sampling requests
+    order: list[int]  # scheduler_output.scheduled indices in flat-batch order
 
 
 def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device) -> ModelInputs:
-    """Build the flat, unpadded batch of one step (a pure function of the schedule)."""
+    """Build the flat, unpadded batch of one step (a pure function of the schedule).
+
+    Single-query requests (decodes) are laid out first, then the multi-token chunks, so the
+    attention backend can treat the two groups separately.
+    """
+    order = sorted(range(len(sched.scheduled)),
+                   key=lambda i: sched.scheduled[i].num_scheduled_tokens > 1)
     token_ids: list[int] = []
-    query_lens, seq_lens, block_tables, sample_rows = [], [], [], []
-    for i, s in enumerate(sched.scheduled):
+    query_lens, seq_lens, block_tables, sample_rows, sample_pos = [], [], [], [], []
+    for pos, i in enumerate(order):
+        s = sched.scheduled[i]
         token_ids.extend(s.token_ids)
         query_lens.append(s.num_scheduled_tokens)
         seq_lens.append(s.num_computed_tokens + s.num_scheduled_tokens)
         block_tables.append(list(s.block_ids))
         if s.samples:
             sample_rows.append(i)
+            sample_pos.append(pos)
     q = np.asarray(query_lens, dtype=np.int64)
     sl = np.asarray(seq_lens, dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(q)])
@@ -47,13 +56,12 @@ def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device
     for i, row in enumerate(block_tables):
         bt[i, : len(row)] = row
     slot_mapping = bt[req_of_token, positions // block_size] * block_size + positions % block_size
-    is_causal = len(query_lens) == 1 and query_lens[0] == seq_lens[0] > 1
-    if is_causal:  # one request, whole context in this step: causal SDPA, no gather/mask
-        pad_index, mask = None, None
-        context_slots = torch.from_numpy(slot_mapping).to(device)
-    else:
-        pad_index, context_slots, mask = build_padded_layout(
-            query_lens, seq_lens, block_tables, block_size, device)
+    nd = int((q == 1).sum())
+    groups = [None, None]
+    for gi, (lo, hi) in enumerate(((0, nd), (nd, len(q)))):
+        if hi > lo:
+            groups[gi] = build_padded_group(query_lens[lo:hi], seq_lens[lo:hi],
+                                            block_tables[lo:hi], block_size, device)
     attn = AttentionMetadata(
         num_tokens=int(starts[-1]),
         slot_mapping=torch.from_numpy(slot_mapping).to(device),
@@ -61,14 +69,14 @@ def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device
         seq_lens=torch.from_numpy(sl.astype(np.int32)).to(device),
         block_tables=torch.from_numpy(bt.astype(np.int32)).to(device),
         max_query_len=int(q.max()), max_seq_len=int(sl.max()),
-        query_pad_index=pad_index, context_slots=context_slots, attn_mask=mask,
-        is_causal=is_causal,
+        num_decode_tokens=nd, decode=groups[0], prefill=groups[1],
     )
-    logits_indices = torch.tensor([int(starts[i + 1]) - 1 for i in sample_rows], dtype=torch.int64)
+    logits_indices = torch.tensor([int(starts[p + 1]) - 1 for p in sample_pos], dtype=torch.int64)
     return ModelInputs(
         input_ids=torch.tensor(token_ids, dtype=torch.int64, device=device),
         positions=torch.from_numpy(positions).to(device),
         attn=attn, logits_indices=logits_indices.to(device), sample_rows=sample_rows,
+        order=order,
     )
 
 
