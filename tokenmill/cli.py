@@ -66,6 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(chat, max_tokens=512)
     EngineArgs.add_cli_args(chat, skip=SAMPLING_ONLY)
 
+    from tokenmill.server.serve import add_serve_args
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_serve_args(serve)
+
+    from tokenmill.bench.serve import add_bench_serve_args
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    add_bench_serve_args(bench_sub.add_parser(
+        "serve", help="load-test any OpenAI-compatible endpoint"))
+
     info = sub.add_parser("info", help="architecture, parameters, format, memory, KV capacity")
     info.add_argument("model_path", nargs="?", default=None, metavar="MODEL")
     EngineArgs.add_cli_args(info, skip=("model",))
@@ -153,12 +165,25 @@ def cmd_info(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(ns: argparse.Namespace) -> int:
+    from tokenmill.server.serve import run_server
+
+    return run_server(ns)
+
+
+def cmd_bench(ns: argparse.Namespace) -> int:
+    from tokenmill.bench.serve import run_bench_serve
+
+    return run_bench_serve(ns)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, ns.log_level.upper(), logging.INFO),
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    commands = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
+    commands = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info,
+                "serve": cmd_serve, "bench": cmd_bench}
     try:
         return commands[ns.command](ns)
     except (TokenmillError, ValueError) as e:

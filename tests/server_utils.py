@@ -1,0 +1,78 @@
+"""Start a real `tokenmill serve` process on 127.0.0.1 for tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, *args: str, api_key: str | None = None) -> None:
+        self.port = free_port()
+        self.api_key = api_key
+        cmd = [sys.executable, "-m", "tokenmill", "--log-level", "WARNING", "serve",
+               "--port", str(self.port), "--dtype", "float32", "--max-model-len", "1024", *args]
+        if api_key:
+            cmd += ["--api-key", api_key]
+        env = dict(os.environ, TOKENMILL_API_KEY="")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=env)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stderr.read()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError("server did not become ready")
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(self.url + "/metrics", timeout=5).text
+        m = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+        assert m, f"metric {name} missing"
+        return float(m.group(1))
+
+    def wait_idle(self, timeout: float = 20) -> None:
+        """Until no request runs or waits and no KV block is in use."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if (self.metric("tokenmill_kv_cache_usage_perc") == 0
+                    and self.metric("tokenmill_num_requests_running") == 0
+                    and self.metric("tokenmill_num_requests_waiting") == 0):
+                return
+            time.sleep(0.1)
+        raise AssertionError("server did not become idle (KV blocks still in use)")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode

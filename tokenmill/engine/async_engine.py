@@ -1,0 +1,186 @@
+"""AsyncEngine: the LLMEngine stepping in a background thread, one asyncio stream per request.
+
+Only the engine thread touches the engine. Callers submit commands (add / abort) through a
+thread-safe queue; the loop applies them between steps, so an abort frees the request's KV
+blocks before the next step runs. Outputs travel back to each request's asyncio.Queue with
+`loop.call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineOverloadedError(RuntimeError):
+    """The bounded waiting queue is full; the caller should retry later."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped (shutdown or a fatal error)."""
+
+
+class AsyncEngine:
+    """Runs `engine.step()` in a thread while requests arrive and leave from asyncio code."""
+
+    def __init__(self, engine: LLMEngine, max_waiting_requests: int = 1024) -> None:
+        self.engine = engine
+        self.max_waiting_requests = max_waiting_requests
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._pending_adds = 0
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="tokenmill-engine", daemon=True)
+        self.dead: BaseException | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and self.dead is None
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.engine.scheduler.waiting) + self._pending_adds
+
+    # ---- the API used by the server -------------------------------------------------------
+    async def add_request(self, prompt: str | None, prompt_token_ids: list[int],
+                          params: SamplingParams, request_id: str) -> "RequestStream":
+        """Queue a request; returns once the engine accepted it.
+
+        Raises ValueError (bad input), EngineOverloadedError (waiting queue full) or
+        EngineDeadError. Iterate the returned stream for outputs; closing it early aborts.
+        """
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running")
+        with self._lock:
+            if self.num_waiting >= self.max_waiting_requests:
+                raise EngineOverloadedError(
+                    f"the server is overloaded: {self.num_waiting} requests are already waiting")
+            self._pending_adds += 1
+        stream = RequestStream(self, request_id, asyncio.get_running_loop())
+        added: concurrent.futures.Future = concurrent.futures.Future()
+        self._streams[request_id] = stream
+        self._submit(("add", request_id, prompt, prompt_token_ids, params, added))
+        try:
+            await asyncio.wrap_future(added)
+        except BaseException:
+            self._streams.pop(request_id, None)
+            self.abort(request_id)  # cancelled while queued: make sure it does not run
+            raise
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        self._submit(("abort", request_id))
+
+    def _submit(self, command: tuple) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    # ---- the engine thread ---------------------------------------------------------------
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "abort":
+                self.engine.abort_request(cmd[1])
+                continue
+            _, rid, prompt, ids, params, fut = cmd
+            try:
+                if rid in self._streams:
+                    self.engine.add_request(rid, prompt or "", params, prompt_token_ids=ids)
+                    fut.set_result(None)
+                else:  # the caller already went away
+                    fut.set_result(None)
+            except Exception as e:  # bad input: report to that caller only
+                fut.set_exception(e)
+            finally:
+                with self._lock:
+                    self._pending_adds -= 1
+
+    def _deliver(self, rid: str, item: Any) -> None:
+        stream = self._streams.get(rid)
+        if stream is not None:
+            try:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+            except RuntimeError:  # the caller's loop is closed
+                pass
+
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._stop.is_set():
+            self._apply_commands()
+            if not engine.has_unfinished_requests():
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = engine.step()
+            except Exception as e:  # a bug in a step: fail the requests in it, keep serving
+                logger.exception("engine step failed; aborting the running requests")
+                failed = list(engine.groups)
+                engine.abort_request(failed)
+                for rid in failed:
+                    self._deliver(rid, RuntimeError(f"internal engine error: {e}"))
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out)
+        # Shutdown: abort whatever is left so every stream ends.
+        self._apply_commands()
+        left = list(engine.groups)
+        engine.abort_request(left)
+        for rid in left:
+            self._deliver(rid, EngineDeadError("the server is shutting down"))
+
+
+class RequestStream:
+    """The outputs of one request, as they are produced. Leaving early aborts the request."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.finished = False
+
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while not self.finished:
+                item = await self.queue.get()
+                if isinstance(item, BaseException):
+                    self.finished = True
+                    raise item
+                self.finished = item.finished
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop listening; aborts the request if it has not finished."""
+        self.engine._streams.pop(self.request_id, None)
+        if not self.finished:
+            self.finished = True
+            self.engine.abort(self.request_id)

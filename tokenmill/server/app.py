@@ -1,0 +1,230 @@
+"""The FastAPI application: OpenAI-compatible endpoints, auth, limits, metrics, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Awaitable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from tokenmill.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
+from tokenmill.errors import ChatTemplateError
+from tokenmill.server.handlers import ContextLengthError, OpenAIServing
+from tokenmill.server.metrics import ServerMetrics
+from tokenmill.server.protocol import (
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+    UnsupportedParameter,
+)
+from tokenmill.server.streams import chat_response, completion_response
+
+logger = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = (
+            status, message, type_, param, code)
+
+
+def error_response(status: int, message: str, type_: str = "invalid_request_error",
+                   param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {
+        "message": message, "type": type_, "param": param, "code": code}})
+
+
+class BodySizeLimit:
+    """ASGI middleware: 413 for request bodies over `max_bytes` (declared or streamed)."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        too_big = error_response(413, f"request body exceeds {self.max_bytes} bytes",
+                                 code="request_too_large")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await too_big(scope, receive, send)
+        seen = 0
+
+        async def limited_receive() -> dict:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    raise APIError(413, f"request body exceeds {self.max_bytes} bytes",
+                                   code="request_too_large")
+            return msg
+
+        await self.app(scope, limited_receive, send)
+
+
+async def run_or_disconnect(request: Request, work: Awaitable[Any]) -> tuple[bool, Any]:
+    """Await `work` unless the client disconnects first (then cancel it). -> (done, result)."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            if (await request.receive())["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        watcher.cancel()
+        return True, task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    return False, None
+
+
+def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
+              max_body_bytes: int = 1 << 20, extra_model_names: tuple[str, ...] = ()) -> FastAPI:
+    metrics = ServerMetrics(engine, model_name)
+    serving = OpenAIServing(engine, model_name, metrics)
+    names = {model_name, *extra_model_names}
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if not engine.is_running:
+            engine.start()
+        yield
+        engine.shutdown()
+
+    app = FastAPI(title="tokenmill", lifespan=lifespan)
+    app.state.engine, app.state.metrics = engine, metrics
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError) -> JSONResponse:
+        return error_response(e.status, e.message, e.type, e.param, e.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
+        err = e.errors()[0] if e.errors() else {}
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        param = loc[0] if loc else None
+        where = ".".join(loc)
+        return error_response(400, f"{where}: {err.get('msg', 'invalid request')}".lstrip(": "),
+                              param=param)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, e: Exception) -> JSONResponse:
+        logger.exception("unhandled error")
+        return error_response(500, f"internal error: {type(e).__name__}", "server_error")
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        path = request.url.path
+        if api_key and (path.startswith("/v1/") or path in ("/tokenize", "/detokenize")):
+            given = request.headers.get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else ""
+            if not secrets.compare_digest(token.encode(), api_key.encode()):
+                return error_response(401, "Incorrect or missing API key. Pass it as "
+                                      "'Authorization: Bearer <key>'.", code="invalid_api_key")
+        try:
+            return await call_next(request)
+        except APIError as e:
+            return error_response(e.status, e.message, e.type, e.param, e.code)
+
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name not in names:
+            raise APIError(404, f"The model `{name}` does not exist. Available: "
+                                f"{', '.join(sorted(names))}", param="model",
+                           code="model_not_found")
+
+    async def guarded(fn, *args):
+        """Map engine/validation exceptions to OpenAI errors."""
+        try:
+            return await fn(*args)
+        except UnsupportedParameter as e:
+            raise APIError(400, str(e), param=e.param) from None
+        except ContextLengthError as e:
+            raise APIError(400, str(e), param="max_tokens",
+                           code="context_length_exceeded") from None
+        except ChatTemplateError as e:
+            raise APIError(400, str(e), param="messages") from None
+        except EngineOverloadedError as e:
+            raise APIError(503, str(e), "server_overloaded", code="overloaded") from None
+        except EngineDeadError as e:
+            raise APIError(503, str(e), "server_error") from None
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+
+    async def respond(request: Request, body: Any, builder) -> Response:
+        check_model(body.model)
+        result = await guarded(builder, serving, body)
+        if body.stream:
+            return StreamingResponse(result, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        done, payload = await run_or_disconnect(request, result)
+        if not done:
+            return Response(status_code=499)
+        return JSONResponse(payload)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await respond(request, body, completion_response)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await respond(request, body, chat_response)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [
+            {"id": n, "object": "model", "created": created, "owned_by": "tokenmill",
+             "max_model_len": serving.max_model_len} for n in sorted(names)]}
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.is_running:
+            return JSONResponse({"status": "ok"})
+        return error_response(503, "engine is not running", "server_error")
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict:
+        check_model(body.model)
+        tok = serving.tokenizer
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "pass exactly one of prompt or messages", param="prompt")
+        if body.messages is not None:
+            try:
+                text = tok.apply_chat_template([m.as_template_message() for m in body.messages],
+                                               add_generation_prompt=body.add_generation_prompt)
+            except ChatTemplateError as e:
+                raise APIError(400, str(e), param="messages") from None
+            ids = tok.encode(text, add_special_tokens=False)
+        else:
+            ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": serving.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        check_model(body.model)
+        bad = [t for t in body.tokens if not 0 <= t < serving.vocab_size]
+        if bad:
+            raise APIError(400, f"token ids out of range [0, {serving.vocab_size}): {bad[:5]}",
+                           param="tokens")
+        return {"prompt": serving.tokenizer.decode(body.tokens)}
+
+    return app

@@ -1,0 +1,193 @@
+"""/v1/completions and /v1/chat/completions: requests -> engine streams -> OpenAI responses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokenmill.engine.async_engine import AsyncEngine, RequestStream
+from tokenmill.outputs import CompletionOutput, RequestOutput
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.server.metrics import ServerMetrics
+
+
+class ContextLengthError(ValueError):
+    pass
+
+
+@dataclass
+class _Tracker:
+    """Per-request timing for metrics."""
+
+    arrival: float
+    first_token: float | None = None
+    prompt_tokens: int = 0
+    output_tokens: dict[int, int] = field(default_factory=dict)
+    finish_reasons: dict[tuple[int, int], str | None] = field(default_factory=dict)
+
+
+@dataclass
+class PreparedPrompt:
+    text: str | None
+    token_ids: list[int]
+
+
+class OpenAIServing:
+    """Shared logic of the completion endpoints (the FastAPI layer only parses and routes)."""
+
+    def __init__(self, engine: AsyncEngine, model_name: str, metrics: ServerMetrics) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.metrics = metrics
+        self.tokenizer = engine.engine.tokenizer
+        self.max_model_len = engine.engine.max_model_len
+        self.vocab_size = engine.engine.model_info.arch.vocab_size
+
+    # ---- preparation ------------------------------------------------------------------------
+    def prepare(self, prompt: str | list[int], add_special_tokens: bool = True) -> PreparedPrompt:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            return PreparedPrompt(prompt, self.tokenizer.encode(prompt, add_special_tokens))
+        if not prompt:
+            raise ValueError("prompt is empty")
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+        return PreparedPrompt(None, list(prompt))
+
+    def check_length(self, num_prompt: int, max_tokens: int | None) -> None:
+        requested = num_prompt + (max_tokens or 0)
+        if num_prompt >= self.max_model_len or requested > self.max_model_len:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"you requested {requested} tokens ({num_prompt} in the prompt, "
+                f"{max_tokens or 0} for the completion). Please reduce the prompt or max_tokens.")
+
+    async def start(self, prompts: list[PreparedPrompt], params: SamplingParams,
+                    prefix: str) -> tuple[str, list[RequestStream], _Tracker]:
+        """Queue every prompt; if one fails, abort the others and re-raise."""
+        request_id = f"{prefix}-{uuid.uuid4().hex}"
+        tracker = _Tracker(time.monotonic(), prompt_tokens=sum(len(p.token_ids) for p in prompts))
+        streams: list[RequestStream] = []
+        try:
+            for i, p in enumerate(prompts):
+                streams.append(await self.engine.add_request(
+                    p.text, p.token_ids, params, f"{request_id}-{i}"))
+        except BaseException:
+            for s in streams:
+                s.close()
+            raise
+        return request_id, streams, tracker
+
+    # ---- running ----------------------------------------------------------------------------
+    async def merged(self, streams: list[RequestStream],
+                     tracker: _Tracker) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Outputs of several streams as they come, tagged with the prompt index. Closing this
+        iterator (e.g. on client disconnect) aborts every request still running."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, s: RequestStream) -> None:
+            try:
+                async for out in s.outputs():
+                    await queue.put((i, out))
+            except BaseException as e:  # noqa: BLE001 - forwarded to the consumer
+                await queue.put((i, e))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        remaining = len(streams)
+        status = "abort"
+        try:
+            while remaining:
+                i, item = await queue.get()
+                if isinstance(item, BaseException):
+                    status = "error"
+                    raise item
+                self._observe(tracker, i, item)
+                if item.finished:
+                    remaining -= 1
+                yield i, item
+            status = "ok"
+        finally:
+            for t in tasks:
+                t.cancel()
+            for s in streams:
+                s.close()
+            self._finish(tracker, status)
+
+    def _observe(self, tracker: _Tracker, i: int, out: RequestOutput) -> None:
+        n = sum(len(o.token_ids) for o in out.outputs)
+        if n and tracker.first_token is None:
+            tracker.first_token = time.monotonic()
+            self.metrics.ttft.observe(tracker.first_token - tracker.arrival)
+        tracker.output_tokens[i] = n
+        for o in out.outputs:
+            tracker.finish_reasons[(i, o.index)] = o.finish_reason
+
+    def _finish(self, tracker: _Tracker, status: str) -> None:
+        now = time.monotonic()
+        n_out = sum(tracker.output_tokens.values())
+        self.metrics.prompt_tokens.inc(tracker.prompt_tokens)
+        self.metrics.generation_tokens.inc(n_out)
+        self.metrics.e2e.observe(now - tracker.arrival)
+        if tracker.first_token is not None and n_out > 1:
+            self.metrics.tpot.observe((now - tracker.first_token) / (n_out - 1))
+        if status == "ok":
+            status = "length" if "length" in tracker.finish_reasons.values() else "stop"
+        self.metrics.request_finished(status)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _top(lp: dict, k: int) -> list[tuple[int, Any]]:
+    """The top-k alternatives of one position, most likely first."""
+    alts = [(t, v) for t, v in lp.items() if v.rank is not None and v.rank <= k]
+    return sorted(alts, key=lambda tv: -tv[1].logprob)[:k]
+
+
+def completion_logprobs(o: CompletionOutput, tokenizer: Any, k: int, start: int = 0,
+                        text_offset: int = 0) -> dict[str, Any] | None:
+    """The legacy completions logprobs object for output tokens [start:]."""
+    if o.logprobs is None:
+        return None
+    tokens, token_lps, tops, offsets = [], [], [], []
+    offset = text_offset
+    for tok, lp in zip(o.token_ids[start:], o.logprobs[start:]):
+        piece = tokenizer.decode([tok], skip_special_tokens=False)
+        tokens.append(piece)
+        token_lps.append(lp[tok].logprob)
+        tops.append({v.decoded_token: v.logprob for _, v in _top(lp, k)} if k else None)
+        offsets.append(offset)
+        offset += len(piece)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
+            "text_offset": offsets}
+
+
+def chat_logprobs(o: CompletionOutput, tokenizer: Any, k: int,
+                  start: int = 0) -> dict[str, Any] | None:
+    """The chat logprobs object ({"content": [...]}) for output tokens [start:]."""
+    if o.logprobs is None:
+        return None
+    content = []
+    for tok, lp in zip(o.token_ids[start:], o.logprobs[start:]):
+        piece = tokenizer.decode([tok], skip_special_tokens=False)
+        content.append({
+            "token": piece, "logprob": lp[tok].logprob, "bytes": list(piece.encode()),
+            "top_logprobs": [{"token": v.decoded_token, "logprob": v.logprob,
+                              "bytes": list((v.decoded_token or "").encode())}
+                             for _, v in _top(lp, k)],
+        })
+    return {"content": content}
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    body = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {body}\n\n"

@@ -1,0 +1,54 @@
+"""Prometheus metrics of the server (one registry per app, so tests can run several)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from tokenmill.engine.async_engine import AsyncEngine
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                    7.5, 10.0, 20.0, 40.0, 80.0)
+_TPOT_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
+                 0.4, 0.5, 0.75, 1.0, 2.5)
+
+
+class ServerMetrics:
+    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = {"model_name": model_name}
+        reg = self.registry
+        self.requests = Counter("tokenmill_requests", "Finished requests by status "
+                                "(stop, length, abort, error)", ["model_name", "status"],
+                                registry=reg)
+        self.prompt_tokens = Counter("tokenmill_prompt_tokens", "Prompt tokens processed",
+                                     ["model_name"], registry=reg).labels(**labels)
+        self.generation_tokens = Counter("tokenmill_generation_tokens", "Tokens generated",
+                                         ["model_name"], registry=reg).labels(**labels)
+        self.ttft = Histogram("tokenmill_time_to_first_token_seconds", "Time to first token",
+                              ["model_name"], buckets=_LATENCY_BUCKETS,
+                              registry=reg).labels(**labels)
+        self.tpot = Histogram("tokenmill_time_per_output_token_seconds",
+                              "Time per output token after the first", ["model_name"],
+                              buckets=_TPOT_BUCKETS, registry=reg).labels(**labels)
+        self.e2e = Histogram("tokenmill_e2e_request_latency_seconds", "End-to-end latency",
+                             ["model_name"], buckets=_LATENCY_BUCKETS,
+                             registry=reg).labels(**labels)
+        # Gauges read the engine at scrape time (benign cross-thread reads of sizes).
+        sched = engine.engine.scheduler
+        Gauge("tokenmill_num_requests_running", "Requests in the running batch", ["model_name"],
+              registry=reg).labels(**labels).set_function(lambda: len(sched.running))
+        Gauge("tokenmill_num_requests_waiting", "Requests waiting to be scheduled",
+              ["model_name"], registry=reg).labels(**labels).set_function(
+                  lambda: engine.num_waiting)
+        Gauge("tokenmill_kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1)",
+              ["model_name"], registry=reg).labels(**labels).set_function(lambda: sched.kv.usage)
+        Gauge("tokenmill_num_preemptions", "Preemptions since start (recomputed requests)",
+              ["model_name"], registry=reg).labels(**labels).set_function(
+                  lambda: sched.num_preemptions_total)
+        self._labels = labels
+
+    def request_finished(self, status: str) -> None:
+        self.requests.labels(status=status, **self._labels).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

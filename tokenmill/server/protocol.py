@@ -1,0 +1,183 @@
+"""OpenAI request models (pydantic) and their translation to SamplingParams.
+
+Every documented OpenAI field is declared, so a field we cannot honour yet gets a 400 naming it
+instead of being ignored; undeclared fields are rejected too (extra="forbid").
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tokenmill.sampling_params import SamplingParams
+
+
+class UnsupportedParameter(ValueError):
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    # tokenmill / vLLM extensions
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def check_supported(self) -> None:
+        if self.logit_bias:
+            raise UnsupportedParameter("logit_bias", "logit_bias is not supported yet")
+        if self.stream_options is not None and not self.stream:
+            raise UnsupportedParameter("stream_options",
+                                       "stream_options is only allowed when stream is true")
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        kw: dict[str, Any] = dict(
+            n=self.n, seed=self.seed, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, stop=self.stop, max_tokens=max_tokens,
+            min_tokens=self.min_tokens, ignore_eos=self.ignore_eos,
+            stop_token_ids=self.stop_token_ids, logprobs=logprobs,
+            skip_special_tokens=self.skip_special_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+        )
+        optional = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                        min_p=self.min_p, repetition_penalty=self.repetition_penalty)
+        kw.update({k: v for k, v in optional.items() if v is not None})
+        return SamplingParams(**kw)
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.suffix:
+            raise UnsupportedParameter("suffix", "suffix (insertion) is not supported")
+        if self.best_of is not None and self.best_of != self.n:
+            raise UnsupportedParameter("best_of", "best_of other than n is not supported yet")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise UnsupportedParameter("logprobs", "logprobs must be between 0 and 20")
+        if self.echo and self.logprobs is not None:
+            raise UnsupportedParameter("echo", "echo with logprobs (prompt logprobs) is not "
+                                               "supported yet")
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise ValueError("prompt is empty")
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def as_template_message(self) -> dict[str, Any]:
+        content = self.content
+        if isinstance(content, list):
+            content = "\n".join(part.text for part in content)
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": content or ""}
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        for name in ("tools", "functions", "function_call"):
+            if getattr(self, name):
+                raise UnsupportedParameter(name, f"{name} (tool calling) is not supported yet")
+        if self.tool_choice not in (None, "none"):
+            raise UnsupportedParameter("tool_choice", "tool calling is not supported yet")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise UnsupportedParameter(
+                "response_format",
+                f"response_format {self.response_format.type!r} is not supported yet "
+                "(only 'text')")
+        if self.top_logprobs is not None:
+            if not self.logprobs:
+                raise UnsupportedParameter("top_logprobs", "top_logprobs requires logprobs=true")
+            if not 0 <= self.top_logprobs <= 20:
+                raise UnsupportedParameter("top_logprobs", "top_logprobs must be in [0, 20]")
+
+    def effective_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None \
+            else self.max_tokens
+
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[int]

@@ -1,0 +1,75 @@
+"""`tokenmill serve`: build the engine, print the banner, run uvicorn, shut down cleanly."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+from tokenmill.config import EngineArgs
+
+logger = logging.getLogger(__name__)
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_path", nargs="?", default=None, metavar="MODEL",
+                   help="GGUF file, HF folder or Hub id (default: the embedded model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (env TOKENMILL_API_KEY)")
+    p.add_argument("--served-model-name", default=None,
+                   help="model id clients send (default: the model's name)")
+    p.add_argument("--max-queued-requests", type=int, default=1024,
+                   help="waiting requests beyond this get 503")
+    p.add_argument("--max-request-bytes", type=int, default=4 << 20,
+                   help="larger request bodies get 413")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests may take to finish after SIGTERM")
+    EngineArgs.add_cli_args(p, skip=("model",))
+
+
+def banner(engine, name: str, host: str, port: int, api_key: str | None) -> str:
+    info = engine.model_info
+    url = f"http://{host}:{port}"
+    auth = f' -H "Authorization: Bearer {api_key}"' if api_key else ""
+    return "\n".join([
+        f"tokenmill serving {name}",
+        f"  model         {info.arch.architecture} from {info.source.path}",
+        f"  weights       {info.weight_format}, computing in "
+        f"{str(engine.dtype).removeprefix('torch.')} on {engine.device}",
+        f"  KV cache      {engine.kv_capacity_tokens} tokens; max concurrency "
+        f"{engine.kv_capacity_tokens / engine.max_model_len:.1f} at full context "
+        f"({engine.max_model_len} tokens)",
+        f"  URL           {url}/v1  (metrics {url}/metrics, health {url}/health)",
+        f"  try           curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json'"
+        f" -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", "
+        f"\"content\": \"Hello!\"}}]}}'",
+    ])
+
+
+def run_server(ns: argparse.Namespace) -> int:
+    import uvicorn
+
+    from tokenmill.engine.async_engine import AsyncEngine
+    from tokenmill.engine.llm_engine import LLMEngine
+    from tokenmill.server.app import build_app
+
+    args = EngineArgs.from_cli(argparse.Namespace(**{**vars(ns), "model": ns.model_path}))
+    engine = LLMEngine(args)
+    name = ns.served_model_name or engine.model_info.source.name
+    async_engine = AsyncEngine(engine, max_waiting_requests=ns.max_queued_requests)
+    app = build_app(async_engine, name, api_key=ns.api_key, max_body_bytes=ns.max_request_bytes)
+    config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level="warning",
+                            timeout_graceful_shutdown=ns.shutdown_timeout, access_log=False)
+    server = uvicorn.Server(config)
+    print(banner(engine, name, ns.host, ns.port, ns.api_key), file=sys.stderr, flush=True)
+    # uvicorn re-raises the signal it caught once it has shut down; with these handlers in
+    # place that re-raise is a no-op, so a SIGTERM/SIGINT shutdown exits with status 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run()
+    logger.info("server stopped")
+    return 0
