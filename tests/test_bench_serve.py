@@ -21,10 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-fastapi = pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
-
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -50,6 +47,7 @@ class FakeState:
         self.fail_every = 0
         self.bodies: list[dict[str, Any]] = []
         self.paths: list[str] = []
+        self.auth: list[str | None] = []
 
 
 def _sse(obj: Any) -> str:
@@ -95,6 +93,7 @@ def make_app(state: FakeState) -> FastAPI:
         state.num_requests += 1
         state.bodies.append(body)
         state.paths.append(request.url.path)
+        state.auth.append(request.headers.get("authorization"))
         if state.fail_every and k % state.fail_every == state.fail_every - 1:
             err = {"error": {"message": "injected failure", "type": "server_error"}}
             return JSONResponse(err, status_code=500)
@@ -191,11 +190,12 @@ def test_concurrency_levels_timings_json_plot(server, tmp_path, capsys) -> None:
     base, state = server
     out, png = tmp_path / "r.json", tmp_path / "p.png"
     rc = run_cli("--base-url", base, "--concurrency", "1,3", "--num-prompts", "6",
-                 "--input-len", "5", "--output-len", "6", "--warmup", "2",
+                 "--input-len", "5", "--output-len", "6", "--warmup", "2", "--api-key", "sk-t",
                  "--output", str(out), "--plot", str(png))
     assert rc == 0
     assert state.num_requests == 2 + 6 + 6
     assert state.max_in_flight == 3
+    assert set(state.auth) == {"Bearer sk-t"}
     body = state.bodies[-1]
     assert body["model"] == "fake-model" and body["stream"] is True
     assert body["stream_options"] == {"include_usage": True}
@@ -254,6 +254,16 @@ def test_poisson_rate_levels(server, tmp_path) -> None:
     starts = [r["start_ms"] for r in paced["requests"]]
     assert starts == sorted(starts) and starts[-1] > 20
     assert burst["max_in_flight"] == 8
+
+
+def test_rate_with_max_concurrency(server) -> None:
+    base, state = server
+    rc = run_cli("--base-url", base, "--request-rate", "inf", "--max-concurrency", "2",
+                 "--num-prompts", "5", "--input-len", "3", "--output-len", "2", "--output", "",
+                 "--no-progress")
+    assert rc == 0
+    assert state.num_requests == 5 and state.max_in_flight == 2
+    assert set(state.auth) == {None}
 
 
 def test_dataset_chat_without_usage_and_stream_error(server, tmp_path) -> None:

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from tokenmill.engine.tokenizer import Tokenizer, render_chat_template
+from tokenmill.engine.chat_template import render_chat_template
+from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.errors import ChatTemplateError
 
 transformers = pytest.importorskip("transformers")
@@ -144,7 +145,8 @@ def test_errors_are_chat_template_errors(ours: Tokenizer) -> None:
         _with_template(ours, "{% for m in messages %}{{ m.content }}").apply_chat_template(
             CONVERSATIONS[0]
         )
-    raising = "{% if messages[0].role != 'system' %}{{ raise_exception('need a system turn') }}{% endif %}"
+    raising = ("{% if messages[0].role != 'system' %}"
+               "{{ raise_exception('need a system turn') }}{% endif %}")
     with pytest.raises(ChatTemplateError, match="need a system turn"):
         _with_template(ours, raising).apply_chat_template(CONVERSATIONS[0])
     with pytest.raises(ChatTemplateError, match="TypeError"):

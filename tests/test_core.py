@@ -204,7 +204,7 @@ def test_randomized_workload_keeps_invariants():
     kv = KVCacheManager(num_blocks=12, block_size=4)
     sched = Scheduler(SchedulerConfig(16, 6, 48), kv)
     n = 0
-    for step in range(400):
+    for _ in range(400):
         if rng.random() < 0.3:
             sched.add_request(make_req(f"q{n}", rng.randint(1, 30), max_tokens=rng.randint(1, 15)))
             n += 1

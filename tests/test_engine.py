@@ -71,6 +71,13 @@ def test_tiny_chunks_and_forced_preemption_match_alone(alone_outputs):
     assert kv.num_free_blocks == kv.block_pool.num_blocks
 
 
+def test_huge_and_negative_seeds_work(llm_f32):
+    for seed in (-5, 2**70):
+        p = SamplingParams(temperature=1.0, seed=seed, max_tokens=4, ignore_eos=True)
+        a = llm_f32.generate("Hi", p)[0].outputs[0].token_ids
+        assert a == llm_f32.generate("Hi", p)[0].outputs[0].token_ids and len(a) == 4
+
+
 def test_seeded_sampling_reproducible_alone_and_in_batch(llm_f32):
     p = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=12, ignore_eos=True)
     alone = llm_f32.generate("Tell me about cats", p)[0].outputs[0].token_ids
@@ -148,12 +155,16 @@ def test_streaming_deltas_add_up_and_closing_aborts(llm_f32):
     dict(prompt=[]),
     dict(prompt="word " * 3000),
     dict(prompt=[10**7]),
+    dict(prompt="hi", stop_token_ids=[10**9], min_tokens=2),
+    dict(prompt="hi", logprobs=10**7),
+    dict(prompt="hi", n=10**6),
 ])
 def test_bad_prompts_rejected_others_keep_running(llm_f32, bad):
     engine = llm_f32.engine
     good = engine.add_request(None, "Hello there", SamplingParams(max_tokens=6, ignore_eos=True))
+    kw = {k: v for k, v in bad.items() if k != "prompt"}
     with pytest.raises(ValueError) as e:
-        engine.add_request(None, bad["prompt"], SamplingParams(max_tokens=4))
+        engine.add_request(None, bad["prompt"], SamplingParams(max_tokens=4, **kw))
     assert str(e.value)
     done = None
     while engine.has_unfinished_requests():

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible server as a real process, driven by real clients (openai, httpx, sockets)."""
+"""The OpenAI-compatible server as a real process, driven by real clients (openai, httpx,
+raw sockets)."""
 
 from __future__ import annotations
 

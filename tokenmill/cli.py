@@ -1,4 +1,4 @@
-"""Command line: `tokenmill generate | chat | info` (and later `serve`, `bench`)."""
+"""Command line: `tokenmill serve | generate | chat | info | bench serve`."""
 
 from __future__ import annotations
 

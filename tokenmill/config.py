@@ -73,7 +73,7 @@ class EngineArgs:
             raise ValueError("num_kv_blocks must be >= 1")
 
     @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> "EngineArgs":
+    def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
@@ -113,7 +113,7 @@ class EngineArgs:
                                 help=help_)
 
     @classmethod
-    def from_cli(cls, ns: argparse.Namespace, skip: tuple[str, ...] = ()) -> "EngineArgs":
+    def from_cli(cls, ns: argparse.Namespace, skip: tuple[str, ...] = ()) -> EngineArgs:
         return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)
                       if hasattr(ns, f.name) and f.name not in skip})
 

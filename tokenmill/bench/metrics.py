@@ -68,9 +68,9 @@ def record_to_json(rec: RequestRecord) -> dict[str, Any]:
 
 
 def summarize_level(
-    records: Sequence[RequestRecord], duration_s: float, mode: str, level: float
+    records: Sequence[RequestRecord], duration_s: float, mode: str, level: float | str
 ) -> dict[str, Any]:
-    """Everything reported for one load level, raw records included."""
+    """Everything reported for one load level (`level` as shown: 8, 2.5 or 'inf')."""
     ok = [r for r in records if r.ok]
     errors = Counter(r.error for r in records if r.error is not None)
     prompt_tokens = sum(
@@ -79,7 +79,7 @@ def summarize_level(
     duration = max(duration_s, 1e-9)
     result: dict[str, Any] = {
         "mode": mode,
-        "level": "inf" if math.isinf(level) else level,
+        "level": level,
         "num_requests": len(records),
         "completed": len(ok),
         "errors": sum(errors.values()),

@@ -95,8 +95,10 @@ def write_plot(path: str | Path, results: list[dict[str, Any]], title: str = "")
     xs, labels = _x_positions(results)
     mode = results[0]["mode"] if results else "concurrency"
     xlabel = "concurrency (requests in flight)" if mode == "concurrency" else "request rate (req/s)"
-    curves = [("ttft", "p50", "TTFT p50"), ("ttft", "p99", "TTFT p99"),
-              ("tpot", "p50", "TPOT p50"), ("e2e", "p50", "E2E p50"), ("e2e", "p99", "E2E p99")]
+    # (metric, stat, label, colour): the same curve keeps its colour in every panel
+    curves = [("ttft", "p50", "TTFT p50", "C0"), ("ttft", "p99", "TTFT p99", "C1"),
+              ("tpot", "p50", "TPOT p50", "C2"), ("e2e", "p50", "E2E p50", "C3"),
+              ("e2e", "p99", "E2E p99", "C4")]
 
     def series(name: str, stat: str) -> list[float]:
         vals = [r[f"{name}_ms"][stat] for r in results]
@@ -104,16 +106,16 @@ def write_plot(path: str | Path, results: list[dict[str, Any]], title: str = "")
 
     fig = Figure(figsize=(15, 4.5))
     ax_lat, ax_tput, ax_trade = fig.subplots(1, 3)
-    for name, stat, label in curves:
-        ax_lat.plot(xs, series(name, stat), marker="o", label=label)
+    for name, stat, label, colour in curves:
+        ax_lat.plot(xs, series(name, stat), marker="o", label=label, color=colour)
     ax_lat.set(xlabel=xlabel, ylabel="latency (ms)", title="latency vs load", yscale="log")
     out_tps = [r["output_throughput"] for r in results]
     ax_tput.plot(xs, out_tps, marker="o", label="output tokens/s")
     ax_tput.plot(xs, [r["total_token_throughput"] for r in results], marker="s",
                  label="total tokens/s")
     ax_tput.set(xlabel=xlabel, ylabel="tokens/s", title="throughput vs load")
-    for name, stat, label in curves[2:]:
-        ax_trade.plot(out_tps, series(name, stat), marker="o", label=label)
+    for name, stat, label, colour in curves[2:]:
+        ax_trade.plot(out_tps, series(name, stat), marker="o", label=label, color=colour)
     for x, y, text in zip(out_tps, series("e2e", "p50"), labels):
         ax_trade.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax_trade.set(xlabel="output tokens/s", ylabel="latency (ms)", title="latency vs throughput",

@@ -178,10 +178,16 @@ class ServeBenchConfig:
         path = "/chat/completions" if self.endpoint == "chat" else "/completions"
         return self.base_url + path
 
+    def level_value(self, level: float) -> float | str:
+        """A level as shown in JSON: an int for concurrency, 'inf' for an unbounded rate."""
+        if math.isinf(level):
+            return "inf"
+        return int(level) if self.mode == "concurrency" else level
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         del d["api_key"], d["progress"]
-        d["levels"] = ["inf" if math.isinf(x) else x for x in self.levels]
+        d["levels"] = [self.level_value(x) for x in self.levels]
         d["url"] = self.url
         return d
 
@@ -297,8 +303,7 @@ async def run_benchmark(cfg: ServeBenchConfig) -> tuple[str, list[dict[str, Any]
             records, duration = await run_requests(
                 client, cfg, model, specs, level, cfg.mode,
                 f"{cfg.mode}={level:g}", cfg.seed + k)
-            shown = int(level) if cfg.mode == "concurrency" else level
-            result = summarize_level(records, duration, cfg.mode, shown)
+            result = summarize_level(records, duration, cfg.mode, cfg.level_value(level))
             logger.info("%s: %d/%d completed in %.2f s", level_label(result),
                         result["completed"], len(records), duration)
             results.append(result)
@@ -308,6 +313,9 @@ async def run_benchmark(cfg: ServeBenchConfig) -> tuple[str, list[dict[str, Any]
 def run_bench_serve(ns: argparse.Namespace) -> int:
     """Run the benchmark described by `ns`, print the table, write JSON (and PNG)."""
     cfg = ServeBenchConfig.from_namespace(ns)
+    if not logger.isEnabledFor(logging.DEBUG):
+        # httpx logs every request at INFO, which would bury the progress bar
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     model, results = asyncio.run(run_benchmark(cfg))
     config = {**cfg.to_json(), "model": model, "started": started}

@@ -65,7 +65,7 @@ class AsyncEngine:
 
     # ---- the API used by the server -------------------------------------------------------
     async def add_request(self, prompt: str | None, prompt_token_ids: list[int],
-                          params: SamplingParams, request_id: str) -> "RequestStream":
+                          params: SamplingParams, request_id: str) -> RequestStream:
         """Queue a request; returns once the engine accepted it.
 
         Raises ValueError (bad input), EngineOverloadedError (waiting queue full) or

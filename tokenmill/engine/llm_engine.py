@@ -16,7 +16,7 @@ from tokenmill.core.request import Request, RequestStatus
 from tokenmill.core.scheduler import Scheduler, SchedulerConfig
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.tokenizer import Tokenizer
-from tokenmill.loader.load import ModelInfo, load_model, load_tokenizer
+from tokenmill.loader.load import load_model, load_tokenizer
 from tokenmill.loader.resolve import resolve_model
 from tokenmill.outputs import CompletionOutput, Logprob, RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -172,6 +172,7 @@ class LLMEngine:
             text, ids = self.encode_prompt(prompt)
         if not ids:
             raise ValueError("prompt is empty (no tokens)")
+        self._check_params_fit_model(params)
         if len(ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt has {len(ids)} tokens, but the context is {self.max_model_len} tokens "
@@ -198,6 +199,17 @@ class LLMEngine:
             self._child_to_group[s.request.request_id] = s
             self.scheduler.add_request(s.request)
         return request_id
+
+    def _check_params_fit_model(self, params: SamplingParams) -> None:
+        """Limits that depend on the model: caught here so a bad value never reaches a step."""
+        vocab = self.model_info.arch.vocab_size
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise ValueError(f"stop_token_ids out of range [0, {vocab}): {bad[:5]}")
+        if params.logprobs is not None and params.logprobs > vocab:
+            raise ValueError(f"logprobs must be <= the vocabulary size ({vocab})")
+        if params.n > self.args.max_num_seqs:
+            raise ValueError(f"n ({params.n}) exceeds max_num_seqs ({self.args.max_num_seqs})")
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         """Abort requests (by the id given to add_request); their KV blocks are freed now."""

@@ -11,12 +11,12 @@ class UnquantizedLinearMethod:
 
     name = "dense"
 
-    def create_weights(self, layer: "Linear", in_features: int, out_features: int,
+    def create_weights(self, layer: Linear, in_features: int, out_features: int,
                        dtype: torch.dtype) -> None:
         layer.weight = torch.nn.Parameter(torch.empty(out_features, in_features, dtype=dtype),
                                           requires_grad=False)
 
-    def process_weights_after_loading(self, layer: "Linear") -> None:
+    def process_weights_after_loading(self, layer: Linear) -> None:
         """Repack weights for the fastest kernel on this device (called once after loading)."""
         w = layer.weight
         if (w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16)
@@ -26,7 +26,7 @@ class UnquantizedLinearMethod:
             layer.packed_weight = torch.ops.mkldnn._reorder_linear_weight(w.detach())
             layer.weight = None
 
-    def apply(self, layer: "Linear", x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if layer.packed_weight is not None:
             return torch.ops.mkldnn._linear_pointwise(x, layer.packed_weight, bias, "none", [], "")
         return F.linear(x, layer.weight, bias)

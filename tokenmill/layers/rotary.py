@@ -15,7 +15,8 @@ def rope_inv_freq(
     freq_factors: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Inverse frequencies [rotary_dim // 2] (float32), scaled as the config asks."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    inv_freq = 1.0 / (base**exponents)
     if freq_factors is not None:  # GGUF files carry llama3 scaling precomputed as factors
         return inv_freq / freq_factors.float()
     rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
@@ -59,7 +60,8 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("cos_cached", cos, persistent=False)
         self.register_buffer("sin_cached", torch.cat([-sin, sin], dim=-1), persistent=False)
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(self, positions: torch.Tensor,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # [num_tokens, 1, rotary_dim], broadcast over heads
         return (self.cos_cached[positions].to(dtype)[:, None, :],
                 self.sin_cached[positions].to(dtype)[:, None, :])

@@ -15,7 +15,11 @@ from tokenmill.errors import ModelLoadError
 from tokenmill.loader.gguf_file import gguf_metadata, open_gguf
 from tokenmill.loader.resolve import ModelSource
 from tokenmill.loader.weights import (
-    count_safetensors, gguf_rope_freq_factors, iter_gguf, iter_safetensors, safetensors_files,
+    count_safetensors,
+    gguf_rope_freq_factors,
+    iter_gguf,
+    iter_safetensors,
+    safetensors_files,
 )
 from tokenmill.models.base import CausalLM
 from tokenmill.models.config import ModelArchConfig, arch_config_from_gguf, arch_config_from_hf

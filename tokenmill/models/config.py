@@ -83,11 +83,13 @@ def arch_config_from_hf(cfg: dict[str, Any]) -> ModelArchConfig:
             architecture=arch, model_type="gpt2", vocab_size=cfg["vocab_size"], hidden_size=h,
             num_layers=cfg["n_layer"], num_heads=cfg["n_head"], num_kv_heads=cfg["n_head"],
             head_dim=h // cfg["n_head"], intermediate_size=cfg.get("n_inner") or 4 * h,
-            max_position_embeddings=cfg["n_positions"], norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
+            max_position_embeddings=cfg["n_positions"],
+            norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
             tie_word_embeddings=cfg.get("tie_word_embeddings", True),
             hidden_act=cfg.get("activation_function", "gelu_new"),
             bos_token_id=cfg.get("bos_token_id"), eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
-            extra={"scale_attn_by_inverse_layer_idx": cfg.get("scale_attn_by_inverse_layer_idx", False)},
+            extra={"scale_attn_by_inverse_layer_idx":
+                   cfg.get("scale_attn_by_inverse_layer_idx", False)},
         )
     if arch not in LLAMA_LIKE:
         # Let the registry produce the "supported architectures" error.

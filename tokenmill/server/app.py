@@ -19,7 +19,10 @@ from tokenmill.errors import ChatTemplateError
 from tokenmill.server.handlers import ContextLengthError, OpenAIServing
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.protocol import (
-    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     UnsupportedParameter,
 )
 from tokenmill.server.streams import chat_response, completion_response

@@ -12,7 +12,12 @@ from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 from tokenmill.server.handlers import (
-    OpenAIServing, PreparedPrompt, chat_logprobs, completion_logprobs, sse, usage,
+    OpenAIServing,
+    PreparedPrompt,
+    chat_logprobs,
+    completion_logprobs,
+    sse,
+    usage,
 )
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest
 

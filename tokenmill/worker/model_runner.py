@@ -108,7 +108,7 @@ class ModelRunner:
         gen = self.generators.get(request_id)
         if gen is None:
             gen = torch.Generator(device=self.device)
-            gen.manual_seed(seed)
+            gen.manual_seed(seed % (1 << 63))  # any int is a valid OpenAI seed
             self.generators[request_id] = gen
         return gen
 
@@ -148,7 +148,8 @@ class ModelRunner:
         if out.logprobs is not None:
             lps = out.logprobs.tolist()
             ids = out.logprob_token_ids.tolist()
-            ranks = out.sampled_rank.tolist() if out.sampled_rank is not None else [None] * len(reqs)
+            ranks = (out.sampled_rank.tolist() if out.sampled_rank is not None
+                     else [None] * len(reqs))
             for row, r in enumerate(reqs):
                 k = r.sampling_params.logprobs
                 if k is None:
