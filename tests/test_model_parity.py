@@ -73,7 +73,19 @@ def _reference_logits(model, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids])).logits[0].float()
 
 
-def test_prefill_and_decode_match_transformers(checkpoint):
+@pytest.fixture(params=["cpu-kernels", "pytorch"])
+def kernel_mode(request):
+    """Run a test through the fused C++ kernels and through the pure PyTorch reference path."""
+    from tokenmill.kernels import cpu_ops
+
+    cpu_ops.set_enabled(request.param == "cpu-kernels")
+    if request.param == "cpu-kernels" and cpu_ops.get_ops() is None:
+        pytest.skip("no C++ compiler to build the kernels")
+    yield request.param
+    cpu_ops.set_enabled(True)
+
+
+def test_prefill_and_decode_match_transformers(checkpoint, kernel_mode):
     name, path, ref = checkpoint
     runner = _runner(path)
     g = torch.Generator().manual_seed(1)
@@ -101,7 +113,7 @@ def test_tied_checkpoint_has_no_lm_head(checkpoint):
         assert not hasattr(model, "lm_head")
 
 
-def test_bfloat16_path_close_to_float32(checkpoint):
+def test_bfloat16_path_close_to_float32(checkpoint, kernel_mode):
     """The bf16 path (packed oneDNN weights on CPU, fused norm) tracks the float32 one."""
     name, path, _ = checkpoint
     g = torch.Generator().manual_seed(2)

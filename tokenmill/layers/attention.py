@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tokenmill.layers.fused import cpu_kernels
+
 
 @dataclass(frozen=True, slots=True)
 class PaddedGroup:
@@ -44,6 +46,7 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     num_decode_tokens: int  # the first tokens belong to single-query requests
+    block_size: int
     decode: PaddedGroup | None
     prefill: PaddedGroup | None
 
@@ -114,10 +117,10 @@ class TorchPagedAttention:
         v_cache.index_copy_(0, meta.slot_mapping, v)
         nd = meta.num_decode_tokens
         if meta.prefill is None:
-            return self._decode(q, k_cache, v_cache, meta.decode)
+            return self._decode(q, k_cache, v_cache, meta)
         if meta.decode is None:
             return self._prefill(q, k_cache, v_cache, meta.prefill)
-        return torch.cat([self._decode(q[:nd], k_cache, v_cache, meta.decode),
+        return torch.cat([self._decode(q[:nd], k_cache, v_cache, meta),
                           self._prefill(q[nd:], k_cache, v_cache, meta.prefill)])
 
     def _gather(self, cache: torch.Tensor, g: PaddedGroup) -> torch.Tensor:
@@ -127,7 +130,15 @@ class TorchPagedAttention:
             g.num_reqs, g.max_seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
 
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                g: PaddedGroup) -> torch.Tensor:
+                meta: AttentionMetadata) -> torch.Tensor:
+        g = meta.decode
+        ops = cpu_kernels(q)
+        if ops is not None:
+            # Fused kernel: reads K/V straight from the paged cache (no gather copy).
+            nd = meta.num_decode_tokens
+            out = ops.paged_decode_attention(q, k_cache, v_cache, meta.block_tables[:nd],
+                                             meta.seq_lens[:nd], meta.block_size, self.scale)
+            return out.view(nd, self.num_heads * self.head_dim)
         # The q heads sharing a kv head become that head's queries, so SDPA needs no GQA
         # expansion (much faster on CPU than enable_gqa for a single query).
         rep = self.num_heads // self.num_kv_heads

@@ -67,6 +67,20 @@ class RotaryEmbedding(torch.nn.Module):
                 self.sin_cached[positions].to(dtype)[:, None, :])
 
 
+def rotary_inplace(x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+                   cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate x [num_tokens, num_heads, head_dim] (heads contiguous); in place when the CPU
+    kernel applies, else through apply_rotary with the precomputed (cos, sin)."""
+    from tokenmill.layers.fused import cpu_kernels
+
+    ops = cpu_kernels(x)
+    if (ops is not None and rotary.rotary_dim == x.shape[-1] and x.stride(-1) == 1
+            and x.stride(1) == x.shape[-1]):
+        ops.rotary_inplace(x, positions, rotary.cos_cached, rotary.sin_cached)
+        return x
+    return apply_rotary(x, *cos_sin)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """x: [num_tokens, num_heads, head_dim]; rotates the first rotary_dim channels
     (Hugging Face rotate-half layout): x * cos + rotate_half(x) * sin."""

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from tokenmill.layers.attention import AttentionMetadata, TorchPagedAttention
+from tokenmill.layers.fused import silu_and_mul
 from tokenmill.layers.linear import Linear
 from tokenmill.layers.norm import RMSNorm
-from tokenmill.layers.rotary import RotaryEmbedding, apply_rotary
+from tokenmill.layers.rotary import RotaryEmbedding, apply_rotary, rotary_inplace
 from tokenmill.models.base import CausalLM, KVCache
 from tokenmill.models.config import ModelArchConfig
 
@@ -30,8 +30,9 @@ class LlamaAttention(torch.nn.Module):
         self.qk_norm = cfg.qk_norm
         self.attn = TorchPagedAttention(cfg.num_heads, cfg.num_kv_heads, d, d**-0.5)
 
-    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
-                kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+                cos_sin: tuple[torch.Tensor, torch.Tensor], kv_cache: KVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
         n, d = x.shape[0], self.head_dim
         qkv = self.qkv_proj(x)
         v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, d)
@@ -43,7 +44,8 @@ class LlamaAttention(torch.nn.Module):
         else:
             # q and k are adjacent in the fused output: rotate both heads at once.
             qk = qkv[:, : self.q_size + self.kv_size].view(n, self.num_heads + self.num_kv_heads, d)
-            q, k = apply_rotary(qk, *cos_sin).split([self.num_heads, self.num_kv_heads], dim=1)
+            qk = rotary_inplace(qk, positions, rotary, cos_sin)
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         return self.o_proj(self.attn.forward(q, k, v, kv_cache, meta))
 
 
@@ -58,8 +60,7 @@ class LlamaMLP(torch.nn.Module):
         self.down_proj = Linear(i, cfg.hidden_size, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(torch.nn.Module):
@@ -70,10 +71,18 @@ class LlamaDecoderLayer(torch.nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype)
 
-    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
-                kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, residual: torch.Tensor, h: torch.Tensor, positions: torch.Tensor,
+                rotary: RotaryEmbedding, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                kv_cache: KVCache, meta: AttentionMetadata,
+                next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """h = input_layernorm(residual) on entry; returns (residual, next_norm(residual)).
+
+        Each residual add is fused with the norm that follows it (the next layer's input norm
+        or the final norm), as in the reference: x = x + attn(norm(x)); x = x + mlp(norm(x)).
+        """
+        attn = self.self_attn(h, positions, rotary, cos_sin, kv_cache, meta)
+        residual, h = self.post_attention_layernorm.add_forward(residual, attn)
+        return next_norm.add_forward(residual, self.mlp(h))
 
 
 class LlamaModel(torch.nn.Module):
@@ -107,11 +116,15 @@ class LlamaForCausalLM(CausalLM):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
         m = self.model
-        x = m.embed_tokens(input_ids)
-        cos_sin = m.rotary.cos_sin(positions, x.dtype)
-        for layer, kv_cache in zip(m.layers, kv_caches):
-            x = layer(x, cos_sin, kv_cache, meta)
-        return m.norm(x)
+        residual = m.embed_tokens(input_ids)
+        cos_sin = m.rotary.cos_sin(positions, residual.dtype)
+        residual, h = m.layers[0].input_layernorm.add_forward(residual, None)
+        num_layers = len(m.layers)
+        for i, (layer, kv_cache) in enumerate(zip(m.layers, kv_caches)):
+            next_norm = m.layers[i + 1].input_layernorm if i + 1 < num_layers else m.norm
+            residual, h = layer(residual, h, positions, m.rotary, cos_sin, kv_cache, meta,
+                                next_norm)
+        return h
 
     def input_embeddings(self) -> torch.nn.Embedding:
         return self.model.embed_tokens

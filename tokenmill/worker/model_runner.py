@@ -69,7 +69,7 @@ def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device
         seq_lens=torch.from_numpy(sl.astype(np.int32)).to(device),
         block_tables=torch.from_numpy(bt.astype(np.int32)).to(device),
         max_query_len=int(q.max()), max_seq_len=int(sl.max()),
-        num_decode_tokens=nd, decode=groups[0], prefill=groups[1],
+        num_decode_tokens=nd, block_size=block_size, decode=groups[0], prefill=groups[1],
     )
     logits_indices = torch.tensor([int(starts[p + 1]) - 1 for p in sample_pos], dtype=torch.int64)
     return ModelInputs(

@@ -1,0 +1,77 @@
+"""The fused C++ CPU kernels against the PyTorch reference formulas they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tokenmill.kernels.cpu_ops import get_ops
+from tokenmill.layers.rotary import RotaryEmbedding, apply_rotary
+
+ops = get_ops()
+pytestmark = pytest.mark.skipif(ops is None, reason="no C++ compiler to build the kernels")
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hkv", [(9, 3), (4, 4), (8, 1)])
+def test_paged_decode_attention_matches_sdpa(dtype, hq, hkv):
+    g = torch.Generator().manual_seed(0)
+    d, bs, num_blocks = 64, 4, 80
+    seq_lens = [1, 7, 16, 33, 50]
+    k_cache = torch.randn(num_blocks * bs, hkv, d, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks * bs, hkv, d, generator=g).to(dtype)
+    perm = torch.randperm(num_blocks, generator=g)  # blocks scattered through the pool
+    max_blocks = -(-max(seq_lens) // bs)
+    tables = perm[: len(seq_lens) * max_blocks].view(len(seq_lens), max_blocks)
+    q = torch.randn(len(seq_lens), hq, d, generator=g).to(dtype)
+    out = ops.paged_decode_attention(q, k_cache, v_cache, tables.int(),
+                                     torch.tensor(seq_lens, dtype=torch.int32), bs, d**-0.5)
+    for b, n in enumerate(seq_lens):
+        slots = (tables[b][:, None] * bs + torch.arange(bs)).flatten()[:n]
+        k = k_cache[slots].float().transpose(0, 1)  # [hkv, n, d]
+        v = v_cache[slots].float().transpose(0, 1)
+        ref = F.scaled_dot_product_attention(
+            q[b].float()[:, None], k.repeat_interleave(hq // hkv, 0),
+            v.repeat_interleave(hq // hkv, 0), scale=d**-0.5)[:, 0]
+        torch.testing.assert_close(out[b].float(), ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm(dtype):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 96, generator=g).to(dtype)
+    delta = torch.randn(5, 96, generator=g).to(dtype)
+    w = torch.randn(96, generator=g).to(dtype)
+    summed = x + delta
+    xf = summed.float()
+    ref = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+    res = x.clone()
+    out = ops.add_rms_norm(res, delta, w, 1e-6)
+    torch.testing.assert_close(res, summed, atol=0, rtol=0)  # residual updated in place
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    out2 = ops.add_rms_norm(summed.clone(), None, w, 1e-6)
+    torch.testing.assert_close(out2, ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul(dtype):
+    gu = torch.randn(7, 2 * 40, generator=torch.Generator().manual_seed(2)).to(dtype) * 4
+    gate, up = gu.chunk(2, dim=-1)
+    torch.testing.assert_close(ops.silu_mul(gu), F.silu(gate) * up, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_inplace_on_strided_view(dtype):
+    rot = RotaryEmbedding(32, 100, 10000.0)
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(6, 3 * 4 * 32, generator=g).to(dtype)
+    qk = qkv[:, : 2 * 4 * 32].view(6, 8, 32)  # row stride wider than the view, as in the model
+    positions = torch.tensor([0, 1, 5, 17, 63, 99])
+    ref = apply_rotary(qk.clone(), *rot.cos_sin(positions, dtype))
+    v_before = qkv[:, 2 * 4 * 32 :].clone()
+    ops.rotary_inplace(qk, positions, rot.cos_cached, rot.sin_cached)
+    torch.testing.assert_close(qk, ref, **TOL[dtype])
+    torch.testing.assert_close(qkv[:, 2 * 4 * 32 :], v_before, atol=0, rtol=0)

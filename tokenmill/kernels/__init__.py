@@ -1,0 +1,1 @@
+"""Kernels behind the layers' interfaces: fused CPU ops (C++, built on first use)."""

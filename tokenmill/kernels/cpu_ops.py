@@ -1,0 +1,55 @@
+"""Fused CPU kernels (csrc/cpu_ops.cpp), compiled on first use with torch's C++ extension tools.
+
+`get_ops()` returns the compiled module, or None when it cannot be built (no compiler / ninja,
+TOKENMILL_DISABLE_CPU_KERNELS=1): callers then use their pure-PyTorch path, which is also the
+reference the kernels are tested against. The build is cached by torch under
+~/.cache/torch_extensions, so only the first process on a machine pays for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+_SOURCE = Path(__file__).parent / "csrc" / "cpu_ops.cpp"
+_lock = threading.Lock()
+_ops: Any = None
+_tried = False
+
+
+def get_ops() -> Any:
+    global _ops, _tried
+    if _tried:
+        return _ops
+    with _lock:
+        if _tried:
+            return _ops
+        _tried = True
+        if os.environ.get("TOKENMILL_DISABLE_CPU_KERNELS") == "1":
+            return None
+        try:
+            from torch.utils.cpp_extension import load
+
+            _ops = load(name="tokenmill_cpu_ops", sources=[str(_SOURCE)],
+                        extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
+                        extra_ldflags=["-fopenmp"], verbose=False)
+        except Exception as e:  # no compiler, no ninja, unsupported platform...
+            logger.warning("fused CPU kernels unavailable (%s: %s); using the PyTorch path",
+                           type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            _ops = None
+        return _ops
+
+
+def set_enabled(enabled: bool) -> None:
+    """Tests: force the PyTorch reference path (False) or re-enable the kernels (True)."""
+    global _ops, _tried
+    if enabled:
+        _tried = False
+        os.environ.pop("TOKENMILL_DISABLE_CPU_KERNELS", None)
+        get_ops()
+    else:
+        _ops, _tried = None, True
