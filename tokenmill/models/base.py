@@ -43,7 +43,10 @@ class CausalLM(torch.nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[num_rows, hidden] -> [num_rows, vocab] float32."""
-        if self.cfg.tie_word_embeddings:
+        packed = getattr(self, "packed_tied_head", None)
+        if packed is not None:
+            logits = torch.ops.mkldnn._linear_pointwise(hidden, packed, None, "none", [], "")
+        elif self.cfg.tie_word_embeddings:
             logits = torch.nn.functional.linear(hidden, self.input_embeddings().weight)
         else:
             logits = self.lm_head(hidden)
@@ -53,6 +56,13 @@ class CausalLM(torch.nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.quant_method.process_weights_after_loading(module)
+        if self.cfg.tie_word_embeddings:
+            # The output projection reuses the embedding matrix; a oneDNN-packed copy makes the
+            # [num_rows, vocab] GEMM of every step ~1.5-2x faster in bf16 on CPU.
+            w = self.input_embeddings().weight
+            if (w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16)
+                    and torch.backends.mkldnn.is_available()):
+                self.packed_tied_head = torch.ops.mkldnn._reorder_linear_weight(w.detach())
 
     def normalize_name(self, name: str) -> str:
         """Map a checkpoint tensor name onto this module's naming (override per family)."""

@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <algorithm>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -38,30 +39,33 @@ template <typename T>
 void paged_decode_kernel(const T* q, const T* kc, const T* vc, const int32_t* bt,
                          const int32_t* seq_lens, T* out, int64_t B, int64_t Hq, int64_t Hkv,
                          int64_t D, int64_t max_blocks, int64_t block_size, float scale) {
-  const int64_t rep = Hq / Hkv;
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(rep * D), acc(rep * D), row(D), scores;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / Hkv, g = task % Hkv;
+  // One task per request: a slot's K (or V) row holds all kv heads contiguously, so walking the
+  // request's blocks reads memory in order. scores: [Hq, S].
+  const int64_t rep = Hq / Hkv, row_len = Hkv * D;
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(Hq * D), acc(Hq * D), row(row_len), scores;
+    for (int64_t b = begin; b < end; ++b) {
       const int64_t S = seq_lens[b];
-      scores.assign(rep * S, 0.f);
-      for (int64_t r = 0; r < rep; ++r)
-        for (int64_t d = 0; d < D; ++d)
-          qf[r * D + d] = tf(q[(b * Hq + g * rep + r) * D + d]) * scale;
+      scores.resize(Hq * S);
+      for (int64_t i = 0; i < Hq * D; ++i) qf[i] = tf(q[b * Hq * D + i]) * scale;
       const int32_t* table = bt + b * max_blocks;
-      for (int64_t t = 0; t < S; ++t) {
-        const int64_t slot = (int64_t)table[t / block_size] * block_size + t % block_size;
-        const T* kp = kc + (slot * Hkv + g) * D;
-        for (int64_t d = 0; d < D; ++d) row[d] = tf(kp[d]);
-        for (int64_t r = 0; r < rep; ++r) {
-          float s = 0.f;
-          const float* qr = qf.data() + r * D;
-          for (int64_t d = 0; d < D; ++d) s += qr[d] * row[d];
-          scores[r * S + t] = s;
+      for (int64_t t0 = 0; t0 < S; t0 += block_size) {
+        const int64_t base = (int64_t)table[t0 / block_size] * block_size;
+        const int64_t n = std::min(block_size, S - t0);
+        for (int64_t o = 0; o < n; ++o) {
+          const T* kp = kc + (base + o) * row_len;
+          for (int64_t i = 0; i < row_len; ++i) row[i] = tf(kp[i]);
+          for (int64_t h = 0; h < Hq; ++h) {
+            const float* qh = qf.data() + h * D;
+            const float* kh = row.data() + (h / rep) * D;
+            float s = 0.f;
+            for (int64_t d = 0; d < D; ++d) s += qh[d] * kh[d];
+            scores[h * S + t0 + o] = s;
+          }
         }
       }
-      for (int64_t r = 0; r < rep; ++r) {
-        float* sr = scores.data() + r * S;
+      for (int64_t h = 0; h < Hq; ++h) {
+        float* sr = scores.data() + h * S;
         float mx = -std::numeric_limits<float>::max();
         for (int64_t t = 0; t < S; ++t) mx = std::max(mx, sr[t]);
         float sum = 0.f;
@@ -70,19 +74,21 @@ void paged_decode_kernel(const T* q, const T* kc, const T* vc, const int32_t* bt
         for (int64_t t = 0; t < S; ++t) sr[t] *= inv;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < S; ++t) {
-        const int64_t slot = (int64_t)table[t / block_size] * block_size + t % block_size;
-        const T* vp = vc + (slot * Hkv + g) * D;
-        for (int64_t d = 0; d < D; ++d) row[d] = tf(vp[d]);
-        for (int64_t r = 0; r < rep; ++r) {
-          const float p = scores[r * S + t];
-          float* ar = acc.data() + r * D;
-          for (int64_t d = 0; d < D; ++d) ar[d] += p * row[d];
+      for (int64_t t0 = 0; t0 < S; t0 += block_size) {
+        const int64_t base = (int64_t)table[t0 / block_size] * block_size;
+        const int64_t n = std::min(block_size, S - t0);
+        for (int64_t o = 0; o < n; ++o) {
+          const T* vp = vc + (base + o) * row_len;
+          for (int64_t i = 0; i < row_len; ++i) row[i] = tf(vp[i]);
+          for (int64_t h = 0; h < Hq; ++h) {
+            const float p = scores[h * S + t0 + o];
+            const float* vh = row.data() + (h / rep) * D;
+            float* ah = acc.data() + h * D;
+            for (int64_t d = 0; d < D; ++d) ah[d] += p * vh[d];
+          }
         }
       }
-      for (int64_t r = 0; r < rep; ++r)
-        for (int64_t d = 0; d < D; ++d)
-          out[(b * Hq + g * rep + r) * D + d] = from_f<T>(acc[r * D + d]);
+      for (int64_t i = 0; i < Hq * D; ++i) out[b * Hq * D + i] = from_f<T>(acc[i]);
     }
   });
 }
