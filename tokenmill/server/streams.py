@@ -31,6 +31,15 @@ def _error_event(e: BaseException) -> str:
                           "param": None, "code": None}})
 
 
+def _stream_end(body: CompletionRequest | ChatCompletionRequest, empty_chunk: dict,
+                prompt_tokens: int, counts: dict[int, int]) -> list[str]:
+    """The usage chunk (when stream_options.include_usage) and the [DONE] sentinel."""
+    lines = []
+    if body.stream_options and body.stream_options.include_usage:
+        lines.append(sse(empty_chunk | {"usage": usage(prompt_tokens, sum(counts.values()))}))
+    return lines + [DONE]
+
+
 async def completion_response(serving: OpenAIServing, body: CompletionRequest
                               ) -> AsyncIterator[str] | Coroutine[Any, Any, dict]:
     body.check_supported()
@@ -88,10 +97,8 @@ async def completion_response(serving: OpenAIServing, body: CompletionRequest
                     offsets[idx] = offsets.get(idx, 0) + len(o.delta_text)
                     yield sse(base([{"index": idx, "text": o.delta_text, "logprobs": lp,
                                      "finish_reason": o.finish_reason}]))
-            if body.stream_options and body.stream_options.include_usage:
-                yield sse(base([]) | {"usage": usage(tracker.prompt_tokens,
-                                                     sum(counts.values()))})
-            yield DONE
+            for line in _stream_end(body, base([]), tracker.prompt_tokens, counts):
+                yield line
         except Exception as e:  # noqa: BLE001 - reported in-band, the status is already sent
             yield _error_event(e)
 
@@ -144,10 +151,8 @@ async def chat_response(serving: OpenAIServing, body: ChatCompletionRequest
                     if o.finished:
                         yield sse(base([{"index": o.index, "delta": {}, "logprobs": None,
                                          "finish_reason": o.finish_reason}]))
-            if body.stream_options and body.stream_options.include_usage:
-                yield sse(base([]) | {"usage": usage(tracker.prompt_tokens,
-                                                     sum(counts.values()))})
-            yield DONE
+            for line in _stream_end(body, base([]), tracker.prompt_tokens, counts):
+                yield line
         except Exception as e:  # noqa: BLE001 - reported in-band, the status is already sent
             yield _error_event(e)
 
