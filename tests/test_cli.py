@@ -39,3 +39,19 @@ def test_bad_arguments_give_clear_errors(tmp_path):
     assert res.returncode == 2 and "top_p" in res.stderr
     res = _run("info", str(tmp_path / "missing.gguf"))
     assert res.returncode == 2 and "does not exist" in res.stderr
+
+
+def test_chat_loop_streams_replies_and_exits():
+    res = subprocess.run([sys.executable, "-m", "tokenmill", "chat", "--temperature", "0",
+                          "--max-tokens", "8", "--dtype", "float32"],
+                         input="What is 2 + 2?\n/exit\n", capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    reply = res.stdout.split(">>> ")[1].strip()
+    assert reply  # the model answered something before /exit
+
+
+def test_hub_id_without_network_is_a_clear_error():
+    res = _run("info", "some-org/not-a-real-model-xyz")
+    assert res.returncode == 2
+    assert "could not be fetched from the Hugging Face Hub" in res.stderr
