@@ -47,7 +47,7 @@ class AttentionMetadata:
     max_seq_len: int
     num_decode_tokens: int  # the first tokens belong to single-query requests
     block_size: int
-    decode: PaddedGroup | None
+    decode: PaddedGroup | None  # None when there are no decodes or a kernel reads block tables
     prefill: PaddedGroup | None
 
 
@@ -116,9 +116,9 @@ class TorchPagedAttention:
         k_cache.index_copy_(0, meta.slot_mapping, k)
         v_cache.index_copy_(0, meta.slot_mapping, v)
         nd = meta.num_decode_tokens
-        if meta.prefill is None:
+        if nd == meta.num_tokens:
             return self._decode(q, k_cache, v_cache, meta)
-        if meta.decode is None:
+        if nd == 0:
             return self._prefill(q, k_cache, v_cache, meta.prefill)
         return torch.cat([self._decode(q[:nd], k_cache, v_cache, meta),
                           self._prefill(q[nd:], k_cache, v_cache, meta.prefill)])
@@ -141,6 +141,7 @@ class TorchPagedAttention:
             return out.view(nd, self.num_heads * self.head_dim)
         # The q heads sharing a kv head become that head's queries, so SDPA needs no GQA
         # expansion (much faster on CPU than enable_gqa for a single query).
+        assert g is not None, "decode group layout missing"
         rep = self.num_heads // self.num_kv_heads
         out = F.scaled_dot_product_attention(
             q.reshape(g.num_reqs, self.num_kv_heads, rep, self.head_dim),

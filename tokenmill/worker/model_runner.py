@@ -10,6 +10,7 @@ import torch
 
 from tokenmill.core.outputs import ModelRunnerOutput, SampleLogprobs, SchedulerOutput
 from tokenmill.layers.attention import AttentionMetadata, build_padded_group
+from tokenmill.layers.fused import cpu_kernels
 from tokenmill.models.base import CausalLM, KVCache
 from tokenmill.sample.sampler import Sampler, build_sampling_metadata
 
@@ -26,11 +27,13 @@ class ModelInputs:
     order: list[int]  # scheduler_output.scheduled indices in flat-batch order
 
 
-def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device) -> ModelInputs:
+def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device,
+                   padded_decode: bool = True) -> ModelInputs:
     """Build the flat, unpadded batch of one step (a pure function of the schedule).
 
     Single-query requests (decodes) are laid out first, then the multi-token chunks, so the
-    attention backend can treat the two groups separately.
+    attention backend can treat the two groups separately. `padded_decode=False` skips the
+    padded layout of the decode group (a kernel reading block tables directly needs none).
     """
     order = sorted(range(len(sched.scheduled)),
                    key=lambda i: sched.scheduled[i].num_scheduled_tokens > 1)
@@ -59,7 +62,7 @@ def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device
     nd = int((q == 1).sum())
     groups = [None, None]
     for gi, (lo, hi) in enumerate(((0, nd), (nd, len(q)))):
-        if hi > lo:
+        if hi > lo and (gi == 1 or padded_decode):
             groups[gi] = build_padded_group(query_lens[lo:hi], seq_lens[lo:hi],
                                             block_tables[lo:hi], block_size, device)
     attn = AttentionMetadata(
@@ -78,6 +81,12 @@ def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device
         attn=attn, logits_indices=logits_indices.to(device), sample_rows=sample_rows,
         order=order,
     )
+
+
+def _plain_greedy(req, p) -> bool:
+    return (p.greedy and p.logprobs is None and p.repetition_penalty == 1.0
+            and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
+            and req.num_output_tokens >= p.min_tokens)
 
 
 def kv_cache_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int,
@@ -102,6 +111,8 @@ class ModelRunner:
             for _ in range(cfg.num_layers)
         ]
         self.sampler = Sampler()
+        probe = torch.empty(0, dtype=kv_dtype, device=device)
+        self.fused_decode_attention = cpu_kernels(probe) is not None
         self.generators: dict[str, torch.Generator] = {}
 
     def _generator(self, request_id: str, seed: int) -> torch.Generator:
@@ -118,7 +129,8 @@ class ModelRunner:
             self.generators.pop(rid, None)
         if sched.is_empty:
             return ModelRunnerOutput()
-        inputs = prepare_inputs(sched, self.block_size, self.device)
+        inputs = prepare_inputs(sched, self.block_size, self.device,
+                                padded_decode=not self.fused_decode_attention)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn)
         if not inputs.sample_rows:
             return ModelRunnerOutput()
@@ -129,6 +141,10 @@ class ModelRunner:
                 logits: torch.Tensor) -> ModelRunnerOutput:
         reqs = [sched.scheduled[i].request for i in rows]
         params = [r.sampling_params for r in reqs]
+        if all(_plain_greedy(r, p) for r, p in zip(reqs, params)):
+            # Nothing to penalise, mask or report: the sampler would reduce to this argmax.
+            tokens = logits.argmax(dim=-1).tolist()
+            return ModelRunnerOutput(sampled={r.request_id: t for r, t in zip(reqs, tokens)})
         generators = {
             row: self._generator(r.request_id, p.seed)
             for row, (r, p) in enumerate(zip(reqs, params)) if p.seed is not None
