@@ -113,8 +113,12 @@ class TorchPagedAttention:
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [num_tokens, num_heads * head_dim]
         k_cache, v_cache = kv_cache
-        k_cache.index_copy_(0, meta.slot_mapping, k)
-        v_cache.index_copy_(0, meta.slot_mapping, v)
+        ops = cpu_kernels(k_cache)
+        if ops is not None and k.dtype == k_cache.dtype:
+            ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)  # reads strided views
+        else:
+            k_cache.index_copy_(0, meta.slot_mapping, k)
+            v_cache.index_copy_(0, meta.slot_mapping, v)
         nd = meta.num_decode_tokens
         if nd == meta.num_tokens:
             return self._decode(q, k_cache, v_cache, meta)

@@ -41,8 +41,9 @@ class CausalLM(torch.nn.Module):
     def input_embeddings(self) -> torch.nn.Embedding:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[num_rows, hidden] -> [num_rows, vocab] float32."""
+    def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """[num_rows, hidden] -> [num_rows, vocab], in float32 unless `float32=False` (then in
+        the model dtype, enough for an argmax)."""
         packed = getattr(self, "packed_tied_head", None)
         if packed is not None:
             logits = torch.ops.mkldnn._linear_pointwise(hidden, packed, None, "none", [], "")
@@ -50,7 +51,7 @@ class CausalLM(torch.nn.Module):
             logits = torch.nn.functional.linear(hidden, self.input_embeddings().weight)
         else:
             logits = self.lm_head(hidden)
-        return logits.float()
+        return logits.float() if float32 else logits
 
     def process_weights_after_loading(self) -> None:
         for module in self.modules():

@@ -8,7 +8,7 @@ from tokenmill.layers.attention import AttentionMetadata, TorchPagedAttention
 from tokenmill.layers.fused import silu_and_mul
 from tokenmill.layers.linear import Linear
 from tokenmill.layers.norm import RMSNorm
-from tokenmill.layers.rotary import RotaryEmbedding, apply_rotary, rotary_inplace
+from tokenmill.layers.rotary import RotaryEmbedding, needs_cos_sin, rotary_inplace
 from tokenmill.models.base import CausalLM, KVCache
 from tokenmill.models.config import ModelArchConfig
 
@@ -31,7 +31,7 @@ class LlamaAttention(torch.nn.Module):
         self.attn = TorchPagedAttention(cfg.num_heads, cfg.num_kv_heads, d, d**-0.5)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
-                cos_sin: tuple[torch.Tensor, torch.Tensor], kv_cache: KVCache,
+                cos_sin: tuple[torch.Tensor, torch.Tensor] | None, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
         n, d = x.shape[0], self.head_dim
         qkv = self.qkv_proj(x)
@@ -40,7 +40,8 @@ class LlamaAttention(torch.nn.Module):
             q = self.q_norm(qkv[:, : self.q_size].reshape(n, self.num_heads, d))
             k = self.k_norm(qkv[:, self.q_size : self.q_size + self.kv_size]
                             .reshape(n, self.num_kv_heads, d))
-            q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
+            q = rotary_inplace(q, positions, rotary, cos_sin)
+            k = rotary_inplace(k, positions, rotary, cos_sin)
         else:
             # q and k are adjacent in the fused output: rotate both heads at once.
             qk = qkv[:, : self.q_size + self.kv_size].view(n, self.num_heads + self.num_kv_heads, d)
@@ -72,7 +73,7 @@ class LlamaDecoderLayer(torch.nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype)
 
     def forward(self, residual: torch.Tensor, h: torch.Tensor, positions: torch.Tensor,
-                rotary: RotaryEmbedding, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                rotary: RotaryEmbedding, cos_sin: tuple[torch.Tensor, torch.Tensor] | None,
                 kv_cache: KVCache, meta: AttentionMetadata,
                 next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """h = input_layernorm(residual) on entry; returns (residual, next_norm(residual)).
@@ -117,7 +118,8 @@ class LlamaForCausalLM(CausalLM):
                 kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
         m = self.model
         residual = m.embed_tokens(input_ids)
-        cos_sin = m.rotary.cos_sin(positions, residual.dtype)
+        cos_sin = (m.rotary.cos_sin(positions, residual.dtype)
+                   if needs_cos_sin(m.rotary, residual, self.cfg.head_dim) else None)
         residual, h = m.layers[0].input_layernorm.add_forward(residual, None)
         num_layers = len(m.layers)
         for i, (layer, kv_cache) in enumerate(zip(m.layers, kv_caches)):

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from tokenmill.core.outputs import ModelRunnerOutput, SampleLogprobs, SchedulerOutput
+from tokenmill.core.request import Request
 from tokenmill.layers.attention import AttentionMetadata, build_padded_group
 from tokenmill.layers.fused import cpu_kernels
 from tokenmill.models.base import CausalLM, KVCache
@@ -134,17 +135,20 @@ class ModelRunner:
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn)
         if not inputs.sample_rows:
             return ModelRunnerOutput()
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        return self._sample(sched, inputs.sample_rows, logits)
-
-    def _sample(self, sched: SchedulerOutput, rows: list[int],
-                logits: torch.Tensor) -> ModelRunnerOutput:
-        reqs = [sched.scheduled[i].request for i in rows]
-        params = [r.sampling_params for r in reqs]
-        if all(_plain_greedy(r, p) for r, p in zip(reqs, params)):
-            # Nothing to penalise, mask or report: the sampler would reduce to this argmax.
-            tokens = logits.argmax(dim=-1).tolist()
+        hidden = hidden[inputs.logits_indices]
+        reqs = [sched.scheduled[i].request for i in inputs.sample_rows]
+        if all(_plain_greedy(r, r.sampling_params) for r in reqs):
+            # Nothing to penalise, mask or report: the sampler would reduce to an argmax, which
+            # the model-dtype logits give exactly (widening to float32 is exact).
+            logits = self.model.compute_logits(hidden, float32=False)
+            ops = cpu_kernels(logits)
+            tokens = (ops.argmax_rows(logits) if ops is not None
+                      else logits.argmax(dim=-1)).tolist()
             return ModelRunnerOutput(sampled={r.request_id: t for r, t in zip(reqs, tokens)})
+        return self._sample(reqs, self.model.compute_logits(hidden))
+
+    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> ModelRunnerOutput:
+        params = [r.sampling_params for r in reqs]
         generators = {
             row: self._generator(r.request_id, p.seed)
             for row, (r, p) in enumerate(zip(reqs, params)) if p.seed is not None

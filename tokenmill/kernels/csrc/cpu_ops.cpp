@@ -5,6 +5,9 @@
 // tensor dtype where the reference rounds).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <cmath>
 #include <algorithm>
@@ -33,12 +36,14 @@ template <> inline at::BFloat16 from_f<at::BFloat16>(float f) {
 }
 
 // Paged attention for single-query requests.
-// q [B, Hq, D]; k_cache, v_cache [slots, Hkv, D]; block_tables [B, max_blocks] int32;
-// seq_lens [B] int32; out [B, Hq, D]. Query heads g*rep .. g*rep+rep-1 share kv head g.
+// q [B, Hq, D] (row stride q_stride, heads contiguous); k_cache, v_cache [slots, Hkv, D];
+// block_tables [B, max_blocks] int32; seq_lens [B] int32; out [B, Hq, D] contiguous.
+// Query heads g*rep .. g*rep+rep-1 share kv head g.
 template <typename T>
 void paged_decode_kernel(const T* q, const T* kc, const T* vc, const int32_t* bt,
                          const int32_t* seq_lens, T* out, int64_t B, int64_t Hq, int64_t Hkv,
-                         int64_t D, int64_t max_blocks, int64_t block_size, float scale) {
+                         int64_t D, int64_t max_blocks, int64_t block_size, float scale,
+                         int64_t q_stride) {
   // One task per request: a slot's K (or V) row holds all kv heads contiguously, so walking the
   // request's blocks reads memory in order. scores: [Hq, S].
   const int64_t rep = Hq / Hkv, row_len = Hkv * D;
@@ -47,7 +52,7 @@ void paged_decode_kernel(const T* q, const T* kc, const T* vc, const int32_t* bt
     for (int64_t b = begin; b < end; ++b) {
       const int64_t S = seq_lens[b];
       scores.resize(Hq * S);
-      for (int64_t i = 0; i < Hq * D; ++i) qf[i] = tf(q[b * Hq * D + i]) * scale;
+      for (int64_t i = 0; i < Hq * D; ++i) qf[i] = tf(q[b * q_stride + i]) * scale;
       const int32_t* table = bt + b * max_blocks;
       for (int64_t t0 = 0; t0 < S; t0 += block_size) {
         const int64_t base = (int64_t)table[t0 / block_size] * block_size;
@@ -89,6 +94,241 @@ void paged_decode_kernel(const T* q, const T* kc, const T* vc, const int32_t* bt
         }
       }
       for (int64_t i = 0; i < Hq * D; ++i) out[b * Hq * D + i] = from_f<T>(acc[i]);
+    }
+  });
+}
+
+#if defined(__AVX512F__)
+// AVX-512 versions of the hot loops. Same math as the generic kernels (float32 accumulation);
+// only the summation order inside a dot product differs.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(at::BFloat16* p, __m512 v) {
+  // Round to nearest even, as from_f<BFloat16> does.
+  __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+}
+
+// exp(x) for x <= 0 (softmax inputs after subtracting the max): range reduction to
+// r in [-ln2/2, ln2/2] and a degree-7 Taylor polynomial (relative error ~1e-7).
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Sums of 16 vectors at once: out[i] = sum of the lanes of a[i] (a transposing tree of adds,
+// ~3 instructions per sum instead of ~8 for a separate horizontal reduction each).
+inline __m512 reduce_add16(const __m512* a) {
+  __m512 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i)
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
+                         _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)
+    c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
+  for (int i = 0; i < 2; ++i)
+    d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], 0x88),
+                       _mm512_shuffle_f32x4(d[0], d[1], 0xDD));
+}
+
+// One task per (request, kv head): its REP query heads read that head's K and V rows once.
+// ND = head_dim / 16 and REP are compile-time so the accumulators live in registers.
+template <typename T, int ND, int REP>
+void paged_decode_avx512(const T* q, const T* kc, const T* vc, const int32_t* bt,
+                         const int32_t* seq_lens, T* out, int64_t B, int64_t Hq, int64_t Hkv,
+                         int64_t D, int64_t max_blocks, int64_t block_size, float scale,
+                         int64_t q_stride) {
+  const int64_t row_len = Hkv * D;
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / Hkv, g = task % Hkv, S = seq_lens[b];
+      const int64_t S16 = (S + 15) / 16 * 16;
+      scores.resize(REP * (S16 + 16));
+      const T* qb = q + b * q_stride + g * REP * D;
+      __m512 qv[REP][ND];
+      for (int h = 0; h < REP; ++h)
+        for (int j = 0; j < ND; ++j)
+          qv[h][j] = _mm512_mul_ps(load16(qb + h * D + j * 16), _mm512_set1_ps(scale));
+      const int32_t* table = bt + b * max_blocks;
+      // scores[h, t] = q_h . k_t, 16 tokens at a time (rows past the end repeat the last one)
+      // The rows of one head are 2 * D bytes every row_len elements, in blocks scattered through
+      // the pool: fetch the next 16 tokens' K (or V) rows while this group is being computed.
+      auto prefetch_rows = [&](const T* cache, int64_t t0) {
+        const int64_t n = std::min<int64_t>(16, S - t0);
+        for (int64_t o = 0; o < n; ++o) {
+          const int64_t t = t0 + o;
+          const char* r = reinterpret_cast<const char*>(
+              cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * row_len
+              + g * D);
+          for (int64_t off = 0; off < D * (int64_t)sizeof(T); off += 64)
+            _mm_prefetch(r + off, _MM_HINT_T0);
+        }
+      };
+      prefetch_rows(kc, 0);
+      for (int64_t t0 = 0; t0 < S; t0 += 16) {
+        if (t0 + 16 < S) prefetch_rows(kc, t0 + 16);
+        else prefetch_rows(vc, 0);
+        __m512 part[REP][16];
+        for (int o = 0; o < 16; ++o) {
+          const int64_t t = std::min<int64_t>(t0 + o, S - 1);
+          const T* kp = kc + ((int64_t)table[t / block_size] * block_size + t % block_size)
+                              * row_len + g * D;
+          __m512 k[ND];
+          for (int j = 0; j < ND; ++j) k[j] = load16(kp + j * 16);
+          for (int h = 0; h < REP; ++h) {
+            __m512 acc = _mm512_mul_ps(qv[h][0], k[0]);
+            for (int j = 1; j < ND; ++j) acc = _mm512_fmadd_ps(qv[h][j], k[j], acc);
+            part[h][o] = acc;
+          }
+        }
+        for (int h = 0; h < REP; ++h)
+          _mm512_storeu_ps(scores.data() + h * S16 + t0, reduce_add16(part[h]));
+      }
+      // softmax numerators per head; the 1/sum is applied to the output
+      float inv_sum[REP];
+      const __mmask16 tail = (__mmask16)((1u << (S - (S16 - 16))) - 1u);
+      for (int h = 0; h < REP; ++h) {
+        float* sr = scores.data() + h * S16;
+        __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+        for (int64_t t = 0; t < S16 - 16; t += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sr + t));
+        mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_maskz_loadu_ps(tail, sr + S16 - 16));
+        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t t = 0; t < S16; t += 16) {
+          __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + t), m));
+          if (t == S16 - 16) e = _mm512_maskz_mov_ps(tail, e);
+          _mm512_storeu_ps(sr + t, e);
+          sum = _mm512_add_ps(sum, e);
+        }
+        inv_sum[h] = 1.f / _mm512_reduce_add_ps(sum);
+      }
+      // out_h = sum_t p[h, t] v_t / sum_h
+      __m512 acc[REP][ND];
+      for (int h = 0; h < REP; ++h)
+        for (int j = 0; j < ND; ++j) acc[h][j] = _mm512_setzero_ps();
+      for (int64_t t0 = 0; t0 < S; t0 += block_size) {
+        const T* vb = vc + (int64_t)table[t0 / block_size] * block_size * row_len + g * D;
+        const int64_t n = std::min(block_size, S - t0);
+        if (t0 % 16 == 0 && t0 + 16 < S) prefetch_rows(vc, t0 + 16);
+        for (int64_t o = 0; o < n; ++o) {
+          const T* vp = vb + o * row_len;
+          const float* p = scores.data() + t0 + o;
+          for (int j = 0; j < ND; ++j) {
+            const __m512 v = load16(vp + j * 16);
+            for (int h = 0; h < REP; ++h)
+              acc[h][j] = _mm512_fmadd_ps(_mm512_set1_ps(p[h * S16]), v, acc[h][j]);
+          }
+        }
+      }
+      T* ob = out + b * Hq * D + g * REP * D;
+      for (int h = 0; h < REP; ++h)
+        for (int j = 0; j < ND; ++j)
+          store16(ob + h * D + j * 16, _mm512_mul_ps(acc[h][j], _mm512_set1_ps(inv_sum[h])));
+    }
+  });
+}
+
+template <typename T>
+using DecodeFn = void (*)(const T*, const T*, const T*, const int32_t*, const int32_t*, T*,
+                          int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, int64_t);
+
+template <typename T, int ND>
+DecodeFn<T> pick_rep(int64_t rep) {
+  switch (rep) {
+    case 1: return paged_decode_avx512<T, ND, 1>;
+    case 2: return paged_decode_avx512<T, ND, 2>;
+    case 3: return paged_decode_avx512<T, ND, 3>;
+    case 4: return paged_decode_avx512<T, ND, 4>;
+    case 5: return paged_decode_avx512<T, ND, 5>;
+    case 6: return paged_decode_avx512<T, ND, 6>;
+    case 7: return paged_decode_avx512<T, ND, 7>;
+    case 8: return paged_decode_avx512<T, ND, 8>;
+    default: return nullptr;
+  }
+}
+
+// The vectorized kernel for this head geometry (head_dim 64 or 128, up to 8 query heads per kv
+// head), or nullptr: the portable kernel then runs.
+template <typename T>
+DecodeFn<T> avx512_decode_kernel(int64_t Hq, int64_t Hkv, int64_t D) {
+  if (D == 64) return pick_rep<T, 4>(Hq / Hkv);
+  if (D == 128) return pick_rep<T, 8>(Hq / Hkv);
+  return nullptr;
+}
+#endif  // __AVX512F__
+
+// Row-wise argmax (first index of the maximum, as torch.argmax) of x [R, V].
+template <typename T>
+void argmax_rows_kernel(const T* x, int64_t* out, int64_t R, int64_t V) {
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* row = x + r * V;
+      int64_t v0 = 0;
+      float best = -std::numeric_limits<float>::infinity();
+      int64_t best_i = 0;
+#if defined(__AVX512F__)
+      if (V >= 16) {
+        __m512 mx = load16(row);
+        __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        __m512i cur = idx;
+        const __m512i step = _mm512_set1_epi32(16);
+        for (v0 = 16; v0 + 16 <= V; v0 += 16) {
+          cur = _mm512_add_epi32(cur, step);
+          const __m512 v = load16(row + v0);
+          const __mmask16 gt = _mm512_cmp_ps_mask(v, mx, _CMP_GT_OQ);
+          mx = _mm512_mask_mov_ps(mx, gt, v);
+          idx = _mm512_mask_mov_epi32(idx, gt, cur);
+        }
+        alignas(64) float mv[16];
+        alignas(64) int32_t iv[16];
+        _mm512_store_ps(mv, mx);
+        _mm512_store_si512(iv, idx);
+        best = mv[0];
+        best_i = iv[0];
+        for (int l = 1; l < 16; ++l)
+          if (mv[l] > best || (mv[l] == best && iv[l] < best_i)) { best = mv[l]; best_i = iv[l]; }
+      }
+#endif
+      for (int64_t i = v0; i < V; ++i) {
+        const float v = tf(row[i]);
+        if (v > best || (i == 0)) { best = v; best_i = i; }
+      }
+      out[r] = best_i;
+    }
+  });
+}
+
+// k_cache[slot_mapping[n]] = k[n] (and v), rows of Hkv * D elements; k, v may be strided views.
+template <typename T>
+void write_kv_kernel(const T* k, const T* v, T* kc, T* vc, const int64_t* slots, int64_t N,
+                     int64_t row_len, int64_t k_stride, int64_t v_stride) {
+  at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t s = slots[n];
+      std::memcpy(kc + s * row_len, k + n * k_stride, row_len * sizeof(T));
+      std::memcpy(vc + s * row_len, v + n * v_stride, row_len * sizeof(T));
     }
   });
 }
@@ -164,19 +404,72 @@ void rotary_kernel(T* x, const int64_t* positions, const float* cos_t, const flo
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
                                      torch::Tensor v_cache, torch::Tensor block_tables,
                                      torch::Tensor seq_lens, int64_t block_size, double scale) {
-  q = q.contiguous();
+  if (q.stride(2) != 1 || q.stride(1) != q.size(2)) q = q.contiguous();
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt);
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q and the cache must share a dtype");
   auto bt = block_tables.contiguous();
   auto sl = seq_lens.contiguous();
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(1);
   TORCH_CHECK(Hq % Hkv == 0 && k_cache.size(2) == D);
-  auto out = torch::empty_like(q);
+  auto out = torch::empty({B, Hq, D}, q.options());
   DISPATCH(q.scalar_type(), "paged_decode_attention", [&] {
+    auto run = paged_decode_kernel<scalar_t>;
+#if defined(__AVX512F__)
+    if (auto fast = avx512_decode_kernel<scalar_t>(Hq, Hkv, D)) run = fast;
+#endif
+    run(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+        bt.data_ptr<int32_t>(), sl.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), B, Hq, Hkv, D,
+        bt.size(1), block_size, static_cast<float>(scale), q.stride(0));
+  });
+  return out;
+}
+
+torch::Tensor paged_decode_attention_reference(torch::Tensor q, torch::Tensor k_cache,
+                                               torch::Tensor v_cache, torch::Tensor block_tables,
+                                               torch::Tensor seq_lens, int64_t block_size,
+                                               double scale) {
+  // The portable kernel, for tests that compare it with the vectorized one.
+  q = q.contiguous();
+  auto bt = block_tables.contiguous();
+  auto sl = seq_lens.contiguous();
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(1);
+  auto out = torch::empty({B, Hq, D}, q.options());
+  DISPATCH(q.scalar_type(), "paged_decode_attention_reference", [&] {
     paged_decode_kernel<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
                                   v_cache.data_ptr<scalar_t>(), bt.data_ptr<int32_t>(),
                                   sl.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), B, Hq, Hkv,
-                                  D, bt.size(1), block_size, static_cast<float>(scale));
+                                  D, bt.size(1), block_size, static_cast<float>(scale),
+                                  q.stride(0));
+  });
+  return out;
+}
+
+void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
+              torch::Tensor slot_mapping) {
+  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.sizes() == v.sizes(), "k, v must be [N, H, D]");
+  TORCH_CHECK(k.stride(2) == 1 && k.stride(1) == k.size(2) && v.stride(2) == 1 &&
+                  v.stride(1) == v.size(2), "k, v rows must hold contiguous heads");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == k_cache.scalar_type());
+  TORCH_CHECK(k_cache.size(1) * k_cache.size(2) == k.size(1) * k.size(2));
+  auto slots = slot_mapping.to(at::kLong).contiguous();
+  TORCH_CHECK(slots.numel() == k.size(0));
+  DISPATCH(k.scalar_type(), "write_kv", [&] {
+    write_kv_kernel<scalar_t>(k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                              k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+                              slots.data_ptr<int64_t>(), k.size(0), k.size(1) * k.size(2),
+                              k.stride(0), v.stride(0));
+  });
+}
+
+torch::Tensor argmax_rows(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0, "x must be [R, V] with V > 0");
+  x = x.contiguous();
+  auto out = torch::empty({x.size(0)}, x.options().dtype(at::kLong));
+  DISPATCH(x.scalar_type(), "argmax_rows", [&] {
+    argmax_rows_kernel<scalar_t>(x.data_ptr<scalar_t>(), out.data_ptr<int64_t>(), x.size(0),
+                                 x.size(1));
   });
   return out;
 }
@@ -223,6 +516,9 @@ void rotary_inplace(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention);
+  m.def("paged_decode_attention_reference", &paged_decode_attention_reference);
+  m.def("write_kv", &write_kv);
+  m.def("argmax_rows", &argmax_rows);
   m.def("add_rms_norm", &add_rms_norm);
   m.def("silu_mul", &silu_mul);
   m.def("rotary_inplace", &rotary_inplace);
