@@ -16,6 +16,7 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CPU_KV_GIB = 2.0
+QUANTIZATION_MODES = ("auto", "none")
 
 
 @lru_cache(maxsize=1)
@@ -38,6 +39,9 @@ class EngineArgs:
     dtype: str = dataclasses.field(default="auto", metadata={
         "help": "auto | float32 | bfloat16 | float16 (auto: bf16 where the hardware has it)"})
     device: str = dataclasses.field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    quantization: str = dataclasses.field(default="auto", metadata={
+        "help": "auto | none (auto: run a GGUF file's Q4_1 / Q8_0 weights natively where a "
+                "kernel exists, i.e. bfloat16 on CPUs with AMX; none: dequantize all weights)"})
     max_model_len: int | None = dataclasses.field(
         default=None, metadata={"help": "context length cap (default: the model's)"})
     block_size: int = dataclasses.field(default=16, metadata={"help": "KV cache block size"})
@@ -59,6 +63,9 @@ class EngineArgs:
         default=None, metadata={"help": "CPU threads for torch (default: all cores)"})
 
     def __post_init__(self) -> None:
+        if self.quantization not in QUANTIZATION_MODES:
+            raise ValueError(f"quantization must be one of {QUANTIZATION_MODES}, "
+                             f"got {self.quantization!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -64,17 +64,19 @@ class LLMEngine:
         source = resolve_model(args.model)
         t0 = time.perf_counter()
         self.model, self.model_info = load_model(
-            source, self.dtype, args.max_model_len, self.device
+            source, self.dtype, args.max_model_len, self.device, quantization=args.quantization
         )
         info = self.model_info
         self.tokenizer: Tokenizer = load_tokenizer(info)
         arch = info.arch
         logger.info(
-            "loaded %s (%s, %s) in %.1fs",
+            "loaded %s (%s, %s) in %.1fs; %s",
             source.name,
             arch.architecture,
             info.weight_format,
             time.perf_counter() - t0,
+            f"native quantized kernels: {info.native_weights}" if info.native_weights
+            else f"weights in {str(self.dtype).removeprefix('torch.')}",
         )
 
         bytes_per_token = kv_cache_bytes_per_token(

@@ -1,4 +1,4 @@
-"""Fused CPU kernels (csrc/cpu_ops.cpp), compiled on first use with torch's C++ extension tools.
+"""Fused CPU kernels (csrc/*.cpp), compiled on first use with torch's C++ extension tools.
 
 `get_ops()` returns the compiled module, or None when it cannot be built (no compiler / ninja,
 TOKENMILL_DISABLE_CPU_KERNELS=1): callers then use their pure-PyTorch path, which is also the
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
-_SOURCE = Path(__file__).parent / "csrc" / "cpu_ops.cpp"
+_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_ops.cpp", "gguf_gemm.cpp")]
 _lock = threading.Lock()
 _ops: Any = None
 _tried = False
@@ -34,7 +34,7 @@ def get_ops() -> Any:
         try:
             from torch.utils.cpp_extension import load
 
-            _ops = load(name="tokenmill_cpu_ops", sources=[str(_SOURCE)],
+            _ops = load(name="tokenmill_cpu_ops", sources=[str(s) for s in _SOURCES],
                         extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
                         extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as e:  # no compiler, no ninja, unsupported platform...

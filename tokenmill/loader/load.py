@@ -12,7 +12,9 @@ import torch
 from tqdm.auto import tqdm
 
 from tokenmill.errors import ModelLoadError
+from tokenmill.layers.gguf_quant import native_gguf_available
 from tokenmill.loader.gguf_file import gguf_metadata, open_gguf
+from tokenmill.loader.gguf_native import describe_native, use_native_gguf
 from tokenmill.loader.resolve import ModelSource
 from tokenmill.loader.weights import (
     count_safetensors,
@@ -37,6 +39,7 @@ class ModelInfo:
     weight_format: str  # e.g. "GGUF Q4_1 (210 tensors), F32 (61), Q8_0 (1)" or "safetensors bf16"
     checkpoint_bytes: int
     metadata: dict[str, Any]
+    native_weights: str = ""  # quantized types the kernels run directly, e.g. "Q4_1 x210"
 
 
 def read_model_info(source: ModelSource) -> tuple[ModelInfo, Any]:
@@ -63,11 +66,13 @@ def read_model_info(source: ModelSource) -> tuple[ModelInfo, Any]:
 
 
 def load_model(source: ModelSource, dtype: torch.dtype, max_model_len: int | None = None,
-               device: torch.device | str = "cpu",
-               progress: bool = True) -> tuple[CausalLM, ModelInfo]:
+               device: torch.device | str = "cpu", progress: bool = True,
+               quantization: str = "auto") -> tuple[CausalLM, ModelInfo]:
     """Build the model module for `source` and stream its weights in (strict names).
 
     Rotary tables cover min(the model's context length, max_model_len) positions.
+    `quantization="auto"` keeps a GGUF file's quantized linear weights and runs them natively
+    where a kernel exists for this device and dtype; "none" dequantizes everything to `dtype`.
     """
     info, reader = read_model_info(source)
     arch = info.arch
@@ -88,6 +93,9 @@ def load_model(source: ModelSource, dtype: torch.dtype, max_model_len: int | Non
     bar = tqdm(weights, total=total, desc="Loading weights", unit="tensor", disable=not progress,
                leave=False)
     model.load_weights(bar)
+    if (source.kind == "gguf" and quantization == "auto" and model.supports_native_gguf
+            and native_gguf_available(dtype, device)):
+        info.native_weights = describe_native(use_native_gguf(model, reader, arch))
     model.process_weights_after_loading()
     model.eval()
     return model, info

@@ -162,7 +162,11 @@ def iter_gguf(reader: Any, arch: str, num_heads: int, num_kv_heads: int,
         hf_name = gguf_to_hf_name(arch, t.name)
         if raw:
             shape = tuple(int(x) for x in reversed(t.shape))
-            yield hf_name, RawGGUFTensor(t.name, t.tensor_type, shape, t.data)
+            data = t.data
+            heads = _qk_heads(arch, hf_name, num_heads, num_kv_heads)
+            if heads:  # rows are output features: whole quantized rows move
+                data = _unpermute_qk(torch.from_numpy(np.array(data)), heads).numpy()
+            yield hf_name, RawGGUFTensor(t.name, t.tensor_type, shape, data)
             continue
         try:
             tensor = gguf_tensor_to_torch(t)
@@ -170,11 +174,21 @@ def iter_gguf(reader: Any, arch: str, num_heads: int, num_kv_heads: int,
             if isinstance(e, ModelLoadError):
                 raise
             raise ModelLoadError(f"GGUF tensor {t.name!r} cannot be read: {e}") from None
-        if arch == "llama" and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-            tensor = _unpermute_qk(tensor, num_heads)
-        elif arch == "llama" and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-            tensor = _unpermute_qk(tensor, num_kv_heads)
+        heads = _qk_heads(arch, hf_name, num_heads, num_kv_heads)
+        if heads:
+            tensor = _unpermute_qk(tensor, heads)
         yield hf_name, tensor
+
+
+def _qk_heads(arch: str, hf_name: str, num_heads: int, num_kv_heads: int) -> int:
+    """Head count whose row permutation llama.cpp applied to this tensor (0: none)."""
+    if arch != "llama":
+        return 0
+    if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        return num_heads
+    if hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+        return num_kv_heads
+    return 0
 
 
 def gguf_rope_freq_factors(reader: Any) -> torch.Tensor | None:

@@ -28,6 +28,7 @@ class CausalLM(torch.nn.Module):
     """
 
     stacked_params: dict[str, tuple[str, str]] = {}
+    supports_native_gguf = False  # GGUF linear weights load as-is (no layout transform)
     ignored_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
 
     def __init__(self, cfg: ModelArchConfig) -> None:
@@ -44,8 +45,11 @@ class CausalLM(torch.nn.Module):
     def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
         """[num_rows, hidden] -> [num_rows, vocab], in float32 unless `float32=False` (then in
         the model dtype, enough for an argmax)."""
+        native = getattr(self, "native_head", None)
         packed = getattr(self, "packed_tied_head", None)
-        if packed is not None:
+        if native is not None:
+            logits = native(hidden)
+        elif packed is not None:
             logits = torch.ops.mkldnn._linear_pointwise(hidden, packed, None, "none", [], "")
         elif self.cfg.tie_word_embeddings:
             logits = torch.nn.functional.linear(hidden, self.input_embeddings().weight)
@@ -61,7 +65,8 @@ class CausalLM(torch.nn.Module):
             # The output projection reuses the embedding matrix; a oneDNN-packed copy makes the
             # [num_rows, vocab] GEMM of every step ~1.5-2x faster in bf16 on CPU.
             w = self.input_embeddings().weight
-            if (w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16)
+            if (getattr(self, "native_head", None) is None and w.device.type == "cpu"
+                    and w.dtype in (torch.bfloat16, torch.float16)
                     and torch.backends.mkldnn.is_available()):
                 self.packed_tied_head = torch.ops.mkldnn._reorder_linear_weight(w.detach())
 
@@ -72,6 +77,17 @@ class CausalLM(torch.nn.Module):
     def transform_weight(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Convert a checkpoint tensor's layout to this module's (override per family)."""
         return tensor
+
+    def resolve_param(self, raw_name: str) -> tuple[str, str, str] | None:
+        """Checkpoint name -> (normalized name, parameter name, shard of a fused Linear or "");
+        None for tensors the model does not use."""
+        name = self.normalize_name(raw_name)
+        if name is None or name.endswith(self.ignored_suffixes):
+            return None
+        for frag, (fused, shard_id) in self.stacked_params.items():
+            if f".{frag}." in name:
+                return name, name.replace(f".{frag}.", f".{fused}."), shard_id
+        return name, name, ""
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -90,14 +106,10 @@ class CausalLM(torch.nn.Module):
         loaded: set[tuple[str, str]] = set()
         unexpected: list[str] = []
         for raw_name, tensor in weights:
-            name = self.normalize_name(raw_name)
-            if name is None or name.endswith(self.ignored_suffixes):
+            resolved = self.resolve_param(raw_name)
+            if resolved is None:
                 continue
-            target, shard = name, ""
-            for frag, (fused, shard_id) in self.stacked_params.items():
-                if f".{frag}." in name:
-                    target, shard = name.replace(f".{frag}.", f".{fused}."), shard_id
-                    break
+            name, target, shard = resolved
             param = params.get(target)
             if param is None:
                 unexpected.append(raw_name)

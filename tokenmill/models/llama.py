@@ -101,6 +101,7 @@ class LlamaModel(torch.nn.Module):
 
 
 class LlamaForCausalLM(CausalLM):
+    supports_native_gguf = True
     # checkpoint name fragment -> (fused module fragment, shard)
     stacked_params = {
         "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),

@@ -39,7 +39,8 @@ def banner(engine, name: str, host: str, port: int, api_key: str | None) -> str:
         f"tokenmill serving {name}",
         f"  model         {info.arch.architecture} from {info.source.path}",
         f"  weights       {info.weight_format}, computing in "
-        f"{str(engine.dtype).removeprefix('torch.')} on {engine.device}",
+        f"{str(engine.dtype).removeprefix('torch.')} on {engine.device}"
+        + (f" (native {info.native_weights})" if info.native_weights else ""),
         f"  KV cache      {engine.kv_capacity_tokens} tokens; max concurrency "
         f"{engine.kv_capacity_tokens / engine.max_model_len:.1f} at full context "
         f"({engine.max_model_len} tokens)",

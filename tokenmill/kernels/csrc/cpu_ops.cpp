@@ -514,7 +514,14 @@ void rotary_inplace(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_
   });
 }
 
+// gguf_gemm.cpp
+bool gguf_gemm_available();
+torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor packed, int64_t qtype, int64_t N,
+                          c10::optional<torch::Tensor> bias);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gguf_gemm_available", &gguf_gemm_available);
+  m.def("gguf_linear", &gguf_linear);
   m.def("paged_decode_attention", &paged_decode_attention);
   m.def("paged_decode_attention_reference", &paged_decode_attention_reference);
   m.def("write_kv", &write_kv);
