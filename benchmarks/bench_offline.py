@@ -3,9 +3,12 @@
 Measures, in one run on this machine:
   - batch-1 decode tokens/s (128 new tokens, EOS ignored),
   - 32 concurrent requests x 128 new tokens, end-to-end output tokens/s,
-for tokenmill (its default dtype, plus float32) and transformers (float32 and bfloat16, padded
-batch). Also measures memory bandwidth and matmul rate to report each result as a fraction of
-the roofline. Prints a table and writes JSON (benchmarks/results/offline.json by default).
+for tokenmill (its defaults; with a GGUF model whose blocks run natively also the same dtype
+with dequantized weights, `quantization="none"`; and float32) and transformers (float32 and
+bfloat16, padded batch). Also measures memory bandwidth and matmul rate to report each result
+as a fraction of its roofline: each decode step reads the weights as that engine stores them
+(MB/step) plus the KV cache at the mean context. Prints a table and writes JSON
+(benchmarks/results/offline.json by default).
 
     python benchmarks/bench_offline.py [--model PATH] [--new-tokens 128] [--batch 32]
 """
@@ -58,10 +61,10 @@ def measure_matmul_tflops(dtype: torch.dtype) -> float:
     return 2 * 1024**3 * n / (time.perf_counter() - t) / 1e12
 
 
-def roofline_tokens_per_s(params: int, bytes_per_param: float, batch: int, ctx: int,
+def roofline_tokens_per_s(params: int, weight_bytes: float, batch: int, ctx: int,
                           kv_bytes_per_token: int, bw: float, tflops: float) -> float:
     """Upper bound for decode: each step reads all weights once plus every sequence's KV."""
-    step_bytes = params * bytes_per_param + batch * ctx * kv_bytes_per_token
+    step_bytes = weight_bytes + batch * ctx * kv_bytes_per_token
     t_mem = step_bytes / (bw * 1e9)
     t_flops = 2 * params * batch / (tflops * 1e12)
     return batch / max(t_mem, t_flops)
@@ -70,9 +73,12 @@ def roofline_tokens_per_s(params: int, bytes_per_param: float, batch: int, ctx: 
 class TokenmillRunner:
     engine = "tokenmill"
 
-    def __init__(self, model: str | None, dtype: str) -> None:
-        self.llm = LLM(model, dtype=dtype)
+    def __init__(self, model: str | None, dtype: str, quantization: str = "auto") -> None:
+        self.llm = LLM(model, dtype=dtype, quantization=quantization)
         self.dtype = str(self.llm.engine.dtype).removeprefix("torch.")
+        native = self.llm.engine.model_info.native_weights
+        self.weights = f"native {native}" if native else f"dense {self.dtype}"
+        self.weight_bytes = self.llm.engine.model.weight_bytes_per_step()
         self.llm.generate(make_prompts(4), SamplingParams(temperature=0, max_tokens=8))
 
     def run(self, prompts: list[str], new_tokens: int) -> float:
@@ -99,6 +105,11 @@ class TransformersRunner:
             self.tok.pad_token = self.tok.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kw).eval()
         self.dtype = str(dtype).removeprefix("torch.")
+        self.weights = "transformers"
+        # transformers keeps GGUF weights packed: it reads the checkpoint's bytes per step.
+        self.weight_bytes = (source.path.stat().st_size if source.kind == "gguf"
+                             else sum(p.numel() * p.element_size()
+                                      for p in self.model.parameters()))
         self.run(make_prompts(2), 4)
 
     def run(self, prompts: list[str], new_tokens: int) -> float:
@@ -129,6 +140,8 @@ def main() -> None:
     peak = {"float32": measure_matmul_tflops(torch.float32),
             "bfloat16": measure_matmul_tflops(torch.bfloat16)}
     runners = [TokenmillRunner(args.model, "auto")]
+    if runners[0].weights.startswith("native"):  # the same dtype with dequantized weights
+        runners.append(TokenmillRunner(args.model, "auto", quantization="none"))
     if runners[0].dtype != "float32":
         runners.append(TokenmillRunner(args.model, "float32"))
     if not args.skip_transformers:
@@ -149,22 +162,21 @@ def main() -> None:
     rows = []
     for i, r in enumerate(runners):
         best1, bestb = min(times[i]["bs1"]), min(times[i]["batch"])
-        rows.append({"engine": r.engine, "dtype": r.dtype,
+        rows.append({"engine": r.engine, "dtype": r.dtype, "weights": r.weights,
+                     "weight_bytes_per_step": r.weight_bytes,
                      "bs1_tok_s": args.new_tokens / best1,
                      "batch_tok_s": len(prompts) * args.new_tokens / bestb,
                      "bs1_seconds_all": times[i]["bs1"], "batch_seconds_all": times[i]["batch"]})
 
-    ctx = 20 + args.new_tokens  # typical context during decode (prompt ~20 tokens)
+    # mean context over the decode steps: prompt + half the new tokens
+    tok = runners[0].llm.get_tokenizer()
+    ctx = sum(len(tok.encode(p)) for p in prompts) / len(prompts) + args.new_tokens / 2
     for r in rows:
         elt = 4 if r["dtype"] == "float32" else 2
-        # transformers keeps GGUF weights packed: it reads the checkpoint's bytes per step.
-        weight_bytes_per_param = (info.checkpoint_bytes / num_params
-                                  if r["engine"] == "transformers" and source.kind == "gguf"
-                                  else elt)
         kv_tok = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * elt
         tflops = peak["float32" if elt == 4 else "bfloat16"]
         for key, b in (("bs1", 1), ("batch", args.batch)):
-            roof = roofline_tokens_per_s(num_params, weight_bytes_per_param, b, ctx, kv_tok,
+            roof = roofline_tokens_per_s(num_params, r["weight_bytes_per_step"], b, ctx, kv_tok,
                                          bw, tflops)
             r[f"{key}_roofline_tok_s"] = roof
             r[f"{key}_roofline_frac"] = r[f"{key}_tok_s"] / roof
@@ -175,10 +187,11 @@ def main() -> None:
     print(f"\nmodel: {source.name}  threads: {torch.get_num_threads()}  "
           f"bandwidth: {bw:.1f} GB/s  matmul: fp32 {peak['float32']:.2f} / "
           f"bf16 {peak['bfloat16']:.2f} TFLOP/s  ({platform.processor() or platform.machine()})")
-    print(f"{'engine':<14}{'dtype':<10}{'bs1 tok/s':>10}{'(roof %)':>10}"
-          f"{f'{args.batch}x{args.new_tokens} tok/s':>16}{'(roof %)':>10}")
+    print(f"{'engine':<14}{'dtype':<10}{'weights':<30}{'MB/step':>8}{'bs1 tok/s':>10}"
+          f"{'(roof %)':>10}{f'{args.batch}x{args.new_tokens} tok/s':>16}{'(roof %)':>10}")
     for r in rows:
-        print(f"{r['engine']:<14}{r['dtype']:<10}{r['bs1_tok_s']:>10.1f}"
+        print(f"{r['engine']:<14}{r['dtype']:<10}{r['weights']:<30}"
+              f"{r['weight_bytes_per_step'] / 1e6:>8.0f}{r['bs1_tok_s']:>10.1f}"
               f"{100 * r['bs1_roofline_frac']:>9.1f}%{r['batch_tok_s']:>16.1f}"
               f"{100 * r['batch_roofline_frac']:>9.1f}%")
     for k, v in ratios.items():

@@ -57,6 +57,24 @@ class CausalLM(torch.nn.Module):
             logits = self.lm_head(hidden)
         return logits.float() if float32 else logits
 
+    def weight_bytes_per_step(self) -> int:
+        """Bytes of weights one forward pass reads: every linear layer as stored (dense, packed
+        or quantized blocks), norms and biases, and the output head; the embedding table is
+        only read by rows, so it counts only when it doubles as the output head."""
+        embedding = self.input_embeddings().weight
+        total = sum(p.numel() * p.element_size() for p in self.parameters()
+                    if p is not embedding)
+        for m in self.modules():
+            if isinstance(m, Linear):
+                for t in (getattr(m, "qweight", None), m.packed_weight):
+                    if t is not None:
+                        total += t.numel() * t.element_size()
+        if self.cfg.tie_word_embeddings and getattr(self, "native_head", None) is None:
+            head = getattr(self, "packed_tied_head", None)
+            head = embedding if head is None else head
+            total += head.numel() * head.element_size()
+        return total
+
     def process_weights_after_loading(self) -> None:
         for module in self.modules():
             if isinstance(module, Linear):
