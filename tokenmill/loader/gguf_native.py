@@ -9,6 +9,7 @@ stays for the lookup). Layers with other types keep their dense weights.
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter, defaultdict
 from typing import Any
 
@@ -82,6 +83,27 @@ def use_native_gguf(model: CausalLM, reader: Any, arch: ModelArchConfig) -> Coun
         model.native_head = head
         counts[f"{NATIVE_TYPES[qtype]} output"] += 1
     return counts
+
+
+_LINEAR_GGUF = re.compile(r"^blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)"
+                          r"\.weight$")
+
+
+def estimate_native_bytes(reader: Any, tie_word_embeddings: bool, element_size: int) -> int:
+    """Weight memory when the native path runs (for `tokenmill info`, without loading): linear
+    weights of native types keep their blocks, the rest is dequantized; a tied output head adds
+    a packed copy of the embedding table."""
+    total = 0
+    for t in reader.tensors:
+        shape = tuple(int(x) for x in reversed(t.shape))
+        packable = len(shape) == 2 and can_pack(int(t.tensor_type), *shape)
+        if packable and _LINEAR_GGUF.match(t.name):
+            total += int(t.n_bytes)
+            continue
+        total += int(t.n_elements) * element_size
+        if t.name == "token_embd.weight" and tie_word_embeddings and packable:
+            total += int(t.n_bytes)
+    return total
 
 
 def describe_native(counts: Counter) -> str:

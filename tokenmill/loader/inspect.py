@@ -8,9 +8,12 @@ from typing import Any
 import torch
 
 from tokenmill.config import EngineArgs
+from tokenmill.layers.gguf_quant import native_gguf_available
+from tokenmill.loader.gguf_native import estimate_native_bytes
 from tokenmill.loader.load import read_model_info
 from tokenmill.loader.resolve import resolve_model
 from tokenmill.loader.weights import safetensors_files
+from tokenmill.models.registry import get_model_class
 
 GiB = 1 << 30
 
@@ -44,7 +47,12 @@ def describe_model(args: EngineArgs, default_kv_gib: float) -> dict[str, str]:
     else:
         budget = (args.kv_cache_memory_gib or default_kv_gib) * GiB
         kv_tokens = int(budget // (kv_per_token * args.block_size)) * args.block_size
-    weights = params * elt
+    weights, stored = params * elt, "dequantized to the compute dtype"
+    if (reader is not None and args.quantization == "auto"
+            and get_model_class(arch.architecture).supports_native_gguf
+            and native_gguf_available(dtype, device)):
+        weights = estimate_native_bytes(reader, arch.tie_word_embeddings, elt)
+        stored = "Q4_1 / Q8_0 linear weights kept as blocks, the rest dequantized"
     return {
         "model": f"{source.name} ({source.path})",
         "architecture": f"{arch.architecture} ({arch.model_type})",
@@ -56,7 +64,7 @@ def describe_model(args: EngineArgs, default_kv_gib: float) -> dict[str, str]:
         "vocabulary": str(arch.vocab_size),
         "context length": str(arch.max_position_embeddings),
         "compute dtype": f"{str(dtype).removeprefix('torch.')} on {device}",
-        "weights in memory": f"{weights / GiB:.3f} GiB (dequantized to the compute dtype)",
+        "weights in memory": f"{weights / GiB:.3f} GiB ({stored})",
         "KV cache per token": f"{kv_per_token / 1024:.1f} KiB",
         "KV capacity": f"{kv_tokens} tokens ({kv_tokens * kv_per_token / GiB:.2f} GiB)",
         "max concurrency at full ctx": f"{kv_tokens / max_len:.1f} x {max_len} tokens",
