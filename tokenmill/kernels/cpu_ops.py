@@ -16,6 +16,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 _SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_ops.cpp", "gguf_gemm.cpp")]
+_NAME = "tokenmill_cpu_ops"
 _lock = threading.Lock()
 _ops: Any = None
 _tried = False
@@ -31,10 +32,12 @@ def get_ops() -> Any:
         _tried = True
         if os.environ.get("TOKENMILL_DISABLE_CPU_KERNELS") == "1":
             return None
+        if not _is_built():
+            logger.info("compiling the fused CPU kernels (first use only, about a minute)")
         try:
             from torch.utils.cpp_extension import load
 
-            _ops = load(name="tokenmill_cpu_ops", sources=[str(s) for s in _SOURCES],
+            _ops = load(name=_NAME, sources=[str(s) for s in _SOURCES],
                         extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
                         extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as e:  # no compiler, no ninja, unsupported platform...
@@ -42,6 +45,16 @@ def get_ops() -> Any:
                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             _ops = None
         return _ops
+
+
+def _is_built() -> bool:
+    """Whether torch's extension cache already holds a build (only decides a log line)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return (Path(_get_build_directory(_NAME, verbose=False)) / f"{_NAME}.so").exists()
+    except Exception:  # a private helper: if it moves, just say nothing
+        return True
 
 
 def set_enabled(enabled: bool) -> None:
