@@ -75,3 +75,49 @@ def test_rotary_inplace_on_strided_view(dtype):
     ops.rotary_inplace(qk, positions, rot.cos_cached, rot.sin_cached)
     torch.testing.assert_close(qk, ref, **TOL[dtype])
     torch.testing.assert_close(qkv[:, 2 * 4 * 32 :], v_before, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (12, 2, 64), (5, 5, 128), (6, 2, 32)])
+def test_paged_decode_attention_vectorized_matches_portable(dtype, hq, hkv, d):
+    """The AVX-512 kernel (head_dim 64/128) against the portable one, with q a strided view of a
+    fused qkv row as in the model, and context lengths around the 16-token groups."""
+    g = torch.Generator().manual_seed(5)
+    bs, num_blocks = 16, 60
+    seq_lens = torch.tensor([1, 15, 16, 17, 31, 33, 100], dtype=torch.int32)  # <= 7 blocks
+    k_cache = torch.randn(num_blocks * bs, hkv, d, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks * bs, hkv, d, generator=g).to(dtype)
+    tables = torch.randperm(num_blocks, generator=g)[: 7 * 7].view(7, 7).int()
+    qkv = torch.randn(7, (hq + 2 * hkv) * d, generator=g).to(dtype)
+    q = qkv[:, : hq * d].view(7, hq, d)
+    out = ops.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, bs, d**-0.5)
+    ref = ops.paged_decode_attention_reference(q.contiguous(), k_cache, v_cache, tables,
+                                               seq_lens, bs, d**-0.5)
+    # float32 sums in another order; bf16 outputs may then round one ulp apart
+    torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_write_kv_from_strided_views(dtype):
+    g = torch.Generator().manual_seed(6)
+    qkv = torch.randn(9, (4 + 2 * 2) * 16, generator=g).to(dtype)
+    k = qkv[:, 4 * 16: 6 * 16].view(9, 2, 16)
+    v = qkv[:, 6 * 16:].view(9, 2, 16)
+    slots = torch.tensor([3, 0, 17, 5, 30, 31, 8, 2, 11])
+    k_cache, v_cache = torch.zeros(32, 2, 16, dtype=dtype), torch.zeros(32, 2, 16, dtype=dtype)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    ref_k.index_copy_(0, slots, k)
+    ref_v.index_copy_(0, slots, v)
+    ops.write_kv(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [1, 7, 16, 33, 1000])
+def test_argmax_rows_matches_torch_including_ties(dtype, vocab):
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(6, vocab, generator=g).to(dtype)
+    x[1] = 0.0  # all tied: the first index wins
+    x[2, vocab // 2:] = 50.0  # a tie between two lanes far apart
+    x[3] = float("-inf")
+    torch.testing.assert_close(ops.argmax_rows(x), x.argmax(dim=-1), atol=0, rtol=0)
