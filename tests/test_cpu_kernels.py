@@ -121,3 +121,26 @@ def test_argmax_rows_matches_torch_including_ties(dtype, vocab):
     x[2, vocab // 2:] = 50.0  # a tie between two lanes far apart
     x[3] = float("-inf")
     torch.testing.assert_close(ops.argmax_rows(x), x.argmax(dim=-1), atol=0, rtol=0)
+
+
+def test_kernel_build_cache_clears_only_stale_locks(tmp_path, monkeypatch):
+    """A build killed half-way leaves torch's lock behind; later processes must not hang on it
+    (an old lock is removed), while a fresh one (a build in progress) is left alone."""
+    import os
+    import time
+
+    from tokenmill.kernels import cpu_ops
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    build_dir = cpu_ops.build_directory()
+    assert build_dir.is_relative_to(tmp_path)
+    lock = build_dir / "lock"
+    build_dir.mkdir(parents=True)
+    lock.touch()
+    sources = cpu_ops._prepare(build_dir)
+    assert lock.exists()  # fresh: another process may be compiling
+    assert all(os.path.isfile(s) and s.startswith(str(build_dir)) for s in sources)
+    old = time.time() - cpu_ops.STALE_LOCK_SECONDS - 5
+    os.utime(lock, (old, old))
+    cpu_ops._prepare(build_dir)
+    assert not lock.exists()
