@@ -64,7 +64,7 @@ def pack_gguf_blocks(raw: np.ndarray | torch.Tensor, qtype: int, n: int, k: int)
 
 
 def dequantize_packed(packed: torch.Tensor, qtype: int, n: int, k: int) -> torch.Tensor:
-    """The float32 [n, k] weight a packed tensor holds (PyTorch, for tests and fallbacks)."""
+    """The float32 [n, k] weight a packed tensor holds (PyTorch; tests check the packing)."""
     kb, nt = k // 32, n // 16
     if qtype == Q4_1:
         t = packed.view(nt, kb, 320)

@@ -8,33 +8,30 @@ stays for the lookup). Layers with other types keep their dense weights.
 
 from __future__ import annotations
 
-import logging
 import re
 from collections import Counter, defaultdict
 from typing import Any
 
 import torch
 
-from tokenmill.layers.gguf_quant import (
-    NATIVE_TYPES,
-    GGUFLinearMethod,
-    can_pack,
-    pack_gguf_blocks,
-)
+from tokenmill.layers.gguf_quant import GGUFLinearMethod, can_pack, pack_gguf_blocks
 from tokenmill.layers.linear import Linear
 from tokenmill.loader.weights import RawGGUFTensor, iter_gguf
 from tokenmill.models.base import CausalLM
 from tokenmill.models.config import ModelArchConfig
-
-logger = logging.getLogger(__name__)
 
 
 def _packable(raw: RawGGUFTensor) -> bool:
     return len(raw.shape) == 2 and can_pack(int(raw.ggml_type), *raw.shape)
 
 
-def _pack(parts: list[RawGGUFTensor]) -> torch.Tensor:
-    return torch.cat([pack_gguf_blocks(r.data, int(r.ggml_type), *r.shape) for r in parts])
+def _attach(layer: Linear, parts: list[RawGGUFTensor]) -> str:
+    """Give `layer` the packed blocks of its shards (one type); returns the type's name."""
+    method = GGUFLinearMethod(int(parts[0].ggml_type))
+    layer.quant_method = method
+    method.set_packed(layer, torch.cat([pack_gguf_blocks(r.data, int(r.ggml_type), *r.shape)
+                                        for r in parts]))
+    return method.name
 
 
 def use_native_gguf(model: CausalLM, reader: Any, arch: ModelArchConfig) -> Counter:
@@ -63,25 +60,15 @@ def use_native_gguf(model: CausalLM, reader: Any, arch: ModelArchConfig) -> Coun
         ordered = [parts.get(s) for s in module.output_sizes]
         if any(r is None or not _packable(r) for r in ordered):
             continue
-        qtypes = {int(r.ggml_type) for r in ordered}
-        if len(qtypes) != 1:
-            continue
-        qtype = qtypes.pop()
-        method = GGUFLinearMethod(qtype)
-        module.quant_method = method
-        method.set_packed(module, _pack(ordered))
-        counts[NATIVE_TYPES[qtype]] += 1
+        if len({int(r.ggml_type) for r in ordered}) == 1:
+            counts[_attach(module, ordered)] += 1
 
-    if (arch.tie_word_embeddings and embedding is not None and _packable(embedding)):
-        qtype = int(embedding.ggml_type)
+    if arch.tie_word_embeddings and embedding is not None and _packable(embedding):
         vocab, hidden = embedding.shape
-        with torch.device("meta"):
+        with torch.device("meta"):  # no dense weight is ever allocated
             head = Linear(hidden, vocab)
-        method = GGUFLinearMethod(qtype)
-        head.quant_method = method
-        method.set_packed(head, _pack([embedding]))
+        counts[f"{_attach(head, [embedding])} output"] += 1
         model.native_head = head
-        counts[f"{NATIVE_TYPES[qtype]} output"] += 1
     return counts
 
 
@@ -90,7 +77,7 @@ _LINEAR_GGUF = re.compile(r"^blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gat
 
 
 def estimate_native_bytes(reader: Any, tie_word_embeddings: bool, element_size: int) -> int:
-    """Weight memory when the native path runs (for `tokenmill info`, without loading): linear
+    """Estimated weight memory when the native path runs (`tokenmill info`, no loading): linear
     weights of native types keep their blocks, the rest is dequantized; a tied output head adds
     a packed copy of the embedding table."""
     total = 0

@@ -172,20 +172,21 @@ void paged_decode_avx512(const T* q, const T* kc, const T* vc, const int32_t* bt
         for (int j = 0; j < ND; ++j)
           qv[h][j] = _mm512_mul_ps(load16(qb + h * D + j * 16), _mm512_set1_ps(scale));
       const int32_t* table = bt + b * max_blocks;
-      // scores[h, t] = q_h . k_t, 16 tokens at a time (rows past the end repeat the last one)
       // The rows of one head are 2 * D bytes every row_len elements, in blocks scattered through
       // the pool: fetch the next 16 tokens' K (or V) rows while this group is being computed.
+      auto row = [&](const T* cache, int64_t t) {  // head g of token t
+        return cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * row_len
+               + g * D;
+      };
       auto prefetch_rows = [&](const T* cache, int64_t t0) {
         const int64_t n = std::min<int64_t>(16, S - t0);
         for (int64_t o = 0; o < n; ++o) {
-          const int64_t t = t0 + o;
-          const char* r = reinterpret_cast<const char*>(
-              cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * row_len
-              + g * D);
+          const char* r = reinterpret_cast<const char*>(row(cache, t0 + o));
           for (int64_t off = 0; off < D * (int64_t)sizeof(T); off += 64)
             _mm_prefetch(r + off, _MM_HINT_T0);
         }
       };
+      // scores[h, t] = q_h . k_t, 16 tokens at a time (rows past the end repeat the last one)
       prefetch_rows(kc, 0);
       for (int64_t t0 = 0; t0 < S; t0 += 16) {
         if (t0 + 16 < S) prefetch_rows(kc, t0 + 16);
@@ -193,8 +194,7 @@ void paged_decode_avx512(const T* q, const T* kc, const T* vc, const int32_t* bt
         __m512 part[REP][16];
         for (int o = 0; o < 16; ++o) {
           const int64_t t = std::min<int64_t>(t0 + o, S - 1);
-          const T* kp = kc + ((int64_t)table[t / block_size] * block_size + t % block_size)
-                              * row_len + g * D;
+          const T* kp = row(kc, t);
           __m512 k[ND];
           for (int j = 0; j < ND; ++j) k[j] = load16(kp + j * 16);
           for (int h = 0; h < REP; ++h) {
@@ -401,9 +401,10 @@ void rotary_kernel(T* x, const int64_t* positions, const float* cos_t, const flo
 
 }  // namespace
 
-torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
-                                     torch::Tensor v_cache, torch::Tensor block_tables,
-                                     torch::Tensor seq_lens, int64_t block_size, double scale) {
+// vectorized=false runs the portable kernel (tests compare the two).
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                               torch::Tensor block_tables, torch::Tensor seq_lens,
+                               int64_t block_size, double scale, bool vectorized) {
   if (q.stride(2) != 1 || q.stride(1) != q.size(2)) q = q.contiguous();
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt);
@@ -416,7 +417,8 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
   DISPATCH(q.scalar_type(), "paged_decode_attention", [&] {
     auto run = paged_decode_kernel<scalar_t>;
 #if defined(__AVX512F__)
-    if (auto fast = avx512_decode_kernel<scalar_t>(Hq, Hkv, D)) run = fast;
+    if (vectorized)
+      if (auto fast = avx512_decode_kernel<scalar_t>(Hq, Hkv, D)) run = fast;
 #endif
     run(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
         bt.data_ptr<int32_t>(), sl.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), B, Hq, Hkv, D,
@@ -425,24 +427,17 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
   return out;
 }
 
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
+                                     torch::Tensor v_cache, torch::Tensor block_tables,
+                                     torch::Tensor seq_lens, int64_t block_size, double scale) {
+  return decode_attention(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, true);
+}
+
 torch::Tensor paged_decode_attention_reference(torch::Tensor q, torch::Tensor k_cache,
                                                torch::Tensor v_cache, torch::Tensor block_tables,
                                                torch::Tensor seq_lens, int64_t block_size,
                                                double scale) {
-  // The portable kernel, for tests that compare it with the vectorized one.
-  q = q.contiguous();
-  auto bt = block_tables.contiguous();
-  auto sl = seq_lens.contiguous();
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(1);
-  auto out = torch::empty({B, Hq, D}, q.options());
-  DISPATCH(q.scalar_type(), "paged_decode_attention_reference", [&] {
-    paged_decode_kernel<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
-                                  v_cache.data_ptr<scalar_t>(), bt.data_ptr<int32_t>(),
-                                  sl.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), B, Hq, Hkv,
-                                  D, bt.size(1), block_size, static_cast<float>(scale),
-                                  q.stride(0));
-  });
-  return out;
+  return decode_attention(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, false);
 }
 
 void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
