@@ -1,50 +1,128 @@
 """Fused CPU kernels (csrc/*.cpp), compiled on first use with torch's C++ extension tools.
 
-`get_ops()` returns the compiled module, or None when it cannot be built (no compiler / ninja,
-TOKENMILL_DISABLE_CPU_KERNELS=1): callers then use their pure-PyTorch path, which is also the
-reference the kernels are tested against.
+The kernels are built once per instruction-set level (`ISA_FLAGS`), never with `-march=native`:
+the level is chosen at run time from the CPU's flags (`select_isa`), so a cache shared between
+machines never hands an AVX-512 build to an AVX2 CPU. `TOKENMILL_CPU_ISA=reference|avx2|avx512|amx`
+forces a level (tests and benchmarks run every level the machine supports); `reference` keeps
+the kernels of the best level for everything but the quantized matmuls, which then run dense.
 
-The build is cached in a directory named by a hash of the sources, the flags and the torch
-version (under $XDG_CACHE_HOME/tokenmill or ~/.cache/tokenmill), with the sources copied in, so
-every checkout of the same code shares one build and only the first process pays for it. A
-build killed half-way leaves torch's lock file behind, which would make every later process
-wait forever: a lock older than `STALE_LOCK_SECONDS` is removed.
+`get_ops()` returns the compiled module of the selected level, or None when it cannot be built
+(no compiler / ninja, TOKENMILL_DISABLE_CPU_KERNELS=1): callers then use their pure-PyTorch
+path, which is also the reference the kernels are tested against. With
+TOKENMILL_REQUIRE_CPU_KERNELS=1 (CI) a failed build raises instead.
+
+The build is cached in a directory named by a hash of the sources, the level, the flags and the
+torch version (under $XDG_CACHE_HOME/tokenmill or ~/.cache/tokenmill), with the sources copied
+in, so every checkout of the same code shares one build per level and only the first process
+pays for it. A build killed half-way leaves torch's lock file behind, which would make every
+later process wait forever: a lock older than `STALE_LOCK_SECONDS` is removed.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 import shutil
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
-_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_ops.cpp", "gguf_gemm.cpp")]
+_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_ops.cpp", "quant_gemm.cpp")]
 _NAME = "tokenmill_cpu_ops"
-_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
+_COMMON = ["-O3", "-fopenmp", "-ffast-math", "-mtune=generic"]
+_AVX2 = ["-mavx2", "-mfma", "-mf16c", "-mbmi2"]
+_AVX512 = _AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"]
+ISA_FLAGS = {
+    "avx2": _AVX2,
+    "avx512": _AVX512,
+    "amx": _AVX512 + ["-mavx512bf16", "-mamx-tile", "-mamx-int8", "-mamx-bf16"],
+}
+# CPU flags (as /proc/cpuinfo names them) each level needs.
+ISA_CPU_FLAGS = {
+    "avx2": {"avx2", "fma", "f16c", "bmi2"},
+    "avx512": {"avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512vl", "avx512dq",
+               "avx512_vnni"},
+    "amx": {"avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512vl", "avx512dq",
+            "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16"},
+}
+ISA_ORDER = ("amx", "avx512", "avx2")
 _LDFLAGS = ["-fopenmp"]
 STALE_LOCK_SECONDS = 600.0
 _lock = threading.Lock()
-_ops: Any = None
-_tried = False
+_built: dict[str, Any] = {}
 
 
-def build_directory() -> Path:
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags, as the kernel reports them in /proc/cpuinfo (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def supported_isas(flags: frozenset[str] | None = None) -> list[str]:
+    """Kernel levels this CPU can run, best first."""
+    flags = cpu_flags() if flags is None else flags
+    return [isa for isa in ISA_ORDER if ISA_CPU_FLAGS[isa] <= flags]
+
+
+@dataclass(frozen=True)
+class IsaChoice:
+    """The kernel level in use: `build` is the compiled level (None: no kernels at all),
+    `quant` whether quantized matmuls run natively, `reason` says why (logs, `info`)."""
+
+    build: str | None
+    quant: bool
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return self.build if self.quant and self.build else "reference"
+
+
+def select_isa(flags: frozenset[str] | None = None) -> IsaChoice:
+    """TOKENMILL_CPU_ISA if set (an error when the CPU lacks it), else the best level."""
+    available = supported_isas(flags)
+    forced = os.environ.get("TOKENMILL_CPU_ISA", "").strip().lower()
+    if forced:
+        if forced == "reference":
+            return IsaChoice(available[0] if available else None, False,
+                             "TOKENMILL_CPU_ISA=reference: quantized weights run dequantized")
+        if forced not in ISA_FLAGS:
+            raise ValueError(f"TOKENMILL_CPU_ISA={forced!r}: expected one of reference, "
+                             f"{', '.join(reversed(ISA_ORDER))}")
+        if forced not in available:
+            missing = sorted(ISA_CPU_FLAGS[forced] - (cpu_flags() if flags is None else flags))
+            raise ValueError(f"TOKENMILL_CPU_ISA={forced}: this CPU lacks {', '.join(missing)}")
+        return IsaChoice(forced, True, f"forced by TOKENMILL_CPU_ISA={forced}")
+    if not available:
+        return IsaChoice(None, False, "the CPU has no AVX2/FMA/F16C: quantized weights run "
+                                      "dequantized with the PyTorch path")
+    return IsaChoice(available[0], True, f"best level this CPU supports ({', '.join(available)})")
+
+
+def build_directory(isa: str) -> Path:
     import torch
 
     h = hashlib.sha256()
     for src in _SOURCES:
         h.update(src.name.encode() + b"\0" + src.read_bytes())
-    h.update(" ".join(_CFLAGS + _LDFLAGS + [torch.__version__]).encode())
+    h.update(" ".join([isa] + _COMMON + ISA_FLAGS[isa] + _LDFLAGS + [torch.__version__]).encode())
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tokenmill"
-    return root / "kernels" / h.hexdigest()[:16]
+    return root / "kernels" / f"{isa}-{h.hexdigest()[:16]}"
 
 
-def _prepare(build_dir: Path) -> list[str]:
+def _prepare(build_dir: Path, isa: str) -> list[str]:
     """Copy the sources into the build directory (stable paths across checkouts), clear a
     stale lock, and say what is about to happen."""
     src_dir = build_dir / "src"
@@ -63,41 +141,58 @@ def _prepare(build_dir: Path) -> list[str]:
             lock.unlink(missing_ok=True)
         else:
             logger.info("waiting for another process that is compiling the CPU kernels")
-    elif not (build_dir / f"{_NAME}.so").exists():
-        logger.info("compiling the fused CPU kernels (first use only, about a minute)")
+    elif not (build_dir / f"{_NAME}_{isa}.so").exists():
+        logger.warning("compiling the %s CPU kernels once (about a minute)...", isa)
     return copies
 
 
-def get_ops() -> Any:
-    global _ops, _tried
-    if _tried:
-        return _ops
+def load_ops(isa: str) -> Any:
+    """The compiled module for kernel level `isa` (built on first use), or None if it cannot be
+    built; raises instead under TOKENMILL_REQUIRE_CPU_KERNELS=1."""
     with _lock:
-        if _tried:
-            return _ops
-        _tried = True
-        if os.environ.get("TOKENMILL_DISABLE_CPU_KERNELS") == "1":
-            return None
-        try:
-            from torch.utils.cpp_extension import load
+        if isa in _built:
+            return _built[isa]
+        ops = None
+        if os.environ.get("TOKENMILL_DISABLE_CPU_KERNELS") != "1":
+            try:
+                from torch.utils.cpp_extension import load
 
-            build_dir = build_directory()
-            sources = _prepare(build_dir)
-            _ops = load(name=_NAME, sources=sources, extra_cflags=list(_CFLAGS),  # load() appends
-                        extra_ldflags=list(_LDFLAGS), build_directory=str(build_dir), verbose=False)
-        except Exception as e:  # no compiler, no ninja, unsupported platform...
-            logger.warning("fused CPU kernels unavailable (%s: %s); using the PyTorch path",
-                           type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-            _ops = None
-        return _ops
+                build_dir = build_directory(isa)
+                sources = _prepare(build_dir, isa)
+                ops = load(name=f"{_NAME}_{isa}", sources=sources,
+                           extra_cflags=_COMMON + ISA_FLAGS[isa], extra_ldflags=list(_LDFLAGS),
+                           build_directory=str(build_dir), verbose=False)
+            except Exception as e:  # no compiler, no ninja, unsupported platform...
+                if os.environ.get("TOKENMILL_REQUIRE_CPU_KERNELS") == "1":
+                    raise RuntimeError(f"the {isa} CPU kernels failed to build: {e}") from e
+                logger.warning("fused CPU kernels unavailable (%s: %s); using the PyTorch path",
+                               type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        _built[isa] = ops
+        return ops
+
+
+_enabled = True
+_current: tuple[str, Any] | None = None  # (TOKENMILL_CPU_ISA it was chosen under, module)
+
+
+def get_ops() -> Any:
+    """The kernels of the selected level (None: use the PyTorch path). Cheap: called per op."""
+    global _current
+    if not _enabled:
+        return None
+    forced = os.environ.get("TOKENMILL_CPU_ISA", "")
+    if _current is None or _current[0] != forced:
+        build = select_isa().build
+        _current = (forced, load_ops(build) if build else None)
+    return _current[1]
 
 
 def set_enabled(enabled: bool) -> None:
     """Tests: force the PyTorch reference path (False) or re-enable the kernels (True)."""
-    global _ops, _tried
+    global _enabled, _current
+    _enabled = enabled
     if enabled:
-        _tried = False
         os.environ.pop("TOKENMILL_DISABLE_CPU_KERNELS", None)
-        get_ops()
-    else:
-        _ops, _tried = None, True
+        for isa in [k for k, v in _built.items() if v is None]:
+            del _built[isa]
+        _current = None

@@ -509,14 +509,16 @@ void rotary_inplace(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_
   });
 }
 
-// gguf_gemm.cpp
-bool gguf_gemm_available();
-torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor packed, int64_t qtype, int64_t N,
-                          c10::optional<torch::Tensor> bias);
+// quant_gemm.cpp
+std::string quant_isa();
+std::vector<torch::Tensor> quantize_activations(torch::Tensor x);
+void quant_gemm(torch::Tensor xq, torch::Tensor meta, torch::Tensor packed, int64_t qtype,
+                int64_t N, torch::Tensor y, int64_t col, c10::optional<torch::Tensor> bias);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gguf_gemm_available", &gguf_gemm_available);
-  m.def("gguf_linear", &gguf_linear);
+  m.def("quant_isa", &quant_isa);
+  m.def("quantize_activations", &quantize_activations);
+  m.def("quant_gemm", &quant_gemm);
   m.def("paged_decode_attention", &paged_decode_attention);
   m.def("paged_decode_attention_reference", &paged_decode_attention_reference);
   m.def("write_kv", &write_kv);

@@ -1,0 +1,519 @@
+// y = x W^T with W kept in GGUF's quantized blocks, integer dot products on x86 (AVX2 `maddubs`,
+// AVX-512 VNNI `vpdpbusd`). One source, built once per ISA with that ISA's flags
+// (tokenmill/kernels/cpu_ops.py picks the build at run time from CPUID).
+//
+// Activations are quantized once per call to 8-bit blocks of 32 (round to nearest even,
+// d = max|x| / 127) that carry d * (sum of each 16-half) for the weights' offsets.
+//
+// Weights are repacked at load (tokenmill/quant/gguf_pack.py, which documents the layout) into
+// tiles of 16 output rows. Inside a tile every 32-input block unpacks to eight 64-byte vectors
+// U[t] whose lane r (4 bytes) holds inputs 4t..4t+3 of row r as unsigned integers, plus a scale
+// s and an offset o per row (w = s * u + o; Q6_K has one pair per 16 inputs). Then
+//   y[m][row] += s * dx * sum(u * xq) + o * dx * sum(xq)
+// where the integer sum is exact (int32) and every float product of it matches what a float
+// matmul over the dequantized weights and activations computes, up to the order of additions.
+// A batch of up to 4 tokens unpacks each block in registers as it streams the weights; larger
+// batches unpack a whole tile once into an L2-resident buffer and reuse it for every token.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define TM_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define TM_AVX2 1
+#endif
+
+namespace {
+
+enum : int64_t { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+
+// Inputs per packed unit and bytes per 16-row unit.
+int64_t unit_k(int64_t q) { return q == Q4_K || q == Q5_K || q == Q6_K ? 256 : 32; }
+int64_t unit_bytes(int64_t q) {
+  switch (q) {
+    case Q4_0: return 288;
+    case Q4_1: return 320;
+    case Q5_0: return 352;
+    case Q5_1: return 384;
+    case Q8_0: return 544;
+    case Q4_K: return 2368;
+    case Q5_K: return 2880;
+    case Q6_K: return 3360;
+    default: return 0;
+  }
+}
+
+// Per token and 32-input block of quantized activations.
+struct ActMeta {
+  float d;      // scale: x ~= d * q
+  float dsum;   // d * sum(q)
+  float dlo;    // d * sum(q[0:16])
+  float dhi;    // d * sum(q[16:32])
+};
+
+inline float bf16_to_f(uint16_t h) {
+  uint32_t b = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+
+// ---- activation quantization (scalar-exact reference semantics, vectorized by the compiler) ----
+template <typename T>
+void quantize_row(const T* x, int64_t K, int8_t* q, ActMeta* meta) {
+  float buf[32];
+  for (int64_t b = 0; b < K / 32; ++b) {
+    float amax = 0.f;
+    for (int i = 0; i < 32; ++i) {
+      float v;
+      if constexpr (std::is_same_v<T, float>) v = x[b * 32 + i];
+      else v = bf16_to_f(reinterpret_cast<const uint16_t*>(x)[b * 32 + i]);
+      buf[i] = v;
+      amax = std::max(amax, std::fabs(v));
+    }
+    const float d = amax / 127.f;
+    const float id = amax > 0.f ? 127.f / amax : 0.f;
+    int slo = 0, shi = 0;
+    for (int i = 0; i < 32; ++i) {
+      const int v = static_cast<int>(std::nearbyint(buf[i] * id));
+      q[b * 32 + i] = static_cast<int8_t>(v);
+      (i < 16 ? slo : shi) += v;
+    }
+    meta[b] = {d, d * static_cast<float>(slo + shi), d * static_cast<float>(slo),
+               d * static_cast<float>(shi)};
+  }
+}
+
+#if defined(TM_AVX512) || defined(TM_AVX2)
+
+// ---- 64-byte vector: one zmm (AVX-512) or two ymm (AVX2) ----
+#ifdef TM_AVX512
+struct V64 {
+  __m512i v;
+  static V64 load(const void* p) { return {_mm512_loadu_si512(p)}; }
+  void store(void* p) const { _mm512_storeu_si512(p, v); }
+  static V64 set1(uint8_t c) { return {_mm512_set1_epi8(static_cast<char>(c))}; }
+  V64 operator&(V64 o) const { return {_mm512_and_si512(v, o.v)}; }
+  V64 operator|(V64 o) const { return {_mm512_or_si512(v, o.v)}; }
+  V64 operator^(V64 o) const { return {_mm512_xor_si512(v, o.v)}; }
+  V64 srl16(int n) const { return {_mm512_srli_epi16(v, n)}; }
+  V64 sll16(int n) const { return {_mm512_slli_epi16(v, n)}; }
+  // byte i = val where bit i of bits is set, else 0
+  static V64 from_bits(uint64_t bits, uint8_t val) {
+    return {_mm512_maskz_mov_epi8(bits, _mm512_set1_epi8(static_cast<char>(val)))};
+  }
+};
+struct F16 {  // 16 floats, one per row of a tile
+  __m512 v;
+  static F16 load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static F16 half(const void* p) {
+    return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+  }
+  static F16 u8(const uint8_t* p) {
+    return {_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)))};
+  }
+  static F16 i8(const int8_t* p) {
+    return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)))};
+  }
+  static F16 set1(float f) { return {_mm512_set1_ps(f)}; }
+  static F16 zero() { return {_mm512_setzero_ps()}; }
+  void store(float* p) const { _mm512_storeu_ps(p, v); }
+  F16 operator*(F16 o) const { return {_mm512_mul_ps(v, o.v)}; }
+  F16 operator+(F16 o) const { return {_mm512_add_ps(v, o.v)}; }
+  static F16 fma(F16 a, F16 b, F16 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+};
+#else
+struct V64 {
+  __m256i a, b;
+  static V64 load(const void* p) {
+    auto q = reinterpret_cast<const __m256i*>(p);
+    return {_mm256_loadu_si256(q), _mm256_loadu_si256(q + 1)};
+  }
+  void store(void* p) const {
+    auto q = reinterpret_cast<__m256i*>(p);
+    _mm256_storeu_si256(q, a);
+    _mm256_storeu_si256(q + 1, b);
+  }
+  static V64 set1(uint8_t c) {
+    const __m256i v = _mm256_set1_epi8(static_cast<char>(c));
+    return {v, v};
+  }
+  V64 operator&(V64 o) const { return {_mm256_and_si256(a, o.a), _mm256_and_si256(b, o.b)}; }
+  V64 operator|(V64 o) const { return {_mm256_or_si256(a, o.a), _mm256_or_si256(b, o.b)}; }
+  V64 operator^(V64 o) const { return {_mm256_xor_si256(a, o.a), _mm256_xor_si256(b, o.b)}; }
+  V64 srl16(int n) const { return {_mm256_srli_epi16(a, n), _mm256_srli_epi16(b, n)}; }
+  V64 sll16(int n) const { return {_mm256_slli_epi16(a, n), _mm256_slli_epi16(b, n)}; }
+  static __m256i bits32(uint32_t bits, uint8_t val) {
+    // byte i takes bit i: spread byte i/8 of `bits` over 8 lanes, test one bit per lane.
+    const __m256i spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(static_cast<int>(bits)),
+        _mm256_setr_epi64x(0, 0x0101010101010101LL, 0x0202020202020202LL, 0x0303030303030303LL));
+    const __m256i bit = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ULL));
+    const __m256i on = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+    return _mm256_and_si256(on, _mm256_set1_epi8(static_cast<char>(val)));
+  }
+  static V64 from_bits(uint64_t bits, uint8_t val) {
+    return {bits32(static_cast<uint32_t>(bits), val), bits32(static_cast<uint32_t>(bits >> 32), val)};
+  }
+};
+struct F16 {
+  __m256 a, b;
+  static F16 load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+  static F16 half(const void* p) {
+    auto q = reinterpret_cast<const __m128i*>(p);
+    return {_mm256_cvtph_ps(_mm_loadu_si128(q)), _mm256_cvtph_ps(_mm_loadu_si128(q + 1))};
+  }
+  static F16 u8(const uint8_t* p) {
+    return {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p))),
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8))))};
+  }
+  static F16 i8(const int8_t* p) {
+    return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p))),
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8))))};
+  }
+  static F16 set1(float f) { return {_mm256_set1_ps(f), _mm256_set1_ps(f)}; }
+  static F16 zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+  void store(float* p) const { _mm256_storeu_ps(p, a); _mm256_storeu_ps(p + 8, b); }
+  F16 operator*(F16 o) const { return {_mm256_mul_ps(a, o.a), _mm256_mul_ps(b, o.b)}; }
+  F16 operator+(F16 o) const { return {_mm256_add_ps(a, o.a), _mm256_add_ps(b, o.b)}; }
+  static F16 fma(F16 x, F16 y, F16 z) {
+    return {_mm256_fmadd_ps(x.a, y.a, z.a), _mm256_fmadd_ps(x.b, y.b, z.b)};
+  }
+};
+#endif
+
+// One unpacked 32-input block of a 16-row tile: U[8] (see top), scales and offsets per row.
+// Split types (Q6_K) have (s0, o0) for inputs 0..15 and (s1, o1) for 16..31.
+struct alignas(64) Block {
+  uint8_t u[8][64];
+  float s0[16], o0[16], s1[16], o1[16];
+};
+
+// Whether U holds signed bytes (AVX2 Q8_0: sign trick instead of an offset).
+template <int64_t Q> constexpr bool kSignedU =
+#ifdef TM_AVX512
+    false;
+#else
+    Q == Q8_0;
+#endif
+template <int64_t Q> constexpr bool kSplit = Q == Q6_K;
+
+// Unpacks block b (0..7 for K types, 0 for legacy) of unit `src` into `out`.
+template <int64_t Q>
+inline void unpack_block(const uint8_t* src, int b, Block& out) {
+  const V64 lo4 = V64::set1(0x0F);
+  auto nibbles = [&](const uint8_t* L) {
+    for (int c = 0; c < 4; ++c) {
+      const V64 p = V64::load(L + c * 64);
+      (p & lo4).store(out.u[c]);
+      (p.srl16(4) & lo4).store(out.u[c + 4]);
+    }
+  };
+  auto high_bits = [&](const uint8_t* H) {  // Q5: bit 4 from 8 64-bit masks
+    for (int t = 0; t < 8; ++t) {
+      uint64_t m;
+      std::memcpy(&m, H + t * 8, 8);
+      (V64::load(out.u[t]) | V64::from_bits(m, 0x10)).store(out.u[t]);
+    }
+  };
+  auto legacy_meta = [&](F16 s, F16 o) {
+    s.store(out.s0);
+    o.store(out.o0);
+  };
+  if constexpr (Q == Q4_0 || Q == Q4_1 || Q == Q5_0 || Q == Q5_1) {
+    const F16 d = F16::half(src);
+    const bool has_m = Q == Q4_1 || Q == Q5_1;
+    const uint8_t* p = src + (has_m ? 64 : 32);
+    const F16 o = has_m ? F16::half(src + 32) : d * F16::set1(Q == Q4_0 ? -8.f : -16.f);
+    legacy_meta(d, o);
+    if constexpr (Q == Q5_0 || Q == Q5_1) {
+      nibbles(p + 64);
+      high_bits(p);
+    } else {
+      nibbles(p);
+    }
+  } else if constexpr (Q == Q8_0) {
+    const F16 d = F16::half(src);
+    if constexpr (kSignedU<Q>) {
+      legacy_meta(d, F16::zero());
+      std::memcpy(out.u, src + 32, 512);
+    } else {
+      legacy_meta(d, d * F16::set1(-128.f));
+      const V64 flip = V64::set1(0x80);
+      for (int t = 0; t < 8; ++t) (V64::load(src + 32 + t * 64) ^ flip).store(out.u[t]);
+    }
+  } else if constexpr (Q == Q4_K || Q == Q5_K) {
+    const F16 d = F16::half(src), dmin = F16::half(src + 32);
+    (d * F16::u8(src + 64 + b * 16)).store(out.s0);
+    (dmin * F16::u8(src + 192 + b * 16) * F16::set1(-1.f)).store(out.o0);
+    if constexpr (Q == Q4_K) {
+      nibbles(src + 320 + b * 256);
+    } else {
+      nibbles(src + 832 + b * 256);
+      high_bits(src + 320 + b * 64);
+    }
+  } else if constexpr (Q == Q6_K) {
+    const F16 d = F16::half(src);
+    const F16 s0 = d * F16::i8(reinterpret_cast<const int8_t*>(src + 32 + 2 * b * 16));
+    const F16 s1 = d * F16::i8(reinterpret_cast<const int8_t*>(src + 32 + (2 * b + 1) * 16));
+    s0.store(out.s0);
+    (s0 * F16::set1(-32.f)).store(out.o0);
+    s1.store(out.s1);
+    (s1 * F16::set1(-32.f)).store(out.o1);
+    nibbles(src + 288 + b * 256);
+    const V64 two = V64::set1(0x30);
+    for (int h = 0; h < 2; ++h) {
+      const V64 hb = V64::load(src + 2336 + b * 128 + h * 64);
+      for (int i = 0; i < 4; ++i) {
+        const V64 hi = (i < 2 ? hb.sll16(4 - 2 * i) : hb.srl16(2 * i - 4)) & two;
+        (V64::load(out.u[h * 4 + i]) | hi).store(out.u[h * 4 + i]);
+      }
+    }
+  }
+}
+
+// Integer dot of U[t0..t0+n) with 4-byte groups of token x (broadcast): one int32 per row.
+#ifdef TM_AVX512
+struct I16 {
+  __m512i v;
+};
+template <bool kSigned>
+inline I16 dot_u(const Block& blk, const int8_t* x, int t0, int n) {
+  __m512i acc = _mm512_setzero_si512();
+  for (int t = t0; t < t0 + n; ++t) {
+    int32_t xv;
+    std::memcpy(&xv, x + 4 * t, 4);
+    acc = _mm512_dpbusd_epi32(acc, _mm512_load_si512(blk.u[t]), _mm512_set1_epi32(xv));
+  }
+  return {acc};
+}
+inline F16 to_float(I16 v) { return {_mm512_cvtepi32_ps(v.v)}; }
+#else
+struct I16 {
+  __m256i a, b;
+};
+template <bool kSigned>
+inline I16 dot_u(const Block& blk, const int8_t* x, int t0, int n) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+  for (int h = 0; h < 2; ++h) {
+    // Pairs of int16 products stay below 2^15 for weights of up to 6 bits: sum two before
+    // widening. Signed Q8_0 products can reach 2 * 127 * 127, so widen each.
+    __m256i part = _mm256_setzero_si256();
+    for (int t = t0; t < t0 + n; ++t) {
+      int32_t xv;
+      std::memcpy(&xv, x + 4 * t, 4);
+      const __m256i xb = _mm256_set1_epi32(xv);
+      const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(blk.u[t] + 32 * h));
+      __m256i p;
+      if constexpr (kSigned) {
+        p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xb, w));
+        acc[h] = _mm256_add_epi32(acc[h], _mm256_madd_epi16(p, ones));
+      } else {
+        p = _mm256_maddubs_epi16(w, xb);
+        if ((t - t0) % 2 == 0) {
+          part = p;
+        } else {
+          acc[h] = _mm256_add_epi32(acc[h], _mm256_madd_epi16(_mm256_add_epi16(part, p), ones));
+        }
+      }
+    }
+    if (!kSigned && n % 2 == 1) acc[h] = _mm256_add_epi32(acc[h], _mm256_madd_epi16(part, ones));
+  }
+  return {acc[0], acc[1]};
+}
+inline F16 to_float(I16 v) { return {_mm256_cvtepi32_ps(v.a), _mm256_cvtepi32_ps(v.b)}; }
+#endif
+
+// acc[m] += block b's contribution for MT tokens (x rows with stride K, metas with stride kb).
+template <int64_t Q, int MT>
+inline void accumulate(const Block& blk, const int8_t* xq, const ActMeta* meta, int64_t K,
+                       int64_t KB, int64_t b, F16* acc) {
+  const F16 s0 = F16::load(blk.s0), o0 = F16::load(blk.o0);
+  for (int m = 0; m < MT; ++m) {
+    const int8_t* x = xq + m * K + b * 32;
+    const ActMeta& a = meta[m * KB + b];
+    if constexpr (kSplit<Q>) {
+      const F16 s1 = F16::load(blk.s1), o1 = F16::load(blk.o1);
+      const F16 lo = to_float(dot_u<false>(blk, x, 0, 4));
+      const F16 hi = to_float(dot_u<false>(blk, x, 4, 4));
+      acc[m] = F16::fma(lo, s0 * F16::set1(a.d), acc[m]);
+      acc[m] = F16::fma(hi, s1 * F16::set1(a.d), acc[m]);
+      acc[m] = F16::fma(o0, F16::set1(a.dlo), acc[m]);
+      acc[m] = F16::fma(o1, F16::set1(a.dhi), acc[m]);
+    } else {
+      const F16 dot = to_float(dot_u<kSignedU<Q>>(blk, x, 0, 8));
+      acc[m] = F16::fma(dot, s0 * F16::set1(a.d), acc[m]);
+      if constexpr (!kSignedU<Q>) acc[m] = F16::fma(o0, F16::set1(a.dsum), acc[m]);
+    }
+  }
+}
+
+template <typename TY>
+inline void store_row(const F16& acc, const float* bias, TY* y) {
+  alignas(64) float v[16];
+  (bias ? acc + F16::load(bias) : acc).store(v);
+  if constexpr (std::is_same_v<TY, float>) {
+    std::memcpy(y, v, 64);
+  } else {
+    for (int i = 0; i < 16; ++i) {  // round to nearest even
+      uint32_t bits;
+      std::memcpy(&bits, &v[i], 4);
+      bits += 0x7FFFu + ((bits >> 16) & 1u);
+      y[i] = static_cast<uint16_t>(bits >> 16);
+    }
+  }
+}
+
+// One 16-row tile for tokens [m0, m0 + MT), unpacking each block as it streams.
+template <int64_t Q, int MT, typename TY>
+void tile_streaming(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t K,
+                    const float* bias, TY* y, int64_t ldy) {
+  const int64_t uk = unit_k(Q), ub = unit_bytes(Q), KB = K / 32, bpu = uk / 32;
+  F16 acc[MT];
+  for (int m = 0; m < MT; ++m) acc[m] = F16::zero();
+  Block blk;
+  for (int64_t u = 0; u < K / uk; ++u) {
+    const uint8_t* src = w + u * ub;
+    _mm_prefetch(reinterpret_cast<const char*>(src + 4 * ub), _MM_HINT_T0);
+    for (int b = 0; b < bpu; ++b) {
+      unpack_block<Q>(src, b, blk);
+      accumulate<Q, MT>(blk, xq, meta, K, KB, u * bpu + b, acc);
+    }
+  }
+  for (int m = 0; m < MT; ++m) store_row(acc[m], bias, y + m * ldy);
+}
+
+template <int64_t Q, typename TY>
+void gemm_typed(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t M, int64_t N,
+                int64_t K, const float* bias, TY* y, int64_t ldy) {
+  const int64_t n_tiles = N / 16, ub = unit_bytes(Q), tile_bytes = K / unit_k(Q) * ub;
+  const int64_t KB = K / 32, bpu = unit_k(Q) / 32;
+  at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Block> buf(M > 4 ? KB : 0);
+    for (int64_t nt = begin; nt < end; ++nt) {
+      const uint8_t* wt = w + nt * tile_bytes;
+      const float* bt = bias ? bias + nt * 16 : nullptr;
+      TY* yt = y + nt * 16;
+      if (M <= 4) {
+        switch (M) {
+          case 1: tile_streaming<Q, 1>(wt, xq, meta, K, bt, yt, ldy); break;
+          case 2: tile_streaming<Q, 2>(wt, xq, meta, K, bt, yt, ldy); break;
+          case 3: tile_streaming<Q, 3>(wt, xq, meta, K, bt, yt, ldy); break;
+          default: tile_streaming<Q, 4>(wt, xq, meta, K, bt, yt, ldy); break;
+        }
+        continue;
+      }
+      for (int64_t u = 0; u < K / unit_k(Q); ++u)
+        for (int b = 0; b < bpu; ++b) unpack_block<Q>(wt + u * ub, b, buf[u * bpu + b]);
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        F16 acc[4] = {F16::zero(), F16::zero(), F16::zero(), F16::zero()};
+        const int mt = static_cast<int>(std::min<int64_t>(4, M - m0));
+        const int8_t* x = xq + m0 * K;
+        const ActMeta* a = meta + m0 * KB;
+        for (int64_t kb = 0; kb < KB; ++kb) {
+          switch (mt) {
+            case 4: accumulate<Q, 4>(buf[kb], x, a, K, KB, kb, acc); break;
+            case 3: accumulate<Q, 3>(buf[kb], x, a, K, KB, kb, acc); break;
+            case 2: accumulate<Q, 2>(buf[kb], x, a, K, KB, kb, acc); break;
+            default: accumulate<Q, 1>(buf[kb], x, a, K, KB, kb, acc); break;
+          }
+        }
+        for (int m = 0; m < mt; ++m) store_row(acc[m], bt, yt + (m0 + m) * ldy);
+      }
+    }
+  });
+}
+
+template <typename TY>
+void gemm_dispatch(int64_t q, const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t M,
+                   int64_t N, int64_t K, const float* bias, TY* y, int64_t ldy) {
+  switch (q) {
+    case Q4_0: return gemm_typed<Q4_0>(w, xq, meta, M, N, K, bias, y, ldy);
+    case Q4_1: return gemm_typed<Q4_1>(w, xq, meta, M, N, K, bias, y, ldy);
+    case Q5_0: return gemm_typed<Q5_0>(w, xq, meta, M, N, K, bias, y, ldy);
+    case Q5_1: return gemm_typed<Q5_1>(w, xq, meta, M, N, K, bias, y, ldy);
+    case Q8_0: return gemm_typed<Q8_0>(w, xq, meta, M, N, K, bias, y, ldy);
+    case Q4_K: return gemm_typed<Q4_K>(w, xq, meta, M, N, K, bias, y, ldy);
+    case Q5_K: return gemm_typed<Q5_K>(w, xq, meta, M, N, K, bias, y, ldy);
+    case Q6_K: return gemm_typed<Q6_K>(w, xq, meta, M, N, K, bias, y, ldy);
+    default: TORCH_CHECK(false, "unsupported GGUF type ", q);
+  }
+}
+#endif  // TM_AVX512 || TM_AVX2
+
+}  // namespace
+
+// The integer-dot ISA this build was compiled for: "avx512" (VNNI), "avx2" or "" (none).
+std::string quant_isa() {
+#if defined(TM_AVX512)
+  return "avx512";
+#elif defined(TM_AVX2)
+  return "avx2";
+#else
+  return "";
+#endif
+}
+
+// x [M, K] float32/bfloat16 -> (q int8 [M, K], meta float32 [M, K / 32, 4] = ActMeta).
+std::vector<torch::Tensor> quantize_activations(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) % 32 == 0, "x must be [M, K] with K a multiple of 32");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "x must be float32 or bfloat16");
+  x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  auto q = torch::empty({M, K}, x.options().dtype(at::kChar));
+  auto meta = torch::empty({M, K / 32, 4}, x.options().dtype(at::kFloat));
+  auto* mp = reinterpret_cast<ActMeta*>(meta.data_ptr<float>());
+  int8_t* qp = q.data_ptr<int8_t>();
+  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) {
+      if (x.scalar_type() == at::kFloat)
+        quantize_row(x.data_ptr<float>() + m * K, K, qp + m * K, mp + m * (K / 32));
+      else
+        quantize_row(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) + m * K, K,
+                     qp + m * K, mp + m * (K / 32));
+    }
+  });
+  return {q, meta};
+}
+
+// y[:, col:col + N] = dequant(W) applied to the quantized activations (+ bias [N] float32).
+// y is [M, >= col + N], float32 or bfloat16, rows contiguous.
+void quant_gemm(torch::Tensor xq, torch::Tensor meta, torch::Tensor packed, int64_t qtype,
+                int64_t N, torch::Tensor y, int64_t col, c10::optional<torch::Tensor> bias) {
+  const int64_t M = xq.size(0), K = xq.size(1);
+  TORCH_CHECK(unit_bytes(qtype) > 0, "unsupported GGUF type ", qtype);
+  TORCH_CHECK(K % unit_k(qtype) == 0 && N % 16 == 0, "K must be a multiple of ", unit_k(qtype),
+              " and N of 16");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                  packed.numel() == N / 16 * (K / unit_k(qtype)) * unit_bytes(qtype),
+              "packed weights do not match N, K and the type");
+  TORCH_CHECK(xq.is_contiguous() && meta.is_contiguous() && y.dim() == 2 && y.size(0) == M &&
+                  y.stride(1) == 1 && col + N <= y.size(1),
+              "bad activation or output tensors");
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == N && bias->is_contiguous(),
+                "bias must be float32 [N]");
+    b = bias->data_ptr<float>();
+  }
+  if (M == 0) return;
+#if defined(TM_AVX512) || defined(TM_AVX2)
+  const auto* mp = reinterpret_cast<const ActMeta*>(meta.data_ptr<float>());
+  if (y.scalar_type() == at::kFloat)
+    gemm_dispatch(qtype, packed.data_ptr<uint8_t>(), xq.data_ptr<int8_t>(), mp, M, N, K, b,
+                  y.data_ptr<float>() + col, y.stride(0));
+  else
+    gemm_dispatch(qtype, packed.data_ptr<uint8_t>(), xq.data_ptr<int8_t>(), mp, M, N, K, b,
+                  reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()) + col, y.stride(0));
+#else
+  TORCH_CHECK(false, "this kernel build has no integer-dot ISA");
+#endif
+}

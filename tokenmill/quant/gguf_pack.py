@@ -1,0 +1,232 @@
+"""GGUF blocks <-> the integer kernels' row-interleaved layout (lossless, PyTorch ops).
+
+A GGUF weight [n, k] is parsed into *fields*: the unsigned integer of every weight (`u`, 0..2^bits
+- 1; Q8_0 keeps its signed bytes) plus the block metadata (fp16 scales and mins, K-quant
+sub-block scales). `pack` writes the fields into tiles of 16 output rows, one *unit* after
+another along k (32 inputs for the legacy types, a 256-input super-block for the K types):
+
+    Q4_0  d[16] | L                      Q4_K  d[16] | dmin[16] | sc[8][16] | m[8][16] | L x 8
+    Q4_1  d[16] | m[16] | L              Q5_K  as Q4_K, with H x 8 before the L x 8
+    Q5_0  d[16] | H | L                  Q6_K  d[16] | sc[16][16] (int8) | L x 8 | H6 x 8
+    Q5_1  d[16] | m[16] | H | L          Q8_0  d[16] | U[8] (int8)
+
+d / dmin / m are fp16, sc / m of the K types are the 6-bit values in bytes, one per row. Each
+32-input block of the 16 rows is eight 64-byte vectors U[t], byte 4r + j of U[t] = input 4t + j of
+row r (the layout `vpdpbusd` reads with a broadcast activation); L[c] (c < 4, 64 bytes each)
+holds U[c] in its low and U[c + 4] in its high nibble; H is eight little-endian 64-bit masks
+(bit 4r + j of mask t = bit 4 of that weight); H6 is two 64-byte vectors, bits 2i..2i+1 of byte b
+of vector h = bits 4..5 of byte b of U[4h + i]. Sizes per weight equal the file's, except Q4_K /
+Q5_K, whose scales take 4 bytes more per 256 inputs. `unpack` inverts `pack` exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 12, 13, 14
+NAMES = {Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q5_1: "Q5_1", Q8_0: "Q8_0", Q4_K: "Q4_K",
+         Q5_K: "Q5_K", Q6_K: "Q6_K"}
+K_TYPES = (Q4_K, Q5_K, Q6_K)
+# GGUF bytes per block and inputs per block
+BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q5_0: 22, Q5_1: 24, Q8_0: 34, Q4_K: 144, Q5_K: 176, Q6_K: 210}
+UNIT_BYTES = {Q4_0: 288, Q4_1: 320, Q5_0: 352, Q5_1: 384, Q8_0: 544, Q4_K: 2368, Q5_K: 2880,
+              Q6_K: 3360}
+
+
+def unit_k(qtype: int) -> int:
+    return 256 if qtype in K_TYPES else 32
+
+
+def can_pack(qtype: int, n: int, k: int) -> bool:
+    """Whether a [n, k] weight of this type has a kernel layout (16-row tiles, whole units)."""
+    return qtype in NAMES and n % 16 == 0 and n > 0 and k % unit_k(qtype) == 0
+
+
+def packed_bytes(qtype: int, n: int, k: int) -> int:
+    return n // 16 * (k // unit_k(qtype)) * UNIT_BYTES[qtype]
+
+
+def parse(raw: np.ndarray | torch.Tensor, qtype: int, n: int, k: int) -> dict[str, torch.Tensor]:
+    """GGUF rows [n, k / block * block bytes] -> fields: `u` uint8 [n, k] and metadata."""
+    if not isinstance(raw, torch.Tensor):
+        raw = torch.from_numpy(np.ascontiguousarray(raw))
+    nb = k // (256 if qtype in K_TYPES else 32)
+    b = raw.view(torch.uint8).reshape(n, nb, BLOCK_BYTES[qtype])
+    f: dict[str, torch.Tensor] = {}
+    if qtype in (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0):
+        f["d"] = b[..., 0:2]
+        off = 2
+        if qtype in (Q4_1, Q5_1):
+            f["m"] = b[..., 2:4]
+            off = 4
+        if qtype == Q8_0:
+            f["u"] = b[..., 2:34].reshape(n, k)
+            return f
+        if qtype in (Q5_0, Q5_1):
+            qh = b[..., off: off + 4].to(torch.int64)
+            bits = (qh[..., 0] | qh[..., 1] << 8 | qh[..., 2] << 16 | qh[..., 3] << 24)
+            high = ((bits[..., None] >> torch.arange(32)) & 1).to(torch.uint8) << 4
+            off += 4
+        qs = b[..., off: off + 16]
+        u = torch.cat([qs & 0xF, qs >> 4], dim=-1)
+        if qtype in (Q5_0, Q5_1):
+            u = u | high
+        f["u"] = u.reshape(n, k)
+        return f
+    if qtype in (Q4_K, Q5_K):
+        f["d"], f["dmin"] = b[..., 0:2], b[..., 2:4]
+        s = b[..., 4:16]
+        lo, mid, hi = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+        f["sc"] = torch.cat([lo & 63, (hi & 0xF) | ((lo >> 2) & 0x30)], dim=-1)  # [n, nb, 8]
+        f["mn"] = torch.cat([mid & 63, (hi >> 4) | ((mid >> 2) & 0x30)], dim=-1)
+        qs = b[..., -128:].reshape(n, nb, 4, 32)
+        u = torch.stack([qs & 0xF, qs >> 4], dim=3).reshape(n, nb, 8, 32)
+        if qtype == Q5_K:
+            qh = b[..., 16:48]  # [n, nb, 32]: bit j of byte l = bit 4 of input 32j + l
+            u = u | (((qh[:, :, None, :] >> torch.arange(8, dtype=torch.uint8)[:, None]) & 1) << 4)
+        f["u"] = u.reshape(n, k)
+        return f
+    # Q6_K
+    ql, qh = b[..., 0:128].reshape(n, nb, 2, 64), b[..., 128:192].reshape(n, nb, 2, 32)
+    f["sc"], f["d"] = b[..., 192:208], b[..., 208:210]
+    low = torch.stack([ql[..., :32] & 0xF, ql[..., 32:] & 0xF, ql[..., :32] >> 4,
+                       ql[..., 32:] >> 4], dim=3)  # [n, nb, half, 4, 32]
+    high = torch.stack([(qh >> s) & 3 for s in (0, 2, 4, 6)], dim=3)
+    f["u"] = (low | (high << 4)).reshape(n, k)
+    return f
+
+
+def dequantize_fields(f: dict[str, torch.Tensor], qtype: int, n: int, k: int) -> torch.Tensor:
+    """float32 [n, k] weights from fields, with gguf's own float32 formulas."""
+    def half(x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous().view(torch.float16).float()[..., 0]
+
+    if qtype in K_TYPES:
+        u = f["u"].reshape(n, -1, 16 if qtype == Q6_K else 8, 16 if qtype == Q6_K else 32).float()
+        d = half(f["d"])[..., None, None]
+        if qtype == Q6_K:
+            s = d * f["sc"].view(torch.int8).float()[..., None]
+            return (s * (u - 32)).reshape(n, k)
+        s = d * f["sc"].float()[..., None]
+        m = half(f["dmin"])[..., None, None] * f["mn"].float()[..., None]
+        return (s * u - m).reshape(n, k)
+    u = f["u"].reshape(n, -1, 32)
+    d = half(f["d"])[..., None]
+    if qtype == Q8_0:
+        return (d * u.view(torch.int8).float()).reshape(n, k)
+    if qtype in (Q4_1, Q5_1):
+        return (d * u.float() + half(f["m"])[..., None]).reshape(n, k)
+    return (d * (u.float() - (8 if qtype == Q4_0 else 16))).reshape(n, k)
+
+
+def _tile_u(u: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """u [n, k] -> [nt, kb, t=8, 64] (byte 4r + j of U[t] = input 4t + j of row r)."""
+    return (u.reshape(n // 16, 16, k // 32, 8, 4).permute(0, 2, 3, 1, 4)
+            .reshape(n // 16, k // 32, 8, 64))
+
+
+def _untile_u(t: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    return t.reshape(n // 16, k // 32, 8, 16, 4).permute(0, 3, 1, 2, 4).reshape(n, k)
+
+
+def _per_row(x: torch.Tensor, n: int, units: int, width: int) -> torch.Tensor:
+    """[n, units, width bytes] -> [nt, units, width * 16] with rows innermost per byte group."""
+    return (x.reshape(n // 16, 16, units, -1, width).permute(0, 2, 3, 1, 4)
+            .reshape(n // 16, units, -1))
+
+
+def _from_rows(x: torch.Tensor, n: int, units: int, width: int) -> torch.Tensor:
+    return (x.reshape(n // 16, units, -1, 16, width).permute(0, 3, 1, 2, 4)
+            .reshape(n, units, -1))
+
+
+def _nibbles(ut: torch.Tensor) -> torch.Tensor:
+    """[..., 8, 64] -> L [..., 256]."""
+    return ((ut[..., :4, :] & 0xF) | ((ut[..., 4:, :] & 0xF) << 4)).flatten(-2)
+
+
+def _bit_masks(ut: torch.Tensor, bit: int) -> torch.Tensor:
+    """[..., 8, 64] -> H [..., 64]: one little-endian 64-bit mask per U[t]."""
+    bits = ((ut >> bit) & 1).reshape(*ut.shape[:-1], 8, 8)
+    return (bits << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8).flatten(-2)
+
+
+def pack(f: dict[str, torch.Tensor], qtype: int, n: int, k: int) -> torch.Tensor:
+    """Fields -> packed uint8 (flat); see the module docstring."""
+    nt, kb = n // 16, k // 32
+    ut = _tile_u(f["u"], n, k)  # [nt, kb, 8, 64]
+    if qtype in K_TYPES:
+        units = k // 256
+        ut = ut.reshape(nt, units, 8, 8, 64)
+        parts = [_per_row(f["d"], n, units, 2)]
+        if qtype == Q6_K:
+            parts.append(_per_row(f["sc"], n, units, 1))  # [nt, units, 16 sub x 16 rows]
+            parts.append(_nibbles(ut).flatten(-2))
+            h6 = ((ut >> 4) & 3).reshape(nt, units, 8, 2, 4, 64)
+            h6 = (h6 << (2 * torch.arange(4, dtype=torch.uint8))[:, None]).sum(-2, dtype=torch.uint8)
+            parts.append(h6.flatten(-3))
+        else:
+            parts += [_per_row(f["dmin"], n, units, 2), _per_row(f["sc"], n, units, 1),
+                      _per_row(f["mn"], n, units, 1)]
+            if qtype == Q5_K:
+                parts.append(_bit_masks(ut, 4).flatten(-2))
+            parts.append(_nibbles(ut).flatten(-2))
+        return torch.cat(parts, dim=-1).contiguous().flatten()
+    parts = [_per_row(f["d"], n, kb, 2)]
+    if qtype in (Q4_1, Q5_1):
+        parts.append(_per_row(f["m"], n, kb, 2))
+    if qtype == Q8_0:
+        parts.append(ut.flatten(-2))
+    else:
+        if qtype in (Q5_0, Q5_1):
+            parts.append(_bit_masks(ut, 4))
+        parts.append(_nibbles(ut))
+    return torch.cat(parts, dim=-1).contiguous().flatten()
+
+
+def unpack(packed: torch.Tensor, qtype: int, n: int, k: int) -> dict[str, torch.Tensor]:
+    """Packed uint8 -> the fields `pack` was given (exact inverse; tests and embedding rows)."""
+    nt = n // 16
+    units = k // unit_k(qtype)
+    t = packed.view(torch.uint8).reshape(nt, units, UNIT_BYTES[qtype])
+    f: dict[str, torch.Tensor] = {}
+
+    def take(width: int) -> torch.Tensor:
+        nonlocal t
+        head, t = t[..., :width], t[..., width:]
+        return head
+
+    def from_nibbles(L: torch.Tensor) -> torch.Tensor:  # [..., 256] -> [..., 8, 64]
+        L = L.reshape(*L.shape[:-1], 4, 64)
+        return torch.cat([L & 0xF, L >> 4], dim=-2)
+
+    def from_masks(H: torch.Tensor) -> torch.Tensor:  # [..., 64] -> bit 4 of [..., 8, 64]
+        bits = (H.reshape(*H.shape[:-1], 8, 8, 1) >> torch.arange(8, dtype=torch.uint8)) & 1
+        return bits.reshape(*H.shape[:-1], 8, 64) << 4
+
+    f["d"] = _from_rows(take(32), n, units, 2)
+    if qtype in K_TYPES:
+        if qtype == Q6_K:
+            f["sc"] = _from_rows(take(256), n, units, 1)
+            ut = from_nibbles(take(2048).reshape(nt, units, 8, 256))
+            h6 = take(1024).reshape(nt, units, 8, 2, 1, 64)
+            high = (h6 >> (2 * torch.arange(4, dtype=torch.uint8))[:, None]) & 3
+            ut = ut | (high.reshape(nt, units, 8, 8, 64) << 4)
+        else:
+            f["dmin"] = _from_rows(take(32), n, units, 2)
+            f["sc"] = _from_rows(take(128), n, units, 1)
+            f["mn"] = _from_rows(take(128), n, units, 1)
+            high = from_masks(take(512).reshape(nt, units, 8, 64)) if qtype == Q5_K else 0
+            ut = from_nibbles(take(2048).reshape(nt, units, 8, 256)) | high
+        f["u"] = _untile_u(ut.reshape(nt, units * 8, 8, 64), n, k)
+        return f
+    if qtype in (Q4_1, Q5_1):
+        f["m"] = _from_rows(take(32), n, units, 2)
+    if qtype == Q8_0:
+        ut = take(512).reshape(nt, units, 8, 64)
+    else:
+        high = from_masks(take(64)) if qtype in (Q5_0, Q5_1) else 0
+        ut = from_nibbles(take(256)) | high
+    f["u"] = _untile_u(ut, n, k)
+    return f
