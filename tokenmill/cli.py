@@ -1,4 +1,4 @@
-"""Command line: `tokenmill serve | generate | chat | info | bench serve`."""
+"""Command line: `tokenmill serve | generate | chat | info | perplexity | bench serve`."""
 
 from __future__ import annotations
 
@@ -81,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="architecture, parameters, format, memory, KV capacity")
     info.add_argument("model_path", nargs="?", default=None, metavar="MODEL")
     EngineArgs.add_cli_args(info, skip=("model",))
+
+    ppl = sub.add_parser("perplexity", help="perplexity of a text file (sliding windows)")
+    ppl.add_argument("model_path", nargs="?", default=None, metavar="MODEL",
+                     help="GGUF file, HF folder or Hub id (default: the embedded model)")
+    ppl.add_argument("file", metavar="FILE", help="UTF-8 text file ('-' reads standard input)")
+    ppl.add_argument("--context-length", type=int, default=None,
+                     help="window length in tokens (default: min(max model length, 512))")
+    ppl.add_argument("--stride", type=int, default=None,
+                     help="tokens between window starts (default: half the window)")
+    ppl.add_argument("--max-tokens", type=int, default=None,
+                     help="score only the file's first T tokens")
+    EngineArgs.add_cli_args(ppl, skip=("model",))
     return parser
 
 
@@ -165,6 +177,30 @@ def cmd_info(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_perplexity(ns: argparse.Namespace) -> int:
+    from tokenmill.engine.llm import LLM
+    from tokenmill.engine.perplexity import perplexity
+
+    if ns.file == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            with open(ns.file, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise ValueError(f"cannot read {ns.file}: {e.strerror or e}") from None
+    args = EngineArgs.from_cli(argparse.Namespace(**{**vars(ns), "model": ns.model_path}))
+    llm = LLM(**vars(args))
+    res = perplexity(llm, text, context_length=ns.context_length, stride=ns.stride,
+                     max_tokens=ns.max_tokens, use_tqdm=sys.stderr.isatty())
+    print(f"{'perplexity':<16}{res.perplexity:.4f}")
+    print(f"{'tokens scored':<16}{res.num_scored_tokens}")
+    print(f"{'tokens/s':<16}{res.tokens_per_second:.1f}")
+    print(f"{'windows':<16}{res.num_windows} x {res.context_length} tokens, stride "
+          f"{res.stride} ({res.num_evaluated_tokens} tokens evaluated in {res.seconds:.2f}s)")
+    return 0
+
+
 def cmd_serve(ns: argparse.Namespace) -> int:
     from tokenmill.server.serve import run_server
 
@@ -183,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, ns.log_level.upper(), logging.INFO),
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     commands = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info,
-                "serve": cmd_serve, "bench": cmd_bench}
+                "perplexity": cmd_perplexity, "serve": cmd_serve, "bench": cmd_bench}
     try:
         return commands[ns.command](ns)
     except (TokenmillError, ValueError) as e:

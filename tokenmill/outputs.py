@@ -14,6 +14,9 @@ class Logprob:
 
 # One entry per generated token: {token_id: Logprob}, the sampled token first.
 SampleLogprobList = list[dict[int, Logprob]]
+# One entry per prompt token: None for the first (nothing predicts it), then {token_id: Logprob}
+# with the prompt token itself first, then the top-k alternatives at that position.
+PromptLogprobList = list[dict[int, Logprob] | None]
 
 
 @dataclass(slots=True)
@@ -43,3 +46,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    prompt_logprobs: PromptLogprobList | None = None  # when SamplingParams.prompt_logprobs is set

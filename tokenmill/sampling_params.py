@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 _GREEDY_EPS = 1e-5
+MAX_PROMPT_LOGPROBS = 20
 
 
 @dataclass
@@ -14,7 +15,11 @@ class SamplingParams:
     temperature 0 means greedy. top_k <= 0 (or -1) disables top-k; top_p 1.0 and min_p 0.0
     disable those filters. Penalties follow the OpenAI (presence / frequency) and CTRL
     (repetition) definitions. `logprobs=k` returns the sampled token's log-probability and the
-    top-k alternatives at each step (k = 0: only the sampled token).
+    top-k alternatives at each step (k = 0: only the sampled token). `prompt_logprobs=k` (at most
+    20) returns, for every prompt token after the first, its log-probability under the model and
+    the top-k alternatives at that position (raw model distribution: no temperature or
+    penalties); such requests never reuse prefix-cached KV blocks, as the logits of the cached
+    positions are needed. `max_tokens=0` is allowed with prompt_logprobs: score the prompt only.
     """
 
     n: int = 1
@@ -32,6 +37,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -62,9 +68,16 @@ class SamplingParams:
             bad(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             bad(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        if self.prompt_logprobs is not None and (
+                not isinstance(self.prompt_logprobs, int)
+                or not 0 <= self.prompt_logprobs <= MAX_PROMPT_LOGPROBS):
+            bad(f"prompt_logprobs must be an integer in [0, {MAX_PROMPT_LOGPROBS}], "
+                f"got {self.prompt_logprobs!r}")
         if self.max_tokens is not None and (
-                not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+                not isinstance(self.max_tokens, int) or self.max_tokens < 0):
             bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if self.max_tokens == 0 and self.prompt_logprobs is None:
+            bad("max_tokens must be >= 1 (0, scoring the prompt only, needs prompt_logprobs)")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             bad(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:

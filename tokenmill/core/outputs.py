@@ -27,8 +27,21 @@ class ScheduledRequest:
 
     @property
     def samples(self) -> bool:
-        """True when this chunk reaches the end of the known tokens, so a new token is sampled."""
-        return self.num_computed_tokens + self.num_scheduled_tokens == self.request.num_tokens
+        """True when this chunk reaches the end of the known tokens, so a new token is sampled
+        (never for a request with max_tokens 0, which only scores its prompt)."""
+        return (self.num_computed_tokens + self.num_scheduled_tokens == self.request.num_tokens
+                and self.request.max_tokens > 0)
+
+    @property
+    def prompt_logprob_positions(self) -> range:
+        """Positions of this chunk whose logits give prompt logprobs: position p predicts prompt
+        token p + 1. Empty unless the request asked for prompt logprobs; once it has output
+        tokens its prompt was fully scored already (a recompute after preemption)."""
+        req = self.request
+        if req.sampling_params.prompt_logprobs is None or req.output_token_ids:
+            return range(0)
+        start = self.num_computed_tokens
+        return range(start, min(start + self.num_scheduled_tokens, req.num_prompt_tokens - 1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +67,21 @@ class SampleLogprobs:
 
 
 @dataclass(slots=True)
+class PromptLogprobsChunk:
+    """Log-probabilities of prompt tokens first_position + 1 ... (one row per position of the
+    step's chunk): in each row the prompt token, then the top-k alternatives."""
+
+    first_position: int
+    token_ids: list[list[int]]
+    logprobs: list[list[float]]
+    ranks: list[int]  # rank of the prompt token (1 = the most likely)
+
+
+@dataclass(slots=True)
 class ModelRunnerOutput:
-    """For each request that sampled this step, its new token (and optionally logprobs)."""
+    """For each request that sampled this step, its new token (and optionally logprobs); for
+    each request with prompt logprobs whose chunk covered prompt positions, those logprobs."""
 
     sampled: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, SampleLogprobs] = field(default_factory=dict)
+    prompt_logprobs: dict[str, PromptLogprobsChunk] = field(default_factory=dict)

@@ -183,6 +183,10 @@ class Scheduler:
             req.num_computed_tokens += sched.num_scheduled_tokens
             token = runner_output.sampled.get(req.request_id)
             if token is None:
+                if req.max_tokens == 0 and req.num_computed_tokens >= req.num_tokens:
+                    # a prompt-scoring request (max_tokens 0) is done once its prompt is
+                    self.finish_requests([req.request_id], RequestStatus.FINISHED_LENGTH_CAPPED)
+                    finished.append(req)
                 continue
             req.output_token_ids.append(token)
             updated.append((req, [token]))

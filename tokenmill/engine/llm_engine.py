@@ -11,14 +11,14 @@ import torch
 
 from tokenmill.config import DEFAULT_CPU_KV_GIB, EngineArgs
 from tokenmill.core.kv_cache_manager import KVCacheManager
-from tokenmill.core.outputs import SampleLogprobs
+from tokenmill.core.outputs import PromptLogprobsChunk, SampleLogprobs
 from tokenmill.core.request import Request, RequestStatus
 from tokenmill.core.scheduler import Scheduler, SchedulerConfig
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.loader.load import load_model, load_tokenizer
 from tokenmill.loader.resolve import resolve_model
-from tokenmill.outputs import CompletionOutput, Logprob, RequestOutput
+from tokenmill.outputs import CompletionOutput, Logprob, PromptLogprobList, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.worker.model_runner import ModelRunner, kv_cache_bytes_per_token
 
@@ -46,6 +46,8 @@ class _Group:
     prompt: str | None
     prompt_token_ids: list[int]
     samples: list[_Sample]
+    # [None, then one entry per scored prompt position]; filled by the first sample's request
+    prompt_logprobs: PromptLogprobList | None = None
 
     @property
     def finished(self) -> bool:
@@ -116,6 +118,7 @@ class LLMEngine:
         self.groups: dict[str, _Group] = {}
         self._child_to_group: dict[str, _Sample] = {}
         self._ids = itertools.count()
+        self._token_text: dict[int, str] = {}  # token id -> its text alone (logprob entries)
 
     # ---- set-up ---------------------------------------------------------------------------
     def _num_kv_blocks(self, bytes_per_token: int) -> int:
@@ -175,7 +178,9 @@ class LLMEngine:
         if not ids:
             raise ValueError("prompt is empty (no tokens)")
         self._check_params_fit_model(params)
-        if len(ids) >= self.max_model_len:
+        # A prompt-scoring request (max_tokens 0) may fill the whole context.
+        if len(ids) > self.max_model_len or (len(ids) == self.max_model_len
+                                             and params.max_tokens != 0):
             raise ValueError(
                 f"prompt has {len(ids)} tokens, but the context is {self.max_model_len} tokens "
                 "(it must leave room for at least one generated token)"
@@ -186,6 +191,8 @@ class LLMEngine:
         children = (
             [params] if params.n == 1 else [params.clone_for_child(i) for i in range(params.n)]
         )
+        for child in children[1:]:
+            child.prompt_logprobs = None  # the prompt is scored once, by the first sample
         samples = []
         for i, p in enumerate(children):
             req = Request(f"{request_id}#{i}", ids, p, eos, max_tokens, time.monotonic())
@@ -195,7 +202,8 @@ class LLMEngine:
             samples.append(
                 _Sample(request_id, i, req, detok, [] if p.logprobs is not None else None)
             )
-        group = _Group(request_id, text, ids, samples)
+        group = _Group(request_id, text, ids, samples,
+                       [None] if params.prompt_logprobs is not None else None)
         self.groups[request_id] = group
         for s in samples:
             self._child_to_group[s.request.request_id] = s
@@ -210,6 +218,8 @@ class LLMEngine:
             raise ValueError(f"stop_token_ids out of range [0, {vocab}): {bad[:5]}")
         if params.logprobs is not None and params.logprobs > vocab:
             raise ValueError(f"logprobs must be <= the vocabulary size ({vocab})")
+        if params.prompt_logprobs is not None and params.prompt_logprobs > vocab:
+            raise ValueError(f"prompt_logprobs must be <= the vocabulary size ({vocab})")
         if params.n > self.args.max_num_seqs:
             raise ValueError(f"n ({params.n}) exceeds max_num_seqs ({self.args.max_num_seqs})")
 
@@ -237,6 +247,8 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         runner_out = self.runner.execute(sched)
         updated, finished = self.scheduler.update_from_output(sched, runner_out)
+        for rid, chunk in runner_out.prompt_logprobs.items():
+            self._on_prompt_logprobs(rid, chunk)
         touched: dict[str, None] = {}  # ordered set
         for req, new_ids in updated:
             sample = self._child_to_group.get(req.request_id)
@@ -248,6 +260,7 @@ class LLMEngine:
             sample = self._child_to_group.get(req.request_id)
             if sample is not None:
                 sample.pending_text += sample.detok.flush()
+                touched[sample.group_id] = None  # e.g. a prompt-scoring request: no new token
         outputs = []
         for gid in touched:
             group = self.groups.get(gid)
@@ -260,18 +273,41 @@ class LLMEngine:
                     self._child_to_group.pop(s.request.request_id, None)
         return outputs
 
+    def _text_of(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = self.tokenizer.decode([token_id], False)
+        return text
+
+    def _logprob_entry(self, token_ids: list[int], logprobs: list[float],
+                       rank: int | None) -> dict[int, Logprob]:
+        """{token: Logprob} of one position: the chosen token first, then the top-k."""
+        entry = {token_ids[0]: Logprob(logprobs[0], rank, self._text_of(token_ids[0]))}
+        for r, (tid, val) in enumerate(zip(token_ids[1:], logprobs[1:]), start=1):
+            entry.setdefault(tid, Logprob(val, r, self._text_of(tid)))
+        return entry
+
+    def _on_prompt_logprobs(self, request_id: str, chunk: PromptLogprobsChunk) -> None:
+        sample = self._child_to_group.get(request_id)
+        group = self.groups.get(sample.group_id) if sample is not None else None
+        if group is None or group.prompt_logprobs is None:
+            return
+        plps = group.prompt_logprobs
+        # Entry p + 1 holds position p's logprobs. Positions already held were recomputed after
+        # a preemption: they are skipped, so each prompt token is reported exactly once.
+        skip = len(plps) - 1 - chunk.first_position
+        if skip < 0:
+            raise RuntimeError(f"{request_id}: prompt logprobs from position "
+                               f"{chunk.first_position}, expected {len(plps) - 1}")
+        for ids, lps, rank in zip(chunk.token_ids[skip:], chunk.logprobs[skip:],
+                                  chunk.ranks[skip:]):
+            plps.append(self._logprob_entry(ids, lps, rank))
+
     def _on_tokens(self, sample: _Sample, new_ids: list[int], lp: SampleLogprobs | None) -> None:
         req = sample.request
         sample.pending_ids.extend(new_ids)
         if lp is not None and sample.logprobs is not None:
-            entry = {
-                lp.token_ids[0]: Logprob(
-                    lp.logprobs[0], lp.sampled_rank, self.tokenizer.decode([lp.token_ids[0]], False)
-                )
-            }
-            for rank, (tid, val) in enumerate(zip(lp.token_ids[1:], lp.logprobs[1:]), start=1):
-                entry.setdefault(tid, Logprob(val, rank, self.tokenizer.decode([tid], False)))
-            sample.logprobs.append(entry)
+            sample.logprobs.append(self._logprob_entry(lp.token_ids, lp.logprobs, lp.sampled_rank))
             sample.cumulative_logprob += lp.logprobs[0]
         sample.pending_text += sample.detok.add_tokens(new_ids)
         if sample.detok.stop_reason is not None and not req.is_finished:
@@ -299,4 +335,5 @@ class LLMEngine:
         return RequestOutput(
             group.request_id, group.prompt, group.prompt_token_ids, outs, group.finished,
             num_cached_tokens=group.samples[0].request.num_cached_tokens,
+            prompt_logprobs=group.prompt_logprobs,
         )

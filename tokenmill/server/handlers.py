@@ -63,7 +63,10 @@ class OpenAIServing:
 
     def check_length(self, num_prompt: int, max_tokens: int | None) -> None:
         requested = num_prompt + (max_tokens or 0)
-        if num_prompt >= self.max_model_len or requested > self.max_model_len:
+        # a prompt-only request (max_tokens 0) may fill the whole context
+        too_long = num_prompt > self.max_model_len or (
+            num_prompt == self.max_model_len and max_tokens != 0)
+        if too_long or requested > self.max_model_len:
             raise ContextLengthError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, "
                 f"you requested {requested} tokens ({num_prompt} in the prompt, "
@@ -169,6 +172,32 @@ def completion_logprobs(o: CompletionOutput, tokenizer: Any, k: int, start: int 
         offset += len(piece)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
             "text_offset": offsets}
+
+
+def prompt_logprobs_object(token_ids: list[int], prompt_logprobs: list | None, tokenizer: Any,
+                           k: int) -> dict[str, Any]:
+    """The legacy completions logprobs object of an echoed prompt (the first token's logprob
+    and alternatives are null: nothing predicts it)."""
+    tokens, token_lps, tops, offsets = [], [], [], []
+    offset = 0
+    for tok, lp in zip(token_ids, prompt_logprobs or []):
+        piece = tokenizer.decode([tok], skip_special_tokens=False)
+        tokens.append(piece)
+        offsets.append(offset)
+        offset += len(piece)
+        token_lps.append(None if lp is None else lp[tok].logprob)
+        tops.append({v.decoded_token: v.logprob for _, v in _top(lp, k)}
+                    if k and lp is not None else None)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
+            "text_offset": offsets}
+
+
+def join_logprobs(first: dict[str, Any] | None,
+                  second: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Two legacy logprobs objects one after the other (either may be None)."""
+    if first is None or second is None:
+        return first if second is None else second
+    return {key: first[key] + second[key] for key in first}
 
 
 def chat_logprobs(o: CompletionOutput, tokenizer: Any, k: int,

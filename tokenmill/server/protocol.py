@@ -57,12 +57,14 @@ class _Common(BaseModel):
             raise UnsupportedParameter("stream_options",
                                        "stream_options is only allowed when stream is true")
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         kw: dict[str, Any] = dict(
             n=self.n, seed=self.seed, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, stop=self.stop, max_tokens=max_tokens,
             min_tokens=self.min_tokens, ignore_eos=self.ignore_eos,
             stop_token_ids=self.stop_token_ids, logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
         )
@@ -88,9 +90,17 @@ class CompletionRequest(_Common):
             raise UnsupportedParameter("best_of", "best_of other than n is not supported yet")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise UnsupportedParameter("logprobs", "logprobs must be between 0 and 20")
-        if self.echo and self.logprobs is not None:
-            raise UnsupportedParameter("echo", "echo with logprobs (prompt logprobs) is not "
-                                               "supported yet")
+        if self.max_tokens is not None and self.max_tokens < 1 and not (
+                self.echo and self.max_tokens == 0):
+            raise UnsupportedParameter("max_tokens", "max_tokens must be >= 1 (0 is allowed with "
+                                                     "echo: it only scores the prompt)")
+
+    def prompt_logprobs(self) -> int | None:
+        """What the engine must compute for the prompt: the echoed prompt's logprobs (with
+        logprobs), or nothing; max_tokens 0 runs the prompt alone, which needs them anyway."""
+        if self.echo and (self.logprobs is not None or self.max_tokens == 0):
+            return self.logprobs or 0
+        return None
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt

@@ -11,11 +11,14 @@ import time
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
+from tokenmill.outputs import RequestOutput
 from tokenmill.server.handlers import (
     OpenAIServing,
     PreparedPrompt,
     chat_logprobs,
     completion_logprobs,
+    join_logprobs,
+    prompt_logprobs_object,
     sse,
     usage,
 )
@@ -46,7 +49,7 @@ async def completion_response(serving: OpenAIServing, body: CompletionRequest
     prompts = [serving.prepare(p) for p in body.prompts()]
     for p in prompts:
         serving.check_length(len(p.token_ids), body.max_tokens)
-    params = body.sampling_params(body.max_tokens, body.logprobs)
+    params = body.sampling_params(body.max_tokens, body.logprobs, body.prompt_logprobs())
     rid, streams, tracker = await serving.start(prompts, params, "cmpl")
     created, n = int(time.time()), body.n
     tok = serving.tokenizer
@@ -54,6 +57,12 @@ async def completion_response(serving: OpenAIServing, body: CompletionRequest
 
     def echo_text(p: PreparedPrompt) -> str:
         return p.text if p.text is not None else tok.decode(p.token_ids)
+
+    def echo_logprobs(i: int, out: RequestOutput) -> dict | None:
+        """The echoed prompt's part of the logprobs object (None without logprobs)."""
+        if body.logprobs is None:
+            return None
+        return prompt_logprobs_object(prompts[i].token_ids, out.prompt_logprobs, tok, k)
 
     def base(choices: list[dict]) -> dict:
         return {"id": rid, "object": "text_completion", "created": created,
@@ -68,9 +77,11 @@ async def completion_response(serving: OpenAIServing, body: CompletionRequest
             prefix = echo_text(prompts[i]) if body.echo else ""
             for o in final[i].outputs:
                 n_out += len(o.token_ids)
+                lp = completion_logprobs(o, tok, k, text_offset=len(prefix))
+                if body.echo:
+                    lp = join_logprobs(echo_logprobs(i, final[i]), lp)
                 choices.append({
-                    "index": i * n + o.index, "text": prefix + o.text,
-                    "logprobs": completion_logprobs(o, tok, k, text_offset=len(prefix)),
+                    "index": i * n + o.index, "text": prefix + o.text, "logprobs": lp,
                     "finish_reason": o.finish_reason})
         choices.sort(key=lambda c: c["index"])
         return base(choices) | {"usage": usage(tracker.prompt_tokens, n_out)}
@@ -79,23 +90,23 @@ async def completion_response(serving: OpenAIServing, body: CompletionRequest
         counts: dict[int, int] = {}
         offsets: dict[int, int] = {}
         try:
-            if body.echo:
-                for i, p in enumerate(prompts):
-                    for j in range(n):
-                        text = echo_text(p)
-                        offsets[i * n + j] = len(text)
-                        yield sse(base([{"index": i * n + j, "text": text, "logprobs": None,
-                                         "finish_reason": None}]))
             async for i, out in serving.merged(streams, tracker):
                 for o in out.outputs:
                     idx = i * n + o.index
                     counts[idx] = len(o.token_ids)
-                    if not (o.delta_text or o.delta_token_ids or o.finished):
+                    echo, echo_lp = "", None
+                    if body.echo and idx not in offsets:
+                        # The choice's first chunk carries the prompt (and its logprobs, known
+                        # once the prompt has run).
+                        echo, echo_lp = echo_text(prompts[i]), echo_logprobs(i, out)
+                        offsets[idx] = len(echo)
+                    elif not (o.delta_text or o.delta_token_ids or o.finished):
                         continue
                     start = len(o.token_ids) - len(o.delta_token_ids)
-                    lp = completion_logprobs(o, tok, k, start, offsets.get(idx, 0))
+                    lp = join_logprobs(echo_lp, completion_logprobs(o, tok, k, start,
+                                                                    offsets.get(idx, 0)))
                     offsets[idx] = offsets.get(idx, 0) + len(o.delta_text)
-                    yield sse(base([{"index": idx, "text": o.delta_text, "logprobs": lp,
+                    yield sse(base([{"index": idx, "text": echo + o.delta_text, "logprobs": lp,
                                      "finish_reason": o.finish_reason}]))
             for line in _stream_end(body, base([]), tracker.prompt_tokens, counts):
                 yield line

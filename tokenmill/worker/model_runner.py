@@ -8,14 +8,23 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tokenmill.core.outputs import ModelRunnerOutput, SampleLogprobs, SchedulerOutput
+from tokenmill.core.outputs import (
+    ModelRunnerOutput,
+    PromptLogprobsChunk,
+    SampleLogprobs,
+    SchedulerOutput,
+)
 from tokenmill.core.request import Request
 from tokenmill.layers.attention import AttentionMetadata, build_padded_group
 from tokenmill.layers.fused import cpu_kernels
 from tokenmill.models.base import CausalLM, KVCache
-from tokenmill.sample.sampler import Sampler, build_sampling_metadata
+from tokenmill.sample.sampler import Sampler, build_sampling_metadata, compute_logprobs
 
 logger = logging.getLogger(__name__)
+
+# Prompt logprobs are computed over at most this many logits at once ([rows, vocab] float32),
+# so a long prefill chunk does not materialise its whole logits matrix.
+PROMPT_LOGPROBS_SLICE_ELEMENTS = 1 << 24
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,8 +142,10 @@ class ModelRunner:
         inputs = prepare_inputs(sched, self.block_size, self.device,
                                 padded_decode=not self.fused_decode_attention)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn)
+        prompt_lps = (self._prompt_logprobs(sched, inputs.order, hidden)
+                      if any(s.prompt_logprob_positions for s in sched.scheduled) else {})
         if not inputs.sample_rows:
-            return ModelRunnerOutput()
+            return ModelRunnerOutput(prompt_logprobs=prompt_lps)
         hidden = hidden[inputs.logits_indices]
         reqs = [sched.scheduled[i].request for i in inputs.sample_rows]
         if all(_plain_greedy(r, r.sampling_params) for r in reqs):
@@ -144,8 +155,52 @@ class ModelRunner:
             ops = cpu_kernels(logits)
             tokens = (ops.argmax_rows(logits) if ops is not None
                       else logits.argmax(dim=-1)).tolist()
-            return ModelRunnerOutput(sampled={r.request_id: t for r, t in zip(reqs, tokens)})
-        return self._sample(reqs, self.model.compute_logits(hidden))
+            out = ModelRunnerOutput(sampled={r.request_id: t for r, t in zip(reqs, tokens)})
+        else:
+            out = self._sample(reqs, self.model.compute_logits(hidden))
+        out.prompt_logprobs = prompt_lps
+        return out
+
+    def _prompt_logprobs(self, sched: SchedulerOutput, order: list[int],
+                         hidden: torch.Tensor) -> dict[str, PromptLogprobsChunk]:
+        """Logprobs of the prompt tokens that this step's chunks predict (log_softmax of the
+        float32 logits, no sampling transforms), in slices of rows to bound memory."""
+        rows: list[np.ndarray] = []
+        targets: list[int] = []
+        wanted: list[tuple[str, int, int, int]] = []  # (request id, first position, rows, k)
+        start = 0
+        for i in order:  # flat-batch order: row offsets follow it
+            s = sched.scheduled[i]
+            span = s.prompt_logprob_positions
+            if span:  # span starts at the chunk's first token
+                rows.append(np.arange(start, start + len(span)))
+                targets.extend(s.request.prompt_token_ids[span.start + 1 : span.stop + 1])
+                wanted.append((s.request_id, span.start, len(span),
+                               s.request.sampling_params.prompt_logprobs))
+            start += s.num_scheduled_tokens
+        k = max(w[3] for w in wanted)
+        row_index = torch.from_numpy(np.concatenate(rows)).to(self.device)
+        target_ids = torch.tensor(targets, dtype=torch.int64, device=self.device)
+        step = max(1, PROMPT_LOGPROBS_SLICE_ELEMENTS // self.vocab_size)
+        lps, ids, ranks = [], [], []
+        for lo in range(0, len(targets), step):
+            logits = self.model.compute_logits(hidden[row_index[lo:lo + step]])  # float32
+            lp, tid, rank = compute_logprobs(torch.log_softmax(logits, dim=-1),
+                                             target_ids[lo:lo + step], k)
+            lps.append(lp)
+            ids.append(tid)
+            ranks.append(rank)
+        all_lps = torch.cat(lps).tolist()
+        all_ids = torch.cat(ids).tolist()
+        all_ranks = torch.cat(ranks).tolist()
+        result: dict[str, PromptLogprobsChunk] = {}
+        pos = 0
+        for rid, first_position, n, kr in wanted:
+            result[rid] = PromptLogprobsChunk(
+                first_position, [r[: 1 + kr] for r in all_ids[pos:pos + n]],
+                [r[: 1 + kr] for r in all_lps[pos:pos + n]], all_ranks[pos:pos + n])
+            pos += n
+        return result
 
     def _sample(self, reqs: list[Request], logits: torch.Tensor) -> ModelRunnerOutput:
         params = [r.sampling_params for r in reqs]
