@@ -132,15 +132,15 @@ def test_kernel_build_cache_clears_only_stale_locks(tmp_path, monkeypatch):
     from tokenmill.kernels import cpu_ops
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    build_dir = cpu_ops.build_directory()
+    build_dir = cpu_ops.build_directory("avx2")
     assert build_dir.is_relative_to(tmp_path)
     lock = build_dir / "lock"
     build_dir.mkdir(parents=True)
     lock.touch()
-    sources = cpu_ops._prepare(build_dir)
+    sources = cpu_ops._prepare(build_dir, "avx2")
     assert lock.exists()  # fresh: another process may be compiling
     assert all(os.path.isfile(s) and s.startswith(str(build_dir)) for s in sources)
     old = time.time() - cpu_ops.STALE_LOCK_SECONDS - 5
     os.utime(lock, (old, old))
-    cpu_ops._prepare(build_dir)
+    cpu_ops._prepare(build_dir, "avx2")
     assert not lock.exists()

@@ -12,13 +12,13 @@ import torch
 from tqdm.auto import tqdm
 
 from tokenmill.errors import ModelLoadError
-from tokenmill.layers.gguf_quant import native_gguf_available
+from tokenmill.kernels.cpu_ops import get_ops, select_isa
 from tokenmill.loader.gguf_file import gguf_metadata, open_gguf
-from tokenmill.loader.gguf_native import describe_native, use_native_gguf
 from tokenmill.loader.resolve import ModelSource
 from tokenmill.loader.weights import (
     count_safetensors,
     gguf_rope_freq_factors,
+    gguf_to_hf_name,
     iter_gguf,
     iter_safetensors,
     safetensors_files,
@@ -26,6 +26,9 @@ from tokenmill.loader.weights import (
 from tokenmill.models.base import CausalLM
 from tokenmill.models.config import ModelArchConfig, arch_config_from_gguf, arch_config_from_hf
 from tokenmill.models.registry import get_model_class
+from tokenmill.quant.base import QuantConfig
+from tokenmill.quant.dense import DenseConfig
+from tokenmill.quant.gguf import GGUFQuantConfig, describe_counts
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +42,8 @@ class ModelInfo:
     weight_format: str  # e.g. "GGUF Q4_1 (210 tensors), F32 (61), Q8_0 (1)" or "safetensors bf16"
     checkpoint_bytes: int
     metadata: dict[str, Any]
-    native_weights: str = ""  # quantized types the kernels run directly, e.g. "Q4_1 x210"
+    native_weights: str = ""  # layers by the method they run, e.g. "Q4_1 x60, Q8_0 output"
+    quant_reason: str = ""  # why the weights run natively or dequantized (kernel level chosen)
 
 
 def read_model_info(source: ModelSource) -> tuple[ModelInfo, Any]:
@@ -65,27 +69,60 @@ def read_model_info(source: ModelSource) -> tuple[ModelInfo, Any]:
     return ModelInfo(source, arch, fmt, size, cfg), None
 
 
+def quant_config_for(source: ModelSource, reader: Any, arch: ModelArchConfig,
+                     dtype: torch.dtype, device: torch.device | str,
+                     quantization: str) -> tuple[QuantConfig, str]:
+    """The quantization config for this load, and why (logged, shown by `info`).
+
+    A GGUF file's quantized tensors run natively when `quantization="auto"`, the model family
+    takes a QuantConfig, the device is the CPU with an integer-dot kernel level
+    (`kernels.cpu_ops.select_isa`) and the dtype is float32 or bfloat16; otherwise every
+    weight is dequantized to `dtype`.
+    """
+    if source.kind != "gguf":
+        return DenseConfig(), "dense checkpoint"
+    if quantization != "auto":
+        return DenseConfig(), f"quantization={quantization!r}: dequantized to the compute dtype"
+    if not get_model_class(arch.architecture).supports_native_gguf:
+        return DenseConfig(), f"no native GGUF path for {arch.architecture}: dequantized"
+    if torch.device(device).type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        return DenseConfig(), f"no quantized kernels for {dtype} on {device}: dequantized"
+    choice = select_isa()
+    ops = get_ops() if choice.quant else None
+    if ops is None or not ops.quant_isa():
+        why = choice.reason if not choice.quant else "the CPU kernels could not be built"
+        return DenseConfig(), f"{why}; dequantized"
+    types = {}
+    for t in reader.tensors:
+        name = gguf_to_hf_name(arch.model_type, t.name)
+        types[name] = (int(t.tensor_type), tuple(int(x) for x in reversed(t.shape)))
+    return GGUFQuantConfig(types, ops), f"{choice.build} kernels ({choice.reason})"
+
+
 def load_model(source: ModelSource, dtype: torch.dtype, max_model_len: int | None = None,
                device: torch.device | str = "cpu", progress: bool = True,
                quantization: str = "auto") -> tuple[CausalLM, ModelInfo]:
     """Build the model module for `source` and stream its weights in (strict names).
 
     Rotary tables cover min(the model's context length, max_model_len) positions.
-    `quantization="auto"` keeps a GGUF file's quantized linear weights and runs them natively
-    where a kernel exists for this device and dtype; "none" dequantizes everything to `dtype`.
+    `quantization="auto"` keeps a GGUF file's quantized weights and runs them natively where a
+    kernel exists for this device and dtype (`quant_config_for`); "none" dequantizes everything.
     """
     info, reader = read_model_info(source)
     arch = info.arch
     max_positions = min(arch.max_position_embeddings, max_model_len or 1 << 62)
     model_cls = get_model_class(arch.architecture)
     freq_factors = gguf_rope_freq_factors(reader) if reader is not None else None
+    quant, info.quant_reason = quant_config_for(source, reader, arch, dtype, device,
+                                                quantization)
+    kwargs = {"quant": quant} if model_cls.supports_native_gguf else {}
     with torch.device(device):
-        model = model_cls(arch, dtype, max_positions, freq_factors)
+        model = model_cls(arch, dtype, max_positions, freq_factors, **kwargs)
     if source.kind == "gguf":
         if arch.model_type == "gpt2":
             model.conv1d_layout = False
         total = len([t for t in reader.tensors if t.name != "rope_freqs.weight"])
-        weights = iter_gguf(reader, arch.model_type, arch.num_heads, arch.num_kv_heads)
+        weights = iter_gguf(reader, arch.model_type, arch.num_heads, arch.num_kv_heads, raw=True)
     else:
         files = safetensors_files(source.path)
         total = count_safetensors(files)
@@ -93,9 +130,8 @@ def load_model(source: ModelSource, dtype: torch.dtype, max_model_len: int | Non
     bar = tqdm(weights, total=total, desc="Loading weights", unit="tensor", disable=not progress,
                leave=False)
     model.load_weights(bar)
-    if (source.kind == "gguf" and quantization == "auto" and model.supports_native_gguf
-            and native_gguf_available(dtype, device)):
-        info.native_weights = describe_native(use_native_gguf(model, reader, arch))
+    if isinstance(quant, GGUFQuantConfig):
+        info.native_weights = describe_counts(quant.counts)
     model.process_weights_after_loading()
     model.eval()
     return model, info

@@ -79,7 +79,11 @@ class RawGGUFTensor:
     name: str
     ggml_type: Any  # gguf.GGMLQuantizationType
     shape: tuple[int, ...]  # logical shape, PyTorch order ([out, in] for weights)
-    data: np.ndarray  # memory-mapped bytes / values
+    data: np.ndarray  # memory-mapped bytes / values ([rows, row bytes] when quantized)
+
+    def dequantize(self) -> torch.Tensor:
+        """The dense tensor (float32, or F16 / BF16 as stored); errors name the tensor."""
+        return _to_torch(self.name, self.ggml_type, self.shape, self.data)
 
 
 _LLAMA_GGUF = {
@@ -131,53 +135,50 @@ def _unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def gguf_tensor_to_torch(t: Any) -> torch.Tensor:
-    """Dequantize one GGUF tensor to a float tensor in PyTorch order ([out, in])."""
+def _to_torch(name: str, ggml_type: Any, shape: tuple[int, ...], data: np.ndarray) -> torch.Tensor:
     from gguf import GGMLQuantizationType as QT
     from gguf.quants import dequantize
 
-    shape = tuple(int(x) for x in reversed(t.shape))
-    if t.tensor_type in (QT.F32, QT.F16):
-        arr = np.asarray(t.data)
-        return torch.from_numpy(arr.copy()).reshape(shape)
-    if t.tensor_type == QT.BF16:
-        raw = np.asarray(t.data).view(np.int16).copy()
-        return torch.from_numpy(raw).view(torch.bfloat16).reshape(shape)
     try:
-        arr = dequantize(t.data, t.tensor_type)
+        if ggml_type in (QT.F32, QT.F16):
+            return torch.from_numpy(np.array(data)).reshape(shape)
+        if ggml_type == QT.BF16:
+            raw = np.array(data).view(np.int16)
+            return torch.from_numpy(raw).view(torch.bfloat16).reshape(shape)
+        arr = dequantize(data, ggml_type)
     except NotImplementedError:
         raise ModelLoadError(
-            f"GGUF tensor {t.name!r} uses quantization type {t.tensor_type.name}, which the "
-            "gguf package cannot dequantize"
+            f"GGUF tensor {name!r} uses quantization type {ggml_type.name}, which the gguf "
+            "package cannot dequantize"
         ) from None
+    except (ValueError, IndexError, TypeError) as e:
+        raise ModelLoadError(f"GGUF tensor {name!r} cannot be read: {e}") from None
     return torch.from_numpy(np.ascontiguousarray(arr)).reshape(shape)
+
+
+def gguf_tensor_to_torch(t: Any) -> torch.Tensor:
+    """Dequantize one GGUF tensor to a float tensor in PyTorch order ([out, in])."""
+    return _to_torch(t.name, t.tensor_type, tuple(int(x) for x in reversed(t.shape)), t.data)
 
 
 def iter_gguf(reader: Any, arch: str, num_heads: int, num_kv_heads: int,
               raw: bool = False) -> Iterator[tuple[str, Any]]:
-    """(HF name, tensor) pairs; `raw=True` yields RawGGUFTensor instead of dequantizing."""
+    """(HF name, tensor) pairs; `raw=True` yields RawGGUFTensor (blocks as stored, rows in the
+    model's order) instead of dequantizing, so the layer's quant method decides."""
     for t in reader.tensors:
         if t.name in GGUF_SPECIAL:
             continue
         hf_name = gguf_to_hf_name(arch, t.name)
+        shape = tuple(int(x) for x in reversed(t.shape))
+        heads = _qk_heads(arch, hf_name, num_heads, num_kv_heads)
         if raw:
-            shape = tuple(int(x) for x in reversed(t.shape))
             data = t.data
-            heads = _qk_heads(arch, hf_name, num_heads, num_kv_heads)
             if heads:  # rows are output features: whole quantized rows move
                 data = _unpermute_qk(torch.from_numpy(np.array(data)), heads).numpy()
             yield hf_name, RawGGUFTensor(t.name, t.tensor_type, shape, data)
             continue
-        try:
-            tensor = gguf_tensor_to_torch(t)
-        except (ModelLoadError, ValueError, IndexError, TypeError) as e:
-            if isinstance(e, ModelLoadError):
-                raise
-            raise ModelLoadError(f"GGUF tensor {t.name!r} cannot be read: {e}") from None
-        heads = _qk_heads(arch, hf_name, num_heads, num_kv_heads)
-        if heads:
-            tensor = _unpermute_qk(tensor, heads)
-        yield hf_name, tensor
+        tensor = gguf_tensor_to_torch(t)
+        yield hf_name, _unpermute_qk(tensor, heads) if heads else tensor
 
 
 def _qk_heads(arch: str, hf_name: str, num_heads: int, num_kv_heads: int) -> int:

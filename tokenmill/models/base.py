@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
 from tokenmill.errors import ModelLoadError
+from tokenmill.layers.embedding import VocabEmbedding
 from tokenmill.layers.linear import Linear
 from tokenmill.models.config import ModelArchConfig
+from tokenmill.quant.base import QuantConfig
+from tokenmill.quant.dense import copy_checked, materialize
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -28,7 +32,7 @@ class CausalLM(torch.nn.Module):
     """
 
     stacked_params: dict[str, tuple[str, str]] = {}
-    supports_native_gguf = False  # GGUF linear weights load as-is (no layout transform)
+    supports_native_gguf = False  # takes a QuantConfig (GGUF blocks load with no layout change)
     ignored_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
 
     def __init__(self, cfg: ModelArchConfig) -> None:
@@ -39,39 +43,54 @@ class CausalLM(torch.nn.Module):
                 kv_caches: list[KVCache], meta) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def input_embeddings(self) -> torch.nn.Embedding:  # pragma: no cover - abstract
+    def input_embeddings(self) -> VocabEmbedding:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
         """[num_rows, hidden] -> [num_rows, vocab], in float32 unless `float32=False` (then in
         the model dtype, enough for an argmax)."""
-        native = getattr(self, "native_head", None)
-        packed = getattr(self, "packed_tied_head", None)
-        if native is not None:
-            logits = native(hidden)
-        elif packed is not None:
-            logits = torch.ops.mkldnn._linear_pointwise(hidden, packed, None, "none", [], "")
-        elif self.cfg.tie_word_embeddings:
-            logits = torch.nn.functional.linear(hidden, self.input_embeddings().weight)
+        head = getattr(self, "lm_head", None)
+        if head is not None:
+            logits = head(hidden)
+        elif self.packed_tied_head is not None:
+            logits = torch.ops.mkldnn._linear_pointwise(hidden, self.packed_tied_head, None,
+                                                        "none", [], "")
         else:
-            logits = self.lm_head(hidden)
+            logits = torch.nn.functional.linear(hidden, self.input_embeddings().dense_weight())
         return logits.float() if float32 else logits
 
+    def _build_head(self, quant: QuantConfig, hidden: int, vocab: int, dtype: torch.dtype,
+                    embedding_name: str) -> None:
+        """`lm_head`: its own weight, or for tied models a quantized copy of the embedding's
+        blocks when the quant config can run them; a tied dense head reads the table."""
+        self.packed_tied_head: torch.Tensor | None = None
+        self.tied_embedding_name = embedding_name
+        if not self.cfg.tie_word_embeddings:
+            self.lm_head = Linear(hidden, vocab, dtype=dtype, quant_method=quant.linear_method(
+                {"": "lm_head.weight"}, hidden, {"": vocab}))
+            return
+        method = quant.tied_head_method(embedding_name, hidden, vocab)
+        if method is not None:
+            self.lm_head = Linear(hidden, vocab, dtype=dtype, quant_method=method)
+
+    def _owned_by_layer(self, pname: str) -> bool:
+        owner = self.get_submodule(pname.rsplit(".", 1)[0]) if "." in pname else self
+        return isinstance(owner, (Linear, VocabEmbedding))
+
     def weight_bytes_per_step(self) -> int:
-        """Bytes of weights one forward pass reads: every linear layer as stored (dense, packed
-        or quantized blocks), norms and biases, and the output head; the embedding table is
-        only read by rows, so it counts only when it doubles as the output head."""
-        embedding = self.input_embeddings().weight
-        total = sum(p.numel() * p.element_size() for p in self.parameters()
-                    if p is not embedding)
+        """Bytes of weights one forward pass reads: every linear layer as its method stores it,
+        norms and biases, and the output head; the embedding table is only read by rows, so it
+        counts only when it doubles as the output head."""
+        total = sum(p.numel() * p.element_size() for n, p in self.named_parameters()
+                    if not self._owned_by_layer(n))
         for m in self.modules():
             if isinstance(m, Linear):
-                for t in (getattr(m, "qweight", None), m.packed_weight):
-                    if t is not None:
-                        total += t.numel() * t.element_size()
-        if self.cfg.tie_word_embeddings and getattr(self, "native_head", None) is None:
-            head = getattr(self, "packed_tied_head", None)
-            head = embedding if head is None else head
+                total += m.quant_method.bytes_per_call(m)
+                if m.bias is not None:
+                    total += m.bias.numel() * m.bias.element_size()
+        if self.cfg.tie_word_embeddings and getattr(self, "lm_head", None) is None:
+            head = self.packed_tied_head
+            head = self.input_embeddings().dense_weight() if head is None else head
             total += head.numel() * head.element_size()
         return total
 
@@ -79,14 +98,14 @@ class CausalLM(torch.nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.quant_method.process_weights_after_loading(module)
-        if self.cfg.tie_word_embeddings:
+        w = self.input_embeddings().dense_weight()
+        if (self.cfg.tie_word_embeddings and getattr(self, "lm_head", None) is None
+                and w is not None and w.device.type == "cpu"
+                and w.dtype in (torch.bfloat16, torch.float16)
+                and torch.backends.mkldnn.is_available()):
             # The output projection reuses the embedding matrix; a oneDNN-packed copy makes the
             # [num_rows, vocab] GEMM of every step ~1.5-2x faster in bf16 on CPU.
-            w = self.input_embeddings().weight
-            if (getattr(self, "native_head", None) is None and w.device.type == "cpu"
-                    and w.dtype in (torch.bfloat16, torch.float16)
-                    and torch.backends.mkldnn.is_available()):
-                self.packed_tied_head = torch.ops.mkldnn._reorder_linear_weight(w.detach())
+            self.packed_tied_head = torch.ops.mkldnn._reorder_linear_weight(w.detach())
 
     def normalize_name(self, name: str) -> str:
         """Map a checkpoint tensor name onto this module's naming (override per family)."""
@@ -108,19 +127,24 @@ class CausalLM(torch.nn.Module):
         return name, name, ""
 
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy every checkpoint tensor into its parameter; missing/unexpected -> error."""
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
+        """Give every checkpoint tensor to the layer that owns it; missing/unexpected -> error.
+
+        Tensors may be dense torch tensors or a GGUF file's raw blocks (`dequantize()`-able):
+        a layer whose method takes raw blocks gets them as they are, every other one gets the
+        dense tensor. A tied quantized output head gets the embedding's blocks too.
+        """
+        modules = dict(self.named_modules())
         params = dict(self.named_parameters())
         expected: set[tuple[str, str]] = set()
-        for pname, _ in params.items():
-            module_name = pname.rsplit(".", 1)[0]
-            module = self.get_submodule(module_name)
-            if isinstance(module, Linear) and pname.endswith(".weight"):
-                expected.update((pname, shard) for shard in module.output_sizes)
-            elif isinstance(module, Linear) and pname.endswith(".bias"):
-                expected.update((pname, shard) for shard in module.output_sizes)
-            else:
-                expected.add((pname, ""))
+        for mname, m in modules.items():
+            if isinstance(m, Linear):
+                kinds = ("weight", "bias") if m.bias is not None else ("weight",)
+                expected.update((f"{mname}.{k}", s) for k in kinds for s in m.output_sizes)
+            elif isinstance(m, VocabEmbedding):
+                expected.add((f"{mname}.weight", ""))
+        expected.update((p, "") for p in params if not self._owned_by_layer(p))
+        tied_head = getattr(self, "lm_head", None) if self.cfg.tie_word_embeddings else None
         loaded: set[tuple[str, str]] = set()
         unexpected: list[str] = []
         for raw_name, tensor in weights:
@@ -128,23 +152,28 @@ class CausalLM(torch.nn.Module):
             if resolved is None:
                 continue
             name, target, shard = resolved
-            param = params.get(target)
-            if param is None:
+            if (target, shard) not in expected:
                 unexpected.append(raw_name)
                 continue
-            tensor = self.transform_weight(name, tensor)
-            if shard:
-                module = self.get_submodule(target.rsplit(".", 1)[0])
-                start, size = module.shard_offsets[shard]
-                dest = param.data.narrow(0, start, size)
+            module = modules.get(target.rsplit(".", 1)[0])
+            if isinstance(module, (Linear, VocabEmbedding)) and target.endswith(".weight"):
+                method = module.quant_method
+                if not method.takes_raw:
+                    tensor = self.transform_weight(name, materialize(tensor))
+                if isinstance(module, Linear):
+                    method.load_weight(module, shard, tensor, raw_name)
+                else:
+                    method.load_weight(module, tensor, raw_name)
+                    if tied_head is not None and name == self.tied_embedding_name:
+                        tied_head.quant_method.load_weight(tied_head, "", tensor, raw_name)
+                        loaded.add(("lm_head.weight", ""))
             else:
-                dest = param.data
-            if tuple(dest.shape) != tuple(tensor.shape):
-                raise ModelLoadError(
-                    f"tensor {raw_name!r} has shape {tuple(tensor.shape)}, "
-                    f"the model expects {tuple(dest.shape)}"
-                )
-            dest.copy_(tensor)
+                tensor = self.transform_weight(name, materialize(tensor))
+                dest = params[target].data
+                if shard:
+                    start, size = module.shard_offsets[shard]
+                    dest = dest.narrow(0, start, size)
+                copy_checked(dest, tensor, raw_name)
             loaded.add((target, shard))
         if unexpected:
             raise ModelLoadError(f"unexpected tensors in checkpoint: {_short_list(unexpected)}")

@@ -6,9 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.layers.attention import AttentionMetadata, TorchPagedAttention
+from tokenmill.layers.embedding import VocabEmbedding
 from tokenmill.layers.linear import Linear
 from tokenmill.models.base import CausalLM, KVCache
 from tokenmill.models.config import ModelArchConfig
+from tokenmill.quant.dense import DenseConfig
 
 _PROJECTIONS = ("c_attn", "c_proj", "c_fc", "mlp_proj")
 
@@ -48,13 +50,12 @@ class GPT2LMHeadModel(CausalLM):
         super().__init__(cfg)
         if cfg.hidden_act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"GPT-2 activation {cfg.hidden_act!r} is not supported")
-        self.wte = torch.nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.wte = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, dtype)
         self.wpe = torch.nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype)
         self.h = torch.nn.ModuleList(GPT2Block(cfg, dtype, i) for i in range(cfg.num_layers))
         self.ln_f = _layer_norm(cfg.hidden_size, cfg.norm_eps, dtype)
         self.requires_grad_(False)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype)
+        self._build_head(DenseConfig(), cfg.hidden_size, cfg.vocab_size, dtype, "wte.weight")
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
@@ -63,7 +64,7 @@ class GPT2LMHeadModel(CausalLM):
             x = block(x, kv_cache, meta)
         return self.ln_f(x)
 
-    def input_embeddings(self) -> torch.nn.Embedding:
+    def input_embeddings(self) -> VocabEmbedding:
         return self.wte
 
     def normalize_name(self, name: str) -> str | None:

@@ -5,25 +5,40 @@ from __future__ import annotations
 import torch
 
 from tokenmill.layers.attention import AttentionMetadata, TorchPagedAttention
+from tokenmill.layers.embedding import VocabEmbedding
 from tokenmill.layers.fused import silu_and_mul
 from tokenmill.layers.linear import Linear
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding, needs_cos_sin, rotary_inplace
 from tokenmill.models.base import CausalLM, KVCache
 from tokenmill.models.config import ModelArchConfig
+from tokenmill.quant.base import QuantConfig
+from tokenmill.quant.dense import DenseConfig
+
+EMBEDDING = "model.embed_tokens.weight"
+
+
+def _linear(quant: QuantConfig, prefix: str, in_features: int, sizes: dict[str, int],
+            dtype: torch.dtype, bias: bool = False) -> Linear:
+    """A Linear whose shards load from `{prefix}.{shard}.weight` (or `{prefix}.weight`)."""
+    names = {s: f"{prefix}.{s}.weight" if s else f"{prefix}.weight" for s in sizes}
+    return Linear(in_features, sizes, bias=bias, dtype=dtype,
+                  quant_method=quant.linear_method(names, in_features, sizes))
 
 
 class LlamaAttention(torch.nn.Module):
-    def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype, quant: QuantConfig,
+                 prefix: str) -> None:
         super().__init__()
         d = cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
         self.q_size, self.kv_size = cfg.num_heads * d, cfg.num_kv_heads * d
-        self.qkv_proj = Linear(
-            cfg.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size},
-            bias=cfg.attention_bias, dtype=dtype,
-        )
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, dtype=dtype)
+        # Checkpoint names of the fused shards: q_proj, k_proj, v_proj.
+        sizes = {"q_proj": self.q_size, "k_proj": self.kv_size, "v_proj": self.kv_size}
+        qkv = _linear(quant, prefix, cfg.hidden_size, sizes, dtype, cfg.attention_bias)
+        self.qkv_proj = qkv
+        self.o_proj = _linear(quant, f"{prefix}.o_proj", self.q_size, {"": cfg.hidden_size},
+                              dtype)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.norm_eps, dtype)
             self.k_norm = RMSNorm(d, cfg.norm_eps, dtype)
@@ -51,24 +66,27 @@ class LlamaAttention(torch.nn.Module):
 
 
 class LlamaMLP(torch.nn.Module):
-    def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype, quant: QuantConfig,
+                 prefix: str) -> None:
         super().__init__()
         if cfg.hidden_act != "silu":
             raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported (only 'silu')")
         i = cfg.intermediate_size
         self.intermediate_size = i
-        self.gate_up_proj = Linear(cfg.hidden_size, {"gate": i, "up": i}, dtype=dtype)
-        self.down_proj = Linear(i, cfg.hidden_size, dtype=dtype)
+        self.gate_up_proj = _linear(quant, prefix, cfg.hidden_size,
+                                    {"gate_proj": i, "up_proj": i}, dtype)
+        self.down_proj = _linear(quant, f"{prefix}.down_proj", i, {"": cfg.hidden_size}, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(torch.nn.Module):
-    def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype, quant: QuantConfig,
+                 prefix: str) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, dtype)
-        self.mlp = LlamaMLP(cfg, dtype)
+        self.self_attn = LlamaAttention(cfg, dtype, quant, f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(cfg, dtype, quant, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype)
 
@@ -88,12 +106,13 @@ class LlamaDecoderLayer(torch.nn.Module):
 
 class LlamaModel(torch.nn.Module):
     def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype, max_positions: int,
-                 rope_freq_factors: torch.Tensor | None = None) -> None:
+                 rope_freq_factors: torch.Tensor | None, quant: QuantConfig) -> None:
         super().__init__()
-        self.embed_tokens = torch.nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.embed_tokens.weight.requires_grad_(False)
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, dtype,
+                                           quant.embedding_method(EMBEDDING))
         self.layers = torch.nn.ModuleList(
-            LlamaDecoderLayer(cfg, dtype) for _ in range(cfg.num_layers)
+            LlamaDecoderLayer(cfg, dtype, quant, f"model.layers.{i}")
+            for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta,
@@ -104,16 +123,18 @@ class LlamaForCausalLM(CausalLM):
     supports_native_gguf = True
     # checkpoint name fragment -> (fused module fragment, shard)
     stacked_params = {
-        "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up"),
+        "q_proj": ("qkv_proj", "q_proj"), "k_proj": ("qkv_proj", "k_proj"),
+        "v_proj": ("qkv_proj", "v_proj"),
+        "gate_proj": ("gate_up_proj", "gate_proj"), "up_proj": ("gate_up_proj", "up_proj"),
     }
 
     def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype, max_positions: int,
-                 rope_freq_factors: torch.Tensor | None = None) -> None:
+                 rope_freq_factors: torch.Tensor | None = None,
+                 quant: QuantConfig | None = None) -> None:
         super().__init__(cfg)
-        self.model = LlamaModel(cfg, dtype, max_positions, rope_freq_factors)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype)
+        quant = quant or DenseConfig()
+        self.model = LlamaModel(cfg, dtype, max_positions, rope_freq_factors, quant)
+        self._build_head(quant, cfg.hidden_size, cfg.vocab_size, dtype, EMBEDDING)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
@@ -129,7 +150,7 @@ class LlamaForCausalLM(CausalLM):
                                 next_norm)
         return h
 
-    def input_embeddings(self) -> torch.nn.Embedding:
+    def input_embeddings(self) -> VocabEmbedding:
         return self.model.embed_tokens
 
     def normalize_name(self, name: str) -> str | None:

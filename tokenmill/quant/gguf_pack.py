@@ -39,18 +39,23 @@ def unit_k(qtype: int) -> int:
 
 
 def can_pack(qtype: int, n: int, k: int) -> bool:
-    """Whether a [n, k] weight of this type has a kernel layout (16-row tiles, whole units)."""
-    return qtype in NAMES and n % 16 == 0 and n > 0 and k % unit_k(qtype) == 0
+    """Whether a [n, k] weight of this type has a kernel layout (whole units along k)."""
+    return qtype in NAMES and n > 0 and k % unit_k(qtype) == 0
+
+
+def padded_rows(n: int) -> int:
+    """Rows rounded up to whole 16-row tiles (the padding rows are all-zero blocks)."""
+    return -(-n // 16) * 16
 
 
 def packed_bytes(qtype: int, n: int, k: int) -> int:
-    return n // 16 * (k // unit_k(qtype)) * UNIT_BYTES[qtype]
+    return padded_rows(n) // 16 * (k // unit_k(qtype)) * UNIT_BYTES[qtype]
 
 
 def parse(raw: np.ndarray | torch.Tensor, qtype: int, n: int, k: int) -> dict[str, torch.Tensor]:
     """GGUF rows [n, k / block * block bytes] -> fields: `u` uint8 [n, k] and metadata."""
     if not isinstance(raw, torch.Tensor):
-        raw = torch.from_numpy(np.ascontiguousarray(raw))
+        raw = torch.from_numpy(np.array(raw))  # a copy: memory-mapped arrays are read-only
     nb = k // (256 if qtype in K_TYPES else 32)
     b = raw.view(torch.uint8).reshape(n, nb, BLOCK_BYTES[qtype])
     f: dict[str, torch.Tensor] = {}
@@ -153,7 +158,12 @@ def _bit_masks(ut: torch.Tensor, bit: int) -> torch.Tensor:
 
 
 def pack(f: dict[str, torch.Tensor], qtype: int, n: int, k: int) -> torch.Tensor:
-    """Fields -> packed uint8 (flat); see the module docstring."""
+    """Fields -> packed uint8 (flat); see the module docstring. Rows are padded with zeros to
+    whole tiles."""
+    if n % 16:
+        pad = padded_rows(n) - n
+        f = {key: torch.cat([v, v.new_zeros(pad, *v.shape[1:])]) for key, v in f.items()}
+        n += pad
     nt, kb = n // 16, k // 32
     ut = _tile_u(f["u"], n, k)  # [nt, kb, 8, 64]
     if qtype in K_TYPES:
@@ -186,7 +196,13 @@ def pack(f: dict[str, torch.Tensor], qtype: int, n: int, k: int) -> torch.Tensor
 
 
 def unpack(packed: torch.Tensor, qtype: int, n: int, k: int) -> dict[str, torch.Tensor]:
-    """Packed uint8 -> the fields `pack` was given (exact inverse; tests and embedding rows)."""
+    """Packed uint8 -> the fields `pack` was given (exact inverse)."""
+    rows, n = n, padded_rows(n)
+    f = _unpack_tiles(packed, qtype, n, k)
+    return {key: v[:rows] for key, v in f.items()}
+
+
+def _unpack_tiles(packed: torch.Tensor, qtype: int, n: int, k: int) -> dict[str, torch.Tensor]:
     nt = n // 16
     units = k // unit_k(qtype)
     t = packed.view(torch.uint8).reshape(nt, units, UNIT_BYTES[qtype])

@@ -2,8 +2,8 @@
 // AVX-512 VNNI `vpdpbusd`). One source, built once per ISA with that ISA's flags
 // (tokenmill/kernels/cpu_ops.py picks the build at run time from CPUID).
 //
-// Activations are quantized once per call to 8-bit blocks of 32 (round to nearest even,
-// d = max|x| / 127) that carry d * (sum of each 16-half) for the weights' offsets.
+// Activations are quantized once per call to 8-bit blocks of 32 (q = round-to-nearest-even of
+// x * 127 / max|x|, d = max|x| * (1 / 127)) that carry d * (sum of each 16-half) for the weights' offsets.
 //
 // Weights are repacked at load (tokenmill/quant/gguf_pack.py, which documents the layout) into
 // tiles of 16 output rows. Inside a tile every 32-input block unpacks to eight 64-byte vectors
@@ -77,7 +77,7 @@ void quantize_row(const T* x, int64_t K, int8_t* q, ActMeta* meta) {
       buf[i] = v;
       amax = std::max(amax, std::fabs(v));
     }
-    const float d = amax / 127.f;
+    const float d = amax * (1.f / 127.f);  // a product: -ffast-math cannot reorder it
     const float id = amax > 0.f ? 127.f / amax : 0.f;
     int slo = 0, shi = 0;
     for (int i = 0; i < 32; ++i) {
@@ -355,14 +355,15 @@ inline void accumulate(const Block& blk, const int8_t* xq, const ActMeta* meta, 
   }
 }
 
+// Writes the first `rows` (<= 16) outputs of a tile.
 template <typename TY>
-inline void store_row(const F16& acc, const float* bias, TY* y) {
+inline void store_row(const F16& acc, const float* bias, TY* y, int rows) {
   alignas(64) float v[16];
   (bias ? acc + F16::load(bias) : acc).store(v);
   if constexpr (std::is_same_v<TY, float>) {
-    std::memcpy(y, v, 64);
+    std::memcpy(y, v, rows * 4);
   } else {
-    for (int i = 0; i < 16; ++i) {  // round to nearest even
+    for (int i = 0; i < rows; ++i) {  // round to nearest even
       uint32_t bits;
       std::memcpy(&bits, &v[i], 4);
       bits += 0x7FFFu + ((bits >> 16) & 1u);
@@ -374,7 +375,7 @@ inline void store_row(const F16& acc, const float* bias, TY* y) {
 // One 16-row tile for tokens [m0, m0 + MT), unpacking each block as it streams.
 template <int64_t Q, int MT, typename TY>
 void tile_streaming(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t K,
-                    const float* bias, TY* y, int64_t ldy) {
+                    const float* bias, TY* y, int64_t ldy, int rows) {
   const int64_t uk = unit_k(Q), ub = unit_bytes(Q), KB = K / 32, bpu = uk / 32;
   F16 acc[MT];
   for (int m = 0; m < MT; ++m) acc[m] = F16::zero();
@@ -387,13 +388,13 @@ void tile_streaming(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int
       accumulate<Q, MT>(blk, xq, meta, K, KB, u * bpu + b, acc);
     }
   }
-  for (int m = 0; m < MT; ++m) store_row(acc[m], bias, y + m * ldy);
+  for (int m = 0; m < MT; ++m) store_row(acc[m], bias, y + m * ldy, rows);
 }
 
 template <int64_t Q, typename TY>
 void gemm_typed(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t M, int64_t N,
                 int64_t K, const float* bias, TY* y, int64_t ldy) {
-  const int64_t n_tiles = N / 16, ub = unit_bytes(Q), tile_bytes = K / unit_k(Q) * ub;
+  const int64_t n_tiles = (N + 15) / 16, ub = unit_bytes(Q), tile_bytes = K / unit_k(Q) * ub;
   const int64_t KB = K / 32, bpu = unit_k(Q) / 32;
   at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<Block> buf(M > 4 ? KB : 0);
@@ -401,12 +402,13 @@ void gemm_typed(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t
       const uint8_t* wt = w + nt * tile_bytes;
       const float* bt = bias ? bias + nt * 16 : nullptr;
       TY* yt = y + nt * 16;
+      const int rows = static_cast<int>(std::min<int64_t>(16, N - nt * 16));
       if (M <= 4) {
         switch (M) {
-          case 1: tile_streaming<Q, 1>(wt, xq, meta, K, bt, yt, ldy); break;
-          case 2: tile_streaming<Q, 2>(wt, xq, meta, K, bt, yt, ldy); break;
-          case 3: tile_streaming<Q, 3>(wt, xq, meta, K, bt, yt, ldy); break;
-          default: tile_streaming<Q, 4>(wt, xq, meta, K, bt, yt, ldy); break;
+          case 1: tile_streaming<Q, 1>(wt, xq, meta, K, bt, yt, ldy, rows); break;
+          case 2: tile_streaming<Q, 2>(wt, xq, meta, K, bt, yt, ldy, rows); break;
+          case 3: tile_streaming<Q, 3>(wt, xq, meta, K, bt, yt, ldy, rows); break;
+          default: tile_streaming<Q, 4>(wt, xq, meta, K, bt, yt, ldy, rows); break;
         }
         continue;
       }
@@ -425,7 +427,7 @@ void gemm_typed(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t
             default: accumulate<Q, 1>(buf[kb], x, a, K, KB, kb, acc); break;
           }
         }
-        for (int m = 0; m < mt; ++m) store_row(acc[m], bt, yt + (m0 + m) * ldy);
+        for (int m = 0; m < mt; ++m) store_row(acc[m], bt, yt + (m0 + m) * ldy, rows);
       }
     }
   });
@@ -484,24 +486,26 @@ std::vector<torch::Tensor> quantize_activations(torch::Tensor x) {
   return {q, meta};
 }
 
-// y[:, col:col + N] = dequant(W) applied to the quantized activations (+ bias [N] float32).
-// y is [M, >= col + N], float32 or bfloat16, rows contiguous.
+// y[:, col:col + N] = dequant(W) applied to the quantized activations (+ bias float32, padded
+// with zeros to whole 16-row tiles). y is [M, >= col + N], float32 or bfloat16, rows contiguous.
+// The packed weight has ceil(N / 16) tiles (the last one padded with zero rows).
 void quant_gemm(torch::Tensor xq, torch::Tensor meta, torch::Tensor packed, int64_t qtype,
                 int64_t N, torch::Tensor y, int64_t col, c10::optional<torch::Tensor> bias) {
   const int64_t M = xq.size(0), K = xq.size(1);
   TORCH_CHECK(unit_bytes(qtype) > 0, "unsupported GGUF type ", qtype);
-  TORCH_CHECK(K % unit_k(qtype) == 0 && N % 16 == 0, "K must be a multiple of ", unit_k(qtype),
-              " and N of 16");
+  const int64_t n_tiles = (N + 15) / 16;
+  TORCH_CHECK(K % unit_k(qtype) == 0 && N > 0, "K must be a multiple of ", unit_k(qtype));
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
-                  packed.numel() == N / 16 * (K / unit_k(qtype)) * unit_bytes(qtype),
+                  packed.numel() == n_tiles * (K / unit_k(qtype)) * unit_bytes(qtype),
               "packed weights do not match N, K and the type");
   TORCH_CHECK(xq.is_contiguous() && meta.is_contiguous() && y.dim() == 2 && y.size(0) == M &&
                   y.stride(1) == 1 && col + N <= y.size(1),
               "bad activation or output tensors");
   const float* b = nullptr;
   if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == N && bias->is_contiguous(),
-                "bias must be float32 [N]");
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == n_tiles * 16 &&
+                    bias->is_contiguous(),
+                "bias must be float32 [ceil(N / 16) * 16]");
     b = bias->data_ptr<float>();
   }
   if (M == 0) return;

@@ -1,0 +1,168 @@
+"""Native GGUF kernels, every type and every kernel level this CPU supports, against a float64
+matmul over `gguf.quants.dequantize`d weights and the identically quantized activations.
+
+A level the CPU has must build (TOKENMILL_REQUIRE_CPU_KERNELS=1 in CI turns a build failure
+into an error, never a skip); levels the CPU lacks are reported as skipped.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import dequantize
+from tests.gguf_builder import ALL_TYPES, K_TYPES, random_blocks
+
+from tokenmill.kernels import cpu_ops
+from tokenmill.quant import gguf_pack as gp
+
+LEVELS = ("avx2", "avx512", "amx")
+
+
+@pytest.fixture(scope="module", params=LEVELS)
+def ops(request):
+    if request.param not in cpu_ops.supported_isas():
+        pytest.skip(f"this CPU cannot run the {request.param} kernels")
+    module = cpu_ops.load_ops(request.param)
+    assert module is not None, f"the {request.param} kernels did not build"
+    assert module.quant_isa() in ("avx2", "avx512")
+    return module
+
+
+def _reference_activations(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Round-to-nearest-even int8 blocks of 32, d = max|x| * float32(1 / 127) (numpy, float32)."""
+    b = x.numpy().astype(np.float32).reshape(x.shape[0], -1, 32)
+    amax = np.abs(b).max(-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    q = np.rint(b * inv).astype(np.int8)
+    return q.reshape(x.shape), (amax * np.float32(1 / 127)).astype(np.float32)[..., 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activation_quantization_matches_reference(ops, dtype):
+    x = (torch.randn(5, 256) * torch.logspace(-3, 2, 256)).to(dtype)
+    x[1] = 0  # all-zero blocks: d = 0, q = 0
+    q, meta = ops.quantize_activations(x)
+    q_ref, d_ref = _reference_activations(x.float())
+    assert np.array_equal(q.numpy(), q_ref)
+    assert np.array_equal(meta[..., 0].numpy(), d_ref)
+    sums = q.reshape(5, -1, 2, 16).sum(-1, dtype=torch.int32).float()  # per 16-half
+    assert torch.equal(meta[..., 2], meta[..., 0] * sums[..., 0])
+    assert torch.equal(meta[..., 3], meta[..., 0] * sums[..., 1])
+    assert torch.equal(meta[..., 1], meta[..., 0] * sums.sum(-1))
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("extreme", [False, True], ids=["random", "extreme"])
+def test_packing_round_trips(qtype, extreme):
+    n, k = 40, 512  # 40 rows: the last tile is padded
+    raw = random_blocks(qtype, n, k, np.random.default_rng(int(qtype)), extreme=extreme)
+    fields = gp.parse(raw, int(qtype), n, k)
+    w = gp.dequantize_fields(fields, int(qtype), n, k).numpy()
+    assert np.array_equal(w, dequantize(raw, qtype).reshape(n, k))  # parsing loses nothing
+    packed = gp.pack(fields, int(qtype), n, k)
+    assert packed.numel() == gp.packed_bytes(int(qtype), n, k)
+    back = gp.unpack(packed, int(qtype), n, k)
+    assert fields.keys() == back.keys()
+    for key in fields:
+        assert torch.equal(fields[key].reshape(back[key].shape), back[key]), key
+
+
+def _run(ops, raw, qtype, n, k, x, bias=None, out_dtype=None):
+    packed = gp.pack(gp.parse(raw, int(qtype), n, k), int(qtype), n, k)
+    xq, meta = ops.quantize_activations(x)
+    y = torch.full((x.shape[0], n + 8), 7.0, dtype=out_dtype or x.dtype)
+    b = None
+    if bias is not None:
+        b = torch.cat([bias, bias.new_zeros(gp.padded_rows(n) - n)])
+    ops.quant_gemm(xq, meta, packed, int(qtype), n, y, 3, b)
+    assert torch.all(y[:, :3] == 7) and torch.all(y[:, 3 + n:] == 7)  # writes only its columns
+    return y[:, 3: 3 + n], xq, meta
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
+def test_gemm_matches_dequantized_matmul(ops, qtype):
+    """M = 1..70 (register-streaming and buffered paths), an odd number of rows (72 = 4.5
+    tiles), with and without bias, random and extreme blocks."""
+    rng = np.random.default_rng(100 + int(qtype))
+    n, k = 72, 512
+    for extreme in (False, True):
+        raw = random_blocks(qtype, n, k, rng, extreme=extreme)
+        w = torch.from_numpy(dequantize(raw, qtype).reshape(n, k)).double()
+        for m in (1, 2, 3, 4, 5, 8, 17, 33, 70):
+            x = torch.randn(m, k)
+            bias = torch.randn(n) if m % 2 else None
+            y, xq, meta = _run(ops, raw, qtype, n, k, x, bias)
+            xd = (xq.double().reshape(m, -1, 32) * meta[..., :1].double()).reshape(m, k)
+            ref = xd @ w.T + (bias.double() if bias is not None else 0)
+            scale = ref.abs().max().clamp_min(1e-30)
+            err = ((y.double() - ref).abs().max() / scale).item()
+            assert err < 1e-5, f"{qtype.name} M={m} extreme={extreme}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
+def test_integer_block_sums_are_exact(ops, qtype):
+    """With scales of 1 and integer activations whose blocks span +-127 (so d = 1 and q = x),
+    every float step is exact: the output must equal the integer matmul bit for bit, which
+    holds only if each int32 block sum is exact."""
+    rng = np.random.default_rng(7)
+    n, k, m = 48, 512, 6
+    raw = random_blocks(qtype, n, k, rng).reshape(n, k // gp.unit_k(int(qtype)), -1)
+    one = np.frombuffer(np.float16(1).tobytes(), np.uint8)
+    if qtype == QT.Q6_K:
+        raw[..., 208:210] = one
+        raw[..., 192:208] = rng.integers(-4, 5, size=raw[..., 192:208].shape).astype(np.uint8)
+    else:
+        raw[..., 0:2] = one
+        if qtype in (QT.Q4_1, QT.Q5_1, QT.Q4_K, QT.Q5_K):
+            raw[..., 2:4] = np.frombuffer(np.float16(-3).tobytes(), np.uint8)
+    raw = raw.reshape(n, -1)
+    x = torch.from_numpy(rng.integers(-127, 128, size=(m, k)).astype(np.float32))
+    x.view(m, -1, 32)[..., 0] = 127  # every block's max is 127: d = 1 exactly
+    y, xq, _ = _run(ops, raw, qtype, n, k, x)
+    assert torch.equal(xq.float(), x)
+    w = torch.from_numpy(dequantize(raw, qtype).reshape(n, k)).double()
+    assert torch.equal(w, w.round())  # integer weights
+    assert torch.equal(y.double(), x.double() @ w.T)
+
+
+def test_bfloat16_output_is_rounded_float32(ops):
+    raw = random_blocks(QT.Q4_K, 32, 256, np.random.default_rng(3))
+    x = torch.randn(3, 256)
+    y32, _, _ = _run(ops, raw, QT.Q4_K, 32, 256, x)
+    y16, _, _ = _run(ops, raw, QT.Q4_K, 32, 256, x, out_dtype=torch.bfloat16)
+    assert torch.equal(y16, y32.bfloat16())
+
+
+def test_shape_errors_are_clear(ops):
+    raw = random_blocks(QT.Q4_K, 16, 256, np.random.default_rng(0))
+    packed = gp.pack(gp.parse(raw, int(QT.Q4_K), 16, 256), int(QT.Q4_K), 16, 256)
+    xq, meta = ops.quantize_activations(torch.randn(2, 256))
+    with pytest.raises(RuntimeError, match="packed weights do not match"):
+        ops.quant_gemm(xq, meta, packed, int(QT.Q4_K), 32, torch.empty(2, 32), 0, None)
+    with pytest.raises(RuntimeError, match="unsupported GGUF type"):
+        ops.quant_gemm(xq, meta, packed, int(QT.Q2_K), 16, torch.empty(2, 16), 0, None)
+
+
+def test_k_types_need_whole_super_blocks():
+    assert all(not gp.can_pack(int(q), 16, 288) for q in K_TYPES)
+    assert gp.can_pack(int(QT.Q8_0), 17, 288)
+
+
+def test_isa_selection_and_forcing(monkeypatch):
+    flags = frozenset({"avx2", "fma", "f16c", "bmi2"})
+    assert cpu_ops.select_isa(flags).build == "avx2"
+    assert cpu_ops.select_isa(frozenset()).build is None  # dense path, with a reason
+    assert "dequantized" in cpu_ops.select_isa(frozenset()).reason
+    monkeypatch.setenv("TOKENMILL_CPU_ISA", "avx512")
+    with pytest.raises(ValueError, match="lacks avx512"):
+        cpu_ops.select_isa(flags)
+    monkeypatch.setenv("TOKENMILL_CPU_ISA", "reference")
+    choice = cpu_ops.select_isa(flags)
+    assert choice.name == "reference" and not choice.quant
+    monkeypatch.setenv("TOKENMILL_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="expected one of"):
+        cpu_ops.select_isa(flags)
+    assert cpu_ops.build_directory("avx2") != cpu_ops.build_directory("avx512")

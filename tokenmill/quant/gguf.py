@@ -1,0 +1,189 @@
+"""GGUF's quantized blocks run natively: integer-dot kernels for linear layers and the output
+head, row dequantization for the embedding lookup. No dense copy of a quantized tensor is kept.
+
+`GGUFQuantConfig` reads each tensor's declared type from the file's header and hands a
+`GGUFLinearMethod` to every Linear whose shards all have a kernel (types in
+`gguf_pack.NAMES`, 16-row shards, whole units along the input); others stay dense. Shards of
+one fused layer may differ in type (a Q4_K_M file's attn_v is often Q6_K next to Q4_K q/k): the
+activations are quantized once per call and each run of same-typed shards is one kernel call.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from tokenmill.errors import ModelLoadError
+from tokenmill.quant import gguf_pack as gp
+from tokenmill.quant.dense import DenseEmbeddingMethod, UnquantizedLinearMethod
+
+logger = logging.getLogger(__name__)
+_DENSE_TYPES = {0, 1, 30}  # F32, F16, BF16
+
+
+@dataclass
+class _Segment:
+    """Consecutive shards of one type: one kernel call writing columns [col, col + n)."""
+
+    qtype: int
+    col: int
+    n: int
+    packed: torch.Tensor
+    bias: torch.Tensor | None = None
+
+
+class GGUFLinearMethod:
+    """Packed GGUF blocks per shard; `apply` quantizes x once and runs the integer kernel."""
+
+    takes_raw = True
+
+    def __init__(self, qtypes: dict[str, int], ops: Any) -> None:
+        self.qtypes = qtypes
+        self.ops = ops
+        self.name = "+".join(dict.fromkeys(gp.NAMES[q] for q in qtypes.values()))
+
+    def create_weights(self, layer: torch.nn.Module, in_features: int,
+                       output_sizes: dict[str, int], dtype: torch.dtype) -> None:
+        layer.weight = None
+        layer.packed_weight = None
+        layer.shard_packed = {}
+        layer.segments = []
+
+    def load_weight(self, layer: torch.nn.Module, shard: str, tensor: Any, name: str) -> None:
+        qtype, rows = self.qtypes[shard], layer.output_sizes[shard]
+        if isinstance(tensor, torch.Tensor) or int(tensor.ggml_type) != qtype:
+            raise ModelLoadError(f"tensor {name!r} is not stored as {gp.NAMES[qtype]} as the "
+                                 "file's header declared")
+        if tuple(tensor.shape) != (rows, layer.in_features):
+            raise ModelLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                 f"the model expects {(rows, layer.in_features)}")
+        fields = gp.parse(tensor.data, qtype, rows, layer.in_features)
+        layer.shard_packed[shard] = gp.pack(fields, qtype, rows, layer.in_features)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        segments: list[_Segment] = []
+        for shard, (start, size) in layer.shard_offsets.items():
+            packed, qtype = layer.shard_packed.pop(shard), self.qtypes[shard]
+            if segments and segments[-1].qtype == qtype and segments[-1].n % 16 == 0:
+                last = segments[-1]
+                last.packed = torch.cat([last.packed, packed])
+                last.n += size
+            else:
+                segments.append(_Segment(qtype, start, size, packed))
+        if layer.bias is not None:
+            for s in segments:
+                bias = layer.bias.detach().float()[s.col: s.col + s.n]
+                s.bias = torch.cat([bias, bias.new_zeros(gp.padded_rows(s.n) - s.n)])
+        layer.segments = segments
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor,
+              bias: torch.Tensor | None) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        xq, meta = self.ops.quantize_activations(x2)
+        y = torch.empty(x2.shape[0], layer.out_features, dtype=x.dtype)
+        for s in layer.segments:
+            self.ops.quant_gemm(xq, meta, s.packed, s.qtype, s.n, y, s.col, s.bias)
+        return y.view(*shape[:-1], layer.out_features)
+
+    def bytes_per_call(self, layer: torch.nn.Module) -> int:
+        return sum(s.packed.numel() for s in layer.segments)
+
+
+class GGUFEmbeddingMethod:
+    """The file's quantized rows; a lookup dequantizes just the rows asked for."""
+
+    takes_raw = True
+
+    def __init__(self, qtype: int) -> None:
+        self.qtype = qtype
+        self.name = _type_name(qtype)
+
+    def create_weights(self, layer: torch.nn.Module, num_embeddings: int, dim: int,
+                       dtype: torch.dtype) -> None:
+        layer.weight = None
+        layer.raw_rows = None
+
+    def load_weight(self, layer: torch.nn.Module, tensor: Any, name: str) -> None:
+        if isinstance(tensor, torch.Tensor) or int(tensor.ggml_type) != self.qtype:
+            raise ModelLoadError(f"tensor {name!r} is not stored as the file's header declared")
+        if tuple(tensor.shape) != (layer.num_embeddings, layer.embedding_dim):
+            raise ModelLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the model "
+                                 f"expects {(layer.num_embeddings, layer.embedding_dim)}")
+        layer.raw_rows = np.array(tensor.data).reshape(layer.num_embeddings, -1)
+
+    def lookup(self, layer: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        rows = layer.raw_rows[ids.reshape(-1).numpy()]
+        w = torch.from_numpy(dequantize(rows, GGMLQuantizationType(self.qtype)))
+        return w.to(layer.dtype).view(*ids.shape, layer.embedding_dim)
+
+    def dense_weight(self, layer: torch.nn.Module) -> None:
+        return None
+
+
+def _type_name(qtype: int) -> str:
+    from gguf import GGMLQuantizationType
+
+    return GGMLQuantizationType(qtype).name
+
+
+class GGUFQuantConfig:
+    """Methods for a GGUF file's tensors: native where a kernel exists, dense elsewhere.
+
+    `tensor_types` maps checkpoint (HF) names to (GGML type, [out, in] shape). `counts` records
+    what was chosen, by type, for logs and `tokenmill info`.
+    """
+
+    def __init__(self, tensor_types: dict[str, tuple[int, tuple[int, ...]]], ops: Any) -> None:
+        self.tensor_types = tensor_types
+        self.ops = ops
+        self.counts: Counter = Counter()
+
+    def _native_types(self, names: dict[str, str], in_features: int) -> dict[str, int] | None:
+        qtypes = {}
+        for shard, name in names.items():
+            qtype, shape = self.tensor_types.get(name, (None, ()))
+            if qtype is None or len(shape) != 2 or not gp.can_pack(qtype, shape[0], in_features):
+                return None
+            qtypes[shard] = qtype
+        return qtypes
+
+    def linear_method(self, names: dict[str, str], in_features: int,
+                      output_sizes: dict[str, int]) -> GGUFLinearMethod | UnquantizedLinearMethod:
+        qtypes = self._native_types(names, in_features)
+        if qtypes is None:
+            self.counts["dense"] += 1
+            return UnquantizedLinearMethod()
+        method = GGUFLinearMethod(qtypes, self.ops)
+        self.counts[method.name] += 1
+        return method
+
+    def embedding_method(self, name: str) -> GGUFEmbeddingMethod | DenseEmbeddingMethod:
+        qtype = self.tensor_types.get(name, (0, ()))[0]
+        if qtype in _DENSE_TYPES:
+            return DenseEmbeddingMethod()
+        self.counts[f"{_type_name(qtype)} embedding"] += 1
+        return GGUFEmbeddingMethod(qtype)
+
+    def tied_head_method(self, embedding_name: str, in_features: int,
+                         vocab: int) -> GGUFLinearMethod | None:
+        qtypes = self._native_types({"": embedding_name}, in_features)
+        if qtypes is None:
+            return None
+        method = GGUFLinearMethod(qtypes, self.ops)
+        self.counts[f"{method.name} output"] += 1
+        return method
+
+
+def describe_counts(counts: Counter) -> str:
+    """'Q4_1 x120, Q8_0 output, Q8_0 embedding, dense x2' (layers by the method they run)."""
+    return ", ".join(f"{name} x{n}" if " " not in name else name
+                     for name, n in counts.most_common())
