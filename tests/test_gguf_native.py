@@ -2,12 +2,13 @@
 transformers (`gguf_file=`), the embedded model's perplexity on every kernel level, memory.
 
 Tolerance (derived, then checked against measurements): the kernels quantize each linear
-layer's input to int8 blocks of 32 with d = max|x| / 127, so each element moves by at most d / 2
-and by d / sqrt(12) RMS, about 0.3% of the RMS of a Gaussian block (max ~ 2.5 sigma). Seven
-quantized inputs per layer (qkv, o, gate_up, down, head) over 2 layers add such errors in
-quadrature at most ~9 times, ~1% of the logits' RMS; we allow 5% of the logits' standard
-deviation on every logit, and require equal argmaxes where transformers' top-2 margin exceeds
-twice that.
+layer's input to int8 blocks of 32 with d = max|x| / 127, so each element moves by d / sqrt(12)
+RMS; for a Gaussian block max|x| is about 2.3 sigma, so the input (and, through random weights,
+the output) gets a relative RMS error of 2.3 / (127 * 3.46) = 0.5%. Nine quantized inputs on
+the way to a logit (qkv, o, gate_up, down in 2 layers, and the head) add in quadrature to 1.6%
+of the logits' standard deviation (measured: 1.7%). We allow an RMS difference of 3% and a
+largest difference of 12% (the maximum of ~1,000 Gaussian errors is ~3.5-4 RMS), and require
+equal argmaxes wherever transformers' top-2 margin exceeds twice that largest difference.
 """
 
 from __future__ import annotations
@@ -32,8 +33,12 @@ PROMPTS = ["hello world, this is a test", "the quick brown fox", "a b c d e f g"
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_gguf")
-    return {q: write_tiny_llama_gguf(root / f"{q.name}" / "model.gguf", q, seed=int(q),
-                                     tie_embeddings=int(q) % 2 == 0) for q in ALL_TYPES}
+    files = {}
+    for q in ALL_TYPES:
+        (root / q.name).mkdir()
+        files[q] = write_tiny_llama_gguf(root / q.name / "model.gguf", q, seed=int(q),
+                                         tie_embeddings=int(q) % 2 == 0)
+    return files
 
 
 def _hf_model(path: Path):
@@ -59,8 +64,10 @@ def test_tiny_model_matches_transformers(tiny_files, qtype):
     for ids, logits in zip(prompts, got):
         with torch.no_grad():
             ref = hf(torch.tensor([ids])).logits[0].float()
-        tol = 0.05 * ref.std().item()
-        assert (logits - ref).abs().max().item() < tol
+        diff, std = logits - ref, ref.std().item()
+        assert diff.pow(2).mean().sqrt().item() < 0.03 * std
+        tol = 0.12 * std
+        assert diff.abs().max().item() < tol
         top2 = ref.topk(2, dim=-1).values
         clear = (top2[:, 0] - top2[:, 1]) > 2 * tol
         assert torch.equal(logits.argmax(-1)[clear], ref.argmax(-1)[clear])
@@ -75,7 +82,7 @@ def test_tiny_model_matches_transformers(tiny_files, qtype):
                                               ignore_eos=True))[0].outputs[0].token_ids
     for step, scores in enumerate(out.scores):
         top2 = scores[0].topk(2).values
-        if (top2[0] - top2[1]).item() < 2 * 0.05 * scores[0].std().item():
+        if (top2[0] - top2[1]).item() < 2 * 0.12 * scores[0].std().item():
             break
         assert mine[step] == expected[step], f"step {step}"
 

@@ -166,3 +166,17 @@ def test_isa_selection_and_forcing(monkeypatch):
     with pytest.raises(ValueError, match="expected one of"):
         cpu_ops.select_isa(flags)
     assert cpu_ops.build_directory("avx2") != cpu_ops.build_directory("avx512")
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
+def test_row_lookup_equals_gguf_dequantize(ops, qtype):
+    """The embedding lookup from packed blocks gives gguf's float32 values exactly."""
+    n, k = 40, 512
+    raw = random_blocks(qtype, n, k, np.random.default_rng(int(qtype)), extreme=True)
+    packed = gp.pack(gp.parse(raw, int(qtype), n, k), int(qtype), n, k)
+    ids = torch.tensor([[0, 39, 17], [16, 15, 3]])
+    rows = ops.quant_rows(packed, int(qtype), n, k, ids)
+    ref = torch.from_numpy(dequantize(raw, qtype).reshape(n, k))[ids.flatten()]
+    assert torch.equal(rows, ref)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.quant_rows(packed, int(qtype), n, k, torch.tensor([40]))

@@ -69,7 +69,7 @@ class CausalLM(torch.nn.Module):
             self.lm_head = Linear(hidden, vocab, dtype=dtype, quant_method=quant.linear_method(
                 {"": "lm_head.weight"}, hidden, {"": vocab}))
             return
-        method = quant.tied_head_method(embedding_name, hidden, vocab)
+        method = quant.tied_head_method(self.input_embeddings(), hidden, vocab)
         if method is not None:
             self.lm_head = Linear(hidden, vocab, dtype=dtype, quant_method=method)
 

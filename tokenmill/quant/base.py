@@ -65,7 +65,7 @@ class QuantConfig(Protocol):
 
     def embedding_method(self, name: str) -> EmbeddingMethod: ...
 
-    def tied_head_method(self, embedding_name: str, in_features: int,
+    def tied_head_method(self, embedding: torch.nn.Module, in_features: int,
                          vocab: int) -> LinearMethod | None:
-        """A method that runs the output head from the embedding's own stored form (None: the
-        head multiplies by the dense table)."""
+        """A method that runs the output head from the (already built) embedding's own stored
+        blocks (None: the head multiplies by the dense table)."""

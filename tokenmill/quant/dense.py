@@ -92,5 +92,6 @@ class DenseConfig:
     def embedding_method(self, name: str) -> DenseEmbeddingMethod:
         return DenseEmbeddingMethod()
 
-    def tied_head_method(self, embedding_name: str, in_features: int, vocab: int) -> None:
+    def tied_head_method(self, embedding: torch.nn.Module, in_features: int,
+                         vocab: int) -> None:
         return None

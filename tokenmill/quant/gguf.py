@@ -15,7 +15,6 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from tokenmill.errors import ModelLoadError
@@ -23,7 +22,6 @@ from tokenmill.quant import gguf_pack as gp
 from tokenmill.quant.dense import DenseEmbeddingMethod, UnquantizedLinearMethod
 
 logger = logging.getLogger(__name__)
-_DENSE_TYPES = {0, 1, 30}  # F32, F16, BF16
 
 
 @dataclass
@@ -96,43 +94,53 @@ class GGUFLinearMethod:
 
 
 class GGUFEmbeddingMethod:
-    """The file's quantized rows; a lookup dequantizes just the rows asked for."""
+    """The table kept as packed GGUF blocks; a lookup dequantizes just the rows asked for (in
+    C++, the same float32 values as gguf's dequantization). A tied output head runs from the
+    same packed blocks, so the table is stored once."""
 
     takes_raw = True
 
-    def __init__(self, qtype: int) -> None:
+    def __init__(self, qtype: int, ops: Any) -> None:
         self.qtype = qtype
-        self.name = _type_name(qtype)
+        self.ops = ops
+        self.name = gp.NAMES[qtype]
 
     def create_weights(self, layer: torch.nn.Module, num_embeddings: int, dim: int,
                        dtype: torch.dtype) -> None:
         layer.weight = None
-        layer.raw_rows = None
+        layer.packed = None
 
     def load_weight(self, layer: torch.nn.Module, tensor: Any, name: str) -> None:
+        n, k = layer.num_embeddings, layer.embedding_dim
         if isinstance(tensor, torch.Tensor) or int(tensor.ggml_type) != self.qtype:
             raise ModelLoadError(f"tensor {name!r} is not stored as the file's header declared")
-        if tuple(tensor.shape) != (layer.num_embeddings, layer.embedding_dim):
+        if tuple(tensor.shape) != (n, k):
             raise ModelLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the model "
-                                 f"expects {(layer.num_embeddings, layer.embedding_dim)}")
-        layer.raw_rows = np.array(tensor.data).reshape(layer.num_embeddings, -1)
+                                 f"expects {(n, k)}")
+        layer.packed = gp.pack(gp.parse(tensor.data, self.qtype, n, k), self.qtype, n, k)
 
     def lookup(self, layer: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        from gguf import GGMLQuantizationType
-        from gguf.quants import dequantize
-
-        rows = layer.raw_rows[ids.reshape(-1).numpy()]
-        w = torch.from_numpy(dequantize(rows, GGMLQuantizationType(self.qtype)))
-        return w.to(layer.dtype).view(*ids.shape, layer.embedding_dim)
+        rows = self.ops.quant_rows(layer.packed, self.qtype, layer.num_embeddings,
+                                   layer.embedding_dim, ids)
+        return rows.to(layer.dtype).view(*ids.shape, layer.embedding_dim)
 
     def dense_weight(self, layer: torch.nn.Module) -> None:
         return None
 
 
-def _type_name(qtype: int) -> str:
-    from gguf import GGMLQuantizationType
+class _SharedPackedHead(GGUFLinearMethod):
+    """The output head of a tied model: the embedding's packed blocks, not a copy."""
 
-    return GGMLQuantizationType(qtype).name
+    def __init__(self, embedding: torch.nn.Module, qtype: int, ops: Any) -> None:
+        super().__init__({"": qtype}, ops)
+        self.embedding = embedding
+
+    def load_weight(self, layer: torch.nn.Module, shard: str, tensor: Any, name: str) -> None:
+        """Nothing to store: the embedding keeps the blocks."""
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        layer.segments = [_Segment(self.qtypes[""], 0, layer.out_features,
+                                   self.embedding.packed)]
 
 
 class GGUFQuantConfig:
@@ -167,20 +175,21 @@ class GGUFQuantConfig:
         return method
 
     def embedding_method(self, name: str) -> GGUFEmbeddingMethod | DenseEmbeddingMethod:
-        qtype = self.tensor_types.get(name, (0, ()))[0]
-        if qtype in _DENSE_TYPES:
+        """Packed blocks when a kernel type (row lookups in C++); other types are dequantized
+        (a dense table is what the lookup and a tied head would need anyway)."""
+        qtype, shape = self.tensor_types.get(name, (0, ()))
+        if len(shape) != 2 or not gp.can_pack(qtype, *shape):
             return DenseEmbeddingMethod()
-        self.counts[f"{_type_name(qtype)} embedding"] += 1
-        return GGUFEmbeddingMethod(qtype)
+        self.counts[f"{gp.NAMES[qtype]} embedding"] += 1
+        return GGUFEmbeddingMethod(qtype, self.ops)
 
-    def tied_head_method(self, embedding_name: str, in_features: int,
+    def tied_head_method(self, embedding: torch.nn.Module, in_features: int,
                          vocab: int) -> GGUFLinearMethod | None:
-        qtypes = self._native_types({"": embedding_name}, in_features)
-        if qtypes is None:
+        method = embedding.quant_method
+        if not isinstance(method, GGUFEmbeddingMethod):
             return None
-        method = GGUFLinearMethod(qtypes, self.ops)
         self.counts[f"{method.name} output"] += 1
-        return method
+        return _SharedPackedHead(embedding, method.qtype, self.ops)
 
 
 def describe_counts(counts: Counter) -> str:

@@ -512,6 +512,8 @@ void rotary_inplace(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_
 // quant_gemm.cpp
 std::string quant_isa();
 std::vector<torch::Tensor> quantize_activations(torch::Tensor x);
+torch::Tensor quant_rows(torch::Tensor packed, int64_t qtype, int64_t N, int64_t K,
+                         torch::Tensor ids);
 void quant_gemm(torch::Tensor xq, torch::Tensor meta, torch::Tensor packed, int64_t qtype,
                 int64_t N, torch::Tensor y, int64_t col, c10::optional<torch::Tensor> bias);
 
@@ -519,6 +521,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_isa", &quant_isa);
   m.def("quantize_activations", &quantize_activations);
   m.def("quant_gemm", &quant_gemm);
+  m.def("quant_rows", &quant_rows);
   m.def("paged_decode_attention", &paged_decode_attention);
   m.def("paged_decode_attention_reference", &paged_decode_attention_reference);
   m.def("write_kv", &write_kv);

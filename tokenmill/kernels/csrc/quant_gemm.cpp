@@ -433,6 +433,33 @@ void gemm_typed(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t
   });
 }
 
+// Row `r` of every tile `tiles[i]` -> out[i] (float32 [K]): the embedding lookup.
+template <int64_t Q>
+void rows_typed(const uint8_t* w, int64_t K, const int64_t* ids, int64_t count, float* out) {
+  const int64_t ub = unit_bytes(Q), bpu = unit_k(Q) / 32, tile_bytes = K / unit_k(Q) * ub;
+  at::parallel_for(0, count, 8, [&](int64_t begin, int64_t end) {
+    Block blk;
+    for (int64_t i = begin; i < end; ++i) {
+      const uint8_t* wt = w + (ids[i] / 16) * tile_bytes;
+      const int r = static_cast<int>(ids[i] % 16);
+      float* o = out + i * K;
+      for (int64_t u = 0; u < K / unit_k(Q); ++u) {
+        for (int b = 0; b < bpu; ++b) {
+          unpack_block<Q>(wt + u * ub, b, blk);
+          for (int k = 0; k < 32; ++k) {
+            const uint8_t byte = blk.u[k / 4][r * 4 + k % 4];
+            const bool second = kSplit<Q> && k >= 16;
+            const double q = kSignedU<Q> ? static_cast<int8_t>(byte) : byte;
+            // exact in double, then one rounding: the float gguf's formulas give
+            const double v = second ? blk.s1[r] * q + blk.o1[r] : blk.s0[r] * q + blk.o0[r];
+            o[(u * bpu + b) * 32 + k] = static_cast<float>(v);
+          }
+        }
+      }
+    }
+  });
+}
+
 template <typename TY>
 void gemm_dispatch(int64_t q, const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t M,
                    int64_t N, int64_t K, const float* bias, TY* y, int64_t ldy) {
@@ -461,6 +488,37 @@ std::string quant_isa() {
 #else
   return "";
 #endif
+}
+
+// Rows `ids` of a packed [N, K] weight, dequantized to float32 [len(ids), K] (w = s * u + o,
+// the same float32 values as gguf's dequantization).
+torch::Tensor quant_rows(torch::Tensor packed, int64_t qtype, int64_t N, int64_t K,
+                         torch::Tensor ids) {
+  TORCH_CHECK(unit_bytes(qtype) > 0, "unsupported GGUF type ", qtype);
+  TORCH_CHECK(packed.numel() == (N + 15) / 16 * (K / unit_k(qtype)) * unit_bytes(qtype),
+              "packed weights do not match N, K and the type");
+  auto idx = ids.to(at::kLong).contiguous().view(-1);
+  TORCH_CHECK(idx.numel() == 0 || (idx.min().item<int64_t>() >= 0 &&
+                                   idx.max().item<int64_t>() < N), "row index out of range");
+  auto out = torch::empty({idx.numel(), K}, packed.options().dtype(at::kFloat));
+#if defined(TM_AVX512) || defined(TM_AVX2)
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const int64_t* p = idx.data_ptr<int64_t>();
+  float* o = out.data_ptr<float>();
+  switch (qtype) {
+    case Q4_0: rows_typed<Q4_0>(w, K, p, idx.numel(), o); break;
+    case Q4_1: rows_typed<Q4_1>(w, K, p, idx.numel(), o); break;
+    case Q5_0: rows_typed<Q5_0>(w, K, p, idx.numel(), o); break;
+    case Q5_1: rows_typed<Q5_1>(w, K, p, idx.numel(), o); break;
+    case Q8_0: rows_typed<Q8_0>(w, K, p, idx.numel(), o); break;
+    case Q4_K: rows_typed<Q4_K>(w, K, p, idx.numel(), o); break;
+    case Q5_K: rows_typed<Q5_K>(w, K, p, idx.numel(), o); break;
+    case Q6_K: rows_typed<Q6_K>(w, K, p, idx.numel(), o); break;
+  }
+#else
+  TORCH_CHECK(false, "this kernel build has no integer-dot ISA");
+#endif
+  return out;
 }
 
 // x [M, K] float32/bfloat16 -> (q int8 [M, K], meta float32 [M, K / 32, 4] = ActMeta).
