@@ -53,7 +53,7 @@ def test_batch_of_32_matches_alone(llm_f32, alone_outputs):
 @pytest.mark.slow
 def test_tiny_chunks_and_forced_preemption_match_alone(alone_outputs):
     llm = LLM(dtype="float32", max_model_len=256, max_num_batched_tokens=5,
-              kv_cache_memory_gib=0.05)
+              kv_cache_memory_gib=0.05, quantization="none")
     outs = llm.generate(_prompts(32), GREEDY)
     for i, (ref, got) in enumerate(zip(alone_outputs, outs)):
         _assert_same_or_tie(ref, got, f"prompt {i} with 5-token chunks")
@@ -62,7 +62,7 @@ def test_tiny_chunks_and_forced_preemption_match_alone(alone_outputs):
     del llm
 
     # 20 blocks of 16 tokens for 32 requests of up to ~60 tokens: preemption must happen.
-    llm = LLM(dtype="float32", max_model_len=256, num_kv_blocks=20)
+    llm = LLM(dtype="float32", max_model_len=256, num_kv_blocks=20, quantization="none")
     outs = llm.generate(_prompts(32), GREEDY)
     assert llm.engine.scheduler.num_preemptions_total > 0
     for i, (ref, got) in enumerate(zip(alone_outputs, outs)):
@@ -230,7 +230,7 @@ def test_unknown_engine_option():
 
 def test_prefix_caching_reuses_blocks_and_keeps_outputs(alone_outputs):
     llm = LLM(dtype="float32", max_model_len=256, enable_prefix_caching=True,
-              kv_cache_memory_gib=0.5)
+              kv_cache_memory_gib=0.5, quantization="none")
     prompts = _prompts(32)
     first = llm.generate(prompts, GREEDY)
     second = llm.generate(prompts, GREEDY)  # every full prompt block is now cached

@@ -33,8 +33,8 @@ def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-def test_gguf_logits_match_transformers(llm_f32_dense, hf_gguf_model):
-    engine = llm_f32_dense.engine
+def test_gguf_logits_match_transformers(llm_f32, hf_gguf_model):
+    engine = llm_f32.engine
     tok = engine.tokenizer
     prompts = [tok.encode(p) for p in PLAIN_PROMPTS[:3]]
     runner = ModelRunner(engine.model, num_blocks=64, block_size=16, kv_dtype=torch.float32,
@@ -48,12 +48,12 @@ def test_gguf_logits_match_transformers(llm_f32_dense, hf_gguf_model):
 
 
 @pytest.mark.slow
-def test_greedy_continuations_identical(llm_f32_dense, hf_gguf_model):
-    prompts = [llm_f32_dense.get_tokenizer().encode(p) for p in PLAIN_PROMPTS]
-    prompts += [llm_f32_dense.encode_chat(c)[1] for c in CHATS]
+def test_greedy_continuations_identical(llm_f32, hf_gguf_model):
+    prompts = [llm_f32.get_tokenizer().encode(p) for p in PLAIN_PROMPTS]
+    prompts += [llm_f32.encode_chat(c)[1] for c in CHATS]
     assert len(prompts) >= 8
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
-    outs = llm_f32_dense.generate(prompts, params)
+    outs = llm_f32.generate(prompts, params)
     for ids, out in zip(prompts, outs):
         expected = _hf_greedy(hf_gguf_model, ids, 64)
-        assert out.outputs[0].token_ids == expected, llm_f32_dense.get_tokenizer().decode(ids)
+        assert out.outputs[0].token_ids == expected, llm_f32.get_tokenizer().decode(ids)

@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
-_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_ops.cpp", "quant_gemm.cpp")]
+_SOURCES = [Path(__file__).parent / "csrc" / name
+            for name in ("cpu_ops.cpp", "cpu_ops.h", "quant_gemm.cpp", "quant_gemm.h",
+                         "decode_stack.cpp", "decode_stack.h")]
 _NAME = "tokenmill_cpu_ops"
 _COMMON = ["-O3", "-fopenmp", "-ffast-math", "-mtune=generic"]
 _AVX2 = ["-mavx2", "-mfma", "-mf16c", "-mbmi2"]
@@ -132,7 +134,8 @@ def _prepare(build_dir: Path, isa: str) -> list[str]:
         dst = src_dir / src.name
         if not dst.exists() or dst.read_bytes() != src.read_bytes():
             shutil.copyfile(src, dst)
-        copies.append(str(dst))
+        if dst.suffix == ".cpp":
+            copies.append(str(dst))
     lock = build_dir / "lock"
     if lock.exists():
         age = time.time() - lock.stat().st_mtime
@@ -172,27 +175,25 @@ def load_ops(isa: str) -> Any:
 
 
 _enabled = True
-_current: tuple[str, Any] | None = None  # (TOKENMILL_CPU_ISA it was chosen under, module)
+_current: list[Any] = []  # [module or None] once chosen
 
 
 def get_ops() -> Any:
-    """The kernels of the selected level (None: use the PyTorch path). Cheap: called per op."""
-    global _current
-    if not _enabled:
-        return None
-    forced = os.environ.get("TOKENMILL_CPU_ISA", "")
-    if _current is None or _current[0] != forced:
-        build = select_isa().build
-        _current = (forced, load_ops(build) if build else None)
-    return _current[1]
+    """The kernels of the level selected at first use (None: use the PyTorch path). Called
+    per op, so it reads no environment after the first call (`set_enabled` re-selects)."""
+    if not _current:
+        build = select_isa().build if _enabled else None
+        _current.append(load_ops(build) if build else None)
+    return _current[0]
 
 
 def set_enabled(enabled: bool) -> None:
-    """Tests: force the PyTorch reference path (False) or re-enable the kernels (True)."""
-    global _enabled, _current
+    """Tests: force the PyTorch reference path (False) or re-enable the kernels (True), and
+    choose the level again (after TOKENMILL_CPU_ISA changed)."""
+    global _enabled
     _enabled = enabled
     if enabled:
         os.environ.pop("TOKENMILL_DISABLE_CPU_KERNELS", None)
         for isa in [k for k, v in _built.items() if v is None]:
             del _built[isa]
-        _current = None
+    _current.clear()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 from collections import Counter
@@ -134,7 +135,17 @@ def load_model(source: ModelSource, dtype: torch.dtype, max_model_len: int | Non
         info.native_weights = describe_counts(quant.counts)
     model.process_weights_after_loading()
     model.eval()
+    _return_free_memory()
     return model, info
+
+
+def _return_free_memory() -> None:
+    """Give the loader's freed scratch (dequantized and repacking copies) back to the OS:
+    glibc keeps freed heap memory, so without this the process would stay that much larger."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def load_tokenizer(info: ModelInfo) -> Any:

@@ -132,14 +132,42 @@ class LlamaForCausalLM(CausalLM):
                  rope_freq_factors: torch.Tensor | None = None,
                  quant: QuantConfig | None = None) -> None:
         super().__init__(cfg)
+        self.decode_stack = None  # built after loading when every projection is native
         quant = quant or DenseConfig()
         self.model = LlamaModel(cfg, dtype, max_positions, rope_freq_factors, quant)
         self._build_head(quant, cfg.hidden_size, cfg.vocab_size, dtype, EMBEDDING)
+
+    def process_weights_after_loading(self) -> None:
+        super().process_weights_after_loading()
+        self.decode_stack = self._build_decode_stack()
+
+    def _build_decode_stack(self):
+        """The C++ layer loop for decode-only batches (`LlamaDecodeStack`), when every
+        projection runs a native kernel and the layers need nothing the loop lacks (q/k norm,
+        partial rotary); None otherwise (the Python path runs every step)."""
+        m, cfg = self.model, self.cfg
+        linears = [(l.self_attn.qkv_proj, l.self_attn.o_proj, l.mlp.gate_up_proj,
+                    l.mlp.down_proj) for l in m.layers]
+        if (cfg.qk_norm or m.rotary.rotary_dim != cfg.head_dim
+                or not all(hasattr(x, "kernel") for group in linears for x in group)):
+            return None
+        ops = linears[0][0].quant_method.ops  # the build the layers' kernel objects come from
+        return ops.LlamaDecodeStack(
+            [l.input_layernorm.weight for l in m.layers],
+            [l.post_attention_layernorm.weight for l in m.layers], m.norm.weight,
+            *[[group[j].kernel for group in linears] for j in range(4)],
+            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.norm_eps, cfg.head_dim**-0.5)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
         m = self.model
         residual = m.embed_tokens(input_ids)
+        if (self.decode_stack is not None and meta.num_decode_tokens == meta.num_tokens
+                and kv_caches[0][0].dtype == residual.dtype):
+            return self.decode_stack(residual, positions, [kv[0] for kv in kv_caches],
+                                     [kv[1] for kv in kv_caches], meta.block_tables,
+                                     meta.seq_lens, meta.slot_mapping, meta.block_size,
+                                     m.rotary.cos_cached, m.rotary.sin_cached)
         cos_sin = (m.rotary.cos_sin(positions, residual.dtype)
                    if needs_cos_sin(m.rotary, residual, self.cfg.head_dim) else None)
         residual, h = m.layers[0].input_layernorm.add_forward(residual, None)

@@ -78,19 +78,22 @@ class GGUFLinearMethod:
                 bias = layer.bias.detach().float()[s.col: s.col + s.n]
                 s.bias = torch.cat([bias, bias.new_zeros(gp.padded_rows(s.n) - s.n)])
         layer.segments = segments
+        layer.kernel = _kernel(self.ops, segments, layer.in_features)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        xq, meta = self.ops.quantize_activations(x2)
-        y = torch.empty(x2.shape[0], layer.out_features, dtype=x.dtype)
-        for s in layer.segments:
-            self.ops.quant_gemm(xq, meta, s.packed, s.qtype, s.n, y, s.col, s.bias)
-        return y.view(*shape[:-1], layer.out_features)
+        if x.dim() == 2:
+            return layer.kernel(x)
+        return layer.kernel(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], layer.out_features)
 
     def bytes_per_call(self, layer: torch.nn.Module) -> int:
         return sum(s.packed.numel() for s in layer.segments)
+
+
+def _kernel(ops: Any, segments: list[_Segment], in_features: int) -> Any:
+    """The C++ layer object: x [M, in] (float32 / bfloat16) -> y [M, out], one call."""
+    return ops.QuantLinear([s.packed for s in segments], [s.qtype for s in segments],
+                           [s.n for s in segments], [s.bias for s in segments], in_features)
 
 
 class GGUFEmbeddingMethod:
@@ -141,6 +144,7 @@ class _SharedPackedHead(GGUFLinearMethod):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         layer.segments = [_Segment(self.qtypes[""], 0, layer.out_features,
                                    self.embedding.packed)]
+        layer.kernel = _kernel(self.ops, layer.segments, layer.in_features)
 
 
 class GGUFQuantConfig:

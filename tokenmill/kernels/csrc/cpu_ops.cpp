@@ -509,19 +509,26 @@ void rotary_inplace(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_
   });
 }
 
-// quant_gemm.cpp
-std::string quant_isa();
-std::vector<torch::Tensor> quantize_activations(torch::Tensor x);
-torch::Tensor quant_rows(torch::Tensor packed, int64_t qtype, int64_t N, int64_t K,
-                         torch::Tensor ids);
-void quant_gemm(torch::Tensor xq, torch::Tensor meta, torch::Tensor packed, int64_t qtype,
-                int64_t N, torch::Tensor y, int64_t col, c10::optional<torch::Tensor> bias);
+#include "decode_stack.h"
+#include "quant_gemm.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_isa", &quant_isa);
   m.def("quantize_activations", &quantize_activations);
   m.def("quant_gemm", &quant_gemm);
   m.def("quant_rows", &quant_rows);
+  py::class_<QuantLinear, std::shared_ptr<QuantLinear>>(m, "QuantLinear")
+      .def(py::init<std::vector<torch::Tensor>, std::vector<int64_t>, std::vector<int64_t>,
+                    std::vector<c10::optional<torch::Tensor>>, int64_t>())
+      .def("__call__", &QuantLinear::forward);
+  py::class_<LlamaDecodeStack>(m, "LlamaDecodeStack")
+      .def(py::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>, torch::Tensor,
+                    std::vector<std::shared_ptr<QuantLinear>>,
+                    std::vector<std::shared_ptr<QuantLinear>>,
+                    std::vector<std::shared_ptr<QuantLinear>>,
+                    std::vector<std::shared_ptr<QuantLinear>>, int64_t, int64_t, int64_t, double,
+                    double>())
+      .def("__call__", &LlamaDecodeStack::forward);
   m.def("paged_decode_attention", &paged_decode_attention);
   m.def("paged_decode_attention_reference", &paged_decode_attention_reference);
   m.def("write_kv", &write_kv);

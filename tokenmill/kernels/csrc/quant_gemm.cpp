@@ -479,6 +479,8 @@ void gemm_dispatch(int64_t q, const uint8_t* w, const int8_t* xq, const ActMeta*
 
 }  // namespace
 
+#include "quant_gemm.h"
+
 // The integer-dot ISA this build was compiled for: "avx512" (VNNI), "avx2" or "" (none).
 std::string quant_isa() {
 #if defined(TM_AVX512)
@@ -578,4 +580,39 @@ void quant_gemm(torch::Tensor xq, torch::Tensor meta, torch::Tensor packed, int6
 #else
   TORCH_CHECK(false, "this kernel build has no integer-dot ISA");
 #endif
+}
+
+// A quantized linear layer as one object: its runs of same-typed shards ("segments"), checked
+// once at construction, so a call is a single crossing from Python: quantize x once, run every
+// segment into its columns of y.
+QuantLinear::QuantLinear(std::vector<torch::Tensor> packed, std::vector<int64_t> qtypes,
+                         std::vector<int64_t> rows, std::vector<c10::optional<torch::Tensor>> bias,
+                         int64_t in_features)
+    : packed_(std::move(packed)), qtypes_(std::move(qtypes)), rows_(std::move(rows)),
+      bias_(std::move(bias)), K_(in_features) {
+  TORCH_CHECK(packed_.size() == qtypes_.size() && packed_.size() == rows_.size() &&
+                  packed_.size() == bias_.size() && !packed_.empty(), "inconsistent segments");
+  for (size_t i = 0; i < packed_.size(); ++i) {
+    cols_.push_back(N_);
+    N_ += rows_[i];
+    const int64_t q = qtypes_[i];
+    TORCH_CHECK(unit_bytes(q) > 0, "unsupported GGUF type ", q);
+    TORCH_CHECK(K_ % unit_k(q) == 0 && packed_[i].scalar_type() == at::kByte &&
+                    packed_[i].is_contiguous() &&
+                    packed_[i].numel() == (rows_[i] + 15) / 16 * (K_ / unit_k(q)) * unit_bytes(q),
+                "segment ", i, ": packed weights do not match its rows, K and type");
+    if (bias_[i].has_value())
+      TORCH_CHECK(bias_[i]->scalar_type() == at::kFloat && bias_[i]->is_contiguous() &&
+                      bias_[i]->numel() == (rows_[i] + 15) / 16 * 16,
+                  "segment ", i, ": bias must be float32, padded to whole tiles");
+  }
+}
+
+torch::Tensor QuantLinear::forward(torch::Tensor x) const {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K_, "x must be [M, ", K_, "]");
+  auto qm = quantize_activations(x);
+  auto y = torch::empty({x.size(0), N_}, x.options());
+  for (size_t i = 0; i < packed_.size(); ++i)
+    quant_gemm(qm[0], qm[1], packed_[i], qtypes_[i], rows_[i], y, cols_[i], bias_[i]);
+  return y;
 }
