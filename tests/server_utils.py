@@ -23,7 +23,8 @@ class ServerProcess:
         self.port = free_port()
         self.api_key = api_key
         cmd = [sys.executable, "-m", "tokenmill", "--log-level", "WARNING", "serve",
-               "--port", str(self.port), "--dtype", "float32", "--max-model-len", "1024", *args]
+               "--port", str(self.port), "--dtype", "float32", "--quantization", "none",
+               "--max-model-len", "1024", *args]
         if api_key:
             cmd += ["--api-key", api_key]
         env = dict(os.environ, TOKENMILL_API_KEY="")

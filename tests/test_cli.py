@@ -16,7 +16,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def test_generate_matches_python_api(llm_f32):
     prompt = "The capital of France is"
     res = _run("generate", prompt, "--temperature", "0", "--max-tokens", "12", "--ignore-eos",
-               "--dtype", "float32")
+               "--dtype", "float32", "--quantization", "none")
     assert res.returncode == 0, res.stderr
     expected = llm_f32.generate(prompt, SamplingParams(temperature=0, max_tokens=12,
                                                        ignore_eos=True))[0].outputs[0].text

@@ -72,13 +72,16 @@ class LLMEngine:
         self.tokenizer: Tokenizer = load_tokenizer(info)
         arch = info.arch
         logger.info(
-            "loaded %s (%s, %s) in %.1fs; %s",
+            "loaded %s (%s, %s) in %.1fs; weights %.3f GB in memory (file %.3f GB), %s; %s",
             source.name,
             arch.architecture,
             info.weight_format,
             time.perf_counter() - t0,
+            self.model.weight_memory_bytes() / 1e9,
+            info.checkpoint_bytes / 1e9,
             f"native quantized kernels: {info.native_weights}" if info.native_weights
             else f"weights in {str(self.dtype).removeprefix('torch.')}",
+            info.quant_reason,
         )
 
         bytes_per_token = kv_cache_bytes_per_token(

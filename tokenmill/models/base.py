@@ -94,6 +94,25 @@ class CausalLM(torch.nn.Module):
             total += head.numel() * head.element_size()
         return total
 
+    def weight_memory_bytes(self) -> int:
+        """Bytes of weights held in memory: parameters, buffers and every packed copy, each
+        storage counted once (a tied head sharing the embedding's blocks adds nothing)."""
+        seen: dict[int, int] = {}
+
+        def add(t: torch.Tensor | None) -> None:
+            if t is not None:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+        for t in list(self.parameters()) + list(self.buffers()):
+            add(t)
+        add(self.packed_tied_head)
+        for m in self.modules():
+            add(getattr(m, "packed_weight", None))
+            add(getattr(m, "packed", None))
+            for seg in getattr(m, "segments", ()):
+                add(seg.packed)
+        return sum(seen.values())
+
     def process_weights_after_loading(self) -> None:
         for module in self.modules():
             if isinstance(module, Linear):

@@ -517,11 +517,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_activations", &quantize_activations);
   m.def("quant_gemm", &quant_gemm);
   m.def("quant_rows", &quant_rows);
-  py::class_<QuantLinear, std::shared_ptr<QuantLinear>>(m, "QuantLinear")
+  // module_local: every kernel level is its own module, and several may be loaded at once
+  py::class_<QuantLinear, std::shared_ptr<QuantLinear>>(m, "QuantLinear", py::module_local())
       .def(py::init<std::vector<torch::Tensor>, std::vector<int64_t>, std::vector<int64_t>,
                     std::vector<c10::optional<torch::Tensor>>, int64_t>())
       .def("__call__", &QuantLinear::forward);
-  py::class_<LlamaDecodeStack>(m, "LlamaDecodeStack")
+  py::class_<LlamaDecodeStack>(m, "LlamaDecodeStack", py::module_local())
       .def(py::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>, torch::Tensor,
                     std::vector<std::shared_ptr<QuantLinear>>,
                     std::vector<std::shared_ptr<QuantLinear>>,
