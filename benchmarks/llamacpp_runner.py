@@ -21,6 +21,8 @@ class LlamaCppEngine:
         import llama_cpp as lc
 
         self.lc = lc
+        self._quiet = lc.llama_log_callback(lambda level, text, data: None)
+        lc.llama_log_set(self._quiet, ctypes.c_void_p(0))  # ggml's load log is very long
         lc.llama_backend_init()
         mp = lc.llama_model_default_params()
         mp.use_extra_bufts = extra_bufts

