@@ -225,6 +225,7 @@ class Worker:
             raise RuntimeError(f"{label}: {self.desc}")
 
     def time(self, prompts, new) -> float:
+        time.sleep(0.5)  # let the previous engine's spinning worker threads go idle
         self.conn.send((prompts, new))
         status, value = self.conn.recv()
         if status != "time":
