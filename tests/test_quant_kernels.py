@@ -84,14 +84,15 @@ def _run(ops, raw, qtype, n, k, x, bias=None, out_dtype=None):
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
 def test_gemm_matches_dequantized_matmul(ops, qtype):
-    """M = 1..70 (register-streaming and buffered paths), an odd number of rows (72 = 4.5
-    tiles), with and without bias, random and extreme blocks."""
+    """M = 1..70 (register-streaming, streamed-batch, AMX where present, and buffered paths),
+    an odd number of rows (73: the last of 5 tiles holds 9), with and without bias, random and
+    extreme blocks."""
     rng = np.random.default_rng(100 + int(qtype))
-    n, k = 72, 512
+    n, k = 73, 512
     for extreme in (False, True):
         raw = random_blocks(qtype, n, k, rng, extreme=extreme)
         w = torch.from_numpy(dequantize(raw, qtype).reshape(n, k)).double()
-        for m in (1, 2, 3, 4, 5, 8, 17, 33, 70):
+        for m in (1, 2, 3, 4, 5, 8, 17, 33, 64, 70):
             x = torch.randn(m, k)
             bias = torch.randn(n) if m % 2 else None
             y, xq, meta = _run(ops, raw, qtype, n, k, x, bias)

@@ -375,6 +375,8 @@ inline void store_row(const F16& acc, const float* bias, TY* y, int rows) {
   }
 }
 
+constexpr int64_t kPrefetchBytes = 8192;
+
 // One 16-row tile for tokens [m0, m0 + MT), unpacking each block as it streams.
 template <int64_t Q, int MT, typename TY>
 void tile_streaming(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t K,
@@ -385,7 +387,10 @@ void tile_streaming(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int
   Block blk;
   for (int64_t u = 0; u < K / uk; ++u) {
     const uint8_t* src = w + u * ub;
-    _mm_prefetch(reinterpret_cast<const char*>(src + 4 * ub), _MM_HINT_T0);
+    // Every line of the unit a few units ahead: batch 1 is bound by how many misses are in
+    // flight, and the tiles of a thread are contiguous, so this runs ahead of the stream.
+    for (int64_t line = 0; line < ub; line += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchBytes + line), _MM_HINT_T0);
     for (int b = 0; b < bpu; ++b) {
       unpack_block<Q>(src, b, blk);
       accumulate<Q, MT>(blk, xq, meta, K, KB, u * bpu + b, acc);
@@ -406,7 +411,8 @@ void tile_batched(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64
   Block blk;
   for (int64_t u = 0; u < K / uk; ++u) {
     const uint8_t* src = w + u * ub;
-    _mm_prefetch(reinterpret_cast<const char*>(src + 4 * ub), _MM_HINT_T0);
+    for (int64_t line = 0; line < ub; line += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchBytes + line), _MM_HINT_T0);
     for (int b = 0; b < bpu; ++b) {
       unpack_block<Q>(src, b, blk);
       const int64_t kb = u * bpu + b;
