@@ -100,7 +100,11 @@ class CausalLM(torch.nn.Module):
         seen: dict[int, int] = {}
 
         def add(t: torch.Tensor | None) -> None:
-            if t is not None:
+            if t is None:
+                return
+            if t.is_mkldnn:  # oneDNN's packed weights have no storage to share
+                seen[id(t)] = t.numel() * t.element_size()
+            else:
                 seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
 
         for t in list(self.parameters()) + list(self.buffers()):

@@ -387,7 +387,7 @@ void tile_streaming(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int
   Block blk;
   for (int64_t u = 0; u < K / uk; ++u) {
     const uint8_t* src = w + u * ub;
-    // Every line of the unit a few units ahead: batch 1 is bound by how many misses are in
+    // Every line of the unit 8 KiB ahead: batch 1 is bound by how many misses are in
     // flight, and the tiles of a thread are contiguous, so this runs ahead of the stream.
     for (int64_t line = 0; line < ub; line += 64)
       _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchBytes + line), _MM_HINT_T0);
