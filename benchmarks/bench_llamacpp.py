@@ -348,8 +348,7 @@ def main() -> None:
     print(f"\n{platform.processor() or platform.machine()}, {args.threads} threads, copy "
           f"bandwidth {bw:.1f} GB/s, bf16 matmul {tflops:.2f} TFLOP/s; flags: {' '.join(flags)}")
     head = f"{'file':<11}{'engine':<19}{'MB/step':>8}"
-    for c, label in (("bs1", "bs1 tok/s"), ("prefill", f"prefill{args.prefill}"),
-                     ("batch", f"{args.batch}x{args.new_tokens}")):
+    for label in ("bs1 tok/s", f"prefill{args.prefill}", f"{args.batch}x{args.new_tokens}"):
         head += f"{label:>14}{'roof':>6}{'x l.cpp':>8}"
     print(head)
     for r in rows:

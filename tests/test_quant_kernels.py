@@ -12,8 +12,8 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize
-from tests.gguf_builder import ALL_TYPES, K_TYPES, random_blocks
 
+from tests.gguf_builder import ALL_TYPES, K_TYPES, random_blocks
 from tokenmill.kernels import cpu_ops
 from tokenmill.quant import gguf_pack as gp
 

@@ -146,15 +146,15 @@ class LlamaForCausalLM(CausalLM):
         projection runs a native kernel and the layers need nothing the loop lacks (q/k norm,
         partial rotary); None otherwise (the Python path runs every step)."""
         m, cfg = self.model, self.cfg
-        linears = [(l.self_attn.qkv_proj, l.self_attn.o_proj, l.mlp.gate_up_proj,
-                    l.mlp.down_proj) for l in m.layers]
+        linears = [(layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                    layer.mlp.down_proj) for layer in m.layers]
         if (cfg.qk_norm or m.rotary.rotary_dim != cfg.head_dim
                 or not all(hasattr(x, "kernel") for group in linears for x in group)):
             return None
         ops = linears[0][0].quant_method.ops  # the build the layers' kernel objects come from
         return ops.LlamaDecodeStack(
-            [l.input_layernorm.weight for l in m.layers],
-            [l.post_attention_layernorm.weight for l in m.layers], m.norm.weight,
+            [layer.input_layernorm.weight for layer in m.layers],
+            [layer.post_attention_layernorm.weight for layer in m.layers], m.norm.weight,
             *[[group[j].kernel for group in linears] for j in range(4)],
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.norm_eps, cfg.head_dim**-0.5)
 

@@ -174,7 +174,8 @@ def pack(f: dict[str, torch.Tensor], qtype: int, n: int, k: int) -> torch.Tensor
             parts.append(_per_row(f["sc"], n, units, 1))  # [nt, units, 16 sub x 16 rows]
             parts.append(_nibbles(ut).flatten(-2))
             h6 = ((ut >> 4) & 3).reshape(nt, units, 8, 2, 4, 64)
-            h6 = (h6 << (2 * torch.arange(4, dtype=torch.uint8))[:, None]).sum(-2, dtype=torch.uint8)
+            shifts = (2 * torch.arange(4, dtype=torch.uint8))[:, None]
+            h6 = (h6 << shifts).sum(-2, dtype=torch.uint8)
             parts.append(h6.flatten(-3))
         else:
             parts += [_per_row(f["dmin"], n, units, 2), _per_row(f["sc"], n, units, 1),
