@@ -225,7 +225,7 @@ class Worker:
             raise RuntimeError(f"{label}: {self.desc}")
 
     def time(self, prompts, new) -> float:
-        time.sleep(0.5)  # let the previous engine's spinning worker threads go idle
+        time.sleep(1.0)  # let the previous engine's worker threads go idle
         self.conn.send((prompts, new))
         status, value = self.conn.recv()
         if status != "time":
@@ -294,7 +294,9 @@ def bench_file(name: str, path: str, args, bw: float, tflops: float) -> list[dic
     work = {"bs1": (bs1, args.new_tokens), "prefill": (pre, 1), "batch": (batch, args.new_tokens)}
     times = {w.label: {c: [] for c in CASES} for w in workers}
     for rep in range(args.repeats):
-        for w in workers:
+        # Rotate the order: whichever engine runs right after another one measured slower
+        # (the previous process's threads still busy), so no engine is always first.
+        for w in workers[rep % len(workers):] + workers[: rep % len(workers)]:
             for case in CASES:
                 if case == "batch" and w.kind == "transformers" and name.startswith("1B"):
                     continue
