@@ -377,26 +377,55 @@ inline void store_row(const F16& acc, const float* bias, TY* y, int rows) {
 
 constexpr int64_t kPrefetchBytes = 8192;
 
-// One 16-row tile for tokens [m0, m0 + MT), unpacking each block as it streams.
-template <int64_t Q, int MT, typename TY>
-void tile_streaming(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t K,
-                    const float* bias, TY* y, int64_t ldy, int rows) {
-  const int64_t uk = unit_k(Q), ub = unit_bytes(Q), KB = K / 32, bpu = uk / 32;
-  F16 acc[MT];
-  for (int m = 0; m < MT; ++m) acc[m] = F16::zero();
+// Streams a 16-row tile's blocks in order: fn(block, kb) for every 32-input block kb, each
+// unpacked once. Every line of the unit 8 KiB ahead is prefetched: batch 1 is bound by how many
+// misses are in flight, and the tiles of a thread are contiguous, so this runs ahead of the
+// stream.
+template <int64_t Q, typename Fn>
+inline void for_each_block(const uint8_t* w, int64_t K, Fn&& fn) {
+  const int64_t uk = unit_k(Q), ub = unit_bytes(Q), bpu = uk / 32;
   Block blk;
   for (int64_t u = 0; u < K / uk; ++u) {
     const uint8_t* src = w + u * ub;
-    // Every line of the unit 8 KiB ahead: batch 1 is bound by how many misses are in
-    // flight, and the tiles of a thread are contiguous, so this runs ahead of the stream.
     for (int64_t line = 0; line < ub; line += 64)
       _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchBytes + line), _MM_HINT_T0);
     for (int b = 0; b < bpu; ++b) {
       unpack_block<Q>(src, b, blk);
-      accumulate<Q, MT>(blk, xq, meta, K, KB, u * bpu + b, acc);
+      fn(blk, u * bpu + b);
     }
   }
+}
+
+// One 16-row tile for tokens [m0, m0 + MT), unpacking each block as it streams.
+template <int64_t Q, int MT, typename TY>
+void tile_streaming(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t K,
+                    const float* bias, TY* y, int64_t ldy, int rows) {
+  const int64_t KB = K / 32;
+  F16 acc[MT];
+  for (int m = 0; m < MT; ++m) acc[m] = F16::zero();
+  for_each_block<Q>(w, K, [&](const Block& blk, int64_t kb) {
+    accumulate<Q, MT>(blk, xq, meta, K, KB, kb, acc);
+  });
   for (int m = 0; m < MT; ++m) store_row(acc[m], bias, y + m * ldy, rows);
+}
+
+// Block kb's contribution for tokens [m_begin, M) into their L1 accumulators (16 floats each).
+template <int64_t Q>
+inline void accumulate_rows(const Block& blk, const int8_t* xq, const ActMeta* meta,
+                            int64_t m_begin, int64_t M, int64_t K, int64_t kb, float* accbuf) {
+  const int64_t KB = K / 32;
+  int64_t m0 = m_begin;
+  for (; m0 + 4 <= M; m0 += 4) {
+    F16 acc[4];
+    for (int m = 0; m < 4; ++m) acc[m] = F16::load(accbuf + (m0 + m) * 16);
+    accumulate<Q, 4>(blk, xq + m0 * K, meta + m0 * KB, K, KB, kb, acc);
+    for (int m = 0; m < 4; ++m) acc[m].store(accbuf + (m0 + m) * 16);
+  }
+  for (; m0 < M; ++m0) {
+    F16 acc[1] = {F16::load(accbuf + m0 * 16)};
+    accumulate<Q, 1>(blk, xq + m0 * K, meta + m0 * KB, K, KB, kb, acc);
+    acc[0].store(accbuf + m0 * 16);
+  }
 }
 
 // One 16-row tile for a mid-size batch (decode of many sequences): each block is unpacked
@@ -406,30 +435,10 @@ void tile_streaming(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int
 template <int64_t Q, typename TY>
 void tile_batched(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t M, int64_t K,
                   const float* bias, TY* y, int64_t ldy, int rows, float* accbuf) {
-  const int64_t uk = unit_k(Q), ub = unit_bytes(Q), KB = K / 32, bpu = uk / 32;
   std::fill(accbuf, accbuf + M * 16, 0.f);
-  Block blk;
-  for (int64_t u = 0; u < K / uk; ++u) {
-    const uint8_t* src = w + u * ub;
-    for (int64_t line = 0; line < ub; line += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchBytes + line), _MM_HINT_T0);
-    for (int b = 0; b < bpu; ++b) {
-      unpack_block<Q>(src, b, blk);
-      const int64_t kb = u * bpu + b;
-      int64_t m0 = 0;
-      for (; m0 + 4 <= M; m0 += 4) {
-        F16 acc[4];
-        for (int m = 0; m < 4; ++m) acc[m] = F16::load(accbuf + (m0 + m) * 16);
-        accumulate<Q, 4>(blk, xq + m0 * K, meta + m0 * KB, K, KB, kb, acc);
-        for (int m = 0; m < 4; ++m) acc[m].store(accbuf + (m0 + m) * 16);
-      }
-      for (; m0 < M; ++m0) {
-        F16 acc[1] = {F16::load(accbuf + m0 * 16)};
-        accumulate<Q, 1>(blk, xq + m0 * K, meta + m0 * KB, K, KB, kb, acc);
-        acc[0].store(accbuf + m0 * 16);
-      }
-    }
-  }
+  for_each_block<Q>(w, K, [&](const Block& blk, int64_t kb) {
+    accumulate_rows<Q>(blk, xq, meta, 0, M, K, kb, accbuf);
+  });
   for (int64_t m = 0; m < M; ++m) store_row(F16::load(accbuf + m * 16), bias, y + m * ldy, rows);
 }
 
@@ -471,41 +480,30 @@ template <int64_t Q, typename TY>
 void tile_amx(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t M, int64_t K,
               const float* bias, TY* y, int64_t ldy, int rows, float* accbuf) {
   static_assert(!kSplit<Q>, "blocks with two scales take the VNNI path");
-  const int64_t uk = unit_k(Q), ub = unit_bytes(Q), KB = K / 32, bpu = uk / 32;
+  const int64_t KB = K / 32;
   std::fill(accbuf, accbuf + M * 16, 0.f);
-  Block blk;
   alignas(64) int32_t c0[16 * 16];
   const int64_t m_amx = M / 16 * 16;
-  for (int64_t u = 0; u < K / uk; ++u) {
-    const uint8_t* src = w + u * ub;
-    _mm_prefetch(reinterpret_cast<const char*>(src + 4 * ub), _MM_HINT_T0);
-    for (int b = 0; b < bpu; ++b) {
-      unpack_block<Q>(src, b, blk);
-      const int64_t kb = u * bpu + b;
-      const F16 s0 = F16::load(blk.s0), o0 = F16::load(blk.o0);
-      _tile_loadd(2, blk.u[0], 64);
-      for (int64_t m0 = 0; m0 < m_amx; m0 += 16) {
-        _tile_zero(0);
-        _tile_loadd(1, xq + m0 * K + kb * 32, K);
-        _tile_dpbsud(0, 1, 2);
-        _tile_stored(0, c0, 64);
-        for (int i = 0; i < 16; ++i) {
-          const ActMeta& a = meta[(m0 + i) * KB + kb];
-          float* acc_p = accbuf + (m0 + i) * 16;
-          F16 acc = F16::load(acc_p);
-          const F16 v = {_mm512_cvtepi32_ps(_mm512_load_si512(c0 + i * 16))};
-          acc = F16::fma(v, s0 * F16::set1(a.d), acc);
-          acc = F16::fma(o0, F16::set1(a.dsum), acc);
-          acc.store(acc_p);
-        }
-      }
-      for (int64_t m0 = m_amx; m0 < M; ++m0) {
-        F16 acc[1] = {F16::load(accbuf + m0 * 16)};
-        accumulate<Q, 1>(blk, xq + m0 * K, meta + m0 * KB, K, KB, kb, acc);
-        acc[0].store(accbuf + m0 * 16);
+  for_each_block<Q>(w, K, [&](const Block& blk, int64_t kb) {
+    const F16 s0 = F16::load(blk.s0), o0 = F16::load(blk.o0);
+    _tile_loadd(2, blk.u[0], 64);
+    for (int64_t m0 = 0; m0 < m_amx; m0 += 16) {
+      _tile_zero(0);
+      _tile_loadd(1, xq + m0 * K + kb * 32, K);
+      _tile_dpbsud(0, 1, 2);
+      _tile_stored(0, c0, 64);
+      for (int i = 0; i < 16; ++i) {
+        const ActMeta& a = meta[(m0 + i) * KB + kb];
+        float* acc_p = accbuf + (m0 + i) * 16;
+        F16 acc = F16::load(acc_p);
+        const F16 v = {_mm512_cvtepi32_ps(_mm512_load_si512(c0 + i * 16))};
+        acc = F16::fma(v, s0 * F16::set1(a.d), acc);
+        acc = F16::fma(o0, F16::set1(a.dsum), acc);
+        acc.store(acc_p);
       }
     }
-  }
+    accumulate_rows<Q>(blk, xq, meta, m_amx, M, K, kb, accbuf);
+  });
   for (int64_t m = 0; m < M; ++m) store_row(F16::load(accbuf + m * 16), bias, y + m * ldy, rows);
 }
 #endif  // AMX
