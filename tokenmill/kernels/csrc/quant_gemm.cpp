@@ -334,14 +334,29 @@ inline I16 dot_u(const Block& blk, const int8_t* x, int t0, int n) {
 inline F16 to_float(I16 v) { return {_mm256_cvtepi32_ps(v.a), _mm256_cvtepi32_ps(v.b)}; }
 #endif
 
-// acc[m] += block b's contribution for MT tokens (x rows with stride K, metas with stride kb).
+// Quantized activations as the kernels read them: token m's 32 inputs of block b and their
+// metadata, in either layout: row-major as quantize_activations writes them ([M, K]), or
+// block-major ([K / 32, M, 32]) for the batched paths, where a block's tokens then sit on
+// consecutive cache lines instead of K bytes apart (which aliases to a few L1 sets).
+struct Acts {
+  const int8_t* x;
+  const ActMeta* meta;
+  int64_t xs, xb, ms, mb;  // token and block strides of x (bytes) and meta (entries)
+  static Acts row_major(const int8_t* x, const ActMeta* meta, int64_t K) {
+    return {x, meta, K, 32, K / 32, 1};
+  }
+  const int8_t* at(int64_t m, int64_t b) const { return x + m * xs + b * xb; }
+  const ActMeta& meta_at(int64_t m, int64_t b) const { return meta[m * ms + b * mb]; }
+  Acts from(int64_t m0) const { return {x + m0 * xs, meta + m0 * ms, xs, xb, ms, mb}; }
+};
+
+// acc[m] += block b's contribution for tokens 0..MT of `acts`.
 template <int64_t Q, int MT>
-inline void accumulate(const Block& blk, const int8_t* xq, const ActMeta* meta, int64_t K,
-                       int64_t KB, int64_t b, F16* acc) {
+inline void accumulate(const Block& blk, const Acts& acts, int64_t b, F16* acc) {
   const F16 s0 = F16::load(blk.s0), o0 = F16::load(blk.o0);
   for (int m = 0; m < MT; ++m) {
-    const int8_t* x = xq + m * K + b * 32;
-    const ActMeta& a = meta[m * KB + b];
+    const int8_t* x = acts.at(m, b);
+    const ActMeta& a = acts.meta_at(m, b);
     if constexpr (kSplit<Q>) {
       const F16 s1 = F16::load(blk.s1), o1 = F16::load(blk.o1);
       const F16 lo = to_float(dot_u<false>(blk, x, 0, 4));
@@ -400,30 +415,29 @@ inline void for_each_block(const uint8_t* w, int64_t K, Fn&& fn) {
 template <int64_t Q, int MT, typename TY>
 void tile_streaming(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t K,
                     const float* bias, TY* y, int64_t ldy, int rows) {
-  const int64_t KB = K / 32;
+  const Acts acts = Acts::row_major(xq, meta, K);
   F16 acc[MT];
   for (int m = 0; m < MT; ++m) acc[m] = F16::zero();
   for_each_block<Q>(w, K, [&](const Block& blk, int64_t kb) {
-    accumulate<Q, MT>(blk, xq, meta, K, KB, kb, acc);
+    accumulate<Q, MT>(blk, acts, kb, acc);
   });
   for (int m = 0; m < MT; ++m) store_row(acc[m], bias, y + m * ldy, rows);
 }
 
 // Block kb's contribution for tokens [m_begin, M) into their L1 accumulators (16 floats each).
 template <int64_t Q>
-inline void accumulate_rows(const Block& blk, const int8_t* xq, const ActMeta* meta,
-                            int64_t m_begin, int64_t M, int64_t K, int64_t kb, float* accbuf) {
-  const int64_t KB = K / 32;
+inline void accumulate_rows(const Block& blk, const Acts& acts, int64_t m_begin, int64_t M,
+                            int64_t kb, float* accbuf) {
   int64_t m0 = m_begin;
   for (; m0 + 4 <= M; m0 += 4) {
     F16 acc[4];
     for (int m = 0; m < 4; ++m) acc[m] = F16::load(accbuf + (m0 + m) * 16);
-    accumulate<Q, 4>(blk, xq + m0 * K, meta + m0 * KB, K, KB, kb, acc);
+    accumulate<Q, 4>(blk, acts.from(m0), kb, acc);
     for (int m = 0; m < 4; ++m) acc[m].store(accbuf + (m0 + m) * 16);
   }
   for (; m0 < M; ++m0) {
     F16 acc[1] = {F16::load(accbuf + m0 * 16)};
-    accumulate<Q, 1>(blk, xq + m0 * K, meta + m0 * KB, K, KB, kb, acc);
+    accumulate<Q, 1>(blk, acts.from(m0), kb, acc);
     acc[0].store(accbuf + m0 * 16);
   }
 }
@@ -433,11 +447,11 @@ inline void accumulate_rows(const Block& blk, const int8_t* xq, const ActMeta* m
 // L1 buffer between blocks. Streaming keeps the memory reads overlapped with the arithmetic,
 // which an unpack-the-whole-tile-first order would serialize.
 template <int64_t Q, typename TY>
-void tile_batched(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t M, int64_t K,
-                  const float* bias, TY* y, int64_t ldy, int rows, float* accbuf) {
+void tile_batched(const uint8_t* w, const Acts& acts, int64_t M, int64_t K, const float* bias,
+                  TY* y, int64_t ldy, int rows, float* accbuf) {
   std::fill(accbuf, accbuf + M * 16, 0.f);
   for_each_block<Q>(w, K, [&](const Block& blk, int64_t kb) {
-    accumulate_rows<Q>(blk, xq, meta, 0, M, K, kb, accbuf);
+    accumulate_rows<Q>(blk, acts, 0, M, kb, accbuf);
   });
   for (int64_t m = 0; m < M; ++m) store_row(F16::load(accbuf + m * 16), bias, y + m * ldy, rows);
 }
@@ -477,10 +491,9 @@ void configure_amx() {
 // the int32 block sums, which are then scaled into float accumulators in L1 like the VNNI path.
 // Tokens past the last multiple of 16 take the VNNI path on the same unpacked block.
 template <int64_t Q, typename TY>
-void tile_amx(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t M, int64_t K,
-              const float* bias, TY* y, int64_t ldy, int rows, float* accbuf) {
+void tile_amx(const uint8_t* w, const Acts& acts, int64_t M, int64_t K, const float* bias, TY* y,
+              int64_t ldy, int rows, float* accbuf) {
   static_assert(!kSplit<Q>, "blocks with two scales take the VNNI path");
-  const int64_t KB = K / 32;
   std::fill(accbuf, accbuf + M * 16, 0.f);
   alignas(64) int32_t c0[16 * 16];
   const int64_t m_amx = M / 16 * 16;
@@ -489,11 +502,11 @@ void tile_amx(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t M
     _tile_loadd(2, blk.u[0], 64);
     for (int64_t m0 = 0; m0 < m_amx; m0 += 16) {
       _tile_zero(0);
-      _tile_loadd(1, xq + m0 * K + kb * 32, K);
+      _tile_loadd(1, acts.at(m0, kb), acts.xs);
       _tile_dpbsud(0, 1, 2);
       _tile_stored(0, c0, 64);
       for (int i = 0; i < 16; ++i) {
-        const ActMeta& a = meta[(m0 + i) * KB + kb];
+        const ActMeta& a = acts.meta_at(m0 + i, kb);
         float* acc_p = accbuf + (m0 + i) * 16;
         F16 acc = F16::load(acc_p);
         const F16 v = {_mm512_cvtepi32_ps(_mm512_load_si512(c0 + i * 16))};
@@ -502,7 +515,7 @@ void tile_amx(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t M
         acc.store(acc_p);
       }
     }
-    accumulate_rows<Q>(blk, xq, meta, m_amx, M, K, kb, accbuf);
+    accumulate_rows<Q>(blk, acts, m_amx, M, kb, accbuf);
   });
   for (int64_t m = 0; m < M; ++m) store_row(F16::load(accbuf + m * 16), bias, y + m * ldy, rows);
 }
@@ -517,6 +530,22 @@ void gemm_typed(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t
                 int64_t K, const float* bias, TY* y, int64_t ldy) {
   const int64_t n_tiles = (N + 15) / 16, ub = unit_bytes(Q), tile_bytes = K / unit_k(Q) * ub;
   const int64_t KB = K / 32, bpu = unit_k(Q) / 32;
+  const Acts rows_acts = Acts::row_major(xq, meta, K);
+  // Decode batches read the activations block by block for every weight tile: copy them
+  // block-major once per call (M * K bytes, next to M * N * K multiply-adds).
+  std::vector<int8_t> xr;
+  std::vector<ActMeta> mr;
+  Acts block_acts = rows_acts;
+  if (M > 4 && M <= kStreamingMaxM) {
+    xr.resize(M * K);
+    mr.resize(M * KB);
+    for (int64_t b = 0; b < KB; ++b)
+      for (int64_t m = 0; m < M; ++m) {
+        std::memcpy(&xr[(b * M + m) * 32], xq + m * K + b * 32, 32);
+        mr[b * M + m] = meta[m * KB + b];
+      }
+    block_acts = {xr.data(), mr.data(), 32, M * 32, 1, M};
+  }
 #ifdef TM_AMX
   // Measured on Sapphire Rapids: the tiles win for decode batches of 16-64 tokens (1.1-1.2x);
   // for prefill-size batches the per-block float rescaling of the int32 tiles costs more than
@@ -527,7 +556,7 @@ void gemm_typed(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t
         configure_amx();
         std::vector<float> accbuf(M * 16);
         for (int64_t nt = begin; nt < end; ++nt)
-          tile_amx<Q>(w + nt * tile_bytes, xq, meta, M, K, bias ? bias + nt * 16 : nullptr,
+          tile_amx<Q>(w + nt * tile_bytes, block_acts, M, K, bias ? bias + nt * 16 : nullptr,
                       y + nt * 16, ldy, static_cast<int>(std::min<int64_t>(16, N - nt * 16)),
                       accbuf.data());
         _tile_release();
@@ -554,7 +583,7 @@ void gemm_typed(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t
         continue;
       }
       if (M <= kStreamingMaxM) {
-        tile_batched<Q>(wt, xq, meta, M, K, bt, yt, ldy, rows, accbuf.data());
+        tile_batched<Q>(wt, block_acts, M, K, bt, yt, ldy, rows, accbuf.data());
         continue;
       }
       for (int64_t u = 0; u < K / unit_k(Q); ++u)
@@ -562,14 +591,13 @@ void gemm_typed(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
         F16 acc[4] = {F16::zero(), F16::zero(), F16::zero(), F16::zero()};
         const int mt = static_cast<int>(std::min<int64_t>(4, M - m0));
-        const int8_t* x = xq + m0 * K;
-        const ActMeta* a = meta + m0 * KB;
+        const Acts acts = rows_acts.from(m0);
         for (int64_t kb = 0; kb < KB; ++kb) {
           switch (mt) {
-            case 4: accumulate<Q, 4>(buf[kb], x, a, K, KB, kb, acc); break;
-            case 3: accumulate<Q, 3>(buf[kb], x, a, K, KB, kb, acc); break;
-            case 2: accumulate<Q, 2>(buf[kb], x, a, K, KB, kb, acc); break;
-            default: accumulate<Q, 1>(buf[kb], x, a, K, KB, kb, acc); break;
+            case 4: accumulate<Q, 4>(buf[kb], acts, kb, acc); break;
+            case 3: accumulate<Q, 3>(buf[kb], acts, kb, acc); break;
+            case 2: accumulate<Q, 2>(buf[kb], acts, kb, acc); break;
+            default: accumulate<Q, 1>(buf[kb], acts, kb, acc); break;
           }
         }
         for (int m = 0; m < mt; ++m) store_row(acc[m], bt, yt + (m0 + m) * ldy, rows);
