@@ -34,9 +34,10 @@ def test_block_pool_refcounts_and_lru_order():
     assert a[0].ref_cnt == 1 and pool.num_free_blocks == 3
     pool.free_blocks([a[0]])
     pool.check_invariants()
-    # Free order: the never-used block 3, then a[2], a[1], a[0] (freed last).
+    # Free order: a[1], a[2] (written, nothing cached: reused before untouched memory; the one
+    # freed last first), then the never-used block 3, then a[0] (cached content, LRU tail).
     order = [b.block_id for b in pool.get_new_blocks(4)]
-    assert order == [3, a[2].block_id, a[1].block_id, a[0].block_id]
+    assert order == [a[1].block_id, a[2].block_id, 3, a[0].block_id]
     # Handing a cached block out again evicts it from the cache.
     assert pool.get_cached_block(111) is None
     pool.check_invariants()

@@ -2,8 +2,11 @@
 
 A block holds the KV of `block_size` consecutive tokens of some sequence. A full block may carry
 a hash of its content (its tokens and all tokens before it), so a later request with the same
-prefix can reuse it. Freed blocks go to the tail of an LRU free queue; a freed block keeps its
-hash (and stays findable) until it is handed out again, which evicts it from the cache.
+prefix can reuse it. Freed blocks that hold cached content go to the tail of an LRU free queue;
+a freed block keeps its hash (and stays findable) until it is handed out again, which evicts it
+from the cache. Freed blocks without cached content go to the front: blocks whose memory was
+already written are handed out again before never-used ones, so the pages of the KV pool that
+the OS has committed follow the tokens actually cached (the pool is reserved untouched).
 """
 
 from __future__ import annotations
@@ -77,7 +80,8 @@ class BlockPool:
             block.ref_cnt += 1
 
     def free_blocks(self, blocks: Iterable[KVBlock]) -> None:
-        """Drop one reference from each block; blocks reaching zero join the free queue's tail.
+        """Drop one reference from each block. Blocks reaching zero join the free queue: at the
+        tail when they hold cached content (LRU), else at the front (reused first).
 
         Callers pass a sequence's blocks in reverse so its last blocks are evicted first.
         """
@@ -87,6 +91,8 @@ class BlockPool:
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
                 self._free[block.block_id] = block
+                if block.block_hash is None:
+                    self._free.move_to_end(block.block_id, last=False)
 
     def cache_full_block(self, block: KVBlock, block_hash: int) -> None:
         """Record that `block` holds the content identified by `block_hash`."""

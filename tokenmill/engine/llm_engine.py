@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -23,6 +24,24 @@ from tokenmill.sampling_params import SamplingParams
 from tokenmill.worker.model_runner import ModelRunner, kv_cache_bytes_per_token
 
 logger = logging.getLogger(__name__)
+
+
+_first_engine = [True]
+
+
+def seconds_since_process_start() -> float | None:
+    """For the first engine of a process: the wall time since the process started (Linux
+    /proc), i.e. what the imports and argument handling before the engine took. None for later
+    engines and elsewhere."""
+    if not _first_engine[0]:
+        return None
+    _first_engine[0] = False
+    try:
+        start_ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
 GiB = 1 << 30
 
 
@@ -63,20 +82,26 @@ class LLMEngine:
         torch.manual_seed(args.seed)
         self.device = args.torch_device()
         self.dtype = args.torch_dtype(self.device)
+        startup = {"imports and arguments": seconds_since_process_start()}
         source = resolve_model(args.model)
         t0 = time.perf_counter()
         self.model, self.model_info = load_model(
             source, self.dtype, args.max_model_len, self.device, quantization=args.quantization
         )
         info = self.model_info
+        startup.update(info.load_seconds)
+        t1 = time.perf_counter()
         self.tokenizer: Tokenizer = load_tokenizer(info)
+        startup["tokenizer"] = time.perf_counter() - t1
         arch = info.arch
         logger.info(
-            "loaded %s (%s, %s) in %.1fs; weights %.3f GB in memory (file %.3f GB), %s; %s",
+            "loaded %s (%s, %s) in %.1fs (weights at %.2f GB/s); weights %.3f GB in memory "
+            "(file %.3f GB), %s; %s",
             source.name,
             arch.architecture,
             info.weight_format,
             time.perf_counter() - t0,
+            info.load_throughput_gbs(),
             self.model.weight_memory_bytes() / 1e9,
             info.checkpoint_bytes / 1e9,
             f"native quantized kernels: {info.native_weights}" if info.native_weights
@@ -106,18 +131,27 @@ class LLMEngine:
             ),
             KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching),
         )
+        t1 = time.perf_counter()
         self.runner = ModelRunner(self.model, num_blocks, args.block_size, self.dtype, self.device)
+        startup["KV pool"] = time.perf_counter() - t1
         logger.info(
-            "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s); max concurrency at full "
-            "context (%d tokens): %.1f",
+            "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB reserved, %.2f GiB resident: "
+            "pages are committed as blocks are written; %s); max concurrency at full context "
+            "(%d tokens): %.1f",
             num_blocks,
             args.block_size,
             capacity,
             self.kv_cache_bytes / GiB,
+            self.runner.kv_pool.resident_bytes() / GiB,
             str(self.dtype).removeprefix("torch."),
             max_len,
             capacity / max_len,
         )
+        if startup["imports and arguments"] is None:
+            del startup["imports and arguments"]
+        logger.debug("start-up breakdown: %s; total %.2f s", ", ".join(
+            f"{k} {v:.2f} s" for k, v in startup.items()), sum(startup.values()))
+        self.startup_seconds = startup
         self.groups: dict[str, _Group] = {}
         self._child_to_group: dict[str, _Sample] = {}
         self._ids = itertools.count()

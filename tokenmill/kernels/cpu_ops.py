@@ -11,20 +11,26 @@ the kernels of the best level for everything but the quantized matmuls, which th
 path, which is also the reference the kernels are tested against. With
 TOKENMILL_REQUIRE_CPU_KERNELS=1 (CI) a failed build raises instead.
 
-The build is cached in a directory named by a hash of the sources, the level, the flags and the
-torch version (under $XDG_CACHE_HOME/tokenmill or ~/.cache/tokenmill), with the sources copied
-in, so every checkout of the same code shares one build per level and only the first process
-pays for it. A build killed half-way leaves torch's lock file behind, which would make every
-later process wait forever: a lock older than `STALE_LOCK_SECONDS` is removed.
+The build is cached in a directory named by a hash of the sources, the level, the flags, the
+torch version and the compiler (under $XDG_CACHE_HOME/tokenmill or ~/.cache/tokenmill), with the
+sources copied in, so every checkout and every virtualenv with the same torch and compiler
+shares one build per level and only the first process pays for it. A finished build is imported
+directly, without torch's ninja step: ninja would compare the include paths of the virtualenv
+that built it with this one's and compile again. A build killed half-way leaves torch's lock
+file behind, which would make every later process wait forever: a lock older than
+`STALE_LOCK_SECONDS` is removed. Two processes starting together build once (the second waits
+on the lock). `scripts/setup.sh` builds the level of the machine, so `serve` finds it ready.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import logging
 import os
 import shutil
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -113,20 +119,36 @@ def select_isa(flags: frozenset[str] | None = None) -> IsaChoice:
     return IsaChoice(available[0], True, f"best level this CPU supports ({', '.join(available)})")
 
 
+@functools.lru_cache(maxsize=1)
+def compiler_identity() -> str:
+    """The C++ compiler torch's extension builder will run ($CXX or c++) and its version."""
+    cxx = os.environ.get("CXX", "c++")
+    path = shutil.which(cxx)
+    if path is None:
+        return f"{cxx} (not found)"
+    try:
+        version = subprocess.run([path, "-dumpfullversion", "-dumpversion"], capture_output=True,
+                                 text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        version = "?"
+    return f"{os.path.realpath(path)} {version}"
+
+
 def build_directory(isa: str) -> Path:
     import torch
 
     h = hashlib.sha256()
     for src in _SOURCES:
         h.update(src.name.encode() + b"\0" + src.read_bytes())
-    h.update(" ".join([isa] + _COMMON + ISA_FLAGS[isa] + _LDFLAGS + [torch.__version__]).encode())
+    h.update(" ".join([isa] + _COMMON + ISA_FLAGS[isa] + _LDFLAGS + [torch.__version__,
+                                                                   compiler_identity()]).encode())
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tokenmill"
     return root / "kernels" / f"{isa}-{h.hexdigest()[:16]}"
 
 
 def _prepare(build_dir: Path, isa: str) -> list[str]:
-    """Copy the sources into the build directory (stable paths across checkouts), clear a
-    stale lock, and say what is about to happen."""
+    """Copy the sources into the build directory (stable paths across checkouts) and clear a
+    stale lock; returns the .cpp copies."""
     src_dir = build_dir / "src"
     src_dir.mkdir(parents=True, exist_ok=True)
     copies = []
@@ -144,9 +166,45 @@ def _prepare(build_dir: Path, isa: str) -> list[str]:
             lock.unlink(missing_ok=True)
         else:
             logger.info("waiting for another process that is compiling the CPU kernels")
-    elif not (build_dir / f"{_NAME}_{isa}.so").exists():
-        logger.warning("compiling the %s CPU kernels once (about a minute)...", isa)
     return copies
+
+
+def _import_built(build_dir: Path, isa: str) -> Any:
+    """The finished build in `build_dir` as a module, or None when there is none yet."""
+    so = build_dir / f"{_NAME}_{isa}.so"
+    if not so.exists() or (build_dir / "lock").exists():
+        return None
+    spec = importlib.util.spec_from_file_location(f"{_NAME}_{isa}", so)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _compile(build_dir: Path, isa: str) -> Any:
+    """Build (or wait for another process's build of) level `isa`, saying so while it runs."""
+    from torch.utils.cpp_extension import load
+
+    sources = _prepare(build_dir, isa)
+    done = threading.Event()
+    building = not (build_dir / "lock").exists()
+    if building:
+        logger.warning("compiling the %s CPU kernels once, about 45 s per level (cached in %s)",
+                       isa, build_dir)
+
+    def progress() -> None:
+        t0 = time.monotonic()
+        while not done.wait(15.0):
+            logger.warning("... still %s the %s CPU kernels (%.0f s)",
+                           "compiling" if building else "waiting for", isa,
+                           time.monotonic() - t0)
+
+    ticker = threading.Thread(target=progress, daemon=True)
+    ticker.start()
+    try:
+        return load(name=f"{_NAME}_{isa}", sources=sources, extra_cflags=_COMMON + ISA_FLAGS[isa],
+                    extra_ldflags=list(_LDFLAGS), build_directory=str(build_dir), verbose=False)
+    finally:
+        done.set()
 
 
 def load_ops(isa: str) -> Any:
@@ -158,13 +216,8 @@ def load_ops(isa: str) -> Any:
         ops = None
         if os.environ.get("TOKENMILL_DISABLE_CPU_KERNELS") != "1":
             try:
-                from torch.utils.cpp_extension import load
-
                 build_dir = build_directory(isa)
-                sources = _prepare(build_dir, isa)
-                ops = load(name=f"{_NAME}_{isa}", sources=sources,
-                           extra_cflags=_COMMON + ISA_FLAGS[isa], extra_ldflags=list(_LDFLAGS),
-                           build_directory=str(build_dir), verbose=False)
+                ops = _import_built(build_dir, isa) or _compile(build_dir, isa)
             except Exception as e:  # no compiler, no ninja, unsupported platform...
                 if os.environ.get("TOKENMILL_REQUIRE_CPU_KERNELS") == "1":
                     raise RuntimeError(f"the {isa} CPU kernels failed to build: {e}") from e

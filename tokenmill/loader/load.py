@@ -5,8 +5,9 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,6 +46,14 @@ class ModelInfo:
     metadata: dict[str, Any]
     native_weights: str = ""  # layers by the method they run, e.g. "Q4_1 x60, Q8_0 output"
     quant_reason: str = ""  # why the weights run natively or dequantized (kernel level chosen)
+    # Seconds per load phase, in order: file mapping, kernel load, building the module, weights
+    # (read + repack), post-processing (the start-up breakdown logged at debug level).
+    load_seconds: dict[str, float] = field(default_factory=dict)
+
+    def load_throughput_gbs(self) -> float:
+        """Checkpoint bytes per second of the weights phase."""
+        s = self.load_seconds.get("weights", 0.0)
+        return self.checkpoint_bytes / s / 1e9 if s > 0 else float("inf")
 
 
 def read_model_info(source: ModelSource) -> tuple[ModelInfo, Any]:
@@ -109,16 +118,28 @@ def load_model(source: ModelSource, dtype: torch.dtype, max_model_len: int | Non
     `quantization="auto"` keeps a GGUF file's quantized weights and runs them natively where a
     kernel exists for this device and dtype (`quant_config_for`); "none" dequantizes everything.
     """
+    t = time.perf_counter()
     info, reader = read_model_info(source)
+    phases = info.load_seconds
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        phases[name] = now - t
+        t = now
+
+    lap("file mapping")
     arch = info.arch
     max_positions = min(arch.max_position_embeddings, max_model_len or 1 << 62)
     model_cls = get_model_class(arch.architecture)
     freq_factors = gguf_rope_freq_factors(reader) if reader is not None else None
     quant, info.quant_reason = quant_config_for(source, reader, arch, dtype, device,
                                                 quantization)
+    lap("kernel load")
     kwargs = {"quant": quant} if model_cls.supports_native_gguf else {}
     with torch.device(device):
         model = model_cls(arch, dtype, max_positions, freq_factors, **kwargs)
+    lap("module")
     if source.kind == "gguf":
         if arch.model_type == "gpt2":
             model.conv1d_layout = False
@@ -131,11 +152,13 @@ def load_model(source: ModelSource, dtype: torch.dtype, max_model_len: int | Non
     bar = tqdm(weights, total=total, desc="Loading weights", unit="tensor", disable=not progress,
                leave=False)
     model.load_weights(bar)
+    lap("weights")
     if isinstance(quant, GGUFQuantConfig):
         info.native_weights = describe_counts(quant.counts)
     model.process_weights_after_loading()
     model.eval()
     _return_free_memory()
+    lap("post-processing")
     return model, info
 
 

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 
 from tokenmill.engine.async_engine import AsyncEngine
 
@@ -45,6 +52,15 @@ class ServerMetrics:
         Gauge("tokenmill_num_preemptions", "Preemptions since start (recomputed requests)",
               ["model_name"], registry=reg).labels(**labels).set_function(
                   lambda: sched.num_preemptions_total)
+        # Memory: the process (process_resident_memory_bytes, ...) next to the KV pool's
+        # reserved and committed sizes (the pool's pages are committed as blocks are written).
+        ProcessCollector(registry=reg)
+        pool = engine.engine.runner.kv_pool
+        Gauge("tokenmill_kv_cache_reserved_bytes", "Bytes reserved for the KV cache",
+              ["model_name"], registry=reg).labels(**labels).set(pool.reserved_bytes)
+        Gauge("tokenmill_kv_cache_resident_bytes",
+              "Bytes of the KV cache the OS has committed (written at least once)",
+              ["model_name"], registry=reg).labels(**labels).set_function(pool.resident_bytes)
         self._labels = labels
 
     def request_finished(self, status: str) -> None:

@@ -19,6 +19,7 @@ from tokenmill.layers.attention import AttentionMetadata, build_padded_group
 from tokenmill.layers.fused import cpu_kernels
 from tokenmill.models.base import CausalLM, KVCache
 from tokenmill.sample.sampler import Sampler, build_sampling_metadata, compute_logprobs
+from tokenmill.worker.kv_pool import KVPool
 
 logger = logging.getLogger(__name__)
 
@@ -114,12 +115,9 @@ class ModelRunner:
         self.block_size = block_size
         cfg = model.cfg
         self.vocab_size = cfg.vocab_size
-        shape = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_caches: list[KVCache] = [
-            (torch.zeros(shape, dtype=kv_dtype, device=device),
-             torch.zeros(shape, dtype=kv_dtype, device=device))
-            for _ in range(cfg.num_layers)
-        ]
+        self.kv_pool = KVPool(cfg.num_layers, num_blocks * block_size, cfg.num_kv_heads,
+                              cfg.head_dim, kv_dtype, device)
+        self.kv_caches: list[KVCache] = self.kv_pool.caches
         self.sampler = Sampler()
         probe = torch.empty(0, dtype=kv_dtype, device=device)
         self.fused_decode_attention = cpu_kernels(probe) is not None
