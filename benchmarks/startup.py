@@ -175,7 +175,8 @@ def main() -> None:
             print(f"{name:10s} {engine:9s} serve {r['start_s']:5.2f} s"
                   + (f", LLM() first token {row['first_token_s']:5.2f} s"
                      if "first_token_s" in row else "")
-                  + f", RSS {r['rss_start'] / 1e6:6.0f} MB (target <= {row['rss_target'] / 1e6:.0f})"
+                  + f", RSS {r['rss_start'] / 1e6:6.0f} MB"
+                  + f" (target <= {row['rss_target'] / 1e6:.0f})"
                   + (f", after {args.requests}x{args.tokens} {r['rss_after_load'] / 1e6:6.0f} MB"
                      if r["rss_after_load"] else "")
                   + (f", load {r['load_gbs']:.2f} GB/s" if r["load_gbs"] else ""), flush=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenmill import LLM, SamplingParams
+from tokenmill import LLM
 from tokenmill.core.block_pool import BlockPool
 from tokenmill.kernels import cpu_ops
 
@@ -47,8 +47,9 @@ _KV_SCRIPT = textwrap.dedent("""
     outs = llm.generate(prompts, SamplingParams(max_tokens=300, temperature=0, ignore_eos=True))
     tokens = sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) for o in outs)
     end = (smaps_rss(addr), pool.resident_bytes())
+    per_token = llm.engine.kv_cache_bytes / llm.engine.kv_capacity_tokens
     print(json.dumps({"reserved": pool.reserved_bytes, "start": start, "end": end,
-                      "tokens": tokens, "per_token": llm.engine.kv_cache_bytes / llm.engine.kv_capacity_tokens}))
+                      "tokens": tokens, "per_token": per_token}))
 """)
 
 
@@ -96,9 +97,9 @@ def test_kernel_cache_is_shared_by_a_second_virtualenv(tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in artifacts}
     venv = tmp_path / "venv2"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    site = Path(subprocess.run(
-        [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True).stdout.strip())
+    purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    site = Path(subprocess.run([str(venv / "bin" / "python"), "-c", purelib],
+                               capture_output=True, text=True, check=True).stdout.strip())
     torch_dir = Path(torch.__file__).parent
     (site / "torch").symlink_to(torch_dir, target_is_directory=True)  # torch at a new path
     # everything else torch imports, from this environment, after the new site-packages
@@ -130,3 +131,31 @@ def test_startup_breakdown_is_logged_at_debug_level(caplog):
         assert phase in lines[0], lines[0]
     loaded = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded ")]
     assert loaded and "GB/s" in loaded[0]
+
+
+def test_gguf_header_parser_matches_gguf_reader():
+    """The start-up GGUF parser gives GGUFReader's metadata, tensor infos and data, field by
+    field, on the embedded model (Q4_1 / Q8_0 / F32, a 49k-token tokenizer)."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    from tokenmill.loader.gguf_file import open_gguf
+    from tokenmill.loader.resolve import default_model_path
+
+    path = str(default_model_path())
+    ours, ref = open_gguf(path), GGUFReader(path, "r")
+    meta = {}
+    for name, fld in ref.fields.items():
+        if not name.startswith("GGUF."):
+            v = fld.contents()
+            meta[name] = v.item() if isinstance(v, np.generic) else v
+    assert meta.keys() == ours.metadata.keys()
+    for key, want in meta.items():
+        got = ours.metadata[key]
+        assert got == want or np.float32(got) == np.float32(want), key
+    assert len(ours.tensors) == len(ref.tensors)
+    for a, b in zip(ours.tensors, ref.tensors):
+        assert (a.name, a.tensor_type, list(a.shape)) == (b.name, b.tensor_type, list(b.shape))
+        assert (a.n_elements, a.n_bytes) == (int(b.n_elements), int(b.n_bytes)), a.name
+        assert a.data.shape == b.data.shape and a.data.dtype == b.data.dtype, a.name
+        assert np.array_equal(np.asarray(a.data), np.asarray(b.data)), a.name

@@ -41,7 +41,8 @@ class KVPool:
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
         shape = (num_slots, num_kv_heads, head_dim)
-        per_tensor = num_slots * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+        elt = torch.empty((), dtype=dtype).element_size()
+        per_tensor = num_slots * num_kv_heads * head_dim * elt
         self.reserved_bytes = 2 * num_layers * per_tensor
         self._map: mmap.mmap | None = None
         if torch.device(device).type == "cpu" and self.reserved_bytes > 0:
