@@ -50,13 +50,13 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
-def wait_health(port: int, proc: subprocess.Popen, timeout: float = 600) -> float:
+def wait_health(port: int, proc: subprocess.Popen, path: str, timeout: float = 600) -> float:
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < timeout:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1) as r:
                 if r.status == 200:
                     return time.perf_counter()
         except OSError:
@@ -66,7 +66,9 @@ def wait_health(port: int, proc: subprocess.Popen, timeout: float = 600) -> floa
 
 
 def load_server(port: int, n: int, tokens: int) -> None:
-    body = json.dumps({"model": "m", "prompt": "Once upon a time", "max_tokens": tokens,
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=10) as r:
+        model = json.loads(r.read())["data"][0]["id"]
+    body = json.dumps({"model": model, "prompt": "Once upon a time", "max_tokens": tokens,
                        "temperature": 0, "ignore_eos": True}).encode()
 
     def one(_):
@@ -94,7 +96,8 @@ def time_serve(engine: str, path: str, threads: int, requests: int, tokens: int,
     proc = subprocess.Popen(serve_cmd(engine, path, port, threads), env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        ready = wait_health(port, proc) - t0
+        # llama_cpp.server has no /health: its model list answers once the model is loaded
+        ready = wait_health(port, proc, "/health" if engine == "tokenmill" else "/v1/models") - t0
         rss_start = rss_bytes(proc.pid)
         rss_load = None
         if requests:
