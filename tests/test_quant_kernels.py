@@ -70,6 +70,28 @@ def test_packing_round_trips(qtype, extreme):
         assert torch.equal(fields[key].reshape(back[key].shape), back[key]), key
 
 
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("extreme", [False, True], ids=["random", "extreme"])
+def test_cpp_repack_equals_reference_packing(ops, qtype, extreme):
+    """The load path's one-pass C++ repacking writes exactly what `gguf_pack.pack` (the
+    documented layout, round-tripped above) writes, padding rows included."""
+    for n, k in ((40, 512), (16, 256), (3, 768)):
+        raw = random_blocks(qtype, n, k, np.random.default_rng(n + int(qtype)), extreme=extreme)
+        expected = gp.pack(gp.parse(raw, int(qtype), n, k), int(qtype), n, k)
+        flat = torch.from_numpy(np.ascontiguousarray(raw).reshape(-1).view(np.uint8))
+        assert torch.equal(ops.gguf_repack(flat, int(qtype), n, k), expected), (n, k)
+
+
+def test_cpp_repack_rejects_bad_shapes(ops):
+    raw = torch.zeros(18 * 8, dtype=torch.uint8)  # 8 Q4_0 blocks
+    with pytest.raises(RuntimeError, match="contiguous bytes"):
+        ops.gguf_repack(raw, int(QT.Q4_0), 3, 64)  # 3 rows x 2 blocks = 6 blocks, not 8
+    with pytest.raises(RuntimeError, match="not a multiple of 256"):
+        ops.gguf_repack(raw, int(QT.Q4_K), 1, 320)
+    with pytest.raises(RuntimeError, match="no kernel layout"):
+        ops.gguf_repack(raw, int(QT.Q2_K), 1, 256)
+
+
 def _run(ops, raw, qtype, n, k, x, bias=None, out_dtype=None):
     packed = gp.pack(gp.parse(raw, int(qtype), n, k), int(qtype), n, k)
     xq, meta = ops.quantize_activations(x)

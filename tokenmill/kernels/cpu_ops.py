@@ -40,7 +40,8 @@ from typing import Any
 logger = logging.getLogger(__name__)
 _SOURCES = [Path(__file__).parent / "csrc" / name
             for name in ("cpu_ops.cpp", "cpu_ops.h", "quant_gemm.cpp", "quant_gemm.h",
-                         "decode_stack.cpp", "decode_stack.h")]
+                         "decode_stack.cpp", "decode_stack.h", "gguf_repack.cpp",
+                         "gguf_repack.h")]
 _NAME = "tokenmill_cpu_ops"
 _COMMON = ["-O3", "-fopenmp", "-ffast-math", "-mtune=generic"]
 _AVX2 = ["-mavx2", "-mfma", "-mf16c", "-mbmi2"]

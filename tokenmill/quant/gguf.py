@@ -6,15 +6,19 @@ head, row dequantization for the embedding lookup. No dense copy of a quantized 
 `gguf_pack.NAMES`, 16-row shards, whole units along the input); others stay dense. Shards of
 one fused layer may differ in type (a Q4_K_M file's attn_v is often Q6_K next to Q4_K q/k): the
 activations are quantized once per call and each run of same-typed shards is one kernel call.
+Blocks are repacked at load by the C++ `gguf_repack` (one pass, threads over tiles), which
+equals `gguf_pack.pack(gguf_pack.parse(...))`, the documented reference, byte for byte.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from tokenmill.errors import ModelLoadError
@@ -60,8 +64,8 @@ class GGUFLinearMethod:
         if tuple(tensor.shape) != (rows, layer.in_features):
             raise ModelLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, "
                                  f"the model expects {(rows, layer.in_features)}")
-        fields = gp.parse(tensor.data, qtype, rows, layer.in_features)
-        layer.shard_packed[shard] = gp.pack(fields, qtype, rows, layer.in_features)
+        layer.shard_packed[shard] = self.ops.gguf_repack(_raw_bytes(tensor.data), qtype, rows,
+                                                         layer.in_features)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         segments: list[_Segment] = []
@@ -88,6 +92,15 @@ class GGUFLinearMethod:
 
     def bytes_per_call(self, layer: torch.nn.Module) -> int:
         return sum(s.packed.numel() for s in layer.segments)
+
+
+def _raw_bytes(data: Any) -> torch.Tensor:
+    """A GGUF tensor's blocks (a read-only view of the mapped file) as a flat uint8 tensor, no
+    copy; the repacking only reads it."""
+    arr = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    with warnings.catch_warnings():  # torch warns that the array is not writable
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(arr)
 
 
 def _kernel(ops: Any, segments: list[_Segment], in_features: int) -> Any:
@@ -120,7 +133,7 @@ class GGUFEmbeddingMethod:
         if tuple(tensor.shape) != (n, k):
             raise ModelLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the model "
                                  f"expects {(n, k)}")
-        layer.packed = gp.pack(gp.parse(tensor.data, self.qtype, n, k), self.qtype, n, k)
+        layer.packed = self.ops.gguf_repack(_raw_bytes(tensor.data), self.qtype, n, k)
 
     def lookup(self, layer: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         rows = self.ops.quant_rows(layer.packed, self.qtype, layer.num_embeddings,

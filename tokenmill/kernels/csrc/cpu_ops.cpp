@@ -510,6 +510,7 @@ void rotary_inplace(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_
 }
 
 #include "decode_stack.h"
+#include "gguf_repack.h"
 #include "quant_gemm.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -517,6 +518,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_activations", &quantize_activations);
   m.def("quant_gemm", &quant_gemm);
   m.def("quant_rows", &quant_rows);
+  m.def("gguf_repack", &gguf_repack);
   // module_local: every kernel level is its own module, and several may be loaded at once
   py::class_<QuantLinear, std::shared_ptr<QuantLinear>>(m, "QuantLinear", py::module_local())
       .def(py::init<std::vector<torch::Tensor>, std::vector<int64_t>, std::vector<int64_t>,

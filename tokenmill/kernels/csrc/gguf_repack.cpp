@@ -1,0 +1,240 @@
+// GGUF blocks -> the integer kernels' row-interleaved layout, in one pass, threads over tiles.
+// The layout is documented (and implemented with PyTorch ops, as the reference this must equal
+// byte for byte) in tokenmill/quant/gguf_pack.py: tiles of 16 output rows, one unit after
+// another along k (32 inputs for the legacy types, a 256-input super-block for the K types).
+//
+// Per tile and unit, each row's block is decoded into unsigned weights u[0..unit) plus its
+// metadata bytes, then written out: per-row metadata interleaved by row, the eight 64-byte
+// vectors U[t] of each 32-input block (byte 4r + j = input 4t + j of row r) as nibbles (L), the
+// 5th bits as 64-bit masks (H) and Q6_K's 5th-6th bits in pairs (H6). Rows past n are zeros.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "gguf_repack.h"
+
+namespace {
+
+enum : int64_t { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+
+int64_t block_bytes(int64_t q) {
+  switch (q) {
+    case Q4_0: return 18;
+    case Q4_1: return 20;
+    case Q5_0: return 22;
+    case Q5_1: return 24;
+    case Q8_0: return 34;
+    case Q4_K: return 144;
+    case Q5_K: return 176;
+    case Q6_K: return 210;
+    default: return 0;
+  }
+}
+
+bool k_type(int64_t q) { return q == Q4_K || q == Q5_K || q == Q6_K; }
+
+int64_t packed_unit_bytes(int64_t q) {
+  switch (q) {
+    case Q4_0: return 288;
+    case Q4_1: return 320;
+    case Q5_0: return 352;
+    case Q5_1: return 384;
+    case Q8_0: return 544;
+    case Q4_K: return 2368;
+    case Q5_K: return 2880;
+    case Q6_K: return 3360;
+    default: return 0;
+  }
+}
+
+// One row's unit, decoded: unsigned weights and the metadata bytes the layout keeps per row.
+struct RowUnit {
+  uint8_t u[256];
+  uint8_t d[2], m[2];       // fp16 scale; fp16 min (Q4_1 / Q5_1) or dmin (Q4_K / Q5_K)
+  uint8_t sc[16], mn[8];    // K-quant sub-block scales (Q6_K: 16 int8) and mins
+};
+
+inline void nibbles(const uint8_t* qs, int n, uint8_t* lo, uint8_t* hi) {
+  for (int i = 0; i < n; ++i) {
+    lo[i] = qs[i] & 0xF;
+    hi[i] = qs[i] >> 4;
+  }
+}
+
+// Decodes one row's GGUF block(s) for a unit (src: the unit's first block) into `r`.
+void decode(int64_t q, const uint8_t* src, RowUnit& r) {
+  switch (q) {
+    case Q8_0:
+      std::memcpy(r.d, src, 2);
+      std::memcpy(r.u, src + 2, 32);
+      return;
+    case Q4_0:
+    case Q4_1:
+    case Q5_0:
+    case Q5_1: {
+      std::memcpy(r.d, src, 2);
+      int off = 2;
+      if (q == Q4_1 || q == Q5_1) {
+        std::memcpy(r.m, src + 2, 2);
+        off = 4;
+      }
+      uint32_t qh = 0;
+      if (q == Q5_0 || q == Q5_1) {
+        std::memcpy(&qh, src + off, 4);
+        off += 4;
+      }
+      nibbles(src + off, 16, r.u, r.u + 16);
+      if (qh)
+        for (int i = 0; i < 32; ++i) r.u[i] |= ((qh >> i) & 1) << 4;
+      return;
+    }
+    case Q4_K:
+    case Q5_K: {
+      std::memcpy(r.d, src, 2);
+      std::memcpy(r.m, src + 2, 2);
+      const uint8_t* s = src + 4;  // 12 bytes: lo[4], mid[4], hi[4]
+      for (int j = 0; j < 4; ++j) {
+        r.sc[j] = s[j] & 63;
+        r.mn[j] = s[4 + j] & 63;
+        r.sc[4 + j] = (s[8 + j] & 0xF) | ((s[j] >> 2) & 0x30);
+        r.mn[4 + j] = (s[8 + j] >> 4) | ((s[4 + j] >> 2) & 0x30);
+      }
+      const uint8_t* qs = src + (q == Q5_K ? 48 : 16);
+      for (int c = 0; c < 4; ++c) nibbles(qs + 32 * c, 32, r.u + 64 * c, r.u + 64 * c + 32);
+      if (q == Q5_K) {
+        const uint8_t* qh = src + 16;  // bit j of byte l = bit 4 of input 32j + l
+        for (int j = 0; j < 8; ++j)
+          for (int l = 0; l < 32; ++l) r.u[32 * j + l] |= ((qh[l] >> j) & 1) << 4;
+      }
+      return;
+    }
+    case Q6_K: {
+      const uint8_t* ql = src;
+      const uint8_t* qh = src + 128;
+      std::memcpy(r.sc, src + 192, 16);
+      std::memcpy(r.d, src + 208, 2);
+      for (int h = 0; h < 2; ++h) {
+        const uint8_t* L = ql + 64 * h;
+        const uint8_t* H = qh + 32 * h;
+        uint8_t* u = r.u + 128 * h;
+        for (int l = 0; l < 32; ++l) {
+          u[l] = (L[l] & 0xF) | ((H[l] & 3) << 4);
+          u[32 + l] = (L[32 + l] & 0xF) | (((H[l] >> 2) & 3) << 4);
+          u[64 + l] = (L[l] >> 4) | (((H[l] >> 4) & 3) << 4);
+          u[96 + l] = (L[32 + l] >> 4) | (((H[l] >> 6) & 3) << 4);
+        }
+      }
+      return;
+    }
+  }
+}
+
+// Writes the eight U vectors of 32-input block b of the tile: U[t][4r + j] = rows[r].u[32b + 4t + j].
+inline void tile_block(const RowUnit* rows, int b, uint8_t (*U)[64]) {
+  for (int t = 0; t < 8; ++t)
+    for (int r = 0; r < 16; ++r) std::memcpy(&U[t][4 * r], rows[r].u + 32 * b + 4 * t, 4);
+}
+
+// L: 4 x 64 bytes, low nibble from U[c], high from U[c + 4].
+inline uint8_t* put_nibbles(const uint8_t (*U)[64], uint8_t* out) {
+  for (int c = 0; c < 4; ++c)
+    for (int x = 0; x < 64; ++x) out[64 * c + x] = (U[c][x] & 0xF) | ((U[c + 4][x] & 0xF) << 4);
+  return out + 256;
+}
+
+// H: eight little-endian 64-bit masks, bit x of mask t = bit 4 of U[t][x].
+inline uint8_t* put_masks(const uint8_t (*U)[64], uint8_t* out) {
+  for (int t = 0; t < 8; ++t) {
+    uint64_t mask = 0;
+    for (int x = 0; x < 64; ++x) mask |= static_cast<uint64_t>((U[t][x] >> 4) & 1) << x;
+    std::memcpy(out + 8 * t, &mask, 8);
+  }
+  return out + 64;
+}
+
+// H6: two 64-byte vectors, bits 2i..2i+1 of byte x of vector h = bits 4..5 of U[4h + i][x].
+inline uint8_t* put_h6(const uint8_t (*U)[64], uint8_t* out) {
+  for (int h = 0; h < 2; ++h)
+    for (int x = 0; x < 64; ++x) {
+      uint8_t v = 0;
+      for (int i = 0; i < 4; ++i) v |= ((U[4 * h + i][x] >> 4) & 3) << (2 * i);
+      out[64 * h + x] = v;
+    }
+  return out + 128;
+}
+
+// Per-row metadata of `width` bytes at `field`, rows innermost: out[16 * width * g + width * r].
+template <typename Get>
+inline uint8_t* put_rows(const RowUnit* rows, int groups, int width, Get get, uint8_t* out) {
+  for (int g = 0; g < groups; ++g)
+    for (int r = 0; r < 16; ++r) std::memcpy(out + (16 * g + r) * width, get(rows[r], g), width);
+  return out + groups * 16 * width;
+}
+
+void pack_unit(int64_t q, const RowUnit* rows, uint8_t* out) {
+  uint8_t U[8][64];
+  out = put_rows(rows, 1, 2, [](const RowUnit& r, int) { return r.d; }, out);
+  if (!k_type(q)) {
+    if (q == Q4_1 || q == Q5_1)
+      out = put_rows(rows, 1, 2, [](const RowUnit& r, int) { return r.m; }, out);
+    tile_block(rows, 0, U);
+    if (q == Q8_0) {
+      std::memcpy(out, U, 512);
+      return;
+    }
+    if (q == Q5_0 || q == Q5_1) out = put_masks(U, out);
+    put_nibbles(U, out);
+    return;
+  }
+  if (q == Q6_K) {
+    out = put_rows(rows, 16, 1, [](const RowUnit& r, int g) { return r.sc + g; }, out);
+    uint8_t* h6 = out + 2048;
+    for (int b = 0; b < 8; ++b) {
+      tile_block(rows, b, U);
+      out = put_nibbles(U, out);
+      h6 = put_h6(U, h6);
+    }
+    return;
+  }
+  out = put_rows(rows, 1, 2, [](const RowUnit& r, int) { return r.m; }, out);
+  out = put_rows(rows, 8, 1, [](const RowUnit& r, int g) { return r.sc + g; }, out);
+  out = put_rows(rows, 8, 1, [](const RowUnit& r, int g) { return r.mn + g; }, out);
+  uint8_t* L = q == Q5_K ? out + 512 : out;
+  for (int b = 0; b < 8; ++b) {
+    tile_block(rows, b, U);
+    if (q == Q5_K) out = put_masks(U, out);
+    L = put_nibbles(U, L);
+  }
+}
+
+}  // namespace
+
+torch::Tensor gguf_repack(torch::Tensor raw, int64_t qtype, int64_t n, int64_t k) {
+  const int64_t bb = block_bytes(qtype);
+  TORCH_CHECK(bb > 0, "gguf_repack: no kernel layout for GGML type ", qtype);
+  const int64_t uk = k_type(qtype) ? 256 : 32;
+  TORCH_CHECK(n > 0 && k > 0 && k % uk == 0, "gguf_repack: k = ", k,
+              " is not a multiple of ", uk);
+  const int64_t row_bytes = k / uk * bb;
+  TORCH_CHECK(raw.scalar_type() == at::kByte && raw.is_contiguous() && raw.numel() == n * row_bytes,
+              "gguf_repack: raw must be ", n * row_bytes, " contiguous bytes, got ", raw.numel());
+  const int64_t units = k / uk, tiles = (n + 15) / 16, ub = packed_unit_bytes(qtype);
+  auto packed = torch::empty({tiles * units * ub}, torch::kUInt8);
+  const uint8_t* src = raw.data_ptr<uint8_t>();
+  uint8_t* dst = packed.data_ptr<uint8_t>();
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    RowUnit rows[16];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t valid = std::min<int64_t>(16, n - 16 * t);
+      for (int64_t r = valid; r < 16; ++r) std::memset(&rows[r], 0, sizeof(RowUnit));
+      for (int64_t c = 0; c < units; ++c) {
+        for (int64_t r = 0; r < valid; ++r)
+          decode(qtype, src + (16 * t + r) * row_bytes + c * bb, rows[r]);
+        pack_unit(qtype, rows, dst + (t * units + c) * ub);
+      }
+    }
+  });
+  return packed;
+}
