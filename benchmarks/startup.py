@@ -65,11 +65,23 @@ def wait_health(port: int, proc: subprocess.Popen, path: str, timeout: float = 6
     raise TimeoutError("no /health 200")
 
 
-def load_server(port: int, n: int, tokens: int) -> None:
+def eos_token_id(path: str) -> int | None:
+    from tokenmill.loader.gguf_file import open_gguf
+
+    return open_gguf(path).metadata.get("tokenizer.ggml.eos_token_id")
+
+
+def load_server(port: int, n: int, tokens: int, eos: int | None) -> None:
+    """n concurrent completions of `tokens` tokens each, EOS suppressed: tokenmill's
+    `ignore_eos`; for llama.cpp's server, which has no such field, a -100 bias on `eos`."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=10) as r:
         model = json.loads(r.read())["data"][0]["id"]
-    body = json.dumps({"model": model, "prompt": "Once upon a time", "max_tokens": tokens,
-                       "temperature": 0, "ignore_eos": True}).encode()
+    req = {"model": model, "prompt": "Once upon a time", "max_tokens": tokens, "temperature": 0}
+    if eos is None:
+        req["ignore_eos"] = True
+    else:
+        req["logit_bias"] = {str(eos): -100}
+    body = json.dumps(req).encode()
 
     def one(_):
         req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
@@ -101,7 +113,8 @@ def time_serve(engine: str, path: str, threads: int, requests: int, tokens: int,
         rss_start = rss_bytes(proc.pid)
         rss_load = None
         if requests:
-            load_server(port, requests, tokens)
+            load_server(port, requests, tokens,
+                        eos_token_id(path) if engine == "llama.cpp" else None)
             rss_load = rss_bytes(proc.pid)
     finally:
         proc.send_signal(signal.SIGINT)
@@ -145,6 +158,9 @@ def main() -> None:
     ap.add_argument("--files", default="default,1B-Q4_K_M,1B-F16")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--llamacpp-requests", type=int, default=2,
+                    help="requests for llama.cpp's server, which runs them one at a time (its "
+                    "KV cache is allocated at start, so RSS does not depend on the count)")
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--cold-kernels", action="store_true")
     ap.add_argument("--workdir", default="benchmarks/results/models")
@@ -168,8 +184,10 @@ def main() -> None:
         engines = ["tokenmill"] + (["llama.cpp"] if llama else [])
         for engine in engines:
             time_serve(engine, path, args.threads, 0, 0, env)  # warm the page cache / kernels
-            r = time_serve(engine, path, args.threads, args.requests, args.tokens, env)
-            row = {"file": name, "engine": engine, "case": "warm", "file_bytes": size, **r}
+            n = args.requests if engine == "tokenmill" else args.llamacpp_requests
+            r = time_serve(engine, path, args.threads, n, args.tokens, env)
+            row = {"file": name, "engine": engine, "case": "warm", "file_bytes": size,
+                   "requests": n, **r}
             if engine == "tokenmill":
                 time_first_token(path, env)
                 row["first_token_s"] = time_first_token(path, env)
@@ -180,7 +198,7 @@ def main() -> None:
                      if "first_token_s" in row else "")
                   + f", RSS {r['rss_start'] / 1e6:6.0f} MB"
                   + f" (target <= {row['rss_target'] / 1e6:.0f})"
-                  + (f", after {args.requests}x{args.tokens} {r['rss_after_load'] / 1e6:6.0f} MB"
+                  + (f", after {n}x{args.tokens} {r['rss_after_load'] / 1e6:6.0f} MB"
                      if r["rss_after_load"] else "")
                   + (f", load {r['load_gbs']:.2f} GB/s" if r["load_gbs"] else ""), flush=True)
     if not llama:

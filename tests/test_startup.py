@@ -159,3 +159,17 @@ def test_gguf_header_parser_matches_gguf_reader():
         assert (a.n_elements, a.n_bytes) == (int(b.n_elements), int(b.n_bytes)), a.name
         assert a.data.shape == b.data.shape and a.data.dtype == b.data.dtype, a.name
         assert np.array_equal(np.asarray(a.data), np.asarray(b.data)), a.name
+
+
+def test_cli_and_scheduler_do_not_import_torch():
+    """`tokenmill --help`, argument parsing and the scheduler start without torch (1.5 s of a
+    start); the package's public names still resolve on first use."""
+    code = textwrap.dedent("""
+        import sys
+        import tokenmill, tokenmill.cli, tokenmill.core.scheduler
+        from tokenmill import SamplingParams
+        assert "torch" not in sys.modules, "torch was imported"
+        from tokenmill import LLM
+        assert "torch" in sys.modules and LLM.__name__ == "LLM"
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
