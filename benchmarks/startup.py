@@ -104,9 +104,10 @@ def serve_cmd(engine: str, path: str, port: int, threads: int) -> list[str]:
 def time_serve(engine: str, path: str, threads: int, requests: int, tokens: int,
                env: dict) -> dict:
     port = free_port()
+    log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a full pipe stalls a server
     t0 = time.perf_counter()
-    proc = subprocess.Popen(serve_cmd(engine, path, port, threads), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(serve_cmd(engine, path, port, threads), env=env, stdout=log,
+                            stderr=subprocess.STDOUT, text=True)
     try:
         # llama_cpp.server has no /health: its model list answers once the model is loaded
         ready = wait_health(port, proc, "/health" if engine == "tokenmill" else "/v1/models") - t0
@@ -119,10 +120,13 @@ def time_serve(engine: str, path: str, threads: int, requests: int, tokens: int,
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            out, _ = proc.communicate(timeout=30)
+            proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
-            out, _ = proc.communicate()
+            proc.wait()
+        log.seek(0)
+        out = log.read()
+        log.close()
     m = re.search(r"weights at ([0-9.]+) GB/s", out or "")
     return {"start_s": ready, "rss_start": rss_start, "rss_after_load": rss_load,
             "load_gbs": float(m.group(1)) if m else None}

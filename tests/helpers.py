@@ -32,7 +32,7 @@ def paged_logits(runner: ModelRunner, prompts: list[list[int]],
                 scheduled.append(ScheduledRequest(r, r.num_computed_tokens, chunks[step],
                                                   r.extra["blocks"]))
         sched = SchedulerOutput(tuple(scheduled), sum(s.num_scheduled_tokens for s in scheduled))
-        inputs = prepare_inputs(sched, bs, runner.device)
+        inputs = prepare_inputs(sched, bs, runner.device, runner.attn_backend)
         with torch.inference_mode():
             hidden = runner.model(inputs.input_ids, inputs.positions, runner.kv_caches,
                                   inputs.attn)

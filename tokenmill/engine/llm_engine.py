@@ -96,7 +96,7 @@ class LLMEngine:
         arch = info.arch
         logger.info(
             "loaded %s (%s, %s) in %.1fs (weights at %.2f GB/s); weights %.3f GB in memory "
-            "(file %.3f GB), %s; %s",
+            "(file %.3f GB), %s; %s; attention and fused ops: %s",
             source.name,
             arch.architecture,
             info.weight_format,
@@ -107,6 +107,7 @@ class LLMEngine:
             f"native quantized kernels: {info.native_weights}" if info.native_weights
             else f"weights in {str(self.dtype).removeprefix('torch.')}",
             info.quant_reason,
+            info.backend,
         )
 
         bytes_per_token = kv_cache_bytes_per_token(

@@ -214,40 +214,23 @@ def load_ops(isa: str) -> Any:
     with _lock:
         if isa in _built:
             return _built[isa]
+        if os.environ.get("TOKENMILL_DISABLE_CPU_KERNELS") == "1":
+            return None
         ops = None
-        if os.environ.get("TOKENMILL_DISABLE_CPU_KERNELS") != "1":
-            try:
-                build_dir = build_directory(isa)
-                ops = _import_built(build_dir, isa) or _compile(build_dir, isa)
-            except Exception as e:  # no compiler, no ninja, unsupported platform...
-                if os.environ.get("TOKENMILL_REQUIRE_CPU_KERNELS") == "1":
-                    raise RuntimeError(f"the {isa} CPU kernels failed to build: {e}") from e
-                logger.warning("fused CPU kernels unavailable (%s: %s); using the PyTorch path",
-                               type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        try:
+            build_dir = build_directory(isa)
+            ops = _import_built(build_dir, isa) or _compile(build_dir, isa)
+        except Exception as e:  # no compiler, no ninja, unsupported platform...
+            if os.environ.get("TOKENMILL_REQUIRE_CPU_KERNELS") == "1":
+                raise RuntimeError(f"the {isa} CPU kernels failed to build: {e}") from e
+            logger.warning("fused CPU kernels unavailable (%s: %s); using the PyTorch path",
+                           type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         _built[isa] = ops
         return ops
 
 
-_enabled = True
-_current: list[Any] = []  # [module or None] once chosen
-
-
 def get_ops() -> Any:
-    """The kernels of the level selected at first use (None: use the PyTorch path). Called
-    per op, so it reads no environment after the first call (`set_enabled` re-selects)."""
-    if not _current:
-        build = select_isa().build if _enabled else None
-        _current.append(load_ops(build) if build else None)
-    return _current[0]
-
-
-def set_enabled(enabled: bool) -> None:
-    """Tests: force the PyTorch reference path (False) or re-enable the kernels (True), and
-    choose the level again (after TOKENMILL_CPU_ISA changed)."""
-    global _enabled
-    _enabled = enabled
-    if enabled:
-        os.environ.pop("TOKENMILL_DISABLE_CPU_KERNELS", None)
-        for isa in [k for k, v in _built.items() if v is None]:
-            del _built[isa]
-    _current.clear()
+    """The kernels of the level `select_isa` picks now (None: use the PyTorch path). Called at
+    load, where the backend and the quantization methods are chosen, never per op."""
+    build = select_isa().build
+    return load_ops(build) if build else None

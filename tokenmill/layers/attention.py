@@ -1,24 +1,33 @@
-"""Attention over a paged KV cache.
+"""Attention over a paged KV cache, behind one seam: the `AttentionBackend`.
 
-The cache of one layer is two tensors `[num_blocks * block_size, num_kv_heads, head_dim]`; token
-`i` of a request lives in slot `block_table[i // block_size] * block_size + i % block_size`.
-`AttentionMetadata` describes the flat batch once per step and is passed explicitly to every
-layer. `TorchPagedAttention` is the reference backend (pure torch, any device): it gathers each
-request's context into a padded tensor and runs scaled_dot_product_attention with a mask. Faster
-backends (Triton, vectorized CPU) implement the same `forward` signature.
+The cache of one layer is two tensors of the backend's `kv_cache_shape` (all backends here use
+`[num_blocks * block_size, num_kv_heads, head_dim]`); token `i` of a request lives in slot
+`block_table[i // block_size] * block_size + i % block_size`.
 
-The runner orders a step's requests with single-query ones ("decodes") first. The two groups are
-attended separately so a long prefill chunk never pads the decodes to its length.
+Per step the runner builds the common flat-batch `AttentionMetadata` once (a pure function of
+the schedule), the backend turns it into its own metadata (`build_metadata`), and every layer's
+`Attention` passes it to the backend's `forward`. The backend is chosen once at load
+(`make_backend`) and handed to the model; model files never name one. Backends:
+  * `TorchAttentionBackend`: the reference (any device): gathers each request's context into a
+    padded tensor (`PaddedGroup`, its own metadata) and runs masked SDPA. Single-query requests
+    ("decodes", laid out first by the runner) and multi-token chunks are attended separately so
+    a long prefill chunk never pads the decodes to its length.
+  * `CpuAttentionBackend`: the C++ kernels: decodes read the paged cache directly, chunks take
+    the reference path.
+  * `TritonAttentionBackend`: one Triton launch for the whole mixed batch
+    (`kernels/triton_ops.paged_attention`), split-KV for small decode batches.
+Each backend carries the fused-ops object of the same choice (`layers/ops.py`) as `.ops`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from tokenmill.layers.fused import cpu_kernels
+from tokenmill.layers.ops import TorchOps, backend_name, make_ops
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +45,8 @@ class PaddedGroup:
 
 @dataclass(frozen=True, slots=True)
 class AttentionMetadata:
-    """Flat-batch description shared by all layers in one forward pass."""
+    """The common flat-batch description of one step, shared by all layers (device tensors,
+    plus the host-side lists a backend may build its own metadata from)."""
 
     num_tokens: int
     slot_mapping: torch.Tensor  # [num_tokens] int64: cache slot written by each new token
@@ -47,8 +57,26 @@ class AttentionMetadata:
     max_seq_len: int
     num_decode_tokens: int  # the first tokens belong to single-query requests
     block_size: int
-    decode: PaddedGroup | None  # None when there are no decodes or a kernel reads block tables
-    prefill: PaddedGroup | None
+    query_lens_host: list[int]
+    seq_lens_host: list[int]
+    block_tables_host: list[list[int]]
+
+
+def _common(meta: AttentionMetadata) -> dict[str, Any]:
+    return {f.name: getattr(meta, f.name) for f in fields(AttentionMetadata)}
+
+
+@dataclass(frozen=True, slots=True)
+class TorchAttentionMetadata(AttentionMetadata):
+    """The reference backend's metadata: the padded layouts of the two groups."""
+
+    decode: PaddedGroup | None = None  # None when there are no decodes or a kernel reads them
+    prefill: PaddedGroup | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TritonAttentionMetadata(AttentionMetadata):
+    num_splits: int = 1  # split-KV ranges per sequence (1: the unsplit kernel)
 
 
 def build_padded_group(
@@ -95,77 +123,164 @@ def build_padded_group(
                        mask[:, None].to(device), pad_index)
 
 
-class TorchPagedAttention:
-    """Reference paged attention: write new K/V, gather context, masked SDPA."""
+class Attention:
+    """One layer's attention: its head geometry and the backend chosen at load."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 backend: AttentionBackend) -> None:
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.backend = backend
 
     def forward(
         self,
         q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
         k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         v: torch.Tensor,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],  # 2 x [num_slots, num_kv_heads, head_dim]
-        meta: AttentionMetadata,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,  # as the backend built it
     ) -> torch.Tensor:  # [num_tokens, num_heads * head_dim]
+        """Write the new K/V into the cache, then attend each query to its request's context
+        (causal)."""
+        return self.backend.forward(self, q, k, v, kv_cache, meta)
+
+
+class TorchAttentionBackend:
+    """Reference paged attention: write new K/V, gather context, masked SDPA."""
+
+    name = "torch"
+    padded_decode = True  # whether decodes use the padded layout (kernels read block tables)
+
+    def __init__(self, ops: TorchOps, num_kv_heads: int) -> None:
+        self.ops = ops
+        self.num_kv_heads = num_kv_heads  # the model's (to size launch grids)
+
+    def kv_cache_shape(self, num_slots: int, num_kv_heads: int,
+                       head_dim: int) -> tuple[int, ...]:
+        return (num_slots, num_kv_heads, head_dim)
+
+    def build_metadata(self, common: AttentionMetadata,
+                       device: torch.device) -> TorchAttentionMetadata:
+        nd = sum(1 for q in common.query_lens_host if q == 1)
+        lists = (common.query_lens_host, common.seq_lens_host, common.block_tables_host)
+        groups: list[PaddedGroup | None] = [None, None]
+        for gi, (lo, hi) in enumerate(((0, nd), (nd, len(common.query_lens_host)))):
+            if hi > lo and (gi == 1 or self.padded_decode):
+                groups[gi] = build_padded_group(*(x[lo:hi] for x in lists), common.block_size,
+                                                device)
+        return TorchAttentionMetadata(**_common(common), decode=groups[0], prefill=groups[1])
+
+    def forward(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor],
+                meta: TorchAttentionMetadata) -> torch.Tensor:
         k_cache, v_cache = kv_cache
-        ops = cpu_kernels(k_cache)
-        if ops is not None and k.dtype == k_cache.dtype:
-            ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)  # reads strided views
-        else:
-            k_cache.index_copy_(0, meta.slot_mapping, k)
-            v_cache.index_copy_(0, meta.slot_mapping, v)
+        self.ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         nd = meta.num_decode_tokens
         if nd == meta.num_tokens:
-            return self._decode(q, k_cache, v_cache, meta)
+            return self._decode(layer, q, k_cache, v_cache, meta)
         if nd == 0:
-            return self._prefill(q, k_cache, v_cache, meta.prefill)
-        return torch.cat([self._decode(q[:nd], k_cache, v_cache, meta),
-                          self._prefill(q[nd:], k_cache, v_cache, meta.prefill)])
+            return self._prefill(layer, q, k_cache, v_cache, meta.prefill)
+        return torch.cat([self._decode(layer, q[:nd], k_cache, v_cache, meta),
+                          self._prefill(layer, q[nd:], k_cache, v_cache, meta.prefill)])
 
-    def _gather(self, cache: torch.Tensor, g: PaddedGroup) -> torch.Tensor:
+    @staticmethod
+    def _gather(layer: Attention, cache: torch.Tensor, g: PaddedGroup) -> torch.Tensor:
         # index_select on rows is much faster than advanced indexing on CPU.
         # -> [num_reqs, num_kv_heads, max_seq_len, head_dim]
         return torch.index_select(cache, 0, g.context_slots).view(
-            g.num_reqs, g.max_seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            g.num_reqs, g.max_seq_len, layer.num_kv_heads, layer.head_dim).transpose(1, 2)
 
-    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+    def _decode(self, layer: Attention, q: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: TorchAttentionMetadata) -> torch.Tensor:
         g = meta.decode
-        ops = cpu_kernels(q)
-        if ops is not None:
-            # Fused kernel: reads K/V straight from the paged cache (no gather copy).
-            nd = meta.num_decode_tokens
-            out = ops.paged_decode_attention(q, k_cache, v_cache, meta.block_tables[:nd],
-                                             meta.seq_lens[:nd], meta.block_size, self.scale)
-            return out.view(nd, self.num_heads * self.head_dim)
         # The q heads sharing a kv head become that head's queries, so SDPA needs no GQA
         # expansion (much faster on CPU than enable_gqa for a single query).
-        assert g is not None, "decode group layout missing"
-        rep = self.num_heads // self.num_kv_heads
+        rep = layer.num_heads // layer.num_kv_heads
         out = F.scaled_dot_product_attention(
-            q.reshape(g.num_reqs, self.num_kv_heads, rep, self.head_dim),
-            self._gather(k_cache, g), self._gather(v_cache, g),
-            attn_mask=g.attn_mask, scale=self.scale)
-        return out.reshape(g.num_reqs, self.num_heads * self.head_dim)
+            q.reshape(g.num_reqs, layer.num_kv_heads, rep, layer.head_dim),
+            self._gather(layer, k_cache, g), self._gather(layer, v_cache, g),
+            attn_mask=g.attn_mask, scale=layer.scale)
+        return out.reshape(g.num_reqs, layer.num_heads * layer.head_dim)
 
-    def _prefill(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 g: PaddedGroup) -> torch.Tensor:
-        n, max_q = g.num_reqs, g.max_query_len
+    def _prefill(self, layer: Attention, q: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, g: PaddedGroup) -> torch.Tensor:
+        n, max_q, h, d = g.num_reqs, g.max_query_len, layer.num_heads, layer.head_dim
         if g.query_pad_index is None:
-            qp = q.reshape(n, max_q, self.num_heads, self.head_dim)
+            qp = q.reshape(n, max_q, h, d)
         else:
-            qp = q.new_zeros(n * max_q, self.num_heads, self.head_dim)
+            qp = q.new_zeros(n * max_q, h, d)
             qp[g.query_pad_index] = q
-            qp = qp.view(n, max_q, self.num_heads, self.head_dim)
+            qp = qp.view(n, max_q, h, d)
         out = F.scaled_dot_product_attention(
-            qp.transpose(1, 2), self._gather(k_cache, g), self._gather(v_cache, g),
-            attn_mask=g.attn_mask, scale=self.scale, is_causal=g.is_causal,
-            enable_gqa=self.num_heads != self.num_kv_heads,
+            qp.transpose(1, 2), self._gather(layer, k_cache, g),
+            self._gather(layer, v_cache, g), attn_mask=g.attn_mask, scale=layer.scale,
+            is_causal=g.is_causal, enable_gqa=h != layer.num_kv_heads,
         )  # [n, num_heads, max_q, head_dim]
-        out = out.transpose(1, 2).reshape(n * max_q, self.num_heads * self.head_dim)
+        out = out.transpose(1, 2).reshape(n * max_q, h * d)
         return out if g.query_pad_index is None else out[g.query_pad_index]
+
+
+class CpuAttentionBackend(TorchAttentionBackend):
+    """The C++ kernels: decodes read K/V straight from the paged cache (no gather copy, no
+    padded layout); multi-token chunks take the reference path."""
+
+    name = "cpu"
+    padded_decode = False
+
+    def _decode(self, layer, q, k_cache, v_cache, meta):
+        nd = meta.num_decode_tokens
+        out = self.ops.kernels.paged_decode_attention(
+            q, k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], meta.block_size,
+            layer.scale)
+        return out.view(nd, layer.num_heads * layer.head_dim)
+
+
+class TritonAttentionBackend(TorchAttentionBackend):
+    """One Triton launch per layer for the whole mixed batch, straight from the common
+    metadata; decode batches too small to fill the GPU split each context into ranges."""
+
+    name = "triton"
+    # split-KV when a decode batch has fewer (request, KV head) programs than this
+    SPLIT_BELOW_PROGRAMS = 128
+    MAX_SPLITS = 8
+
+    def build_metadata(self, common: AttentionMetadata,
+                       device: torch.device) -> TritonAttentionMetadata:
+        return TritonAttentionMetadata(**_common(common), num_splits=self._splits(common))
+
+    def _splits(self, common: AttentionMetadata) -> int:
+        programs = len(common.seq_lens_host) * self.num_kv_heads
+        if common.max_query_len > 1 or programs >= self.SPLIT_BELOW_PROGRAMS:
+            return 1
+        splits = 1
+        while (splits < self.MAX_SPLITS and programs * splits * 2 <= self.SPLIT_BELOW_PROGRAMS
+               and common.max_seq_len >= 256 * splits * 2):
+            splits *= 2
+        return splits
+
+    def forward(self, layer, q, k, v, kv_cache, meta):
+        from tokenmill.kernels.triton_ops import paged_attention
+
+        k_cache, v_cache = kv_cache
+        self.ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                              meta.query_start_loc, meta.max_query_len, meta.block_size,
+                              layer.scale, num_splits=meta.num_splits)
+        return out.view(meta.num_tokens, layer.num_heads * layer.head_dim)
+
+
+AttentionBackend = TorchAttentionBackend  # the interface every backend implements
+
+_BACKENDS = {"torch": TorchAttentionBackend, "cpu": CpuAttentionBackend,
+             "triton": TritonAttentionBackend}
+
+
+def make_backend(device: torch.device | str, dtype: torch.dtype,
+                 num_kv_heads: int) -> tuple[AttentionBackend, str]:
+    """The attention backend (with its ops) for `device` and `dtype`, and why it was chosen
+    (`layers.ops.backend_name`: CUDA -> triton, CPU with built kernels -> cpu, else torch;
+    TOKENMILL_BACKEND overrides)."""
+    name, why = backend_name(device, dtype)
+    return _BACKENDS[name](make_ops(name), num_kv_heads), why

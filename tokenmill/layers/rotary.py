@@ -67,28 +67,6 @@ class RotaryEmbedding(torch.nn.Module):
                 self.sin_cached[positions].to(dtype)[:, None, :])
 
 
-def rotary_inplace(x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
-                   cos_sin: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """Rotate x [num_tokens, num_heads, head_dim] (heads contiguous); in place when the CPU
-    kernel applies, else through apply_rotary with (cos, sin) (computed here when None)."""
-    from tokenmill.layers.fused import cpu_kernels
-
-    ops = cpu_kernels(x)
-    if (ops is not None and rotary.rotary_dim == x.shape[-1] and x.stride(-1) == 1
-            and x.stride(1) == x.shape[-1]):
-        ops.rotary_inplace(x, positions, rotary.cos_cached, rotary.sin_cached)
-        return x
-    return apply_rotary(x, *(cos_sin or rotary.cos_sin(positions, x.dtype)))
-
-
-def needs_cos_sin(rotary: RotaryEmbedding, x: torch.Tensor, head_dim: int) -> bool:
-    """Whether a forward pass over activations like `x` takes the table-based PyTorch path
-    (then the (cos, sin) rows are gathered once per pass rather than per layer)."""
-    from tokenmill.layers.fused import cpu_kernels
-
-    return cpu_kernels(x) is None or rotary.rotary_dim != head_dim
-
-
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """x: [num_tokens, num_heads, head_dim]; rotates the first rotary_dim channels
     (Hugging Face rotate-half layout): x * cos + rotate_half(x) * sin."""

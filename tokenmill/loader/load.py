@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from tokenmill.errors import ModelLoadError
 from tokenmill.kernels.cpu_ops import get_ops, select_isa
+from tokenmill.layers.attention import make_backend
 from tokenmill.loader.gguf_file import gguf_metadata, open_gguf
 from tokenmill.loader.resolve import ModelSource
 from tokenmill.loader.weights import (
@@ -46,6 +47,7 @@ class ModelInfo:
     metadata: dict[str, Any]
     native_weights: str = ""  # layers by the method they run, e.g. "Q4_1 x60, Q8_0 output"
     quant_reason: str = ""  # why the weights run natively or dequantized (kernel level chosen)
+    backend: str = ""  # the attention / fused-ops backend and why, e.g. "cpu (C++ kernels ...)"
     # Seconds per load phase, in order: file mapping, kernel load, building the module, weights
     # (read + repack), post-processing (the start-up breakdown logged at debug level).
     load_seconds: dict[str, float] = field(default_factory=dict)
@@ -135,8 +137,11 @@ def load_model(source: ModelSource, dtype: torch.dtype, max_model_len: int | Non
     freq_factors = gguf_rope_freq_factors(reader) if reader is not None else None
     quant, info.quant_reason = quant_config_for(source, reader, arch, dtype, device,
                                                 quantization)
+    backend, why = make_backend(device, dtype, arch.num_kv_heads)
+    info.backend = f"{backend.name} ({why})"
     lap("kernel load")
     kwargs = {"quant": quant} if model_cls.supports_native_gguf else {}
+    kwargs["backend"] = backend
     with torch.device(device):
         model = model_cls(arch, dtype, max_positions, freq_factors, **kwargs)
     lap("module")

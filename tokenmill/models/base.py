@@ -8,8 +8,10 @@ from typing import Any
 import torch
 
 from tokenmill.errors import ModelLoadError
+from tokenmill.layers.attention import AttentionBackend, TorchAttentionBackend
 from tokenmill.layers.embedding import VocabEmbedding
 from tokenmill.layers.linear import Linear
+from tokenmill.layers.ops import TorchOps
 from tokenmill.models.config import ModelArchConfig
 from tokenmill.quant.base import QuantConfig
 from tokenmill.quant.dense import copy_checked, materialize
@@ -29,15 +31,19 @@ class CausalLM(torch.nn.Module):
     Parameters keep Hugging Face names; fused layers are listed in `stacked_params` so separate
     q/k/v (gate/up) checkpoint tensors load into the right rows. `ignored_weights` are checkpoint
     tensors that are known and not needed (e.g. precomputed rotary tables).
+
+    `attn_backend` (chosen at load, `layers.attention.make_backend`; the torch reference when
+    none is given) runs attention and, through its `.ops`, the fused elementwise steps.
     """
 
     stacked_params: dict[str, tuple[str, str]] = {}
     supports_native_gguf = False  # takes a QuantConfig (GGUF blocks load with no layout change)
     ignored_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
 
-    def __init__(self, cfg: ModelArchConfig) -> None:
+    def __init__(self, cfg: ModelArchConfig, backend: AttentionBackend | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.attn_backend = backend or TorchAttentionBackend(TorchOps(), cfg.num_kv_heads)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], meta) -> torch.Tensor:  # pragma: no cover - abstract

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tokenmill.layers.attention import AttentionMetadata, TorchPagedAttention
+from tokenmill.layers.attention import Attention, AttentionBackend, AttentionMetadata
 from tokenmill.layers.embedding import VocabEmbedding
 from tokenmill.layers.linear import Linear
 from tokenmill.models.base import CausalLM, KVCache
@@ -22,7 +22,8 @@ def _layer_norm(h: int, eps: float, dtype: torch.dtype) -> torch.nn.LayerNorm:
 
 
 class GPT2Block(torch.nn.Module):
-    def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype, layer_idx: int) -> None:
+    def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype, layer_idx: int,
+                 backend: AttentionBackend) -> None:
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
         self.num_heads, self.head_dim = cfg.num_heads, d
@@ -35,7 +36,7 @@ class GPT2Block(torch.nn.Module):
         scale = d**-0.5
         if cfg.extra.get("scale_attn_by_inverse_layer_idx"):
             scale /= float(layer_idx + 1)
-        self.attn = TorchPagedAttention(cfg.num_heads, cfg.num_heads, d, scale)
+        self.attn = Attention(cfg.num_heads, cfg.num_heads, d, scale, backend)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
         n = x.shape[0]
@@ -46,13 +47,15 @@ class GPT2Block(torch.nn.Module):
 
 class GPT2LMHeadModel(CausalLM):
     def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype, max_positions: int,
-                 rope_freq_factors: torch.Tensor | None = None) -> None:
-        super().__init__(cfg)
+                 rope_freq_factors: torch.Tensor | None = None,
+                 backend: AttentionBackend | None = None) -> None:
+        super().__init__(cfg, backend)
         if cfg.hidden_act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"GPT-2 activation {cfg.hidden_act!r} is not supported")
         self.wte = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, dtype)
         self.wpe = torch.nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype)
-        self.h = torch.nn.ModuleList(GPT2Block(cfg, dtype, i) for i in range(cfg.num_layers))
+        self.h = torch.nn.ModuleList(GPT2Block(cfg, dtype, i, self.attn_backend)
+                                     for i in range(cfg.num_layers))
         self.ln_f = _layer_norm(cfg.hidden_size, cfg.norm_eps, dtype)
         self.requires_grad_(False)
         self._build_head(DenseConfig(), cfg.hidden_size, cfg.vocab_size, dtype, "wte.weight")

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.layers.attention import AttentionMetadata, TorchPagedAttention
+from tokenmill.layers.attention import Attention, AttentionBackend, AttentionMetadata
 from tokenmill.layers.embedding import VocabEmbedding
-from tokenmill.layers.fused import silu_and_mul
 from tokenmill.layers.linear import Linear
 from tokenmill.layers.norm import RMSNorm
-from tokenmill.layers.rotary import RotaryEmbedding, needs_cos_sin, rotary_inplace
+from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.models.base import CausalLM, KVCache
 from tokenmill.models.config import ModelArchConfig
 from tokenmill.quant.base import QuantConfig
@@ -28,7 +27,7 @@ def _linear(quant: QuantConfig, prefix: str, in_features: int, sizes: dict[str, 
 
 class LlamaAttention(torch.nn.Module):
     def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype, quant: QuantConfig,
-                 prefix: str) -> None:
+                 backend: AttentionBackend, prefix: str) -> None:
         super().__init__()
         d = cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
@@ -43,10 +42,11 @@ class LlamaAttention(torch.nn.Module):
             self.q_norm = RMSNorm(d, cfg.norm_eps, dtype)
             self.k_norm = RMSNorm(d, cfg.norm_eps, dtype)
         self.qk_norm = cfg.qk_norm
-        self.attn = TorchPagedAttention(cfg.num_heads, cfg.num_kv_heads, d, d**-0.5)
+        self.ops = backend.ops
+        self.attn = Attention(cfg.num_heads, cfg.num_kv_heads, d, d**-0.5, backend)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
-                cos_sin: tuple[torch.Tensor, torch.Tensor] | None, kv_cache: KVCache,
+                rotary_tables: tuple[torch.Tensor, torch.Tensor] | None, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
         n, d = x.shape[0], self.head_dim
         qkv = self.qkv_proj(x)
@@ -55,19 +55,19 @@ class LlamaAttention(torch.nn.Module):
             q = self.q_norm(qkv[:, : self.q_size].reshape(n, self.num_heads, d))
             k = self.k_norm(qkv[:, self.q_size : self.q_size + self.kv_size]
                             .reshape(n, self.num_kv_heads, d))
-            q = rotary_inplace(q, positions, rotary, cos_sin)
-            k = rotary_inplace(k, positions, rotary, cos_sin)
+            q = self.ops.rotary(q, positions, rotary, rotary_tables)
+            k = self.ops.rotary(k, positions, rotary, rotary_tables)
         else:
             # q and k are adjacent in the fused output: rotate both heads at once.
             qk = qkv[:, : self.q_size + self.kv_size].view(n, self.num_heads + self.num_kv_heads, d)
-            qk = rotary_inplace(qk, positions, rotary, cos_sin)
+            qk = self.ops.rotary(qk, positions, rotary, rotary_tables)
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         return self.o_proj(self.attn.forward(q, k, v, kv_cache, meta))
 
 
 class LlamaMLP(torch.nn.Module):
     def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype, quant: QuantConfig,
-                 prefix: str) -> None:
+                 backend: AttentionBackend, prefix: str) -> None:
         super().__init__()
         if cfg.hidden_act != "silu":
             raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported (only 'silu')")
@@ -76,22 +76,25 @@ class LlamaMLP(torch.nn.Module):
         self.gate_up_proj = _linear(quant, prefix, cfg.hidden_size,
                                     {"gate_proj": i, "up_proj": i}, dtype)
         self.down_proj = _linear(quant, f"{prefix}.down_proj", i, {"": cfg.hidden_size}, dtype)
+        self.ops = backend.ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(torch.nn.Module):
     def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype, quant: QuantConfig,
-                 prefix: str) -> None:
+                 backend: AttentionBackend, prefix: str) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, dtype, quant, f"{prefix}.self_attn")
-        self.mlp = LlamaMLP(cfg, dtype, quant, f"{prefix}.mlp")
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype)
+        self.self_attn = LlamaAttention(cfg, dtype, quant, backend, f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(cfg, dtype, quant, backend, f"{prefix}.mlp")
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype, backend.ops)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype,
+                                                backend.ops)
 
     def forward(self, residual: torch.Tensor, h: torch.Tensor, positions: torch.Tensor,
-                rotary: RotaryEmbedding, cos_sin: tuple[torch.Tensor, torch.Tensor] | None,
+                rotary: RotaryEmbedding,
+                rotary_tables: tuple[torch.Tensor, torch.Tensor] | None,
                 kv_cache: KVCache, meta: AttentionMetadata,
                 next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """h = input_layernorm(residual) on entry; returns (residual, next_norm(residual)).
@@ -99,22 +102,23 @@ class LlamaDecoderLayer(torch.nn.Module):
         Each residual add is fused with the norm that follows it (the next layer's input norm
         or the final norm), as in the reference: x = x + attn(norm(x)); x = x + mlp(norm(x)).
         """
-        attn = self.self_attn(h, positions, rotary, cos_sin, kv_cache, meta)
+        attn = self.self_attn(h, positions, rotary, rotary_tables, kv_cache, meta)
         residual, h = self.post_attention_layernorm.add_forward(residual, attn)
         return next_norm.add_forward(residual, self.mlp(h))
 
 
 class LlamaModel(torch.nn.Module):
     def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype, max_positions: int,
-                 rope_freq_factors: torch.Tensor | None, quant: QuantConfig) -> None:
+                 rope_freq_factors: torch.Tensor | None, quant: QuantConfig,
+                 backend: AttentionBackend) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, dtype,
                                            quant.embedding_method(EMBEDDING))
         self.layers = torch.nn.ModuleList(
-            LlamaDecoderLayer(cfg, dtype, quant, f"model.layers.{i}")
+            LlamaDecoderLayer(cfg, dtype, quant, backend, f"model.layers.{i}")
             for i in range(cfg.num_layers)
         )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype, backend.ops)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta,
                                       cfg.rope_scaling, rope_freq_factors)
 
@@ -130,11 +134,13 @@ class LlamaForCausalLM(CausalLM):
 
     def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype, max_positions: int,
                  rope_freq_factors: torch.Tensor | None = None,
-                 quant: QuantConfig | None = None) -> None:
-        super().__init__(cfg)
+                 quant: QuantConfig | None = None,
+                 backend: AttentionBackend | None = None) -> None:
+        super().__init__(cfg, backend)
         self.decode_stack = None  # built after loading when every projection is native
         quant = quant or DenseConfig()
-        self.model = LlamaModel(cfg, dtype, max_positions, rope_freq_factors, quant)
+        self.model = LlamaModel(cfg, dtype, max_positions, rope_freq_factors, quant,
+                                self.attn_backend)
         self._build_head(quant, cfg.hidden_size, cfg.vocab_size, dtype, EMBEDDING)
 
     def process_weights_after_loading(self) -> None:
@@ -143,12 +149,13 @@ class LlamaForCausalLM(CausalLM):
 
     def _build_decode_stack(self):
         """The C++ layer loop for decode-only batches (`LlamaDecodeStack`), when every
-        projection runs a native kernel and the layers need nothing the loop lacks (q/k norm,
-        partial rotary); None otherwise (the Python path runs every step)."""
+        projection runs a native kernel, attention runs on the CPU backend (whose cache layout
+        the loop reads) and the layers need nothing the loop lacks (q/k norm, partial rotary);
+        None otherwise (the Python path runs every step)."""
         m, cfg = self.model, self.cfg
         linears = [(layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
                     layer.mlp.down_proj) for layer in m.layers]
-        if (cfg.qk_norm or m.rotary.rotary_dim != cfg.head_dim
+        if (self.attn_backend.name != "cpu" or cfg.qk_norm or m.rotary.rotary_dim != cfg.head_dim
                 or not all(hasattr(x, "kernel") for group in linears for x in group)):
             return None
         ops = linears[0][0].quant_method.ops  # the build the layers' kernel objects come from
@@ -168,13 +175,12 @@ class LlamaForCausalLM(CausalLM):
                                      [kv[1] for kv in kv_caches], meta.block_tables,
                                      meta.seq_lens, meta.slot_mapping, meta.block_size,
                                      m.rotary.cos_cached, m.rotary.sin_cached)
-        cos_sin = (m.rotary.cos_sin(positions, residual.dtype)
-                   if needs_cos_sin(m.rotary, residual, self.cfg.head_dim) else None)
+        tables = self.attn_backend.ops.rotary_tables(m.rotary, positions, residual.dtype)
         residual, h = m.layers[0].input_layernorm.add_forward(residual, None)
         num_layers = len(m.layers)
         for i, (layer, kv_cache) in enumerate(zip(m.layers, kv_caches)):
             next_norm = m.layers[i + 1].input_layernorm if i + 1 < num_layers else m.norm
-            residual, h = layer(residual, h, positions, m.rotary, cos_sin, kv_cache, meta,
+            residual, h = layer(residual, h, positions, m.rotary, tables, kv_cache, meta,
                                 next_norm)
         return h
 

@@ -11,6 +11,7 @@ keeps it that way on a long-running server. Unwritten slots read as zeros, as wi
 from __future__ import annotations
 
 import ctypes
+import math
 import mmap
 
 import numpy as np
@@ -32,17 +33,17 @@ _LIBC = _libc()
 
 
 class KVPool:
-    """Owns the KV caches of all layers: `caches[i] = (k, v)`, each [slots, kv_heads, head_dim].
+    """Owns the KV caches of all layers: `caches[i] = (k, v)`, each of `shape` (the attention
+    backend's `kv_cache_shape`).
 
     `reserved_bytes` is the pool's size; `resident_bytes()` how much of it the OS has committed
     (exact, from `mincore`, where the pool is a mapping; else the reserved size).
     """
 
-    def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
-        shape = (num_slots, num_kv_heads, head_dim)
+    def __init__(self, num_layers: int, shape: tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device) -> None:
         elt = torch.empty((), dtype=dtype).element_size()
-        per_tensor = num_slots * num_kv_heads * head_dim * elt
+        per_tensor = math.prod(shape) * elt
         self.reserved_bytes = 2 * num_layers * per_tensor
         self._map: mmap.mmap | None = None
         if torch.device(device).type == "cpu" and self.reserved_bytes > 0:

@@ -15,8 +15,7 @@ from tokenmill.core.outputs import (
     SchedulerOutput,
 )
 from tokenmill.core.request import Request
-from tokenmill.layers.attention import AttentionMetadata, build_padded_group
-from tokenmill.layers.fused import cpu_kernels
+from tokenmill.layers.attention import AttentionBackend, AttentionMetadata
 from tokenmill.models.base import CausalLM, KVCache
 from tokenmill.sample.sampler import Sampler, build_sampling_metadata, compute_logprobs
 from tokenmill.worker.kv_pool import KVPool
@@ -39,12 +38,12 @@ class ModelInputs:
 
 
 def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device,
-                   padded_decode: bool = True) -> ModelInputs:
-    """Build the flat, unpadded batch of one step (a pure function of the schedule).
+                   backend: AttentionBackend) -> ModelInputs:
+    """Build the flat, unpadded batch of one step (a pure function of the schedule): the
+    common attention metadata, turned into `backend`'s own by its `build_metadata`.
 
     Single-query requests (decodes) are laid out first, then the multi-token chunks, so the
-    attention backend can treat the two groups separately. `padded_decode=False` skips the
-    padded layout of the decode group (a kernel reading block tables directly needs none).
+    attention backend can treat the two groups separately.
     """
     order = sorted(range(len(sched.scheduled)),
                    key=lambda i: sched.scheduled[i].num_scheduled_tokens > 1)
@@ -70,21 +69,17 @@ def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device
     for i, row in enumerate(block_tables):
         bt[i, : len(row)] = row
     slot_mapping = bt[req_of_token, positions // block_size] * block_size + positions % block_size
-    nd = int((q == 1).sum())
-    groups = [None, None]
-    for gi, (lo, hi) in enumerate(((0, nd), (nd, len(q)))):
-        if hi > lo and (gi == 1 or padded_decode):
-            groups[gi] = build_padded_group(query_lens[lo:hi], seq_lens[lo:hi],
-                                            block_tables[lo:hi], block_size, device)
-    attn = AttentionMetadata(
+    common = AttentionMetadata(
         num_tokens=int(starts[-1]),
         slot_mapping=torch.from_numpy(slot_mapping).to(device),
         query_start_loc=torch.from_numpy(starts.astype(np.int32)).to(device),
         seq_lens=torch.from_numpy(sl.astype(np.int32)).to(device),
         block_tables=torch.from_numpy(bt.astype(np.int32)).to(device),
         max_query_len=int(q.max()), max_seq_len=int(sl.max()),
-        num_decode_tokens=nd, block_size=block_size, decode=groups[0], prefill=groups[1],
+        num_decode_tokens=int((q == 1).sum()), block_size=block_size,
+        query_lens_host=query_lens, seq_lens_host=seq_lens, block_tables_host=block_tables,
     )
+    attn = backend.build_metadata(common, device)
     logits_indices = torch.tensor([int(starts[p + 1]) - 1 for p in sample_pos], dtype=torch.int64)
     return ModelInputs(
         input_ids=torch.tensor(token_ids, dtype=torch.int64, device=device),
@@ -106,7 +101,10 @@ def kv_cache_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int,
 
 
 class ModelRunner:
-    """Owns the model, the KV cache tensors and per-request sampling state (generators)."""
+    """Owns the model, the KV cache tensors and per-request sampling state (generators).
+
+    Attention and the fused ops run through the model's backend (`model.attn_backend`, chosen
+    once at load), which also shapes the KV cache and builds each step's metadata."""
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int,
                  kv_dtype: torch.dtype, device: torch.device) -> None:
@@ -115,12 +113,13 @@ class ModelRunner:
         self.block_size = block_size
         cfg = model.cfg
         self.vocab_size = cfg.vocab_size
-        self.kv_pool = KVPool(cfg.num_layers, num_blocks * block_size, cfg.num_kv_heads,
-                              cfg.head_dim, kv_dtype, device)
+        self.attn_backend = model.attn_backend
+        self.ops = self.attn_backend.ops
+        shape = self.attn_backend.kv_cache_shape(num_blocks * block_size, cfg.num_kv_heads,
+                                                 cfg.head_dim)
+        self.kv_pool = KVPool(cfg.num_layers, shape, kv_dtype, device)
         self.kv_caches: list[KVCache] = self.kv_pool.caches
         self.sampler = Sampler()
-        probe = torch.empty(0, dtype=kv_dtype, device=device)
-        self.fused_decode_attention = cpu_kernels(probe) is not None
         self.generators: dict[str, torch.Generator] = {}
 
     def _generator(self, request_id: str, seed: int) -> torch.Generator:
@@ -137,8 +136,7 @@ class ModelRunner:
             self.generators.pop(rid, None)
         if sched.is_empty:
             return ModelRunnerOutput()
-        inputs = prepare_inputs(sched, self.block_size, self.device,
-                                padded_decode=not self.fused_decode_attention)
+        inputs = prepare_inputs(sched, self.block_size, self.device, self.attn_backend)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn)
         prompt_lps = (self._prompt_logprobs(sched, inputs.order, hidden)
                       if any(s.prompt_logprob_positions for s in sched.scheduled) else {})
@@ -150,9 +148,7 @@ class ModelRunner:
             # Nothing to penalise, mask or report: the sampler would reduce to an argmax, which
             # the model-dtype logits give exactly (widening to float32 is exact).
             logits = self.model.compute_logits(hidden, float32=False)
-            ops = cpu_kernels(logits)
-            tokens = (ops.argmax_rows(logits) if ops is not None
-                      else logits.argmax(dim=-1)).tolist()
+            tokens = self.ops.argmax(logits).tolist()
             out = ModelRunnerOutput(sampled={r.request_id: t for r, t in zip(reqs, tokens)})
         else:
             out = self._sample(reqs, self.model.compute_logits(hidden))

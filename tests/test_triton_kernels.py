@@ -1,0 +1,164 @@
+"""Triton kernels under TRITON_INTERPRET=1 (set in conftest.py without CUDA) against torch
+references, in float32 and float16 (the interpreter mishandles bfloat16; bf16 is checked on the
+device by benchmarks/gpu_bench.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tokenmill.kernels import triton_ops as tk
+from tokenmill.layers.rotary import RotaryEmbedding, apply_rotary
+
+DTYPES = [torch.float32, torch.float16]
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3}
+
+
+def _paged_batch(query_lens, seq_lens, num_kv_heads, head_dim, block_size, dtype, seed=0,
+                 pad_reqs=0):
+    """Random q, a paged cache holding every request's context (blocks shuffled), and the flat
+    metadata; `pad_reqs` extra requests with no queries and seq_len 0 (graph padding rows)."""
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = sum(-(-s // block_size) for s in seq_lens) + 3
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    k_cache = torch.randn(num_blocks * block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks * block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+    max_blocks = max(-(-s // block_size) for s in seq_lens)
+    tables, used = [], 0
+    for s in seq_lens:
+        n = -(-s // block_size)
+        tables.append(perm[used:used + n] + [0] * (max_blocks - n))
+        used += n
+    tables += [[0] * max_blocks] * pad_reqs
+    qsl = [0]
+    for q in list(query_lens) + [0] * pad_reqs:
+        qsl.append(qsl[-1] + q)
+    meta = dict(block_tables=torch.tensor(tables, dtype=torch.int32),
+                seq_lens=torch.tensor(list(seq_lens) + [0] * pad_reqs, dtype=torch.int32),
+                query_start_loc=torch.tensor(qsl, dtype=torch.int32),
+                max_query_len=max(query_lens), block_size=block_size)
+    return k_cache, v_cache, tables, meta
+
+
+def _reference_attention(q, k_cache, v_cache, tables, query_lens, seq_lens, block_size, scale):
+    """Per request: gather its context by the block table, causal SDPA in float64, GQA by
+    repeating KV heads."""
+    outs, start = [], 0
+    rep = q.shape[1] // k_cache.shape[1]
+    for r, (ql, sl) in enumerate(zip(query_lens, seq_lens)):
+        pos = torch.arange(sl)
+        slots = torch.tensor(tables[r])[pos // block_size] * block_size + pos % block_size
+        k = k_cache[slots].double().repeat_interleave(rep, dim=1).transpose(0, 1)
+        v = v_cache[slots].double().repeat_interleave(rep, dim=1).transpose(0, 1)
+        qr = q[start:start + ql].double().transpose(0, 1)
+        mask = pos[None, :] <= (sl - ql + torch.arange(ql))[:, None]
+        outs.append(F.scaled_dot_product_attention(qr, k, v, attn_mask=mask, scale=scale)
+                    .transpose(0, 1))
+        start += ql
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("gqa", [1, 4, 8])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_paged_attention_mixed_batch(dtype, gqa, head_dim):
+    """Decodes and prefill chunks (with and without cached context) in one launch; contexts
+    end on, before and after block boundaries; split-KV gives the unsplit result."""
+    block_size, num_kv_heads = 16, 2
+    query_lens = [1, 1, 1, 5, 16, 21]
+    seq_lens = [1, 16, 37, 5, 48, 50]  # 5: a whole prompt; 48: 32 cached + 16 new
+    k_cache, v_cache, tables, meta = _paged_batch(query_lens, seq_lens, num_kv_heads, head_dim,
+                                                  block_size, dtype, seed=gqa + head_dim)
+    q = torch.randn(sum(query_lens), num_kv_heads * gqa, head_dim).to(dtype)
+    scale = head_dim**-0.5
+    ref = _reference_attention(q, k_cache, v_cache, tables, query_lens, seq_lens, block_size,
+                               scale)
+    out = tk.paged_attention(q, k_cache, v_cache, scale=scale, **meta)
+    torch.testing.assert_close(out.double(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+    split = tk.paged_attention(q, k_cache, v_cache, scale=scale, num_splits=4, **meta)
+    torch.testing.assert_close(split.double(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_paged_attention_decode_with_padding_rows_and_splits(dtype):
+    """A padded decode batch (as CUDA graphs run it): rows past the real requests have no
+    queries and touch nothing; every split count agrees."""
+    block_size, head_dim, num_kv_heads, gqa = 16, 64, 2, 4
+    seq_lens = [3, 17, 64, 100]
+    k_cache, v_cache, tables, meta = _paged_batch([1] * 4, seq_lens, num_kv_heads, head_dim,
+                                                  block_size, dtype, pad_reqs=4)
+    q = torch.randn(8, num_kv_heads * gqa, head_dim).to(dtype)
+    meta["query_start_loc"] = torch.tensor([0, 1, 2, 3, 4, 4, 4, 4, 4], dtype=torch.int32)
+    ref = _reference_attention(q, k_cache, v_cache, tables, [1] * 4, seq_lens, block_size,
+                               0.125)
+    for splits in (1, 2, 8):
+        out = torch.full_like(q, 7.0)
+        tk.paged_attention(q, k_cache, v_cache, scale=0.125, num_splits=splits, out=out, **meta)
+        torch.testing.assert_close(out[:4].double(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+        assert torch.all(out[4:] == 7.0), "padding rows must be left alone"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_write_kv_skips_padding_slots(dtype):
+    k = torch.randn(5, 2, 64).to(dtype)
+    v = torch.randn(5, 2, 64).to(dtype)
+    k_cache = torch.zeros(32, 2, 64, dtype=dtype)
+    v_cache = torch.zeros(32, 2, 64, dtype=dtype)
+    slots = torch.tensor([3, 17, -1, 0, 31], dtype=torch.int64)
+    tk.write_kv(k, v, k_cache, v_cache, slots)
+    ref_k, ref_v = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
+    keep = slots >= 0
+    ref_k[slots[keep]] = k[keep]
+    ref_v[slots[keep]] = v[keep]
+    assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_add_rms_norm(dtype, with_delta):
+    res = torch.randn(7, 96).to(dtype)
+    delta = torch.randn(7, 96).to(dtype) if with_delta else None
+    w = torch.randn(96).to(dtype)
+    expected_res = res + delta if with_delta else res.clone()
+    expected = F.rms_norm(expected_res.float(), (96,), w.float(), 1e-6).to(dtype)
+    out_res, out = tk.add_rms_norm(res.clone(), delta, w, 1e-6)
+    assert torch.equal(out_res, expected_res)
+    torch.testing.assert_close(out, expected, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rotary_dim", [64, 32])
+def test_rotary_inplace_matches_reference(dtype, rotary_dim):
+    rot = RotaryEmbedding(rotary_dim, 256, 10000.0)
+    x = torch.randn(6, 5, 64).to(dtype)  # heads of a fused qkv row: a strided view
+    pos = torch.tensor([0, 1, 7, 100, 255, 3])
+    expected = apply_rotary(x.float(), *rot.cos_sin(pos, torch.float32)).to(dtype)
+    fused = torch.cat([x.reshape(6, -1), torch.zeros(6, 8, dtype=dtype)], dim=1)
+    view = fused[:, :320].view(6, 5, 64)
+    tk.rotary_inplace(view, pos, rot.cos_cached, rot.sin_cached)
+    torch.testing.assert_close(view, expected, atol=TOL[dtype], rtol=TOL[dtype])
+    assert torch.all(fused[:, 320:] == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_silu_and_mul(dtype):
+    x = torch.randn(3, 2 * 1100).to(dtype)  # 1100: two column blocks, the second partial
+    gate, up = x.float().chunk(2, dim=-1)
+    expected = (F.silu(gate) * up).to(dtype)
+    torch.testing.assert_close(tk.silu_and_mul(x), expected, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_reference_attention_is_a_real_reference():
+    """The test's reference itself against a dense causal computation (one request, no
+    paging), so a shared mistake cannot pass both."""
+    q = torch.randn(4, 2, 8, dtype=torch.float64)
+    k = torch.randn(4, 1, 8, dtype=torch.float64)
+    v = torch.randn(4, 1, 8, dtype=torch.float64)
+    out = _reference_attention(q, k, v, [[0]], [4], [4], 16, 0.5)
+    s = torch.einsum("qhd,kd->hqk", q, k[:, 0]) * 0.5
+    s = s.masked_fill(torch.triu(torch.ones(4, 4, dtype=torch.bool), 1), -math.inf)
+    dense = torch.einsum("hqk,kd->qhd", s.softmax(-1), v[:, 0])
+    torch.testing.assert_close(out, dense)
