@@ -60,6 +60,8 @@ class EngineArgs:
         default=True, metadata={"help": "split long prompts across steps"})
     enable_prefix_caching: bool = dataclasses.field(
         default=False, metadata={"help": "reuse KV blocks of identical prompt prefixes"})
+    enforce_eager: bool = dataclasses.field(default=False, metadata={
+        "help": "never replay CUDA graphs (decode steps are captured on CUDA by default)"})
     seed: int = dataclasses.field(default=0, metadata={"help": "global RNG seed"})
     num_threads: int | None = dataclasses.field(
         default=None, metadata={"help": "CPU threads for torch (default: all cores)"})

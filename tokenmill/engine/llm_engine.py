@@ -133,8 +133,13 @@ class LLMEngine:
             KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching),
         )
         t1 = time.perf_counter()
-        self.runner = ModelRunner(self.model, num_blocks, args.block_size, self.dtype, self.device)
-        startup["KV pool"] = time.perf_counter() - t1
+        self.runner = ModelRunner(self.model, num_blocks, args.block_size, self.dtype, self.device,
+                                  max_len, args.max_num_seqs,
+                                  graphs=self.device.type == "cuda" and not args.enforce_eager)
+        graphs = self.runner.graphs
+        startup["KV pool"] = time.perf_counter() - t1 - (graphs.capture_seconds if graphs else 0)
+        if graphs is not None:
+            startup["graph capture"] = graphs.capture_seconds
         logger.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB reserved, %.2f GiB resident: "
             "pages are committed as blocks are written; %s); max concurrency at full context "

@@ -152,6 +152,9 @@ class TorchAttentionBackend:
 
     name = "torch"
     padded_decode = True  # whether decodes use the padded layout (kernels read block tables)
+    # Whether a decode step can be captured as a graph: attention reads only device tensors
+    # (no host-sized shapes) and padding rows (slot -1, no queries) are skipped.
+    supports_graphs = False
 
     def __init__(self, ops: TorchOps, num_kv_heads: int) -> None:
         self.ops = ops
@@ -242,6 +245,7 @@ class TritonAttentionBackend(TorchAttentionBackend):
     metadata; decode batches too small to fill the GPU split each context into ranges."""
 
     name = "triton"
+    supports_graphs = True
     # split-KV when a decode batch has fewer (request, KV head) programs than this
     SPLIT_BELOW_PROGRAMS = 128
     MAX_SPLITS = 8
@@ -265,9 +269,12 @@ class TritonAttentionBackend(TorchAttentionBackend):
 
         k_cache, v_cache = kv_cache
         self.ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        # zeros: the rows of a captured graph's padding (no request) are never written and must
+        # not carry garbage (inf / NaN) through the rest of the step
         out = paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                               meta.query_start_loc, meta.max_query_len, meta.block_size,
-                              layer.scale, num_splits=meta.num_splits)
+                              layer.scale, num_splits=meta.num_splits,
+                              out=torch.zeros(q.shape, dtype=q.dtype, device=q.device))
         return out.view(meta.num_tokens, layer.num_heads * layer.head_dim)
 
 

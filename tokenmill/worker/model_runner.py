@@ -18,6 +18,12 @@ from tokenmill.core.request import Request
 from tokenmill.layers.attention import AttentionBackend, AttentionMetadata
 from tokenmill.models.base import CausalLM, KVCache
 from tokenmill.sample.sampler import Sampler, build_sampling_metadata, compute_logprobs
+from tokenmill.worker.graph_runner import (
+    CudaGraph,
+    DecodeGraphRunner,
+    GraphFactory,
+    capture_sizes,
+)
 from tokenmill.worker.kv_pool import KVPool
 
 logger = logging.getLogger(__name__)
@@ -104,10 +110,17 @@ class ModelRunner:
     """Owns the model, the KV cache tensors and per-request sampling state (generators).
 
     Attention and the fused ops run through the model's backend (`model.attn_backend`, chosen
-    once at load), which also shapes the KV cache and builds each step's metadata."""
+    once at load), which also shapes the KV cache and builds each step's metadata.
+
+    With `graphs` (on CUDA unless --enforce-eager; `graph_factory` overrides the graph kind,
+    which tests use on the CPU) and a backend that supports them, pure-decode steps of up to
+    `max_num_seqs` requests replay captured graphs (`worker/graph_runner.py`); prefill and
+    mixed steps run eagerly."""
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int,
-                 kv_dtype: torch.dtype, device: torch.device) -> None:
+                 kv_dtype: torch.dtype, device: torch.device, max_model_len: int = 0,
+                 max_num_seqs: int = 0, graphs: bool = False,
+                 graph_factory: GraphFactory | None = None) -> None:
         self.model = model
         self.device = device
         self.block_size = block_size
@@ -121,6 +134,13 @@ class ModelRunner:
         self.kv_caches: list[KVCache] = self.kv_pool.caches
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
+        self.graphs: DecodeGraphRunner | None = None
+        if (graphs or graph_factory is not None) and self.attn_backend.supports_graphs:
+            self.graphs = DecodeGraphRunner(
+                model, self.kv_caches, self.attn_backend, capture_sizes(max_num_seqs),
+                -(-max_model_len // block_size), block_size, max_model_len, device,
+                graph_factory or CudaGraph)
+            self.graphs.capture()
 
     def _generator(self, request_id: str, seed: int) -> torch.Generator:
         gen = self.generators.get(request_id)
@@ -137,6 +157,9 @@ class ModelRunner:
         if sched.is_empty:
             return ModelRunnerOutput()
         inputs = prepare_inputs(sched, self.block_size, self.device, self.attn_backend)
+        size = self._graph_size(sched, inputs)
+        if size is not None:
+            return self._execute_graph(sched, inputs, size)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn)
         prompt_lps = (self._prompt_logprobs(sched, inputs.order, hidden)
                       if any(s.prompt_logprob_positions for s in sched.scheduled) else {})
@@ -154,6 +177,25 @@ class ModelRunner:
             out = self._sample(reqs, self.model.compute_logits(hidden))
         out.prompt_logprobs = prompt_lps
         return out
+
+    def _graph_size(self, sched: SchedulerOutput, inputs: ModelInputs) -> int | None:
+        """The captured size this step replays, or None to run it eagerly."""
+        if self.graphs is None or any(s.prompt_logprob_positions for s in sched.scheduled):
+            return None
+        meta = inputs.attn
+        return self.graphs.size_for(len(sched.scheduled), meta.num_tokens,
+                                    meta.block_tables.shape[1])
+
+    def _execute_graph(self, sched: SchedulerOutput, inputs: ModelInputs,
+                       size: int) -> ModelRunnerOutput:
+        logits, greedy = self.graphs.run(size, inputs.input_ids, inputs.positions, inputs.attn)
+        if not inputs.sample_rows:
+            return ModelRunnerOutput()
+        reqs = [sched.scheduled[i].request for i in inputs.sample_rows]
+        if all(_plain_greedy(r, r.sampling_params) for r in reqs):
+            tokens = greedy[inputs.logits_indices].tolist()
+            return ModelRunnerOutput(sampled={r.request_id: t for r, t in zip(reqs, tokens)})
+        return self._sample(reqs, logits[inputs.logits_indices].float())
 
     def _prompt_logprobs(self, sched: SchedulerOutput, order: list[int],
                          hidden: torch.Tensor) -> dict[str, PromptLogprobsChunk]:

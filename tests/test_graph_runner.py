@@ -1,0 +1,74 @@
+"""Captured decode steps (worker/graph_runner.py) on the CPU: the graph object is the eager
+stand-in that replays the captured function on the static buffers, and attention runs through
+the Triton backend in its interpreter. The padded static-buffer path must give the eager
+path's tokens at every capture size, with rows finishing mid-batch."""
+
+from __future__ import annotations
+
+import torch
+
+from tests.test_prompt_logprobs import tiny  # noqa: F401  (the fixture)
+from tokenmill import LLM, SamplingParams
+from tokenmill.worker.graph_runner import EagerGraph, capture_sizes
+from tokenmill.worker.model_runner import ModelRunner
+
+NUM_BLOCKS, BLOCK_SIZE, MAX_SEQS = 64, 4, 8
+
+
+class CountingGraph(EagerGraph):
+    def __init__(self, pool=None) -> None:
+        super().__init__(pool)
+        self.replays = 0
+
+    def replay(self) -> None:
+        self.replays += 1
+        super().replay()
+
+
+def _llm(path) -> LLM:
+    return LLM(str(path), dtype="float32", num_kv_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE,
+               max_num_seqs=MAX_SEQS, max_model_len=128)
+
+
+def test_capture_sizes():
+    assert capture_sizes(256)[:10] == [1, 2, 4, 8, 16, 24, 32, 48, 64, 96]
+    assert capture_sizes(256)[-1] == 256 and capture_sizes(100)[-2:] == [96, 100]
+    assert capture_sizes(3) == [1, 2, 3]
+
+
+def test_graph_replay_matches_eager_at_every_size(tiny, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("TOKENMILL_BACKEND", "triton")
+    path, _ = tiny
+    prompts = [[5 + (7 * i + j) % 150 for j in range(3 + 2 * i)] for i in range(MAX_SEQS)]
+    # Lengths 3, 5, ..., 17: the batch shrinks one row at a time, so sizes 8, 4, 2 and 1 all
+    # replay with padding rows; two rows sample with seeds from the graph's logits.
+    params = [SamplingParams(temperature=0, max_tokens=3 + 2 * i, ignore_eos=True)
+              for i in range(MAX_SEQS)]
+    params[2] = SamplingParams(temperature=1.0, seed=11, max_tokens=7, ignore_eos=True)
+    params[5] = SamplingParams(temperature=0.8, top_k=5, seed=3, max_tokens=13, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in _llm(path).generate(prompts, params)]
+
+    llm = _llm(path)
+    engine = llm.engine
+    assert engine.runner.graphs is None  # no graphs on the CPU by default
+    engine.runner = ModelRunner(engine.model, NUM_BLOCKS, BLOCK_SIZE, torch.float32,
+                                torch.device("cpu"), engine.max_model_len, MAX_SEQS,
+                                graph_factory=CountingGraph)
+    graphs = engine.runner.graphs
+    assert sorted(graphs.graphs) == [1, 2, 4, 8]
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert got == expected
+    assert all(g.replays > 0 for g in graphs.graphs.values()), {
+        s: g.replays for s, g in graphs.graphs.items()}
+    # the last replay (one real row) ran its padding rows with slot -1: no KV write
+    assert torch.all(graphs.static.slot_mapping[1:] == -1)
+
+
+def test_backends_without_graph_support_never_capture(tiny, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("TOKENMILL_BACKEND", "torch")
+    path, _ = tiny
+    engine = _llm(path).engine
+    runner = ModelRunner(engine.model, NUM_BLOCKS, BLOCK_SIZE, torch.float32,
+                         torch.device("cpu"), engine.max_model_len, MAX_SEQS,
+                         graph_factory=CountingGraph)
+    assert runner.graphs is None
