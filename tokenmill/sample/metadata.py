@@ -35,6 +35,7 @@ class SamplingMetadata:
     min_tokens_mask: torch.Tensor | None  # [num_rows, vocab_size] bool, True = forbidden
     generators: dict[int, torch.Generator] = field(default_factory=dict)  # row -> generator
     max_num_logprobs: int | None = None  # None: no logprobs; k >= 0: sampled + top-k
+    max_top_k: int = 0  # the largest top_k of the batch (host side, sizes the top-k)
     all_greedy: bool = False
     all_random: bool = False
 
@@ -142,6 +143,7 @@ def build_sampling_metadata(
         ),
         generators=dict(generators),
         max_num_logprobs=max(requested) if requested else None,
+        max_top_k=max(top_k, default=0),
         all_greedy=all(greedy),
         all_random=not any(greedy),
     )

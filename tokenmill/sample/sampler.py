@@ -5,7 +5,8 @@ penalty, frequency / presence penalties; greedy rows take the argmax of the pena
 random rows are divided by their temperature, filtered by top-k, top-p and min-p, and sampled
 with the exponential-race trick (argmax of probs / q, q ~ Exp(1)), drawing q for seeded rows
 from their own generator so that their tokens do not depend on the rest of the batch.
-Everything runs in float32 whatever the logits' dtype.
+Everything runs in float32 whatever the logits' dtype, on the logits' device, with no host
+synchronisation (shapes come from host-side metadata; the caller copies the tokens back once).
 """
 
 from __future__ import annotations
@@ -99,20 +100,22 @@ def _kth_largest(values: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 def apply_top_k_top_p(
-    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
+    max_top_k: int = 0,
 ) -> torch.Tensor:
     """Set to -inf every token outside the row's top-k and outside its top-p nucleus.
 
     top-k keeps tokens whose logit is >= the k-th largest (ties at the threshold are kept).
     top-p keeps the smallest highest-probability set whose total probability reaches top_p
-    (always at least the most likely token). Without top_p there is no full-vocabulary sort.
+    (always at least the most likely token). Without top_p there is no full-vocabulary sort,
+    only a top-`max_top_k` (the largest k of the batch, known on the host: no device sync).
     """
     if top_k is None and top_p is None:
         return logits
     vocab_size = logits.shape[1]
     if top_p is None:
         assert top_k is not None
-        max_k = min(int(top_k.max().item()), vocab_size)
+        max_k = min(max_top_k, vocab_size)
         if max_k <= 0:
             return logits
         top_values = logits.topk(max_k, dim=1).values  # [num_rows, max_k], descending
@@ -146,7 +149,7 @@ def process_logits(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
 
 def _filter(penalised: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     logits = apply_temperature(penalised, md.temperature)
-    logits = apply_top_k_top_p(logits, md.top_k, md.top_p)
+    logits = apply_top_k_top_p(logits, md.top_k, md.top_p, md.max_top_k)
     return apply_min_p(logits, md.min_p)
 
 

@@ -75,24 +75,35 @@ def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device
     for i, row in enumerate(block_tables):
         bt[i, : len(row)] = row
     slot_mapping = bt[req_of_token, positions // block_size] * block_size + positions % block_size
+    logits_indices = starts[1:][sample_pos] - 1
+    # One host buffer (pinned on CUDA) and one non-blocking copy for every index tensor.
+    n, r = int(starts[-1]), len(q)
+    parts = [np.asarray(token_ids, dtype=np.int64), positions, slot_mapping, starts, sl,
+             bt.ravel(), logits_indices]
+    dev = _to_device(np.concatenate(parts), device)
+    views = iter(dev.split([len(x) for x in parts]))
+    input_ids, positions_t, slots_t, starts_t, seq_lens_t, bt_t, logits_t = views
     common = AttentionMetadata(
-        num_tokens=int(starts[-1]),
-        slot_mapping=torch.from_numpy(slot_mapping).to(device),
-        query_start_loc=torch.from_numpy(starts.astype(np.int32)).to(device),
-        seq_lens=torch.from_numpy(sl.astype(np.int32)).to(device),
-        block_tables=torch.from_numpy(bt.astype(np.int32)).to(device),
+        num_tokens=n, slot_mapping=slots_t, query_start_loc=starts_t.to(torch.int32),
+        seq_lens=seq_lens_t.to(torch.int32),
+        block_tables=bt_t.view(r, max_blocks).to(torch.int32),
         max_query_len=int(q.max()), max_seq_len=int(sl.max()),
         num_decode_tokens=int((q == 1).sum()), block_size=block_size,
         query_lens_host=query_lens, seq_lens_host=seq_lens, block_tables_host=block_tables,
     )
-    attn = backend.build_metadata(common, device)
-    logits_indices = torch.tensor([int(starts[p + 1]) - 1 for p in sample_pos], dtype=torch.int64)
     return ModelInputs(
-        input_ids=torch.tensor(token_ids, dtype=torch.int64, device=device),
-        positions=torch.from_numpy(positions).to(device),
-        attn=attn, logits_indices=logits_indices.to(device), sample_rows=sample_rows,
-        order=order,
+        input_ids=input_ids, positions=positions_t, attn=backend.build_metadata(common, device),
+        logits_indices=logits_t, sample_rows=sample_rows, order=order,
     )
+
+
+def _to_device(host: np.ndarray, device: torch.device) -> torch.Tensor:
+    """int64 host array -> a tensor on `device`: no copy on the CPU; on CUDA through pinned
+    memory with a non-blocking copy (no host synchronisation)."""
+    t = torch.from_numpy(host)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _plain_greedy(req, p) -> bool:
