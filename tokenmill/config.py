@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes
 DEFAULT_CPU_KV_GIB = 2.0
 QUANTIZATION_MODES = ("auto", "none")
+LOAD_FORMATS = ("auto", "dummy")
 
 
 @lru_cache(maxsize=1)
@@ -44,6 +45,9 @@ class EngineArgs:
         "help": "auto | none (auto: run a GGUF file's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K "
                 "weights natively on x86 CPUs with AVX2 or better; none: dequantize all "
                 "weights to the compute dtype)"})
+    load_format: str = dataclasses.field(default="auto", metadata={
+        "help": "auto | dummy (dummy: random weights from the folder's config.json, for "
+                "benchmarks of real shapes without a checkpoint)"})
     max_model_len: int | None = dataclasses.field(
         default=None, metadata={"help": "context length cap (default: the model's)"})
     block_size: int = dataclasses.field(default=16, metadata={"help": "KV cache block size"})
@@ -70,6 +74,9 @@ class EngineArgs:
         if self.quantization not in QUANTIZATION_MODES:
             raise ValueError(f"quantization must be one of {QUANTIZATION_MODES}, "
                              f"got {self.quantization!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, "
+                             f"got {self.load_format!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -83,10 +83,11 @@ class LLMEngine:
         self.device = args.torch_device()
         self.dtype = args.torch_dtype(self.device)
         startup = {"imports and arguments": seconds_since_process_start()}
-        source = resolve_model(args.model)
+        source = resolve_model(args.model, allow_no_weights=args.load_format == "dummy")
         t0 = time.perf_counter()
         self.model, self.model_info = load_model(
-            source, self.dtype, args.max_model_len, self.device, quantization=args.quantization
+            source, self.dtype, args.max_model_len, self.device, quantization=args.quantization,
+            load_format=args.load_format, seed=args.seed,
         )
         info = self.model_info
         startup.update(info.load_seconds)

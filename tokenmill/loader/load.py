@@ -58,7 +58,7 @@ class ModelInfo:
         return self.checkpoint_bytes / s / 1e9 if s > 0 else float("inf")
 
 
-def read_model_info(source: ModelSource) -> tuple[ModelInfo, Any]:
+def read_model_info(source: ModelSource, load_format: str = "auto") -> tuple[ModelInfo, Any]:
     """Config and format facts without loading tensors; returns (info, gguf reader or None)."""
     if source.kind == "gguf":
         reader = open_gguf(source.path)
@@ -74,6 +74,8 @@ def read_model_info(source: ModelSource) -> tuple[ModelInfo, Any]:
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{cfg_path} cannot be read as JSON: {e}") from None
     arch = arch_config_from_hf(cfg)
+    if load_format == "dummy":
+        return ModelInfo(source, arch, "dummy (random weights)", 0, cfg), None
     files = safetensors_files(source.path)
     size = sum(f.stat().st_size for f in files)
     dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "unknown dtype"
@@ -113,15 +115,20 @@ def quant_config_for(source: ModelSource, reader: Any, arch: ModelArchConfig,
 
 def load_model(source: ModelSource, dtype: torch.dtype, max_model_len: int | None = None,
                device: torch.device | str = "cpu", progress: bool = True,
-               quantization: str = "auto") -> tuple[CausalLM, ModelInfo]:
+               quantization: str = "auto", load_format: str = "auto",
+               seed: int = 0) -> tuple[CausalLM, ModelInfo]:
     """Build the model module for `source` and stream its weights in (strict names).
 
     Rotary tables cover min(the model's context length, max_model_len) positions.
     `quantization="auto"` keeps a GGUF file's quantized weights and runs them natively where a
     kernel exists for this device and dtype (`quant_config_for`); "none" dequantizes everything.
+    `load_format="dummy"` (an HF folder's config.json) fills the weights with random values
+    drawn from `seed` on the device instead: benchmarks of real shapes without a checkpoint.
     """
+    if load_format == "dummy" and source.kind != "hf":
+        raise ModelLoadError("load_format='dummy' needs a folder with config.json")
     t = time.perf_counter()
-    info, reader = read_model_info(source)
+    info, reader = read_model_info(source, load_format)
     phases = info.load_seconds
 
     def lap(name: str) -> None:
@@ -145,6 +152,14 @@ def load_model(source: ModelSource, dtype: torch.dtype, max_model_len: int | Non
     with torch.device(device):
         model = model_cls(arch, dtype, max_positions, freq_factors, **kwargs)
     lap("module")
+    if load_format == "dummy":
+        _init_dummy(model, seed)
+        info.checkpoint_bytes = model.weight_memory_bytes()
+        lap("weights")
+        model.process_weights_after_loading()
+        model.eval()
+        lap("post-processing")
+        return model, info
     if source.kind == "gguf":
         if arch.model_type == "gpt2":
             model.conv1d_layout = False
@@ -165,6 +180,20 @@ def load_model(source: ModelSource, dtype: torch.dtype, max_model_len: int | Non
     _return_free_memory()
     lap("post-processing")
     return model, info
+
+
+@torch.no_grad()
+def _init_dummy(model: CausalLM, seed: int) -> None:
+    """Random weights in place: matrices ~ N(0, 0.02), vectors (norms, biases) ~ 1 + N(0, 0.02)
+    (a usable residual stream), the same for a given seed on a given device."""
+    params = list(model.named_parameters())
+    device = params[0][1].device if params else torch.device("cpu")
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    for name, p in params:
+        p.normal_(0.0, 0.02, generator=g)
+        if p.dim() == 1 and not name.endswith("bias"):
+            p.add_(1.0)
 
 
 def _return_free_memory() -> None:

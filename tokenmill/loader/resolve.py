@@ -68,9 +68,9 @@ def _resolve_file(path: Path) -> ModelSource:
     )
 
 
-def _resolve_dir(path: Path) -> ModelSource:
+def _resolve_dir(path: Path, allow_no_weights: bool = False) -> ModelSource:
     if (path / "config.json").is_file():
-        if not any(path.glob("*.safetensors")):
+        if not allow_no_weights and not any(path.glob("*.safetensors")):
             if any(p.suffix in PICKLE_SUFFIXES for p in path.iterdir()):
                 raise ModelLoadError(f"{path} holds only pickle weights; {PICKLE_MESSAGE}")
             raise ModelLoadError(f"{path} has config.json but no *.safetensors weights")
@@ -107,15 +107,16 @@ def _download(repo_id: str) -> Path:
         ) from None
 
 
-def resolve_model(model: str | os.PathLike | None) -> ModelSource:
-    """None -> the embedded default; a .gguf path; an HF folder; or a Hub repo id."""
+def resolve_model(model: str | os.PathLike | None, allow_no_weights: bool = False) -> ModelSource:
+    """None -> the embedded default; a .gguf path; an HF folder; or a Hub repo id.
+    `allow_no_weights`: a folder with only config.json is enough (random "dummy" weights)."""
     if model is None or str(model) in ("", "default", DEFAULT_MODEL_NAME):
         return ModelSource("gguf", default_model_path(), DEFAULT_MODEL_NAME)
     path = Path(model).expanduser()
     if path.is_file():
         return _resolve_file(path)
     if path.is_dir():
-        return _resolve_dir(path)
+        return _resolve_dir(path, allow_no_weights)
     text = str(model)
     if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.suffix:
         source = _resolve_dir(_download(text))

@@ -106,6 +106,21 @@ def _to_device(host: np.ndarray, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def to_host(*tensors: torch.Tensor) -> list[list]:
+    """The tensors as Python lists. On CUDA: non-blocking copies into pinned memory and one
+    wait on an event (the step's only synchronisation; `tolist()` on device tensors would
+    synchronise the stream once per tensor)."""
+    if not tensors or tensors[0].device.type != "cuda":
+        return [t.tolist() for t in tensors]
+    pinned = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for dst, src in zip(pinned, tensors):
+        dst.copy_(src, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    done.synchronize()
+    return [p.tolist() for p in pinned]
+
+
 def _plain_greedy(req, p) -> bool:
     return (p.greedy and p.logprobs is None and p.repetition_penalty == 1.0
             and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
@@ -182,7 +197,7 @@ class ModelRunner:
             # Nothing to penalise, mask or report: the sampler would reduce to an argmax, which
             # the model-dtype logits give exactly (widening to float32 is exact).
             logits = self.model.compute_logits(hidden, float32=False)
-            tokens = self.ops.argmax(logits).tolist()
+            (tokens,) = to_host(self.ops.argmax(logits))
             out = ModelRunnerOutput(sampled={r.request_id: t for r, t in zip(reqs, tokens)})
         else:
             out = self._sample(reqs, self.model.compute_logits(hidden))
@@ -204,7 +219,7 @@ class ModelRunner:
             return ModelRunnerOutput()
         reqs = [sched.scheduled[i].request for i in inputs.sample_rows]
         if all(_plain_greedy(r, r.sampling_params) for r in reqs):
-            tokens = greedy[inputs.logits_indices].tolist()
+            (tokens,) = to_host(greedy[inputs.logits_indices])
             return ModelRunnerOutput(sampled={r.request_id: t for r, t in zip(reqs, tokens)})
         return self._sample(reqs, logits[inputs.logits_indices].float())
 
@@ -265,13 +280,13 @@ class ModelRunner:
             generators, self.vocab_size, self.device, min_tok_stops,
         )
         out = self.sampler(logits, meta)
-        tokens = out.sampled_token_ids.tolist()
+        if out.logprobs is None:
+            (tokens,) = to_host(out.sampled_token_ids)
+        else:
+            tokens, lps, ids, ranks = to_host(out.sampled_token_ids, out.logprobs,
+                                              out.logprob_token_ids, out.sampled_rank)
         result = ModelRunnerOutput(sampled={r.request_id: t for r, t in zip(reqs, tokens)})
         if out.logprobs is not None:
-            lps = out.logprobs.tolist()
-            ids = out.logprob_token_ids.tolist()
-            ranks = (out.sampled_rank.tolist() if out.sampled_rank is not None
-                     else [None] * len(reqs))
             for row, r in enumerate(reqs):
                 k = r.sampling_params.logprobs
                 if k is None:
