@@ -1,0 +1,371 @@
+"""The GPU check (issue 8): one call of the device tool, well under 8 minutes, JSON under $OUT.
+
+In order, each section timed and saved as soon as it ends (a timeout keeps what finished):
+  1. env: versions, GPU, measured device-copy bandwidth and bf16 GEMM rate;
+  2. kernels: every Triton kernel in bfloat16 against the torch reference;
+  3. tiny: a tiny random Llama end to end, the fast path (Triton + CUDA graphs) against the
+     reference path (torch attention, eager): same greedy tokens; a decode step (greedy and
+     sampled) under torch.cuda.set_sync_debug_mode("error");
+  4. shapes: random-weight models of Llama-3.2-1B and Llama-3-8B shapes (load_format=dummy):
+     start-up (load, capture), prefill, batch-1 decode, batch 32 / 64, offline 1,000 x 128/128
+     on the 8B; every rate also as a fraction of the bandwidth roofline;
+  5. transformers eager (random weights, same shapes) at batch 1, as a sanity baseline.
+
+    python benchmarks/gpu_bench.py --out $OUT/gpu_bench.json
+    python benchmarks/gpu_bench.py --smoke   # CPU: tiny shapes, Triton interpreter, no timing
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {  # Llama-3.2-1B and Llama-3-8B
+    "1B": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True,
+               rope_theta=500000.0),
+    "8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False,
+               rope_theta=500000.0),
+}
+SMOKE_SHAPES = {
+    "1B": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "8B": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False),
+}
+VOCAB = 128256
+
+
+class Run:
+    """Sections in order; results (or the error) saved after each one."""
+
+    def __init__(self, out: Path, smoke: bool) -> None:
+        self.out = out
+        self.smoke = smoke
+        self.results: dict = {"smoke": smoke, "sections": {}}
+        import torch
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
+
+    def section(self, name: str, fn, *args) -> dict | None:
+        t0 = time.perf_counter()
+        print(f"== {name}", flush=True)
+        try:
+            result = {"ok": True, **fn(*args)}
+        except Exception as e:  # keep going: the other sections still tell something
+            result = {"ok": False, "error": f"{type(e).__name__}: {e}",
+                      "traceback": traceback.format_exc()[-4000:]}
+        result["seconds"] = round(time.perf_counter() - t0, 2)
+        self.results["sections"][name] = result
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps(self.results, indent=1, default=str))
+        print(json.dumps(result, default=str)[:3000], flush=True)
+        return result
+
+    def sync(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def timed(run: Run, fn, repeat: int = 1) -> float:
+    """Best wall time of `repeat` calls (synchronised)."""
+    best = float("inf")
+    for _ in range(repeat):
+        run.sync()
+        t0 = time.perf_counter()
+        fn()
+        run.sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+# ---- 1. environment ---------------------------------------------------------------------
+def env(run: Run) -> dict:
+    import torch
+    import triton
+
+    out = {"torch": torch.__version__, "triton": triton.__version__, "device": str(run.device)}
+    try:
+        import transformers
+
+        out["transformers"] = transformers.__version__
+    except ImportError:
+        out["transformers"] = None
+    if run.device.type != "cuda":
+        return out
+    p = torch.cuda.get_device_properties(0)
+    out.update(gpu=p.name, capability=f"{p.major}.{p.minor}", memory_gb=p.total_memory / 1e9,
+               sms=p.multi_processor_count)
+    n = 1 << 30
+    x = torch.empty(n, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    t = timed(run, lambda: [y.copy_(x) for _ in range(10)], 3) / 10
+    out["copy_gbs"] = 2 * n / t / 1e9  # read + write
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    t = timed(run, lambda: [a @ a for _ in range(10)], 3) / 10
+    out["bf16_gemm_tflops"] = 2 * 8192**3 / t / 1e12
+    run.results["copy_gbs"] = out["copy_gbs"]
+    return out
+
+
+# ---- 2. kernels ---------------------------------------------------------------------------
+def kernels(run: Run) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from tests.test_triton_kernels import _paged_batch, _reference_attention
+    from tokenmill.kernels import triton_ops as tk
+    from tokenmill.layers.rotary import RotaryEmbedding, apply_rotary
+
+    dt = torch.float32 if run.smoke else torch.bfloat16
+    dev = run.device
+    tol = 2e-5 if run.smoke else 3e-2
+    checks = {}
+    for gqa, hd in ((1, 64), (4, 128), (8, 128)):
+        ql, sl = [1, 1, 1, 5, 16, 21], [1, 16, 37, 5, 48, 300]
+        kc, vc, tables, meta = _paged_batch(ql, sl, 2, hd, 16, dt)
+        q = torch.randn(sum(ql), 2 * gqa, hd).to(dt)
+        ref = _reference_attention(q, kc, vc, tables, ql, sl, 16, hd**-0.5)
+        meta = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in meta.items()}
+        for splits in (1, 4):
+            out = tk.paged_attention(q.to(dev), kc.to(dev), vc.to(dev), scale=hd**-0.5,
+                                     num_splits=splits, **meta)
+            err = (out.double().cpu() - ref).abs().max().item()
+            checks[f"attention gqa{gqa} d{hd} splits{splits}"] = err
+    res = torch.randn(33, 2048, device=dev).to(dt)
+    delta = torch.randn(33, 2048, device=dev).to(dt)
+    w = torch.randn(2048, device=dev).to(dt)
+    expected = F.rms_norm((res + delta).float(), (2048,), w.float(), 1e-5)
+    _, got = tk.add_rms_norm(res.clone(), delta, w, 1e-5)
+    checks["add_rms_norm"] = ((got.float() - expected).abs().max() / expected.abs().max()).item()
+    rot = RotaryEmbedding(128, 4096, 500000.0).to(dev)
+    x = torch.randn(9, 40, 128, device=dev).to(dt)
+    pos = torch.randint(0, 4096, (9,), device=dev)
+    expected = apply_rotary(x.float(), *rot.cos_sin(pos, torch.float32))
+    checks["rotary"] = (tk.rotary_inplace(x.clone(), pos, rot.cos_cached, rot.sin_cached)
+                        .float() - expected).abs().max().item()
+    gu = torch.randn(17, 2 * 8192, device=dev).to(dt)
+    g, u = gu.float().chunk(2, dim=-1)
+    expected = F.silu(g) * u
+    checks["silu_and_mul"] = ((tk.silu_and_mul(gu).float() - expected).abs().max()
+                              / expected.abs().max()).item()
+    k = torch.randn(64, 8, 128, device=dev).to(dt)
+    kc = torch.zeros(256, 8, 128, device=dev, dtype=dt)
+    slots = torch.randperm(256, device=dev)[:64]
+    slots[::7] = -1
+    tk.write_kv(k, k, kc, kc.clone(), slots)
+    keep = slots >= 0
+    checks["write_kv exact"] = float(torch.equal(kc[slots[keep]], k[keep]))
+    failed = [n for n, v in checks.items()
+              if (v != 1.0 if n == "write_kv exact" else not v <= tol)]
+    return {"dtype": str(dt), "tolerance": tol, "max_errors": checks, "failed": failed}
+
+
+# ---- model folders ------------------------------------------------------------------------
+def model_folder(root: Path, name: str, shape: dict, vocab: int) -> Path:
+    """config.json of a Llama with `shape`, plus a word-level tokenizer covering the vocab."""
+    from tokenizers import Tokenizer, models
+
+    path = root / name
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
+           "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+           "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2, **shape}
+    (path / "config.json").write_text(json.dumps(cfg))
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+def make_llm(run: Run, path: Path, **kw):
+    from tokenmill import LLM
+
+    dtype = "float32" if run.smoke else "bfloat16"
+    return LLM(str(path), load_format="dummy", dtype=dtype, device=str(run.device), **kw)
+
+
+def free(llm) -> None:
+    import torch
+
+    del llm
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---- 3. tiny end to end -------------------------------------------------------------------
+def tiny(run: Run, root: Path) -> dict:
+    import torch
+
+    from tokenmill import SamplingParams
+
+    shape = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                 num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
+    path = model_folder(root, "tiny", shape, 4096)
+    prompts = [[(17 * i + 3 * j) % 4000 + 10 for j in range(5 + 9 * i)] for i in range(12)]
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    out = {}
+    os.environ["TOKENMILL_BACKEND"] = "torch"
+    ref_llm = make_llm(run, path, enforce_eager=True, max_model_len=512, max_num_seqs=16)
+    ref = [o.outputs[0].token_ids for o in ref_llm.generate(prompts, greedy)]
+    free(ref_llm)
+    del os.environ["TOKENMILL_BACKEND"]
+    if run.smoke:
+        os.environ["TOKENMILL_BACKEND"] = "triton"
+    llm = make_llm(run, path, max_model_len=512, max_num_seqs=16)
+    out["backend"] = llm.engine.model_info.backend
+    out["graphs"] = llm.engine.runner.graphs is not None
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
+    out["identical_sequences"] = sum(a == b for a, b in zip(ref, got))
+    out["sequences"] = len(ref)
+    out["first_divergence"] = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+                               for a, b in zip(ref, got)]
+    # One decode step (greedy, then sampled with a seed) under sync-debug "error".
+    engine = llm.engine
+    checks = {}
+    for label, params in (("greedy", greedy),
+                          ("sampled", SamplingParams(temperature=0.9, top_k=50, top_p=0.9,
+                                                     seed=7, max_tokens=24, ignore_eos=True))):
+        engine.add_request(f"sync-{label}", prompts[3], params)
+        engine.step()  # prefill
+        engine.step()  # a first decode step (graph capture already done)
+        if run.device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            engine.step()
+            checks[label] = "no host sync"
+        except RuntimeError as e:
+            checks[label] = f"synchronised: {e}"
+        finally:
+            if run.device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+        while engine.has_unfinished_requests():
+            engine.step()
+    out["sync_debug"] = checks
+    free(llm)
+    os.environ.pop("TOKENMILL_BACKEND", None)
+    return out
+
+
+# ---- 4. real shapes -----------------------------------------------------------------------
+def roofline_tokens_per_s(llm, batch: int, context: int, copy_gbs: float | None) -> float | None:
+    """Decode tok/s if every step read the weights and the batch's KV at the copy bandwidth."""
+    if not copy_gbs:
+        return None
+    engine = llm.engine
+    arch = engine.model_info.arch
+    kv_per_token = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * 2
+    step_bytes = engine.model.weight_bytes_per_step() + batch * context * kv_per_token
+    return batch / (step_bytes / (copy_gbs * 1e9))
+
+
+def shape_run(run: Run, root: Path, name: str) -> dict:
+    from tokenmill import SamplingParams
+
+    shape = (SMOKE_SHAPES if run.smoke else SHAPES)[name]
+    vocab = 512 if run.smoke else VOCAB
+    path = model_folder(root, name, shape, vocab)
+    prompt_len, new = (16, 8) if run.smoke else (512, 128)
+    t0 = time.perf_counter()
+    llm = make_llm(run, path, max_model_len=2048, max_num_seqs=8 if run.smoke else 256)
+    out = {"ready_s": time.perf_counter() - t0,
+           "startup_breakdown": dict(llm.engine.startup_seconds),
+           "weights_gb": llm.engine.model.weight_memory_bytes() / 1e9,
+           "backend": llm.engine.model_info.backend}
+    copy_gbs = run.results.get("copy_gbs")
+
+    def prompts(n: int, length: int) -> list[list[int]]:
+        return [[(31 * i + 7 * j) % (vocab - 10) + 5 for j in range(length)] for i in range(n)]
+
+    def gen(n: int, length: int, tokens: int) -> float:
+        params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+        return timed(run, lambda: llm.generate(prompts(n, length), params))
+
+    gen(1, prompt_len, 2)  # warm-up (kernel compilation)
+    t_prefill = gen(1, prompt_len, 1)
+    out["prefill_tok_s"] = prompt_len / t_prefill
+    batches = (1, 32, 64) if not run.smoke else (1, 4)
+    for b in batches:
+        t_first = gen(b, prompt_len, 1)
+        t_all = gen(b, prompt_len, new)
+        rate = b * (new - 1) / (t_all - t_first)
+        roof = roofline_tokens_per_s(llm, b, prompt_len + new // 2, copy_gbs)
+        out[f"decode_b{b}_tok_s"] = rate
+        out[f"decode_b{b}_roofline_fraction"] = rate / roof if roof else None
+    if name == "8B" or run.smoke:
+        n = 40 if run.smoke else 1000
+        length = 16 if run.smoke else 128
+        t = gen(n, length, length)
+        out["offline"] = {"prompts": n, "in": length, "out": length, "seconds": t,
+                          "output_tok_s": n * length / t, "total_tok_s": 2 * n * length / t}
+    free(llm)
+    return out
+
+
+# ---- 5. transformers eager ----------------------------------------------------------------
+def transformers_eager(run: Run, name: str) -> dict:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = (SMOKE_SHAPES if run.smoke else SHAPES)[name]
+    vocab = 512 if run.smoke else VOCAB
+    cfg = LlamaConfig(vocab_size=vocab, max_position_embeddings=8192, **shape)
+    dtype = torch.float32 if run.smoke else torch.bfloat16
+    with torch.device(run.device):
+        model = LlamaForCausalLM(cfg).to(dtype).eval()
+    prompt_len, new = (16, 8) if run.smoke else (512, 128)
+    ids = torch.randint(5, vocab - 5, (1, prompt_len), device=run.device)
+
+    def gen(tokens: int):
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+
+    gen(2)
+    t1 = timed(run, lambda: gen(1))
+    tn = timed(run, lambda: gen(new))
+    return {"decode_b1_tok_s": (new - 1) / (tn - t1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"),
+                                                  "gpu_bench.json"))
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, interpreter")
+    ap.add_argument("--skip", default="", help="comma-separated: kernels,tiny,1B,8B,hf")
+    args = ap.parse_args()
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    skip = set(filter(None, args.skip.split(",")))
+    run = Run(Path(args.out), args.smoke)
+    run.section("env", env, run)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        if "kernels" not in skip:
+            run.section("kernels", kernels, run)
+        if "tiny" not in skip:
+            run.section("tiny", tiny, run, root)
+        for name in ("1B", "8B"):
+            if name not in skip:
+                run.section(f"shape {name}", shape_run, run, root, name)
+        if "hf" not in skip:
+            for name in ("1B", "8B"):
+                if name not in skip:
+                    run.section(f"transformers eager {name}", transformers_eager, run, name)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
