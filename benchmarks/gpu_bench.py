@@ -284,6 +284,7 @@ def shape_run(run: Run, root: Path, name: str) -> dict:
     out = {"ready_s": time.perf_counter() - t0,
            "startup_breakdown": dict(llm.engine.startup_seconds),
            "weights_gb": llm.engine.model.weight_memory_bytes() / 1e9,
+           "kv_capacity_tokens": llm.engine.kv_capacity_tokens,
            "backend": llm.engine.model_info.backend}
     copy_gbs = run.results.get("copy_gbs")
 

@@ -52,8 +52,8 @@ class EngineArgs:
         default=None, metadata={"help": "context length cap (default: the model's)"})
     block_size: int = dataclasses.field(default=16, metadata={"help": "KV cache block size"})
     kv_cache_memory_gib: float | None = dataclasses.field(default=None, metadata={
-        "help": f"KV cache budget in GiB (default: {DEFAULT_CPU_KV_GIB} on CPU, 90%% of free GPU "
-                "memory on CUDA)"})
+        "help": f"KV cache budget in GiB (default: {DEFAULT_CPU_KV_GIB} on CPU; on CUDA 90%% of "
+                "the GPU less what is in use and the peak of a profiled largest step)"})
     num_kv_blocks: int | None = dataclasses.field(
         default=None, metadata={"help": "exact number of KV blocks (overrides the budget)"})
     max_num_seqs: int = dataclasses.field(

@@ -21,7 +21,11 @@ from tokenmill.loader.load import load_model, load_tokenizer
 from tokenmill.loader.resolve import resolve_model
 from tokenmill.outputs import CompletionOutput, Logprob, PromptLogprobList, RequestOutput
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.worker.model_runner import ModelRunner, kv_cache_bytes_per_token
+from tokenmill.worker.model_runner import (
+    ModelRunner,
+    kv_cache_bytes_per_token,
+    profile_forward,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +47,7 @@ def seconds_since_process_start() -> float | None:
     except (OSError, ValueError, IndexError):
         return None
 GiB = 1 << 30
+CUDA_MEMORY_UTILIZATION = 0.9  # share of the GPU the engine may fill (weights + peak + KV)
 
 
 @dataclass
@@ -172,8 +177,7 @@ class LLMEngine:
         if args.kv_cache_memory_gib is not None:
             budget = args.kv_cache_memory_gib * GiB
         elif self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = 0.9 * free
+            budget = self._cuda_kv_budget()
         else:
             budget = DEFAULT_CPU_KV_GIB * GiB
         num_blocks = int(budget // (bytes_per_token * args.block_size))
@@ -183,6 +187,21 @@ class LLMEngine:
                 f"({bytes_per_token * args.block_size} bytes each)"
             )
         return num_blocks
+
+    def _cuda_kv_budget(self) -> float:
+        """90% of the GPU's memory, less what is in use now (weights, the CUDA context, other
+        processes) and the peak of the largest step, measured by a profile forward."""
+        args = self.args
+        peak = profile_forward(self.model, args.max_num_batched_tokens, args.max_num_seqs,
+                               args.block_size, self.dtype, self.device)
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = CUDA_MEMORY_UTILIZATION * total - (total - free) - peak
+        logger.info("KV budget from a memory profile: %.2f GiB (%.0f%% of %.1f GiB, %.2f GiB in "
+                    "use, %.2f GiB peak of a %d-token step)", budget / GiB,
+                    100 * CUDA_MEMORY_UTILIZATION, total / GiB, (total - free) / GiB,
+                    peak / GiB, args.max_num_batched_tokens)
+        return budget
 
     # ---- requests ---------------------------------------------------------------------------
     def new_request_id(self) -> str:

@@ -127,6 +127,43 @@ def _plain_greedy(req, p) -> bool:
             and req.num_output_tokens >= p.min_tokens)
 
 
+@torch.inference_mode()
+def profile_forward(model: CausalLM, num_tokens: int, num_sampled: int, block_size: int,
+                    kv_dtype: torch.dtype, device: torch.device) -> int:
+    """Run the largest step the scheduler can send (one chunk of `num_tokens` tokens, then the
+    float32 logits of `num_sampled` rows and a sort of them, as top-p sampling does) on a
+    scratch KV pool just big enough. Returns its peak memory beyond what was allocated before
+    and the scratch pool (CUDA; 0 on other devices, where nothing is measured)."""
+    backend = model.attn_backend
+    cfg = model.cfg
+    blocks = -(-num_tokens // block_size)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    pool = KVPool(cfg.num_layers, backend.kv_cache_shape(blocks * block_size, cfg.num_kv_heads,
+                                                         cfg.head_dim), kv_dtype, device)
+    ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+    positions = torch.arange(num_tokens, device=device)
+    common = AttentionMetadata(
+        num_tokens=num_tokens, slot_mapping=positions,
+        query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=device),
+        seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=device),
+        block_tables=torch.arange(blocks, dtype=torch.int32, device=device)[None],
+        max_query_len=num_tokens, max_seq_len=num_tokens,
+        num_decode_tokens=1 if num_tokens == 1 else 0, block_size=block_size,
+        query_lens_host=[num_tokens], seq_lens_host=[num_tokens],
+        block_tables_host=[list(range(blocks))])
+    hidden = model(ids, positions, pool.caches, backend.build_metadata(common, device))
+    rows = hidden[-1:].expand(min(num_sampled, num_tokens), -1)
+    model.compute_logits(rows).sort(dim=-1, descending=True)
+    if not cuda:
+        return 0
+    torch.cuda.synchronize(device)
+    return max(0, torch.cuda.max_memory_allocated(device) - before - pool.reserved_bytes)
+
+
 def kv_cache_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int,
                              dtype: torch.dtype) -> int:
     return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
