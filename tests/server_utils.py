@@ -7,6 +7,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -27,9 +28,12 @@ class ServerProcess:
                "--max-model-len", "1024", *args]
         if api_key:
             cmd += ["--api-key", api_key]
-        env = dict(os.environ, TOKENMILL_API_KEY="")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=env)
+        env = {k: v for k, v in os.environ.items() if k != "TOKENMILL_API_KEY"}
+        # a file, not a pipe: nobody reads the server's output while it runs, and a full pipe
+        # would block it
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, text=True,
+                                     env=env)
         self.url = f"http://127.0.0.1:{self.port}"
         self._wait_ready()
 
@@ -37,7 +41,7 @@ class ServerProcess:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read()[-3000:]}")
+                raise RuntimeError(f"server exited: {self.output()[-3000:]}")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return
@@ -52,7 +56,7 @@ class ServerProcess:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def metric(self, name: str) -> float:
-        text = httpx.get(self.url + "/metrics", timeout=5).text
+        text = httpx.get(self.url + "/metrics", headers=self.headers, timeout=5).text
         m = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)
         assert m, f"metric {name} missing"
         return float(m.group(1))
@@ -67,6 +71,12 @@ class ServerProcess:
                 return
             time.sleep(0.1)
         raise AssertionError("server did not become idle (KV blocks still in use)")
+
+    def output(self) -> str:
+        """Everything the server printed so far (stdout and stderr)."""
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
 
     def stop(self) -> int:
         if self.proc.poll() is None:

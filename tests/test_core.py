@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from tokenmill.core.block_pool import BlockPool
+from tokenmill.core.block_pool import BlockHash, BlockPool, hash_block_tokens
 from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.outputs import ModelRunnerOutput
 from tokenmill.core.request import Request, RequestStatus
@@ -26,7 +26,8 @@ def test_block_pool_refcounts_and_lru_order():
     a = pool.get_new_blocks(3)
     pool.check_invariants()
     assert pool.num_free_blocks == 1
-    pool.cache_full_block(a[0], 111)
+    key = hash_block_tokens(None, [1, 2, 3, 4])
+    pool.cache_full_block(a[0], key)
     pool.touch([a[0]])
     assert a[0].ref_cnt == 2
     pool.free_blocks(reversed(a))
@@ -39,7 +40,7 @@ def test_block_pool_refcounts_and_lru_order():
     order = [b.block_id for b in pool.get_new_blocks(4)]
     assert order == [a[1].block_id, a[2].block_id, 3, a[0].block_id]
     # Handing a cached block out again evicts it from the cache.
-    assert pool.get_cached_block(111) is None
+    assert pool.get_cached_block(key) is None
     pool.check_invariants()
     with pytest.raises(RuntimeError):
         pool.get_new_blocks(1)
@@ -218,3 +219,22 @@ def test_randomized_workload_keeps_invariants():
         assert used + kv.num_free_blocks == 12
     run_to_completion(sched, FakeRunner())
     assert kv.num_free_blocks == 12
+
+
+def test_prefix_keys_are_sha256_chains_verified_on_a_hit():
+    first = hash_block_tokens(None, [1, 2, 3, 4])
+    second = hash_block_tokens(first, [5, 6, 7, 8])
+    import hashlib
+    import struct
+
+    expected = hashlib.sha256(first.digest + struct.pack("<4q", 5, 6, 7, 8)).digest()
+    assert second.digest == expected and second.parent == first.digest
+    assert hash_block_tokens(None, [1, 2, 3, 4], ("lora", 3)).digest != first.digest
+    pool = BlockPool(2, enable_caching=True)
+    (block,) = pool.get_new_blocks(1)
+    pool.cache_full_block(block, second)
+    assert pool.get_cached_block(hash_block_tokens(first, [5, 6, 7, 8])) is block
+    # A key that collides on the digest but names other content is not a hit.
+    forged = BlockHash(second.digest, first.digest, (9, 9, 9, 9))
+    assert pool.get_cached_block(forged) is None
+    pool.check_invariants()

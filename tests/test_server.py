@@ -365,4 +365,4 @@ def test_sigterm_finishes_in_flight_and_exits_zero():
                 lines.append(line)
     assert lines[-1] == "data: [DONE]"  # the in-flight request was allowed to finish
     assert srv.proc.wait(60) == 0
-    assert "tokenmill serving" in srv.proc.stderr.read()
+    assert "tokenmill serving" in srv.output()

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tokenmill import LLM
-from tokenmill.core.block_pool import BlockPool
+from tokenmill.core.block_pool import BlockPool, hash_block_tokens
 from tokenmill.kernels import cpu_ops
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def test_kv_pool_is_committed_as_it_is_written():
 def test_freed_blocks_without_cached_content_are_reused_first():
     pool = BlockPool(8, enable_caching=True)
     a = pool.get_new_blocks(3)  # blocks 0, 1, 2
-    pool.cache_full_block(a[0], 1234)
+    pool.cache_full_block(a[0], hash_block_tokens(None, [7, 8]))
     pool.free_blocks(reversed(a))
     # 1 and 2 were written and hold nothing reusable: handed out before the untouched 3..7;
     # 0 holds a cached prefix: handed out last (LRU).

@@ -62,7 +62,7 @@ class Request:
         self.stop_reason: int | str | None = None
         self.arrival_time = arrival_time
         self.num_preemptions = 0
-        self.block_hashes: list[int] = []  # hashes of full blocks of all_token_ids, in order
+        self.block_hashes: list = []  # BlockHash of each full block of all_token_ids, in order
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache when first scheduled
         self.extra: dict[str, Any] = {}
 

@@ -4,6 +4,11 @@ Only the engine thread touches the engine. Callers submit commands (add / abort)
 thread-safe queue; the loop applies them between steps, so an abort frees the request's KV
 blocks before the next step runs. Outputs travel back to each request's asyncio.Queue with
 `loop.call_soon_threadsafe`.
+
+The loop is supervised: an exception inside a step fails the requests of that step and the loop
+goes on; anything else that escapes (a bug outside a step) marks the engine dead, which turns
+/health to 503 and fails every waiter and every open stream at once. A caller that goes away
+while its request is being added (a cancelled future) never disturbs the loop.
 """
 
 from __future__ import annotations
@@ -98,6 +103,19 @@ class AsyncEngine:
         self._wake.set()
 
     # ---- the engine thread ---------------------------------------------------------------
+    @staticmethod
+    def _resolve(fut: concurrent.futures.Future, error: BaseException | None = None) -> None:
+        """Complete a caller's future unless the caller already cancelled it."""
+        if fut.done():
+            return
+        try:
+            if error is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(error)
+        except concurrent.futures.InvalidStateError:  # cancelled meanwhile
+            pass
+
     def _apply_commands(self) -> None:
         while True:
             try:
@@ -109,13 +127,11 @@ class AsyncEngine:
                 continue
             _, rid, prompt, ids, params, fut = cmd
             try:
-                if rid in self._streams:
+                if rid in self._streams and not fut.cancelled():
                     self.engine.add_request(rid, prompt or "", params, prompt_token_ids=ids)
-                    fut.set_result(None)
-                else:  # the caller already went away
-                    fut.set_result(None)
+                self._resolve(fut)  # (or the caller already went away)
             except Exception as e:  # bad input: report to that caller only
-                fut.set_exception(e)
+                self._resolve(fut, e)
             finally:
                 with self._lock:
                     self._pending_adds -= 1
@@ -129,6 +145,27 @@ class AsyncEngine:
                 pass
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # a bug outside a step: fail everyone at once, loudly
+            logger.exception("the engine loop died; failing every request")
+            self.dead = e
+            self._fail_all(EngineDeadError(f"the engine stopped: {type(e).__name__}: {e}"))
+
+    def _fail_all(self, error: BaseException) -> None:
+        while True:  # waiters on add_request
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if cmd[0] == "add":
+                self._resolve(cmd[-1], error)
+                with self._lock:
+                    self._pending_adds -= 1
+        for rid in list(self._streams):
+            self._deliver(rid, error)
+
+    def _loop(self) -> None:
         engine = self.engine
         while not self._stop.is_set():
             self._apply_commands()

@@ -16,8 +16,8 @@ from tokenmill.core.outputs import PromptLogprobsChunk, SampleLogprobs
 from tokenmill.core.request import Request, RequestStatus
 from tokenmill.core.scheduler import Scheduler, SchedulerConfig
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
-from tokenmill.engine.tokenizer import Tokenizer
-from tokenmill.loader.load import load_model, load_tokenizer
+from tokenmill.engine.tokenizer import Tokenizer, load_tokenizer
+from tokenmill.loader.load import load_model
 from tokenmill.loader.resolve import resolve_model
 from tokenmill.outputs import CompletionOutput, Logprob, PromptLogprobList, RequestOutput
 from tokenmill.sampling_params import SamplingParams

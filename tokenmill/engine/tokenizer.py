@@ -416,3 +416,11 @@ class Tokenizer:
             **extra,
         }
         return render_chat_template(template, messages, add_generation_prompt, **variables)
+
+
+def load_tokenizer(info: Any) -> Tokenizer:
+    """The tokenizer of a loaded model (`loader.load.ModelInfo`): a GGUF file's embedded
+    vocabulary, or a folder's tokenizer.json."""
+    if info.source.kind == "gguf":
+        return Tokenizer.from_gguf_metadata(info.metadata)
+    return Tokenizer.from_hf_dir(info.source.path)

@@ -204,10 +204,3 @@ def _return_free_memory() -> None:
     except (OSError, AttributeError):  # not glibc
         pass
 
-
-def load_tokenizer(info: ModelInfo) -> Any:
-    from tokenmill.engine.tokenizer import Tokenizer
-
-    if info.source.kind == "gguf":
-        return Tokenizer.from_gguf_metadata(info.metadata)
-    return Tokenizer.from_hf_dir(info.source.path)

@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenmill.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
 from tokenmill.errors import ChatTemplateError
@@ -22,6 +23,7 @@ from tokenmill.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    RequestLimits,
     TokenizeRequest,
     UnsupportedParameter,
 )
@@ -38,40 +40,55 @@ class APIError(Exception):
             status, message, type_, param, code)
 
 
+def _printable(text: str) -> str:
+    """Text safe to put in a JSON response (unpaired surrogates escaped)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_response(status: int, message: str, type_: str = "invalid_request_error",
                    param: str | None = None, code: str | None = None) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": {
-        "message": message, "type": type_, "param": param, "code": code}})
+        "message": _printable(message), "type": type_,
+        "param": None if param is None else _printable(param), "code": code}})
 
 
 class BodySizeLimit:
-    """ASGI middleware: 413 for request bodies over `max_bytes` (declared or streamed)."""
+    """ASGI middleware: 413 for request bodies over `max_bytes`, declared (Content-Length) or
+    streamed (chunked). The body is read here, up to the limit, before the app sees it, so the
+    app never meets a half-read body."""
 
     def __init__(self, app: Any, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
         too_big = error_response(413, f"request body exceeds {self.max_bytes} bytes",
                                  code="request_too_large")
+        declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await too_big(scope, receive, send)
-        seen = 0
-
-        async def limited_receive() -> dict:
-            nonlocal seen
+        chunks, seen = [], 0
+        while True:
             msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.max_bytes:
-                    raise APIError(413, f"request body exceeds {self.max_bytes} bytes",
-                                   code="request_too_large")
-            return msg
+            if msg["type"] != "http.request":  # the client went away
+                return
+            seen += len(msg.get("body", b""))
+            if seen > self.max_bytes:
+                return await too_big(scope, receive, send)
+            chunks.append(msg.get("body", b""))
+            if not msg.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
 
-        await self.app(scope, limited_receive, send)
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # later: the disconnect watcher's wait
+
+        await self.app(scope, replay, send)
 
 
 async def run_or_disconnect(request: Request, work: Awaitable[Any]) -> tuple[bool, Any]:
@@ -94,8 +111,22 @@ async def run_or_disconnect(request: Request, work: Awaitable[Any]) -> tuple[boo
     return False, None
 
 
+# Paths that need the key when one is set (besides /v1/*): the API's own description and docs,
+# and the metrics unless `public_metrics`.
+_KEYED_PATHS = ("/tokenize", "/detokenize", "/docs", "/redoc", "/openapi.json",
+                "/docs/oauth2-redirect")
+
+
 def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
-              max_body_bytes: int = 1 << 20, extra_model_names: tuple[str, ...] = ()) -> FastAPI:
+              max_body_bytes: int = 1 << 20, extra_model_names: tuple[str, ...] = (),
+              limits: RequestLimits | None = None, public_metrics: bool = False,
+              allowed_hosts: tuple[str, ...] = ()) -> FastAPI:
+    """The app. `api_key`: required as a Bearer token on the API, docs and (unless
+    `public_metrics`) /metrics; /health stays open. `allowed_hosts`: Host header values
+    accepted (anything else: 400), against DNS rebinding; empty = any."""
+    if api_key is not None and not api_key:
+        raise ValueError("the API key is empty: pass a non-empty key or none")
+    limits = limits or RequestLimits()
     metrics = ServerMetrics(engine, model_name)
     serving = OpenAIServing(engine, model_name, metrics)
     names = {model_name, *extra_model_names}
@@ -115,9 +146,16 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
         return error_response(e.status, e.message, e.type, e.param, e.code)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        # e.g. a body that is not valid UTF-8 / JSON, or an unknown route
+        kind = "invalid_request_error" if e.status_code < 500 else "server_error"
+        return error_response(e.status_code, str(e.detail), kind)
+
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
-        err = e.errors()[0] if e.errors() else {}
+        errors = e.errors()  # only the first is reported (a summary, never one per item)
+        err = errors[0] if errors else {}
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         param = loc[0] if loc else None
         where = ".".join(loc)
@@ -129,10 +167,18 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         logger.exception("unhandled error")
         return error_response(500, f"internal error: {type(e).__name__}", "server_error")
 
+    keyed = _KEYED_PATHS + (() if public_metrics else ("/metrics",))
+    hosts = {h.lower() for h in allowed_hosts}
+
     @app.middleware("http")
     async def _auth(request: Request, call_next):
         path = request.url.path
-        if api_key and (path.startswith("/v1/") or path in ("/tokenize", "/detokenize")):
+        if hosts:
+            host = request.headers.get("host", "").lower()
+            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            if host not in hosts and name not in hosts:
+                return error_response(400, "Host header not allowed", code="invalid_host")
+        if api_key and (path.startswith("/v1/") or path in keyed):
             given = request.headers.get("authorization", "")
             token = given[7:] if given.lower().startswith("bearer ") else ""
             if not secrets.compare_digest(token.encode(), api_key.encode()):
@@ -171,6 +217,10 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
     async def respond(request: Request, body: Any, builder) -> Response:
         check_model(body.model)
+        try:
+            body.check_limits(limits)
+        except UnsupportedParameter as e:
+            raise APIError(400, str(e), param=e.param) from None
         result = await guarded(builder, serving, body)
         if body.stream:
             return StreamingResponse(result, media_type="text/event-stream",
@@ -211,6 +261,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "pass exactly one of prompt or messages", param="prompt")
         if body.messages is not None:
+            if len(body.messages) > limits.max_messages:
+                raise APIError(400, f"at most {limits.max_messages} messages", param="messages")
             try:
                 text = tok.apply_chat_template([m.as_template_message() for m in body.messages],
                                                add_generation_prompt=body.add_generation_prompt)

@@ -1,14 +1,17 @@
 """OpenAI request models (pydantic) and their translation to SamplingParams.
 
 Every documented OpenAI field is declared, so a field we cannot honour yet gets a 400 naming it
-instead of being ignored; undeclared fields are rejected too (extra="forbid").
+instead of being ignored; undeclared fields are rejected too (extra="forbid"). Numbers must be
+finite (no NaN / Infinity), strings and keys valid Unicode (no unpaired surrogates, which JSON
+escapes can carry), and the per-request work is capped by `RequestLimits`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tokenmill.sampling_params import SamplingParams
 
@@ -19,14 +22,65 @@ class UnsupportedParameter(ValueError):
         self.param = param
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    """Caps on one request's work (each a `serve` flag)."""
+
+    max_n: int = 16
+    max_stop_strings: int = 16
+    max_stop_length: int = 256  # characters per stop string
+    max_stop_token_ids: int = 64
+    max_messages: int = 1024
+    max_prompts: int = 256  # prompts in one completions request
+
+
+MAX_LOGPROBS = 20
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _surrogate_path(value: Any) -> str | None:
+    """Where the first unpaired surrogate in a JSON value sits ('messages.0.content'), or None.
+    Iterative, so deep nesting cannot exhaust the stack."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "(value)"
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                key = k.encode("utf-8", "backslashreplace").decode() if isinstance(k, str) else k
+                if isinstance(k, str) and key != k:
+                    return f"{path}.{key}".lstrip(".") + " (key)"
+                stack.append((f"{path}.{key}".lstrip("."), item))
+        elif isinstance(v, list):
+            stack.extend((f"{path}.{i}".lstrip("."), item) for i, item in enumerate(v))
+    return None
+
+
+class _Request(BaseModel):
+    """A top-level request body: rejects invalid Unicode anywhere in it before validation."""
+
+    model_config = _STRICT
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = _surrogate_path(data)
+        if where is not None:
+            raise ValueError(f"invalid Unicode (an unpaired surrogate) in {where}")
+        return data
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     include_usage: bool = False
     continuous_usage_stats: bool = False
 
 
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Common(_Request):
 
     model: str
     n: int = 1
@@ -49,6 +103,23 @@ class _Common(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+
+    def check_limits(self, limits: RequestLimits) -> None:
+        """400 (UnsupportedParameter) when the request asks for more work than allowed."""
+        if not 1 <= self.n <= limits.max_n:
+            raise UnsupportedParameter("n", f"n must be between 1 and {limits.max_n}")
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if len(stops) > limits.max_stop_strings:
+            raise UnsupportedParameter("stop", f"at most {limits.max_stop_strings} stop strings")
+        if any(len(x) > limits.max_stop_length for x in stops):
+            raise UnsupportedParameter(
+                "stop", f"stop strings are limited to {limits.max_stop_length} characters")
+        ids = self.stop_token_ids or []
+        if len(ids) > limits.max_stop_token_ids:
+            raise UnsupportedParameter("stop_token_ids",
+                                       f"at most {limits.max_stop_token_ids} stop_token_ids")
+        if any(i < 0 for i in ids):
+            raise UnsupportedParameter("stop_token_ids", "stop_token_ids must be >= 0")
 
     def check_supported(self) -> None:
         if self.logit_bias:
@@ -76,6 +147,13 @@ class _Common(BaseModel):
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
+
+    def check_limits(self, limits: RequestLimits) -> None:
+        super().check_limits(limits)
+        if isinstance(self.prompt, list) and self.prompt and not isinstance(self.prompt[0], int) \
+                and len(self.prompt) > limits.max_prompts:
+            raise UnsupportedParameter("prompt", f"at most {limits.max_prompts} prompts per "
+                                                 "request")
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
@@ -88,8 +166,9 @@ class CompletionRequest(_Common):
             raise UnsupportedParameter("suffix", "suffix (insertion) is not supported")
         if self.best_of is not None and self.best_of != self.n:
             raise UnsupportedParameter("best_of", "best_of other than n is not supported yet")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise UnsupportedParameter("logprobs", "logprobs must be between 0 and 20")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise UnsupportedParameter("logprobs",
+                                       f"logprobs must be between 0 and {MAX_LOGPROBS}")
         if self.max_tokens is not None and self.max_tokens < 1 and not (
                 self.echo and self.max_tokens == 0):
             raise UnsupportedParameter("max_tokens", "max_tokens must be >= 1 (0 is allowed with "
@@ -114,13 +193,13 @@ class CompletionRequest(_Common):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -152,6 +231,11 @@ class ChatCompletionRequest(_Common):
     function_call: str | dict[str, Any] | None = None
     add_generation_prompt: bool = True
 
+    def check_limits(self, limits: RequestLimits) -> None:
+        super().check_limits(limits)
+        if len(self.messages) > limits.max_messages:
+            raise UnsupportedParameter("messages", f"at most {limits.max_messages} messages")
+
     def check_supported(self) -> None:
         super().check_supported()
         for name in ("tools", "functions", "function_call"):
@@ -167,8 +251,9 @@ class ChatCompletionRequest(_Common):
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise UnsupportedParameter("top_logprobs", "top_logprobs requires logprobs=true")
-            if not 0 <= self.top_logprobs <= 20:
-                raise UnsupportedParameter("top_logprobs", "top_logprobs must be in [0, 20]")
+            if not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+                raise UnsupportedParameter("top_logprobs",
+                                           f"top_logprobs must be in [0, {MAX_LOGPROBS}]")
 
     def effective_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None \
@@ -178,8 +263,7 @@ class ChatCompletionRequest(_Common):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TokenizeRequest(_Request):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -187,7 +271,6 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class DetokenizeRequest(_Request):
     model: str | None = None
     tokens: list[int]

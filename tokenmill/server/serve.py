@@ -9,6 +9,7 @@ import signal
 import sys
 
 from tokenmill.config import EngineArgs
+from tokenmill.server.protocol import RequestLimits
 
 logger = logging.getLogger(__name__)
 
@@ -19,7 +20,22 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (env TOKENMILL_API_KEY)")
+                   help="require 'Authorization: Bearer KEY' on the API, docs and metrics "
+                        "(env TOKENMILL_API_KEY; an empty key is an error)")
+    p.add_argument("--public-metrics", action="store_true",
+                   help="serve /metrics without the API key")
+    p.add_argument("--allowed-hosts", default="",
+                   help="comma-separated Host header values to accept (DNS-rebinding "
+                        "protection; default: any)")
+    defaults = RequestLimits()
+    for field, help_ in (("max_n", "largest n (samples per prompt)"),
+                         ("max_stop_strings", "most stop strings per request"),
+                         ("max_stop_length", "longest stop string, in characters"),
+                         ("max_stop_token_ids", "most stop_token_ids per request"),
+                         ("max_messages", "most chat messages per request"),
+                         ("max_prompts", "most prompts per completions request")):
+        p.add_argument("--" + field.replace("_", "-"), type=int,
+                       default=getattr(defaults, field), help=help_)
     p.add_argument("--served-model-name", default=None,
                    help="model id clients send (default: the model's name)")
     p.add_argument("--max-queued-requests", type=int, default=1024,
@@ -34,7 +50,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 def banner(engine, name: str, host: str, port: int, api_key: str | None) -> str:
     info = engine.model_info
     url = f"http://{host}:{port}"
-    auth = f' -H "Authorization: Bearer {api_key}"' if api_key else ""
+    # the key itself is never printed: its last 4 characters identify it
+    auth = ' -H "Authorization: Bearer $TOKENMILL_API_KEY"' if api_key else ""
     return "\n".join([
         f"tokenmill serving {name}",
         f"  model         {info.arch.architecture} from {info.source.path}",
@@ -45,6 +62,7 @@ def banner(engine, name: str, host: str, port: int, api_key: str | None) -> str:
         f"{engine.kv_capacity_tokens / engine.max_model_len:.1f} at full context "
         f"({engine.max_model_len} tokens)",
         f"  URL           {url}/v1  (metrics {url}/metrics, health {url}/health)",
+        *([f"  auth          API key ...{api_key[-4:]} required"] if api_key else []),
         f"  try           curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json'"
         f" -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", "
         f"\"content\": \"Hello!\"}}]}}'",
@@ -58,11 +76,18 @@ def run_server(ns: argparse.Namespace) -> int:
     from tokenmill.engine.llm_engine import LLMEngine
     from tokenmill.server.app import build_app
 
+    if ns.api_key is not None and not ns.api_key.strip():
+        raise SystemExit("tokenmill serve: the API key (--api-key / TOKENMILL_API_KEY) is empty; "
+                         "pass a key, or unset it to serve without auth")
+    limits = RequestLimits(**{f: getattr(ns, f) for f in RequestLimits.__dataclass_fields__})
     args = EngineArgs.from_cli(argparse.Namespace(**{**vars(ns), "model": ns.model_path}))
     engine = LLMEngine(args)
     name = ns.served_model_name or engine.model_info.source.name
     async_engine = AsyncEngine(engine, max_waiting_requests=ns.max_queued_requests)
-    app = build_app(async_engine, name, api_key=ns.api_key, max_body_bytes=ns.max_request_bytes)
+    app = build_app(async_engine, name, api_key=ns.api_key, max_body_bytes=ns.max_request_bytes,
+                    limits=limits, public_metrics=ns.public_metrics,
+                    allowed_hosts=tuple(h.strip() for h in ns.allowed_hosts.split(",")
+                                        if h.strip()))
     config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level="warning",
                             timeout_graceful_shutdown=ns.shutdown_timeout, access_log=False)
     server = uvicorn.Server(config)

@@ -1,0 +1,92 @@
+"""The supervised engine loop (AsyncEngine): a step that raises fails only its requests, a
+cancelled add never disturbs the loop, a fatal error fails every waiter at once and marks the
+engine dead. Checked on the embedded model, with the KV pool back to empty after each fault."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+
+import pytest
+
+from tokenmill.config import EngineArgs
+from tokenmill.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
+from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.sampling_params import SamplingParams
+
+PARAMS = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return LLMEngine(EngineArgs(max_model_len=256, kv_cache_memory_gib=0.05))
+
+
+def _all_blocks_free(engine: LLMEngine) -> bool:
+    return engine.scheduler.kv.usage == 0
+
+
+async def _collect(aengine: AsyncEngine, rid: str, prompt: str = "Hello there"):
+    ids = aengine.engine.tokenizer.encode(prompt)
+    stream = await aengine.add_request(prompt, ids, PARAMS, rid)
+    return [o async for o in stream.outputs()]
+
+
+def test_cancelled_add_does_not_disturb_the_loop(engine):
+    """The caller's future is cancelled before the engine thread gets to it."""
+    aengine = AsyncEngine(engine)  # not started: the test plays the engine thread
+
+    async def main():
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        aengine._streams["gone"] = RequestStream(aengine, "gone", asyncio.get_running_loop())
+        aengine._pending_adds += 1
+        aengine._submit(("add", "gone", "hi", engine.tokenizer.encode("hi"), PARAMS, fut))
+        fut.cancel()
+        aengine._apply_commands()  # must neither raise nor queue the request
+
+    asyncio.run(main())
+    assert not engine.has_unfinished_requests() and aengine._pending_adds == 0
+
+
+def test_step_that_raises_fails_its_requests_and_the_loop_goes_on(engine, monkeypatch):
+    real_step, calls = engine.step, []
+
+    def flaky_step():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected fault")
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", flaky_step)
+    aengine = AsyncEngine(engine)
+    aengine.start()
+
+    async def main():
+        with pytest.raises(RuntimeError, match="injected fault"):
+            await _collect(aengine, "victim")
+        return await _collect(aengine, "after")
+
+    try:
+        outs = asyncio.run(main())
+        assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 4
+        assert aengine.is_running and _all_blocks_free(engine)
+    finally:
+        aengine.shutdown()
+
+
+def test_fatal_error_fails_every_waiter_and_marks_dead(engine, monkeypatch):
+    aengine = AsyncEngine(engine)
+
+    def broken(*_):
+        raise MemoryError("injected fatal fault")
+
+    monkeypatch.setattr(aengine, "_apply_commands", broken)
+    aengine.start()
+
+    async def main():
+        with pytest.raises(EngineDeadError):
+            await _collect(aengine, "waiter")
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    aengine._thread.join(10)
+    assert not aengine.is_running and isinstance(aengine.dead, MemoryError)
