@@ -90,3 +90,59 @@ def test_fatal_error_fails_every_waiter_and_marks_dead(engine, monkeypatch):
     asyncio.run(asyncio.wait_for(main(), 30))
     aengine._thread.join(10)
     assert not aengine.is_running and isinstance(aengine.dead, MemoryError)
+
+
+class _FakeEngine:
+    def __init__(self) -> None:
+        self._streams: dict = {}
+        self.aborted: list[str] = []
+
+    def abort(self, rid: str) -> None:
+        self.aborted.append(rid)
+
+
+def _output(text: str, ids: list[int], new: int, finished: bool = False):
+    from tokenmill.outputs import CompletionOutput, RequestOutput
+
+    o = CompletionOutput(0, text, list(ids), None, None, "length" if finished else None,
+                         delta_text=text[-new:] if new else "", delta_token_ids=ids[-new:])
+    return RequestOutput("r", None, [1], [o], finished)
+
+
+def test_slow_reader_gets_merged_deltas_in_one_slot():
+    """100 steps arrive before the reader looks: one merged output is held (O(output)), whose
+    delta is every step's delta joined, then the final one."""
+    async def main():
+        fake = _FakeEngine()
+        stream = RequestStream(fake, "r", asyncio.get_running_loop(), stall_timeout=1e9)
+        text, ids = "", []
+        for step in range(100):
+            text, ids = text + f"w{step} ", ids + [step]
+            stream.push(_output(text, ids, 1))
+        assert stream._pending.outputs[0].delta_token_ids == list(range(100))
+        got = []
+        reader = stream.outputs()
+        got.append(await reader.__anext__())
+        stream.push(_output(text + "end", ids + [100], 1, finished=True))
+        got += [o async for o in reader]
+        return fake, got, text
+
+    fake, got, text = asyncio.run(main())
+    assert [len(g.outputs[0].delta_token_ids) for g in got] == [100, 1]
+    assert got[0].outputs[0].delta_text == text and got[-1].finished
+    assert fake.aborted == []
+
+
+def test_stalled_reader_is_aborted():
+    async def main():
+        fake = _FakeEngine()
+        stream = RequestStream(fake, "r", asyncio.get_running_loop(), stall_timeout=0.05)
+        stream.push(_output("a", [1], 1))
+        await asyncio.sleep(0.1)
+        stream.push(_output("ab", [1, 2], 1))  # the first is still untaken: given up on
+        with pytest.raises(RuntimeError, match="did not read"):
+            async for _ in stream.outputs():
+                pass
+        return fake
+
+    assert asyncio.run(main()).aborted == ["r"]

@@ -5,8 +5,10 @@ never appears in the output; the Host header is checked."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -22,7 +24,8 @@ C, H, T, D = "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokeniz
 @pytest.fixture(scope="module")
 def srv():
     s = ServerProcess("--allowed-hosts", "127.0.0.1,localhost", "--max-request-bytes",
-                      str(LIMIT), api_key=KEY)
+                      str(LIMIT), "--body-timeout", "2", "--max-header-bytes", "8192",
+                      api_key=KEY)
     yield s
     s.stop()
 
@@ -211,3 +214,22 @@ def test_empty_api_key_is_an_error_at_start():
     r = subprocess.run([sys.executable, "-m", "tokenmill", "serve", "--api-key", ""],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "API key" in r.stderr
+
+
+def _raw_exchange(srv, head: bytes, wait: float) -> bytes:
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
+        sock.sendall(head)
+        time.sleep(wait)
+        return sock.recv(65536)
+
+
+def test_slow_body_gets_408_and_big_headers_are_refused(srv):
+    head = (f"POST {C} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {KEY}\r\nContent-Length: 100\r\n\r\n{{").encode()
+    reply = _raw_exchange(srv, head, 0)  # one byte of 100, then nothing: the timeout answers
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    big = (f"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: {'a' * 20000}\r\n\r\n"
+           ).encode()
+    reply = _raw_exchange(srv, big, 0.2)
+    assert reply == b"" or reply.startswith(b"HTTP/1.1 4"), reply[:200]
+    assert httpx.get(srv.url + "/health").status_code == 200

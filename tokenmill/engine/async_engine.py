@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import queue
 import threading
@@ -39,9 +40,11 @@ class EngineDeadError(RuntimeError):
 class AsyncEngine:
     """Runs `engine.step()` in a thread while requests arrive and leave from asyncio code."""
 
-    def __init__(self, engine: LLMEngine, max_waiting_requests: int = 1024) -> None:
+    def __init__(self, engine: LLMEngine, max_waiting_requests: int = 1024,
+                 stream_stall_timeout: float = 60.0) -> None:
         self.engine = engine
         self.max_waiting_requests = max_waiting_requests
+        self.stream_stall_timeout = stream_stall_timeout
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
         self._wake = threading.Event()
@@ -83,7 +86,8 @@ class AsyncEngine:
                 raise EngineOverloadedError(
                     f"the server is overloaded: {self.num_waiting} requests are already waiting")
             self._pending_adds += 1
-        stream = RequestStream(self, request_id, asyncio.get_running_loop())
+        stream = RequestStream(self, request_id, asyncio.get_running_loop(),
+                               self.stream_stall_timeout)
         added: concurrent.futures.Future = concurrent.futures.Future()
         self._streams[request_id] = stream
         self._submit(("add", request_id, prompt, prompt_token_ids, params, added))
@@ -140,7 +144,7 @@ class AsyncEngine:
         stream = self._streams.get(rid)
         if stream is not None:
             try:
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+                stream.loop.call_soon_threadsafe(stream.push, item)
             except RuntimeError:  # the caller's loop is closed
                 pass
 
@@ -192,26 +196,70 @@ class AsyncEngine:
             self._deliver(rid, EngineDeadError("the server is shutting down"))
 
 
+def merge_outputs(old: RequestOutput, new: RequestOutput) -> RequestOutput:
+    """One output standing for `old` then `new`: the newer cumulative fields, the deltas of
+    both joined, samples absent from `new` kept from `old`."""
+    by_index = {o.index: o for o in old.outputs}
+    for o in new.outputs:
+        prev = by_index.get(o.index)
+        by_index[o.index] = o if prev is None else dataclasses.replace(
+            o, delta_text=prev.delta_text + o.delta_text,
+            delta_token_ids=prev.delta_token_ids + o.delta_token_ids)
+    return dataclasses.replace(
+        new, outputs=[by_index[i] for i in sorted(by_index)],
+        prompt_logprobs=new.prompt_logprobs if new.prompt_logprobs is not None
+        else old.prompt_logprobs)
+
+
 class RequestStream:
-    """The outputs of one request, as they are produced. Leaving early aborts the request."""
+    """The outputs of one request, as they are produced. Leaving early aborts the request.
+
+    Outputs wait in one slot: one the reader has not taken yet is merged with the next
+    (`merge_outputs`), so a slow reader gets merged deltas and the memory held stays
+    O(output). A reader that leaves an output untaken for longer than `stall_timeout` seconds
+    is given up on: the request is aborted (its KV freed) and the stream ends with an error.
+    """
 
     def __init__(self, engine: AsyncEngine, request_id: str,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, stall_timeout: float = 60.0) -> None:
         self.engine = engine
         self.request_id = request_id
         self.loop = loop
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.stall_timeout = stall_timeout
+        self._pending: RequestOutput | None = None
+        self._error: BaseException | None = None
+        self._ready = asyncio.Event()
+        self._waiting_since: float | None = None  # when the untaken output arrived
         self.finished = False
+
+    def push(self, item: RequestOutput | BaseException) -> None:
+        """Called on the stream's event loop for every engine output (or error)."""
+        if isinstance(item, BaseException):
+            self._error = item
+        elif self._pending is None:
+            self._pending = item
+            self._waiting_since = self.loop.time()
+        else:
+            self._pending = merge_outputs(self._pending, item)
+            if (not item.finished and self._error is None
+                    and self.loop.time() - self._waiting_since > self.stall_timeout):
+                self._error = StalledReaderError(
+                    f"the client did not read for {self.stall_timeout:.0f} s; request aborted")
+                self.engine.abort(self.request_id)
+        self._ready.set()
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
         try:
             while not self.finished:
-                item = await self.queue.get()
-                if isinstance(item, BaseException):
+                await self._ready.wait()
+                self._ready.clear()
+                item, self._pending = self._pending, None
+                if item is not None:
+                    self.finished = item.finished
+                    yield item
+                if self._error is not None and not self.finished:
                     self.finished = True
-                    raise item
-                self.finished = item.finished
-                yield item
+                    raise self._error
         finally:
             self.close()
 
@@ -221,3 +269,7 @@ class RequestStream:
         if not self.finished:
             self.finished = True
             self.engine.abort(self.request_id)
+
+
+class StalledReaderError(RuntimeError):
+    """The reader of a stream stopped taking outputs for too long."""

@@ -54,11 +54,12 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
 
 class BodySizeLimit:
     """ASGI middleware: 413 for request bodies over `max_bytes`, declared (Content-Length) or
-    streamed (chunked). The body is read here, up to the limit, before the app sees it, so the
-    app never meets a half-read body."""
+    streamed (chunked); 408 when the whole body takes longer than `timeout` seconds to arrive
+    (a slow-body client holds no worker for long). The body is read here, up to the limit,
+    before the app sees it, so the app never meets a half-read body."""
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: Any, max_bytes: int, timeout: float = 30.0) -> None:
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
@@ -69,8 +70,15 @@ class BodySizeLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await too_big(scope, receive, send)
         chunks, seen = [], 0
+        deadline = asyncio.get_running_loop().time() + self.timeout
         while True:
-            msg = await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), deadline -
+                                             asyncio.get_running_loop().time())
+            except asyncio.TimeoutError:
+                slow = error_response(408, f"the request body did not arrive within "
+                                      f"{self.timeout:.0f} s", code="request_timeout")
+                return await slow(scope, receive, send)
             if msg["type"] != "http.request":  # the client went away
                 return
             seen += len(msg.get("body", b""))
@@ -120,7 +128,7 @@ _KEYED_PATHS = ("/tokenize", "/detokenize", "/docs", "/redoc", "/openapi.json",
 def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
               max_body_bytes: int = 1 << 20, extra_model_names: tuple[str, ...] = (),
               limits: RequestLimits | None = None, public_metrics: bool = False,
-              allowed_hosts: tuple[str, ...] = ()) -> FastAPI:
+              allowed_hosts: tuple[str, ...] = (), body_timeout: float = 30.0) -> FastAPI:
     """The app. `api_key`: required as a Bearer token on the API, docs and (unless
     `public_metrics`) /metrics; /health stays open. `allowed_hosts`: Host header values
     accepted (anything else: 400), against DNS rebinding; empty = any."""
@@ -189,7 +197,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         except APIError as e:
             return error_response(e.status, e.message, e.type, e.param, e.code)
 
-    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes, timeout=body_timeout)
 
     def check_model(name: str | None) -> None:
         if name is not None and name not in names:

@@ -92,8 +92,9 @@ class OpenAIServing:
     async def merged(self, streams: list[RequestStream],
                      tracker: _Tracker) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Outputs of several streams as they come, tagged with the prompt index. Closing this
-        iterator (e.g. on client disconnect) aborts every request still running."""
-        queue: asyncio.Queue = asyncio.Queue()
+        iterator (e.g. on client disconnect) aborts every request still running. The queue is
+        bounded, so a slow reader leaves outputs in the streams' slots, where they merge."""
+        queue: asyncio.Queue = asyncio.Queue(maxsize=len(streams))
 
         async def pump(i: int, s: RequestStream) -> None:
             try:

@@ -42,6 +42,16 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="waiting requests beyond this get 503")
     p.add_argument("--max-request-bytes", type=int, default=4 << 20,
                    help="larger request bodies get 413")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request body may take to arrive (then 408)")
+    p.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                   help="seconds an idle keep-alive connection stays open")
+    p.add_argument("--max-header-bytes", type=int, default=16384,
+                   help="largest request head (request line and headers)")
+    p.add_argument("--max-connections", type=int, default=2048,
+                   help="concurrent connections; more get 503 from the transport")
+    p.add_argument("--stream-stall-timeout", type=float, default=60.0,
+                   help="abort a request whose client has not read its stream for this long")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may take to finish after SIGTERM")
     EngineArgs.add_cli_args(p, skip=("model",))
@@ -83,13 +93,18 @@ def run_server(ns: argparse.Namespace) -> int:
     args = EngineArgs.from_cli(argparse.Namespace(**{**vars(ns), "model": ns.model_path}))
     engine = LLMEngine(args)
     name = ns.served_model_name or engine.model_info.source.name
-    async_engine = AsyncEngine(engine, max_waiting_requests=ns.max_queued_requests)
+    async_engine = AsyncEngine(engine, max_waiting_requests=ns.max_queued_requests,
+                               stream_stall_timeout=ns.stream_stall_timeout)
     app = build_app(async_engine, name, api_key=ns.api_key, max_body_bytes=ns.max_request_bytes,
                     limits=limits, public_metrics=ns.public_metrics,
                     allowed_hosts=tuple(h.strip() for h in ns.allowed_hosts.split(",")
-                                        if h.strip()))
+                                        if h.strip()),
+                    body_timeout=ns.body_timeout)
     config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level="warning",
-                            timeout_graceful_shutdown=ns.shutdown_timeout, access_log=False)
+                            timeout_graceful_shutdown=ns.shutdown_timeout, access_log=False,
+                            timeout_keep_alive=ns.keep_alive_timeout,
+                            limit_concurrency=ns.max_connections,
+                            h11_max_incomplete_event_size=ns.max_header_bytes)
     server = uvicorn.Server(config)
     print(banner(engine, name, ns.host, ns.port, ns.api_key), file=sys.stderr, flush=True)
     # uvicorn re-raises the signal it caught once it has shut down; with these handlers in

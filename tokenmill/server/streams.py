@@ -6,6 +6,7 @@ either a coroutine producing the JSON body or an async generator of SSE lines.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Coroutine
@@ -46,7 +47,8 @@ def _stream_end(body: CompletionRequest | ChatCompletionRequest, empty_chunk: di
 async def completion_response(serving: OpenAIServing, body: CompletionRequest
                               ) -> AsyncIterator[str] | Coroutine[Any, Any, dict]:
     body.check_supported()
-    prompts = [serving.prepare(p) for p in body.prompts()]
+    # tokenizing runs in a worker thread: a long prompt never blocks the event loop
+    prompts = await asyncio.to_thread(lambda: [serving.prepare(p) for p in body.prompts()])
     for p in prompts:
         serving.check_length(len(p.token_ids), body.max_tokens)
     params = body.sampling_params(body.max_tokens, body.logprobs, body.prompt_logprobs())
@@ -120,9 +122,14 @@ async def chat_response(serving: OpenAIServing, body: ChatCompletionRequest
                         ) -> AsyncIterator[str] | Coroutine[Any, Any, dict]:
     body.check_supported()
     tok = serving.tokenizer
-    text = tok.apply_chat_template([m.as_template_message() for m in body.messages],
-                                   add_generation_prompt=body.add_generation_prompt)
-    prompt = PreparedPrompt(text, tok.encode(text, add_special_tokens=False))
+
+    def render() -> PreparedPrompt:
+        text = tok.apply_chat_template([m.as_template_message() for m in body.messages],
+                                       add_generation_prompt=body.add_generation_prompt)
+        return PreparedPrompt(text, tok.encode(text, add_special_tokens=False))
+
+    # rendering and tokenizing run in a worker thread, so the event loop keeps serving
+    prompt = await asyncio.to_thread(render)
     max_tokens = body.effective_max_tokens()
     serving.check_length(len(prompt.token_ids), max_tokens)
     params = body.sampling_params(max_tokens, body.num_logprobs())
