@@ -101,11 +101,12 @@ class _FakeEngine:
         self.aborted.append(rid)
 
 
-def _output(text: str, ids: list[int], new: int, finished: bool = False):
+def _output(text: str, ids: list[int], delta: str, finished: bool = False):
+    """A one-sample output whose last token brought `delta` (the end of `text`)."""
     from tokenmill.outputs import CompletionOutput, RequestOutput
 
     o = CompletionOutput(0, text, list(ids), None, None, "length" if finished else None,
-                         delta_text=text[-new:] if new else "", delta_token_ids=ids[-new:])
+                         delta_text=delta, delta_token_ids=ids[-1:])
     return RequestOutput("r", None, [1], [o], finished)
 
 
@@ -118,12 +119,12 @@ def test_slow_reader_gets_merged_deltas_in_one_slot():
         text, ids = "", []
         for step in range(100):
             text, ids = text + f"w{step} ", ids + [step]
-            stream.push(_output(text, ids, 1))
+            stream.push(_output(text, ids, f"w{step} "))
         assert stream._pending.outputs[0].delta_token_ids == list(range(100))
         got = []
         reader = stream.outputs()
         got.append(await reader.__anext__())
-        stream.push(_output(text + "end", ids + [100], 1, finished=True))
+        stream.push(_output(text + "end", ids + [100], "end", finished=True))
         got += [o async for o in reader]
         return fake, got, text
 
@@ -137,9 +138,9 @@ def test_stalled_reader_is_aborted():
     async def main():
         fake = _FakeEngine()
         stream = RequestStream(fake, "r", asyncio.get_running_loop(), stall_timeout=0.05)
-        stream.push(_output("a", [1], 1))
+        stream.push(_output("a", [1], "a"))
         await asyncio.sleep(0.1)
-        stream.push(_output("ab", [1, 2], 1))  # the first is still untaken: given up on
+        stream.push(_output("ab", [1, 2], "b"))  # the first is still untaken: given up on
         with pytest.raises(RuntimeError, match="did not read"):
             async for _ in stream.outputs():
                 pass

@@ -173,3 +173,19 @@ def test_cli_and_scheduler_do_not_import_torch():
         assert "torch" in sys.modules and LLM.__name__ == "LLM"
     """)
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_two_processes_starting_together_build_the_kernels_once(tmp_path):
+    """Two first starts on an empty kernel cache: one compiles, the other waits for it (torch's
+    lock) and loads the result; every object is compiled once (ninja's log)."""
+    level = _level()
+    code = f"from tokenmill.kernels import cpu_ops; assert cpu_ops.load_ops({level!r})"
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path), TOKENMILL_REQUIRE_CPU_KERNELS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE,
+                              text=True, cwd=Path(__file__).parents[1]) for _ in range(2)]
+    errors = [p.communicate(timeout=900)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    (build_dir,) = (tmp_path / "tokenmill" / "kernels").iterdir()
+    targets = [line.split("\t")[3] for line in (build_dir / ".ninja_log").read_text().splitlines()
+               if not line.startswith("#")]
+    assert targets and len(targets) == len(set(targets)), targets

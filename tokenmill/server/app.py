@@ -58,11 +58,20 @@ class BodySizeLimit:
     (a slow-body client holds no worker for long). The body is read here, up to the limit,
     before the app sees it, so the app never meets a half-read body."""
 
-    def __init__(self, app: Any, max_bytes: int, timeout: float = 30.0) -> None:
+    def __init__(self, app: Any, max_bytes: int, timeout: float = 30.0,
+                 max_header_bytes: int = 16384) -> None:
         self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        # (the transport bounds a head that arrives in pieces; a whole one is checked here)
+        if sum(len(k) + len(v) for k, v in scope.get("headers") or []) > self.max_header_bytes:
+            big = error_response(431, f"request headers exceed {self.max_header_bytes} bytes",
+                                 code="headers_too_large")
+            return await big(scope, receive, send)
+        if scope.get("method") in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
         too_big = error_response(413, f"request body exceeds {self.max_bytes} bytes",
                                  code="request_too_large")
@@ -128,7 +137,8 @@ _KEYED_PATHS = ("/tokenize", "/detokenize", "/docs", "/redoc", "/openapi.json",
 def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
               max_body_bytes: int = 1 << 20, extra_model_names: tuple[str, ...] = (),
               limits: RequestLimits | None = None, public_metrics: bool = False,
-              allowed_hosts: tuple[str, ...] = (), body_timeout: float = 30.0) -> FastAPI:
+              allowed_hosts: tuple[str, ...] = (), body_timeout: float = 30.0,
+              max_header_bytes: int = 16384) -> FastAPI:
     """The app. `api_key`: required as a Bearer token on the API, docs and (unless
     `public_metrics`) /metrics; /health stays open. `allowed_hosts`: Host header values
     accepted (anything else: 400), against DNS rebinding; empty = any."""
@@ -197,7 +207,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         except APIError as e:
             return error_response(e.status, e.message, e.type, e.param, e.code)
 
-    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes, timeout=body_timeout)
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes, timeout=body_timeout,
+                       max_header_bytes=max_header_bytes)
 
     def check_model(name: str | None) -> None:
         if name is not None and name not in names:

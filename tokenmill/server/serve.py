@@ -99,7 +99,7 @@ def run_server(ns: argparse.Namespace) -> int:
                     limits=limits, public_metrics=ns.public_metrics,
                     allowed_hosts=tuple(h.strip() for h in ns.allowed_hosts.split(",")
                                         if h.strip()),
-                    body_timeout=ns.body_timeout)
+                    body_timeout=ns.body_timeout, max_header_bytes=ns.max_header_bytes)
     config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level="warning",
                             timeout_graceful_shutdown=ns.shutdown_timeout, access_log=False,
                             timeout_keep_alive=ns.keep_alive_timeout,
