@@ -132,6 +132,8 @@ CASES = [
     ("1025 messages", H, chat(messages=[{"role": "user", "content": "x"}] * 1025), 400,
      "messages"),
     ("257 prompts", C, completion(prompt=["x"] * 257), 400, "prompt"),
+    ("token budget", C, completion(n=16, max_tokens=10000, prompt=["a"] * 2), 400, "max_tokens"),
+    ("chat token budget", H, chat(n=16, max_completion_tokens=9000), 400, "max_tokens"),
     ("1025 messages to tokenize", T,
      json.dumps({"messages": [{"role": "user", "content": "x"}] * 1025}).encode(), 400,
      "messages"),

@@ -69,7 +69,8 @@ class AsyncEngine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.engine.scheduler.waiting) + self._pending_adds
+        """Sequences waiting (each of a request's n samples counts), queued adds included."""
+        return self.engine.num_waiting_sequences + self._pending_adds
 
     # ---- the API used by the server -------------------------------------------------------
     async def add_request(self, prompt: str | None, prompt_token_ids: list[int],
@@ -82,10 +83,11 @@ class AsyncEngine:
         if not self.is_running:
             raise EngineDeadError("the engine is not running")
         with self._lock:
-            if self.num_waiting >= self.max_waiting_requests:
+            if self.num_waiting + params.n > self.max_waiting_requests:
                 raise EngineOverloadedError(
-                    f"the server is overloaded: {self.num_waiting} requests are already waiting")
-            self._pending_adds += 1
+                    f"the server is overloaded: {self.num_waiting} sequences are already "
+                    "waiting")
+            self._pending_adds += params.n
         stream = RequestStream(self, request_id, asyncio.get_running_loop(),
                                self.stream_stall_timeout)
         added: concurrent.futures.Future = concurrent.futures.Future()
@@ -138,7 +140,7 @@ class AsyncEngine:
                 self._resolve(fut, e)
             finally:
                 with self._lock:
-                    self._pending_adds -= 1
+                    self._pending_adds -= params.n
 
     def _deliver(self, rid: str, item: Any) -> None:
         stream = self._streams.get(rid)
@@ -165,7 +167,7 @@ class AsyncEngine:
             if cmd[0] == "add":
                 self._resolve(cmd[-1], error)
                 with self._lock:
-                    self._pending_adds -= 1
+                    self._pending_adds -= cmd[4].n
         for rid in list(self._streams):
             self._deliver(rid, error)
 
@@ -181,7 +183,7 @@ class AsyncEngine:
                 outputs = engine.step()
             except Exception as e:  # a bug in a step: fail the requests in it, keep serving
                 logger.exception("engine step failed; aborting the running requests")
-                failed = list(engine.groups)
+                failed = engine.unfinished_request_ids()
                 engine.abort_request(failed)
                 for rid in failed:
                     self._deliver(rid, RuntimeError(f"internal engine error: {e}"))
@@ -190,7 +192,7 @@ class AsyncEngine:
                 self._deliver(out.request_id, out)
         # Shutdown: abort whatever is left so every stream ends.
         self._apply_commands()
-        left = list(engine.groups)
+        left = engine.unfinished_request_ids()
         engine.abort_request(left)
         for rid in left:
             self._deliver(rid, EngineDeadError("the server is shutting down"))

@@ -78,6 +78,18 @@ class _Group:
         return all(s.request.is_finished for s in self.samples)
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """What the engine reports about its load (`LLMEngine.stats()`)."""
+
+    num_running: int  # sequences in the running batch
+    num_waiting: int  # sequences waiting to be scheduled
+    kv_cache_usage: float  # fraction of KV blocks in use
+    num_preemptions: int  # since start
+    kv_cache_reserved_bytes: int
+    kv_cache_resident_bytes: int  # pages of the pool the OS has committed
+
+
 class LLMEngine:
     """Synchronous engine. Call `step()` until `has_unfinished_requests()` is False."""
 
@@ -299,6 +311,24 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.groups)
+
+    def unfinished_request_ids(self) -> list[str]:
+        """The ids (as given to add_request) of every request not finished yet."""
+        return list(self.groups)
+
+    @property
+    def num_waiting_sequences(self) -> int:
+        """Sequences (each of a request's n samples counts) waiting to be scheduled."""
+        return len(self.scheduler.waiting)
+
+    def stats(self) -> EngineStats:
+        """A snapshot for metrics (safe to call from another thread: it only reads sizes)."""
+        sched = self.scheduler
+        return EngineStats(
+            num_running=len(sched.running), num_waiting=len(sched.waiting),
+            kv_cache_usage=sched.kv.usage, num_preemptions=sched.num_preemptions_total,
+            kv_cache_reserved_bytes=self.runner.kv_pool.reserved_bytes,
+            kv_cache_resident_bytes=self.runner.kv_pool.resident_bytes())
 
     @property
     def num_unfinished_requests(self) -> int:

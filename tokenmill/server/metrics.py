@@ -40,27 +40,28 @@ class ServerMetrics:
         self.e2e = Histogram("tokenmill_e2e_request_latency_seconds", "End-to-end latency",
                              ["model_name"], buckets=_LATENCY_BUCKETS,
                              registry=reg).labels(**labels)
-        # Gauges read the engine at scrape time (benign cross-thread reads of sizes).
-        sched = engine.engine.scheduler
-        Gauge("tokenmill_num_requests_running", "Requests in the running batch", ["model_name"],
-              registry=reg).labels(**labels).set_function(lambda: len(sched.running))
-        Gauge("tokenmill_num_requests_waiting", "Requests waiting to be scheduled",
-              ["model_name"], registry=reg).labels(**labels).set_function(
-                  lambda: engine.num_waiting)
-        Gauge("tokenmill_kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1)",
-              ["model_name"], registry=reg).labels(**labels).set_function(lambda: sched.kv.usage)
-        Gauge("tokenmill_num_preemptions", "Preemptions since start (recomputed requests)",
-              ["model_name"], registry=reg).labels(**labels).set_function(
-                  lambda: sched.num_preemptions_total)
+        # Gauges read the engine's stats at scrape time (benign cross-thread reads of sizes).
+        core = engine.engine
+
+        def gauge(name: str, doc: str, read) -> None:
+            Gauge(name, doc, ["model_name"], registry=reg).labels(**labels).set_function(read)
+
+        gauge("tokenmill_num_requests_running", "Sequences in the running batch",
+              lambda: core.stats().num_running)
+        gauge("tokenmill_num_requests_waiting", "Sequences waiting to be scheduled",
+              lambda: engine.num_waiting)
+        gauge("tokenmill_kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1)",
+              lambda: core.stats().kv_cache_usage)
+        gauge("tokenmill_num_preemptions", "Preemptions since start (recomputed requests)",
+              lambda: core.stats().num_preemptions)
         # Memory: the process (process_resident_memory_bytes, ...) next to the KV pool's
         # reserved and committed sizes (the pool's pages are committed as blocks are written).
         ProcessCollector(registry=reg)
-        pool = engine.engine.runner.kv_pool
-        Gauge("tokenmill_kv_cache_reserved_bytes", "Bytes reserved for the KV cache",
-              ["model_name"], registry=reg).labels(**labels).set(pool.reserved_bytes)
-        Gauge("tokenmill_kv_cache_resident_bytes",
+        gauge("tokenmill_kv_cache_reserved_bytes", "Bytes reserved for the KV cache",
+              lambda: core.stats().kv_cache_reserved_bytes)
+        gauge("tokenmill_kv_cache_resident_bytes",
               "Bytes of the KV cache the OS has committed (written at least once)",
-              ["model_name"], registry=reg).labels(**labels).set_function(pool.resident_bytes)
+              lambda: core.stats().kv_cache_resident_bytes)
         self._labels = labels
 
     def request_finished(self, status: str) -> None:

@@ -32,6 +32,7 @@ class RequestLimits:
     max_stop_token_ids: int = 64
     max_messages: int = 1024
     max_prompts: int = 256  # prompts in one completions request
+    max_request_tokens: int = 1 << 17  # n x max_tokens (x prompts) one request may ask for
 
 
 MAX_LOGPROBS = 20
@@ -120,6 +121,18 @@ class _Common(_Request):
                                        f"at most {limits.max_stop_token_ids} stop_token_ids")
         if any(i < 0 for i in ids):
             raise UnsupportedParameter("stop_token_ids", "stop_token_ids must be >= 0")
+        budget = self.n * (self.requested_tokens() or 0) * self.num_prompts()
+        if budget > limits.max_request_tokens:
+            raise UnsupportedParameter(
+                "max_tokens", f"n x max_tokens x prompts = {budget} exceeds the per-request "
+                f"budget of {limits.max_request_tokens} tokens")
+
+    def requested_tokens(self) -> int | None:
+        """max_tokens as the request gives it (None: up to the context length)."""
+        return None
+
+    def num_prompts(self) -> int:
+        return 1
 
     def check_supported(self) -> None:
         if self.logit_bias:
@@ -149,11 +162,17 @@ class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
 
     def check_limits(self, limits: RequestLimits) -> None:
-        super().check_limits(limits)
-        if isinstance(self.prompt, list) and self.prompt and not isinstance(self.prompt[0], int) \
-                and len(self.prompt) > limits.max_prompts:
+        if self.num_prompts() > limits.max_prompts:
             raise UnsupportedParameter("prompt", f"at most {limits.max_prompts} prompts per "
                                                  "request")
+        super().check_limits(limits)
+
+    def requested_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def num_prompts(self) -> int:
+        p = self.prompt
+        return len(p) if isinstance(p, list) and p and not isinstance(p[0], int) else 1
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
@@ -254,6 +273,9 @@ class ChatCompletionRequest(_Common):
             if not 0 <= self.top_logprobs <= MAX_LOGPROBS:
                 raise UnsupportedParameter("top_logprobs",
                                            f"top_logprobs must be in [0, {MAX_LOGPROBS}]")
+
+    def requested_tokens(self) -> int | None:
+        return self.effective_max_tokens()
 
     def effective_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None \

@@ -33,7 +33,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                          ("max_stop_length", "longest stop string, in characters"),
                          ("max_stop_token_ids", "most stop_token_ids per request"),
                          ("max_messages", "most chat messages per request"),
-                         ("max_prompts", "most prompts per completions request")):
+                         ("max_prompts", "most prompts per completions request"),
+                         ("max_request_tokens", "largest n x max_tokens x prompts of a "
+                                                "request")):
         p.add_argument("--" + field.replace("_", "-"), type=int,
                        default=getattr(defaults, field), help=help_)
     p.add_argument("--served-model-name", default=None,
