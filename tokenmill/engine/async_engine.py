@@ -104,6 +104,16 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._submit(("abort", request_id))
 
+    def fail_requests(self, error: BaseException, queued_only: bool = False) -> None:
+        """End requests with `error` (their streams raise it): those not started yet
+        (`queued_only`), or every unfinished one. Applied on the engine thread."""
+        self._submit(("fail", error, queued_only))
+
+    @property
+    def is_idle(self) -> bool:
+        """No request is queued, running or being added (a benign cross-thread read)."""
+        return self._pending_adds == 0 and not self.engine.has_unfinished_requests()
+
     def _submit(self, command: tuple) -> None:
         self._commands.put(command)
         self._wake.set()
@@ -130,6 +140,14 @@ class AsyncEngine:
                 return
             if cmd[0] == "abort":
                 self.engine.abort_request(cmd[1])
+                continue
+            if cmd[0] == "fail":
+                _, error, queued_only = cmd
+                ids = (self.engine.queued_request_ids() if queued_only
+                       else self.engine.unfinished_request_ids())
+                self.engine.abort_request(ids)
+                for rid in ids:
+                    self._deliver(rid, error)
                 continue
             _, rid, prompt, ids, params, fut = cmd
             try:

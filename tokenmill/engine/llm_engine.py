@@ -316,6 +316,11 @@ class LLMEngine:
         """The ids (as given to add_request) of every request not finished yet."""
         return list(self.groups)
 
+    def queued_request_ids(self) -> list[str]:
+        """Unfinished requests none of whose samples has started computing."""
+        return [rid for rid, g in self.groups.items()
+                if all(s.request.num_computed_tokens == 0 for s in g.samples)]
+
     @property
     def num_waiting_sequences(self) -> int:
         """Sequences (each of a request's n samples counts) waiting to be scheduled."""

@@ -108,6 +108,25 @@ class BodySizeLimit:
         await self.app(scope, replay, send)
 
 
+async def drain(app: FastAPI, timeout: float) -> None:
+    """The first SIGTERM: /health and new requests get 503, queued requests end at once (503,
+    or an error event on a stream); running ones have `timeout` seconds to finish, then end
+    with an error event. Returns when no request is left."""
+    engine: AsyncEngine = app.state.engine
+    app.state.draining = True
+    stop = EngineDeadError("the server is shutting down")
+    engine.fail_requests(stop, queued_only=True)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not engine.is_idle and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    if not engine.is_idle:
+        logger.warning("drain timeout (%.0f s): ending the requests still running", timeout)
+        engine.fail_requests(stop)
+        while not engine.is_idle and loop.time() < deadline + 5:
+            await asyncio.sleep(0.05)
+
+
 async def run_or_disconnect(request: Request, work: Awaitable[Any]) -> tuple[bool, Any]:
     """Await `work` unless the client disconnects first (then cancel it). -> (done, result)."""
     task = asyncio.ensure_future(work)
@@ -159,6 +178,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
     app = FastAPI(title="tokenmill", lifespan=lifespan)
     app.state.engine, app.state.metrics = engine, metrics
+    app.state.draining = False
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
@@ -191,6 +211,9 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     @app.middleware("http")
     async def _auth(request: Request, call_next):
         path = request.url.path
+        if app.state.draining and path != "/health":
+            return error_response(503, "the server is shutting down", "server_error",
+                                  code="shutting_down")
         if hosts:
             host = request.headers.get("host", "").lower()
             name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
@@ -244,7 +267,10 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         if body.stream:
             return StreamingResponse(result, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        done, payload = await run_or_disconnect(request, result)
+        try:
+            done, payload = await run_or_disconnect(request, result)
+        except EngineDeadError as e:  # e.g. still queued when the server began to drain
+            raise APIError(503, str(e), "server_error", code="shutting_down") from None
         if not done:
             return Response(status_code=499)
         return JSONResponse(payload)
@@ -265,6 +291,9 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
     @app.get("/health")
     async def health() -> Response:
+        if app.state.draining:
+            return error_response(503, "the server is draining (shutting down)", "server_error",
+                                  code="shutting_down")
         if engine.is_running:
             return JSONResponse({"status": "ok"})
         return error_response(503, "engine is not running", "server_error")

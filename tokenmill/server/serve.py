@@ -55,7 +55,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream-stall-timeout", type=float, default=60.0,
                    help="abort a request whose client has not read its stream for this long")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="seconds in-flight requests may take to finish after SIGTERM")
+                   help="seconds running requests may take to finish after SIGTERM (queued "
+                        "ones get 503 at once; a second SIGTERM exits now)")
     EngineArgs.add_cli_args(p, skip=("model",))
 
 
@@ -79,6 +80,36 @@ def banner(engine, name: str, host: str, port: int, api_key: str | None) -> str:
         f" -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", "
         f"\"content\": \"Hello!\"}}]}}'",
     ])
+
+
+def _draining_server(config, drain_timeout: float):
+    """A uvicorn server whose first SIGTERM/SIGINT drains (`server.app.drain`) before exiting,
+    and whose second one exits at once."""
+    import asyncio
+
+    import uvicorn
+
+    from tokenmill.server.app import drain
+
+    class DrainingServer(uvicorn.Server):
+        drain_requested = False
+        drain_task = None
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.drain_requested:  # the second signal: stop now
+                self.force_exit = self.should_exit = True
+            self.drain_requested = True
+
+        async def on_tick(self, counter: int) -> bool:
+            if self.drain_requested and self.drain_task is None:
+                self.drain_task = asyncio.create_task(self._drain())
+            return await super().on_tick(counter)
+
+        async def _drain(self) -> None:
+            await drain(self.config.app, drain_timeout)
+            self.should_exit = True
+
+    return DrainingServer(config)
 
 
 def run_server(ns: argparse.Namespace) -> int:
@@ -107,7 +138,7 @@ def run_server(ns: argparse.Namespace) -> int:
                             timeout_keep_alive=ns.keep_alive_timeout,
                             limit_concurrency=ns.max_connections,
                             h11_max_incomplete_event_size=ns.max_header_bytes)
-    server = uvicorn.Server(config)
+    server = _draining_server(config, ns.shutdown_timeout)
     print(banner(engine, name, ns.host, ns.port, ns.api_key), file=sys.stderr, flush=True)
     # uvicorn re-raises the signal it caught once it has shut down; with these handlers in
     # place that re-raise is a no-op, so a SIGTERM/SIGINT shutdown exits with status 0.
