@@ -141,8 +141,13 @@ def _tokenmill(path: str, threads: int, isa: str, quantization: str):
     from tokenmill import LLM, SamplingParams
 
     torch.set_num_threads(threads)
-    llm = LLM(path, max_model_len=1024, kv_cache_memory_gib=1.0, quantization=quantization,
-              num_threads=threads)
+    llm = LLM(
+        path,
+        max_model_len=1024,
+        kv_cache_memory_gib=1.0,
+        quantization=quantization,
+        num_threads=threads,
+    )
     info = llm.engine.model_info
     arch = info.arch
     elt = 2 if llm.engine.dtype == torch.bfloat16 else 4
@@ -155,10 +160,13 @@ def _tokenmill(path: str, threads: int, isa: str, quantization: str):
         assert all(len(o.outputs[0].token_ids) == new for o in outs)
         return el
 
-    desc = {"weights": info.native_weights or f"dense {llm.engine.dtype}",
-            "kernels": info.quant_reason, "dtype": str(llm.engine.dtype).removeprefix("torch."),
-            "weight_bytes": llm.engine.model.weight_bytes_per_step(),
-            "kv_bytes_per_token": 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * elt}
+    desc = {
+        "weights": info.native_weights or f"dense {llm.engine.dtype}",
+        "kernels": info.quant_reason,
+        "dtype": str(llm.engine.dtype).removeprefix("torch."),
+        "weight_bytes": llm.engine.model.weight_bytes_per_step(),
+        "kv_bytes_per_token": 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * elt,
+    }
     return run, desc
 
 
@@ -170,8 +178,12 @@ def _llamacpp(path: str, threads: int):
     def run(prompts, new):
         return eng.generate(prompts, new)[0]
 
-    return run, {"weights": "llama.cpp (its repacking)", "kernels": "ggml CPU",
-                 "dtype": "f32 acts", "weight_bytes": eng.weight_bytes()}
+    return run, {
+        "weights": "llama.cpp (its repacking)",
+        "kernels": "ggml CPU",
+        "dtype": "f32 acts",
+        "weight_bytes": eng.weight_bytes(),
+    }
 
 
 def _transformers(path: str, threads: int):
@@ -180,27 +192,41 @@ def _transformers(path: str, threads: int):
 
     torch.set_num_threads(threads)
     folder, name = os.path.split(path)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
-                                                 dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.bfloat16
+    ).eval()
 
     def run(prompts, new):
         ids = torch.tensor(prompts)
         t = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                                 min_new_tokens=new, do_sample=False, pad_token_id=0)
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=0,
+            )
         el = time.perf_counter() - t
         assert out.shape[1] - ids.shape[1] == new
         return el
 
-    return run, {"weights": "dequantized bf16", "kernels": "PyTorch", "dtype": "bfloat16",
-                 "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+    return run, {
+        "weights": "dequantized bf16",
+        "kernels": "PyTorch",
+        "dtype": "bfloat16",
+        "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+    }
 
 
 def _worker(conn, kind: str, args: tuple) -> None:
     try:
-        run, desc = {"tokenmill": _tokenmill, "llama.cpp": _llamacpp,
-                     "transformers": _transformers}[kind](*args)
+        run, desc = {
+            "tokenmill": _tokenmill,
+            "llama.cpp": _llamacpp,
+            "transformers": _transformers,
+        }[kind](*args)
         run([[5] * 8], 4)  # warm-up
         conn.send(("ready", desc))
         while True:
@@ -283,8 +309,7 @@ def bench_file(name: str, path: str, args, bw: float, tflops: float) -> list[dic
     from tokenmill.kernels.cpu_ops import supported_isas
 
     isas = [i for i in args.isas.split(",") if i == "reference" or i in supported_isas()]
-    workers = [Worker(f"tokenmill {i}", "tokenmill", (path, args.threads, i, "auto"))
-               for i in isas]
+    workers = [Worker(f"tokenmill {i}", "tokenmill", (path, args.threads, i, "auto")) for i in isas]
     workers.append(Worker("llama.cpp", "llama.cpp", (path, args.threads)))
     if args.transformers and not (name.startswith("1B") and not args.transformers_1b):
         workers.append(Worker("transformers", "transformers", (path, args.threads)))
@@ -296,14 +321,18 @@ def bench_file(name: str, path: str, args, bw: float, tflops: float) -> list[dic
     for rep in range(args.repeats):
         # Rotate the order: whichever engine runs right after another one measured slower
         # (the previous process's threads still busy), so no engine is always first.
-        for w in workers[rep % len(workers):] + workers[: rep % len(workers)]:
+        for w in workers[rep % len(workers) :] + workers[: rep % len(workers)]:
             for case in CASES:
                 if case == "batch" and w.kind == "transformers" and name.startswith("1B"):
                     continue
                 times[w.label][case].append(w.time(*work[case]))
-            print(f"  {name} rep {rep}: {w.label}: "
-                  + ", ".join(f"{c} {times[w.label][c][-1]:.2f}s" for c in CASES
-                              if times[w.label][c]), flush=True)
+            print(
+                f"  {name} rep {rep}: {w.label}: "
+                + ", ".join(
+                    f"{c} {times[w.label][c][-1]:.2f}s" for c in CASES if times[w.label][c]
+                ),
+                flush=True,
+            )
     params = count_params(path)
     rows = []
     for w in workers:
@@ -311,11 +340,15 @@ def bench_file(name: str, path: str, args, bw: float, tflops: float) -> list[dic
         for case in CASES:
             if not times[w.label][case]:
                 continue
-            n = {"bs1": args.new_tokens, "prefill": args.prefill,
-                 "batch": args.batch * args.new_tokens}[case]
+            n = {
+                "bs1": args.new_tokens,
+                "prefill": args.prefill,
+                "batch": args.batch * args.new_tokens,
+            }[case]
             row[f"{case}_tok_s"] = n / min(times[w.label][case])
-            row[f"{case}_roofline"] = row[f"{case}_tok_s"] / roofline(case, w.desc, params, bw,
-                                                                       tflops, args)
+            row[f"{case}_roofline"] = row[f"{case}_tok_s"] / roofline(
+                case, w.desc, params, bw, tflops, args
+            )
         rows.append(row)
         w.close()
     return rows
@@ -324,8 +357,12 @@ def bench_file(name: str, path: str, args, bw: float, tflops: float) -> list[dic
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", default="default,Q4_K_M,Q6_K,Q8_0,1B-Q4_K_M")
-    ap.add_argument("--isas", default="amx,avx512,avx2", help="tokenmill kernel levels to run "
-                    "(those the CPU lacks are left out; 'reference' = dequantized)")
+    ap.add_argument(
+        "--isas",
+        default="amx,avx512,avx2",
+        help="tokenmill kernel levels to run "
+        "(those the CPU lacks are left out; 'reference' = dequantized)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -340,15 +377,20 @@ def main() -> None:
 
     files = prepare_files(args.files.split(","), Path(args.workdir))
     bw, tflops = measure_bandwidth_gbs(), measure_bf16_tflops()
-    flags = sorted(f for f in open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0]
-                   .split() if f.startswith(("avx", "amx", "fma", "f16c")))
+    flags = sorted(
+        f
+        for f in open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0].split()
+        if f.startswith(("avx", "amx", "fma", "f16c"))
+    )
     rows = []
     for name, path in files.items():
         print(f"{name}: {path}", flush=True)
         rows += bench_file(name, path, args, bw, tflops)
 
-    print(f"\n{platform.processor() or platform.machine()}, {args.threads} threads, copy "
-          f"bandwidth {bw:.1f} GB/s, bf16 matmul {tflops:.2f} TFLOP/s; flags: {' '.join(flags)}")
+    print(
+        f"\n{platform.processor() or platform.machine()}, {args.threads} threads, copy "
+        f"bandwidth {bw:.1f} GB/s, bf16 matmul {tflops:.2f} TFLOP/s; flags: {' '.join(flags)}"
+    )
     head = f"{'file':<11}{'engine':<19}{'MB/step':>8}"
     for label in ("bs1 tok/s", f"prefill{args.prefill}", f"{args.batch}x{args.new_tokens}"):
         head += f"{label:>14}{'roof':>6}{'x l.cpp':>8}"
@@ -358,16 +400,28 @@ def main() -> None:
         line = f"{r['file']:<11}{r['engine']:<19}{r['weight_bytes'] / 1e6:>8.0f}"
         for c in CASES:
             if f"{c}_tok_s" in r:
-                line += (f"{r[f'{c}_tok_s']:>14.1f}{100 * r[f'{c}_roofline']:>5.0f}%"
-                         f"{r[f'{c}_tok_s'] / base[f'{c}_tok_s']:>7.2f}x")
+                line += (
+                    f"{r[f'{c}_tok_s']:>14.1f}{100 * r[f'{c}_roofline']:>5.0f}%"
+                    f"{r[f'{c}_tok_s'] / base[f'{c}_tok_s']:>7.2f}x"
+                )
             else:
                 line += f"{'-':>14}{'':>6}{'':>8}"
         print(line)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({
-        "method": "best of interleaved repeats, one process per engine", "threads": args.threads,
-        "bandwidth_gbs": bw, "bf16_tflops": tflops, "cpu_flags": flags, "args": vars(args),
-        "rows": rows}, indent=2))
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "method": "best of interleaved repeats, one process per engine",
+                "threads": args.threads,
+                "bandwidth_gbs": bw,
+                "bf16_tflops": tflops,
+                "cpu_flags": flags,
+                "args": vars(args),
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {args.out}")
 
 

@@ -31,18 +31,42 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SHAPES = {  # Llama-3.2-1B and Llama-3-8B
-    "1B": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-               num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True,
-               rope_theta=500000.0),
-    "8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False,
-               rope_theta=500000.0),
+    "1B": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+    ),
+    "8B": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+        rope_theta=500000.0,
+    ),
 }
 SMOKE_SHAPES = {
-    "1B": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
-    "8B": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False),
+    "1B": dict(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+    "8B": dict(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+    ),
 }
 VOCAB = 128256
 
@@ -64,8 +88,11 @@ class Run:
         try:
             result = {"ok": True, **fn(*args)}
         except Exception as e:  # keep going: the other sections still tell something
-            result = {"ok": False, "error": f"{type(e).__name__}: {e}",
-                      "traceback": traceback.format_exc()[-4000:]}
+            result = {
+                "ok": False,
+                "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc()[-4000:],
+            }
         result["seconds"] = round(time.perf_counter() - t0, 2)
         self.results["sections"][name] = result
         self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -107,8 +134,12 @@ def env(run: Run) -> dict:
     if run.device.type != "cuda":
         return out
     p = torch.cuda.get_device_properties(0)
-    out.update(gpu=p.name, capability=f"{p.major}.{p.minor}", memory_gb=p.total_memory / 1e9,
-               sms=p.multi_processor_count)
+    out.update(
+        gpu=p.name,
+        capability=f"{p.major}.{p.minor}",
+        memory_gb=p.total_memory / 1e9,
+        sms=p.multi_processor_count,
+    )
     n = 1 << 30
     x = torch.empty(n, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
@@ -141,8 +172,9 @@ def kernels(run: Run) -> dict:
         ref = _reference_attention(q, kc, vc, tables, ql, sl, 16, hd**-0.5)
         meta = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in meta.items()}
         for splits in (1, 4):
-            out = tk.paged_attention(q.to(dev), kc.to(dev), vc.to(dev), scale=hd**-0.5,
-                                     num_splits=splits, **meta)
+            out = tk.paged_attention(
+                q.to(dev), kc.to(dev), vc.to(dev), scale=hd**-0.5, num_splits=splits, **meta
+            )
             err = (out.double().cpu() - ref).abs().max().item()
             checks[f"attention gqa{gqa} d{hd} splits{splits}"] = err
     res = torch.randn(33, 2048, device=dev).to(dt)
@@ -155,13 +187,18 @@ def kernels(run: Run) -> dict:
     x = torch.randn(9, 40, 128, device=dev).to(dt)
     pos = torch.randint(0, 4096, (9,), device=dev)
     expected = apply_rotary(x.float(), *rot.cos_sin(pos, torch.float32))
-    checks["rotary"] = (tk.rotary_inplace(x.clone(), pos, rot.cos_cached, rot.sin_cached)
-                        .float() - expected).abs().max().item()
+    checks["rotary"] = (
+        (tk.rotary_inplace(x.clone(), pos, rot.cos_cached, rot.sin_cached).float() - expected)
+        .abs()
+        .max()
+        .item()
+    )
     gu = torch.randn(17, 2 * 8192, device=dev).to(dt)
     g, u = gu.float().chunk(2, dim=-1)
     expected = F.silu(g) * u
-    checks["silu_and_mul"] = ((tk.silu_and_mul(gu).float() - expected).abs().max()
-                              / expected.abs().max()).item()
+    checks["silu_and_mul"] = (
+        (tk.silu_and_mul(gu).float() - expected).abs().max() / expected.abs().max()
+    ).item()
     k = torch.randn(64, 8, 128, device=dev).to(dt)
     kc = torch.zeros(256, 8, 128, device=dev, dtype=dt)
     slots = torch.randperm(256, device=dev)[:64]
@@ -169,8 +206,7 @@ def kernels(run: Run) -> dict:
     tk.write_kv(k, k, kc, kc.clone(), slots)
     keep = slots >= 0
     checks["write_kv exact"] = float(torch.equal(kc[slots[keep]], k[keep]))
-    failed = [n for n, v in checks.items()
-              if (v != 1.0 if n == "write_kv exact" else not v <= tol)]
+    failed = [n for n, v in checks.items() if (v != 1.0 if n == "write_kv exact" else not v <= tol)]
     return {"dtype": str(dt), "tolerance": tol, "max_errors": checks, "failed": failed}
 
 
@@ -181,9 +217,18 @@ def model_folder(root: Path, name: str, shape: dict, vocab: int) -> Path:
 
     path = root / name
     path.mkdir(parents=True, exist_ok=True)
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
-           "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "hidden_act": "silu",
-           "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2, **shape}
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "hidden_act": "silu",
+        "torch_dtype": "bfloat16",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        **shape,
+    }
     (path / "config.json").write_text(json.dumps(cfg))
     tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
     tok.save(str(path / "tokenizer.json"))
@@ -212,8 +257,14 @@ def tiny(run: Run, root: Path) -> dict:
 
     from tokenmill import SamplingParams
 
-    shape = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
-                 num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
+    shape = dict(
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     path = model_folder(root, "tiny", shape, 4096)
     prompts = [[(17 * i + 3 * j) % 4000 + 10 for j in range(5 + 9 * i)] for i in range(12)]
     greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -231,14 +282,21 @@ def tiny(run: Run, root: Path) -> dict:
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
     out["identical_sequences"] = sum(a == b for a, b in zip(ref, got))
     out["sequences"] = len(ref)
-    out["first_divergence"] = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-                               for a, b in zip(ref, got)]
+    out["first_divergence"] = [
+        next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None) for a, b in zip(ref, got)
+    ]
     # One decode step (greedy, then sampled with a seed) under sync-debug "error".
     engine = llm.engine
     checks = {}
-    for label, params in (("greedy", greedy),
-                          ("sampled", SamplingParams(temperature=0.9, top_k=50, top_p=0.9,
-                                                     seed=7, max_tokens=24, ignore_eos=True))):
+    for label, params in (
+        ("greedy", greedy),
+        (
+            "sampled",
+            SamplingParams(
+                temperature=0.9, top_k=50, top_p=0.9, seed=7, max_tokens=24, ignore_eos=True
+            ),
+        ),
+    ):
         engine.add_request(f"sync-{label}", prompts[3], params)
         engine.step()  # prefill
         engine.step()  # a first decode step (graph capture already done)
@@ -281,11 +339,13 @@ def shape_run(run: Run, root: Path, name: str) -> dict:
     prompt_len, new = (16, 8) if run.smoke else (512, 128)
     t0 = time.perf_counter()
     llm = make_llm(run, path, max_model_len=2048, max_num_seqs=8 if run.smoke else 256)
-    out = {"ready_s": time.perf_counter() - t0,
-           "startup_breakdown": dict(llm.engine.startup_seconds),
-           "weights_gb": llm.engine.model.weight_memory_bytes() / 1e9,
-           "kv_capacity_tokens": llm.engine.kv_capacity_tokens,
-           "backend": llm.engine.model_info.backend}
+    out = {
+        "ready_s": time.perf_counter() - t0,
+        "startup_breakdown": dict(llm.engine.startup_seconds),
+        "weights_gb": llm.engine.model.weight_memory_bytes() / 1e9,
+        "kv_capacity_tokens": llm.engine.kv_capacity_tokens,
+        "backend": llm.engine.model_info.backend,
+    }
     copy_gbs = run.results.get("copy_gbs")
 
     def prompts(n: int, length: int) -> list[list[int]]:
@@ -310,8 +370,14 @@ def shape_run(run: Run, root: Path, name: str) -> dict:
         n = 40 if run.smoke else 1000
         length = 16 if run.smoke else 128
         t = gen(n, length, length)
-        out["offline"] = {"prompts": n, "in": length, "out": length, "seconds": t,
-                          "output_tok_s": n * length / t, "total_tok_s": 2 * n * length / t}
+        out["offline"] = {
+            "prompts": n,
+            "in": length,
+            "out": length,
+            "seconds": t,
+            "output_tok_s": n * length / t,
+            "total_tok_s": 2 * n * length / t,
+        }
     free(llm)
     return out
 
@@ -342,8 +408,9 @@ def transformers_eager(run: Run, name: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"),
-                                                  "gpu_bench.json"))
+    ap.add_argument(
+        "--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "gpu_bench.json")
+    )
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, interpreter")
     ap.add_argument("--skip", default="", help="comma-separated: kernels,tiny,1B,8B,hf")
     args = ap.parse_args()

@@ -16,8 +16,9 @@ import numpy as np
 class LlamaCppEngine:
     """One model + context sized for `max_seqs` sequences of `n_ctx_per_seq` tokens."""
 
-    def __init__(self, path: str, threads: int, max_seqs: int, n_ctx_per_seq: int,
-                 extra_bufts: bool = True) -> None:
+    def __init__(
+        self, path: str, threads: int, max_seqs: int, n_ctx_per_seq: int, extra_bufts: bool = True
+    ) -> None:
         import llama_cpp as lc
 
         self.lc = lc
@@ -45,7 +46,7 @@ class LlamaCppEngine:
         for the items that want logits, in order."""
         out = []
         for start in range(0, len(items), 512):
-            chunk = items[start: start + 512]
+            chunk = items[start : start + 512]
             b = self.batch
             b.n_tokens = len(chunk)
             for i, (tok, pos, seq, logits) in enumerate(chunk):
@@ -69,8 +70,11 @@ class LlamaCppEngine:
         mem = self.lc.llama_get_memory(self.ctx)
         self.lc.llama_memory_clear(mem, True)
         t = time.perf_counter()
-        items = [(tok, pos, s, pos == len(p) - 1) for s, p in enumerate(prompts)
-                 for pos, tok in enumerate(p)]
+        items = [
+            (tok, pos, s, pos == len(p) - 1)
+            for s, p in enumerate(prompts)
+            for pos, tok in enumerate(p)
+        ]
         last = self._decode(items)
         outs = [[x] for x in last]
         for step in range(1, new_tokens):

@@ -38,8 +38,13 @@ WORDS = "the river stone light ancient mountain code seven blue market winter ga
 
 def random_request(rng: random.Random, model: str) -> tuple[str, dict]:
     n = rng.choice([1, 1, 1, 2, 3])
-    body: dict = {"model": model, "n": n, "max_tokens": rng.randint(1, 48),
-                  "temperature": rng.choice([0, 0, 0.7, 1.0]), "stream": rng.random() < 0.5}
+    body: dict = {
+        "model": model,
+        "n": n,
+        "max_tokens": rng.randint(1, 48),
+        "temperature": rng.choice([0, 0, 0.7, 1.0]),
+        "stream": rng.random() < 0.5,
+    }
     if rng.random() < 0.3:
         body["seed"] = rng.randint(0, 1 << 30)
     if rng.random() < 0.3:
@@ -146,8 +151,11 @@ async def soak(srv: ServerProcess, n: int, concurrency: int, seed: int) -> dict:
             if done == 1000:
                 rss["after_first_1000"] = rss_bytes(srv.proc.pid)
             if done % 1000 == 0:
-                print(f"  {done} requests: {stats['ok']} ok, {stats['bad']} bad, "
-                      f"{stats['5xx']} 5xx, {stats['abandoned']} abandoned", flush=True)
+                print(
+                    f"  {done} requests: {stats['ok']} ok, {stats['bad']} bad, "
+                    f"{stats['5xx']} 5xx, {stats['abandoned']} abandoned",
+                    flush=True,
+                )
 
         await asyncio.gather(*(worker(i) for i in range(n)))
     rss["after_last"] = rss_bytes(srv.proc.pid)
@@ -162,28 +170,44 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/soak.json")
     args = ap.parse_args()
-    srv = ServerProcess("--max-num-seqs", "64", "--max-queued-requests", "4096",
-                        "--quantization", "auto", "--dtype", "auto")
+    srv = ServerProcess(
+        "--max-num-seqs",
+        "64",
+        "--max-queued-requests",
+        "4096",
+        "--quantization",
+        "auto",
+        "--dtype",
+        "auto",
+    )
     try:
         t0 = time.perf_counter()
         stats = asyncio.run(soak(srv, args.requests, args.concurrency, args.seed))
         stats["seconds"] = time.perf_counter() - t0
         srv.wait_idle(60)
-        stats["leaked"] = {"kv_cache_usage": srv.metric("tokenmill_kv_cache_usage_perc"),
-                           "running": srv.metric("tokenmill_num_requests_running"),
-                           "waiting": srv.metric("tokenmill_num_requests_waiting")}
+        stats["leaked"] = {
+            "kv_cache_usage": srv.metric("tokenmill_kv_cache_usage_perc"),
+            "running": srv.metric("tokenmill_num_requests_running"),
+            "waiting": srv.metric("tokenmill_num_requests_waiting"),
+        }
     finally:
         srv.stop()
     rss = stats["rss"]
     drift = rss["after_last"] / rss["after_first_1000"] - 1 if rss.get("after_first_1000") else 0
     stats["rss_drift"] = drift
-    stats["pass"] = (stats["bad"] == 0 and stats["5xx"] == 0 and abs(drift) < 0.05
-                     and not any(stats["leaked"].values()))
-    print(f"{args.requests} requests at concurrency {args.concurrency} in "
-          f"{stats['seconds']:.0f} s: {stats['ok']} complete and well-formed, {stats['bad']} "
-          f"bad, {stats['5xx']} 5xx, {stats['abandoned']} abandoned; leaked {stats['leaked']}; "
-          f"RSS {rss.get('after_first_1000', 0) / 1e6:.0f} -> {rss['after_last'] / 1e6:.0f} MB "
-          f"({100 * drift:+.1f}%); {'PASS' if stats['pass'] else 'FAIL'}")
+    stats["pass"] = (
+        stats["bad"] == 0
+        and stats["5xx"] == 0
+        and abs(drift) < 0.05
+        and not any(stats["leaked"].values())
+    )
+    print(
+        f"{args.requests} requests at concurrency {args.concurrency} in "
+        f"{stats['seconds']:.0f} s: {stats['ok']} complete and well-formed, {stats['bad']} "
+        f"bad, {stats['5xx']} 5xx, {stats['abandoned']} abandoned; leaked {stats['leaked']}; "
+        f"RSS {rss.get('after_first_1000', 0) / 1e6:.0f} -> {rss['after_last'] / 1e6:.0f} MB "
+        f"({100 * drift:+.1f}%); {'PASS' if stats['pass'] else 'FAIL'}"
+    )
     for ex in stats["examples"]:
         print("  example:", json.dumps(ex)[:400])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -84,8 +84,11 @@ def load_server(port: int, n: int, tokens: int, eos: int | None) -> None:
     body = json.dumps(req).encode()
 
     def one(_):
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/completions",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=3600) as r:
             r.read()
 
@@ -95,27 +98,52 @@ def load_server(port: int, n: int, tokens: int, eos: int | None) -> None:
 
 def serve_cmd(engine: str, path: str, port: int, threads: int) -> list[str]:
     if engine == "tokenmill":
-        return [sys.executable, "-m", "tokenmill", "serve", path, "--port", str(port),
-                "--max-model-len", "4096"]
-    return [sys.executable, "-m", "llama_cpp.server", "--model", path, "--port", str(port),
-            "--n_ctx", "4096", "--n_threads", str(threads)]
+        return [
+            sys.executable,
+            "-m",
+            "tokenmill",
+            "serve",
+            path,
+            "--port",
+            str(port),
+            "--max-model-len",
+            "4096",
+        ]
+    return [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        path,
+        "--port",
+        str(port),
+        "--n_ctx",
+        "4096",
+        "--n_threads",
+        str(threads),
+    ]
 
 
-def time_serve(engine: str, path: str, threads: int, requests: int, tokens: int,
-               env: dict) -> dict:
+def time_serve(engine: str, path: str, threads: int, requests: int, tokens: int, env: dict) -> dict:
     port = free_port()
     log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a full pipe stalls a server
     t0 = time.perf_counter()
-    proc = subprocess.Popen(serve_cmd(engine, path, port, threads), env=env, stdout=log,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        serve_cmd(engine, path, port, threads),
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         # llama_cpp.server has no /health: its model list answers once the model is loaded
         ready = wait_health(port, proc, "/health" if engine == "tokenmill" else "/v1/models") - t0
         rss_start = rss_bytes(proc.pid)
         rss_load = None
         if requests:
-            load_server(port, requests, tokens,
-                        eos_token_id(path) if engine == "llama.cpp" else None)
+            load_server(
+                port, requests, tokens, eos_token_id(path) if engine == "llama.cpp" else None
+            )
             rss_load = rss_bytes(proc.pid)
     finally:
         proc.send_signal(signal.SIGINT)
@@ -128,8 +156,12 @@ def time_serve(engine: str, path: str, threads: int, requests: int, tokens: int,
         out = log.read()
         log.close()
     m = re.search(r"weights at ([0-9.]+) GB/s", out or "")
-    return {"start_s": ready, "rss_start": rss_start, "rss_after_load": rss_load,
-            "load_gbs": float(m.group(1)) if m else None}
+    return {
+        "start_s": ready,
+        "rss_start": rss_start,
+        "rss_after_load": rss_load,
+        "load_gbs": float(m.group(1)) if m else None,
+    }
 
 
 _FIRST_TOKEN = """
@@ -143,8 +175,13 @@ print("FIRST", time.time() - t0)
 
 
 def time_first_token(path: str, env: dict) -> float:
-    out = subprocess.run([sys.executable, "-c", _FIRST_TOKEN, path, repr(time.time())],
-                         capture_output=True, text=True, env=env, timeout=900)
+    out = subprocess.run(
+        [sys.executable, "-c", _FIRST_TOKEN, path, repr(time.time())],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     m = re.search(r"FIRST ([0-9.]+)", out.stdout)
     if not m:
         raise RuntimeError(out.stderr[-2000:])
@@ -152,8 +189,7 @@ def time_first_token(path: str, env: dict) -> float:
 
 
 def has_llamacpp_server() -> bool:
-    r = subprocess.run([sys.executable, "-c", "import llama_cpp.server.app"],
-                       capture_output=True)
+    r = subprocess.run([sys.executable, "-c", "import llama_cpp.server.app"], capture_output=True)
     return r.returncode == 0
 
 
@@ -162,9 +198,13 @@ def main() -> None:
     ap.add_argument("--files", default="default,1B-Q4_K_M,1B-F16")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--llamacpp-requests", type=int, default=2,
-                    help="requests for llama.cpp's server, which runs them one at a time (its "
-                    "KV cache is allocated at start, so RSS does not depend on the count)")
+    ap.add_argument(
+        "--llamacpp-requests",
+        type=int,
+        default=2,
+        help="requests for llama.cpp's server, which runs them one at a time (its "
+        "KV cache is allocated at start, so RSS does not depend on the count)",
+    )
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--cold-kernels", action="store_true")
     ap.add_argument("--workdir", default="benchmarks/results/models")
@@ -190,24 +230,41 @@ def main() -> None:
             time_serve(engine, path, args.threads, 0, 0, env)  # warm the page cache / kernels
             n = args.requests if engine == "tokenmill" else args.llamacpp_requests
             r = time_serve(engine, path, args.threads, n, args.tokens, env)
-            row = {"file": name, "engine": engine, "case": "warm", "file_bytes": size,
-                   "requests": n, **r}
+            row = {
+                "file": name,
+                "engine": engine,
+                "case": "warm",
+                "file_bytes": size,
+                "requests": n,
+                **r,
+            }
             if engine == "tokenmill":
                 time_first_token(path, env)
                 row["first_token_s"] = time_first_token(path, env)
             row["rss_target"] = 1.3 * size + 300e6
             rows.append(row)
-            print(f"{name:10s} {engine:9s} serve {r['start_s']:5.2f} s"
-                  + (f", LLM() first token {row['first_token_s']:5.2f} s"
-                     if "first_token_s" in row else "")
-                  + f", RSS {r['rss_start'] / 1e6:6.0f} MB"
-                  + f" (target <= {row['rss_target'] / 1e6:.0f})"
-                  + (f", after {n}x{args.tokens} {r['rss_after_load'] / 1e6:6.0f} MB"
-                     if r["rss_after_load"] else "")
-                  + (f", load {r['load_gbs']:.2f} GB/s" if r["load_gbs"] else ""), flush=True)
+            print(
+                f"{name:10s} {engine:9s} serve {r['start_s']:5.2f} s"
+                + (
+                    f", LLM() first token {row['first_token_s']:5.2f} s"
+                    if "first_token_s" in row
+                    else ""
+                )
+                + f", RSS {r['rss_start'] / 1e6:6.0f} MB"
+                + f" (target <= {row['rss_target'] / 1e6:.0f})"
+                + (
+                    f", after {n}x{args.tokens} {r['rss_after_load'] / 1e6:6.0f} MB"
+                    if r["rss_after_load"]
+                    else ""
+                )
+                + (f", load {r['load_gbs']:.2f} GB/s" if r["load_gbs"] else ""),
+                flush=True,
+            )
     if not llama:
-        print("llama.cpp server not installed: pip install sse-starlette starlette-context "
-              "pydantic-settings (next to llama-cpp-python)")
+        print(
+            "llama.cpp server not installed: pip install sse-starlette starlette-context "
+            "pydantic-settings (next to llama-cpp-python)"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     print(f"wrote {args.out}")

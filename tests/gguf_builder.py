@@ -88,8 +88,11 @@ def _quantize_k_min_max(x: np.ndarray, bits: int) -> np.ndarray:
 
     # 32 bytes per pair of sub-blocks: low nibbles sub-block 2c, high nibbles sub-block 2c+1.
     qs = ((q[:, 0::2] & 0x0F) | ((q[:, 1::2] & 0x0F) << 4)).reshape(n, 128)
-    parts = [d.view(np.uint8).reshape(n, 2), dmin.view(np.uint8).reshape(n, 2),
-             _pack_k_scales(sc, m)]
+    parts = [
+        d.view(np.uint8).reshape(n, 2),
+        dmin.view(np.uint8).reshape(n, 2),
+        _pack_k_scales(sc, m),
+    ]
     if bits == 5:  # qh byte l, bit j: bit 4 of value l of sub-block j
         high = (q >> 4) & 1
         qh = np.zeros((n, 32), np.uint8)
@@ -128,9 +131,15 @@ def _quantize_q6_k(x: np.ndarray) -> np.ndarray:
     qh = np.zeros((n, 2, 32), np.uint8)
     for k in range(4):
         qh |= (quarters[:, :, k] & 0x03) << (2 * k)
-    return np.concatenate([ql.reshape(n, 128), qh.reshape(n, 64),
-                           sc.astype(np.int8).view(np.uint8), d.view(np.uint8).reshape(n, 2)],
-                          axis=1)
+    return np.concatenate(
+        [
+            ql.reshape(n, 128),
+            qh.reshape(n, 64),
+            sc.astype(np.int8).view(np.uint8),
+            d.view(np.uint8).reshape(n, 2),
+        ],
+        axis=1,
+    )
 
 
 def quantize(x: np.ndarray, qtype: QT) -> np.ndarray:
@@ -171,29 +180,37 @@ _LAYOUT = {
     QT.Q6_K: dict(d=208, m=None, scales=(192, 208), quants=(0, 192)),
 }
 # Typical |d| per type, so that random blocks dequantize to values of order one.
-_TYPICAL_D = {QT.Q4_0: 0.1, QT.Q4_1: 0.1, QT.Q5_0: 0.05, QT.Q5_1: 0.05, QT.Q8_0: 0.01,
-              QT.Q4_K: 0.005, QT.Q5_K: 0.003, QT.Q6_K: 0.002}
+_TYPICAL_D = {
+    QT.Q4_0: 0.1,
+    QT.Q4_1: 0.1,
+    QT.Q5_0: 0.05,
+    QT.Q5_1: 0.05,
+    QT.Q8_0: 0.01,
+    QT.Q4_K: 0.005,
+    QT.Q5_K: 0.003,
+    QT.Q6_K: 0.002,
+}
 
 EXTREME_CASES = (
-    "random",          # random bytes, random moderate positive d (and m/dmin)
-    "zero_block",      # every byte 0 (d = 0, all quants 0)
-    "zero_d",          # d = 0 (and m/dmin = 0), random quants and sub-block scales
+    "random",  # random bytes, random moderate positive d (and m/dmin)
+    "zero_block",  # every byte 0 (d = 0, all quants 0)
+    "zero_d",  # d = 0 (and m/dmin = 0), random quants and sub-block scales
     "zero_subscales",  # K types: 6-bit scales/mins or int8 scales all 0; others: like "random"
-    "max_subscales",   # K types: 6-bit scales and mins all 63, Q6_K int8 scales -128/127
-    "quants_min",      # every quant at its lowest code (Q8_0: -128)
-    "quants_max",      # every quant at its highest code (Q8_0: 127)
-    "q8_extremes",     # every quant at its lowest or highest code, mixed (Q8_0: -128 / 127)
-    "negative_d",      # d < 0 (and m/dmin < 0)
-    "tiny_d",          # d = 1e-4 (and m/dmin)
-    "subnormal_d",     # d = 2^-20, a float16 subnormal (and m/dmin)
-    "large_d",         # d = 8.0 (and m/dmin)
+    "max_subscales",  # K types: 6-bit scales and mins all 63, Q6_K int8 scales -128/127
+    "quants_min",  # every quant at its lowest code (Q8_0: -128)
+    "quants_max",  # every quant at its highest code (Q8_0: 127)
+    "q8_extremes",  # every quant at its lowest or highest code, mixed (Q8_0: -128 / 127)
+    "negative_d",  # d < 0 (and m/dmin < 0)
+    "tiny_d",  # d = 1e-4 (and m/dmin)
+    "subnormal_d",  # d = 2^-20, a float16 subnormal (and m/dmin)
+    "large_d",  # d = 8.0 (and m/dmin)
     "worst_magnitude",  # d = +-8, saturated sub-block scales and quants: the largest values
 )
 
 
 def _set_f16(blocks: np.ndarray, offset: int | None, values: np.ndarray) -> None:
     if offset is not None:
-        blocks[:, offset:offset + 2] = values.astype(np.float16).view(np.uint8).reshape(-1, 2)
+        blocks[:, offset : offset + 2] = values.astype(np.float16).view(np.uint8).reshape(-1, 2)
 
 
 def _quant_codes(qtype: QT, n: int, rng: np.random.Generator, mode: str) -> np.ndarray:
@@ -213,8 +230,9 @@ def _quant_codes(qtype: QT, n: int, rng: np.random.Generator, mode: str) -> np.n
     return np.where(rng.random((n, 1)) < 0.5, low, high).repeat(hi - lo, axis=1).astype(np.uint8)
 
 
-def random_blocks(qtype: QT, rows: int, cols: int, rng: np.random.Generator,
-                  extreme: bool = False) -> np.ndarray:
+def random_blocks(
+    qtype: QT, rows: int, cols: int, rng: np.random.Generator, extreme: bool = False
+) -> np.ndarray:
     """Random valid blocks of `qtype`, uint8 [rows, bytes_per_row(qtype, cols)].
 
     Quantized values and sub-block scales are random bits; float16 scales are random moderate
@@ -254,7 +272,7 @@ def random_blocks(qtype: QT, rows: int, cols: int, rng: np.random.Generator,
             elif name == "zero_d":
                 d[sel] = m[sel] = 0.0
             elif name == "zero_subscales" and lay["scales"] is not None:
-                blocks[sel, lay["scales"][0]:lay["scales"][1]] = 0
+                blocks[sel, lay["scales"][0] : lay["scales"][1]] = 0
             elif name == "max_subscales" and lay["scales"] is not None:
                 s0, s1 = lay["scales"]
                 if qtype == QT.Q6_K:
@@ -271,8 +289,8 @@ def random_blocks(qtype: QT, rows: int, cols: int, rng: np.random.Generator,
                 d[sel] = 1e-4
                 m[sel] = 1e-4 if lay["m"] is not None else 0.0
             elif name == "subnormal_d":
-                d[sel] = 2.0 ** -20
-                m[sel] = 2.0 ** -20 if lay["m"] is not None else 0.0
+                d[sel] = 2.0**-20
+                m[sel] = 2.0**-20 if lay["m"] is not None else 0.0
             elif name == "large_d":
                 d[sel] = 8.0
                 m[sel] = 8.0 if lay["m"] is not None else 0.0
@@ -299,8 +317,16 @@ Water boils at one hundred degrees at sea level, and the three primary colors ar
 and blue. Hello, world! This is a test of the tokenizer, with numbers 0123456789 and more text
 so that there are enough pairs to merge into a vocabulary of a few hundred tokens in total.
 """
-_FILE_TYPE = {QT.Q4_0: 2, QT.Q4_1: 3, QT.Q8_0: 7, QT.Q5_0: 8, QT.Q5_1: 9, QT.Q4_K: 15,
-              QT.Q5_K: 17, QT.Q6_K: 18}
+_FILE_TYPE = {
+    QT.Q4_0: 2,
+    QT.Q4_1: 3,
+    QT.Q8_0: 7,
+    QT.Q5_0: 8,
+    QT.Q5_1: 9,
+    QT.Q4_K: 15,
+    QT.Q5_K: 17,
+    QT.Q6_K: 18,
+}
 EOS_TOKEN = "<|endoftext|>"
 
 
@@ -354,11 +380,22 @@ def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_llama_gguf(path: str | os.PathLike, qtype: QT, *, hidden: int = 256,
-                          intermediate: int = 512, layers: int = 2, heads: int = 4,
-                          kv_heads: int = 2, vocab: int = 384, seed: int = 0,
-                          tie_embeddings: bool = True, context_length: int = 2048,
-                          rope_theta: float = 10000.0, rms_eps: float = 1e-5) -> Path:
+def write_tiny_llama_gguf(
+    path: str | os.PathLike,
+    qtype: QT,
+    *,
+    hidden: int = 256,
+    intermediate: int = 512,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab: int = 384,
+    seed: int = 0,
+    tie_embeddings: bool = True,
+    context_length: int = 2048,
+    rope_theta: float = 10000.0,
+    rms_eps: float = 1e-5,
+) -> Path:
     """Write a random-weight Llama ("llama" architecture) GGUF to `path`; returns the path.
 
     token_embd, output (unless `tie_embeddings`) and every attention / MLP weight are stored as
@@ -425,16 +462,20 @@ def write_tiny_llama_gguf(path: str | os.PathLike, qtype: QT, *, hidden: int = 2
     add("token_embd.weight", weight(vocab, hidden, 0.25))
     for i in range(layers):
         writer.add_tensor(f"blk.{i}.attn_norm.weight", norm())
-        add(f"blk.{i}.attn_q.weight",
-            _permute_qk(weight(heads * head_dim, hidden, hidden ** -0.5), heads))
-        add(f"blk.{i}.attn_k.weight",
-            _permute_qk(weight(kv_heads * head_dim, hidden, hidden ** -0.5), kv_heads))
-        add(f"blk.{i}.attn_v.weight", weight(kv_heads * head_dim, hidden, hidden ** -0.5))
-        add(f"blk.{i}.attn_output.weight", weight(hidden, heads * head_dim, hidden ** -0.5))
+        add(
+            f"blk.{i}.attn_q.weight",
+            _permute_qk(weight(heads * head_dim, hidden, hidden**-0.5), heads),
+        )
+        add(
+            f"blk.{i}.attn_k.weight",
+            _permute_qk(weight(kv_heads * head_dim, hidden, hidden**-0.5), kv_heads),
+        )
+        add(f"blk.{i}.attn_v.weight", weight(kv_heads * head_dim, hidden, hidden**-0.5))
+        add(f"blk.{i}.attn_output.weight", weight(hidden, heads * head_dim, hidden**-0.5))
         writer.add_tensor(f"blk.{i}.ffn_norm.weight", norm())
-        add(f"blk.{i}.ffn_gate.weight", weight(intermediate, hidden, hidden ** -0.5))
-        add(f"blk.{i}.ffn_up.weight", weight(intermediate, hidden, hidden ** -0.5))
-        add(f"blk.{i}.ffn_down.weight", weight(hidden, intermediate, intermediate ** -0.5))
+        add(f"blk.{i}.ffn_gate.weight", weight(intermediate, hidden, hidden**-0.5))
+        add(f"blk.{i}.ffn_up.weight", weight(intermediate, hidden, hidden**-0.5))
+        add(f"blk.{i}.ffn_down.weight", weight(hidden, intermediate, intermediate**-0.5))
     writer.add_tensor("output_norm.weight", norm())
     if not tie_embeddings:
         add("output.weight", weight(vocab, hidden, 0.25))

@@ -10,8 +10,9 @@ from tokenmill.sampling_params import SamplingParams
 from tokenmill.worker.model_runner import ModelRunner, prepare_inputs
 
 
-def paged_logits(runner: ModelRunner, prompts: list[list[int]],
-                 chunk_sizes: list[list[int]]) -> list[torch.Tensor]:
+def paged_logits(
+    runner: ModelRunner, prompts: list[list[int]], chunk_sizes: list[list[int]]
+) -> list[torch.Tensor]:
     """Feed each prompt in the given chunks (all prompts advance together, one step per chunk
     index); returns per prompt the logits at every position, [len(prompt), vocab]."""
     bs = runner.block_size
@@ -29,19 +30,19 @@ def paged_logits(runner: ModelRunner, prompts: list[list[int]],
         scheduled = []
         for r, chunks in zip(reqs, chunk_sizes):
             if step < len(chunks):
-                scheduled.append(ScheduledRequest(r, r.num_computed_tokens, chunks[step],
-                                                  r.extra["blocks"]))
+                scheduled.append(
+                    ScheduledRequest(r, r.num_computed_tokens, chunks[step], r.extra["blocks"])
+                )
         sched = SchedulerOutput(tuple(scheduled), sum(s.num_scheduled_tokens for s in scheduled))
         inputs = prepare_inputs(sched, bs, runner.device, runner.attn_backend)
         with torch.inference_mode():
-            hidden = runner.model(inputs.input_ids, inputs.positions, runner.kv_caches,
-                                  inputs.attn)
+            hidden = runner.model(inputs.input_ids, inputs.positions, runner.kv_caches, inputs.attn)
             logits = runner.model.compute_logits(hidden)
         start = 0
         for i in inputs.order:  # the runner lays decodes out first
             s = scheduled[i]
             n = s.num_scheduled_tokens
-            out[int(s.request_id[1:])].append(logits[start:start + n])
+            out[int(s.request_id[1:])].append(logits[start : start + n])
             s.request.num_computed_tokens += n
             start += n
     return [torch.cat(chunks) for chunks in out]

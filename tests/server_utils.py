@@ -23,17 +23,32 @@ class ServerProcess:
     def __init__(self, *args: str, api_key: str | None = None) -> None:
         self.port = free_port()
         self.api_key = api_key
-        cmd = [sys.executable, "-m", "tokenmill", "--log-level", "WARNING", "serve",
-               "--port", str(self.port), "--dtype", "float32", "--quantization", "none",
-               "--max-model-len", "1024", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "tokenmill",
+            "--log-level",
+            "WARNING",
+            "serve",
+            "--port",
+            str(self.port),
+            "--dtype",
+            "float32",
+            "--quantization",
+            "none",
+            "--max-model-len",
+            "1024",
+            *args,
+        ]
         if api_key:
             cmd += ["--api-key", api_key]
         env = {k: v for k, v in os.environ.items() if k != "TOKENMILL_API_KEY"}
         # a file, not a pipe: nobody reads the server's output while it runs, and a full pipe
         # would block it
         self.log = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, text=True,
-                                     env=env)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, text=True, env=env
+        )
         self.url = f"http://127.0.0.1:{self.port}"
         self._wait_ready()
 
@@ -65,9 +80,11 @@ class ServerProcess:
         """Until no request runs or waits and no KV block is in use."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            if (self.metric("tokenmill_kv_cache_usage_perc") == 0
-                    and self.metric("tokenmill_num_requests_running") == 0
-                    and self.metric("tokenmill_num_requests_waiting") == 0):
+            if (
+                self.metric("tokenmill_kv_cache_usage_perc") == 0
+                and self.metric("tokenmill_num_requests_running") == 0
+                and self.metric("tokenmill_num_requests_waiting") == 0
+            ):
                 return
             time.sleep(0.1)
         raise AssertionError("server did not become idle (KV blocks still in use)")

@@ -73,8 +73,10 @@ def make_app(state: FakeState) -> FastAPI:
                 if "STREAMERR" in prompt and i == 2:
                     yield _sse({"error": {"message": "boom", "code": 500}})
                     return
-                choice: dict[str, Any] = {"index": 0, "finish_reason": "length" if i == n - 1
-                                          else None}
+                choice: dict[str, Any] = {
+                    "index": 0,
+                    "finish_reason": "length" if i == n - 1 else None,
+                }
                 if chat:
                     choice["delta"] = {"content": f" w{i}"}
                 else:
@@ -189,9 +191,26 @@ def test_percentile_matches_numpy() -> None:
 def test_concurrency_levels_timings_json_plot(server, tmp_path, capsys) -> None:
     base, state = server
     out, png = tmp_path / "r.json", tmp_path / "p.png"
-    rc = run_cli("--base-url", base, "--concurrency", "1,3", "--num-prompts", "6",
-                 "--input-len", "5", "--output-len", "6", "--warmup", "2", "--api-key", "sk-t",
-                 "--output", str(out), "--plot", str(png))
+    rc = run_cli(
+        "--base-url",
+        base,
+        "--concurrency",
+        "1,3",
+        "--num-prompts",
+        "6",
+        "--input-len",
+        "5",
+        "--output-len",
+        "6",
+        "--warmup",
+        "2",
+        "--api-key",
+        "sk-t",
+        "--output",
+        str(out),
+        "--plot",
+        str(png),
+    )
     assert rc == 0
     assert state.num_requests == 2 + 6 + 6
     assert state.max_in_flight == 3
@@ -227,9 +246,23 @@ def test_http_errors_are_counted(server, tmp_path) -> None:
     base, state = server
     state.fail_every = 3
     out = tmp_path / "r.json"
-    rc = run_cli("--base-url", base, "--model", "fake-model", "--concurrency", "3",
-                 "--num-prompts", "9", "--input-len", "4", "--output-len", "3",
-                 "--output", str(out), "--no-progress")
+    rc = run_cli(
+        "--base-url",
+        base,
+        "--model",
+        "fake-model",
+        "--concurrency",
+        "3",
+        "--num-prompts",
+        "9",
+        "--input-len",
+        "4",
+        "--output-len",
+        "3",
+        "--output",
+        str(out),
+        "--no-progress",
+    )
     assert rc == 0
     (lv,) = load(out)["results"]
     assert lv["completed"] == 6 and lv["errors"] == 3
@@ -240,9 +273,21 @@ def test_http_errors_are_counted(server, tmp_path) -> None:
 def test_poisson_rate_levels(server, tmp_path) -> None:
     base, state = server
     out = tmp_path / "r.json"
-    rc = run_cli("--base-url", base, "--request-rate", "40,inf", "--num-prompts", "8",
-                 "--input-len", "4", "--output-len", "3", "--output", str(out),
-                 "--no-progress")
+    rc = run_cli(
+        "--base-url",
+        base,
+        "--request-rate",
+        "40,inf",
+        "--num-prompts",
+        "8",
+        "--input-len",
+        "4",
+        "--output-len",
+        "3",
+        "--output",
+        str(out),
+        "--no-progress",
+    )
     assert rc == 0
     assert state.num_requests == 16
     assert state.max_in_flight == 8  # rate=inf sends all eight at once
@@ -258,9 +303,23 @@ def test_poisson_rate_levels(server, tmp_path) -> None:
 
 def test_rate_with_max_concurrency(server) -> None:
     base, state = server
-    rc = run_cli("--base-url", base, "--request-rate", "inf", "--max-concurrency", "2",
-                 "--num-prompts", "5", "--input-len", "3", "--output-len", "2", "--output", "",
-                 "--no-progress")
+    rc = run_cli(
+        "--base-url",
+        base,
+        "--request-rate",
+        "inf",
+        "--max-concurrency",
+        "2",
+        "--num-prompts",
+        "5",
+        "--input-len",
+        "3",
+        "--output-len",
+        "2",
+        "--output",
+        "",
+        "--no-progress",
+    )
     assert rc == 0
     assert state.num_requests == 5 and state.max_in_flight == 2
     assert set(state.auth) == {None}
@@ -269,13 +328,32 @@ def test_rate_with_max_concurrency(server) -> None:
 def test_dataset_chat_without_usage_and_stream_error(server, tmp_path) -> None:
     base, state = server
     data = tmp_path / "prompts.jsonl"
-    rows = [{"prompt": "one two", "max_tokens": 2}, {"prompt": "three", "max_tokens": 4},
-            {"prompt": "four five six"}, {"prompt": "STREAMERR please", "max_tokens": 5}]
+    rows = [
+        {"prompt": "one two", "max_tokens": 2},
+        {"prompt": "three", "max_tokens": 4},
+        {"prompt": "four five six"},
+        {"prompt": "STREAMERR please", "max_tokens": 5},
+    ]
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     out = tmp_path / "r.json"
-    rc = run_cli("--base-url", base, "--model", "nousage", "--endpoint", "chat",
-                 "--dataset", str(data), "--output-len", "3", "--no-ignore-eos",
-                 "--concurrency", "2", "--output", str(out), "--no-progress")
+    rc = run_cli(
+        "--base-url",
+        base,
+        "--model",
+        "nousage",
+        "--endpoint",
+        "chat",
+        "--dataset",
+        str(data),
+        "--output-len",
+        "3",
+        "--no-ignore-eos",
+        "--concurrency",
+        "2",
+        "--output",
+        str(out),
+        "--no-progress",
+    )
     assert rc == 0
     assert state.num_requests == 4
     assert set(state.paths) == {"/v1/chat/completions"}
@@ -295,8 +373,21 @@ def test_connection_errors_do_not_crash(tmp_path) -> None:
         port = s.getsockname()[1]
     base = f"http://127.0.0.1:{port}/v1"
     out = tmp_path / "r.json"
-    rc = run_cli("--base-url", base, "--model", "m", "--num-prompts", "3", "--input-len", "2",
-                 "--output-len", "2", "--output", str(out), "--no-progress")
+    rc = run_cli(
+        "--base-url",
+        base,
+        "--model",
+        "m",
+        "--num-prompts",
+        "3",
+        "--input-len",
+        "2",
+        "--output-len",
+        "2",
+        "--output",
+        str(out),
+        "--no-progress",
+    )
     assert rc == 1
     (lv,) = load(out)["results"]
     assert lv["completed"] == 0 and lv["errors"] == 3
@@ -307,7 +398,12 @@ def test_connection_errors_do_not_crash(tmp_path) -> None:
 
 
 def test_module_help_runs_standalone() -> None:
-    proc = subprocess.run([sys.executable, "-m", "tokenmill.bench.serve", "--help"],
-                          check=False, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tokenmill.bench.serve", "--help"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0
     assert "--request-rate" in proc.stdout and "--no-ignore-eos" in proc.stdout

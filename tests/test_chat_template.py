@@ -112,10 +112,14 @@ def test_smollm_template_matches_transformers(
 
 def test_text_parts_are_joined(ours: Tokenizer, ref: Any) -> None:
     parts = [{"type": "text", "text": "First line."}, {"type": "text", "text": "Second line."}]
-    messages = [{"role": "system", "content": [{"type": "text", "text": "Sys"}]},
-                {"role": "user", "content": parts}]
-    joined = [{"role": "system", "content": "Sys"},
-              {"role": "user", "content": "First line.\nSecond line."}]
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": "Sys"}]},
+        {"role": "user", "content": parts},
+    ]
+    joined = [
+        {"role": "system", "content": "Sys"},
+        {"role": "user", "content": "First line.\nSecond line."},
+    ]
     want = ref.apply_chat_template(joined, tokenize=False, add_generation_prompt=True)
     assert ours.apply_chat_template(messages) == want
     assert messages[1]["content"] is parts  # the caller's messages are left as they were
@@ -145,8 +149,10 @@ def test_errors_are_chat_template_errors(ours: Tokenizer) -> None:
         _with_template(ours, "{% for m in messages %}{{ m.content }}").apply_chat_template(
             CONVERSATIONS[0]
         )
-    raising = ("{% if messages[0].role != 'system' %}"
-               "{{ raise_exception('need a system turn') }}{% endif %}")
+    raising = (
+        "{% if messages[0].role != 'system' %}"
+        "{{ raise_exception('need a system turn') }}{% endif %}"
+    )
     with pytest.raises(ChatTemplateError, match="need a system turn"):
         _with_template(ours, raising).apply_chat_template(CONVERSATIONS[0])
     with pytest.raises(ChatTemplateError, match="TypeError"):

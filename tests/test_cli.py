@@ -9,17 +9,32 @@ from tokenmill import SamplingParams
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tokenmill", *args], capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "tokenmill", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_generate_matches_python_api(llm_f32):
     prompt = "The capital of France is"
-    res = _run("generate", prompt, "--temperature", "0", "--max-tokens", "12", "--ignore-eos",
-               "--dtype", "float32", "--quantization", "none")
+    res = _run(
+        "generate",
+        prompt,
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "12",
+        "--ignore-eos",
+        "--dtype",
+        "float32",
+        "--quantization",
+        "none",
+    )
     assert res.returncode == 0, res.stderr
-    expected = llm_f32.generate(prompt, SamplingParams(temperature=0, max_tokens=12,
-                                                       ignore_eos=True))[0].outputs[0].text
+    expected = (
+        llm_f32.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+        .outputs[0]
+        .text
+    )
     assert res.stdout.rstrip("\n") == expected
     assert "KV cache" in res.stderr  # capacity is logged at start-up
 
@@ -42,10 +57,24 @@ def test_bad_arguments_give_clear_errors(tmp_path):
 
 
 def test_chat_loop_streams_replies_and_exits():
-    res = subprocess.run([sys.executable, "-m", "tokenmill", "chat", "--temperature", "0",
-                          "--max-tokens", "8", "--dtype", "float32"],
-                         input="What is 2 + 2?\n/exit\n", capture_output=True, text=True,
-                         timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tokenmill",
+            "chat",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "8",
+            "--dtype",
+            "float32",
+        ],
+        input="What is 2 + 2?\n/exit\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     reply = res.stdout.split(">>> ")[1].strip()
     assert reply  # the model answered something before /exit

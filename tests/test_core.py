@@ -119,8 +119,9 @@ def run_to_completion(sched: Scheduler, runner: FakeRunner, max_steps: int = 100
 
 def test_chunked_prefill_and_decode_mix_within_budget():
     kv = KVCacheManager(64, 4)
-    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=10, max_num_seqs=4,
-                                      max_model_len=128), kv)
+    sched = Scheduler(
+        SchedulerConfig(max_num_batched_tokens=10, max_num_seqs=4, max_model_len=128), kv
+    )
     a, b = make_req("a", 3, max_tokens=5), make_req("b", 23, max_tokens=2)
     sched.add_request(a)
     sched.add_request(b)

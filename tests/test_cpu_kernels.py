@@ -27,15 +27,19 @@ def test_paged_decode_attention_matches_sdpa(dtype, hq, hkv):
     max_blocks = -(-max(seq_lens) // bs)
     tables = perm[: len(seq_lens) * max_blocks].view(len(seq_lens), max_blocks)
     q = torch.randn(len(seq_lens), hq, d, generator=g).to(dtype)
-    out = ops.paged_decode_attention(q, k_cache, v_cache, tables.int(),
-                                     torch.tensor(seq_lens, dtype=torch.int32), bs, d**-0.5)
+    out = ops.paged_decode_attention(
+        q, k_cache, v_cache, tables.int(), torch.tensor(seq_lens, dtype=torch.int32), bs, d**-0.5
+    )
     for b, n in enumerate(seq_lens):
         slots = (tables[b][:, None] * bs + torch.arange(bs)).flatten()[:n]
         k = k_cache[slots].float().transpose(0, 1)  # [hkv, n, d]
         v = v_cache[slots].float().transpose(0, 1)
         ref = F.scaled_dot_product_attention(
-            q[b].float()[:, None], k.repeat_interleave(hq // hkv, 0),
-            v.repeat_interleave(hq // hkv, 0), scale=d**-0.5)[:, 0]
+            q[b].float()[:, None],
+            k.repeat_interleave(hq // hkv, 0),
+            v.repeat_interleave(hq // hkv, 0),
+            scale=d**-0.5,
+        )[:, 0]
         torch.testing.assert_close(out[b].float(), ref, **TOL[dtype])
 
 
@@ -91,8 +95,9 @@ def test_paged_decode_attention_vectorized_matches_portable(dtype, hq, hkv, d):
     qkv = torch.randn(7, (hq + 2 * hkv) * d, generator=g).to(dtype)
     q = qkv[:, : hq * d].view(7, hq, d)
     out = ops.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, bs, d**-0.5)
-    ref = ops.paged_decode_attention_reference(q.contiguous(), k_cache, v_cache, tables,
-                                               seq_lens, bs, d**-0.5)
+    ref = ops.paged_decode_attention_reference(
+        q.contiguous(), k_cache, v_cache, tables, seq_lens, bs, d**-0.5
+    )
     # float32 sums in another order; bf16 outputs may then round one ulp apart
     torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
 
@@ -101,8 +106,8 @@ def test_paged_decode_attention_vectorized_matches_portable(dtype, hq, hkv, d):
 def test_write_kv_from_strided_views(dtype):
     g = torch.Generator().manual_seed(6)
     qkv = torch.randn(9, (4 + 2 * 2) * 16, generator=g).to(dtype)
-    k = qkv[:, 4 * 16: 6 * 16].view(9, 2, 16)
-    v = qkv[:, 6 * 16:].view(9, 2, 16)
+    k = qkv[:, 4 * 16 : 6 * 16].view(9, 2, 16)
+    v = qkv[:, 6 * 16 :].view(9, 2, 16)
     slots = torch.tensor([3, 0, 17, 5, 30, 31, 8, 2, 11])
     k_cache, v_cache = torch.zeros(32, 2, 16, dtype=dtype), torch.zeros(32, 2, 16, dtype=dtype)
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
@@ -118,7 +123,7 @@ def test_argmax_rows_matches_torch_including_ties(dtype, vocab):
     g = torch.Generator().manual_seed(vocab)
     x = torch.randn(6, vocab, generator=g).to(dtype)
     x[1] = 0.0  # all tied: the first index wins
-    x[2, vocab // 2:] = 50.0  # a tie between two lanes far apart
+    x[2, vocab // 2 :] = 50.0  # a tie between two lanes far apart
     x[3] = float("-inf")
     torch.testing.assert_close(ops.argmax_rows(x), x.argmax(dim=-1), atol=0, rtol=0)
 

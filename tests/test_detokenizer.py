@@ -130,8 +130,9 @@ def test_stop_string_spanning_tokens(smollm: Tokenizer) -> None:
     ids = smollm.encode(text, add_special_tokens=False)
     assert not any("END OF" in piece for piece in _token_texts(smollm, ids))
     for include in (False, True):
-        detok = IncrementalDetokenizer(smollm, [], stop=["END OF"],
-                                       include_stop_str_in_output=include)
+        detok = IncrementalDetokenizer(
+            smollm, [], stop=["END OF"], include_stop_str_in_output=include
+        )
         deltas = stream(detok, ids)
         expected = "The answer is 42. END OF" if include else "The answer is 42. "
         assert "".join(deltas) == detok.text == expected

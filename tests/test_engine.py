@@ -10,8 +10,10 @@ import pytest
 from tokenmill import LLM, SamplingParams
 from tokenmill.errors import ModelLoadError
 
-WORDS = ("river stone light ancient quickly mountain code python seven blue market winter "
-         "garden the of and a to in is was it").split()
+WORDS = (
+    "river stone light ancient quickly mountain code python seven blue market winter "
+    "garden the of and a to in is was it"
+).split()
 
 
 def _prompts(n: int) -> list[str]:
@@ -52,8 +54,13 @@ def test_batch_of_32_matches_alone(llm_f32, alone_outputs):
 
 @pytest.mark.slow
 def test_tiny_chunks_and_forced_preemption_match_alone(alone_outputs):
-    llm = LLM(dtype="float32", max_model_len=256, max_num_batched_tokens=5,
-              kv_cache_memory_gib=0.05, quantization="none")
+    llm = LLM(
+        dtype="float32",
+        max_model_len=256,
+        max_num_batched_tokens=5,
+        kv_cache_memory_gib=0.05,
+        quantization="none",
+    )
     outs = llm.generate(_prompts(32), GREEDY)
     for i, (ref, got) in enumerate(zip(alone_outputs, outs)):
         _assert_same_or_tie(ref, got, f"prompt {i} with 5-token chunks")
@@ -85,8 +92,7 @@ def test_seeded_sampling_reproducible_alone_and_in_batch(llm_f32):
     others = [SamplingParams(temperature=0.7, max_tokens=20, ignore_eos=True)] * 5
     batch = llm_f32.generate(_prompts(5) + ["Tell me about cats"], others + [p])
     assert alone == again == batch[-1].outputs[0].token_ids
-    other_seed = SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=12,
-                                ignore_eos=True)
+    other_seed = SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=12, ignore_eos=True)
     assert llm_f32.generate("Tell me about cats", other_seed)[0].outputs[0].token_ids != alone
 
 
@@ -102,9 +108,11 @@ def test_n_samples_logprobs_and_finish_reasons(llm_f32):
             assert tok in lp and len(lp) <= 4 and lp[tok].logprob <= 0
             top = [v for v in lp.values() if v.rank == 1]
             assert top and top[0].logprob >= lp[tok].logprob
-        assert math.isclose(o.cumulative_logprob,
-                            sum(lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs)),
-                            rel_tol=1e-5)
+        assert math.isclose(
+            o.cumulative_logprob,
+            sum(lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs)),
+            rel_tol=1e-5,
+        )
 
 
 def test_stop_string_not_emitted_and_text_matches_tokens(llm_f32):
@@ -112,8 +120,9 @@ def test_stop_string_not_emitted_and_text_matches_tokens(llm_f32):
     full = base.outputs[0].text
     stop = full[5:8]
     assert stop and stop in full
-    out = llm_f32.generate("def add(a, b):", SamplingParams(temperature=0, max_tokens=24,
-                                                            stop=[stop]))[0].outputs[0]
+    out = llm_f32.generate(
+        "def add(a, b):", SamplingParams(temperature=0, max_tokens=24, stop=[stop])
+    )[0].outputs[0]
     assert out.text == full[: full.index(stop)]
     assert out.finish_reason == "stop" and out.stop_reason == stop
 
@@ -124,13 +133,15 @@ def test_min_tokens_and_stop_token_ids(llm_f32):
     out = llm_f32.chat(chat, SamplingParams(temperature=0, max_tokens=64))[0].outputs[0]
     assert out.finish_reason == "stop" and out.token_ids[-1] in tok.eos_token_ids
     n = len(out.token_ids)
-    longer = llm_f32.chat(chat, SamplingParams(temperature=0, max_tokens=64, min_tokens=n + 3)
-                          )[0].outputs[0]
+    longer = llm_f32.chat(chat, SamplingParams(temperature=0, max_tokens=64, min_tokens=n + 3))[
+        0
+    ].outputs[0]
     assert len(longer.token_ids) >= n + 3
     assert not set(longer.token_ids[: n + 2]) & tok.eos_token_ids
     first = out.token_ids[0]
-    stopped = llm_f32.chat(chat, SamplingParams(temperature=0, max_tokens=64,
-                                                stop_token_ids=[first]))[0].outputs[0]
+    stopped = llm_f32.chat(
+        chat, SamplingParams(temperature=0, max_tokens=64, stop_token_ids=[first])
+    )[0].outputs[0]
     assert stopped.token_ids == [first] and stopped.stop_reason == first
 
 
@@ -150,15 +161,18 @@ def test_streaming_deltas_add_up_and_closing_aborts(llm_f32):
     assert kv.num_free_blocks == kv.block_pool.num_blocks
 
 
-@pytest.mark.parametrize("bad", [
-    dict(prompt=""),
-    dict(prompt=[]),
-    dict(prompt="word " * 3000),
-    dict(prompt=[10**7]),
-    dict(prompt="hi", stop_token_ids=[10**9], min_tokens=2),
-    dict(prompt="hi", logprobs=10**7),
-    dict(prompt="hi", n=10**6),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(prompt=""),
+        dict(prompt=[]),
+        dict(prompt="word " * 3000),
+        dict(prompt=[10**7]),
+        dict(prompt="hi", stop_token_ids=[10**9], min_tokens=2),
+        dict(prompt="hi", logprobs=10**7),
+        dict(prompt="hi", n=10**6),
+    ],
+)
 def test_bad_prompts_rejected_others_keep_running(llm_f32, bad):
     engine = llm_f32.engine
     good = engine.add_request(None, "Hello there", SamplingParams(max_tokens=6, ignore_eos=True))
@@ -181,9 +195,19 @@ def test_prompt_over_context_error_says_numbers(llm_f32):
         llm_f32.generate("word " * 3000)
 
 
-@pytest.mark.parametrize("kwargs", [dict(max_tokens=0), dict(max_tokens=-3), dict(top_p=0.0),
-                                    dict(top_p=1.5), dict(temperature=-0.1), dict(n=0),
-                                    dict(min_p=2.0), dict(top_k=-5)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(max_tokens=0),
+        dict(max_tokens=-3),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(temperature=-0.1),
+        dict(n=0),
+        dict(min_p=2.0),
+        dict(top_k=-5),
+    ],
+)
 def test_bad_sampling_params(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
@@ -229,8 +253,13 @@ def test_unknown_engine_option():
 
 
 def test_prefix_caching_reuses_blocks_and_keeps_outputs(alone_outputs):
-    llm = LLM(dtype="float32", max_model_len=256, enable_prefix_caching=True,
-              kv_cache_memory_gib=0.5, quantization="none")
+    llm = LLM(
+        dtype="float32",
+        max_model_len=256,
+        enable_prefix_caching=True,
+        kv_cache_memory_gib=0.5,
+        quantization="none",
+    )
     prompts = _prompts(32)
     first = llm.generate(prompts, GREEDY)
     second = llm.generate(prompts, GREEDY)  # every full prompt block is now cached

@@ -105,14 +105,23 @@ def _output(text: str, ids: list[int], delta: str, finished: bool = False):
     """A one-sample output whose last token brought `delta` (the end of `text`)."""
     from tokenmill.outputs import CompletionOutput, RequestOutput
 
-    o = CompletionOutput(0, text, list(ids), None, None, "length" if finished else None,
-                         delta_text=delta, delta_token_ids=ids[-1:])
+    o = CompletionOutput(
+        0,
+        text,
+        list(ids),
+        None,
+        None,
+        "length" if finished else None,
+        delta_text=delta,
+        delta_token_ids=ids[-1:],
+    )
     return RequestOutput("r", None, [1], [o], finished)
 
 
 def test_slow_reader_gets_merged_deltas_in_one_slot():
     """100 steps arrive before the reader looks: one merged output is held (O(output)), whose
     delta is every step's delta joined, then the final one."""
+
     async def main():
         fake = _FakeEngine()
         stream = RequestStream(fake, "r", asyncio.get_running_loop(), stall_timeout=1e9)

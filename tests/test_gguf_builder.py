@@ -141,20 +141,27 @@ def test_random_blocks_edge_values():
     q6k = random_blocks(QT.Q6_K, 16, 512, rng, extreme=True).reshape(-1, 210)
     assert (q6k[:, 192:208].view(np.int8) == -128).any()
     again = random_blocks(QT.Q6_K, 16, 512, np.random.default_rng(3), extreme=True)
-    assert np.array_equal(again, random_blocks(QT.Q6_K, 16, 512, np.random.default_rng(3),
-                                               extreme=True))
+    assert np.array_equal(
+        again, random_blocks(QT.Q6_K, 16, 512, np.random.default_rng(3), extreme=True)
+    )
 
 
-@pytest.mark.parametrize("qtype,tie", [(QT.Q4_K, True), (QT.Q8_0, False)],
-                         ids=["Q4_K-tied", "Q8_0-untied"])
+@pytest.mark.parametrize(
+    "qtype,tie", [(QT.Q4_K, True), (QT.Q8_0, False)], ids=["Q4_K-tied", "Q8_0-untied"]
+)
 def test_tiny_llama_gguf_layout(tmp_path, qtype, tie):
     path = write_tiny_llama_gguf(tmp_path / "m.gguf", qtype, tie_embeddings=tie, layers=1)
     reader = GGUFReader(str(path))
     tensors = {t.name: t for t in reader.tensors}
-    expected = {"token_embd.weight", "output_norm.weight", "blk.0.attn_norm.weight",
-                "blk.0.ffn_norm.weight"} | {f"blk.0.{n}.weight" for n in (
-                    "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
-                    "ffn_down")}
+    expected = {
+        "token_embd.weight",
+        "output_norm.weight",
+        "blk.0.attn_norm.weight",
+        "blk.0.ffn_norm.weight",
+    } | {
+        f"blk.0.{n}.weight"
+        for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+    }
     assert set(tensors) == expected | ({"output.weight"} if not tie else set())
     for name, t in tensors.items():
         want = QT.F32 if name.endswith("norm.weight") else qtype

@@ -36,16 +36,18 @@ def tiny_files(tmp_path_factory):
     files = {}
     for q in ALL_TYPES:
         (root / q.name).mkdir()
-        files[q] = write_tiny_llama_gguf(root / q.name / "model.gguf", q, seed=int(q),
-                                         tie_embeddings=int(q) % 2 == 0)
+        files[q] = write_tiny_llama_gguf(
+            root / q.name / "model.gguf", q, seed=int(q), tie_embeddings=int(q) % 2 == 0
+        )
     return files
 
 
 def _hf_model(path: Path):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
@@ -58,8 +60,13 @@ def test_tiny_model_matches_transformers(tiny_files, qtype):
     hf = _hf_model(path)
     tok = engine.tokenizer
     prompts = [tok.encode(p) for p in PROMPTS]
-    runner = ModelRunner(engine.model, num_blocks=32, block_size=16, kv_dtype=torch.float32,
-                         device=torch.device("cpu"))
+    runner = ModelRunner(
+        engine.model,
+        num_blocks=32,
+        block_size=16,
+        kv_dtype=torch.float32,
+        device=torch.device("cpu"),
+    )
     got = paged_logits(runner, prompts, [[len(p)] for p in prompts])
     for ids, logits in zip(prompts, got):
         with torch.no_grad():
@@ -74,12 +81,21 @@ def test_tiny_model_matches_transformers(tiny_files, qtype):
     # Greedy generation: identical up to the first step where transformers' margin is unclear.
     ids = prompts[0]
     with torch.no_grad():
-        out = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
-                          output_scores=True, return_dict_in_generate=True,
-                          eos_token_id=None, pad_token_id=0)
-    expected = out.sequences[0, len(ids):].tolist()
-    mine = llm.generate([ids], SamplingParams(temperature=0, max_tokens=12,
-                                              ignore_eos=True))[0].outputs[0].token_ids
+        out = hf.generate(
+            torch.tensor([ids]),
+            max_new_tokens=12,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    expected = out.sequences[0, len(ids) :].tolist()
+    mine = (
+        llm.generate([ids], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+        .outputs[0]
+        .token_ids
+    )
     for step, scores in enumerate(out.scores):
         top2 = scores[0].topk(2).values
         if (top2[0] - top2[1]).item() < 2 * 0.12 * scores[0].std().item():
@@ -146,8 +162,13 @@ print(before, after, os.path.getsize(default_model_path()))
 
 
 def test_loading_memory_is_close_to_file_plus_kv():
-    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True,
-                         timeout=300, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     before, after, file_size = map(int, out.stdout.split()[-3:])
     budget = file_size + 0.25 * (1 << 30)
     assert after - before <= 1.3 * budget, (after - before) / budget
@@ -168,8 +189,9 @@ def test_cpp_decode_loop_matches_python_layers():
         model.decode_stack = stack
     for a, b in zip(with_loop, without):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        assert [d[t].logprob for d, t in zip(a.outputs[0].logprobs, a.outputs[0].token_ids)] == \
-            [d[t].logprob for d, t in zip(b.outputs[0].logprobs, b.outputs[0].token_ids)]
+        assert [d[t].logprob for d, t in zip(a.outputs[0].logprobs, a.outputs[0].token_ids)] == [
+            d[t].logprob for d, t in zip(b.outputs[0].logprobs, b.outputs[0].token_ids)
+        ]
 
 
 def test_native_batching_matches_alone():

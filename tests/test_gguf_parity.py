@@ -19,26 +19,38 @@ PLAIN_PROMPTS = [
 ]
 CHATS = [
     [{"role": "user", "content": "What is 2 + 2?"}],
-    [{"role": "system", "content": "You are terse."},
-     {"role": "user", "content": "Name a fruit that is yellow."}],
+    [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Name a fruit that is yellow."},
+    ],
     [{"role": "user", "content": "Write a haiku about the sea."}],
 ]
 
 
 def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
-                             dtype=torch.long), max_new_tokens=n, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
-    return out[0, len(ids):].tolist()
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[0, len(ids) :].tolist()
 
 
 def test_gguf_logits_match_transformers(llm_f32, hf_gguf_model):
     engine = llm_f32.engine
     tok = engine.tokenizer
     prompts = [tok.encode(p) for p in PLAIN_PROMPTS[:3]]
-    runner = ModelRunner(engine.model, num_blocks=64, block_size=16, kv_dtype=torch.float32,
-                         device=torch.device("cpu"))
+    runner = ModelRunner(
+        engine.model,
+        num_blocks=64,
+        block_size=16,
+        kv_dtype=torch.float32,
+        device=torch.device("cpu"),
+    )
     got = paged_logits(runner, prompts, [[len(p)] for p in prompts])
     for ids, logits in zip(prompts, got):
         with torch.no_grad():

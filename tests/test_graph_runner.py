@@ -26,8 +26,14 @@ class CountingGraph(EagerGraph):
 
 
 def _llm(path) -> LLM:
-    return LLM(str(path), dtype="float32", num_kv_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE,
-               max_num_seqs=MAX_SEQS, max_model_len=128)
+    return LLM(
+        str(path),
+        dtype="float32",
+        num_kv_blocks=NUM_BLOCKS,
+        block_size=BLOCK_SIZE,
+        max_num_seqs=MAX_SEQS,
+        max_model_len=128,
+    )
 
 
 def test_capture_sizes():
@@ -42,8 +48,10 @@ def test_graph_replay_matches_eager_at_every_size(tiny, monkeypatch):  # noqa: F
     prompts = [[5 + (7 * i + j) % 150 for j in range(3 + 2 * i)] for i in range(MAX_SEQS)]
     # Lengths 3, 5, ..., 17: the batch shrinks one row at a time, so sizes 8, 4, 2 and 1 all
     # replay with padding rows; two rows sample with seeds from the graph's logits.
-    params = [SamplingParams(temperature=0, max_tokens=3 + 2 * i, ignore_eos=True)
-              for i in range(MAX_SEQS)]
+    params = [
+        SamplingParams(temperature=0, max_tokens=3 + 2 * i, ignore_eos=True)
+        for i in range(MAX_SEQS)
+    ]
     params[2] = SamplingParams(temperature=1.0, seed=11, max_tokens=7, ignore_eos=True)
     params[5] = SamplingParams(temperature=0.8, top_k=5, seed=3, max_tokens=13, ignore_eos=True)
     expected = [o.outputs[0].token_ids for o in _llm(path).generate(prompts, params)]
@@ -51,15 +59,23 @@ def test_graph_replay_matches_eager_at_every_size(tiny, monkeypatch):  # noqa: F
     llm = _llm(path)
     engine = llm.engine
     assert engine.runner.graphs is None  # no graphs on the CPU by default
-    engine.runner = ModelRunner(engine.model, NUM_BLOCKS, BLOCK_SIZE, torch.float32,
-                                torch.device("cpu"), engine.max_model_len, MAX_SEQS,
-                                graph_factory=CountingGraph)
+    engine.runner = ModelRunner(
+        engine.model,
+        NUM_BLOCKS,
+        BLOCK_SIZE,
+        torch.float32,
+        torch.device("cpu"),
+        engine.max_model_len,
+        MAX_SEQS,
+        graph_factory=CountingGraph,
+    )
     graphs = engine.runner.graphs
     assert sorted(graphs.graphs) == [1, 2, 4, 8]
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert got == expected
     assert all(g.replays > 0 for g in graphs.graphs.values()), {
-        s: g.replays for s, g in graphs.graphs.items()}
+        s: g.replays for s, g in graphs.graphs.items()
+    }
     # the last replay (one real row) ran its padding rows with slot -1: no KV write
     assert torch.all(graphs.static.slot_mapping[1:] == -1)
 
@@ -68,9 +84,16 @@ def test_backends_without_graph_support_never_capture(tiny, monkeypatch):  # noq
     monkeypatch.setenv("TOKENMILL_BACKEND", "torch")
     path, _ = tiny
     engine = _llm(path).engine
-    runner = ModelRunner(engine.model, NUM_BLOCKS, BLOCK_SIZE, torch.float32,
-                         torch.device("cpu"), engine.max_model_len, MAX_SEQS,
-                         graph_factory=CountingGraph)
+    runner = ModelRunner(
+        engine.model,
+        NUM_BLOCKS,
+        BLOCK_SIZE,
+        torch.float32,
+        torch.device("cpu"),
+        engine.max_model_len,
+        MAX_SEQS,
+        graph_factory=CountingGraph,
+    )
     assert runner.graphs is None
 
 
@@ -83,5 +106,4 @@ def test_profile_forward_runs_the_largest_step_on_every_backend(tiny, monkeypatc
     for backend in ("torch", "cpu", "triton"):
         monkeypatch.setenv("TOKENMILL_BACKEND", backend)
         model = _llm(path).engine.model
-        assert profile_forward(model, 37, 8, BLOCK_SIZE, torch.float32,
-                               torch.device("cpu")) == 0
+        assert profile_forward(model, 37, 8, BLOCK_SIZE, torch.float32, torch.device("cpu")) == 0

@@ -9,14 +9,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "tokenmill"
 RANK = {
-    "errors": 0, "config": 0, "outputs": 0, "sampling_params": 0,
-    "core": 1, "kernels": 1, "quant": 1, "sample": 1,  # core: pure Python, no torch
+    "errors": 0,
+    "config": 0,
+    "outputs": 0,
+    "sampling_params": 0,
+    "core": 1,
+    "kernels": 1,
+    "quant": 1,
+    "sample": 1,  # core: pure Python, no torch
     "layers": 2,
     "models": 3,
-    "loader": 4, "worker": 4,
+    "loader": 4,
+    "worker": 4,
     "engine": 5,
-    "server": 6, "bench": 6,
-    "cli": 7, "__init__": 7,
+    "server": 6,
+    "bench": 6,
+    "cli": 7,
+    "__init__": 7,
     "__main__": 8,
 }
 
@@ -50,6 +59,7 @@ def test_every_package_imports_only_lower_layers():
 
 def test_the_scan_sees_function_level_imports(tmp_path):
     f = tmp_path / "m.py"
-    f.write_text("def f():\n    from tokenmill.engine.llm import LLM\n"
-                 "    import tokenmill.core.x\n")
+    f.write_text(
+        "def f():\n    from tokenmill.engine.llm import LLM\n    import tokenmill.core.x\n"
+    )
     assert _imports(f) == {"engine", "core"}

@@ -18,8 +18,15 @@ def _llama_like(cls_name: str, **extra):
 
     cfg_cls = getattr(transformers, cls_name.replace("ForCausalLM", "Config"))
     model_cls = getattr(transformers, cls_name)
-    base = dict(vocab_size=160, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    base = dict(
+        vocab_size=160,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     base.update(extra)
     return model_cls(cfg_cls(**base))
 
@@ -27,15 +34,24 @@ def _llama_like(cls_name: str, **extra):
 def _gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    return GPT2LMHeadModel(GPT2Config(vocab_size=160, n_embd=64, n_layer=2, n_head=4,
-                                      n_positions=256))
+    return GPT2LMHeadModel(
+        GPT2Config(vocab_size=160, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+    )
 
 
 ARCHS = {
     "llama": lambda: _llama_like("LlamaForCausalLM", tie_word_embeddings=False),
-    "llama3-rope": lambda: _llama_like("LlamaForCausalLM", rope_parameters={
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+    "llama3-rope": lambda: _llama_like(
+        "LlamaForCausalLM",
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    ),
     "mistral": lambda: _llama_like("MistralForCausalLM", head_dim=16),
     "qwen2": lambda: _llama_like("Qwen2ForCausalLM", tie_word_embeddings=True),
     "qwen3": lambda: _llama_like("Qwen3ForCausalLM", head_dim=32, tie_word_embeddings=True),
@@ -64,8 +80,9 @@ def checkpoint(request, tmp_path_factory):
 
 def _runner(path) -> ModelRunner:
     model, _ = load_model(resolve_model(str(path)), torch.float32, progress=False)
-    return ModelRunner(model, num_blocks=64, block_size=4, kv_dtype=torch.float32,
-                       device=torch.device("cpu"))
+    return ModelRunner(
+        model, num_blocks=64, block_size=4, kv_dtype=torch.float32, device=torch.device("cpu")
+    )
 
 
 def _reference_logits(model, ids: list[int]) -> torch.Tensor:
@@ -131,8 +148,9 @@ def test_bfloat16_path_close_to_float32(checkpoint, bf16_mode):
     prompt = torch.randint(0, 160, (24,), generator=g).tolist()
     ref = paged_logits(_runner(path), [prompt], [[24]])[0]
     model, _ = load_model(resolve_model(str(path)), torch.bfloat16, progress=False)
-    runner = ModelRunner(model, num_blocks=64, block_size=4, kv_dtype=torch.bfloat16,
-                         device=torch.device("cpu"))
+    runner = ModelRunner(
+        model, num_blocks=64, block_size=4, kv_dtype=torch.bfloat16, device=torch.device("cpu")
+    )
     got = paged_logits(runner, [prompt], [[10, 1, 13]])[0]
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, ref, atol=0.05, rtol=0.05)

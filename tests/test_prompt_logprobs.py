@@ -16,8 +16,10 @@ from tokenmill.engine.perplexity import perplexity, sliding_windows
 
 ATOL = 5e-5
 VOCAB = 160
-TEXT = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs! "
-        "How vexingly quick daft zebras jump.")
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs! "
+    "How vexingly quick daft zebras jump."
+)
 
 
 def _char_tokenizer():
@@ -38,9 +40,16 @@ def tiny(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=112,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=256, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg).eval()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # larger weights than the default init: a peaked distribution
@@ -89,8 +98,12 @@ def _flat(plps) -> list[tuple[int, float]]:
 
 def test_sampling_params_validation():
     assert SamplingParams(prompt_logprobs=20, max_tokens=0).max_tokens == 0
-    for bad in (dict(prompt_logprobs=21), dict(prompt_logprobs=-1), dict(max_tokens=0),
-                dict(prompt_logprobs=1.5)):
+    for bad in (
+        dict(prompt_logprobs=21),
+        dict(prompt_logprobs=-1),
+        dict(max_tokens=0),
+        dict(prompt_logprobs=1.5),
+    ):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
 
@@ -99,10 +112,12 @@ def test_prompt_logprobs_match_transformers(tiny):
     path, model = tiny
     llm = _engine(path)
     prompts = _prompts()
-    params = [SamplingParams(prompt_logprobs=3, max_tokens=2, temperature=0, ignore_eos=True),
-              SamplingParams(prompt_logprobs=0, max_tokens=0),
-              SamplingParams(max_tokens=3, temperature=0, ignore_eos=True),  # off: no extra
-              SamplingParams(prompt_logprobs=5, max_tokens=1, ignore_eos=True)]
+    params = [
+        SamplingParams(prompt_logprobs=3, max_tokens=2, temperature=0, ignore_eos=True),
+        SamplingParams(prompt_logprobs=0, max_tokens=0),
+        SamplingParams(max_tokens=3, temperature=0, ignore_eos=True),  # off: no extra
+        SamplingParams(prompt_logprobs=5, max_tokens=1, ignore_eos=True),
+    ]
     outs = llm.generate(prompts, params)
     _check_against_reference(model, prompts[0], outs[0].prompt_logprobs, 3)
     _check_against_reference(model, prompts[1], outs[1].prompt_logprobs, 0)
@@ -115,8 +130,9 @@ def test_prompt_logprobs_match_transformers(tiny):
     alone = llm.generate(prompts[0], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
     assert outs[0].outputs[0].token_ids == alone[0].outputs[0].token_ids
     # n samples share one prompt_logprobs list, computed once
-    n2 = llm.generate(prompts[2], SamplingParams(n=2, prompt_logprobs=1, max_tokens=2,
-                                                 ignore_eos=True, seed=3))[0]
+    n2 = llm.generate(
+        prompts[2], SamplingParams(n=2, prompt_logprobs=1, max_tokens=2, ignore_eos=True, seed=3)
+    )[0]
     assert len(n2.outputs) == 2
     _check_against_reference(model, prompts[2], n2.prompt_logprobs, 1)
     # a prompt as long as the context can be scored when nothing is generated
@@ -143,8 +159,13 @@ def test_chunked_prefill_and_preemption_give_the_same_logprobs(tiny):
     # recomputed; its prompt logprobs are still reported once each
     a, b = _prompts()[0][:30], _prompts()[2]
     llm = _engine(path, num_kv_blocks=10, max_num_batched_tokens=8)
-    outs = llm.generate([a, b], [SamplingParams(max_tokens=8, ignore_eos=True, temperature=0),
-                                 SamplingParams(prompt_logprobs=2, max_tokens=1)])
+    outs = llm.generate(
+        [a, b],
+        [
+            SamplingParams(max_tokens=8, ignore_eos=True, temperature=0),
+            SamplingParams(prompt_logprobs=2, max_tokens=1),
+        ],
+    )
     assert llm.engine.scheduler.num_preemptions_total > 0
     _check_against_reference(model, b, outs[1].prompt_logprobs, 2)
 
@@ -190,8 +211,7 @@ def test_perplexity_matches_transformers(tiny, capsys):
     assert res.tokens_per_second > 0
     short = perplexity(llm, ids, context_length=24, max_tokens=50)  # stride 12
     assert short.num_scored_tokens == 49 and short.stride == 12
-    assert short.perplexity == pytest.approx(_hf_perplexity(model, ids[:50], 24, 12)[0],
-                                             rel=1e-4)
+    assert short.perplexity == pytest.approx(_hf_perplexity(model, ids[:50], 24, 12)[0], rel=1e-4)
     with pytest.raises(ValueError, match="stride"):
         perplexity(llm, TEXT, context_length=24, stride=24)
 
@@ -200,13 +220,32 @@ def test_perplexity_matches_transformers(tiny, capsys):
 
     text_file = path / "text.txt"
     text_file.write_text(TEXT)
-    rc = main(["--log-level", "WARNING", "perplexity", str(path), str(text_file),
-               "--context-length", "24", "--stride", "10", "--dtype", "float32",
-               "--num-kv-blocks", "64", "--block-size", "4"])
+    rc = main(
+        [
+            "--log-level",
+            "WARNING",
+            "perplexity",
+            str(path),
+            str(text_file),
+            "--context-length",
+            "24",
+            "--stride",
+            "10",
+            "--dtype",
+            "float32",
+            "--num-kv-blocks",
+            "64",
+            "--block-size",
+            "4",
+        ]
+    )
     assert rc == 0
-    lines = dict(line.split(None, 1) if not line.startswith("tokens ") else
-                 ("tokens " + line.split()[1], line.split()[2])
-                 for line in capsys.readouterr().out.splitlines())
+    lines = dict(
+        line.split(None, 1)
+        if not line.startswith("tokens ")
+        else ("tokens " + line.split()[1], line.split()[2])
+        for line in capsys.readouterr().out.splitlines()
+    )
     assert float(lines["perplexity"]) == pytest.approx(expected, rel=1e-3)
     assert int(lines["tokens scored"]) == count
 
@@ -219,8 +258,15 @@ def test_server_echo_with_logprobs(tiny):
         ids = _char_tokenizer().encode(prompt).ids
         assert len(ids) == len(prompt)
         ref = _reference(model, ids)
-        body = {"model": "tiny", "prompt": prompt, "echo": True, "logprobs": 2, "max_tokens": 3,
-                "temperature": 0, "ignore_eos": True}
+        body = {
+            "model": "tiny",
+            "prompt": prompt,
+            "echo": True,
+            "logprobs": 2,
+            "max_tokens": 3,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
         r = httpx.post(srv.url + "/v1/completions", json=body, timeout=60)
         assert r.status_code == 200, r.text
         choice = r.json()["choices"][0]
@@ -232,7 +278,7 @@ def test_server_echo_with_logprobs(tiny):
         for p in range(1, len(ids)):
             assert lp["token_logprobs"][p] == pytest.approx(ref[p - 1, ids[p]].item(), abs=ATOL)
             assert len(lp["top_logprobs"][p]) == 2
-        assert all(len(t) == 2 for t in lp["top_logprobs"][len(ids):])
+        assert all(len(t) == 2 for t in lp["top_logprobs"][len(ids) :])
         assert r.json()["usage"]["completion_tokens"] == 3
 
         # streaming, prompt only (max_tokens 0): the first chunk carries the echo + logprobs
@@ -244,8 +290,11 @@ def test_server_echo_with_logprobs(tiny):
         assert chunks[0]["text"] == prompt and chunks[-1]["finish_reason"] == "length"
         assert chunks[0]["logprobs"]["token_logprobs"] == lp["token_logprobs"][: len(ids)]
 
-        no_echo = httpx.post(srv.url + "/v1/completions", timeout=60, json={
-            "model": "tiny", "prompt": prompt, "max_tokens": 0})
+        no_echo = httpx.post(
+            srv.url + "/v1/completions",
+            timeout=60,
+            json={"model": "tiny", "prompt": prompt, "max_tokens": 0},
+        )
         assert no_echo.status_code == 400 and no_echo.json()["error"]["param"] == "max_tokens"
     finally:
         srv.stop()

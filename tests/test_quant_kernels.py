@@ -100,8 +100,8 @@ def _run(ops, raw, qtype, n, k, x, bias=None, out_dtype=None):
     if bias is not None:
         b = torch.cat([bias, bias.new_zeros(gp.padded_rows(n) - n)])
     ops.quant_gemm(xq, meta, packed, int(qtype), n, y, 3, b)
-    assert torch.all(y[:, :3] == 7) and torch.all(y[:, 3 + n:] == 7)  # writes only its columns
-    return y[:, 3: 3 + n], xq, meta
+    assert torch.all(y[:, :3] == 7) and torch.all(y[:, 3 + n :] == 7)  # writes only its columns
+    return y[:, 3 : 3 + n], xq, meta
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)

@@ -30,8 +30,15 @@ def server():
 @pytest.fixture(scope="module")
 def auth_server():
     # Tiny batch and queue so overload is easy to provoke.
-    srv = ServerProcess("--max-num-seqs", "1", "--max-queued-requests", "1",
-                        "--max-request-bytes", "20000", api_key="sekrit")
+    srv = ServerProcess(
+        "--max-num-seqs",
+        "1",
+        "--max-queued-requests",
+        "1",
+        "--max-request-bytes",
+        "20000",
+        api_key="sekrit",
+    )
     yield srv
     srv.stop()
 
@@ -72,13 +79,13 @@ def test_completion_greedy_equals_llm_generate(client, llm_f32):
 def test_completion_list_prompts_token_ids_echo_n2(client, llm_f32):
     tok = llm_f32.get_tokenizer()
     ids = tok.encode("Once upon a time")
-    r = client.completions.create(model=MODEL, prompt=["Hi there", "Two plus two"], n=2,
-                                  max_tokens=5, temperature=0.8, seed=3)
+    r = client.completions.create(
+        model=MODEL, prompt=["Hi there", "Two plus two"], n=2, max_tokens=5, temperature=0.8, seed=3
+    )
     assert [c.index for c in r.choices] == [0, 1, 2, 3]
     assert 4 <= r.usage.completion_tokens <= 20
     assert r.usage.prompt_tokens == len(tok.encode("Hi there")) + len(tok.encode("Two plus two"))
-    r = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0,
-                                  echo=True)
+    r = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0, echo=True)
     expected = _expected(llm_f32, ids, temperature=0, max_tokens=6)
     assert r.choices[0].text == "Once upon a time" + expected
     r = client.completions.create(model=MODEL, prompt=[ids, ids], max_tokens=4, temperature=0)
@@ -86,8 +93,9 @@ def test_completion_list_prompts_token_ids_echo_n2(client, llm_f32):
 
 
 def test_completion_logprobs_and_stop(client, llm_f32):
-    r = client.completions.create(model=MODEL, prompt="def add(a, b):", max_tokens=8,
-                                  temperature=0, logprobs=3)
+    r = client.completions.create(
+        model=MODEL, prompt="def add(a, b):", max_tokens=8, temperature=0, logprobs=3
+    )
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 8
     for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
@@ -95,8 +103,9 @@ def test_completion_logprobs_and_stop(client, llm_f32):
     assert "".join(lp.tokens) == r.choices[0].text
     full = r.choices[0].text
     stop = full[3:6]
-    r2 = client.completions.create(model=MODEL, prompt="def add(a, b):", max_tokens=8,
-                                   temperature=0, stop=[stop])
+    r2 = client.completions.create(
+        model=MODEL, prompt="def add(a, b):", max_tokens=8, temperature=0, stop=[stop]
+    )
     assert r2.choices[0].text == full[: full.index(stop)]
     assert r2.choices[0].finish_reason == "stop"
 
@@ -110,20 +119,32 @@ def test_seed_reproducible(client):
 
 
 def test_chat_stream_and_non_stream_agree(client, llm_f32):
-    msgs = [{"role": "system", "content": "You are terse."},
-            {"role": "user", "content": [{"type": "text", "text": "Name a color."}]}]
-    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=24,
-                                       temperature=0)
+    msgs = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": [{"type": "text", "text": "Name a color."}]},
+    ]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=24, temperature=0)
     assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
     msg = r.choices[0].message
     assert msg.role == "assistant"
-    ids = llm_f32.encode_chat([{"role": "system", "content": "You are terse."},
-                               {"role": "user", "content": "Name a color."}])[1]
+    ids = llm_f32.encode_chat(
+        [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Name a color."},
+        ]
+    )[1]
     assert msg.content == _expected(llm_f32, ids, temperature=0, max_tokens=24)
     assert r.usage.prompt_tokens == len(ids)
-    chunks = list(client.chat.completions.create(
-        model=MODEL, messages=msgs, max_tokens=24, temperature=0, stream=True,
-        stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=msgs,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -135,8 +156,15 @@ def test_chat_stream_and_non_stream_agree(client, llm_f32):
 
 def test_chat_n2_logprobs_max_completion_tokens(client):
     r = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Say something."}], n=2,
-        max_completion_tokens=6, temperature=1.0, seed=1, logprobs=True, top_logprobs=2)
+        model=MODEL,
+        messages=[{"role": "user", "content": "Say something."}],
+        n=2,
+        max_completion_tokens=6,
+        temperature=1.0,
+        seed=1,
+        logprobs=True,
+        top_logprobs=2,
+    )
     assert [c.index for c in r.choices] == [0, 1]
     for c in r.choices:
         assert c.finish_reason == "length"
@@ -149,8 +177,14 @@ def test_chat_n2_logprobs_max_completion_tokens(client):
 
 
 def test_completion_stream_with_usage_then_done(server):
-    body = {"model": MODEL, "prompt": "Count: 1, 2,", "max_tokens": 10, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": MODEL,
+        "prompt": "Count: 1, 2,",
+        "max_tokens": 10,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     lines = []
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
         assert r.status_code == 200
@@ -164,18 +198,25 @@ def test_completion_stream_with_usage_then_done(server):
 
 def test_64_concurrent_streams(server, llm_f32):
     prompts = [f"Fact number {i}:" for i in range(4)]
-    expected = {p: _expected(llm_f32, p, temperature=0, max_tokens=12, ignore_eos=True)
-                for p in prompts}
+    expected = {
+        p: _expected(llm_f32, p, temperature=0, max_tokens=12, ignore_eos=True) for p in prompts
+    }
 
     async def one(client: openai.AsyncOpenAI, p: str) -> tuple[str, str]:
-        stream = await client.completions.create(model=MODEL, prompt=p, max_tokens=12,
-                                                 temperature=0, stream=True,
-                                                 extra_body={"ignore_eos": True})
+        stream = await client.completions.create(
+            model=MODEL,
+            prompt=p,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
         return p, "".join([c.choices[0].text async for c in stream if c.choices])
 
     async def main() -> list[tuple[str, str]]:
-        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0,
-                                    timeout=300)
+        client = openai.AsyncOpenAI(
+            base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=300
+        )
         return await asyncio.gather(*(one(client, prompts[i % 4]) for i in range(64)))
 
     results = asyncio.run(main())
@@ -187,15 +228,22 @@ def test_64_concurrent_streams(server, llm_f32):
 
 # ---- disconnects -----------------------------------------------------------------------
 def _long_stream_body() -> dict:
-    return {"model": MODEL, "prompt": "Write a very long essay about the sea.",
-            "max_tokens": 500, "stream": True, "ignore_eos": True}
+    return {
+        "model": MODEL,
+        "prompt": "Write a very long essay about the sea.",
+        "max_tokens": 500,
+        "stream": True,
+        "ignore_eos": True,
+    }
 
 
 def test_disconnect_raw_socket(server):
     payload = json.dumps(_long_stream_body()).encode()
     sock = socket.create_connection(("127.0.0.1", server.port))
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-                 b"\r\nContent-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+        b"\r\nContent-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload
+    )
     assert b"data:" in sock.recv(4096) or b"data:" in sock.recv(4096)
     assert server.metric("tokenmill_kv_cache_usage_perc") > 0
     sock.close()
@@ -203,8 +251,9 @@ def test_disconnect_raw_socket(server):
 
 
 def test_disconnect_httpx_stream_close(server):
-    with httpx.stream("POST", server.url + "/v1/completions", json=_long_stream_body(),
-                      timeout=60) as r:
+    with httpx.stream(
+        "POST", server.url + "/v1/completions", json=_long_stream_body(), timeout=60
+    ) as r:
         for line in r.iter_lines():
             if line.startswith("data:"):
                 break
@@ -214,8 +263,12 @@ def test_disconnect_httpx_stream_close(server):
 def test_disconnect_openai_sdk_stream_close(server):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
     stream = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Write a long poem."}],
-        max_tokens=500, stream=True, extra_body={"ignore_eos": True})
+        model=MODEL,
+        messages=[{"role": "user", "content": "Write a long poem."}],
+        max_tokens=500,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
     next(iter(stream))
     stream.close()
     server.wait_idle()
@@ -223,8 +276,11 @@ def test_disconnect_openai_sdk_stream_close(server):
 
 def test_disconnect_non_streaming(server):
     with pytest.raises(httpx.TimeoutException):
-        httpx.post(server.url + "/v1/completions", timeout=1.5,
-                   json={**_long_stream_body(), "stream": False, "max_tokens": 900})
+        httpx.post(
+            server.url + "/v1/completions",
+            timeout=1.5,
+            json={**_long_stream_body(), "stream": False, "max_tokens": 900},
+        )
     server.wait_idle()
 
 
@@ -236,12 +292,21 @@ def _err(r: httpx.Response, status: int) -> dict:
     return err
 
 
-@pytest.mark.parametrize("patch,param", [
-    ({"temperature": -1}, None), ({"top_p": 1.5}, None), ({"n": 0}, None),
-    ({"max_tokens": 0}, None), ({"prompt": ""}, None), ({"logprobs": 50}, "logprobs"),
-    ({"suffix": "x"}, "suffix"), ({"bogus": 1}, "bogus"), ({"prompt": [10 ** 9]}, None),
-    ({"stop": 5}, "stop"),
-])
+@pytest.mark.parametrize(
+    "patch,param",
+    [
+        ({"temperature": -1}, None),
+        ({"top_p": 1.5}, None),
+        ({"n": 0}, None),
+        ({"max_tokens": 0}, None),
+        ({"prompt": ""}, None),
+        ({"logprobs": 50}, "logprobs"),
+        ({"suffix": "x"}, "suffix"),
+        ({"bogus": 1}, "bogus"),
+        ({"prompt": [10**9]}, None),
+        ({"stop": 5}, "stop"),
+    ],
+)
 def test_invalid_completion_params(server, patch, param):
     body = {"model": MODEL, "prompt": "hi", "max_tokens": 4, **patch}
     err = _err(httpx.post(server.url + "/v1/completions", json=body), 400)
@@ -249,12 +314,16 @@ def test_invalid_completion_params(server, patch, param):
         assert err["param"] == param
 
 
-@pytest.mark.parametrize("patch,param", [
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"messages": []}, "messages"), ({"messages": [{"role": "wizard", "content": "x"}]}, None),
-    ({"top_logprobs": 3}, "top_logprobs"),
-])
+@pytest.mark.parametrize(
+    "patch,param",
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, None),
+        ({"top_logprobs": 3}, "top_logprobs"),
+    ],
+)
 def test_invalid_chat_params(server, patch, param):
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **patch}
     err = _err(httpx.post(server.url + "/v1/chat/completions", json=body), 400)
@@ -270,27 +339,36 @@ def test_context_overflow_says_numbers(server):
 
 
 def test_unknown_model_malformed_json(server):
-    err = _err(httpx.post(server.url + "/v1/completions", json={"model": "gpt-9", "prompt": "x"}),
-               404)
+    err = _err(
+        httpx.post(server.url + "/v1/completions", json={"model": "gpt-9", "prompt": "x"}), 404
+    )
     assert err["code"] == "model_not_found"
-    r = httpx.post(server.url + "/v1/completions", content=b"{not json",
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        server.url + "/v1/completions",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+    )
     _err(r, 400)
 
 
 def test_errors_do_not_disturb_others(server, llm_f32):
     async def main():
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
-            good = c.post("/v1/completions", json={"model": MODEL, "prompt": "The sky is",
-                                                    "max_tokens": 12, "temperature": 0})
-            bad = [c.post("/v1/completions", json={"model": MODEL, "prompt": "x",
-                                                    "temperature": -3}) for _ in range(5)]
+            good = c.post(
+                "/v1/completions",
+                json={"model": MODEL, "prompt": "The sky is", "max_tokens": 12, "temperature": 0},
+            )
+            bad = [
+                c.post("/v1/completions", json={"model": MODEL, "prompt": "x", "temperature": -3})
+                for _ in range(5)
+            ]
             return await asyncio.gather(good, *bad)
 
     good, *bad = asyncio.run(main())
     assert all(b.status_code == 400 for b in bad)
-    assert good.json()["choices"][0]["text"] == _expected(llm_f32, "The sky is", temperature=0,
-                                                          max_tokens=12)
+    assert good.json()["choices"][0]["text"] == _expected(
+        llm_f32, "The sky is", temperature=0, max_tokens=12
+    )
 
 
 def test_auth(auth_server, server):
@@ -302,27 +380,26 @@ def test_auth(auth_server, server):
     client = openai.OpenAI(base_url=auth_server.url + "/v1", api_key="sekrit", max_retries=0)
     assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).choices
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=auth_server.url + "/v1", api_key="nope",
-                      max_retries=0).models.list()
+        openai.OpenAI(base_url=auth_server.url + "/v1", api_key="nope", max_retries=0).models.list()
     assert httpx.get(server.url + "/v1/models").status_code == 200  # auth off
 
 
 def test_oversized_body(auth_server):
     body = {"model": MODEL, "prompt": "x" * 30000, "max_tokens": 1}
-    err = _err(httpx.post(auth_server.url + "/v1/completions", json=body,
-                          headers=auth_server.headers), 413)
+    err = _err(
+        httpx.post(auth_server.url + "/v1/completions", json=body, headers=auth_server.headers), 413
+    )
     assert err["code"] == "request_too_large"
 
 
 def test_full_queue_gives_503(auth_server):
-    body = {"model": MODEL, "prompt": "Write a long story.", "max_tokens": 60,
-            "ignore_eos": True}
+    body = {"model": MODEL, "prompt": "Write a long story.", "max_tokens": 60, "ignore_eos": True}
 
     async def main():
-        async with httpx.AsyncClient(base_url=auth_server.url, timeout=120,
-                                     headers=auth_server.headers) as c:
-            return await asyncio.gather(*(c.post("/v1/completions", json=body)
-                                          for _ in range(6)))
+        async with httpx.AsyncClient(
+            base_url=auth_server.url, timeout=120, headers=auth_server.headers
+        ) as c:
+            return await asyncio.gather(*(c.post("/v1/completions", json=body) for _ in range(6)))
 
     responses = asyncio.run(main())
     codes = [r.status_code for r in responses]
@@ -336,17 +413,23 @@ def test_full_queue_gives_503(auth_server):
 
 
 def test_metrics_count_requests_and_tokens(server, client):
-    before = server.metric('tokenmill_generation_tokens_total')
-    client.completions.create(model=MODEL, prompt="One two", max_tokens=5, temperature=0,
-                              extra_body={"ignore_eos": True})
-    assert server.metric('tokenmill_generation_tokens_total') == before + 5
+    before = server.metric("tokenmill_generation_tokens_total")
+    client.completions.create(
+        model=MODEL, prompt="One two", max_tokens=5, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert server.metric("tokenmill_generation_tokens_total") == before + 5
     text = httpx.get(server.url + "/metrics").text
-    for name in ("tokenmill_requests_total", "tokenmill_prompt_tokens_total",
-                 "tokenmill_time_to_first_token_seconds_bucket",
-                 "tokenmill_time_per_output_token_seconds_bucket",
-                 "tokenmill_e2e_request_latency_seconds_bucket",
-                 "tokenmill_num_requests_running", "tokenmill_num_requests_waiting",
-                 "tokenmill_kv_cache_usage_perc", "tokenmill_num_preemptions"):
+    for name in (
+        "tokenmill_requests_total",
+        "tokenmill_prompt_tokens_total",
+        "tokenmill_time_to_first_token_seconds_bucket",
+        "tokenmill_time_per_output_token_seconds_bucket",
+        "tokenmill_e2e_request_latency_seconds_bucket",
+        "tokenmill_num_requests_running",
+        "tokenmill_num_requests_waiting",
+        "tokenmill_kv_cache_usage_perc",
+        "tokenmill_num_preemptions",
+    ):
         assert name in text, name
 
 
@@ -354,13 +437,17 @@ def test_sigterm_drains_then_exits_zero():
     """The first SIGTERM: /health and new requests 503, a queued non-streaming request 503 at
     once, the running stream finishes with [DONE]; then the process exits 0."""
     srv = ServerProcess("--shutdown-timeout", "30", "--max-num-seqs", "1")
-    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 40, "ignore_eos": True,
-            "stream": True}
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 40, "ignore_eos": True, "stream": True}
     queued: list[httpx.Response] = []
 
     def send_queued() -> None:
-        queued.append(httpx.post(srv.url + "/v1/completions", timeout=60, json={
-            "model": MODEL, "prompt": "Hi", "max_tokens": 5}))
+        queued.append(
+            httpx.post(
+                srv.url + "/v1/completions",
+                timeout=60,
+                json={"model": MODEL, "prompt": "Hi", "max_tokens": 5},
+            )
+        )
 
     with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
         lines = []
@@ -389,8 +476,13 @@ def test_sigterm_past_the_drain_timeout_and_a_second_sigterm():
     """A stream still running at the drain timeout ends with an error event; a second SIGTERM
     exits at once, with status 0."""
     srv = ServerProcess("--shutdown-timeout", "1")
-    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 1000, "ignore_eos": True,
-            "stream": True}
+    body = {
+        "model": MODEL,
+        "prompt": "Hello",
+        "max_tokens": 1000,
+        "ignore_eos": True,
+        "stream": True,
+    }
     with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
         lines = []
         for line in r.iter_lines():

@@ -54,8 +54,9 @@ _KV_SCRIPT = textwrap.dedent("""
 
 
 def test_kv_pool_is_committed_as_it_is_written():
-    out = subprocess.run([sys.executable, "-c", _KV_SCRIPT], capture_output=True, text=True,
-                         timeout=600, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", _KV_SCRIPT], capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     (smaps_start, ours_start), (smaps_end, ours_end) = r["start"], r["end"]
@@ -98,8 +99,14 @@ def test_kernel_cache_is_shared_by_a_second_virtualenv(tmp_path):
     venv = tmp_path / "venv2"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
-    site = Path(subprocess.run([str(venv / "bin" / "python"), "-c", purelib],
-                               capture_output=True, text=True, check=True).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [str(venv / "bin" / "python"), "-c", purelib],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
     torch_dir = Path(torch.__file__).parent
     (site / "torch").symlink_to(torch_dir, target_is_directory=True)  # torch at a new path
     # everything else torch imports, from this environment, after the new site-packages
@@ -113,8 +120,13 @@ def test_kernel_cache_is_shared_by_a_second_virtualenv(tmp_path):
         print(cpu_ops.build_directory({isa!r}))
     """)
     env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENMILL_REQUIRE_CPU_KERNELS="1")
-    out = subprocess.run([str(venv / "bin" / "python"), "-c", script], capture_output=True,
-                         text=True, timeout=600, env=env)
+    out = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == str(build)  # the same cache entry
     assert "compiling" not in out.stderr, out.stderr
@@ -181,11 +193,22 @@ def test_two_processes_starting_together_build_the_kernels_once(tmp_path):
     level = _level()
     code = f"from tokenmill.kernels import cpu_ops; assert cpu_ops.load_ops({level!r})"
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path), TOKENMILL_REQUIRE_CPU_KERNELS="1")
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE,
-                              text=True, cwd=Path(__file__).parents[1]) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).parents[1],
+        )
+        for _ in range(2)
+    ]
     errors = [p.communicate(timeout=900)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), errors
     (build_dir,) = (tmp_path / "tokenmill" / "kernels").iterdir()
-    targets = [line.split("\t")[3] for line in (build_dir / ".ninja_log").read_text().splitlines()
-               if not line.startswith("#")]
+    targets = [
+        line.split("\t")[3]
+        for line in (build_dir / ".ninja_log").read_text().splitlines()
+        if not line.startswith("#")
+    ]
     assert targets and len(targets) == len(set(targets)), targets

@@ -17,8 +17,9 @@ DTYPES = [torch.float32, torch.float16]
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3}
 
 
-def _paged_batch(query_lens, seq_lens, num_kv_heads, head_dim, block_size, dtype, seed=0,
-                 pad_reqs=0):
+def _paged_batch(
+    query_lens, seq_lens, num_kv_heads, head_dim, block_size, dtype, seed=0, pad_reqs=0
+):
     """Random q, a paged cache holding every request's context (blocks shuffled), and the flat
     metadata; `pad_reqs` extra requests with no queries and seq_len 0 (graph padding rows)."""
     g = torch.Generator().manual_seed(seed)
@@ -30,16 +31,19 @@ def _paged_batch(query_lens, seq_lens, num_kv_heads, head_dim, block_size, dtype
     tables, used = [], 0
     for s in seq_lens:
         n = -(-s // block_size)
-        tables.append(perm[used:used + n] + [0] * (max_blocks - n))
+        tables.append(perm[used : used + n] + [0] * (max_blocks - n))
         used += n
     tables += [[0] * max_blocks] * pad_reqs
     qsl = [0]
     for q in list(query_lens) + [0] * pad_reqs:
         qsl.append(qsl[-1] + q)
-    meta = dict(block_tables=torch.tensor(tables, dtype=torch.int32),
-                seq_lens=torch.tensor(list(seq_lens) + [0] * pad_reqs, dtype=torch.int32),
-                query_start_loc=torch.tensor(qsl, dtype=torch.int32),
-                max_query_len=max(query_lens), block_size=block_size)
+    meta = dict(
+        block_tables=torch.tensor(tables, dtype=torch.int32),
+        seq_lens=torch.tensor(list(seq_lens) + [0] * pad_reqs, dtype=torch.int32),
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32),
+        max_query_len=max(query_lens),
+        block_size=block_size,
+    )
     return k_cache, v_cache, tables, meta
 
 
@@ -53,10 +57,11 @@ def _reference_attention(q, k_cache, v_cache, tables, query_lens, seq_lens, bloc
         slots = torch.tensor(tables[r])[pos // block_size] * block_size + pos % block_size
         k = k_cache[slots].double().repeat_interleave(rep, dim=1).transpose(0, 1)
         v = v_cache[slots].double().repeat_interleave(rep, dim=1).transpose(0, 1)
-        qr = q[start:start + ql].double().transpose(0, 1)
+        qr = q[start : start + ql].double().transpose(0, 1)
         mask = pos[None, :] <= (sl - ql + torch.arange(ql))[:, None]
-        outs.append(F.scaled_dot_product_attention(qr, k, v, attn_mask=mask, scale=scale)
-                    .transpose(0, 1))
+        outs.append(
+            F.scaled_dot_product_attention(qr, k, v, attn_mask=mask, scale=scale).transpose(0, 1)
+        )
         start += ql
     return torch.cat(outs)
 
@@ -70,12 +75,12 @@ def test_paged_attention_mixed_batch(dtype, gqa, head_dim):
     block_size, num_kv_heads = 16, 2
     query_lens = [1, 1, 1, 5, 16, 21]
     seq_lens = [1, 16, 37, 5, 48, 50]  # 5: a whole prompt; 48: 32 cached + 16 new
-    k_cache, v_cache, tables, meta = _paged_batch(query_lens, seq_lens, num_kv_heads, head_dim,
-                                                  block_size, dtype, seed=gqa + head_dim)
+    k_cache, v_cache, tables, meta = _paged_batch(
+        query_lens, seq_lens, num_kv_heads, head_dim, block_size, dtype, seed=gqa + head_dim
+    )
     q = torch.randn(sum(query_lens), num_kv_heads * gqa, head_dim).to(dtype)
     scale = head_dim**-0.5
-    ref = _reference_attention(q, k_cache, v_cache, tables, query_lens, seq_lens, block_size,
-                               scale)
+    ref = _reference_attention(q, k_cache, v_cache, tables, query_lens, seq_lens, block_size, scale)
     out = tk.paged_attention(q, k_cache, v_cache, scale=scale, **meta)
     torch.testing.assert_close(out.double(), ref, atol=TOL[dtype], rtol=TOL[dtype])
     split = tk.paged_attention(q, k_cache, v_cache, scale=scale, num_splits=4, **meta)
@@ -88,12 +93,12 @@ def test_paged_attention_decode_with_padding_rows_and_splits(dtype):
     queries and touch nothing; every split count agrees."""
     block_size, head_dim, num_kv_heads, gqa = 16, 64, 2, 4
     seq_lens = [3, 17, 64, 100]
-    k_cache, v_cache, tables, meta = _paged_batch([1] * 4, seq_lens, num_kv_heads, head_dim,
-                                                  block_size, dtype, pad_reqs=4)
+    k_cache, v_cache, tables, meta = _paged_batch(
+        [1] * 4, seq_lens, num_kv_heads, head_dim, block_size, dtype, pad_reqs=4
+    )
     q = torch.randn(8, num_kv_heads * gqa, head_dim).to(dtype)
     meta["query_start_loc"] = torch.tensor([0, 1, 2, 3, 4, 4, 4, 4, 4], dtype=torch.int32)
-    ref = _reference_attention(q, k_cache, v_cache, tables, [1] * 4, seq_lens, block_size,
-                               0.125)
+    ref = _reference_attention(q, k_cache, v_cache, tables, [1] * 4, seq_lens, block_size, 0.125)
     for splits in (1, 2, 8):
         out = torch.full_like(q, 7.0)
         tk.paged_attention(q, k_cache, v_cache, scale=0.125, num_splits=splits, out=out, **meta)

@@ -16,8 +16,12 @@ if TYPE_CHECKING:
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
 __version__ = "0.1.0"
 
-_WHERE = {"LLM": "tokenmill.engine.llm", "SamplingParams": "tokenmill.sampling_params",
-          "RequestOutput": "tokenmill.outputs", "CompletionOutput": "tokenmill.outputs"}
+_WHERE = {
+    "LLM": "tokenmill.engine.llm",
+    "SamplingParams": "tokenmill.sampling_params",
+    "RequestOutput": "tokenmill.outputs",
+    "CompletionOutput": "tokenmill.outputs",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -75,23 +75,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    add_bench_serve_args(bench_sub.add_parser(
-        "serve", help="load-test any OpenAI-compatible endpoint"))
+    add_bench_serve_args(
+        bench_sub.add_parser("serve", help="load-test any OpenAI-compatible endpoint")
+    )
 
     info = sub.add_parser("info", help="architecture, parameters, format, memory, KV capacity")
     info.add_argument("model_path", nargs="?", default=None, metavar="MODEL")
     EngineArgs.add_cli_args(info, skip=("model",))
 
     ppl = sub.add_parser("perplexity", help="perplexity of a text file (sliding windows)")
-    ppl.add_argument("model_path", nargs="?", default=None, metavar="MODEL",
-                     help="GGUF file, HF folder or Hub id (default: the embedded model)")
+    ppl.add_argument(
+        "model_path",
+        nargs="?",
+        default=None,
+        metavar="MODEL",
+        help="GGUF file, HF folder or Hub id (default: the embedded model)",
+    )
     ppl.add_argument("file", metavar="FILE", help="UTF-8 text file ('-' reads standard input)")
-    ppl.add_argument("--context-length", type=int, default=None,
-                     help="window length in tokens (default: min(max model length, 512))")
-    ppl.add_argument("--stride", type=int, default=None,
-                     help="tokens between window starts (default: half the window)")
-    ppl.add_argument("--max-tokens", type=int, default=None,
-                     help="score only the file's first T tokens")
+    ppl.add_argument(
+        "--context-length",
+        type=int,
+        default=None,
+        help="window length in tokens (default: min(max model length, 512))",
+    )
+    ppl.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="tokens between window starts (default: half the window)",
+    )
+    ppl.add_argument(
+        "--max-tokens", type=int, default=None, help="score only the file's first T tokens"
+    )
     EngineArgs.add_cli_args(ppl, skip=("model",))
     return parser
 
@@ -122,8 +137,11 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         for t, lp in zip(finish.token_ids, finish.logprobs):
             alts = ", ".join(f"{v.decoded_token!r}:{v.logprob:.3f}" for v in lp.values())
             print(f"{tok.decode([t], False)!r}\t{alts}")
-    logger.info("finish_reason=%s, %d tokens", finish.finish_reason if finish else None,
-                len(finish.token_ids) if finish else 0)
+    logger.info(
+        "finish_reason=%s, %d tokens",
+        finish.finish_reason if finish else None,
+        len(finish.token_ids) if finish else 0,
+    )
     return 0
 
 
@@ -191,13 +209,21 @@ def cmd_perplexity(ns: argparse.Namespace) -> int:
             raise ValueError(f"cannot read {ns.file}: {e.strerror or e}") from None
     args = EngineArgs.from_cli(argparse.Namespace(**{**vars(ns), "model": ns.model_path}))
     llm = LLM(**vars(args))
-    res = perplexity(llm, text, context_length=ns.context_length, stride=ns.stride,
-                     max_tokens=ns.max_tokens, use_tqdm=sys.stderr.isatty())
+    res = perplexity(
+        llm,
+        text,
+        context_length=ns.context_length,
+        stride=ns.stride,
+        max_tokens=ns.max_tokens,
+        use_tqdm=sys.stderr.isatty(),
+    )
     print(f"{'perplexity':<16}{res.perplexity:.4f}")
     print(f"{'tokens scored':<16}{res.num_scored_tokens}")
     print(f"{'tokens/s':<16}{res.tokens_per_second:.1f}")
-    print(f"{'windows':<16}{res.num_windows} x {res.context_length} tokens, stride "
-          f"{res.stride} ({res.num_evaluated_tokens} tokens evaluated in {res.seconds:.2f}s)")
+    print(
+        f"{'windows':<16}{res.num_windows} x {res.context_length} tokens, stride "
+        f"{res.stride} ({res.num_evaluated_tokens} tokens evaluated in {res.seconds:.2f}s)"
+    )
     return 0
 
 
@@ -216,10 +242,19 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, ns.log_level.upper(), logging.INFO),
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    commands = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info,
-                "perplexity": cmd_perplexity, "serve": cmd_serve, "bench": cmd_bench}
+    logging.basicConfig(
+        level=getattr(logging, ns.log_level.upper(), logging.INFO),
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    commands = {
+        "generate": cmd_generate,
+        "chat": cmd_chat,
+        "info": cmd_info,
+        "perplexity": cmd_perplexity,
+        "serve": cmd_serve,
+        "bench": cmd_bench,
+    }
     try:
         return commands[ns.command](ns)
     except (TokenmillError, ValueError) as e:

@@ -37,46 +37,74 @@ class EngineArgs:
     """Options of the engine. Field help strings become CLI flags (`--max-num-seqs` etc.)."""
 
     model: str | None = dataclasses.field(
-        default=None, metadata={"help": "GGUF file, HF folder or Hub id (default: embedded)"})
-    dtype: str = dataclasses.field(default="auto", metadata={
-        "help": "auto | float32 | bfloat16 | float16 (auto: bf16 where the hardware has it)"})
+        default=None, metadata={"help": "GGUF file, HF folder or Hub id (default: embedded)"}
+    )
+    dtype: str = dataclasses.field(
+        default="auto",
+        metadata={
+            "help": "auto | float32 | bfloat16 | float16 (auto: bf16 where the hardware has it)"
+        },
+    )
     device: str = dataclasses.field(default="auto", metadata={"help": "auto | cpu | cuda"})
-    quantization: str = dataclasses.field(default="auto", metadata={
-        "help": "auto | none (auto: run a GGUF file's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K "
-                "weights natively on x86 CPUs with AVX2 or better; none: dequantize all "
-                "weights to the compute dtype)"})
-    load_format: str = dataclasses.field(default="auto", metadata={
-        "help": "auto | dummy (dummy: random weights from the folder's config.json, for "
-                "benchmarks of real shapes without a checkpoint)"})
+    quantization: str = dataclasses.field(
+        default="auto",
+        metadata={
+            "help": "auto | none (auto: run a GGUF file's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K "
+            "weights natively on x86 CPUs with AVX2 or better; none: dequantize all "
+            "weights to the compute dtype)"
+        },
+    )
+    load_format: str = dataclasses.field(
+        default="auto",
+        metadata={
+            "help": "auto | dummy (dummy: random weights from the folder's config.json, for "
+            "benchmarks of real shapes without a checkpoint)"
+        },
+    )
     max_model_len: int | None = dataclasses.field(
-        default=None, metadata={"help": "context length cap (default: the model's)"})
+        default=None, metadata={"help": "context length cap (default: the model's)"}
+    )
     block_size: int = dataclasses.field(default=16, metadata={"help": "KV cache block size"})
-    kv_cache_memory_gib: float | None = dataclasses.field(default=None, metadata={
-        "help": f"KV cache budget in GiB (default: {DEFAULT_CPU_KV_GIB} on CPU; on CUDA 90%% of "
-                "the GPU less what is in use and the peak of a profiled largest step)"})
+    kv_cache_memory_gib: float | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": f"KV cache budget in GiB (default: {DEFAULT_CPU_KV_GIB} on CPU; on CUDA "
+            "90%% of the GPU less what is in use and the peak of a profiled largest step)"
+        },
+    )
     num_kv_blocks: int | None = dataclasses.field(
-        default=None, metadata={"help": "exact number of KV blocks (overrides the budget)"})
+        default=None, metadata={"help": "exact number of KV blocks (overrides the budget)"}
+    )
     max_num_seqs: int = dataclasses.field(
-        default=256, metadata={"help": "max concurrent sequences per step"})
+        default=256, metadata={"help": "max concurrent sequences per step"}
+    )
     max_num_batched_tokens: int = dataclasses.field(
-        default=2048, metadata={"help": "max tokens per forward pass (prefill chunk budget)"})
+        default=2048, metadata={"help": "max tokens per forward pass (prefill chunk budget)"}
+    )
     enable_chunked_prefill: bool = dataclasses.field(
-        default=True, metadata={"help": "split long prompts across steps"})
+        default=True, metadata={"help": "split long prompts across steps"}
+    )
     enable_prefix_caching: bool = dataclasses.field(
-        default=False, metadata={"help": "reuse KV blocks of identical prompt prefixes"})
-    enforce_eager: bool = dataclasses.field(default=False, metadata={
-        "help": "never replay CUDA graphs (decode steps are captured on CUDA by default)"})
+        default=False, metadata={"help": "reuse KV blocks of identical prompt prefixes"}
+    )
+    enforce_eager: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "never replay CUDA graphs (decode steps are captured on CUDA by default)"
+        },
+    )
     seed: int = dataclasses.field(default=0, metadata={"help": "global RNG seed"})
     num_threads: int | None = dataclasses.field(
-        default=None, metadata={"help": "CPU threads for torch (default: all cores)"})
+        default=None, metadata={"help": "CPU threads for torch (default: all cores)"}
+    )
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATION_MODES:
-            raise ValueError(f"quantization must be one of {QUANTIZATION_MODES}, "
-                             f"got {self.quantization!r}")
+            raise ValueError(
+                f"quantization must be one of {QUANTIZATION_MODES}, got {self.quantization!r}"
+            )
         if self.load_format not in LOAD_FORMATS:
-            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, "
-                             f"got {self.load_format!r}")
+            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -129,17 +157,24 @@ class EngineArgs:
             flag = "--" + f.name.replace("_", "-")
             help_ = f.metadata.get("help")
             if f.type in ("bool", bool):
-                parser.add_argument(flag, action=argparse.BooleanOptionalAction,
-                                    default=f.default, help=help_)
+                parser.add_argument(
+                    flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_
+                )
                 continue
             conv = {"int | None": int, "int": int, "float | None": float, "float": float}
-            parser.add_argument(flag, type=conv.get(str(f.type), str), default=f.default,
-                                help=help_)
+            parser.add_argument(
+                flag, type=conv.get(str(f.type), str), default=f.default, help=help_
+            )
 
     @classmethod
     def from_cli(cls, ns: argparse.Namespace, skip: tuple[str, ...] = ()) -> EngineArgs:
-        return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)
-                      if hasattr(ns, f.name) and f.name not in skip})
+        return cls(
+            **{
+                f.name: getattr(ns, f.name)
+                for f in fields(cls)
+                if hasattr(ns, f.name) and f.name not in skip
+            }
+        )
 
 
 def default_threads() -> int:

@@ -55,11 +55,20 @@ class SamplingParams:
 
         if not isinstance(self.n, int) or self.n < 1:
             bad(f"n must be an integer >= 1, got {self.n!r}")
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                     "frequency_penalty"):
+        for name in (
+            "temperature",
+            "top_p",
+            "min_p",
+            "repetition_penalty",
+            "presence_penalty",
+            "frequency_penalty",
+        ):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not math.isfinite(value):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+            ):
                 bad(f"{name} must be a finite number, got {value!r}")
         if self.temperature < 0:
             bad(f"temperature must be >= 0, got {self.temperature}")
@@ -76,12 +85,16 @@ class SamplingParams:
         if not -2.0 <= self.frequency_penalty <= 2.0:
             bad(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
         if self.prompt_logprobs is not None and (
-                not isinstance(self.prompt_logprobs, int)
-                or not 0 <= self.prompt_logprobs <= MAX_PROMPT_LOGPROBS):
-            bad(f"prompt_logprobs must be an integer in [0, {MAX_PROMPT_LOGPROBS}], "
-                f"got {self.prompt_logprobs!r}")
+            not isinstance(self.prompt_logprobs, int)
+            or not 0 <= self.prompt_logprobs <= MAX_PROMPT_LOGPROBS
+        ):
+            bad(
+                f"prompt_logprobs must be an integer in [0, {MAX_PROMPT_LOGPROBS}], "
+                f"got {self.prompt_logprobs!r}"
+            )
         if self.max_tokens is not None and (
-                not isinstance(self.max_tokens, int) or self.max_tokens < 0):
+            not isinstance(self.max_tokens, int) or self.max_tokens < 0
+        ):
             bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if self.max_tokens == 0 and self.prompt_logprobs is None:
             bad("max_tokens must be >= 1 (0, scoring the prompt only, needs prompt_logprobs)")
@@ -105,6 +118,6 @@ class SamplingParams:
     def clone_for_child(self, index: int) -> SamplingParams:
         """The params of the index-th of n parallel samples: n=1, and a distinct seed if seeded."""
         seed = None if self.seed is None else self.seed + index
-        fields = {k: getattr(self, k) for k in self.__dataclass_fields__ }
+        fields = {k: getattr(self, k) for k in self.__dataclass_fields__}
         fields.update(n=1, seed=seed)
         return SamplingParams(**fields)

@@ -50,8 +50,9 @@ class RequestRecord:
     @property
     def output_tokens(self) -> int:
         """Server-counted tokens when reported, else the number of text-carrying chunks."""
-        return self.completion_tokens if self.completion_tokens is not None else len(
-            self.chunk_times)
+        return (
+            self.completion_tokens if self.completion_tokens is not None else len(self.chunk_times)
+        )
 
     @property
     def ttft(self) -> float | None:

@@ -37,8 +37,9 @@ def summarize_ms(values_s: Sequence[float]) -> dict[str, float | None]:
 
 def max_in_flight(records: Sequence[RequestRecord]) -> int:
     """Most requests open at once, from their (start, end) intervals."""
-    events = sorted([(r.start, 1) for r in records] + [(r.end, -1) for r in records],
-                    key=lambda e: (e[0], e[1]))
+    events = sorted(
+        [(r.start, 1) for r in records] + [(r.end, -1) for r in records], key=lambda e: (e[0], e[1])
+    )
     peak = cur = 0
     for _, delta in events:
         cur += delta
@@ -74,7 +75,8 @@ def summarize_level(
     ok = [r for r in records if r.ok]
     errors = Counter(r.error for r in records if r.error is not None)
     prompt_tokens = sum(
-        r.prompt_tokens if r.prompt_tokens is not None else (r.input_len or 0) for r in ok)
+        r.prompt_tokens if r.prompt_tokens is not None else (r.input_len or 0) for r in ok
+    )
     output_tokens = sum(r.output_tokens for r in ok)
     duration = max(duration_s, 1e-9)
     result: dict[str, Any] = {

@@ -49,9 +49,7 @@ class PromptSpec:
     input_len: int | None = None
 
 
-def sample_lengths(
-    rng: random.Random, mean: int, num: int, dist: str, frac: float
-) -> list[int]:
+def sample_lengths(rng: random.Random, mean: int, num: int, dist: str, frac: float) -> list[int]:
     """`num` lengths around `mean`: all equal (`fixed`) or uniform in mean * [1-frac, 1+frac]."""
     if mean < 1:
         raise BenchConfigError(f"lengths must be at least 1, got {mean}")

@@ -80,8 +80,10 @@ def _x_positions(results: list[dict[str, Any]]) -> tuple[list[float], list[str]]
     finite = [float(r["level"]) for r in results if r["level"] != "inf"]
     far = max(finite) * 2.0 if finite else 1.0
     xs = [far if r["level"] == "inf" else float(r["level"]) for r in results]
-    labels = ["inf" if r["level"] == "inf" else _fmt(r["level"], 3).rstrip("0").rstrip(".")
-              for r in results]
+    labels = [
+        "inf" if r["level"] == "inf" else _fmt(r["level"], 3).rstrip("0").rstrip(".")
+        for r in results
+    ]
     return xs, labels
 
 
@@ -91,14 +93,19 @@ def write_plot(path: str | Path, results: list[dict[str, Any]], title: str = "")
         from matplotlib.figure import Figure
     except ImportError as e:
         raise BenchConfigError(
-            "--plot needs matplotlib: pip install matplotlib (or tokenmill[test])") from e
+            "--plot needs matplotlib: pip install matplotlib (or tokenmill[test])"
+        ) from e
     xs, labels = _x_positions(results)
     mode = results[0]["mode"] if results else "concurrency"
     xlabel = "concurrency (requests in flight)" if mode == "concurrency" else "request rate (req/s)"
     # (metric, stat, label, colour): the same curve keeps its colour in every panel
-    curves = [("ttft", "p50", "TTFT p50", "C0"), ("ttft", "p99", "TTFT p99", "C1"),
-              ("tpot", "p50", "TPOT p50", "C2"), ("e2e", "p50", "E2E p50", "C3"),
-              ("e2e", "p99", "E2E p99", "C4")]
+    curves = [
+        ("ttft", "p50", "TTFT p50", "C0"),
+        ("ttft", "p99", "TTFT p99", "C1"),
+        ("tpot", "p50", "TPOT p50", "C2"),
+        ("e2e", "p50", "E2E p50", "C3"),
+        ("e2e", "p99", "E2E p99", "C4"),
+    ]
 
     def series(name: str, stat: str) -> list[float]:
         vals = [r[f"{name}_ms"][stat] for r in results]
@@ -111,15 +118,17 @@ def write_plot(path: str | Path, results: list[dict[str, Any]], title: str = "")
     ax_lat.set(xlabel=xlabel, ylabel="latency (ms)", title="latency vs load", yscale="log")
     out_tps = [r["output_throughput"] for r in results]
     ax_tput.plot(xs, out_tps, marker="o", label="output tokens/s")
-    ax_tput.plot(xs, [r["total_token_throughput"] for r in results], marker="s",
-                 label="total tokens/s")
+    ax_tput.plot(
+        xs, [r["total_token_throughput"] for r in results], marker="s", label="total tokens/s"
+    )
     ax_tput.set(xlabel=xlabel, ylabel="tokens/s", title="throughput vs load")
     for name, stat, label, colour in curves[2:]:
         ax_trade.plot(out_tps, series(name, stat), marker="o", label=label, color=colour)
     for x, y, text in zip(out_tps, series("e2e", "p50"), labels):
         ax_trade.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax_trade.set(xlabel="output tokens/s", ylabel="latency (ms)", title="latency vs throughput",
-                 yscale="log")
+    ax_trade.set(
+        xlabel="output tokens/s", ylabel="latency (ms)", title="latency vs throughput", yscale="log"
+    )
     for ax in (ax_lat, ax_tput):
         if len(xs) > 1 and min(xs) > 0 and max(xs) / min(xs) >= 8:
             ax.set_xscale("log")

@@ -41,8 +41,10 @@ from tokenmill.bench.report import format_table, level_label, write_json, write_
 logger = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT = "benchmarks/results/bench_serve.json"
-_EPILOG = ("Exit status: 0 when every level completed at least one request, 1 when a level had "
-           "none, 2 for bad options. Failed requests are counted per error message, never fatal.")
+_EPILOG = (
+    "Exit status: 0 when every level completed at least one request, 1 when a level had "
+    "none, 2 for bad options. Failed requests are counted per error message, never fatal."
+)
 
 
 def _int_levels(text: str) -> list[int]:
@@ -79,43 +81,92 @@ def add_bench_serve_args(parser: argparse.ArgumentParser) -> None:
     """Add every `bench serve` flag to `parser` (a subparser of the main CLI, or standalone)."""
     parser.epilog = _EPILOG
     t = parser.add_argument_group("target")
-    t.add_argument("--base-url", default="http://127.0.0.1:8000/v1",
-                   help="OpenAI-compatible API root (default: %(default)s)")
+    t.add_argument(
+        "--base-url",
+        default="http://127.0.0.1:8000/v1",
+        help="OpenAI-compatible API root (default: %(default)s)",
+    )
     t.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
     t.add_argument("--model", default=None, help="model name (default: first id of GET /models)")
-    t.add_argument("--endpoint", choices=("completions", "chat"), default="completions",
-                   help="/completions, or /chat/completions with one user message")
+    t.add_argument(
+        "--endpoint",
+        choices=("completions", "chat"),
+        default="completions",
+        help="/completions, or /chat/completions with one user message",
+    )
     t.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    t.add_argument("--extra-body", type=_json_object, default=None, metavar="JSON",
-                   help="fields merged into every request body, e.g. '{\"top_k\": 1}'")
+    t.add_argument(
+        "--extra-body",
+        type=_json_object,
+        default=None,
+        metavar="JSON",
+        help="fields merged into every request body, e.g. '{\"top_k\": 1}'",
+    )
     load = parser.add_argument_group("load (one or more comma-separated levels, run in order)")
     mx = load.add_mutually_exclusive_group()
-    mx.add_argument("--concurrency", type=_int_levels, default=None, metavar="N[,N...]",
-                    help="requests kept in flight (default: 1)")
-    mx.add_argument("--request-rate", type=_rate_levels, default=None, metavar="R[,R...]",
-                    help="Poisson arrivals in requests/s; 'inf' sends all at once")
-    load.add_argument("--max-concurrency", type=int, default=None,
-                      help="with --request-rate: cap on requests in flight")
-    load.add_argument("--num-prompts", type=int, default=None,
-                      help="requests per level (default: 100, or the data set's size)")
+    mx.add_argument(
+        "--concurrency",
+        type=_int_levels,
+        default=None,
+        metavar="N[,N...]",
+        help="requests kept in flight (default: 1)",
+    )
+    mx.add_argument(
+        "--request-rate",
+        type=_rate_levels,
+        default=None,
+        metavar="R[,R...]",
+        help="Poisson arrivals in requests/s; 'inf' sends all at once",
+    )
+    load.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=None,
+        help="with --request-rate: cap on requests in flight",
+    )
+    load.add_argument(
+        "--num-prompts",
+        type=int,
+        default=None,
+        help="requests per level (default: 100, or the data set's size)",
+    )
     load.add_argument("--warmup", type=int, default=0, help="requests sent first, not counted")
     p = parser.add_argument_group("prompts")
     p.add_argument("--input-len", type=int, default=256, help="mean prompt length (~words)")
     p.add_argument("--output-len", type=int, default=128, help="mean max_tokens per request")
-    p.add_argument("--len-dist", choices=("fixed", "uniform"), default="fixed",
-                   help="length distribution around the means")
-    p.add_argument("--len-range", type=float, default=0.25,
-                   help="uniform: lengths in mean * [1 - f, 1 + f] (default: %(default)s)")
+    p.add_argument(
+        "--len-dist",
+        choices=("fixed", "uniform"),
+        default="fixed",
+        help="length distribution around the means",
+    )
+    p.add_argument(
+        "--len-range",
+        type=float,
+        default=0.25,
+        help="uniform: lengths in mean * [1 - f, 1 + f] (default: %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds prompts and arrival times")
-    p.add_argument("--dataset", default=None, metavar="JSONL",
-                   help="prompts file: one {\"prompt\": ..., \"max_tokens\": ...} per line")
+    p.add_argument(
+        "--dataset",
+        default=None,
+        metavar="JSONL",
+        help='prompts file: one {"prompt": ..., "max_tokens": ...} per line',
+    )
     s = parser.add_argument_group("sampling")
     s.add_argument("--temperature", type=float, default=0.0)
-    s.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
-                   help="omit 'ignore_eos: true' (for servers that reject the field)")
+    s.add_argument(
+        "--no-ignore-eos",
+        dest="ignore_eos",
+        action="store_false",
+        help="omit 'ignore_eos: true' (for servers that reject the field)",
+    )
     o = parser.add_argument_group("output")
-    o.add_argument("--output", default=DEFAULT_OUTPUT,
-                   help="JSON results file ('' to skip; default: %(default)s)")
+    o.add_argument(
+        "--output",
+        default=DEFAULT_OUTPUT,
+        help="JSON results file ('' to skip; default: %(default)s)",
+    )
     o.add_argument("--plot", default=None, metavar="PNG", help="write a latency/throughput plot")
     o.add_argument("--label", default="", help="free-form name of the run (stored in the JSON)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -164,13 +215,27 @@ class ServeBenchConfig:
         mode = "rate" if ns.request_rate is not None else "concurrency"
         levels = ns.request_rate if mode == "rate" else (ns.concurrency or [1])
         return cls(
-            base_url=ns.base_url.rstrip("/"), api_key=ns.api_key, model=ns.model,
-            endpoint=ns.endpoint, mode=mode, levels=tuple(float(x) for x in levels),
-            max_concurrency=ns.max_concurrency, num_prompts=ns.num_prompts, warmup=ns.warmup,
-            input_len=ns.input_len, output_len=ns.output_len, len_dist=ns.len_dist,
-            len_range=ns.len_range, seed=ns.seed, dataset=ns.dataset,
-            temperature=ns.temperature, ignore_eos=ns.ignore_eos, timeout=ns.timeout,
-            extra_body=ns.extra_body, label=ns.label, progress=not ns.no_progress,
+            base_url=ns.base_url.rstrip("/"),
+            api_key=ns.api_key,
+            model=ns.model,
+            endpoint=ns.endpoint,
+            mode=mode,
+            levels=tuple(float(x) for x in levels),
+            max_concurrency=ns.max_concurrency,
+            num_prompts=ns.num_prompts,
+            warmup=ns.warmup,
+            input_len=ns.input_len,
+            output_len=ns.output_len,
+            len_dist=ns.len_dist,
+            len_range=ns.len_range,
+            seed=ns.seed,
+            dataset=ns.dataset,
+            temperature=ns.temperature,
+            ignore_eos=ns.ignore_eos,
+            timeout=ns.timeout,
+            extra_body=ns.extra_body,
+            label=ns.label,
+            progress=not ns.no_progress,
         )
 
     @property
@@ -198,8 +263,9 @@ def level_prompts(
     """Prompts for one level: the data set's (cycled), or synthetic ones with fresh words."""
     if dataset is not None:
         return take(dataset, num)
-    return synthetic_prompts(num, cfg.input_len, cfg.output_len, cfg.len_dist, cfg.len_range,
-                             cfg.seed, salt)
+    return synthetic_prompts(
+        num, cfg.input_len, cfg.output_len, cfg.len_dist, cfg.len_range, cfg.seed, salt
+    )
 
 
 async def _fixed_concurrency(send: Callable[[int], Awaitable[None]], num: int, conc: int) -> None:
@@ -213,8 +279,13 @@ async def _fixed_concurrency(send: Callable[[int], Awaitable[None]], num: int, c
     await asyncio.gather(*(worker() for _ in range(min(conc, num))))
 
 
-async def _poisson(send: Callable[[int], Awaitable[None]], num: int, rate: float,
-                   rng: random.Random, cap: int | None) -> None:
+async def _poisson(
+    send: Callable[[int], Awaitable[None]],
+    num: int,
+    rate: float,
+    rng: random.Random,
+    cap: int | None,
+) -> None:
     """Start request i at the i-th arrival of a Poisson process (all at once when rate=inf)."""
     sem = asyncio.Semaphore(cap) if cap else None
 
@@ -238,19 +309,27 @@ async def _poisson(send: Callable[[int], Awaitable[None]], num: int, rate: float
 
 
 async def run_requests(
-    client: httpx.AsyncClient, cfg: ServeBenchConfig, model: str, specs: Sequence[PromptSpec],
-    level: float, mode: str, desc: str, seed: int,
+    client: httpx.AsyncClient,
+    cfg: ServeBenchConfig,
+    model: str,
+    specs: Sequence[PromptSpec],
+    level: float,
+    mode: str,
+    desc: str,
+    seed: int,
 ) -> tuple[list[RequestRecord], float]:
     """Send `specs` at one load level; returns the records and the level's duration (s)."""
-    records = [RequestRecord(index=i, output_len=s.output_len, input_len=s.input_len)
-               for i, s in enumerate(specs)]
-    bar = tqdm(total=len(specs), desc=desc, file=sys.stderr, disable=not cfg.progress,
-               leave=False)
+    records = [
+        RequestRecord(index=i, output_len=s.output_len, input_len=s.input_len)
+        for i, s in enumerate(specs)
+    ]
+    bar = tqdm(total=len(specs), desc=desc, file=sys.stderr, disable=not cfg.progress, leave=False)
     t0 = time.perf_counter()
 
     async def send(i: int) -> None:
-        payload = build_payload(cfg.endpoint, model, specs[i], cfg.temperature, cfg.ignore_eos,
-                                cfg.extra_body)
+        payload = build_payload(
+            cfg.endpoint, model, specs[i], cfg.temperature, cfg.ignore_eos, cfg.extra_body
+        )
         await send_request(client, cfg.url, payload, records[i], t0)
         bar.update(1)
 
@@ -271,7 +350,8 @@ async def _resolve_model(client: httpx.AsyncClient, cfg: ServeBenchConfig) -> st
         return await first_model_id(client, cfg.base_url)
     except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
         raise BenchConfigError(
-            f"could not read the model list at {cfg.base_url}/models ({e}); pass --model") from e
+            f"could not read the model list at {cfg.base_url}/models ({e}); pass --model"
+        ) from e
 
 
 async def run_benchmark(cfg: ServeBenchConfig) -> tuple[str, list[dict[str, Any]]]:
@@ -281,7 +361,9 @@ async def run_benchmark(cfg: ServeBenchConfig) -> tuple[str, list[dict[str, Any]
     keepalive = max([*finite, cfg.max_concurrency or 0, 16])
     # trust_env=False: measure the server directly, never through a proxy from the environment.
     async with httpx.AsyncClient(
-        headers=headers, timeout=httpx.Timeout(cfg.timeout), trust_env=False,
+        headers=headers,
+        timeout=httpx.Timeout(cfg.timeout),
+        trust_env=False,
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=keepalive),
     ) as client:
         model = await _resolve_model(client, cfg)
@@ -291,21 +373,31 @@ async def run_benchmark(cfg: ServeBenchConfig) -> tuple[str, list[dict[str, Any]
             conc = int(cfg.levels[0]) if cfg.mode == "concurrency" else cfg.warmup
             # synthetic even with a data set, so no data set prompt is cached before it counts
             specs = level_prompts(cfg, cfg.warmup, "warmup", None)
-            records, _ = await run_requests(client, cfg, model, specs, min(conc, cfg.warmup),
-                                            "concurrency", "warmup", cfg.seed)
+            records, _ = await run_requests(
+                client, cfg, model, specs, min(conc, cfg.warmup), "concurrency", "warmup", cfg.seed
+            )
             failed = sum(not r.ok for r in records)
             if failed:
-                logger.warning("%d of %d warmup requests failed (first: %s)", failed,
-                               len(records), next(r.error for r in records if not r.ok))
+                logger.warning(
+                    "%d of %d warmup requests failed (first: %s)",
+                    failed,
+                    len(records),
+                    next(r.error for r in records if not r.ok),
+                )
         results = []
         for k, level in enumerate(cfg.levels):
             specs = level_prompts(cfg, num, f"level{k}", dataset)
             records, duration = await run_requests(
-                client, cfg, model, specs, level, cfg.mode,
-                f"{cfg.mode}={level:g}", cfg.seed + k)
+                client, cfg, model, specs, level, cfg.mode, f"{cfg.mode}={level:g}", cfg.seed + k
+            )
             result = summarize_level(records, duration, cfg.mode, cfg.level_value(level))
-            logger.info("%s: %d/%d completed in %.2f s", level_label(result),
-                        result["completed"], len(records), duration)
+            logger.info(
+                "%s: %d/%d completed in %.2f s",
+                level_label(result),
+                result["completed"],
+                len(records),
+                duration,
+            )
             results.append(result)
     return model, results
 
@@ -331,13 +423,19 @@ def run_bench_serve(ns: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tokenmill bench serve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="tokenmill bench serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     add_bench_serve_args(parser)
     ns = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, ns.log_level.upper(), logging.INFO),
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=getattr(logging, ns.log_level.upper(), logging.INFO),
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     try:
         return run_bench_serve(ns)
     except BenchConfigError as e:

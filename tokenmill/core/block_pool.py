@@ -30,8 +30,9 @@ class BlockHash(NamedTuple):
     extra_keys: tuple = ()  # reserved for what else shapes the KV (LoRA id, image hashes)
 
 
-def hash_block_tokens(parent: BlockHash | None, token_ids: Sequence[int],
-                      extra_keys: tuple = ()) -> BlockHash:
+def hash_block_tokens(
+    parent: BlockHash | None, token_ids: Sequence[int], extra_keys: tuple = ()
+) -> BlockHash:
     """The key of one full block, chained to the key of the block before it."""
     parent_digest = parent.digest if parent is not None else b""
     tokens = tuple(token_ids)

@@ -29,8 +29,10 @@ class ScheduledRequest:
     def samples(self) -> bool:
         """True when this chunk reaches the end of the known tokens, so a new token is sampled
         (never for a request with max_tokens 0, which only scores its prompt)."""
-        return (self.num_computed_tokens + self.num_scheduled_tokens == self.request.num_tokens
-                and self.request.max_tokens > 0)
+        return (
+            self.num_computed_tokens + self.num_scheduled_tokens == self.request.num_tokens
+            and self.request.max_tokens > 0
+        )
 
     @property
     def prompt_logprob_positions(self) -> range:

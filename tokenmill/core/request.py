@@ -37,9 +37,20 @@ class Request:
     """
 
     __slots__ = (
-        "request_id", "prompt_token_ids", "output_token_ids", "sampling_params", "eos_token_ids",
-        "max_tokens", "status", "num_computed_tokens", "stop_reason", "arrival_time",
-        "num_preemptions", "block_hashes", "num_cached_tokens", "extra",
+        "request_id",
+        "prompt_token_ids",
+        "output_token_ids",
+        "sampling_params",
+        "eos_token_ids",
+        "max_tokens",
+        "status",
+        "num_computed_tokens",
+        "stop_reason",
+        "arrival_time",
+        "num_preemptions",
+        "block_hashes",
+        "num_cached_tokens",
+        "extra",
     )
 
     def __init__(

@@ -40,8 +40,12 @@ class EngineDeadError(RuntimeError):
 class AsyncEngine:
     """Runs `engine.step()` in a thread while requests arrive and leave from asyncio code."""
 
-    def __init__(self, engine: LLMEngine, max_waiting_requests: int = 1024,
-                 stream_stall_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        max_waiting_requests: int = 1024,
+        stream_stall_timeout: float = 60.0,
+    ) -> None:
         self.engine = engine
         self.max_waiting_requests = max_waiting_requests
         self.stream_stall_timeout = stream_stall_timeout
@@ -73,8 +77,13 @@ class AsyncEngine:
         return self.engine.num_waiting_sequences + self._pending_adds
 
     # ---- the API used by the server -------------------------------------------------------
-    async def add_request(self, prompt: str | None, prompt_token_ids: list[int],
-                          params: SamplingParams, request_id: str) -> RequestStream:
+    async def add_request(
+        self,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+    ) -> RequestStream:
         """Queue a request; returns once the engine accepted it.
 
         Raises ValueError (bad input), EngineOverloadedError (waiting queue full) or
@@ -85,11 +94,12 @@ class AsyncEngine:
         with self._lock:
             if self.num_waiting + params.n > self.max_waiting_requests:
                 raise EngineOverloadedError(
-                    f"the server is overloaded: {self.num_waiting} sequences are already "
-                    "waiting")
+                    f"the server is overloaded: {self.num_waiting} sequences are already waiting"
+                )
             self._pending_adds += params.n
-        stream = RequestStream(self, request_id, asyncio.get_running_loop(),
-                               self.stream_stall_timeout)
+        stream = RequestStream(
+            self, request_id, asyncio.get_running_loop(), self.stream_stall_timeout
+        )
         added: concurrent.futures.Future = concurrent.futures.Future()
         self._streams[request_id] = stream
         self._submit(("add", request_id, prompt, prompt_token_ids, params, added))
@@ -143,8 +153,11 @@ class AsyncEngine:
                 continue
             if cmd[0] == "fail":
                 _, error, queued_only = cmd
-                ids = (self.engine.queued_request_ids() if queued_only
-                       else self.engine.unfinished_request_ids())
+                ids = (
+                    self.engine.queued_request_ids()
+                    if queued_only
+                    else self.engine.unfinished_request_ids()
+                )
                 self.engine.abort_request(ids)
                 for rid in ids:
                     self._deliver(rid, error)
@@ -222,13 +235,22 @@ def merge_outputs(old: RequestOutput, new: RequestOutput) -> RequestOutput:
     by_index = {o.index: o for o in old.outputs}
     for o in new.outputs:
         prev = by_index.get(o.index)
-        by_index[o.index] = o if prev is None else dataclasses.replace(
-            o, delta_text=prev.delta_text + o.delta_text,
-            delta_token_ids=prev.delta_token_ids + o.delta_token_ids)
+        by_index[o.index] = (
+            o
+            if prev is None
+            else dataclasses.replace(
+                o,
+                delta_text=prev.delta_text + o.delta_text,
+                delta_token_ids=prev.delta_token_ids + o.delta_token_ids,
+            )
+        )
     return dataclasses.replace(
-        new, outputs=[by_index[i] for i in sorted(by_index)],
-        prompt_logprobs=new.prompt_logprobs if new.prompt_logprobs is not None
-        else old.prompt_logprobs)
+        new,
+        outputs=[by_index[i] for i in sorted(by_index)],
+        prompt_logprobs=new.prompt_logprobs
+        if new.prompt_logprobs is not None
+        else old.prompt_logprobs,
+    )
 
 
 class RequestStream:
@@ -240,8 +262,13 @@ class RequestStream:
     is given up on: the request is aborted (its KV freed) and the stream ends with an error.
     """
 
-    def __init__(self, engine: AsyncEngine, request_id: str,
-                 loop: asyncio.AbstractEventLoop, stall_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        request_id: str,
+        loop: asyncio.AbstractEventLoop,
+        stall_timeout: float = 60.0,
+    ) -> None:
         self.engine = engine
         self.request_id = request_id
         self.loop = loop
@@ -261,10 +288,14 @@ class RequestStream:
             self._waiting_since = self.loop.time()
         else:
             self._pending = merge_outputs(self._pending, item)
-            if (not item.finished and self._error is None
-                    and self.loop.time() - self._waiting_since > self.stall_timeout):
+            if (
+                not item.finished
+                and self._error is None
+                and self.loop.time() - self._waiting_since > self.stall_timeout
+            ):
                 self._error = StalledReaderError(
-                    f"the client did not read for {self.stall_timeout:.0f} s; request aborted")
+                    f"the client did not read for {self.stall_timeout:.0f} s; request aborted"
+                )
                 self.engine.abort(self.request_id)
         self._ready.set()
 

@@ -46,6 +46,8 @@ def seconds_since_process_start() -> float | None:
         return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
         return None
+
+
 GiB = 1 << 30
 CUDA_MEMORY_UTILIZATION = 0.9  # share of the GPU the engine may fill (weights + peak + KV)
 
@@ -103,8 +105,13 @@ class LLMEngine:
         source = resolve_model(args.model, allow_no_weights=args.load_format == "dummy")
         t0 = time.perf_counter()
         self.model, self.model_info = load_model(
-            source, self.dtype, args.max_model_len, self.device, quantization=args.quantization,
-            load_format=args.load_format, seed=args.seed,
+            source,
+            self.dtype,
+            args.max_model_len,
+            self.device,
+            quantization=args.quantization,
+            load_format=args.load_format,
+            seed=args.seed,
         )
         info = self.model_info
         startup.update(info.load_seconds)
@@ -122,7 +129,8 @@ class LLMEngine:
             info.load_throughput_gbs(),
             self.model.weight_memory_bytes() / 1e9,
             info.checkpoint_bytes / 1e9,
-            f"native quantized kernels: {info.native_weights}" if info.native_weights
+            f"native quantized kernels: {info.native_weights}"
+            if info.native_weights
             else f"weights in {str(self.dtype).removeprefix('torch.')}",
             info.quant_reason,
             info.backend,
@@ -151,9 +159,16 @@ class LLMEngine:
             KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching),
         )
         t1 = time.perf_counter()
-        self.runner = ModelRunner(self.model, num_blocks, args.block_size, self.dtype, self.device,
-                                  max_len, args.max_num_seqs,
-                                  graphs=self.device.type == "cuda" and not args.enforce_eager)
+        self.runner = ModelRunner(
+            self.model,
+            num_blocks,
+            args.block_size,
+            self.dtype,
+            self.device,
+            max_len,
+            args.max_num_seqs,
+            graphs=self.device.type == "cuda" and not args.enforce_eager,
+        )
         graphs = self.runner.graphs
         startup["KV pool"] = time.perf_counter() - t1 - (graphs.capture_seconds if graphs else 0)
         if graphs is not None:
@@ -173,8 +188,11 @@ class LLMEngine:
         )
         if startup["imports and arguments"] is None:
             del startup["imports and arguments"]
-        logger.debug("start-up breakdown: %s; total %.2f s", ", ".join(
-            f"{k} {v:.2f} s" for k, v in startup.items()), sum(startup.values()))
+        logger.debug(
+            "start-up breakdown: %s; total %.2f s",
+            ", ".join(f"{k} {v:.2f} s" for k, v in startup.items()),
+            sum(startup.values()),
+        )
         self.startup_seconds = startup
         self.groups: dict[str, _Group] = {}
         self._child_to_group: dict[str, _Sample] = {}
@@ -204,15 +222,27 @@ class LLMEngine:
         """90% of the GPU's memory, less what is in use now (weights, the CUDA context, other
         processes) and the peak of the largest step, measured by a profile forward."""
         args = self.args
-        peak = profile_forward(self.model, args.max_num_batched_tokens, args.max_num_seqs,
-                               args.block_size, self.dtype, self.device)
+        peak = profile_forward(
+            self.model,
+            args.max_num_batched_tokens,
+            args.max_num_seqs,
+            args.block_size,
+            self.dtype,
+            self.device,
+        )
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         budget = CUDA_MEMORY_UTILIZATION * total - (total - free) - peak
-        logger.info("KV budget from a memory profile: %.2f GiB (%.0f%% of %.1f GiB, %.2f GiB in "
-                    "use, %.2f GiB peak of a %d-token step)", budget / GiB,
-                    100 * CUDA_MEMORY_UTILIZATION, total / GiB, (total - free) / GiB,
-                    peak / GiB, args.max_num_batched_tokens)
+        logger.info(
+            "KV budget from a memory profile: %.2f GiB (%.0f%% of %.1f GiB, %.2f GiB in "
+            "use, %.2f GiB peak of a %d-token step)",
+            budget / GiB,
+            100 * CUDA_MEMORY_UTILIZATION,
+            total / GiB,
+            (total - free) / GiB,
+            peak / GiB,
+            args.max_num_batched_tokens,
+        )
         return budget
 
     # ---- requests ---------------------------------------------------------------------------
@@ -254,8 +284,9 @@ class LLMEngine:
             raise ValueError("prompt is empty (no tokens)")
         self._check_params_fit_model(params)
         # A prompt-scoring request (max_tokens 0) may fill the whole context.
-        if len(ids) > self.max_model_len or (len(ids) == self.max_model_len
-                                             and params.max_tokens != 0):
+        if len(ids) > self.max_model_len or (
+            len(ids) == self.max_model_len and params.max_tokens != 0
+        ):
             raise ValueError(
                 f"prompt has {len(ids)} tokens, but the context is {self.max_model_len} tokens "
                 "(it must leave room for at least one generated token)"
@@ -277,8 +308,9 @@ class LLMEngine:
             samples.append(
                 _Sample(request_id, i, req, detok, [] if p.logprobs is not None else None)
             )
-        group = _Group(request_id, text, ids, samples,
-                       [None] if params.prompt_logprobs is not None else None)
+        group = _Group(
+            request_id, text, ids, samples, [None] if params.prompt_logprobs is not None else None
+        )
         self.groups[request_id] = group
         for s in samples:
             self._child_to_group[s.request.request_id] = s
@@ -318,8 +350,11 @@ class LLMEngine:
 
     def queued_request_ids(self) -> list[str]:
         """Unfinished requests none of whose samples has started computing."""
-        return [rid for rid, g in self.groups.items()
-                if all(s.request.num_computed_tokens == 0 for s in g.samples)]
+        return [
+            rid
+            for rid, g in self.groups.items()
+            if all(s.request.num_computed_tokens == 0 for s in g.samples)
+        ]
 
     @property
     def num_waiting_sequences(self) -> int:
@@ -330,10 +365,13 @@ class LLMEngine:
         """A snapshot for metrics (safe to call from another thread: it only reads sizes)."""
         sched = self.scheduler
         return EngineStats(
-            num_running=len(sched.running), num_waiting=len(sched.waiting),
-            kv_cache_usage=sched.kv.usage, num_preemptions=sched.num_preemptions_total,
+            num_running=len(sched.running),
+            num_waiting=len(sched.waiting),
+            kv_cache_usage=sched.kv.usage,
+            num_preemptions=sched.num_preemptions_total,
             kv_cache_reserved_bytes=self.runner.kv_pool.reserved_bytes,
-            kv_cache_resident_bytes=self.runner.kv_pool.resident_bytes())
+            kv_cache_resident_bytes=self.runner.kv_pool.resident_bytes(),
+        )
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -377,8 +415,9 @@ class LLMEngine:
             text = self._token_text[token_id] = self.tokenizer.decode([token_id], False)
         return text
 
-    def _logprob_entry(self, token_ids: list[int], logprobs: list[float],
-                       rank: int | None) -> dict[int, Logprob]:
+    def _logprob_entry(
+        self, token_ids: list[int], logprobs: list[float], rank: int | None
+    ) -> dict[int, Logprob]:
         """{token: Logprob} of one position: the chosen token first, then the top-k."""
         entry = {token_ids[0]: Logprob(logprobs[0], rank, self._text_of(token_ids[0]))}
         for r, (tid, val) in enumerate(zip(token_ids[1:], logprobs[1:]), start=1):
@@ -395,10 +434,13 @@ class LLMEngine:
         # a preemption: they are skipped, so each prompt token is reported exactly once.
         skip = len(plps) - 1 - chunk.first_position
         if skip < 0:
-            raise RuntimeError(f"{request_id}: prompt logprobs from position "
-                               f"{chunk.first_position}, expected {len(plps) - 1}")
-        for ids, lps, rank in zip(chunk.token_ids[skip:], chunk.logprobs[skip:],
-                                  chunk.ranks[skip:]):
+            raise RuntimeError(
+                f"{request_id}: prompt logprobs from position "
+                f"{chunk.first_position}, expected {len(plps) - 1}"
+            )
+        for ids, lps, rank in zip(
+            chunk.token_ids[skip:], chunk.logprobs[skip:], chunk.ranks[skip:]
+        ):
             plps.append(self._logprob_entry(ids, lps, rank))
 
     def _on_tokens(self, sample: _Sample, new_ids: list[int], lp: SampleLogprobs | None) -> None:
@@ -431,7 +473,11 @@ class LLMEngine:
             )
             s.pending_text, s.pending_ids = "", []
         return RequestOutput(
-            group.request_id, group.prompt, group.prompt_token_ids, outs, group.finished,
+            group.request_id,
+            group.prompt,
+            group.prompt_token_ids,
+            outs,
+            group.finished,
             num_cached_tokens=group.samples[0].request.num_cached_tokens,
             prompt_logprobs=group.prompt_logprobs,
         )

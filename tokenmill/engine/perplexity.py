@@ -67,9 +67,14 @@ def sliding_windows(num_tokens: int, context_length: int, stride: int) -> list[W
     return windows
 
 
-def perplexity(llm: LLM, text: str | list[int], context_length: int | None = None,
-               stride: int | None = None, max_tokens: int | None = None,
-               use_tqdm: bool = False) -> PerplexityResult:
+def perplexity(
+    llm: LLM,
+    text: str | list[int],
+    context_length: int | None = None,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+    use_tqdm: bool = False,
+) -> PerplexityResult:
     """Perplexity of `text` (a string, tokenized with special tokens as `encode` adds them, or
     token ids). context_length defaults to min(max_model_len, 512), stride to half of it;
     max_tokens keeps only the text's first tokens."""
@@ -83,13 +88,15 @@ def perplexity(llm: LLM, text: str | list[int], context_length: int | None = Non
     max_len = llm.engine.max_model_len
     context_length = context_length or min(max_len, DEFAULT_CONTEXT_LENGTH)
     if context_length > max_len:
-        raise ValueError(f"context length {context_length} exceeds the model's maximum "
-                         f"context ({max_len} tokens)")
+        raise ValueError(
+            f"context length {context_length} exceeds the model's maximum "
+            f"context ({max_len} tokens)"
+        )
     stride = stride or max(1, context_length // 2)
     windows = sliding_windows(len(ids), context_length, stride)
     params = SamplingParams(max_tokens=0, prompt_logprobs=0)
     t0 = time.perf_counter()
-    outputs = llm.generate([ids[w.begin:w.end] for w in windows], params, use_tqdm=use_tqdm)
+    outputs = llm.generate([ids[w.begin : w.end] for w in windows], params, use_tqdm=use_tqdm)
     seconds = time.perf_counter() - t0
     nlls: list[float] = []
     for w, out in zip(windows, outputs):
@@ -99,6 +106,12 @@ def perplexity(llm: LLM, text: str | list[int], context_length: int | None = Non
             nlls.append(-plps[pos - w.begin][ids[pos]].logprob)
     mean_nll = math.fsum(nlls) / len(nlls)
     return PerplexityResult(
-        perplexity=math.exp(mean_nll), mean_nll=mean_nll, num_scored_tokens=len(nlls),
-        num_evaluated_tokens=sum(w.end - w.begin for w in windows), num_windows=len(windows),
-        context_length=context_length, stride=stride, seconds=seconds)
+        perplexity=math.exp(mean_nll),
+        mean_nll=mean_nll,
+        num_scored_tokens=len(nlls),
+        num_evaluated_tokens=sum(w.end - w.begin for w in windows),
+        num_windows=len(windows),
+        context_length=context_length,
+        stride=stride,
+        seconds=seconds,
+    )

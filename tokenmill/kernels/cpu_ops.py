@@ -38,10 +38,19 @@ from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
-_SOURCES = [Path(__file__).parent / "csrc" / name
-            for name in ("cpu_ops.cpp", "cpu_ops.h", "quant_gemm.cpp", "quant_gemm.h",
-                         "decode_stack.cpp", "decode_stack.h", "gguf_repack.cpp",
-                         "gguf_repack.h")]
+_SOURCES = [
+    Path(__file__).parent / "csrc" / name
+    for name in (
+        "cpu_ops.cpp",
+        "cpu_ops.h",
+        "quant_gemm.cpp",
+        "quant_gemm.h",
+        "decode_stack.cpp",
+        "decode_stack.h",
+        "gguf_repack.cpp",
+        "gguf_repack.h",
+    )
+]
 _NAME = "tokenmill_cpu_ops"
 _COMMON = ["-O3", "-fopenmp", "-ffast-math", "-mtune=generic"]
 _AVX2 = ["-mavx2", "-mfma", "-mf16c", "-mbmi2"]
@@ -54,10 +63,32 @@ ISA_FLAGS = {
 # CPU flags (as /proc/cpuinfo names them) each level needs.
 ISA_CPU_FLAGS = {
     "avx2": {"avx2", "fma", "f16c", "bmi2"},
-    "avx512": {"avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512vl", "avx512dq",
-               "avx512_vnni"},
-    "amx": {"avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512vl", "avx512dq",
-            "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16"},
+    "avx512": {
+        "avx2",
+        "fma",
+        "f16c",
+        "bmi2",
+        "avx512f",
+        "avx512bw",
+        "avx512vl",
+        "avx512dq",
+        "avx512_vnni",
+    },
+    "amx": {
+        "avx2",
+        "fma",
+        "f16c",
+        "bmi2",
+        "avx512f",
+        "avx512bw",
+        "avx512vl",
+        "avx512dq",
+        "avx512_vnni",
+        "avx512_bf16",
+        "amx_tile",
+        "amx_int8",
+        "amx_bf16",
+    },
 }
 ISA_ORDER = ("amx", "avx512", "avx2")
 _LDFLAGS = ["-fopenmp"]
@@ -105,18 +136,26 @@ def select_isa(flags: frozenset[str] | None = None) -> IsaChoice:
     forced = os.environ.get("TOKENMILL_CPU_ISA", "").strip().lower()
     if forced:
         if forced == "reference":
-            return IsaChoice(available[0] if available else None, False,
-                             "TOKENMILL_CPU_ISA=reference: quantized weights run dequantized")
+            return IsaChoice(
+                available[0] if available else None,
+                False,
+                "TOKENMILL_CPU_ISA=reference: quantized weights run dequantized",
+            )
         if forced not in ISA_FLAGS:
-            raise ValueError(f"TOKENMILL_CPU_ISA={forced!r}: expected one of reference, "
-                             f"{', '.join(reversed(ISA_ORDER))}")
+            raise ValueError(
+                f"TOKENMILL_CPU_ISA={forced!r}: expected one of reference, "
+                f"{', '.join(reversed(ISA_ORDER))}"
+            )
         if forced not in available:
             missing = sorted(ISA_CPU_FLAGS[forced] - (cpu_flags() if flags is None else flags))
             raise ValueError(f"TOKENMILL_CPU_ISA={forced}: this CPU lacks {', '.join(missing)}")
         return IsaChoice(forced, True, f"forced by TOKENMILL_CPU_ISA={forced}")
     if not available:
-        return IsaChoice(None, False, "the CPU has no AVX2/FMA/F16C: quantized weights run "
-                                      "dequantized with the PyTorch path")
+        return IsaChoice(
+            None,
+            False,
+            "the CPU has no AVX2/FMA/F16C: quantized weights run dequantized with the PyTorch path",
+        )
     return IsaChoice(available[0], True, f"best level this CPU supports ({', '.join(available)})")
 
 
@@ -128,8 +167,9 @@ def compiler_identity() -> str:
     if path is None:
         return f"{cxx} (not found)"
     try:
-        version = subprocess.run([path, "-dumpfullversion", "-dumpversion"], capture_output=True,
-                                 text=True, timeout=30).stdout.strip()
+        version = subprocess.run(
+            [path, "-dumpfullversion", "-dumpversion"], capture_output=True, text=True, timeout=30
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         version = "?"
     return f"{os.path.realpath(path)} {version}"
@@ -141,8 +181,11 @@ def build_directory(isa: str) -> Path:
     h = hashlib.sha256()
     for src in _SOURCES:
         h.update(src.name.encode() + b"\0" + src.read_bytes())
-    h.update(" ".join([isa] + _COMMON + ISA_FLAGS[isa] + _LDFLAGS + [torch.__version__,
-                                                                   compiler_identity()]).encode())
+    h.update(
+        " ".join(
+            [isa] + _COMMON + ISA_FLAGS[isa] + _LDFLAGS + [torch.__version__, compiler_identity()]
+        ).encode()
+    )
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tokenmill"
     return root / "kernels" / f"{isa}-{h.hexdigest()[:16]}"
 
@@ -189,21 +232,31 @@ def _compile(build_dir: Path, isa: str) -> Any:
     done = threading.Event()
     building = not (build_dir / "lock").exists()
     if building:
-        logger.warning("compiling the %s CPU kernels once, about 45 s per level (cached in %s)",
-                       isa, build_dir)
+        logger.warning(
+            "compiling the %s CPU kernels once, about 45 s per level (cached in %s)", isa, build_dir
+        )
 
     def progress() -> None:
         t0 = time.monotonic()
         while not done.wait(15.0):
-            logger.warning("... still %s the %s CPU kernels (%.0f s)",
-                           "compiling" if building else "waiting for", isa,
-                           time.monotonic() - t0)
+            logger.warning(
+                "... still %s the %s CPU kernels (%.0f s)",
+                "compiling" if building else "waiting for",
+                isa,
+                time.monotonic() - t0,
+            )
 
     ticker = threading.Thread(target=progress, daemon=True)
     ticker.start()
     try:
-        return load(name=f"{_NAME}_{isa}", sources=sources, extra_cflags=_COMMON + ISA_FLAGS[isa],
-                    extra_ldflags=list(_LDFLAGS), build_directory=str(build_dir), verbose=False)
+        return load(
+            name=f"{_NAME}_{isa}",
+            sources=sources,
+            extra_cflags=_COMMON + ISA_FLAGS[isa],
+            extra_ldflags=list(_LDFLAGS),
+            build_directory=str(build_dir),
+            verbose=False,
+        )
     finally:
         done.set()
 
@@ -223,8 +276,11 @@ def load_ops(isa: str) -> Any:
         except Exception as e:  # no compiler, no ninja, unsupported platform...
             if os.environ.get("TOKENMILL_REQUIRE_CPU_KERNELS") == "1":
                 raise RuntimeError(f"the {isa} CPU kernels failed to build: {e}") from e
-            logger.warning("fused CPU kernels unavailable (%s: %s); using the PyTorch path",
-                           type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            logger.warning(
+                "fused CPU kernels unavailable (%s: %s); using the PyTorch path",
+                type(e).__name__,
+                str(e).splitlines()[0] if str(e) else "",
+            )
         _built[isa] = ops
         return ops
 

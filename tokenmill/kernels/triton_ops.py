@@ -27,8 +27,22 @@ import triton.language as tl
 
 @triton.jit
 def _attention_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr, scale,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_bt,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    lse_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    qsl_ptr,
+    scale,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
     QPKV: tl.constexpr,  # query heads per KV head
     BLOCK_Q: tl.constexpr,  # query tokens per program
     BLOCK_M: tl.constexpr,  # >= BLOCK_Q * QPKV, a power of two >= 16
@@ -55,8 +69,14 @@ def _attention_kernel(
     valid_m = (offs_m < BLOCK_Q * QPKV) & (q_idx < q_len)
     offs_d = tl.arange(0, HEAD_DIM_P)
     valid_d = offs_d < HEAD_DIM
-    q = tl.load(q_ptr + (q_start + q_idx)[:, None] * stride_qt + head[:, None] * stride_qh
-                + offs_d[None, :], mask=valid_m[:, None] & valid_d[None, :], other=0.0)
+    q = tl.load(
+        q_ptr
+        + (q_start + q_idx)[:, None] * stride_qt
+        + head[:, None] * stride_qh
+        + offs_d[None, :],
+        mask=valid_m[:, None] & valid_d[None, :],
+        other=0.0,
+    )
 
     # Keys this program may need: up to the last query's position (causal), within its split.
     last_q = tl.minimum((qb + 1) * BLOCK_Q, q_len) - 1
@@ -72,8 +92,9 @@ def _attention_kernel(
     for start in range(kv_lo, kv_hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         valid_n = offs_n < kv_hi
-        block = tl.load(block_tables_ptr + req * stride_bt + offs_n // BLOCK_SIZE, mask=valid_n,
-                        other=0)
+        block = tl.load(
+            block_tables_ptr + req * stride_bt + offs_n // BLOCK_SIZE, mask=valid_n, other=0
+        )
         slot = block.to(tl.int64) * BLOCK_SIZE + offs_n % BLOCK_SIZE
         kv_off = slot[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :]
         kv_mask = valid_n[:, None] & valid_d[None, :]
@@ -93,23 +114,39 @@ def _attention_kernel(
     out_rows = (q_start + q_idx)[:, None] * stride_ot + head[:, None] * stride_oh
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     if NUM_SPLITS == 1:
-        tl.store(out_ptr + out_rows + offs_d[None, :], (acc / l_safe[:, None]).to(
-            out_ptr.dtype.element_ty), mask=valid_m[:, None] & valid_d[None, :])
+        tl.store(
+            out_ptr + out_rows + offs_d[None, :],
+            (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty),
+            mask=valid_m[:, None] & valid_d[None, :],
+        )
     else:
         # partials [tokens, heads, splits, head_dim] (float32) and their lse [tokens, heads,
         # splits]; an empty split has lse = -inf and weight 0 in the merge.
         # (the caller passes stride_ot = num_heads, stride_oh = 1: a dense (token, head) index)
         part = ((q_start + q_idx) * stride_ot + head * stride_oh) * NUM_SPLITS + split
-        tl.store(out_ptr + part[:, None] * HEAD_DIM_P + offs_d[None, :], acc / l_safe[:, None],
-                 mask=valid_m[:, None] & valid_d[None, :])
+        tl.store(
+            out_ptr + part[:, None] * HEAD_DIM_P + offs_d[None, :],
+            acc / l_safe[:, None],
+            mask=valid_m[:, None] & valid_d[None, :],
+        )
         lse = tl.where(l_i > 0, m_i + tl.log(l_safe), float("-inf"))
         tl.store(lse_ptr + part, lse, mask=valid_m)
 
 
 @triton.jit
-def _merge_kernel(part_ptr, lse_ptr, out_ptr, qsl_ptr, num_reqs, num_heads, stride_ot,
-                  stride_oh, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  HEAD_DIM_P: tl.constexpr):
+def _merge_kernel(
+    part_ptr,
+    lse_ptr,
+    out_ptr,
+    qsl_ptr,
+    num_reqs,
+    num_heads,
+    stride_ot,
+    stride_oh,
+    NUM_SPLITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,
+):
     """out[t, h] = sum_s exp(lse_s - max lse) * part_s / sum_s exp(lse_s - max lse), for the
     tokens of the batch's requests (rows past them, padding, are not written)."""
     t = tl.program_id(0)
@@ -123,19 +160,30 @@ def _merge_kernel(part_ptr, lse_ptr, out_ptr, qsl_ptr, num_reqs, num_heads, stri
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp(lse - m)
-    part = tl.load(part_ptr + (row * NUM_SPLITS + offs_s)[:, None] * HEAD_DIM_P
-                   + offs_d[None, :])
+    part = tl.load(part_ptr + (row * NUM_SPLITS + offs_s)[:, None] * HEAD_DIM_P + offs_d[None, :])
     total = tl.sum(w, 0)
     out = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + t * stride_ot + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
-             mask=offs_d < HEAD_DIM)
+    tl.store(
+        out_ptr + t * stride_ot + h * stride_oh + offs_d,
+        out.to(out_ptr.dtype.element_ty),
+        mask=offs_d < HEAD_DIM,
+    )
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                    query_start_loc: torch.Tensor, max_query_len: int, block_size: int,
-                    scale: float, num_splits: int = 1, block_q: int | None = None,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    block_size: int,
+    scale: float,
+    num_splits: int = 1,
+    block_q: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Causal attention of q [num_tokens, num_heads, head_dim] over the paged cache.
 
     Request r's queries are q[query_start_loc[r]:query_start_loc[r + 1]], the last ones of its
@@ -156,59 +204,146 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if out is None:
         out = torch.empty_like(q)
     grid = (num_reqs, triton.cdiv(max_query_len, block_q), num_kv_heads * num_splits)
-    common = dict(QPKV=qpkv, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
-                  HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, BLOCK_SIZE=block_size,
-                  NUM_SPLITS=num_splits)
+    common = dict(
+        QPKV=qpkv,
+        BLOCK_Q=block_q,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_P=head_dim_p,
+        BLOCK_SIZE=block_size,
+        NUM_SPLITS=num_splits,
+    )
     if num_splits == 1:
         _attention_kernel[grid](
-            q, k_cache, v_cache, out, out, block_tables, seq_lens, query_start_loc, scale,
-            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), out.stride(0),
-            out.stride(1), block_tables.stride(0), **common)
+            q,
+            k_cache,
+            v_cache,
+            out,
+            out,
+            block_tables,
+            seq_lens,
+            query_start_loc,
+            scale,
+            q.stride(0),
+            q.stride(1),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            out.stride(0),
+            out.stride(1),
+            block_tables.stride(0),
+            **common,
+        )
         return out
     # Partials indexed by (token, head) as a dense [num_tokens, num_heads] grid.
-    part = torch.empty(num_tokens, num_heads, num_splits, head_dim_p, dtype=torch.float32,
-                       device=q.device)
-    lse = torch.full((num_tokens, num_heads, num_splits), float("-inf"), dtype=torch.float32,
-                     device=q.device)
+    part = torch.empty(
+        num_tokens, num_heads, num_splits, head_dim_p, dtype=torch.float32, device=q.device
+    )
+    lse = torch.full(
+        (num_tokens, num_heads, num_splits), float("-inf"), dtype=torch.float32, device=q.device
+    )
     _attention_kernel[grid](
-        q, k_cache, v_cache, part, lse, block_tables, seq_lens, query_start_loc, scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), num_heads, 1,
-        block_tables.stride(0), **common)
-    _merge_kernel[(num_tokens, num_heads)](part, lse, out, query_start_loc, num_reqs, num_heads,
-                                           out.stride(0), out.stride(1), NUM_SPLITS=num_splits,
-                                           HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p)
+        q,
+        k_cache,
+        v_cache,
+        part,
+        lse,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        num_heads,
+        1,
+        block_tables.stride(0),
+        **common,
+    )
+    _merge_kernel[(num_tokens, num_heads)](
+        part,
+        lse,
+        out,
+        query_start_loc,
+        num_reqs,
+        num_heads,
+        out.stride(0),
+        out.stride(1),
+        NUM_SPLITS=num_splits,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_P=head_dim_p,
+    )
     return out
 
 
 @triton.jit
-def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_vt, stride_ct,
-                     WIDTH: tl.constexpr, WIDTH_P: tl.constexpr):
+def _write_kv_kernel(
+    k_ptr,
+    v_ptr,
+    kc_ptr,
+    vc_ptr,
+    slot_ptr,
+    stride_kt,
+    stride_vt,
+    stride_ct,
+    WIDTH: tl.constexpr,
+    WIDTH_P: tl.constexpr,
+):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:
         return
     offs = tl.arange(0, WIDTH_P)
     mask = offs < WIDTH
-    tl.store(kc_ptr + slot * stride_ct + offs, tl.load(k_ptr + t * stride_kt + offs, mask=mask),
-             mask=mask)
-    tl.store(vc_ptr + slot * stride_ct + offs, tl.load(v_ptr + t * stride_vt + offs, mask=mask),
-             mask=mask)
+    tl.store(
+        kc_ptr + slot * stride_ct + offs,
+        tl.load(k_ptr + t * stride_kt + offs, mask=mask),
+        mask=mask,
+    )
+    tl.store(
+        vc_ptr + slot * stride_ct + offs,
+        tl.load(v_ptr + t * stride_vt + offs, mask=mask),
+        mask=mask,
+    )
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+def write_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
     """k, v [num_tokens, num_kv_heads, head_dim] (heads contiguous within a token) into the
     caches [num_slots, num_kv_heads, head_dim] at slot_mapping; negative slots are skipped."""
     width = k.shape[1] * k.shape[2]
     assert k.stride(2) == 1 and k.stride(1) == k.shape[2] and v.stride(1) == v.shape[2]
-    _write_kv_kernel[(k.shape[0],)](k, v, k_cache, v_cache, slot_mapping, k.stride(0),
-                                    v.stride(0), k_cache.stride(0), WIDTH=width,
-                                    WIDTH_P=triton.next_power_of_2(width))
+    _write_kv_kernel[(k.shape[0],)](
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        k.stride(0),
+        v.stride(0),
+        k_cache.stride(0),
+        WIDTH=width,
+        WIDTH_P=triton.next_power_of_2(width),
+    )
 
 
 @triton.jit
-def _add_rms_norm_kernel(res_ptr, delta_ptr, w_ptr, out_ptr, eps, N: tl.constexpr,
-                         BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr):
+def _add_rms_norm_kernel(
+    res_ptr,
+    delta_ptr,
+    w_ptr,
+    out_ptr,
+    eps,
+    N: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_DELTA: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -223,20 +358,37 @@ def _add_rms_norm_kernel(res_ptr, delta_ptr, w_ptr, out_ptr, eps, N: tl.constexp
     tl.store(out_ptr + row * N + offs, (x * inv * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(
+    residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(residual += delta, rms_norm(residual) * weight) for contiguous [rows, hidden]."""
     rows, n = residual.shape
     out = torch.empty_like(residual)
-    _add_rms_norm_kernel[(rows,)](residual, residual if delta is None else delta, weight, out,
-                                  eps, N=n, BLOCK=triton.next_power_of_2(n),
-                                  HAS_DELTA=delta is not None)
+    _add_rms_norm_kernel[(rows,)](
+        residual,
+        residual if delta is None else delta,
+        weight,
+        out,
+        eps,
+        N=n,
+        BLOCK=triton.next_power_of_2(n),
+        HAS_DELTA=delta is not None,
+    )
     return residual, out
 
 
 @triton.jit
-def _rotary_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, stride_xt, stride_xh, stride_c,
-                   ROT: tl.constexpr, HALF_P: tl.constexpr):
+def _rotary_kernel(
+    x_ptr,
+    pos_ptr,
+    cos_ptr,
+    sin_ptr,
+    stride_xt,
+    stride_xh,
+    stride_c,
+    ROT: tl.constexpr,
+    HALF_P: tl.constexpr,
+):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -254,15 +406,24 @@ def _rotary_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, stride_xt, stride_xh, strid
     tl.store(base + half + offs, (x2 * c2 + x1 * s2).to(x_ptr.dtype.element_ty), mask=mask)
 
 
-def rotary_inplace(x: torch.Tensor, positions: torch.Tensor, cos_cached: torch.Tensor,
-                   sin_cached: torch.Tensor) -> torch.Tensor:
+def rotary_inplace(
+    x: torch.Tensor, positions: torch.Tensor, cos_cached: torch.Tensor, sin_cached: torch.Tensor
+) -> torch.Tensor:
     """Rotate the first rotary_dim channels of x [tokens, heads, head_dim] in place (x may be
     a strided view with contiguous channels). cos / signed sin: [max_positions, rotary_dim]."""
     rot = cos_cached.shape[1]
     assert x.stride(2) == 1
-    _rotary_kernel[(x.shape[0], x.shape[1])](x, positions, cos_cached, sin_cached, x.stride(0),
-                                             x.stride(1), cos_cached.stride(0), ROT=rot,
-                                             HALF_P=triton.next_power_of_2(rot // 2))
+    _rotary_kernel[(x.shape[0], x.shape[1])](
+        x,
+        positions,
+        cos_cached,
+        sin_cached,
+        x.stride(0),
+        x.stride(1),
+        cos_cached.stride(0),
+        ROT=rot,
+        HALF_P=triton.next_power_of_2(rot // 2),
+    )
     return x
 
 

@@ -80,7 +80,10 @@ class TritonAttentionMetadata(AttentionMetadata):
 
 
 def build_padded_group(
-    query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]], block_size: int,
+    query_lens: list[int],
+    seq_lens: list[int],
+    block_tables: list[list[int]],
+    block_size: int,
     device: torch.device,
 ) -> PaddedGroup:
     """Index tensors for the padded reference layout (a pure function of the batch shape).
@@ -108,8 +111,14 @@ def build_padded_group(
     if max_q == 1:
         # One query per request; it sees its whole context.
         mask = None if min(seq_lens) == max_s else (pos[None, :] < s_lens[:, None])[:, None, None]
-        return PaddedGroup(num_reqs, 1, max_s, slots.flatten().to(device),
-                           None if mask is None else mask.to(device), None)
+        return PaddedGroup(
+            num_reqs,
+            1,
+            max_s,
+            slots.flatten().to(device),
+            None if mask is None else mask.to(device),
+            None,
+        )
     q_pos = torch.arange(max_q, dtype=torch.int64)
     abs_q = (s_lens - q_lens)[:, None] + q_pos[None, :]  # [num_reqs, max_q]
     mask = pos[None, None, :] <= abs_q[:, :, None]  # causal within the context
@@ -119,15 +128,22 @@ def build_padded_group(
     pad_index = None
     if not bool(valid_q.all()):
         pad_index = (torch.arange(num_reqs)[:, None] * max_q + q_pos[None, :])[valid_q].to(device)
-    return PaddedGroup(num_reqs, max_q, max_s, slots.flatten().to(device),
-                       mask[:, None].to(device), pad_index)
+    return PaddedGroup(
+        num_reqs, max_q, max_s, slots.flatten().to(device), mask[:, None].to(device), pad_index
+    )
 
 
 class Attention:
     """One layer's attention: its head geometry and the backend chosen at load."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 backend: AttentionBackend) -> None:
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        backend: AttentionBackend,
+    ) -> None:
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -160,24 +176,31 @@ class TorchAttentionBackend:
         self.ops = ops
         self.num_kv_heads = num_kv_heads  # the model's (to size launch grids)
 
-    def kv_cache_shape(self, num_slots: int, num_kv_heads: int,
-                       head_dim: int) -> tuple[int, ...]:
+    def kv_cache_shape(self, num_slots: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
         return (num_slots, num_kv_heads, head_dim)
 
-    def build_metadata(self, common: AttentionMetadata,
-                       device: torch.device) -> TorchAttentionMetadata:
+    def build_metadata(
+        self, common: AttentionMetadata, device: torch.device
+    ) -> TorchAttentionMetadata:
         nd = sum(1 for q in common.query_lens_host if q == 1)
         lists = (common.query_lens_host, common.seq_lens_host, common.block_tables_host)
         groups: list[PaddedGroup | None] = [None, None]
         for gi, (lo, hi) in enumerate(((0, nd), (nd, len(common.query_lens_host)))):
             if hi > lo and (gi == 1 or self.padded_decode):
-                groups[gi] = build_padded_group(*(x[lo:hi] for x in lists), common.block_size,
-                                                device)
+                groups[gi] = build_padded_group(
+                    *(x[lo:hi] for x in lists), common.block_size, device
+                )
         return TorchAttentionMetadata(**_common(common), decode=groups[0], prefill=groups[1])
 
-    def forward(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_cache: tuple[torch.Tensor, torch.Tensor],
-                meta: TorchAttentionMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        layer: Attention,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: TorchAttentionMetadata,
+    ) -> torch.Tensor:
         k_cache, v_cache = kv_cache
         self.ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         nd = meta.num_decode_tokens
@@ -185,30 +208,52 @@ class TorchAttentionBackend:
             return self._decode(layer, q, k_cache, v_cache, meta)
         if nd == 0:
             return self._prefill(layer, q, k_cache, v_cache, meta.prefill)
-        return torch.cat([self._decode(layer, q[:nd], k_cache, v_cache, meta),
-                          self._prefill(layer, q[nd:], k_cache, v_cache, meta.prefill)])
+        return torch.cat(
+            [
+                self._decode(layer, q[:nd], k_cache, v_cache, meta),
+                self._prefill(layer, q[nd:], k_cache, v_cache, meta.prefill),
+            ]
+        )
 
     @staticmethod
     def _gather(layer: Attention, cache: torch.Tensor, g: PaddedGroup) -> torch.Tensor:
         # index_select on rows is much faster than advanced indexing on CPU.
         # -> [num_reqs, num_kv_heads, max_seq_len, head_dim]
-        return torch.index_select(cache, 0, g.context_slots).view(
-            g.num_reqs, g.max_seq_len, layer.num_kv_heads, layer.head_dim).transpose(1, 2)
+        return (
+            torch.index_select(cache, 0, g.context_slots)
+            .view(g.num_reqs, g.max_seq_len, layer.num_kv_heads, layer.head_dim)
+            .transpose(1, 2)
+        )
 
-    def _decode(self, layer: Attention, q: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: TorchAttentionMetadata) -> torch.Tensor:
+    def _decode(
+        self,
+        layer: Attention,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: TorchAttentionMetadata,
+    ) -> torch.Tensor:
         g = meta.decode
         # The q heads sharing a kv head become that head's queries, so SDPA needs no GQA
         # expansion (much faster on CPU than enable_gqa for a single query).
         rep = layer.num_heads // layer.num_kv_heads
         out = F.scaled_dot_product_attention(
             q.reshape(g.num_reqs, layer.num_kv_heads, rep, layer.head_dim),
-            self._gather(layer, k_cache, g), self._gather(layer, v_cache, g),
-            attn_mask=g.attn_mask, scale=layer.scale)
+            self._gather(layer, k_cache, g),
+            self._gather(layer, v_cache, g),
+            attn_mask=g.attn_mask,
+            scale=layer.scale,
+        )
         return out.reshape(g.num_reqs, layer.num_heads * layer.head_dim)
 
-    def _prefill(self, layer: Attention, q: torch.Tensor, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, g: PaddedGroup) -> torch.Tensor:
+    def _prefill(
+        self,
+        layer: Attention,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        g: PaddedGroup,
+    ) -> torch.Tensor:
         n, max_q, h, d = g.num_reqs, g.max_query_len, layer.num_heads, layer.head_dim
         if g.query_pad_index is None:
             qp = q.reshape(n, max_q, h, d)
@@ -217,9 +262,13 @@ class TorchAttentionBackend:
             qp[g.query_pad_index] = q
             qp = qp.view(n, max_q, h, d)
         out = F.scaled_dot_product_attention(
-            qp.transpose(1, 2), self._gather(layer, k_cache, g),
-            self._gather(layer, v_cache, g), attn_mask=g.attn_mask, scale=layer.scale,
-            is_causal=g.is_causal, enable_gqa=h != layer.num_kv_heads,
+            qp.transpose(1, 2),
+            self._gather(layer, k_cache, g),
+            self._gather(layer, v_cache, g),
+            attn_mask=g.attn_mask,
+            scale=layer.scale,
+            is_causal=g.is_causal,
+            enable_gqa=h != layer.num_kv_heads,
         )  # [n, num_heads, max_q, head_dim]
         out = out.transpose(1, 2).reshape(n * max_q, h * d)
         return out if g.query_pad_index is None else out[g.query_pad_index]
@@ -235,8 +284,14 @@ class CpuAttentionBackend(TorchAttentionBackend):
     def _decode(self, layer, q, k_cache, v_cache, meta):
         nd = meta.num_decode_tokens
         out = self.ops.kernels.paged_decode_attention(
-            q, k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], meta.block_size,
-            layer.scale)
+            q,
+            k_cache,
+            v_cache,
+            meta.block_tables[:nd],
+            meta.seq_lens[:nd],
+            meta.block_size,
+            layer.scale,
+        )
         return out.view(nd, layer.num_heads * layer.head_dim)
 
 
@@ -250,8 +305,9 @@ class TritonAttentionBackend(TorchAttentionBackend):
     SPLIT_BELOW_PROGRAMS = 128
     MAX_SPLITS = 8
 
-    def build_metadata(self, common: AttentionMetadata,
-                       device: torch.device) -> TritonAttentionMetadata:
+    def build_metadata(
+        self, common: AttentionMetadata, device: torch.device
+    ) -> TritonAttentionMetadata:
         return TritonAttentionMetadata(**_common(common), num_splits=self._splits(common))
 
     def _splits(self, common: AttentionMetadata) -> int:
@@ -259,8 +315,11 @@ class TritonAttentionBackend(TorchAttentionBackend):
         if common.max_query_len > 1 or programs >= self.SPLIT_BELOW_PROGRAMS:
             return 1
         splits = 1
-        while (splits < self.MAX_SPLITS and programs * splits * 2 <= self.SPLIT_BELOW_PROGRAMS
-               and common.max_seq_len >= 256 * splits * 2):
+        while (
+            splits < self.MAX_SPLITS
+            and programs * splits * 2 <= self.SPLIT_BELOW_PROGRAMS
+            and common.max_seq_len >= 256 * splits * 2
+        ):
             splits *= 2
         return splits
 
@@ -271,21 +330,34 @@ class TritonAttentionBackend(TorchAttentionBackend):
         self.ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         # zeros: the rows of a captured graph's padding (no request) are never written and must
         # not carry garbage (inf / NaN) through the rest of the step
-        out = paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                              meta.query_start_loc, meta.max_query_len, meta.block_size,
-                              layer.scale, num_splits=meta.num_splits,
-                              out=torch.zeros(q.shape, dtype=q.dtype, device=q.device))
+        out = paged_attention(
+            q,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.seq_lens,
+            meta.query_start_loc,
+            meta.max_query_len,
+            meta.block_size,
+            layer.scale,
+            num_splits=meta.num_splits,
+            out=torch.zeros(q.shape, dtype=q.dtype, device=q.device),
+        )
         return out.view(meta.num_tokens, layer.num_heads * layer.head_dim)
 
 
 AttentionBackend = TorchAttentionBackend  # the interface every backend implements
 
-_BACKENDS = {"torch": TorchAttentionBackend, "cpu": CpuAttentionBackend,
-             "triton": TritonAttentionBackend}
+_BACKENDS = {
+    "torch": TorchAttentionBackend,
+    "cpu": CpuAttentionBackend,
+    "triton": TritonAttentionBackend,
+}
 
 
-def make_backend(device: torch.device | str, dtype: torch.dtype,
-                 num_kv_heads: int) -> tuple[AttentionBackend, str]:
+def make_backend(
+    device: torch.device | str, dtype: torch.dtype, num_kv_heads: int
+) -> tuple[AttentionBackend, str]:
     """The attention backend (with its ops) for `device` and `dtype`, and why it was chosen
     (`layers.ops.backend_name`: CUDA -> triton, CPU with built kernels -> cpu, else torch;
     TOKENMILL_BACKEND overrides)."""

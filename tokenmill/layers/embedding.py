@@ -11,8 +11,13 @@ from tokenmill.quant.dense import DenseEmbeddingMethod
 class VocabEmbedding(torch.nn.Module):
     """ids [...] -> rows [..., dim] in `dtype`."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype,
-                 quant_method: EmbeddingMethod | None = None) -> None:
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        dtype: torch.dtype,
+        quant_method: EmbeddingMethod | None = None,
+    ) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.dtype = num_embeddings, embedding_dim, dtype
         self.quant_method = quant_method or DenseEmbeddingMethod()

@@ -16,8 +16,12 @@ class Linear(torch.nn.Module):
     """
 
     def __init__(
-        self, in_features: int, output_sizes: dict[str, int] | int, bias: bool = False,
-        dtype: torch.dtype = torch.float32, quant_method: LinearMethod | None = None,
+        self,
+        in_features: int,
+        output_sizes: dict[str, int] | int,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float32,
+        quant_method: LinearMethod | None = None,
     ) -> None:
         super().__init__()
         if isinstance(output_sizes, int):
@@ -32,8 +36,11 @@ class Linear(torch.nn.Module):
             start += size
         self.quant_method = quant_method or UnquantizedLinearMethod()
         self.quant_method.create_weights(self, in_features, output_sizes, dtype)
-        self.bias = (torch.nn.Parameter(torch.zeros(self.out_features, dtype=dtype),
-                                        requires_grad=False) if bias else None)
+        self.bias = (
+            torch.nn.Parameter(torch.zeros(self.out_features, dtype=dtype), requires_grad=False)
+            if bias
+            else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_method.apply(self, x, self.bias)

@@ -29,8 +29,9 @@ class TorchOps:
 
     name = "torch"
 
-    def add_rms_norm(self, residual: torch.Tensor, delta: torch.Tensor | None,
-                     weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_rms_norm(
+        self, residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(residual + delta, rms_norm(residual + delta) * weight); the first may be `residual`
         updated in place."""
         if delta is not None:
@@ -42,21 +43,33 @@ class TorchOps:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
-    def rotary_tables(self, rotary: Any, positions: torch.Tensor,
-                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def rotary_tables(
+        self, rotary: Any, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """What `rotary` needs per forward pass, gathered once for all layers ((cos, sin) rows
         here; kernels that read the tables by position need nothing)."""
         return rotary.cos_sin(positions, dtype)
 
-    def rotary(self, x: torch.Tensor, positions: torch.Tensor, rotary: Any,
-               tables: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def rotary(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: Any,
+        tables: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
         """x [tokens, heads, head_dim] rotated (in place where the kernel can)."""
         from tokenmill.layers.rotary import apply_rotary
 
         return apply_rotary(x, *(tables or rotary.cos_sin(positions, x.dtype)))
 
-    def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    def write_kv(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
         """K/V rows [tokens, kv_heads, head_dim] into the caches at `slot_mapping`."""
         k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
         v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
@@ -88,8 +101,7 @@ class CpuOps(TorchOps):
         return None
 
     def rotary(self, x, positions, rotary, tables):
-        if (rotary.rotary_dim == x.shape[-1] and x.stride(-1) == 1
-                and x.stride(1) == x.shape[-1]):
+        if rotary.rotary_dim == x.shape[-1] and x.stride(-1) == 1 and x.stride(1) == x.shape[-1]:
             self.kernels.rotary_inplace(x, positions, rotary.cos_cached, rotary.sin_cached)
             return x
         return super().rotary(x, positions, rotary, tables)
@@ -115,8 +127,11 @@ class TritonOps(TorchOps):
         self.kernels = triton_ops
 
     def add_rms_norm(self, residual, delta, weight, eps):
-        if residual.is_contiguous() and residual.dim() == 2 and (
-                delta is None or delta.is_contiguous()):
+        if (
+            residual.is_contiguous()
+            and residual.dim() == 2
+            and (delta is None or delta.is_contiguous())
+        ):
             return self.kernels.add_rms_norm(residual, delta, weight, eps)
         return super().add_rms_norm(residual, delta, weight, eps)
 
@@ -130,13 +145,17 @@ class TritonOps(TorchOps):
 
     def rotary(self, x, positions, rotary, tables):
         if x.stride(-1) == 1:
-            return self.kernels.rotary_inplace(x, positions, rotary.cos_cached,
-                                               rotary.sin_cached)
+            return self.kernels.rotary_inplace(x, positions, rotary.cos_cached, rotary.sin_cached)
         return super().rotary(x, positions, rotary, tables)
 
     def write_kv(self, k, v, k_cache, v_cache, slot_mapping):
-        if (k.dtype == k_cache.dtype and k.stride(2) == 1 and k.stride(1) == k.shape[2]
-                and v.stride(2) == 1 and v.stride(1) == v.shape[2]):
+        if (
+            k.dtype == k_cache.dtype
+            and k.stride(2) == 1
+            and k.stride(1) == k.shape[2]
+            and v.stride(2) == 1
+            and v.stride(1) == v.shape[2]
+        ):
             self.kernels.write_kv(k, v, k_cache, v_cache, slot_mapping)
         else:
             super().write_kv(k, v, k_cache, v_cache, slot_mapping)

@@ -11,7 +11,9 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
 def rope_inv_freq(
-    rotary_dim: int, base: float, scaling: dict[str, Any] | None,
+    rotary_dim: int,
+    base: float,
+    scaling: dict[str, Any] | None,
     freq_factors: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Inverse frequencies [rotary_dim // 2] (float32), scaled as the config asks."""
@@ -45,8 +47,12 @@ class RotaryEmbedding(torch.nn.Module):
     """Precomputed cos/sin tables; `cos_sin(positions)` is computed once per forward pass."""
 
     def __init__(
-        self, rotary_dim: int, max_positions: int, base: float,
-        scaling: dict[str, Any] | None = None, freq_factors: torch.Tensor | None = None,
+        self,
+        rotary_dim: int,
+        max_positions: int,
+        base: float,
+        scaling: dict[str, Any] | None = None,
+        freq_factors: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.rotary_dim = rotary_dim
@@ -60,11 +66,14 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("cos_cached", cos, persistent=False)
         self.register_buffer("sin_cached", torch.cat([-sin, sin], dim=-1), persistent=False)
 
-    def cos_sin(self, positions: torch.Tensor,
-                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # [num_tokens, 1, rotary_dim], broadcast over heads
-        return (self.cos_cached[positions].to(dtype)[:, None, :],
-                self.sin_cached[positions].to(dtype)[:, None, :])
+        return (
+            self.cos_cached[positions].to(dtype)[:, None, :],
+            self.sin_cached[positions].to(dtype)[:, None, :],
+        )
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:

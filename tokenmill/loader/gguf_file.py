@@ -23,9 +23,19 @@ from tokenmill.errors import ModelLoadError
 GGUF_MAGIC = b"GGUF"
 
 # GGUF value types -> (struct format, numpy dtype) for the fixed-size ones.
-_SCALARS = {0: ("<B", np.uint8), 1: ("<b", np.int8), 2: ("<H", np.uint16), 3: ("<h", np.int16),
-            4: ("<I", np.uint32), 5: ("<i", np.int32), 6: ("<f", np.float32), 7: ("<?", np.bool_),
-            10: ("<Q", np.uint64), 11: ("<q", np.int64), 12: ("<d", np.float64)}
+_SCALARS = {
+    0: ("<B", np.uint8),
+    1: ("<b", np.int8),
+    2: ("<H", np.uint16),
+    3: ("<h", np.int16),
+    4: ("<I", np.uint32),
+    5: ("<i", np.int32),
+    6: ("<f", np.float32),
+    7: ("<?", np.bool_),
+    10: ("<Q", np.uint64),
+    11: ("<q", np.int64),
+    12: ("<d", np.float64),
+}
 _STRING, _ARRAY = 8, 9
 
 
@@ -65,10 +75,15 @@ class GGUFFile:
         align = int(self.metadata.get("general.alignment", 32))
         data_start = -(-self._pos // align) * align
         self.tensors: list[GGUFTensorInfo] = []
-        simple = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16,
-                  GGMLQuantizationType.F64: np.float64, GGMLQuantizationType.I8: np.int8,
-                  GGMLQuantizationType.I16: np.int16, GGMLQuantizationType.I32: np.int32,
-                  GGMLQuantizationType.I64: np.int64}
+        simple = {
+            GGMLQuantizationType.F32: np.float32,
+            GGMLQuantizationType.F16: np.float16,
+            GGMLQuantizationType.F64: np.float64,
+            GGMLQuantizationType.I8: np.int8,
+            GGMLQuantizationType.I16: np.int16,
+            GGMLQuantizationType.I32: np.int32,
+            GGMLQuantizationType.I64: np.int64,
+        }
         for name, dims, type_id, offset in infos:
             qtype = GGMLQuantizationType(type_id)
             n_el = int(np.prod(dims, dtype=np.int64)) if dims else 1
@@ -79,12 +94,13 @@ class GGUFFile:
                 raise ValueError(f"tensor {name!r} extends past the end of the file")
             np_dims = list(reversed(dims))
             if qtype in simple:
-                data = self._map[start:start + n_bytes].view(simple[qtype]).reshape(np_dims)
+                data = self._map[start : start + n_bytes].view(simple[qtype]).reshape(np_dims)
             else:
                 np_dims[-1] = np_dims[-1] // block * type_size
-                data = self._map[start:start + n_bytes].reshape(np_dims)
-            self.tensors.append(GGUFTensorInfo(name, qtype, np.array(dims, dtype=np.uint64), n_el,
-                                               n_bytes, data))
+                data = self._map[start : start + n_bytes].reshape(np_dims)
+            self.tensors.append(
+                GGUFTensorInfo(name, qtype, np.array(dims, dtype=np.uint64), n_el, n_bytes, data)
+            )
         del self._buf
 
     def _take(self, fmt: str) -> Any:
@@ -100,7 +116,7 @@ class GGUFFile:
 
     def _str(self) -> str:
         n = self._u64()
-        s = bytes(self._buf[self._pos:self._pos + n]).decode("utf-8", errors="replace")
+        s = bytes(self._buf[self._pos : self._pos + n]).decode("utf-8", errors="replace")
         self._pos += n
         return s
 

@@ -47,8 +47,11 @@ def describe_model(args: EngineArgs, default_kv_gib: float) -> dict[str, str]:
     else:
         budget = (args.kv_cache_memory_gib or default_kv_gib) * GiB
         kv_tokens = int(budget // (kv_per_token * args.block_size)) * args.block_size
-    quant, why = (quant_config_for(source, reader, arch, dtype, device, args.quantization)
-                  if reader is not None else (None, "dense checkpoint"))
+    quant, why = (
+        quant_config_for(source, reader, arch, dtype, device, args.quantization)
+        if reader is not None
+        else (None, "dense checkpoint")
+    )
     weights, stored = params * elt, "dequantized to the compute dtype"
     if isinstance(quant, GGUFQuantConfig):
         weights = estimate_native_bytes(reader, arch.tie_word_embeddings, elt)
@@ -60,12 +63,12 @@ def describe_model(args: EngineArgs, default_kv_gib: float) -> dict[str, str]:
         "weight format": info.weight_format,
         "checkpoint size": f"{info.checkpoint_bytes / GiB:.3f} GiB",
         "layers / hidden / heads": f"{arch.num_layers} / {arch.hidden_size} / "
-                                   f"{arch.num_heads} q, {arch.num_kv_heads} kv x {arch.head_dim}",
+        f"{arch.num_heads} q, {arch.num_kv_heads} kv x {arch.head_dim}",
         "vocabulary": str(arch.vocab_size),
         "context length": str(arch.max_position_embeddings),
         "compute dtype": f"{str(dtype).removeprefix('torch.')} on {device}",
         "weights in memory": f"{weights / GiB:.3f} GiB ({stored}; file "
-                             f"{info.checkpoint_bytes / GiB:.3f} GiB)",
+        f"{info.checkpoint_bytes / GiB:.3f} GiB)",
         "quantized kernels": why,
         "KV cache per token": f"{kv_per_token / 1024:.1f} KiB",
         "KV capacity": f"{kv_tokens} tokens ({kv_tokens * kv_per_token / GiB:.2f} GiB)",
@@ -74,8 +77,10 @@ def describe_model(args: EngineArgs, default_kv_gib: float) -> dict[str, str]:
     }
 
 
-_LINEAR = re.compile(r"^blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)"
-                     r"\.weight$|^output\.weight$")
+_LINEAR = re.compile(
+    r"^blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)"
+    r"\.weight$|^output\.weight$"
+)
 
 
 def estimate_native_bytes(reader: Any, tie_word_embeddings: bool, element_size: int) -> int:

@@ -83,9 +83,14 @@ def read_model_info(source: ModelSource, load_format: str = "auto") -> tuple[Mod
     return ModelInfo(source, arch, fmt, size, cfg), None
 
 
-def quant_config_for(source: ModelSource, reader: Any, arch: ModelArchConfig,
-                     dtype: torch.dtype, device: torch.device | str,
-                     quantization: str) -> tuple[QuantConfig, str]:
+def quant_config_for(
+    source: ModelSource,
+    reader: Any,
+    arch: ModelArchConfig,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    quantization: str,
+) -> tuple[QuantConfig, str]:
     """The quantization config for this load, and why (logged, shown by `info`).
 
     A GGUF file's quantized tensors run natively when `quantization="auto"`, the model family
@@ -113,10 +118,16 @@ def quant_config_for(source: ModelSource, reader: Any, arch: ModelArchConfig,
     return GGUFQuantConfig(types, ops), f"{choice.build} kernels ({choice.reason})"
 
 
-def load_model(source: ModelSource, dtype: torch.dtype, max_model_len: int | None = None,
-               device: torch.device | str = "cpu", progress: bool = True,
-               quantization: str = "auto", load_format: str = "auto",
-               seed: int = 0) -> tuple[CausalLM, ModelInfo]:
+def load_model(
+    source: ModelSource,
+    dtype: torch.dtype,
+    max_model_len: int | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    quantization: str = "auto",
+    load_format: str = "auto",
+    seed: int = 0,
+) -> tuple[CausalLM, ModelInfo]:
     """Build the model module for `source` and stream its weights in (strict names).
 
     Rotary tables cover min(the model's context length, max_model_len) positions.
@@ -142,8 +153,7 @@ def load_model(source: ModelSource, dtype: torch.dtype, max_model_len: int | Non
     max_positions = min(arch.max_position_embeddings, max_model_len or 1 << 62)
     model_cls = get_model_class(arch.architecture)
     freq_factors = gguf_rope_freq_factors(reader) if reader is not None else None
-    quant, info.quant_reason = quant_config_for(source, reader, arch, dtype, device,
-                                                quantization)
+    quant, info.quant_reason = quant_config_for(source, reader, arch, dtype, device, quantization)
     backend, why = make_backend(device, dtype, arch.num_kv_heads)
     info.backend = f"{backend.name} ({why})"
     lap("kernel load")
@@ -169,8 +179,14 @@ def load_model(source: ModelSource, dtype: torch.dtype, max_model_len: int | Non
         files = safetensors_files(source.path)
         total = count_safetensors(files)
         weights = iter_safetensors(files)
-    bar = tqdm(weights, total=total, desc="Loading weights", unit="tensor", disable=not progress,
-               leave=False)
+    bar = tqdm(
+        weights,
+        total=total,
+        desc="Loading weights",
+        unit="tensor",
+        disable=not progress,
+        leave=False,
+    )
     model.load_weights(bar)
     lap("weights")
     if isinstance(quant, GGUFQuantConfig):
@@ -203,4 +219,3 @@ def _return_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
-

@@ -92,20 +92,32 @@ _LLAMA_GGUF = {
     "output.weight": "lm_head.weight",
 }
 _LLAMA_GGUF_LAYER = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
 _GPT2_GGUF = {
-    "token_embd.weight": "wte.weight", "position_embd.weight": "wpe.weight",
-    "output_norm.weight": "ln_f.weight", "output_norm.bias": "ln_f.bias",
+    "token_embd.weight": "wte.weight",
+    "position_embd.weight": "wpe.weight",
+    "output_norm.weight": "ln_f.weight",
+    "output_norm.bias": "ln_f.bias",
     "output.weight": "lm_head.weight",
 }
 _GPT2_GGUF_LAYER = {
-    "attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj",
-    "ffn_norm": "ln_2", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj",
+    "attn_norm": "ln_1",
+    "attn_qkv": "attn.c_attn",
+    "attn_output": "attn.c_proj",
+    "ffn_norm": "ln_2",
+    "ffn_up": "mlp.c_fc",
+    "ffn_down": "mlp.c_proj",
 }
 GGUF_NAME_TABLES = {
     "llama": (_LLAMA_GGUF, _LLAMA_GGUF_LAYER, "model.layers"),
@@ -161,8 +173,9 @@ def gguf_tensor_to_torch(t: Any) -> torch.Tensor:
     return _to_torch(t.name, t.tensor_type, tuple(int(x) for x in reversed(t.shape)), t.data)
 
 
-def iter_gguf(reader: Any, arch: str, num_heads: int, num_kv_heads: int,
-              raw: bool = False) -> Iterator[tuple[str, Any]]:
+def iter_gguf(
+    reader: Any, arch: str, num_heads: int, num_kv_heads: int, raw: bool = False
+) -> Iterator[tuple[str, Any]]:
     """(HF name, tensor) pairs; `raw=True` yields RawGGUFTensor (blocks as stored, rows in the
     model's order) instead of dequantizing, so the layer's quant method decides."""
     for t in reader.tensors:

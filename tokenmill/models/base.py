@@ -45,8 +45,9 @@ class CausalLM(torch.nn.Module):
         self.cfg = cfg
         self.attn_backend = backend or TorchAttentionBackend(TorchOps(), cfg.num_kv_heads)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[KVCache], meta) -> torch.Tensor:  # pragma: no cover - abstract
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], meta
+    ) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def input_embeddings(self) -> VocabEmbedding:  # pragma: no cover - abstract
@@ -59,21 +60,27 @@ class CausalLM(torch.nn.Module):
         if head is not None:
             logits = head(hidden)
         elif self.packed_tied_head is not None:
-            logits = torch.ops.mkldnn._linear_pointwise(hidden, self.packed_tied_head, None,
-                                                        "none", [], "")
+            logits = torch.ops.mkldnn._linear_pointwise(
+                hidden, self.packed_tied_head, None, "none", [], ""
+            )
         else:
             logits = torch.nn.functional.linear(hidden, self.input_embeddings().dense_weight())
         return logits.float() if float32 else logits
 
-    def _build_head(self, quant: QuantConfig, hidden: int, vocab: int, dtype: torch.dtype,
-                    embedding_name: str) -> None:
+    def _build_head(
+        self, quant: QuantConfig, hidden: int, vocab: int, dtype: torch.dtype, embedding_name: str
+    ) -> None:
         """`lm_head`: its own weight, or for tied models a quantized copy of the embedding's
         blocks when the quant config can run them; a tied dense head reads the table."""
         self.packed_tied_head: torch.Tensor | None = None
         self.tied_embedding_name = embedding_name
         if not self.cfg.tie_word_embeddings:
-            self.lm_head = Linear(hidden, vocab, dtype=dtype, quant_method=quant.linear_method(
-                {"": "lm_head.weight"}, hidden, {"": vocab}))
+            self.lm_head = Linear(
+                hidden,
+                vocab,
+                dtype=dtype,
+                quant_method=quant.linear_method({"": "lm_head.weight"}, hidden, {"": vocab}),
+            )
             return
         method = quant.tied_head_method(self.input_embeddings(), hidden, vocab)
         if method is not None:
@@ -87,8 +94,11 @@ class CausalLM(torch.nn.Module):
         """Bytes of weights one forward pass reads: every linear layer as its method stores it,
         norms and biases, and the output head; the embedding table is only read by rows, so it
         counts only when it doubles as the output head."""
-        total = sum(p.numel() * p.element_size() for n, p in self.named_parameters()
-                    if not self._owned_by_layer(n))
+        total = sum(
+            p.numel() * p.element_size()
+            for n, p in self.named_parameters()
+            if not self._owned_by_layer(n)
+        )
         for m in self.modules():
             if isinstance(m, Linear):
                 total += m.quant_method.bytes_per_call(m)
@@ -128,10 +138,14 @@ class CausalLM(torch.nn.Module):
             if isinstance(module, Linear):
                 module.quant_method.process_weights_after_loading(module)
         w = self.input_embeddings().dense_weight()
-        if (self.cfg.tie_word_embeddings and getattr(self, "lm_head", None) is None
-                and w is not None and w.device.type == "cpu"
-                and w.dtype in (torch.bfloat16, torch.float16)
-                and torch.backends.mkldnn.is_available()):
+        if (
+            self.cfg.tie_word_embeddings
+            and getattr(self, "lm_head", None) is None
+            and w is not None
+            and w.device.type == "cpu"
+            and w.dtype in (torch.bfloat16, torch.float16)
+            and torch.backends.mkldnn.is_available()
+        ):
             # The output projection reuses the embedding matrix; a oneDNN-packed copy makes the
             # [num_rows, vocab] GEMM of every step ~1.5-2x faster in bf16 on CPU.
             self.packed_tied_head = torch.ops.mkldnn._reorder_linear_weight(w.detach())

@@ -80,44 +80,71 @@ def arch_config_from_hf(cfg: dict[str, Any]) -> ModelArchConfig:
     if arch == "GPT2LMHeadModel":
         h = cfg["n_embd"]
         return ModelArchConfig(
-            architecture=arch, model_type="gpt2", vocab_size=cfg["vocab_size"], hidden_size=h,
-            num_layers=cfg["n_layer"], num_heads=cfg["n_head"], num_kv_heads=cfg["n_head"],
-            head_dim=h // cfg["n_head"], intermediate_size=cfg.get("n_inner") or 4 * h,
+            architecture=arch,
+            model_type="gpt2",
+            vocab_size=cfg["vocab_size"],
+            hidden_size=h,
+            num_layers=cfg["n_layer"],
+            num_heads=cfg["n_head"],
+            num_kv_heads=cfg["n_head"],
+            head_dim=h // cfg["n_head"],
+            intermediate_size=cfg.get("n_inner") or 4 * h,
             max_position_embeddings=cfg["n_positions"],
             norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
             tie_word_embeddings=cfg.get("tie_word_embeddings", True),
             hidden_act=cfg.get("activation_function", "gelu_new"),
-            bos_token_id=cfg.get("bos_token_id"), eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
-            extra={"scale_attn_by_inverse_layer_idx":
-                   cfg.get("scale_attn_by_inverse_layer_idx", False)},
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
+            extra={
+                "scale_attn_by_inverse_layer_idx": cfg.get("scale_attn_by_inverse_layer_idx", False)
+            },
         )
     if arch not in LLAMA_LIKE:
         # Let the registry produce the "supported architectures" error.
         return ModelArchConfig(
-            architecture=arch or str(cfg.get("model_type")), model_type=str(cfg.get("model_type")),
-            vocab_size=0, hidden_size=0, num_layers=0, num_heads=1, num_kv_heads=1, head_dim=0,
-            intermediate_size=0, max_position_embeddings=0,
+            architecture=arch or str(cfg.get("model_type")),
+            model_type=str(cfg.get("model_type")),
+            vocab_size=0,
+            hidden_size=0,
+            num_layers=0,
+            num_heads=1,
+            num_kv_heads=1,
+            head_dim=0,
+            intermediate_size=0,
+            max_position_embeddings=0,
         )
     model_type = LLAMA_LIKE[arch]
     heads = cfg["num_attention_heads"]
     theta, scaling = _rope_from_hf(cfg)
     return ModelArchConfig(
-        architecture=arch, model_type=model_type, vocab_size=cfg["vocab_size"],
-        hidden_size=cfg["hidden_size"], num_layers=cfg["num_hidden_layers"], num_heads=heads,
+        architecture=arch,
+        model_type=model_type,
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        num_layers=cfg["num_hidden_layers"],
+        num_heads=heads,
         num_kv_heads=cfg.get("num_key_value_heads") or heads,
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
         intermediate_size=cfg["intermediate_size"],
         max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-        norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+        norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=theta,
+        rope_scaling=scaling,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
-        qk_norm=model_type == "qwen3", hidden_act=cfg.get("hidden_act", "silu"),
-        bos_token_id=cfg.get("bos_token_id"), eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
+        qk_norm=model_type == "qwen3",
+        hidden_act=cfg.get("hidden_act", "silu"),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
     )
 
 
-GGUF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-              "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+GGUF_ARCHS = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
+}
 
 
 def arch_config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> ModelArchConfig:
@@ -136,8 +163,12 @@ def arch_config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> Model
     vocab = key("vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
     eos = meta.get("tokenizer.ggml.eos_token_id")
     common = dict(
-        architecture=GGUF_ARCHS[arch], model_type=arch, vocab_size=int(vocab), hidden_size=hidden,
-        num_layers=int(key("block_count")), num_heads=heads,
+        architecture=GGUF_ARCHS[arch],
+        model_type=arch,
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        num_layers=int(key("block_count")),
+        num_heads=heads,
         num_kv_heads=int(key("attention.head_count_kv", heads)),
         head_dim=int(key("attention.key_length", hidden // heads)),
         intermediate_size=int(key("feed_forward_length")),
@@ -147,13 +178,19 @@ def arch_config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> Model
         eos_token_ids=() if eos is None else (int(eos),),
     )
     if arch == "gpt2":
-        return ModelArchConfig(**common, norm_eps=float(key("attention.layer_norm_epsilon", 1e-5)),
-                               hidden_act="gelu_new")
+        return ModelArchConfig(
+            **common,
+            norm_eps=float(key("attention.layer_norm_epsilon", 1e-5)),
+            hidden_act="gelu_new",
+        )
     scaling = None
     if key("rope.scaling.type") == "linear":
         scaling = {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
     return ModelArchConfig(
-        **common, norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
-        rope_theta=float(key("rope.freq_base", 10000.0)), rope_scaling=scaling,
-        attention_bias=arch == "qwen2", qk_norm=arch == "qwen3",
+        **common,
+        norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(key("rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        attention_bias=arch == "qwen2",
+        qk_norm=arch == "qwen3",
     )

@@ -22,8 +22,9 @@ def _layer_norm(h: int, eps: float, dtype: torch.dtype) -> torch.nn.LayerNorm:
 
 
 class GPT2Block(torch.nn.Module):
-    def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype, layer_idx: int,
-                 backend: AttentionBackend) -> None:
+    def __init__(
+        self, cfg: ModelArchConfig, dtype: torch.dtype, layer_idx: int, backend: AttentionBackend
+    ) -> None:
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
         self.num_heads, self.head_dim = cfg.num_heads, d
@@ -46,22 +47,33 @@ class GPT2Block(torch.nn.Module):
 
 
 class GPT2LMHeadModel(CausalLM):
-    def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype, max_positions: int,
-                 rope_freq_factors: torch.Tensor | None = None,
-                 backend: AttentionBackend | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ModelArchConfig,
+        dtype: torch.dtype,
+        max_positions: int,
+        rope_freq_factors: torch.Tensor | None = None,
+        backend: AttentionBackend | None = None,
+    ) -> None:
         super().__init__(cfg, backend)
         if cfg.hidden_act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"GPT-2 activation {cfg.hidden_act!r} is not supported")
         self.wte = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, dtype)
         self.wpe = torch.nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype)
-        self.h = torch.nn.ModuleList(GPT2Block(cfg, dtype, i, self.attn_backend)
-                                     for i in range(cfg.num_layers))
+        self.h = torch.nn.ModuleList(
+            GPT2Block(cfg, dtype, i, self.attn_backend) for i in range(cfg.num_layers)
+        )
         self.ln_f = _layer_norm(cfg.hidden_size, cfg.norm_eps, dtype)
         self.requires_grad_(False)
         self._build_head(DenseConfig(), cfg.hidden_size, cfg.vocab_size, dtype, "wte.weight")
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         x = self.wte(input_ids) + self.wpe(positions)
         for block, kv_cache in zip(self.h, kv_caches):
             x = block(x, kv_cache, meta)
@@ -77,8 +89,12 @@ class GPT2LMHeadModel(CausalLM):
         if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
             return None
         # Flatten attn./mlp. submodules into the block (one Linear per projection).
-        return (name.replace(".attn.c_attn.", ".c_attn.").replace(".attn.c_proj.", ".c_proj.")
-                .replace(".mlp.c_fc.", ".c_fc.").replace(".mlp.c_proj.", ".mlp_proj."))
+        return (
+            name.replace(".attn.c_attn.", ".c_attn.")
+            .replace(".attn.c_proj.", ".c_proj.")
+            .replace(".mlp.c_fc.", ".c_fc.")
+            .replace(".mlp.c_proj.", ".mlp_proj.")
+        )
 
     def transform_weight(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         module = name.rsplit(".", 2)[-2]

@@ -17,17 +17,34 @@ from tokenmill.quant.dense import DenseConfig
 EMBEDDING = "model.embed_tokens.weight"
 
 
-def _linear(quant: QuantConfig, prefix: str, in_features: int, sizes: dict[str, int],
-            dtype: torch.dtype, bias: bool = False) -> Linear:
+def _linear(
+    quant: QuantConfig,
+    prefix: str,
+    in_features: int,
+    sizes: dict[str, int],
+    dtype: torch.dtype,
+    bias: bool = False,
+) -> Linear:
     """A Linear whose shards load from `{prefix}.{shard}.weight` (or `{prefix}.weight`)."""
     names = {s: f"{prefix}.{s}.weight" if s else f"{prefix}.weight" for s in sizes}
-    return Linear(in_features, sizes, bias=bias, dtype=dtype,
-                  quant_method=quant.linear_method(names, in_features, sizes))
+    return Linear(
+        in_features,
+        sizes,
+        bias=bias,
+        dtype=dtype,
+        quant_method=quant.linear_method(names, in_features, sizes),
+    )
 
 
 class LlamaAttention(torch.nn.Module):
-    def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype, quant: QuantConfig,
-                 backend: AttentionBackend, prefix: str) -> None:
+    def __init__(
+        self,
+        cfg: ModelArchConfig,
+        dtype: torch.dtype,
+        quant: QuantConfig,
+        backend: AttentionBackend,
+        prefix: str,
+    ) -> None:
         super().__init__()
         d = cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
@@ -36,8 +53,7 @@ class LlamaAttention(torch.nn.Module):
         sizes = {"q_proj": self.q_size, "k_proj": self.kv_size, "v_proj": self.kv_size}
         qkv = _linear(quant, prefix, cfg.hidden_size, sizes, dtype, cfg.attention_bias)
         self.qkv_proj = qkv
-        self.o_proj = _linear(quant, f"{prefix}.o_proj", self.q_size, {"": cfg.hidden_size},
-                              dtype)
+        self.o_proj = _linear(quant, f"{prefix}.o_proj", self.q_size, {"": cfg.hidden_size}, dtype)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.norm_eps, dtype)
             self.k_norm = RMSNorm(d, cfg.norm_eps, dtype)
@@ -45,16 +61,23 @@ class LlamaAttention(torch.nn.Module):
         self.ops = backend.ops
         self.attn = Attention(cfg.num_heads, cfg.num_kv_heads, d, d**-0.5, backend)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
-                rotary_tables: tuple[torch.Tensor, torch.Tensor] | None, kv_cache: KVCache,
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        rotary_tables: tuple[torch.Tensor, torch.Tensor] | None,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         n, d = x.shape[0], self.head_dim
         qkv = self.qkv_proj(x)
         v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, d)
         if self.qk_norm:
             q = self.q_norm(qkv[:, : self.q_size].reshape(n, self.num_heads, d))
-            k = self.k_norm(qkv[:, self.q_size : self.q_size + self.kv_size]
-                            .reshape(n, self.num_kv_heads, d))
+            k = self.k_norm(
+                qkv[:, self.q_size : self.q_size + self.kv_size].reshape(n, self.num_kv_heads, d)
+            )
             q = self.ops.rotary(q, positions, rotary, rotary_tables)
             k = self.ops.rotary(k, positions, rotary, rotary_tables)
         else:
@@ -66,15 +89,22 @@ class LlamaAttention(torch.nn.Module):
 
 
 class LlamaMLP(torch.nn.Module):
-    def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype, quant: QuantConfig,
-                 backend: AttentionBackend, prefix: str) -> None:
+    def __init__(
+        self,
+        cfg: ModelArchConfig,
+        dtype: torch.dtype,
+        quant: QuantConfig,
+        backend: AttentionBackend,
+        prefix: str,
+    ) -> None:
         super().__init__()
         if cfg.hidden_act != "silu":
             raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported (only 'silu')")
         i = cfg.intermediate_size
         self.intermediate_size = i
-        self.gate_up_proj = _linear(quant, prefix, cfg.hidden_size,
-                                    {"gate_proj": i, "up_proj": i}, dtype)
+        self.gate_up_proj = _linear(
+            quant, prefix, cfg.hidden_size, {"gate_proj": i, "up_proj": i}, dtype
+        )
         self.down_proj = _linear(quant, f"{prefix}.down_proj", i, {"": cfg.hidden_size}, dtype)
         self.ops = backend.ops
 
@@ -83,20 +113,31 @@ class LlamaMLP(torch.nn.Module):
 
 
 class LlamaDecoderLayer(torch.nn.Module):
-    def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype, quant: QuantConfig,
-                 backend: AttentionBackend, prefix: str) -> None:
+    def __init__(
+        self,
+        cfg: ModelArchConfig,
+        dtype: torch.dtype,
+        quant: QuantConfig,
+        backend: AttentionBackend,
+        prefix: str,
+    ) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(cfg, dtype, quant, backend, f"{prefix}.self_attn")
         self.mlp = LlamaMLP(cfg, dtype, quant, backend, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype, backend.ops)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype,
-                                                backend.ops)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype, backend.ops)
 
-    def forward(self, residual: torch.Tensor, h: torch.Tensor, positions: torch.Tensor,
-                rotary: RotaryEmbedding,
-                rotary_tables: tuple[torch.Tensor, torch.Tensor] | None,
-                kv_cache: KVCache, meta: AttentionMetadata,
-                next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        residual: torch.Tensor,
+        h: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        rotary_tables: tuple[torch.Tensor, torch.Tensor] | None,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        next_norm: RMSNorm,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """h = input_layernorm(residual) on entry; returns (residual, next_norm(residual)).
 
         Each residual add is fused with the norm that follows it (the next layer's input norm
@@ -108,39 +149,55 @@ class LlamaDecoderLayer(torch.nn.Module):
 
 
 class LlamaModel(torch.nn.Module):
-    def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype, max_positions: int,
-                 rope_freq_factors: torch.Tensor | None, quant: QuantConfig,
-                 backend: AttentionBackend) -> None:
+    def __init__(
+        self,
+        cfg: ModelArchConfig,
+        dtype: torch.dtype,
+        max_positions: int,
+        rope_freq_factors: torch.Tensor | None,
+        quant: QuantConfig,
+        backend: AttentionBackend,
+    ) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, dtype,
-                                           quant.embedding_method(EMBEDDING))
+        self.embed_tokens = VocabEmbedding(
+            cfg.vocab_size, cfg.hidden_size, dtype, quant.embedding_method(EMBEDDING)
+        )
         self.layers = torch.nn.ModuleList(
             LlamaDecoderLayer(cfg, dtype, quant, backend, f"model.layers.{i}")
             for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype, backend.ops)
-        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta,
-                                      cfg.rope_scaling, rope_freq_factors)
+        self.rotary = RotaryEmbedding(
+            cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, rope_freq_factors
+        )
 
 
 class LlamaForCausalLM(CausalLM):
     supports_native_gguf = True
     # checkpoint name fragment -> (fused module fragment, shard)
     stacked_params = {
-        "q_proj": ("qkv_proj", "q_proj"), "k_proj": ("qkv_proj", "k_proj"),
+        "q_proj": ("qkv_proj", "q_proj"),
+        "k_proj": ("qkv_proj", "k_proj"),
         "v_proj": ("qkv_proj", "v_proj"),
-        "gate_proj": ("gate_up_proj", "gate_proj"), "up_proj": ("gate_up_proj", "up_proj"),
+        "gate_proj": ("gate_up_proj", "gate_proj"),
+        "up_proj": ("gate_up_proj", "up_proj"),
     }
 
-    def __init__(self, cfg: ModelArchConfig, dtype: torch.dtype, max_positions: int,
-                 rope_freq_factors: torch.Tensor | None = None,
-                 quant: QuantConfig | None = None,
-                 backend: AttentionBackend | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ModelArchConfig,
+        dtype: torch.dtype,
+        max_positions: int,
+        rope_freq_factors: torch.Tensor | None = None,
+        quant: QuantConfig | None = None,
+        backend: AttentionBackend | None = None,
+    ) -> None:
         super().__init__(cfg, backend)
         self.decode_stack = None  # built after loading when every projection is native
         quant = quant or DenseConfig()
-        self.model = LlamaModel(cfg, dtype, max_positions, rope_freq_factors, quant,
-                                self.attn_backend)
+        self.model = LlamaModel(
+            cfg, dtype, max_positions, rope_freq_factors, quant, self.attn_backend
+        )
         self._build_head(quant, cfg.hidden_size, cfg.vocab_size, dtype, EMBEDDING)
 
     def process_weights_after_loading(self) -> None:
@@ -153,35 +210,67 @@ class LlamaForCausalLM(CausalLM):
         the loop reads) and the layers need nothing the loop lacks (q/k norm, partial rotary);
         None otherwise (the Python path runs every step)."""
         m, cfg = self.model, self.cfg
-        linears = [(layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
-                    layer.mlp.down_proj) for layer in m.layers]
-        if (self.attn_backend.name != "cpu" or cfg.qk_norm or m.rotary.rotary_dim != cfg.head_dim
-                or not all(hasattr(x, "kernel") for group in linears for x in group)):
+        linears = [
+            (
+                layer.self_attn.qkv_proj,
+                layer.self_attn.o_proj,
+                layer.mlp.gate_up_proj,
+                layer.mlp.down_proj,
+            )
+            for layer in m.layers
+        ]
+        if (
+            self.attn_backend.name != "cpu"
+            or cfg.qk_norm
+            or m.rotary.rotary_dim != cfg.head_dim
+            or not all(hasattr(x, "kernel") for group in linears for x in group)
+        ):
             return None
         ops = linears[0][0].quant_method.ops  # the build the layers' kernel objects come from
         return ops.LlamaDecodeStack(
             [layer.input_layernorm.weight for layer in m.layers],
-            [layer.post_attention_layernorm.weight for layer in m.layers], m.norm.weight,
+            [layer.post_attention_layernorm.weight for layer in m.layers],
+            m.norm.weight,
             *[[group[j].kernel for group in linears] for j in range(4)],
-            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.norm_eps, cfg.head_dim**-0.5)
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cfg.norm_eps,
+            cfg.head_dim**-0.5,
+        )
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         m = self.model
         residual = m.embed_tokens(input_ids)
-        if (self.decode_stack is not None and meta.num_decode_tokens == meta.num_tokens
-                and kv_caches[0][0].dtype == residual.dtype):
-            return self.decode_stack(residual, positions, [kv[0] for kv in kv_caches],
-                                     [kv[1] for kv in kv_caches], meta.block_tables,
-                                     meta.seq_lens, meta.slot_mapping, meta.block_size,
-                                     m.rotary.cos_cached, m.rotary.sin_cached)
+        if (
+            self.decode_stack is not None
+            and meta.num_decode_tokens == meta.num_tokens
+            and kv_caches[0][0].dtype == residual.dtype
+        ):
+            return self.decode_stack(
+                residual,
+                positions,
+                [kv[0] for kv in kv_caches],
+                [kv[1] for kv in kv_caches],
+                meta.block_tables,
+                meta.seq_lens,
+                meta.slot_mapping,
+                meta.block_size,
+                m.rotary.cos_cached,
+                m.rotary.sin_cached,
+            )
         tables = self.attn_backend.ops.rotary_tables(m.rotary, positions, residual.dtype)
         residual, h = m.layers[0].input_layernorm.add_forward(residual, None)
         num_layers = len(m.layers)
         for i, (layer, kv_cache) in enumerate(zip(m.layers, kv_caches)):
             next_norm = m.layers[i + 1].input_layernorm if i + 1 < num_layers else m.norm
-            residual, h = layer(residual, h, positions, m.rotary, tables, kv_cache, meta,
-                                next_norm)
+            residual, h = layer(residual, h, positions, m.rotary, tables, kv_cache, meta, next_norm)
         return h
 
     def input_embeddings(self) -> VocabEmbedding:

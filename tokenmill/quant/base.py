@@ -19,8 +19,13 @@ class LinearMethod(Protocol):
     name: str
     takes_raw: bool  # whether load_weight accepts a checkpoint's quantized blocks as they are
 
-    def create_weights(self, layer: torch.nn.Module, in_features: int,
-                       output_sizes: dict[str, int], dtype: torch.dtype) -> None:
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        in_features: int,
+        output_sizes: dict[str, int],
+        dtype: torch.dtype,
+    ) -> None:
         """Allocate what the layer holds before loading (dense: an empty [out, in] weight)."""
 
     def load_weight(self, layer: torch.nn.Module, shard: str, tensor: Any, name: str) -> None:
@@ -30,8 +35,9 @@ class LinearMethod(Protocol):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         """Repack once for the kernel (called after every shard was loaded)."""
 
-    def apply(self, layer: torch.nn.Module, x: torch.Tensor,
-              bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         """[..., in] -> [..., out] in x's dtype."""
 
     def bytes_per_call(self, layer: torch.nn.Module) -> int:
@@ -44,8 +50,9 @@ class EmbeddingMethod(Protocol):
     name: str
     takes_raw: bool
 
-    def create_weights(self, layer: torch.nn.Module, num_embeddings: int, dim: int,
-                       dtype: torch.dtype) -> None: ...
+    def create_weights(
+        self, layer: torch.nn.Module, num_embeddings: int, dim: int, dtype: torch.dtype
+    ) -> None: ...
 
     def load_weight(self, layer: torch.nn.Module, tensor: Any, name: str) -> None: ...
 
@@ -59,13 +66,15 @@ class EmbeddingMethod(Protocol):
 class QuantConfig(Protocol):
     """Chooses each layer's method by the checkpoint name of the layer's weight(s)."""
 
-    def linear_method(self, names: dict[str, str], in_features: int,
-                      output_sizes: dict[str, int]) -> LinearMethod:
+    def linear_method(
+        self, names: dict[str, str], in_features: int, output_sizes: dict[str, int]
+    ) -> LinearMethod:
         """`names` maps each shard to its checkpoint tensor name (HF naming)."""
 
     def embedding_method(self, name: str) -> EmbeddingMethod: ...
 
-    def tied_head_method(self, embedding: torch.nn.Module, in_features: int,
-                         vocab: int) -> LinearMethod | None:
+    def tied_head_method(
+        self, embedding: torch.nn.Module, in_features: int, vocab: int
+    ) -> LinearMethod | None:
         """A method that runs the output head from the (already built) embedding's own stored
         blocks (None: the head multiplies by the dense table)."""

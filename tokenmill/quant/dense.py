@@ -17,8 +17,10 @@ def materialize(tensor: Any) -> torch.Tensor:
 
 def copy_checked(dest: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
     if tuple(dest.shape) != tuple(tensor.shape):
-        raise ModelLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, "
-                             f"the model expects {tuple(dest.shape)}")
+        raise ModelLoadError(
+            f"tensor {name!r} has shape {tuple(tensor.shape)}, "
+            f"the model expects {tuple(dest.shape)}"
+        )
     dest.copy_(tensor)
 
 
@@ -28,10 +30,16 @@ class UnquantizedLinearMethod:
     name = "dense"
     takes_raw = False
 
-    def create_weights(self, layer: torch.nn.Module, in_features: int,
-                       output_sizes: dict[str, int], dtype: torch.dtype) -> None:
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        in_features: int,
+        output_sizes: dict[str, int],
+        dtype: torch.dtype,
+    ) -> None:
         layer.weight = torch.nn.Parameter(
-            torch.empty(sum(output_sizes.values()), in_features, dtype=dtype), requires_grad=False)
+            torch.empty(sum(output_sizes.values()), in_features, dtype=dtype), requires_grad=False
+        )
         layer.packed_weight = None
 
     def load_weight(self, layer: torch.nn.Module, shard: str, tensor: Any, name: str) -> None:
@@ -43,15 +51,19 @@ class UnquantizedLinearMethod:
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         w = layer.weight
-        if (w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16)
-                and torch.backends.mkldnn.is_available()):
+        if (
+            w.device.type == "cpu"
+            and w.dtype in (torch.bfloat16, torch.float16)
+            and torch.backends.mkldnn.is_available()
+        ):
             # oneDNN's blocked layout: 1.2-2x faster bf16 GEMMs than the strided weight
             # (bit-identical results). The dense copy is dropped to keep memory flat.
             layer.packed_weight = torch.ops.mkldnn._reorder_linear_weight(w.detach())
             layer.weight = None
 
-    def apply(self, layer: torch.nn.Module, x: torch.Tensor,
-              bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         if layer.packed_weight is not None:
             return torch.ops.mkldnn._linear_pointwise(x, layer.packed_weight, bias, "none", [], "")
         return F.linear(x, layer.weight, bias)
@@ -67,10 +79,12 @@ class DenseEmbeddingMethod:
     name = "dense"
     takes_raw = False
 
-    def create_weights(self, layer: torch.nn.Module, num_embeddings: int, dim: int,
-                       dtype: torch.dtype) -> None:
-        layer.weight = torch.nn.Parameter(torch.empty(num_embeddings, dim, dtype=dtype),
-                                          requires_grad=False)
+    def create_weights(
+        self, layer: torch.nn.Module, num_embeddings: int, dim: int, dtype: torch.dtype
+    ) -> None:
+        layer.weight = torch.nn.Parameter(
+            torch.empty(num_embeddings, dim, dtype=dtype), requires_grad=False
+        )
 
     def load_weight(self, layer: torch.nn.Module, tensor: Any, name: str) -> None:
         copy_checked(layer.weight.data, materialize(tensor), name)
@@ -85,13 +99,13 @@ class DenseEmbeddingMethod:
 class DenseConfig:
     """Every layer dense (safetensors checkpoints, `quantization="none"`, no kernels)."""
 
-    def linear_method(self, names: dict[str, str], in_features: int,
-                      output_sizes: dict[str, int]) -> UnquantizedLinearMethod:
+    def linear_method(
+        self, names: dict[str, str], in_features: int, output_sizes: dict[str, int]
+    ) -> UnquantizedLinearMethod:
         return UnquantizedLinearMethod()
 
     def embedding_method(self, name: str) -> DenseEmbeddingMethod:
         return DenseEmbeddingMethod()
 
-    def tied_head_method(self, embedding: torch.nn.Module, in_features: int,
-                         vocab: int) -> None:
+    def tied_head_method(self, embedding: torch.nn.Module, in_features: int, vocab: int) -> None:
         return None

@@ -49,8 +49,13 @@ class GGUFLinearMethod:
         self.ops = ops
         self.name = "+".join(dict.fromkeys(gp.NAMES[q] for q in qtypes.values()))
 
-    def create_weights(self, layer: torch.nn.Module, in_features: int,
-                       output_sizes: dict[str, int], dtype: torch.dtype) -> None:
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        in_features: int,
+        output_sizes: dict[str, int],
+        dtype: torch.dtype,
+    ) -> None:
         layer.weight = None
         layer.packed_weight = None
         layer.shard_packed = {}
@@ -59,13 +64,17 @@ class GGUFLinearMethod:
     def load_weight(self, layer: torch.nn.Module, shard: str, tensor: Any, name: str) -> None:
         qtype, rows = self.qtypes[shard], layer.output_sizes[shard]
         if isinstance(tensor, torch.Tensor) or int(tensor.ggml_type) != qtype:
-            raise ModelLoadError(f"tensor {name!r} is not stored as {gp.NAMES[qtype]} as the "
-                                 "file's header declared")
+            raise ModelLoadError(
+                f"tensor {name!r} is not stored as {gp.NAMES[qtype]} as the file's header declared"
+            )
         if tuple(tensor.shape) != (rows, layer.in_features):
-            raise ModelLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                 f"the model expects {(rows, layer.in_features)}")
-        layer.shard_packed[shard] = self.ops.gguf_repack(_raw_bytes(tensor.data), qtype, rows,
-                                                         layer.in_features)
+            raise ModelLoadError(
+                f"tensor {name!r} has shape {tuple(tensor.shape)}, "
+                f"the model expects {(rows, layer.in_features)}"
+            )
+        layer.shard_packed[shard] = self.ops.gguf_repack(
+            _raw_bytes(tensor.data), qtype, rows, layer.in_features
+        )
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         segments: list[_Segment] = []
@@ -79,13 +88,14 @@ class GGUFLinearMethod:
                 segments.append(_Segment(qtype, start, size, packed))
         if layer.bias is not None:
             for s in segments:
-                bias = layer.bias.detach().float()[s.col: s.col + s.n]
+                bias = layer.bias.detach().float()[s.col : s.col + s.n]
                 s.bias = torch.cat([bias, bias.new_zeros(gp.padded_rows(s.n) - s.n)])
         layer.segments = segments
         layer.kernel = _kernel(self.ops, segments, layer.in_features)
 
-    def apply(self, layer: torch.nn.Module, x: torch.Tensor,
-              bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         if x.dim() == 2:
             return layer.kernel(x)
         return layer.kernel(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], layer.out_features)
@@ -105,8 +115,13 @@ def _raw_bytes(data: Any) -> torch.Tensor:
 
 def _kernel(ops: Any, segments: list[_Segment], in_features: int) -> Any:
     """The C++ layer object: x [M, in] (float32 / bfloat16) -> y [M, out], one call."""
-    return ops.QuantLinear([s.packed for s in segments], [s.qtype for s in segments],
-                           [s.n for s in segments], [s.bias for s in segments], in_features)
+    return ops.QuantLinear(
+        [s.packed for s in segments],
+        [s.qtype for s in segments],
+        [s.n for s in segments],
+        [s.bias for s in segments],
+        in_features,
+    )
 
 
 class GGUFEmbeddingMethod:
@@ -121,8 +136,9 @@ class GGUFEmbeddingMethod:
         self.ops = ops
         self.name = gp.NAMES[qtype]
 
-    def create_weights(self, layer: torch.nn.Module, num_embeddings: int, dim: int,
-                       dtype: torch.dtype) -> None:
+    def create_weights(
+        self, layer: torch.nn.Module, num_embeddings: int, dim: int, dtype: torch.dtype
+    ) -> None:
         layer.weight = None
         layer.packed = None
 
@@ -131,13 +147,15 @@ class GGUFEmbeddingMethod:
         if isinstance(tensor, torch.Tensor) or int(tensor.ggml_type) != self.qtype:
             raise ModelLoadError(f"tensor {name!r} is not stored as the file's header declared")
         if tuple(tensor.shape) != (n, k):
-            raise ModelLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the model "
-                                 f"expects {(n, k)}")
+            raise ModelLoadError(
+                f"tensor {name!r} has shape {tuple(tensor.shape)}, the model expects {(n, k)}"
+            )
         layer.packed = self.ops.gguf_repack(_raw_bytes(tensor.data), self.qtype, n, k)
 
     def lookup(self, layer: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.ops.quant_rows(layer.packed, self.qtype, layer.num_embeddings,
-                                   layer.embedding_dim, ids)
+        rows = self.ops.quant_rows(
+            layer.packed, self.qtype, layer.num_embeddings, layer.embedding_dim, ids
+        )
         return rows.to(layer.dtype).view(*ids.shape, layer.embedding_dim)
 
     def dense_weight(self, layer: torch.nn.Module) -> None:
@@ -155,8 +173,7 @@ class _SharedPackedHead(GGUFLinearMethod):
         """Nothing to store: the embedding keeps the blocks."""
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        layer.segments = [_Segment(self.qtypes[""], 0, layer.out_features,
-                                   self.embedding.packed)]
+        layer.segments = [_Segment(self.qtypes[""], 0, layer.out_features, self.embedding.packed)]
         layer.kernel = _kernel(self.ops, layer.segments, layer.in_features)
 
 
@@ -181,8 +198,9 @@ class GGUFQuantConfig:
             qtypes[shard] = qtype
         return qtypes
 
-    def linear_method(self, names: dict[str, str], in_features: int,
-                      output_sizes: dict[str, int]) -> GGUFLinearMethod | UnquantizedLinearMethod:
+    def linear_method(
+        self, names: dict[str, str], in_features: int, output_sizes: dict[str, int]
+    ) -> GGUFLinearMethod | UnquantizedLinearMethod:
         qtypes = self._native_types(names, in_features)
         if qtypes is None:
             self.counts["dense"] += 1
@@ -200,8 +218,9 @@ class GGUFQuantConfig:
         self.counts[f"{gp.NAMES[qtype]} embedding"] += 1
         return GGUFEmbeddingMethod(qtype, self.ops)
 
-    def tied_head_method(self, embedding: torch.nn.Module, in_features: int,
-                         vocab: int) -> GGUFLinearMethod | None:
+    def tied_head_method(
+        self, embedding: torch.nn.Module, in_features: int, vocab: int
+    ) -> GGUFLinearMethod | None:
         method = embedding.quant_method
         if not isinstance(method, GGUFEmbeddingMethod):
             return None
@@ -211,5 +230,6 @@ class GGUFQuantConfig:
 
 def describe_counts(counts: Counter) -> str:
     """'Q4_1 x120, Q8_0 output, Q8_0 embedding, dense x2' (layers by the method they run)."""
-    return ", ".join(f"{name} x{n}" if " " not in name else name
-                     for name, n in counts.most_common())
+    return ", ".join(
+        f"{name} x{n}" if " " not in name else name for name, n in counts.most_common()
+    )

@@ -25,13 +25,29 @@ import numpy as np
 import torch
 
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 12, 13, 14
-NAMES = {Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q5_1: "Q5_1", Q8_0: "Q8_0", Q4_K: "Q4_K",
-         Q5_K: "Q5_K", Q6_K: "Q6_K"}
+NAMES = {
+    Q4_0: "Q4_0",
+    Q4_1: "Q4_1",
+    Q5_0: "Q5_0",
+    Q5_1: "Q5_1",
+    Q8_0: "Q8_0",
+    Q4_K: "Q4_K",
+    Q5_K: "Q5_K",
+    Q6_K: "Q6_K",
+}
 K_TYPES = (Q4_K, Q5_K, Q6_K)
 # GGUF bytes per block and inputs per block
 BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q5_0: 22, Q5_1: 24, Q8_0: 34, Q4_K: 144, Q5_K: 176, Q6_K: 210}
-UNIT_BYTES = {Q4_0: 288, Q4_1: 320, Q5_0: 352, Q5_1: 384, Q8_0: 544, Q4_K: 2368, Q5_K: 2880,
-              Q6_K: 3360}
+UNIT_BYTES = {
+    Q4_0: 288,
+    Q4_1: 320,
+    Q5_0: 352,
+    Q5_1: 384,
+    Q8_0: 544,
+    Q4_K: 2368,
+    Q5_K: 2880,
+    Q6_K: 3360,
+}
 
 
 def unit_k(qtype: int) -> int:
@@ -69,11 +85,11 @@ def parse(raw: np.ndarray | torch.Tensor, qtype: int, n: int, k: int) -> dict[st
             f["u"] = b[..., 2:34].reshape(n, k)
             return f
         if qtype in (Q5_0, Q5_1):
-            qh = b[..., off: off + 4].to(torch.int64)
-            bits = (qh[..., 0] | qh[..., 1] << 8 | qh[..., 2] << 16 | qh[..., 3] << 24)
+            qh = b[..., off : off + 4].to(torch.int64)
+            bits = qh[..., 0] | qh[..., 1] << 8 | qh[..., 2] << 16 | qh[..., 3] << 24
             high = ((bits[..., None] >> torch.arange(32)) & 1).to(torch.uint8) << 4
             off += 4
-        qs = b[..., off: off + 16]
+        qs = b[..., off : off + 16]
         u = torch.cat([qs & 0xF, qs >> 4], dim=-1)
         if qtype in (Q5_0, Q5_1):
             u = u | high
@@ -95,8 +111,9 @@ def parse(raw: np.ndarray | torch.Tensor, qtype: int, n: int, k: int) -> dict[st
     # Q6_K
     ql, qh = b[..., 0:128].reshape(n, nb, 2, 64), b[..., 128:192].reshape(n, nb, 2, 32)
     f["sc"], f["d"] = b[..., 192:208], b[..., 208:210]
-    low = torch.stack([ql[..., :32] & 0xF, ql[..., 32:] & 0xF, ql[..., :32] >> 4,
-                       ql[..., 32:] >> 4], dim=3)  # [n, nb, half, 4, 32]
+    low = torch.stack(
+        [ql[..., :32] & 0xF, ql[..., 32:] & 0xF, ql[..., :32] >> 4, ql[..., 32:] >> 4], dim=3
+    )  # [n, nb, half, 4, 32]
     high = torch.stack([(qh >> s) & 3 for s in (0, 2, 4, 6)], dim=3)
     f["u"] = (low | (high << 4)).reshape(n, k)
     return f
@@ -104,6 +121,7 @@ def parse(raw: np.ndarray | torch.Tensor, qtype: int, n: int, k: int) -> dict[st
 
 def dequantize_fields(f: dict[str, torch.Tensor], qtype: int, n: int, k: int) -> torch.Tensor:
     """float32 [n, k] weights from fields, with gguf's own float32 formulas."""
+
     def half(x: torch.Tensor) -> torch.Tensor:
         return x.contiguous().view(torch.float16).float()[..., 0]
 
@@ -127,8 +145,11 @@ def dequantize_fields(f: dict[str, torch.Tensor], qtype: int, n: int, k: int) ->
 
 def _tile_u(u: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """u [n, k] -> [nt, kb, t=8, 64] (byte 4r + j of U[t] = input 4t + j of row r)."""
-    return (u.reshape(n // 16, 16, k // 32, 8, 4).permute(0, 2, 3, 1, 4)
-            .reshape(n // 16, k // 32, 8, 64))
+    return (
+        u.reshape(n // 16, 16, k // 32, 8, 4)
+        .permute(0, 2, 3, 1, 4)
+        .reshape(n // 16, k // 32, 8, 64)
+    )
 
 
 def _untile_u(t: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -137,13 +158,13 @@ def _untile_u(t: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 def _per_row(x: torch.Tensor, n: int, units: int, width: int) -> torch.Tensor:
     """[n, units, width bytes] -> [nt, units, width * 16] with rows innermost per byte group."""
-    return (x.reshape(n // 16, 16, units, -1, width).permute(0, 2, 3, 1, 4)
-            .reshape(n // 16, units, -1))
+    return (
+        x.reshape(n // 16, 16, units, -1, width).permute(0, 2, 3, 1, 4).reshape(n // 16, units, -1)
+    )
 
 
 def _from_rows(x: torch.Tensor, n: int, units: int, width: int) -> torch.Tensor:
-    return (x.reshape(n // 16, units, -1, 16, width).permute(0, 3, 1, 2, 4)
-            .reshape(n, units, -1))
+    return x.reshape(n // 16, units, -1, 16, width).permute(0, 3, 1, 2, 4).reshape(n, units, -1)
 
 
 def _nibbles(ut: torch.Tensor) -> torch.Tensor:
@@ -178,8 +199,11 @@ def pack(f: dict[str, torch.Tensor], qtype: int, n: int, k: int) -> torch.Tensor
             h6 = (h6 << shifts).sum(-2, dtype=torch.uint8)
             parts.append(h6.flatten(-3))
         else:
-            parts += [_per_row(f["dmin"], n, units, 2), _per_row(f["sc"], n, units, 1),
-                      _per_row(f["mn"], n, units, 1)]
+            parts += [
+                _per_row(f["dmin"], n, units, 2),
+                _per_row(f["sc"], n, units, 1),
+                _per_row(f["mn"], n, units, 1),
+            ]
             if qtype == Q5_K:
                 parts.append(_bit_masks(ut, 4).flatten(-2))
             parts.append(_nibbles(ut).flatten(-2))

@@ -100,7 +100,9 @@ def _kth_largest(values: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 def apply_top_k_top_p(
-    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
+    logits: torch.Tensor,
+    top_k: torch.Tensor | None,
+    top_p: torch.Tensor | None,
     max_top_k: int = 0,
 ) -> torch.Tensor:
     """Set to -inf every token outside the row's top-k and outside its top-p nucleus.

@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenmill.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
@@ -33,11 +33,22 @@ logger = logging.getLogger(__name__)
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = (
-            status, message, type_, param, code)
+            status,
+            message,
+            type_,
+            param,
+            code,
+        )
 
 
 def _printable(text: str) -> str:
@@ -45,11 +56,24 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def error_response(status: int, message: str, type_: str = "invalid_request_error",
-                   param: str | None = None, code: str | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {
-        "message": _printable(message), "type": type_,
-        "param": None if param is None else _printable(param), "code": code}})
+def error_response(
+    status: int,
+    message: str,
+    type_: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> JSONResponse:
+    return JSONResponse(
+        status_code=status,
+        content={
+            "error": {
+                "message": _printable(message),
+                "type": type_,
+                "param": None if param is None else _printable(param),
+                "code": code,
+            }
+        },
+    )
 
 
 class BodySizeLimit:
@@ -58,8 +82,9 @@ class BodySizeLimit:
     (a slow-body client holds no worker for long). The body is read here, up to the limit,
     before the app sees it, so the app never meets a half-read body."""
 
-    def __init__(self, app: Any, max_bytes: int, timeout: float = 30.0,
-                 max_header_bytes: int = 16384) -> None:
+    def __init__(
+        self, app: Any, max_bytes: int, timeout: float = 30.0, max_header_bytes: int = 16384
+    ) -> None:
         self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
         self.max_header_bytes = max_header_bytes
 
@@ -68,13 +93,17 @@ class BodySizeLimit:
             return await self.app(scope, receive, send)
         # (the transport bounds a head that arrives in pieces; a whole one is checked here)
         if sum(len(k) + len(v) for k, v in scope.get("headers") or []) > self.max_header_bytes:
-            big = error_response(431, f"request headers exceed {self.max_header_bytes} bytes",
-                                 code="headers_too_large")
+            big = error_response(
+                431,
+                f"request headers exceed {self.max_header_bytes} bytes",
+                code="headers_too_large",
+            )
             return await big(scope, receive, send)
         if scope.get("method") in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
-        too_big = error_response(413, f"request body exceeds {self.max_bytes} bytes",
-                                 code="request_too_large")
+        too_big = error_response(
+            413, f"request body exceeds {self.max_bytes} bytes", code="request_too_large"
+        )
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await too_big(scope, receive, send)
@@ -82,11 +111,15 @@ class BodySizeLimit:
         deadline = asyncio.get_running_loop().time() + self.timeout
         while True:
             try:
-                msg = await asyncio.wait_for(receive(), deadline -
-                                             asyncio.get_running_loop().time())
+                msg = await asyncio.wait_for(
+                    receive(), deadline - asyncio.get_running_loop().time()
+                )
             except asyncio.TimeoutError:
-                slow = error_response(408, f"the request body did not arrive within "
-                                      f"{self.timeout:.0f} s", code="request_timeout")
+                slow = error_response(
+                    408,
+                    f"the request body did not arrive within {self.timeout:.0f} s",
+                    code="request_timeout",
+                )
                 return await slow(scope, receive, send)
             if msg["type"] != "http.request":  # the client went away
                 return
@@ -149,15 +182,28 @@ async def run_or_disconnect(request: Request, work: Awaitable[Any]) -> tuple[boo
 
 # Paths that need the key when one is set (besides /v1/*): the API's own description and docs,
 # and the metrics unless `public_metrics`.
-_KEYED_PATHS = ("/tokenize", "/detokenize", "/docs", "/redoc", "/openapi.json",
-                "/docs/oauth2-redirect")
+_KEYED_PATHS = (
+    "/tokenize",
+    "/detokenize",
+    "/docs",
+    "/redoc",
+    "/openapi.json",
+    "/docs/oauth2-redirect",
+)
 
 
-def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
-              max_body_bytes: int = 1 << 20, extra_model_names: tuple[str, ...] = (),
-              limits: RequestLimits | None = None, public_metrics: bool = False,
-              allowed_hosts: tuple[str, ...] = (), body_timeout: float = 30.0,
-              max_header_bytes: int = 16384) -> FastAPI:
+def build_app(
+    engine: AsyncEngine,
+    model_name: str,
+    api_key: str | None = None,
+    max_body_bytes: int = 1 << 20,
+    extra_model_names: tuple[str, ...] = (),
+    limits: RequestLimits | None = None,
+    public_metrics: bool = False,
+    allowed_hosts: tuple[str, ...] = (),
+    body_timeout: float = 30.0,
+    max_header_bytes: int = 16384,
+) -> FastAPI:
     """The app. `api_key`: required as a Bearer token on the API, docs and (unless
     `public_metrics`) /metrics; /health stays open. `allowed_hosts`: Host header values
     accepted (anything else: 400), against DNS rebinding; empty = any."""
@@ -197,8 +243,9 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         param = loc[0] if loc else None
         where = ".".join(loc)
-        return error_response(400, f"{where}: {err.get('msg', 'invalid request')}".lstrip(": "),
-                              param=param)
+        return error_response(
+            400, f"{where}: {err.get('msg', 'invalid request')}".lstrip(": "), param=param
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, e: Exception) -> JSONResponse:
@@ -212,8 +259,9 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     async def _auth(request: Request, call_next):
         path = request.url.path
         if app.state.draining and path != "/health":
-            return error_response(503, "the server is shutting down", "server_error",
-                                  code="shutting_down")
+            return error_response(
+                503, "the server is shutting down", "server_error", code="shutting_down"
+            )
         if hosts:
             host = request.headers.get("host", "").lower()
             name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
@@ -223,21 +271,31 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             given = request.headers.get("authorization", "")
             token = given[7:] if given.lower().startswith("bearer ") else ""
             if not secrets.compare_digest(token.encode(), api_key.encode()):
-                return error_response(401, "Incorrect or missing API key. Pass it as "
-                                      "'Authorization: Bearer <key>'.", code="invalid_api_key")
+                return error_response(
+                    401,
+                    "Incorrect or missing API key. Pass it as 'Authorization: Bearer <key>'.",
+                    code="invalid_api_key",
+                )
         try:
             return await call_next(request)
         except APIError as e:
             return error_response(e.status, e.message, e.type, e.param, e.code)
 
-    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes, timeout=body_timeout,
-                       max_header_bytes=max_header_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=max_body_bytes,
+        timeout=body_timeout,
+        max_header_bytes=max_header_bytes,
+    )
 
     def check_model(name: str | None) -> None:
         if name is not None and name not in names:
-            raise APIError(404, f"The model `{name}` does not exist. Available: "
-                                f"{', '.join(sorted(names))}", param="model",
-                           code="model_not_found")
+            raise APIError(
+                404,
+                f"The model `{name}` does not exist. Available: {', '.join(sorted(names))}",
+                param="model",
+                code="model_not_found",
+            )
 
     async def guarded(fn, *args):
         """Map engine/validation exceptions to OpenAI errors."""
@@ -246,8 +304,9 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         except UnsupportedParameter as e:
             raise APIError(400, str(e), param=e.param) from None
         except ContextLengthError as e:
-            raise APIError(400, str(e), param="max_tokens",
-                           code="context_length_exceeded") from None
+            raise APIError(
+                400, str(e), param="max_tokens", code="context_length_exceeded"
+            ) from None
         except ChatTemplateError as e:
             raise APIError(400, str(e), param="messages") from None
         except EngineOverloadedError as e:
@@ -265,8 +324,9 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             raise APIError(400, str(e), param=e.param) from None
         result = await guarded(builder, serving, body)
         if body.stream:
-            return StreamingResponse(result, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
         try:
             done, payload = await run_or_disconnect(request, result)
         except EngineDeadError as e:  # e.g. still queued when the server began to drain
@@ -285,22 +345,33 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [
-            {"id": n, "object": "model", "created": created, "owned_by": "tokenmill",
-             "max_model_len": serving.max_model_len} for n in sorted(names)]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": n,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "tokenmill",
+                    "max_model_len": serving.max_model_len,
+                }
+                for n in sorted(names)
+            ],
+        }
 
     @app.get("/health")
     async def health() -> Response:
         if app.state.draining:
-            return error_response(503, "the server is draining (shutting down)", "server_error",
-                                  code="shutting_down")
+            return error_response(
+                503, "the server is draining (shutting down)", "server_error", code="shutting_down"
+            )
         if engine.is_running:
             return JSONResponse({"status": "ok"})
         return error_response(503, "engine is not running", "server_error")
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:
@@ -312,8 +383,10 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             if len(body.messages) > limits.max_messages:
                 raise APIError(400, f"at most {limits.max_messages} messages", param="messages")
             try:
-                text = tok.apply_chat_template([m.as_template_message() for m in body.messages],
-                                               add_generation_prompt=body.add_generation_prompt)
+                text = tok.apply_chat_template(
+                    [m.as_template_message() for m in body.messages],
+                    add_generation_prompt=body.add_generation_prompt,
+                )
             except ChatTemplateError as e:
                 raise APIError(400, str(e), param="messages") from None
             ids = tok.encode(text, add_special_tokens=False)
@@ -326,8 +399,9 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         check_model(body.model)
         bad = [t for t in body.tokens if not 0 <= t < serving.vocab_size]
         if bad:
-            raise APIError(400, f"token ids out of range [0, {serving.vocab_size}): {bad[:5]}",
-                           param="tokens")
+            raise APIError(
+                400, f"token ids out of range [0, {serving.vocab_size}): {bad[:5]}", param="tokens"
+            )
         return {"prompt": serving.tokenizer.decode(body.tokens)}
 
     return app

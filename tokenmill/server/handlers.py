@@ -65,23 +65,27 @@ class OpenAIServing:
         requested = num_prompt + (max_tokens or 0)
         # a prompt-only request (max_tokens 0) may fill the whole context
         too_long = num_prompt > self.max_model_len or (
-            num_prompt == self.max_model_len and max_tokens != 0)
+            num_prompt == self.max_model_len and max_tokens != 0
+        )
         if too_long or requested > self.max_model_len:
             raise ContextLengthError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, "
                 f"you requested {requested} tokens ({num_prompt} in the prompt, "
-                f"{max_tokens or 0} for the completion). Please reduce the prompt or max_tokens.")
+                f"{max_tokens or 0} for the completion). Please reduce the prompt or max_tokens."
+            )
 
-    async def start(self, prompts: list[PreparedPrompt], params: SamplingParams,
-                    prefix: str) -> tuple[str, list[RequestStream], _Tracker]:
+    async def start(
+        self, prompts: list[PreparedPrompt], params: SamplingParams, prefix: str
+    ) -> tuple[str, list[RequestStream], _Tracker]:
         """Queue every prompt; if one fails, abort the others and re-raise."""
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         tracker = _Tracker(time.monotonic(), prompt_tokens=sum(len(p.token_ids) for p in prompts))
         streams: list[RequestStream] = []
         try:
             for i, p in enumerate(prompts):
-                streams.append(await self.engine.add_request(
-                    p.text, p.token_ids, params, f"{request_id}-{i}"))
+                streams.append(
+                    await self.engine.add_request(p.text, p.token_ids, params, f"{request_id}-{i}")
+                )
         except BaseException:
             for s in streams:
                 s.close()
@@ -89,8 +93,9 @@ class OpenAIServing:
         return request_id, streams, tracker
 
     # ---- running ----------------------------------------------------------------------------
-    async def merged(self, streams: list[RequestStream],
-                     tracker: _Tracker) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async def merged(
+        self, streams: list[RequestStream], tracker: _Tracker
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Outputs of several streams as they come, tagged with the prompt index. Closing this
         iterator (e.g. on client disconnect) aborts every request still running. The queue is
         bounded, so a slow reader leaves outputs in the streams' slots, where they merge."""
@@ -147,8 +152,11 @@ class OpenAIServing:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def _top(lp: dict, k: int) -> list[tuple[int, Any]]:
@@ -157,8 +165,9 @@ def _top(lp: dict, k: int) -> list[tuple[int, Any]]:
     return sorted(alts, key=lambda tv: -tv[1].logprob)[:k]
 
 
-def completion_logprobs(o: CompletionOutput, tokenizer: Any, k: int, start: int = 0,
-                        text_offset: int = 0) -> dict[str, Any] | None:
+def completion_logprobs(
+    o: CompletionOutput, tokenizer: Any, k: int, start: int = 0, text_offset: int = 0
+) -> dict[str, Any] | None:
     """The legacy completions logprobs object for output tokens [start:]."""
     if o.logprobs is None:
         return None
@@ -171,12 +180,17 @@ def completion_logprobs(o: CompletionOutput, tokenizer: Any, k: int, start: int 
         tops.append({v.decoded_token: v.logprob for _, v in _top(lp, k)} if k else None)
         offsets.append(offset)
         offset += len(piece)
-    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
-            "text_offset": offsets}
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_lps,
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
 
 
-def prompt_logprobs_object(token_ids: list[int], prompt_logprobs: list | None, tokenizer: Any,
-                           k: int) -> dict[str, Any]:
+def prompt_logprobs_object(
+    token_ids: list[int], prompt_logprobs: list | None, tokenizer: Any, k: int
+) -> dict[str, Any]:
     """The legacy completions logprobs object of an echoed prompt (the first token's logprob
     and alternatives are null: nothing predicts it)."""
     tokens, token_lps, tops, offsets = [], [], [], []
@@ -187,34 +201,50 @@ def prompt_logprobs_object(token_ids: list[int], prompt_logprobs: list | None, t
         offsets.append(offset)
         offset += len(piece)
         token_lps.append(None if lp is None else lp[tok].logprob)
-        tops.append({v.decoded_token: v.logprob for _, v in _top(lp, k)}
-                    if k and lp is not None else None)
-    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
-            "text_offset": offsets}
+        tops.append(
+            {v.decoded_token: v.logprob for _, v in _top(lp, k)} if k and lp is not None else None
+        )
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_lps,
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
 
 
-def join_logprobs(first: dict[str, Any] | None,
-                  second: dict[str, Any] | None) -> dict[str, Any] | None:
+def join_logprobs(
+    first: dict[str, Any] | None, second: dict[str, Any] | None
+) -> dict[str, Any] | None:
     """Two legacy logprobs objects one after the other (either may be None)."""
     if first is None or second is None:
         return first if second is None else second
     return {key: first[key] + second[key] for key in first}
 
 
-def chat_logprobs(o: CompletionOutput, tokenizer: Any, k: int,
-                  start: int = 0) -> dict[str, Any] | None:
+def chat_logprobs(
+    o: CompletionOutput, tokenizer: Any, k: int, start: int = 0
+) -> dict[str, Any] | None:
     """The chat logprobs object ({"content": [...]}) for output tokens [start:]."""
     if o.logprobs is None:
         return None
     content = []
     for tok, lp in zip(o.token_ids[start:], o.logprobs[start:]):
         piece = tokenizer.decode([tok], skip_special_tokens=False)
-        content.append({
-            "token": piece, "logprob": lp[tok].logprob, "bytes": list(piece.encode()),
-            "top_logprobs": [{"token": v.decoded_token, "logprob": v.logprob,
-                              "bytes": list((v.decoded_token or "").encode())}
-                             for _, v in _top(lp, k)],
-        })
+        content.append(
+            {
+                "token": piece,
+                "logprob": lp[tok].logprob,
+                "bytes": list(piece.encode()),
+                "top_logprobs": [
+                    {
+                        "token": v.decoded_token,
+                        "logprob": v.logprob,
+                        "bytes": list((v.decoded_token or "").encode()),
+                    }
+                    for _, v in _top(lp, k)
+                ],
+            }
+        )
     return {"content": content}
 
 

@@ -82,7 +82,6 @@ class StreamOptions(BaseModel):
 
 
 class _Common(_Request):
-
     model: str
     n: int = 1
     temperature: float | None = None
@@ -114,18 +113,22 @@ class _Common(_Request):
             raise UnsupportedParameter("stop", f"at most {limits.max_stop_strings} stop strings")
         if any(len(x) > limits.max_stop_length for x in stops):
             raise UnsupportedParameter(
-                "stop", f"stop strings are limited to {limits.max_stop_length} characters")
+                "stop", f"stop strings are limited to {limits.max_stop_length} characters"
+            )
         ids = self.stop_token_ids or []
         if len(ids) > limits.max_stop_token_ids:
-            raise UnsupportedParameter("stop_token_ids",
-                                       f"at most {limits.max_stop_token_ids} stop_token_ids")
+            raise UnsupportedParameter(
+                "stop_token_ids", f"at most {limits.max_stop_token_ids} stop_token_ids"
+            )
         if any(i < 0 for i in ids):
             raise UnsupportedParameter("stop_token_ids", "stop_token_ids must be >= 0")
         budget = self.n * (self.requested_tokens() or 0) * self.num_prompts()
         if budget > limits.max_request_tokens:
             raise UnsupportedParameter(
-                "max_tokens", f"n x max_tokens x prompts = {budget} exceeds the per-request "
-                f"budget of {limits.max_request_tokens} tokens")
+                "max_tokens",
+                f"n x max_tokens x prompts = {budget} exceeds the per-request "
+                f"budget of {limits.max_request_tokens} tokens",
+            )
 
     def requested_tokens(self) -> int | None:
         """max_tokens as the request gives it (None: up to the context length)."""
@@ -138,22 +141,35 @@ class _Common(_Request):
         if self.logit_bias:
             raise UnsupportedParameter("logit_bias", "logit_bias is not supported yet")
         if self.stream_options is not None and not self.stream:
-            raise UnsupportedParameter("stream_options",
-                                       "stream_options is only allowed when stream is true")
+            raise UnsupportedParameter(
+                "stream_options", "stream_options is only allowed when stream is true"
+            )
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                        prompt_logprobs: int | None = None) -> SamplingParams:
+    def sampling_params(
+        self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
         kw: dict[str, Any] = dict(
-            n=self.n, seed=self.seed, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty, stop=self.stop, max_tokens=max_tokens,
-            min_tokens=self.min_tokens, ignore_eos=self.ignore_eos,
-            stop_token_ids=self.stop_token_ids, logprobs=logprobs,
+            n=self.n,
+            seed=self.seed,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            stop=self.stop,
+            max_tokens=max_tokens,
+            min_tokens=self.min_tokens,
+            ignore_eos=self.ignore_eos,
+            stop_token_ids=self.stop_token_ids,
+            logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
         )
-        optional = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                        min_p=self.min_p, repetition_penalty=self.repetition_penalty)
+        optional = dict(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+        )
         kw.update({k: v for k, v in optional.items() if v is not None})
         return SamplingParams(**kw)
 
@@ -163,8 +179,9 @@ class CompletionRequest(_Common):
 
     def check_limits(self, limits: RequestLimits) -> None:
         if self.num_prompts() > limits.max_prompts:
-            raise UnsupportedParameter("prompt", f"at most {limits.max_prompts} prompts per "
-                                                 "request")
+            raise UnsupportedParameter(
+                "prompt", f"at most {limits.max_prompts} prompts per request"
+            )
         super().check_limits(limits)
 
     def requested_tokens(self) -> int | None:
@@ -173,6 +190,7 @@ class CompletionRequest(_Common):
     def num_prompts(self) -> int:
         p = self.prompt
         return len(p) if isinstance(p, list) and p and not isinstance(p[0], int) else 1
+
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
@@ -186,12 +204,16 @@ class CompletionRequest(_Common):
         if self.best_of is not None and self.best_of != self.n:
             raise UnsupportedParameter("best_of", "best_of other than n is not supported yet")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise UnsupportedParameter("logprobs",
-                                       f"logprobs must be between 0 and {MAX_LOGPROBS}")
-        if self.max_tokens is not None and self.max_tokens < 1 and not (
-                self.echo and self.max_tokens == 0):
-            raise UnsupportedParameter("max_tokens", "max_tokens must be >= 1 (0 is allowed with "
-                                                     "echo: it only scores the prompt)")
+            raise UnsupportedParameter("logprobs", f"logprobs must be between 0 and {MAX_LOGPROBS}")
+        if (
+            self.max_tokens is not None
+            and self.max_tokens < 1
+            and not (self.echo and self.max_tokens == 0)
+        ):
+            raise UnsupportedParameter(
+                "max_tokens",
+                "max_tokens must be >= 1 (0 is allowed with echo: it only scores the prompt)",
+            )
 
     def prompt_logprobs(self) -> int | None:
         """What the engine must compute for the prompt: the echoed prompt's logprobs (with
@@ -265,21 +287,25 @@ class ChatCompletionRequest(_Common):
         if self.response_format is not None and self.response_format.type != "text":
             raise UnsupportedParameter(
                 "response_format",
-                f"response_format {self.response_format.type!r} is not supported yet "
-                "(only 'text')")
+                f"response_format {self.response_format.type!r} is not supported yet (only 'text')",
+            )
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise UnsupportedParameter("top_logprobs", "top_logprobs requires logprobs=true")
             if not 0 <= self.top_logprobs <= MAX_LOGPROBS:
-                raise UnsupportedParameter("top_logprobs",
-                                           f"top_logprobs must be in [0, {MAX_LOGPROBS}]")
+                raise UnsupportedParameter(
+                    "top_logprobs", f"top_logprobs must be in [0, {MAX_LOGPROBS}]"
+                )
 
     def requested_tokens(self) -> int | None:
         return self.effective_max_tokens()
 
     def effective_max_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None \
+        return (
+            self.max_completion_tokens
+            if self.max_completion_tokens is not None
             else self.max_tokens
+        )
 
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None

@@ -15,48 +15,91 @@ logger = logging.getLogger(__name__)
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_path", nargs="?", default=None, metavar="MODEL",
-                   help="GGUF file, HF folder or Hub id (default: the embedded model)")
+    p.add_argument(
+        "model_path",
+        nargs="?",
+        default=None,
+        metavar="MODEL",
+        help="GGUF file, HF folder or Hub id (default: the embedded model)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on the API, docs and metrics "
-                        "(env TOKENMILL_API_KEY; an empty key is an error)")
-    p.add_argument("--public-metrics", action="store_true",
-                   help="serve /metrics without the API key")
-    p.add_argument("--allowed-hosts", default="",
-                   help="comma-separated Host header values to accept (DNS-rebinding "
-                        "protection; default: any)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("TOKENMILL_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on the API, docs and metrics "
+        "(env TOKENMILL_API_KEY; an empty key is an error)",
+    )
+    p.add_argument(
+        "--public-metrics", action="store_true", help="serve /metrics without the API key"
+    )
+    p.add_argument(
+        "--allowed-hosts",
+        default="",
+        help="comma-separated Host header values to accept (DNS-rebinding "
+        "protection; default: any)",
+    )
     defaults = RequestLimits()
-    for field, help_ in (("max_n", "largest n (samples per prompt)"),
-                         ("max_stop_strings", "most stop strings per request"),
-                         ("max_stop_length", "longest stop string, in characters"),
-                         ("max_stop_token_ids", "most stop_token_ids per request"),
-                         ("max_messages", "most chat messages per request"),
-                         ("max_prompts", "most prompts per completions request"),
-                         ("max_request_tokens", "largest n x max_tokens x prompts of a "
-                                                "request")):
-        p.add_argument("--" + field.replace("_", "-"), type=int,
-                       default=getattr(defaults, field), help=help_)
-    p.add_argument("--served-model-name", default=None,
-                   help="model id clients send (default: the model's name)")
-    p.add_argument("--max-queued-requests", type=int, default=1024,
-                   help="waiting requests beyond this get 503")
-    p.add_argument("--max-request-bytes", type=int, default=4 << 20,
-                   help="larger request bodies get 413")
-    p.add_argument("--body-timeout", type=float, default=30.0,
-                   help="seconds a request body may take to arrive (then 408)")
-    p.add_argument("--keep-alive-timeout", type=float, default=5.0,
-                   help="seconds an idle keep-alive connection stays open")
-    p.add_argument("--max-header-bytes", type=int, default=16384,
-                   help="largest request head (request line and headers)")
-    p.add_argument("--max-connections", type=int, default=2048,
-                   help="concurrent connections; more get 503 from the transport")
-    p.add_argument("--stream-stall-timeout", type=float, default=60.0,
-                   help="abort a request whose client has not read its stream for this long")
-    p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="seconds running requests may take to finish after SIGTERM (queued "
-                        "ones get 503 at once; a second SIGTERM exits now)")
+    for field, help_ in (
+        ("max_n", "largest n (samples per prompt)"),
+        ("max_stop_strings", "most stop strings per request"),
+        ("max_stop_length", "longest stop string, in characters"),
+        ("max_stop_token_ids", "most stop_token_ids per request"),
+        ("max_messages", "most chat messages per request"),
+        ("max_prompts", "most prompts per completions request"),
+        ("max_request_tokens", "largest n x max_tokens x prompts of a request"),
+    ):
+        p.add_argument(
+            "--" + field.replace("_", "-"), type=int, default=getattr(defaults, field), help=help_
+        )
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="model id clients send (default: the model's name)",
+    )
+    p.add_argument(
+        "--max-queued-requests", type=int, default=1024, help="waiting requests beyond this get 503"
+    )
+    p.add_argument(
+        "--max-request-bytes", type=int, default=4 << 20, help="larger request bodies get 413"
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a request body may take to arrive (then 408)",
+    )
+    p.add_argument(
+        "--keep-alive-timeout",
+        type=float,
+        default=5.0,
+        help="seconds an idle keep-alive connection stays open",
+    )
+    p.add_argument(
+        "--max-header-bytes",
+        type=int,
+        default=16384,
+        help="largest request head (request line and headers)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=2048,
+        help="concurrent connections; more get 503 from the transport",
+    )
+    p.add_argument(
+        "--stream-stall-timeout",
+        type=float,
+        default=60.0,
+        help="abort a request whose client has not read its stream for this long",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds running requests may take to finish after SIGTERM (queued "
+        "ones get 503 at once; a second SIGTERM exits now)",
+    )
     EngineArgs.add_cli_args(p, skip=("model",))
 
 
@@ -65,21 +108,24 @@ def banner(engine, name: str, host: str, port: int, api_key: str | None) -> str:
     url = f"http://{host}:{port}"
     # the key itself is never printed: its last 4 characters identify it
     auth = ' -H "Authorization: Bearer $TOKENMILL_API_KEY"' if api_key else ""
-    return "\n".join([
-        f"tokenmill serving {name}",
-        f"  model         {info.arch.architecture} from {info.source.path}",
-        f"  weights       {info.weight_format}, computing in "
-        f"{str(engine.dtype).removeprefix('torch.')} on {engine.device}"
-        + (f" (native {info.native_weights})" if info.native_weights else ""),
-        f"  KV cache      {engine.kv_capacity_tokens} tokens; max concurrency "
-        f"{engine.kv_capacity_tokens / engine.max_model_len:.1f} at full context "
-        f"({engine.max_model_len} tokens)",
-        f"  URL           {url}/v1  (metrics {url}/metrics, health {url}/health)",
-        *([f"  auth          API key ...{api_key[-4:]} required"] if api_key else []),
-        f"  try           curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json'"
-        f" -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", "
-        f"\"content\": \"Hello!\"}}]}}'",
-    ])
+    return "\n".join(
+        [
+            f"tokenmill serving {name}",
+            f"  model         {info.arch.architecture} from {info.source.path}",
+            f"  weights       {info.weight_format}, computing in "
+            f"{str(engine.dtype).removeprefix('torch.')} on {engine.device}"
+            + (f" (native {info.native_weights})" if info.native_weights else ""),
+            f"  KV cache      {engine.kv_capacity_tokens} tokens; max concurrency "
+            f"{engine.kv_capacity_tokens / engine.max_model_len:.1f} at full context "
+            f"({engine.max_model_len} tokens)",
+            f"  URL           {url}/v1  (metrics {url}/metrics, health {url}/health)",
+            *([f"  auth          API key ...{api_key[-4:]} required"] if api_key else []),
+            f"  try           curl {url}/v1/chat/completions{auth}"
+            " -H 'Content-Type: application/json'"
+            f' -d \'{{"model": "{name}", "messages": [{{"role": "user", '
+            f'"content": "Hello!"}}]}}\'',
+        ]
+    )
 
 
 def _draining_server(config, drain_timeout: float):
@@ -120,24 +166,41 @@ def run_server(ns: argparse.Namespace) -> int:
     from tokenmill.server.app import build_app
 
     if ns.api_key is not None and not ns.api_key.strip():
-        raise SystemExit("tokenmill serve: the API key (--api-key / TOKENMILL_API_KEY) is empty; "
-                         "pass a key, or unset it to serve without auth")
+        raise SystemExit(
+            "tokenmill serve: the API key (--api-key / TOKENMILL_API_KEY) is empty; "
+            "pass a key, or unset it to serve without auth"
+        )
     limits = RequestLimits(**{f: getattr(ns, f) for f in RequestLimits.__dataclass_fields__})
     args = EngineArgs.from_cli(argparse.Namespace(**{**vars(ns), "model": ns.model_path}))
     engine = LLMEngine(args)
     name = ns.served_model_name or engine.model_info.source.name
-    async_engine = AsyncEngine(engine, max_waiting_requests=ns.max_queued_requests,
-                               stream_stall_timeout=ns.stream_stall_timeout)
-    app = build_app(async_engine, name, api_key=ns.api_key, max_body_bytes=ns.max_request_bytes,
-                    limits=limits, public_metrics=ns.public_metrics,
-                    allowed_hosts=tuple(h.strip() for h in ns.allowed_hosts.split(",")
-                                        if h.strip()),
-                    body_timeout=ns.body_timeout, max_header_bytes=ns.max_header_bytes)
-    config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level="warning",
-                            timeout_graceful_shutdown=ns.shutdown_timeout, access_log=False,
-                            timeout_keep_alive=ns.keep_alive_timeout,
-                            limit_concurrency=ns.max_connections,
-                            h11_max_incomplete_event_size=ns.max_header_bytes)
+    async_engine = AsyncEngine(
+        engine,
+        max_waiting_requests=ns.max_queued_requests,
+        stream_stall_timeout=ns.stream_stall_timeout,
+    )
+    app = build_app(
+        async_engine,
+        name,
+        api_key=ns.api_key,
+        max_body_bytes=ns.max_request_bytes,
+        limits=limits,
+        public_metrics=ns.public_metrics,
+        allowed_hosts=tuple(h.strip() for h in ns.allowed_hosts.split(",") if h.strip()),
+        body_timeout=ns.body_timeout,
+        max_header_bytes=ns.max_header_bytes,
+    )
+    config = uvicorn.Config(
+        app,
+        host=ns.host,
+        port=ns.port,
+        log_level="warning",
+        timeout_graceful_shutdown=ns.shutdown_timeout,
+        access_log=False,
+        timeout_keep_alive=ns.keep_alive_timeout,
+        limit_concurrency=ns.max_connections,
+        h11_max_incomplete_event_size=ns.max_header_bytes,
+    )
     server = _draining_server(config, ns.shutdown_timeout)
     print(banner(engine, name, ns.host, ns.port, ns.api_key), file=sys.stderr, flush=True)
     # uvicorn re-raises the signal it caught once it has shut down; with these handlers in

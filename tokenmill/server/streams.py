@@ -31,12 +31,24 @@ DONE = "data: [DONE]\n\n"
 
 def _error_event(e: BaseException) -> str:
     logger.warning("stream ended by error: %s", e)
-    return sse({"error": {"message": str(e) or type(e).__name__, "type": "server_error",
-                          "param": None, "code": None}})
+    return sse(
+        {
+            "error": {
+                "message": str(e) or type(e).__name__,
+                "type": "server_error",
+                "param": None,
+                "code": None,
+            }
+        }
+    )
 
 
-def _stream_end(body: CompletionRequest | ChatCompletionRequest, empty_chunk: dict,
-                prompt_tokens: int, counts: dict[int, int]) -> list[str]:
+def _stream_end(
+    body: CompletionRequest | ChatCompletionRequest,
+    empty_chunk: dict,
+    prompt_tokens: int,
+    counts: dict[int, int],
+) -> list[str]:
     """The usage chunk (when stream_options.include_usage) and the [DONE] sentinel."""
     lines = []
     if body.stream_options and body.stream_options.include_usage:
@@ -44,8 +56,9 @@ def _stream_end(body: CompletionRequest | ChatCompletionRequest, empty_chunk: di
     return lines + [DONE]
 
 
-async def completion_response(serving: OpenAIServing, body: CompletionRequest
-                              ) -> AsyncIterator[str] | Coroutine[Any, Any, dict]:
+async def completion_response(
+    serving: OpenAIServing, body: CompletionRequest
+) -> AsyncIterator[str] | Coroutine[Any, Any, dict]:
     body.check_supported()
     # tokenizing runs in a worker thread: a long prompt never blocks the event loop
     prompts = await asyncio.to_thread(lambda: [serving.prepare(p) for p in body.prompts()])
@@ -67,8 +80,13 @@ async def completion_response(serving: OpenAIServing, body: CompletionRequest
         return prompt_logprobs_object(prompts[i].token_ids, out.prompt_logprobs, tok, k)
 
     def base(choices: list[dict]) -> dict:
-        return {"id": rid, "object": "text_completion", "created": created,
-                "model": body.model, "choices": choices}
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": body.model,
+            "choices": choices,
+        }
 
     async def collect() -> dict:
         final = {}
@@ -82,9 +100,14 @@ async def completion_response(serving: OpenAIServing, body: CompletionRequest
                 lp = completion_logprobs(o, tok, k, text_offset=len(prefix))
                 if body.echo:
                     lp = join_logprobs(echo_logprobs(i, final[i]), lp)
-                choices.append({
-                    "index": i * n + o.index, "text": prefix + o.text, "logprobs": lp,
-                    "finish_reason": o.finish_reason})
+                choices.append(
+                    {
+                        "index": i * n + o.index,
+                        "text": prefix + o.text,
+                        "logprobs": lp,
+                        "finish_reason": o.finish_reason,
+                    }
+                )
         choices.sort(key=lambda c: c["index"])
         return base(choices) | {"usage": usage(tracker.prompt_tokens, n_out)}
 
@@ -105,11 +128,22 @@ async def completion_response(serving: OpenAIServing, body: CompletionRequest
                     elif not (o.delta_text or o.delta_token_ids or o.finished):
                         continue
                     start = len(o.token_ids) - len(o.delta_token_ids)
-                    lp = join_logprobs(echo_lp, completion_logprobs(o, tok, k, start,
-                                                                    offsets.get(idx, 0)))
+                    lp = join_logprobs(
+                        echo_lp, completion_logprobs(o, tok, k, start, offsets.get(idx, 0))
+                    )
                     offsets[idx] = offsets.get(idx, 0) + len(o.delta_text)
-                    yield sse(base([{"index": idx, "text": echo + o.delta_text, "logprobs": lp,
-                                     "finish_reason": o.finish_reason}]))
+                    yield sse(
+                        base(
+                            [
+                                {
+                                    "index": idx,
+                                    "text": echo + o.delta_text,
+                                    "logprobs": lp,
+                                    "finish_reason": o.finish_reason,
+                                }
+                            ]
+                        )
+                    )
             for line in _stream_end(body, base([]), tracker.prompt_tokens, counts):
                 yield line
         except Exception as e:  # noqa: BLE001 - reported in-band, the status is already sent
@@ -118,14 +152,17 @@ async def completion_response(serving: OpenAIServing, body: CompletionRequest
     return stream() if body.stream else collect()
 
 
-async def chat_response(serving: OpenAIServing, body: ChatCompletionRequest
-                        ) -> AsyncIterator[str] | Coroutine[Any, Any, dict]:
+async def chat_response(
+    serving: OpenAIServing, body: ChatCompletionRequest
+) -> AsyncIterator[str] | Coroutine[Any, Any, dict]:
     body.check_supported()
     tok = serving.tokenizer
 
     def render() -> PreparedPrompt:
-        text = tok.apply_chat_template([m.as_template_message() for m in body.messages],
-                                       add_generation_prompt=body.add_generation_prompt)
+        text = tok.apply_chat_template(
+            [m.as_template_message() for m in body.messages],
+            add_generation_prompt=body.add_generation_prompt,
+        )
         return PreparedPrompt(text, tok.encode(text, add_special_tokens=False))
 
     # rendering and tokenizing run in a worker thread, so the event loop keeps serving
@@ -138,17 +175,28 @@ async def chat_response(serving: OpenAIServing, body: ChatCompletionRequest
     k = body.top_logprobs or 0
 
     def base(choices: list[dict]) -> dict:
-        return {"id": rid, "object": "chat.completion.chunk" if body.stream
-                else "chat.completion", "created": created, "model": body.model,
-                "system_fingerprint": None, "choices": choices}
+        return {
+            "id": rid,
+            "object": "chat.completion.chunk" if body.stream else "chat.completion",
+            "created": created,
+            "model": body.model,
+            "system_fingerprint": None,
+            "choices": choices,
+        }
 
     async def collect() -> dict:
         final = None
         async for _, out in serving.merged(streams, tracker):
             final = out
-        choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
-                    "logprobs": chat_logprobs(o, tok, k), "finish_reason": o.finish_reason}
-                   for o in final.outputs]
+        choices = [
+            {
+                "index": o.index,
+                "message": {"role": "assistant", "content": o.text},
+                "logprobs": chat_logprobs(o, tok, k),
+                "finish_reason": o.finish_reason,
+            }
+            for o in final.outputs
+        ]
         n_out = sum(len(o.token_ids) for o in final.outputs)
         return base(choices) | {"usage": usage(tracker.prompt_tokens, n_out)}
 
@@ -156,19 +204,48 @@ async def chat_response(serving: OpenAIServing, body: ChatCompletionRequest
         counts: dict[int, int] = {}
         try:
             for j in range(body.n):
-                yield sse(base([{"index": j, "delta": {"role": "assistant", "content": ""},
-                                 "logprobs": None, "finish_reason": None}]))
+                yield sse(
+                    base(
+                        [
+                            {
+                                "index": j,
+                                "delta": {"role": "assistant", "content": ""},
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                        ]
+                    )
+                )
             async for _, out in serving.merged(streams, tracker):
                 for o in out.outputs:
                     counts[o.index] = len(o.token_ids)
                     start = len(o.token_ids) - len(o.delta_token_ids)
                     if o.delta_text or (o.delta_token_ids and body.logprobs):
-                        yield sse(base([{"index": o.index, "delta": {"content": o.delta_text},
-                                         "logprobs": chat_logprobs(o, tok, k, start),
-                                         "finish_reason": None}]))
+                        yield sse(
+                            base(
+                                [
+                                    {
+                                        "index": o.index,
+                                        "delta": {"content": o.delta_text},
+                                        "logprobs": chat_logprobs(o, tok, k, start),
+                                        "finish_reason": None,
+                                    }
+                                ]
+                            )
+                        )
                     if o.finished:
-                        yield sse(base([{"index": o.index, "delta": {}, "logprobs": None,
-                                         "finish_reason": o.finish_reason}]))
+                        yield sse(
+                            base(
+                                [
+                                    {
+                                        "index": o.index,
+                                        "delta": {},
+                                        "logprobs": None,
+                                        "finish_reason": o.finish_reason,
+                                    }
+                                ]
+                            )
+                        )
             for line in _stream_end(body, base([]), tracker.prompt_tokens, counts):
                 yield line
         except Exception as e:  # noqa: BLE001 - reported in-band, the status is already sent

@@ -98,9 +98,18 @@ class _Static:
 class DecodeGraphRunner:
     """Captures `model` decode steps at `sizes` and replays them for batches that fit."""
 
-    def __init__(self, model: Any, kv_caches: list, backend: AttentionBackend, sizes: list[int],
-                 max_blocks: int, block_size: int, max_model_len: int, device: torch.device,
-                 graph_factory: GraphFactory) -> None:
+    def __init__(
+        self,
+        model: Any,
+        kv_caches: list,
+        backend: AttentionBackend,
+        sizes: list[int],
+        max_blocks: int,
+        block_size: int,
+        max_model_len: int,
+        device: torch.device,
+        graph_factory: GraphFactory,
+    ) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.backend = backend
@@ -117,7 +126,8 @@ class DecodeGraphRunner:
             slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=device),
             seq_lens=torch.zeros(n, dtype=torch.int32, device=device),
             query_start_loc=torch.zeros(n + 1, dtype=torch.int32, device=device),
-            block_tables=torch.zeros(n, max_blocks, dtype=torch.int32, device=device))
+            block_tables=torch.zeros(n, max_blocks, dtype=torch.int32, device=device),
+        )
         self.graphs: dict[int, Graph] = {}
         self.outputs: dict[int, Outputs] = {}
         self.capture_seconds = 0.0
@@ -125,11 +135,19 @@ class DecodeGraphRunner:
     def _metadata(self, size: int) -> AttentionMetadata:
         s = self.static
         common = AttentionMetadata(
-            num_tokens=size, slot_mapping=s.slot_mapping[:size],
-            query_start_loc=s.query_start_loc[:size + 1], seq_lens=s.seq_lens[:size],
-            block_tables=s.block_tables[:size], max_query_len=1, max_seq_len=self.max_model_len,
-            num_decode_tokens=size, block_size=self.block_size, query_lens_host=[1] * size,
-            seq_lens_host=[self.max_model_len] * size, block_tables_host=[])
+            num_tokens=size,
+            slot_mapping=s.slot_mapping[:size],
+            query_start_loc=s.query_start_loc[: size + 1],
+            seq_lens=s.seq_lens[:size],
+            block_tables=s.block_tables[:size],
+            max_query_len=1,
+            max_seq_len=self.max_model_len,
+            num_decode_tokens=size,
+            block_size=self.block_size,
+            query_lens_host=[1] * size,
+            seq_lens_host=[self.max_model_len] * size,
+            block_tables_host=[],
+        )
         return self.backend.build_metadata(common, self.device)
 
     def _step_fn(self, size: int) -> Callable[[], Outputs]:
@@ -161,14 +179,15 @@ class DecodeGraphRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.capture_seconds = time.perf_counter() - t0
-        logger.info("captured decode graphs for batch sizes %s in %.1f s", self.sizes,
-                    self.capture_seconds)
+        logger.info(
+            "captured decode graphs for batch sizes %s in %.1f s", self.sizes, self.capture_seconds
+        )
 
     def _reset_padding(self, n: int) -> None:
         s = self.static
         s.slot_mapping[n:].fill_(-1)
         s.seq_lens[n:].zero_()
-        s.query_start_loc[n + 1:].fill_(n)
+        s.query_start_loc[n + 1 :].fill_(n)
 
     def size_for(self, num_reqs: int, num_tokens: int, max_blocks: int) -> int | None:
         """The capture size a pure-decode batch of `num_reqs` would replay, else None."""
@@ -176,8 +195,9 @@ class DecodeGraphRunner:
             return None
         return next((s for s in self.sizes if s >= num_reqs), None)
 
-    def run(self, size: int, input_ids: torch.Tensor, positions: torch.Tensor,
-            meta: AttentionMetadata) -> Outputs:
+    def run(
+        self, size: int, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> Outputs:
         """Copy a decode batch (n = meta.num_tokens rows) into the static buffers, replay the
         `size` graph, and return views of its outputs for the n real rows."""
         n, s = meta.num_tokens, self.static
@@ -185,7 +205,7 @@ class DecodeGraphRunner:
         s.positions[:n].copy_(positions, non_blocking=True)
         s.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
         s.seq_lens[:n].copy_(meta.seq_lens, non_blocking=True)
-        s.query_start_loc[:n + 1].copy_(meta.query_start_loc, non_blocking=True)
+        s.query_start_loc[: n + 1].copy_(meta.query_start_loc, non_blocking=True)
         width = meta.block_tables.shape[1]
         s.block_tables[:n, :width].copy_(meta.block_tables, non_blocking=True)
         self._reset_padding(n)

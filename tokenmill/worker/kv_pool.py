@@ -40,8 +40,9 @@ class KVPool:
     (exact, from `mincore`, where the pool is a mapping; else the reserved size).
     """
 
-    def __init__(self, num_layers: int, shape: tuple[int, ...], dtype: torch.dtype,
-                 device: torch.device) -> None:
+    def __init__(
+        self, num_layers: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> None:
         elt = torch.empty((), dtype=dtype).element_size()
         per_tensor = math.prod(shape) * elt
         self.reserved_bytes = 2 * num_layers * per_tensor
@@ -55,9 +56,13 @@ class KVPool:
                 (views[2 * i].view(shape), views[2 * i + 1].view(shape)) for i in range(num_layers)
             ]
         else:
-            self.caches = [(torch.zeros(shape, dtype=dtype, device=device),
-                            torch.zeros(shape, dtype=dtype, device=device))
-                           for _ in range(num_layers)]
+            self.caches = [
+                (
+                    torch.zeros(shape, dtype=dtype, device=device),
+                    torch.zeros(shape, dtype=dtype, device=device),
+                )
+                for _ in range(num_layers)
+            ]
 
     def resident_bytes(self) -> int:
         """Bytes of the pool the OS has committed (pages written at least once)."""
@@ -66,8 +71,11 @@ class KVPool:
         addr = self.caches[0][0].data_ptr()
         pages = (self.reserved_bytes + PAGE - 1) // PAGE
         vec = np.zeros(pages, dtype=np.uint8)
-        rc = _LIBC.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(self.reserved_bytes),
-                           vec.ctypes.data_as(ctypes.c_void_p))
+        rc = _LIBC.mincore(
+            ctypes.c_void_p(addr),
+            ctypes.c_size_t(self.reserved_bytes),
+            vec.ctypes.data_as(ctypes.c_void_p),
+        )
         if rc != 0:
             return self.reserved_bytes
         return int(np.count_nonzero(vec & 1)) * PAGE

@@ -43,16 +43,18 @@ class ModelInputs:
     order: list[int]  # scheduler_output.scheduled indices in flat-batch order
 
 
-def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device,
-                   backend: AttentionBackend) -> ModelInputs:
+def prepare_inputs(
+    sched: SchedulerOutput, block_size: int, device: torch.device, backend: AttentionBackend
+) -> ModelInputs:
     """Build the flat, unpadded batch of one step (a pure function of the schedule): the
     common attention metadata, turned into `backend`'s own by its `build_metadata`.
 
     Single-query requests (decodes) are laid out first, then the multi-token chunks, so the
     attention backend can treat the two groups separately.
     """
-    order = sorted(range(len(sched.scheduled)),
-                   key=lambda i: sched.scheduled[i].num_scheduled_tokens > 1)
+    order = sorted(
+        range(len(sched.scheduled)), key=lambda i: sched.scheduled[i].num_scheduled_tokens > 1
+    )
     token_ids: list[int] = []
     query_lens, seq_lens, block_tables, sample_rows, sample_pos = [], [], [], [], []
     for pos, i in enumerate(order):
@@ -78,22 +80,39 @@ def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device
     logits_indices = starts[1:][sample_pos] - 1
     # One host buffer (pinned on CUDA) and one non-blocking copy for every index tensor.
     n, r = int(starts[-1]), len(q)
-    parts = [np.asarray(token_ids, dtype=np.int64), positions, slot_mapping, starts, sl,
-             bt.ravel(), logits_indices]
+    parts = [
+        np.asarray(token_ids, dtype=np.int64),
+        positions,
+        slot_mapping,
+        starts,
+        sl,
+        bt.ravel(),
+        logits_indices,
+    ]
     dev = _to_device(np.concatenate(parts), device)
     views = iter(dev.split([len(x) for x in parts]))
     input_ids, positions_t, slots_t, starts_t, seq_lens_t, bt_t, logits_t = views
     common = AttentionMetadata(
-        num_tokens=n, slot_mapping=slots_t, query_start_loc=starts_t.to(torch.int32),
+        num_tokens=n,
+        slot_mapping=slots_t,
+        query_start_loc=starts_t.to(torch.int32),
         seq_lens=seq_lens_t.to(torch.int32),
         block_tables=bt_t.view(r, max_blocks).to(torch.int32),
-        max_query_len=int(q.max()), max_seq_len=int(sl.max()),
-        num_decode_tokens=int((q == 1).sum()), block_size=block_size,
-        query_lens_host=query_lens, seq_lens_host=seq_lens, block_tables_host=block_tables,
+        max_query_len=int(q.max()),
+        max_seq_len=int(sl.max()),
+        num_decode_tokens=int((q == 1).sum()),
+        block_size=block_size,
+        query_lens_host=query_lens,
+        seq_lens_host=seq_lens,
+        block_tables_host=block_tables,
     )
     return ModelInputs(
-        input_ids=input_ids, positions=positions_t, attn=backend.build_metadata(common, device),
-        logits_indices=logits_t, sample_rows=sample_rows, order=order,
+        input_ids=input_ids,
+        positions=positions_t,
+        attn=backend.build_metadata(common, device),
+        logits_indices=logits_t,
+        sample_rows=sample_rows,
+        order=order,
     )
 
 
@@ -122,14 +141,25 @@ def to_host(*tensors: torch.Tensor) -> list[list]:
 
 
 def _plain_greedy(req, p) -> bool:
-    return (p.greedy and p.logprobs is None and p.repetition_penalty == 1.0
-            and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
-            and req.num_output_tokens >= p.min_tokens)
+    return (
+        p.greedy
+        and p.logprobs is None
+        and p.repetition_penalty == 1.0
+        and p.presence_penalty == 0.0
+        and p.frequency_penalty == 0.0
+        and req.num_output_tokens >= p.min_tokens
+    )
 
 
 @torch.inference_mode()
-def profile_forward(model: CausalLM, num_tokens: int, num_sampled: int, block_size: int,
-                    kv_dtype: torch.dtype, device: torch.device) -> int:
+def profile_forward(
+    model: CausalLM,
+    num_tokens: int,
+    num_sampled: int,
+    block_size: int,
+    kv_dtype: torch.dtype,
+    device: torch.device,
+) -> int:
     """Run the largest step the scheduler can send (one chunk of `num_tokens` tokens, then the
     float32 logits of `num_sampled` rows and a sort of them, as top-p sampling does) on a
     scratch KV pool just big enough. Returns its peak memory beyond what was allocated before
@@ -142,19 +172,28 @@ def profile_forward(model: CausalLM, num_tokens: int, num_sampled: int, block_si
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-    pool = KVPool(cfg.num_layers, backend.kv_cache_shape(blocks * block_size, cfg.num_kv_heads,
-                                                         cfg.head_dim), kv_dtype, device)
+    pool = KVPool(
+        cfg.num_layers,
+        backend.kv_cache_shape(blocks * block_size, cfg.num_kv_heads, cfg.head_dim),
+        kv_dtype,
+        device,
+    )
     ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
     positions = torch.arange(num_tokens, device=device)
     common = AttentionMetadata(
-        num_tokens=num_tokens, slot_mapping=positions,
+        num_tokens=num_tokens,
+        slot_mapping=positions,
         query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=device),
         seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=device),
         block_tables=torch.arange(blocks, dtype=torch.int32, device=device)[None],
-        max_query_len=num_tokens, max_seq_len=num_tokens,
-        num_decode_tokens=1 if num_tokens == 1 else 0, block_size=block_size,
-        query_lens_host=[num_tokens], seq_lens_host=[num_tokens],
-        block_tables_host=[list(range(blocks))])
+        max_query_len=num_tokens,
+        max_seq_len=num_tokens,
+        num_decode_tokens=1 if num_tokens == 1 else 0,
+        block_size=block_size,
+        query_lens_host=[num_tokens],
+        seq_lens_host=[num_tokens],
+        block_tables_host=[list(range(blocks))],
+    )
     hidden = model(ids, positions, pool.caches, backend.build_metadata(common, device))
     rows = hidden[-1:].expand(min(num_sampled, num_tokens), -1)
     model.compute_logits(rows).sort(dim=-1, descending=True)
@@ -164,8 +203,9 @@ def profile_forward(model: CausalLM, num_tokens: int, num_sampled: int, block_si
     return max(0, torch.cuda.max_memory_allocated(device) - before - pool.reserved_bytes)
 
 
-def kv_cache_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int,
-                             dtype: torch.dtype) -> int:
+def kv_cache_bytes_per_token(
+    num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> int:
     return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
@@ -180,10 +220,18 @@ class ModelRunner:
     `max_num_seqs` requests replay captured graphs (`worker/graph_runner.py`); prefill and
     mixed steps run eagerly."""
 
-    def __init__(self, model: CausalLM, num_blocks: int, block_size: int,
-                 kv_dtype: torch.dtype, device: torch.device, max_model_len: int = 0,
-                 max_num_seqs: int = 0, graphs: bool = False,
-                 graph_factory: GraphFactory | None = None) -> None:
+    def __init__(
+        self,
+        model: CausalLM,
+        num_blocks: int,
+        block_size: int,
+        kv_dtype: torch.dtype,
+        device: torch.device,
+        max_model_len: int = 0,
+        max_num_seqs: int = 0,
+        graphs: bool = False,
+        graph_factory: GraphFactory | None = None,
+    ) -> None:
         self.model = model
         self.device = device
         self.block_size = block_size
@@ -191,8 +239,9 @@ class ModelRunner:
         self.vocab_size = cfg.vocab_size
         self.attn_backend = model.attn_backend
         self.ops = self.attn_backend.ops
-        shape = self.attn_backend.kv_cache_shape(num_blocks * block_size, cfg.num_kv_heads,
-                                                 cfg.head_dim)
+        shape = self.attn_backend.kv_cache_shape(
+            num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim
+        )
         self.kv_pool = KVPool(cfg.num_layers, shape, kv_dtype, device)
         self.kv_caches: list[KVCache] = self.kv_pool.caches
         self.sampler = Sampler()
@@ -200,9 +249,16 @@ class ModelRunner:
         self.graphs: DecodeGraphRunner | None = None
         if (graphs or graph_factory is not None) and self.attn_backend.supports_graphs:
             self.graphs = DecodeGraphRunner(
-                model, self.kv_caches, self.attn_backend, capture_sizes(max_num_seqs),
-                -(-max_model_len // block_size), block_size, max_model_len, device,
-                graph_factory or CudaGraph)
+                model,
+                self.kv_caches,
+                self.attn_backend,
+                capture_sizes(max_num_seqs),
+                -(-max_model_len // block_size),
+                block_size,
+                max_model_len,
+                device,
+                graph_factory or CudaGraph,
+            )
             self.graphs.capture()
 
     def _generator(self, request_id: str, seed: int) -> torch.Generator:
@@ -224,8 +280,11 @@ class ModelRunner:
         if size is not None:
             return self._execute_graph(sched, inputs, size)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn)
-        prompt_lps = (self._prompt_logprobs(sched, inputs.order, hidden)
-                      if any(s.prompt_logprob_positions for s in sched.scheduled) else {})
+        prompt_lps = (
+            self._prompt_logprobs(sched, inputs.order, hidden)
+            if any(s.prompt_logprob_positions for s in sched.scheduled)
+            else {}
+        )
         if not inputs.sample_rows:
             return ModelRunnerOutput(prompt_logprobs=prompt_lps)
         hidden = hidden[inputs.logits_indices]
@@ -246,11 +305,13 @@ class ModelRunner:
         if self.graphs is None or any(s.prompt_logprob_positions for s in sched.scheduled):
             return None
         meta = inputs.attn
-        return self.graphs.size_for(len(sched.scheduled), meta.num_tokens,
-                                    meta.block_tables.shape[1])
+        return self.graphs.size_for(
+            len(sched.scheduled), meta.num_tokens, meta.block_tables.shape[1]
+        )
 
-    def _execute_graph(self, sched: SchedulerOutput, inputs: ModelInputs,
-                       size: int) -> ModelRunnerOutput:
+    def _execute_graph(
+        self, sched: SchedulerOutput, inputs: ModelInputs, size: int
+    ) -> ModelRunnerOutput:
         logits, greedy = self.graphs.run(size, inputs.input_ids, inputs.positions, inputs.attn)
         if not inputs.sample_rows:
             return ModelRunnerOutput()
@@ -260,8 +321,9 @@ class ModelRunner:
             return ModelRunnerOutput(sampled={r.request_id: t for r, t in zip(reqs, tokens)})
         return self._sample(reqs, logits[inputs.logits_indices].float())
 
-    def _prompt_logprobs(self, sched: SchedulerOutput, order: list[int],
-                         hidden: torch.Tensor) -> dict[str, PromptLogprobsChunk]:
+    def _prompt_logprobs(
+        self, sched: SchedulerOutput, order: list[int], hidden: torch.Tensor
+    ) -> dict[str, PromptLogprobsChunk]:
         """Logprobs of the prompt tokens that this step's chunks predict (log_softmax of the
         float32 logits, no sampling transforms), in slices of rows to bound memory."""
         rows: list[np.ndarray] = []
@@ -274,8 +336,9 @@ class ModelRunner:
             if span:  # span starts at the chunk's first token
                 rows.append(np.arange(start, start + len(span)))
                 targets.extend(s.request.prompt_token_ids[span.start + 1 : span.stop + 1])
-                wanted.append((s.request_id, span.start, len(span),
-                               s.request.sampling_params.prompt_logprobs))
+                wanted.append(
+                    (s.request_id, span.start, len(span), s.request.sampling_params.prompt_logprobs)
+                )
             start += s.num_scheduled_tokens
         k = max(w[3] for w in wanted)
         row_index = torch.from_numpy(np.concatenate(rows)).to(self.device)
@@ -283,9 +346,10 @@ class ModelRunner:
         step = max(1, PROMPT_LOGPROBS_SLICE_ELEMENTS // self.vocab_size)
         lps, ids, ranks = [], [], []
         for lo in range(0, len(targets), step):
-            logits = self.model.compute_logits(hidden[row_index[lo:lo + step]])  # float32
-            lp, tid, rank = compute_logprobs(torch.log_softmax(logits, dim=-1),
-                                             target_ids[lo:lo + step], k)
+            logits = self.model.compute_logits(hidden[row_index[lo : lo + step]])  # float32
+            lp, tid, rank = compute_logprobs(
+                torch.log_softmax(logits, dim=-1), target_ids[lo : lo + step], k
+            )
             lps.append(lp)
             ids.append(tid)
             ranks.append(rank)
@@ -296,8 +360,11 @@ class ModelRunner:
         pos = 0
         for rid, first_position, n, kr in wanted:
             result[rid] = PromptLogprobsChunk(
-                first_position, [r[: 1 + kr] for r in all_ids[pos:pos + n]],
-                [r[: 1 + kr] for r in all_lps[pos:pos + n]], all_ranks[pos:pos + n])
+                first_position,
+                [r[: 1 + kr] for r in all_ids[pos : pos + n]],
+                [r[: 1 + kr] for r in all_lps[pos : pos + n]],
+                all_ranks[pos : pos + n],
+            )
             pos += n
         return result
 
@@ -305,23 +372,31 @@ class ModelRunner:
         params = [r.sampling_params for r in reqs]
         generators = {
             row: self._generator(r.request_id, p.seed)
-            for row, (r, p) in enumerate(zip(reqs, params)) if p.seed is not None
+            for row, (r, p) in enumerate(zip(reqs, params))
+            if p.seed is not None
         }
         min_tok_stops = [
             (set(r.eos_token_ids) | set(p.stop_token_ids))
-            if r.num_output_tokens < p.min_tokens else set()
+            if r.num_output_tokens < p.min_tokens
+            else set()
             for r, p in zip(reqs, params)
         ]
         meta = build_sampling_metadata(
-            params, [r.prompt_token_ids for r in reqs], [r.output_token_ids for r in reqs],
-            generators, self.vocab_size, self.device, min_tok_stops,
+            params,
+            [r.prompt_token_ids for r in reqs],
+            [r.output_token_ids for r in reqs],
+            generators,
+            self.vocab_size,
+            self.device,
+            min_tok_stops,
         )
         out = self.sampler(logits, meta)
         if out.logprobs is None:
             (tokens,) = to_host(out.sampled_token_ids)
         else:
-            tokens, lps, ids, ranks = to_host(out.sampled_token_ids, out.logprobs,
-                                              out.logprob_token_ids, out.sampled_rank)
+            tokens, lps, ids, ranks = to_host(
+                out.sampled_token_ids, out.logprobs, out.logprob_token_ids, out.sampled_rank
+            )
         result = ModelRunnerOutput(sampled={r.request_id: t for r, t in zip(reqs, tokens)})
         if out.logprobs is not None:
             for row, r in enumerate(reqs):
@@ -329,5 +404,6 @@ class ModelRunner:
                 if k is None:
                     continue
                 result.logprobs[r.request_id] = SampleLogprobs(
-                    ids[row][: 1 + k], lps[row][: 1 + k], ranks[row])
+                    ids[row][: 1 + k], lps[row][: 1 + k], ranks[row]
+                )
         return result

@@ -3,14 +3,14 @@
 // Each op replaces a chain of small PyTorch ops whose launch overhead dominates a decode step on
 // CPU. Numerics follow the reference PyTorch formulas (float32 accumulation, rounding to the
 // tensor dtype where the reference rounds).
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <torch/extension.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
-#include <cmath>
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -26,9 +26,14 @@ inline float tf(at::BFloat16 x) {
   std::memcpy(&f, &bits, sizeof(f));
   return f;
 }
-template <typename T> inline T from_f(float f);
-template <> inline float from_f<float>(float f) { return f; }
-template <> inline at::BFloat16 from_f<at::BFloat16>(float f) {
+template <typename T>
+inline T from_f(float f);
+template <>
+inline float from_f<float>(float f) {
+  return f;
+}
+template <>
+inline at::BFloat16 from_f<at::BFloat16>(float f) {
   uint32_t bits;
   std::memcpy(&bits, &f, sizeof(bits));
   bits += 0x7FFFu + ((bits >> 16) & 1u);
@@ -74,7 +79,10 @@ void paged_decode_kernel(const T* q, const T* kc, const T* vc, const int32_t* bt
         float mx = -std::numeric_limits<float>::max();
         for (int64_t t = 0; t < S; ++t) mx = std::max(mx, sr[t]);
         float sum = 0.f;
-        for (int64_t t = 0; t < S; ++t) { sr[t] = std::exp(sr[t] - mx); sum += sr[t]; }
+        for (int64_t t = 0; t < S; ++t) {
+          sr[t] = std::exp(sr[t] - mx);
+          sum += sr[t];
+        }
         const float inv = 1.f / sum;
         for (int64_t t = 0; t < S; ++t) sr[t] *= inv;
       }
@@ -175,8 +183,8 @@ void paged_decode_avx512(const T* q, const T* kc, const T* vc, const int32_t* bt
       // The rows of one head are 2 * D bytes every row_len elements, in blocks scattered through
       // the pool: fetch the next 16 tokens' K (or V) rows while this group is being computed.
       auto row = [&](const T* cache, int64_t t) {  // head g of token t
-        return cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * row_len
-               + g * D;
+        return cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * row_len +
+               g * D;
       };
       auto prefetch_rows = [&](const T* cache, int64_t t0) {
         const int64_t n = std::min<int64_t>(16, S - t0);
@@ -189,8 +197,10 @@ void paged_decode_avx512(const T* q, const T* kc, const T* vc, const int32_t* bt
       // scores[h, t] = q_h . k_t, 16 tokens at a time (rows past the end repeat the last one)
       prefetch_rows(kc, 0);
       for (int64_t t0 = 0; t0 < S; t0 += 16) {
-        if (t0 + 16 < S) prefetch_rows(kc, t0 + 16);
-        else prefetch_rows(vc, 0);
+        if (t0 + 16 < S)
+          prefetch_rows(kc, t0 + 16);
+        else
+          prefetch_rows(vc, 0);
         __m512 part[REP][16];
         for (int o = 0; o < 16; ++o) {
           const int64_t t = std::min<int64_t>(t0 + o, S - 1);
@@ -251,21 +261,30 @@ void paged_decode_avx512(const T* q, const T* kc, const T* vc, const int32_t* bt
 }
 
 template <typename T>
-using DecodeFn = void (*)(const T*, const T*, const T*, const int32_t*, const int32_t*, T*,
-                          int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, int64_t);
+using DecodeFn = void (*)(const T*, const T*, const T*, const int32_t*, const int32_t*, T*, int64_t,
+                          int64_t, int64_t, int64_t, int64_t, int64_t, float, int64_t);
 
 template <typename T, int ND>
 DecodeFn<T> pick_rep(int64_t rep) {
   switch (rep) {
-    case 1: return paged_decode_avx512<T, ND, 1>;
-    case 2: return paged_decode_avx512<T, ND, 2>;
-    case 3: return paged_decode_avx512<T, ND, 3>;
-    case 4: return paged_decode_avx512<T, ND, 4>;
-    case 5: return paged_decode_avx512<T, ND, 5>;
-    case 6: return paged_decode_avx512<T, ND, 6>;
-    case 7: return paged_decode_avx512<T, ND, 7>;
-    case 8: return paged_decode_avx512<T, ND, 8>;
-    default: return nullptr;
+    case 1:
+      return paged_decode_avx512<T, ND, 1>;
+    case 2:
+      return paged_decode_avx512<T, ND, 2>;
+    case 3:
+      return paged_decode_avx512<T, ND, 3>;
+    case 4:
+      return paged_decode_avx512<T, ND, 4>;
+    case 5:
+      return paged_decode_avx512<T, ND, 5>;
+    case 6:
+      return paged_decode_avx512<T, ND, 6>;
+    case 7:
+      return paged_decode_avx512<T, ND, 7>;
+    case 8:
+      return paged_decode_avx512<T, ND, 8>;
+    default:
+      return nullptr;
   }
 }
 
@@ -308,12 +327,18 @@ void argmax_rows_kernel(const T* x, int64_t* out, int64_t R, int64_t V) {
         best = mv[0];
         best_i = iv[0];
         for (int l = 1; l < 16; ++l)
-          if (mv[l] > best || (mv[l] == best && iv[l] < best_i)) { best = mv[l]; best_i = iv[l]; }
+          if (mv[l] > best || (mv[l] == best && iv[l] < best_i)) {
+            best = mv[l];
+            best_i = iv[l];
+          }
       }
 #endif
       for (int64_t i = v0; i < V; ++i) {
         const float v = tf(row[i]);
-        if (v > best || (i == 0)) { best = v; best_i = i; }
+        if (v > best || (i == 0)) {
+          best = v;
+          best_i = i;
+        }
       }
       out[r] = best_i;
     }
@@ -335,8 +360,8 @@ void write_kv_kernel(const T* k, const T* v, T* kc, T* vc, const int64_t* slots,
 
 // residual += delta (rounded to T), out = weight * T(rmsnorm(residual)), per row.
 template <typename T>
-void add_rms_norm_kernel(T* residual, const T* delta, const T* weight, T* out, int64_t N,
-                         int64_t H, float eps) {
+void add_rms_norm_kernel(T* residual, const T* delta, const T* weight, T* out, int64_t N, int64_t H,
+                         float eps) {
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> x(H);
     for (int64_t n = begin; n < end; ++n) {
@@ -394,10 +419,15 @@ void rotary_kernel(T* x, const int64_t* positions, const float* cos_t, const flo
   });
 }
 
-#define DISPATCH(dtype, NAME, ...)                                              \
-  if ((dtype) == at::kFloat) { using scalar_t = float; __VA_ARGS__(); }         \
-  else if ((dtype) == at::kBFloat16) { using scalar_t = at::BFloat16; __VA_ARGS__(); } \
-  else TORCH_CHECK(false, NAME ": unsupported dtype ", dtype)
+#define DISPATCH(dtype, NAME, ...)       \
+  if ((dtype) == at::kFloat) {           \
+    using scalar_t = float;              \
+    __VA_ARGS__();                       \
+  } else if ((dtype) == at::kBFloat16) { \
+    using scalar_t = at::BFloat16;       \
+    __VA_ARGS__();                       \
+  } else                                 \
+    TORCH_CHECK(false, NAME ": unsupported dtype ", dtype)
 
 }  // namespace
 
@@ -427,9 +457,9 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   return out;
 }
 
-torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
-                                     torch::Tensor v_cache, torch::Tensor block_tables,
-                                     torch::Tensor seq_lens, int64_t block_size, double scale) {
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor block_tables, torch::Tensor seq_lens,
+                                     int64_t block_size, double scale) {
   return decode_attention(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, true);
 }
 
@@ -443,8 +473,9 @@ torch::Tensor paged_decode_attention_reference(torch::Tensor q, torch::Tensor k_
 void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
               torch::Tensor slot_mapping) {
   TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.sizes() == v.sizes(), "k, v must be [N, H, D]");
-  TORCH_CHECK(k.stride(2) == 1 && k.stride(1) == k.size(2) && v.stride(2) == 1 &&
-                  v.stride(1) == v.size(2), "k, v rows must hold contiguous heads");
+  TORCH_CHECK(
+      k.stride(2) == 1 && k.stride(1) == k.size(2) && v.stride(2) == 1 && v.stride(1) == v.size(2),
+      "k, v rows must hold contiguous heads");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == k_cache.scalar_type());
   TORCH_CHECK(k_cache.size(1) * k_cache.size(2) == k.size(1) * k.size(2));
@@ -476,11 +507,10 @@ torch::Tensor add_rms_norm(torch::Tensor residual, c10::optional<torch::Tensor> 
   torch::Tensor d;
   if (delta.has_value()) d = delta->contiguous();
   DISPATCH(residual.scalar_type(), "add_rms_norm", [&] {
-    add_rms_norm_kernel<scalar_t>(residual.data_ptr<scalar_t>(),
-                                  d.defined() ? d.data_ptr<scalar_t>() : nullptr,
-                                  weight.contiguous().data_ptr<scalar_t>(),
-                                  out.data_ptr<scalar_t>(), residual.size(0), residual.size(1),
-                                  static_cast<float>(eps));
+    add_rms_norm_kernel<scalar_t>(
+        residual.data_ptr<scalar_t>(), d.defined() ? d.data_ptr<scalar_t>() : nullptr,
+        weight.contiguous().data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), residual.size(0),
+        residual.size(1), static_cast<float>(eps));
   });
   return out;
 }
@@ -502,10 +532,9 @@ void rotary_inplace(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_
   TORCH_CHECK(cos_t.scalar_type() == at::kFloat && sin_t.scalar_type() == at::kFloat);
   auto pos = positions.to(at::kLong).contiguous();
   DISPATCH(x.scalar_type(), "rotary_inplace", [&] {
-    rotary_kernel<scalar_t>(x.data_ptr<scalar_t>(), pos.data_ptr<int64_t>(),
-                            cos_t.contiguous().data_ptr<float>(),
-                            sin_t.contiguous().data_ptr<float>(), x.size(0), x.size(1),
-                            x.size(2), x.stride(0));
+    rotary_kernel<scalar_t>(
+        x.data_ptr<scalar_t>(), pos.data_ptr<int64_t>(), cos_t.contiguous().data_ptr<float>(),
+        sin_t.contiguous().data_ptr<float>(), x.size(0), x.size(1), x.size(2), x.stride(0));
   });
 }
 
@@ -525,12 +554,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     std::vector<c10::optional<torch::Tensor>>, int64_t>())
       .def("__call__", &QuantLinear::forward);
   py::class_<LlamaDecodeStack>(m, "LlamaDecodeStack", py::module_local())
-      .def(py::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>, torch::Tensor,
-                    std::vector<std::shared_ptr<QuantLinear>>,
-                    std::vector<std::shared_ptr<QuantLinear>>,
-                    std::vector<std::shared_ptr<QuantLinear>>,
-                    std::vector<std::shared_ptr<QuantLinear>>, int64_t, int64_t, int64_t, double,
-                    double>())
+      .def(py::init<
+           std::vector<torch::Tensor>, std::vector<torch::Tensor>, torch::Tensor,
+           std::vector<std::shared_ptr<QuantLinear>>, std::vector<std::shared_ptr<QuantLinear>>,
+           std::vector<std::shared_ptr<QuantLinear>>, std::vector<std::shared_ptr<QuantLinear>>,
+           int64_t, int64_t, int64_t, double, double>())
       .def("__call__", &LlamaDecodeStack::forward);
   m.def("paged_decode_attention", &paged_decode_attention);
   m.def("paged_decode_attention_reference", &paged_decode_attention_reference);

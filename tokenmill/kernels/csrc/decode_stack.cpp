@@ -15,13 +15,22 @@ LlamaDecodeStack::LlamaDecodeStack(std::vector<torch::Tensor> input_norms,
                                    std::vector<std::shared_ptr<QuantLinear>> down,
                                    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                                    double eps, double scale)
-    : input_norms_(std::move(input_norms)), post_norms_(std::move(post_norms)),
-      final_norm_(std::move(final_norm)), qkv_(std::move(qkv)), o_(std::move(o)),
-      gate_up_(std::move(gate_up)), down_(std::move(down)), num_heads_(num_heads),
-      num_kv_heads_(num_kv_heads), head_dim_(head_dim), eps_(eps), scale_(scale) {
+    : input_norms_(std::move(input_norms)),
+      post_norms_(std::move(post_norms)),
+      final_norm_(std::move(final_norm)),
+      qkv_(std::move(qkv)),
+      o_(std::move(o)),
+      gate_up_(std::move(gate_up)),
+      down_(std::move(down)),
+      num_heads_(num_heads),
+      num_kv_heads_(num_kv_heads),
+      head_dim_(head_dim),
+      eps_(eps),
+      scale_(scale) {
   const size_t n = input_norms_.size();
   TORCH_CHECK(n > 0 && post_norms_.size() == n && qkv_.size() == n && o_.size() == n &&
-                  gate_up_.size() == n && down_.size() == n, "one entry per layer expected");
+                  gate_up_.size() == n && down_.size() == n,
+              "one entry per layer expected");
 }
 
 torch::Tensor LlamaDecodeStack::forward(torch::Tensor residual, torch::Tensor positions,
@@ -44,8 +53,8 @@ torch::Tensor LlamaDecodeStack::forward(torch::Tensor residual, torch::Tensor po
     torch::Tensor k = qk.narrow(1, num_heads_, num_kv_heads_);
     torch::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({n, num_kv_heads_, d});
     write_kv(k, v, k_caches[i], v_caches[i], slot_mapping);
-    torch::Tensor attn = paged_decode_attention(q, k_caches[i], v_caches[i], block_tables,
-                                                seq_lens, block_size, scale_)
+    torch::Tensor attn = paged_decode_attention(q, k_caches[i], v_caches[i], block_tables, seq_lens,
+                                                block_size, scale_)
                              .view({n, q_size});
     h = add_rms_norm(residual, o_[i]->forward(attn), post_norms_[i], eps_);
     torch::Tensor mlp = down_[i]->forward(silu_mul(gate_up_[i]->forward(h)));

@@ -7,29 +7,47 @@
 // metadata bytes, then written out: per-row metadata interleaved by row, the eight 64-byte
 // vectors U[t] of each 32-input block (byte 4r + j = input 4t + j of row r) as nibbles (L), the
 // 5th bits as 64-bit masks (H) and Q6_K's 5th-6th bits in pairs (H6). Rows past n are zeros.
-#include <torch/extension.h>
+#include "gguf_repack.h"
+
 #include <ATen/Parallel.h>
+#include <torch/extension.h>
 
 #include <cstdint>
 #include <cstring>
 
-#include "gguf_repack.h"
-
 namespace {
 
-enum : int64_t { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+enum : int64_t {
+  Q4_0 = 2,
+  Q4_1 = 3,
+  Q5_0 = 6,
+  Q5_1 = 7,
+  Q8_0 = 8,
+  Q4_K = 12,
+  Q5_K = 13,
+  Q6_K = 14
+};
 
 int64_t block_bytes(int64_t q) {
   switch (q) {
-    case Q4_0: return 18;
-    case Q4_1: return 20;
-    case Q5_0: return 22;
-    case Q5_1: return 24;
-    case Q8_0: return 34;
-    case Q4_K: return 144;
-    case Q5_K: return 176;
-    case Q6_K: return 210;
-    default: return 0;
+    case Q4_0:
+      return 18;
+    case Q4_1:
+      return 20;
+    case Q5_0:
+      return 22;
+    case Q5_1:
+      return 24;
+    case Q8_0:
+      return 34;
+    case Q4_K:
+      return 144;
+    case Q5_K:
+      return 176;
+    case Q6_K:
+      return 210;
+    default:
+      return 0;
   }
 }
 
@@ -37,23 +55,32 @@ bool k_type(int64_t q) { return q == Q4_K || q == Q5_K || q == Q6_K; }
 
 int64_t packed_unit_bytes(int64_t q) {
   switch (q) {
-    case Q4_0: return 288;
-    case Q4_1: return 320;
-    case Q5_0: return 352;
-    case Q5_1: return 384;
-    case Q8_0: return 544;
-    case Q4_K: return 2368;
-    case Q5_K: return 2880;
-    case Q6_K: return 3360;
-    default: return 0;
+    case Q4_0:
+      return 288;
+    case Q4_1:
+      return 320;
+    case Q5_0:
+      return 352;
+    case Q5_1:
+      return 384;
+    case Q8_0:
+      return 544;
+    case Q4_K:
+      return 2368;
+    case Q5_K:
+      return 2880;
+    case Q6_K:
+      return 3360;
+    default:
+      return 0;
   }
 }
 
 // One row's unit, decoded: unsigned weights and the metadata bytes the layout keeps per row.
 struct RowUnit {
   uint8_t u[256];
-  uint8_t d[2], m[2];       // fp16 scale; fp16 min (Q4_1 / Q5_1) or dmin (Q4_K / Q5_K)
-  uint8_t sc[16], mn[8];    // K-quant sub-block scales (Q6_K: 16 int8) and mins
+  uint8_t d[2], m[2];     // fp16 scale; fp16 min (Q4_1 / Q5_1) or dmin (Q4_K / Q5_K)
+  uint8_t sc[16], mn[8];  // K-quant sub-block scales (Q6_K: 16 int8) and mins
 };
 
 inline void nibbles(const uint8_t* qs, int n, uint8_t* lo, uint8_t* hi) {
@@ -131,7 +158,8 @@ void decode(int64_t q, const uint8_t* src, RowUnit& r) {
   }
 }
 
-// Writes the eight U vectors of 32-input block b of the tile: U[t][4r + j] = rows[r].u[32b + 4t + j].
+// Writes the eight U vectors of 32-input block b of the tile: U[t][4r + j] = rows[r].u[32b + 4t +
+// j].
 inline void tile_block(const RowUnit* rows, int b, uint8_t (*U)[64]) {
   for (int t = 0; t < 8; ++t)
     for (int r = 0; r < 16; ++r) std::memcpy(&U[t][4 * r], rows[r].u + 32 * b + 4 * t, 4);
@@ -215,8 +243,7 @@ torch::Tensor gguf_repack(torch::Tensor raw, int64_t qtype, int64_t n, int64_t k
   const int64_t bb = block_bytes(qtype);
   TORCH_CHECK(bb > 0, "gguf_repack: no kernel layout for GGML type ", qtype);
   const int64_t uk = k_type(qtype) ? 256 : 32;
-  TORCH_CHECK(n > 0 && k > 0 && k % uk == 0, "gguf_repack: k = ", k,
-              " is not a multiple of ", uk);
+  TORCH_CHECK(n > 0 && k > 0 && k % uk == 0, "gguf_repack: k = ", k, " is not a multiple of ", uk);
   const int64_t row_bytes = k / uk * bb;
   TORCH_CHECK(raw.scalar_type() == at::kByte && raw.is_contiguous() && raw.numel() == n * row_bytes,
               "gguf_repack: raw must be ", n * row_bytes, " contiguous bytes, got ", raw.numel());

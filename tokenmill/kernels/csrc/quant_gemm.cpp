@@ -3,7 +3,8 @@
 // (tokenmill/kernels/cpu_ops.py picks the build at run time from CPUID).
 //
 // Activations are quantized once per call to 8-bit blocks of 32 (q = round-to-nearest-even of
-// x * 127 / max|x|, d = max|x| * (1 / 127)) that carry d * (sum of each 16-half) for the weights' offsets.
+// x * 127 / max|x|, d = max|x| * (1 / 127)) that carry d * (sum of each 16-half) for the weights'
+// offsets.
 //
 // Weights are repacked at load (tokenmill/quant/gguf_pack.py, which documents the layout) into
 // tiles of 16 output rows. Inside a tile every 32-input block unpacks to eight 64-byte vectors
@@ -15,10 +16,10 @@
 // Every path unpacks each weight block once per call and applies it to every token of the
 // batch: up to 64 tokens as the weights stream in (accumulators in registers, or in L1 past 4
 // tokens), larger batches after unpacking a whole tile into an L2-resident buffer.
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
+#include <torch/extension.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -34,30 +35,48 @@
 
 namespace {
 
-enum : int64_t { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+enum : int64_t {
+  Q4_0 = 2,
+  Q4_1 = 3,
+  Q5_0 = 6,
+  Q5_1 = 7,
+  Q8_0 = 8,
+  Q4_K = 12,
+  Q5_K = 13,
+  Q6_K = 14
+};
 
 // Inputs per packed unit and bytes per 16-row unit.
 int64_t unit_k(int64_t q) { return q == Q4_K || q == Q5_K || q == Q6_K ? 256 : 32; }
 int64_t unit_bytes(int64_t q) {
   switch (q) {
-    case Q4_0: return 288;
-    case Q4_1: return 320;
-    case Q5_0: return 352;
-    case Q5_1: return 384;
-    case Q8_0: return 544;
-    case Q4_K: return 2368;
-    case Q5_K: return 2880;
-    case Q6_K: return 3360;
-    default: return 0;
+    case Q4_0:
+      return 288;
+    case Q4_1:
+      return 320;
+    case Q5_0:
+      return 352;
+    case Q5_1:
+      return 384;
+    case Q8_0:
+      return 544;
+    case Q4_K:
+      return 2368;
+    case Q5_K:
+      return 2880;
+    case Q6_K:
+      return 3360;
+    default:
+      return 0;
   }
 }
 
 // Per token and 32-input block of quantized activations.
 struct ActMeta {
-  float d;      // scale: x ~= d * q
-  float dsum;   // d * sum(q)
-  float dlo;    // d * sum(q[0:16])
-  float dhi;    // d * sum(q[16:32])
+  float d;     // scale: x ~= d * q
+  float dsum;  // d * sum(q)
+  float dlo;   // d * sum(q[0:16])
+  float dhi;   // d * sum(q[16:32])
 };
 
 inline float bf16_to_f(uint16_t h) {
@@ -75,8 +94,10 @@ void quantize_row(const T* x, int64_t K, int8_t* q, ActMeta* meta) {
     float amax = 0.f;
     for (int i = 0; i < 32; ++i) {
       float v;
-      if constexpr (std::is_same_v<T, float>) v = x[b * 32 + i];
-      else v = bf16_to_f(reinterpret_cast<const uint16_t*>(x)[b * 32 + i]);
+      if constexpr (std::is_same_v<T, float>)
+        v = x[b * 32 + i];
+      else
+        v = bf16_to_f(reinterpret_cast<const uint16_t*>(x)[b * 32 + i]);
       buf[i] = v;
       amax = std::max(amax, std::fabs(v));
     }
@@ -162,7 +183,8 @@ struct V64 {
     return _mm256_and_si256(on, _mm256_set1_epi8(static_cast<char>(val)));
   }
   static V64 from_bits(uint64_t bits, uint8_t val) {
-    return {bits32(static_cast<uint32_t>(bits), val), bits32(static_cast<uint32_t>(bits >> 32), val)};
+    return {bits32(static_cast<uint32_t>(bits), val),
+            bits32(static_cast<uint32_t>(bits >> 32), val)};
   }
 };
 struct F16 {
@@ -182,7 +204,10 @@ struct F16 {
   }
   static F16 set1(float f) { return {_mm256_set1_ps(f), _mm256_set1_ps(f)}; }
   static F16 zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
-  void store(float* p) const { _mm256_storeu_ps(p, a); _mm256_storeu_ps(p + 8, b); }
+  void store(float* p) const {
+    _mm256_storeu_ps(p, a);
+    _mm256_storeu_ps(p + 8, b);
+  }
   F16 operator*(F16 o) const { return {_mm256_mul_ps(a, o.a), _mm256_mul_ps(b, o.b)}; }
   F16 operator+(F16 o) const { return {_mm256_add_ps(a, o.a), _mm256_add_ps(b, o.b)}; }
   static F16 fma(F16 x, F16 y, F16 z) {
@@ -199,13 +224,15 @@ struct alignas(64) Block {
 };
 
 // Whether U holds signed bytes (AVX2 Q8_0: sign trick instead of an offset).
-template <int64_t Q> constexpr bool kSignedU =
+template <int64_t Q>
+constexpr bool kSignedU =
 #ifdef TM_AVX512
     false;
 #else
     Q == Q8_0;
 #endif
-template <int64_t Q> constexpr bool kSplit = Q == Q6_K;
+template <int64_t Q>
+constexpr bool kSplit = Q == Q6_K;
 
 // Unpacks block b (0..7 for K types, 0 for legacy) of unit `src` into `out`.
 template <int64_t Q>
@@ -418,9 +445,8 @@ void tile_streaming(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int
   const Acts acts = Acts::row_major(xq, meta, K);
   F16 acc[MT];
   for (int m = 0; m < MT; ++m) acc[m] = F16::zero();
-  for_each_block<Q>(w, K, [&](const Block& blk, int64_t kb) {
-    accumulate<Q, MT>(blk, acts, kb, acc);
-  });
+  for_each_block<Q>(w, K,
+                    [&](const Block& blk, int64_t kb) { accumulate<Q, MT>(blk, acts, kb, acc); });
   for (int m = 0; m < MT; ++m) store_row(acc[m], bias, y + m * ldy, rows);
 }
 
@@ -450,9 +476,8 @@ template <int64_t Q, typename TY>
 void tile_batched(const uint8_t* w, const Acts& acts, int64_t M, int64_t K, const float* bias,
                   TY* y, int64_t ldy, int rows, float* accbuf) {
   std::fill(accbuf, accbuf + M * 16, 0.f);
-  for_each_block<Q>(w, K, [&](const Block& blk, int64_t kb) {
-    accumulate_rows<Q>(blk, acts, 0, M, kb, accbuf);
-  });
+  for_each_block<Q>(
+      w, K, [&](const Block& blk, int64_t kb) { accumulate_rows<Q>(blk, acts, 0, M, kb, accbuf); });
   for (int64_t m = 0; m < M; ++m) store_row(F16::load(accbuf + m * 16), bias, y + m * ldy, rows);
 }
 
@@ -575,10 +600,18 @@ void gemm_typed(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t
       const int rows = static_cast<int>(std::min<int64_t>(16, N - nt * 16));
       if (M <= 4) {
         switch (M) {
-          case 1: tile_streaming<Q, 1>(wt, xq, meta, K, bt, yt, ldy, rows); break;
-          case 2: tile_streaming<Q, 2>(wt, xq, meta, K, bt, yt, ldy, rows); break;
-          case 3: tile_streaming<Q, 3>(wt, xq, meta, K, bt, yt, ldy, rows); break;
-          default: tile_streaming<Q, 4>(wt, xq, meta, K, bt, yt, ldy, rows); break;
+          case 1:
+            tile_streaming<Q, 1>(wt, xq, meta, K, bt, yt, ldy, rows);
+            break;
+          case 2:
+            tile_streaming<Q, 2>(wt, xq, meta, K, bt, yt, ldy, rows);
+            break;
+          case 3:
+            tile_streaming<Q, 3>(wt, xq, meta, K, bt, yt, ldy, rows);
+            break;
+          default:
+            tile_streaming<Q, 4>(wt, xq, meta, K, bt, yt, ldy, rows);
+            break;
         }
         continue;
       }
@@ -594,10 +627,18 @@ void gemm_typed(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t
         const Acts acts = rows_acts.from(m0);
         for (int64_t kb = 0; kb < KB; ++kb) {
           switch (mt) {
-            case 4: accumulate<Q, 4>(buf[kb], acts, kb, acc); break;
-            case 3: accumulate<Q, 3>(buf[kb], acts, kb, acc); break;
-            case 2: accumulate<Q, 2>(buf[kb], acts, kb, acc); break;
-            default: accumulate<Q, 1>(buf[kb], acts, kb, acc); break;
+            case 4:
+              accumulate<Q, 4>(buf[kb], acts, kb, acc);
+              break;
+            case 3:
+              accumulate<Q, 3>(buf[kb], acts, kb, acc);
+              break;
+            case 2:
+              accumulate<Q, 2>(buf[kb], acts, kb, acc);
+              break;
+            default:
+              accumulate<Q, 1>(buf[kb], acts, kb, acc);
+              break;
           }
         }
         for (int m = 0; m < mt; ++m) store_row(acc[m], bt, yt + (m0 + m) * ldy, rows);
@@ -637,15 +678,24 @@ template <typename TY>
 void gemm_dispatch(int64_t q, const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t M,
                    int64_t N, int64_t K, const float* bias, TY* y, int64_t ldy) {
   switch (q) {
-    case Q4_0: return gemm_typed<Q4_0>(w, xq, meta, M, N, K, bias, y, ldy);
-    case Q4_1: return gemm_typed<Q4_1>(w, xq, meta, M, N, K, bias, y, ldy);
-    case Q5_0: return gemm_typed<Q5_0>(w, xq, meta, M, N, K, bias, y, ldy);
-    case Q5_1: return gemm_typed<Q5_1>(w, xq, meta, M, N, K, bias, y, ldy);
-    case Q8_0: return gemm_typed<Q8_0>(w, xq, meta, M, N, K, bias, y, ldy);
-    case Q4_K: return gemm_typed<Q4_K>(w, xq, meta, M, N, K, bias, y, ldy);
-    case Q5_K: return gemm_typed<Q5_K>(w, xq, meta, M, N, K, bias, y, ldy);
-    case Q6_K: return gemm_typed<Q6_K>(w, xq, meta, M, N, K, bias, y, ldy);
-    default: TORCH_CHECK(false, "unsupported GGUF type ", q);
+    case Q4_0:
+      return gemm_typed<Q4_0>(w, xq, meta, M, N, K, bias, y, ldy);
+    case Q4_1:
+      return gemm_typed<Q4_1>(w, xq, meta, M, N, K, bias, y, ldy);
+    case Q5_0:
+      return gemm_typed<Q5_0>(w, xq, meta, M, N, K, bias, y, ldy);
+    case Q5_1:
+      return gemm_typed<Q5_1>(w, xq, meta, M, N, K, bias, y, ldy);
+    case Q8_0:
+      return gemm_typed<Q8_0>(w, xq, meta, M, N, K, bias, y, ldy);
+    case Q4_K:
+      return gemm_typed<Q4_K>(w, xq, meta, M, N, K, bias, y, ldy);
+    case Q5_K:
+      return gemm_typed<Q5_K>(w, xq, meta, M, N, K, bias, y, ldy);
+    case Q6_K:
+      return gemm_typed<Q6_K>(w, xq, meta, M, N, K, bias, y, ldy);
+    default:
+      TORCH_CHECK(false, "unsupported GGUF type ", q);
   }
 }
 #endif  // TM_AVX512 || TM_AVX2
@@ -676,22 +726,38 @@ torch::Tensor quant_rows(torch::Tensor packed, int64_t qtype, int64_t N, int64_t
   TORCH_CHECK(packed.numel() == (N + 15) / 16 * (K / unit_k(qtype)) * unit_bytes(qtype),
               "packed weights do not match N, K and the type");
   auto idx = ids.to(at::kLong).contiguous().view(-1);
-  TORCH_CHECK(idx.numel() == 0 || (idx.min().item<int64_t>() >= 0 &&
-                                   idx.max().item<int64_t>() < N), "row index out of range");
+  TORCH_CHECK(idx.numel() == 0 || (idx.min().item<int64_t>() >= 0 && idx.max().item<int64_t>() < N),
+              "row index out of range");
   auto out = torch::empty({idx.numel(), K}, packed.options().dtype(at::kFloat));
 #if defined(TM_AVX512) || defined(TM_AVX2)
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const int64_t* p = idx.data_ptr<int64_t>();
   float* o = out.data_ptr<float>();
   switch (qtype) {
-    case Q4_0: rows_typed<Q4_0>(w, K, p, idx.numel(), o); break;
-    case Q4_1: rows_typed<Q4_1>(w, K, p, idx.numel(), o); break;
-    case Q5_0: rows_typed<Q5_0>(w, K, p, idx.numel(), o); break;
-    case Q5_1: rows_typed<Q5_1>(w, K, p, idx.numel(), o); break;
-    case Q8_0: rows_typed<Q8_0>(w, K, p, idx.numel(), o); break;
-    case Q4_K: rows_typed<Q4_K>(w, K, p, idx.numel(), o); break;
-    case Q5_K: rows_typed<Q5_K>(w, K, p, idx.numel(), o); break;
-    case Q6_K: rows_typed<Q6_K>(w, K, p, idx.numel(), o); break;
+    case Q4_0:
+      rows_typed<Q4_0>(w, K, p, idx.numel(), o);
+      break;
+    case Q4_1:
+      rows_typed<Q4_1>(w, K, p, idx.numel(), o);
+      break;
+    case Q5_0:
+      rows_typed<Q5_0>(w, K, p, idx.numel(), o);
+      break;
+    case Q5_1:
+      rows_typed<Q5_1>(w, K, p, idx.numel(), o);
+      break;
+    case Q8_0:
+      rows_typed<Q8_0>(w, K, p, idx.numel(), o);
+      break;
+    case Q4_K:
+      rows_typed<Q4_K>(w, K, p, idx.numel(), o);
+      break;
+    case Q5_K:
+      rows_typed<Q5_K>(w, K, p, idx.numel(), o);
+      break;
+    case Q6_K:
+      rows_typed<Q6_K>(w, K, p, idx.numel(), o);
+      break;
   }
 #else
   TORCH_CHECK(false, "this kernel build has no integer-dot ISA");
@@ -739,9 +805,9 @@ void quant_gemm(torch::Tensor xq, torch::Tensor meta, torch::Tensor packed, int6
               "bad activation or output tensors");
   const float* b = nullptr;
   if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == n_tiles * 16 &&
-                    bias->is_contiguous(),
-                "bias must be float32 [ceil(N / 16) * 16]");
+    TORCH_CHECK(
+        bias->scalar_type() == at::kFloat && bias->numel() == n_tiles * 16 && bias->is_contiguous(),
+        "bias must be float32 [ceil(N / 16) * 16]");
     b = bias->data_ptr<float>();
   }
   if (M == 0) return;
@@ -764,10 +830,14 @@ void quant_gemm(torch::Tensor xq, torch::Tensor meta, torch::Tensor packed, int6
 QuantLinear::QuantLinear(std::vector<torch::Tensor> packed, std::vector<int64_t> qtypes,
                          std::vector<int64_t> rows, std::vector<c10::optional<torch::Tensor>> bias,
                          int64_t in_features)
-    : packed_(std::move(packed)), qtypes_(std::move(qtypes)), rows_(std::move(rows)),
-      bias_(std::move(bias)), K_(in_features) {
+    : packed_(std::move(packed)),
+      qtypes_(std::move(qtypes)),
+      rows_(std::move(rows)),
+      bias_(std::move(bias)),
+      K_(in_features) {
   TORCH_CHECK(packed_.size() == qtypes_.size() && packed_.size() == rows_.size() &&
-                  packed_.size() == bias_.size() && !packed_.empty(), "inconsistent segments");
+                  packed_.size() == bias_.size() && !packed_.empty(),
+              "inconsistent segments");
   for (size_t i = 0; i < packed_.size(); ++i) {
     cols_.push_back(N_);
     N_ += rows_[i];
