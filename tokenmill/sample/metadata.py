@@ -44,20 +44,26 @@ class SamplingMetadata:
         return int(self.temperature.shape[0])
 
 
+def _to(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a tensor on `device`, copied without a host synchronisation (a
+    non-blocking copy; from pageable memory CUDA stages it before returning)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 def _optional_row_tensor(
     values: list[float] | list[int], neutral: float, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor | None:
     """A [num_rows] tensor, or None when every row holds the neutral value."""
     if all(v == neutral for v in values):
         return None
-    return torch.tensor(values, dtype=dtype, device=device)
+    return _to(values, dtype, device)
 
 
 def _padded_ids(rows: list[list[int]], pad_id: int, device: torch.device) -> torch.Tensor:
     """[num_rows, max(1, max_len)] int64, padded on the right with `pad_id`."""
     width = max([1] + [len(r) for r in rows])
     padded = [list(r) + [pad_id] * (width - len(r)) for r in rows]
-    return torch.tensor(padded, dtype=torch.int64, device=device)
+    return _to(padded, torch.int64, device)
 
 
 def _min_tokens_mask(
@@ -81,7 +87,7 @@ def _min_tokens_mask(
     if not rows:
         return None
     mask = torch.zeros(len(params), vocab_size, dtype=torch.bool, device=device)
-    mask[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = True
+    mask[_to(rows, torch.int64, device), _to(cols, torch.int64, device)] = True
     return mask
 
 
@@ -127,7 +133,7 @@ def build_sampling_metadata(
 
     requested = [p.logprobs for p in params if p.logprobs is not None]
     return SamplingMetadata(
-        temperature=torch.tensor(temperature, dtype=f32, device=device),
+        temperature=_to(temperature, f32, device),
         top_k=_optional_row_tensor(top_k, 0, torch.int64, device),
         top_p=_optional_row_tensor(top_p, 1.0, f32, device),
         min_p=_optional_row_tensor(min_p, 0.0, f32, device),
