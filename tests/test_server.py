@@ -504,3 +504,16 @@ def test_sigterm_past_the_drain_timeout_and_a_second_sigterm():
                 srv.proc.send_signal(signal.SIGTERM)
                 break
     assert srv.proc.wait(30) == 0 and time.monotonic() - t0 < 15
+
+
+def test_prefix_cache_on_by_default_with_hit_metrics(server, client):
+    prompt = "The history of the river and the stone is long and old. " * 6
+    before = server.metric("tokenmill_prefix_cache_hits_tokens")
+    queried = server.metric("tokenmill_prefix_cache_queries_tokens")
+    outs = [
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0)
+        for _ in range(2)
+    ]
+    assert outs[0].choices[0].text == outs[1].choices[0].text
+    assert server.metric("tokenmill_prefix_cache_queries_tokens") > queried
+    assert server.metric("tokenmill_prefix_cache_hits_tokens") >= before + 32

@@ -85,7 +85,11 @@ class EngineArgs:
         default=True, metadata={"help": "split long prompts across steps"}
     )
     enable_prefix_caching: bool = dataclasses.field(
-        default=False, metadata={"help": "reuse KV blocks of identical prompt prefixes"}
+        default=True,
+        metadata={
+            "help": "reuse the KV blocks of identical prompt prefixes (sha256 keys, verified "
+            "on every hit); --no-enable-prefix-caching turns it off"
+        },
     )
     enforce_eager: bool = dataclasses.field(
         default=False,

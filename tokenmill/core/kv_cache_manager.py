@@ -20,6 +20,9 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.block_pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
         self.req_to_blocks: dict[str, list[KVBlock]] = {}
+        # prefix-cache lookups, in tokens: asked for (full blocks of new prompts) and found
+        self.num_prefix_query_tokens = 0
+        self.num_prefix_hit_tokens = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -54,6 +57,8 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
+        self.num_prefix_query_tokens += max_blocks * self.block_size
+        self.num_prefix_hit_tokens += len(hits) * self.block_size
         return hits, len(hits) * self.block_size
 
     def allocate_slots(

@@ -90,6 +90,8 @@ class EngineStats:
     num_preemptions: int  # since start
     kv_cache_reserved_bytes: int
     kv_cache_resident_bytes: int  # pages of the pool the OS has committed
+    prefix_cache_query_tokens: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hit_tokens: int  # of which found cached
 
 
 class LLMEngine:
@@ -371,6 +373,8 @@ class LLMEngine:
             num_preemptions=sched.num_preemptions_total,
             kv_cache_reserved_bytes=self.runner.kv_pool.reserved_bytes,
             kv_cache_resident_bytes=self.runner.kv_pool.resident_bytes(),
+            prefix_cache_query_tokens=sched.kv.num_prefix_query_tokens,
+            prefix_cache_hit_tokens=sched.kv.num_prefix_hit_tokens,
         )
 
     @property

@@ -119,6 +119,16 @@ class ServerMetrics:
             "Preemptions since start (recomputed requests)",
             lambda: core.stats().num_preemptions,
         )
+        gauge(
+            "tokenmill_prefix_cache_queries_tokens",
+            "Prompt tokens looked up in the prefix cache (since start)",
+            lambda: core.stats().prefix_cache_query_tokens,
+        )
+        gauge(
+            "tokenmill_prefix_cache_hits_tokens",
+            "Prompt tokens found in the prefix cache (since start)",
+            lambda: core.stats().prefix_cache_hit_tokens,
+        )
         # Memory: the process (process_resident_memory_bytes, ...) next to the KV pool's
         # reserved and committed sizes (the pool's pages are committed as blocks are written).
         ProcessCollector(registry=reg)
