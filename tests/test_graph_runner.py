@@ -98,12 +98,20 @@ def test_backends_without_graph_support_never_capture(tiny, monkeypatch):  # noq
 
 
 def test_profile_forward_runs_the_largest_step_on_every_backend(tiny, monkeypatch):  # noqa: F811
-    """The CUDA KV budget's profile step (one chunk of max_num_batched_tokens plus the logits of
-    max_num_seqs rows) runs through each backend on a scratch pool; it measures on CUDA only."""
+    """The CUDA KV budget's profile step (max_num_batched_tokens prompt tokens in sequences of
+    at most max_model_len, plus the logits of max_num_seqs rows) runs through each backend on
+    a scratch pool; it measures on CUDA only."""
     from tokenmill.worker.model_runner import profile_forward
 
     path, _ = tiny
     for backend in ("torch", "cpu", "triton"):
         monkeypatch.setenv("TOKENMILL_BACKEND", backend)
         model = _llm(path).engine.model
-        assert profile_forward(model, 37, 8, BLOCK_SIZE, torch.float32, torch.device("cpu")) == 0
+        # one sequence; sequences of max_model_len (128) plus a remainder of 44, and of 1
+        for tokens in (37, 300, 257):
+            assert (
+                profile_forward(
+                    model, tokens, 8, BLOCK_SIZE, torch.float32, torch.device("cpu"), 128
+                )
+                == 0
+            )

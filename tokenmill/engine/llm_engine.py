@@ -224,6 +224,7 @@ class LLMEngine:
         """90% of the GPU's memory, less what is in use now (weights, the CUDA context, other
         processes) and the peak of the largest step, measured by a profile forward."""
         args = self.args
+        arch = self.model_info.arch
         peak = profile_forward(
             self.model,
             args.max_num_batched_tokens,
@@ -231,6 +232,7 @@ class LLMEngine:
             args.block_size,
             self.dtype,
             self.device,
+            min(arch.max_position_embeddings, args.max_model_len or 1 << 62),
         )
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)

@@ -159,14 +159,19 @@ def profile_forward(
     block_size: int,
     kv_dtype: torch.dtype,
     device: torch.device,
+    max_model_len: int,
 ) -> int:
-    """Run the largest step the scheduler can send (one chunk of `num_tokens` tokens, then the
-    float32 logits of `num_sampled` rows and a sort of them, as top-p sampling does) on a
-    scratch KV pool just big enough. Returns its peak memory beyond what was allocated before
-    and the scratch pool (CUDA; 0 on other devices, where nothing is measured)."""
+    """Run the largest step the scheduler can send (`num_tokens` prompt tokens, as sequences of
+    at most `max_model_len`, then the float32 logits of `num_sampled` rows and a sort of them,
+    as top-p sampling does) on a scratch KV pool just big enough. Returns its peak memory
+    beyond what was allocated before and the scratch pool (CUDA; 0 on other devices, where
+    nothing is measured)."""
     backend = model.attn_backend
     cfg = model.cfg
-    blocks = -(-num_tokens // block_size)
+    seq = min(num_tokens, max_model_len)
+    # a shorter remainder first: a 1-token sequence is a decode, and decodes come first
+    lens = ([num_tokens % seq] if num_tokens % seq else []) + [seq] * (num_tokens // seq)
+    per_seq = -(-seq // block_size)  # blocks per sequence
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
@@ -174,27 +179,35 @@ def profile_forward(
         before = torch.cuda.memory_allocated(device)
     pool = KVPool(
         cfg.num_layers,
-        backend.kv_cache_shape(blocks * block_size, cfg.num_kv_heads, cfg.head_dim),
+        backend.kv_cache_shape(len(lens) * per_seq * block_size, cfg.num_kv_heads, cfg.head_dim),
         kv_dtype,
         device,
     )
-    ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
-    positions = torch.arange(num_tokens, device=device)
+    positions = np.concatenate([np.arange(n) for n in lens])
+    seq_of = np.repeat(np.arange(len(lens)), lens)
+    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(len(lens))]
+    starts = np.concatenate([[0], np.cumsum(lens)])
     common = AttentionMetadata(
         num_tokens=num_tokens,
-        slot_mapping=positions,
-        query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=device),
-        seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=device),
-        block_tables=torch.arange(blocks, dtype=torch.int32, device=device)[None],
-        max_query_len=num_tokens,
-        max_seq_len=num_tokens,
-        num_decode_tokens=1 if num_tokens == 1 else 0,
+        slot_mapping=torch.from_numpy(seq_of * per_seq * block_size + positions).to(device),
+        query_start_loc=torch.from_numpy(starts.astype(np.int32)).to(device),
+        seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+        block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
+        max_query_len=seq,
+        max_seq_len=seq,
+        num_decode_tokens=sum(1 for n in lens if n == 1),
         block_size=block_size,
-        query_lens_host=[num_tokens],
-        seq_lens_host=[num_tokens],
-        block_tables_host=[list(range(blocks))],
+        query_lens_host=lens,
+        seq_lens_host=lens,
+        block_tables_host=tables,
     )
-    hidden = model(ids, positions, pool.caches, backend.build_metadata(common, device))
+    ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+    hidden = model(
+        ids,
+        torch.from_numpy(positions).to(device),
+        pool.caches,
+        backend.build_metadata(common, device),
+    )
     rows = hidden[-1:].expand(min(num_sampled, num_tokens), -1)
     model.compute_logits(rows).sort(dim=-1, descending=True)
     if not cuda:
