@@ -49,6 +49,7 @@ _SOURCES = [
         "decode_stack.h",
         "gguf_repack.cpp",
         "gguf_repack.h",
+        "gguf_types.h",
     )
 ]
 _NAME = "tokenmill_cpu_ops"

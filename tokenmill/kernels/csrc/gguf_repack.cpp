@@ -15,66 +15,11 @@
 #include <cstdint>
 #include <cstring>
 
+#include "gguf_types.h"
+
 namespace {
 
-enum : int64_t {
-  Q4_0 = 2,
-  Q4_1 = 3,
-  Q5_0 = 6,
-  Q5_1 = 7,
-  Q8_0 = 8,
-  Q4_K = 12,
-  Q5_K = 13,
-  Q6_K = 14
-};
-
-int64_t block_bytes(int64_t q) {
-  switch (q) {
-    case Q4_0:
-      return 18;
-    case Q4_1:
-      return 20;
-    case Q5_0:
-      return 22;
-    case Q5_1:
-      return 24;
-    case Q8_0:
-      return 34;
-    case Q4_K:
-      return 144;
-    case Q5_K:
-      return 176;
-    case Q6_K:
-      return 210;
-    default:
-      return 0;
-  }
-}
-
-bool k_type(int64_t q) { return q == Q4_K || q == Q5_K || q == Q6_K; }
-
-int64_t packed_unit_bytes(int64_t q) {
-  switch (q) {
-    case Q4_0:
-      return 288;
-    case Q4_1:
-      return 320;
-    case Q5_0:
-      return 352;
-    case Q5_1:
-      return 384;
-    case Q8_0:
-      return 544;
-    case Q4_K:
-      return 2368;
-    case Q5_K:
-      return 2880;
-    case Q6_K:
-      return 3360;
-    default:
-      return 0;
-  }
-}
+using namespace gguf_types;
 
 // One row's unit, decoded: unsigned weights and the metadata bytes the layout keeps per row.
 struct RowUnit {
@@ -247,7 +192,7 @@ torch::Tensor gguf_repack(torch::Tensor raw, int64_t qtype, int64_t n, int64_t k
   const int64_t row_bytes = k / uk * bb;
   TORCH_CHECK(raw.scalar_type() == at::kByte && raw.is_contiguous() && raw.numel() == n * row_bytes,
               "gguf_repack: raw must be ", n * row_bytes, " contiguous bytes, got ", raw.numel());
-  const int64_t units = k / uk, tiles = (n + 15) / 16, ub = packed_unit_bytes(qtype);
+  const int64_t units = k / uk, tiles = (n + 15) / 16, ub = unit_bytes(qtype);
   auto packed = torch::empty({tiles * units * ub}, torch::kUInt8);
   const uint8_t* src = raw.data_ptr<uint8_t>();
   uint8_t* dst = packed.data_ptr<uint8_t>();

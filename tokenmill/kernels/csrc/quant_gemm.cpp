@@ -27,6 +27,8 @@
 #include <cstring>
 #include <vector>
 
+#include "gguf_types.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define TM_AVX512 1
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -35,41 +37,7 @@
 
 namespace {
 
-enum : int64_t {
-  Q4_0 = 2,
-  Q4_1 = 3,
-  Q5_0 = 6,
-  Q5_1 = 7,
-  Q8_0 = 8,
-  Q4_K = 12,
-  Q5_K = 13,
-  Q6_K = 14
-};
-
-// Inputs per packed unit and bytes per 16-row unit.
-int64_t unit_k(int64_t q) { return q == Q4_K || q == Q5_K || q == Q6_K ? 256 : 32; }
-int64_t unit_bytes(int64_t q) {
-  switch (q) {
-    case Q4_0:
-      return 288;
-    case Q4_1:
-      return 320;
-    case Q5_0:
-      return 352;
-    case Q5_1:
-      return 384;
-    case Q8_0:
-      return 544;
-    case Q4_K:
-      return 2368;
-    case Q5_K:
-      return 2880;
-    case Q6_K:
-      return 3360;
-    default:
-      return 0;
-  }
-}
+using namespace gguf_types;
 
 // Per token and 32-input block of quantized activations.
 struct ActMeta {

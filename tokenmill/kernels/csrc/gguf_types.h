@@ -1,0 +1,72 @@
+// The GGML block types the kernels run and their sizes (shared by quant_gemm.cpp and
+// gguf_repack.cpp; the packed layout is documented in tokenmill/quant/gguf_pack.py).
+#pragma once
+#include <cstdint>
+
+namespace gguf_types {
+
+enum : int64_t {
+  Q4_0 = 2,
+  Q4_1 = 3,
+  Q5_0 = 6,
+  Q5_1 = 7,
+  Q8_0 = 8,
+  Q4_K = 12,
+  Q5_K = 13,
+  Q6_K = 14
+};
+
+inline bool k_type(int64_t q) { return q == Q4_K || q == Q5_K || q == Q6_K; }
+
+// Inputs per packed unit (a block of 32, or a K-quant super-block of 256).
+inline int64_t unit_k(int64_t q) { return k_type(q) ? 256 : 32; }
+
+// Bytes of one packed unit of 16 rows (0: no kernel for this type).
+inline int64_t unit_bytes(int64_t q) {
+  switch (q) {
+    case Q4_0:
+      return 288;
+    case Q4_1:
+      return 320;
+    case Q5_0:
+      return 352;
+    case Q5_1:
+      return 384;
+    case Q8_0:
+      return 544;
+    case Q4_K:
+      return 2368;
+    case Q5_K:
+      return 2880;
+    case Q6_K:
+      return 3360;
+    default:
+      return 0;
+  }
+}
+
+// Bytes of one GGUF block as stored in the file (0: no kernel for this type).
+inline int64_t block_bytes(int64_t q) {
+  switch (q) {
+    case Q4_0:
+      return 18;
+    case Q4_1:
+      return 20;
+    case Q5_0:
+      return 22;
+    case Q5_1:
+      return 24;
+    case Q8_0:
+      return 34;
+    case Q4_K:
+      return 144;
+    case Q5_K:
+      return 176;
+    case Q6_K:
+      return 210;
+    default:
+      return 0;
+  }
+}
+
+}  // namespace gguf_types
