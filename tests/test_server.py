@@ -318,7 +318,7 @@ def test_invalid_completion_params(server, patch, param):
     "patch,param",
     [
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, None),
         ({"top_logprobs": 3}, "top_logprobs"),

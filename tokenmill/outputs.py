@@ -47,3 +47,4 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     prompt_logprobs: PromptLogprobList | None = None  # when SamplingParams.prompt_logprobs is set
+    error: str | None = None  # set (with finished) when the request failed, e.g. bad grammar

@@ -9,6 +9,55 @@ _GREEDY_EPS = 1e-5
 MAX_PROMPT_LOGPROBS = 20
 
 
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """A constraint on the generated text (vLLM's `StructuredOutputsParams`): exactly one of
+
+    - `json`: a JSON schema (a dict, or its JSON text) the output must validate against;
+    - `json_object`: True for any JSON object;
+    - `regex`: a regular expression the whole output must match;
+    - `choice`: the output is exactly one of these strings;
+    - `grammar`: a context-free grammar, in Lark syntax or GBNF (llama.cpp's EBNF, `::=`).
+
+    Generation stops (finish_reason "stop") when the constraint is complete. Whether the
+    constraint compiles is checked by the engine (`StructuredOutputManager`), not here.
+    """
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        given = [
+            k
+            for k in ("json", "regex", "choice", "grammar", "json_object")
+            if getattr(self, k) not in (None, False)
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                "structured outputs need exactly one of json, regex, choice, grammar or "
+                f"json_object; got {given or 'none'}"
+            )
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise ValueError("structured outputs: json must be a JSON schema (object or text)")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured outputs: {name} must be a non-empty string")
+        if self.choice is not None:
+            if (
+                not isinstance(self.choice, (list, tuple))
+                or not self.choice
+                or any(not isinstance(c, str) or not c for c in self.choice)
+            ):
+                raise ValueError("structured outputs: choice must be a list of non-empty strings")
+            object.__setattr__(self, "choice", tuple(self.choice))
+        if self.json_object is not None and not isinstance(self.json_object, bool):
+            raise ValueError("structured outputs: json_object must be a boolean")
+
+
 @dataclass
 class SamplingParams:
     """Per-request sampling and stopping options (vLLM's names and meanings).
@@ -41,6 +90,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -110,6 +160,10 @@ class SamplingParams:
             bad("stop strings must be non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids must be non-negative integers")
+        if self.structured_outputs is not None and not isinstance(
+            self.structured_outputs, StructuredOutputsParams
+        ):
+            bad("structured_outputs must be a StructuredOutputsParams")
 
     @property
     def greedy(self) -> bool:

@@ -97,6 +97,17 @@ class AsyncEngine:
                     f"the server is overloaded: {self.num_waiting} sequences are already waiting"
                 )
             self._pending_adds += params.n
+        if params.structured_outputs is not None:
+            # Compile off the engine thread (and off this loop) first: a constraint that does
+            # not compile is a ValueError for this caller, and the engine finds it cached.
+            try:
+                await asyncio.wrap_future(
+                    self.engine.structured_outputs.submit(params.structured_outputs)
+                )
+            except BaseException:
+                with self._lock:
+                    self._pending_adds -= params.n
+                raise
         stream = RequestStream(
             self, request_id, asyncio.get_running_loop(), self.stream_stall_timeout
         )
@@ -220,7 +231,7 @@ class AsyncEngine:
                     self._deliver(rid, RuntimeError(f"internal engine error: {e}"))
                 continue
             for out in outputs:
-                self._deliver(out.request_id, out)
+                self._deliver(out.request_id, ValueError(out.error) if out.error else out)
         # Shutdown: abort whatever is left so every stream ends.
         self._apply_commands()
         left = engine.unfinished_request_ids()

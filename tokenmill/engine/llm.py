@@ -83,6 +83,13 @@ class LLM:
         text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         return text, tok.encode(text, add_special_tokens=False)
 
+    def _compile_constraints(self, params: list[SamplingParams]) -> None:
+        """Compile the structured-output constraints first, so one that does not compile is
+        a ValueError before anything is queued (the engine then finds them cached)."""
+        for p in params:
+            if p.structured_outputs is not None:
+                self.engine.structured_outputs.compile(p.structured_outputs)
+
     def _run(
         self,
         prompts: list[tuple[Prompt, list[int] | None]],
@@ -90,6 +97,7 @@ class LLM:
         use_tqdm: bool,
     ) -> list[RequestOutput]:
         engine = self.engine
+        self._compile_constraints(params)
         ids: list[str] = []
         try:
             for (prompt, token_ids), p in zip(prompts, params):
@@ -120,6 +128,7 @@ class LLM:
         """Yield this request's outputs as they are produced (delta_text / delta_token_ids hold
         what is new). Other queued requests advance too. Closing the iterator aborts it."""
         engine = self.engine
+        self._compile_constraints([sampling_params] if sampling_params else [])
         rid = engine.add_request(None, prompt, sampling_params, prompt_token_ids)
         finished = False
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import logging
 import os
@@ -16,10 +17,12 @@ from tokenmill.core.outputs import PromptLogprobsChunk, SampleLogprobs
 from tokenmill.core.request import Request, RequestStatus
 from tokenmill.core.scheduler import Scheduler, SchedulerConfig
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
+from tokenmill.engine.structured_output import Matcher, StructuredOutputManager
 from tokenmill.engine.tokenizer import Tokenizer, load_tokenizer
 from tokenmill.loader.load import load_model
 from tokenmill.loader.resolve import resolve_model
 from tokenmill.outputs import CompletionOutput, Logprob, PromptLogprobList, RequestOutput
+from tokenmill.sample.metadata import TokenBitmasks
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.worker.model_runner import (
     ModelRunner,
@@ -64,6 +67,7 @@ class _Sample:
     cumulative_logprob: float = 0.0
     pending_text: str = ""
     pending_ids: list[int] = field(default_factory=list)
+    matcher: Matcher | None = None  # structured output: the sample's place in its grammar
 
 
 @dataclass
@@ -74,6 +78,9 @@ class _Group:
     samples: list[_Sample]
     # [None, then one entry per scored prompt position]; filled by the first sample's request
     prompt_logprobs: PromptLogprobList | None = None
+    # structured output: the grammar being compiled; the samples wait outside the scheduler
+    grammar: concurrent.futures.Future | None = None
+    error: str | None = None  # why the request failed (its grammar did not compile)
 
     @property
     def finished(self) -> bool:
@@ -200,6 +207,10 @@ class LLMEngine:
         self._child_to_group: dict[str, _Sample] = {}
         self._ids = itertools.count()
         self._token_text: dict[int, str] = {}  # token id -> its text alone (logprob entries)
+        self.structured_outputs = StructuredOutputManager(
+            self.tokenizer, arch.vocab_size, num_threads=torch.get_num_threads()
+        )
+        self._awaiting_grammar: dict[str, _Group] = {}  # request id -> group, in arrival order
 
     # ---- set-up ---------------------------------------------------------------------------
     def _num_kv_blocks(self, bytes_per_token: int) -> int:
@@ -315,11 +326,46 @@ class LLMEngine:
         group = _Group(
             request_id, text, ids, samples, [None] if params.prompt_logprobs is not None else None
         )
+        if params.structured_outputs is not None:
+            # GrammarError (a ValueError) here for a constraint that cannot be translated
+            group.grammar = self.structured_outputs.submit(params.structured_outputs)
+            if group.grammar.done() and group.grammar.exception() is not None:
+                raise group.grammar.exception()  # known not to compile (cached)
         self.groups[request_id] = group
         for s in samples:
             self._child_to_group[s.request.request_id] = s
-            self.scheduler.add_request(s.request)
+        if group.grammar is None:
+            self._schedule_group(group)
+        else:
+            self._awaiting_grammar[request_id] = group
+            self._admit_compiled()
         return request_id
+
+    def _schedule_group(self, group: _Group) -> None:
+        for s in group.samples:
+            self.scheduler.add_request(s.request)
+
+    def _admit_compiled(self) -> list[_Group]:
+        """Schedule the requests whose grammar is compiled now; fail those whose grammar does
+        not compile (returned, to be reported). Never waits."""
+        failed = []
+        for rid, group in list(self._awaiting_grammar.items()):
+            fut = group.grammar
+            assert fut is not None
+            if not fut.done():
+                continue
+            del self._awaiting_grammar[rid]
+            error = fut.exception()
+            if error is not None:
+                group.error = str(error)
+                for s in group.samples:
+                    s.request.status = RequestStatus.FINISHED_ABORTED
+                failed.append(group)
+                continue
+            for s in group.samples:
+                s.matcher = self.structured_outputs.new_matcher(fut.result())
+            self._schedule_group(group)
+        return failed
 
     def _check_params_fit_model(self, params: SamplingParams) -> None:
         """Limits that depend on the model: caught here so a bad value never reaches a step."""
@@ -340,6 +386,7 @@ class LLMEngine:
             group = self.groups.pop(rid, None)
             if group is None:
                 continue
+            self._awaiting_grammar.pop(rid, None)
             child_ids = [s.request.request_id for s in group.samples]
             self.scheduler.abort_requests(child_ids)
             for cid in child_ids:
@@ -362,15 +409,18 @@ class LLMEngine:
 
     @property
     def num_waiting_sequences(self) -> int:
-        """Sequences (each of a request's n samples counts) waiting to be scheduled."""
-        return len(self.scheduler.waiting)
+        """Sequences (each of a request's n samples counts) waiting to be scheduled (or for
+        their grammar)."""
+        return len(self.scheduler.waiting) + sum(
+            len(g.samples) for g in self._awaiting_grammar.values()
+        )
 
     def stats(self) -> EngineStats:
         """A snapshot for metrics (safe to call from another thread: it only reads sizes)."""
         sched = self.scheduler
         return EngineStats(
             num_running=len(sched.running),
-            num_waiting=len(sched.waiting),
+            num_waiting=self.num_waiting_sequences,
             kv_cache_usage=sched.kv.usage,
             num_preemptions=sched.num_preemptions_total,
             kv_cache_reserved_bytes=self.runner.kv_pool.reserved_bytes,
@@ -386,17 +436,32 @@ class LLMEngine:
     # ---- stepping ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step and return outputs of the requests that changed."""
+        failed = self._admit_compiled()
+        if (
+            not failed
+            and self._awaiting_grammar
+            and not (self.scheduler.running or self.scheduler.waiting)
+        ):
+            # Nothing else to run: wait (briefly, so aborts stay prompt) for a grammar.
+            concurrent.futures.wait(
+                [g.grammar for g in self._awaiting_grammar.values()],
+                timeout=0.05,
+                return_when=concurrent.futures.FIRST_COMPLETED,
+            )
+            failed = self._admit_compiled()
         sched = self.scheduler.schedule()
-        runner_out = self.runner.execute(sched)
+        runner_out = self.runner.execute(sched, self._token_bitmasks(sched))
         updated, finished = self.scheduler.update_from_output(sched, runner_out)
         for rid, chunk in runner_out.prompt_logprobs.items():
             self._on_prompt_logprobs(rid, chunk)
-        touched: dict[str, None] = {}  # ordered set
+        touched: dict[str, None] = dict.fromkeys(g.request_id for g in failed)  # ordered set
         for req, new_ids in updated:
             sample = self._child_to_group.get(req.request_id)
             if sample is None:
                 continue
             self._on_tokens(sample, new_ids, runner_out.logprobs.get(req.request_id))
+            if sample.matcher is not None:
+                self._advance_grammar(sample, new_ids)
             touched[sample.group_id] = None
         for req in finished:
             sample = self._child_to_group.get(req.request_id)
@@ -414,6 +479,39 @@ class LLMEngine:
                 for s in group.samples:
                     self._child_to_group.pop(s.request.request_id, None)
         return outputs
+
+    def _token_bitmasks(self, sched) -> TokenBitmasks | None:
+        """The masks of this step's sampling rows that carry a grammar (None if none does)."""
+        rids, matchers = [], []
+        for s in sched.scheduled:
+            sample = self._child_to_group.get(s.request_id) if s.samples else None
+            if sample is not None and sample.matcher is not None:
+                rids.append(s.request_id)
+                matchers.append(sample.matcher)
+        if not matchers:
+            return None
+        return TokenBitmasks(rids, self.structured_outputs.fill_bitmask(matchers))
+
+    def _advance_grammar(self, sample: _Sample, new_ids: list[int]) -> None:
+        """Feed accepted tokens to the sample's grammar; a complete grammar ends the output
+        (finish_reason "stop")."""
+        req = sample.request
+        matcher = sample.matcher
+        assert matcher is not None
+        for token in new_ids:
+            if token in req.eos_token_ids and req.is_finished:
+                break  # the end of the output (the grammar allowed it)
+            if not matcher.accept(token):
+                logger.error(
+                    "%s: sampled token %d outside its grammar (%s); ending the request",
+                    req.request_id,
+                    token,
+                    matcher.error,
+                )
+                break
+        if (matcher.is_terminated or matcher.error) and not req.is_finished:
+            self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
+            sample.pending_text += sample.detok.flush()
 
     def _text_of(self, token_id: int) -> str:
         text = self._token_text.get(token_id)
@@ -486,4 +584,5 @@ class LLMEngine:
             group.finished,
             num_cached_tokens=group.samples[0].request.num_cached_tokens,
             prompt_logprobs=group.prompt_logprobs,
+            error=group.error,
         )

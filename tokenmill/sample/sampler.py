@@ -1,6 +1,8 @@
 """Batched sampler: penalties, temperature, top-k / top-p / min-p, seeded sampling, logprobs.
 
-Order (vLLM's): logprobs come from the raw model logits; then the min_tokens mask, repetition
+Order (vLLM's): structured-output rows are first restricted to the tokens their constraint
+allows (a bitmask; every path, greedy included, samples from the masked logits); logprobs come
+from those logits; then the min_tokens mask, repetition
 penalty, frequency / presence penalties; greedy rows take the argmax of the penalised logits;
 random rows are divided by their temperature, filtered by top-k, top-p and min-p, and sampled
 with the exponential-race trick (argmax of probs / q, q ~ Exp(1)), drawing q for seeded rows
@@ -24,6 +26,7 @@ __all__ = [
     "apply_min_p",
     "apply_penalties",
     "apply_temperature",
+    "apply_token_bitmask",
     "apply_top_k_top_p",
     "build_sampling_metadata",
     "compute_logprobs",
@@ -57,6 +60,29 @@ def _token_counts(token_ids: torch.Tensor, num_rows: int, vocab_size: int) -> to
     ones = torch.ones(token_ids.shape, dtype=torch.float32, device=token_ids.device)
     counts.scatter_add_(1, token_ids, ones)
     return counts[:, :vocab_size]
+
+
+def apply_token_bitmask(
+    logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor
+) -> torch.Tensor:
+    """Set to -inf, in rows `rows` [k] of `logits` [num_rows, vocab], every token whose bit is
+    clear in that row's `bitmask` [k, ceil(vocab / 32)] int32. Other rows are untouched.
+    Returns a new tensor."""
+    vocab_size = logits.shape[1]
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).reshape(bitmask.shape[0], -1)
+    forbidden = allowed[:, :vocab_size] == 0
+    if forbidden.shape[1] < vocab_size:  # ids past the bitmask are never allowed
+        pad = torch.ones(
+            forbidden.shape[0],
+            vocab_size - forbidden.shape[1],
+            dtype=torch.bool,
+            device=logits.device,
+        )
+        forbidden = torch.cat([forbidden, pad], dim=1)
+    logits = logits.clone()
+    logits[rows] = logits[rows].masked_fill(forbidden, _NEG_INF)
+    return logits
 
 
 def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
@@ -201,6 +227,9 @@ class Sampler(torch.nn.Module):
                 f"logits must be [num_rows={md.num_rows}, vocab], got {tuple(logits.shape)}"
             )
         logits = logits.to(torch.float32)  # [num_rows, vocab]; all later ops are out of place
+        if md.token_bitmask is not None:
+            assert md.token_bitmask_rows is not None
+            logits = apply_token_bitmask(logits, md.token_bitmask, md.token_bitmask_rows)
         raw_logprobs = None
         if md.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=1)

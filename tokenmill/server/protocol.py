@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 class UnsupportedParameter(ValueError):
@@ -81,6 +81,38 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False
 
 
+class StructuredOutputsBody(BaseModel):
+    """vLLM's `structured_outputs` request field: exactly one constraint."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+    json_schema: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+    name: str
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # the schema is always enforced
+
+
+class ResponseFormat(BaseModel):
+    model_config = _STRICT
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+def _constraint(param: str, **kw: Any) -> StructuredOutputsParams:
+    try:
+        return StructuredOutputsParams(**kw)
+    except ValueError as e:
+        raise UnsupportedParameter(param, str(e)) from None
+
+
 class _Common(_Request):
     model: str
     n: int = 1
@@ -103,6 +135,49 @@ class _Common(_Request):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # structured output: OpenAI's response_format, vLLM's structured_outputs and guided_*
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsBody | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def structured_spec(self) -> StructuredOutputsParams | None:
+        """The request's output constraint, from whichever field gives it (400 if several)."""
+        found: list[tuple[str, StructuredOutputsParams]] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            found.append(("response_format", _constraint("response_format", json_object=True)))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None:
+                raise UnsupportedParameter(
+                    "response_format", "response_format json_schema needs a json_schema object"
+                )
+            schema = rf.json_schema.json_schema
+            kw = {"json": schema} if schema is not None else {"json_object": True}
+            found.append(("response_format", _constraint("response_format", **kw)))
+        so = self.structured_outputs
+        if so is not None:
+            kw = so.model_dump(exclude_none=True)
+            if "json_schema" in kw:
+                kw["json"] = kw.pop("json_schema")
+            found.append(("structured_outputs", _constraint("structured_outputs", **kw)))
+        for name, key in (
+            ("guided_json", "json"),
+            ("guided_regex", "regex"),
+            ("guided_choice", "choice"),
+            ("guided_grammar", "grammar"),
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                found.append((name, _constraint(name, **{key: value})))
+        if len(found) > 1:
+            raise UnsupportedParameter(
+                found[1][0],
+                f"only one output constraint per request (got {', '.join(n for n, _ in found)})",
+            )
+        return found[0][1] if found else None
 
     def check_limits(self, limits: RequestLimits) -> None:
         """400 (UnsupportedParameter) when the request asks for more work than allowed."""
@@ -162,6 +237,7 @@ class _Common(_Request):
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            structured_outputs=self.structured_spec(),
         )
         optional = dict(
             temperature=self.temperature,
@@ -253,18 +329,12 @@ class ChatMessage(BaseModel):
         return {"role": role, "content": content or ""}
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str
-
-
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -284,11 +354,6 @@ class ChatCompletionRequest(_Common):
                 raise UnsupportedParameter(name, f"{name} (tool calling) is not supported yet")
         if self.tool_choice not in (None, "none"):
             raise UnsupportedParameter("tool_choice", "tool calling is not supported yet")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise UnsupportedParameter(
-                "response_format",
-                f"response_format {self.response_format.type!r} is not supported yet (only 'text')",
-            )
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise UnsupportedParameter("top_logprobs", "top_logprobs requires logprobs=true")

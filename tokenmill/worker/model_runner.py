@@ -17,6 +17,7 @@ from tokenmill.core.outputs import (
 from tokenmill.core.request import Request
 from tokenmill.layers.attention import AttentionBackend, AttentionMetadata
 from tokenmill.models.base import CausalLM, KVCache
+from tokenmill.sample.metadata import TokenBitmasks
 from tokenmill.sample.sampler import Sampler, build_sampling_metadata, compute_logprobs
 from tokenmill.worker.graph_runner import (
     CudaGraph,
@@ -283,7 +284,12 @@ class ModelRunner:
         return gen
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+    def execute(
+        self, sched: SchedulerOutput, token_bitmasks: TokenBitmasks | None = None
+    ) -> ModelRunnerOutput:
+        """Run one step: forward, then sample the requests whose chunk ends at their last
+        known token. `token_bitmasks` restricts the listed requests to the tokens their
+        structured-output constraint allows (no fast path skips it)."""
         for rid in sched.finished_req_ids:
             self.generators.pop(rid, None)
         if sched.is_empty:
@@ -291,7 +297,7 @@ class ModelRunner:
         inputs = prepare_inputs(sched, self.block_size, self.device, self.attn_backend)
         size = self._graph_size(sched, inputs)
         if size is not None:
-            return self._execute_graph(sched, inputs, size)
+            return self._execute_graph(sched, inputs, size, token_bitmasks)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn)
         prompt_lps = (
             self._prompt_logprobs(sched, inputs.order, hidden)
@@ -302,14 +308,14 @@ class ModelRunner:
             return ModelRunnerOutput(prompt_logprobs=prompt_lps)
         hidden = hidden[inputs.logits_indices]
         reqs = [sched.scheduled[i].request for i in inputs.sample_rows]
-        if all(_plain_greedy(r, r.sampling_params) for r in reqs):
+        if token_bitmasks is None and all(_plain_greedy(r, r.sampling_params) for r in reqs):
             # Nothing to penalise, mask or report: the sampler would reduce to an argmax, which
             # the model-dtype logits give exactly (widening to float32 is exact).
             logits = self.model.compute_logits(hidden, float32=False)
             (tokens,) = to_host(self.ops.argmax(logits))
             out = ModelRunnerOutput(sampled={r.request_id: t for r, t in zip(reqs, tokens)})
         else:
-            out = self._sample(reqs, self.model.compute_logits(hidden))
+            out = self._sample(reqs, self.model.compute_logits(hidden), token_bitmasks)
         out.prompt_logprobs = prompt_lps
         return out
 
@@ -323,16 +329,20 @@ class ModelRunner:
         )
 
     def _execute_graph(
-        self, sched: SchedulerOutput, inputs: ModelInputs, size: int
+        self,
+        sched: SchedulerOutput,
+        inputs: ModelInputs,
+        size: int,
+        token_bitmasks: TokenBitmasks | None,
     ) -> ModelRunnerOutput:
         logits, greedy = self.graphs.run(size, inputs.input_ids, inputs.positions, inputs.attn)
         if not inputs.sample_rows:
             return ModelRunnerOutput()
         reqs = [sched.scheduled[i].request for i in inputs.sample_rows]
-        if all(_plain_greedy(r, r.sampling_params) for r in reqs):
+        if token_bitmasks is None and all(_plain_greedy(r, r.sampling_params) for r in reqs):
             (tokens,) = to_host(greedy[inputs.logits_indices])
             return ModelRunnerOutput(sampled={r.request_id: t for r, t in zip(reqs, tokens)})
-        return self._sample(reqs, logits[inputs.logits_indices].float())
+        return self._sample(reqs, logits[inputs.logits_indices].float(), token_bitmasks)
 
     def _prompt_logprobs(
         self, sched: SchedulerOutput, order: list[int], hidden: torch.Tensor
@@ -381,8 +391,16 @@ class ModelRunner:
             pos += n
         return result
 
-    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> ModelRunnerOutput:
+    def _sample(
+        self, reqs: list[Request], logits: torch.Tensor, token_bitmasks: TokenBitmasks | None
+    ) -> ModelRunnerOutput:
         params = [r.sampling_params for r in reqs]
+        bitmask, bitmask_rows = None, None
+        if token_bitmasks is not None:
+            index = {rid: i for i, rid in enumerate(token_bitmasks.request_ids)}
+            bitmask_rows = [row for row, r in enumerate(reqs) if r.request_id in index]
+            picked = [index[reqs[row].request_id] for row in bitmask_rows]
+            bitmask = token_bitmasks.bitmask[picked]
         generators = {
             row: self._generator(r.request_id, p.seed)
             for row, (r, p) in enumerate(zip(reqs, params))
@@ -402,6 +420,8 @@ class ModelRunner:
             self.vocab_size,
             self.device,
             min_tok_stops,
+            bitmask,
+            bitmask_rows,
         )
         out = self.sampler(logits, meta)
         if out.logprobs is None:

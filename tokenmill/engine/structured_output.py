@@ -1,0 +1,189 @@
+"""Structured output: compiling constraints (JSON schema, regex, choice, grammar) with llguidance
+and computing the per-step token masks of the rows that carry one.
+
+Why llguidance: on this project's 2-core CPU with the default model's tokenizer it compiled the
+10 test schemas in 3.6 ms against xgrammar's 639 ms, computed 32 masks in 0.43 ms (p90 1.05 ms)
+against 0.45 ms (p90 3.03 ms), and it is a single wheel without dependencies (xgrammar needs
+transformers and triton at run time). `benchmarks/grammar_engines.py` reproduces the comparison.
+
+Data flow: `submit(spec)` compiles on this manager's own worker thread (never the engine thread)
+and caches the result by the constraint's canonical text, so a request waits for its grammar
+while the batch goes on. Each of a request's samples then gets its own matcher (`new_matcher`,
+a cheap copy of the compiled one). Every step, `fill_bitmask` computes the masks of the rows
+that sample, in one call on llguidance's thread pool; the sampler applies them; the engine
+advances each matcher with the accepted token (`Matcher.accept`). Tokens are never discarded
+(preemption recomputes the KV of the tokens already generated), so a matcher's state stays
+valid across preemption.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tokenmill.engine.tokenizer import Tokenizer
+from tokenmill.sampling_params import StructuredOutputsParams
+
+# JSON is generated compactly-but-readably (`{"a": 1, "b": [1, 2]}`) with no free whitespace:
+# flexible whitespace lets small models loop on spaces and newlines until max_tokens.
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+CACHE_SIZE = 256
+
+
+class GrammarError(ValueError):
+    """A constraint that is malformed, unsupported, or does not compile (a 400 for clients)."""
+
+
+def grammar_text(spec: StructuredOutputsParams) -> str:
+    """The llguidance grammar of a constraint (its cache key too). Raises GrammarError when the
+    constraint cannot even be translated (e.g. a json schema that is not JSON)."""
+    import llguidance
+    from llguidance.gbnf_to_lark import any_to_lark
+
+    matcher = llguidance.LLMatcher
+    try:
+        if spec.json is not None or spec.json_object:
+            schema: Any = {"type": "object"} if spec.json_object else spec.json
+            if isinstance(schema, str):
+                schema = json.loads(schema)
+            if not isinstance(schema, dict):
+                raise GrammarError("a JSON schema must be a JSON object")
+            return matcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+        if spec.regex is not None:
+            return matcher.grammar_from_regex(spec.regex)
+        if spec.choice is not None:
+            return matcher.grammar_from_lark(
+                "start: " + " | ".join(json.dumps(c) for c in spec.choice)
+            )
+        assert spec.grammar is not None
+        return matcher.grammar_from_lark(any_to_lark(spec.grammar))
+    except GrammarError:
+        raise
+    except (ValueError, TypeError, RecursionError) as e:  # bad JSON text, a GBNF syntax error
+        raise GrammarError(f"invalid structured output constraint: {e}") from None
+
+
+class Matcher:
+    """One sample's position in its grammar (wraps an llguidance `LLMatcher`)."""
+
+    __slots__ = ("_m",)
+
+    def __init__(self, m: Any) -> None:
+        self._m = m
+
+    def accept(self, token_id: int) -> bool:
+        """Advance by a sampled token; False if the grammar rejects it (then it stays rejected)."""
+        return bool(self._m.consume_token(token_id))
+
+    @property
+    def is_terminated(self) -> bool:
+        """The constraint is complete: nothing but the end of the output may follow."""
+        return bool(self._m.is_stopped())
+
+    @property
+    def error(self) -> str | None:
+        return self._m.get_error() if self._m.is_error() else None
+
+
+@dataclass(frozen=True)
+class CompiledGrammar:
+    """A compiled constraint; `StructuredOutputManager.new_matcher` starts a sample on it."""
+
+    key: str
+    matcher: Any  # an LLMatcher at the start state, never advanced (copied per sample)
+
+
+class StructuredOutputManager:
+    """Compiles constraints off the engine thread, caches them, and fills token bitmasks."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, num_threads: int = 1) -> None:
+        """`vocab_size` is the width of the model's logits (it may exceed the tokenizer's);
+        `num_threads` sizes llguidance's pool for the masks of one step."""
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.num_threads = max(1, num_threads)
+        self._ll_tokenizer: Any = None
+        self._executor: Any = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._cache: OrderedDict[str, concurrent.futures.Future] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def bitmask_words(self) -> int:
+        """int32 words per row of a token bitmask."""
+        return (self.vocab_size + 31) // 32
+
+    # ---- compilation -----------------------------------------------------------------------
+    def submit(self, spec: StructuredOutputsParams) -> concurrent.futures.Future:
+        """A future of the CompiledGrammar, compiled on the manager's thread (or cached).
+        Raises GrammarError now when the constraint cannot be translated at all; a grammar that
+        does not compile fails the future with a GrammarError."""
+        key = grammar_text(spec)
+        with self._lock:
+            fut = self._cache.get(key)
+            if fut is not None:
+                self._cache.move_to_end(key)
+                return fut
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="tokenmill-grammar"
+                )
+            fut = self._pool.submit(self._compile, key)
+            self._cache[key] = fut
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return fut
+
+    def compile(self, spec: StructuredOutputsParams) -> CompiledGrammar:
+        """Compile (or fetch from the cache) now, in the caller's thread of control."""
+        return self.submit(spec).result()
+
+    def _tokenizer(self) -> Any:
+        if self._ll_tokenizer is None:
+            import llguidance
+
+            self._ll_tokenizer = llguidance.LLTokenizer(
+                self.tokenizer.backend.to_str(),
+                n_vocab=self.vocab_size,
+                eos_token=sorted(self.tokenizer.eos_token_ids),
+            )
+        return self._ll_tokenizer
+
+    def _compile(self, key: str) -> CompiledGrammar:
+        import llguidance
+
+        m = llguidance.LLMatcher(self._tokenizer(), key, log_level=0)
+        if not m.is_error():
+            m.compute_bitmask()  # the lexer is built lazily: surface its errors now
+        if m.is_error():
+            raise GrammarError(
+                f"the structured output constraint does not compile: {m.get_error()}"
+            )
+        return CompiledGrammar(key, m)
+
+    def new_matcher(self, compiled: CompiledGrammar) -> Matcher:
+        return Matcher(compiled.matcher.deep_copy())
+
+    # ---- per step --------------------------------------------------------------------------
+    def fill_bitmask(self, matchers: list[Matcher]) -> torch.Tensor:
+        """[len(matchers), bitmask_words] int32: bit t of row i set = token t allowed next."""
+        import llguidance
+        import llguidance.torch
+
+        bitmask = torch.full((len(matchers), self.bitmask_words), -1, dtype=torch.int32)
+        if self._executor is None:
+            self._executor = llguidance.LLExecutor(num_threads=self.num_threads)
+        llguidance.torch.fill_next_token_bitmask_par(
+            self._executor, [(m._m, i) for i, m in enumerate(matchers)], bitmask
+        )
+        return bitmask
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
