@@ -2,6 +2,12 @@
 
 Every failure (syntax error, `raise_exception()`, a sandbox violation, bad messages) is a
 ChatTemplateError with a message meant for the user.
+
+Tool use: messages may be OpenAI-shaped assistant messages with `tool_calls` and `tool` results;
+templates see each call's `function.arguments` parsed into a dict (as HF templates expect). A
+template that does not read `tools` (`template_supports_tools`) can still render such a
+conversation after `apply_tool_fallback`, which describes the tools in the system prompt and
+writes calls and results as text in the hermes format (`tool_parsers` reads the replies).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from functools import lru_cache
 from typing import Any, ClassVar, NoReturn
 
 import jinja2
-from jinja2 import nodes
+from jinja2 import meta, nodes
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -94,8 +100,41 @@ def _message_content(content: Any, index: int) -> str | None:
     return "\n".join(texts)
 
 
+def _tool_call(call: Any, where: str) -> dict[str, Any]:
+    """An OpenAI tool call ({"id", "type": "function", "function": {"name", "arguments"}}) copied
+    with its arguments (a JSON object's text, or already a dict) parsed into a dict."""
+    if not isinstance(call, Mapping) or not isinstance(call.get("function"), Mapping):
+        raise ChatTemplateError(
+            f"{where} must be {{'type': 'function', 'function': {{'name': ..., 'arguments': ...}}}}"
+        )
+    if call.get("type", "function") != "function":
+        raise ChatTemplateError(f"{where} has type {call['type']!r}; only 'function' is supported")
+    function = call["function"]
+    if not isinstance(function.get("name"), str) or not function["name"]:
+        raise ChatTemplateError(f"{where}['function'] has no 'name' string")
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError as e:
+            raise ChatTemplateError(
+                f"{where}['function']['arguments'] is not valid JSON: {e}"
+            ) from None
+    if not isinstance(arguments, Mapping):
+        raise ChatTemplateError(
+            f"{where}['function']['arguments'] must be a JSON object (as a string)"
+        )
+    return {**call, "function": {**function, "arguments": dict(arguments)}}
+
+
 def validate_messages(messages: Any) -> list[dict[str, Any]]:
-    """Check chat messages and return copies whose content is a plain string (or None)."""
+    """Check chat messages and return copies whose content is a plain string (or None).
+
+    Any non-empty role is accepted. An assistant message may carry OpenAI `tool_calls` (its
+    content may then be null or absent); the copies' calls have `function.arguments` parsed
+    into a dict, and arguments that are not a JSON object's text are a ChatTemplateError. A
+    `tool` message (a call's result) needs content; its `tool_call_id`, if any, is a string.
+    A `tool_calls` of None is dropped."""
     if not isinstance(messages, (list, tuple)):
         raise ChatTemplateError("messages must be a list of {'role': ..., 'content': ...} dicts")
     out = []
@@ -106,7 +145,118 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
             raise ChatTemplateError(f"messages[{i}] has no 'role' string")
         if "content" not in msg and "tool_calls" not in msg:
             raise ChatTemplateError(f"messages[{i}] has no 'content'")
-        out.append({**msg, "content": _message_content(msg.get("content"), i)})
+        copy = {**msg, "content": _message_content(msg.get("content"), i)}
+        tool_calls = copy.pop("tool_calls", None)
+        if tool_calls is not None:
+            if not isinstance(tool_calls, (list, tuple)):
+                raise ChatTemplateError(f"messages[{i}]['tool_calls'] must be a list")
+            where = f"messages[{i}]['tool_calls']"
+            copy["tool_calls"] = [_tool_call(c, f"{where}[{j}]") for j, c in enumerate(tool_calls)]
+        if copy["role"] == "tool":
+            if copy["content"] is None:
+                raise ChatTemplateError(f"messages[{i}] (a tool result) has no 'content'")
+            if not isinstance(copy.get("tool_call_id", ""), str):
+                raise ChatTemplateError(f"messages[{i}]['tool_call_id'] must be a string")
+        out.append(copy)
+    return out
+
+
+@lru_cache(maxsize=16)
+def template_supports_tools(template: str | None) -> bool:
+    """Whether a chat template reads the `tools` variable (and so renders the tools itself).
+    False without a template and for one that does not compile (rendering it reports why)."""
+    if not template:
+        return False
+    try:
+        ast = _jinja_env().parse(template)
+    except jinja2.TemplateSyntaxError:
+        return False
+    return "tools" in meta.find_undeclared_variables(ast)
+
+
+def _function_schema(tool: Any, index: int) -> dict[str, Any]:
+    """A tool as {"type": "function", "function": {...}}; a bare function dict is wrapped."""
+    if isinstance(tool, Mapping) and isinstance(tool.get("function"), Mapping):
+        function = tool["function"]
+    elif isinstance(tool, Mapping) and "type" not in tool:
+        function = tool
+    else:
+        raise ChatTemplateError(
+            f"tools[{index}] must be {{'type': 'function', 'function': {{'name': ..., ...}}}}"
+        )
+    if not isinstance(function.get("name"), str) or not function["name"]:
+        raise ChatTemplateError(f"tools[{index}] has no function 'name' string")
+    return {"type": "function", "function": dict(function)}
+
+
+def tools_system_prompt(tools: list[dict[str, Any]]) -> str:
+    """The system-prompt text used when a chat template cannot render tools itself: each
+    function's JSON schema, one per line inside <tools></tools>, and the instruction to call
+    them in the hermes format, ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``.
+    `tools` are OpenAI tools ({"type": "function", "function": {...}}) or bare function dicts;
+    anything else is a ChatTemplateError."""
+    if not isinstance(tools, (list, tuple)):
+        raise ChatTemplateError("tools must be a list of {'type': 'function', ...} dicts")
+    schemas = "\n".join(
+        json.dumps(_function_schema(tool, i), ensure_ascii=False) for i, tool in enumerate(tools)
+    )
+    return (
+        "# Tools\n\n"
+        "You may call functions to help with the request. Their JSON schemas follow, one per "
+        "line, between <tools> and </tools>:\n"
+        f"<tools>\n{schemas}\n</tools>\n\n"
+        "To call a function, answer with a <tool_call></tool_call> block holding a JSON object "
+        "with the function's name and its arguments; use one block per call:\n"
+        '<tool_call>\n{"name": <function name>, "arguments": <arguments as a JSON object>}\n'
+        "</tool_call>"
+    )
+
+
+def _hermes_calls(tool_calls: list[dict[str, Any]]) -> str:
+    return "\n".join(
+        "<tool_call>\n"
+        + json.dumps(
+            {"name": c["function"]["name"], "arguments": c["function"]["arguments"]},
+            ensure_ascii=False,
+        )
+        + "\n</tool_call>"
+        for c in tool_calls
+    )
+
+
+def apply_tool_fallback(
+    messages: Any, tools: list[dict[str, Any]] | None, tool_role: str = "user"
+) -> list[dict[str, Any]]:
+    """Messages that a template without tool support can render: `tools_system_prompt(tools)`
+    merged into the first system message (after its text) or prepended as one (none when
+    `tools` is empty or None); assistant `tool_calls` rewritten as hermes ``<tool_call>``
+    blocks after the message's text; each `tool` result as ``<tool_response>...
+    </tool_response>`` text in a `tool_role` message, consecutive results joined in one.
+    Returns validated copies (see `validate_messages`); the input is not modified."""
+    out: list[dict[str, Any]] = []
+    previous_was_tool = False
+    for msg in validate_messages(messages):
+        is_tool = msg["role"] == "tool"
+        if is_tool:
+            text = f"<tool_response>\n{msg['content']}\n</tool_response>"
+            if previous_was_tool:
+                out[-1]["content"] += "\n" + text
+            else:
+                out.append({"role": tool_role, "content": text})
+        elif "tool_calls" in msg:
+            calls = msg.pop("tool_calls")
+            msg["content"] = "\n".join(t for t in (msg["content"], _hermes_calls(calls)) if t)
+            out.append(msg)
+        else:
+            out.append(msg)
+        previous_was_tool = is_tool
+    if tools:
+        prompt = tools_system_prompt(tools)
+        if out and out[0]["role"] == "system":
+            system = out[0]["content"]
+            out[0] = {**out[0], "content": f"{system}\n\n{prompt}" if system else prompt}
+        else:
+            out.insert(0, {"role": "system", "content": prompt})
     return out
 
 
