@@ -396,6 +396,12 @@ class Tokenizer:
     def chat_template(self) -> str | None:
         return self._templates.get("default") or next(iter(self._templates.values()), None)
 
+    def chat_template_for(self, tools: bool = False) -> str | None:
+        """The template that renders a conversation (with tools: the `tool_use` one if any)."""
+        if tools and "tool_use" in self._templates:
+            return self._templates["tool_use"]
+        return self.chat_template
+
     def _token_text(self, token_id: int | None) -> str:
         text = self.id_to_token(token_id) if token_id is not None else None
         return text or ""
@@ -407,9 +413,7 @@ class Tokenizer:
         **extra: Any,
     ) -> str:
         """Render `messages` to the prompt text with the model's chat template (sandboxed)."""
-        template = self.chat_template
-        if extra.get("tools") and "tool_use" in self._templates:
-            template = self._templates["tool_use"]
+        template = self.chat_template_for(tools=bool(extra.get("tools")))
         variables = {
             "bos_token": self._token_text(self._bos_id),
             "eos_token": self._token_text(self._eos_id),

@@ -203,6 +203,7 @@ def build_app(
     allowed_hosts: tuple[str, ...] = (),
     body_timeout: float = 30.0,
     max_header_bytes: int = 16384,
+    tool_call_parser: str = "auto",
 ) -> FastAPI:
     """The app. `api_key`: required as a Bearer token on the API, docs and (unless
     `public_metrics`) /metrics; /health stays open. `allowed_hosts`: Host header values
@@ -211,7 +212,7 @@ def build_app(
         raise ValueError("the API key is empty: pass a non-empty key or none")
     limits = limits or RequestLimits()
     metrics = ServerMetrics(engine, model_name)
-    serving = OpenAIServing(engine, model_name, metrics)
+    serving = OpenAIServing(engine, model_name, metrics, tool_call_parser)
     names = {model_name, *extra_model_names}
     created = int(time.time())
 

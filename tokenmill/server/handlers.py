@@ -40,8 +40,15 @@ class PreparedPrompt:
 class OpenAIServing:
     """Shared logic of the completion endpoints (the FastAPI layer only parses and routes)."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str, metrics: ServerMetrics) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        model_name: str,
+        metrics: ServerMetrics,
+        tool_call_parser: str = "auto",
+    ) -> None:
         self.engine = engine
+        self.tool_call_parser = tool_call_parser  # a tool_parsers.PARSERS name, or "auto"
         self.model_name = model_name
         self.metrics = metrics
         self.tokenizer = engine.engine.tokenizer

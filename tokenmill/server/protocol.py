@@ -32,6 +32,7 @@ class RequestLimits:
     max_stop_token_ids: int = 64
     max_messages: int = 1024
     max_prompts: int = 256  # prompts in one completions request
+    max_tools: int = 128  # tools in one chat request
     max_request_tokens: int = 1 << 17  # n x max_tokens (x prompts) one request may ask for
 
 
@@ -315,18 +316,66 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = _STRICT
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallMessage(BaseModel):
+    model_config = _STRICT
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = _STRICT
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallMessage] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages
 
     def as_template_message(self) -> dict[str, Any]:
         content = self.content
         if isinstance(content, list):
             content = "\n".join(part.text for part in content)
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content or ""}
+        msg: dict[str, Any] = {"role": role, "content": content or ""}
+        if self.tool_calls:
+            msg["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+            msg["content"] = content  # null next to tool calls stays null for templates
+        if self.tool_call_id is not None:
+            msg["tool_call_id"] = self.tool_call_id
+        if self.name is not None and role == "tool":
+            msg["name"] = self.name
+        return msg
+
+
+class FunctionDefinition(BaseModel):
+    model_config = _STRICT
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # the parameters are always enforced under required / named
+
+
+class ToolDefinition(BaseModel):
+    model_config = _STRICT
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = _STRICT
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = _STRICT
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_Common):
@@ -335,8 +384,8 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
@@ -346,14 +395,33 @@ class ChatCompletionRequest(_Common):
         super().check_limits(limits)
         if len(self.messages) > limits.max_messages:
             raise UnsupportedParameter("messages", f"at most {limits.max_messages} messages")
+        if len(self.tools or []) > limits.max_tools:
+            raise UnsupportedParameter("tools", f"at most {limits.max_tools} tools")
 
     def check_supported(self) -> None:
         super().check_supported()
-        for name in ("tools", "functions", "function_call"):
+        for name in ("functions", "function_call"):
             if getattr(self, name):
-                raise UnsupportedParameter(name, f"{name} (tool calling) is not supported yet")
-        if self.tool_choice not in (None, "none"):
-            raise UnsupportedParameter("tool_choice", "tool calling is not supported yet")
+                raise UnsupportedParameter(
+                    name, f"{name} is deprecated and not supported; use tools and tool_choice"
+                )
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise UnsupportedParameter("tools", "tool function names must be unique")
+        choice = self.tool_choice
+        if choice not in (None, "none") and not names:
+            raise UnsupportedParameter("tool_choice", "tool_choice needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise UnsupportedParameter(
+                "tool_choice", f"tool_choice names {choice.function.name!r}, which is not in tools"
+            )
+        if (
+            choice == "required" or isinstance(choice, NamedToolChoice)
+        ) and self.structured_spec() is not None:
+            raise UnsupportedParameter(
+                "tool_choice",
+                "tool_choice required or named cannot be combined with another output constraint",
+            )
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise UnsupportedParameter("top_logprobs", "top_logprobs requires logprobs=true")

@@ -9,6 +9,7 @@ import signal
 import sys
 
 from tokenmill.config import EngineArgs
+from tokenmill.engine.tool_parsers import PARSERS
 from tokenmill.server.protocol import RequestLimits
 
 logger = logging.getLogger(__name__)
@@ -47,11 +48,19 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         ("max_stop_token_ids", "most stop_token_ids per request"),
         ("max_messages", "most chat messages per request"),
         ("max_prompts", "most prompts per completions request"),
+        ("max_tools", "most tools per chat request"),
         ("max_request_tokens", "largest n x max_tokens x prompts of a request"),
     ):
         p.add_argument(
             "--" + field.replace("_", "-"), type=int, default=getattr(defaults, field), help=help_
         )
+    p.add_argument(
+        "--tool-call-parser",
+        default="auto",
+        choices=("auto", *sorted(PARSERS)),
+        help="how models write tool calls (auto: detected from the chat template; hermes "
+        "when the template cannot render tools and the fallback system prompt is used)",
+    )
     p.add_argument(
         "--served-model-name",
         default=None,
@@ -189,6 +198,7 @@ def run_server(ns: argparse.Namespace) -> int:
         allowed_hosts=tuple(h.strip() for h in ns.allowed_hosts.split(",") if h.strip()),
         body_timeout=ns.body_timeout,
         max_header_bytes=ns.max_header_bytes,
+        tool_call_parser=ns.tool_call_parser,
     )
     config = uvicorn.Config(
         app,

@@ -7,12 +7,13 @@ either a coroutine producing the JSON body or an async generator of SSE lines.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
-from tokenmill.outputs import RequestOutput
+from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.server.handlers import (
     OpenAIServing,
     PreparedPrompt,
@@ -23,7 +24,8 @@ from tokenmill.server.handlers import (
     sse,
     usage,
 )
-from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest
+from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest, NamedToolChoice
+from tokenmill.server.tools import ToolPlan, new_call_id, plan_tools, tool_calls_json
 
 logger = logging.getLogger(__name__)
 DONE = "data: [DONE]\n\n"
@@ -158,18 +160,32 @@ async def chat_response(
     body.check_supported()
     tok = serving.tokenizer
 
-    def render() -> PreparedPrompt:
-        text = tok.apply_chat_template(
+    def render() -> tuple[ToolPlan, PreparedPrompt]:
+        plan = plan_tools(
             [m.as_template_message() for m in body.messages],
-            add_generation_prompt=body.add_generation_prompt,
+            [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
+            body.tool_choice.model_dump()
+            if isinstance(body.tool_choice, NamedToolChoice)
+            else body.tool_choice,
+            body.parallel_tool_calls,
+            tok,
+            serving.tool_call_parser,
         )
-        return PreparedPrompt(text, tok.encode(text, add_special_tokens=False))
+        extra = {"tools": plan.template_tools} if plan.template_tools else {}
+        text = tok.apply_chat_template(
+            plan.messages, add_generation_prompt=body.add_generation_prompt, **extra
+        )
+        return plan, PreparedPrompt(text, tok.encode(text, add_special_tokens=False))
 
     # rendering and tokenizing run in a worker thread, so the event loop keeps serving
-    prompt = await asyncio.to_thread(render)
+    plan, prompt = await asyncio.to_thread(render)
     max_tokens = body.effective_max_tokens()
     serving.check_length(len(prompt.token_ids), max_tokens)
     params = body.sampling_params(max_tokens, body.num_logprobs())
+    if plan.constraint is not None:
+        params = dataclasses.replace(params, structured_outputs=plan.constraint)
+    if plan.keep_special_tokens:
+        params = dataclasses.replace(params, skip_special_tokens=False)
     rid, streams, tracker = await serving.start([prompt], params, "chatcmpl")
     created = int(time.time())
     k = body.top_logprobs or 0
@@ -184,21 +200,57 @@ async def chat_response(
             "choices": choices,
         }
 
+    def message(o: CompletionOutput) -> tuple[dict, str | None]:
+        """The assistant message of a finished sample and its finish_reason."""
+        if plan.parser is None:
+            return {"role": "assistant", "content": o.text}, o.finish_reason
+        content, calls = plan.parser.extract(o.text)
+        if not calls:
+            return {"role": "assistant", "content": content}, o.finish_reason
+        reason = "tool_calls" if o.finish_reason == "stop" else o.finish_reason
+        msg = {"role": "assistant", "content": content or None}
+        return msg | {"tool_calls": tool_calls_json(calls)}, reason
+
     async def collect() -> dict:
         final = None
         async for _, out in serving.merged(streams, tracker):
             final = out
-        choices = [
-            {
-                "index": o.index,
-                "message": {"role": "assistant", "content": o.text},
-                "logprobs": chat_logprobs(o, tok, k),
-                "finish_reason": o.finish_reason,
-            }
-            for o in final.outputs
-        ]
+        choices = []
+        for o in final.outputs:
+            msg, reason = message(o)
+            choices.append(
+                {
+                    "index": o.index,
+                    "message": msg,
+                    "logprobs": chat_logprobs(o, tok, k),
+                    "finish_reason": reason,
+                }
+            )
         n_out = sum(len(o.token_ids) for o in final.outputs)
         return base(choices) | {"usage": usage(tracker.prompt_tokens, n_out)}
+
+    streamers = {j: plan.parser.streamer() for j in range(body.n)} if plan.parser else {}
+    called: set[int] = set()  # samples that streamed a tool call
+
+    def deltas(o: CompletionOutput) -> list[dict]:
+        """The chunk deltas for a sample's new text: content, or tool-call pieces (the id,
+        type and name first, then argument fragments)."""
+        if not streamers:
+            return [{"content": o.delta_text}] if o.delta_text else []
+        content, calls = streamers[o.index].feed(o.delta_text)
+        if o.finished:
+            tail, more = streamers[o.index].finish()
+            content, calls = content + tail, calls + more
+        out: list[dict] = [{"content": content}] if content else []
+        for d in calls:
+            if d.name is not None:
+                called.add(o.index)
+                call = {"index": d.index, "id": new_call_id(), "type": "function"}
+                call["function"] = {"name": d.name, "arguments": d.arguments}
+            else:
+                call = {"index": d.index, "function": {"arguments": d.arguments}}
+            out.append({"tool_calls": [call]})
+        return out
 
     async def stream() -> AsyncIterator[str]:
         counts: dict[int, int] = {}
@@ -220,20 +272,28 @@ async def chat_response(
                 for o in out.outputs:
                     counts[o.index] = len(o.token_ids)
                     start = len(o.token_ids) - len(o.delta_token_ids)
-                    if o.delta_text or (o.delta_token_ids and body.logprobs):
+                    pieces = deltas(o)
+                    if not pieces and o.delta_token_ids and body.logprobs:
+                        pieces = [{"content": ""}]
+                    for i, delta in enumerate(pieces):
                         yield sse(
                             base(
                                 [
                                     {
                                         "index": o.index,
-                                        "delta": {"content": o.delta_text},
-                                        "logprobs": chat_logprobs(o, tok, k, start),
+                                        "delta": delta,
+                                        "logprobs": chat_logprobs(o, tok, k, start)
+                                        if i == 0
+                                        else None,
                                         "finish_reason": None,
                                     }
                                 ]
                             )
                         )
                     if o.finished:
+                        reason = o.finish_reason
+                        if o.index in called and reason == "stop":
+                            reason = "tool_calls"
                         yield sse(
                             base(
                                 [
@@ -241,7 +301,7 @@ async def chat_response(
                                         "index": o.index,
                                         "delta": {},
                                         "logprobs": None,
-                                        "finish_reason": o.finish_reason,
+                                        "finish_reason": reason,
                                     }
                                 ]
                             )
