@@ -12,7 +12,7 @@ Measures, for each engine:
 Both engines get the same tokenizer (tokenmill's, built from the GGUF), the same schemas and the
 same random walks' lengths. Prints a table and writes JSON.
 
-    python benchmarks/grammar_engines.py [--steps 48] [--out benchmarks/results/grammar_engines.json]
+    python benchmarks/grammar_engines.py [--steps 48] [--out PATH.json]
 """
 
 from __future__ import annotations
@@ -174,9 +174,7 @@ def main() -> None:
         ("mask, batch 32 (ms, p90)", "mask_batch32_ms_p90", "{:.2f}"),
         ("advance, batch 32 (ms)", "advance_batch32_ms_median", "{:.2f}"),
     ]:
-        vals = [
-            r["compile_ms"][key] if key in SCHEMAS else r[key] for r in results.values()
-        ]
+        vals = [r["compile_ms"][key] if key in SCHEMAS else r[key] for r in results.values()]
         print(f"{label:30s}" + "".join(f"{fmt.format(v):>14s}" for v in vals))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -239,3 +239,29 @@ def test_prefix_keys_are_sha256_chains_verified_on_a_hit():
     forged = BlockHash(second.digest, first.digest, (9, 9, 9, 9))
     assert pool.get_cached_block(forged) is None
     pool.check_invariants()
+
+
+def test_randomized_workload_with_prefix_caching_and_evictions():
+    """Shared prefixes in a pool too small to keep them: hits, evictions and aborts, with the
+    pool's invariants checked after every step and every block free at the end."""
+    rng = random.Random(1)
+    kv = KVCacheManager(num_blocks=16, block_size=4, enable_prefix_caching=True)
+    sched = Scheduler(SchedulerConfig(24, 6, 64), kv)
+    prefixes = [[rng.randrange(1, 50) for _ in range(rng.randint(4, 20))] for _ in range(4)]
+    n = 0
+    for _ in range(500):
+        if rng.random() < 0.35:
+            prompt = rng.choice(prefixes) + [rng.randrange(1, 50) for _ in range(rng.randint(0, 9))]
+            params = SamplingParams(max_tokens=rng.randint(1, 12))
+            sched.add_request(Request(f"q{n}", prompt, params, {EOS}, params.max_tokens))
+            n += 1
+        if sched.requests and rng.random() < 0.05:
+            sched.abort_requests([rng.choice(list(sched.requests))])
+        so = sched.schedule()
+        sched.update_from_output(so, FakeRunner().execute(so))
+        kv.block_pool.check_invariants()
+        held = {b.block_id for blocks in kv.req_to_blocks.values() for b in blocks}
+        assert len(held) + kv.num_free_blocks == 16  # shared blocks counted once
+    run_to_completion(sched, FakeRunner())
+    assert kv.num_free_blocks == 16
+    assert kv.num_prefix_hit_tokens > 0  # the shared prefixes did hit
