@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.util
+import time
 from pathlib import Path
 from typing import Any
 
@@ -200,3 +201,17 @@ def test_sandbox_hides_internals() -> None:
     template = "[{{ ''.__class__ }}][{{ messages.__class__ }}][{{ raise_exception.__globals__ }}]"
     out = render_chat_template(template, [])
     assert out == "[][][]"
+
+
+def test_rendering_has_a_time_limit():
+    """A template (or a conversation) that would render for minutes is stopped at the limit."""
+    endless = (
+        "{% for i in range(100000) %}{% for j in range(100000) %}"
+        "{{ messages[0]['content'] }}{% endfor %}{% endfor %}"
+    )
+    t = time.monotonic()
+    with pytest.raises(ChatTemplateError, match="longer than 0.5 s"):
+        render_chat_template(endless, [{"role": "user", "content": "x"}], timeout=0.5)
+    assert time.monotonic() - t < 3
+    # the limit is per render: the next one starts afresh
+    assert render_chat_template("{{ messages[0]['content'] }}", [{"role": "user", "content": "ok"}])

@@ -13,6 +13,8 @@ writes calls and results as text in the hermes format (`tool_parsers` reads the 
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Mapping
 from datetime import datetime
 from functools import lru_cache
@@ -24,6 +26,8 @@ from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from tokenmill.errors import ChatTemplateError
+
+RENDER_TIMEOUT_S = 5.0  # default wall-clock limit on rendering one conversation
 
 
 def _raise_exception(message: str) -> NoReturn:
@@ -61,9 +65,35 @@ class _GenerationTag(Extension):
         return caller()
 
 
+_render_deadline = threading.local()  # .at: time.monotonic() deadline of this thread's render
+
+
+class _TimedSandbox(ImmutableSandboxedEnvironment):
+    """The sandbox, plus a wall-clock limit: every attribute or item access and every call a
+    template makes checks this thread's render deadline, so no loop runs past it."""
+
+    @staticmethod
+    def _check_deadline() -> None:
+        at = getattr(_render_deadline, "at", None)
+        if at is not None and time.monotonic() > at:
+            raise jinja2.exceptions.TemplateError("rendering took longer than its time limit")
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        self._check_deadline()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        self._check_deadline()
+        return super().getitem(obj, argument)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        __self._check_deadline()
+        return super().call(__context, __obj, *args, **kwargs)
+
+
 @lru_cache(maxsize=1)
 def _jinja_env() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
+    env = _TimedSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", _GenerationTag]
     )
     env.filters["tojson"] = _tojson
@@ -261,10 +291,17 @@ def apply_tool_fallback(
 
 
 def render_chat_template(
-    template: str | None, messages: Any, add_generation_prompt: bool = True, /, **variables: Any
+    template: str | None,
+    messages: Any,
+    add_generation_prompt: bool = True,
+    /,
+    *,
+    timeout: float = RENDER_TIMEOUT_S,
+    **variables: Any,
 ) -> str:
     """Render a chat template in a sandbox with `messages`, `add_generation_prompt` and any
-    extra `variables` (bos_token, tools, ...); every failure is a ChatTemplateError."""
+    extra `variables` (bos_token, tools, ...), within `timeout` seconds of wall time; every
+    failure (the time limit included) is a ChatTemplateError."""
     if not template:
         raise ChatTemplateError("this model has no chat template; send a plain prompt instead")
     compiled = _compile_template(template)
@@ -276,11 +313,18 @@ def render_chat_template(
         "messages": validate_messages(messages),
         "add_generation_prompt": add_generation_prompt,
     }
+    _render_deadline.at = time.monotonic() + timeout
     try:
         return compiled.render(**context)
     except jinja2.TemplateError as e:  # raise_exception() and sandbox violations land here
+        if "time limit" in str(e) and time.monotonic() > _render_deadline.at:
+            raise ChatTemplateError(
+                f"rendering the chat template took longer than {timeout:g} s"
+            ) from None
         raise ChatTemplateError(f"chat template error: {e}") from None
     except Exception as e:  # noqa: BLE001  (a template is code: any error means it is broken)
         raise ChatTemplateError(
             f"chat template failed while rendering: {type(e).__name__}: {e}"
         ) from None
+    finally:
+        _render_deadline.at = None
