@@ -173,14 +173,17 @@ class StructuredOutputManager:
     # ---- per step --------------------------------------------------------------------------
     def fill_bitmask(self, matchers: list[Matcher]) -> torch.Tensor:
         """[len(matchers), bitmask_words] int32: bit t of row i set = token t allowed next."""
-        import llguidance
-        import llguidance.torch
+        import llguidance  # (not llguidance.torch: it imports torch.compile, 2.7 s)
 
-        bitmask = torch.full((len(matchers), self.bitmask_words), -1, dtype=torch.int32)
+        n = len(matchers)
+        bitmask = torch.full((n, self.bitmask_words), -1, dtype=torch.int32)
         if self._executor is None:
             self._executor = llguidance.LLExecutor(num_threads=self.num_threads)
-        llguidance.torch.fill_next_token_bitmask_par(
-            self._executor, [(m._m, i) for i, m in enumerate(matchers)], bitmask
+        self._executor.unsafe_compute_mask_ptr(
+            [(m._m, i) for i, m in enumerate(matchers)],
+            bitmask.data_ptr(),
+            self.bitmask_words * 4,
+            n,
         )
         return bitmask
 
