@@ -1,7 +1,8 @@
 """Soak: many random requests against a real `tokenmill serve`, a share of them abandoned midway.
 
 10,000 requests at concurrency 64 by default, each with random parameters (chat or completion,
-n, logprobs, stop strings, streaming, max_tokens, temperature, seed); 30% of the clients
+n, logprobs, stop strings, streaming, max_tokens, temperature, seed, a JSON or choice
+constraint, tools with tool_choice auto or required); 30% of the clients
 disconnect at a random moment (mid-stream, or before a non-streaming answer arrives).
 
 Pass means:
@@ -35,6 +36,18 @@ from benchmarks.startup import rss_bytes  # noqa: E402
 from tests.server_utils import ServerProcess  # noqa: E402
 
 WORDS = "the river stone light ancient mountain code seven blue market winter garden".split()
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "parameters": {
+            "type": "object",
+            "properties": {"word": {"type": "string", "maxLength": 12}},
+            "required": ["word"],
+        },
+    },
+}
+FINISH_REASONS = ("stop", "length", "tool_calls")
 
 
 def random_request(rng: random.Random, model: str) -> tuple[str, dict]:
@@ -55,12 +68,20 @@ def random_request(rng: random.Random, model: str) -> tuple[str, dict]:
         body["prompt"] = text
         if rng.random() < 0.3:
             body["logprobs"] = rng.randint(0, 5)
+        if rng.random() < 0.1:
+            body["structured_outputs"] = {"choice": rng.sample(WORDS, 3)}
         return "/v1/completions", body
     body["messages"] = [{"role": "user", "content": text}]
     if rng.random() < 0.3:
         body["logprobs"], body["top_logprobs"] = True, rng.randint(0, 5)
     if body["stream"] and rng.random() < 0.3:
         body["stream_options"] = {"include_usage": True}
+    roll = rng.random()
+    if roll < 0.1:
+        body["response_format"] = {"type": "json_object"}
+    elif roll < 0.15:
+        body["tools"] = [TOOL]
+        body["tool_choice"] = rng.choice(["auto", "required"])
     return "/v1/chat/completions", body
 
 
@@ -68,7 +89,7 @@ def check_json(body: dict, payload: dict) -> str | None:
     choices = payload.get("choices")
     if not isinstance(choices, list) or len(choices) != body["n"]:
         return f"expected {body['n']} choices, got {choices!r:.200}"
-    if any(c.get("finish_reason") not in ("stop", "length") for c in choices):
+    if any(c.get("finish_reason") not in FINISH_REASONS for c in choices):
         return f"bad finish reasons {[c.get('finish_reason') for c in choices]}"
     if "usage" not in payload:
         return "no usage"

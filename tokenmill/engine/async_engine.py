@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
+import ctypes.util
 import dataclasses
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,6 +30,17 @@ from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+
+TRIM_INTERVAL_S = 30.0  # how often a busy engine loop hands freed heap pages back to the OS
+
+
+def _malloc_trim() -> Any:
+    """glibc's malloc_trim, or None elsewhere."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 class EngineOverloadedError(RuntimeError):
@@ -57,6 +71,7 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="tokenmill-engine", daemon=True)
         self.dead: BaseException | None = None
+        self._last_busy = 0.0  # when the loop last had work (monotonic)
 
     # ---- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -215,12 +230,25 @@ class AsyncEngine:
 
     def _loop(self) -> None:
         engine = self.engine
+        # Requests allocate and free many short-lived buffers from several threads (tokenizer
+        # workers, the event loop, this one); glibc keeps freed pages in its arenas, so the
+        # resident memory of a long-running server creeps up. Handing them back when the loop
+        # goes idle, and every TRIM_INTERVAL_S while busy, keeps it flat.
+        trim = _malloc_trim()
+        last_trim = time.monotonic()
         while not self._stop.is_set():
             self._apply_commands()
+            if trim is not None and time.monotonic() - last_trim > TRIM_INTERVAL_S:
+                trim(0)
+                last_trim = time.monotonic()
             if not engine.has_unfinished_requests():
+                if trim is not None and last_trim < self._last_busy:
+                    trim(0)
+                    last_trim = time.monotonic()
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
+            self._last_busy = time.monotonic()
             try:
                 outputs = engine.step()
             except Exception as e:  # a bug in a step: fail the requests in it, keep serving
