@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import fields
 
-from tokenmill.config import DEFAULT_CPU_KV_GIB, EngineArgs
+from tokenmill.config import EngineArgs
 from tokenmill.errors import TokenmillError
 from tokenmill.sampling_params import SamplingParams
 
@@ -190,7 +190,7 @@ def cmd_info(ns: argparse.Namespace) -> int:
     from tokenmill.loader.inspect import describe_model
 
     args = EngineArgs.from_cli(argparse.Namespace(**{**vars(ns), "model": ns.model_path}))
-    for key, value in describe_model(args, DEFAULT_CPU_KV_GIB).items():
+    for key, value in describe_model(args).items():
         print(f"{key:<28}{value}")
     return 0
 

@@ -1,4 +1,5 @@
-"""EngineArgs: every engine option in one place, shared by the Python API and the CLI."""
+"""EngineArgs: every engine option in one place, shared by the Python API and the CLI; and
+EngineConfig, the options resolved against a model (`EngineArgs.create_engine_config`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import dataclasses
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -15,8 +17,10 @@ if TYPE_CHECKING:  # torch is imported where used: `tokenmill --help` and the CL
 
 logger = logging.getLogger(__name__)
 
-DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes
-DEFAULT_CPU_KV_GIB = 2.0
+GiB = 1 << 30
+DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2}  # torch dtype name -> bytes
+DEFAULT_CPU_KV_GIB = 2.0  # KV budget on the CPU unless kv_cache_memory_gib says otherwise
+CUDA_MEMORY_UTILIZATION = 0.9  # share of the GPU the engine may fill (weights + peak + KV)
 QUANTIZATION_MODES = ("auto", "none")
 LOAD_FORMATS = ("auto", "dummy")
 
@@ -30,6 +34,107 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def kv_cache_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: str) -> int:
+    """KV cache bytes of one token: a key and a value vector per layer and KV head, in `dtype`
+    (a name in DTYPE_SIZES)."""
+    return 2 * num_layers * num_kv_heads * head_dim * DTYPE_SIZES[dtype]
+
+
+def cuda_kv_budget(device: str, peak_bytes: int, source: str, peak: str) -> float:
+    """The KV budget on a GPU: CUDA_MEMORY_UTILIZATION of its memory, less what is in use now
+    (weights, the CUDA context, other processes) and `peak_bytes` more that the model claims
+    at its peak. Logged with `source` (how the peak was found) and `peak` (what it is)."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    budget = CUDA_MEMORY_UTILIZATION * total - (total - free) - peak_bytes
+    logger.info(
+        "KV budget from %s: %.2f GiB (%.0f%% of %.1f GiB, %.2f GiB in use, %.2f GiB %s)",
+        source,
+        budget / GiB,
+        100 * CUDA_MEMORY_UTILIZATION,
+        total / GiB,
+        (total - free) / GiB,
+        peak_bytes / GiB,
+        peak,
+    )
+    return budget
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model as the engine runs it."""
+
+    name: str  # the model's name (a GGUF file's stem, a folder's or a Hub id's last part)
+    path: str  # the GGUF file or the HF folder
+    architecture: str  # e.g. "LlamaForCausalLM"
+    max_position_embeddings: int  # the model's own context length
+    dtype: str  # compute and KV cache dtype, a name in DTYPE_SIZES
+    device: str  # "cpu", "cuda" or "cuda:N"
+    # The longest sequence (prompt + output): the model's context length, capped by the
+    # max_model_len option and by the KV cache's capacity.
+    max_model_len: int
+    quantization: str  # the option (QUANTIZATION_MODES); the loader decides per checkpoint
+    load_format: str  # LOAD_FORMATS: real weights or random ones of the checkpoint's shapes
+
+    def torch_dtype(self) -> torch.dtype:
+        """`dtype` as a torch dtype."""
+        import torch
+
+        return getattr(torch, self.dtype)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache: `num_blocks` blocks of `block_size` tokens each."""
+
+    block_size: int  # tokens per block
+    num_blocks: int
+    bytes_per_token: int  # keys and values of every layer (kv_cache_bytes_per_token)
+    enable_prefix_caching: bool  # blocks of identical prompt prefixes are shared
+
+    @property
+    def capacity_tokens(self) -> int:
+        """Tokens the whole cache holds."""
+        return self.num_blocks * self.block_size
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Bytes the whole cache reserves."""
+        return self.capacity_tokens * self.bytes_per_token
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Per-step budgets. max_num_batched_tokens bounds the tokens of one forward pass."""
+
+    max_num_batched_tokens: int
+    max_num_seqs: int  # sequences (each sample of a request counts) per step
+    max_model_len: int  # a sequence stops here (ModelConfig.max_model_len)
+    enable_chunked_prefill: bool = True  # a prompt may be split across steps
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"without chunked prefill, max_num_batched_tokens ({self.max_num_batched_tokens}) "
+                f"must be >= max_model_len ({self.max_model_len})"
+            )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Every option resolved against one model, read by the engine and `tokenmill info`."""
+
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    cuda_graphs: bool  # pure-decode steps replay captured CUDA graphs (CUDA, not enforce_eager)
 
 
 @dataclass(frozen=True)
@@ -109,8 +214,10 @@ class EngineArgs:
             )
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPE_SIZES:
+            raise ValueError(
+                f"dtype must be auto or one of {sorted(DTYPE_SIZES)}, got {self.dtype!r}"
+            )
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -145,6 +252,88 @@ class EngineArgs:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+    def create_engine_config(
+        self,
+        model_info: Any,
+        kv_budget_bytes: Callable[[ModelConfig], float] | None = None,
+    ) -> EngineConfig:
+        """Resolve the options against a model: the one place where the device, the dtype, the
+        number of KV blocks and the maximum length are decided.
+
+        `model_info` is the loader's ModelInfo (its `source` and `arch` are read; no weights).
+        The KV cache gets `num_kv_blocks` blocks if set, else as many as a budget holds:
+        `kv_cache_memory_gib` if set, else DEFAULT_CPU_KV_GIB on the CPU, else on a GPU
+        `kv_budget_bytes(model)` (the model's config before the KV cap), which measures the
+        device: the engine profiles the loaded model (see `cuda_kv_budget`). Without it a GPU
+        needs one of the two options. max_model_len is the model's context length, capped by
+        the option and by the KV capacity (with a warning).
+        """
+        source, arch = model_info.source, model_info.arch
+        device = self.torch_device()
+        model = ModelConfig(
+            name=source.name,
+            path=str(source.path),
+            architecture=arch.architecture,
+            max_position_embeddings=arch.max_position_embeddings,
+            dtype=str(self.torch_dtype(device)).removeprefix("torch."),
+            device=str(device),
+            max_model_len=min(arch.max_position_embeddings, self.max_model_len or 1 << 62),
+            quantization=self.quantization,
+            load_format=self.load_format,
+        )
+        bytes_per_token = kv_cache_bytes_per_token(
+            arch.num_layers, arch.num_kv_heads, arch.head_dim, model.dtype
+        )
+        cache = CacheConfig(
+            self.block_size,
+            self._num_kv_blocks(model, bytes_per_token, kv_budget_bytes),
+            bytes_per_token,
+            self.enable_prefix_caching,
+        )
+        if model.max_model_len > cache.capacity_tokens:
+            logger.warning(
+                "max_model_len %d exceeds the KV capacity; capping it to %d tokens",
+                model.max_model_len,
+                cache.capacity_tokens,
+            )
+            model = dataclasses.replace(model, max_model_len=cache.capacity_tokens)
+        scheduler = SchedulerConfig(
+            self.max_num_batched_tokens,
+            self.max_num_seqs,
+            model.max_model_len,
+            self.enable_chunked_prefill,
+        )
+        cuda_graphs = device.type == "cuda" and not self.enforce_eager
+        return EngineConfig(model, cache, scheduler, cuda_graphs)
+
+    def _num_kv_blocks(
+        self,
+        model: ModelConfig,
+        bytes_per_token: int,
+        kv_budget_bytes: Callable[[ModelConfig], float] | None,
+    ) -> int:
+        """The number of KV blocks (see `create_engine_config`)."""
+        if self.num_kv_blocks is not None:
+            return self.num_kv_blocks
+        if self.kv_cache_memory_gib is not None:
+            budget = self.kv_cache_memory_gib * GiB
+        elif model.device == "cpu":
+            budget = DEFAULT_CPU_KV_GIB * GiB
+        elif kv_budget_bytes is not None:
+            budget = kv_budget_bytes(model)
+        else:
+            raise ValueError(
+                f"the KV budget on {model.device} needs a memory profile: set "
+                "kv_cache_memory_gib or num_kv_blocks"
+            )
+        num_blocks = int(budget // (bytes_per_token * self.block_size))
+        if num_blocks < 1:
+            raise ValueError(
+                f"KV cache budget of {budget / GiB:.3f} GiB holds no block "
+                f"({bytes_per_token * self.block_size} bytes each)"
+            )
+        return num_blocks
 
     def apply_threads(self) -> None:
         import torch

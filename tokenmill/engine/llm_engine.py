@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tokenmill.config import DEFAULT_CPU_KV_GIB, EngineArgs
+from tokenmill.config import EngineArgs, GiB, ModelConfig, cuda_kv_budget
 from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.outputs import PromptLogprobsChunk, SampleLogprobs
 from tokenmill.core.request import Request, RequestStatus
-from tokenmill.core.scheduler import Scheduler, SchedulerConfig
+from tokenmill.core.scheduler import Scheduler
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.structured_output import Matcher, StructuredOutputManager
 from tokenmill.engine.tokenizer import Tokenizer, load_tokenizer
@@ -24,11 +24,7 @@ from tokenmill.loader.resolve import resolve_model
 from tokenmill.outputs import CompletionOutput, Logprob, PromptLogprobList, RequestOutput
 from tokenmill.sample.metadata import TokenBitmasks
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.worker.model_runner import (
-    ModelRunner,
-    kv_cache_bytes_per_token,
-    profile_forward,
-)
+from tokenmill.worker.model_runner import ModelRunner, profile_forward
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +45,6 @@ def seconds_since_process_start() -> float | None:
         return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
         return None
-
-
-GiB = 1 << 30
-CUDA_MEMORY_UTILIZATION = 0.9  # share of the GPU the engine may fill (weights + peak + KV)
 
 
 @dataclass
@@ -108,6 +100,7 @@ class LLMEngine:
         self.args = args
         args.apply_threads()
         torch.manual_seed(args.seed)
+        # needed to load the model; create_engine_config resolves them the same way
         self.device = args.torch_device()
         self.dtype = args.torch_dtype(self.device)
         startup = {"imports and arguments": seconds_since_process_start()}
@@ -145,38 +138,22 @@ class LLMEngine:
             info.backend,
         )
 
-        bytes_per_token = kv_cache_bytes_per_token(
-            arch.num_layers, arch.num_kv_heads, arch.head_dim, self.dtype
-        )
-        num_blocks = self._num_kv_blocks(bytes_per_token)
-        capacity = num_blocks * args.block_size
-        max_len = min(arch.max_position_embeddings, args.max_model_len or 1 << 62)
-        if max_len > capacity:
-            logger.warning(
-                "max_model_len %d exceeds the KV capacity; capping it to %d tokens",
-                max_len,
-                capacity,
-            )
-            max_len = capacity
-        self.max_model_len = max_len
-        self.kv_capacity_tokens = capacity
-        self.kv_cache_bytes = capacity * bytes_per_token
+        self.config = config = args.create_engine_config(info, self._cuda_kv_budget)
+        cache, max_len = config.cache, config.model.max_model_len
         self.scheduler = Scheduler(
-            SchedulerConfig(
-                args.max_num_batched_tokens, args.max_num_seqs, max_len, args.enable_chunked_prefill
-            ),
-            KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching),
+            config.scheduler,
+            KVCacheManager(cache.num_blocks, cache.block_size, cache.enable_prefix_caching),
         )
         t1 = time.perf_counter()
         self.runner = ModelRunner(
             self.model,
-            num_blocks,
-            args.block_size,
+            cache.num_blocks,
+            cache.block_size,
             self.dtype,
             self.device,
             max_len,
-            args.max_num_seqs,
-            graphs=self.device.type == "cuda" and not args.enforce_eager,
+            config.scheduler.max_num_seqs,
+            graphs=config.cuda_graphs,
         )
         graphs = self.runner.graphs
         startup["KV pool"] = time.perf_counter() - t1 - (graphs.capture_seconds if graphs else 0)
@@ -186,14 +163,14 @@ class LLMEngine:
             "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB reserved, %.2f GiB resident: "
             "pages are committed as blocks are written; %s); max concurrency at full context "
             "(%d tokens): %.1f",
-            num_blocks,
-            args.block_size,
-            capacity,
-            self.kv_cache_bytes / GiB,
+            cache.num_blocks,
+            cache.block_size,
+            cache.capacity_tokens,
+            cache.reserved_bytes / GiB,
             self.runner.kv_pool.resident_bytes() / GiB,
-            str(self.dtype).removeprefix("torch."),
+            config.model.dtype,
             max_len,
-            capacity / max_len,
+            cache.capacity_tokens / max_len,
         )
         if startup["imports and arguments"] is None:
             del startup["imports and arguments"]
@@ -213,29 +190,25 @@ class LLMEngine:
         self._awaiting_grammar: dict[str, _Group] = {}  # request id -> group, in arrival order
 
     # ---- set-up ---------------------------------------------------------------------------
-    def _num_kv_blocks(self, bytes_per_token: int) -> int:
-        args = self.args
-        if args.num_kv_blocks is not None:
-            return args.num_kv_blocks
-        if args.kv_cache_memory_gib is not None:
-            budget = args.kv_cache_memory_gib * GiB
-        elif self.device.type == "cuda":
-            budget = self._cuda_kv_budget()
-        else:
-            budget = DEFAULT_CPU_KV_GIB * GiB
-        num_blocks = int(budget // (bytes_per_token * args.block_size))
-        if num_blocks < 1:
-            raise ValueError(
-                f"KV cache budget of {budget / GiB:.3f} GiB holds no block "
-                f"({bytes_per_token * args.block_size} bytes each)"
-            )
-        return num_blocks
+    @property
+    def max_model_len(self) -> int:
+        """The longest sequence (prompt + output) a request may reach."""
+        return self.config.model.max_model_len
 
-    def _cuda_kv_budget(self) -> float:
-        """90% of the GPU's memory, less what is in use now (weights, the CUDA context, other
-        processes) and the peak of the largest step, measured by a profile forward."""
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """Tokens the KV cache holds."""
+        return self.config.cache.capacity_tokens
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes the KV cache reserves."""
+        return self.config.cache.reserved_bytes
+
+    def _cuda_kv_budget(self, model: ModelConfig) -> float:
+        """The KV budget on a GPU (`EngineArgs.create_engine_config`), with the peak of the
+        largest step measured by a profile forward of the loaded model."""
         args = self.args
-        arch = self.model_info.arch
         peak = profile_forward(
             self.model,
             args.max_num_batched_tokens,
@@ -243,22 +216,15 @@ class LLMEngine:
             args.block_size,
             self.dtype,
             self.device,
-            min(arch.max_position_embeddings, args.max_model_len or 1 << 62),
+            model.max_model_len,
         )
         torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(self.device)
-        budget = CUDA_MEMORY_UTILIZATION * total - (total - free) - peak
-        logger.info(
-            "KV budget from a memory profile: %.2f GiB (%.0f%% of %.1f GiB, %.2f GiB in "
-            "use, %.2f GiB peak of a %d-token step)",
-            budget / GiB,
-            100 * CUDA_MEMORY_UTILIZATION,
-            total / GiB,
-            (total - free) / GiB,
-            peak / GiB,
-            args.max_num_batched_tokens,
+        return cuda_kv_budget(
+            model.device,
+            peak,
+            "a memory profile",
+            f"peak of a {args.max_num_batched_tokens}-token step",
         )
-        return budget
 
     # ---- requests ---------------------------------------------------------------------------
     def new_request_id(self) -> str:
@@ -377,8 +343,9 @@ class LLMEngine:
             raise ValueError(f"logprobs must be <= the vocabulary size ({vocab})")
         if params.prompt_logprobs is not None and params.prompt_logprobs > vocab:
             raise ValueError(f"prompt_logprobs must be <= the vocabulary size ({vocab})")
-        if params.n > self.args.max_num_seqs:
-            raise ValueError(f"n ({params.n}) exceeds max_num_seqs ({self.args.max_num_seqs})")
+        max_num_seqs = self.config.scheduler.max_num_seqs
+        if params.n > max_num_seqs:
+            raise ValueError(f"n ({params.n}) exceeds max_num_seqs ({max_num_seqs})")
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         """Abort requests (by the id given to add_request); their KV blocks are freed now."""

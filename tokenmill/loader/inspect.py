@@ -6,16 +6,12 @@ import math
 import re
 from typing import Any
 
-import torch
-
-from tokenmill.config import EngineArgs
+from tokenmill.config import DTYPE_SIZES, EngineArgs, GiB, ModelConfig, cuda_kv_budget
 from tokenmill.loader.load import quant_config_for, read_model_info
 from tokenmill.loader.resolve import resolve_model
 from tokenmill.loader.weights import safetensors_files
 from tokenmill.quant import gguf_pack as gp
 from tokenmill.quant.gguf import GGUFQuantConfig
-
-GiB = 1 << 30
 
 
 def count_parameters(info: Any, reader: Any) -> int:
@@ -32,30 +28,41 @@ def count_parameters(info: Any, reader: Any) -> int:
     return total
 
 
-def describe_model(args: EngineArgs, default_kv_gib: float) -> dict[str, str]:
+def describe_model(args: EngineArgs) -> dict[str, str]:
+    """What `tokenmill info` prints: the checkpoint's facts and the engine's configuration for
+    `args` (`EngineArgs.create_engine_config`, as the engine resolves it), without loading the
+    weights. On a GPU without an explicit KV budget, the budget is an estimate: the weights'
+    size stands in for the engine's profiled peak, so activations are not counted."""
     source = resolve_model(args.model)
     info, reader = read_model_info(source)
     arch = info.arch
-    device = args.torch_device()
-    dtype = args.torch_dtype(device)
-    elt = torch.empty((), dtype=dtype).element_size()
     params = count_parameters(info, reader)
-    kv_per_token = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * elt
-    max_len = min(arch.max_position_embeddings, args.max_model_len or 1 << 62)
-    if args.num_kv_blocks:
-        kv_tokens = args.num_kv_blocks * args.block_size
-    else:
-        budget = (args.kv_cache_memory_gib or default_kv_gib) * GiB
-        kv_tokens = int(budget // (kv_per_token * args.block_size)) * args.block_size
-    quant, why = (
-        quant_config_for(source, reader, arch, dtype, device, args.quantization)
-        if reader is not None
-        else (None, "dense checkpoint")
-    )
-    weights, stored = params * elt, "dequantized to the compute dtype"
-    if isinstance(quant, GGUFQuantConfig):
-        weights = estimate_native_bytes(reader, arch.tie_word_embeddings, elt)
-        stored = "quantized blocks kept, the rest dequantized"
+
+    def weights_in_memory(model: ModelConfig) -> tuple[int, str, str]:
+        """(bytes, how they are stored, the quantization decision) under `model`'s config."""
+        quant, why = quant_config_for(
+            source, reader, arch, model.torch_dtype(), model.device, model.quantization
+        )
+        if isinstance(quant, GGUFQuantConfig):
+            weights = estimate_native_bytes(
+                reader, arch.tie_word_embeddings, DTYPE_SIZES[model.dtype]
+            )
+            return weights, "quantized blocks kept, the rest dequantized", why
+        return params * DTYPE_SIZES[model.dtype], "dequantized to the compute dtype", why
+
+    def gpu_kv_budget(model: ModelConfig) -> float:
+        """The GPU's KV budget with the weights in place of the engine's profiled peak."""
+        return cuda_kv_budget(
+            model.device,
+            weights_in_memory(model)[0],
+            "an estimate (no profile)",
+            "for the weights, not loaded yet; activations not counted",
+        )
+
+    config = args.create_engine_config(info, gpu_kv_budget)
+    model, cache = config.model, config.cache
+    weights, stored, why = weights_in_memory(model)
+    max_len = model.max_model_len
     return {
         "model": f"{source.name} ({source.path})",
         "architecture": f"{arch.architecture} ({arch.model_type})",
@@ -66,14 +73,15 @@ def describe_model(args: EngineArgs, default_kv_gib: float) -> dict[str, str]:
         f"{arch.num_heads} q, {arch.num_kv_heads} kv x {arch.head_dim}",
         "vocabulary": str(arch.vocab_size),
         "context length": str(arch.max_position_embeddings),
-        "compute dtype": f"{str(dtype).removeprefix('torch.')} on {device}",
+        "max model length": f"{max_len} tokens",
+        "compute dtype": f"{model.dtype} on {model.device}",
         "weights in memory": f"{weights / GiB:.3f} GiB ({stored}; file "
         f"{info.checkpoint_bytes / GiB:.3f} GiB)",
         "quantized kernels": why,
-        "KV cache per token": f"{kv_per_token / 1024:.1f} KiB",
-        "KV capacity": f"{kv_tokens} tokens ({kv_tokens * kv_per_token / GiB:.2f} GiB)",
-        "max concurrency at full ctx": f"{kv_tokens / max_len:.1f} x {max_len} tokens",
-        "memory needed (weights+KV)": f"{(weights + kv_tokens * kv_per_token) / GiB:.2f} GiB",
+        "KV cache per token": f"{cache.bytes_per_token / 1024:.1f} KiB",
+        "KV capacity": f"{cache.capacity_tokens} tokens ({cache.reserved_bytes / GiB:.2f} GiB)",
+        "max concurrency at full ctx": f"{cache.capacity_tokens / max_len:.1f} x {max_len} tokens",
+        "memory needed (weights+KV)": f"{(weights + cache.reserved_bytes) / GiB:.2f} GiB",
     }
 
 

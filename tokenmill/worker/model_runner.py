@@ -217,12 +217,6 @@ def profile_forward(
     return max(0, torch.cuda.max_memory_allocated(device) - before - pool.reserved_bytes)
 
 
-def kv_cache_bytes_per_token(
-    num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
-) -> int:
-    return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
-
-
 class ModelRunner:
     """Owns the model, the KV cache tensors and per-request sampling state (generators).
 
