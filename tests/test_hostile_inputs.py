@@ -212,7 +212,29 @@ CASES = [
     ),
     # roles and messages
     ("unknown role", H, chat(messages=[{"role": "wizard", "content": "x"}]), 400, None),
-    ("tool role", H, chat(messages=[{"role": "tool", "content": "x"}]), 400, None),
+    (
+        "tool call arguments not a JSON string",
+        H,
+        chat(
+            messages=[
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {"id": "c", "type": "function", "function": {"name": "f", "arguments": {}}}
+                    ],
+                }
+            ]
+        ),
+        400,
+        None,
+    ),
+    (
+        "tool message with a list as tool_call_id",
+        H,
+        chat(messages=[{"role": "tool", "content": "x", "tool_call_id": []}]),
+        400,
+        None,
+    ),
     ("missing role", H, chat(messages=[{"content": "x"}]), 400, None),
     ("numeric content", H, chat(messages=[{"role": "user", "content": 5}]), 400, None),
     ("messages not a list", H, chat(messages="hi"), 400, None),
