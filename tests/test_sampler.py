@@ -14,6 +14,7 @@ from tokenmill.sample.sampler import (
     apply_penalties,
     build_sampling_metadata,
     process_logits,
+    random_sample,
 )
 from tokenmill.sampling_params import SamplingParams
 
@@ -315,3 +316,19 @@ def test_top_k_without_top_p_does_not_sort(monkeypatch: pytest.MonkeyPatch) -> N
     topk_path = process_logits(logits, md)
     assert [len(s) for s in _kept(topk_path)][:2] == [1, 7]
     torch.testing.assert_close(topk_path, sorted_path)
+
+
+@pytest.mark.parametrize("method", ["exponential", "inverse_cdf"])
+def test_random_sample_frequencies_and_seeds(method: str) -> None:
+    """Both samplers (CUDA's exponential race, the CPU's inverse CDF) draw from probs exactly:
+    frequencies within ~4 sigma, never a zero-probability token, and a seeded row repeats."""
+    probs = torch.tensor([0.5, 0.0, 0.25, 0.125, 0.0, 0.125])
+    n = 20_000
+    torch.manual_seed(0)
+    draws = random_sample(probs.expand(n, -1).contiguous(), {}, method)
+    freq = torch.bincount(draws, minlength=6).float() / n
+    assert freq[1].item() == 0.0 and freq[4].item() == 0.0
+    assert (freq - probs).abs().max().item() < 0.015
+    rows = probs.expand(3, -1).contiguous()
+    first = [random_sample(rows, {1: torch.Generator().manual_seed(5)}, method)[1] for _ in "ab"]
+    assert first[0].item() == first[1].item()
