@@ -133,6 +133,30 @@ def test_prefill_and_decode_match_transformers(checkpoint, kernel_mode):
         torch.testing.assert_close(o, e, atol=ATOL, rtol=1e-4)
 
 
+def test_chunks_of_very_different_lengths_match_transformers(checkpoint, kernel_mode):
+    """A long prompt beside short ones: the reference backend attends them in separate padded
+    groups (`partition_chunks`), which must not change any logit."""
+    from tokenmill.layers.attention import partition_chunks
+
+    name, path, ref = checkpoint
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 160, (n,), generator=g).tolist() for n in (60, 2, 3, 45)]
+    lens = [len(p) for p in prompts]
+    assert len(partition_chunks(lens, lens)) > 1
+    got = paged_logits(_runner(path), prompts, [[n] for n in lens])
+    for p, o in zip(prompts, got):
+        torch.testing.assert_close(o, _reference_logits(ref, p), atol=ATOL, rtol=1e-4)
+
+
+def test_partition_bounds_padding():
+    from tokenmill.layers.attention import partition_chunks
+
+    # one 1,000-token prompt and 31 requests of 16 new tokens on a cached 1,008-token prefix
+    assert partition_chunks([1008] + [16] * 31, [1008] + [1024] * 31) == [(0, 1), (1, 32)]
+    assert partition_chunks([5, 6, 7], [5, 6, 7]) == [(0, 3)]  # alike: one group
+    assert partition_chunks([], []) == []
+
+
 def test_tied_checkpoint_has_no_lm_head(checkpoint):
     name, path, ref = checkpoint
     model, info = load_model(resolve_model(str(path)), torch.float32, progress=False)

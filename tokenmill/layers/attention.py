@@ -68,15 +68,34 @@ def _common(meta: AttentionMetadata) -> dict[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class TorchAttentionMetadata(AttentionMetadata):
-    """The reference backend's metadata: the padded layouts of the two groups."""
+    """The reference backend's metadata: the padded layout of the decodes, and of the chunks in
+    contiguous groups of similar shape (`partition_chunks`), with each group's token count."""
 
     decode: PaddedGroup | None = None  # None when there are no decodes or a kernel reads them
-    prefill: PaddedGroup | None = None
+    prefill: tuple[tuple[int, PaddedGroup], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class TritonAttentionMetadata(AttentionMetadata):
     num_splits: int = 1  # split-KV ranges per sequence (1: the unsplit kernel)
+
+
+def partition_chunks(query_lens: list[int], seq_lens: list[int]) -> list[tuple[int, int]]:
+    """Split consecutive chunks into [lo, hi) groups for padded attention, so that padding never
+    adds more than half a group's attention work (sum of query_len x seq_len), plus 16 queries'
+    worth: one 1,000-token prompt next to 31 cached-prefix requests of 16 new tokens makes two
+    groups, not one padded to 32 x 1,000 queries."""
+    groups: list[tuple[int, int]] = []
+    lo = 0
+    for i in range(1, len(query_lens) + 1):
+        if i < len(query_lens):
+            q, s = query_lens[lo : i + 1], seq_lens[lo : i + 1]
+            padded = len(q) * max(q) * max(s)
+            if padded <= 1.5 * sum(a * b for a, b in zip(q, s)) + 16 * max(s):
+                continue
+        groups.append((lo, i))
+        lo = i
+    return groups
 
 
 def build_padded_group(
@@ -182,15 +201,19 @@ class TorchAttentionBackend:
     def build_metadata(
         self, common: AttentionMetadata, device: torch.device
     ) -> TorchAttentionMetadata:
-        nd = sum(1 for q in common.query_lens_host if q == 1)
-        lists = (common.query_lens_host, common.seq_lens_host, common.block_tables_host)
-        groups: list[PaddedGroup | None] = [None, None]
-        for gi, (lo, hi) in enumerate(((0, nd), (nd, len(common.query_lens_host)))):
-            if hi > lo and (gi == 1 or self.padded_decode):
-                groups[gi] = build_padded_group(
-                    *(x[lo:hi] for x in lists), common.block_size, device
-                )
-        return TorchAttentionMetadata(**_common(common), decode=groups[0], prefill=groups[1])
+        q_lens, s_lens = common.query_lens_host, common.seq_lens_host
+        nd = sum(1 for q in q_lens if q == 1)
+        lists = (q_lens, s_lens, common.block_tables_host)
+
+        def group(lo: int, hi: int) -> PaddedGroup:
+            return build_padded_group(*(x[lo:hi] for x in lists), common.block_size, device)
+
+        decode = group(0, nd) if nd and self.padded_decode else None
+        prefill = tuple(
+            (sum(q_lens[nd + lo : nd + hi]), group(nd + lo, nd + hi))
+            for lo, hi in partition_chunks(q_lens[nd:], s_lens[nd:])
+        )
+        return TorchAttentionMetadata(**_common(common), decode=decode, prefill=prefill)
 
     def forward(
         self,
@@ -206,14 +229,13 @@ class TorchAttentionBackend:
         nd = meta.num_decode_tokens
         if nd == meta.num_tokens:
             return self._decode(layer, q, k_cache, v_cache, meta)
-        if nd == 0:
-            return self._prefill(layer, q, k_cache, v_cache, meta.prefill)
-        return torch.cat(
-            [
-                self._decode(layer, q[:nd], k_cache, v_cache, meta),
-                self._prefill(layer, q[nd:], k_cache, v_cache, meta.prefill),
-            ]
-        )
+        parts = [self._decode(layer, q[:nd], k_cache, v_cache, meta)] if nd else []
+        start = nd
+        for num_tokens, group in meta.prefill:
+            end = start + num_tokens
+            parts.append(self._prefill(layer, q[start:end], k_cache, v_cache, group))
+            start = end
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     @staticmethod
     def _gather(layer: Attention, cache: torch.Tensor, g: PaddedGroup) -> torch.Tensor:
