@@ -128,6 +128,39 @@ def test_argmax_rows_matches_torch_including_ties(dtype, vocab):
     torch.testing.assert_close(ops.argmax_rows(x), x.argmax(dim=-1), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [70, 96, 130])  # a partial last word; exact; past the mask
+def test_apply_token_bitmask_matches_bit_by_bit_reference(dtype, vocab):
+    g = torch.Generator().manual_seed(vocab)
+    words = min(-(-vocab // 32), 3)  # 130 tokens, 3 words: ids 96.. are outside the mask
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (3, words), generator=g, dtype=torch.int32)
+    bitmask[0] = -1  # everything allowed
+    bitmask[1] = 0  # nothing allowed
+    logits = torch.randn(5, vocab, generator=g).to(dtype)
+    rows = torch.tensor([4, 0, 2])
+
+    def reference(x, masks, which):
+        x = x.clone()
+        for mask, r in zip(masks.tolist(), which):
+            for t in range(vocab):
+                if t >= 32 * len(mask) or not (mask[t // 32] >> (t % 32)) & 1:
+                    x[r, t] = float("-inf")
+        return x
+
+    got = logits.clone()
+    ops.apply_token_bitmask(got, bitmask, rows)
+    torch.testing.assert_close(got, reference(logits, bitmask, rows.tolist()), atol=0, rtol=0)
+    every = logits[:3].clone()
+    ops.apply_token_bitmask(every, bitmask, torch.empty(0, dtype=torch.int64))
+    torch.testing.assert_close(every, reference(logits[:3], bitmask, [0, 1, 2]), atol=0, rtol=0)
+    # the PyTorch path computes the same thing
+    from tokenmill.sample.sampler import apply_token_bitmask_
+
+    same = logits.clone()
+    apply_token_bitmask_(same, bitmask, rows)
+    torch.testing.assert_close(same, got, atol=0, rtol=0)
+
+
 def test_kernel_build_cache_clears_only_stale_locks(tmp_path, monkeypatch):
     """A build killed half-way leaves torch's lock behind; later processes must not hang on it
     (an old lock is removed), while a fresh one (a build in progress) is left alone."""

@@ -18,7 +18,7 @@ import torch
 
 from tests.server_utils import ServerProcess
 from tokenmill.engine.structured_output import StructuredOutputManager
-from tokenmill.sample.sampler import Sampler, apply_token_bitmask, build_sampling_metadata
+from tokenmill.sample.sampler import Sampler, apply_token_bitmask_, build_sampling_metadata
 from tokenmill.sampling_params import SamplingParams, StructuredOutputsParams
 
 SCHEMAS = json.loads((Path(__file__).parent / "data/json_schemas.json").read_text())
@@ -37,23 +37,28 @@ def _pack(allowed: list[set[int]], vocab: int) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int32)
 
 
-# ---- sampler ---------------------------------------------------------------------------------
+# ---- sampler ----------------------------------------------------------------------------------
 def test_bitmask_masks_only_its_rows():
     torch.manual_seed(0)
     vocab = 70  # not a multiple of 32: the last word is partial
     logits = torch.randn(4, vocab)
+    out = logits.clone()
     allowed = [{0, 31, 32, 69}, {5}]
-    out = apply_token_bitmask(logits, _pack(allowed, vocab), torch.tensor([1, 3]))
+    apply_token_bitmask_(out, _pack(allowed, vocab), torch.tensor([1, 3]))
     for row, ids in ((1, allowed[0]), (3, allowed[1])):
         for t in range(vocab):
             expected = logits[row, t].item() if t in ids else float("-inf")
             assert out[row, t].item() == expected
     assert torch.equal(out[0], logits[0]) and torch.equal(out[2], logits[2])
+    every = logits.clone()
+    apply_token_bitmask_(every, _pack([{1}, {2}, {3}, {68}], vocab))
+    assert every.argmax(dim=1).tolist() == [1, 2, 3, 68]
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_sampler_never_leaves_the_mask(temperature):
-    """Greedy and random rows, penalties and logprobs: every sampled token is allowed."""
+    """Masked logits, then greedy or random rows with penalties and logprobs (the runner's
+    order): every sampled token is allowed."""
     torch.manual_seed(1)
     vocab, rows = 100, 6
     allowed = [{3, 50, 99}, {7}, {0, 1, 2, 3, 4}]
@@ -62,17 +67,11 @@ def test_sampler_never_leaves_the_mask(temperature):
         for _ in range(rows)
     ]
     md = build_sampling_metadata(
-        params,
-        [[1, 2]] * rows,
-        [[3]] * rows,
-        {},
-        vocab,
-        torch.device("cpu"),
-        token_bitmask=_pack(allowed, vocab),
-        token_bitmask_rows=[0, 2, 5],
+        params, [[1, 2]] * rows, [[3]] * rows, {}, vocab, torch.device("cpu")
     )
     for _ in range(20):
         logits = torch.randn(rows, vocab) * 5
+        apply_token_bitmask_(logits, _pack(allowed, vocab), torch.tensor([0, 2, 5]))
         out = Sampler()(logits, md)
         for row, ids in zip([0, 2, 5], allowed):
             assert out.sampled_token_ids[row].item() in ids

@@ -184,9 +184,7 @@ class LLMEngine:
         self._child_to_group: dict[str, _Sample] = {}
         self._ids = itertools.count()
         self._token_text: dict[int, str] = {}  # token id -> its text alone (logprob entries)
-        self.structured_outputs = StructuredOutputManager(
-            self.tokenizer, arch.vocab_size, num_threads=torch.get_num_threads()
-        )
+        self.structured_outputs = StructuredOutputManager(self.tokenizer, arch.vocab_size)
         self._awaiting_grammar: dict[str, _Group] = {}  # request id -> group, in arrival order
 
     # ---- set-up ---------------------------------------------------------------------------

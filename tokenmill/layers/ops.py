@@ -78,6 +78,14 @@ class TorchOps:
         """Row-wise argmax (int64), first index on ties."""
         return logits.argmax(dim=-1)
 
+    def apply_token_bitmask_(
+        self, logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> None:
+        """Structured output, in place: see `sample.sampler.apply_token_bitmask_`."""
+        from tokenmill.sample.sampler import apply_token_bitmask_
+
+        apply_token_bitmask_(logits, bitmask, rows)
+
 
 class CpuOps(TorchOps):
     """The C++ kernels (float32 / bfloat16 on the CPU)."""
@@ -114,6 +122,12 @@ class CpuOps(TorchOps):
 
     def argmax(self, logits):
         return self.kernels.argmax_rows(logits)
+
+    def apply_token_bitmask_(self, logits, bitmask, rows=None):
+        if not logits.is_contiguous():
+            return super().apply_token_bitmask_(logits, bitmask, rows)
+        empty = torch.empty(0, dtype=torch.int64)
+        self.kernels.apply_token_bitmask(logits, bitmask, empty if rows is None else rows)
 
 
 class TritonOps(TorchOps):

@@ -33,11 +33,6 @@ class SamplingMetadata:
     prompt_token_ids: torch.Tensor | None  # [num_rows, max_prompt_len] int64
     output_token_ids: torch.Tensor | None  # [num_rows, max_out_len] int64
     min_tokens_mask: torch.Tensor | None  # [num_rows, vocab_size] bool, True = forbidden
-    # Structured output: rows `token_bitmask_rows` [k] int64 may only take the tokens whose bit
-    # is set in their row of `token_bitmask` [k, ceil(vocab / 32)] int32 (token t: bit t % 32 of
-    # word t // 32)
-    token_bitmask: torch.Tensor | None = None
-    token_bitmask_rows: torch.Tensor | None = None
     generators: dict[int, torch.Generator] = field(default_factory=dict)  # row -> generator
     max_num_logprobs: int | None = None  # None: no logprobs; k >= 0: sampled + top-k
     max_top_k: int = 0  # the largest top_k of the batch (host side, sizes the top-k)
@@ -52,7 +47,8 @@ class SamplingMetadata:
 @dataclass(frozen=True)
 class TokenBitmasks:
     """The structured-output masks of one step: row i of `bitmask` (host, int32,
-    [len(request_ids), ceil(vocab / 32)]) is what request `request_ids[i]` may sample next."""
+    [len(request_ids), ceil(vocab / 32)]; token t is bit t % 32 of word t // 32) is what request
+    `request_ids[i]` may sample next."""
 
     request_ids: list[str]
     bitmask: torch.Tensor
@@ -113,16 +109,12 @@ def build_sampling_metadata(
     vocab_size: int,
     device: torch.device,
     stop_ids_for_min_tokens: list[set[int]] | None = None,
-    token_bitmask: torch.Tensor | None = None,
-    token_bitmask_rows: list[int] | None = None,
 ) -> SamplingMetadata:
     """Batch the rows' sampling settings into tensors on `device`.
 
     `generators` maps a row index to that request's own generator (seeded requests).
     `stop_ids_for_min_tokens[i]` holds the ids (eos + stop_token_ids) that row i may not emit
     while it has fewer than `params[i].min_tokens` output tokens.
-    `token_bitmask` (host, int32, one row per entry of `token_bitmask_rows`) restricts those rows
-    to the tokens their structured-output constraint allows.
     """
     num_rows = len(params)
     if len(prompt_ids) != num_rows or len(output_ids) != num_rows:
@@ -131,10 +123,6 @@ def build_sampling_metadata(
         raise ValueError("stop_ids_for_min_tokens must have one entry per row")
     if any(not 0 <= i < num_rows for i in generators):
         raise ValueError(f"generator row indices must be in [0, {num_rows})")
-    if (token_bitmask is None) != (token_bitmask_rows is None) or (
-        token_bitmask is not None and len(token_bitmask) != len(token_bitmask_rows)
-    ):
-        raise ValueError("token_bitmask needs one row per entry of token_bitmask_rows")
 
     greedy = [p.greedy for p in params]
     temperature = [0.0 if g else float(p.temperature) for p, g in zip(params, greedy)]
@@ -168,12 +156,6 @@ def build_sampling_metadata(
         output_token_ids=_padded_ids(output_ids, vocab_size, device) if any_penalty else None,
         min_tokens_mask=_min_tokens_mask(
             params, output_ids, stop_ids_for_min_tokens, vocab_size, device
-        ),
-        token_bitmask=(
-            token_bitmask.to(device, non_blocking=True) if token_bitmask is not None else None
-        ),
-        token_bitmask_rows=(
-            _to(token_bitmask_rows, torch.int64, device) if token_bitmask_rows is not None else None
         ),
         generators=dict(generators),
         max_num_logprobs=max(requested) if requested else None,

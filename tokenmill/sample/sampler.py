@@ -1,8 +1,8 @@
 """Batched sampler: penalties, temperature, top-k / top-p / min-p, seeded sampling, logprobs.
 
-Order (vLLM's): structured-output rows are first restricted to the tokens their constraint
-allows (a bitmask; every path, greedy included, samples from the masked logits); logprobs come
-from those logits; then the min_tokens mask, repetition
+Order (vLLM's): the runner first restricts structured-output rows to the tokens their constraint
+allows (`apply_token_bitmask_`, in place, before any path, greedy included); logprobs come from
+those logits; then the min_tokens mask, repetition
 penalty, frequency / presence penalties; greedy rows take the argmax of the penalised logits;
 random rows are divided by their temperature, filtered by top-k, top-p and min-p, and sampled
 (`random_sample`: the exponential race on CUDA, the inverse CDF on the CPU), seeded rows from
@@ -26,7 +26,7 @@ __all__ = [
     "apply_min_p",
     "apply_penalties",
     "apply_temperature",
-    "apply_token_bitmask",
+    "apply_token_bitmask_",
     "apply_top_k_top_p",
     "build_sampling_metadata",
     "compute_logprobs",
@@ -62,27 +62,37 @@ def _token_counts(token_ids: torch.Tensor, num_rows: int, vocab_size: int) -> to
     return counts[:, :vocab_size]
 
 
-def apply_token_bitmask(
-    logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor
-) -> torch.Tensor:
-    """Set to -inf, in rows `rows` [k] of `logits` [num_rows, vocab], every token whose bit is
-    clear in that row's `bitmask` [k, ceil(vocab / 32)] int32. Other rows are untouched.
-    Returns a new tensor."""
+def _bit_table(device: torch.device) -> torch.Tensor:
+    """[256, 8] bool: the bits of every byte value, least significant first."""
+    table = _BIT_TABLES.get(device)
+    if table is None:
+        values = torch.arange(256, dtype=torch.int32, device=device)
+        table = (values[:, None] >> torch.arange(8, dtype=torch.int32, device=device)) & 1 > 0
+        _BIT_TABLES[device] = table
+    return table
+
+
+_BIT_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def apply_token_bitmask_(
+    logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None = None
+) -> None:
+    """In place: set to -inf, in rows `rows` [k] of `logits` [num_rows, vocab] (all rows when
+    None), every token whose bit is clear in that row's `bitmask` [k, ceil(vocab / 32)] int32
+    (token t: bit t % 32 of word t // 32). Other rows are untouched."""
     vocab_size = logits.shape[1]
-    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).reshape(bitmask.shape[0], -1)
-    forbidden = allowed[:, :vocab_size] == 0
-    if forbidden.shape[1] < vocab_size:  # ids past the bitmask are never allowed
-        pad = torch.ones(
-            forbidden.shape[0],
-            vocab_size - forbidden.shape[1],
-            dtype=torch.bool,
-            device=logits.device,
-        )
-        forbidden = torch.cat([forbidden, pad], dim=1)
-    logits = logits.clone()
-    logits[rows] = logits[rows].masked_fill(forbidden, _NEG_INF)
-    return logits
+    # little-endian int32 words -> bytes -> bits: token order
+    allowed = _bit_table(logits.device)[bitmask.contiguous().view(torch.uint8).long()]
+    allowed = allowed.view(bitmask.shape[0], -1)
+    if allowed.shape[1] < vocab_size:  # ids past the bitmask are never allowed
+        pad = allowed.new_zeros(allowed.shape[0], vocab_size - allowed.shape[1])
+        allowed = torch.cat([allowed, pad], dim=1)
+    forbidden = ~allowed[:, :vocab_size]
+    if rows is None:
+        logits.masked_fill_(forbidden, _NEG_INF)
+    else:
+        logits[rows] = logits[rows].masked_fill(forbidden, _NEG_INF)
 
 
 def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
@@ -252,9 +262,6 @@ class Sampler(torch.nn.Module):
                 f"logits must be [num_rows={md.num_rows}, vocab], got {tuple(logits.shape)}"
             )
         logits = logits.to(torch.float32)  # [num_rows, vocab]; all later ops are out of place
-        if md.token_bitmask is not None:
-            assert md.token_bitmask_rows is not None
-            logits = apply_token_bitmask(logits, md.token_bitmask, md.token_bitmask_rows)
         raw_logprobs = None
         if md.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=1)

@@ -302,14 +302,17 @@ class ModelRunner:
             return ModelRunnerOutput(prompt_logprobs=prompt_lps)
         hidden = hidden[inputs.logits_indices]
         reqs = [sched.scheduled[i].request for i in inputs.sample_rows]
-        if token_bitmasks is None and all(_plain_greedy(r, r.sampling_params) for r in reqs):
-            # Nothing to penalise, mask or report: the sampler would reduce to an argmax, which
-            # the model-dtype logits give exactly (widening to float32 is exact).
+        if all(_plain_greedy(r, r.sampling_params) for r in reqs):
+            # Nothing to penalise or report: the sampler would reduce to an argmax (of the
+            # masked logits), which the model-dtype logits give exactly (widening is exact).
             logits = self.model.compute_logits(hidden, float32=False)
+            self._mask(reqs, logits, token_bitmasks)
             (tokens,) = to_host(self.ops.argmax(logits))
             out = ModelRunnerOutput(sampled={r.request_id: t for r, t in zip(reqs, tokens)})
         else:
-            out = self._sample(reqs, self.model.compute_logits(hidden), token_bitmasks)
+            logits = self.model.compute_logits(hidden)
+            self._mask(reqs, logits, token_bitmasks)
+            out = self._sample(reqs, logits)
         out.prompt_logprobs = prompt_lps
         return out
 
@@ -333,10 +336,16 @@ class ModelRunner:
         if not inputs.sample_rows:
             return ModelRunnerOutput()
         reqs = [sched.scheduled[i].request for i in inputs.sample_rows]
-        if token_bitmasks is None and all(_plain_greedy(r, r.sampling_params) for r in reqs):
+        plain = all(_plain_greedy(r, r.sampling_params) for r in reqs)
+        if plain and token_bitmasks is None:
             (tokens,) = to_host(greedy[inputs.logits_indices])
             return ModelRunnerOutput(sampled={r.request_id: t for r, t in zip(reqs, tokens)})
-        return self._sample(reqs, logits[inputs.logits_indices].float(), token_bitmasks)
+        logits = logits[inputs.logits_indices]  # a copy: the graph's buffer stays as it was
+        self._mask(reqs, logits, token_bitmasks)
+        if plain:  # the graph's argmax predates the mask
+            (tokens,) = to_host(self.ops.argmax(logits))
+            return ModelRunnerOutput(sampled={r.request_id: t for r, t in zip(reqs, tokens)})
+        return self._sample(reqs, logits.float())
 
     def _prompt_logprobs(
         self, sched: SchedulerOutput, order: list[int], hidden: torch.Tensor
@@ -385,16 +394,29 @@ class ModelRunner:
             pos += n
         return result
 
-    def _sample(
+    def _mask(
         self, reqs: list[Request], logits: torch.Tensor, token_bitmasks: TokenBitmasks | None
-    ) -> ModelRunnerOutput:
+    ) -> None:
+        """Restrict, in place, the logits rows of requests with a structured-output constraint
+        to the tokens it allows; every sampling path runs after this."""
+        if token_bitmasks is None:
+            return
+        index = {rid: i for i, rid in enumerate(token_bitmasks.request_ids)}
+        rows = [row for row, r in enumerate(reqs) if r.request_id in index]
+        if not rows:
+            return
+        picked = [index[reqs[row].request_id] for row in rows]
+        bitmask = token_bitmasks.bitmask
+        if picked != list(range(len(bitmask))):
+            bitmask = bitmask[picked]
+        bitmask = bitmask.to(self.device, non_blocking=True)
+        if len(rows) == len(reqs):
+            self.ops.apply_token_bitmask_(logits, bitmask)
+        else:
+            self.ops.apply_token_bitmask_(logits, bitmask, torch.tensor(rows, device=self.device))
+
+    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> ModelRunnerOutput:
         params = [r.sampling_params for r in reqs]
-        bitmask, bitmask_rows = None, None
-        if token_bitmasks is not None:
-            index = {rid: i for i, rid in enumerate(token_bitmasks.request_ids)}
-            bitmask_rows = [row for row, r in enumerate(reqs) if r.request_id in index]
-            picked = [index[reqs[row].request_id] for row in bitmask_rows]
-            bitmask = token_bitmasks.bitmask[picked]
         generators = {
             row: self._generator(r.request_id, p.seed)
             for row, (r, p) in enumerate(zip(reqs, params))
@@ -414,8 +436,6 @@ class ModelRunner:
             self.vocab_size,
             self.device,
             min_tok_stops,
-            bitmask,
-            bitmask_rows,
         )
         out = self.sampler(logits, meta)
         if out.logprobs is None:

@@ -489,6 +489,49 @@ void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
   });
 }
 
+// Structured output: in rows `rows[i]` of logits [R, V] (row i when rows is null), set to -inf
+// every token whose bit is clear in mask row i [W] (token t: bit t % 32 of word t // 32); tokens
+// past 32 * W are never allowed.
+template <typename T>
+void token_bitmask_kernel(T* logits, const int32_t* mask, const int64_t* rows, int64_t K, int64_t V,
+                          int64_t W) {
+  const T neg = from_f<T>(-std::numeric_limits<float>::infinity());
+  at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      T* row = logits + (rows ? rows[i] : i) * V;
+      const uint32_t* m = reinterpret_cast<const uint32_t*>(mask + i * W);
+      for (int64_t w = 0; w < W && w * 32 < V; ++w) {
+        const uint32_t bits = m[w];
+        if (bits == 0xFFFFFFFFu) continue;
+        T* dst = row + w * 32;
+        const int n = static_cast<int>(std::min<int64_t>(32, V - w * 32));
+        for (int j = 0; j < n; ++j)
+          if (!((bits >> j) & 1u)) dst[j] = neg;
+      }
+      for (int64_t t = W * 32; t < V; ++t) row[t] = neg;
+    }
+  });
+}
+
+void apply_token_bitmask(torch::Tensor logits, torch::Tensor bitmask, torch::Tensor rows) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "logits must be contiguous [R, V]");
+  TORCH_CHECK(bitmask.dim() == 2 && bitmask.scalar_type() == at::kInt, "bitmask must be int32");
+  auto mask = bitmask.contiguous();
+  auto r = rows.to(at::kLong).contiguous();
+  const int64_t K = mask.size(0);
+  TORCH_CHECK(r.numel() == 0 ? K == logits.size(0) : r.numel() == K,
+              "one bitmask row per logits row (or per entry of rows)");
+  if (r.numel()) {
+    TORCH_CHECK(r.min().item<int64_t>() >= 0 && r.max().item<int64_t>() < logits.size(0),
+                "rows out of range");
+  }
+  DISPATCH(logits.scalar_type(), "apply_token_bitmask", [&] {
+    token_bitmask_kernel<scalar_t>(logits.data_ptr<scalar_t>(), mask.data_ptr<int32_t>(),
+                                   r.numel() ? r.data_ptr<int64_t>() : nullptr, K, logits.size(1),
+                                   mask.size(1));
+  });
+}
+
 torch::Tensor argmax_rows(torch::Tensor x) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) > 0, "x must be [R, V] with V > 0");
   x = x.contiguous();
@@ -564,6 +607,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention_reference", &paged_decode_attention_reference);
   m.def("write_kv", &write_kv);
   m.def("argmax_rows", &argmax_rows);
+  m.def("apply_token_bitmask", &apply_token_bitmask);
   m.def("add_rms_norm", &add_rms_norm);
   m.def("silu_mul", &silu_mul);
   m.def("rotary_inplace", &rotary_inplace);
