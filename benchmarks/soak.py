@@ -124,6 +124,7 @@ async def one(client: httpx.AsyncClient, rng: random.Random, model: str, stats: 
             async with client.stream("POST", path, json=body) as r:
                 if r.status_code >= 500:
                     stats["5xx"] += 1
+                    _example(stats, body, f"{r.status_code}: {(await r.aread())[:300]!r}")
                     return
                 async for line in r.aiter_lines():
                     if line:
@@ -143,16 +144,21 @@ async def one(client: httpx.AsyncClient, rng: random.Random, model: str, stats: 
             r = await task
             if r.status_code >= 500:
                 stats["5xx"] += 1
+                _example(stats, body, f"{r.status_code}: {r.text[:300]}")
                 return
             problem = check_json(body, r.json()) if r.status_code == 200 else f"{r.status_code}"
     except (httpx.HTTPError, asyncio.CancelledError) as e:
         problem = f"{type(e).__name__}: {e}"
     if problem:
         stats["bad"] += 1
-        if len(stats["examples"]) < 10:
-            stats["examples"].append({"body": body, "problem": problem})
+        _example(stats, body, problem)
     else:
         stats["ok"] += 1
+
+
+def _example(stats: dict, body: dict, problem: str) -> None:
+    if len(stats["examples"]) < 10:
+        stats["examples"].append({"body": body, "problem": problem})
 
 
 def kv_resident(srv: ServerProcess) -> int:

@@ -310,3 +310,27 @@ def test_bad_constraints_are_400(client, server, extra, param):
         assert body["param"] == param
     assert time.monotonic() - t < 10
     server.wait_idle()
+
+
+def test_logprobs_under_a_constraint_are_valid_json(client, server):
+    """Tokens a grammar forbids have logprob -inf; JSON shows them as -9999.0 (as vLLM does)
+    instead of failing to serialise."""
+    for stream in (False, True):
+        resp = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "yes or no?"}],
+            max_tokens=5,
+            logprobs=True,
+            top_logprobs=5,
+            stream=stream,
+            extra_body={"guided_choice": ["yes"]},  # only y / ye / yes may start it
+        )
+        chunks = list(resp) if stream else [resp]
+        entries = [
+            t for c in chunks for ch in c.choices if ch.logprobs for t in ch.logprobs.content or []
+        ]
+        assert entries
+        values = [t.logprob for t in entries] + [a.logprob for t in entries for a in t.top_logprobs]
+        assert all(v >= -9999.0 for v in values)
+        assert -9999.0 in values  # the forbidden alternatives
+    server.wait_idle()

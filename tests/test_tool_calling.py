@@ -247,3 +247,25 @@ def test_plan_uses_the_template_when_it_renders_tools(default_gguf):
     assert plan.messages == ASK and plan.constraint is None
     text = tok.apply_chat_template(plan.messages, tools=plan.template_tools)
     assert '"get_weather"' in text
+
+
+def test_streamed_samples_finish_once(client):
+    """n samples that end at different steps: each gets exactly one finish_reason, no error."""
+    finishes: dict[int, list[str]] = {}
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=ASK,
+        tools=TOOLS,
+        tool_choice="required",
+        n=3,
+        temperature=1.0,
+        seed=2,
+        max_tokens=60,
+        stream=True,
+    )
+    for chunk in stream:
+        for c in chunk.choices:
+            if c.finish_reason:
+                finishes.setdefault(c.index, []).append(c.finish_reason)
+    assert sorted(finishes) == [0, 1, 2]
+    assert all(len(v) == 1 and v[0] in ("tool_calls", "length") for v in finishes.values())

@@ -166,6 +166,14 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+MIN_LOGPROB = -9999.0  # what JSON shows for log(0) (a token a grammar forbids), as vLLM does
+
+
+def _json_logprob(value: float) -> float:
+    """A logprob JSON can carry: -inf (impossible under a constraint) becomes MIN_LOGPROB."""
+    return max(value, MIN_LOGPROB)
+
+
 def _top(lp: dict, k: int) -> list[tuple[int, Any]]:
     """The top-k alternatives of one position, most likely first."""
     alts = [(t, v) for t, v in lp.items() if v.rank is not None and v.rank <= k]
@@ -183,8 +191,10 @@ def completion_logprobs(
     for tok, lp in zip(o.token_ids[start:], o.logprobs[start:]):
         piece = tokenizer.decode([tok], skip_special_tokens=False)
         tokens.append(piece)
-        token_lps.append(lp[tok].logprob)
-        tops.append({v.decoded_token: v.logprob for _, v in _top(lp, k)} if k else None)
+        token_lps.append(_json_logprob(lp[tok].logprob))
+        tops.append(
+            {v.decoded_token: _json_logprob(v.logprob) for _, v in _top(lp, k)} if k else None
+        )
         offsets.append(offset)
         offset += len(piece)
     return {
@@ -207,9 +217,11 @@ def prompt_logprobs_object(
         tokens.append(piece)
         offsets.append(offset)
         offset += len(piece)
-        token_lps.append(None if lp is None else lp[tok].logprob)
+        token_lps.append(None if lp is None else _json_logprob(lp[tok].logprob))
         tops.append(
-            {v.decoded_token: v.logprob for _, v in _top(lp, k)} if k and lp is not None else None
+            {v.decoded_token: _json_logprob(v.logprob) for _, v in _top(lp, k)}
+            if k and lp is not None
+            else None
         )
     return {
         "tokens": tokens,
@@ -240,12 +252,12 @@ def chat_logprobs(
         content.append(
             {
                 "token": piece,
-                "logprob": lp[tok].logprob,
+                "logprob": _json_logprob(lp[tok].logprob),
                 "bytes": list(piece.encode()),
                 "top_logprobs": [
                     {
                         "token": v.decoded_token,
-                        "logprob": v.logprob,
+                        "logprob": _json_logprob(v.logprob),
                         "bytes": list((v.decoded_token or "").encode()),
                     }
                     for _, v in _top(lp, k)

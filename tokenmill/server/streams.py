@@ -116,10 +116,15 @@ async def completion_response(
     async def stream() -> AsyncIterator[str]:
         counts: dict[int, int] = {}
         offsets: dict[int, int] = {}
+        done: set[int] = set()  # choices whose finish_reason went out (outputs repeat them)
         try:
             async for i, out in serving.merged(streams, tracker):
                 for o in out.outputs:
                     idx = i * n + o.index
+                    if idx in done:
+                        continue
+                    if o.finished:
+                        done.add(idx)
                     counts[idx] = len(o.token_ids)
                     echo, echo_lp = "", None
                     if body.echo and idx not in offsets:
@@ -268,8 +273,13 @@ async def chat_response(
                         ]
                     )
                 )
+            done: set[int] = set()  # samples whose finish_reason went out (outputs repeat them)
             async for _, out in serving.merged(streams, tracker):
                 for o in out.outputs:
+                    if o.index in done:
+                        continue
+                    if o.finished:
+                        done.add(o.index)
                     counts[o.index] = len(o.token_ids)
                     start = len(o.token_ids) - len(o.delta_token_ids)
                     pieces = deltas(o)
