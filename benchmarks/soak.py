@@ -11,9 +11,10 @@ Pass means:
     with a finish reason for every choice);
   * no 5xx at all;
   * no KV block in use and no request left running or waiting at the end;
-  * the server's resident memory after the last 1,000 requests within 5% of the value after
-    the first 1,000, not counting the KV pool's committed pages (which by design grow with the
-    blocks in use, up to the peak working set: issue 11); the raw RSS is reported too.
+  * the server's resident memory after the last 1,000 requests at most 5% above the value after
+    the first 1,000 (lower is fine: the engine hands freed heap pages back to the OS), not
+    counting the KV pool's committed pages (which by design grow with the blocks in use, up to
+    the peak working set: issue 11); the raw RSS is reported too.
 
     .venv/bin/python benchmarks/soak.py [--requests 10000] [--concurrency 64]
 """
@@ -235,7 +236,7 @@ def main() -> None:
     stats["pass"] = (
         stats["bad"] == 0
         and stats["5xx"] == 0
-        and abs(drift) < 0.05
+        and drift < 0.05  # growth is a leak; pages handed back to the OS are not
         and not any(stats["leaked"].values())
     )
     print(
