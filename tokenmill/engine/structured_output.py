@@ -95,7 +95,6 @@ class Matcher:
 class CompiledGrammar:
     """A compiled constraint; `StructuredOutputManager.new_matcher` starts a sample on it."""
 
-    key: str
     matcher: Any  # an LLMatcher at the start state, never advanced (copied per sample)
 
 
@@ -162,7 +161,7 @@ class StructuredOutputManager:
             raise GrammarError(
                 f"the structured output constraint does not compile: {m.get_error()}"
             )
-        return CompiledGrammar(key, m)
+        return CompiledGrammar(m)
 
     def new_matcher(self, compiled: CompiledGrammar) -> Matcher:
         return Matcher(compiled.matcher.deep_copy())
@@ -181,7 +180,3 @@ class StructuredOutputManager:
         for i, m in enumerate(matchers):
             m._m.unsafe_compute_mask_ptr(base + i * row_bytes, row_bytes)
         return bitmask
-
-    def shutdown(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)

@@ -62,6 +62,9 @@ def _token_counts(token_ids: torch.Tensor, num_rows: int, vocab_size: int) -> to
     return counts[:, :vocab_size]
 
 
+_BIT_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
 def _bit_table(device: torch.device) -> torch.Tensor:
     """[256, 8] bool: the bits of every byte value, least significant first."""
     table = _BIT_TABLES.get(device)
@@ -70,9 +73,6 @@ def _bit_table(device: torch.device) -> torch.Tensor:
         table = (values[:, None] >> torch.arange(8, dtype=torch.int32, device=device)) & 1 > 0
         _BIT_TABLES[device] = table
     return table
-
-
-_BIT_TABLES: dict[torch.device, torch.Tensor] = {}
 
 
 def apply_token_bitmask_(
