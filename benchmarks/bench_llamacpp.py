@@ -11,7 +11,10 @@ OpenMP runtime and PyTorch's must not share one); the engines are interleaved an
 `--repeats` runs is kept. tokenmill runs once per kernel level the CPU has
 (TOKENMILL_CPU_ISA). Each number also appears as a fraction of its roofline: the bytes the
 engine reads per decode step (weights as it stores them + KV at the mean context) over the
-measured copy bandwidth, or the FLOPs over the measured bf16 matmul rate, whichever is slower.
+measured copy bandwidth, or the multiply-adds over the measured peak of the instruction the
+engine multiplies with, whichever is slower: `vpdpbusd` / `vpmaddubsw` / AMX tiles for the
+integer kernel levels (benchmarks/int8_peak.c, one thread per core; llama.cpp at the best non-AMX
+level), the bf16 matmul rate for dense weights.
 
     pip install llama-cpp-python==0.3.36   # benchmark-only, built from source (see README)
     python benchmarks/bench_llamacpp.py [--files default,Q4_K_M,Q6_K,Q8_0,1B-Q4_K_M]
@@ -24,7 +27,9 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -165,6 +170,7 @@ def _tokenmill(path: str, threads: int, isa: str, quantization: str):
         "kernels": info.quant_reason,
         "dtype": str(llm.engine.dtype).removeprefix("torch."),
         "weight_bytes": llm.engine.model.weight_bytes_per_step(),
+        "int8_level": isa if info.native_weights else None,
         "kv_bytes_per_token": 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * elt,
     }
     return run, desc
@@ -183,6 +189,7 @@ def _llamacpp(path: str, threads: int):
         "kernels": "ggml CPU",
         "dtype": "f32 acts",
         "weight_bytes": eng.weight_bytes(),
+        "int8_level": "avx512" if "avx512_vnni" in _cpu_flags() else "avx2",
     }
 
 
@@ -286,17 +293,53 @@ def measure_bf16_tflops() -> float:
     return 2 * 1024**3 * n / (time.perf_counter() - t) / 1e12
 
 
-def roofline(case: str, desc: dict, params: int, bw: float, tflops: float, args) -> float:
-    """Upper bound in tokens/s for the case (see the module docstring)."""
+def _cpu_flags() -> set[str]:
+    return set(open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0].split())
+
+
+def measure_int8_gmacs(threads: int) -> dict[str, float]:
+    """Peak integer multiply-adds per second (G) of each kernel level the CPU has, from
+    benchmarks/int8_peak.c (best of 3); empty (bf16 rate for every roofline) without a C
+    compiler."""
+    exe = Path(tempfile.mkdtemp()) / "int8_peak"
+    src = Path(__file__).with_name("int8_peak.c")
+    try:
+        subprocess.run(
+            ["cc", "-O3", "-march=native", "-fopenmp", str(src), "-o", str(exe)],
+            check=True,
+            capture_output=True,
+        )
+        runs = [
+            subprocess.run([str(exe), str(threads)], check=True, capture_output=True, text=True)
+            for _ in range(3)
+        ]
+    except (OSError, subprocess.CalledProcessError) as e:
+        print(f"int8 peak not measured ({e}); compute rooflines use the bf16 matmul rate")
+        return {}
+    peaks: dict[str, float] = {}
+    for run in runs:
+        for level, rate in (line.split() for line in run.stdout.splitlines()):
+            peaks[level] = max(peaks.get(level, 0.0), float(rate))
+    return peaks
+
+
+def roofline(case: str, desc: dict, params: int, bw: float, peaks: dict, args) -> float:
+    """Upper bound in tokens/s for the case (see the module docstring). `peaks` has the bf16
+    matmul rate ("bf16", TFLOP/s) and the integer levels' multiply-add rates (GMAC/s)."""
+    level = desc.get("int8_level")
+    if level in peaks:
+        macs_per_s = peaks[level] * 1e9
+    else:
+        macs_per_s = peaks["bf16"] * 1e12 / 2
     if case == "prefill":
         n = args.prefill
         t_mem = (desc["weight_bytes"] + n * desc.get("kv_bytes_per_token", 0)) / (bw * 1e9)
-        return n / max(t_mem, 2 * params * n / (tflops * 1e12))
+        return n / max(t_mem, params * n / macs_per_s)
     batch = 1 if case == "bs1" else args.batch
     ctx = args.prompt_len + args.new_tokens / 2
     kv = batch * ctx * desc.get("kv_bytes_per_token", 0)
     t_mem = (desc["weight_bytes"] + kv) / (bw * 1e9)
-    return batch / max(t_mem, 2 * params * batch / (tflops * 1e12))
+    return batch / max(t_mem, params * batch / macs_per_s)
 
 
 def count_params(path: str) -> int:
@@ -305,7 +348,7 @@ def count_params(path: str) -> int:
     return sum(int(t.n_elements) for t in gguf.GGUFReader(path).tensors)
 
 
-def bench_file(name: str, path: str, args, bw: float, tflops: float) -> list[dict]:
+def bench_file(name: str, path: str, args, bw: float, peaks: dict) -> list[dict]:
     from tokenmill.kernels.cpu_ops import supported_isas
 
     isas = [i for i in args.isas.split(",") if i == "reference" or i in supported_isas()]
@@ -347,7 +390,7 @@ def bench_file(name: str, path: str, args, bw: float, tflops: float) -> list[dic
             }[case]
             row[f"{case}_tok_s"] = n / min(times[w.label][case])
             row[f"{case}_roofline"] = row[f"{case}_tok_s"] / roofline(
-                case, w.desc, params, bw, tflops, args
+                case, w.desc, params, bw, peaks, args
             )
         rows.append(row)
         w.close()
@@ -377,19 +420,17 @@ def main() -> None:
 
     files = prepare_files(args.files.split(","), Path(args.workdir))
     bw, tflops = measure_bandwidth_gbs(), measure_bf16_tflops()
-    flags = sorted(
-        f
-        for f in open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0].split()
-        if f.startswith(("avx", "amx", "fma", "f16c"))
-    )
+    peaks = {"bf16": tflops, **measure_int8_gmacs(args.threads)}
+    flags = sorted(f for f in _cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c")))
     rows = []
     for name, path in files.items():
         print(f"{name}: {path}", flush=True)
-        rows += bench_file(name, path, args, bw, tflops)
+        rows += bench_file(name, path, args, bw, peaks)
 
     print(
         f"\n{platform.processor() or platform.machine()}, {args.threads} threads, copy "
-        f"bandwidth {bw:.1f} GB/s, bf16 matmul {tflops:.2f} TFLOP/s; flags: {' '.join(flags)}"
+        f"bandwidth {bw:.1f} GB/s, bf16 matmul {tflops:.2f} TFLOP/s, int8 peak GMAC/s "
+        f"{ {k: round(v) for k, v in peaks.items() if k != 'bf16'} }; flags: {' '.join(flags)}"
     )
     head = f"{'file':<11}{'engine':<19}{'MB/step':>8}"
     for label in ("bs1 tok/s", f"prefill{args.prefill}", f"{args.batch}x{args.new_tokens}"):
@@ -415,6 +456,7 @@ def main() -> None:
                 "threads": args.threads,
                 "bandwidth_gbs": bw,
                 "bf16_tflops": tflops,
+                "int8_peak_gmacs": {k: v for k, v in peaks.items() if k != "bf16"},
                 "cpu_flags": flags,
                 "args": vars(args),
                 "rows": rows,
