@@ -13,6 +13,7 @@ from tokenmill.sample.sampler import (
     SamplingMetadata,
     apply_penalties,
     build_sampling_metadata,
+    inverse_cdf,
     process_logits,
     random_sample,
 )
@@ -332,3 +333,27 @@ def test_random_sample_frequencies_and_seeds(method: str) -> None:
     rows = probs.expand(3, -1).contiguous()
     first = [random_sample(rows, {1: torch.Generator().manual_seed(5)}, method)[1] for _ in "ab"]
     assert first[0].item() == first[1].item()
+
+
+@pytest.mark.parametrize("vocab_size", [6, 255, 256, 257, 49_155])
+def test_inverse_cdf_matches_one_cumulative_sum(vocab_size: int) -> None:
+    """The two-level inverse CDF picks the token one float64 cumulative sum over the row picks
+    (the textbook definition), for any u, with zero-probability tokens and whole zero blocks;
+    and it never picks a token of probability 0, even at u -> 1."""
+    g = torch.Generator().manual_seed(vocab_size)
+    probs = torch.rand(64, vocab_size, generator=g) ** 4
+    probs[probs < 0.05] = 0.0  # scattered zeros
+    probs[:, vocab_size * 3 // 4] += 0.1  # no row without mass
+    probs[:8, : vocab_size // 2] = 0.0  # rows whose first half (whole blocks) is empty
+    probs[8:16, -1] = 0.0  # the last token of the row has no mass
+    probs[16, :] = 0.0
+    probs[16, vocab_size // 3] = 1.0  # one certain token
+    probs = probs / probs.sum(dim=1, keepdim=True)
+    u = torch.rand(64, dtype=torch.float64, generator=g)
+    u[-4:] = torch.tensor([0.0, 0.5, 1 - 2**-53, 1 - 2**-40], dtype=torch.float64)
+    cdf = probs.to(torch.float64).cumsum(dim=1)
+    expected = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+    expected = expected.clamp(max=vocab_size - 1)
+    got = inverse_cdf(probs, u)
+    assert torch.equal(got, expected)
+    assert (probs.gather(1, got.unsqueeze(1)) > 0).all()

@@ -226,10 +226,42 @@ def _inverse_cdf_sample(
         u.uniform_()
     for row, generator in generators.items():
         u[row : row + 1].uniform_(generator=generator)
-    cdf = probs.to(torch.float64).cumsum(dim=1)  # float64: exact enough over 100k+ tokens
-    target = (u * cdf[:, -1]).unsqueeze(1)
-    token = torch.searchsorted(cdf, target, right=True).squeeze(1)
-    return token.clamp_(max=probs.shape[1] - 1)
+    return inverse_cdf(probs, u)
+
+
+CDF_BLOCK = 256  # tokens per block of the two-level inverse CDF
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """[num_rows] int64: per row, the first token whose cumulative probability exceeds
+    u x total (u: [num_rows] float64 in [0, 1)); never a token of probability 0.
+
+    Two levels, because a cumulative sum over the vocabulary is sequential (~5 ns a token on
+    the CPU, 0.2 ms per 49k-token row): the masses of blocks of CDF_BLOCK tokens pick the block,
+    then one block's float64 cumulative sum picks the token. The same token as one float64
+    cumulative sum over the row, except where u x total falls within the float32 rounding of
+    a block's mass (~1e-7 relative) of a block boundary.
+    """
+    num_rows, vocab_size = probs.shape
+    pad = -vocab_size % CDF_BLOCK
+    blocks = (torch.nn.functional.pad(probs, (0, pad)) if pad else probs).view(
+        num_rows, -1, CDF_BLOCK
+    )
+    mass = blocks.sum(dim=2).to(torch.float64)  # [num_rows, num_blocks]
+    cdf = torch.nn.functional.pad(mass, (1, 0)).cumsum(dim=1)  # column 0: no block yet
+    target = u * cdf[:, -1]
+    block = (_first_above(cdf, target) - 1).clamp_(min=0)  # column 0 is never above
+    mass_before = cdf.gather(1, block.unsqueeze(1)).squeeze(1)  # <= target: block is the first
+    inner = blocks[torch.arange(num_rows), block].to(torch.float64).cumsum(dim=1)
+    return block * CDF_BLOCK + _first_above(inner, target - mass_before)
+
+
+def _first_above(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per row of a non-decreasing `cdf`, the first column above `target`, capped at the last
+    column that adds mass (rounding can put the target at or past the row's total)."""
+    first = torch.searchsorted(cdf, target.unsqueeze(1), right=True).squeeze(1)
+    last = (cdf < cdf[:, -1:]).sum(dim=1)
+    return torch.minimum(first, last)
 
 
 def compute_logprobs(
