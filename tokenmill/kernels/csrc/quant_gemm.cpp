@@ -283,13 +283,16 @@ struct I16 {
 };
 template <bool kSigned>
 inline I16 dot_u(const Block& blk, const int8_t* x, int t0, int n) {
-  __m512i acc = _mm512_setzero_si512();
+  // Two independent chains (n is even): with one, batches of 1-4 tokens wait on vpdpbusd's
+  // latency (measured 1.05-1.19x on the default model's gate_up / down at M = 1..4).
+  __m512i acc[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
   for (int t = t0; t < t0 + n; ++t) {
     int32_t xv;
     std::memcpy(&xv, x + 4 * t, 4);
-    acc = _mm512_dpbusd_epi32(acc, _mm512_load_si512(blk.u[t]), _mm512_set1_epi32(xv));
+    acc[t & 1] =
+        _mm512_dpbusd_epi32(acc[t & 1], _mm512_load_si512(blk.u[t]), _mm512_set1_epi32(xv));
   }
-  return {acc};
+  return {_mm512_add_epi32(acc[0], acc[1])};
 }
 inline F16 to_float(I16 v) { return {_mm512_cvtepi32_ps(v.v)}; }
 #else
