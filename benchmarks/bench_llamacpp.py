@@ -16,7 +16,11 @@ engine multiplies with, whichever is slower: `vpdpbusd` / `vpmaddubsw` / AMX til
 integer kernel levels (benchmarks/int8_peak.c, one thread per core; llama.cpp at the best non-AMX
 level), the bf16 matmul rate for dense weights.
 
-    pip install llama-cpp-python==0.3.36   # benchmark-only, built from source (see README)
+    # benchmark-only, built from source for the CPU's ISA but without AMX (its path faults on
+    # CPUs that have it; -march=native would turn it on whatever -mno-amx-* says):
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_BMI2=ON -DGGML_FMA=ON \
+      -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON \
+      -DGGML_AVX512_BF16=ON" pip install --no-cache-dir llama-cpp-python==0.3.36
     python benchmarks/bench_llamacpp.py [--files default,Q4_K_M,Q6_K,Q8_0,1B-Q4_K_M]
 """
 
@@ -152,6 +156,7 @@ def _tokenmill(path: str, threads: int, isa: str, quantization: str):
         kv_cache_memory_gib=1.0,
         quantization=quantization,
         num_threads=threads,
+        enable_prefix_caching=False,  # every repeat computes its prompts, as llama.cpp does
     )
     info = llm.engine.model_info
     arch = info.arch
@@ -253,17 +258,25 @@ class Worker:
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_worker, args=(child, kind, args), daemon=True)
         self.proc.start()
-        status, self.desc = self.conn.recv()
+        status, self.desc = self._recv()
         if status != "ready":
             raise RuntimeError(f"{label}: {self.desc}")
 
     def time(self, prompts, new) -> float:
         time.sleep(1.0)  # let the previous engine's worker threads go idle
         self.conn.send((prompts, new))
-        status, value = self.conn.recv()
+        status, value = self._recv()
         if status != "time":
             raise RuntimeError(f"{self.label}: {value}")
         return value
+
+    def _recv(self):
+        """The worker's next message; an error, not a hang, if it died (a crash in native code
+        sends nothing)."""
+        while not self.conn.poll(1.0):
+            if not self.proc.is_alive():
+                raise RuntimeError(f"{self.label}: worker died (exit code {self.proc.exitcode})")
+        return self.conn.recv()
 
     def close(self) -> None:
         self.conn.send(None)

@@ -131,7 +131,7 @@ def test_integer_block_sums_are_exact(ops, qtype):
     every float step is exact: the output must equal the integer matmul bit for bit, which
     holds only if each int32 block sum is exact."""
     rng = np.random.default_rng(7)
-    n, k, m = 48, 512, 37  # 37: two 16-token groups on the AMX tiles + 5 on VNNI
+    n, k, m = 48, 512, 53  # 53: three 16-token groups on the AMX tiles + 5 on VNNI
     raw = random_blocks(qtype, n, k, rng).reshape(n, k // gp.unit_k(int(qtype)), -1)
     one = np.frombuffer(np.float16(1).tobytes(), np.uint8)
     if qtype == QT.Q6_K:
@@ -151,9 +151,10 @@ def test_integer_block_sums_are_exact(ops, qtype):
     assert torch.equal(y.double(), x.double() @ w.T)
 
 
-def test_bfloat16_output_is_rounded_float32(ops):
+@pytest.mark.parametrize("m", [3, 37])
+def test_bfloat16_output_is_rounded_float32(ops, m):
     raw = random_blocks(QT.Q4_K, 32, 256, np.random.default_rng(3))
-    x = torch.randn(3, 256)
+    x = torch.randn(m, 256)
     y32, _, _ = _run(ops, raw, QT.Q4_K, 32, 256, x)
     y16, _, _ = _run(ops, raw, QT.Q4_K, 32, 256, x, out_dtype=torch.bfloat16)
     assert torch.equal(y16, y32.bfloat16())

@@ -473,8 +473,10 @@ constexpr int32_t kIntOffset = Q == Q4_0   ? 8
 // Quantized activations block-major, as the batched path reads them: for block kb and token m,
 // x[(kb * M + m) * 32 ...] (32 bytes), meta[kb * M + m] and, for symmetric types, the chain
 // starts start[(kb * M + m) * 2 + h] = -c * sum(q) over the block (h = 0), or over its halves
-// (split types: h = 0 for inputs 0..15, 1 for 16..31).
+// (split types: h = 0 for inputs 0..15, 1 for 16..31). A block's tokens sit on consecutive
+// cache lines, not K bytes apart (which aliases to a few L1 sets).
 struct BatchActs {
+  int64_t M;
   std::vector<int8_t> x;
   std::vector<ActMeta> meta;
   std::vector<int32_t> start;
@@ -484,24 +486,27 @@ struct BatchActs {
     const int64_t KB = K / 32;
     constexpr int32_t c = kIntOffset<Q>;
     BatchActs a;
+    a.M = M;
     a.x.resize(M * K);
     a.meta.resize(M * KB);
     a.start.resize(c ? M * KB * 2 : 0);
-    for (int64_t b = 0; b < KB; ++b)
-      for (int64_t m = 0; m < M; ++m) {
-        const int8_t* src = xq + m * K + b * 32;
-        std::memcpy(&a.x[(b * M + m) * 32], src, 32);
-        a.meta[b * M + m] = meta[m * KB + b];
-        if constexpr (c != 0) {
-          int32_t lo = 0, hi = 0;
-          for (int i = 0; i < 16; ++i) {
-            lo += src[i];
-            hi += src[16 + i];
+    at::parallel_for(0, KB, 16, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        for (int64_t m = 0; m < M; ++m) {
+          const int8_t* src = xq + m * K + b * 32;
+          std::memcpy(&a.x[(b * M + m) * 32], src, 32);
+          a.meta[b * M + m] = meta[m * KB + b];
+          if constexpr (c != 0) {
+            int32_t lo = 0, hi = 0;
+            for (int i = 0; i < 16; ++i) {
+              lo += src[i];
+              hi += src[16 + i];
+            }
+            a.start[(b * M + m) * 2] = kSplit<Q> ? -c * lo : -c * (lo + hi);
+            a.start[(b * M + m) * 2 + 1] = kSplit<Q> ? -c * hi : 0;
           }
-          a.start[(b * M + m) * 2] = kSplit<Q> ? -c * lo : -c * (lo + hi);
-          a.start[(b * M + m) * 2 + 1] = kSplit<Q> ? -c * hi : 0;
         }
-      }
+    });
     return a;
   }
 };
@@ -512,11 +517,11 @@ inline __m512i zero_idiom() {
   return z;
 }
 
-// Block kb of NT (1 or 2) tiles applied to tokens 0..M: acc[m * 32 + 16 * i ...] += tile i's
-// contribution (16 floats per tile and token).
+// Block kb of NT (1 or 2) tiles applied to tokens m0 .. m0 + MC:
+// acc[(m - m0) * 32 + 16 * i ...] += tile i's contribution (16 floats per tile and token).
 template <int64_t Q, int NT>
-inline void accumulate_batch(const Block* blk, const BatchActs& acts, int64_t M, int64_t kb,
-                             float* acc) {
+inline void accumulate_batch(const Block* blk, const BatchActs& acts, int64_t m0, int64_t MC,
+                             int64_t kb, float* acc) {
   constexpr int32_t c = kIntOffset<Q>;
   __m512i U[NT][8];
   __m512 s0[NT], o0[NT], s1[NT];
@@ -526,10 +531,11 @@ inline void accumulate_batch(const Block* blk, const BatchActs& acts, int64_t M,
     o0[i] = _mm512_load_ps(blk[i].o0);
     s1[i] = _mm512_load_ps(blk[i].s1);
   }
-  const int8_t* x = acts.x.data() + kb * M * 32;
-  const ActMeta* meta = acts.meta.data() + kb * M;
-  const int32_t* start = c ? acts.start.data() + kb * M * 2 : nullptr;
-  for (int64_t m = 0; m < M; ++m, x += 32, acc += 32) {
+  const int64_t first = kb * acts.M + m0;  // (block, token) index of the first token
+  const int8_t* x = acts.x.data() + first * 32;
+  const ActMeta* meta = acts.meta.data() + first;
+  const int32_t* start = c ? acts.start.data() + first * 2 : nullptr;
+  for (int64_t m = 0; m < MC; ++m, x += 32, acc += 32) {
     auto bcast = [&](int t) {
       int32_t v;
       std::memcpy(&v, x + 4 * t, 4);
@@ -573,27 +579,55 @@ inline void accumulate_batch(const Block* blk, const BatchActs& acts, int64_t M,
   }
 }
 
-// Tiles nt0 .. nt0 + NT for a decode batch: every block of both is unpacked once and applied to
-// all M tokens; accumulators in `accbuf` ([M][32] floats, L1).
+// Tiles nt0 .. nt0 + NT for tokens m0 .. m0 + MC (at most kBatchChunk): every block of the
+// tiles is unpacked once and applied to all MC tokens; accumulators in `accbuf` ([MC][32]
+// floats, L1).
 template <int64_t Q, int NT, typename TY>
-void tiles_batched(const uint8_t* w, int64_t tile_bytes, const BatchActs& acts, int64_t M,
-                   int64_t K, const float* bias, TY* y, int64_t ldy, int64_t N, int64_t nt0,
-                   float* accbuf) {
+void tiles_batched(const uint8_t* w, int64_t tile_bytes, const BatchActs& acts, int64_t m0,
+                   int64_t MC, int64_t K, const float* bias, TY* y, int64_t ldy, int64_t N,
+                   int64_t nt0, float* accbuf) {
   const int64_t uk = unit_k(Q), ub = unit_bytes(Q), bpu = uk / 32;
-  std::fill(accbuf, accbuf + M * 32, 0.f);
+  std::fill(accbuf, accbuf + MC * 32, 0.f);
   Block blk[NT];
   for (int64_t u = 0; u < K / uk; ++u)
     for (int b = 0; b < bpu; ++b) {
       for (int i = 0; i < NT; ++i) unpack_block<Q>(w + (nt0 + i) * tile_bytes + u * ub, b, blk[i]);
-      accumulate_batch<Q, NT>(blk, acts, M, u * bpu + b, accbuf);
+      accumulate_batch<Q, NT>(blk, acts, m0, MC, u * bpu + b, accbuf);
     }
   for (int i = 0; i < NT; ++i) {
     const int64_t nt = nt0 + i;
     const int rows = static_cast<int>(std::min<int64_t>(16, N - nt * 16));
-    for (int64_t m = 0; m < M; ++m)
+    for (int64_t m = 0; m < MC; ++m)
       store_row(F16::load(accbuf + m * 32 + 16 * i), bias ? bias + nt * 16 : nullptr,
-                y + m * ldy + nt * 16, rows);
+                y + (m0 + m) * ldy + nt * 16, rows);
   }
+}
+
+// Tokens per pass of the batched path: a pass's accumulators (64 x 32 floats) stay in L1, and
+// larger batches (prefill) take several passes over each pair of tiles, which by then sits in L2.
+constexpr int64_t kBatchChunk = 64;
+
+// y = the quantized GEMM for 5+ tokens: pairs of tiles split over the threads, each pair applied
+// to the batch in passes of at most kBatchChunk tokens.
+template <int64_t Q, typename TY>
+void gemm_batched(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t M, int64_t N,
+                  int64_t K, const float* bias, TY* y, int64_t ldy) {
+  const int64_t n_tiles = (N + 15) / 16, tile_bytes = K / unit_k(Q) * unit_bytes(Q);
+  const BatchActs acts = BatchActs::build<Q>(xq, meta, M, K);
+  const int64_t passes = (M + kBatchChunk - 1) / kBatchChunk, chunk = (M + passes - 1) / passes;
+  at::parallel_for(0, (n_tiles + 1) / 2, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> accbuf(chunk * 32);
+    for (int64_t p = begin; p < end; ++p)
+      for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+        const int64_t mc = std::min(chunk, M - m0);
+        if (2 * p + 1 < n_tiles)
+          tiles_batched<Q, 2>(w, tile_bytes, acts, m0, mc, K, bias, y, ldy, N, 2 * p,
+                              accbuf.data());
+        else
+          tiles_batched<Q, 1>(w, tile_bytes, acts, m0, mc, K, bias, y, ldy, N, 2 * p,
+                              accbuf.data());
+      }
+  });
 }
 #endif  // TM_AVX512
 
@@ -616,54 +650,101 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// Tiles: 0 = C (16 tokens x 16 rows, int32), 1 = A (16 tokens x 32 inputs, int8),
-// 2 = B (one block: U[0..7], 8 x 64 bytes).
+// Tiles: 0, 3, 4, 5 = C (16 tokens x 16 rows, int32; one per group of 16 tokens, so the groups'
+// products overlap), 1 = A (16 tokens x 32 inputs, int8), 2 = B (one block: U[0..7], 8 x 64
+// bytes).
 void configure_amx() {
   TileConfig cfg;
-  cfg.rows[0] = cfg.rows[1] = 16;
-  cfg.colsb[0] = cfg.colsb[2] = 64;
+  for (int c : {0, 3, 4, 5}) {
+    cfg.rows[c] = 16;
+    cfg.colsb[c] = 64;
+  }
+  cfg.rows[1] = 16;
   cfg.colsb[1] = 32;
   cfg.rows[2] = 8;
+  cfg.colsb[2] = 64;
+  // The intrinsic tells the compiler it reads one byte: without this, the stores above are
+  // dead and the tiles end up unconfigured.
+  __asm__ volatile("" : : "r"(&cfg) : "memory");
   _tile_loadconfig(&cfg);
 }
 
-// A 16-row tile for a batch of 16+ tokens on the tile unit: per block, 16 tokens at a time,
-// one `tdpbsud` (int8 activations x the unpacked unsigned weights, exactly the U layout) gives
-// the int32 block sums, which are then scaled into float accumulators in L1 like the VNNI path.
-// Tokens past the last multiple of 16 take the VNNI path on the same unpacked block.
+// Group g's block sums: C tile 0, 3, 4 or 5 (tile numbers are immediates).
+inline void amx_group(int g, const int8_t* x, int64_t stride, int32_t* out) {
+  _tile_loadd(1, x, stride);
+  switch (g) {
+    case 0:
+      _tile_zero(0);
+      _tile_dpbsud(0, 1, 2);
+      _tile_stored(0, out, 64);
+      break;
+    case 1:
+      _tile_zero(3);
+      _tile_dpbsud(3, 1, 2);
+      _tile_stored(3, out, 64);
+      break;
+    case 2:
+      _tile_zero(4);
+      _tile_dpbsud(4, 1, 2);
+      _tile_stored(4, out, 64);
+      break;
+    default:
+      _tile_zero(5);
+      _tile_dpbsud(5, 1, 2);
+      _tile_stored(5, out, 64);
+      break;
+  }
+}
+
+// A 16-row tile for a batch of 16 to 64 tokens on the tile unit: per block, 16 tokens at a
+// time, one `tdpbsud` (int8 activations x the unpacked unsigned weights, exactly the U layout)
+// gives the int32 block sums, which are then scaled into float accumulators in L1 like the VNNI
+// path. The scaling runs one block behind the tile products, so it reads sums whose stores
+// have long completed instead of waiting on them. Tokens past the last multiple of 16 take the
+// VNNI path on the same unpacked block.
 template <int64_t Q, typename TY>
 void tile_amx(const uint8_t* w, const Acts& acts, int64_t M, int64_t K, const float* bias, TY* y,
               int64_t ldy, int rows, float* accbuf) {
   static_assert(!kSplit<Q>, "blocks with two scales take the VNNI path");
   std::fill(accbuf, accbuf + M * 16, 0.f);
-  alignas(64) int32_t c0[16 * 16];
-  const int64_t m_amx = M / 16 * 16;
-  for_each_block<Q>(w, K, [&](const Block& blk, int64_t kb) {
-    const F16 s0 = F16::load(blk.s0), o0 = F16::load(blk.o0);
-    _tile_loadd(2, blk.u[0], 64);
-    for (int64_t m0 = 0; m0 < m_amx; m0 += 16) {
-      _tile_zero(0);
-      _tile_loadd(1, acts.at(m0, kb), acts.xs);
-      _tile_dpbsud(0, 1, 2);
-      _tile_stored(0, c0, 64);
+  alignas(64) int32_t sums[2][4][16 * 16];  // [block parity][token group]
+  const int64_t groups = M / 16;
+  F16 s_prev = F16::zero(), o_prev = F16::zero();
+  int64_t kb_prev = -1;
+  auto rescale = [&](int64_t kb, F16 s0, F16 o0) {
+    for (int64_t g = 0; g < groups; ++g)
       for (int i = 0; i < 16; ++i) {
-        const ActMeta& a = acts.meta_at(m0 + i, kb);
-        float* acc_p = accbuf + (m0 + i) * 16;
+        const int64_t m = g * 16 + i;
+        const ActMeta& a = acts.meta_at(m, kb);
+        float* acc_p = accbuf + m * 16;
         F16 acc = F16::load(acc_p);
-        const F16 v = {_mm512_cvtepi32_ps(_mm512_load_si512(c0 + i * 16))};
+        const F16 v = {_mm512_cvtepi32_ps(_mm512_load_si512(sums[kb & 1][g] + i * 16))};
         acc = F16::fma(v, s0 * F16::set1(a.d), acc);
         acc = F16::fma(o0, F16::set1(a.dsum), acc);
         acc.store(acc_p);
       }
-    }
-    accumulate_rows<Q>(blk, acts, m_amx, M, kb, accbuf);
+  };
+  for_each_block<Q>(w, K, [&](const Block& blk, int64_t kb) {
+    _tile_loadd(2, blk.u[0], 64);
+    for (int64_t g = 0; g < groups; ++g)
+      amx_group(static_cast<int>(g), acts.at(g * 16, kb), acts.xs, sums[kb & 1][g]);
+    if (kb_prev >= 0) rescale(kb_prev, s_prev, o_prev);
+    s_prev = F16::load(blk.s0);
+    o_prev = F16::load(blk.o0);
+    kb_prev = kb;
+    accumulate_rows<Q>(blk, acts, groups * 16, M, kb, accbuf);
   });
+  rescale(kb_prev, s_prev, o_prev);
   for (int64_t m = 0; m < M; ++m) store_row(F16::load(accbuf + m * 16), bias, y + m * ldy, rows);
 }
 #endif  // AMX
 
-// Batches up to this size stream (tile_streaming / tile_batched); larger ones (prefill) unpack
-// a whole tile first and loop over tokens in the outer loop, which keeps x's rows sequential.
+// Decode batches from this size on take the AMX tiles (where present; see gemm_typed).
+constexpr int64_t kAmxMinM = 48;
+
+// Without AVX-512 (gemm_batched), batches up to this size stream (tile_streaming /
+// tile_batched); larger ones (prefill) unpack a whole tile first and loop over tokens in the
+// outer loop, which keeps x's rows sequential.
 constexpr int64_t kStreamingMaxM = 64;
 
 template <int64_t Q, typename TY>
@@ -674,27 +755,16 @@ void gemm_typed(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t
   const Acts rows_acts = Acts::row_major(xq, meta, K);
   const bool decode_batch = M > 4 && M <= kStreamingMaxM;
 #ifdef TM_AMX
-  // Measured on Sapphire Rapids: the tiles win for decode batches of 16-64 tokens (1.1-1.2x);
-  // for prefill-size batches the per-block float rescaling of the int32 tiles costs more than
-  // VNNI spends, and Q6_K's half blocks never pay off.
-  const bool use_amx = !kSplit<Q> && M >= 16 && decode_batch && amx_permitted();
+  // The tiles' products are nearly free, but every block's int32 sums still need the same
+  // float rescaling per token as VNNI's. Measured on Sapphire Rapids against gemm_batched
+  // (same process, 1 thread): 0.8-0.9x at 16 tokens, 0.92-1.06x at 32, 1.0-1.08x at 64; slower
+  // for prefill-size batches, and Q6_K's half blocks never pay off.
+  const bool use_amx = !kSplit<Q> && M >= kAmxMinM && decode_batch && amx_permitted();
 #else
   const bool use_amx = false;
 #endif
 #ifdef TM_AVX512
-  if (decode_batch && !use_amx) {
-    const BatchActs acts = BatchActs::build<Q>(xq, meta, M, K);
-    at::parallel_for(0, (n_tiles + 1) / 2, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> accbuf(M * 32);
-      for (int64_t p = begin; p < end; ++p) {
-        if (2 * p + 1 < n_tiles)
-          tiles_batched<Q, 2>(w, tile_bytes, acts, M, K, bias, y, ldy, N, 2 * p, accbuf.data());
-        else
-          tiles_batched<Q, 1>(w, tile_bytes, acts, M, K, bias, y, ldy, N, 2 * p, accbuf.data());
-      }
-    });
-    return;
-  }
+  if (M > 4 && !use_amx) return gemm_batched<Q>(w, xq, meta, M, N, K, bias, y, ldy);
 #endif
   // Decode batches read the activations block by block for every weight tile: copy them
   // block-major once per call (M * K bytes, next to M * N * K multiply-adds).
@@ -841,7 +911,7 @@ void gemm_dispatch(int64_t q, const uint8_t* w, const int8_t* xq, const ActMeta*
 
 #include "quant_gemm.h"
 
-// The integer-dot ISA this build was compiled for: "amx" (tiles for batches of 16+, VNNI
+// The integer-dot ISA this build was compiled for: "amx" (tiles for batches of 48-64, VNNI
 // below), "avx512" (VNNI), "avx2" or "" (none).
 std::string quant_isa() {
 #if defined(TM_AMX)
