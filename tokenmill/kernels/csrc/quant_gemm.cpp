@@ -490,7 +490,10 @@ struct BatchActs {
     a.x.resize(M * K);
     a.meta.resize(M * KB);
     a.start.resize(c ? M * KB * 2 : 0);
-    at::parallel_for(0, KB, 16, [&](int64_t b0, int64_t b1) {
+    // Threads only from 1 MiB of activations on (prefill): a decode batch's copy is a few
+    // microseconds, less than waking the pool.
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / (M * 32));
+    at::parallel_for(0, KB, grain, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b)
         for (int64_t m = 0; m < M; ++m) {
           const int8_t* src = xq + m * K + b * 32;
@@ -589,11 +592,18 @@ void tiles_batched(const uint8_t* w, int64_t tile_bytes, const BatchActs& acts, 
   const int64_t uk = unit_k(Q), ub = unit_bytes(Q), bpu = uk / 32;
   std::fill(accbuf, accbuf + MC * 32, 0.f);
   Block blk[NT];
-  for (int64_t u = 0; u < K / uk; ++u)
+  for (int64_t u = 0; u < K / uk; ++u) {
+    // Small batches are bound by the weight stream, as at batch 1 (see for_each_block).
+    for (int i = 0; i < NT; ++i)
+      for (int64_t line = 0; line < ub; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(w + (nt0 + i) * tile_bytes + u * ub +
+                                                   kPrefetchBytes + line),
+                     _MM_HINT_T0);
     for (int b = 0; b < bpu; ++b) {
       for (int i = 0; i < NT; ++i) unpack_block<Q>(w + (nt0 + i) * tile_bytes + u * ub, b, blk[i]);
       accumulate_batch<Q, NT>(blk, acts, m0, MC, u * bpu + b, accbuf);
     }
+  }
   for (int i = 0; i < NT; ++i) {
     const int64_t nt = nt0 + i;
     const int rows = static_cast<int>(std::min<int64_t>(16, N - nt * 16));
