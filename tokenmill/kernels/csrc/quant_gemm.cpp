@@ -593,11 +593,15 @@ void tiles_batched(const uint8_t* w, int64_t tile_bytes, const BatchActs& acts, 
   std::fill(accbuf, accbuf + MC * 32, 0.f);
   Block blk[NT];
   for (int64_t u = 0; u < K / uk; ++u) {
-    // Small batches are bound by the weight stream, as at batch 1 (see for_each_block).
+    // Small batches are bound by the weight stream, as at batch 1 (see for_each_block). The NT
+    // tiles are contiguous and stream side by side, so each runs NT times as far ahead: with
+    // short rows (a tile of a few KiB, like an output head's), the first tile's prefetches then
+    // cover the start of the second, which would otherwise start cold (measured on the default
+    // model's 49,152 x 576 Q8_0 head: 1.3-1.4x at 5-8 tokens, neutral on long rows).
     for (int i = 0; i < NT; ++i)
       for (int64_t line = 0; line < ub; line += 64)
         _mm_prefetch(reinterpret_cast<const char*>(w + (nt0 + i) * tile_bytes + u * ub +
-                                                   kPrefetchBytes + line),
+                                                   NT * kPrefetchBytes + line),
                      _MM_HINT_T0);
     for (int b = 0; b < bpu; ++b) {
       for (int i = 0; i < NT; ++i) unpack_block<Q>(w + (nt0 + i) * tile_bytes + u * ub, b, blk[i]);
