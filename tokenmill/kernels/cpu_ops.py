@@ -1,5 +1,9 @@
 """Fused CPU kernels (csrc/*.cpp), compiled on first use with torch's C++ extension tools.
 
+Only csrc/bindings.cpp includes pybind11 and torch's Python headers; the kernel files include
+ATen's core headers alone, so ninja compiles them beside it on the other core (a level builds in
+about a minute on 2 cores, where every file parsing <torch/extension.h> took twice that).
+
 The kernels are built once per instruction-set level (`ISA_FLAGS`), never with `-march=native`:
 the level is chosen at run time from the CPU's flags (`select_isa`), so a cache shared between
 machines never hands an AVX-512 build to an AVX2 CPU. `TOKENMILL_CPU_ISA=reference|avx2|avx512|amx`
@@ -41,6 +45,7 @@ logger = logging.getLogger(__name__)
 _SOURCES = [
     Path(__file__).parent / "csrc" / name
     for name in (
+        "bindings.cpp",
         "cpu_ops.cpp",
         "cpu_ops.h",
         "quant_gemm.cpp",
@@ -234,7 +239,9 @@ def _compile(build_dir: Path, isa: str) -> Any:
     building = not (build_dir / "lock").exists()
     if building:
         logger.warning(
-            "compiling the %s CPU kernels once, about 45 s per level (cached in %s)", isa, build_dir
+            "compiling the %s CPU kernels once, about a minute per level on 2 cores (cached in %s)",
+            isa,
+            build_dir,
         )
 
     def progress() -> None:

@@ -3,8 +3,12 @@
 // Each op replaces a chain of small PyTorch ops whose launch overhead dominates a decode step on
 // CPU. Numerics follow the reference PyTorch formulas (float32 accumulation, rounding to the
 // tensor dtype where the reference rounds).
+#include "cpu_ops.h"
+
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -432,9 +436,9 @@ void rotary_kernel(T* x, const int64_t* positions, const float* cos_t, const flo
 }  // namespace
 
 // vectorized=false runs the portable kernel (tests compare the two).
-torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                               torch::Tensor block_tables, torch::Tensor seq_lens,
-                               int64_t block_size, double scale, bool vectorized) {
+at::Tensor decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
+                            at::Tensor block_tables, at::Tensor seq_lens, int64_t block_size,
+                            double scale, bool vectorized) {
   if (q.stride(2) != 1 || q.stride(1) != q.size(2)) q = q.contiguous();
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt);
@@ -443,7 +447,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   auto sl = seq_lens.contiguous();
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(1);
   TORCH_CHECK(Hq % Hkv == 0 && k_cache.size(2) == D);
-  auto out = torch::empty({B, Hq, D}, q.options());
+  auto out = at::empty({B, Hq, D}, q.options());
   DISPATCH(q.scalar_type(), "paged_decode_attention", [&] {
     auto run = paged_decode_kernel<scalar_t>;
 #if defined(__AVX512F__)
@@ -457,21 +461,20 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   return out;
 }
 
-torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                                     torch::Tensor block_tables, torch::Tensor seq_lens,
-                                     int64_t block_size, double scale) {
+at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
+                                  at::Tensor block_tables, at::Tensor seq_lens, int64_t block_size,
+                                  double scale) {
   return decode_attention(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, true);
 }
 
-torch::Tensor paged_decode_attention_reference(torch::Tensor q, torch::Tensor k_cache,
-                                               torch::Tensor v_cache, torch::Tensor block_tables,
-                                               torch::Tensor seq_lens, int64_t block_size,
-                                               double scale) {
+at::Tensor paged_decode_attention_reference(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
+                                            at::Tensor block_tables, at::Tensor seq_lens,
+                                            int64_t block_size, double scale) {
   return decode_attention(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, false);
 }
 
-void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
-              torch::Tensor slot_mapping) {
+void write_kv(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v_cache,
+              at::Tensor slot_mapping) {
   TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.sizes() == v.sizes(), "k, v must be [N, H, D]");
   TORCH_CHECK(
       k.stride(2) == 1 && k.stride(1) == k.size(2) && v.stride(2) == 1 && v.stride(1) == v.size(2),
@@ -513,7 +516,7 @@ void token_bitmask_kernel(T* logits, const int32_t* mask, const int64_t* rows, i
   });
 }
 
-void apply_token_bitmask(torch::Tensor logits, torch::Tensor bitmask, torch::Tensor rows) {
+void apply_token_bitmask(at::Tensor logits, at::Tensor bitmask, at::Tensor rows) {
   TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "logits must be contiguous [R, V]");
   TORCH_CHECK(bitmask.dim() == 2 && bitmask.scalar_type() == at::kInt, "bitmask must be int32");
   auto mask = bitmask.contiguous();
@@ -532,10 +535,10 @@ void apply_token_bitmask(torch::Tensor logits, torch::Tensor bitmask, torch::Ten
   });
 }
 
-torch::Tensor argmax_rows(torch::Tensor x) {
+at::Tensor argmax_rows(at::Tensor x) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) > 0, "x must be [R, V] with V > 0");
   x = x.contiguous();
-  auto out = torch::empty({x.size(0)}, x.options().dtype(at::kLong));
+  auto out = at::empty({x.size(0)}, x.options().dtype(at::kLong));
   DISPATCH(x.scalar_type(), "argmax_rows", [&] {
     argmax_rows_kernel<scalar_t>(x.data_ptr<scalar_t>(), out.data_ptr<int64_t>(), x.size(0),
                                  x.size(1));
@@ -543,11 +546,11 @@ torch::Tensor argmax_rows(torch::Tensor x) {
   return out;
 }
 
-torch::Tensor add_rms_norm(torch::Tensor residual, c10::optional<torch::Tensor> delta,
-                           torch::Tensor weight, double eps) {
+at::Tensor add_rms_norm(at::Tensor residual, c10::optional<at::Tensor> delta, at::Tensor weight,
+                        double eps) {
   TORCH_CHECK(residual.is_contiguous() && residual.dim() == 2, "residual must be [N, H]");
-  auto out = torch::empty_like(residual);
-  torch::Tensor d;
+  auto out = at::empty_like(residual);
+  at::Tensor d;
   if (delta.has_value()) d = delta->contiguous();
   DISPATCH(residual.scalar_type(), "add_rms_norm", [&] {
     add_rms_norm_kernel<scalar_t>(
@@ -558,18 +561,17 @@ torch::Tensor add_rms_norm(torch::Tensor residual, c10::optional<torch::Tensor> 
   return out;
 }
 
-torch::Tensor silu_mul(torch::Tensor gate_up) {
+at::Tensor silu_mul(at::Tensor gate_up) {
   gate_up = gate_up.contiguous();
   const int64_t N = gate_up.size(0), I = gate_up.size(1) / 2;
-  auto out = torch::empty({N, I}, gate_up.options());
+  auto out = at::empty({N, I}, gate_up.options());
   DISPATCH(gate_up.scalar_type(), "silu_mul", [&] {
     silu_mul_kernel<scalar_t>(gate_up.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), N, I);
   });
   return out;
 }
 
-void rotary_inplace(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_t,
-                    torch::Tensor sin_t) {
+void rotary_inplace(at::Tensor x, at::Tensor positions, at::Tensor cos_t, at::Tensor sin_t) {
   TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2),
               "x must be [N, H, D] with contiguous heads");
   TORCH_CHECK(cos_t.scalar_type() == at::kFloat && sin_t.scalar_type() == at::kFloat);
@@ -579,36 +581,4 @@ void rotary_inplace(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_
         x.data_ptr<scalar_t>(), pos.data_ptr<int64_t>(), cos_t.contiguous().data_ptr<float>(),
         sin_t.contiguous().data_ptr<float>(), x.size(0), x.size(1), x.size(2), x.stride(0));
   });
-}
-
-#include "decode_stack.h"
-#include "gguf_repack.h"
-#include "quant_gemm.h"
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("quant_isa", &quant_isa);
-  m.def("quantize_activations", &quantize_activations);
-  m.def("quant_gemm", &quant_gemm);
-  m.def("quant_rows", &quant_rows);
-  m.def("gguf_repack", &gguf_repack);
-  // module_local: every kernel level is its own module, and several may be loaded at once
-  py::class_<QuantLinear, std::shared_ptr<QuantLinear>>(m, "QuantLinear", py::module_local())
-      .def(py::init<std::vector<torch::Tensor>, std::vector<int64_t>, std::vector<int64_t>,
-                    std::vector<c10::optional<torch::Tensor>>, int64_t>())
-      .def("__call__", &QuantLinear::forward);
-  py::class_<LlamaDecodeStack>(m, "LlamaDecodeStack", py::module_local())
-      .def(py::init<
-           std::vector<torch::Tensor>, std::vector<torch::Tensor>, torch::Tensor,
-           std::vector<std::shared_ptr<QuantLinear>>, std::vector<std::shared_ptr<QuantLinear>>,
-           std::vector<std::shared_ptr<QuantLinear>>, std::vector<std::shared_ptr<QuantLinear>>,
-           int64_t, int64_t, int64_t, double, double>())
-      .def("__call__", &LlamaDecodeStack::forward);
-  m.def("paged_decode_attention", &paged_decode_attention);
-  m.def("paged_decode_attention_reference", &paged_decode_attention_reference);
-  m.def("write_kv", &write_kv);
-  m.def("argmax_rows", &argmax_rows);
-  m.def("apply_token_bitmask", &apply_token_bitmask);
-  m.def("add_rms_norm", &add_rms_norm);
-  m.def("silu_mul", &silu_mul);
-  m.def("rotary_inplace", &rotary_inplace);
 }

@@ -1,14 +1,22 @@
-// Fused CPU ops of cpu_ops.cpp that other translation units call directly.
+// Entry points of cpu_ops.cpp: the fused ops (decode_stack.cpp calls some directly; all are
+// bound to Python in bindings.cpp).
 #pragma once
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 
-torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                                     torch::Tensor block_tables, torch::Tensor seq_lens,
-                                     int64_t block_size, double scale);
-void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
-              torch::Tensor slot_mapping);
-torch::Tensor add_rms_norm(torch::Tensor residual, c10::optional<torch::Tensor> delta,
-                           torch::Tensor weight, double eps);
-torch::Tensor silu_mul(torch::Tensor gate_up);
-void rotary_inplace(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_t,
-                    torch::Tensor sin_t);
+at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
+                                  at::Tensor block_tables, at::Tensor seq_lens, int64_t block_size,
+                                  double scale);
+void write_kv(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v_cache,
+              at::Tensor slot_mapping);
+at::Tensor add_rms_norm(at::Tensor residual, c10::optional<at::Tensor> delta, at::Tensor weight,
+                        double eps);
+at::Tensor silu_mul(at::Tensor gate_up);
+void rotary_inplace(at::Tensor x, at::Tensor positions, at::Tensor cos_t, at::Tensor sin_t);
+// The same attention through the portable loop (the tests' check of the AVX-512 path).
+at::Tensor paged_decode_attention_reference(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
+                                            at::Tensor block_tables, at::Tensor seq_lens,
+                                            int64_t block_size, double scale);
+// logits[rows[i]] = -inf where bit j of bitmask[i] is clear (a grammar's allowed tokens).
+void apply_token_bitmask(at::Tensor logits, at::Tensor bitmask, at::Tensor rows);
+// The index of each row's maximum (the first on ties).
+at::Tensor argmax_rows(at::Tensor x);

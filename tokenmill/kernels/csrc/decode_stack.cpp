@@ -7,8 +7,8 @@
 
 #include "cpu_ops.h"
 
-LlamaDecodeStack::LlamaDecodeStack(std::vector<torch::Tensor> input_norms,
-                                   std::vector<torch::Tensor> post_norms, torch::Tensor final_norm,
+LlamaDecodeStack::LlamaDecodeStack(std::vector<at::Tensor> input_norms,
+                                   std::vector<at::Tensor> post_norms, at::Tensor final_norm,
                                    std::vector<std::shared_ptr<QuantLinear>> qkv,
                                    std::vector<std::shared_ptr<QuantLinear>> o,
                                    std::vector<std::shared_ptr<QuantLinear>> gate_up,
@@ -33,31 +33,30 @@ LlamaDecodeStack::LlamaDecodeStack(std::vector<torch::Tensor> input_norms,
               "one entry per layer expected");
 }
 
-torch::Tensor LlamaDecodeStack::forward(torch::Tensor residual, torch::Tensor positions,
-                                        std::vector<torch::Tensor> k_caches,
-                                        std::vector<torch::Tensor> v_caches,
-                                        torch::Tensor block_tables, torch::Tensor seq_lens,
-                                        torch::Tensor slot_mapping, int64_t block_size,
-                                        torch::Tensor cos_t, torch::Tensor sin_t) const {
+at::Tensor LlamaDecodeStack::forward(at::Tensor residual, at::Tensor positions,
+                                     std::vector<at::Tensor> k_caches,
+                                     std::vector<at::Tensor> v_caches, at::Tensor block_tables,
+                                     at::Tensor seq_lens, at::Tensor slot_mapping,
+                                     int64_t block_size, at::Tensor cos_t, at::Tensor sin_t) const {
   const size_t L = input_norms_.size();
   TORCH_CHECK(k_caches.size() == L && v_caches.size() == L, "one KV cache per layer expected");
   const int64_t n = residual.size(0), d = head_dim_;
   const int64_t q_size = num_heads_ * d, kv_size = num_kv_heads_ * d;
   residual = residual.contiguous();
-  torch::Tensor h = add_rms_norm(residual, c10::nullopt, input_norms_[0], eps_);
+  at::Tensor h = add_rms_norm(residual, c10::nullopt, input_norms_[0], eps_);
   for (size_t i = 0; i < L; ++i) {
-    torch::Tensor qkv = qkv_[i]->forward(h);  // [n, q + 2 kv]
-    torch::Tensor qk = qkv.narrow(1, 0, q_size + kv_size).view({n, num_heads_ + num_kv_heads_, d});
+    at::Tensor qkv = qkv_[i]->forward(h);  // [n, q + 2 kv]
+    at::Tensor qk = qkv.narrow(1, 0, q_size + kv_size).view({n, num_heads_ + num_kv_heads_, d});
     rotary_inplace(qk, positions, cos_t, sin_t);
-    torch::Tensor q = qk.narrow(1, 0, num_heads_);
-    torch::Tensor k = qk.narrow(1, num_heads_, num_kv_heads_);
-    torch::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({n, num_kv_heads_, d});
+    at::Tensor q = qk.narrow(1, 0, num_heads_);
+    at::Tensor k = qk.narrow(1, num_heads_, num_kv_heads_);
+    at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({n, num_kv_heads_, d});
     write_kv(k, v, k_caches[i], v_caches[i], slot_mapping);
-    torch::Tensor attn = paged_decode_attention(q, k_caches[i], v_caches[i], block_tables, seq_lens,
-                                                block_size, scale_)
-                             .view({n, q_size});
+    at::Tensor attn = paged_decode_attention(q, k_caches[i], v_caches[i], block_tables, seq_lens,
+                                             block_size, scale_)
+                          .view({n, q_size});
     h = add_rms_norm(residual, o_[i]->forward(attn), post_norms_[i], eps_);
-    torch::Tensor mlp = down_[i]->forward(silu_mul(gate_up_[i]->forward(h)));
+    at::Tensor mlp = down_[i]->forward(silu_mul(gate_up_[i]->forward(h)));
     h = add_rms_norm(residual, mlp, i + 1 < L ? input_norms_[i + 1] : final_norm_, eps_);
   }
   return h;

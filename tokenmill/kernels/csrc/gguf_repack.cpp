@@ -10,7 +10,8 @@
 #include "gguf_repack.h"
 
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <cstdint>
 #include <cstring>
@@ -184,7 +185,7 @@ void pack_unit(int64_t q, const RowUnit* rows, uint8_t* out) {
 
 }  // namespace
 
-torch::Tensor gguf_repack(torch::Tensor raw, int64_t qtype, int64_t n, int64_t k) {
+at::Tensor gguf_repack(at::Tensor raw, int64_t qtype, int64_t n, int64_t k) {
   const int64_t bb = block_bytes(qtype);
   TORCH_CHECK(bb > 0, "gguf_repack: no kernel layout for GGML type ", qtype);
   const int64_t uk = k_type(qtype) ? 256 : 32;
@@ -193,7 +194,7 @@ torch::Tensor gguf_repack(torch::Tensor raw, int64_t qtype, int64_t n, int64_t k
   TORCH_CHECK(raw.scalar_type() == at::kByte && raw.is_contiguous() && raw.numel() == n * row_bytes,
               "gguf_repack: raw must be ", n * row_bytes, " contiguous bytes, got ", raw.numel());
   const int64_t units = k / uk, tiles = (n + 15) / 16, ub = unit_bytes(qtype);
-  auto packed = torch::empty({tiles * units * ub}, torch::kUInt8);
+  auto packed = at::empty({tiles * units * ub}, at::kByte);
   const uint8_t* src = raw.data_ptr<uint8_t>();
   uint8_t* dst = packed.data_ptr<uint8_t>();
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {

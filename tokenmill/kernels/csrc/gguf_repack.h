@@ -1,7 +1,7 @@
-// Entry point of gguf_repack.cpp (bound to Python in cpu_ops.cpp).
+// Entry point of gguf_repack.cpp (bound to Python in bindings.cpp).
 #pragma once
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 
 // GGUF rows [n, k / block * block bytes] (uint8, contiguous) of GGML type `qtype` -> the packed
 // layout of tokenmill/quant/gguf_pack.py (flat uint8), identical to its `pack(parse(...))`.
-torch::Tensor gguf_repack(torch::Tensor raw, int64_t qtype, int64_t n, int64_t k);
+at::Tensor gguf_repack(at::Tensor raw, int64_t qtype, int64_t n, int64_t k);

@@ -17,9 +17,10 @@
 // batch: up to 64 tokens as the weights stream in (accumulators in registers, or in L1 past 4
 // tokens), larger batches after unpacking a whole tile into an L2-resident buffer.
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
-#include <torch/extension.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -941,15 +942,14 @@ std::string quant_isa() {
 
 // Rows `ids` of a packed [N, K] weight, dequantized to float32 [len(ids), K] (w = s * u + o,
 // the same float32 values as gguf's dequantization).
-torch::Tensor quant_rows(torch::Tensor packed, int64_t qtype, int64_t N, int64_t K,
-                         torch::Tensor ids) {
+at::Tensor quant_rows(at::Tensor packed, int64_t qtype, int64_t N, int64_t K, at::Tensor ids) {
   TORCH_CHECK(unit_bytes(qtype) > 0, "unsupported GGUF type ", qtype);
   TORCH_CHECK(packed.numel() == (N + 15) / 16 * (K / unit_k(qtype)) * unit_bytes(qtype),
               "packed weights do not match N, K and the type");
   auto idx = ids.to(at::kLong).contiguous().view(-1);
   TORCH_CHECK(idx.numel() == 0 || (idx.min().item<int64_t>() >= 0 && idx.max().item<int64_t>() < N),
               "row index out of range");
-  auto out = torch::empty({idx.numel(), K}, packed.options().dtype(at::kFloat));
+  auto out = at::empty({idx.numel(), K}, packed.options().dtype(at::kFloat));
 #if defined(TM_AVX512) || defined(TM_AVX2)
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const int64_t* p = idx.data_ptr<int64_t>();
@@ -987,14 +987,14 @@ torch::Tensor quant_rows(torch::Tensor packed, int64_t qtype, int64_t N, int64_t
 }
 
 // x [M, K] float32/bfloat16 -> (q int8 [M, K], meta float32 [M, K / 32, 4] = ActMeta).
-std::vector<torch::Tensor> quantize_activations(torch::Tensor x) {
+std::vector<at::Tensor> quantize_activations(at::Tensor x) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) % 32 == 0, "x must be [M, K] with K a multiple of 32");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "x must be float32 or bfloat16");
   x = x.contiguous();
   const int64_t M = x.size(0), K = x.size(1);
-  auto q = torch::empty({M, K}, x.options().dtype(at::kChar));
-  auto meta = torch::empty({M, K / 32, 4}, x.options().dtype(at::kFloat));
+  auto q = at::empty({M, K}, x.options().dtype(at::kChar));
+  auto meta = at::empty({M, K / 32, 4}, x.options().dtype(at::kFloat));
   auto* mp = reinterpret_cast<ActMeta*>(meta.data_ptr<float>());
   int8_t* qp = q.data_ptr<int8_t>();
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
@@ -1012,8 +1012,8 @@ std::vector<torch::Tensor> quantize_activations(torch::Tensor x) {
 // y[:, col:col + N] = dequant(W) applied to the quantized activations (+ bias float32, padded
 // with zeros to whole 16-row tiles). y is [M, >= col + N], float32 or bfloat16, rows contiguous.
 // The packed weight has ceil(N / 16) tiles (the last one padded with zero rows).
-void quant_gemm(torch::Tensor xq, torch::Tensor meta, torch::Tensor packed, int64_t qtype,
-                int64_t N, torch::Tensor y, int64_t col, c10::optional<torch::Tensor> bias) {
+void quant_gemm(at::Tensor xq, at::Tensor meta, at::Tensor packed, int64_t qtype, int64_t N,
+                at::Tensor y, int64_t col, c10::optional<at::Tensor> bias) {
   const int64_t M = xq.size(0), K = xq.size(1);
   TORCH_CHECK(unit_bytes(qtype) > 0, "unsupported GGUF type ", qtype);
   const int64_t n_tiles = (N + 15) / 16;
@@ -1048,8 +1048,8 @@ void quant_gemm(torch::Tensor xq, torch::Tensor meta, torch::Tensor packed, int6
 // A quantized linear layer as one object: its runs of same-typed shards ("segments"), checked
 // once at construction, so a call is a single crossing from Python: quantize x once, run every
 // segment into its columns of y.
-QuantLinear::QuantLinear(std::vector<torch::Tensor> packed, std::vector<int64_t> qtypes,
-                         std::vector<int64_t> rows, std::vector<c10::optional<torch::Tensor>> bias,
+QuantLinear::QuantLinear(std::vector<at::Tensor> packed, std::vector<int64_t> qtypes,
+                         std::vector<int64_t> rows, std::vector<c10::optional<at::Tensor>> bias,
                          int64_t in_features)
     : packed_(std::move(packed)),
       qtypes_(std::move(qtypes)),
@@ -1075,10 +1075,10 @@ QuantLinear::QuantLinear(std::vector<torch::Tensor> packed, std::vector<int64_t>
   }
 }
 
-torch::Tensor QuantLinear::forward(torch::Tensor x) const {
+at::Tensor QuantLinear::forward(at::Tensor x) const {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K_, "x must be [M, ", K_, "]");
   auto qm = quantize_activations(x);
-  auto y = torch::empty({x.size(0), N_}, x.options());
+  auto y = at::empty({x.size(0), N_}, x.options());
   for (size_t i = 0; i < packed_.size(); ++i)
     quant_gemm(qm[0], qm[1], packed_[i], qtypes_[i], rows_[i], y, cols_[i], bias_[i]);
   return y;

@@ -1,0 +1,37 @@
+// The Python module: every kernel entry point of the other translation units, bound once. The
+// only file that includes pybind11 and torch's Python bindings (<torch/python.h>, half a minute
+// to parse); the kernel files build on ATen's core headers alone, in parallel with this one.
+#include <torch/python.h>
+
+#include "cpu_ops.h"
+#include "decode_stack.h"
+#include "gguf_repack.h"
+#include "quant_gemm.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("quant_isa", &quant_isa);
+  m.def("quantize_activations", &quantize_activations);
+  m.def("quant_gemm", &quant_gemm);
+  m.def("quant_rows", &quant_rows);
+  m.def("gguf_repack", &gguf_repack);
+  // module_local: every kernel level is its own module, and several may be loaded at once
+  py::class_<QuantLinear, std::shared_ptr<QuantLinear>>(m, "QuantLinear", py::module_local())
+      .def(py::init<std::vector<torch::Tensor>, std::vector<int64_t>, std::vector<int64_t>,
+                    std::vector<c10::optional<torch::Tensor>>, int64_t>())
+      .def("__call__", &QuantLinear::forward);
+  py::class_<LlamaDecodeStack>(m, "LlamaDecodeStack", py::module_local())
+      .def(py::init<
+           std::vector<torch::Tensor>, std::vector<torch::Tensor>, torch::Tensor,
+           std::vector<std::shared_ptr<QuantLinear>>, std::vector<std::shared_ptr<QuantLinear>>,
+           std::vector<std::shared_ptr<QuantLinear>>, std::vector<std::shared_ptr<QuantLinear>>,
+           int64_t, int64_t, int64_t, double, double>())
+      .def("__call__", &LlamaDecodeStack::forward);
+  m.def("paged_decode_attention", &paged_decode_attention);
+  m.def("paged_decode_attention_reference", &paged_decode_attention_reference);
+  m.def("write_kv", &write_kv);
+  m.def("argmax_rows", &argmax_rows);
+  m.def("apply_token_bitmask", &apply_token_bitmask);
+  m.def("add_rms_norm", &add_rms_norm);
+  m.def("silu_mul", &silu_mul);
+  m.def("rotary_inplace", &rotary_inplace);
+}
