@@ -16,7 +16,8 @@ void rotary_inplace(at::Tensor x, at::Tensor positions, at::Tensor cos_t, at::Te
 at::Tensor paged_decode_attention_reference(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
                                             at::Tensor block_tables, at::Tensor seq_lens,
                                             int64_t block_size, double scale);
-// logits[rows[i]] = -inf where bit j of bitmask[i] is clear (a grammar's allowed tokens).
+// Structured output: in row rows[i] of logits (row i when rows is empty), -inf for every token
+// whose bit is clear in bitmask row i (the grammar's allowed tokens).
 void apply_token_bitmask(at::Tensor logits, at::Tensor bitmask, at::Tensor rows);
 // The index of each row's maximum (the first on ties).
 at::Tensor argmax_rows(at::Tensor x);
