@@ -217,6 +217,13 @@ def run_server(ns: argparse.Namespace) -> int:
     # place that re-raise is a no-op, so a SIGTERM/SIGINT shutdown exits with status 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    server.run()
+    try:
+        server.run()
+    finally:
+        # A second signal makes uvicorn skip the app's lifespan shutdown, which stops the engine
+        # thread. Left running, that (daemon) thread may be inside a torch op when the
+        # interpreter finalizes: its forced exit unwinds through C++ frames and aborts the
+        # process (SIGABRT, seen as exit status -6). Stop it here in every case.
+        async_engine.shutdown()
     logger.info("server stopped")
     return 0
