@@ -109,7 +109,9 @@ def _perplexity(isa: str, text: str, **kwargs) -> float:
     os.environ["TOKENMILL_CPU_ISA"] = isa
     try:
         llm = LLM(max_model_len=512, kv_cache_memory_gib=0.25, **kwargs)
-        return perplexity(llm, text, context_length=256, stride=128).perplexity
+        # windows overlap by 64 tokens (each scored token sees at least 64 of context): every
+        # token is scored, from 1.46x fewer tokens evaluated than with a stride of 128
+        return perplexity(llm, text, context_length=256, stride=192).perplexity
     finally:
         del os.environ["TOKENMILL_CPU_ISA"]
 

@@ -19,7 +19,7 @@ def test_shared_system_prompt_same_outputs_with_cache_on_and_off(llm_f32):
     tok = llm_f32.get_tokenizer()
     convs = [
         [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Question {i}?"}]
-        for i in range(32)
+        for i in range(8)
     ]
     prompts = [llm_f32.encode_chat(c)[1] for c in convs]
     assert min(len(p) for p in prompts) >= 1000
@@ -30,7 +30,7 @@ def test_shared_system_prompt_same_outputs_with_cache_on_and_off(llm_f32):
     kv = llm_f32.engine.scheduler.kv
     hits_before = kv.num_prefix_hit_tokens
     with_cache = llm_f32.generate(prompts, greedy)
-    assert kv.num_prefix_hit_tokens - hits_before >= 31 * 960  # all but the first reuse it
+    assert kv.num_prefix_hit_tokens - hits_before >= 7 * 960  # all but the first reuse it
     for a, b in zip(with_cache, without):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids, tok.decode(a.prompt_token_ids)
 
