@@ -1,8 +1,8 @@
 """Fused CPU kernels (csrc/*.cpp), compiled on first use with torch's C++ extension tools.
 
-Only csrc/bindings.cpp includes pybind11 and torch's Python headers; the kernel files include
+Only csrc/bindings.cpp includes pybind11 and torch's Tensor casters; the kernel files include
 ATen's core headers alone, so ninja compiles them beside it on the other core (a level builds in
-about a minute on 2 cores, where every file parsing <torch/extension.h> took twice that).
+40-50 s on 2 cores, where every file parsing <torch/extension.h> took about two minutes).
 
 The kernels are built once per instruction-set level (`ISA_FLAGS`), never with `-march=native`:
 the level is chosen at run time from the CPU's flags (`select_isa`), so a cache shared between
@@ -239,7 +239,7 @@ def _compile(build_dir: Path, isa: str) -> Any:
     building = not (build_dir / "lock").exists()
     if building:
         logger.warning(
-            "compiling the %s CPU kernels once, about a minute per level on 2 cores (cached in %s)",
+            "compiling the %s CPU kernels once, under a minute per level on 2 cores (cached in %s)",
             isa,
             build_dir,
         )

@@ -1,7 +1,8 @@
 // The Python module: every kernel entry point of the other translation units, bound once. The
-// only file that includes pybind11 and torch's Python bindings (<torch/python.h>, half a minute
-// to parse); the kernel files build on ATen's core headers alone, in parallel with this one.
-#include <torch/python.h>
+// only file that includes pybind11 and torch's Python bindings: their Tensor casters alone
+// (<torch/csrc/utils/pybind.h>, 15 s to compile, where <torch/python.h> took 32 s); the kernel
+// files build on ATen's core headers, in parallel with this one.
+#include <torch/csrc/utils/pybind.h>
 
 #include "cpu_ops.h"
 #include "decode_stack.h"
@@ -16,12 +17,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_repack", &gguf_repack);
   // module_local: every kernel level is its own module, and several may be loaded at once
   py::class_<QuantLinear, std::shared_ptr<QuantLinear>>(m, "QuantLinear", py::module_local())
-      .def(py::init<std::vector<torch::Tensor>, std::vector<int64_t>, std::vector<int64_t>,
-                    std::vector<c10::optional<torch::Tensor>>, int64_t>())
+      .def(py::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<int64_t>,
+                    std::vector<c10::optional<at::Tensor>>, int64_t>())
       .def("__call__", &QuantLinear::forward);
   py::class_<LlamaDecodeStack>(m, "LlamaDecodeStack", py::module_local())
       .def(py::init<
-           std::vector<torch::Tensor>, std::vector<torch::Tensor>, torch::Tensor,
+           std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor,
            std::vector<std::shared_ptr<QuantLinear>>, std::vector<std::shared_ptr<QuantLinear>>,
            std::vector<std::shared_ptr<QuantLinear>>, std::vector<std::shared_ptr<QuantLinear>>,
            int64_t, int64_t, int64_t, double, double>())
