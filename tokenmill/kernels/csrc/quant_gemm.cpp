@@ -461,10 +461,8 @@ void tile_batched(const uint8_t* w, const Acts& acts, int64_t M, int64_t K, cons
 // block is applied to every token, each token's 4-byte broadcasts serve both tiles, and types
 // whose offset is an integer multiple of the scale (w = s * (u - c)) start the chain at
 // -c * sum(q) instead of paying a float FMA for the offset: the exact integer sum of (u - c) * q.
-// Each tile's 8 dot steps run as two chains of 4 (inputs 0..15 and 16..31) joined by one add:
-// one chain of 8 (40 cycles of latency per token and tile) left the out-of-order window short
-// of independent work, 1.04-1.11x slower at 5-128 tokens on every type but Q6_K (whose halves
-// are already two chains).
+// A chain of dot steps waits 5 cycles per step, so several tokens go through a block together
+// (kTokenGroup), each with its own chains.
 
 // The integer offset c of a symmetric type's unsigned weights (0: the offset is a float min).
 template <int64_t Q>
@@ -520,77 +518,97 @@ struct BatchActs {
 
 inline __m512i zero_idiom() {
   __m512i z;
-  __asm__("vpxord %0, %0, %0" : "=v"(z));  // renamed to zero, no execution port
+  // volatile: identical asm statements would otherwise merge into one zero register that every
+  // chain then copies (a move per chain and token).
+  __asm__ volatile("vpxord %0, %0, %0" : "=v"(z));  // renamed to zero, no execution port
   return z;
 }
+
+// One unpacked block of NT tiles, in registers: U, and the per-row scales and offsets.
+template <int NT>
+struct BlockRegs {
+  __m512i U[NT][8];
+  __m512 s0[NT], o0[NT], s1[NT];
+};
+
+// Block kb of the NT tiles applied to the G tokens whose quantized inputs start at x (32 bytes
+// each), with their metadata and chain starts: acc[k * 32 + 16 * i ...] += tile i's contribution
+// to token k. Each tile's dot steps for a token form one chain per half of the block where the
+// type scales the halves apart (Q6_K), or where a single token would leave too few independent
+// chains (then the halves are joined by one add); else one chain of 8.
+template <int64_t Q, int NT, int G>
+inline void accumulate_tokens(const BlockRegs<NT>& r, const int8_t* x, const ActMeta* meta,
+                              const int32_t* start, float* acc) {
+  constexpr int32_t c = kIntOffset<Q>;
+  constexpr int H = kSplit<Q> || G == 1 ? 2 : 1;  // chains per token and tile
+  __m512i a[G][NT][H];
+  for (int k = 0; k < G; ++k)
+    for (int i = 0; i < NT; ++i)
+      for (int h = 0; h < H; ++h) {
+        const bool starts = c != 0 && (h == 0 || kSplit<Q>);
+        a[k][i][h] = starts ? _mm512_set1_epi32(start[2 * k + h]) : zero_idiom();
+      }
+  for (int t = 0; t < 8 / H; ++t)
+    for (int k = 0; k < G; ++k)
+      for (int h = 0; h < H; ++h) {
+        const int u = t + h * 4;  // H == 2: inputs 0..15 in chain 0, 16..31 in chain 1
+        int32_t v;
+        std::memcpy(&v, x + 32 * k + 4 * u, 4);
+        const __m512i b = _mm512_set1_epi32(v);
+        for (int i = 0; i < NT; ++i) a[k][i][h] = _mm512_dpbusd_epi32(a[k][i][h], r.U[i][u], b);
+      }
+  for (int k = 0; k < G; ++k) {
+    const __m512 d = _mm512_set1_ps(meta[k].d);
+    for (int i = 0; i < NT; ++i) {
+      float* out = acc + 32 * k + 16 * i;
+      __m512 y = _mm512_loadu_ps(out);
+      if constexpr (kSplit<Q>) {
+        __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(a[k][i][0]), r.s0[i]);
+        v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[k][i][1]), r.s1[i], v);
+        y = _mm512_fmadd_ps(v, d, y);
+      } else {
+        const __m512i e = H == 2 ? _mm512_add_epi32(a[k][i][0], a[k][i][H - 1]) : a[k][i][0];
+        y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(e), _mm512_mul_ps(r.s0[i], d), y);
+        if constexpr (c == 0) y = _mm512_fmadd_ps(r.o0[i], _mm512_set1_ps(meta[k].dsum), y);
+      }
+      _mm512_storeu_ps(out, y);
+    }
+  }
+}
+
+// Tokens applied together per pass over a block's registers: enough independent dot chains
+// (G x NT x chains per token) to cover vpdpbusd's latency on both ports. 4 tokens (8 chains of
+// 8) ran 1.10-1.15x faster than 1 token (4 chains of 4 and an add per tile) on Q4_K and Q4_0 at
+// 8-64 tokens; Q6_K, with two chains per token already, gains 1.06-1.12x from 2 (harness A/B,
+// 1 thread). Q6_K at 4 tokens would hold 16 chains and 16 weight vectors, more than the 32
+// registers.
+template <int64_t Q>
+constexpr int kTokenGroup = kSplit<Q> ? 2 : 4;
 
 // Block kb of NT (1 or 2) tiles applied to tokens m0 .. m0 + MC:
 // acc[(m - m0) * 32 + 16 * i ...] += tile i's contribution (16 floats per tile and token).
 template <int64_t Q, int NT>
 inline void accumulate_batch(const Block* blk, const BatchActs& acts, int64_t m0, int64_t MC,
                              int64_t kb, float* acc) {
-  constexpr int32_t c = kIntOffset<Q>;
-  __m512i U[NT][8];
-  __m512 s0[NT], o0[NT], s1[NT];
+  constexpr int G = kTokenGroup<Q>;
+  BlockRegs<NT> r;
   for (int i = 0; i < NT; ++i) {
-    for (int t = 0; t < 8; ++t) U[i][t] = _mm512_load_si512(blk[i].u[t]);
-    s0[i] = _mm512_load_ps(blk[i].s0);
-    o0[i] = _mm512_load_ps(blk[i].o0);
-    s1[i] = _mm512_load_ps(blk[i].s1);
+    for (int t = 0; t < 8; ++t) r.U[i][t] = _mm512_load_si512(blk[i].u[t]);
+    r.s0[i] = _mm512_load_ps(blk[i].s0);
+    r.o0[i] = _mm512_load_ps(blk[i].o0);
+    r.s1[i] = _mm512_load_ps(blk[i].s1);
   }
   const int64_t first = kb * acts.M + m0;  // (block, token) index of the first token
   const int8_t* x = acts.x.data() + first * 32;
   const ActMeta* meta = acts.meta.data() + first;
-  const int32_t* start = c ? acts.start.data() + first * 2 : nullptr;
-  for (int64_t m = 0; m < MC; ++m, x += 32, acc += 32) {
-    auto bcast = [&](int t) {
-      int32_t v;
-      std::memcpy(&v, x + 4 * t, 4);
-      return _mm512_set1_epi32(v);
-    };
-    const __m512 d = _mm512_set1_ps(meta[m].d);
-    if constexpr (kSplit<Q>) {
-      __m512i lo[NT], hi[NT];
-      for (int i = 0; i < NT; ++i) {
-        lo[i] = _mm512_set1_epi32(start[2 * m]);
-        hi[i] = _mm512_set1_epi32(start[2 * m + 1]);
-      }
-      for (int t = 0; t < 8; ++t) {
-        const __m512i b = bcast(t);
-        for (int i = 0; i < NT; ++i) {
-          if (t < 4)
-            lo[i] = _mm512_dpbusd_epi32(lo[i], U[i][t], b);
-          else
-            hi[i] = _mm512_dpbusd_epi32(hi[i], U[i][t], b);
-        }
-      }
-      for (int i = 0; i < NT; ++i) {
-        __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(lo[i]), s0[i]);
-        v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi[i]), s1[i], v);
-        _mm512_storeu_ps(acc + 16 * i, _mm512_fmadd_ps(v, d, _mm512_loadu_ps(acc + 16 * i)));
-      }
-    } else {
-      __m512i e[NT], f[NT];  // inputs 0..15 and 16..31
-      for (int i = 0; i < NT; ++i) {
-        e[i] = c ? _mm512_set1_epi32(start[2 * m]) : zero_idiom();
-        f[i] = zero_idiom();
-      }
-      for (int t = 0; t < 4; ++t) {
-        const __m512i b = bcast(t), b4 = bcast(t + 4);
-        for (int i = 0; i < NT; ++i) {
-          e[i] = _mm512_dpbusd_epi32(e[i], U[i][t], b);
-          f[i] = _mm512_dpbusd_epi32(f[i], U[i][t + 4], b4);
-        }
-      }
-      for (int i = 0; i < NT; ++i) e[i] = _mm512_add_epi32(e[i], f[i]);
-      for (int i = 0; i < NT; ++i) {
-        __m512 a = _mm512_loadu_ps(acc + 16 * i);
-        a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(e[i]), _mm512_mul_ps(s0[i], d), a);
-        if constexpr (c == 0) a = _mm512_fmadd_ps(o0[i], _mm512_set1_ps(meta[m].dsum), a);
-        _mm512_storeu_ps(acc + 16 * i, a);
-      }
-    }
-  }
+  const int32_t* start = kIntOffset<Q> ? acts.start.data() + first * 2 : nullptr;
+  int64_t m = 0;
+  for (; m + G <= MC; m += G)
+    accumulate_tokens<Q, NT, G>(r, x + 32 * m, meta + m, start ? start + 2 * m : nullptr,
+                                acc + 32 * m);
+  for (; m < MC; ++m)
+    accumulate_tokens<Q, NT, 1>(r, x + 32 * m, meta + m, start ? start + 2 * m : nullptr,
+                                acc + 32 * m);
 }
 
 // Tiles nt0 .. nt0 + NT for tokens m0 .. m0 + MC (at most kBatchChunk): every block of the
