@@ -45,15 +45,14 @@ def test_capture_sizes():
 def test_graph_replay_matches_eager_at_every_size(tiny, monkeypatch):  # noqa: F811
     monkeypatch.setenv("TOKENMILL_BACKEND", "triton")
     path, _ = tiny
-    prompts = [[5 + (7 * i + j) % 150 for j in range(3 + 2 * i)] for i in range(MAX_SEQS)]
-    # Lengths 3, 5, ..., 17: the batch shrinks one row at a time, so sizes 8, 4, 2 and 1 all
+    prompts = [[5 + (7 * i + j) % 150 for j in range(2 + i)] for i in range(MAX_SEQS)]
+    # 2, 3, ..., 9 new tokens: the batch shrinks one row per step, so sizes 8, 4, 2 and 1 all
     # replay with padding rows; two rows sample with seeds from the graph's logits.
     params = [
-        SamplingParams(temperature=0, max_tokens=3 + 2 * i, ignore_eos=True)
-        for i in range(MAX_SEQS)
+        SamplingParams(temperature=0, max_tokens=2 + i, ignore_eos=True) for i in range(MAX_SEQS)
     ]
-    params[2] = SamplingParams(temperature=1.0, seed=11, max_tokens=7, ignore_eos=True)
-    params[5] = SamplingParams(temperature=0.8, top_k=5, seed=3, max_tokens=13, ignore_eos=True)
+    params[2] = SamplingParams(temperature=1.0, seed=11, max_tokens=4, ignore_eos=True)
+    params[5] = SamplingParams(temperature=0.8, top_k=5, seed=3, max_tokens=7, ignore_eos=True)
     expected = [o.outputs[0].token_ids for o in _llm(path).generate(prompts, params)]
 
     llm = _llm(path)
