@@ -14,7 +14,8 @@ engine reads per decode step (weights as it stores them + KV at the mean context
 measured copy bandwidth, or the multiply-adds over the measured peak of the instruction the
 engine multiplies with, whichever is slower: `vpdpbusd` / `vpmaddubsw` / AMX tiles for the
 integer kernel levels (benchmarks/int8_peak.c, one thread per core; llama.cpp at the best non-AMX
-level), the bf16 matmul rate for dense weights.
+level), the bf16 matmul rate for dense weights. Like the rates, these ceilings are the best of
+several measurements: before each file and at the end.
 
     # benchmark-only, built from source for the CPU's ISA but without AMX (its path faults on
     # CPUs that have it; -march=native would turn it on whatever -mno-amx-* says):
@@ -314,18 +315,19 @@ def measure_int8_gmacs(threads: int) -> dict[str, float]:
     """Peak integer multiply-adds per second (G) of each kernel level the CPU has, from
     benchmarks/int8_peak.c (best of 3); empty (bf16 rate for every roofline) without a C
     compiler."""
-    exe = Path(tempfile.mkdtemp()) / "int8_peak"
     src = Path(__file__).with_name("int8_peak.c")
     try:
-        subprocess.run(
-            ["cc", "-O3", "-march=native", "-fopenmp", str(src), "-o", str(exe)],
-            check=True,
-            capture_output=True,
-        )
-        runs = [
-            subprocess.run([str(exe), str(threads)], check=True, capture_output=True, text=True)
-            for _ in range(3)
-        ]
+        with tempfile.TemporaryDirectory() as tmp:
+            exe = Path(tmp) / "int8_peak"
+            subprocess.run(
+                ["cc", "-O3", "-march=native", "-fopenmp", str(src), "-o", str(exe)],
+                check=True,
+                capture_output=True,
+            )
+            runs = [
+                subprocess.run([str(exe), str(threads)], check=True, capture_output=True, text=True)
+                for _ in range(3)
+            ]
     except (OSError, subprocess.CalledProcessError) as e:
         print(f"int8 peak not measured ({e}); compute rooflines use the bf16 matmul rate")
         return {}
@@ -361,7 +363,7 @@ def count_params(path: str) -> int:
     return sum(int(t.n_elements) for t in gguf.GGUFReader(path).tensors)
 
 
-def bench_file(name: str, path: str, args, bw: float, peaks: dict) -> list[dict]:
+def bench_file(name: str, path: str, args) -> list[dict]:
     from tokenmill.kernels.cpu_ops import supported_isas
 
     isas = [i for i in args.isas.split(",") if i == "reference" or i in supported_isas()]
@@ -392,7 +394,8 @@ def bench_file(name: str, path: str, args, bw: float, peaks: dict) -> list[dict]
     params = count_params(path)
     rows = []
     for w in workers:
-        row = {"file": name, "engine": w.label, **w.desc, "seconds": times[w.label]}
+        row = {"file": name, "engine": w.label, **w.desc, "params": params}
+        row["seconds"] = times[w.label]
         for case in CASES:
             if not times[w.label][case]:
                 continue
@@ -402,12 +405,17 @@ def bench_file(name: str, path: str, args, bw: float, peaks: dict) -> list[dict]
                 "batch": args.batch * args.new_tokens,
             }[case]
             row[f"{case}_tok_s"] = n / min(times[w.label][case])
-            row[f"{case}_roofline"] = row[f"{case}_tok_s"] / roofline(
-                case, w.desc, params, bw, peaks, args
-            )
         rows.append(row)
         w.close()
     return rows
+
+
+def measure_ceilings(threads: int) -> dict:
+    """The machine's copy bandwidth (GB/s), bf16 matmul rate ("bf16", TFLOP/s) and integer
+    multiply-add peaks (GMAC/s per kernel level), measured now."""
+    return {"bandwidth": measure_bandwidth_gbs(), "bf16": measure_bf16_tflops()} | (
+        measure_int8_gmacs(threads)
+    )
 
 
 def main() -> None:
@@ -432,13 +440,25 @@ def main() -> None:
     args = ap.parse_args()
 
     files = prepare_files(args.files.split(","), Path(args.workdir))
-    bw, tflops = measure_bandwidth_gbs(), measure_bf16_tflops()
-    peaks = {"bf16": tflops, **measure_int8_gmacs(args.threads)}
     flags = sorted(f for f in _cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c")))
+    # The machine's speed drifts (a shared VM: 1.5-2x between hours), and every rate kept is
+    # the best of its repeats, so the ceilings are the best of measurements taken before each
+    # file and at the end; one taken in a slow moment would put fractions above 100%.
+    samples = []
     rows = []
     for name, path in files.items():
+        samples.append(measure_ceilings(args.threads))
         print(f"{name}: {path}", flush=True)
-        rows += bench_file(name, path, args, bw, peaks)
+        rows += bench_file(name, path, args)
+    samples.append(measure_ceilings(args.threads))
+    ceilings = {k: max(s.get(k, 0.0) for s in samples) for k in samples[0]}
+    bw, tflops = ceilings["bandwidth"], ceilings["bf16"]
+    peaks = {k: v for k, v in ceilings.items() if k != "bandwidth"}
+    for r in rows:
+        for c in CASES:
+            if f"{c}_tok_s" in r:
+                bound = roofline(c, r, r["params"], bw, peaks, args)
+                r[f"{c}_roofline"] = r[f"{c}_tok_s"] / bound
 
     print(
         f"\n{platform.processor() or platform.machine()}, {args.threads} threads, copy "
@@ -468,6 +488,7 @@ def main() -> None:
                 "method": "best of interleaved repeats, one process per engine",
                 "threads": args.threads,
                 "bandwidth_gbs": bw,
+                "ceiling_samples": samples,
                 "bf16_tflops": tflops,
                 "int8_peak_gmacs": {k: v for k, v in peaks.items() if k != "bf16"},
                 "cpu_flags": flags,
