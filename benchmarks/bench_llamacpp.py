@@ -394,8 +394,13 @@ def bench_file(name: str, path: str, args) -> list[dict]:
     params = count_params(path)
     rows = []
     for w in workers:
-        row = {"file": name, "engine": w.label, **w.desc, "params": params}
-        row["seconds"] = times[w.label]
+        row = {
+            "file": name,
+            "engine": w.label,
+            **w.desc,
+            "params": params,
+            "seconds": times[w.label],
+        }
         for case in CASES:
             if not times[w.label][case]:
                 continue
