@@ -13,9 +13,10 @@
 //   y[m][row] += s * dx * sum(u * xq) + o * dx * sum(xq)
 // where the integer sum is exact (int32) and every float product of it matches what a float
 // matmul over the dequantized weights and activations computes, up to the order of additions.
-// Every path unpacks each weight block once per call and applies it to every token of the
-// batch: up to 64 tokens as the weights stream in (accumulators in registers, or in L1 past 4
-// tokens), larger batches after unpacking a whole tile into an L2-resident buffer.
+// Every path unpacks each weight block once per pass and applies it to every token of the pass
+// as the weights stream in: 1-4 tokens with accumulators in registers (tile_streaming), larger
+// batches in passes of up to 64 tokens with accumulators in L1 (gemm_batched), where a prefill
+// takes several passes over each tile, which by then sits in L2.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -335,7 +336,7 @@ inline F16 to_float(I16 v) { return {_mm256_cvtepi32_ps(v.a), _mm256_cvtepi32_ps
 
 // Quantized activations as the kernels read them: token m's 32 inputs of block b and their
 // metadata, in either layout: row-major as quantize_activations writes them ([M, K]), or
-// block-major ([K / 32, M, 32]) for the batched paths, where a block's tokens then sit on
+// block-major ([K / 32, M, 32]) for the AMX path, where a block's tokens then sit on
 // consecutive cache lines instead of K bytes apart (which aliases to a few L1 sets).
 struct Acts {
   const int8_t* x;
@@ -422,51 +423,19 @@ void tile_streaming(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int
   for (int m = 0; m < MT; ++m) store_row(acc[m], bias, y + m * ldy, rows);
 }
 
-// Block kb's contribution for tokens [m_begin, M) into their L1 accumulators (16 floats each).
+// ---- Batches of 5+ tokens (decode of many sequences, prefill) ----
+// Each block of a tile (or of two tiles, AVX-512) is unpacked once and applied to every token of
+// a pass of up to kBatchChunk tokens, several tokens together (kTokenGroup) so that each weight
+// vector loaded serves all of them and their chains of dot steps overlap. Types whose offset is
+// an integer multiple of the scale (w = s * (u - c)) start each token's integer sum at
+// -c * sum(q) instead of paying a float FMA for the offset: the exact integer sum of
+// (u - c) * q.
+
+// The integer offset c of a symmetric type's unsigned weights (0: the offset is a float min, or
+// the weights are signed bytes).
 template <int64_t Q>
-inline void accumulate_rows(const Block& blk, const Acts& acts, int64_t m_begin, int64_t M,
-                            int64_t kb, float* accbuf) {
-  int64_t m0 = m_begin;
-  for (; m0 + 4 <= M; m0 += 4) {
-    F16 acc[4];
-    for (int m = 0; m < 4; ++m) acc[m] = F16::load(accbuf + (m0 + m) * 16);
-    accumulate<Q, 4>(blk, acts.from(m0), kb, acc);
-    for (int m = 0; m < 4; ++m) acc[m].store(accbuf + (m0 + m) * 16);
-  }
-  for (; m0 < M; ++m0) {
-    F16 acc[1] = {F16::load(accbuf + m0 * 16)};
-    accumulate<Q, 1>(blk, acts.from(m0), kb, acc);
-    acc[0].store(accbuf + m0 * 16);
-  }
-}
-
-// One 16-row tile for a mid-size batch (decode of many sequences): each block is unpacked
-// once, as the weights stream in, and applied to every token, whose accumulators live in an
-// L1 buffer between blocks. Streaming keeps the memory reads overlapped with the arithmetic,
-// which an unpack-the-whole-tile-first order would serialize.
-template <int64_t Q, typename TY>
-void tile_batched(const uint8_t* w, const Acts& acts, int64_t M, int64_t K, const float* bias,
-                  TY* y, int64_t ldy, int rows, float* accbuf) {
-  std::fill(accbuf, accbuf + M * 16, 0.f);
-  for_each_block<Q>(
-      w, K, [&](const Block& blk, int64_t kb) { accumulate_rows<Q>(blk, acts, 0, M, kb, accbuf); });
-  for (int64_t m = 0; m < M; ++m) store_row(F16::load(accbuf + m * 16), bias, y + m * ldy, rows);
-}
-
-#ifdef TM_AVX512
-// ---- AVX-512 decode batches (5..64 tokens): two tiles at a time ----
-// On the cores measured (Sapphire Rapids), vpdpbusd zmm issues on the same two ports as every
-// float op, so each conversion, multiply and FMA per block costs as much as one of its 8 dot
-// steps. This path spends as few as it can: the two tiles' weights stay in registers while the
-// block is applied to every token, each token's 4-byte broadcasts serve both tiles, and types
-// whose offset is an integer multiple of the scale (w = s * (u - c)) start the chain at
-// -c * sum(q) instead of paying a float FMA for the offset: the exact integer sum of (u - c) * q.
-// A chain of dot steps waits 5 cycles per step, so several tokens go through a block together
-// (kTokenGroup), each with its own chains.
-
-// The integer offset c of a symmetric type's unsigned weights (0: the offset is a float min).
-template <int64_t Q>
-constexpr int32_t kIntOffset = Q == Q4_0   ? 8
+constexpr int32_t kIntOffset = kSignedU<Q> ? 0
+                               : Q == Q4_0 ? 8
                                : Q == Q5_0 ? 16
                                : Q == Q8_0 ? 128
                                : Q == Q6_K ? 32
@@ -515,6 +484,14 @@ struct BatchActs {
     return a;
   }
 };
+
+#ifdef TM_AVX512
+// On the cores measured (Sapphire Rapids), vpdpbusd zmm issues on the same two ports as every
+// float op, so each conversion, multiply and FMA per block costs as much as one of its 8 dot
+// steps. This path spends as few as it can: two tiles' weights stay in registers while the
+// block is applied to every token, and each token's 4-byte broadcasts serve both tiles. A chain
+// of dot steps waits 5 cycles per step, so several tokens go through a block together, each
+// with its own chains.
 
 inline __m512i zero_idiom() {
   __m512i z;
@@ -611,6 +588,98 @@ inline void accumulate_batch(const Block* blk, const BatchActs& acts, int64_t m0
                                 acc + 32 * m);
 }
 
+#else
+// AVX2 has 16 vector registers, a quarter of a block's bytes per zmm-less tile: the block stays
+// in L1 (Block) and each of its 16 weight vectors is loaded once per group of tokens and applied
+// to all of them. `maddubs` products of pairs add up in int16 for kRun<Q> steps before one
+// widening `madd`: exact while kRun * 2 * max(u) * 127 < 2^15 (4-bit weights: all 8 steps, 5-bit:
+// 4, 6-bit: 2; AVX2's signed Q8_0 widens every product, up to 2 * 128 * 127).
+template <int64_t Q>
+constexpr int kRun = kSignedU<Q>                           ? 1
+                     : Q == Q6_K                           ? 2
+                     : Q == Q5_0 || Q == Q5_1 || Q == Q5_K ? 4
+                                                           : 8;
+
+// Tokens per pass over a block: as many as the registers hold (kRun < 8 keeps int32 sums beside
+// the int16 runs, so fewer tokens).
+template <int64_t Q>
+constexpr int kTokenGroup = kRun<Q> == 8 ? 4 : 2;
+
+// The block applied to the G tokens whose quantized inputs start at x (32 bytes each), with
+// their metadata and chain starts: acc[k * 32 ...] (16 floats) += its contribution to token k.
+// Split types (Q6_K) sum and scale inputs 0..15 and 16..31 as two parts.
+template <int64_t Q, int G>
+inline void accumulate_tokens(const Block& blk, const int8_t* x, const ActMeta* meta,
+                              const int32_t* start, float* acc) {
+  constexpr int P = kSplit<Q> ? 2 : 1, TP = 8 / P, R = kRun<Q>;
+  constexpr int32_t c = kIntOffset<Q>;
+  static_assert(TP % R == 0, "a run never crosses a part");
+  const __m256i ones = _mm256_set1_epi16(1);
+#pragma GCC unroll 2
+  for (int part = 0; part < P; ++part) {
+    __m256i run[G][2], sum[G][2];  // per token and 8-row half
+#pragma GCC unroll 8
+    for (int j = 0; j < TP; ++j) {
+      const int t = part * TP + j;
+      __m256i w[2], wa[2];
+      for (int h = 0; h < 2; ++h) {
+        w[h] = _mm256_load_si256(reinterpret_cast<const __m256i*>(blk.u[t] + 32 * h));
+        if constexpr (kSignedU<Q>) wa[h] = _mm256_sign_epi8(w[h], w[h]);
+      }
+#pragma GCC unroll 4
+      for (int k = 0; k < G; ++k) {
+        int32_t v;
+        std::memcpy(&v, x + 32 * k + 4 * t, 4);
+        const __m256i xb = _mm256_set1_epi32(v);
+        for (int h = 0; h < 2; ++h) {
+          const __m256i p = kSignedU<Q> ? _mm256_maddubs_epi16(wa[h], _mm256_sign_epi8(xb, w[h]))
+                                        : _mm256_maddubs_epi16(w[h], xb);
+          run[k][h] = j % R == 0 ? p : _mm256_add_epi16(run[k][h], p);
+          __asm__("" : "+x"(run[k][h]));  // keeps the adds in order (see above)
+          if (j % R == R - 1) {
+            const __m256i e = _mm256_madd_epi16(run[k][h], ones);
+            if (j == R - 1)
+              sum[k][h] = c ? _mm256_add_epi32(e, _mm256_set1_epi32(start[2 * k + part])) : e;
+            else
+              sum[k][h] = _mm256_add_epi32(sum[k][h], e);
+          }
+        }
+      }
+    }
+    const F16 s = F16::load(part ? blk.s1 : blk.s0);
+    for (int k = 0; k < G; ++k) {
+      float* out = acc + 32 * k;
+      F16 y = F16::load(out);
+      y = F16::fma(to_float({sum[k][0], sum[k][1]}), s * F16::set1(meta[k].d), y);
+      if constexpr (c == 0 && !kSignedU<Q>)
+        y = F16::fma(F16::load(blk.o0), F16::set1(meta[k].dsum), y);
+      y.store(out);
+    }
+  }
+}
+
+// Block kb of NT (1 or 2) tiles applied to tokens m0 .. m0 + MC:
+// acc[(m - m0) * 32 + 16 * i ...] += tile i's contribution (16 floats per tile and token).
+template <int64_t Q, int NT>
+inline void accumulate_batch(const Block* blk, const BatchActs& acts, int64_t m0, int64_t MC,
+                             int64_t kb, float* acc) {
+  constexpr int G = kTokenGroup<Q>;
+  const int64_t first = kb * acts.M + m0;  // (block, token) index of the first token
+  const int8_t* x = acts.x.data() + first * 32;
+  const ActMeta* meta = acts.meta.data() + first;
+  const int32_t* start = kIntOffset<Q> ? acts.start.data() + first * 2 : nullptr;
+  for (int i = 0; i < NT; ++i) {
+    int64_t m = 0;
+    for (; m + G <= MC; m += G)
+      accumulate_tokens<Q, G>(blk[i], x + 32 * m, meta + m, start ? start + 2 * m : nullptr,
+                              acc + 32 * m + 16 * i);
+    for (; m < MC; ++m)
+      accumulate_tokens<Q, 1>(blk[i], x + 32 * m, meta + m, start ? start + 2 * m : nullptr,
+                              acc + 32 * m + 16 * i);
+  }
+}
+#endif  // TM_AVX512
+
 // Tiles nt0 .. nt0 + NT for tokens m0 .. m0 + MC (at most kBatchChunk): every block of the
 // tiles is unpacked once and applied to all MC tokens; accumulators in `accbuf` ([MC][32]
 // floats, L1).
@@ -672,7 +741,6 @@ void gemm_batched(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64
       }
   });
 }
-#endif  // TM_AVX512
 
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__)
 #define TM_AMX 1
@@ -739,6 +807,24 @@ inline void amx_group(int g, const int8_t* x, int64_t stride, int32_t* out) {
   }
 }
 
+// Block kb's contribution for tokens [m_begin, M) into their L1 accumulators (16 floats each).
+template <int64_t Q>
+inline void accumulate_rows(const Block& blk, const Acts& acts, int64_t m_begin, int64_t M,
+                            int64_t kb, float* accbuf) {
+  int64_t m0 = m_begin;
+  for (; m0 + 4 <= M; m0 += 4) {
+    F16 acc[4];
+    for (int m = 0; m < 4; ++m) acc[m] = F16::load(accbuf + (m0 + m) * 16);
+    accumulate<Q, 4>(blk, acts.from(m0), kb, acc);
+    for (int m = 0; m < 4; ++m) acc[m].store(accbuf + (m0 + m) * 16);
+  }
+  for (; m0 < M; ++m0) {
+    F16 acc[1] = {F16::load(accbuf + m0 * 16)};
+    accumulate<Q, 1>(blk, acts.from(m0), kb, acc);
+    acc[0].store(accbuf + m0 * 16);
+  }
+}
+
 // A 16-row tile for a batch of 16 to 64 tokens on the tile unit: per block, 16 tokens at a
 // time, one `tdpbsud` (int8 activations x the unpacked unsigned weights, exactly the U layout)
 // gives the int32 block sums, which are then scaled into float accumulators in L1 like the VNNI
@@ -782,116 +868,72 @@ void tile_amx(const uint8_t* w, const Acts& acts, int64_t M, int64_t K, const fl
 }
 #endif  // AMX
 
-// Decode batches from this size on take the AMX tiles (where present; see gemm_typed).
-constexpr int64_t kAmxMinM = 48;
+#ifdef TM_AMX
+// Decode batches of this many tokens up to kAmxMaxM take the AMX tiles (see gemm_typed).
+constexpr int64_t kAmxMinM = 48, kAmxMaxM = 64;
 
-// Without AVX-512 (gemm_batched), batches up to this size stream (tile_streaming /
-// tile_batched); larger ones (prefill) unpack a whole tile first and loop over tokens in the
-// outer loop, which keeps x's rows sequential.
-constexpr int64_t kStreamingMaxM = 64;
+// y = the quantized GEMM on the tile unit, one 16-row tile at a time (tile_amx).
+template <int64_t Q, typename TY>
+void gemm_amx(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t M, int64_t N,
+              int64_t K, const float* bias, TY* y, int64_t ldy) {
+  const int64_t n_tiles = (N + 15) / 16, tile_bytes = K / unit_k(Q) * unit_bytes(Q), KB = K / 32;
+  // Every weight tile reads the activations block by block: copy them block-major once per
+  // call (M * K bytes, next to M * N * K multiply-adds).
+  std::vector<int8_t> xr(M * K);
+  std::vector<ActMeta> mr(M * KB);
+  for (int64_t b = 0; b < KB; ++b)
+    for (int64_t m = 0; m < M; ++m) {
+      std::memcpy(&xr[(b * M + m) * 32], xq + m * K + b * 32, 32);
+      mr[b * M + m] = meta[m * KB + b];
+    }
+  const Acts acts = {xr.data(), mr.data(), 32, M * 32, 1, M};
+  at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
+    configure_amx();
+    std::vector<float> accbuf(M * 16);
+    for (int64_t nt = begin; nt < end; ++nt)
+      tile_amx<Q>(w + nt * tile_bytes, acts, M, K, bias ? bias + nt * 16 : nullptr, y + nt * 16,
+                  ldy, static_cast<int>(std::min<int64_t>(16, N - nt * 16)), accbuf.data());
+    _tile_release();
+  });
+}
+#endif
 
+// y = the quantized GEMM: batches of 1-4 tokens stream each tile (tile_streaming), larger ones
+// take gemm_batched, or the AMX tiles where present for decode batches of kAmxMinM..kAmxMaxM.
 template <int64_t Q, typename TY>
 void gemm_typed(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t M, int64_t N,
                 int64_t K, const float* bias, TY* y, int64_t ldy) {
-  const int64_t n_tiles = (N + 15) / 16, ub = unit_bytes(Q), tile_bytes = K / unit_k(Q) * ub;
-  const int64_t KB = K / 32, bpu = unit_k(Q) / 32;
-  const Acts rows_acts = Acts::row_major(xq, meta, K);
-  const bool decode_batch = M > 4 && M <= kStreamingMaxM;
 #ifdef TM_AMX
   // The tiles' products are nearly free, but every block's int32 sums still need the same
   // float rescaling per token as VNNI's. Measured on Sapphire Rapids against gemm_batched
   // (same process, 1 thread): 0.8-0.9x at 16 tokens, 0.92-1.06x at 32, 1.0-1.08x at 64; slower
   // for prefill-size batches, and Q6_K's half blocks never pay off.
-  const bool use_amx = !kSplit<Q> && M >= kAmxMinM && decode_batch && amx_permitted();
-#else
-  const bool use_amx = false;
-#endif
-#ifdef TM_AVX512
-  if (M > 4 && !use_amx) return gemm_batched<Q>(w, xq, meta, M, N, K, bias, y, ldy);
-#endif
-  // Decode batches read the activations block by block for every weight tile: copy them
-  // block-major once per call (M * K bytes, next to M * N * K multiply-adds).
-  std::vector<int8_t> xr;
-  std::vector<ActMeta> mr;
-  Acts block_acts = rows_acts;
-  if (decode_batch) {
-    xr.resize(M * K);
-    mr.resize(M * KB);
-    for (int64_t b = 0; b < KB; ++b)
-      for (int64_t m = 0; m < M; ++m) {
-        std::memcpy(&xr[(b * M + m) * 32], xq + m * K + b * 32, 32);
-        mr[b * M + m] = meta[m * KB + b];
-      }
-    block_acts = {xr.data(), mr.data(), 32, M * 32, 1, M};
-  }
-#ifdef TM_AMX
   if constexpr (!kSplit<Q>) {
-    if (use_amx) {
-      at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
-        configure_amx();
-        std::vector<float> accbuf(M * 16);
-        for (int64_t nt = begin; nt < end; ++nt)
-          tile_amx<Q>(w + nt * tile_bytes, block_acts, M, K, bias ? bias + nt * 16 : nullptr,
-                      y + nt * 16, ldy, static_cast<int>(std::min<int64_t>(16, N - nt * 16)),
-                      accbuf.data());
-        _tile_release();
-      });
-      return;
-    }
+    if (M >= kAmxMinM && M <= kAmxMaxM && amx_permitted())
+      return gemm_amx<Q>(w, xq, meta, M, N, K, bias, y, ldy);
   }
 #endif
+  if (M > 4) return gemm_batched<Q>(w, xq, meta, M, N, K, bias, y, ldy);
+  const int64_t n_tiles = (N + 15) / 16, tile_bytes = K / unit_k(Q) * unit_bytes(Q);
   at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<Block> buf(M > kStreamingMaxM ? KB : 0);
-    std::vector<float> accbuf(M > 4 && M <= kStreamingMaxM ? M * 16 : 0);
     for (int64_t nt = begin; nt < end; ++nt) {
       const uint8_t* wt = w + nt * tile_bytes;
       const float* bt = bias ? bias + nt * 16 : nullptr;
       TY* yt = y + nt * 16;
       const int rows = static_cast<int>(std::min<int64_t>(16, N - nt * 16));
-      if (M <= 4) {
-        switch (M) {
-          case 1:
-            tile_streaming<Q, 1>(wt, xq, meta, K, bt, yt, ldy, rows);
-            break;
-          case 2:
-            tile_streaming<Q, 2>(wt, xq, meta, K, bt, yt, ldy, rows);
-            break;
-          case 3:
-            tile_streaming<Q, 3>(wt, xq, meta, K, bt, yt, ldy, rows);
-            break;
-          default:
-            tile_streaming<Q, 4>(wt, xq, meta, K, bt, yt, ldy, rows);
-            break;
-        }
-        continue;
-      }
-      if (M <= kStreamingMaxM) {
-        tile_batched<Q>(wt, block_acts, M, K, bt, yt, ldy, rows, accbuf.data());
-        continue;
-      }
-      for (int64_t u = 0; u < K / unit_k(Q); ++u)
-        for (int b = 0; b < bpu; ++b) unpack_block<Q>(wt + u * ub, b, buf[u * bpu + b]);
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        F16 acc[4] = {F16::zero(), F16::zero(), F16::zero(), F16::zero()};
-        const int mt = static_cast<int>(std::min<int64_t>(4, M - m0));
-        const Acts acts = rows_acts.from(m0);
-        for (int64_t kb = 0; kb < KB; ++kb) {
-          switch (mt) {
-            case 4:
-              accumulate<Q, 4>(buf[kb], acts, kb, acc);
-              break;
-            case 3:
-              accumulate<Q, 3>(buf[kb], acts, kb, acc);
-              break;
-            case 2:
-              accumulate<Q, 2>(buf[kb], acts, kb, acc);
-              break;
-            default:
-              accumulate<Q, 1>(buf[kb], acts, kb, acc);
-              break;
-          }
-        }
-        for (int m = 0; m < mt; ++m) store_row(acc[m], bt, yt + (m0 + m) * ldy, rows);
+      switch (M) {
+        case 1:
+          tile_streaming<Q, 1>(wt, xq, meta, K, bt, yt, ldy, rows);
+          break;
+        case 2:
+          tile_streaming<Q, 2>(wt, xq, meta, K, bt, yt, ldy, rows);
+          break;
+        case 3:
+          tile_streaming<Q, 3>(wt, xq, meta, K, bt, yt, ldy, rows);
+          break;
+        default:
+          tile_streaming<Q, 4>(wt, xq, meta, K, bt, yt, ldy, rows);
+          break;
       }
     }
   });
