@@ -14,7 +14,7 @@ from tokenmill.layers.linear import Linear
 from tokenmill.layers.ops import TorchOps
 from tokenmill.models.config import ModelArchConfig
 from tokenmill.quant.base import QuantConfig
-from tokenmill.quant.dense import copy_checked, materialize
+from tokenmill.quant.dense import copy_checked, materialize, onednn_packable
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -142,9 +142,7 @@ class CausalLM(torch.nn.Module):
             self.cfg.tie_word_embeddings
             and getattr(self, "lm_head", None) is None
             and w is not None
-            and w.device.type == "cpu"
-            and w.dtype in (torch.bfloat16, torch.float16)
-            and torch.backends.mkldnn.is_available()
+            and onednn_packable(w)
         ):
             # The output projection reuses the embedding matrix; a oneDNN-packed copy makes the
             # [num_rows, vocab] GEMM of every step ~1.5-2x faster in bf16 on CPU.

@@ -24,6 +24,20 @@ def copy_checked(dest: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
     dest.copy_(tensor)
 
 
+def onednn_packable(w: torch.Tensor) -> bool:
+    """Whether oneDNN can repack `w` ([out, in]) into its blocked layout for `_linear_pointwise`:
+    a CPU tensor in bf16 / fp16 on a CPU with oneDNN's kernels for that dtype (bf16 needs
+    AVX-512 BW/VL/DQ or AVX-NE-CONVERT, fp16 AVX-512-FP16 or AVX-NE-CONVERT; an AVX2-only CPU
+    such as AMD Zen 3 has neither and keeps the strided weight)."""
+    if w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if w.dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if w.dtype == torch.float16:
+        return torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return False
+
+
 class UnquantizedLinearMethod:
     """Dense [out, in] weights; on CPU in bf16/fp16 repacked into oneDNN's blocked layout."""
 
@@ -51,11 +65,7 @@ class UnquantizedLinearMethod:
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         w = layer.weight
-        if (
-            w.device.type == "cpu"
-            and w.dtype in (torch.bfloat16, torch.float16)
-            and torch.backends.mkldnn.is_available()
-        ):
+        if onednn_packable(w):
             # oneDNN's blocked layout: 1.2-2x faster bf16 GEMMs than the strided weight
             # (bit-identical results). The dense copy is dropped to keep memory flat.
             layer.packed_weight = torch.ops.mkldnn._reorder_linear_weight(w.detach())

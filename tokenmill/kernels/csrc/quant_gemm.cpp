@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "gguf_types.h"
@@ -204,69 +205,92 @@ constexpr bool kSignedU =
 template <int64_t Q>
 constexpr bool kSplit = Q == Q6_K;
 
-// Unpacks block b (0..7 for K types, 0 for legacy) of unit `src` into `out`.
+// Block b's scales and offsets per row, in registers (see Block): s(part), o(part).
+struct Scales {
+  F16 s0, o0, s1, o1;
+  F16 s(int part) const { return part ? s1 : s0; }
+  F16 o(int part) const { return part ? o1 : o0; }
+};
+
+// Where block b (0..7 for K types, 0 for legacy) of unit `src` keeps its low 4 bits (256
+// bytes: byte c * 64 + r * 4 + i holds inputs 4c + i (low nibble) and 4c + 16 + i (high) of row
+// r) and its fifth bits (Q5 types: eight 64-bit masks, bit r * 4 + i of mask t = input 4t + i).
+template <int64_t Q>
+inline const uint8_t* nibble_base(const uint8_t* src, int b) {
+  if constexpr (Q == Q4_0) return src + 32;
+  if constexpr (Q == Q4_1) return src + 64;
+  if constexpr (Q == Q5_0) return src + 96;
+  if constexpr (Q == Q5_1) return src + 128;
+  if constexpr (Q == Q4_K) return src + 320 + b * 256;
+  if constexpr (Q == Q5_K) return src + 832 + b * 256;
+  if constexpr (Q == Q6_K) return src + 288 + b * 256;
+  return nullptr;
+}
+template <int64_t Q>
+inline const uint8_t* high_bit_base(const uint8_t* src, int b) {
+  if constexpr (Q == Q5_0) return src + 32;
+  if constexpr (Q == Q5_1) return src + 64;
+  if constexpr (Q == Q5_K) return src + 320 + b * 64;
+  return nullptr;
+}
+
+template <int64_t Q>
+inline Scales block_scales(const uint8_t* src, int b) {
+  if constexpr (Q == Q4_0 || Q == Q4_1 || Q == Q5_0 || Q == Q5_1) {
+    const F16 d = F16::half(src);
+    const bool has_m = Q == Q4_1 || Q == Q5_1;
+    return {d, has_m ? F16::half(src + 32) : d * F16::set1(Q == Q4_0 ? -8.f : -16.f), F16::zero(),
+            F16::zero()};
+  } else if constexpr (Q == Q8_0) {
+    const F16 d = F16::half(src);
+    return {d, kSignedU<Q> ? F16::zero() : d * F16::set1(-128.f), F16::zero(), F16::zero()};
+  } else if constexpr (Q == Q4_K || Q == Q5_K) {
+    const F16 d = F16::half(src), dmin = F16::half(src + 32);
+    return {d * F16::u8(src + 64 + b * 16), dmin * F16::u8(src + 192 + b * 16) * F16::set1(-1.f),
+            F16::zero(), F16::zero()};
+  } else {
+    static_assert(Q == Q6_K, "unknown type");
+    const F16 d = F16::half(src);
+    const F16 s0 = d * F16::i8(reinterpret_cast<const int8_t*>(src + 32 + 2 * b * 16));
+    const F16 s1 = d * F16::i8(reinterpret_cast<const int8_t*>(src + 32 + (2 * b + 1) * 16));
+    return {s0, s0 * F16::set1(-32.f), s1, s1 * F16::set1(-32.f)};
+  }
+}
+
+// Unpacks block b of unit `src` into `out`.
 template <int64_t Q>
 inline void unpack_block(const uint8_t* src, int b, Block& out) {
-  const V64 lo4 = V64::set1(0x0F);
-  auto nibbles = [&](const uint8_t* L) {
-    for (int c = 0; c < 4; ++c) {
-      const V64 p = V64::load(L + c * 64);
-      (p & lo4).store(out.u[c]);
-      (p.srl16(4) & lo4).store(out.u[c + 4]);
+  const Scales sc = block_scales<Q>(src, b);
+  sc.s0.store(out.s0);
+  sc.o0.store(out.o0);
+  if constexpr (kSplit<Q>) {
+    sc.s1.store(out.s1);
+    sc.o1.store(out.o1);
+  }
+  if constexpr (Q == Q8_0) {
+    if constexpr (kSignedU<Q>) {
+      std::memcpy(out.u, src + 32, 512);
+    } else {
+      const V64 flip = V64::set1(0x80);
+      for (int t = 0; t < 8; ++t) (V64::load(src + 32 + t * 64) ^ flip).store(out.u[t]);
     }
-  };
-  auto high_bits = [&](const uint8_t* H) {  // Q5: bit 4 from 8 64-bit masks
+    return;
+  }
+  const V64 lo4 = V64::set1(0x0F);
+  const uint8_t* L = nibble_base<Q>(src, b);
+  for (int c = 0; c < 4; ++c) {
+    const V64 p = V64::load(L + c * 64);
+    (p & lo4).store(out.u[c]);
+    (p.srl16(4) & lo4).store(out.u[c + 4]);
+  }
+  if constexpr (Q == Q5_0 || Q == Q5_1 || Q == Q5_K) {
+    const uint8_t* H = high_bit_base<Q>(src, b);
     for (int t = 0; t < 8; ++t) {
       uint64_t m;
       std::memcpy(&m, H + t * 8, 8);
       (V64::load(out.u[t]) | V64::from_bits(m, 0x10)).store(out.u[t]);
     }
-  };
-  auto legacy_meta = [&](F16 s, F16 o) {
-    s.store(out.s0);
-    o.store(out.o0);
-  };
-  if constexpr (Q == Q4_0 || Q == Q4_1 || Q == Q5_0 || Q == Q5_1) {
-    const F16 d = F16::half(src);
-    const bool has_m = Q == Q4_1 || Q == Q5_1;
-    const uint8_t* p = src + (has_m ? 64 : 32);
-    const F16 o = has_m ? F16::half(src + 32) : d * F16::set1(Q == Q4_0 ? -8.f : -16.f);
-    legacy_meta(d, o);
-    if constexpr (Q == Q5_0 || Q == Q5_1) {
-      nibbles(p + 64);
-      high_bits(p);
-    } else {
-      nibbles(p);
-    }
-  } else if constexpr (Q == Q8_0) {
-    const F16 d = F16::half(src);
-    if constexpr (kSignedU<Q>) {
-      legacy_meta(d, F16::zero());
-      std::memcpy(out.u, src + 32, 512);
-    } else {
-      legacy_meta(d, d * F16::set1(-128.f));
-      const V64 flip = V64::set1(0x80);
-      for (int t = 0; t < 8; ++t) (V64::load(src + 32 + t * 64) ^ flip).store(out.u[t]);
-    }
-  } else if constexpr (Q == Q4_K || Q == Q5_K) {
-    const F16 d = F16::half(src), dmin = F16::half(src + 32);
-    (d * F16::u8(src + 64 + b * 16)).store(out.s0);
-    (dmin * F16::u8(src + 192 + b * 16) * F16::set1(-1.f)).store(out.o0);
-    if constexpr (Q == Q4_K) {
-      nibbles(src + 320 + b * 256);
-    } else {
-      nibbles(src + 832 + b * 256);
-      high_bits(src + 320 + b * 64);
-    }
   } else if constexpr (Q == Q6_K) {
-    const F16 d = F16::half(src);
-    const F16 s0 = d * F16::i8(reinterpret_cast<const int8_t*>(src + 32 + 2 * b * 16));
-    const F16 s1 = d * F16::i8(reinterpret_cast<const int8_t*>(src + 32 + (2 * b + 1) * 16));
-    s0.store(out.s0);
-    (s0 * F16::set1(-32.f)).store(out.o0);
-    s1.store(out.s1);
-    (s1 * F16::set1(-32.f)).store(out.o1);
-    nibbles(src + 288 + b * 256);
     const V64 two = V64::set1(0x30);
     for (int h = 0; h < 2; ++h) {
       const V64 hb = V64::load(src + 2336 + b * 128 + h * 64);
@@ -277,6 +301,36 @@ inline void unpack_block(const uint8_t* src, int b, Block& out) {
     }
   }
 }
+
+#ifndef TM_AVX512
+// Rows 8h..8h+7 of U[t] of block b of unit `src` (what unpack_block stores to u[t] + 32 h),
+// computed in registers: the streaming path's weights never round-trip through memory.
+template <int64_t Q>
+inline __m256i u_half(const uint8_t* src, int b, int t, int h) {
+  if constexpr (Q == Q8_0) {
+    static_assert(kSignedU<Q>, "AVX2 keeps Q8_0 signed");
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32 + t * 64 + h * 32));
+  } else {
+    const __m256i lo4 = _mm256_set1_epi8(0x0F);
+    const __m256i p = _mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(nibble_base<Q>(src, b) + (t & 3) * 64 + h * 32));
+    __m256i u = _mm256_and_si256(t < 4 ? p : _mm256_srli_epi16(p, 4), lo4);
+    if constexpr (Q == Q5_0 || Q == Q5_1 || Q == Q5_K) {
+      uint32_t m;
+      std::memcpy(&m, high_bit_base<Q>(src, b) + t * 8 + h * 4, 4);
+      u = _mm256_or_si256(u, V64::bits32(m, 0x10));
+    } else if constexpr (Q == Q6_K) {
+      const __m256i hb = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(src + 2336 + b * 128 + (t / 4) * 64 + h * 32));
+      const int i = t & 3;
+      const __m256i hi =
+          i < 2 ? _mm256_slli_epi16(hb, 4 - 2 * i) : _mm256_srli_epi16(hb, 2 * i - 4);
+      u = _mm256_or_si256(u, _mm256_and_si256(hi, _mm256_set1_epi8(0x30)));
+    }
+    return u;
+  }
+}
+#endif
 
 // Integer dot of U[t0..t0+n) with 4-byte groups of token x (broadcast): one int32 per row.
 #ifdef TM_AVX512
@@ -297,42 +351,6 @@ inline I16 dot_u(const Block& blk, const int8_t* x, int t0, int n) {
   return {_mm512_add_epi32(acc[0], acc[1])};
 }
 inline F16 to_float(I16 v) { return {_mm512_cvtepi32_ps(v.v)}; }
-#else
-struct I16 {
-  __m256i a, b;
-};
-template <bool kSigned>
-inline I16 dot_u(const Block& blk, const int8_t* x, int t0, int n) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-  for (int h = 0; h < 2; ++h) {
-    // Pairs of int16 products stay below 2^15 for weights of up to 6 bits: sum two before
-    // widening. Signed Q8_0 products can reach 2 * 127 * 127, so widen each.
-    __m256i part = _mm256_setzero_si256();
-    for (int t = t0; t < t0 + n; ++t) {
-      int32_t xv;
-      std::memcpy(&xv, x + 4 * t, 4);
-      const __m256i xb = _mm256_set1_epi32(xv);
-      const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(blk.u[t] + 32 * h));
-      __m256i p;
-      if constexpr (kSigned) {
-        p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xb, w));
-        acc[h] = _mm256_add_epi32(acc[h], _mm256_madd_epi16(p, ones));
-      } else {
-        p = _mm256_maddubs_epi16(w, xb);
-        if ((t - t0) % 2 == 0) {
-          part = p;
-        } else {
-          acc[h] = _mm256_add_epi32(acc[h], _mm256_madd_epi16(_mm256_add_epi16(part, p), ones));
-        }
-      }
-    }
-    if (!kSigned && n % 2 == 1) acc[h] = _mm256_add_epi32(acc[h], _mm256_madd_epi16(part, ones));
-  }
-  return {acc[0], acc[1]};
-}
-inline F16 to_float(I16 v) { return {_mm256_cvtepi32_ps(v.a), _mm256_cvtepi32_ps(v.b)}; }
-#endif
 
 // Quantized activations as the kernels read them: token m's 32 inputs of block b and their
 // metadata, in either layout: row-major as quantize_activations writes them ([M, K]), or
@@ -372,6 +390,12 @@ inline void accumulate(const Block& blk, const Acts& acts, int64_t b, F16* acc) 
     }
   }
 }
+#else
+struct I16 {
+  __m256i a, b;
+};
+inline F16 to_float(I16 v) { return {_mm256_cvtepi32_ps(v.a), _mm256_cvtepi32_ps(v.b)}; }
+#endif
 
 // Writes the first `rows` (<= 16) outputs of a tile.
 template <typename TY>
@@ -392,44 +416,51 @@ inline void store_row(const F16& acc, const float* bias, TY* y, int rows) {
 
 constexpr int64_t kPrefetchBytes = 8192;
 
-// Streams a 16-row tile's blocks in order: fn(block, kb) for every 32-input block kb, each
-// unpacked once. Every line of the unit 8 KiB ahead is prefetched: batch 1 is bound by how many
-// misses are in flight, and the tiles of a thread are contiguous, so this runs ahead of the
+// Streams a 16-row tile's blocks in order: fn(src, b, kb) for every 32-input block kb, block b
+// of the unit at src. Every line of the unit 8 KiB ahead is prefetched: batch 1 is bound by how
+// many misses are in flight, and the tiles of a thread are contiguous, so this runs ahead of the
 // stream.
 template <int64_t Q, typename Fn>
 inline void for_each_block(const uint8_t* w, int64_t K, Fn&& fn) {
   const int64_t uk = unit_k(Q), ub = unit_bytes(Q), bpu = uk / 32;
-  Block blk;
   for (int64_t u = 0; u < K / uk; ++u) {
     const uint8_t* src = w + u * ub;
     for (int64_t line = 0; line < ub; line += 64)
       _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchBytes + line), _MM_HINT_T0);
-    for (int b = 0; b < bpu; ++b) {
-      unpack_block<Q>(src, b, blk);
-      fn(blk, u * bpu + b);
-    }
+    for (int b = 0; b < bpu; ++b) fn(src, b, u * bpu + b);
   }
 }
 
-// One 16-row tile for tokens [m0, m0 + MT), unpacking each block as it streams.
+#ifdef TM_AVX512
+// One 16-row tile for tokens [0, MT), unpacking each block as it streams.
 template <int64_t Q, int MT, typename TY>
 void tile_streaming(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t K,
                     const float* bias, TY* y, int64_t ldy, int rows) {
   const Acts acts = Acts::row_major(xq, meta, K);
   F16 acc[MT];
   for (int m = 0; m < MT; ++m) acc[m] = F16::zero();
-  for_each_block<Q>(w, K,
-                    [&](const Block& blk, int64_t kb) { accumulate<Q, MT>(blk, acts, kb, acc); });
+  Block blk;
+  for_each_block<Q>(w, K, [&](const uint8_t* src, int b, int64_t kb) {
+    unpack_block<Q>(src, b, blk);
+    accumulate<Q, MT>(blk, acts, kb, acc);
+  });
   for (int m = 0; m < MT; ++m) store_row(acc[m], bias, y + m * ldy, rows);
 }
+#endif
 
 // ---- Batches of 5+ tokens (decode of many sequences, prefill) ----
 // Each block of a tile (or of two tiles, AVX-512) is unpacked once and applied to every token of
 // a pass of up to kBatchChunk tokens, several tokens together (kTokenGroup) so that each weight
-// vector loaded serves all of them and their chains of dot steps overlap. Types whose offset is
-// an integer multiple of the scale (w = s * (u - c)) start each token's integer sum at
+// vector loaded serves all of them and their chains of dot steps overlap. On AVX-512, types whose
+// offset is an integer multiple of the scale (w = s * (u - c)) start each token's integer sum at
 // -c * sum(q) instead of paying a float FMA for the offset: the exact integer sum of
-// (u - c) * q.
+// (u - c) * q. AVX2 applies every offset in float, with the same operations in its streaming
+// and batched paths, so a row's output there does not depend on its batch.
+#ifdef TM_AVX512
+constexpr bool kChainStarts = true;
+#else
+constexpr bool kChainStarts = false;
+#endif
 
 // The integer offset c of a symmetric type's unsigned weights (0: the offset is a float min, or
 // the weights are signed bytes).
@@ -442,8 +473,8 @@ constexpr int32_t kIntOffset = kSignedU<Q> ? 0
                                            : 0;
 
 // Quantized activations block-major, as the batched path reads them: for block kb and token m,
-// x[(kb * M + m) * 32 ...] (32 bytes), meta[kb * M + m] and, for symmetric types, the chain
-// starts start[(kb * M + m) * 2 + h] = -c * sum(q) over the block (h = 0), or over its halves
+// x[(kb * M + m) * 32 ...] (32 bytes), meta[kb * M + m] and, for symmetric types on AVX-512, the
+// chain starts start[(kb * M + m) * 2 + h] = -c * sum(q) over the block (h = 0), or over its halves
 // (split types: h = 0 for inputs 0..15, 1 for 16..31). A block's tokens sit on consecutive
 // cache lines, not K bytes apart (which aliases to a few L1 sets).
 struct BatchActs {
@@ -455,7 +486,7 @@ struct BatchActs {
   template <int64_t Q>
   static BatchActs build(const int8_t* xq, const ActMeta* meta, int64_t M, int64_t K) {
     const int64_t KB = K / 32;
-    constexpr int32_t c = kIntOffset<Q>;
+    constexpr int32_t c = kChainStarts ? kIntOffset<Q> : 0;
     BatchActs a;
     a.M = M;
     a.x.resize(M * K);
@@ -605,14 +636,40 @@ constexpr int kRun = kSignedU<Q>                           ? 1
 template <int64_t Q>
 constexpr int kTokenGroup = kRun<Q> == 8 ? 4 : 2;
 
-// The block applied to the G tokens whose quantized inputs start at x (32 bytes each), with
-// their metadata and chain starts: acc[k * 32 ...] (16 floats) += its contribution to token k.
-// Split types (Q6_K) sum and scale inputs 0..15 and 16..31 as two parts.
-template <int64_t Q, int G>
-inline void accumulate_tokens(const Block& blk, const int8_t* x, const ActMeta* meta,
-                              const int32_t* start, float* acc) {
+// Pins v to a register at this point of the program: the integer adds then stay in program
+// order. Reassociated, the products would all be computed first and spilled (16 registers).
+inline void pin(__m256i& v) { __asm__("" : "+x"(v)); }
+// For floats: an opaque value, never reassociated with its neighbours under -ffast-math, so
+// the streaming and batched paths round identically (batch-invariant rows).
+inline void pin(F16& v) { __asm__("" : "+x"(v.a), "+x"(v.b)); }
+
+// Token accumulators (16 floats each) in L1, 32 floats apart (the batched path), or in registers
+// (the streaming path): acc[k] += v.
+struct AccMem {
+  float* p;
+  void add(int k, F16 v) const {
+    pin(v);  // never contracted into an FMA with the accumulator in one path only
+    (F16::load(p + 32 * k) + v).store(p + 32 * k);
+  }
+};
+struct AccRegs {
+  F16* r;
+  void add(int k, F16 v) const {
+    pin(v);
+    r[k] = r[k] + v;
+  }
+};
+
+// A block applied to G tokens: acc[k] += its contribution to token k, whose 32 quantized inputs
+// are at x + k * xs and metadata at meta[k * ms]. wv(t, h) gives rows 8h..8h+7 of U[t] (from an
+// unpacked Block, or computed from the packed bytes). Split types (Q6_K) sum and scale inputs
+// 0..15 and 16..31 as two parts. Every path (streaming or batched) does the same float
+// operations in the same order, so a row's output does not depend on its batch.
+template <int64_t Q, int G, typename WV, typename Sc, typename Acc>
+__attribute__((always_inline)) inline void accumulate_tokens(WV&& wv, const Sc& sc, const int8_t* x,
+                                                             int64_t xs, const ActMeta* meta,
+                                                             int64_t ms, Acc acc) {
   constexpr int P = kSplit<Q> ? 2 : 1, TP = 8 / P, R = kRun<Q>;
-  constexpr int32_t c = kIntOffset<Q>;
   static_assert(TP % R == 0, "a run never crosses a part");
   const __m256i ones = _mm256_set1_epi16(1);
 #pragma GCC unroll 2
@@ -623,39 +680,72 @@ inline void accumulate_tokens(const Block& blk, const int8_t* x, const ActMeta* 
       const int t = part * TP + j;
       __m256i w[2], wa[2];
       for (int h = 0; h < 2; ++h) {
-        w[h] = _mm256_load_si256(reinterpret_cast<const __m256i*>(blk.u[t] + 32 * h));
+        w[h] = wv(t, h);
         if constexpr (kSignedU<Q>) wa[h] = _mm256_sign_epi8(w[h], w[h]);
       }
 #pragma GCC unroll 4
       for (int k = 0; k < G; ++k) {
         int32_t v;
-        std::memcpy(&v, x + 32 * k + 4 * t, 4);
+        std::memcpy(&v, x + k * xs + 4 * t, 4);
         const __m256i xb = _mm256_set1_epi32(v);
         for (int h = 0; h < 2; ++h) {
           const __m256i p = kSignedU<Q> ? _mm256_maddubs_epi16(wa[h], _mm256_sign_epi8(xb, w[h]))
                                         : _mm256_maddubs_epi16(w[h], xb);
-          run[k][h] = j % R == 0 ? p : _mm256_add_epi16(run[k][h], p);
-          __asm__("" : "+x"(run[k][h]));  // keeps the adds in order (see above)
+          __m256i r = j % R == 0 ? p : _mm256_add_epi16(run[k][h], p);
+          pin(r);
+          run[k][h] = r;
           if (j % R == R - 1) {
-            const __m256i e = _mm256_madd_epi16(run[k][h], ones);
-            if (j == R - 1)
-              sum[k][h] = c ? _mm256_add_epi32(e, _mm256_set1_epi32(start[2 * k + part])) : e;
-            else
-              sum[k][h] = _mm256_add_epi32(sum[k][h], e);
+            const __m256i e = _mm256_madd_epi16(r, ones);
+            sum[k][h] = j == R - 1 ? e : _mm256_add_epi32(sum[k][h], e);
           }
         }
       }
     }
-    const F16 s = F16::load(part ? blk.s1 : blk.s0);
+    F16 s = sc.s(part), o = sc.o(part);
+    pin(s);
+    pin(o);
     for (int k = 0; k < G; ++k) {
-      float* out = acc + 32 * k;
-      F16 y = F16::load(out);
-      y = F16::fma(to_float({sum[k][0], sum[k][1]}), s * F16::set1(meta[k].d), y);
-      if constexpr (c == 0 && !kSignedU<Q>)
-        y = F16::fma(F16::load(blk.o0), F16::set1(meta[k].dsum), y);
-      y.store(out);
+      const ActMeta& a = meta[k * ms];
+      const F16 dot = to_float({sum[k][0], sum[k][1]});
+      const float ad = kSplit<Q> ? (part ? a.dhi : a.dlo) : a.dsum;  // dx * sum(q)
+      F16 sd = s * F16::set1(a.d);
+      pin(sd);
+      if constexpr (kSignedU<Q>)
+        acc.add(k, dot * sd);
+      else if constexpr (kIntOffset<Q> != 0)
+        // a symmetric type's offset (o = -c * s) as a term of the activations,
+        // s * (dot * dx - c * dx * sum(q)): half the multiplies (Q6_K at batch 1: 1.12x)
+        acc.add(k, s * F16::fma(dot, F16::set1(a.d),
+                                F16::set1(-static_cast<float>(kIntOffset<Q>) * ad)));
+      else
+        acc.add(k, F16::fma(dot, sd, o * F16::set1(ad)));
     }
   }
+}
+
+// An unpacked block's scales and offsets, read where they are used (registers are scarce).
+struct BlockScales {
+  const Block& b;
+  F16 s(int part) const { return F16::load(part ? b.s1 : b.s0); }
+  F16 o(int part) const { return F16::load(part ? b.o1 : b.o0); }
+};
+
+// Rows 8h..8h+7 of U[t] of an unpacked block.
+struct BlockVectors {
+  const Block& b;
+  __m256i operator()(int t, int h) const {
+    return _mm256_load_si256(reinterpret_cast<const __m256i*>(b.u[t] + 32 * h));
+  }
+};
+
+// G tokens of a batch through an unpacked block, accumulators in L1 (see accumulate_tokens).
+// Not inlined: inlined into the token loop, the compiler hoists the 16 weight loads out of it,
+// and they do not fit the registers (copied to the stack instead, 0.8-0.9x on Q4_1 / Q5_0 at 32
+// tokens).
+template <int64_t Q, int G>
+__attribute__((noinline)) void accumulate_group(const Block& b, const int8_t* x,
+                                                const ActMeta* meta, float* acc) {
+  accumulate_tokens<Q, G>(BlockVectors{b}, BlockScales{b}, x, 32, meta, 1, AccMem{acc});
 }
 
 // Block kb of NT (1 or 2) tiles applied to tokens m0 .. m0 + MC:
@@ -667,16 +757,39 @@ inline void accumulate_batch(const Block* blk, const BatchActs& acts, int64_t m0
   const int64_t first = kb * acts.M + m0;  // (block, token) index of the first token
   const int8_t* x = acts.x.data() + first * 32;
   const ActMeta* meta = acts.meta.data() + first;
-  const int32_t* start = kIntOffset<Q> ? acts.start.data() + first * 2 : nullptr;
   for (int i = 0; i < NT; ++i) {
     int64_t m = 0;
     for (; m + G <= MC; m += G)
-      accumulate_tokens<Q, G>(blk[i], x + 32 * m, meta + m, start ? start + 2 * m : nullptr,
-                              acc + 32 * m + 16 * i);
-    for (; m < MC; ++m)
-      accumulate_tokens<Q, 1>(blk[i], x + 32 * m, meta + m, start ? start + 2 * m : nullptr,
-                              acc + 32 * m + 16 * i);
+      accumulate_group<Q, G>(blk[i], x + 32 * m, meta + m, acc + 32 * m + 16 * i);
+    for (; m < MC; ++m) accumulate_group<Q, 1>(blk[i], x + 32 * m, meta + m, acc + 32 * m + 16 * i);
   }
+}
+
+// A packed block's scales and offsets, computed where they are used (passed as a struct of
+// vectors, they would travel through the stack).
+template <int64_t Q>
+struct PackedScales {
+  const uint8_t* src;
+  int b;
+  F16 s(int part) const { return block_scales<Q>(src, b).s(part); }
+  F16 o(int part) const { return block_scales<Q>(src, b).o(part); }
+};
+
+// One 16-row tile for tokens [0, MT) (batches of 1-4): each block's weight vectors are computed
+// in registers from the packed bytes as they stream and applied to every token. (Unpacking to
+// memory first costs 16 stores per block, one per cycle: more than the block's arithmetic at
+// batch 1.)
+template <int64_t Q, int MT, typename TY>
+void tile_streaming(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t K,
+                    const float* bias, TY* y, int64_t ldy, int rows) {
+  F16 acc[MT];
+  for (int m = 0; m < MT; ++m) acc[m] = F16::zero();
+  for_each_block<Q>(w, K, [&](const uint8_t* src, int b, int64_t kb) {
+    accumulate_tokens<Q, MT>([&](int t, int h) { return u_half<Q>(src, b, t, h); },
+                             PackedScales<Q>{src, b}, xq + kb * 32, K, meta + kb, K / 32,
+                             AccRegs{acc});
+  });
+  for (int m = 0; m < MT; ++m) store_row(acc[m], bias, y + m * ldy, rows);
 }
 #endif  // TM_AVX512
 
@@ -853,7 +966,9 @@ void tile_amx(const uint8_t* w, const Acts& acts, int64_t M, int64_t K, const fl
         acc.store(acc_p);
       }
   };
-  for_each_block<Q>(w, K, [&](const Block& blk, int64_t kb) {
+  Block blk;
+  for_each_block<Q>(w, K, [&](const uint8_t* src, int b, int64_t kb) {
+    unpack_block<Q>(src, b, blk);
     _tile_loadd(2, blk.u[0], 64);
     for (int64_t g = 0; g < groups; ++g)
       amx_group(static_cast<int>(g), acts.at(g * 16, kb), acts.xs, sums[kb & 1][g]);
