@@ -84,16 +84,19 @@ def test_rotary_inplace_on_strided_view(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (12, 2, 64), (5, 5, 128), (6, 2, 32)])
 def test_paged_decode_attention_vectorized_matches_portable(dtype, hq, hkv, d):
-    """The AVX-512 kernel (head_dim 64/128) against the portable one, with q a strided view of a
-    fused qkv row as in the model, and context lengths around the 16-token groups."""
+    """The vectorized kernel of the build (AVX-512 or AVX2; head_dim 64/128) against the
+    portable one, with q a strided view of a fused qkv row as in the model, context lengths
+    around the 8- and 16-token groups, and one context whose V rows the AVX2 kernel fetches
+    during the output pass instead of during the scores (over 128 KiB per head)."""
     g = torch.Generator().manual_seed(5)
-    bs, num_blocks = 16, 60
-    seq_lens = torch.tensor([1, 15, 16, 17, 31, 33, 100], dtype=torch.int32)  # <= 7 blocks
+    bs, num_blocks = 16, 200
+    seq_lens = torch.tensor([1, 15, 16, 17, 31, 33, 100, 300], dtype=torch.int32)  # <= 19 blocks
+    n = len(seq_lens)
     k_cache = torch.randn(num_blocks * bs, hkv, d, generator=g).to(dtype)
     v_cache = torch.randn(num_blocks * bs, hkv, d, generator=g).to(dtype)
-    tables = torch.randperm(num_blocks, generator=g)[: 7 * 7].view(7, 7).int()
-    qkv = torch.randn(7, (hq + 2 * hkv) * d, generator=g).to(dtype)
-    q = qkv[:, : hq * d].view(7, hq, d)
+    tables = torch.randperm(num_blocks, generator=g)[: n * 19].view(n, 19).int()
+    qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=g).to(dtype)
+    q = qkv[:, : hq * d].view(n, hq, d)
     out = ops.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, bs, d**-0.5)
     ref = ops.paged_decode_attention_reference(
         q.contiguous(), k_cache, v_cache, tables, seq_lens, bs, d**-0.5

@@ -9,7 +9,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -295,12 +295,215 @@ DecodeFn<T> pick_rep(int64_t rep) {
 // The vectorized kernel for this head geometry (head_dim 64 or 128, up to 8 query heads per kv
 // head), or nullptr: the portable kernel then runs.
 template <typename T>
-DecodeFn<T> avx512_decode_kernel(int64_t Hq, int64_t Hkv, int64_t D) {
+DecodeFn<T> vector_decode_kernel(int64_t Hq, int64_t Hkv, int64_t D) {
   if (D == 64) return pick_rep<T, 4>(Hq / Hkv);
   if (D == 128) return pick_rep<T, 8>(Hq / Hkv);
   return nullptr;
 }
-#endif  // __AVX512F__
+#elif defined(__AVX2__) && defined(__FMA__)
+// AVX2 versions of the decode attention loops, the AVX-512 kernel's structure in 8-float
+// vectors. Sixteen registers cannot hold a head's query (a D = 64 head is 8 of them) beside
+// the accumulators, so the scaled queries sit in L1 and each dot step reads them from there.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(at::BFloat16* p, __m256 v) {
+  alignas(32) float f[8];
+  _mm256_store_ps(f, v);
+  for (int i = 0; i < 8; ++i) p[i] = from_f<at::BFloat16>(f[i]);
+}
+
+// exp(x) for x <= 0: x = n ln2 + r with |r| <= ln2 / 2, a degree-7 Taylor polynomial in r
+// (relative error ~1e-7), times 2^n built in the exponent bits. Inputs below -87 give
+// exp(-87) ~ 2e-38 instead of a smaller number or 0, nothing next to a softmax's max term of 1.
+inline __m256 exp256(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
+  __m256 p = _mm256_set1_ps(1.f / 5040);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 720));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i e =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// out[i] = sum of the lanes of a[i], for 8 vectors at once (a transposing tree of adds).
+inline __m256 reduce_add8(const __m256* a) {
+  const __m256 h01 = _mm256_hadd_ps(a[0], a[1]), h23 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 h45 = _mm256_hadd_ps(a[4], a[5]), h67 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 lo = _mm256_hadd_ps(h01, h23), hi = _mm256_hadd_ps(h45, h67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// One task per (request, kv head), as the AVX-512 kernel. ND = head_dim / 8 and REP are
+// compile-time; the output is accumulated CH vectors of the head at a time, as many as fit the
+// registers beside REP accumulators each (one pass over the context's scores per chunk; every
+// pass reads its own bytes of the V rows).
+template <typename T, int ND, int REP>
+void paged_decode_avx2(const T* q, const T* kc, const T* vc, const int32_t* bt,
+                       const int32_t* seq_lens, T* out, int64_t B, int64_t Hq, int64_t Hkv,
+                       int64_t D, int64_t max_blocks, int64_t block_size, float scale,
+                       int64_t q_stride) {
+  constexpr int CH = REP <= 2 ? 4 : REP <= 4 ? 2 : 1;
+  static_assert(ND % CH == 0, "chunks split the head");
+  const int64_t row_len = Hkv * D;
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    alignas(32) float qs[REP][ND * 8];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / Hkv, g = task % Hkv, S = seq_lens[b];
+      const int64_t S8 = (S + 7) / 8 * 8;
+      scores.resize(REP * S8);
+      const T* qb = q + b * q_stride + g * REP * D;
+      for (int h = 0; h < REP; ++h)
+        for (int j = 0; j < ND; ++j)
+          _mm256_store_ps(qs[h] + j * 8,
+                          _mm256_mul_ps(load8(qb + h * D + j * 8), _mm256_set1_ps(scale)));
+      const int32_t* table = bt + b * max_blocks;
+      auto row = [&](const T* cache, int64_t t) {  // head g of token t
+        return cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * row_len +
+               g * D;
+      };
+      auto prefetch = [&](const T* cache, int64_t t) {
+        if (t >= S) return;
+        const char* r = reinterpret_cast<const char*>(row(cache, t));
+        for (int64_t off = 0; off < D * (int64_t)sizeof(T); off += 64)
+          _mm_prefetch(r + off, _MM_HINT_T0);
+      };
+      // The rows come from DRAM at batch sizes where the caches outgrow L3, and a token's dot
+      // steps take a few dozen cycles: K is fetched kAhead tokens ahead, and V, when the
+      // request's rows of this head fit half of L2, while the scores are computed (else
+      // kAhead tokens ahead of the first output pass).
+      constexpr int64_t kAhead = 32;
+      const bool v_early = S * D * (int64_t)sizeof(T) <= (128 << 10);
+      for (int64_t t = 0; t < kAhead; ++t) prefetch(kc, t);
+      // scores[h, t] = q_h . k_t, 8 tokens at a time (rows past the end repeat the last one)
+      for (int64_t t0 = 0; t0 < S; t0 += 8) {
+        __m256 part[REP][8];
+        for (int o = 0; o < 8; ++o) {
+          prefetch(kc, t0 + o + kAhead);
+          if (v_early) prefetch(vc, t0 + o);
+          const T* kp = row(kc, std::min<int64_t>(t0 + o, S - 1));
+          __m256 k[ND];
+          for (int j = 0; j < ND; ++j) k[j] = load8(kp + j * 8);
+          for (int h = 0; h < REP; ++h) {
+            __m256 acc = _mm256_mul_ps(_mm256_load_ps(qs[h]), k[0]);
+            for (int j = 1; j < ND; ++j)
+              acc = _mm256_fmadd_ps(_mm256_load_ps(qs[h] + j * 8), k[j], acc);
+            part[h][o] = acc;
+          }
+        }
+        for (int h = 0; h < REP; ++h)
+          _mm256_storeu_ps(scores.data() + h * S8 + t0, reduce_add8(part[h]));
+      }
+      // softmax numerators per head (zero past the end); the 1/sum is applied to the output
+      float inv_sum[REP];
+      const __m256 tail =
+          _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(S - (S8 - 8))),
+                                                 _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+      for (int h = 0; h < REP; ++h) {
+        float* sr = scores.data() + h * S8;
+        __m256 mx = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+        for (int64_t t = 0; t < S8 - 8; t += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sr + t));
+        mx = _mm256_max_ps(mx, _mm256_blendv_ps(mx, _mm256_loadu_ps(sr + S8 - 8), tail));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const __m256 m = _mm256_broadcastss_ps(m4);
+        __m256 sum = _mm256_setzero_ps();
+        for (int64_t t = 0; t < S8; t += 8) {
+          __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sr + t), m));
+          if (t == S8 - 8) e = _mm256_and_ps(e, tail);
+          _mm256_storeu_ps(sr + t, e);
+          sum = _mm256_add_ps(sum, e);
+        }
+        inv_sum[h] = 1.f / hsum8(sum);
+      }
+      // out_h = sum_t p[h, t] v_t / sum_h, CH vectors of the head per pass
+      T* ob = out + b * Hq * D + g * REP * D;
+      for (int c = 0; c < ND; c += CH) {
+        __m256 acc[REP][CH];
+        for (int h = 0; h < REP; ++h)
+          for (int i = 0; i < CH; ++i) acc[h][i] = _mm256_setzero_ps();
+        for (int64_t t0 = 0; t0 < S; t0 += block_size) {
+          const T* vb = vc + (int64_t)table[t0 / block_size] * block_size * row_len + g * D + c * 8;
+          const int64_t n = std::min(block_size, S - t0);
+          if (c == 0 && !v_early && t0 == 0)
+            for (int64_t t = 0; t < kAhead; ++t) prefetch(vc, t);
+          for (int64_t o = 0; o < n; ++o) {
+            if (c == 0 && !v_early) prefetch(vc, t0 + o + kAhead);
+            const T* vp = vb + o * row_len;
+            const float* p = scores.data() + t0 + o;
+            __m256 v[CH];
+            for (int i = 0; i < CH; ++i) v[i] = load8(vp + i * 8);
+            for (int h = 0; h < REP; ++h) {
+              const __m256 ph = _mm256_broadcast_ss(p + h * S8);
+              for (int i = 0; i < CH; ++i) acc[h][i] = _mm256_fmadd_ps(ph, v[i], acc[h][i]);
+            }
+          }
+        }
+        for (int h = 0; h < REP; ++h)
+          for (int i = 0; i < CH; ++i)
+            store8(ob + h * D + (c + i) * 8, _mm256_mul_ps(acc[h][i], _mm256_set1_ps(inv_sum[h])));
+      }
+    }
+  });
+}
+
+template <typename T>
+using DecodeFn = void (*)(const T*, const T*, const T*, const int32_t*, const int32_t*, T*, int64_t,
+                          int64_t, int64_t, int64_t, int64_t, int64_t, float, int64_t);
+
+template <typename T, int ND>
+DecodeFn<T> pick_rep(int64_t rep) {
+  switch (rep) {
+    case 1:
+      return paged_decode_avx2<T, ND, 1>;
+    case 2:
+      return paged_decode_avx2<T, ND, 2>;
+    case 3:
+      return paged_decode_avx2<T, ND, 3>;
+    case 4:
+      return paged_decode_avx2<T, ND, 4>;
+    case 5:
+      return paged_decode_avx2<T, ND, 5>;
+    case 6:
+      return paged_decode_avx2<T, ND, 6>;
+    case 7:
+      return paged_decode_avx2<T, ND, 7>;
+    case 8:
+      return paged_decode_avx2<T, ND, 8>;
+    default:
+      return nullptr;
+  }
+}
+
+// The vectorized kernel for this head geometry (head_dim 64 or 128, up to 8 query heads per kv
+// head), or nullptr: the portable kernel then runs.
+template <typename T>
+DecodeFn<T> vector_decode_kernel(int64_t Hq, int64_t Hkv, int64_t D) {
+  if (D == 64) return pick_rep<T, 8>(Hq / Hkv);
+  if (D == 128) return pick_rep<T, 16>(Hq / Hkv);
+  return nullptr;
+}
+#endif  // __AVX512F__ / __AVX2__
 
 // Row-wise argmax (first index of the maximum, as torch.argmax) of x [R, V].
 template <typename T>
@@ -450,9 +653,9 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache
   auto out = at::empty({B, Hq, D}, q.options());
   DISPATCH(q.scalar_type(), "paged_decode_attention", [&] {
     auto run = paged_decode_kernel<scalar_t>;
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
     if (vectorized)
-      if (auto fast = avx512_decode_kernel<scalar_t>(Hq, Hkv, D)) run = fast;
+      if (auto fast = vector_decode_kernel<scalar_t>(Hq, Hkv, D)) run = fast;
 #endif
     run(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
         bt.data_ptr<int32_t>(), sl.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), B, Hq, Hkv, D,
