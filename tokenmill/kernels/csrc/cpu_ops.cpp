@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -264,42 +265,10 @@ void paged_decode_avx512(const T* q, const T* kc, const T* vc, const int32_t* bt
   });
 }
 
-template <typename T>
-using DecodeFn = void (*)(const T*, const T*, const T*, const int32_t*, const int32_t*, T*, int64_t,
-                          int64_t, int64_t, int64_t, int64_t, int64_t, float, int64_t);
-
-template <typename T, int ND>
-DecodeFn<T> pick_rep(int64_t rep) {
-  switch (rep) {
-    case 1:
-      return paged_decode_avx512<T, ND, 1>;
-    case 2:
-      return paged_decode_avx512<T, ND, 2>;
-    case 3:
-      return paged_decode_avx512<T, ND, 3>;
-    case 4:
-      return paged_decode_avx512<T, ND, 4>;
-    case 5:
-      return paged_decode_avx512<T, ND, 5>;
-    case 6:
-      return paged_decode_avx512<T, ND, 6>;
-    case 7:
-      return paged_decode_avx512<T, ND, 7>;
-    case 8:
-      return paged_decode_avx512<T, ND, 8>;
-    default:
-      return nullptr;
-  }
-}
-
-// The vectorized kernel for this head geometry (head_dim 64 or 128, up to 8 query heads per kv
-// head), or nullptr: the portable kernel then runs.
-template <typename T>
-DecodeFn<T> vector_decode_kernel(int64_t Hq, int64_t Hkv, int64_t D) {
-  if (D == 64) return pick_rep<T, 4>(Hq / Hkv);
-  if (D == 128) return pick_rep<T, 8>(Hq / Hkv);
-  return nullptr;
-}
+// The kernel family of this build: paged_decode_avx512<T, ND = head_dim / 16, REP>.
+template <typename T, int ND, int REP>
+constexpr auto paged_decode_vector = paged_decode_avx512<T, ND, REP>;
+constexpr int kDecodeLanes = 16;
 #elif defined(__AVX2__) && defined(__FMA__)
 // AVX2 versions of the decode attention loops, the AVX-512 kernel's structure in 8-float
 // vectors. Sixteen registers cannot hold a head's query (a D = 64 head is 8 of them) beside
@@ -467,43 +436,34 @@ void paged_decode_avx2(const T* q, const T* kc, const T* vc, const int32_t* bt,
   });
 }
 
+// The kernel family of this build: paged_decode_avx2<T, ND = head_dim / 8, REP>.
+template <typename T, int ND, int REP>
+constexpr auto paged_decode_vector = paged_decode_avx2<T, ND, REP>;
+constexpr int kDecodeLanes = 8;
+#endif  // __AVX512F__ / __AVX2__
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 template <typename T>
 using DecodeFn = void (*)(const T*, const T*, const T*, const int32_t*, const int32_t*, T*, int64_t,
                           int64_t, int64_t, int64_t, int64_t, int64_t, float, int64_t);
 
-template <typename T, int ND>
-DecodeFn<T> pick_rep(int64_t rep) {
-  switch (rep) {
-    case 1:
-      return paged_decode_avx2<T, ND, 1>;
-    case 2:
-      return paged_decode_avx2<T, ND, 2>;
-    case 3:
-      return paged_decode_avx2<T, ND, 3>;
-    case 4:
-      return paged_decode_avx2<T, ND, 4>;
-    case 5:
-      return paged_decode_avx2<T, ND, 5>;
-    case 6:
-      return paged_decode_avx2<T, ND, 6>;
-    case 7:
-      return paged_decode_avx2<T, ND, 7>;
-    case 8:
-      return paged_decode_avx2<T, ND, 8>;
-    default:
-      return nullptr;
-  }
+// The kernel for REP = 1 + index into REPS.
+template <typename T, int ND, int... REPS>
+DecodeFn<T> pick_rep(int64_t rep, std::integer_sequence<int, REPS...>) {
+  constexpr DecodeFn<T> kernels[] = {paged_decode_vector<T, ND, REPS + 1>...};
+  return rep >= 1 && rep <= static_cast<int64_t>(sizeof...(REPS)) ? kernels[rep - 1] : nullptr;
 }
 
 // The vectorized kernel for this head geometry (head_dim 64 or 128, up to 8 query heads per kv
 // head), or nullptr: the portable kernel then runs.
 template <typename T>
 DecodeFn<T> vector_decode_kernel(int64_t Hq, int64_t Hkv, int64_t D) {
-  if (D == 64) return pick_rep<T, 8>(Hq / Hkv);
-  if (D == 128) return pick_rep<T, 16>(Hq / Hkv);
+  const auto reps = std::make_integer_sequence<int, 8>{};
+  if (D == 64) return pick_rep<T, 64 / kDecodeLanes>(Hq / Hkv, reps);
+  if (D == 128) return pick_rep<T, 128 / kDecodeLanes>(Hq / Hkv, reps);
   return nullptr;
 }
-#endif  // __AVX512F__ / __AVX2__
+#endif
 
 // Row-wise argmax (first index of the maximum, as torch.argmax) of x [R, V].
 template <typename T>
