@@ -246,8 +246,9 @@ void paged_decode_avx512(const T* q, const T* kc, const T* vc, const int32_t* bt
       for (int64_t t0 = 0; t0 < S; t0 += block_size) {
         const T* vb = vc + (int64_t)table[t0 / block_size] * block_size * row_len + g * D;
         const int64_t n = std::min(block_size, S - t0);
-        if (t0 % 16 == 0 && t0 + 16 < S) prefetch_rows(vc, t0 + 16);
         for (int64_t o = 0; o < n; ++o) {
+          // every 16 tokens, the next 16 tokens' V rows (whatever the block size)
+          if ((t0 + o) % 16 == 0 && t0 + o + 16 < S) prefetch_rows(vc, t0 + o + 16);
           const T* vp = vb + o * row_len;
           const float* p = scores.data() + t0 + o;
           for (int j = 0; j < ND; ++j) {
