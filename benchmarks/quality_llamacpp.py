@@ -8,9 +8,10 @@ activations to 8 bits before their integer dot products (llama.cpp in blocks of 
 legacy types and 256 for the K-quants, tokenmill in blocks of 32 everywhere), so this is what
 each one's rounding costs.
 
-Text: the project's LICENSE (2,214 tokens), windows of 256 tokens every 192 (each scored token
-sees at least 64 tokens of context), as in the CI test. Each measurement runs in its own process
-(ggml's OpenMP runtime and PyTorch's must not share one).
+Text: the project's LICENSE by default (2,214 tokens; `--text` scores another file), windows of
+256 tokens every 192 (each scored token sees at least 64 tokens of context), as in the CI test.
+Each measurement runs in its own process (ggml's OpenMP runtime and PyTorch's must not share
+one).
 
     python benchmarks/quality_llamacpp.py [--files default,Q4_K_M,Q6_K,Q8_0] [--isas avx2]
 """
@@ -101,6 +102,7 @@ def main() -> None:
     ap.add_argument("--files", default="default,Q4_K_M,Q6_K,Q8_0")
     ap.add_argument("--isas", default="amx,avx512,avx2", help="those the CPU lacks are left out")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--text", default=str(ROOT / "LICENSE"), help="a UTF-8 text file to score")
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--stride", type=int, default=192)
     ap.add_argument("--workdir", default="benchmarks/results/models")
@@ -111,7 +113,7 @@ def main() -> None:
     files = prepare_files(args.files.split(","), Path(args.workdir))
     from tokenmill import LLM
 
-    text = (ROOT / "LICENSE").read_text()
+    text = Path(args.text).read_text()
     rows = []
     for name, path in files.items():
         llm = LLM(path, max_model_len=args.window, kv_cache_memory_gib=0.05)
