@@ -82,14 +82,18 @@ def test_rotary_inplace_on_strided_view(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (12, 2, 64), (5, 5, 128), (6, 2, 32)])
-def test_paged_decode_attention_vectorized_matches_portable(dtype, hq, hkv, d):
-    """The vectorized kernel of the build (AVX-512 or AVX2; head_dim 64/128) against the
-    portable one, with q a strided view of a fused qkv row as in the model, context lengths
-    around the 8- and 16-token groups, and one context whose V rows the AVX2 kernel fetches
-    during the output pass instead of during the scores (over 128 KiB per head)."""
+@pytest.mark.parametrize("bs", [16, 32])
+@pytest.mark.parametrize(
+    "hq,hkv,d", [(32, 8, 128), (12, 2, 64), (16, 2, 64), (5, 5, 128), (6, 2, 32)]
+)
+def test_paged_decode_attention_vectorized_matches_portable(dtype, hq, hkv, d, bs):
+    """The vectorized kernel of the build (AVX-512 or AVX2; head_dim 64/128; 1 to 8 query heads
+    per KV head) against the portable one, with q a strided view of a fused qkv row as in the
+    model, context lengths around the 8- and 16-token groups and the blocks, and one context
+    whose V rows the AVX2 kernel fetches during the output pass instead of during the scores
+    (over 128 KiB per head)."""
     g = torch.Generator().manual_seed(5)
-    bs, num_blocks = 16, 200
+    num_blocks = 200
     seq_lens = torch.tensor([1, 15, 16, 17, 31, 33, 100, 300], dtype=torch.int32)  # <= 19 blocks
     n = len(seq_lens)
     k_cache = torch.randn(num_blocks * bs, hkv, d, generator=g).to(dtype)
