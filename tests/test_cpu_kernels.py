@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sysconfig
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.cpp_extension import include_paths
 
+from tokenmill.kernels import cpu_ops
 from tokenmill.kernels.cpu_ops import get_ops
 from tokenmill.layers.rotary import RotaryEmbedding, apply_rotary
 
@@ -189,3 +196,25 @@ def test_kernel_build_cache_clears_only_stale_locks(tmp_path, monkeypatch):
     os.utime(lock, (old, old))
     cpu_ops._prepare(build_dir, "avx2")
     assert not lock.exists()
+
+
+def test_levels_this_cpu_lacks_still_compile():
+    """Each kernel level this CPU cannot run passes the compiler's front end (every template
+    instantiated) with that level's flags, as the build would compile it: AVX-512 and AMX code
+    is then checked on an AVX2-only machine, where nothing else compiles it. (Levels the CPU
+    has are built for real by the other tests.)"""
+    csrc = Path(cpu_ops.__file__).parent / "csrc"
+    includes = [f"-I{p}" for p in [*include_paths(), sysconfig.get_paths()["include"]]]
+    # the sources with code per level (bindings.cpp and decode_stack.cpp have none)
+    sources = ["cpu_ops.cpp", "quant_gemm.cpp", "gguf_repack.cpp"]
+    lacking = [isa for isa in cpu_ops.ISA_FLAGS if isa not in cpu_ops.supported_isas()]
+    for isa in lacking:
+        cmd = [os.environ.get("CXX", "c++"), "-std=c++20", "-fsyntax-only", "-w"]
+        cmd += [*cpu_ops.compile_flags(isa), *includes]
+        runs = {
+            src: subprocess.Popen([*cmd, str(csrc / src)], stderr=subprocess.PIPE, text=True)
+            for src in sources
+        }
+        for src, proc in runs.items():
+            err = proc.communicate()[1]
+            assert proc.returncode == 0, f"{isa} {src}:\n{err[-3000:]}"

@@ -66,6 +66,13 @@ ISA_FLAGS = {
     "avx512": _AVX512,
     "amx": _AVX512 + ["-mavx512bf16", "-mamx-tile", "-mamx-int8", "-mamx-bf16"],
 }
+
+
+def compile_flags(isa: str) -> list[str]:
+    """The compiler flags of kernel level `isa` (beside torch's own: includes, -std, -fPIC)."""
+    return _COMMON + ISA_FLAGS[isa]
+
+
 # CPU flags (as /proc/cpuinfo names them) each level needs.
 ISA_CPU_FLAGS = {
     "avx2": {"avx2", "fma", "f16c", "bmi2"},
@@ -189,7 +196,7 @@ def build_directory(isa: str) -> Path:
         h.update(src.name.encode() + b"\0" + src.read_bytes())
     h.update(
         " ".join(
-            [isa] + _COMMON + ISA_FLAGS[isa] + _LDFLAGS + [torch.__version__, compiler_identity()]
+            [isa, *compile_flags(isa), *_LDFLAGS, torch.__version__, compiler_identity()]
         ).encode()
     )
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tokenmill"
@@ -260,7 +267,7 @@ def _compile(build_dir: Path, isa: str) -> Any:
         return load(
             name=f"{_NAME}_{isa}",
             sources=sources,
-            extra_cflags=_COMMON + ISA_FLAGS[isa],
+            extra_cflags=compile_flags(isa),
             extra_ldflags=list(_LDFLAGS),
             build_directory=str(build_dir),
             verbose=False,
