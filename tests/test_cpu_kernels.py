@@ -117,6 +117,52 @@ def test_paged_decode_attention_vectorized_matches_portable(dtype, hq, hkv, d, b
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "hq,hkv,d,bs",
+    [(9, 3, 64, 16), (4, 4, 64, 16), (32, 8, 128, 32), (16, 2, 64, 4), (48, 1, 16, 16)],
+)
+def test_paged_prefill_attention_matches_causal_softmax(dtype, hq, hkv, d, bs):
+    """Chunks after cached context (starting mid-block), whole prompts, one-token chunks and a
+    2-token one, lengths around the 64-key blocks and the 16-key score columns, GQA from 1 to 48
+    query heads per KV head (a task's 48 rows then hold one token), head_dim 16 to 128, q a
+    strided view of a fused qkv row as in the model: against softmax(q k^T) v in float64 with
+    each query masked to its position."""
+    if not ops.paged_prefill_attention_supported(hq, hkv, d):
+        pytest.skip("this build has no prefill kernel")  # never on x86: AVX2 is every level's
+    g = torch.Generator().manual_seed(7)
+    q_lens = [5, 1, 64, 2, 129, 17, 65, 40]
+    seq_lens = [45, 30, 64, 2, 129, 300, 65, 103]
+    n_blocks = [-(-s // bs) for s in seq_lens]
+    pool = sum(n_blocks) + 5
+    k_cache = torch.randn(pool * bs, hkv, d, generator=g).to(dtype)
+    v_cache = torch.randn(pool * bs, hkv, d, generator=g).to(dtype)
+    perm = torch.randperm(pool, generator=g)  # blocks scattered through the pool
+    tables = torch.zeros(len(seq_lens), max(n_blocks), dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(n_blocks):
+        tables[b, :n] = perm[used : used + n].int()
+        used += n
+    qkv = torch.randn(sum(q_lens), (hq + 2 * hkv) * d, generator=g).to(dtype)
+    q = qkv[:, : hq * d].view(-1, hq, d)
+    starts = torch.tensor([0, *q_lens]).cumsum(0).int()
+    scale = d**-0.5
+    out = ops.paged_prefill_attention(
+        q, k_cache, v_cache, tables, torch.tensor(seq_lens, dtype=torch.int32), starts, bs, scale
+    )
+    for b, (n_q, n) in enumerate(zip(q_lens, seq_lens)):
+        pos = torch.arange(n)
+        slots = tables[b].long()[pos // bs] * bs + pos % bs
+        k = k_cache[slots].double().transpose(0, 1).repeat_interleave(hq // hkv, 0)
+        v = v_cache[slots].double().transpose(0, 1).repeat_interleave(hq // hkv, 0)
+        qb = q[starts[b] : starts[b + 1]].double().transpose(0, 1)  # [hq, n_q, d]
+        scores = qb @ k.transpose(1, 2) * scale
+        q_pos = n - n_q + torch.arange(n_q)
+        scores = scores.masked_fill(pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+        ref = (scores.softmax(-1) @ v).transpose(0, 1)
+        torch.testing.assert_close(out[starts[b] : starts[b + 1]].double(), ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_write_kv_from_strided_views(dtype):
     g = torch.Generator().manual_seed(6)
     qkv = torch.randn(9, (4 + 2 * 2) * 16, generator=g).to(dtype)
@@ -206,7 +252,7 @@ def test_levels_this_cpu_lacks_still_compile():
     csrc = Path(cpu_ops.__file__).parent / "csrc"
     includes = [f"-I{p}" for p in [*include_paths(), sysconfig.get_paths()["include"]]]
     # the sources with code per level (bindings.cpp and decode_stack.cpp have none)
-    sources = ["cpu_ops.cpp", "quant_gemm.cpp", "gguf_repack.cpp"]
+    sources = ["cpu_ops.cpp", "quant_gemm.cpp", "gguf_repack.cpp", "prefill_attention.cpp"]
     lacking = [isa for isa in cpu_ops.ISA_FLAGS if isa not in cpu_ops.supported_isas()]
     for isa in lacking:
         cmd = [os.environ.get("CXX", "c++"), "-std=c++20", "-fsyntax-only", "-w"]

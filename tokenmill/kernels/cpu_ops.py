@@ -54,6 +54,9 @@ _SOURCES = [
         "decode_stack.h",
         "gguf_repack.cpp",
         "gguf_repack.h",
+        "prefill_attention.cpp",
+        "prefill_attention.h",
+        "vec_math.h",
         "gguf_types.h",
     )
 ]

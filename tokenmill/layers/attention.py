@@ -12,8 +12,9 @@ the schedule), the backend turns it into its own metadata (`build_metadata`), an
     padded tensor (`PaddedGroup`, its own metadata) and runs masked SDPA. Single-query requests
     ("decodes", laid out first by the runner) and multi-token chunks are attended separately so
     a long prefill chunk never pads the decodes to its length.
-  * `CpuAttentionBackend`: the C++ kernels: decodes read the paged cache directly, chunks take
-    the reference path.
+  * `CpuAttentionBackend`: the C++ kernels read the paged cache directly, for decodes and for
+    multi-token chunks (causal, over any cached context; the reference path where the build has
+    no kernel for the model's heads).
   * `TritonAttentionBackend`: one Triton launch for the whole mixed batch
     (`kernels/triton_ops.paged_attention`), split-KV for small decode batches.
 Each backend carries the fused-ops object of the same choice (`layers/ops.py`) as `.ops`.
@@ -191,9 +192,10 @@ class TorchAttentionBackend:
     # (no host-sized shapes) and padding rows (slot -1, no queries) are skipped.
     supports_graphs = False
 
-    def __init__(self, ops: TorchOps, num_kv_heads: int) -> None:
+    def __init__(self, ops: TorchOps, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         self.ops = ops
-        self.num_kv_heads = num_kv_heads  # the model's (to size launch grids)
+        # the model's head geometry (to size launch grids, to choose kernels)
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
 
     def kv_cache_shape(self, num_slots: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
         return (num_slots, num_kv_heads, head_dim)
@@ -296,12 +298,59 @@ class TorchAttentionBackend:
         return out if g.query_pad_index is None else out[g.query_pad_index]
 
 
+@dataclass(frozen=True, slots=True)
+class CpuAttentionMetadata(AttentionMetadata):
+    """The C++ kernels' metadata: the multi-token chunks' query offsets, counted from the first
+    chunk token (the decodes come first, one token each)."""
+
+    chunk_query_start_loc: torch.Tensor | None = None  # [num_chunks + 1] int32
+
+
 class CpuAttentionBackend(TorchAttentionBackend):
-    """The C++ kernels: decodes read K/V straight from the paged cache (no gather copy, no
-    padded layout); multi-token chunks take the reference path."""
+    """The C++ kernels: decodes (`paged_decode_attention`) and multi-token chunks
+    (`paged_prefill_attention`) read K/V straight from the paged cache: no gathered copy, no
+    padded layout, no mask. Chunks take the reference path where the build has no prefill
+    kernel for the model's heads."""
 
     name = "cpu"
     padded_decode = False
+
+    def __init__(self, ops: Any, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        super().__init__(ops, num_heads, num_kv_heads, head_dim)
+        self.prefill_kernel = bool(
+            ops.kernels.paged_prefill_attention_supported(num_heads, num_kv_heads, head_dim)
+        )
+
+    def build_metadata(
+        self, common: AttentionMetadata, device: torch.device
+    ) -> CpuAttentionMetadata | TorchAttentionMetadata:
+        if not self.prefill_kernel:
+            return super().build_metadata(common, device)
+        nd = common.num_decode_tokens
+        chunks = None
+        if nd < common.num_tokens:
+            chunks = common.query_start_loc[nd:] - nd
+        return CpuAttentionMetadata(**_common(common), chunk_query_start_loc=chunks)
+
+    def forward(self, layer, q, k, v, kv_cache, meta):
+        if not self.prefill_kernel:
+            return super().forward(layer, q, k, v, kv_cache, meta)
+        k_cache, v_cache = kv_cache
+        self.ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        nd = meta.num_decode_tokens
+        if nd == meta.num_tokens:
+            return self._decode(layer, q, k_cache, v_cache, meta)
+        out = self.ops.kernels.paged_prefill_attention(
+            q[nd:],
+            k_cache,
+            v_cache,
+            meta.block_tables[nd:],
+            meta.seq_lens[nd:],
+            meta.chunk_query_start_loc,
+            meta.block_size,
+            layer.scale,
+        ).view(meta.num_tokens - nd, layer.num_heads * layer.head_dim)
+        return torch.cat([self._decode(layer, q[:nd], k_cache, v_cache, meta), out]) if nd else out
 
     def _decode(self, layer, q, k_cache, v_cache, meta):
         nd = meta.num_decode_tokens
@@ -378,10 +427,14 @@ _BACKENDS = {
 
 
 def make_backend(
-    device: torch.device | str, dtype: torch.dtype, num_kv_heads: int
+    device: torch.device | str,
+    dtype: torch.dtype,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
 ) -> tuple[AttentionBackend, str]:
     """The attention backend (with its ops) for `device` and `dtype`, and why it was chosen
     (`layers.ops.backend_name`: CUDA -> triton, CPU with built kernels -> cpu, else torch;
     TOKENMILL_BACKEND overrides)."""
     name, why = backend_name(device, dtype)
-    return _BACKENDS[name](make_ops(name), num_kv_heads), why
+    return _BACKENDS[name](make_ops(name), num_heads, num_kv_heads, head_dim), why

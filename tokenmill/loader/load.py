@@ -154,7 +154,7 @@ def load_model(
     model_cls = get_model_class(arch.architecture)
     freq_factors = gguf_rope_freq_factors(reader) if reader is not None else None
     quant, info.quant_reason = quant_config_for(source, reader, arch, dtype, device, quantization)
-    backend, why = make_backend(device, dtype, arch.num_kv_heads)
+    backend, why = make_backend(device, dtype, arch.num_heads, arch.num_kv_heads, arch.head_dim)
     info.backend = f"{backend.name} ({why})"
     lap("kernel load")
     kwargs = {"quant": quant} if model_cls.supports_native_gguf else {}

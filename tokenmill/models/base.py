@@ -43,7 +43,9 @@ class CausalLM(torch.nn.Module):
     def __init__(self, cfg: ModelArchConfig, backend: AttentionBackend | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.attn_backend = backend or TorchAttentionBackend(TorchOps(), cfg.num_kv_heads)
+        self.attn_backend = backend or TorchAttentionBackend(
+            TorchOps(), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        )
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], meta

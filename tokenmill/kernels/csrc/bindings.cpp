@@ -7,6 +7,7 @@
 #include "cpu_ops.h"
 #include "decode_stack.h"
 #include "gguf_repack.h"
+#include "prefill_attention.h"
 #include "quant_gemm.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -29,6 +30,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("__call__", &LlamaDecodeStack::forward);
   m.def("paged_decode_attention", &paged_decode_attention);
   m.def("paged_decode_attention_reference", &paged_decode_attention_reference);
+  m.def("paged_prefill_attention", &paged_prefill_attention);
+  m.def("paged_prefill_attention_supported", &paged_prefill_attention_supported);
   m.def("write_kv", &write_kv);
   m.def("argmax_rows", &argmax_rows);
   m.def("apply_token_bitmask", &apply_token_bitmask);

@@ -20,30 +20,12 @@
 #include <utility>
 #include <vector>
 
+#include "vec_math.h"
+
 namespace {
 
-// Loads and stores through plain bit operations so the compiler can vectorize them
-// (c10's BFloat16 conversions are branchy). Stores round to nearest even, like c10.
-inline float tf(float x) { return x; }
-inline float tf(at::BFloat16 x) {
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-template <typename T>
-inline T from_f(float f);
-template <>
-inline float from_f<float>(float f) {
-  return f;
-}
-template <>
-inline at::BFloat16 from_f<at::BFloat16>(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof(bits));
-  bits += 0x7FFFu + ((bits >> 16) & 1u);
-  return at::BFloat16(static_cast<uint16_t>(bits >> 16), at::BFloat16::from_bits());
-}
+using vec_math::from_f;
+using vec_math::tf;
 
 // Paged attention for single-query requests.
 // q [B, Hq, D] (row stride q_stride, heads contiguous); k_cache, v_cache [slots, Hkv, D];
@@ -274,39 +256,9 @@ constexpr int kDecodeLanes = 16;
 // AVX2 versions of the decode attention loops, the AVX-512 kernel's structure in 8-float
 // vectors. Sixteen registers cannot hold a head's query (a D = 64 head is 8 of them) beside
 // the accumulators, so the scaled queries sit in L1 and each dot step reads them from there.
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const at::BFloat16* p) {
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
-}
-inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
-inline void store8(at::BFloat16* p, __m256 v) {
-  alignas(32) float f[8];
-  _mm256_store_ps(f, v);
-  for (int i = 0; i < 8; ++i) p[i] = from_f<at::BFloat16>(f[i]);
-}
-
-// exp(x) for x <= 0: x = n ln2 + r with |r| <= ln2 / 2, a degree-7 Taylor polynomial in r
-// (relative error ~1e-7), times 2^n built in the exponent bits. Inputs below -87 give
-// exp(-87) ~ 2e-38 instead of a smaller number or 0, nothing next to a softmax's max term of 1.
-inline __m256 exp256(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
-  __m256 p = _mm256_set1_ps(1.f / 5040);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 720));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  const __m256i e =
-      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
+using vec_math::exp256;
+using vec_math::load8;
+using vec_math::store8;
 
 // out[i] = sum of the lanes of a[i], for 8 vectors at once (a transposing tree of adds).
 inline __m256 reduce_add8(const __m256* a) {
@@ -316,11 +268,7 @@ inline __m256 reduce_add8(const __m256* a) {
   return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
 }
 
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
+using vec_math::hsum8;
 
 // One task per (request, kv head), as the AVX-512 kernel. ND = head_dim / 8 and REP are
 // compile-time; the output is accumulated CH vectors of the head at a time, as many as fit the

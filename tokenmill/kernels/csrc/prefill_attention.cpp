@@ -1,0 +1,356 @@
+// Paged causal attention for multi-token chunks (a prompt, or a chunk of one after cached
+// context), reading K and V straight from the paged cache: no gathered copy of the context, no
+// padding, no mask tensor.
+//
+// A task is one KV head of one request and up to kRowTile query rows: the query heads that share
+// the KV head (the rep of GQA) times a run of consecutive query tokens, so the K and V rows read
+// for a block of keys serve all of them. Per block of kKeyBlock keys the task
+//   1. transposes the keys to Kt [D][keys] (8 x 8 register transposes),
+//   2. computes the scores S = Q Kt, 6 rows x 16 keys at a time (12 accumulators),
+//   3. masks the keys after each row's position, and folds the block into that row's online
+//      softmax (running max m, sum l; the output rescaled when the max grows),
+//   4. adds P V to the output rows, 6 rows x 16 dims at a time, V rows read from the cache.
+// All arithmetic is float32 (bfloat16 caches are widened on load); the result differs from the
+// reference softmax(Q K^T) V only by the order of additions and the exp polynomial (~1e-7).
+// Tasks are handed out longest first from a shared counter (a causal prompt's late rows see
+// more keys).
+#include "prefill_attention.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <vector>
+
+#include "vec_math.h"
+
+#if defined(__AVX2__) && defined(__FMA__)
+namespace {
+
+using vec_math::exp256;
+using vec_math::hmax8;
+using vec_math::hsum8;
+using vec_math::load8;
+using vec_math::store8;
+
+constexpr int kRowTile = 48;   // query rows per task (token x query head of one KV head)
+constexpr int kKeyBlock = 64;  // keys per softmax step
+constexpr int kRowGroup = 6;   // rows per register block (6 x 2 accumulators)
+// Stands for -infinity (-ffast-math assumes finite values): the running max before any key,
+// and the score of a masked key, whose probability is then cleared.
+constexpr float kNoScore = -1e30f;
+
+struct Task {
+  int64_t req, kv_head, first, count;  // query tokens [first, first + count) of the request
+  int64_t cost;                        // rows x keys, for the longest-first order
+};
+
+// 8 x 8 transpose: in[i] holds row i; out[j] holds column j.
+inline void transpose8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// S[r][c0 .. c0 + 16) = Q[r] . Kt[:, c0 .. c0 + 16) for RG rows (Q rows D floats apart, S rows
+// kKeyBlock apart, Kt rows kKeyBlock apart).
+template <int RG>
+inline void scores_block(const float* q, int64_t D, const float* kt, int c0, float* s) {
+  __m256 acc[RG][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < RG; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const __m256 k0 = _mm256_load_ps(kt + d * kKeyBlock + c0);
+    const __m256 k1 = _mm256_load_ps(kt + d * kKeyBlock + c0 + 8);
+#pragma GCC unroll 8
+    for (int r = 0; r < RG; ++r) {
+      const __m256 b = _mm256_broadcast_ss(q + r * D + d);
+      acc[r][0] = _mm256_fmadd_ps(b, k0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(b, k1, acc[r][1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < RG; ++r) {
+    _mm256_store_ps(s + r * kKeyBlock + c0, acc[r][0]);
+    _mm256_store_ps(s + r * kKeyBlock + c0 + 8, acc[r][1]);
+  }
+}
+
+// O[r][d0 .. d0 + 16) += sum over keys t < n of P[r][t] V[t][d0 .. d0 + 16) for RG rows.
+template <int RG, typename T>
+inline void pv_block(const float* p, T* const* vrows, int n, int64_t d0, float* o, int64_t D) {
+  __m256 acc[RG][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < RG; ++r) {
+    acc[r][0] = _mm256_load_ps(o + r * D + d0);
+    acc[r][1] = _mm256_load_ps(o + r * D + d0 + 8);
+  }
+  for (int t = 0; t < n; ++t) {
+    const __m256 v0 = load8(vrows[t] + d0), v1 = load8(vrows[t] + d0 + 8);
+#pragma GCC unroll 8
+    for (int r = 0; r < RG; ++r) {
+      const __m256 b = _mm256_broadcast_ss(p + r * kKeyBlock + t);
+      acc[r][0] = _mm256_fmadd_ps(b, v0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(b, v1, acc[r][1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < RG; ++r) {
+    _mm256_store_ps(o + r * D + d0, acc[r][0]);
+    _mm256_store_ps(o + r * D + d0 + 8, acc[r][1]);
+  }
+}
+
+// Runs fn.template run<RG>(r0) over rows [0, R) in groups of kRowGroup and one smaller group.
+template <typename Fn>
+inline void for_row_groups(int R, const Fn& fn) {
+  int r = 0;
+  for (; r + kRowGroup <= R; r += kRowGroup) fn.template run<kRowGroup>(r);
+  switch (R - r) {
+    case 5:
+      fn.template run<5>(r);
+      break;
+    case 4:
+      fn.template run<4>(r);
+      break;
+    case 3:
+      fn.template run<3>(r);
+      break;
+    case 2:
+      fn.template run<2>(r);
+      break;
+    case 1:
+      fn.template run<1>(r);
+      break;
+    default:
+      break;
+  }
+}
+
+struct ScoreRows {  // S = Q Kt for nc keys
+  const float* q;
+  int64_t D;
+  const float* kt;
+  int nc;
+  float* s;
+  template <int RG>
+  void run(int r0) const {
+    for (int c0 = 0; c0 < nc; c0 += 16) scores_block<RG>(q + r0 * D, D, kt, c0, s + r0 * kKeyBlock);
+  }
+};
+
+template <typename T>
+struct AddPV {  // O += P V over the first n keys
+  const float* p;
+  T* const* vrows;
+  int n;
+  float* o;
+  int64_t D;
+  template <int RG>
+  void run(int r0) const {
+    for (int64_t d0 = 0; d0 < D; d0 += 16)
+      pv_block<RG>(p + r0 * kKeyBlock, vrows, n, d0, o + r0 * D, D);
+  }
+};
+
+// Per-thread buffers of one task (64-byte aligned; D a multiple of 16).
+struct Scratch {
+  std::vector<float> buf;
+  float *q, *o, *s, *kt, *m, *l;
+  explicit Scratch(int64_t D)
+      : buf(kRowTile * D * 2 + kRowTile * kKeyBlock + D * kKeyBlock + 2 * kRowTile + 16) {
+    float* p = buf.data();
+    p += (64 - reinterpret_cast<uintptr_t>(p) % 64) % 64 / sizeof(float);
+    q = p;
+    o = q + kRowTile * D;
+    s = o + kRowTile * D;
+    kt = s + kRowTile * kKeyBlock;
+    m = kt + D * kKeyBlock;
+    l = m + kRowTile;
+  }
+};
+
+template <typename T>
+void run_task(const Task& task, const T* q, const T* kc, const T* vc, const int32_t* bt,
+              int64_t max_blocks, int64_t block_size, const int32_t* seq_lens, const int32_t* qsl,
+              int64_t q_stride, T* out, int64_t Hq, int64_t Hkv, int64_t D, float scale,
+              Scratch& w) {
+  const int64_t rep = Hq / Hkv, row_len = Hkv * D, g = task.kv_head;
+  const int R = static_cast<int>(task.count * rep);
+  const int64_t q_len = qsl[task.req + 1] - qsl[task.req];
+  const int64_t ctx0 = seq_lens[task.req] - q_len;  // position of the request's first query
+  const int32_t* table = bt + task.req * max_blocks;
+  // scaled queries; row r = token (r / rep), head g * rep + r % rep
+  for (int r = 0; r < R; ++r) {
+    const T* src = q + (qsl[task.req] + task.first + r / rep) * q_stride + (g * rep + r % rep) * D;
+    for (int64_t d = 0; d < D; d += 8)
+      _mm256_store_ps(w.q + r * D + d, _mm256_mul_ps(load8(src + d), _mm256_set1_ps(scale)));
+    std::fill(w.o + r * D, w.o + (r + 1) * D, 0.f);
+    w.m[r] = kNoScore;
+    w.l[r] = 0.f;
+  }
+  static const T zero_row[256] = {};  // keys past the end of a block (D <= 256)
+  const T* krows[kKeyBlock];
+  const T* vrows[kKeyBlock];
+  const int64_t kv_end = ctx0 + task.first + task.count;  // keys the last row sees
+  for (int64_t k0 = 0; k0 < kv_end; k0 += kKeyBlock) {
+    const int n = static_cast<int>(std::min<int64_t>(kKeyBlock, kv_end - k0));
+    for (int t = 0; t < kKeyBlock; ++t) {
+      if (t < n) {
+        const int64_t pos = k0 + t;
+        const int64_t slot =
+            static_cast<int64_t>(table[pos / block_size]) * block_size + pos % block_size;
+        krows[t] = kc + slot * row_len + g * D;
+        vrows[t] = vc + slot * row_len + g * D;
+      } else {
+        krows[t] = vrows[t] = zero_row;
+      }
+    }
+    const int nc = (n + 15) / 16 * 16;  // keys scored (whole 16-key column blocks)
+    for (int t0 = 0; t0 < nc; t0 += 8)
+      for (int64_t d0 = 0; d0 < D; d0 += 8) {
+        __m256 x[8];
+        for (int i = 0; i < 8; ++i) x[i] = load8(krows[t0 + i] + d0);
+        transpose8(x);
+        for (int i = 0; i < 8; ++i) _mm256_store_ps(w.kt + (d0 + i) * kKeyBlock + t0, x[i]);
+      }
+    for_row_groups(R, ScoreRows{w.q, D, w.kt, nc, w.s});
+    // causal mask and online softmax, row by row; P overwrites S (0 past the row's last key)
+    int n_pv = 0;  // keys any row of the task sees in this block
+    for (int r = 0; r < R; ++r) {
+      const int64_t pos = ctx0 + task.first + r / rep;
+      const int lim = static_cast<int>(std::min<int64_t>(n, pos - k0 + 1));
+      float* s = w.s + r * kKeyBlock;
+      if (lim <= 0) {
+        std::fill(s, s + nc, 0.f);
+        continue;
+      }
+      n_pv = std::max(n_pv, lim);
+      const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+      const __m256 ninf = _mm256_set1_ps(kNoScore);
+      __m256 mx = ninf;
+      for (int t = 0; t < nc; t += 8) {
+        const __m256 keep =
+            _mm256_cmp_ps(_mm256_add_ps(lane, _mm256_set1_ps(t)), _mm256_set1_ps(lim), _CMP_LT_OQ);
+        const __m256 v = _mm256_blendv_ps(ninf, _mm256_load_ps(s + t), keep);
+        _mm256_store_ps(s + t, v);
+        mx = _mm256_max_ps(mx, v);
+      }
+      const float m_new = std::max(w.m[r], hmax8(mx));
+      const float alpha = std::exp(w.m[r] - m_new);  // 0 on the first block
+      const __m256 mv = _mm256_set1_ps(m_new);
+      __m256 sum = _mm256_setzero_ps();
+      for (int t = 0; t < nc; t += 8) {
+        const __m256 keep =
+            _mm256_cmp_ps(_mm256_add_ps(lane, _mm256_set1_ps(t)), _mm256_set1_ps(lim), _CMP_LT_OQ);
+        const __m256 p = _mm256_and_ps(exp256(_mm256_sub_ps(_mm256_load_ps(s + t), mv)), keep);
+        _mm256_store_ps(s + t, p);
+        sum = _mm256_add_ps(sum, p);
+      }
+      w.l[r] = w.l[r] * alpha + hsum8(sum);
+      w.m[r] = m_new;
+      if (alpha != 1.f) {
+        float* o = w.o + r * D;
+        for (int64_t d = 0; d < D; d += 8)
+          _mm256_store_ps(o + d, _mm256_mul_ps(_mm256_load_ps(o + d), _mm256_set1_ps(alpha)));
+      }
+    }
+    for_row_groups(R, AddPV<const T>{w.s, vrows, n_pv, w.o, D});
+  }
+  for (int r = 0; r < R; ++r) {
+    T* dst = out + ((qsl[task.req] + task.first + r / rep) * Hq + g * rep + r % rep) * D;
+    const __m256 inv = _mm256_set1_ps(1.f / w.l[r]);
+    for (int64_t d = 0; d < D; d += 8)
+      store8(dst + d, _mm256_mul_ps(_mm256_load_ps(w.o + r * D + d), inv));
+  }
+}
+
+}  // namespace
+#endif
+
+bool paged_prefill_attention_supported(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
+#if defined(__AVX2__) && defined(__FMA__)
+  return num_kv_heads > 0 && num_heads % num_kv_heads == 0 &&
+         num_heads / num_kv_heads <= kRowTile && head_dim % 16 == 0 && head_dim <= 256;
+#else
+  return false;
+#endif
+}
+
+at::Tensor paged_prefill_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
+                                   at::Tensor block_tables, at::Tensor seq_lens,
+                                   at::Tensor query_start_loc, int64_t block_size, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(),
+              "q [tokens, heads, head_dim], caches [slots, kv_heads, head_dim]");
+  const int64_t Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(1);
+  TORCH_CHECK(paged_prefill_attention_supported(Hq, Hkv, D) && k_cache.size(2) == D,
+              "no prefill attention kernel for ", Hq, " / ", Hkv, " heads of ", D);
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "q and the caches must share a dtype");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
+                  query_start_loc.scalar_type() == at::kInt,
+              "block_tables, seq_lens and query_start_loc must be int32");
+  if (q.stride(2) != 1 || q.stride(1) != D) q = q.contiguous();
+  auto bt = block_tables.contiguous(), sl = seq_lens.contiguous(),
+       qsl = query_start_loc.contiguous();
+  const int64_t B = sl.numel();
+  TORCH_CHECK(qsl.numel() == B + 1 && bt.dim() == 2 && bt.size(0) == B,
+              "one block table row and query range per request");
+  const int32_t* qs = qsl.data_ptr<int32_t>();
+  const int32_t* lens = sl.data_ptr<int32_t>();
+  TORCH_CHECK(qs[0] == 0 && qs[B] == q.size(0), "query_start_loc must cover q's rows");
+  auto out = at::empty({q.size(0), Hq, D}, q.options());
+#if defined(__AVX2__) && defined(__FMA__)
+  const int64_t rep = Hq / Hkv, tokens_per_task = std::max<int64_t>(1, kRowTile / rep);
+  std::vector<Task> tasks;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t q_len = qs[b + 1] - qs[b];
+    TORCH_CHECK(
+        q_len >= 0 && q_len <= lens[b] && (lens[b] + block_size - 1) / block_size <= bt.size(1),
+        "request ", b, ": bad query range, length or block table");
+    for (int64_t first = 0; first < q_len; first += tokens_per_task) {
+      const int64_t count = std::min(tokens_per_task, q_len - first);
+      for (int64_t g = 0; g < Hkv; ++g)
+        tasks.push_back({b, g, first, count, count * (lens[b] - q_len + first + count)});
+    }
+  }
+  std::stable_sort(tasks.begin(), tasks.end(),
+                   [](const Task& a, const Task& b) { return a.cost > b.cost; });
+  std::atomic<int64_t> next{0};
+  const auto n_tasks = static_cast<int64_t>(tasks.size());
+  auto run = [&](auto* q_ptr, auto* k_ptr, auto* v_ptr, auto* out_ptr) {
+    at::parallel_for(
+        0, std::min<int64_t>(at::get_num_threads(), n_tasks), 1, [&](int64_t, int64_t) {
+          Scratch w(D);
+          for (int64_t i = next++; i < n_tasks; i = next++)
+            run_task(tasks[i], q_ptr, k_ptr, v_ptr, bt.data_ptr<int32_t>(), bt.size(1), block_size,
+                     lens, qs, q.stride(0), out_ptr, Hq, Hkv, D, static_cast<float>(scale), w);
+        });
+  };
+  if (q.scalar_type() == at::kFloat)
+    run(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+        out.data_ptr<float>());
+  else if (q.scalar_type() == at::kBFloat16)
+    run(q.data_ptr<at::BFloat16>(), k_cache.data_ptr<at::BFloat16>(),
+        v_cache.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>());
+  else
+    TORCH_CHECK(false, "paged_prefill_attention: float32 or bfloat16 only");
+#endif
+  return out;
+}
