@@ -47,7 +47,7 @@ struct Task {
   int64_t cost;                        // rows x keys, for the longest-first order
 };
 
-// 8 x 8 transpose: in[i] holds row i; out[j] holds column j.
+// 8 x 8 transpose in place: r[i] holds row i on entry, column i on return.
 inline void transpose8(__m256 r[8]) {
   const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
   const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
