@@ -7,10 +7,11 @@ Issue 7 asks every native path to stay within 0.5% of the file dequantized to fl
 the other files of bench_llamacpp.py too, with llama.cpp beside it: both engines round the
 activations to 8 bits before their integer dot products (llama.cpp in blocks of 32 for the
 legacy types and 256 for the K-quants, tokenmill in blocks of 32 everywhere), so this is what
-each one's rounding costs. A perplexity difference of a few tenths of a percent is one draw of
-that rounding noise on one text; the KL divergence (llama.cpp's own measure of quantization
-damage, `llama-perplexity --kl-divergence`) averages it over every position and the whole
-vocabulary.
+each one's rounding costs (tokenmill's exact channels, on by default, keep each layer's 8
+largest input channels out of it; the "all rounded" rows turn them off). A perplexity difference
+of a few tenths of a percent is one draw of that rounding noise on one text; the KL divergence
+(llama.cpp's own measure of quantization damage, `llama-perplexity --kl-divergence`) averages it
+over every position and the whole vocabulary.
 
 Text: the project's LICENSE by default (2,214 tokens; `--text` scores another file), windows of
 256 tokens every 192 (each scored token sees at least 64 tokens of context), as in the CI test.
@@ -188,7 +189,7 @@ def main() -> None:
 
     text = Path(args.text).read_text()
     rows = []
-    print(f"{'file':<9}{'engine':<20}{'ppl':>10}{'vs f32':>10}{'KL':>10}{'top-1':>9}  weights")
+    print(f"{'file':<9}{'engine':<32}{'ppl':>10}{'vs f32':>10}{'KL':>10}{'top-1':>9}  weights")
     for name, path in files.items():
         llm = LLM(path, max_model_len=args.window, kv_cache_memory_gib=0.05)
         ids = llm.get_tokenizer().encode(text)
@@ -208,10 +209,12 @@ def main() -> None:
                 ),
             )
         ]
-        runs += [
-            (f"tokenmill {isa}", "tokenmill", (*common, ref_path, False, isa, {"dtype": "float32"}))
-            for isa in isas
-        ]
+        for isa in isas:  # the default, then with every channel rounded (exact_channels=0)
+            for label, extra in (("", {}), (", all rounded", {"exact_channels": 0})):
+                kw = {"dtype": "float32", **extra}
+                runs.append(
+                    (f"tokenmill {isa}{label}", "tokenmill", (*common, ref_path, False, isa, kw))
+                )
         runs.append(("llama.cpp", "llama.cpp", (*common, ref_path, args.threads)))
         ref = None
         for label, kind, a in runs:
@@ -230,7 +233,7 @@ def main() -> None:
             }
             rows.append(row)
             print(
-                f"{name:<9}{label:<20}{ppl:>10.4f}{100 * row['vs_float32']:>+9.2f}%"
+                f"{name:<9}{label:<32}{ppl:>10.4f}{100 * row['vs_float32']:>+9.2f}%"
                 f"{row['mean_kl_vs_float32']:>10.5f}{100 * row['same_top_token']:>8.2f}%  {how}",
                 flush=True,
             )

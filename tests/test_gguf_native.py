@@ -231,3 +231,35 @@ def test_native_batching_matches_alone():
                 top = sorted((v.logprob for v in a.logprobs[t].values()), reverse=True)
                 assert top[0] - top[1] < 0.35, f"diverged at step {t}"
                 break
+
+
+def _logprobs_and_model(ids: list[int], **kwargs):
+    llm = LLM(max_model_len=512, kv_cache_memory_gib=0.05, dtype="float32", **kwargs)
+    model = llm.engine.model
+    runner = ModelRunner(
+        model, num_blocks=32, block_size=16, kv_dtype=torch.float32, device=torch.device("cpu")
+    )
+    return paged_logits(runner, [ids], [[len(ids)]])[0].double().log_softmax(-1), model
+
+
+def test_exact_channels_bring_the_native_path_closer_to_float32():
+    """Each decoder layer's 8 largest input channels (found by the start-up calibration) skip
+    the 8-bit rounding. On the embedded model, whose residual stream has a few channels far
+    larger than the rest, that must bring the next-token distributions closer to the float32
+    model's: over 400 positions of the license the mean KL divergence from float32 is 2.3x
+    smaller than with every channel rounded (measured on AVX2: 0.0045 -> 0.0019); 1.5x is asked."""
+    text = (Path(__file__).parents[1] / "LICENSE").read_text()
+    ids = LLM(max_model_len=128, kv_cache_memory_gib=0.05).get_tokenizer().encode(text)[:400]
+    ref, _ = _logprobs_and_model(ids, quantization="none")
+    exact, model = _logprobs_and_model(ids)
+    rounded, plain = _logprobs_and_model(ids, exact_channels=0)
+    layers = [m for n, m in model.named_modules() if hasattr(m, "kernel")]
+    assert len(layers) == 4 * model.cfg.num_layers + 1  # decoder linears and the output head
+    for layer in layers:
+        assert len(layer.kernel.exact_channels()) == (0 if layer is model.lm_head else 8)
+    assert all(not m.kernel.exact_channels() for m in plain.modules() if hasattr(m, "kernel"))
+
+    def kl(lp):
+        return (ref.exp() * (ref - lp)).sum(-1).mean().item()
+
+    assert kl(exact) * 1.5 < kl(rounded), (kl(exact), kl(rounded))

@@ -223,3 +223,79 @@ def test_row_lookup_equals_gguf_dequantize(ops, qtype):
     assert torch.equal(rows, ref)
     with pytest.raises(RuntimeError, match="out of range"):
         ops.quant_rows(packed, int(qtype), n, k, torch.tensor([40]))
+
+
+def _linear(ops, shards, k):
+    """A QuantLinear over `shards` [(qtype, rows, raw blocks)], no bias, and the float64
+    dequantized weight of all of them stacked."""
+    packed = [gp.pack(gp.parse(raw, int(q), n, k), int(q), n, k) for q, n, raw in shards]
+    layer = ops.QuantLinear(
+        packed, [int(q) for q, _, _ in shards], [n for _, n, _ in shards], [None] * len(shards), k
+    )
+    w = torch.cat([torch.from_numpy(dequantize(raw, q).reshape(n, k)) for q, n, raw in shards])
+    return layer, w.double()
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_exact_channels_leave_the_rounding(ops, qtype, dtype):
+    """A layer with exact channels equals: the other channels rounded as usual (the exact ones
+    read as 0, so they no longer set their blocks' scales) times the dequantized weights, plus
+    the exact channels times their weight columns. Two shards (the second Q8_0, 9 rows) check
+    that each column lands in its output; M spans the streaming and batched paths."""
+    rng = np.random.default_rng(500 + int(qtype))
+    k, n1, n2 = 512, 40, 9
+    shards = [
+        (qtype, n1, random_blocks(qtype, n1, k, rng)),
+        (QT.Q8_0, n2, random_blocks(QT.Q8_0, n2, k, rng)),
+    ]
+    layer, w = _linear(ops, shards, k)
+    exact = [511, 3, 64, 100]  # unsorted on purpose; 64 and 100 share no block, 3 sits in 0
+    layer.set_exact_channels(exact)
+    assert layer.exact_channels() == sorted(exact)
+    assert layer.exact_bytes() == 4 * len(exact) * (n1 + n2)
+    for m in (1, 3, 17, 70):
+        x = torch.randn(m, k)
+        x[:, exact] *= 200  # outliers: they would set their blocks' scales
+        x = x.to(dtype)
+        y = layer(x)
+        assert y.dtype == dtype and y.shape == (m, n1 + n2)
+        rest = x.float().clone()
+        rest[:, exact] = 0
+        q, d = _reference_activations(rest)
+        xd = torch.from_numpy(q.reshape(m, -1, 32) * d[..., None]).double().reshape(m, k)
+        ref = xd @ w.T + x.double()[:, exact] @ w[:, exact].T
+        err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+        assert err < (1e-5 if dtype == torch.float32 else 8e-3), (m, err)
+    # the exact channels help: against the float64 product, error shrinks with them
+    x = torch.randn(8, k)
+    x[:, exact] *= 200
+    exact_err = (layer(x).double() - x.double() @ w.T).abs().max()
+    layer.set_exact_channels([])
+    assert layer.exact_channels() == [] and layer.exact_bytes() == 0
+    rounded_err = (layer(x).double() - x.double() @ w.T).abs().max()
+    assert exact_err < rounded_err / 4, (exact_err, rounded_err)
+
+
+def test_exact_channel_errors_and_calibration_record(ops):
+    k, n = 256, 16
+    layer, _ = _linear(
+        ops, [(QT.Q8_0, n, random_blocks(QT.Q8_0, n, k, np.random.default_rng(1)))], k
+    )
+    with pytest.raises(RuntimeError, match="distinct"):
+        layer.set_exact_channels([5, 5])
+    with pytest.raises(RuntimeError, match="not in"):
+        layer.set_exact_channels([256])
+    with pytest.raises(RuntimeError, match="at most 16"):
+        layer.set_exact_channels(list(range(17)))
+    with pytest.raises(RuntimeError, match="observe_inputs"):
+        layer.observed_absmax()
+    layer.observe_inputs(True)
+    a, b = torch.randn(3, k), torch.randn(5, k).to(torch.bfloat16)
+    layer(a)
+    layer(b)
+    expected = torch.maximum(a.abs().amax(0), b.float().abs().amax(0))
+    assert torch.equal(layer.observed_absmax(), expected)
+    layer.observe_inputs(False)
+    with pytest.raises(RuntimeError, match="observe_inputs"):
+        layer.observed_absmax()

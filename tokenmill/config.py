@@ -23,6 +23,7 @@ DEFAULT_CPU_KV_GIB = 2.0  # KV budget on the CPU unless kv_cache_memory_gib says
 CUDA_MEMORY_UTILIZATION = 0.9  # share of the GPU the engine may fill (weights + peak + KV)
 QUANTIZATION_MODES = ("auto", "none")
 LOAD_FORMATS = ("auto", "dummy")
+MAX_EXACT_CHANNELS = 16  # QuantLinear::kMaxExactChannels (kernels/csrc/quant_gemm.h)
 
 
 @lru_cache(maxsize=1)
@@ -159,6 +160,14 @@ class EngineArgs:
             "weights to the compute dtype)"
         },
     )
+    exact_channels: int = dataclasses.field(
+        default=8,
+        metadata={
+            "help": "input channels per quantized layer that skip the 8-bit activation "
+            "rounding (native GGUF kernels): the largest ones, found at start-up from a "
+            "64-token calibration forward, multiply their weight columns in float32 (0: off)"
+        },
+    )
     load_format: str = dataclasses.field(
         default="auto",
         metadata={
@@ -211,6 +220,10 @@ class EngineArgs:
         if self.quantization not in QUANTIZATION_MODES:
             raise ValueError(
                 f"quantization must be one of {QUANTIZATION_MODES}, got {self.quantization!r}"
+            )
+        if not 0 <= self.exact_channels <= MAX_EXACT_CHANNELS:
+            raise ValueError(
+                f"exact_channels must be in [0, {MAX_EXACT_CHANNELS}], got {self.exact_channels}"
             )
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")

@@ -22,6 +22,7 @@ from tokenmill.engine.tokenizer import Tokenizer, load_tokenizer
 from tokenmill.loader.load import load_model
 from tokenmill.loader.resolve import resolve_model
 from tokenmill.outputs import CompletionOutput, Logprob, PromptLogprobList, RequestOutput
+from tokenmill.quant.gguf import calibrate_exact_channels
 from tokenmill.sample.metadata import TokenBitmasks
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.worker.model_runner import ModelRunner, profile_forward
@@ -140,6 +141,26 @@ class LLMEngine:
 
         self.config = config = args.create_engine_config(info, self._cuda_kv_budget)
         cache, max_len = config.cache, config.model.max_model_len
+        t1 = time.perf_counter()
+        exact = calibrate_exact_channels(
+            self.model,
+            lambda ids: profile_forward(
+                self.model, len(ids), 0, cache.block_size, self.dtype, self.device, max_len, ids
+            ),
+            args.exact_channels,
+        )
+        if exact is not None:
+            startup["exact channels"] = time.perf_counter() - t1
+            logger.info(
+                "exact channels: the %d largest input channels of each of %d quantized layers "
+                "skip the 8-bit activation rounding (float32 columns, %.1f MB; found by a "
+                "%d-token calibration forward in %.2f s)",
+                exact.per_layer,
+                exact.layers,
+                exact.table_bytes / 1e6,
+                exact.calibration_tokens,
+                exact.seconds,
+            )
         self.scheduler = Scheduler(
             config.scheduler,
             KVCacheManager(cache.num_blocks, cache.block_size, cache.enable_prefix_caching),

@@ -133,7 +133,9 @@ class CausalLM(torch.nn.Module):
             add(getattr(m, "packed", None))
             for seg in getattr(m, "segments", ()):
                 add(seg.packed)
-        return sum(seen.values())
+        kernels = [getattr(m, "kernel", None) for m in self.modules()]
+        exact = sum(k.exact_bytes() for k in kernels if k is not None)  # exact channels' columns
+        return sum(seen.values()) + exact
 
     def process_weights_after_loading(self) -> None:
         for module in self.modules():

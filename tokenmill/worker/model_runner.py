@@ -161,12 +161,14 @@ def profile_forward(
     kv_dtype: torch.dtype,
     device: torch.device,
     max_model_len: int,
+    input_ids: torch.Tensor | None = None,
 ) -> int:
     """Run the largest step the scheduler can send (`num_tokens` prompt tokens, as sequences of
     at most `max_model_len`, then the float32 logits of `num_sampled` rows and a sort of them,
     as top-p sampling does) on a scratch KV pool just big enough. Returns its peak memory
     beyond what was allocated before and the scratch pool (CUDA; 0 on other devices, where
-    nothing is measured)."""
+    nothing is measured). The tokens are `input_ids` when given (the calibration of exact
+    channels), else zeros."""
     backend = model.attn_backend
     cfg = model.cfg
     seq = min(num_tokens, max_model_len)
@@ -202,7 +204,11 @@ def profile_forward(
         seq_lens_host=lens,
         block_tables_host=tables,
     )
-    ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+    if input_ids is None:
+        ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+    else:
+        ids = input_ids.to(device=device, dtype=torch.int64)
+        assert ids.shape == (num_tokens,), (ids.shape, num_tokens)
     hidden = model(
         ids,
         torch.from_numpy(positions).to(device),

@@ -20,7 +20,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<QuantLinear, std::shared_ptr<QuantLinear>>(m, "QuantLinear", py::module_local())
       .def(py::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<int64_t>,
                     std::vector<c10::optional<at::Tensor>>, int64_t>())
-      .def("__call__", &QuantLinear::forward);
+      .def("__call__", &QuantLinear::forward)
+      .def("observe_inputs", &QuantLinear::observe_inputs)
+      .def("observed_absmax", &QuantLinear::observed_absmax)
+      .def("set_exact_channels", &QuantLinear::set_exact_channels)
+      .def("exact_channels", &QuantLinear::exact_channels)
+      .def("exact_bytes", &QuantLinear::exact_bytes);
   py::class_<LlamaDecodeStack>(m, "LlamaDecodeStack", py::module_local())
       .def(py::init<
            std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor,

@@ -6,6 +6,11 @@
 // x * 127 / max|x|, d = max|x| * (1 / 127)) that carry d * (sum of each 16-half) for the weights'
 // offsets.
 //
+// A layer may keep a few input channels out of that rounding (QuantLinear::set_exact_channels:
+// the activations' outlier channels, chosen at start-up): they are read as 0 when the blocks are
+// quantized, so they no longer set their blocks' scales, and their share x[:, c] * W[:, c] is
+// added in float32 from a table of those weight columns, dequantized once.
+//
 // Weights are repacked at load (tokenmill/quant/gguf_pack.py, which documents the layout) into
 // tiles of 16 output rows. Inside a tile every 32-input block unpacks to eight 64-byte vectors
 // U[t] whose lane r (4 bytes) holds inputs 4t..4t+3 of row r as unsigned integers, plus a scale
@@ -21,6 +26,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -32,6 +38,7 @@
 #include <vector>
 
 #include "gguf_types.h"
+#include "vec_math.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define TM_AVX512 1
@@ -1193,28 +1200,78 @@ at::Tensor quant_rows(at::Tensor packed, int64_t qtype, int64_t N, int64_t K, at
   return out;
 }
 
-// x [M, K] float32/bfloat16 -> (q int8 [M, K], meta float32 [M, K / 32, 4] = ActMeta).
-std::vector<at::Tensor> quantize_activations(at::Tensor x) {
-  TORCH_CHECK(x.dim() == 2 && x.size(1) % 32 == 0, "x must be [M, K] with K a multiple of 32");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+namespace {
+
+// Rows of x quantized into q / meta, with input channels `zero` (sorted, distinct) read as 0.
+template <typename T>
+void quantize_rows(const T* x, int64_t M, int64_t K, const std::vector<int64_t>& zero, int8_t* q,
+                   ActMeta* meta) {
+  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+    std::vector<T> row(zero.empty() ? 0 : K);
+    for (int64_t m = b; m < e; ++m) {
+      const T* src = x + m * K;
+      if (!zero.empty()) {
+        std::memcpy(row.data(), src, K * sizeof(T));
+        for (int64_t c : zero) row[c] = T(0);
+        src = row.data();
+      }
+      quantize_row(src, K, q + m * K, meta + m * (K / 32));
+    }
+  });
+}
+
+std::vector<at::Tensor> quantize_except(const at::Tensor& x_in, const std::vector<int64_t>& zero) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) % 32 == 0,
+              "x must be [M, K] with K a multiple of 32");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
               "x must be float32 or bfloat16");
-  x = x.contiguous();
+  const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1);
   auto q = at::empty({M, K}, x.options().dtype(at::kChar));
   auto meta = at::empty({M, K / 32, 4}, x.options().dtype(at::kFloat));
   auto* mp = reinterpret_cast<ActMeta*>(meta.data_ptr<float>());
-  int8_t* qp = q.data_ptr<int8_t>();
-  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
-    for (int64_t m = b; m < e; ++m) {
-      if (x.scalar_type() == at::kFloat)
-        quantize_row(x.data_ptr<float>() + m * K, K, qp + m * K, mp + m * (K / 32));
-      else
-        quantize_row(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) + m * K, K,
-                     qp + m * K, mp + m * (K / 32));
-    }
-  });
+  if (x.scalar_type() == at::kFloat)
+    quantize_rows(x.data_ptr<float>(), M, K, zero, q.data_ptr<int8_t>(), mp);
+  else
+    quantize_rows(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, K, zero,
+                  q.data_ptr<int8_t>(), mp);
   return {q, meta};
 }
+
+// y[m, n] += sum_j x[m, idx[j]] * w[j, n]: the exact channels' share of the output, float32.
+template <typename TX, typename TY>
+void add_exact_channels(const TX* x, int64_t M, int64_t K, const std::vector<int64_t>& idx,
+                        const float* w, int64_t N, TY* y) {
+  using vec_math::tf;
+  const int64_t k = static_cast<int64_t>(idx.size());
+  const int64_t grain = std::max<int64_t>(256, (int64_t{1} << 15) / std::max<int64_t>(1, M * k));
+  at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
+    float a[QuantLinear::kMaxExactChannels];
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t j = 0; j < k; ++j) a[j] = tf(x[m * K + idx[j]]);
+      TY* out = y + m * N;
+      int64_t n = b;
+#if defined(__AVX2__) && defined(__FMA__)
+      for (; n + 8 <= e; n += 8) {
+        __m256 s = vec_math::load8(out + n);
+        for (int64_t j = 0; j < k; ++j)
+          s = _mm256_fmadd_ps(_mm256_set1_ps(a[j]), _mm256_loadu_ps(w + j * N + n), s);
+        vec_math::store8(out + n, s);
+      }
+#endif
+      for (; n < e; ++n) {
+        float s = tf(out[n]);
+        for (int64_t j = 0; j < k; ++j) s += a[j] * w[j * N + n];
+        out[n] = vec_math::from_f<TY>(s);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// x [M, K] float32/bfloat16 -> (q int8 [M, K], meta float32 [M, K / 32, 4] = ActMeta).
+std::vector<at::Tensor> quantize_activations(at::Tensor x) { return quantize_except(x, {}); }
 
 // y[:, col:col + N] = dequant(W) applied to the quantized activations (+ bias float32, padded
 // with zeros to whole 16-row tiles). y is [M, >= col + N], float32 or bfloat16, rows contiguous.
@@ -1284,9 +1341,64 @@ QuantLinear::QuantLinear(std::vector<at::Tensor> packed, std::vector<int64_t> qt
 
 at::Tensor QuantLinear::forward(at::Tensor x) const {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K_, "x must be [M, ", K_, "]");
-  auto qm = quantize_activations(x);
-  auto y = at::empty({x.size(0), N_}, x.options());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "x must be float32 or bfloat16");
+  x = x.contiguous();
+  const int64_t M = x.size(0);
+  if (observed_.defined()) {  // calibration: the running max of |x| per input channel
+    const at::Tensor xf = x.to(at::kFloat);
+    const float* xp = xf.data_ptr<float>();
+    float* amax = observed_.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t c = 0; c < K_; ++c) amax[c] = std::max(amax[c], std::fabs(xp[m * K_ + c]));
+  }
+  auto qm = quantize_except(x, exact_);
+  auto y = at::empty({M, N_}, x.options());
   for (size_t i = 0; i < packed_.size(); ++i)
     quant_gemm(qm[0], qm[1], packed_[i], qtypes_[i], rows_[i], y, cols_[i], bias_[i]);
+  if (!exact_.empty() && M > 0) {
+    const float* w = exact_w_.data_ptr<float>();
+    if (x.scalar_type() == at::kFloat)
+      add_exact_channels(x.data_ptr<float>(), M, K_, exact_, w, N_, y.data_ptr<float>());
+    else
+      add_exact_channels(x.data_ptr<at::BFloat16>(), M, K_, exact_, w, N_,
+                         y.data_ptr<at::BFloat16>());
+  }
   return y;
+}
+
+void QuantLinear::observe_inputs(bool on) {
+  observed_ = on ? at::zeros({K_}, packed_[0].options().dtype(at::kFloat)) : at::Tensor();
+}
+
+at::Tensor QuantLinear::observed_absmax() const {
+  TORCH_CHECK(observed_.defined(), "observe_inputs(True) was not called");
+  return observed_.clone();
+}
+
+void QuantLinear::set_exact_channels(std::vector<int64_t> channels) {
+  std::sort(channels.begin(), channels.end());
+  TORCH_CHECK(static_cast<int64_t>(channels.size()) <= kMaxExactChannels, "at most ",
+              kMaxExactChannels, " exact channels");
+  TORCH_CHECK(std::adjacent_find(channels.begin(), channels.end()) == channels.end(),
+              "exact channels must be distinct");
+  for (int64_t c : channels)
+    TORCH_CHECK(c >= 0 && c < K_, "channel ", c, " is not in [0, ", K_, ")");
+  const int64_t k = static_cast<int64_t>(channels.size());
+  at::Tensor w = at::empty({k, N_}, packed_[0].options().dtype(at::kFloat));
+  float* wp = w.data_ptr<float>();
+  constexpr int64_t kChunk = 256;  // rows dequantized at a time (bounded scratch)
+  for (size_t i = 0; i < packed_.size() && k > 0; ++i) {
+    for (int64_t r0 = 0; r0 < rows_[i]; r0 += kChunk) {
+      const int64_t n = std::min(kChunk, rows_[i] - r0);
+      at::Tensor ids = at::empty({n}, packed_[0].options().dtype(at::kLong));
+      for (int64_t r = 0; r < n; ++r) ids.data_ptr<int64_t>()[r] = r0 + r;
+      at::Tensor rows = quant_rows(packed_[i], qtypes_[i], rows_[i], K_, ids);
+      const float* rp = rows.data_ptr<float>();
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t j = 0; j < k; ++j) wp[j * N_ + cols_[i] + r0 + r] = rp[r * K_ + channels[j]];
+    }
+  }
+  exact_ = std::move(channels);
+  exact_w_ = w;
 }

@@ -16,11 +16,30 @@ class QuantLinear {
   QuantLinear(std::vector<at::Tensor> packed, std::vector<int64_t> qtypes,
               std::vector<int64_t> rows, std::vector<c10::optional<at::Tensor>> bias,
               int64_t in_features);
+  // y = x W^T (+ bias) [M, N], x float32 / bfloat16, y in x's dtype. The input channels set
+  // by set_exact_channels are left out of the 8-bit rounding (read as 0 there) and multiply
+  // their dequantized weight columns in float32 instead.
   at::Tensor forward(at::Tensor x) const;
+
+  // Calibration: from observe_inputs(true) on, every forward raises a running max of |x| per
+  // input channel (observed_absmax(): float32 [K]); observe_inputs(false) stops and drops it.
+  void observe_inputs(bool on);
+  at::Tensor observed_absmax() const;
+
+  // Input channels (at most kMaxExactChannels, distinct) computed exactly: their columns of
+  // W are dequantized once here into a float32 [k, N] table. An empty list turns it off.
+  void set_exact_channels(std::vector<int64_t> channels);
+  const std::vector<int64_t>& exact_channels() const { return exact_; }
+  int64_t exact_bytes() const { return exact_w_.defined() ? exact_w_.numel() * 4 : 0; }
+
+  static constexpr int64_t kMaxExactChannels = 16;
 
  private:
   std::vector<at::Tensor> packed_;
   std::vector<int64_t> qtypes_, rows_, cols_;
   std::vector<c10::optional<at::Tensor>> bias_;
   int64_t K_ = 0, N_ = 0;
+  std::vector<int64_t> exact_;  // sorted input channels kept out of the rounding
+  at::Tensor exact_w_;          // float32 [exact_.size(), N_]: W[:, exact_]^T
+  at::Tensor observed_;         // float32 [K_] while observing (calibration), else undefined
 };
