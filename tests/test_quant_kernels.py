@@ -225,6 +225,20 @@ def test_row_lookup_equals_gguf_dequantize(ops, qtype):
         ops.quant_rows(packed, int(qtype), n, k, torch.tensor([40]))
 
 
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
+def test_column_lookup_equals_gguf_dequantize(ops, qtype):
+    """The exact channels' weight columns from packed blocks are gguf's float32 values."""
+    n, k = 40, 512
+    raw = random_blocks(qtype, n, k, np.random.default_rng(int(qtype)), extreme=True)
+    packed = gp.pack(gp.parse(raw, int(qtype), n, k), int(qtype), n, k)
+    channels = [0, 31, 32, 255, 256, 300, 511]  # block and super-block edges
+    cols = ops.quant_cols(packed, int(qtype), n, k, channels)
+    ref = torch.from_numpy(dequantize(raw, qtype).reshape(n, k))[:, channels].T
+    assert torch.equal(cols, ref)
+    with pytest.raises(RuntimeError, match="not in"):
+        ops.quant_cols(packed, int(qtype), n, k, [512])
+
+
 def _linear(ops, shards, k):
     """A QuantLinear over `shards` [(qtype, rows, raw blocks)], no bias, and the float64
     dequantized weight of all of them stacked."""

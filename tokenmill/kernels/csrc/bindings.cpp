@@ -15,6 +15,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_activations", &quantize_activations);
   m.def("quant_gemm", &quant_gemm);
   m.def("quant_rows", &quant_rows);
+  m.def("quant_cols", &quant_cols);
   m.def("gguf_repack", &gguf_repack);
   // module_local: every kernel level is its own module, and several may be loaded at once
   py::class_<QuantLinear, std::shared_ptr<QuantLinear>>(m, "QuantLinear", py::module_local())

@@ -1110,6 +1110,30 @@ void rows_typed(const uint8_t* w, int64_t K, const int64_t* ids, int64_t count, 
   });
 }
 
+// Input channels `ch` of every row: out[j * N + n] = W[n, ch[j]] (float32, as rows_typed computes
+// them), one block unpacked per tile and channel: the exact channels' weight columns.
+template <int64_t Q>
+void cols_typed(const uint8_t* w, int64_t N, int64_t K, const std::vector<int64_t>& ch,
+                float* out) {
+  const int64_t ub = unit_bytes(Q), tile_bytes = K / unit_k(Q) * ub;
+  at::parallel_for(0, (N + 15) / 16, 16, [&](int64_t begin, int64_t end) {
+    Block blk;
+    for (int64_t t = begin; t < end; ++t) {
+      for (size_t j = 0; j < ch.size(); ++j) {
+        const int64_t c = ch[j], u = c / unit_k(Q), b = (c % unit_k(Q)) / 32, k = c % 32;
+        unpack_block<Q>(w + t * tile_bytes + u * ub, static_cast<int>(b), blk);
+        for (int r = 0; r < 16 && t * 16 + r < N; ++r) {
+          const uint8_t byte = blk.u[k / 4][r * 4 + k % 4];
+          const bool second = kSplit<Q> && k >= 16;
+          const double q = kSignedU<Q> ? static_cast<int8_t>(byte) : byte;
+          const double v = second ? blk.s1[r] * q + blk.o1[r] : blk.s0[r] * q + blk.o0[r];
+          out[j * N + t * 16 + r] = static_cast<float>(v);
+        }
+      }
+    }
+  });
+}
+
 template <typename TY>
 void gemm_dispatch(int64_t q, const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t M,
                    int64_t N, int64_t K, const float* bias, TY* y, int64_t ldy) {
@@ -1192,6 +1216,51 @@ at::Tensor quant_rows(at::Tensor packed, int64_t qtype, int64_t N, int64_t K, at
       break;
     case Q6_K:
       rows_typed<Q6_K>(w, K, p, idx.numel(), o);
+      break;
+  }
+#else
+  TORCH_CHECK(false, "this kernel build has no integer-dot ISA");
+#endif
+  return out;
+}
+
+// Columns `channels` of a packed [N, K] weight, dequantized to float32 [len(channels), N] (the
+// same values as quant_rows, hence gguf's dequantization).
+at::Tensor quant_cols(at::Tensor packed, int64_t qtype, int64_t N, int64_t K,
+                      std::vector<int64_t> channels) {
+  TORCH_CHECK(unit_bytes(qtype) > 0, "unsupported GGUF type ", qtype);
+  TORCH_CHECK(packed.numel() == (N + 15) / 16 * (K / unit_k(qtype)) * unit_bytes(qtype),
+              "packed weights do not match N, K and the type");
+  for (int64_t c : channels) TORCH_CHECK(c >= 0 && c < K, "channel ", c, " is not in [0, ", K, ")");
+  auto out =
+      at::empty({static_cast<int64_t>(channels.size()), N}, packed.options().dtype(at::kFloat));
+#if defined(TM_AVX512) || defined(TM_AVX2)
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  float* o = out.data_ptr<float>();
+  switch (qtype) {
+    case Q4_0:
+      cols_typed<Q4_0>(w, N, K, channels, o);
+      break;
+    case Q4_1:
+      cols_typed<Q4_1>(w, N, K, channels, o);
+      break;
+    case Q5_0:
+      cols_typed<Q5_0>(w, N, K, channels, o);
+      break;
+    case Q5_1:
+      cols_typed<Q5_1>(w, N, K, channels, o);
+      break;
+    case Q8_0:
+      cols_typed<Q8_0>(w, N, K, channels, o);
+      break;
+    case Q4_K:
+      cols_typed<Q4_K>(w, N, K, channels, o);
+      break;
+    case Q5_K:
+      cols_typed<Q5_K>(w, N, K, channels, o);
+      break;
+    case Q6_K:
+      cols_typed<Q6_K>(w, N, K, channels, o);
       break;
   }
 #else
@@ -1386,19 +1455,9 @@ void QuantLinear::set_exact_channels(std::vector<int64_t> channels) {
     TORCH_CHECK(c >= 0 && c < K_, "channel ", c, " is not in [0, ", K_, ")");
   const int64_t k = static_cast<int64_t>(channels.size());
   at::Tensor w = at::empty({k, N_}, packed_[0].options().dtype(at::kFloat));
-  float* wp = w.data_ptr<float>();
-  constexpr int64_t kChunk = 256;  // rows dequantized at a time (bounded scratch)
-  for (size_t i = 0; i < packed_.size() && k > 0; ++i) {
-    for (int64_t r0 = 0; r0 < rows_[i]; r0 += kChunk) {
-      const int64_t n = std::min(kChunk, rows_[i] - r0);
-      at::Tensor ids = at::empty({n}, packed_[0].options().dtype(at::kLong));
-      for (int64_t r = 0; r < n; ++r) ids.data_ptr<int64_t>()[r] = r0 + r;
-      at::Tensor rows = quant_rows(packed_[i], qtypes_[i], rows_[i], K_, ids);
-      const float* rp = rows.data_ptr<float>();
-      for (int64_t r = 0; r < n; ++r)
-        for (int64_t j = 0; j < k; ++j) wp[j * N_ + cols_[i] + r0 + r] = rp[r * K_ + channels[j]];
-    }
-  }
+  for (size_t i = 0; i < packed_.size() && k > 0; ++i)
+    w.narrow(1, cols_[i], rows_[i])
+        .copy_(quant_cols(packed_[i], qtypes_[i], rows_[i], K_, channels));
   exact_ = std::move(channels);
   exact_w_ = w;
 }

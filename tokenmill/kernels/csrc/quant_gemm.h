@@ -10,6 +10,8 @@ std::vector<at::Tensor> quantize_activations(at::Tensor x);
 void quant_gemm(at::Tensor xq, at::Tensor meta, at::Tensor packed, int64_t qtype, int64_t N,
                 at::Tensor y, int64_t col, c10::optional<at::Tensor> bias);
 at::Tensor quant_rows(at::Tensor packed, int64_t qtype, int64_t N, int64_t K, at::Tensor ids);
+at::Tensor quant_cols(at::Tensor packed, int64_t qtype, int64_t N, int64_t K,
+                      std::vector<int64_t> channels);
 
 class QuantLinear {
  public:
