@@ -1313,7 +1313,9 @@ void add_exact_channels(const TX* x, int64_t M, int64_t K, const std::vector<int
                         const float* w, int64_t N, TY* y) {
   using vec_math::tf;
   const int64_t k = static_cast<int64_t>(idx.size());
-  const int64_t grain = std::max<int64_t>(256, (int64_t{1} << 15) / std::max<int64_t>(1, M * k));
+  // one thread for a small table (a fork costs ~2 us), both halves of N for a large one
+  const int64_t grain =
+      std::max<int64_t>((int64_t{1} << 14) / std::max<int64_t>(1, M * k), (N + 1) / 2);
   at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
     float a[QuantLinear::kMaxExactChannels];
     for (int64_t m = 0; m < M; ++m) {
