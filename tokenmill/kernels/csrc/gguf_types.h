@@ -2,6 +2,7 @@
 // gguf_repack.cpp; the packed layout is documented in tokenmill/quant/gguf_pack.py).
 #pragma once
 #include <cstdint>
+#include <type_traits>
 
 namespace gguf_types {
 
@@ -66,6 +67,32 @@ inline int64_t block_bytes(int64_t q) {
       return 210;
     default:
       return 0;
+  }
+}
+
+// Calls f(std::integral_constant<int64_t, Q>{}) for kernel type q: the one switch from a run-time
+// type to the templates of an entry point. Returns false (f not called) for any other type.
+template <typename F>
+bool with_type(int64_t q, F&& f) {
+  switch (q) {
+    case Q4_0:
+      return f(std::integral_constant<int64_t, Q4_0>{}), true;
+    case Q4_1:
+      return f(std::integral_constant<int64_t, Q4_1>{}), true;
+    case Q5_0:
+      return f(std::integral_constant<int64_t, Q5_0>{}), true;
+    case Q5_1:
+      return f(std::integral_constant<int64_t, Q5_1>{}), true;
+    case Q8_0:
+      return f(std::integral_constant<int64_t, Q8_0>{}), true;
+    case Q4_K:
+      return f(std::integral_constant<int64_t, Q4_K>{}), true;
+    case Q5_K:
+      return f(std::integral_constant<int64_t, Q5_K>{}), true;
+    case Q6_K:
+      return f(std::integral_constant<int64_t, Q6_K>{}), true;
+    default:
+      return false;
   }
 }
 

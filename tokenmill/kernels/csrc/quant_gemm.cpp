@@ -1137,26 +1137,9 @@ void cols_typed(const uint8_t* w, int64_t N, int64_t K, const std::vector<int64_
 template <typename TY>
 void gemm_dispatch(int64_t q, const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t M,
                    int64_t N, int64_t K, const float* bias, TY* y, int64_t ldy) {
-  switch (q) {
-    case Q4_0:
-      return gemm_typed<Q4_0>(w, xq, meta, M, N, K, bias, y, ldy);
-    case Q4_1:
-      return gemm_typed<Q4_1>(w, xq, meta, M, N, K, bias, y, ldy);
-    case Q5_0:
-      return gemm_typed<Q5_0>(w, xq, meta, M, N, K, bias, y, ldy);
-    case Q5_1:
-      return gemm_typed<Q5_1>(w, xq, meta, M, N, K, bias, y, ldy);
-    case Q8_0:
-      return gemm_typed<Q8_0>(w, xq, meta, M, N, K, bias, y, ldy);
-    case Q4_K:
-      return gemm_typed<Q4_K>(w, xq, meta, M, N, K, bias, y, ldy);
-    case Q5_K:
-      return gemm_typed<Q5_K>(w, xq, meta, M, N, K, bias, y, ldy);
-    case Q6_K:
-      return gemm_typed<Q6_K>(w, xq, meta, M, N, K, bias, y, ldy);
-    default:
-      TORCH_CHECK(false, "unsupported GGUF type ", q);
-  }
+  const bool known = with_type(
+      q, [&](auto t) { gemm_typed<decltype(t)::value>(w, xq, meta, M, N, K, bias, y, ldy); });
+  TORCH_CHECK(known, "unsupported GGUF type ", q);
 }
 #endif  // TM_AVX512 || TM_AVX2
 
@@ -1192,32 +1175,7 @@ at::Tensor quant_rows(at::Tensor packed, int64_t qtype, int64_t N, int64_t K, at
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const int64_t* p = idx.data_ptr<int64_t>();
   float* o = out.data_ptr<float>();
-  switch (qtype) {
-    case Q4_0:
-      rows_typed<Q4_0>(w, K, p, idx.numel(), o);
-      break;
-    case Q4_1:
-      rows_typed<Q4_1>(w, K, p, idx.numel(), o);
-      break;
-    case Q5_0:
-      rows_typed<Q5_0>(w, K, p, idx.numel(), o);
-      break;
-    case Q5_1:
-      rows_typed<Q5_1>(w, K, p, idx.numel(), o);
-      break;
-    case Q8_0:
-      rows_typed<Q8_0>(w, K, p, idx.numel(), o);
-      break;
-    case Q4_K:
-      rows_typed<Q4_K>(w, K, p, idx.numel(), o);
-      break;
-    case Q5_K:
-      rows_typed<Q5_K>(w, K, p, idx.numel(), o);
-      break;
-    case Q6_K:
-      rows_typed<Q6_K>(w, K, p, idx.numel(), o);
-      break;
-  }
+  with_type(qtype, [&](auto t) { rows_typed<decltype(t)::value>(w, K, p, idx.numel(), o); });
 #else
   TORCH_CHECK(false, "this kernel build has no integer-dot ISA");
 #endif
@@ -1237,32 +1195,7 @@ at::Tensor quant_cols(at::Tensor packed, int64_t qtype, int64_t N, int64_t K,
 #if defined(TM_AVX512) || defined(TM_AVX2)
   const uint8_t* w = packed.data_ptr<uint8_t>();
   float* o = out.data_ptr<float>();
-  switch (qtype) {
-    case Q4_0:
-      cols_typed<Q4_0>(w, N, K, channels, o);
-      break;
-    case Q4_1:
-      cols_typed<Q4_1>(w, N, K, channels, o);
-      break;
-    case Q5_0:
-      cols_typed<Q5_0>(w, N, K, channels, o);
-      break;
-    case Q5_1:
-      cols_typed<Q5_1>(w, N, K, channels, o);
-      break;
-    case Q8_0:
-      cols_typed<Q8_0>(w, N, K, channels, o);
-      break;
-    case Q4_K:
-      cols_typed<Q4_K>(w, N, K, channels, o);
-      break;
-    case Q5_K:
-      cols_typed<Q5_K>(w, N, K, channels, o);
-      break;
-    case Q6_K:
-      cols_typed<Q6_K>(w, N, K, channels, o);
-      break;
-  }
+  with_type(qtype, [&](auto t) { cols_typed<decltype(t)::value>(w, N, K, channels, o); });
 #else
   TORCH_CHECK(false, "this kernel build has no integer-dot ISA");
 #endif
