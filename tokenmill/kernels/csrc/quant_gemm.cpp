@@ -1083,6 +1083,16 @@ void gemm_typed(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t
   });
 }
 
+// Weight k (0..31) of row r of an unpacked block, as gguf's dequantization gives it: exact in
+// double, then one rounding to float.
+template <int64_t Q>
+inline float weight_value(const Block& blk, int r, int k) {
+  const uint8_t byte = blk.u[k / 4][r * 4 + k % 4];
+  const double q = kSignedU<Q> ? static_cast<int8_t>(byte) : byte;
+  const bool second = kSplit<Q> && k >= 16;
+  return static_cast<float>(second ? blk.s1[r] * q + blk.o1[r] : blk.s0[r] * q + blk.o0[r]);
+}
+
 // Row `r` of every tile `tiles[i]` -> out[i] (float32 [K]): the embedding lookup.
 template <int64_t Q>
 void rows_typed(const uint8_t* w, int64_t K, const int64_t* ids, int64_t count, float* out) {
@@ -1096,14 +1106,7 @@ void rows_typed(const uint8_t* w, int64_t K, const int64_t* ids, int64_t count, 
       for (int64_t u = 0; u < K / unit_k(Q); ++u) {
         for (int b = 0; b < bpu; ++b) {
           unpack_block<Q>(wt + u * ub, b, blk);
-          for (int k = 0; k < 32; ++k) {
-            const uint8_t byte = blk.u[k / 4][r * 4 + k % 4];
-            const bool second = kSplit<Q> && k >= 16;
-            const double q = kSignedU<Q> ? static_cast<int8_t>(byte) : byte;
-            // exact in double, then one rounding: the float gguf's formulas give
-            const double v = second ? blk.s1[r] * q + blk.o1[r] : blk.s0[r] * q + blk.o0[r];
-            o[(u * bpu + b) * 32 + k] = static_cast<float>(v);
-          }
+          for (int k = 0; k < 32; ++k) o[(u * bpu + b) * 32 + k] = weight_value<Q>(blk, r, k);
         }
       }
     }
@@ -1122,13 +1125,8 @@ void cols_typed(const uint8_t* w, int64_t N, int64_t K, const std::vector<int64_
       for (size_t j = 0; j < ch.size(); ++j) {
         const int64_t c = ch[j], u = c / unit_k(Q), b = (c % unit_k(Q)) / 32, k = c % 32;
         unpack_block<Q>(w + t * tile_bytes + u * ub, static_cast<int>(b), blk);
-        for (int r = 0; r < 16 && t * 16 + r < N; ++r) {
-          const uint8_t byte = blk.u[k / 4][r * 4 + k % 4];
-          const bool second = kSplit<Q> && k >= 16;
-          const double q = kSignedU<Q> ? static_cast<int8_t>(byte) : byte;
-          const double v = second ? blk.s1[r] * q + blk.o1[r] : blk.s0[r] * q + blk.o0[r];
-          out[j * N + t * 16 + r] = static_cast<float>(v);
-        }
+        for (int r = 0; r < 16 && t * 16 + r < N; ++r)
+          out[j * N + t * 16 + r] = weight_value<Q>(blk, r, static_cast<int>(k));
       }
     }
   });
