@@ -18,6 +18,7 @@ In order, each section timed and saved as soon as it ends (a timeout keeps what 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -242,10 +243,11 @@ def make_llm(run: Run, path: Path, **kw):
     return LLM(str(path), load_format="dummy", dtype=dtype, device=str(run.device), **kw)
 
 
-def free(llm) -> None:
+def release_memory() -> None:
+    """Give the memory of LLMs the caller has deleted back to the device (the KV pool of one
+    fills most of it)."""
     import torch
 
-    del llm
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -272,7 +274,8 @@ def tiny(run: Run, root: Path) -> dict:
     os.environ["TOKENMILL_BACKEND"] = "torch"
     ref_llm = make_llm(run, path, enforce_eager=True, max_model_len=512, max_num_seqs=16)
     ref = [o.outputs[0].token_ids for o in ref_llm.generate(prompts, greedy)]
-    free(ref_llm)
+    del ref_llm
+    release_memory()
     del os.environ["TOKENMILL_BACKEND"]
     if run.smoke:
         os.environ["TOKENMILL_BACKEND"] = "triton"
@@ -313,7 +316,8 @@ def tiny(run: Run, root: Path) -> dict:
         while engine.has_unfinished_requests():
             engine.step()
     out["sync_debug"] = checks
-    free(llm)
+    del llm, engine
+    release_memory()
     os.environ.pop("TOKENMILL_BACKEND", None)
     return out
 
@@ -358,14 +362,31 @@ def shape_run(run: Run, root: Path, name: str) -> dict:
     gen(1, prompt_len, 2)  # warm-up (kernel compilation)
     t_prefill = gen(1, prompt_len, 1)
     out["prefill_tok_s"] = prompt_len / t_prefill
-    batches = (1, 32, 64) if not run.smoke else (1, 4)
-    for b in batches:
+    def decode_rate(b: int) -> float:
         t_first = gen(b, prompt_len, 1)
         t_all = gen(b, prompt_len, new)
-        rate = b * (new - 1) / (t_all - t_first)
+        return b * (new - 1) / (t_all - t_first)
+
+    # Multi-step decoding (num_scheduler_steps): the default against other round lengths, at
+    # batch 1 and the large batches. The scheduler's config is swapped in place (a benchmark
+    # knob, not an API).
+    sched = llm.engine.scheduler
+    default_steps = sched.config.num_scheduler_steps
+    out["num_scheduler_steps"] = default_steps
+    batches = (1, 32, 64) if not run.smoke else (1, 4)
+    for b in batches:
+        rate = decode_rate(b)
         roof = roofline_tokens_per_s(llm, b, prompt_len + new // 2, copy_gbs)
         out[f"decode_b{b}_tok_s"] = rate
         out[f"decode_b{b}_roofline_fraction"] = rate / roof if roof else None
+        by_steps = {}
+        others = (1, 4, 16) if b == 1 else (1,)
+        for steps in others if llm.engine.runner.graphs is not None else ():
+            sched.config = dataclasses.replace(sched.config, num_scheduler_steps=steps)
+            by_steps[steps] = decode_rate(b)
+        sched.config = dataclasses.replace(sched.config, num_scheduler_steps=default_steps)
+        out[f"decode_b{b}_tok_s_by_scheduler_steps"] = {default_steps: rate, **by_steps}
+    out["b1_step_anatomy"] = step_anatomy(run, llm, out)
     if name == "8B" or run.smoke:
         n = 40 if run.smoke else 1000
         length = 16 if run.smoke else 128
@@ -378,8 +399,32 @@ def shape_run(run: Run, root: Path, name: str) -> dict:
             "output_tok_s": n * length / t,
             "total_tok_s": 2 * n * length / t,
         }
-    free(llm)
+    del llm
+    release_memory()
     return out
+
+
+def step_anatomy(run: Run, llm, out: dict) -> dict:
+    """Where a batch-1 decode step's time goes: the captured graph replayed back to back (the
+    device's share) against a whole single step (the rest is the host's: scheduling, inputs,
+    sampling's copy back, detokenizing). Overlapping the host with the device would bound a
+    step by the larger of the two; a round of k steps pays the host share once per k."""
+    graphs = llm.engine.runner.graphs
+    if graphs is None:
+        return {"graphs": False}
+    graph = graphs.graphs[min(graphs.graphs)]
+    reps = 5 if run.smoke else 200
+    graph.replay()
+    t = timed(run, lambda: [graph.replay() for _ in range(reps)]) / reps
+    single = 1 / out["decode_b1_tok_s_by_scheduler_steps"][1]
+    host = max(single - t, 0.0)
+    return {
+        "graph_replay_ms": 1e3 * t,
+        "single_step_ms": 1e3 * single,
+        "host_ms": 1e3 * host,
+        "overlap_bound_tok_s": 1 / max(t, host),
+        "round_bound_tok_s": {k: k / (k * t + host) for k in (4, 8, 16)},
+    }
 
 
 # ---- 5. transformers eager ----------------------------------------------------------------

@@ -98,7 +98,7 @@ class FakeRunner:
         out = ModelRunnerOutput()
         for s in sched.scheduled:
             if s.samples:
-                out.sampled[s.request_id] = EOS if s.request_id in self.eos_for else 7
+                out.sampled[s.request_id] = [EOS if s.request_id in self.eos_for else 7]
         return out
 
 
@@ -265,3 +265,105 @@ def test_randomized_workload_with_prefix_caching_and_evictions():
     run_to_completion(sched, FakeRunner())
     assert kv.num_free_blocks == 16
     assert kv.num_prefix_hit_tokens > 0  # the shared prefixes did hit
+
+
+class PositionRunner:
+    """Samples num_steps tokens per sampling request, each 10 + its output position (so a
+    token says where it belongs); EOS at the output positions in `eos_at`."""
+
+    def __init__(self, eos_at: dict[str, int] | None = None):
+        self.eos_at = eos_at or {}
+
+    def execute(self, sched) -> ModelRunnerOutput:
+        out = ModelRunnerOutput()
+        for s in sched.scheduled:
+            if s.samples:
+                n0 = s.request.num_output_tokens
+                out.sampled[s.request_id] = [
+                    EOS if self.eos_at.get(s.request_id) == n0 + j else 10 + n0 + j
+                    for j in range(sched.num_steps)
+                ]
+        return out
+
+
+def _run_rounds(sched: Scheduler, runner, reqs: list[Request]) -> list[int]:
+    """Step to completion; every request still running after a step has exactly its last
+    token left to compute. Returns each step's num_steps."""
+    rounds = []
+    while sched.has_unfinished_requests():
+        so = sched.schedule()
+        rounds.append(so.num_steps)
+        if so.num_steps > 1:  # every request holds the KV slots of the whole round
+            for s in so.scheduled:
+                assert len(s.block_ids) * 4 >= s.num_computed_tokens + so.num_steps
+        sched.update_from_output(so, runner.execute(so))
+        sched.kv.block_pool.check_invariants()
+        for r in reqs:
+            if r.status == RequestStatus.RUNNING and r.output_token_ids:
+                assert r.num_computed_tokens == r.num_tokens - 1
+    return rounds
+
+
+def test_multi_step_rounds_are_capped_by_max_tokens_and_context():
+    kv = KVCacheManager(64, 4)
+    sched = Scheduler(SchedulerConfig(100, 8, 64, num_scheduler_steps=4), kv)
+    a, b = make_req("a", 5, max_tokens=10), make_req("b", 3, max_tokens=6)
+    for r in (a, b):
+        sched.add_request(r)
+    # prefill (1 token each); then min(4, 9, 5) = 4; then b has 1 left: a single step; then a
+    # alone: 4 more
+    assert _run_rounds(sched, PositionRunner(), [a, b]) == [1, 4, 1, 4]
+    assert a.output_token_ids == list(range(10, 20)) and a.finish_reason == "length"
+    assert b.output_token_ids == list(range(10, 16)) and b.finish_reason == "length"
+    assert kv.num_free_blocks == 64
+
+    ctx = KVCacheManager(64, 4)
+    sched = Scheduler(SchedulerConfig(100, 8, max_model_len=12, num_scheduler_steps=8), ctx)
+    c = make_req("c", 6, max_tokens=50)
+    sched.add_request(c)
+    assert _run_rounds(sched, PositionRunner(), [c]) == [1, 5]  # the context ends at 12 tokens
+    assert c.num_tokens == 12 and c.finish_reason == "length"
+
+
+def test_multi_step_drops_tokens_after_a_stop_and_keeps_the_rest_going():
+    kv = KVCacheManager(64, 4)
+    sched = Scheduler(SchedulerConfig(100, 8, 64, num_scheduler_steps=4), kv)
+    a = make_req("a", 4, max_tokens=12)
+    b = make_req("b", 4, max_tokens=9, stop_token_ids=[16])
+    c = make_req("c", 4, max_tokens=9)
+    for r in (a, b, c):
+        sched.add_request(r)
+    rounds = _run_rounds(sched, PositionRunner(eos_at={"a": 2}), [a, b, c])
+    assert rounds[:2] == [1, 4] and max(rounds) == 4
+    assert a.output_token_ids == [10, 11, EOS] and a.finish_reason == "stop"
+    assert b.output_token_ids == list(range(10, 17)) and b.stop_reason == 16
+    assert c.output_token_ids == list(range(10, 19)) and c.finish_reason == "length"
+    assert kv.num_free_blocks == 64
+
+
+def test_multi_step_only_when_no_request_needs_the_host_between_tokens():
+    def rounds_with(**kw) -> list[int]:
+        kv = KVCacheManager(64, 4)
+        sched = Scheduler(SchedulerConfig(100, 8, 64, num_scheduler_steps=4), kv)
+        plain, other = make_req("plain", 4, max_tokens=9), make_req("x", 4, max_tokens=9, **kw)
+        for r in (plain, other):
+            sched.add_request(r)
+        rounds = _run_rounds(sched, PositionRunner(), [plain, other])
+        assert plain.output_token_ids == other.output_token_ids == list(range(10, 19))
+        return rounds
+
+    assert rounds_with() == [1, 4, 4]
+    assert set(rounds_with(presence_penalty=0.5)) == {1}
+    assert set(rounds_with(repetition_penalty=1.2)) == {1}
+    assert set(rounds_with(logprobs=2)) == {1}
+    assert rounds_with(min_tokens=3) == [1, 1, 1, 4, 2]  # multi-step once min_tokens is met
+    with pytest.raises(ValueError, match="num_scheduler_steps"):
+        SchedulerConfig(100, 8, 64, num_scheduler_steps=0)
+
+    # a waiting request keeps the batch on single steps until it is admitted
+    kv = KVCacheManager(64, 4)
+    sched = Scheduler(SchedulerConfig(100, 1, 64, num_scheduler_steps=4), kv)
+    a, b = make_req("a", 4, max_tokens=5), make_req("b", 4, max_tokens=5)
+    for r in (a, b):
+        sched.add_request(r)
+    assert _run_rounds(sched, PositionRunner(), [a, b]) == [1] * 5 + [1, 4]

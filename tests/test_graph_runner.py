@@ -121,3 +121,67 @@ def test_profile_forward_runs_the_largest_step_on_every_backend(tiny, monkeypatc
                 )
                 == 0
             )
+
+
+def test_multi_step_rounds_give_the_single_step_tokens(tiny, monkeypatch):  # noqa: F811
+    """num_scheduler_steps = 4 over the replayed static buffers (tokens fed back on the device)
+    against the plain single-step eager engine: the same tokens and texts for greedy and seeded
+    sampled rows, with max_tokens ending rounds early, a stop token id and a stop string met in
+    the middle of a round (the round's later tokens are dropped)."""
+    import dataclasses
+
+    monkeypatch.setenv("TOKENMILL_BACKEND", "triton")
+    path, _ = tiny
+    prompts = [[5 + (11 * i + 3 * j) % 150 for j in range(3 + 2 * i)] for i in range(6)]
+    params = [
+        SamplingParams(temperature=0, max_tokens=14, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=7, ignore_eos=True),
+        SamplingParams(temperature=1.0, seed=5, max_tokens=13, ignore_eos=True),
+        SamplingParams(temperature=0.7, top_k=8, top_p=0.9, seed=9, max_tokens=10, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=14, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=14, ignore_eos=True),
+    ]
+    free_run = [o.outputs[0] for o in _llm(path).generate(prompts, params)]
+    # row 4 stops at a token id; row 5 at a string that ends at output position 1, 2 or 3,
+    # inside the first round (positions 1-4; the prefill step sampled position 0)
+    params[4] = dataclasses.replace(params[4], stop_token_ids=[free_run[4].token_ids[6]])
+    stop = free_run[5].text[1:3]
+    params[5] = dataclasses.replace(params[5], stop=[stop])
+    expected = [o.outputs[0] for o in _llm(path).generate(prompts, params)]
+    assert expected[5].stop_reason == stop and len(expected[5].token_ids) <= 3
+
+    llm = _llm(path)
+    engine = llm.engine
+    engine.scheduler.config = dataclasses.replace(engine.scheduler.config, num_scheduler_steps=4)
+    engine.runner = ModelRunner(
+        engine.model,
+        NUM_BLOCKS,
+        BLOCK_SIZE,
+        torch.float32,
+        torch.device("cpu"),
+        engine.max_model_len,
+        MAX_SEQS,
+        graph_factory=CountingGraph,
+    )
+    rounds, fed = [], {}
+    schedule, on_tokens = engine.scheduler.schedule, engine._on_tokens
+
+    def spy_schedule():
+        out = schedule()
+        rounds.append(out.num_steps)
+        return out
+
+    def spy_on_tokens(sample, new_ids, lp):
+        fed[sample.request.request_id] = fed.get(sample.request.request_id, 0) + len(new_ids)
+        on_tokens(sample, new_ids, lp)
+
+    engine.scheduler.schedule, engine._on_tokens = spy_schedule, spy_on_tokens
+    outs = llm.generate(prompts, params)
+    got = [o.outputs[0] for o in outs]
+    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+    assert [o.text for o in got] == [o.text for o in expected]
+    assert [o.finish_reason for o in got] == [o.finish_reason for o in expected]
+    assert got[4].stop_reason == params[4].stop_token_ids[0] and got[5].stop_reason == stop
+    assert max(rounds) == 4 and rounds.count(1) < len(rounds) // 2, rounds
+    # the stop string's round had sampled past it: those tokens reached the engine, then went
+    assert fed[f"{outs[5].request_id}#0"] > len(got[5].token_ids)

@@ -24,6 +24,9 @@ CUDA_MEMORY_UTILIZATION = 0.9  # share of the GPU the engine may fill (weights +
 QUANTIZATION_MODES = ("auto", "none")
 LOAD_FORMATS = ("auto", "dummy")
 MAX_EXACT_CHANNELS = 16  # QuantLinear::kMaxExactChannels (kernels/csrc/quant_gemm.h)
+# Decode steps per scheduling round with CUDA graphs (num_scheduler_steps): measured on an H200
+# with Llama-3.2-1B shapes, batch 1 (benchmarks/gpu_bench.py, "scheduler_steps").
+DEFAULT_CUDA_SCHEDULER_STEPS = 8
 
 
 @lru_cache(maxsize=1)
@@ -115,8 +118,14 @@ class SchedulerConfig:
     max_num_seqs: int  # sequences (each sample of a request counts) per step
     max_model_len: int  # a sequence stops here (ModelConfig.max_model_len)
     enable_chunked_prefill: bool = True  # a prompt may be split across steps
+    # Decode steps per scheduling round when every running request is decoding, nothing waits
+    # and no request needs the host between tokens (Scheduler.schedule): the sampled tokens
+    # are fed back on the device and come back to the host once per round.
+    num_scheduler_steps: int = 1
 
     def __post_init__(self) -> None:
+        if self.num_scheduler_steps < 1:
+            raise ValueError("num_scheduler_steps must be >= 1")
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
         if self.max_num_seqs < 1:
@@ -205,6 +214,14 @@ class EngineArgs:
             "on every hit); --no-enable-prefix-caching turns it off"
         },
     )
+    num_scheduler_steps: int | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "decode steps per scheduling round, replayed back to back with the sampled "
+            "tokens fed back on the GPU and one copy to the host per round (needs CUDA graphs; "
+            f"default {DEFAULT_CUDA_SCHEDULER_STEPS} with them, else 1)"
+        },
+    )
     enforce_eager: bool = dataclasses.field(
         default=False,
         metadata={
@@ -241,6 +258,8 @@ class EngineArgs:
             raise ValueError("kv_cache_memory_gib must be > 0")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError("num_kv_blocks must be >= 1")
+        if self.num_scheduler_steps is not None and self.num_scheduler_steps < 1:
+            raise ValueError("num_scheduler_steps must be >= 1")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
@@ -270,6 +289,7 @@ class EngineArgs:
         self,
         model_info: Any,
         kv_budget_bytes: Callable[[ModelConfig], float] | None = None,
+        graphs_supported: bool = True,
     ) -> EngineConfig:
         """Resolve the options against a model: the one place where the device, the dtype, the
         number of KV blocks and the maximum length are decided.
@@ -280,7 +300,9 @@ class EngineArgs:
         `kv_budget_bytes(model)` (the model's config before the KV cap), which measures the
         device: the engine profiles the loaded model (see `cuda_kv_budget`). Without it a GPU
         needs one of the two options. max_model_len is the model's context length, capped by
-        the option and by the KV capacity (with a warning).
+        the option and by the KV capacity (with a warning). CUDA graphs are on for a CUDA
+        device unless enforce_eager or the attention backend cannot be captured
+        (`graphs_supported`); multi-step decoding (num_scheduler_steps) needs them.
         """
         source, arch = model_info.source, model_info.arch
         device = self.torch_device()
@@ -311,13 +333,22 @@ class EngineArgs:
                 cache.capacity_tokens,
             )
             model = dataclasses.replace(model, max_model_len=cache.capacity_tokens)
+        cuda_graphs = device.type == "cuda" and not self.enforce_eager and graphs_supported
+        steps = self.num_scheduler_steps
+        if steps is None:
+            steps = DEFAULT_CUDA_SCHEDULER_STEPS if cuda_graphs else 1
+        elif steps > 1 and not cuda_graphs:
+            raise ValueError(
+                "num_scheduler_steps > 1 needs CUDA graphs (a CUDA device, an attention backend "
+                "that can be captured, and no --enforce-eager)"
+            )
         scheduler = SchedulerConfig(
             self.max_num_batched_tokens,
             self.max_num_seqs,
             model.max_model_len,
             self.enable_chunked_prefill,
+            steps,
         )
-        cuda_graphs = device.type == "cuda" and not self.enforce_eager
         return EngineConfig(model, cache, scheduler, cuda_graphs)
 
     def _num_kv_blocks(

@@ -53,6 +53,10 @@ class SchedulerOutput:
     # Requests finished or aborted since the previous step: the runner drops their state.
     finished_req_ids: frozenset[str] = frozenset()
     preempted_req_ids: frozenset[str] = frozenset()
+    # > 1: a multi-step round (Scheduler._schedule_multi_step). Every request decodes one token
+    # (num_scheduled_tokens 1), then num_steps - 1 more whose inputs are its own sampled
+    # tokens, fed back on the device; it holds KV slots for all of them.
+    num_steps: int = 1
 
     @property
     def is_empty(self) -> bool:
@@ -81,9 +85,10 @@ class PromptLogprobsChunk:
 
 @dataclass(slots=True)
 class ModelRunnerOutput:
-    """For each request that sampled this step, its new token (and optionally logprobs); for
-    each request with prompt logprobs whose chunk covered prompt positions, those logprobs."""
+    """For each request that sampled this step, its new tokens in order (one, or num_steps in a
+    multi-step round) and optionally logprobs (single steps); for each request with prompt
+    logprobs whose chunk covered prompt positions, those logprobs."""
 
-    sampled: dict[str, int] = field(default_factory=dict)
+    sampled: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, SampleLogprobs] = field(default_factory=dict)
     prompt_logprobs: dict[str, PromptLogprobsChunk] = field(default_factory=dict)

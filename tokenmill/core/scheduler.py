@@ -27,6 +27,10 @@ class Scheduler:
     Running requests are served first (in arrival order), then waiting ones, within the token
     budget and max_num_seqs. When blocks run out, the newest running request is preempted: its
     blocks are freed and it goes back to the front of the queue to be recomputed later.
+
+    With num_scheduler_steps > 1, a step in which every running request decodes, nothing waits
+    and no request needs the host between its tokens runs several decode steps at once
+    (`SchedulerOutput.num_steps`); tokens past a request's stop are discarded.
     """
 
     def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
@@ -84,6 +88,9 @@ class Scheduler:
         logger.debug("preempted %s", req.request_id)
 
     def schedule(self) -> SchedulerOutput:
+        multi = self._schedule_multi_step()
+        if multi is not None:
+            return multi
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: set[str] = set()
@@ -117,6 +124,39 @@ class Scheduler:
         self._finished_ids.clear()
         total = self.config.max_num_batched_tokens - budget
         return SchedulerOutput(tuple(scheduled), total, finished, frozenset(preempted))
+
+    def _schedule_multi_step(self) -> SchedulerOutput | None:
+        """A round of k > 1 decode steps for every running request, or None (a normal step).
+
+        k is num_scheduler_steps, capped so that no request computes past its max_tokens or
+        the context; each request gets the KV slots of all k steps now. Requests whose tokens
+        the host must see one at a time (a grammar, penalties, logprobs, min_tokens still
+        pending) keep the batch on single steps, as does a waiting request (it is admitted at
+        the next step) and a step that cannot get the blocks."""
+        k = self.config.num_scheduler_steps
+        if k == 1 or self.waiting or not self.running:
+            return None
+        if len(self.running) > self.config.max_num_batched_tokens:
+            return None
+        for req in self.running:
+            if req.num_tokens - req.num_computed_tokens != 1 or not _host_free(req):
+                return None
+            k = min(
+                k,
+                req.max_tokens - req.num_output_tokens,
+                self.config.max_model_len - req.num_tokens,
+            )
+        if k <= 1:
+            return None
+        scheduled = []
+        for req in self.running:
+            blocks = self.kv.allocate_slots(req, k)
+            if blocks is None:  # slots already given stay with their requests
+                return None
+            scheduled.append(self._make_scheduled(req, 1, blocks))
+        finished = frozenset(self._finished_ids)
+        self._finished_ids.clear()
+        return SchedulerOutput(tuple(scheduled), len(scheduled), finished, num_steps=k)
 
     def _schedule_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -161,16 +201,24 @@ class Scheduler:
             if req.status != RequestStatus.RUNNING:
                 continue  # preempted in this step's scheduling
             req.num_computed_tokens += sched.num_scheduled_tokens
-            token = runner_output.sampled.get(req.request_id)
-            if token is None:
+            tokens = runner_output.sampled.get(req.request_id)
+            if tokens is None:
                 if req.max_tokens == 0 and req.num_computed_tokens >= req.num_tokens:
                     # a prompt-scoring request (max_tokens 0) is done once its prompt is
                     self.finish_requests([req.request_id], RequestStatus.FINISHED_LENGTH_CAPPED)
                     finished.append(req)
                 continue
-            req.output_token_ids.append(token)
-            updated.append((req, [token]))
-            status = self._check_stop(req, token)
+            accepted: list[int] = []
+            status = None
+            for token in tokens:  # several in a multi-step round: the rest of a stop is dropped
+                req.output_token_ids.append(token)
+                accepted.append(token)
+                status = self._check_stop(req, token)
+                if status is not None:
+                    break
+            # every accepted token but the last was also an input of the round
+            req.num_computed_tokens += len(accepted) - 1
+            updated.append((req, accepted))
             if status is not None:
                 self.finish_requests([req.request_id], status)
                 finished.append(req)
@@ -187,3 +235,18 @@ class Scheduler:
         if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.config.max_model_len:
             return RequestStatus.FINISHED_LENGTH_CAPPED
         return None
+
+
+def _host_free(req: Request) -> bool:
+    """True when the request's next tokens can be sampled on the device with nothing from the
+    host in between: no grammar mask, no penalties over its output, no logprobs to report,
+    and min_tokens reached (its mask changes with the count)."""
+    p = req.sampling_params
+    return (
+        p.structured_outputs is None
+        and p.logprobs is None
+        and p.repetition_penalty == 1.0
+        and p.presence_penalty == 0.0
+        and p.frequency_penalty == 0.0
+        and req.num_output_tokens >= p.min_tokens
+    )

@@ -139,7 +139,9 @@ class LLMEngine:
             info.backend,
         )
 
-        self.config = config = args.create_engine_config(info, self._cuda_kv_budget)
+        self.config = config = args.create_engine_config(
+            info, self._cuda_kv_budget, self.model.attn_backend.supports_graphs
+        )
         cache, max_len = config.cache, config.model.max_model_len
         t1 = time.perf_counter()
         exact = calibrate_exact_channels(
@@ -534,15 +536,28 @@ class LLMEngine:
             plps.append(self._logprob_entry(ids, lps, rank))
 
     def _on_tokens(self, sample: _Sample, new_ids: list[int], lp: SampleLogprobs | None) -> None:
+        """Detokenize a sample's new tokens (several after a multi-step round, fed one at a time:
+        a stop string ends the output at the token that completes it, later ones are dropped)."""
         req = sample.request
-        sample.pending_ids.extend(new_ids)
         if lp is not None and sample.logprobs is not None:
             sample.logprobs.append(self._logprob_entry(lp.token_ids, lp.logprobs, lp.sampled_rank))
             sample.cumulative_logprob += lp.logprobs[0]
-        sample.pending_text += sample.detok.add_tokens(new_ids)
-        if sample.detok.stop_reason is not None and not req.is_finished:
-            req.stop_reason = sample.detok.stop_reason
-            self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
+        detok, dropped = sample.detok, 0
+        for i, token in enumerate(new_ids):
+            sample.pending_text += detok.add_tokens([token])
+            if detok.stop_reason is not None:
+                dropped = len(new_ids) - 1 - i
+                if dropped:
+                    del req.output_token_ids[-dropped:]
+                    new_ids = new_ids[: i + 1]
+                break
+        sample.pending_ids.extend(new_ids)
+        if detok.stop_reason is not None and (dropped or not req.is_finished):
+            req.stop_reason = detok.stop_reason
+            if req.is_finished:  # by a dropped token of the round (eos, length): the string won
+                req.status = RequestStatus.FINISHED_STOPPED
+            else:
+                self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
 
     def _make_output(self, group: _Group) -> RequestOutput:
         outs = []

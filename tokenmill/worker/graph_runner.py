@@ -9,8 +9,9 @@ tensors: logits [size, vocab] in the model dtype and the argmax of each row.
 The graph object is pluggable (`GraphFactory`): `CudaGraph` captures with
 `torch.cuda.graph` into one memory pool shared by all sizes (captured largest first);
 `EagerGraph` re-runs the captured function on the same static buffers, which lets CPU tests
-prove that the padded static-buffer path gives the eager path's tokens. Prefill and mixed steps
-never come here. Only an attention backend that reads everything from device tensors and
+prove that the padded static-buffer path gives the eager path's tokens. `run_steps` replays a
+size several times with the sampled tokens fed back on the device (multi-step decoding).
+Prefill and mixed steps never come here. Only an attention backend that reads everything from device tensors and
 skips padding (`supports_graphs`) can be captured.
 """
 
@@ -200,6 +201,44 @@ class DecodeGraphRunner:
     ) -> Outputs:
         """Copy a decode batch (n = meta.num_tokens rows) into the static buffers, replay the
         `size` graph, and return views of its outputs for the n real rows."""
+        n = self._load(input_ids, positions, meta)
+        self.graphs[size].replay()
+        logits, tokens = self.outputs[size]
+        return logits[:n], tokens[:n]
+
+    def run_steps(
+        self,
+        size: int,
+        steps: int,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        sample: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """`steps` decode steps of a batch, all on the device: after each replay,
+        `sample(logits, argmax)` of the n real rows gives their next tokens, which become the
+        next step's inputs at the next positions (slots from the block tables, which must
+        already hold every step's blocks). Returns the tokens, [steps, n] int64."""
+        n = self._load(input_ids, positions, meta)
+        s, bs = self.static, self.block_size
+        graph, (logits, greedy) = self.graphs[size], self.outputs[size]
+        tokens = torch.empty(steps, n, dtype=torch.int64, device=self.device)
+        for step in range(steps):
+            if step:
+                s.input_ids[:n].copy_(tokens[step - 1])
+                s.positions[:n] += 1
+                s.seq_lens[:n] += 1
+                pos = s.positions[:n]
+                block = s.block_tables[:n].gather(1, (pos // bs).unsqueeze(1)).squeeze(1)
+                s.slot_mapping[:n] = block * bs + pos % bs
+            graph.replay()
+            tokens[step] = sample(logits[:n], greedy[:n])
+        return tokens
+
+    def _load(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> int:
+        """Copy a decode batch into the static buffers (padding rows reset); returns its rows."""
         n, s = meta.num_tokens, self.static
         s.input_ids[:n].copy_(input_ids, non_blocking=True)
         s.positions[:n].copy_(positions, non_blocking=True)
@@ -209,6 +248,4 @@ class DecodeGraphRunner:
         width = meta.block_tables.shape[1]
         s.block_tables[:n, :width].copy_(meta.block_tables, non_blocking=True)
         self._reset_padding(n)
-        self.graphs[size].replay()
-        logits, tokens = self.outputs[size]
-        return logits[:n], tokens[:n]
+        return n

@@ -17,7 +17,7 @@ from tokenmill.core.outputs import (
 from tokenmill.core.request import Request
 from tokenmill.layers.attention import AttentionBackend, AttentionMetadata
 from tokenmill.models.base import CausalLM, KVCache
-from tokenmill.sample.metadata import TokenBitmasks
+from tokenmill.sample.metadata import SamplingMetadata, TokenBitmasks
 from tokenmill.sample.sampler import Sampler, build_sampling_metadata, compute_logprobs
 from tokenmill.worker.graph_runner import (
     CudaGraph,
@@ -296,6 +296,10 @@ class ModelRunner:
             return ModelRunnerOutput()
         inputs = prepare_inputs(sched, self.block_size, self.device, self.attn_backend)
         size = self._graph_size(sched, inputs)
+        if sched.num_steps > 1:
+            if size is None:
+                raise RuntimeError("a multi-step round needs a captured decode graph of its size")
+            return self._execute_steps(sched, inputs, size)
         if size is not None:
             return self._execute_graph(sched, inputs, size, token_bitmasks)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn)
@@ -314,7 +318,7 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden, float32=False)
             self._mask(reqs, logits, token_bitmasks)
             (tokens,) = to_host(self.ops.argmax(logits))
-            out = ModelRunnerOutput(sampled={r.request_id: t for r, t in zip(reqs, tokens)})
+            out = ModelRunnerOutput(sampled={r.request_id: [t] for r, t in zip(reqs, tokens)})
         else:
             logits = self.model.compute_logits(hidden)
             self._mask(reqs, logits, token_bitmasks)
@@ -345,13 +349,38 @@ class ModelRunner:
         plain = all(_plain_greedy(r, r.sampling_params) for r in reqs)
         if plain and token_bitmasks is None:
             (tokens,) = to_host(greedy[inputs.logits_indices])
-            return ModelRunnerOutput(sampled={r.request_id: t for r, t in zip(reqs, tokens)})
+            return ModelRunnerOutput(sampled={r.request_id: [t] for r, t in zip(reqs, tokens)})
         logits = logits[inputs.logits_indices]  # a copy: the graph's buffer stays as it was
         self._mask(reqs, logits, token_bitmasks)
         if plain:  # the graph's argmax predates the mask
             (tokens,) = to_host(self.ops.argmax(logits))
-            return ModelRunnerOutput(sampled={r.request_id: t for r, t in zip(reqs, tokens)})
+            return ModelRunnerOutput(sampled={r.request_id: [t] for r, t in zip(reqs, tokens)})
         return self._sample(reqs, logits.float())
+
+    def _execute_steps(
+        self, sched: SchedulerOutput, inputs: ModelInputs, size: int
+    ) -> ModelRunnerOutput:
+        """A multi-step round (`SchedulerOutput.num_steps`): the graph replayed num_steps times,
+        each step's sampled tokens the next one's inputs on the device, one copy to the host at
+        the end. Every row is a decode that samples with nothing from the host in between (the
+        scheduler's choice), so the tokens are those of num_steps single steps."""
+        reqs = [sched.scheduled[i].request for i in inputs.sample_rows]
+        if all(_plain_greedy(r, r.sampling_params) for r in reqs):
+
+            def sample(logits: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
+                return greedy
+
+        else:
+            meta = self._sampling_metadata(reqs)
+
+            def sample(logits: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
+                return self.sampler(logits.float(), meta).sampled_token_ids
+
+        tokens = self.graphs.run_steps(
+            size, sched.num_steps, inputs.input_ids, inputs.positions, inputs.attn, sample
+        )
+        (rows,) = to_host(tokens[:, inputs.logits_indices].T)
+        return ModelRunnerOutput(sampled={r.request_id: row for r, row in zip(reqs, rows)})
 
     def _prompt_logprobs(
         self, sched: SchedulerOutput, order: list[int], hidden: torch.Tensor
@@ -421,7 +450,8 @@ class ModelRunner:
         else:
             self.ops.apply_token_bitmask_(logits, bitmask, torch.tensor(rows, device=self.device))
 
-    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> ModelRunnerOutput:
+    def _sampling_metadata(self, reqs: list[Request]) -> SamplingMetadata:
+        """The sampler's settings for `reqs` (one row each), with their seeded generators."""
         params = [r.sampling_params for r in reqs]
         generators = {
             row: self._generator(r.request_id, p.seed)
@@ -434,7 +464,7 @@ class ModelRunner:
             else set()
             for r, p in zip(reqs, params)
         ]
-        meta = build_sampling_metadata(
+        return build_sampling_metadata(
             params,
             [r.prompt_token_ids for r in reqs],
             [r.output_token_ids for r in reqs],
@@ -443,14 +473,16 @@ class ModelRunner:
             self.device,
             min_tok_stops,
         )
-        out = self.sampler(logits, meta)
+
+    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> ModelRunnerOutput:
+        out = self.sampler(logits, self._sampling_metadata(reqs))
         if out.logprobs is None:
             (tokens,) = to_host(out.sampled_token_ids)
         else:
             tokens, lps, ids, ranks = to_host(
                 out.sampled_token_ids, out.logprobs, out.logprob_token_ids, out.sampled_rank
             )
-        result = ModelRunnerOutput(sampled={r.request_id: t for r, t in zip(reqs, tokens)})
+        result = ModelRunnerOutput(sampled={r.request_id: [t] for r, t in zip(reqs, tokens)})
         if out.logprobs is not None:
             for row, r in enumerate(reqs):
                 k = r.sampling_params.logprobs
