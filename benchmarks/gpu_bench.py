@@ -70,6 +70,10 @@ SMOKE_SHAPES = {
     ),
 }
 VOCAB = 128256
+# A top-2 log-probability gap below this is a near-tie that bfloat16 rounding may flip: the
+# logits of the tiny model are O(10), bf16 keeps 8 bits, and ~10 roundings lie between the
+# reference's and the fast path's (different kernels, fused vs separate ops).
+TIE_MARGIN = 0.1
 
 
 class Run:
@@ -273,8 +277,11 @@ def tiny(run: Run, root: Path) -> dict:
     out = {}
     os.environ["TOKENMILL_BACKEND"] = "torch"
     ref_llm = make_llm(run, path, enforce_eager=True, max_model_len=512, max_num_seqs=16)
-    ref = [o.outputs[0].token_ids for o in ref_llm.generate(prompts, greedy)]
-    del ref_llm
+    # the reference also reports its top-2 log-probabilities, to tell a bf16 near-tie from a bug
+    scored = ref_llm.generate(prompts, dataclasses.replace(greedy, logprobs=2))
+    ref = [o.outputs[0].token_ids for o in scored]
+    ref_logprobs = [o.outputs[0].logprobs for o in scored]
+    del ref_llm, scored
     release_memory()
     del os.environ["TOKENMILL_BACKEND"]
     if run.smoke:
@@ -288,6 +295,14 @@ def tiny(run: Run, root: Path) -> dict:
     out["first_divergence"] = [
         next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None) for a, b in zip(ref, got)
     ]
+    # the reference's top-1 minus top-2 log-probability where a sequence first diverges
+    margins = []
+    for lps, i in zip(ref_logprobs, out["first_divergence"]):
+        if i is not None:
+            top = sorted((lp.logprob for lp in lps[i].values()), reverse=True)
+            margins.append(top[0] - top[1])
+    out["divergence_margins"] = margins
+    out["divergences_with_clear_margin"] = sum(m > TIE_MARGIN for m in margins)
     # One decode step (greedy, then sampled with a seed) under sync-debug "error".
     engine = llm.engine
     checks = {}

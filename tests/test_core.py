@@ -360,10 +360,21 @@ def test_multi_step_only_when_no_request_needs_the_host_between_tokens():
     with pytest.raises(ValueError, match="num_scheduler_steps"):
         SchedulerConfig(100, 8, 64, num_scheduler_steps=0)
 
-    # a waiting request keeps the batch on single steps until it is admitted
+    # a request waiting for a free sequence slot does not stop rounds; one that could be
+    # admitted does (it is admitted at once)
     kv = KVCacheManager(64, 4)
     sched = Scheduler(SchedulerConfig(100, 1, 64, num_scheduler_steps=4), kv)
     a, b = make_req("a", 4, max_tokens=5), make_req("b", 4, max_tokens=5)
     for r in (a, b):
         sched.add_request(r)
-    assert _run_rounds(sched, PositionRunner(), [a, b]) == [1] * 5 + [1, 4]
+    assert _run_rounds(sched, PositionRunner(), [a, b]) == [1, 4, 1, 4]
+    sched = Scheduler(SchedulerConfig(100, 2, 64, num_scheduler_steps=4), KVCacheManager(64, 4))
+    a, b = make_req("a", 4, max_tokens=9), make_req("b", 4, max_tokens=5)
+    sched.add_request(a)
+    so = sched.schedule()
+    sched.update_from_output(so, PositionRunner().execute(so))
+    sched.add_request(b)
+    so = sched.schedule()
+    assert so.num_steps == 1 and [s.request_id for s in so.scheduled] == ["a", "b"]
+    sched.update_from_output(so, PositionRunner().execute(so))
+    assert _run_rounds(sched, PositionRunner(), [a, b]) == [4, 3]

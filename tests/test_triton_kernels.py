@@ -90,7 +90,7 @@ def test_paged_attention_mixed_batch(dtype, gqa, head_dim):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_paged_attention_decode_with_padding_rows_and_splits(dtype):
     """A padded decode batch (as CUDA graphs run it): rows past the real requests have no
-    queries and touch nothing; every split count agrees."""
+    queries, touch nothing and come back as zeros; every split count agrees."""
     block_size, head_dim, num_kv_heads, gqa = 16, 64, 2, 4
     seq_lens = [3, 17, 64, 100]
     k_cache, v_cache, tables, meta = _paged_batch(
@@ -100,10 +100,9 @@ def test_paged_attention_decode_with_padding_rows_and_splits(dtype):
     meta["query_start_loc"] = torch.tensor([0, 1, 2, 3, 4, 4, 4, 4, 4], dtype=torch.int32)
     ref = _reference_attention(q, k_cache, v_cache, tables, [1] * 4, seq_lens, block_size, 0.125)
     for splits in (1, 2, 8):
-        out = torch.full_like(q, 7.0)
-        tk.paged_attention(q, k_cache, v_cache, scale=0.125, num_splits=splits, out=out, **meta)
+        out = tk.paged_attention(q, k_cache, v_cache, scale=0.125, num_splits=splits, **meta)
         torch.testing.assert_close(out[:4].double(), ref, atol=TOL[dtype], rtol=TOL[dtype])
-        assert torch.all(out[4:] == 7.0), "padding rows must be left alone"
+        assert torch.all(out[4:] == 0.0), "padding rows must be zeros"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -28,8 +28,9 @@ class Scheduler:
     budget and max_num_seqs. When blocks run out, the newest running request is preempted: its
     blocks are freed and it goes back to the front of the queue to be recomputed later.
 
-    With num_scheduler_steps > 1, a step in which every running request decodes, nothing waits
-    and no request needs the host between its tokens runs several decode steps at once
+    With num_scheduler_steps > 1, a step in which every running request decodes, no waiting
+    request could be admitted and no request needs the host between its tokens runs several
+    decode steps at once
     (`SchedulerOutput.num_steps`); tokens past a request's stop are discarded.
     """
 
@@ -131,11 +132,14 @@ class Scheduler:
         k is num_scheduler_steps, capped so that no request computes past its max_tokens or
         the context; each request gets the KV slots of all k steps now. Requests whose tokens
         the host must see one at a time (a grammar, penalties, logprobs, min_tokens still
-        pending) keep the batch on single steps, as does a waiting request (it is admitted at
-        the next step) and a step that cannot get the blocks."""
+        pending) keep the batch on single steps, as does a waiting request while a sequence slot
+        is free (it is admitted now) and a step that cannot get the blocks. With every slot
+        taken, a request that finishes in a round frees its slot at the round's end."""
         k = self.config.num_scheduler_steps
-        if k == 1 or self.waiting or not self.running:
+        if k == 1 or not self.running:
             return None
+        if self.waiting and len(self.running) < self.config.max_num_seqs:
+            return None  # a waiting request may be admitted now
         if len(self.running) > self.config.max_num_batched_tokens:
             return None
         for req in self.running:

@@ -148,13 +148,19 @@ def _merge_kernel(
     HEAD_DIM_P: tl.constexpr,
 ):
     """out[t, h] = sum_s exp(lse_s - max lse) * part_s / sum_s exp(lse_s - max lse), for the
-    tokens of the batch's requests (rows past them, padding, are not written)."""
+    tokens of the batch's requests; rows past them (padding) get zeros."""
     t = tl.program_id(0)
     h = tl.program_id(1)
-    if t >= tl.load(qsl_ptr + num_reqs):
-        return
     offs_s = tl.arange(0, NUM_SPLITS)
     offs_d = tl.arange(0, HEAD_DIM_P)
+    if t >= tl.load(qsl_ptr + num_reqs):
+        zero = tl.zeros([HEAD_DIM_P], tl.float32)
+        tl.store(
+            out_ptr + t * stride_ot + h * stride_oh + offs_d,
+            zero.to(out_ptr.dtype.element_ty),
+            mask=offs_d < HEAD_DIM,
+        )
+        return
     row = t * num_heads + h
     lse = tl.load(lse_ptr + row * NUM_SPLITS + offs_s)
     m = tl.max(lse, 0)
@@ -182,13 +188,13 @@ def paged_attention(
     scale: float,
     num_splits: int = 1,
     block_q: int | None = None,
-    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of q [num_tokens, num_heads, head_dim] over the paged cache.
 
     Request r's queries are q[query_start_loc[r]:query_start_loc[r + 1]], the last ones of its
     seq_lens[r] tokens (whose K/V are already in the cache). Requests with no queries (padding)
-    are skipped. `num_splits` (a power of two) > 1 runs the split-KV variant. Returns out
+    are skipped: their rows of the output (padding rows of a captured graph) are zeros.
+    `num_splits` (a power of two) > 1 runs the split-KV variant. Returns a new tensor
     [num_tokens, num_heads, head_dim] in q's dtype.
     """
     num_tokens, num_heads, head_dim = q.shape
@@ -201,8 +207,8 @@ def paged_attention(
     head_dim_p = triton.next_power_of_2(head_dim)
     block_n = 32 if head_dim_p > 64 else 64
     num_reqs = seq_lens.shape[0]
-    if out is None:
-        out = torch.empty_like(q)
+    # the split variant's merge writes every row, padding included
+    out = torch.zeros_like(q) if num_splits == 1 else torch.empty_like(q)
     grid = (num_reqs, triton.cdiv(max_query_len, block_q), num_kv_heads * num_splits)
     common = dict(
         QPKV=qpkv,
@@ -239,9 +245,8 @@ def paged_attention(
     part = torch.empty(
         num_tokens, num_heads, num_splits, head_dim_p, dtype=torch.float32, device=q.device
     )
-    lse = torch.full(
-        (num_tokens, num_heads, num_splits), float("-inf"), dtype=torch.float32, device=q.device
-    )
+    # every split of every real row stores its lse (-inf when empty); padding rows are never read
+    lse = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=q.device)
     _attention_kernel[grid](
         q,
         k_cache,

@@ -399,8 +399,8 @@ class TritonAttentionBackend(TorchAttentionBackend):
 
         k_cache, v_cache = kv_cache
         self.ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        # zeros: the rows of a captured graph's padding (no request) are never written and must
-        # not carry garbage (inf / NaN) through the rest of the step
+        # the rows of a captured graph's padding (no request) come back as zeros: no garbage
+        # (inf / NaN) goes through the rest of the step
         out = paged_attention(
             q,
             k_cache,
@@ -412,7 +412,6 @@ class TritonAttentionBackend(TorchAttentionBackend):
             meta.block_size,
             layer.scale,
             num_splits=meta.num_splits,
-            out=torch.zeros(q.shape, dtype=q.dtype, device=q.device),
         )
         return out.view(meta.num_tokens, layer.num_heads * layer.head_dim)
 
