@@ -377,6 +377,7 @@ def shape_run(run: Run, root: Path, name: str) -> dict:
     gen(1, prompt_len, 2)  # warm-up (kernel compilation)
     t_prefill = gen(1, prompt_len, 1)
     out["prefill_tok_s"] = prompt_len / t_prefill
+
     def decode_rate(b: int) -> float:
         t_first = gen(b, prompt_len, 1)
         t_all = gen(b, prompt_len, new)
@@ -414,7 +415,7 @@ def shape_run(run: Run, root: Path, name: str) -> dict:
             "output_tok_s": n * length / t,
             "total_tok_s": 2 * n * length / t,
         }
-    del llm
+    llm = None  # the closures above reach the LLM through this name
     release_memory()
     return out
 

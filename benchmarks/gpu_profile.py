@@ -1,7 +1,8 @@
 """Kernel-level profile of a batch-1 decode step on a GPU (a follow-up of gpu_bench.py): for
 the 1B and 8B shapes, the captured step's kernels as torch.profiler sees them (eager run of
 the captured function over the same static buffers, and the graph replay), the sum of kernel
-times per step against the replay's wall time (the difference is launch gaps).
+times per step against the replay's wall time (the difference is launch gaps); first, a sweep
+of the small kernels' launch configurations (`sweep`).
 
     python benchmarks/gpu_profile.py --out $OUT
 """
@@ -84,18 +85,125 @@ def profile_shape(run: Run, root: Path, name: str) -> dict:
     return out
 
 
+def _us(fn) -> float:
+    from triton.testing import do_bench
+
+    return 1e3 * do_bench(fn, warmup=2, rep=8)
+
+
+def _attention_case(head_dim: int, batch: int) -> dict:
+    """Split-KV decode attention (32 query / 8 KV heads, 576 tokens of context) in every
+    launch configuration of the sweep, against the default configuration's output."""
+    import torch
+
+    from tokenmill.kernels import triton_ops as tk
+
+    dev, dt = "cuda", torch.bfloat16
+    heads, kv, bs, ctx = 32, 8, 16, 576
+    per_seq = -(-ctx // bs)
+    blocks = batch * per_seq + 1
+    k_cache = torch.randn(blocks * bs, kv, head_dim, dtype=dt, device=dev)
+    v_cache = torch.randn(blocks * bs, kv, head_dim, dtype=dt, device=dev)
+    tables = torch.randperm(blocks - 1, device=dev)[: batch * per_seq].view(batch, -1)
+    meta = dict(
+        block_tables=tables.int(),
+        seq_lens=torch.full((batch,), ctx, dtype=torch.int32, device=dev),
+        query_start_loc=torch.arange(batch + 1, dtype=torch.int32, device=dev),
+        max_query_len=1,
+        block_size=bs,
+        scale=head_dim**-0.5,
+    )
+    q = torch.randn(batch, heads, head_dim, dtype=dt, device=dev)
+
+    def attend(**kw) -> torch.Tensor:
+        return tk.paged_attention(q, k_cache, v_cache, **kw, **meta)
+
+    default = dict(num_splits=8 if batch == 1 else 1)
+    ref = attend(**default)
+    rows = [{"config": "default", "us": _us(lambda: attend(**default))}]
+    for splits in (4, 8, 16) if batch == 1 else (1,):
+        for block_n in (32, 64, 128):
+            for warps in (2, 4, 8):
+                kw = dict(num_splits=splits, block_n=block_n, num_warps=warps)
+                try:
+                    err = (attend(**kw).float() - ref.float()).abs().max().item()
+                    rows.append(
+                        {"config": kw, "us": _us(lambda kw=kw: attend(**kw)), "max_err": err}
+                    )
+                except Exception as e:  # a config that does not compile or fit
+                    rows.append({"config": kw, "error": f"{type(e).__name__}: {e}"[:200]})
+    timed_rows = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
+    return {
+        "default_us": rows[0]["us"],
+        "best": timed_rows[:6],
+        "errors": [r for r in rows if "error" in r][:3],
+    }
+
+
+def _norm_case(hidden: int, rows: int) -> dict:
+    import torch
+
+    from tokenmill.kernels import triton_ops as tk
+
+    res = torch.randn(rows, hidden, dtype=torch.bfloat16, device="cuda")
+    delta, w = torch.randn_like(res), torch.randn(hidden, dtype=torch.bfloat16, device="cuda")
+    return {
+        str(warps): _us(lambda warps=warps: tk.add_rms_norm(res, delta, w, 1e-5, warps))
+        for warps in (None, 1, 2, 4, 8, 16)
+    }
+
+
+def _argmax_case(rows: int) -> dict:
+    import torch
+
+    from tokenmill.kernels import triton_ops as tk
+
+    logits = torch.randn(rows, 128256, dtype=torch.bfloat16, device="cuda")
+    ref = logits.argmax(-1)
+    entry = {"torch": _us(lambda: logits.argmax(-1))}
+    for block in (1024, 2048, 4096, 8192):
+        entry[str(block)] = {
+            "us": _us(lambda block=block: tk.argmax_rows(logits, block)),
+            "equal": torch.equal(tk.argmax_rows(logits, block), ref),
+        }
+    return entry
+
+
+def sweep(run: Run) -> dict:
+    """Launch configurations of the small kernels of a decode step, each checked against the
+    default configuration's output and timed with triton.testing.do_bench (L2 flushed):
+    split-KV attention (splits, keys per iteration, warps) at batch 1 and 32 for head_dim 64 and
+    128, add_rms_norm's warps, and the two-stage argmax against torch.argmax."""
+    import torch
+
+    torch.manual_seed(0)
+    out = {}
+    for head_dim in (64, 128):
+        for batch in (1, 32):
+            out[f"attention d{head_dim} b{batch}"] = _attention_case(head_dim, batch)
+    for hidden in (2048, 4096):
+        for rows in (1, 32):
+            out[f"add_rms_norm {hidden} x{rows}"] = _norm_case(hidden, rows)
+    for rows in (1, 32):
+        out[f"argmax x{rows}"] = _argmax_case(rows)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--sweep-only", action="store_true", help="only the launch-config sweep")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     run = Run(out / "gpu_profile.json", smoke=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in ("1B", "8B"):
-            run.section(f"profile {name}", profile_shape, run, Path(tmp), name)
+    run.section("sweep", sweep, run)
+    if not args.sweep_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in ("1B", "8B"):
+                run.section(f"profile {name}", profile_shape, run, Path(tmp), name)
     for name, sec in run.results["sections"].items():
-        if not sec.get("ok"):
+        if not sec.get("ok") or name == "sweep":
             continue
         for label in ("eager", "graph"):
             p = sec[label]

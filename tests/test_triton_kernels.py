@@ -166,3 +166,24 @@ def test_reference_attention_is_a_real_reference():
     s = s.masked_fill(torch.triu(torch.ones(4, 4, dtype=torch.bool), 1), -math.inf)
     dense = torch.einsum("hqk,kd->qhd", s.softmax(-1), v[:, 0])
     torch.testing.assert_close(out, dense)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_argmax_rows_picks_the_first_maximum_across_chunks(dtype):
+    """Against torch.argmax (the first index on ties): rows whose maximum sits in the last,
+    partial chunk, is tied within a chunk, or is tied across chunks; a vocabulary that is not
+    a multiple of the chunk."""
+    g = torch.Generator().manual_seed(3)
+    vocab, block = 1000, 128
+    x = torch.randn(6, vocab, generator=g).to(dtype)
+    x[1, 997] = 50.0  # the last, partial chunk
+    x[2, [300, 310]] = 40.0  # a tie within a chunk
+    x[3, [900, 5, 600]] = 40.0  # a tie across chunks: index 5 wins
+    x[4] = 1.0  # all equal: index 0
+    x[5, 0] = 30.0
+    got = tk.argmax_rows(x, block=block)
+    assert got.dtype == torch.int64
+    assert got.tolist() == x.argmax(dim=-1).tolist()
+    assert got.tolist()[1:5] == [997, 300, 5, 0]
+    # one chunk, and a strided row view (a slice of a wider logits buffer)
+    assert tk.argmax_rows(x[:, :100], block=block).tolist() == x[:, :100].argmax(-1).tolist()

@@ -11,8 +11,8 @@ The graph object is pluggable (`GraphFactory`): `CudaGraph` captures with
 `EagerGraph` re-runs the captured function on the same static buffers, which lets CPU tests
 prove that the padded static-buffer path gives the eager path's tokens. `run_steps` replays a
 size several times with the sampled tokens fed back on the device (multi-step decoding).
-Prefill and mixed steps never come here. Only an attention backend that reads everything from device tensors and
-skips padding (`supports_graphs`) can be captured.
+Prefill and mixed steps never come here. Only an attention backend that reads everything from
+device tensors and skips padding (`supports_graphs`) can be captured.
 """
 
 from __future__ import annotations
