@@ -374,7 +374,7 @@ def shape_run(run: Run, root: Path, name: str) -> dict:
         params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
         return timed(run, lambda: llm.generate(prompts(n, length), params))
 
-    gen(1, prompt_len, 2)  # warm-up (kernel compilation)
+    gen(1, prompt_len, 24)  # warm-up: kernel compilation, lazy CUDA module loading, a round
     t_prefill = gen(1, prompt_len, 1)
     out["prefill_tok_s"] = prompt_len / t_prefill
 
