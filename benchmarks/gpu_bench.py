@@ -9,6 +9,7 @@ In order, each section timed and saved as soon as it ends (a timeout keeps what 
   4. shapes: random-weight models of Llama-3.2-1B and Llama-3-8B shapes (load_format=dummy):
      start-up (load, capture), prefill, batch-1 decode, batch 32 / 64, offline 1,000 x 128/128
      on the 8B; every rate also as a fraction of the bandwidth roofline;
+  4b. fp8: --quantization fp8 against bfloat16 (quality on a tiny model, 8B decode speed);
   5. transformers eager (random weights, same shapes) at batch 1, as a sanity baseline.
 
     python benchmarks/gpu_bench.py --out $OUT/gpu_bench.json
@@ -211,7 +212,19 @@ def kernels(run: Run) -> dict:
     tk.write_kv(k, k, kc, kc.clone(), slots)
     keep = slots >= 0
     checks["write_kv exact"] = float(torch.equal(kc[slots[keep]], k[keep]))
-    failed = [n for n, v in checks.items() if (v != 1.0 if n == "write_kv exact" else not v <= tol)]
+    logits = torch.randn(5, 128256, device=dev).to(dt)
+    logits[1, [7, 90000]] = 50.0  # a tie across chunks: the first index wins
+    checks["argmax exact"] = float(torch.equal(tk.argmax_rows(logits), logits.argmax(-1)))
+    if not run.smoke:  # the interpreter's e4m3 rounding is not the GPU's (tests/test_fp8.py)
+        from tokenmill.quant.fp8 import quantize_rows
+
+        x = torch.randn(7, 4096, device=dev).to(dt)
+        x[3, 5] = 900.0
+        q, scale = tk.fp8_quantize_rows(x)
+        q_ref, scale_ref = quantize_rows(x)
+        same = torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+        checks["fp8 quantize exact"] = float(same and torch.equal(scale, scale_ref))
+    failed = [n for n, v in checks.items() if (v != 1.0 if n.endswith("exact") else not v <= tol)]
     return {"dtype": str(dt), "tolerance": tol, "max_errors": checks, "failed": failed}
 
 
@@ -243,8 +256,8 @@ def model_folder(root: Path, name: str, shape: dict, vocab: int) -> Path:
 def make_llm(run: Run, path: Path, **kw):
     from tokenmill import LLM
 
-    dtype = "float32" if run.smoke else "bfloat16"
-    return LLM(str(path), load_format="dummy", dtype=dtype, device=str(run.device), **kw)
+    kw.setdefault("dtype", "float32" if run.smoke else "bfloat16")
+    return LLM(str(path), load_format="dummy", device=str(run.device), **kw)
 
 
 def release_memory() -> None:
@@ -349,9 +362,23 @@ def roofline_tokens_per_s(llm, batch: int, context: int, copy_gbs: float | None)
     return batch / (step_bytes / (copy_gbs * 1e9))
 
 
-def shape_run(run: Run, root: Path, name: str) -> dict:
+def gen_seconds(run: Run, llm, vocab: int, n: int, length: int, tokens: int) -> float:
+    """Wall time of `tokens` greedy tokens for each of `n` prompts of `length` ids."""
     from tokenmill import SamplingParams
 
+    prompts = [[(31 * i + 7 * j) % (vocab - 10) + 5 for j in range(length)] for i in range(n)]
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    return timed(run, lambda: llm.generate(prompts, params))
+
+
+def decode_tok_s(run: Run, llm, vocab: int, batch: int, prompt_len: int, new: int) -> float:
+    """Decode rate of `batch` requests: `new` tokens each, less the first (the prefill's)."""
+    t_first = gen_seconds(run, llm, vocab, batch, prompt_len, 1)
+    t_all = gen_seconds(run, llm, vocab, batch, prompt_len, new)
+    return batch * (new - 1) / (t_all - t_first)
+
+
+def shape_run(run: Run, root: Path, name: str) -> dict:
     shape = (SMOKE_SHAPES if run.smoke else SHAPES)[name]
     vocab = 512 if run.smoke else VOCAB
     path = model_folder(root, name, shape, vocab)
@@ -367,21 +394,15 @@ def shape_run(run: Run, root: Path, name: str) -> dict:
     }
     copy_gbs = run.results.get("copy_gbs")
 
-    def prompts(n: int, length: int) -> list[list[int]]:
-        return [[(31 * i + 7 * j) % (vocab - 10) + 5 for j in range(length)] for i in range(n)]
-
     def gen(n: int, length: int, tokens: int) -> float:
-        params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
-        return timed(run, lambda: llm.generate(prompts(n, length), params))
+        return gen_seconds(run, llm, vocab, n, length, tokens)
 
     gen(1, prompt_len, 24)  # warm-up: kernel compilation, lazy CUDA module loading, a round
     t_prefill = gen(1, prompt_len, 1)
     out["prefill_tok_s"] = prompt_len / t_prefill
 
     def decode_rate(b: int) -> float:
-        t_first = gen(b, prompt_len, 1)
-        t_all = gen(b, prompt_len, new)
-        return b * (new - 1) / (t_all - t_first)
+        return decode_tok_s(run, llm, vocab, b, prompt_len, new)
 
     # Multi-step decoding (num_scheduler_steps): the default against other round lengths, at
     # batch 1 and the large batches. The scheduler's config is swapped in place (a benchmark
@@ -443,6 +464,72 @@ def step_anatomy(run: Run, llm, out: dict) -> dict:
     }
 
 
+def fp8(run: Run, root: Path) -> dict:
+    """--quantization fp8. Quality: a random Llama's prompt log-probabilities in float32 (the
+    reference), bfloat16, and fp8 (bfloat16 otherwise); the bound (tests/test_fp8.py): fp8's
+    mean shift from float32 at most 16 times bfloat16's (e4m3's unit roundoff is 2^4 times
+    bf16's). Speed: the 8B shape's decode at batch 1 and 32, against its bfloat16 figures of
+    the same run ("shape 8B")."""
+    import torch
+
+    from tokenmill import SamplingParams
+
+    out: dict = {}
+    shape = dict(
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    vocab = 4096
+    path = model_folder(root, "tiny-fp8", shape, vocab)
+    prompt = [[(13 * j) % (vocab - 10) + 5 for j in range(200)]]
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
+    lps = {}
+    compute = "float32" if run.smoke else "bfloat16"
+    variants = {
+        "float32": dict(dtype="float32"),
+        "bfloat16": dict(dtype="bfloat16"),
+        "fp8": dict(dtype=compute, quantization="fp8"),
+    }
+    for label, kw in variants.items():
+        llm = make_llm(run, path, max_model_len=512, max_num_seqs=4, **kw)
+        scored = llm.generate(prompt, params)[0].prompt_logprobs[1:]
+        lps[label] = torch.tensor([next(iter(e.values())).logprob for e in scored])
+        del llm, scored
+        release_memory()
+    bf16 = (lps["bfloat16"] - lps["float32"]).abs().mean().item()
+    fp8 = (lps["fp8"] - lps["float32"]).abs().mean().item()
+    out["quality"] = {
+        "bf16_mean_logprob_shift": bf16,
+        "fp8_mean_logprob_shift": fp8,
+        "ratio": fp8 / bf16 if bf16 else None,
+        "within_bound_16": fp8 <= 16 * bf16,
+    }
+    name = "8B"
+    vocab = 512 if run.smoke else VOCAB
+    path = model_folder(root, name, (SMOKE_SHAPES if run.smoke else SHAPES)[name], vocab)
+    prompt_len, new = (16, 8) if run.smoke else (512, 128)
+    t0 = time.perf_counter()
+    llm = make_llm(run, path, quantization="fp8", max_model_len=2048, max_num_seqs=256)
+    out["ready_s"] = time.perf_counter() - t0
+    out["weights_gb"] = llm.engine.model.weight_memory_bytes() / 1e9
+    gen_seconds(run, llm, vocab, 1, prompt_len, 24)  # warm-up
+    bf16 = run.results["sections"].get(f"shape {name}", {})
+    for b in (1, 32):
+        rate = decode_tok_s(run, llm, vocab, b, prompt_len, new)
+        roof = roofline_tokens_per_s(llm, b, prompt_len + new // 2, run.results.get("copy_gbs"))
+        out[f"decode_b{b}_tok_s"] = rate
+        out[f"decode_b{b}_roofline_fraction"] = rate / roof if roof else None
+        base = bf16.get(f"decode_b{b}_tok_s")
+        out[f"decode_b{b}_vs_bf16"] = rate / base if base else None
+    llm = None
+    release_memory()
+    return out
+
+
 # ---- 5. transformers eager ----------------------------------------------------------------
 def transformers_eager(run: Run, name: str) -> dict:
     import torch
@@ -473,7 +560,7 @@ def main() -> None:
         "--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "gpu_bench.json")
     )
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, interpreter")
-    ap.add_argument("--skip", default="", help="comma-separated: kernels,tiny,1B,8B,hf")
+    ap.add_argument("--skip", default="", help="comma-separated: kernels,tiny,1B,8B,fp8,hf")
     args = ap.parse_args()
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -489,6 +576,8 @@ def main() -> None:
         for name in ("1B", "8B"):
             if name not in skip:
                 run.section(f"shape {name}", shape_run, run, root, name)
+        if "fp8" not in skip:
+            run.section("fp8", fp8, run, root)
         if "hf" not in skip:
             for name in ("1B", "8B"):
                 if name not in skip:

@@ -21,7 +21,7 @@ GiB = 1 << 30
 DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2}  # torch dtype name -> bytes
 DEFAULT_CPU_KV_GIB = 2.0  # KV budget on the CPU unless kv_cache_memory_gib says otherwise
 CUDA_MEMORY_UTILIZATION = 0.9  # share of the GPU the engine may fill (weights + peak + KV)
-QUANTIZATION_MODES = ("auto", "none")
+QUANTIZATION_MODES = ("auto", "none", "fp8")
 LOAD_FORMATS = ("auto", "dummy")
 MAX_EXACT_CHANNELS = 16  # QuantLinear::kMaxExactChannels (kernels/csrc/quant_gemm.h)
 # Decode steps per scheduling round with CUDA graphs (num_scheduler_steps): measured on an H200
@@ -164,9 +164,11 @@ class EngineArgs:
     quantization: str = dataclasses.field(
         default="auto",
         metadata={
-            "help": "auto | none (auto: run a GGUF file's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K "
-            "weights natively on x86 CPUs with AVX2 or better; none: dequantize all "
-            "weights to the compute dtype)"
+            "help": "auto | none | fp8 (auto: run a GGUF file's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/"
+            "Q5_K/Q6_K weights natively on x86 CPUs with AVX2 or better; none: dequantize all "
+            "weights to the compute dtype; fp8: quantize the decoder's linear weights at load to "
+            "float8 e4m3 with a scale per output channel, activations per token (GPUs of "
+            "compute capability 8.9+, bfloat16))"
         },
     )
     exact_channels: int = dataclasses.field(

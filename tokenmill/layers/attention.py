@@ -374,7 +374,8 @@ class TritonAttentionBackend(TorchAttentionBackend):
     supports_graphs = True
     # split-KV when a decode batch has fewer (request, KV head) programs than this
     SPLIT_BELOW_PROGRAMS = 128
-    MAX_SPLITS = 8
+    MAX_SPLITS = 16
+    MIN_SPLIT_TOKENS = 128  # of max_seq_len per split
 
     def build_metadata(
         self, common: AttentionMetadata, device: torch.device
@@ -389,7 +390,7 @@ class TritonAttentionBackend(TorchAttentionBackend):
         while (
             splits < self.MAX_SPLITS
             and programs * splits * 2 <= self.SPLIT_BELOW_PROGRAMS
-            and common.max_seq_len >= 256 * splits * 2
+            and common.max_seq_len >= self.MIN_SPLIT_TOKENS * splits * 2
         ):
             splits *= 2
         return splits

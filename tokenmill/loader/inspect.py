@@ -11,6 +11,7 @@ from tokenmill.loader.load import quant_config_for, read_model_info
 from tokenmill.loader.resolve import resolve_model
 from tokenmill.loader.weights import safetensors_files
 from tokenmill.quant import gguf_pack as gp
+from tokenmill.quant.fp8 import Fp8Config
 from tokenmill.quant.gguf import GGUFQuantConfig
 
 
@@ -48,6 +49,11 @@ def describe_model(args: EngineArgs) -> dict[str, str]:
                 reader, arch.tie_word_embeddings, DTYPE_SIZES[model.dtype]
             )
             return weights, "quantized blocks kept, the rest dequantized", why
+        if isinstance(quant, Fp8Config):  # 1 byte per parameter but the embedding and head's
+            size = DTYPE_SIZES[model.dtype]
+            dense = arch.vocab_size * arch.hidden_size * (1 if arch.tie_word_embeddings else 2)
+            stored = "decoder linear weights in fp8, the rest in the compute dtype (estimate)"
+            return params - dense + dense * size, stored, why
         return params * DTYPE_SIZES[model.dtype], "dequantized to the compute dtype", why
 
     def gpu_kv_budget(model: ModelConfig) -> float:

@@ -31,6 +31,7 @@ from tokenmill.models.config import ModelArchConfig, arch_config_from_gguf, arch
 from tokenmill.models.registry import get_model_class
 from tokenmill.quant.base import QuantConfig
 from tokenmill.quant.dense import DenseConfig
+from tokenmill.quant.fp8 import Fp8Config, fp8_unsupported
 from tokenmill.quant.gguf import GGUFQuantConfig, describe_counts
 
 logger = logging.getLogger(__name__)
@@ -93,11 +94,22 @@ def quant_config_for(
 ) -> tuple[QuantConfig, str]:
     """The quantization config for this load, and why (logged, shown by `info`).
 
-    A GGUF file's quantized tensors run natively when `quantization="auto"`, the model family
-    takes a QuantConfig, the device is the CPU with an integer-dot kernel level
-    (`kernels.cpu_ops.select_isa`) and the dtype is float32 or bfloat16; otherwise every
+    `quantization="fp8"` quantizes the decoder's linear weights of any checkpoint at load
+    (`quant/fp8.py`). A GGUF file's quantized tensors run natively when `quantization="auto"`,
+    the model family takes a QuantConfig, the device is the CPU with an integer-dot kernel
+    level (`kernels.cpu_ops.select_isa`) and the dtype is float32 or bfloat16; otherwise every
     weight is dequantized to `dtype`.
     """
+    if quantization == "fp8":
+        if not get_model_class(arch.architecture).supports_native_gguf:
+            raise ModelLoadError(f"quantization='fp8' is not supported for {arch.architecture}")
+        why_not = fp8_unsupported(torch.device(device), dtype)
+        if why_not is not None:
+            raise ModelLoadError(f"quantization='fp8': {why_not}")
+        return Fp8Config(torch.device(device)), (
+            "fp8: decoder linear weights in float8 e4m3 with a scale per output channel, "
+            "activations quantized per token; the output head and embedding dense"
+        )
     if source.kind != "gguf":
         return DenseConfig(), "dense checkpoint"
     if quantization != "auto":
