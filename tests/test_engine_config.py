@@ -123,3 +123,29 @@ def test_info_reports_what_the_engine_runs(capsys, info):
     assert shown["max concurrency at full ctx"] == "1.0 x 128 tokens"
     assert shown["KV cache per token"] == f"{46080 / 1024:.1f} KiB"
     assert shown["compute dtype"] == "float32 on cpu"
+
+
+def test_scheduler_steps_resolve_with_cuda_graphs(info):
+    """Rounds of decode steps need captured graphs: 1 on the CPU by default, an error when
+    asked for there; on CUDA (the resolution only: a cuda device is named, nothing runs on it)
+    the default with graphs, 1 with enforce_eager or a backend that cannot be captured."""
+    from tokenmill.config import DEFAULT_CUDA_SCHEDULER_STEPS
+
+    cpu = dict(device="cpu", dtype="float32")
+    assert EngineArgs(**cpu).create_engine_config(info).scheduler.num_scheduler_steps == 1
+    with pytest.raises(ValueError, match="needs CUDA graphs"):
+        EngineArgs(**cpu, num_scheduler_steps=4).create_engine_config(info)
+    with pytest.raises(ValueError, match="num_scheduler_steps"):
+        EngineArgs(**cpu, num_scheduler_steps=0)
+    cuda = dict(device="cuda", dtype="bfloat16", num_kv_blocks=16)
+
+    def steps(graphs_supported=True, **kw) -> tuple[bool, int]:
+        config = EngineArgs(**cuda, **kw).create_engine_config(info, None, graphs_supported)
+        return config.cuda_graphs, config.scheduler.num_scheduler_steps
+
+    assert steps() == (True, DEFAULT_CUDA_SCHEDULER_STEPS)
+    assert steps(num_scheduler_steps=16) == (True, 16)
+    assert steps(enforce_eager=True) == (False, 1)
+    assert steps(graphs_supported=False) == (False, 1)
+    with pytest.raises(ValueError, match="needs CUDA graphs"):
+        steps(enforce_eager=True, num_scheduler_steps=8)

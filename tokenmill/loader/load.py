@@ -106,7 +106,13 @@ def quant_config_for(
         why_not = fp8_unsupported(torch.device(device), dtype)
         if why_not is not None:
             raise ModelLoadError(f"quantization='fp8': {why_not}")
-        return Fp8Config(torch.device(device)), (
+        if torch.device(device).type == "cuda":
+            from tokenmill.kernels.triton_ops import fp8_quantize_rows
+
+            quant = Fp8Config(fp8_quantize_rows)
+        else:
+            quant = Fp8Config()
+        return quant, (
             "fp8: decoder linear weights in float8 e4m3 with a scale per output channel, "
             "activations quantized per token; the output head and embedding dense"
         )

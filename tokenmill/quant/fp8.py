@@ -116,15 +116,11 @@ class Fp8Config:
     """Every decoder linear layer in fp8; the output head and the embedding dense.
 
     A layer whose dimensions are not multiples of 16 (what the fp8 GEMMs take) stays dense.
-    Activations are quantized by the Triton kernel on CUDA (one launch per linear input), by
-    torch ops elsewhere."""
+    `quantize_activations` quantizes each linear input (the loader passes the one-launch
+    Triton kernel on CUDA; `quantize_rows`, torch ops, elsewhere)."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.quantize_activations: QuantizeRows = quantize_rows
-        if device.type == "cuda":
-            from tokenmill.kernels.triton_ops import fp8_quantize_rows
-
-            self.quantize_activations = fp8_quantize_rows
+    def __init__(self, quantize_activations: QuantizeRows = quantize_rows) -> None:
+        self.quantize_activations = quantize_activations
 
     def linear_method(
         self, names: dict[str, str], in_features: int, output_sizes: dict[str, int]
