@@ -71,6 +71,14 @@ SMOKE_SHAPES = {
     ),
 }
 VOCAB = 128256
+TINY_SHAPE = dict(  # the end-to-end and fp8 quality checks
+    hidden_size=512,
+    intermediate_size=1024,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    tie_word_embeddings=False,
+)
 # A top-2 log-probability gap below this is a near-tie that bfloat16 rounding may flip: the
 # logits of the tiny model are O(10), bf16 keeps 8 bits, and ~10 roundings lie between the
 # reference's and the fast path's (different kernels, fused vs separate ops).
@@ -276,15 +284,7 @@ def tiny(run: Run, root: Path) -> dict:
 
     from tokenmill import SamplingParams
 
-    shape = dict(
-        hidden_size=512,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
-    path = model_folder(root, "tiny", shape, 4096)
+    path = model_folder(root, "tiny", TINY_SHAPE, 4096)
     prompts = [[(17 * i + 3 * j) % 4000 + 10 for j in range(5 + 9 * i)] for i in range(12)]
     greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     out = {}
@@ -479,16 +479,8 @@ def fp8(run: Run, root: Path) -> dict:
     from tokenmill import SamplingParams
 
     out: dict = {}
-    shape = dict(
-        hidden_size=512,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
     vocab = 4096
-    path = model_folder(root, "tiny-fp8", shape, vocab)
+    path = model_folder(root, "tiny-fp8", TINY_SHAPE, vocab)
     prompt = [[(13 * j) % (vocab - 10) + 5 for j in range(200)]]
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
     lps = {}

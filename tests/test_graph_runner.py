@@ -36,6 +36,20 @@ def _llm(path) -> LLM:
     )
 
 
+def _graph_runner(engine) -> ModelRunner:
+    """A runner over `engine`'s model that replays its decode steps through CountingGraph."""
+    return ModelRunner(
+        engine.model,
+        NUM_BLOCKS,
+        BLOCK_SIZE,
+        torch.float32,
+        torch.device("cpu"),
+        engine.max_model_len,
+        MAX_SEQS,
+        graph_factory=CountingGraph,
+    )
+
+
 def test_capture_sizes():
     assert capture_sizes(256)[:10] == [1, 2, 4, 8, 16, 24, 32, 48, 64, 96]
     assert capture_sizes(256)[-1] == 256 and capture_sizes(100)[-2:] == [96, 100]
@@ -58,16 +72,7 @@ def test_graph_replay_matches_eager_at_every_size(tiny, monkeypatch):  # noqa: F
     llm = _llm(path)
     engine = llm.engine
     assert engine.runner.graphs is None  # no graphs on the CPU by default
-    engine.runner = ModelRunner(
-        engine.model,
-        NUM_BLOCKS,
-        BLOCK_SIZE,
-        torch.float32,
-        torch.device("cpu"),
-        engine.max_model_len,
-        MAX_SEQS,
-        graph_factory=CountingGraph,
-    )
+    engine.runner = _graph_runner(engine)
     graphs = engine.runner.graphs
     assert sorted(graphs.graphs) == [1, 2, 4, 8]
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
@@ -153,16 +158,7 @@ def test_multi_step_rounds_give_the_single_step_tokens(tiny, monkeypatch):  # no
     llm = _llm(path)
     engine = llm.engine
     engine.scheduler.config = dataclasses.replace(engine.scheduler.config, num_scheduler_steps=4)
-    engine.runner = ModelRunner(
-        engine.model,
-        NUM_BLOCKS,
-        BLOCK_SIZE,
-        torch.float32,
-        torch.device("cpu"),
-        engine.max_model_len,
-        MAX_SEQS,
-        graph_factory=CountingGraph,
-    )
+    engine.runner = _graph_runner(engine)
     rounds, fed = [], {}
     schedule, on_tokens = engine.scheduler.schedule, engine._on_tokens
 

@@ -13,16 +13,10 @@ in vLLM): the head's errors go straight into the logits, and its GEMM is one of 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
-from tokenmill.quant.dense import (
-    DenseEmbeddingMethod,
-    UnquantizedLinearMethod,
-    copy_checked,
-    materialize,
-)
+from tokenmill.quant.dense import DenseEmbeddingMethod, UnquantizedLinearMethod
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
@@ -52,12 +46,13 @@ def fp8_unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-class Fp8LinearMethod:
+class Fp8LinearMethod(UnquantizedLinearMethod):
     """float8 e4m3 weights [out, in] with float32 scales per output row; y = _scaled_mm of the
-    per-token-quantized input and the weights, in x's dtype. No dense copy stays resident."""
+    per-token-quantized input and the weights, in x's dtype. The checkpoint loads into the dense
+    weight (as `UnquantizedLinearMethod` does), which process_weights_after_loading quantizes and
+    drops: no dense copy stays resident."""
 
     name = "fp8"
-    takes_raw = False
 
     def __init__(self, quantize_activations: QuantizeRows) -> None:
         self.quantize_activations = quantize_activations
@@ -69,20 +64,9 @@ class Fp8LinearMethod:
         output_sizes: dict[str, int],
         dtype: torch.dtype,
     ) -> None:
-        # the checkpoint loads into a dense weight first; process_weights_after_loading
-        # quantizes it and drops it
-        layer.weight = torch.nn.Parameter(
-            torch.empty(sum(output_sizes.values()), in_features, dtype=dtype), requires_grad=False
-        )
+        super().create_weights(layer, in_features, output_sizes, dtype)
         layer.register_buffer("weight_fp8", None, persistent=False)
         layer.register_buffer("weight_scale", None, persistent=False)
-
-    def load_weight(self, layer: torch.nn.Module, shard: str, tensor: Any, name: str) -> None:
-        dest = layer.weight.data
-        if shard:
-            start, size = layer.shard_offsets[shard]
-            dest = dest.narrow(0, start, size)
-        copy_checked(dest, materialize(tensor), name)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         q, scale = quantize_rows(layer.weight.detach())
