@@ -9,7 +9,8 @@
 // A layer may keep a few input channels out of that rounding (QuantLinear::set_exact_channels:
 // the activations' outlier channels, chosen at start-up): they are read as 0 when the blocks are
 // quantized, so they no longer set their blocks' scales, and their share x[:, c] * W[:, c] is
-// added in float32 from a table of those weight columns, dequantized once.
+// added in float32 from a table of those weight columns, dequantized once, as each tile's sums
+// are stored (the Epilogue, with the bias), before their one rounding to the output's dtype.
 //
 // Weights are repacked at load (tokenmill/quant/gguf_pack.py, which documents the layout) into
 // tiles of 16 output rows. Inside a tile every 32-input block unpacks to eight 64-byte vectors
@@ -56,6 +57,22 @@ struct ActMeta {
   float dsum;  // d * sum(q)
   float dlo;   // d * sum(q[0:16])
   float dhi;   // d * sum(q[16:32])
+};
+
+// What a tile adds to its float32 sums before their one rounding to y: the bias, and the exact
+// channels' share sum_j a[m][j] * w[j][n] (QuantLinear::set_exact_channels), so neither takes a
+// pass over y of its own.
+struct Epilogue {
+  const float* bias = nullptr;  // per output, padded to whole tiles
+  const float* w = nullptr;     // the exact channels' weight columns, [k][ldw] (+16 floats)
+  const float* a = nullptr;     // their activations, [tokens][k]
+  int64_t ldw = 0;
+  int k = 0;
+
+  // The same for the outputs from column n and the tokens from m on.
+  Epilogue at(int64_t n, int64_t m) const {
+    return {bias ? bias + n : nullptr, w ? w + n : nullptr, a ? a + m * k : nullptr, ldw, k};
+  }
 };
 
 inline float bf16_to_f(uint16_t h) {
@@ -405,11 +422,16 @@ struct I16 {
 inline F16 to_float(I16 v) { return {_mm256_cvtepi32_ps(v.a), _mm256_cvtepi32_ps(v.b)}; }
 #endif
 
-// Writes the first `rows` (<= 16) outputs of a tile.
+// Writes the first `rows` (<= 16) outputs of a tile for token m of `ep`'s view, with the bias
+// and the exact channels' share added (a partial last tile reads the next columns, or the
+// table's padding, for the rows it does not store).
 template <typename TY>
-inline void store_row(const F16& acc, const float* bias, TY* y, int rows) {
+inline void store_row(F16 acc, const Epilogue& ep, int64_t m, TY* y, int rows) {
+  if (ep.bias) acc = acc + F16::load(ep.bias);
+  for (int j = 0; j < ep.k; ++j)
+    acc = F16::fma(F16::set1(ep.a[m * ep.k + j]), F16::load(ep.w + j * ep.ldw), acc);
   alignas(64) float v[16];
-  (bias ? acc + F16::load(bias) : acc).store(v);
+  acc.store(v);
   if constexpr (std::is_same_v<TY, float>) {
     std::memcpy(y, v, rows * 4);
   } else {
@@ -443,7 +465,7 @@ inline void for_each_block(const uint8_t* w, int64_t K, Fn&& fn) {
 // One 16-row tile for tokens [0, MT), unpacking each block as it streams.
 template <int64_t Q, int MT, typename TY>
 void tile_streaming(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t K,
-                    const float* bias, TY* y, int64_t ldy, int rows) {
+                    const Epilogue& ep, TY* y, int64_t ldy, int rows) {
   const Acts acts = Acts::row_major(xq, meta, K);
   F16 acc[MT];
   for (int m = 0; m < MT; ++m) acc[m] = F16::zero();
@@ -452,7 +474,7 @@ void tile_streaming(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int
     unpack_block<Q>(src, b, blk);
     accumulate<Q, MT>(blk, acts, kb, acc);
   });
-  for (int m = 0; m < MT; ++m) store_row(acc[m], bias, y + m * ldy, rows);
+  for (int m = 0; m < MT; ++m) store_row(acc[m], ep, m, y + m * ldy, rows);
 }
 #endif
 
@@ -790,7 +812,7 @@ struct PackedScales {
 // batch 1.)
 template <int64_t Q, int MT, typename TY>
 void tile_streaming(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t K,
-                    const float* bias, TY* y, int64_t ldy, int rows) {
+                    const Epilogue& ep, TY* y, int64_t ldy, int rows) {
   F16 acc[MT];
   for (int m = 0; m < MT; ++m) acc[m] = F16::zero();
   for_each_block<Q>(w, K, [&](const uint8_t* src, int b, int64_t kb) {
@@ -798,7 +820,7 @@ void tile_streaming(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int
                              PackedScales<Q>{src, b}, xq + kb * 32, K, meta + kb, K / 32,
                              AccRegs{acc});
   });
-  for (int m = 0; m < MT; ++m) store_row(acc[m], bias, y + m * ldy, rows);
+  for (int m = 0; m < MT; ++m) store_row(acc[m], ep, m, y + m * ldy, rows);
 }
 #endif  // TM_AVX512
 
@@ -807,7 +829,7 @@ void tile_streaming(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int
 // floats, L1).
 template <int64_t Q, int NT, typename TY>
 void tiles_batched(const uint8_t* w, int64_t tile_bytes, const BatchActs& acts, int64_t m0,
-                   int64_t MC, int64_t K, const float* bias, TY* y, int64_t ldy, int64_t N,
+                   int64_t MC, int64_t K, const Epilogue& ep, TY* y, int64_t ldy, int64_t N,
                    int64_t nt0, float* accbuf) {
   const int64_t uk = unit_k(Q), ub = unit_bytes(Q), bpu = uk / 32;
   std::fill(accbuf, accbuf + MC * 32, 0.f);
@@ -831,9 +853,10 @@ void tiles_batched(const uint8_t* w, int64_t tile_bytes, const BatchActs& acts, 
   for (int i = 0; i < NT; ++i) {
     const int64_t nt = nt0 + i;
     const int rows = static_cast<int>(std::min<int64_t>(16, N - nt * 16));
+    const Epilogue tile_ep = ep.at(nt * 16, m0);
     for (int64_t m = 0; m < MC; ++m)
-      store_row(F16::load(accbuf + m * 32 + 16 * i), bias ? bias + nt * 16 : nullptr,
-                y + (m0 + m) * ldy + nt * 16, rows);
+      store_row(F16::load(accbuf + m * 32 + 16 * i), tile_ep, m, y + (m0 + m) * ldy + nt * 16,
+                rows);
   }
 }
 
@@ -845,7 +868,7 @@ constexpr int64_t kBatchChunk = 64;
 // to the batch in passes of at most kBatchChunk tokens.
 template <int64_t Q, typename TY>
 void gemm_batched(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t M, int64_t N,
-                  int64_t K, const float* bias, TY* y, int64_t ldy) {
+                  int64_t K, const Epilogue& ep, TY* y, int64_t ldy) {
   const int64_t n_tiles = (N + 15) / 16, tile_bytes = K / unit_k(Q) * unit_bytes(Q);
   const BatchActs acts = BatchActs::build<Q>(xq, meta, M, K);
   const int64_t passes = (M + kBatchChunk - 1) / kBatchChunk, chunk = (M + passes - 1) / passes;
@@ -855,11 +878,9 @@ void gemm_batched(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64
       for (int64_t m0 = 0; m0 < M; m0 += chunk) {
         const int64_t mc = std::min(chunk, M - m0);
         if (2 * p + 1 < n_tiles)
-          tiles_batched<Q, 2>(w, tile_bytes, acts, m0, mc, K, bias, y, ldy, N, 2 * p,
-                              accbuf.data());
+          tiles_batched<Q, 2>(w, tile_bytes, acts, m0, mc, K, ep, y, ldy, N, 2 * p, accbuf.data());
         else
-          tiles_batched<Q, 1>(w, tile_bytes, acts, m0, mc, K, bias, y, ldy, N, 2 * p,
-                              accbuf.data());
+          tiles_batched<Q, 1>(w, tile_bytes, acts, m0, mc, K, ep, y, ldy, N, 2 * p, accbuf.data());
       }
   });
 }
@@ -954,7 +975,7 @@ inline void accumulate_rows(const Block& blk, const Acts& acts, int64_t m_begin,
 // have long completed instead of waiting on them. Tokens past the last multiple of 16 take the
 // VNNI path on the same unpacked block.
 template <int64_t Q, typename TY>
-void tile_amx(const uint8_t* w, const Acts& acts, int64_t M, int64_t K, const float* bias, TY* y,
+void tile_amx(const uint8_t* w, const Acts& acts, int64_t M, int64_t K, const Epilogue& ep, TY* y,
               int64_t ldy, int rows, float* accbuf) {
   static_assert(!kSplit<Q>, "blocks with two scales take the VNNI path");
   std::fill(accbuf, accbuf + M * 16, 0.f);
@@ -988,7 +1009,7 @@ void tile_amx(const uint8_t* w, const Acts& acts, int64_t M, int64_t K, const fl
     accumulate_rows<Q>(blk, acts, groups * 16, M, kb, accbuf);
   });
   rescale(kb_prev, s_prev, o_prev);
-  for (int64_t m = 0; m < M; ++m) store_row(F16::load(accbuf + m * 16), bias, y + m * ldy, rows);
+  for (int64_t m = 0; m < M; ++m) store_row(F16::load(accbuf + m * 16), ep, m, y + m * ldy, rows);
 }
 #endif  // AMX
 
@@ -999,7 +1020,7 @@ constexpr int64_t kAmxMinM = 48, kAmxMaxM = 64;
 // y = the quantized GEMM on the tile unit, one 16-row tile at a time (tile_amx).
 template <int64_t Q, typename TY>
 void gemm_amx(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t M, int64_t N,
-              int64_t K, const float* bias, TY* y, int64_t ldy) {
+              int64_t K, const Epilogue& ep, TY* y, int64_t ldy) {
   const int64_t n_tiles = (N + 15) / 16, tile_bytes = K / unit_k(Q) * unit_bytes(Q), KB = K / 32;
   // Every weight tile reads the activations block by block: copy them block-major once per
   // call (M * K bytes, next to M * N * K multiply-adds).
@@ -1015,8 +1036,8 @@ void gemm_amx(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t M
     configure_amx();
     std::vector<float> accbuf(M * 16);
     for (int64_t nt = begin; nt < end; ++nt)
-      tile_amx<Q>(w + nt * tile_bytes, acts, M, K, bias ? bias + nt * 16 : nullptr, y + nt * 16,
-                  ldy, static_cast<int>(std::min<int64_t>(16, N - nt * 16)), accbuf.data());
+      tile_amx<Q>(w + nt * tile_bytes, acts, M, K, ep.at(nt * 16, 0), y + nt * 16, ldy,
+                  static_cast<int>(std::min<int64_t>(16, N - nt * 16)), accbuf.data());
     _tile_release();
   });
 }
@@ -1039,7 +1060,7 @@ constexpr int64_t kStreamingMaxM =
 // take gemm_batched, or the AMX tiles where present for decode batches of kAmxMinM..kAmxMaxM.
 template <int64_t Q, typename TY>
 void gemm_typed(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t M, int64_t N,
-                int64_t K, const float* bias, TY* y, int64_t ldy) {
+                int64_t K, const Epilogue& ep, TY* y, int64_t ldy) {
 #ifdef TM_AMX
   // The tiles' products are nearly free, but every block's int32 sums still need the same
   // float rescaling per token as VNNI's. Measured on Sapphire Rapids against gemm_batched
@@ -1047,10 +1068,10 @@ void gemm_typed(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t
   // for prefill-size batches, and Q6_K's half blocks never pay off.
   if constexpr (!kSplit<Q>) {
     if (M >= kAmxMinM && M <= kAmxMaxM && amx_permitted())
-      return gemm_amx<Q>(w, xq, meta, M, N, K, bias, y, ldy);
+      return gemm_amx<Q>(w, xq, meta, M, N, K, ep, y, ldy);
   }
 #endif
-  if (M > kStreamingMaxM<Q>) return gemm_batched<Q>(w, xq, meta, M, N, K, bias, y, ldy);
+  if (M > kStreamingMaxM<Q>) return gemm_batched<Q>(w, xq, meta, M, N, K, ep, y, ldy);
   const int64_t n_tiles = (N + 15) / 16, tile_bytes = K / unit_k(Q) * unit_bytes(Q);
   // passes of at most 4 tokens (the accumulators stay in registers), as even as they can be; a
   // tile's later passes find it in L1 / L2
@@ -1058,24 +1079,24 @@ void gemm_typed(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t
   at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t nt = begin; nt < end; ++nt) {
       const uint8_t* wt = w + nt * tile_bytes;
-      const float* bt = bias ? bias + nt * 16 : nullptr;
       const int rows = static_cast<int>(std::min<int64_t>(16, N - nt * 16));
       for (int64_t m0 = 0; m0 < M; m0 += chunk) {
         const int8_t* xm = xq + m0 * K;
         const ActMeta* mm = meta + m0 * (K / 32);
         TY* yt = y + m0 * ldy + nt * 16;
+        const Epilogue et = ep.at(nt * 16, m0);
         switch (std::min(chunk, M - m0)) {
           case 1:
-            tile_streaming<Q, 1>(wt, xm, mm, K, bt, yt, ldy, rows);
+            tile_streaming<Q, 1>(wt, xm, mm, K, et, yt, ldy, rows);
             break;
           case 2:
-            tile_streaming<Q, 2>(wt, xm, mm, K, bt, yt, ldy, rows);
+            tile_streaming<Q, 2>(wt, xm, mm, K, et, yt, ldy, rows);
             break;
           case 3:
-            tile_streaming<Q, 3>(wt, xm, mm, K, bt, yt, ldy, rows);
+            tile_streaming<Q, 3>(wt, xm, mm, K, et, yt, ldy, rows);
             break;
           default:
-            tile_streaming<Q, 4>(wt, xm, mm, K, bt, yt, ldy, rows);
+            tile_streaming<Q, 4>(wt, xm, mm, K, et, yt, ldy, rows);
             break;
         }
       }
@@ -1134,9 +1155,9 @@ void cols_typed(const uint8_t* w, int64_t N, int64_t K, const std::vector<int64_
 
 template <typename TY>
 void gemm_dispatch(int64_t q, const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t M,
-                   int64_t N, int64_t K, const float* bias, TY* y, int64_t ldy) {
+                   int64_t N, int64_t K, const Epilogue& ep, TY* y, int64_t ldy) {
   const bool known = with_type(
-      q, [&](auto t) { gemm_typed<decltype(t)::value>(w, xq, meta, M, N, K, bias, y, ldy); });
+      q, [&](auto t) { gemm_typed<decltype(t)::value>(w, xq, meta, M, N, K, ep, y, ldy); });
   TORCH_CHECK(known, "unsupported GGUF type ", q);
 }
 #endif  // TM_AVX512 || TM_AVX2
@@ -1238,36 +1259,12 @@ std::vector<at::Tensor> quantize_except(const at::Tensor& x_in, const std::vecto
   return {q, meta};
 }
 
-// y[m, n] += sum_j x[m, idx[j]] * w[j, n]: the exact channels' share of the output, float32.
-template <typename TX, typename TY>
-void add_exact_channels(const TX* x, int64_t M, int64_t K, const std::vector<int64_t>& idx,
-                        const float* w, int64_t N, TY* y) {
-  using vec_math::tf;
+// a[m * k + j] = x[m, idx[j]] in float32: the exact channels' activations.
+template <typename TX>
+void gather_channels(const TX* x, int64_t M, int64_t K, const std::vector<int64_t>& idx, float* a) {
   const int64_t k = static_cast<int64_t>(idx.size());
-  // one thread for a small table (a fork costs ~2 us), both halves of N for a large one
-  const int64_t grain =
-      std::max<int64_t>((int64_t{1} << 14) / std::max<int64_t>(1, M * k), (N + 1) / 2);
-  at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
-    float a[QuantLinear::kMaxExactChannels];
-    for (int64_t m = 0; m < M; ++m) {
-      for (int64_t j = 0; j < k; ++j) a[j] = tf(x[m * K + idx[j]]);
-      TY* out = y + m * N;
-      int64_t n = b;
-#if defined(__AVX2__) && defined(__FMA__)
-      for (; n + 8 <= e; n += 8) {
-        __m256 s = vec_math::load8(out + n);
-        for (int64_t j = 0; j < k; ++j)
-          s = _mm256_fmadd_ps(_mm256_set1_ps(a[j]), _mm256_loadu_ps(w + j * N + n), s);
-        vec_math::store8(out + n, s);
-      }
-#endif
-      for (; n < e; ++n) {
-        float s = tf(out[n]);
-        for (int64_t j = 0; j < k; ++j) s += a[j] * w[j * N + n];
-        out[n] = vec_math::from_f<TY>(s);
-      }
-    }
-  });
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < k; ++j) a[m * k + j] = vec_math::tf(x[m * K + idx[j]]);
 }
 
 }  // namespace
@@ -1275,11 +1272,12 @@ void add_exact_channels(const TX* x, int64_t M, int64_t K, const std::vector<int
 // x [M, K] float32/bfloat16 -> (q int8 [M, K], meta float32 [M, K / 32, 4] = ActMeta).
 std::vector<at::Tensor> quantize_activations(at::Tensor x) { return quantize_except(x, {}); }
 
-// y[:, col:col + N] = dequant(W) applied to the quantized activations (+ bias float32, padded
-// with zeros to whole 16-row tiles). y is [M, >= col + N], float32 or bfloat16, rows contiguous.
-// The packed weight has ceil(N / 16) tiles (the last one padded with zero rows).
-void quant_gemm(at::Tensor xq, at::Tensor meta, at::Tensor packed, int64_t qtype, int64_t N,
-                at::Tensor y, int64_t col, c10::optional<at::Tensor> bias) {
+namespace {
+
+// quant_gemm with the exact channels' share in `ep` (its bias is set here).
+void gemm_into(const at::Tensor& xq, const at::Tensor& meta, const at::Tensor& packed,
+               int64_t qtype, int64_t N, const at::Tensor& y, int64_t col,
+               const c10::optional<at::Tensor>& bias, Epilogue ep) {
   const int64_t M = xq.size(0), K = xq.size(1);
   TORCH_CHECK(unit_bytes(qtype) > 0, "unsupported GGUF type ", qtype);
   const int64_t n_tiles = (N + 15) / 16;
@@ -1290,25 +1288,34 @@ void quant_gemm(at::Tensor xq, at::Tensor meta, at::Tensor packed, int64_t qtype
   TORCH_CHECK(xq.is_contiguous() && meta.is_contiguous() && y.dim() == 2 && y.size(0) == M &&
                   y.stride(1) == 1 && col + N <= y.size(1),
               "bad activation or output tensors");
-  const float* b = nullptr;
   if (bias.has_value()) {
     TORCH_CHECK(
         bias->scalar_type() == at::kFloat && bias->numel() == n_tiles * 16 && bias->is_contiguous(),
         "bias must be float32 [ceil(N / 16) * 16]");
-    b = bias->data_ptr<float>();
+    ep.bias = bias->data_ptr<float>();
   }
   if (M == 0) return;
 #if defined(TM_AVX512) || defined(TM_AVX2)
   const auto* mp = reinterpret_cast<const ActMeta*>(meta.data_ptr<float>());
   if (y.scalar_type() == at::kFloat)
-    gemm_dispatch(qtype, packed.data_ptr<uint8_t>(), xq.data_ptr<int8_t>(), mp, M, N, K, b,
+    gemm_dispatch(qtype, packed.data_ptr<uint8_t>(), xq.data_ptr<int8_t>(), mp, M, N, K, ep,
                   y.data_ptr<float>() + col, y.stride(0));
   else
-    gemm_dispatch(qtype, packed.data_ptr<uint8_t>(), xq.data_ptr<int8_t>(), mp, M, N, K, b,
+    gemm_dispatch(qtype, packed.data_ptr<uint8_t>(), xq.data_ptr<int8_t>(), mp, M, N, K, ep,
                   reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()) + col, y.stride(0));
 #else
   TORCH_CHECK(false, "this kernel build has no integer-dot ISA");
 #endif
+}
+
+}  // namespace
+
+// y[:, col:col + N] = dequant(W) applied to the quantized activations (+ bias float32, padded
+// with zeros to whole 16-row tiles). y is [M, >= col + N], float32 or bfloat16, rows contiguous.
+// The packed weight has ceil(N / 16) tiles (the last one padded with zero rows).
+void quant_gemm(at::Tensor xq, at::Tensor meta, at::Tensor packed, int64_t qtype, int64_t N,
+                at::Tensor y, int64_t col, c10::optional<at::Tensor> bias) {
+  gemm_into(xq, meta, packed, qtype, N, y, col, bias, Epilogue{});
 }
 
 // A quantized linear layer as one object: its runs of same-typed shards ("segments"), checked
@@ -1356,15 +1363,18 @@ at::Tensor QuantLinear::forward(at::Tensor x) const {
   }
   auto qm = quantize_except(x, exact_);
   auto y = at::empty({M, N_}, x.options());
-  for (size_t i = 0; i < packed_.size(); ++i)
-    quant_gemm(qm[0], qm[1], packed_[i], qtypes_[i], rows_[i], y, cols_[i], bias_[i]);
-  if (!exact_.empty() && M > 0) {
-    const float* w = exact_w_.data_ptr<float>();
-    if (x.scalar_type() == at::kFloat)
-      add_exact_channels(x.data_ptr<float>(), M, K_, exact_, w, N_, y.data_ptr<float>());
-    else
-      add_exact_channels(x.data_ptr<at::BFloat16>(), M, K_, exact_, w, N_,
-                         y.data_ptr<at::BFloat16>());
+  // the exact channels' activations, float32 [M, k], for the GEMM's epilogue
+  const int k = static_cast<int>(exact_.size());
+  std::vector<float> a(M * k);
+  if (x.scalar_type() == at::kFloat)
+    gather_channels(x.data_ptr<float>(), M, K_, exact_, a.data());
+  else
+    gather_channels(x.data_ptr<at::BFloat16>(), M, K_, exact_, a.data());
+  for (size_t i = 0; i < packed_.size(); ++i) {
+    const Epilogue ep =
+        k > 0 ? Epilogue{nullptr, exact_w_.data_ptr<float>() + cols_[i], a.data(), N_, k}
+              : Epilogue{};
+    gemm_into(qm[0], qm[1], packed_[i], qtypes_[i], rows_[i], y, cols_[i], bias_[i], ep);
   }
   return y;
 }
@@ -1387,10 +1397,12 @@ void QuantLinear::set_exact_channels(std::vector<int64_t> channels) {
   for (int64_t c : channels)
     TORCH_CHECK(c >= 0 && c < K_, "channel ", c, " is not in [0, ", K_, ")");
   const int64_t k = static_cast<int64_t>(channels.size());
-  at::Tensor w = at::empty({k, N_}, packed_[0].options().dtype(at::kFloat));
+  // [k, N_] and 16 floats of padding: a partial last tile's loads stay inside (see store_row)
+  at::Tensor table = at::zeros({k * N_ + 16}, packed_[0].options().dtype(at::kFloat));
+  at::Tensor w = table.narrow(0, 0, k * N_).view({k, N_});
   for (size_t i = 0; i < packed_.size() && k > 0; ++i)
     w.narrow(1, cols_[i], rows_[i])
         .copy_(quant_cols(packed_[i], qtypes_[i], rows_[i], K_, channels));
   exact_ = std::move(channels);
-  exact_w_ = w;
+  exact_w_ = k > 0 ? table : at::Tensor();
 }

@@ -32,7 +32,7 @@ class QuantLinear {
   // W are dequantized once here into a float32 [k, N] table. An empty list turns it off.
   void set_exact_channels(std::vector<int64_t> channels);
   const std::vector<int64_t>& exact_channels() const { return exact_; }
-  int64_t exact_bytes() const { return exact_w_.defined() ? exact_w_.numel() * 4 : 0; }
+  int64_t exact_bytes() const { return static_cast<int64_t>(exact_.size()) * N_ * 4; }
 
   static constexpr int64_t kMaxExactChannels = 16;
 
@@ -42,6 +42,6 @@ class QuantLinear {
   std::vector<c10::optional<at::Tensor>> bias_;
   int64_t K_ = 0, N_ = 0;
   std::vector<int64_t> exact_;  // sorted input channels kept out of the rounding
-  at::Tensor exact_w_;          // float32 [exact_.size(), N_]: W[:, exact_]^T
-  at::Tensor observed_;         // float32 [K_] while observing (calibration), else undefined
+  at::Tensor exact_w_;   // float32 W[:, exact_]^T ([exact_.size(), N_], then 16 floats of padding)
+  at::Tensor observed_;  // float32 [K_] while observing (calibration), else undefined
 };
