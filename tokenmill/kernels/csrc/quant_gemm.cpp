@@ -35,6 +35,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -539,6 +540,25 @@ constexpr int32_t kIntOffset = kSignedU<Q> ? 0
                                : Q == Q6_K ? 32
                                            : 0;
 
+// An uninitialized array (a std::vector would first zero it: a pass of its own, per call).
+template <typename T>
+struct Scratch {
+  std::unique_ptr<T[]> p;
+  void resize(int64_t n) { p.reset(n > 0 ? new T[n] : nullptr); }
+  T* data() { return p.get(); }
+  const T* data() const { return p.get(); }
+};
+
+// The sums of a block's 32 signed bytes over inputs 0..15 and 16..31 (sums of absolute
+// differences from -128, four 8-byte groups at a time).
+inline std::pair<int32_t, int32_t> half_sums(const int8_t* x) {
+  const __m256i v = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)),
+                                     _mm256_set1_epi8(static_cast<char>(0x80)));
+  const __m256i s = _mm256_sad_epu8(v, _mm256_setzero_si256());  // each group: its sum + 1024
+  const auto g = [&](int i) { return static_cast<int32_t>(_mm256_extract_epi64(s, i)); };
+  return {g(0) + g(1) - 2048, g(2) + g(3) - 2048};
+}
+
 // Quantized activations block-major, as the batched path reads them: for block kb and token m,
 // x[(kb * M + m) * 32 ...] (32 bytes), meta[kb * M + m] and, for symmetric types on AVX-512, the
 // chain starts start[(kb * M + m) * 2 + h] = -c * sum(q) over the block (h = 0), or over its halves
@@ -546,9 +566,9 @@ constexpr int32_t kIntOffset = kSignedU<Q> ? 0
 // cache lines, not K bytes apart (which aliases to a few L1 sets).
 struct BatchActs {
   int64_t M;
-  std::vector<int8_t> x;
-  std::vector<ActMeta> meta;
-  std::vector<int32_t> start;
+  Scratch<int8_t> x;
+  Scratch<ActMeta> meta;
+  Scratch<int32_t> start;
 
   template <int64_t Q>
   static BatchActs build(const int8_t* xq, const ActMeta* meta, int64_t M, int64_t K) {
@@ -566,16 +586,12 @@ struct BatchActs {
       for (int64_t b = b0; b < b1; ++b)
         for (int64_t m = 0; m < M; ++m) {
           const int8_t* src = xq + m * K + b * 32;
-          std::memcpy(&a.x[(b * M + m) * 32], src, 32);
-          a.meta[b * M + m] = meta[m * KB + b];
+          std::memcpy(a.x.data() + (b * M + m) * 32, src, 32);
+          a.meta.data()[b * M + m] = meta[m * KB + b];
           if constexpr (c != 0) {
-            int32_t lo = 0, hi = 0;
-            for (int i = 0; i < 16; ++i) {
-              lo += src[i];
-              hi += src[16 + i];
-            }
-            a.start[(b * M + m) * 2] = kSplit<Q> ? -c * lo : -c * (lo + hi);
-            a.start[(b * M + m) * 2 + 1] = kSplit<Q> ? -c * hi : 0;
+            const auto [lo, hi] = half_sums(src);
+            a.start.data()[(b * M + m) * 2] = kSplit<Q> ? -c * lo : -c * (lo + hi);
+            a.start.data()[(b * M + m) * 2 + 1] = kSplit<Q> ? -c * hi : 0;
           }
         }
     });
