@@ -123,8 +123,10 @@ def _perplexity(isa: str, text: str, **kwargs) -> float:
 # 0.10 nats (float32) to 0.13 (bfloat16) at random, so the mean over n tokens carries a standard
 # error of about 0.13 / sqrt(n): 0.15% here, 0.26% on the project's LICENSE (2,215 tokens), too
 # short: which near-equal input channels a level's calibration keeps exact depends on the last
-# bits of its float sums (an activation's 8-bit rounding amplifies them), and two such choices
-# measured +0.08% and +0.72% on LICENSE for the same avx2 level, -0.02% and +0.14% on this text.
+# bits of its float sums (an activation's 8-bit rounding amplifies them). On a Sapphire Rapids
+# VM the avx2 and avx512 levels' choices differed in 16 of 120 layers and measured +0.72% and
+# +0.25% on LICENSE (the avx2 level with the avx512 level's channels: +0.08%), +0.14% and -0.02%
+# on this text.
 # bfloat16 is checked where the CPU computes it natively (where `dtype="auto"` picks it): on an
 # AVX2-only CPU it is an opt-in dtype that torch emulates, slowly; there (AMD Zen 3) the avx2
 # level in bfloat16 measured -0.05% on LICENSE (+0.40% with every channel rounded).
