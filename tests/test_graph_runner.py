@@ -87,17 +87,7 @@ def test_graph_replay_matches_eager_at_every_size(tiny, monkeypatch):  # noqa: F
 def test_backends_without_graph_support_never_capture(tiny, monkeypatch):  # noqa: F811
     monkeypatch.setenv("TOKENMILL_BACKEND", "torch")
     path, _ = tiny
-    engine = _llm(path).engine
-    runner = ModelRunner(
-        engine.model,
-        NUM_BLOCKS,
-        BLOCK_SIZE,
-        torch.float32,
-        torch.device("cpu"),
-        engine.max_model_len,
-        MAX_SEQS,
-        graph_factory=CountingGraph,
-    )
+    runner = _graph_runner(_llm(path).engine)
     assert runner.graphs is None
 
 

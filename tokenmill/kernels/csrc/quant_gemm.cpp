@@ -76,54 +76,28 @@ struct Epilogue {
   }
 };
 
-inline float bf16_to_f(uint16_t h) {
-  uint32_t b = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &b, 4);
-  return f;
-}
-
 // ---- activation quantization ----
 // Per block of 32: amax = max |x|, d = amax * (1 / 127), q = round-to-nearest-even(x * (127 /
-// amax)) (0 for an all-zero block), and the sums of q over each half. The vector version does
-// the same float operations in the same order as the scalar one, so both give the same bytes.
-#if defined(__AVX2__) && defined(__FMA__)
-inline __m256 load8f(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8f(const uint16_t* p) {  // bfloat16 bits
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
-}
+// amax)) (0 for an all-zero block), and the sums of q over each half, in 8-float vectors (every
+// kernel level has AVX2), with the float operations in that order: the bytes of
+// tests/test_quant_kernels.py's scalar reference.
 inline int32_t hsum_epi32(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
   return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
 }
-#endif
 
 template <typename T>
 void quantize_row(const T* x, int64_t K, int8_t* q, ActMeta* meta) {
   for (int64_t b = 0; b < K / 32; ++b) {
-#if defined(__AVX2__) && defined(__FMA__)
     __m256 v[4];
-    for (int i = 0; i < 4; ++i) v[i] = load8f(x + b * 32 + i * 8);
+    for (int i = 0; i < 4; ++i) v[i] = vec_math::load8(x + b * 32 + i * 8);
     const __m256 sign = _mm256_set1_ps(-0.f);
     const __m256 m01 = _mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1]));
     const __m256 m23 = _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3]));
     const float amax = vec_math::hmax8(_mm256_max_ps(m01, m23));
-#else
-    float v[32];
-    float amax = 0.f;
-    for (int i = 0; i < 32; ++i) {
-      if constexpr (std::is_same_v<T, float>)
-        v[i] = x[b * 32 + i];
-      else
-        v[i] = bf16_to_f(x[b * 32 + i]);
-      amax = std::max(amax, std::fabs(v[i]));
-    }
-#endif
     const float d = amax * (1.f / 127.f);  // a product: -ffast-math cannot reorder it
     const float id = amax > 0.f ? 127.f / amax : 0.f;
-#if defined(__AVX2__) && defined(__FMA__)
     __m256i qi[4];  // the products rounded to nearest even (the default MXCSR mode)
     for (int i = 0; i < 4; ++i) qi[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id)));
     // two packs keep 128-bit lanes apart: dwords come out as q0[0:4] q1[0:4] q2[0:4] q3[0:4]
@@ -134,14 +108,6 @@ void quantize_row(const T* x, int64_t K, int8_t* q, ActMeta* meta) {
                         _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
     const int slo = hsum_epi32(_mm256_add_epi32(qi[0], qi[1]));
     const int shi = hsum_epi32(_mm256_add_epi32(qi[2], qi[3]));
-#else
-    int slo = 0, shi = 0;
-    for (int i = 0; i < 32; ++i) {
-      const int r = static_cast<int>(std::nearbyint(v[i] * id));
-      q[b * 32 + i] = static_cast<int8_t>(r);
-      (i < 16 ? slo : shi) += r;
-    }
-#endif
     meta[b] = {d, d * static_cast<float>(slo + shi), d * static_cast<float>(slo),
                d * static_cast<float>(shi)};
   }
@@ -1306,8 +1272,7 @@ std::vector<at::Tensor> quantize_except(const at::Tensor& x_in, const std::vecto
   if (x.scalar_type() == at::kFloat)
     quantize_rows(x.data_ptr<float>(), M, K, zero, q.data_ptr<int8_t>(), mp);
   else
-    quantize_rows(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, K, zero,
-                  q.data_ptr<int8_t>(), mp);
+    quantize_rows(x.data_ptr<at::BFloat16>(), M, K, zero, q.data_ptr<int8_t>(), mp);
   return {q, meta};
 }
 
