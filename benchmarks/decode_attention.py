@@ -1,0 +1,150 @@
+"""The CPU decode-attention kernel's read rate over a paged KV pool, against the copy bandwidth.
+
+A decode batch's attention reads every cached K and V row of its requests once per layer; on
+a CPU that stream, not the arithmetic, sets its time once the caches outgrow L2. This measures
+`paged_decode_attention` (the C++ kernel of the ISA level chosen as the engine chooses it, or
+`TOKENMILL_CPU_ISA`) on a pool like the engine's: one K and one V tensor per layer, `--pool-gib`
+in all, the layers called in turn so that each call starts cold, as in a decode step. Blocks are
+laid out as the block pool hands them out to a batch that decodes in lockstep (request i's j-th
+block is block j * batch + i: "lockstep"), or in random order ("random": a long-running
+server's pool). A "warm" row repeats one layer (its rows then stay in L2): the kernel's rate
+when memory is not the limit.
+
+Each row: microseconds per layer call, GB/s of K and V rows read, and that over the machine's
+copy bandwidth (measured in the same run; `bench_llamacpp.measure_bandwidth_gbs`).
+
+    .venv/bin/python benchmarks/decode_attention.py [--heads 9/3x64] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def pool(layers: int, slots: int, kv_heads: int, head_dim: int) -> list[tuple[torch.Tensor, ...]]:
+    """Per layer (K, V), random bf16 rows: [slots, kv_heads, head_dim] each."""
+    g = torch.Generator().manual_seed(0)
+    return [
+        tuple(
+            torch.randn(slots, kv_heads, head_dim, generator=g).to(torch.bfloat16) for _ in range(2)
+        )
+        for _ in range(layers)
+    ]
+
+
+def block_tables(batch: int, blocks_per_seq: int, num_blocks: int, layout: str) -> torch.Tensor:
+    if layout == "lockstep":
+        ids = torch.arange(blocks_per_seq * batch).view(blocks_per_seq, batch).t()
+    else:
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randperm(num_blocks, generator=g)[: batch * blocks_per_seq]
+    return ids.reshape(batch, blocks_per_seq).to(torch.int32).contiguous()
+
+
+def measure(ops, caches, q, tables, seq_lens, block_size, layers_used, repeats) -> float:
+    """Best seconds per layer call over `repeats` passes through `layers_used` layers."""
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for i in range(layers_used):
+            k, v = caches[i % len(caches)]
+            ops.paged_decode_attention(q, k, v, tables, seq_lens, block_size, 0.125)
+        best = min(best, (time.perf_counter() - t) / layers_used)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--heads", default="9/3x64", help="query heads / kv heads x head_dim")
+    ap.add_argument("--pool-gib", type=float, default=1.0)
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--contexts", default="144,1024")
+    ap.add_argument("--block-sizes", default="16,64")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="benchmarks/results/decode_attention.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from bench_llamacpp import measure_bandwidth_gbs
+
+    from tokenmill.kernels import cpu_ops
+
+    ops = cpu_ops.get_ops()
+    hq, rest = args.heads.split("/")
+    hkv, d = (int(x) for x in rest.split("x"))
+    hq = int(hq)
+    slots = int(args.pool_gib * 2**30 / (args.layers * 2 * hkv * d * 2))
+    caches = pool(args.layers, slots, hkv, d)
+    bw = measure_bandwidth_gbs()
+    print(
+        f"{os.environ.get('TOKENMILL_CPU_ISA', 'auto')} kernels, {args.threads} threads, heads "
+        f"{hq}/{hkv}x{d}, pool {args.pool_gib} GiB over {args.layers} layers, copy bandwidth "
+        f"{bw:.1f} GB/s",
+        flush=True,
+    )
+    heads = ("batch", "ctx", "block", "layout", "us/layer", "GB/s", "of bw")
+    print(" ".join(f"{h:>{w}}" for h, w in zip(heads, (5, 5, 5, 8, 9, 6, 6), strict=True)))
+    rows = []
+    for batch in (int(x) for x in args.batches.split(",")):
+        q = torch.randn(batch, hq, d).to(torch.bfloat16)
+        for ctx in (int(x) for x in args.contexts.split(",")):
+            seq_lens = torch.full((batch,), ctx, dtype=torch.int32)
+            for bs in (int(x) for x in args.block_sizes.split(",")):
+                per_seq = (ctx + bs - 1) // bs
+                if batch * per_seq > slots // bs:
+                    continue  # does not fit the pool
+                for layout in ("lockstep", "random", "warm"):
+                    order = "random" if layout == "random" else "lockstep"
+                    tables = block_tables(batch, per_seq, slots // bs, order)
+                    used = caches[:1] if layout == "warm" else caches
+                    calls = 2 * args.layers
+                    sec = measure(ops, used, q, tables, seq_lens, bs, calls, args.repeats)
+                    gbs = batch * ctx * hkv * d * 2 * 2 / sec / 1e9
+                    rows.append(
+                        {
+                            "batch": batch,
+                            "context": ctx,
+                            "block_size": bs,
+                            "layout": layout,
+                            "us_per_layer": sec * 1e6,
+                            "gb_s": gbs,
+                            "of_bandwidth": gbs / bw,
+                        }
+                    )
+                    print(
+                        f"{batch:5d} {ctx:5d} {bs:5d} {layout:>8} {sec * 1e6:9.1f} {gbs:6.1f} "
+                        f"{gbs / bw:6.0%}",
+                        flush=True,
+                    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "isa": os.environ.get("TOKENMILL_CPU_ISA", "auto"),
+                "threads": args.threads,
+                "heads": args.heads,
+                "pool_gib": args.pool_gib,
+                "layers": args.layers,
+                "bandwidth_gbs": bw,
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
