@@ -313,3 +313,28 @@ def test_exact_channel_errors_and_calibration_record(ops):
     layer.observe_inputs(False)
     with pytest.raises(RuntimeError, match="observe_inputs"):
         layer.observed_absmax()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_prepared_batches_equal_quant_gemm(ops, dtype):
+    """From 17 tokens on, a QuantLinear quantizes its input straight into the batched path's
+    block-major layout, once for all its segments (with the integer chain starts each segment's
+    type needs). Its output must be bit-identical to quantize_activations + quant_gemm per
+    segment, at every batch size around that threshold, with segments of every type (so every
+    chain-start kind: whole blocks with offsets 8, 16 and 128, halves with 32, float offsets)."""
+    rng = np.random.default_rng(900)
+    k = 512
+    rows = [16 + 3 * i for i in range(len(ALL_TYPES))]  # partial last tiles
+    shards = [(q, n, random_blocks(q, n, k, rng)) for q, n in zip(ALL_TYPES, rows, strict=True)]
+    layer, _ = _linear(ops, shards, k)
+    packed = [gp.pack(gp.parse(raw, int(q), n, k), int(q), n, k) for q, n, raw in shards]
+    for m in (16, 17, 33, 64, 70):
+        x = torch.randn(m, k).to(dtype)
+        y = layer(x)
+        xq, meta = ops.quantize_activations(x)
+        ref = torch.empty_like(y)
+        col = 0
+        for (q, n, _), p in zip(shards, packed, strict=True):
+            ops.quant_gemm(xq, meta, p, int(q), n, ref, col, None)
+            col += n
+        assert torch.equal(y, ref), m

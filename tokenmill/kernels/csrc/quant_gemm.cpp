@@ -4,7 +4,8 @@
 //
 // Activations are quantized once per call to 8-bit blocks of 32 (q = round-to-nearest-even of
 // x * 127 / max|x|, d = max|x| * (1 / 127)) that carry d * (sum of each 16-half) for the weights'
-// offsets.
+// offsets. A QuantLinear quantizes a batch of kPreparedMinM+ tokens straight into the batched
+// path's block-major layout (BatchActs), once for all its segments, in one threaded pass.
 //
 // A layer may keep a few input channels out of that rounding (QuantLinear::set_exact_channels:
 // the activations' outlier channels, chosen at start-up): they are read as 0 when the blocks are
@@ -87,8 +88,10 @@ inline int32_t hsum_epi32(__m256i v) {
   return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
 }
 
-template <typename T>
-void quantize_row(const T* x, int64_t K, int8_t* q, ActMeta* meta) {
+// Quantizes one token's K inputs: put(b, bytes, meta, lo, hi) for each block b, with its 32
+// bytes, metadata and the integer sums of its halves.
+template <typename T, typename Put>
+inline void quantize_blocks(const T* x, int64_t K, Put&& put) {
   for (int64_t b = 0; b < K / 32; ++b) {
     __m256 v[4];
     for (int i = 0; i < 4; ++i) v[i] = vec_math::load8(x + b * 32 + i * 8);
@@ -104,13 +107,22 @@ void quantize_row(const T* x, int64_t K, int8_t* q, ActMeta* meta) {
     // q0[4:8] q1[4:8] q2[4:8] q3[4:8]
     const __m256i p =
         _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * 32),
-                        _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
     const int slo = hsum_epi32(_mm256_add_epi32(qi[0], qi[1]));
     const int shi = hsum_epi32(_mm256_add_epi32(qi[2], qi[3]));
-    meta[b] = {d, d * static_cast<float>(slo + shi), d * static_cast<float>(slo),
-               d * static_cast<float>(shi)};
+    put(b, _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)),
+        ActMeta{d, d * static_cast<float>(slo + shi), d * static_cast<float>(slo),
+                d * static_cast<float>(shi)},
+        slo, shi);
   }
+}
+
+// One token, row-major: its K bytes at q, its K / 32 blocks' metadata at meta.
+template <typename T>
+void quantize_row(const T* x, int64_t K, int8_t* q, ActMeta* meta) {
+  quantize_blocks(x, K, [&](int64_t b, __m256i bytes, ActMeta mt, int, int) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * 32), bytes);
+    meta[b] = mt;
+  });
 }
 
 #if defined(TM_AVX512) || defined(TM_AVX2)
@@ -525,26 +537,67 @@ inline std::pair<int32_t, int32_t> half_sums(const int8_t* x) {
   return {g(0) + g(1) - 2048, g(2) + g(3) - 2048};
 }
 
+// Which chain starts a type's batched kernel begins its integer sums at: -c * sum(q) over each
+// block (split = false) or over each half of it (split = true); c = 0: none.
+struct StartSpec {
+  int32_t c = 0;
+  bool split = false;
+  bool operator==(const StartSpec& o) const { return c == o.c && split == o.split; }
+};
+template <int64_t Q>
+constexpr StartSpec kStartSpec = {kChainStarts ? kIntOffset<Q> : 0, kSplit<Q>};
+
 // Quantized activations block-major, as the batched path reads them: for block kb and token m,
-// x[(kb * M + m) * 32 ...] (32 bytes), meta[kb * M + m] and, for symmetric types on AVX-512, the
-// chain starts start[(kb * M + m) * 2 + h] = -c * sum(q) over the block (h = 0), or over its halves
-// (split types: h = 0 for inputs 0..15, 1 for 16..31). A block's tokens sit on consecutive
-// cache lines, not K bytes apart (which aliases to a few L1 sets).
+// x[(kb * M + m) * 32 ...] (32 bytes), meta[kb * M + m] and, for each StartSpec of `specs`
+// (symmetric types on AVX-512), the chain starts starts<Q>()[(kb * M + m) * 2 + h] = -c * sum(q)
+// over the block (h = 0), or over its halves (split types: h = 0 for inputs 0..15, 1 for
+// 16..31). A block's tokens sit on consecutive cache lines, not K bytes apart (which aliases to
+// a few L1 sets).
 struct BatchActs {
-  int64_t M;
+  int64_t M = 0, KB = 0;
   Scratch<int8_t> x;
   Scratch<ActMeta> meta;
-  Scratch<int32_t> start;
+  Scratch<int32_t> start;  // one [KB][M][2] array per spec
+  std::vector<StartSpec> specs;
 
+  // Type Q's chain starts (nullptr where it takes none).
   template <int64_t Q>
-  static BatchActs build(const int8_t* xq, const ActMeta* meta, int64_t M, int64_t K) {
+  const int32_t* starts() const {
+    constexpr StartSpec want = kStartSpec<Q>;
+    if (want.c == 0) return nullptr;
+    for (size_t i = 0; i < specs.size(); ++i)
+      if (specs[i] == want) return start.data() + i * M * KB * 2;
+    TORCH_CHECK(false, "activations prepared without the chain starts of GGUF type ", Q);
+    return nullptr;
+  }
+
+  // Token m's block b: its bytes, metadata and the integer sums of its halves.
+  void put(int64_t m, int64_t b, __m256i bytes, const ActMeta& mt, int32_t lo, int32_t hi) {
+    const int64_t i = b * M + m;
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(x.data() + i * 32), bytes);
+    meta.data()[i] = mt;
+    for (size_t s = 0; s < specs.size(); ++s) {
+      int32_t* st = start.data() + s * M * KB * 2 + i * 2;
+      const int32_t c = specs[s].c;
+      st[0] = specs[s].split ? -c * lo : -c * (lo + hi);
+      st[1] = specs[s].split ? -c * hi : 0;
+    }
+  }
+
+  BatchActs(int64_t m, int64_t k, std::vector<StartSpec> sp)
+      : M(m), KB(k / 32), specs(std::move(sp)) {
+    x.resize(M * k);
+    meta.resize(M * KB);
+    start.resize(static_cast<int64_t>(specs.size()) * M * KB * 2);
+  }
+
+  // From activations quantized row-major (quantize_activations) for type Q.
+  template <int64_t Q>
+  static BatchActs from_rows(const int8_t* xq, const ActMeta* meta, int64_t M, int64_t K) {
+    std::vector<StartSpec> specs;
+    if (kStartSpec<Q>.c != 0) specs.push_back(kStartSpec<Q>);
+    BatchActs a(M, K, std::move(specs));
     const int64_t KB = K / 32;
-    constexpr int32_t c = kChainStarts ? kIntOffset<Q> : 0;
-    BatchActs a;
-    a.M = M;
-    a.x.resize(M * K);
-    a.meta.resize(M * KB);
-    a.start.resize(c ? M * KB * 2 : 0);
     // Threads only from 1 MiB of activations on (prefill): a decode batch's copy is a few
     // microseconds, less than waking the pool.
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / (M * 32));
@@ -552,14 +605,34 @@ struct BatchActs {
       for (int64_t b = b0; b < b1; ++b)
         for (int64_t m = 0; m < M; ++m) {
           const int8_t* src = xq + m * K + b * 32;
-          std::memcpy(a.x.data() + (b * M + m) * 32, src, 32);
-          a.meta.data()[b * M + m] = meta[m * KB + b];
-          if constexpr (c != 0) {
-            const auto [lo, hi] = half_sums(src);
-            a.start.data()[(b * M + m) * 2] = kSplit<Q> ? -c * lo : -c * (lo + hi);
-            a.start.data()[(b * M + m) * 2 + 1] = kSplit<Q> ? -c * hi : 0;
-          }
+          const auto [lo, hi] = a.specs.empty() ? std::pair<int32_t, int32_t>{} : half_sums(src);
+          a.put(m, b, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)), meta[m * KB + b],
+                lo, hi);
         }
+    });
+    return a;
+  }
+
+  // Quantizes x [M, K] straight into this layout (the bytes and metadata of
+  // quantize_activations), with input channels `zero` (sorted, distinct) read as 0, and the
+  // chain starts of every spec: one pass, threads over tokens.
+  template <typename T>
+  static BatchActs quantize(const T* x, int64_t M, int64_t K, const std::vector<int64_t>& zero,
+                            std::vector<StartSpec> specs) {
+    BatchActs a(M, K, std::move(specs));
+    at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
+      std::vector<T> row(zero.empty() ? 0 : K);
+      for (int64_t m = m0; m < m1; ++m) {
+        const T* src = x + m * K;
+        if (!zero.empty()) {
+          std::memcpy(row.data(), src, K * sizeof(T));
+          for (int64_t c : zero) row[c] = T(0);
+          src = row.data();
+        }
+        quantize_blocks(src, K, [&](int64_t b, __m256i bytes, const ActMeta& mt, int lo, int hi) {
+          a.put(m, b, bytes, mt, lo, hi);
+        });
+      }
     });
     return a;
   }
@@ -645,8 +718,8 @@ constexpr int kTokenGroup = kSplit<Q> ? 2 : 4;
 // Block kb of NT (1 or 2) tiles applied to tokens m0 .. m0 + MC:
 // acc[(m - m0) * 32 + 16 * i ...] += tile i's contribution (16 floats per tile and token).
 template <int64_t Q, int NT>
-inline void accumulate_batch(const Block* blk, const BatchActs& acts, int64_t m0, int64_t MC,
-                             int64_t kb, float* acc) {
+inline void accumulate_batch(const Block* blk, const BatchActs& acts, const int32_t* starts,
+                             int64_t m0, int64_t MC, int64_t kb, float* acc) {
   constexpr int G = kTokenGroup<Q>;
   BlockRegs<NT> r;
   for (int i = 0; i < NT; ++i) {
@@ -658,7 +731,7 @@ inline void accumulate_batch(const Block* blk, const BatchActs& acts, int64_t m0
   const int64_t first = kb * acts.M + m0;  // (block, token) index of the first token
   const int8_t* x = acts.x.data() + first * 32;
   const ActMeta* meta = acts.meta.data() + first;
-  const int32_t* start = kIntOffset<Q> ? acts.start.data() + first * 2 : nullptr;
+  const int32_t* start = starts ? starts + first * 2 : nullptr;
   int64_t m = 0;
   for (; m + G <= MC; m += G)
     accumulate_tokens<Q, NT, G>(r, x + 32 * m, meta + m, start ? start + 2 * m : nullptr,
@@ -800,8 +873,8 @@ __attribute__((noinline)) void accumulate_group(const Block& b, const int8_t* x,
 // Block kb of NT (1 or 2) tiles applied to tokens m0 .. m0 + MC:
 // acc[(m - m0) * 32 + 16 * i ...] += tile i's contribution (16 floats per tile and token).
 template <int64_t Q, int NT>
-inline void accumulate_batch(const Block* blk, const BatchActs& acts, int64_t m0, int64_t MC,
-                             int64_t kb, float* acc) {
+inline void accumulate_batch(const Block* blk, const BatchActs& acts, const int32_t* /*starts*/,
+                             int64_t m0, int64_t MC, int64_t kb, float* acc) {
   constexpr int G = kTokenGroup<Q>;
   const int64_t first = kb * acts.M + m0;  // (block, token) index of the first token
   const int8_t* x = acts.x.data() + first * 32;
@@ -850,6 +923,7 @@ void tiles_batched(const uint8_t* w, int64_t tile_bytes, const BatchActs& acts, 
                    int64_t MC, int64_t K, const Epilogue& ep, TY* y, int64_t ldy, int64_t N,
                    int64_t nt0, float* accbuf) {
   const int64_t uk = unit_k(Q), ub = unit_bytes(Q), bpu = uk / 32;
+  const int32_t* starts = acts.starts<Q>();
   std::fill(accbuf, accbuf + MC * 32, 0.f);
   Block blk[NT];
   for (int64_t u = 0; u < K / uk; ++u) {
@@ -865,7 +939,7 @@ void tiles_batched(const uint8_t* w, int64_t tile_bytes, const BatchActs& acts, 
                      _MM_HINT_T0);
     for (int b = 0; b < bpu; ++b) {
       for (int i = 0; i < NT; ++i) unpack_block<Q>(w + (nt0 + i) * tile_bytes + u * ub, b, blk[i]);
-      accumulate_batch<Q, NT>(blk, acts, m0, MC, u * bpu + b, accbuf);
+      accumulate_batch<Q, NT>(blk, acts, starts, m0, MC, u * bpu + b, accbuf);
     }
   }
   for (int i = 0; i < NT; ++i) {
@@ -885,10 +959,9 @@ constexpr int64_t kBatchChunk = 64;
 // y = the quantized GEMM for 5+ tokens: pairs of tiles split over the threads, each pair applied
 // to the batch in passes of at most kBatchChunk tokens.
 template <int64_t Q, typename TY>
-void gemm_batched(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t M, int64_t N,
-                  int64_t K, const Epilogue& ep, TY* y, int64_t ldy) {
-  const int64_t n_tiles = (N + 15) / 16, tile_bytes = K / unit_k(Q) * unit_bytes(Q);
-  const BatchActs acts = BatchActs::build<Q>(xq, meta, M, K);
+void gemm_batched(const uint8_t* w, const BatchActs& acts, int64_t N, int64_t K, const Epilogue& ep,
+                  TY* y, int64_t ldy) {
+  const int64_t M = acts.M, n_tiles = (N + 15) / 16, tile_bytes = K / unit_k(Q) * unit_bytes(Q);
   const int64_t passes = (M + kBatchChunk - 1) / kBatchChunk, chunk = (M + passes - 1) / passes;
   at::parallel_for(0, (n_tiles + 1) / 2, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> accbuf(chunk * 32);
@@ -1037,19 +1110,11 @@ constexpr int64_t kAmxMinM = 48, kAmxMaxM = 64;
 
 // y = the quantized GEMM on the tile unit, one 16-row tile at a time (tile_amx).
 template <int64_t Q, typename TY>
-void gemm_amx(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t M, int64_t N,
-              int64_t K, const Epilogue& ep, TY* y, int64_t ldy) {
-  const int64_t n_tiles = (N + 15) / 16, tile_bytes = K / unit_k(Q) * unit_bytes(Q), KB = K / 32;
-  // Every weight tile reads the activations block by block: copy them block-major once per
-  // call (M * K bytes, next to M * N * K multiply-adds).
-  std::vector<int8_t> xr(M * K);
-  std::vector<ActMeta> mr(M * KB);
-  for (int64_t b = 0; b < KB; ++b)
-    for (int64_t m = 0; m < M; ++m) {
-      std::memcpy(&xr[(b * M + m) * 32], xq + m * K + b * 32, 32);
-      mr[b * M + m] = meta[m * KB + b];
-    }
-  const Acts acts = {xr.data(), mr.data(), 32, M * 32, 1, M};
+void gemm_amx(const uint8_t* w, const BatchActs& batch, int64_t N, int64_t K, const Epilogue& ep,
+              TY* y, int64_t ldy) {
+  const int64_t M = batch.M, n_tiles = (N + 15) / 16, tile_bytes = K / unit_k(Q) * unit_bytes(Q);
+  // every weight tile reads the activations block by block: block-major
+  const Acts acts = {batch.x.data(), batch.meta.data(), 32, M * 32, 1, M};
   at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
     configure_amx();
     std::vector<float> accbuf(M * 16);
@@ -1074,22 +1139,31 @@ constexpr int64_t kStreamingMaxM =
     Q == Q4_0 || Q == Q4_1 || Q == Q8_0 || Q == Q6_K ? 16 : 8;
 #endif
 
-// y = the quantized GEMM: batches of up to kStreamingMaxM tokens stream each tile, larger ones
-// take gemm_batched, or the AMX tiles where present for decode batches of kAmxMinM..kAmxMaxM.
+// y = the quantized GEMM of a batch prepared block-major (more than kStreamingMaxM tokens):
+// gemm_batched, or the AMX tiles where present for decode batches of kAmxMinM..kAmxMaxM.
 template <int64_t Q, typename TY>
-void gemm_typed(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t M, int64_t N,
-                int64_t K, const Epilogue& ep, TY* y, int64_t ldy) {
+void gemm_prepared(const uint8_t* w, const BatchActs& acts, int64_t N, int64_t K,
+                   const Epilogue& ep, TY* y, int64_t ldy) {
 #ifdef TM_AMX
   // The tiles' products are nearly free, but every block's int32 sums still need the same
   // float rescaling per token as VNNI's. Measured on Sapphire Rapids against gemm_batched
   // (same process, 1 thread): 0.8-0.9x at 16 tokens, 0.92-1.06x at 32, 1.0-1.08x at 64; slower
   // for prefill-size batches, and Q6_K's half blocks never pay off.
   if constexpr (!kSplit<Q>) {
-    if (M >= kAmxMinM && M <= kAmxMaxM && amx_permitted())
-      return gemm_amx<Q>(w, xq, meta, M, N, K, ep, y, ldy);
+    if (acts.M >= kAmxMinM && acts.M <= kAmxMaxM && amx_permitted())
+      return gemm_amx<Q>(w, acts, N, K, ep, y, ldy);
   }
 #endif
-  if (M > kStreamingMaxM<Q>) return gemm_batched<Q>(w, xq, meta, M, N, K, ep, y, ldy);
+  gemm_batched<Q>(w, acts, N, K, ep, y, ldy);
+}
+
+// y = the quantized GEMM of row-major activations: batches of up to kStreamingMaxM tokens
+// stream each tile, larger ones are copied block-major for gemm_prepared.
+template <int64_t Q, typename TY>
+void gemm_typed(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t M, int64_t N,
+                int64_t K, const Epilogue& ep, TY* y, int64_t ldy) {
+  if (M > kStreamingMaxM<Q>)
+    return gemm_prepared<Q>(w, BatchActs::from_rows<Q>(xq, meta, M, K), N, K, ep, y, ldy);
   const int64_t n_tiles = (N + 15) / 16, tile_bytes = K / unit_k(Q) * unit_bytes(Q);
   // passes of at most 4 tokens (the accumulators stay in registers), as even as they can be; a
   // tile's later passes find it in L1 / L2
@@ -1178,6 +1252,28 @@ void gemm_dispatch(int64_t q, const uint8_t* w, const int8_t* xq, const ActMeta*
       q, [&](auto t) { gemm_typed<decltype(t)::value>(w, xq, meta, M, N, K, ep, y, ldy); });
   TORCH_CHECK(known, "unsupported GGUF type ", q);
 }
+
+template <typename TY>
+void gemm_dispatch(int64_t q, const uint8_t* w, const BatchActs& acts, int64_t N, int64_t K,
+                   const Epilogue& ep, TY* y, int64_t ldy) {
+  const bool known =
+      with_type(q, [&](auto t) { gemm_prepared<decltype(t)::value>(w, acts, N, K, ep, y, ldy); });
+  TORCH_CHECK(known, "unsupported GGUF type ", q);
+}
+
+// The chain starts type q's batched kernel reads.
+StartSpec start_spec(int64_t q) {
+  StartSpec s;
+  with_type(q, [&](auto t) { s = kStartSpec<decltype(t)::value>; });
+  return s;
+}
+
+// Batches of more than this many tokens take the batched path (or AMX) for every type on every
+// level: QuantLinear quantizes them straight into its block-major layout.
+constexpr int64_t kPreparedMinM = 17;
+static_assert(kPreparedMinM > kStreamingMaxM<Q4_0> && kPreparedMinM > kStreamingMaxM<Q5_0> &&
+                  kPreparedMinM > kStreamingMaxM<Q6_K> && kPreparedMinM > kStreamingMaxM<Q8_0>,
+              "prepared batches never stream");
 #endif  // TM_AVX512 || TM_AVX2
 
 }  // namespace
@@ -1291,26 +1387,33 @@ std::vector<at::Tensor> quantize_activations(at::Tensor x) { return quantize_exc
 
 namespace {
 
-// quant_gemm with the exact channels' share in `ep` (its bias is set here).
-void gemm_into(const at::Tensor& xq, const at::Tensor& meta, const at::Tensor& packed,
-               int64_t qtype, int64_t N, const at::Tensor& y, int64_t col,
-               const c10::optional<at::Tensor>& bias, Epilogue ep) {
-  const int64_t M = xq.size(0), K = xq.size(1);
+// Checks a GEMM of M tokens x K inputs into y[:, col:col + N] and sets ep's bias.
+void check_gemm(int64_t M, int64_t K, const at::Tensor& packed, int64_t qtype, int64_t N,
+                const at::Tensor& y, int64_t col, const c10::optional<at::Tensor>& bias,
+                Epilogue& ep) {
   TORCH_CHECK(unit_bytes(qtype) > 0, "unsupported GGUF type ", qtype);
   const int64_t n_tiles = (N + 15) / 16;
   TORCH_CHECK(K % unit_k(qtype) == 0 && N > 0, "K must be a multiple of ", unit_k(qtype));
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
                   packed.numel() == n_tiles * (K / unit_k(qtype)) * unit_bytes(qtype),
               "packed weights do not match N, K and the type");
-  TORCH_CHECK(xq.is_contiguous() && meta.is_contiguous() && y.dim() == 2 && y.size(0) == M &&
-                  y.stride(1) == 1 && col + N <= y.size(1),
-              "bad activation or output tensors");
+  TORCH_CHECK(y.dim() == 2 && y.size(0) == M && y.stride(1) == 1 && col + N <= y.size(1),
+              "bad output tensor");
   if (bias.has_value()) {
     TORCH_CHECK(
         bias->scalar_type() == at::kFloat && bias->numel() == n_tiles * 16 && bias->is_contiguous(),
         "bias must be float32 [ceil(N / 16) * 16]");
     ep.bias = bias->data_ptr<float>();
   }
+}
+
+// quant_gemm with the exact channels' share in `ep` (its bias is set here).
+void gemm_into(const at::Tensor& xq, const at::Tensor& meta, const at::Tensor& packed,
+               int64_t qtype, int64_t N, const at::Tensor& y, int64_t col,
+               const c10::optional<at::Tensor>& bias, Epilogue ep) {
+  const int64_t M = xq.size(0), K = xq.size(1);
+  TORCH_CHECK(xq.is_contiguous() && meta.is_contiguous(), "bad activation tensors");
+  check_gemm(M, K, packed, qtype, N, y, col, bias, ep);
   if (M == 0) return;
 #if defined(TM_AVX512) || defined(TM_AVX2)
   const auto* mp = reinterpret_cast<const ActMeta*>(meta.data_ptr<float>());
@@ -1324,6 +1427,21 @@ void gemm_into(const at::Tensor& xq, const at::Tensor& meta, const at::Tensor& p
   TORCH_CHECK(false, "this kernel build has no integer-dot ISA");
 #endif
 }
+
+#if defined(TM_AVX512) || defined(TM_AVX2)
+// The same from activations prepared block-major (BatchActs::quantize).
+void gemm_into(const BatchActs& acts, int64_t K, const at::Tensor& packed, int64_t qtype, int64_t N,
+               const at::Tensor& y, int64_t col, const c10::optional<at::Tensor>& bias,
+               Epilogue ep) {
+  check_gemm(acts.M, K, packed, qtype, N, y, col, bias, ep);
+  if (y.scalar_type() == at::kFloat)
+    gemm_dispatch(qtype, packed.data_ptr<uint8_t>(), acts, N, K, ep, y.data_ptr<float>() + col,
+                  y.stride(0));
+  else
+    gemm_dispatch(qtype, packed.data_ptr<uint8_t>(), acts, N, K, ep,
+                  reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()) + col, y.stride(0));
+}
+#endif
 
 }  // namespace
 
@@ -1378,7 +1496,6 @@ at::Tensor QuantLinear::forward(at::Tensor x) const {
     for (int64_t m = 0; m < M; ++m)
       for (int64_t c = 0; c < K_; ++c) amax[c] = std::max(amax[c], std::fabs(xp[m * K_ + c]));
   }
-  auto qm = quantize_except(x, exact_);
   auto y = at::empty({M, N_}, x.options());
   // the exact channels' activations, float32 [M, k], for the GEMM's epilogue
   const int k = static_cast<int>(exact_.size());
@@ -1387,12 +1504,29 @@ at::Tensor QuantLinear::forward(at::Tensor x) const {
     gather_channels(x.data_ptr<float>(), M, K_, exact_, a.data());
   else
     gather_channels(x.data_ptr<at::BFloat16>(), M, K_, exact_, a.data());
-  for (size_t i = 0; i < packed_.size(); ++i) {
-    const Epilogue ep =
-        k > 0 ? Epilogue{nullptr, exact_w_.data_ptr<float>() + cols_[i], a.data(), N_, k}
-              : Epilogue{};
-    gemm_into(qm[0], qm[1], packed_[i], qtypes_[i], rows_[i], y, cols_[i], bias_[i], ep);
+  auto epilogue = [&](size_t i) {
+    return k > 0 ? Epilogue{nullptr, exact_w_.data_ptr<float>() + cols_[i], a.data(), N_, k}
+                 : Epilogue{};
+  };
+#if defined(TM_AVX512) || defined(TM_AVX2)
+  if (M >= kPreparedMinM) {  // one block-major copy for every segment, made as x is quantized
+    std::vector<StartSpec> specs;
+    for (int64_t q : qtypes_) {
+      const StartSpec s = start_spec(q);
+      if (s.c != 0 && std::find(specs.begin(), specs.end(), s) == specs.end()) specs.push_back(s);
+    }
+    const BatchActs acts =
+        x.scalar_type() == at::kFloat
+            ? BatchActs::quantize(x.data_ptr<float>(), M, K_, exact_, std::move(specs))
+            : BatchActs::quantize(x.data_ptr<at::BFloat16>(), M, K_, exact_, std::move(specs));
+    for (size_t i = 0; i < packed_.size(); ++i)
+      gemm_into(acts, K_, packed_[i], qtypes_[i], rows_[i], y, cols_[i], bias_[i], epilogue(i));
+    return y;
   }
+#endif
+  auto qm = quantize_except(x, exact_);
+  for (size_t i = 0; i < packed_.size(); ++i)
+    gemm_into(qm[0], qm[1], packed_[i], qtypes_[i], rows_[i], y, cols_[i], bias_[i], epilogue(i));
   return y;
 }
 
