@@ -44,6 +44,8 @@ def pool(layers: int, slots: int, kv_heads: int, head_dim: int) -> list[tuple[to
 def block_tables(batch: int, blocks_per_seq: int, num_blocks: int, layout: str) -> torch.Tensor:
     if layout == "lockstep":
         ids = torch.arange(blocks_per_seq * batch).view(blocks_per_seq, batch).t()
+    elif layout == "contiguous":
+        ids = torch.arange(blocks_per_seq * batch)
     else:
         g = torch.Generator().manual_seed(1)
         ids = torch.randperm(num_blocks, generator=g)[: batch * blocks_per_seq]
@@ -104,8 +106,8 @@ def main() -> None:
                 per_seq = (ctx + bs - 1) // bs
                 if batch * per_seq > slots // bs:
                     continue  # does not fit the pool
-                for layout in ("lockstep", "random", "warm"):
-                    order = "random" if layout == "random" else "lockstep"
+                for layout in ("lockstep", "contiguous", "random", "warm"):
+                    order = "lockstep" if layout == "warm" else layout
                     tables = block_tables(batch, per_seq, slots // bs, order)
                     used = caches[:1] if layout == "warm" else caches
                     calls = 2 * args.layers

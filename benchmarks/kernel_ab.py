@@ -10,7 +10,11 @@ then for the model file:
     over the same packed weights (the same exact channels), at every `--tokens` count; the step
     column counts every layer's linears and the head once;
   * end to end: two LLMs on the same file, one per build, batch-1 decode and 32 x 128
-    (`--no-e2e` skips it), with the tokens of both compared.
+    (`--no-e2e` skips it), with the tokens of both compared. The LLM created first (the new
+    build's) is not neutral: an A/A run (this checkout against HEAD, no change) gave 0.93-0.94x
+    at batch 1 on the 1B-shape Q4_K_M file (memory-bound: the two models' 0.7 GB of weights
+    sit in different memory), and 0.99-1.01x at 32 x 128. Judge a batch-1 ratio there against
+    an A/A run.
 
     .venv/bin/python benchmarks/kernel_ab.py [--base HEAD~1] [--model PATH] [--isa avx512]
 """
@@ -171,8 +175,11 @@ def end_to_end(path, base, isa: str, repeats: int, threads: int) -> list[dict]:
     best, tokens = {}, {}
     for llm in llms.values():
         llm.generate(cases["bs1"], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
-    for _ in range(repeats):
-        for build, llm in llms.items():
+    for r in range(repeats):
+        # alternate which build runs first: each case then follows the other build's run as
+        # often as its own
+        for build in ("new", "base") if r % 2 == 0 else ("base", "new"):
+            llm = llms[build]
             for case, prompts in cases.items():
                 t = time.perf_counter()
                 outs = llm.generate(prompts, params)
