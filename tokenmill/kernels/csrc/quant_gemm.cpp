@@ -116,12 +116,24 @@ inline void quantize_blocks(const T* x, int64_t K, Put&& put) {
   }
 }
 
-// One token, row-major: its K bytes at q, its K / 32 blocks' metadata at meta.
-template <typename T>
-void quantize_row(const T* x, int64_t K, int8_t* q, ActMeta* meta) {
-  quantize_blocks(x, K, [&](int64_t b, __m256i bytes, ActMeta mt, int, int) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * 32), bytes);
-    meta[b] = mt;
+// Quantizes the M tokens of x [M, K], threads over tokens (at least `grain` each), with input
+// channels `zero` (sorted, distinct) read as 0: put(m, b, bytes, meta, lo, hi) for each block.
+template <typename T, typename Put>
+void quantize_tokens(const T* x, int64_t M, int64_t K, const std::vector<int64_t>& zero,
+                     int64_t grain, Put&& put) {
+  at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
+    std::vector<T> row(zero.empty() ? 0 : K);
+    for (int64_t m = m0; m < m1; ++m) {
+      const T* src = x + m * K;
+      if (!zero.empty()) {
+        std::memcpy(row.data(), src, K * sizeof(T));
+        for (int64_t c : zero) row[c] = T(0);
+        src = row.data();
+      }
+      quantize_blocks(src, K, [&](int64_t b, __m256i bytes, const ActMeta& mt, int lo, int hi) {
+        put(m, b, bytes, mt, lo, hi);
+      });
+    }
   });
 }
 
@@ -620,20 +632,10 @@ struct BatchActs {
   static BatchActs quantize(const T* x, int64_t M, int64_t K, const std::vector<int64_t>& zero,
                             std::vector<StartSpec> specs) {
     BatchActs a(M, K, std::move(specs));
-    at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
-      std::vector<T> row(zero.empty() ? 0 : K);
-      for (int64_t m = m0; m < m1; ++m) {
-        const T* src = x + m * K;
-        if (!zero.empty()) {
-          std::memcpy(row.data(), src, K * sizeof(T));
-          for (int64_t c : zero) row[c] = T(0);
-          src = row.data();
-        }
-        quantize_blocks(src, K, [&](int64_t b, __m256i bytes, const ActMeta& mt, int lo, int hi) {
-          a.put(m, b, bytes, mt, lo, hi);
-        });
-      }
-    });
+    quantize_tokens(x, M, K, zero, 4,
+                    [&](int64_t m, int64_t b, __m256i bytes, const ActMeta& mt, int lo, int hi) {
+                      a.put(m, b, bytes, mt, lo, hi);
+                    });
     return a;
   }
 };
@@ -1345,18 +1347,11 @@ namespace {
 template <typename T>
 void quantize_rows(const T* x, int64_t M, int64_t K, const std::vector<int64_t>& zero, int8_t* q,
                    ActMeta* meta) {
-  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
-    std::vector<T> row(zero.empty() ? 0 : K);
-    for (int64_t m = b; m < e; ++m) {
-      const T* src = x + m * K;
-      if (!zero.empty()) {
-        std::memcpy(row.data(), src, K * sizeof(T));
-        for (int64_t c : zero) row[c] = T(0);
-        src = row.data();
-      }
-      quantize_row(src, K, q + m * K, meta + m * (K / 32));
-    }
-  });
+  quantize_tokens(x, M, K, zero, 16,
+                  [&](int64_t m, int64_t b, __m256i bytes, const ActMeta& mt, int, int) {
+                    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + m * K + b * 32), bytes);
+                    meta[m * (K / 32) + b] = mt;
+                  });
 }
 
 std::vector<at::Tensor> quantize_except(const at::Tensor& x_in, const std::vector<int64_t>& zero) {
