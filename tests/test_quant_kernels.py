@@ -317,10 +317,10 @@ def test_exact_channel_errors_and_calibration_record(ops):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_prepared_batches_equal_quant_gemm(ops, dtype):
-    """From 17 tokens on, a QuantLinear quantizes its input straight into the batched path's
-    block-major layout, once for all its segments (with the integer chain starts each segment's
-    type needs). Its output must be bit-identical to quantize_activations + quant_gemm per
-    segment, at every batch size around that threshold, with segments of every type (so every
+    """From 5 tokens on (AVX-512) or 17 (AVX2), a QuantLinear quantizes its input straight into
+    the batched path's block-major layout, once for all its segments (with the integer chain
+    starts each segment's type needs). Its output must be bit-identical to quantize_activations
+    + quant_gemm per segment, at batch sizes around both thresholds, with segments of every type (so every
     chain-start kind: whole blocks with offsets 8, 16 and 128, halves with 32, float offsets)."""
     rng = np.random.default_rng(900)
     k = 512
@@ -328,7 +328,7 @@ def test_linear_prepared_batches_equal_quant_gemm(ops, dtype):
     shards = [(q, n, random_blocks(q, n, k, rng)) for q, n in zip(ALL_TYPES, rows, strict=True)]
     layer, _ = _linear(ops, shards, k)
     packed = [gp.pack(gp.parse(raw, int(q), n, k), int(q), n, k) for q, n, raw in shards]
-    for m in (16, 17, 33, 64, 70):
+    for m in (4, 5, 16, 17, 33, 64, 70):
         x = torch.randn(m, k).to(dtype)
         y = layer(x)
         xq, meta = ops.quantize_activations(x)

@@ -632,7 +632,7 @@ struct BatchActs {
   static BatchActs quantize(const T* x, int64_t M, int64_t K, const std::vector<int64_t>& zero,
                             std::vector<StartSpec> specs) {
     BatchActs a(M, K, std::move(specs));
-    quantize_tokens(x, M, K, zero, 4,
+    quantize_tokens(x, M, K, zero, 8,
                     [&](int64_t m, int64_t b, __m256i bytes, const ActMeta& mt, int lo, int hi) {
                       a.put(m, b, bytes, mt, lo, hi);
                     });
@@ -1274,12 +1274,12 @@ StartSpec start_spec(int64_t q) {
   return s;
 }
 
-// Batches of more than this many tokens take the batched path (or AMX) for every type on every
-// level: QuantLinear quantizes them straight into its block-major layout.
-constexpr int64_t kPreparedMinM = 17;
-static_assert(kPreparedMinM > kStreamingMaxM<Q4_0> && kPreparedMinM > kStreamingMaxM<Q5_0> &&
-                  kPreparedMinM > kStreamingMaxM<Q6_K> && kPreparedMinM > kStreamingMaxM<Q8_0>,
-              "prepared batches never stream");
+// From this many tokens on, every type takes the batched path (or AMX) on this build's level (5
+// on AVX-512, 17 on AVX2): QuantLinear then quantizes straight into its block-major layout.
+constexpr int64_t kPreparedMinM =
+    1 + std::max({kStreamingMaxM<Q4_0>, kStreamingMaxM<Q4_1>, kStreamingMaxM<Q5_0>,
+                  kStreamingMaxM<Q5_1>, kStreamingMaxM<Q8_0>, kStreamingMaxM<Q4_K>,
+                  kStreamingMaxM<Q5_K>, kStreamingMaxM<Q6_K>});
 #endif  // TM_AVX512 || TM_AVX2
 
 }  // namespace
