@@ -89,12 +89,21 @@ inline int32_t hsum_epi32(__m256i v) {
 }
 
 // Quantizes one token's K inputs: put(b, bytes, meta, lo, hi) for each block b, with its 32
-// bytes, metadata and the integer sums of its halves.
+// bytes, metadata and the integer sums of its halves. Where zmask (one word per block, or null)
+// has bit j of word b set, input b * 32 + j reads as 0.
 template <typename T, typename Put>
-inline void quantize_blocks(const T* x, int64_t K, Put&& put) {
+inline void quantize_blocks(const T* x, int64_t K, const uint32_t* zmask, Put&& put) {
   for (int64_t b = 0; b < K / 32; ++b) {
     __m256 v[4];
     for (int i = 0; i < 4; ++i) v[i] = vec_math::load8(x + b * 32 + i * 8);
+    if (zmask && zmask[b]) {  // the block's channels read as 0: input b * 32 + j where bit j is set
+      const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+      for (int i = 0; i < 4; ++i) {
+        const __m256i bits = _mm256_set1_epi32(static_cast<int>((zmask[b] >> (8 * i)) & 0xFF));
+        const __m256i hit = _mm256_cmpeq_epi32(_mm256_and_si256(bits, lane), lane);
+        v[i] = _mm256_andnot_ps(_mm256_castsi256_ps(hit), v[i]);
+      }
+    }
     const __m256 sign = _mm256_set1_ps(-0.f);
     const __m256 m01 = _mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1]));
     const __m256 m23 = _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3]));
@@ -121,19 +130,14 @@ inline void quantize_blocks(const T* x, int64_t K, Put&& put) {
 template <typename T, typename Put>
 void quantize_tokens(const T* x, int64_t M, int64_t K, const std::vector<int64_t>& zero,
                      int64_t grain, Put&& put) {
+  std::vector<uint32_t> zmask(zero.empty() ? 0 : K / 32, 0u);
+  for (int64_t c : zero) zmask[c / 32] |= 1u << (c % 32);
   at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
-    std::vector<T> row(zero.empty() ? 0 : K);
-    for (int64_t m = m0; m < m1; ++m) {
-      const T* src = x + m * K;
-      if (!zero.empty()) {
-        std::memcpy(row.data(), src, K * sizeof(T));
-        for (int64_t c : zero) row[c] = T(0);
-        src = row.data();
-      }
-      quantize_blocks(src, K, [&](int64_t b, __m256i bytes, const ActMeta& mt, int lo, int hi) {
-        put(m, b, bytes, mt, lo, hi);
-      });
-    }
+    for (int64_t m = m0; m < m1; ++m)
+      quantize_blocks(x + m * K, K, zmask.empty() ? nullptr : zmask.data(),
+                      [&](int64_t b, __m256i bytes, const ActMeta& mt, int lo, int hi) {
+                        put(m, b, bytes, mt, lo, hi);
+                      });
   });
 }
 
