@@ -320,8 +320,9 @@ def test_linear_prepared_batches_equal_quant_gemm(ops, dtype):
     """From 5 tokens on (AVX-512) or 17 (AVX2), a QuantLinear quantizes its input straight into
     the batched path's block-major layout, once for all its segments (with the integer chain
     starts each segment's type needs). Its output must be bit-identical to quantize_activations
-    + quant_gemm per segment, at batch sizes around both thresholds, with segments of every type (so every
-    chain-start kind: whole blocks with offsets 8, 16 and 128, halves with 32, float offsets)."""
+    + quant_gemm per segment, at batch sizes around both thresholds, with segments of every type
+    (so every chain-start kind: whole blocks with offsets 8, 16 and 128, halves with 32, float
+    offsets)."""
     rng = np.random.default_rng(900)
     k = 512
     rows = [16 + 3 * i for i in range(len(ALL_TYPES))]  # partial last tiles
