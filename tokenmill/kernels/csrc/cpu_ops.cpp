@@ -147,6 +147,45 @@ inline __m512 reduce_add16(const __m512* a) {
                        _mm512_shuffle_f32x4(d[0], d[1], 0xDD));
 }
 
+// A head's D values as ND vectors of 16 floats, in the kernel's lane order: D / 16 vectors in
+// order for float32; for bfloat16, each 32 values (one 64-byte load) as two vectors, their even
+// and odd elements (a bfloat16 pair as a 32-bit word: the even one is its low half shifted up,
+// the odd one its high half kept): two instructions per 32 values, where widening each 16 in
+// order takes two per 16. Dot products and sums over a head do not depend on the lane order;
+// store_head puts the values back in order.
+template <int ND>
+inline void load_head(const float* p, __m512* v) {
+  for (int j = 0; j < ND; ++j) v[j] = _mm512_loadu_ps(p + j * 16);
+}
+template <int ND>
+inline void load_head(const at::BFloat16* p, __m512* v) {
+  static_assert(ND % 2 == 0, "bfloat16 heads load 32 values at a time");
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int j = 0; j < ND; j += 2) {
+    const __m512i w = _mm512_loadu_si512(p + j * 16);
+    v[j] = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+    v[j + 1] = _mm512_castsi512_ps(_mm512_and_si512(w, high));
+  }
+}
+// p[0:D] = v * scale, from load_head's lane order.
+template <int ND>
+inline void store_head(float* p, const __m512* v, float scale) {
+  for (int j = 0; j < ND; ++j)
+    _mm512_storeu_ps(p + j * 16, _mm512_mul_ps(v[j], _mm512_set1_ps(scale)));
+}
+template <int ND>
+inline void store_head(at::BFloat16* p, const __m512* v, float scale) {
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi =
+      _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int j = 0; j < ND; j += 2) {
+    const __m512 even = _mm512_mul_ps(v[j], s), odd = _mm512_mul_ps(v[j + 1], s);
+    store16(p + j * 16, _mm512_permutex2var_ps(even, lo, odd));
+    store16(p + j * 16 + 16, _mm512_permutex2var_ps(even, hi, odd));
+  }
+}
+
 // One task per (request, kv head): its REP query heads read that head's K and V rows once.
 // ND = head_dim / 16 and REP are compile-time so the accumulators live in registers.
 template <typename T, int ND, int REP>
@@ -163,9 +202,10 @@ void paged_decode_avx512(const T* q, const T* kc, const T* vc, const int32_t* bt
       scores.resize(REP * (S16 + 16));
       const T* qb = q + b * q_stride + g * REP * D;
       __m512 qv[REP][ND];
-      for (int h = 0; h < REP; ++h)
-        for (int j = 0; j < ND; ++j)
-          qv[h][j] = _mm512_mul_ps(load16(qb + h * D + j * 16), _mm512_set1_ps(scale));
+      for (int h = 0; h < REP; ++h) {
+        load_head<ND>(qb + h * D, qv[h]);
+        for (int j = 0; j < ND; ++j) qv[h][j] = _mm512_mul_ps(qv[h][j], _mm512_set1_ps(scale));
+      }
       const int32_t* table = bt + b * max_blocks;
       // The rows of one head are 2 * D bytes every row_len elements, in blocks scattered through
       // the pool: fetch the next 16 tokens' K (or V) rows while this group is being computed.
@@ -193,7 +233,7 @@ void paged_decode_avx512(const T* q, const T* kc, const T* vc, const int32_t* bt
           const int64_t t = std::min<int64_t>(t0 + o, S - 1);
           const T* kp = row(kc, t);
           __m512 k[ND];
-          for (int j = 0; j < ND; ++j) k[j] = load16(kp + j * 16);
+          load_head<ND>(kp, k);
           for (int h = 0; h < REP; ++h) {
             __m512 acc = _mm512_mul_ps(qv[h][0], k[0]);
             for (int j = 1; j < ND; ++j) acc = _mm512_fmadd_ps(qv[h][j], k[j], acc);
@@ -233,17 +273,15 @@ void paged_decode_avx512(const T* q, const T* kc, const T* vc, const int32_t* bt
           if ((t0 + o) % 16 == 0 && t0 + o + 16 < S) prefetch_rows(vc, t0 + o + 16);
           const T* vp = vb + o * row_len;
           const float* p = scores.data() + t0 + o;
-          for (int j = 0; j < ND; ++j) {
-            const __m512 v = load16(vp + j * 16);
+          __m512 v[ND];
+          load_head<ND>(vp, v);
+          for (int j = 0; j < ND; ++j)
             for (int h = 0; h < REP; ++h)
-              acc[h][j] = _mm512_fmadd_ps(_mm512_set1_ps(p[h * S16]), v, acc[h][j]);
-          }
+              acc[h][j] = _mm512_fmadd_ps(_mm512_set1_ps(p[h * S16]), v[j], acc[h][j]);
         }
       }
       T* ob = out + b * Hq * D + g * REP * D;
-      for (int h = 0; h < REP; ++h)
-        for (int j = 0; j < ND; ++j)
-          store16(ob + h * D + j * 16, _mm512_mul_ps(acc[h][j], _mm512_set1_ps(inv_sum[h])));
+      for (int h = 0; h < REP; ++h) store_head<ND>(ob + h * D, acc[h], inv_sum[h]);
     }
   });
 }
