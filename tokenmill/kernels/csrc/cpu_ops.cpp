@@ -308,6 +308,39 @@ inline __m256 reduce_add8(const __m256* a) {
 
 using vec_math::hsum8;
 
+// The AVX2 twins of load_head / store_head: N vectors of 8 floats from p, in order for float32;
+// for bfloat16 (N even), each 16 values (one 32-byte load) as their even and odd elements.
+template <int N>
+inline void load_vectors(const float* p, __m256* v) {
+  for (int j = 0; j < N; ++j) v[j] = _mm256_loadu_ps(p + j * 8);
+}
+template <int N>
+inline void load_vectors(const at::BFloat16* p, __m256* v) {
+  static_assert(N % 2 == 0, "bfloat16 loads 16 values at a time");
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int j = 0; j < N; j += 2) {
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + j * 8));
+    v[j] = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+    v[j + 1] = _mm256_castsi256_ps(_mm256_and_si256(w, high));
+  }
+}
+// p[0:8N] = v * scale, from load_vectors' order.
+template <int N>
+inline void store_vectors(float* p, const __m256* v, float scale) {
+  for (int j = 0; j < N; ++j) store8(p + j * 8, _mm256_mul_ps(v[j], _mm256_set1_ps(scale)));
+}
+template <int N>
+inline void store_vectors(at::BFloat16* p, const __m256* v, float scale) {
+  const __m256 s = _mm256_set1_ps(scale);
+  for (int j = 0; j < N; j += 2) {
+    const __m256 even = _mm256_mul_ps(v[j], s), odd = _mm256_mul_ps(v[j + 1], s);
+    // per 128-bit lane: lo = e0 o0 e1 o1 | e4 o4 e5 o5, hi = e2 o2 e3 o3 | e6 o6 e7 o7
+    const __m256 lo = _mm256_unpacklo_ps(even, odd), hi = _mm256_unpackhi_ps(even, odd);
+    store8(p + j * 8, _mm256_permute2f128_ps(lo, hi, 0x20));
+    store8(p + j * 8 + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+  }
+}
+
 // One task per (request, kv head), as the AVX-512 kernel. ND = head_dim / 8 and REP are
 // compile-time; the output is accumulated CH vectors of the head at a time, as many as fit the
 // registers beside REP accumulators each (one pass over the context's scores per chunk; every
@@ -328,10 +361,12 @@ void paged_decode_avx2(const T* q, const T* kc, const T* vc, const int32_t* bt,
       const int64_t S8 = (S + 7) / 8 * 8;
       scores.resize(REP * S8);
       const T* qb = q + b * q_stride + g * REP * D;
-      for (int h = 0; h < REP; ++h)
+      for (int h = 0; h < REP; ++h) {  // in load_vectors' order, as the K rows
+        __m256 v[ND];
+        load_vectors<ND>(qb + h * D, v);
         for (int j = 0; j < ND; ++j)
-          _mm256_store_ps(qs[h] + j * 8,
-                          _mm256_mul_ps(load8(qb + h * D + j * 8), _mm256_set1_ps(scale)));
+          _mm256_store_ps(qs[h] + j * 8, _mm256_mul_ps(v[j], _mm256_set1_ps(scale)));
+      }
       const int32_t* table = bt + b * max_blocks;
       auto row = [&](const T* cache, int64_t t) {  // head g of token t
         return cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * row_len +
@@ -358,7 +393,7 @@ void paged_decode_avx2(const T* q, const T* kc, const T* vc, const int32_t* bt,
           if (v_early) prefetch(vc, t0 + o);
           const T* kp = row(kc, std::min<int64_t>(t0 + o, S - 1));
           __m256 k[ND];
-          for (int j = 0; j < ND; ++j) k[j] = load8(kp + j * 8);
+          load_vectors<ND>(kp, k);
           for (int h = 0; h < REP; ++h) {
             __m256 acc = _mm256_mul_ps(_mm256_load_ps(qs[h]), k[0]);
             for (int j = 1; j < ND; ++j)
@@ -408,7 +443,10 @@ void paged_decode_avx2(const T* q, const T* kc, const T* vc, const int32_t* bt,
             const T* vp = vb + o * row_len;
             const float* p = scores.data() + t0 + o;
             __m256 v[CH];
-            for (int i = 0; i < CH; ++i) v[i] = load8(vp + i * 8);
+            if constexpr (CH % 2 == 0)
+              load_vectors<CH>(vp, v);
+            else
+              for (int i = 0; i < CH; ++i) v[i] = load8(vp + i * 8);
             for (int h = 0; h < REP; ++h) {
               const __m256 ph = _mm256_broadcast_ss(p + h * S8);
               for (int i = 0; i < CH; ++i) acc[h][i] = _mm256_fmadd_ps(ph, v[i], acc[h][i]);
@@ -416,8 +454,12 @@ void paged_decode_avx2(const T* q, const T* kc, const T* vc, const int32_t* bt,
           }
         }
         for (int h = 0; h < REP; ++h)
-          for (int i = 0; i < CH; ++i)
-            store8(ob + h * D + (c + i) * 8, _mm256_mul_ps(acc[h][i], _mm256_set1_ps(inv_sum[h])));
+          if constexpr (CH % 2 == 0)
+            store_vectors<CH>(ob + h * D + c * 8, acc[h], inv_sum[h]);
+          else
+            for (int i = 0; i < CH; ++i)
+              store8(ob + h * D + (c + i) * 8,
+                     _mm256_mul_ps(acc[h][i], _mm256_set1_ps(inv_sum[h])));
       }
     }
   });
