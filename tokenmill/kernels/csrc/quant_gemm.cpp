@@ -476,18 +476,24 @@ inline void store_row(F16 acc, const Epilogue& ep, int64_t m, TY* y, int rows) {
 }
 
 constexpr int64_t kPrefetchBytes = 8192;
+constexpr int64_t kPrefetchL2Bytes = 4 * kPrefetchBytes;
 
 // Streams a 16-row tile's blocks in order: fn(src, b, kb) for every 32-input block kb, block b
-// of the unit at src. Every line of the unit 8 KiB ahead is prefetched: batch 1 is bound by how
-// many misses are in flight, and the tiles of a thread are contiguous, so this runs ahead of the
-// stream.
+// of the unit at src. Batch 1 is bound by how many misses are in flight, and the tiles of a
+// thread are contiguous, so every line of the unit is prefetched into L1 8 KiB ahead and into L2
+// 32 KiB ahead: the L1 prefetches alone wait on the core's few line-fill buffers, the L2 ones
+// keep more lines coming from DRAM behind them (weights cycled from DRAM, 2 threads: 1.08x
+// Q4_K, 1.13x Q6_K and Q5_0, 21.5 -> 24.2 GB/s; 0.95x where they come from L3; batch-1 decode
+// 1.06x on the default model, about 1.04x on the 1B shape).
 template <int64_t Q, typename Fn>
 inline void for_each_block(const uint8_t* w, int64_t K, Fn&& fn) {
   const int64_t uk = unit_k(Q), ub = unit_bytes(Q), bpu = uk / 32;
   for (int64_t u = 0; u < K / uk; ++u) {
     const uint8_t* src = w + u * ub;
-    for (int64_t line = 0; line < ub; line += 64)
+    for (int64_t line = 0; line < ub; line += 64) {
       _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchBytes + line), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchL2Bytes + line), _MM_HINT_T1);
+    }
     for (int b = 0; b < bpu; ++b) fn(src, b, u * bpu + b);
   }
 }
