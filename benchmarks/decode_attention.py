@@ -8,7 +8,9 @@ in all, the layers called in turn so that each call starts cold, as in a decode 
 laid out as the block pool hands them out to a batch that decodes in lockstep (request i's j-th
 block is block j * batch + i: "lockstep"), or in random order ("random": a long-running
 server's pool). A "warm" row repeats one layer (its rows then stay in L2): the kernel's rate
-when memory is not the limit.
+when memory is not the limit. Each case runs on both KV cache layouts the kernels read
+(tokenmill/layers/attention.py): head-major (the CPU backend's: each head's rows of a block
+side by side) and token-major (a slot's heads side by side).
 
 Each row: microseconds per layer call, GB/s of K and V rows read, and that over the machine's
 copy bandwidth (measured in the same run; `bench_llamacpp.measure_bandwidth_gbs`).
@@ -19,6 +21,7 @@ copy bandwidth (measured in the same run; `bench_llamacpp.measure_bandwidth_gbs`
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -72,6 +75,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--contexts", default="144,1024")
     ap.add_argument("--block-sizes", default="16,64")
+    ap.add_argument("--kv-layouts", default="head-major,token-major")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results/decode_attention.json")
@@ -86,7 +90,7 @@ def main() -> None:
     hq, rest = args.heads.split("/")
     hkv, d = (int(x) for x in rest.split("x"))
     hq = int(hq)
-    slots = int(args.pool_gib * 2**30 / (args.layers * 2 * hkv * d * 2))
+    slots = int(args.pool_gib * 2**30 / (args.layers * 2 * hkv * d * 2)) // 64 * 64
     caches = pool(args.layers, slots, hkv, d)
     bw = measure_bandwidth_gbs()
     print(
@@ -95,8 +99,9 @@ def main() -> None:
         f"{bw:.1f} GB/s",
         flush=True,
     )
-    heads = ("batch", "ctx", "block", "layout", "us/layer", "GB/s", "of bw")
-    print(" ".join(f"{h:>{w}}" for h, w in zip(heads, (5, 5, 5, 8, 9, 6, 6), strict=True)))
+    heads = ("batch", "ctx", "block", "kv", "layout", "us/layer", "GB/s", "of bw")
+    widths = (5, 5, 5, 11, 10, 9, 6, 6)
+    print(" ".join(f"{h:>{w}}" for h, w in zip(heads, widths, strict=True)))
     rows = []
     for batch in (int(x) for x in args.batches.split(",")):
         q = torch.randn(batch, hq, d).to(torch.bfloat16)
@@ -106,11 +111,17 @@ def main() -> None:
                 per_seq = (ctx + bs - 1) // bs
                 if batch * per_seq > slots // bs:
                     continue  # does not fit the pool
-                for layout in ("lockstep", "contiguous", "random", "warm"):
+                for kv, layout in itertools.product(
+                    args.kv_layouts.split(","), ("lockstep", "contiguous", "random", "warm")
+                ):
                     order = "lockstep" if layout == "warm" else layout
                     tables = block_tables(batch, per_seq, slots // bs, order)
                     used = caches[:1] if layout == "warm" else caches
+                    if kv == "head-major":  # the same random rows, read as [blocks, kv, bs, d]
+                        used = [tuple(c.view(-1, hkv, bs, d) for c in pair) for pair in used]
                     calls = 2 * args.layers
+                    if not rows:  # the first case's first pass pays the threads' start-up
+                        measure(ops, used, q, tables, seq_lens, bs, calls, 1)
                     sec = measure(ops, used, q, tables, seq_lens, bs, calls, args.repeats)
                     gbs = batch * ctx * hkv * d * 2 * 2 / sec / 1e9
                     rows.append(
@@ -118,6 +129,7 @@ def main() -> None:
                             "batch": batch,
                             "context": ctx,
                             "block_size": bs,
+                            "kv_layout": kv,
                             "layout": layout,
                             "us_per_layer": sec * 1e6,
                             "gb_s": gbs,
@@ -125,8 +137,8 @@ def main() -> None:
                         }
                     )
                     print(
-                        f"{batch:5d} {ctx:5d} {bs:5d} {layout:>8} {sec * 1e6:9.1f} {gbs:6.1f} "
-                        f"{gbs / bw:6.0%}",
+                        f"{batch:5d} {ctx:5d} {bs:5d} {kv:>11} {layout:>10} {sec * 1e6:9.1f} "
+                        f"{gbs:6.1f} {gbs / bw:6.0%}",
                         flush=True,
                     )
     out = Path(args.out)

@@ -14,7 +14,9 @@ then for the model file:
     The LLM created first (the new build's) is not neutral: an A/A run (this checkout against
     HEAD, no change) gave 0.93-0.94x at batch 1 on the 1B-shape Q4_K_M file (memory-bound: the
     two models' 0.7 GB of weights sit in different memory), and 0.99-1.01x at 32 x 128. Judge
-    a batch-1 ratio there against an A/A run.
+    a batch-1 ratio there against an A/A run. The end-to-end part needs a base whose kernels
+    read head-major KV caches (the CPU backend's layout since that change); older bases run the
+    linears only (`--no-e2e`).
 
     .venv/bin/python benchmarks/kernel_ab.py [--base HEAD~1] [--model PATH] [--isa avx512]
 """

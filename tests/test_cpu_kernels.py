@@ -20,11 +20,21 @@ ops = get_ops()
 pytestmark = pytest.mark.skipif(ops is None, reason="no C++ compiler to build the kernels")
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 DTYPES = [torch.float32, torch.bfloat16]
+LAYOUTS = ["token-major", "head-major"]  # the KV cache layouts the kernels read (attention.py)
 
 
+def in_layout(cache: torch.Tensor, bs: int, layout: str) -> torch.Tensor:
+    """A token-major cache [slots, kv_heads, head_dim] laid out as `layout` (head-major:
+    [blocks, kv_heads, bs, head_dim], each head's rows of a block side by side)."""
+    if layout == "token-major":
+        return cache
+    return cache.view(-1, bs, *cache.shape[1:]).transpose(1, 2).contiguous()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hq,hkv", [(9, 3), (4, 4), (8, 1)])
-def test_paged_decode_attention_matches_sdpa(dtype, hq, hkv):
+def test_paged_decode_attention_matches_sdpa(dtype, hq, hkv, layout):
     g = torch.Generator().manual_seed(0)
     d, bs, num_blocks = 64, 4, 80
     seq_lens = [1, 7, 16, 33, 50]
@@ -35,7 +45,13 @@ def test_paged_decode_attention_matches_sdpa(dtype, hq, hkv):
     tables = perm[: len(seq_lens) * max_blocks].view(len(seq_lens), max_blocks)
     q = torch.randn(len(seq_lens), hq, d, generator=g).to(dtype)
     out = ops.paged_decode_attention(
-        q, k_cache, v_cache, tables.int(), torch.tensor(seq_lens, dtype=torch.int32), bs, d**-0.5
+        q,
+        in_layout(k_cache, bs, layout),
+        in_layout(v_cache, bs, layout),
+        tables.int(),
+        torch.tensor(seq_lens, dtype=torch.int32),
+        bs,
+        d**-0.5,
     )
     for b, n in enumerate(seq_lens):
         slots = (tables[b][:, None] * bs + torch.arange(bs)).flatten()[:n]
@@ -88,12 +104,13 @@ def test_rotary_inplace_on_strided_view(dtype):
     torch.testing.assert_close(qkv[:, 2 * 4 * 32 :], v_before, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bs", [16, 32])
 @pytest.mark.parametrize(
     "hq,hkv,d", [(32, 8, 128), (12, 2, 64), (16, 2, 64), (5, 5, 128), (6, 2, 32)]
 )
-def test_paged_decode_attention_vectorized_matches_portable(dtype, hq, hkv, d, bs):
+def test_paged_decode_attention_vectorized_matches_portable(dtype, hq, hkv, d, bs, layout):
     """The vectorized kernel of the build (AVX-512 or AVX2; head_dim 64/128; 1 to 8 query heads
     per KV head) against the portable one, with q a strided view of a fused qkv row as in the
     model, context lengths around the 8- and 16-token groups and the blocks, and one context
@@ -103,8 +120,8 @@ def test_paged_decode_attention_vectorized_matches_portable(dtype, hq, hkv, d, b
     num_blocks = 200
     seq_lens = torch.tensor([1, 15, 16, 17, 31, 33, 100, 300], dtype=torch.int32)  # <= 19 blocks
     n = len(seq_lens)
-    k_cache = torch.randn(num_blocks * bs, hkv, d, generator=g).to(dtype)
-    v_cache = torch.randn(num_blocks * bs, hkv, d, generator=g).to(dtype)
+    k_cache = in_layout(torch.randn(num_blocks * bs, hkv, d, generator=g).to(dtype), bs, layout)
+    v_cache = in_layout(torch.randn(num_blocks * bs, hkv, d, generator=g).to(dtype), bs, layout)
     tables = torch.randperm(num_blocks, generator=g)[: n * 19].view(n, 19).int()
     qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=g).to(dtype)
     q = qkv[:, : hq * d].view(n, hq, d)
@@ -121,7 +138,8 @@ def test_paged_decode_attention_vectorized_matches_portable(dtype, hq, hkv, d, b
     "hq,hkv,d,bs",
     [(9, 3, 64, 16), (4, 4, 64, 16), (32, 8, 128, 32), (16, 2, 64, 4), (48, 1, 16, 16)],
 )
-def test_paged_prefill_attention_matches_causal_softmax(dtype, hq, hkv, d, bs):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_paged_prefill_attention_matches_causal_softmax(dtype, hq, hkv, d, bs, layout):
     """Chunks after cached context (starting mid-block), whole prompts, one-token chunks and a
     2-token one, lengths around the 64-key blocks and the 16-key score columns, GQA from 1 to 48
     query heads per KV head (a task's 48 rows then hold one token), head_dim 16 to 128, q a
@@ -147,7 +165,14 @@ def test_paged_prefill_attention_matches_causal_softmax(dtype, hq, hkv, d, bs):
     starts = torch.tensor([0, *q_lens]).cumsum(0).int()
     scale = d**-0.5
     out = ops.paged_prefill_attention(
-        q, k_cache, v_cache, tables, torch.tensor(seq_lens, dtype=torch.int32), starts, bs, scale
+        q,
+        in_layout(k_cache, bs, layout),
+        in_layout(v_cache, bs, layout),
+        tables,
+        torch.tensor(seq_lens, dtype=torch.int32),
+        starts,
+        bs,
+        scale,
     )
     for b, (n_q, n) in enumerate(zip(q_lens, seq_lens)):
         pos = torch.arange(n)
@@ -162,19 +187,32 @@ def test_paged_prefill_attention_matches_causal_softmax(dtype, hq, hkv, d, bs):
         torch.testing.assert_close(out[starts[b] : starts[b + 1]].double(), ref, **TOL[dtype])
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_write_kv_from_strided_views(dtype):
+def test_write_kv_from_strided_views(dtype, layout):
     g = torch.Generator().manual_seed(6)
     qkv = torch.randn(9, (4 + 2 * 2) * 16, generator=g).to(dtype)
     k = qkv[:, 4 * 16 : 6 * 16].view(9, 2, 16)
     v = qkv[:, 6 * 16 :].view(9, 2, 16)
     slots = torch.tensor([3, 0, 17, 5, 30, 31, 8, 2, 11])
-    k_cache, v_cache = torch.zeros(32, 2, 16, dtype=dtype), torch.zeros(32, 2, 16, dtype=dtype)
-    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    ref_k, ref_v = torch.zeros(32, 2, 16, dtype=dtype), torch.zeros(32, 2, 16, dtype=dtype)
+    k_cache, v_cache = in_layout(ref_k, 8, layout), in_layout(ref_v, 8, layout)
     ref_k.index_copy_(0, slots, k)
     ref_v.index_copy_(0, slots, v)
     ops.write_kv(k, v, k_cache, v_cache, slots)
-    assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
+    assert torch.equal(k_cache, in_layout(ref_k, 8, layout))
+    assert torch.equal(v_cache, in_layout(ref_v, 8, layout))
+
+
+def test_kv_layout_errors_are_clear():
+    q = torch.randn(1, 4, 16)
+    tables, lens = torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
+    head_major = torch.zeros(4, 2, 8, 16)  # blocks of 8 slots
+    with pytest.raises(RuntimeError, match="blocks of 8 slots read with block size 16"):
+        ops.paged_decode_attention(q, head_major, head_major, tables, lens, 16, 0.25)
+    with pytest.raises(RuntimeError, match="must be .slots, kv_heads, head_dim. or"):
+        five_d = torch.zeros(2, 2, 2, 2, 16)
+        ops.write_kv(q[:, :2], q[:, :2], five_d, five_d, lens)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -115,10 +115,10 @@ class CpuOps(TorchOps):
         return super().rotary(x, positions, rotary, tables)
 
     def write_kv(self, k, v, k_cache, v_cache, slot_mapping):
-        if k.dtype == k_cache.dtype:
-            self.kernels.write_kv(k, v, k_cache, v_cache, slot_mapping)  # reads strided views
-        else:
-            super().write_kv(k, v, k_cache, v_cache, slot_mapping)
+        # the kernel reads strided views and either cache layout (attention.py)
+        self.kernels.write_kv(
+            k.to(k_cache.dtype), v.to(v_cache.dtype), k_cache, v_cache, slot_mapping
+        )
 
     def argmax(self, logits):
         return self.kernels.argmax_rows(logits)

@@ -182,7 +182,7 @@ def profile_forward(
         before = torch.cuda.memory_allocated(device)
     pool = KVPool(
         cfg.num_layers,
-        backend.kv_cache_shape(len(lens) * per_seq * block_size, cfg.num_kv_heads, cfg.head_dim),
+        backend.kv_cache_shape(len(lens) * per_seq, block_size, cfg.num_kv_heads, cfg.head_dim),
         kv_dtype,
         device,
     )
@@ -254,7 +254,7 @@ class ModelRunner:
         self.attn_backend = model.attn_backend
         self.ops = self.attn_backend.ops
         shape = self.attn_backend.kv_cache_shape(
-            num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim
+            num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim
         )
         self.kv_pool = KVPool(cfg.num_layers, shape, kv_dtype, device)
         self.kv_caches: list[KVCache] = self.kv_pool.caches

@@ -28,17 +28,24 @@ using vec_math::from_f;
 using vec_math::tf;
 
 // Paged attention for single-query requests.
-// q [B, Hq, D] (row stride q_stride, heads contiguous); k_cache, v_cache [slots, Hkv, D];
-// block_tables [B, max_blocks] int32; seq_lens [B] int32; out [B, Hq, D] contiguous.
+// q [B, Hq, D] (row stride q_stride, heads contiguous); k_cache, v_cache in layout kv (see
+// KvLayout); block_tables [B, max_blocks] int32; seq_lens [B] int32; out [B, Hq, D] contiguous.
 // Query heads g*rep .. g*rep+rep-1 share kv head g.
 template <typename T>
 void paged_decode_kernel(const T* q, const T* kc, const T* vc, const int32_t* bt,
                          const int32_t* seq_lens, T* out, int64_t B, int64_t Hq, int64_t Hkv,
                          int64_t D, int64_t max_blocks, int64_t block_size, float scale,
-                         int64_t q_stride) {
-  // One task per request: a slot's K (or V) row holds all kv heads contiguously, so walking the
-  // request's blocks reads memory in order. scores: [Hq, S].
+                         int64_t q_stride, KvLayout kv) {
+  // One task per request, walking its blocks in order; a token's kv heads are gathered into
+  // `row` as float. scores: [Hq, S].
   const int64_t rep = Hq / Hkv, row_len = Hkv * D;
+  // token o of the block at `base` (block id * block_size * row_len), every kv head -> row
+  auto gather = [&](const T* cache, int64_t base, int64_t o, float* row) {
+    for (int64_t g = 0; g < Hkv; ++g) {
+      const T* p = cache + base + o * kv.token + g * kv.head;
+      for (int64_t d = 0; d < D; ++d) row[g * D + d] = tf(p[d]);
+    }
+  };
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(Hq * D), acc(Hq * D), row(row_len), scores;
     for (int64_t b = begin; b < end; ++b) {
@@ -47,11 +54,10 @@ void paged_decode_kernel(const T* q, const T* kc, const T* vc, const int32_t* bt
       for (int64_t i = 0; i < Hq * D; ++i) qf[i] = tf(q[b * q_stride + i]) * scale;
       const int32_t* table = bt + b * max_blocks;
       for (int64_t t0 = 0; t0 < S; t0 += block_size) {
-        const int64_t base = (int64_t)table[t0 / block_size] * block_size;
+        const int64_t base = (int64_t)table[t0 / block_size] * block_size * row_len;
         const int64_t n = std::min(block_size, S - t0);
         for (int64_t o = 0; o < n; ++o) {
-          const T* kp = kc + (base + o) * row_len;
-          for (int64_t i = 0; i < row_len; ++i) row[i] = tf(kp[i]);
+          gather(kc, base, o, row.data());
           for (int64_t h = 0; h < Hq; ++h) {
             const float* qh = qf.data() + h * D;
             const float* kh = row.data() + (h / rep) * D;
@@ -75,11 +81,10 @@ void paged_decode_kernel(const T* q, const T* kc, const T* vc, const int32_t* bt
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t0 = 0; t0 < S; t0 += block_size) {
-        const int64_t base = (int64_t)table[t0 / block_size] * block_size;
+        const int64_t base = (int64_t)table[t0 / block_size] * block_size * row_len;
         const int64_t n = std::min(block_size, S - t0);
         for (int64_t o = 0; o < n; ++o) {
-          const T* vp = vc + (base + o) * row_len;
-          for (int64_t i = 0; i < row_len; ++i) row[i] = tf(vp[i]);
+          gather(vc, base, o, row.data());
           for (int64_t h = 0; h < Hq; ++h) {
             const float p = scores[h * S + t0 + o];
             const float* vh = row.data() + (h / rep) * D;
@@ -192,7 +197,7 @@ template <typename T, int ND, int REP>
 void paged_decode_avx512(const T* q, const T* kc, const T* vc, const int32_t* bt,
                          const int32_t* seq_lens, T* out, int64_t B, int64_t Hq, int64_t Hkv,
                          int64_t D, int64_t max_blocks, int64_t block_size, float scale,
-                         int64_t q_stride) {
+                         int64_t q_stride, KvLayout kv) {
   const int64_t row_len = Hkv * D;
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
@@ -207,11 +212,12 @@ void paged_decode_avx512(const T* q, const T* kc, const T* vc, const int32_t* bt
         for (int j = 0; j < ND; ++j) qv[h][j] = _mm512_mul_ps(qv[h][j], _mm512_set1_ps(scale));
       }
       const int32_t* table = bt + b * max_blocks;
-      // The rows of one head are 2 * D bytes every row_len elements, in blocks scattered through
-      // the pool: fetch the next 16 tokens' K (or V) rows while this group is being computed.
+      // The rows of one head (2 * D bytes each; contiguous within a block in the head-major
+      // layout) sit in blocks scattered through the pool: fetch the next 16 tokens' K (or V)
+      // rows while this group is being computed.
       auto row = [&](const T* cache, int64_t t) {  // head g of token t
-        return cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * row_len +
-               g * D;
+        return cache + (int64_t)table[t / block_size] * block_size * row_len +
+               t % block_size * kv.token + g * kv.head;
       };
       auto prefetch_rows = [&](const T* cache, int64_t t0) {
         const int64_t n = std::min<int64_t>(16, S - t0);
@@ -266,12 +272,12 @@ void paged_decode_avx512(const T* q, const T* kc, const T* vc, const int32_t* bt
       for (int h = 0; h < REP; ++h)
         for (int j = 0; j < ND; ++j) acc[h][j] = _mm512_setzero_ps();
       for (int64_t t0 = 0; t0 < S; t0 += block_size) {
-        const T* vb = vc + (int64_t)table[t0 / block_size] * block_size * row_len + g * D;
+        const T* vb = vc + (int64_t)table[t0 / block_size] * block_size * row_len + g * kv.head;
         const int64_t n = std::min(block_size, S - t0);
         for (int64_t o = 0; o < n; ++o) {
           // every 16 tokens, the next 16 tokens' V rows (whatever the block size)
           if ((t0 + o) % 16 == 0 && t0 + o + 16 < S) prefetch_rows(vc, t0 + o + 16);
-          const T* vp = vb + o * row_len;
+          const T* vp = vb + o * kv.token;
           const float* p = scores.data() + t0 + o;
           __m512 v[ND];
           load_head<ND>(vp, v);
@@ -349,7 +355,7 @@ template <typename T, int ND, int REP>
 void paged_decode_avx2(const T* q, const T* kc, const T* vc, const int32_t* bt,
                        const int32_t* seq_lens, T* out, int64_t B, int64_t Hq, int64_t Hkv,
                        int64_t D, int64_t max_blocks, int64_t block_size, float scale,
-                       int64_t q_stride) {
+                       int64_t q_stride, KvLayout kv) {
   constexpr int CH = REP <= 2 ? 4 : REP <= 4 ? 2 : 1;
   static_assert(ND % CH == 0, "chunks split the head");
   const int64_t row_len = Hkv * D;
@@ -369,8 +375,8 @@ void paged_decode_avx2(const T* q, const T* kc, const T* vc, const int32_t* bt,
       }
       const int32_t* table = bt + b * max_blocks;
       auto row = [&](const T* cache, int64_t t) {  // head g of token t
-        return cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * row_len +
-               g * D;
+        return cache + (int64_t)table[t / block_size] * block_size * row_len +
+               t % block_size * kv.token + g * kv.head;
       };
       auto prefetch = [&](const T* cache, int64_t t) {
         if (t >= S) return;
@@ -434,13 +440,14 @@ void paged_decode_avx2(const T* q, const T* kc, const T* vc, const int32_t* bt,
         for (int h = 0; h < REP; ++h)
           for (int i = 0; i < CH; ++i) acc[h][i] = _mm256_setzero_ps();
         for (int64_t t0 = 0; t0 < S; t0 += block_size) {
-          const T* vb = vc + (int64_t)table[t0 / block_size] * block_size * row_len + g * D + c * 8;
+          const T* vb =
+              vc + (int64_t)table[t0 / block_size] * block_size * row_len + g * kv.head + c * 8;
           const int64_t n = std::min(block_size, S - t0);
           if (c == 0 && !v_early && t0 == 0)
             for (int64_t t = 0; t < kAhead; ++t) prefetch(vc, t);
           for (int64_t o = 0; o < n; ++o) {
             if (c == 0 && !v_early) prefetch(vc, t0 + o + kAhead);
-            const T* vp = vb + o * row_len;
+            const T* vp = vb + o * kv.token;
             const float* p = scores.data() + t0 + o;
             __m256 v[CH];
             if constexpr (CH % 2 == 0)
@@ -474,7 +481,7 @@ constexpr int kDecodeLanes = 8;
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 template <typename T>
 using DecodeFn = void (*)(const T*, const T*, const T*, const int32_t*, const int32_t*, T*, int64_t,
-                          int64_t, int64_t, int64_t, int64_t, int64_t, float, int64_t);
+                          int64_t, int64_t, int64_t, int64_t, int64_t, float, int64_t, KvLayout);
 
 // The kernel for REP = 1 + index into REPS.
 template <typename T, int ND, int... REPS>
@@ -541,16 +548,18 @@ void argmax_rows_kernel(const T* x, int64_t* out, int64_t R, int64_t V) {
   });
 }
 
-// k_cache[slot_mapping[n]] = k[n] (and v), rows of Hkv * D elements; k, v may be strided views.
+// k_cache[slot_mapping[n]] = k[n] (and v): Hkv rows of D elements each, into a cache of layout
+// kv; k, v may be strided views.
 template <typename T>
 void write_kv_kernel(const T* k, const T* v, T* kc, T* vc, const int64_t* slots, int64_t N,
-                     int64_t row_len, int64_t k_stride, int64_t v_stride) {
+                     int64_t Hkv, int64_t D, KvLayout kv, int64_t k_stride, int64_t v_stride) {
   at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const int64_t s = slots[n];
-      std::memcpy(kc + s * row_len, k + n * k_stride, row_len * sizeof(T));
-      std::memcpy(vc + s * row_len, v + n * v_stride, row_len * sizeof(T));
-    }
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t g = 0; g < Hkv; ++g) {
+        const int64_t at = kv.at(slots[n], g, Hkv * D);
+        std::memcpy(kc + at, k + n * k_stride + g * D, D * sizeof(T));
+        std::memcpy(vc + at, v + n * v_stride + g * D, D * sizeof(T));
+      }
   });
 }
 
@@ -627,18 +636,32 @@ void rotary_kernel(T* x, const int64_t* positions, const float* cos_t, const flo
 
 }  // namespace
 
+KvLayout kv_layout(const at::Tensor& cache, int64_t block_size) {
+  TORCH_CHECK(cache.is_contiguous(), "KV caches must be contiguous");
+  if (cache.dim() == 3) return {1, cache.size(1) * cache.size(2), cache.size(2)};
+  TORCH_CHECK(cache.dim() == 4,
+              "KV caches must be [slots, kv_heads, head_dim] or [blocks, kv_heads, block_size, "
+              "head_dim], got ",
+              cache.sizes());
+  TORCH_CHECK(block_size == 0 || cache.size(2) == block_size, "a KV cache of blocks of ",
+              cache.size(2), " slots read with block size ", block_size);
+  return {cache.size(2), cache.size(3), cache.size(2) * cache.size(3)};
+}
+
 // vectorized=false runs the portable kernel (tests compare the two).
 at::Tensor decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
                             at::Tensor block_tables, at::Tensor seq_lens, int64_t block_size,
                             double scale, bool vectorized) {
   if (q.stride(2) != 1 || q.stride(1) != q.size(2)) q = q.contiguous();
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  const KvLayout kv = kv_layout(k_cache, block_size);
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes() && v_cache.is_contiguous(),
+              "the V cache must be shaped as the K cache");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt);
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q and the cache must share a dtype");
   auto bt = block_tables.contiguous();
   auto sl = seq_lens.contiguous();
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(1);
-  TORCH_CHECK(Hq % Hkv == 0 && k_cache.size(2) == D);
+  TORCH_CHECK(Hq % Hkv == 0 && k_cache.size(-1) == D, "q and the cache heads do not match");
   auto out = at::empty({B, Hq, D}, q.options());
   DISPATCH(q.scalar_type(), "paged_decode_attention", [&] {
     auto run = paged_decode_kernel<scalar_t>;
@@ -648,7 +671,7 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache
 #endif
     run(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
         bt.data_ptr<int32_t>(), sl.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), B, Hq, Hkv, D,
-        bt.size(1), block_size, static_cast<float>(scale), q.stride(0));
+        bt.size(1), block_size, static_cast<float>(scale), q.stride(0), kv);
   });
   return out;
 }
@@ -671,15 +694,18 @@ void write_kv(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v_cache
   TORCH_CHECK(
       k.stride(2) == 1 && k.stride(1) == k.size(2) && v.stride(2) == 1 && v.stride(1) == v.size(2),
       "k, v rows must hold contiguous heads");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  const KvLayout kv = kv_layout(k_cache, 0);
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes() && v_cache.is_contiguous(),
+              "the V cache must be shaped as the K cache");
   TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == k_cache.scalar_type());
-  TORCH_CHECK(k_cache.size(1) * k_cache.size(2) == k.size(1) * k.size(2));
+  TORCH_CHECK(k.size(1) == k_cache.size(1) && k.size(2) == k_cache.size(-1),
+              "k, v heads do not match the cache's");
   auto slots = slot_mapping.to(at::kLong).contiguous();
   TORCH_CHECK(slots.numel() == k.size(0));
   DISPATCH(k.scalar_type(), "write_kv", [&] {
     write_kv_kernel<scalar_t>(k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                               k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
-                              slots.data_ptr<int64_t>(), k.size(0), k.size(1) * k.size(2),
+                              slots.data_ptr<int64_t>(), k.size(0), k.size(1), k.size(2), kv,
                               k.stride(0), v.stride(0));
   });
 }

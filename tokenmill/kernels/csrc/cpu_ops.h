@@ -3,6 +3,27 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+// A KV cache's layout, read from its shape:
+//  * token-major [slots, kv_heads, head_dim]: a slot's heads side by side (the reference
+//    attention backends' layout);
+//  * head-major [blocks, kv_heads, block_size, head_dim]: each head's rows of a block side by
+//    side (the CPU backend's: a decode task then reads its head's rows of a block as one
+//    stream instead of every row_len-th 2 * head_dim bytes).
+// Head g of token o of block b starts at element b * block_size * row_len + o * token + g * head
+// (row_len = kv_heads * head_dim), whatever the layout.
+struct KvLayout {
+  int64_t block;  // the cache's slots per block (head-major), or 1 (token-major: any block size)
+  int64_t token;  // elements from a token's row to the next token's in the same block
+  int64_t head;   // elements from a kv head's row to the next head's
+  // The element where head g of `slot` starts.
+  int64_t at(int64_t slot, int64_t g, int64_t row_len) const {
+    return slot / block * block * row_len + slot % block * token + g * head;
+  }
+};
+// The layout of a contiguous 3-D or 4-D cache (as above), checked against the paged block size
+// `block_size` where it is not 0.
+KvLayout kv_layout(const at::Tensor& cache, int64_t block_size);
+
 at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
                                   at::Tensor block_tables, at::Tensor seq_lens, int64_t block_size,
                                   double scale);

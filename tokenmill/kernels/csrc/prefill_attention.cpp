@@ -24,6 +24,7 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu_ops.h"
 #include "vec_math.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -189,7 +190,7 @@ template <typename T>
 void run_task(const Task& task, const T* q, const T* kc, const T* vc, const int32_t* bt,
               int64_t max_blocks, int64_t block_size, const int32_t* seq_lens, const int32_t* qsl,
               int64_t q_stride, T* out, int64_t Hq, int64_t Hkv, int64_t D, float scale,
-              Scratch& w) {
+              KvLayout kv, Scratch& w) {
   const int64_t rep = Hq / Hkv, row_len = Hkv * D, g = task.kv_head;
   const int R = static_cast<int>(task.count * rep);
   const int64_t q_len = qsl[task.req + 1] - qsl[task.req];
@@ -213,10 +214,10 @@ void run_task(const Task& task, const T* q, const T* kc, const T* vc, const int3
     for (int t = 0; t < kKeyBlock; ++t) {
       if (t < n) {
         const int64_t pos = k0 + t;
-        const int64_t slot =
-            static_cast<int64_t>(table[pos / block_size]) * block_size + pos % block_size;
-        krows[t] = kc + slot * row_len + g * D;
-        vrows[t] = vc + slot * row_len + g * D;
+        const int64_t at = static_cast<int64_t>(table[pos / block_size]) * block_size * row_len +
+                           pos % block_size * kv.token + g * kv.head;
+        krows[t] = kc + at;
+        vrows[t] = vc + at;
       } else {
         krows[t] = vrows[t] = zero_row;
       }
@@ -295,14 +296,14 @@ bool paged_prefill_attention_supported(int64_t num_heads, int64_t num_kv_heads, 
 at::Tensor paged_prefill_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
                                    at::Tensor block_tables, at::Tensor seq_lens,
                                    at::Tensor query_start_loc, int64_t block_size, double scale) {
-  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(),
-              "q [tokens, heads, head_dim], caches [slots, kv_heads, head_dim]");
+  TORCH_CHECK(q.dim() == 3 && v_cache.sizes() == k_cache.sizes() && v_cache.is_contiguous(),
+              "q [tokens, heads, head_dim], V cache shaped as the K cache");
+  const KvLayout kv = kv_layout(k_cache, block_size);
   const int64_t Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(1);
-  TORCH_CHECK(paged_prefill_attention_supported(Hq, Hkv, D) && k_cache.size(2) == D,
+  TORCH_CHECK(paged_prefill_attention_supported(Hq, Hkv, D) && k_cache.size(-1) == D,
               "no prefill attention kernel for ", Hq, " / ", Hkv, " heads of ", D);
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
               "q and the caches must share a dtype");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
                   query_start_loc.scalar_type() == at::kInt,
               "block_tables, seq_lens and query_start_loc must be int32");
@@ -340,7 +341,7 @@ at::Tensor paged_prefill_attention(at::Tensor q, at::Tensor k_cache, at::Tensor 
           Scratch w(D);
           for (int64_t i = next++; i < n_tasks; i = next++)
             run_task(tasks[i], q_ptr, k_ptr, v_ptr, bt.data_ptr<int32_t>(), bt.size(1), block_size,
-                     lens, qs, q.stride(0), out_ptr, Hq, Hkv, D, static_cast<float>(scale), w);
+                     lens, qs, q.stride(0), out_ptr, Hq, Hkv, D, static_cast<float>(scale), kv, w);
         });
   };
   if (q.scalar_type() == at::kFloat)
