@@ -120,6 +120,9 @@ def bf16_mode(request, monkeypatch):
 def test_prefill_and_decode_match_transformers(checkpoint, kernel_mode):
     name, path, ref = checkpoint
     runner = _runner(path)
+    # each backend's own cache layout (attention.py): the C++ kernels' head-major blocks
+    # [blocks, kv_heads, block_size, head_dim], the others' token-major slots
+    assert runner.kv_caches[0][0].dim() == (4 if kernel_mode == "cpu" else 3)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 160, (n,), generator=g).tolist() for n in (37, 5, 20)]
     expected = [_reference_logits(ref, p) for p in prompts]
