@@ -214,6 +214,29 @@ def test_cpp_decode_loop_matches_python_layers():
         ]
 
 
+def test_cpp_decode_loop_stages_show_in_the_profiler():
+    """benchmarks/step_profile.py splits the C++ decode loop's time by the profiler ranges the
+    loop opens around its stages: each is recorded once per layer and decode step (the norms
+    twice per layer, plus the first layer's input norm), and profiling leaves the tokens as
+    they are."""
+    from torch.profiler import ProfilerActivity, profile
+
+    llm = LLM(max_model_len=128, kv_cache_memory_gib=0.05)
+    layers = len(llm.engine.model.model.layers)
+    prompts = [[1, 504, 3458, 314], [1, 9707, 28]]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)  # 3 decode steps
+    plain = llm.generate(prompts, params)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        profiled = llm.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in profiled] == [o.outputs[0].token_ids for o in plain]
+    counts = {e.key: e.count for e in prof.key_averages() if e.key.startswith("decode_stack.")}
+    stages = ["qkv_proj", "rotary", "write_kv", "attention", "o_proj", "gate_up_proj"]
+    stages += ["silu_mul", "down_proj"]
+    expected = {f"decode_stack.{s}": 3 * layers for s in stages}
+    expected["decode_stack.add_rms_norm"] = 3 * (2 * layers + 1)
+    assert counts == expected
+
+
 def test_native_batching_matches_alone():
     """The native path batched (buffered kernel, batched decode loop) against each prompt
     alone (streaming kernel). Per row the integer kernels are batch-invariant, but prefill

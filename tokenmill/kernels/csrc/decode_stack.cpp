@@ -5,7 +5,19 @@
 // the results are identical.
 #include "decode_stack.h"
 
+#include <ATen/record_function.h>
+
 #include "cpu_ops.h"
+
+namespace {
+// Runs fn() inside a profiler range named `name` (torch.profiler records it; nothing happens
+// while no profiler runs): benchmarks/step_profile.py splits a decode step's time by these.
+template <typename Fn>
+auto stage(const char* name, Fn&& fn) {
+  RECORD_FUNCTION(name, std::vector<c10::IValue>());
+  return fn();
+}
+}  // namespace
 
 LlamaDecodeStack::LlamaDecodeStack(std::vector<at::Tensor> input_norms,
                                    std::vector<at::Tensor> post_norms, at::Tensor final_norm,
@@ -43,21 +55,32 @@ at::Tensor LlamaDecodeStack::forward(at::Tensor residual, at::Tensor positions,
   const int64_t n = residual.size(0), d = head_dim_;
   const int64_t q_size = num_heads_ * d, kv_size = num_kv_heads_ * d;
   residual = residual.contiguous();
-  at::Tensor h = add_rms_norm(residual, c10::nullopt, input_norms_[0], eps_);
+  at::Tensor h = stage("decode_stack.add_rms_norm",
+                       [&] { return add_rms_norm(residual, c10::nullopt, input_norms_[0], eps_); });
   for (size_t i = 0; i < L; ++i) {
-    at::Tensor qkv = qkv_[i]->forward(h);  // [n, q + 2 kv]
+    at::Tensor qkv = stage("decode_stack.qkv_proj", [&] { return qkv_[i]->forward(h); });
     at::Tensor qk = qkv.narrow(1, 0, q_size + kv_size).view({n, num_heads_ + num_kv_heads_, d});
-    rotary_inplace(qk, positions, cos_t, sin_t);
+    stage("decode_stack.rotary", [&] { return rotary_inplace(qk, positions, cos_t, sin_t); });
     at::Tensor q = qk.narrow(1, 0, num_heads_);
     at::Tensor k = qk.narrow(1, num_heads_, num_kv_heads_);
     at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({n, num_kv_heads_, d});
-    write_kv(k, v, k_caches[i], v_caches[i], slot_mapping);
-    at::Tensor attn = paged_decode_attention(q, k_caches[i], v_caches[i], block_tables, seq_lens,
-                                             block_size, scale_)
-                          .view({n, q_size});
-    h = add_rms_norm(residual, o_[i]->forward(attn), post_norms_[i], eps_);
-    at::Tensor mlp = down_[i]->forward(silu_mul(gate_up_[i]->forward(h)));
-    h = add_rms_norm(residual, mlp, i + 1 < L ? input_norms_[i + 1] : final_norm_, eps_);
+    stage("decode_stack.write_kv",
+          [&] { return write_kv(k, v, k_caches[i], v_caches[i], slot_mapping); });
+    at::Tensor attn = stage("decode_stack.attention", [&] {
+      return paged_decode_attention(q, k_caches[i], v_caches[i], block_tables, seq_lens, block_size,
+                                    scale_);
+    });
+    at::Tensor o =
+        stage("decode_stack.o_proj", [&] { return o_[i]->forward(attn.view({n, q_size})); });
+    h = stage("decode_stack.add_rms_norm",
+              [&] { return add_rms_norm(residual, o, post_norms_[i], eps_); });
+    at::Tensor gate_up =
+        stage("decode_stack.gate_up_proj", [&] { return gate_up_[i]->forward(h); });
+    at::Tensor act = stage("decode_stack.silu_mul", [&] { return silu_mul(gate_up); });
+    at::Tensor mlp = stage("decode_stack.down_proj", [&] { return down_[i]->forward(act); });
+    h = stage("decode_stack.add_rms_norm", [&] {
+      return add_rms_norm(residual, mlp, i + 1 < L ? input_norms_[i + 1] : final_norm_, eps_);
+    });
   }
   return h;
 }
