@@ -58,7 +58,8 @@ at::Tensor LlamaDecodeStack::forward(at::Tensor residual, at::Tensor positions,
   at::Tensor h = stage("decode_stack.add_rms_norm",
                        [&] { return add_rms_norm(residual, c10::nullopt, input_norms_[0], eps_); });
   for (size_t i = 0; i < L; ++i) {
-    at::Tensor qkv = stage("decode_stack.qkv_proj", [&] { return qkv_[i]->forward(h); });
+    at::Tensor qkv =  // [n, q + 2 kv]
+        stage("decode_stack.qkv_proj", [&] { return qkv_[i]->forward(h); });
     at::Tensor qk = qkv.narrow(1, 0, q_size + kv_size).view({n, num_heads_ + num_kv_heads_, d});
     stage("decode_stack.rotary", [&] { return rotary_inplace(qk, positions, cos_t, sin_t); });
     at::Tensor q = qk.narrow(1, 0, num_heads_);
