@@ -239,6 +239,13 @@ def test_column_lookup_equals_gguf_dequantize(ops, qtype):
         ops.quant_cols(packed, int(qtype), n, k, [512])
 
 
+def _int8_batches(ops, sizes):
+    """The batch sizes of `sizes` a QuantLinear of this level runs with 8-bit activations
+    (below bf16_tiles_min_tokens() on AMX, where larger batches take bfloat16 tiles)."""
+    limit = ops.bf16_tiles_min_tokens()
+    return [m for m in sizes if not limit or m < limit]
+
+
 def _linear(ops, shards, k):
     """A QuantLinear over `shards` [(qtype, rows, raw blocks)], no bias, and the float64
     dequantized weight of all of them stacked."""
@@ -268,7 +275,7 @@ def test_exact_channels_leave_the_rounding(ops, qtype, dtype):
     layer.set_exact_channels(exact)
     assert layer.exact_channels() == sorted(exact)
     assert layer.exact_bytes() == 4 * len(exact) * (n1 + n2)
-    for m in (1, 3, 17, 50, 70):
+    for m in _int8_batches(ops, (1, 3, 17, 50, 70)):
         x = torch.randn(m, k)
         x[:, exact] *= 200  # outliers: they would set their blocks' scales
         x = x.to(dtype)
@@ -329,7 +336,7 @@ def test_linear_prepared_batches_equal_quant_gemm(ops, dtype):
     shards = [(q, n, random_blocks(q, n, k, rng)) for q, n in zip(ALL_TYPES, rows, strict=True)]
     layer, _ = _linear(ops, shards, k)
     packed = [gp.pack(gp.parse(raw, int(q), n, k), int(q), n, k) for q, n, raw in shards]
-    for m in (4, 5, 16, 17, 33, 64, 70):
+    for m in _int8_batches(ops, (4, 5, 16, 17, 33, 63, 64, 70)):
         x = torch.randn(m, k).to(dtype)
         y = layer(x)
         xq, meta = ops.quantize_activations(x)
@@ -339,3 +346,51 @@ def test_linear_prepared_batches_equal_quant_gemm(ops, dtype):
             ops.quant_gemm(xq, meta, p, int(q), n, ref, col, None)
             col += n
         assert torch.equal(y, ref), m
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
+def test_amx_bfloat16_tiles_multiply_rounded_weights(ops, qtype):
+    """From bf16_tiles_min_tokens() tokens on (AMX), a QuantLinear multiplies bfloat16
+    weights (gguf's float32 values rounded to nearest even) with bfloat16 activations (float32
+    inputs rounded the same way), summing in float32: against that product in float64, within
+    1e-5 of the largest output (float32 out; bfloat16 out: its rounding). Two shards (the second
+    Q8_0, 9 rows: partial tiles, an odd tile count), a bias on the first, batches at and past
+    the threshold and past a 32-token pass; exact channels play no part there. The result is
+    closer to the float64 product of the unrounded operands than the 8-bit path below it."""
+    limit = ops.bf16_tiles_min_tokens()
+    if not limit:
+        pytest.skip("this level or CPU has no AMX tiles")
+    rng = np.random.default_rng(700 + int(qtype))
+    k, n1, n2 = 512, 40, 9
+    shards = [
+        (qtype, n1, random_blocks(qtype, n1, k, rng, extreme=True)),
+        (QT.Q8_0, n2, random_blocks(QT.Q8_0, n2, k, rng)),
+    ]
+    packed = [gp.pack(gp.parse(raw, int(q), n, k), int(q), n, k) for q, n, raw in shards]
+    bias = torch.randn(n1)
+    layer = ops.QuantLinear(
+        packed,
+        [int(q) for q, _, _ in shards],
+        [n1, n2],
+        [torch.cat([bias, bias.new_zeros(gp.padded_rows(n1) - n1)]), None],
+        k,
+    )
+    w = torch.cat([torch.from_numpy(dequantize(raw, q).reshape(n, k)) for q, n, raw in shards])
+    w_bf16 = w.to(torch.bfloat16).double()
+    shift = torch.cat([bias, torch.zeros(n2)]).double()
+    for m in (limit, limit + 1, limit + 37, 2 * limit + 16):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(m, k).to(dtype)
+            y = layer(x)
+            assert y.dtype == dtype and y.shape == (m, n1 + n2)
+            ref = x.to(torch.bfloat16).double() @ w_bf16.T + shift
+            err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+            assert err < (1e-5 if dtype == torch.float32 else 8e-3), (m, dtype, err)
+    x = torch.randn(limit, k)
+    y = layer(x)
+    layer.set_exact_channels([3, 100])
+    assert torch.equal(layer(x), y)
+    exact = x.double() @ w.double().T + shift
+    tiles_err = (y.double() - exact).abs().max()
+    int8_err = (layer(x[: limit - 1]).double() - exact[: limit - 1]).abs().max()
+    assert tiles_err < int8_err, (tiles_err, int8_err)

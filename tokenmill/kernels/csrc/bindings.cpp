@@ -12,6 +12,7 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_isa", &quant_isa);
+  m.def("bf16_tiles_min_tokens", &bf16_tiles_min_tokens);
   m.def("quantize_activations", &quantize_activations);
   m.def("quant_gemm", &quant_gemm);
   m.def("quant_rows", &quant_rows);

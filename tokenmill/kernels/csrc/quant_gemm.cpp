@@ -25,6 +25,17 @@
 // decode batches take several such passes over each tile), larger batches in passes of up to 64
 // tokens with accumulators in L1 (gemm_batched), where a prefill takes several passes over each
 // tile, which by then sits in L2.
+//
+// On CPUs with AMX, batches of kAmxBf16MinM+ tokens (prefill chunks, large decode batches) take
+// another route: each weight block is dequantized once per pass to bfloat16 (w = s * u + o in
+// float32, rounded to nearest even) and multiplied with the activations as they are (bfloat16,
+// or float32 rounded to it) on the tiles, float32 sums over the whole row. The int8 tile
+// products need a float rescale of every 32-input block for every token, which costs as much
+// as VNNI's; bfloat16 products need none, so only the dequantization is per block (1B-shape
+// Q4_K_M, 2 threads: 1.5-1.8x at 64 tokens, 2.0-2.3x from 128 on). Its error from the float32
+// product of the dequantized weights is bfloat16 rounding of both operands (about 0.2% of a
+// weight each), below the 8-bit activation rounding it replaces; exact channels play no part
+// there (no channel is rounded to 8 bits).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -1170,8 +1181,151 @@ void tile_amx(const uint8_t* w, const Acts& acts, int64_t M, int64_t K, const Ep
 #endif  // AMX
 
 #ifdef TM_AMX
+// From this many tokens on (prefill chunks, decode batches of 64+), a QuantLinear on the AMX
+// level runs bfloat16 tiles (gemm_amx_bf16) instead of the 8-bit activation path.
+constexpr int64_t kAmxBf16MinM = 64;
+
+// Tiles of the bfloat16 path: 0..3 = C (token group g, weight tile n at g * 2 + n: 16 tokens x
+// 16 rows, float32), 4, 5 = A (token group 0 / 1: 16 tokens x 32 inputs, bfloat16), 6, 7 = B
+// (weight tile 0 / 1: 16 input pairs x 16 rows, bfloat16 pairs).
+void configure_amx_bf16() {
+  TileConfig cfg;
+  for (int c = 0; c < 8; ++c) {
+    cfg.rows[c] = 16;
+    cfg.colsb[c] = 64;
+  }
+  __asm__ volatile("" : : "r"(&cfg) : "memory");
+  _tile_loadconfig(&cfg);
+}
+
+// Shuffles of block_to_bf16: pick[h][j] moves byte 2h + j of every 32-bit lane to its low byte
+// (the rest zero); perm takes words 0..15 (one input of each row) and 16..31 (the next input)
+// to (word r, word 16 + r) in lane r.
+struct Bf16Masks {
+  alignas(64) uint8_t pick[2][2][64];
+  alignas(64) uint16_t perm[32];
+  constexpr Bf16Masks() : pick(), perm() {
+    for (int h = 0; h < 2; ++h)
+      for (int j = 0; j < 2; ++j)
+        for (int i = 0; i < 64; ++i)
+          pick[h][j][i] = i % 4 == 0 ? static_cast<uint8_t>(i % 16 + 2 * h + j) : 0x80;
+    for (int r = 0; r < 16; ++r) {
+      perm[2 * r] = static_cast<uint16_t>(r);
+      perm[2 * r + 1] = static_cast<uint16_t>(16 + r);
+    }
+  }
+};
+alignas(64) constexpr Bf16Masks kBf16Masks;
+
+// An unpacked block as a B tile of bfloat16 weights: out[kp * 32 + 2 r + j] = bf16(s * u + o)
+// of input 2 kp + j of row r (s, o: the scale and offset of the input's half for split types).
+template <int64_t Q>
+inline void block_to_bf16(const Block& blk, uint16_t* out) {
+  __m512i pick[2][2];
+  for (int h = 0; h < 2; ++h)
+    for (int j = 0; j < 2; ++j) pick[h][j] = _mm512_load_si512(kBf16Masks.pick[h][j]);
+  const __m512i perm = _mm512_load_si512(kBf16Masks.perm);
+  for (int kp = 0; kp < 16; ++kp) {
+    const int t = kp / 2, h = kp % 2;
+    const bool second = kSplit<Q> && kp >= 8;
+    const __m512 sc = _mm512_load_ps(second ? blk.s1 : blk.s0);
+    const __m512 of = _mm512_load_ps(second ? blk.o1 : blk.o0);
+    const __m512i x = _mm512_load_si512(blk.u[t]);
+    const __m512 wa =
+        _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_shuffle_epi8(x, pick[h][0])), sc, of);
+    const __m512 wb =
+        _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_shuffle_epi8(x, pick[h][1])), sc, of);
+    const __m512i pk = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(wb, wa));
+    _mm512_storeu_si512(out + kp * 32, _mm512_permutexvar_epi16(perm, pk));
+  }
+}
+
+// y = x W^T (+ bias) with bfloat16 weights and activations on the tile unit, for x block-major
+// ([K / 32][Mp][32] bfloat16, Mp = M rounded up to 16, padding rows zero: block_major_bf16).
+// Pairs of weight tiles are split over the threads; each pair is dequantized into a bfloat16
+// buffer (1 KiB per block and tile), then every 32 tokens accumulate over the whole row in
+// four C tiles (2 token groups x 2 weight tiles), stored once at the end.
+template <int64_t Q, typename TY>
+void gemm_amx_bf16(const uint8_t* w, const uint16_t* xb, int64_t M, int64_t Mp, int64_t N,
+                   int64_t K, const float* bias, TY* y, int64_t ldy) {
+  const int64_t n_tiles = (N + 15) / 16, tile_bytes = K / unit_k(Q) * unit_bytes(Q), KB = K / 32;
+  at::parallel_for(0, (n_tiles + 1) / 2, 1, [&](int64_t begin, int64_t end) {
+    configure_amx_bf16();
+    std::vector<uint16_t> wb(2 * KB * 512);
+    alignas(64) float c[4][256];
+    for (int64_t p = begin; p < end; ++p) {
+      const int nt = static_cast<int>(std::min<int64_t>(2, n_tiles - 2 * p));
+      for (int i = 0; i < nt; ++i) {
+        Block blk;
+        for_each_block<Q>(w + (2 * p + i) * tile_bytes, K,
+                          [&](const uint8_t* src, int b, int64_t kb) {
+                            unpack_block<Q>(src, b, blk);
+                            block_to_bf16<Q>(blk, wb.data() + (i * KB + kb) * 512);
+                          });
+      }
+      for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
+        const bool two = m0 + 16 < Mp;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t kb = 0; kb < KB; ++kb) {
+          const uint16_t* xk = xb + (kb * Mp + m0) * 32;
+          _tile_loadd(6, wb.data() + kb * 512, 64);
+          _tile_loadd(7, wb.data() + (KB + kb) * 512, 64);
+          _tile_loadd(4, xk, 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          if (two) {
+            _tile_loadd(5, xk + 16 * 32, 64);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+        }
+        _tile_stored(0, c[0], 64);
+        _tile_stored(1, c[1], 64);
+        _tile_stored(2, c[2], 64);
+        _tile_stored(3, c[3], 64);
+        for (int g = 0; g < (two ? 2 : 1); ++g)
+          for (int n = 0; n < nt; ++n) {
+            const int64_t col = (2 * p + n) * 16;
+            const int rows = static_cast<int>(std::min<int64_t>(16, N - col));
+            const F16 bv = bias ? F16::load(bias + col) : F16::zero();
+            for (int i = 0; i < 16 && m0 + g * 16 + i < M; ++i)
+              store_row(F16::load(c[g * 2 + n] + i * 16) + bv, y + (m0 + g * 16 + i) * ldy + col,
+                        rows);
+          }
+      }
+    }
+    _tile_release();
+  });
+}
+
+// x [M, K] (float32 / bfloat16) as bfloat16, block-major with zero padding rows (gemm_amx_bf16).
+template <typename T>
+std::vector<uint16_t> block_major_bf16(const T* x, int64_t M, int64_t Mp, int64_t K) {
+  const int64_t KB = K / 32;
+  std::vector<uint16_t> xb(KB * Mp * 32, 0);
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t kb = 0; kb < KB; ++kb) {
+        uint16_t* dst = xb.data() + (kb * Mp + m) * 32;
+        if constexpr (std::is_same_v<T, float>) {
+          const __m512i pk = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(
+              _mm512_loadu_ps(x + m * K + kb * 32 + 16), _mm512_loadu_ps(x + m * K + kb * 32)));
+          _mm512_storeu_si512(dst, pk);
+        } else {
+          std::memcpy(dst, x + m * K + kb * 32, 64);
+        }
+      }
+  });
+  return xb;
+}
+#endif
+
+#ifdef TM_AMX
 // Decode batches of this many tokens up to kAmxMaxM take the AMX tiles (see gemm_typed).
-constexpr int64_t kAmxMinM = 48, kAmxMaxM = 64;
+constexpr int64_t kAmxMinM = 48, kAmxMaxM = kAmxBf16MinM - 1;
 
 // y = the quantized GEMM on the tile unit, one 16-row tile at a time (tile_amx).
 template <int64_t Q, typename TY>
@@ -1345,8 +1499,8 @@ constexpr int64_t kPreparedMinM =
 
 #include "quant_gemm.h"
 
-// The integer-dot ISA this build was compiled for: "amx" (tiles for batches of 48-64, VNNI
-// below), "avx512" (VNNI), "avx2" or "" (none).
+// The integer-dot ISA this build was compiled for: "amx" (int8 tiles for batches of 48-63,
+// bfloat16 tiles from 64 on, VNNI below), "avx512" (VNNI), "avx2" or "" (none).
 std::string quant_isa() {
 #if defined(TM_AMX)
   return amx_permitted() ? "amx" : "avx512";
@@ -1356,6 +1510,14 @@ std::string quant_isa() {
   return "avx2";
 #else
   return "";
+#endif
+}
+
+int64_t bf16_tiles_min_tokens() {
+#if defined(TM_AMX)
+  return amx_permitted() ? kAmxBf16MinM : 0;
+#else
+  return 0;
 #endif
 }
 
@@ -1566,6 +1728,29 @@ at::Tensor QuantLinear::forward(at::Tensor x) const {
     return k > 0 ? Epilogue{nullptr, exact_w_.data_ptr<float>() + cols_[i], a.data(), N_, k}
                  : Epilogue{};
   };
+#if defined(TM_AMX)
+  if (M >= kAmxBf16MinM && amx_permitted()) {  // bfloat16 tiles, every channel as it is
+    const int64_t Mp = (M + 15) / 16 * 16;
+    const std::vector<uint16_t> xb = x.scalar_type() == at::kFloat
+                                         ? block_major_bf16(x.data_ptr<float>(), M, Mp, K_)
+                                         : block_major_bf16(x.data_ptr<at::BFloat16>(), M, Mp, K_);
+    for (size_t i = 0; i < packed_.size(); ++i) {
+      const float* bias = bias_[i].has_value() ? bias_[i]->data_ptr<float>() : nullptr;
+      const uint8_t* w = packed_[i].data_ptr<uint8_t>();
+      const bool known = with_type(qtypes_[i], [&](auto t) {
+        constexpr int64_t Q = decltype(t)::value;
+        if (y.scalar_type() == at::kFloat)
+          gemm_amx_bf16<Q>(w, xb.data(), M, Mp, rows_[i], K_, bias, y.data_ptr<float>() + cols_[i],
+                           N_);
+        else
+          gemm_amx_bf16<Q>(w, xb.data(), M, Mp, rows_[i], K_, bias,
+                           reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()) + cols_[i], N_);
+      });
+      TORCH_CHECK(known, "unsupported GGUF type ", qtypes_[i]);
+    }
+    return y;
+  }
+#endif
 #if defined(TM_AVX512) || defined(TM_AVX2)
   if (M >= kPreparedMinM) {  // one block-major copy for every segment, made as x is quantized
     std::vector<StartSpec> specs;

@@ -6,6 +6,9 @@
 #include <vector>
 
 std::string quant_isa();
+// The batch size from which QuantLinear runs bfloat16 AMX tiles instead of 8-bit activations
+// (0: never, on builds or CPUs without the tiles).
+int64_t bf16_tiles_min_tokens();
 std::vector<at::Tensor> quantize_activations(at::Tensor x);
 void quant_gemm(at::Tensor xq, at::Tensor meta, at::Tensor packed, int64_t qtype, int64_t N,
                 at::Tensor y, int64_t col, c10::optional<at::Tensor> bias);
@@ -20,7 +23,8 @@ class QuantLinear {
               int64_t in_features);
   // y = x W^T (+ bias) [M, N], x float32 / bfloat16, y in x's dtype. The input channels set
   // by set_exact_channels are left out of the 8-bit rounding (read as 0 there) and multiply
-  // their dequantized weight columns in float32 instead.
+  // their dequantized weight columns in float32 instead. From bf16_tiles_min_tokens() tokens
+  // on (AMX), weights and activations are bfloat16 instead (quant_gemm.cpp's header).
   at::Tensor forward(at::Tensor x) const;
 
   // Calibration: from observe_inputs(true) on, every forward raises a running max of |x| per
