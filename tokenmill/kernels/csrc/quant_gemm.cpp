@@ -1240,60 +1240,90 @@ inline void block_to_bf16(const Block& blk, uint16_t* out) {
   }
 }
 
+// Blocks per chunk of gemm_amx_bf16: a pair of tiles' chunk of bfloat16 weights is 16 KiB, and
+// stays in L1 while every token group multiplies it.
+constexpr int64_t kBf16ChunkBlocks = 8;
+
 // y = x W^T (+ bias) with bfloat16 weights and activations on the tile unit, for x block-major
 // ([K / 32][Mp][32] bfloat16, Mp = M rounded up to 16, padding rows zero: block_major_bf16).
-// Pairs of weight tiles are split over the threads; each pair is dequantized into a bfloat16
-// buffer (1 KiB per block and tile), then every 32 tokens accumulate over the whole row in
-// four C tiles (2 token groups x 2 weight tiles), stored once at the end.
+// Pairs of weight tiles are split over the threads. Each pair's row is taken in chunks of
+// kBf16ChunkBlocks blocks: the chunk is dequantized (1 KiB per block and tile) and every 32
+// tokens add its products to four C tiles (2 token groups x 2 weight tiles), kept in the tiles
+// from chunk to chunk when one pass of 32 covers the batch, else saved to float32 sums in
+// between (the weights in L1, the activations read from L2 once per chunk).
 template <int64_t Q, typename TY>
 void gemm_amx_bf16(const uint8_t* w, const uint16_t* xb, int64_t M, int64_t Mp, int64_t N,
                    int64_t K, const float* bias, TY* y, int64_t ldy) {
   const int64_t n_tiles = (N + 15) / 16, tile_bytes = K / unit_k(Q) * unit_bytes(Q), KB = K / 32;
+  const int64_t uk = unit_k(Q), ub = unit_bytes(Q), bpu = uk / 32;
+  const int64_t passes = (Mp + 31) / 32;
   at::parallel_for(0, (n_tiles + 1) / 2, 1, [&](int64_t begin, int64_t end) {
     configure_amx_bf16();
-    std::vector<uint16_t> wb(2 * KB * 512);
-    alignas(64) float c[4][256];
+    alignas(64) uint16_t wb[2][kBf16ChunkBlocks][512];
+    std::vector<float> sums(passes * 4 * 256);  // per pass: C tiles 0..3
     for (int64_t p = begin; p < end; ++p) {
       const int nt = static_cast<int>(std::min<int64_t>(2, n_tiles - 2 * p));
-      for (int i = 0; i < nt; ++i) {
-        Block blk;
-        for_each_block<Q>(w + (2 * p + i) * tile_bytes, K,
-                          [&](const uint8_t* src, int b, int64_t kb) {
-                            unpack_block<Q>(src, b, blk);
-                            block_to_bf16<Q>(blk, wb.data() + (i * KB + kb) * 512);
-                          });
-      }
-      for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
-        const bool two = m0 + 16 < Mp;
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-        for (int64_t kb = 0; kb < KB; ++kb) {
-          const uint16_t* xk = xb + (kb * Mp + m0) * 32;
-          _tile_loadd(6, wb.data() + kb * 512, 64);
-          _tile_loadd(7, wb.data() + (KB + kb) * 512, 64);
-          _tile_loadd(4, xk, 64);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_dpbf16ps(1, 4, 7);
-          if (two) {
-            _tile_loadd(5, xk + 16 * 32, 64);
-            _tile_dpbf16ps(2, 5, 6);
-            _tile_dpbf16ps(3, 5, 7);
+      for (int64_t k0 = 0; k0 < KB; k0 += kBf16ChunkBlocks) {
+        const int64_t k1 = std::min(KB, k0 + kBf16ChunkBlocks);
+        for (int i = 0; i < nt; ++i) {
+          const uint8_t* wt = w + (2 * p + i) * tile_bytes;
+          Block blk;
+          for (int64_t kb = k0; kb < k1; ++kb) {
+            const uint8_t* src = wt + kb / bpu * ub;
+            if (kb % bpu == 0)
+              for (int64_t line = 0; line < ub; line += 64)
+                _mm_prefetch(reinterpret_cast<const char*>(src + ub + line), _MM_HINT_T0);
+            unpack_block<Q>(src, static_cast<int>(kb % bpu), blk);
+            block_to_bf16<Q>(blk, wb[i][kb - k0]);
           }
         }
-        _tile_stored(0, c[0], 64);
-        _tile_stored(1, c[1], 64);
-        _tile_stored(2, c[2], 64);
-        _tile_stored(3, c[3], 64);
-        for (int g = 0; g < (two ? 2 : 1); ++g)
+        for (int64_t pass = 0; pass < passes; ++pass) {
+          const int64_t m0 = pass * 32;
+          const bool two = m0 + 16 < Mp;
+          float* sp = sums.data() + pass * 4 * 256;
+          if (k0 == 0) {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+          } else if (passes > 1) {
+            _tile_loadd(0, sp, 64);
+            _tile_loadd(1, sp + 256, 64);
+            _tile_loadd(2, sp + 512, 64);
+            _tile_loadd(3, sp + 768, 64);
+          }
+          for (int64_t kb = k0; kb < k1; ++kb) {
+            const uint16_t* xk = xb + (kb * Mp + m0) * 32;
+            _tile_loadd(6, wb[0][kb - k0], 64);
+            _tile_loadd(7, wb[1][kb - k0], 64);
+            _tile_loadd(4, xk, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            if (two) {
+              _tile_loadd(5, xk + 16 * 32, 64);
+              _tile_dpbf16ps(2, 5, 6);
+              _tile_dpbf16ps(3, 5, 7);
+            }
+          }
+          if (passes > 1 || k1 == KB) {
+            _tile_stored(0, sp, 64);
+            _tile_stored(1, sp + 256, 64);
+            _tile_stored(2, sp + 512, 64);
+            _tile_stored(3, sp + 768, 64);
+          }
+        }
+      }
+      for (int64_t pass = 0; pass < passes; ++pass) {
+        const int64_t m0 = pass * 32;
+        const float* sp = sums.data() + pass * 4 * 256;
+        for (int g = 0; g < 2 && m0 + g * 16 < M; ++g)
           for (int n = 0; n < nt; ++n) {
             const int64_t col = (2 * p + n) * 16;
             const int rows = static_cast<int>(std::min<int64_t>(16, N - col));
             const F16 bv = bias ? F16::load(bias + col) : F16::zero();
             for (int i = 0; i < 16 && m0 + g * 16 + i < M; ++i)
-              store_row(F16::load(c[g * 2 + n] + i * 16) + bv, y + (m0 + g * 16 + i) * ldy + col,
-                        rows);
+              store_row(F16::load(sp + (g * 2 + n) * 256 + i * 16) + bv,
+                        y + (m0 + g * 16 + i) * ldy + col, rows);
           }
       }
     }
