@@ -12,9 +12,10 @@ OpenMP runtime and PyTorch's must not share one); the engines are interleaved an
 (TOKENMILL_CPU_ISA). Each number also appears as a fraction of its roofline: the bytes the
 engine reads per decode step (weights as it stores them + KV at the mean context) over the
 measured copy bandwidth, or the multiply-adds over the measured peak of the instruction the
-engine multiplies with, whichever is slower: `vpdpbusd` / `vpmaddubsw` / AMX tiles for the
-integer kernel levels (benchmarks/int8_peak.c, one thread per core; llama.cpp at the best non-AMX
-level), the bf16 matmul rate for dense weights. Like the rates, these ceilings are the best of
+engine multiplies with, whichever is slower: `vpdpbusd` / `vpmaddubsw` for the integer kernel
+levels, on the amx level `vpdpbusd` for decode and AMX bfloat16 tiles for prefill
+(benchmarks/int8_peak.c, one thread per core; llama.cpp at the best non-AMX level), the bf16
+matmul rate for dense weights. Like the rates, these ceilings are the best of
 several measurements: before each file and at the end.
 
     # benchmark-only, built from source for the CPU's ISA but without AMX (its path faults on
@@ -342,6 +343,8 @@ def roofline(case: str, desc: dict, params: int, bw: float, peaks: dict, args) -
     """Upper bound in tokens/s for the case (see the module docstring). `peaks` has the bf16
     matmul rate ("bf16", TFLOP/s) and the integer levels' multiply-add rates (GMAC/s)."""
     level = desc.get("int8_level")
+    if level == "amx":  # int8 tiles only for 48-63 tokens, bfloat16 tiles from 64: VNNI below
+        level = "amx_bf16" if case == "prefill" else "avx512"
     if level in peaks:
         macs_per_s = peaks[level] * 1e9
     else:

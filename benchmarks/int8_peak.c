@@ -2,7 +2,9 @@
 // the compute roofline of benchmarks/bench_llamacpp.py: independent chains of `vpdpbusd` on zmm
 // (avx512: 64 MACs each), `vpmaddubsw` on ymm (avx2: 32 MACs each, before the widening adds the
 // kernels also pay) and `tdpbusd` (amx: a 16 x 64 by 64 x 16 tile product, 16,384 MACs), one
-// thread per core. Prints "level GMAC/s" lines for the levels this CPU has.
+// thread per core, and AMX's bfloat16 tile product (amx_bf16: `tdpbf16ps`, 8,192 MACs), which
+// the amx level multiplies with from 64 tokens on. Prints "level GMAC/s" lines for the levels
+// this CPU has.
 //   cc -O3 -march=native -fopenmp int8_peak.c -o int8_peak && ./int8_peak THREADS
 #include <immintrin.h>
 #include <omp.h>
@@ -54,7 +56,7 @@ static double avx2(void) {
 }
 #endif
 
-#if defined(__AMX_INT8__) && defined(__AMX_TILE__)
+#if defined(__AMX_INT8__) && defined(__AMX_BF16__) && defined(__AMX_TILE__)
 struct cfg {
   uint8_t palette, start;
   uint8_t reserved[14];
@@ -62,7 +64,8 @@ struct cfg {
   uint8_t rows[16];
 } __attribute__((aligned(64)));
 static int8_t A[16 * 64] __attribute__((aligned(64))), B[16 * 64] __attribute__((aligned(64)));
-static double amx(void) {
+// Four independent C tiles, products of zero tiles: `tdpbf16ps` (bf16 != 0) or `tdpbusd`.
+static double tile_rate(int bf16) {
   struct cfg c = {1, 0, {0}, {0}, {0}};
   for (int i = 0; i < 8; i++) c.colsb[i] = 64, c.rows[i] = 16;
   _tile_loadconfig(&c);
@@ -75,15 +78,26 @@ static double amx(void) {
   const long n_iter = ITERS / 8;
   double t = now();
   for (long n = 0; n < n_iter; n++) {
-    _tile_dpbusd(0, 4, 5);
-    _tile_dpbusd(1, 4, 5);
-    _tile_dpbusd(2, 4, 5);
-    _tile_dpbusd(3, 4, 5);
+    if (bf16) {
+      _tile_dpbf16ps(0, 4, 5);
+      _tile_dpbf16ps(1, 4, 5);
+      _tile_dpbf16ps(2, 4, 5);
+      _tile_dpbf16ps(3, 4, 5);
+    } else {
+      _tile_dpbusd(0, 4, 5);
+      _tile_dpbusd(1, 4, 5);
+      _tile_dpbusd(2, 4, 5);
+      _tile_dpbusd(3, 4, 5);
+    }
   }
   t = now() - t;
   _tile_release();
-  return n_iter * 4.0 * 16384 / t;
+  return n_iter * 4.0 * (bf16 ? 8192 : 16384) / t;
 }
+static double amx(void) { return tile_rate(0); }
+static double amx_bf16(void) { return tile_rate(1); }
+#endif
+#if defined(__AMX_INT8__) && defined(__AMX_BF16__) && defined(__AMX_TILE__)
 static int amx_ok(void) { return syscall(SYS_arch_prctl, 0x1023, 18) == 0; }
 #endif
 
@@ -96,8 +110,11 @@ static void report(const char* level, double (*fn)(void), int threads) {
 
 int main(int argc, char** argv) {
   const int threads = argc > 1 ? atoi(argv[1]) : 1;
-#if defined(__AMX_INT8__) && defined(__AMX_TILE__)
-  if (amx_ok()) report("amx", amx, threads);
+#if defined(__AMX_INT8__) && defined(__AMX_BF16__) && defined(__AMX_TILE__)
+  if (amx_ok()) {
+    report("amx", amx, threads);
+    report("amx_bf16", amx_bf16, threads);
+  }
 #endif
 #if defined(__AVX512VNNI__)
   report("avx512", avx512, threads);
