@@ -32,7 +32,7 @@
 // or float32 rounded to it) on the tiles, float32 sums over the whole row. The int8 tile
 // products need a float rescale of every 32-input block for every token, which costs as much
 // as VNNI's; bfloat16 products need none, so only the dequantization is per block (1B-shape
-// Q4_K_M, 2 threads: 1.5-1.8x at 64 tokens, 2.0-2.3x from 128 on). Its error from the float32
+// Q4_K_M, 2 threads: 1.3-1.8x at 64 tokens, 1.5-2.3x from 128 on). Its error from the float32
 // product of the dequantized weights is bfloat16 rounding of both operands (about 0.2% of a
 // weight each), below the 8-bit activation rounding it replaces; exact channels play no part
 // there (no channel is rounded to 8 bits).
