@@ -1259,8 +1259,8 @@ void gemm_amx_bf16(const uint8_t* w, const uint16_t* xb, int64_t M, int64_t Mp, 
   const int64_t passes = (Mp + 31) / 32;
   at::parallel_for(0, (n_tiles + 1) / 2, 1, [&](int64_t begin, int64_t end) {
     configure_amx_bf16();
-    alignas(64) uint16_t wb[2][kBf16ChunkBlocks][512];
-    std::vector<float> sums(passes * 4 * 256);  // per pass: C tiles 0..3
+    alignas(64) uint16_t wb[2][kBf16ChunkBlocks][512] = {};  // a lone last tile: zeros beside it
+    std::vector<float> sums(passes * 4 * 256);               // per pass: C tiles 0..3
     for (int64_t p = begin; p < end; ++p) {
       const int nt = static_cast<int>(std::min<int64_t>(2, n_tiles - 2 * p));
       for (int64_t k0 = 0; k0 < KB; k0 += kBf16ChunkBlocks) {
@@ -1747,17 +1747,6 @@ at::Tensor QuantLinear::forward(at::Tensor x) const {
       for (int64_t c = 0; c < K_; ++c) amax[c] = std::max(amax[c], std::fabs(xp[m * K_ + c]));
   }
   auto y = at::empty({M, N_}, x.options());
-  // the exact channels' activations, float32 [M, k], for the GEMM's epilogue
-  const int k = static_cast<int>(exact_.size());
-  std::vector<float> a(M * k);
-  if (x.scalar_type() == at::kFloat)
-    gather_channels(x.data_ptr<float>(), M, K_, exact_, a.data());
-  else
-    gather_channels(x.data_ptr<at::BFloat16>(), M, K_, exact_, a.data());
-  auto epilogue = [&](size_t i) {
-    return k > 0 ? Epilogue{nullptr, exact_w_.data_ptr<float>() + cols_[i], a.data(), N_, k}
-                 : Epilogue{};
-  };
 #if defined(TM_AMX)
   if (M >= kAmxBf16MinM && amx_permitted()) {  // bfloat16 tiles, every channel as it is
     const int64_t Mp = (M + 15) / 16 * 16;
@@ -1781,6 +1770,17 @@ at::Tensor QuantLinear::forward(at::Tensor x) const {
     return y;
   }
 #endif
+  // the exact channels' activations, float32 [M, k], for the GEMM's epilogue
+  const int k = static_cast<int>(exact_.size());
+  std::vector<float> a(M * k);
+  if (x.scalar_type() == at::kFloat)
+    gather_channels(x.data_ptr<float>(), M, K_, exact_, a.data());
+  else
+    gather_channels(x.data_ptr<at::BFloat16>(), M, K_, exact_, a.data());
+  auto epilogue = [&](size_t i) {
+    return k > 0 ? Epilogue{nullptr, exact_w_.data_ptr<float>() + cols_[i], a.data(), N_, k}
+                 : Epilogue{};
+  };
 #if defined(TM_AVX512) || defined(TM_AVX2)
   if (M >= kPreparedMinM) {  // one block-major copy for every segment, made as x is quantized
     std::vector<StartSpec> specs;
