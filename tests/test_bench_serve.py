@@ -3,6 +3,8 @@
 The fake server (FastAPI under uvicorn, in a background thread on a free port) waits FIRST_DELAY
 before the first text chunk and GAP between chunks, streams `max_tokens` chunks and a usage
 chunk, can fail every k-th request with HTTP 500, and records how many requests it had open.
+With `gather` set, every stream holds its first chunk until that many requests are open (or
+GATHER_TIMEOUT passes), so a burst's concurrency is seen however slowly the machine accepts.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from tokenmill.bench.serve import add_bench_serve_args, main, run_bench_serve
 
 FIRST_DELAY = 0.050  # s before the first text chunk
 GAP = 0.010  # s between text chunks
+GATHER_TIMEOUT = 3.0  # s a held stream waits for the rest of its burst
 
 
 class FakeState:
@@ -48,6 +51,8 @@ class FakeState:
         self.bodies: list[dict[str, Any]] = []
         self.paths: list[str] = []
         self.auth: list[str | None] = []
+        self.gather = 0
+        self.gathered: asyncio.Event | None = None
 
 
 def _sse(obj: Any) -> str:
@@ -66,6 +71,11 @@ def make_app(state: FakeState) -> FastAPI:
             n = int(body["max_tokens"])
             prompt = body["messages"][-1]["content"] if chat else body["prompt"]
             yield ": keep-alive comment\n\n"
+            if state.gathered is not None:
+                try:
+                    await asyncio.wait_for(state.gathered.wait(), GATHER_TIMEOUT)
+                except TimeoutError:
+                    pass  # the burst never filled: max_in_flight tells the test
             if chat:  # a role-only chunk carries no text: it must not count as the first token
                 yield _sse({"choices": [{"index": 0, "delta": {"role": "assistant"}}]})
             for i in range(n):
@@ -101,6 +111,11 @@ def make_app(state: FakeState) -> FastAPI:
             return JSONResponse(err, status_code=500)
         state.in_flight += 1
         state.max_in_flight = max(state.max_in_flight, state.in_flight)
+        if state.gather:
+            if state.gathered is None:
+                state.gathered = asyncio.Event()
+            if state.in_flight >= state.gather:
+                state.gathered.set()
         return StreamingResponse(stream(body, chat), media_type="text/event-stream")
 
     @app.post("/v1/completions")
@@ -290,7 +305,6 @@ def test_poisson_rate_levels(server, tmp_path) -> None:
     )
     assert rc == 0
     assert state.num_requests == 16
-    assert state.max_in_flight == 8  # rate=inf sends all eight at once
     doc = load(out)
     assert doc["config"]["mode"] == "rate" and doc["config"]["levels"] == [40.0, "inf"]
     paced, burst = doc["results"]
@@ -299,6 +313,29 @@ def test_poisson_rate_levels(server, tmp_path) -> None:
     starts = [r["start_ms"] for r in paced["requests"]]
     assert starts == sorted(starts) and starts[-1] > 20
     assert burst["max_in_flight"] == 8
+
+
+def test_infinite_rate_opens_every_request_at_once(server) -> None:
+    base, state = server
+    state.gather = 8
+    rc = run_cli(
+        "--base-url",
+        base,
+        "--request-rate",
+        "inf",
+        "--num-prompts",
+        "8",
+        "--input-len",
+        "4",
+        "--output-len",
+        "2",
+        "--output",
+        "",
+        "--no-progress",
+    )
+    assert rc == 0
+    assert state.num_requests == 8
+    assert state.max_in_flight == 8  # a client that sent them one by one would reach 1
 
 
 def test_rate_with_max_concurrency(server) -> None:
