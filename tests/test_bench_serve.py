@@ -315,40 +315,19 @@ def test_poisson_rate_levels(server, tmp_path) -> None:
     assert burst["max_in_flight"] == 8
 
 
-def test_infinite_rate_opens_every_request_at_once(server) -> None:
+@pytest.mark.parametrize("cap", [None, 2])
+def test_infinite_rate_sends_up_to_the_cap_at_once(server, cap) -> None:
     base, state = server
-    state.gather = 8
+    state.gather = cap or 8
+    limit = ["--max-concurrency", str(cap)] if cap else []
     rc = run_cli(
         "--base-url",
         base,
         "--request-rate",
         "inf",
+        *limit,
         "--num-prompts",
         "8",
-        "--input-len",
-        "4",
-        "--output-len",
-        "2",
-        "--output",
-        "",
-        "--no-progress",
-    )
-    assert rc == 0
-    assert state.num_requests == 8
-    assert state.max_in_flight == 8  # a client that sent them one by one would reach 1
-
-
-def test_rate_with_max_concurrency(server) -> None:
-    base, state = server
-    rc = run_cli(
-        "--base-url",
-        base,
-        "--request-rate",
-        "inf",
-        "--max-concurrency",
-        "2",
-        "--num-prompts",
-        "5",
         "--input-len",
         "3",
         "--output-len",
@@ -358,7 +337,9 @@ def test_rate_with_max_concurrency(server) -> None:
         "--no-progress",
     )
     assert rc == 0
-    assert state.num_requests == 5 and state.max_in_flight == 2
+    assert state.num_requests == 8
+    # all eight at once without a cap (a client that sent them one by one would reach 1)
+    assert state.max_in_flight == (cap or 8)
     assert set(state.auth) == {None}
 
 
