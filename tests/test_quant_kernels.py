@@ -127,6 +127,30 @@ def test_gemm_matches_dequantized_matmul(ops, qtype):
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_prefill_batches_write_whole_lines_alike(ops, qtype, out_dtype):
+    """Batches of several passes (65+ tokens) write an output whose rows are whole aligned
+    64-byte lines with streaming stores (AVX-512): the same bits as the ordinary stores, which
+    an unaligned output (column 1) takes, and the dequantized matmul's values."""
+    rng = np.random.default_rng(500 + int(qtype))
+    n, k = 64, 512
+    raw = random_blocks(qtype, n, k, rng)
+    packed = gp.pack(gp.parse(raw, int(qtype), n, k), int(qtype), n, k)
+    w = torch.from_numpy(dequantize(raw, qtype).reshape(n, k)).double()
+    for m in (65, 130):
+        xq, meta = ops.quantize_activations(torch.randn(m, k))
+        lines = torch.full((m, n), 7.0, dtype=out_dtype)
+        shifted = torch.full((m, n + 1), 7.0, dtype=out_dtype)
+        ops.quant_gemm(xq, meta, packed, int(qtype), n, lines, 0, None)
+        ops.quant_gemm(xq, meta, packed, int(qtype), n, shifted, 1, None)
+        assert torch.equal(lines, shifted[:, 1:]), f"{qtype.name} M={m}"
+        xd = (xq.double().reshape(m, -1, 32) * meta[..., :1].double()).reshape(m, k)
+        ref = (xd @ w.T).to(out_dtype).double()
+        err = ((lines.double() - ref).abs().max() / ref.abs().max()).item()
+        assert err < (1e-5 if out_dtype == torch.float32 else 1e-2), f"{qtype.name} M={m}"
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_avx2_rows_do_not_depend_on_the_batch(ops, qtype, dtype):
     """On AVX2 every path (streaming up to 8 or 16 tokens, batched beyond, each in one or several
