@@ -493,8 +493,6 @@ inline void epilogue_start(const Epilogue& ep, F16* acc) {
   for (int m = 0; m < MT; ++m) acc[m] = F16::load(v + m * 16);
 }
 
-// Writes the first `rows` (<= 16) outputs of a tile: float32, or bfloat16 rounded to nearest
-// even.
 #ifdef TM_AVX512
 // 16 floats as bfloat16 bits, rounded to nearest even.
 inline __m256i to_bf16(__m512 v) {
@@ -505,6 +503,8 @@ inline __m256i to_bf16(__m512 v) {
 }
 #endif
 
+// Writes the first `rows` (<= 16) outputs of a tile: float32, or bfloat16 rounded to nearest
+// even.
 template <typename TY>
 inline void store_row(F16 acc, TY* y, int rows) {
 #ifdef TM_AVX512
@@ -994,7 +994,7 @@ void tile_streaming(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int
 // writes its outputs with streaming stores. Each tile's outputs for a token are a piece of a
 // row of y, and the rows are ldy apart (a multiple of 4 KiB for most models: the same L1 set),
 // so ordinary stores fetch every line first and evict one another; 1B-shape gate/up (16384 x
-// 2048 Q4_K, 1 thread) at 512 tokens took 0.85x the time with streaming stores, the same at
+// 2048 Q4_K, 1 thread) at 512 tokens took 0.9x the time with streaming stores, the same at
 // 32-64 tokens, where the next operation reads y soon after from the caches.
 constexpr int64_t kStreamStoresMinM = 64;
 
