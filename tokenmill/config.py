@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from functools import lru_cache
@@ -414,7 +413,3 @@ class EngineArgs:
                 if hasattr(ns, f.name) and f.name not in skip
             }
         )
-
-
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -130,11 +130,6 @@ class BlockPool:
         block.block_hash = block_hash
         self._cached.setdefault(block_hash.digest, block)
 
-    def reset_prefix_cache(self) -> None:
-        for block in self.blocks:
-            block.block_hash = None
-        self._cached.clear()
-
     def check_invariants(self) -> None:
         """Assert internal consistency (used by tests after every operation)."""
         free_ids = set(self._free)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from tokenmill.config import SchedulerConfig
 from tokenmill.core.kv_cache_manager import KVCacheManager
@@ -13,12 +12,6 @@ from tokenmill.core.outputs import ModelRunnerOutput, ScheduledRequest, Schedule
 from tokenmill.core.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class FinishedRequest:
-    request: Request
-    new_token_ids: list[int]
 
 
 class Scheduler:

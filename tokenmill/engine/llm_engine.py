@@ -417,10 +417,6 @@ class LLMEngine:
             prefix_cache_hit_tokens=sched.kv.num_prefix_hit_tokens,
         )
 
-    @property
-    def num_unfinished_requests(self) -> int:
-        return len(self.groups)
-
     # ---- stepping ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step and return outputs of the requests that changed."""

@@ -38,15 +38,6 @@ class ModelArchConfig:
                 f"num_key_value_heads ({self.num_kv_heads})"
             )
 
-    @property
-    def num_params_estimate(self) -> int:
-        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
-        q = self.num_heads * self.head_dim
-        kv = self.num_kv_heads * self.head_dim
-        per_layer = h * (q + 2 * kv) + q * h + (3 if self.model_type != "gpt2" else 2) * h * i
-        emb = v * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * per_layer + emb
-
 
 def _rope_from_hf(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """rope_theta and scaling from either the classic keys or transformers 5's rope_parameters."""
