@@ -9,6 +9,7 @@ In order, each section timed and saved as soon as it ends (a timeout keeps what 
   4. shapes: random-weight models of Llama-3.2-1B and Llama-3-8B shapes (load_format=dummy):
      start-up (load, capture), prefill, batch-1 decode, batch 32 / 64, offline 1,000 x 128/128
      on the 8B; every rate also as a fraction of the bandwidth roofline;
+  4a. offline sweep: the 8B offline run under larger per-step budgets (OFFLINE_BUDGETS);
   4b. fp8: --quantization fp8 against bfloat16 (quality on a tiny model, 8B decode speed);
   5. transformers eager (random weights, same shapes) at batch 1, as a sanity baseline.
 
@@ -445,6 +446,42 @@ def shape_run(run: Run, root: Path, name: str) -> dict:
     return out
 
 
+# Per-step budgets tried for the offline run besides the defaults (max_num_seqs, tokens per
+# step): vLLM's offline defaults on 80+ GB GPUs are 1,024 sequences and 16,384 tokens; more
+# sequences per decode step read the weights for more tokens, more tokens per step cut the
+# prefill phase's steps. The defaults change only on what these measure.
+OFFLINE_BUDGETS = ((512, 8192), (1024, 16384))
+
+
+def offline_sweep(run: Run, root: Path) -> dict:
+    """The 8B offline run (1,000 prompts x 128 in / 128 out) under each of OFFLINE_BUDGETS,
+    each on a fresh LLM (its graphs captured up to max_num_seqs), with its ready time."""
+    name = "8B"
+    shape = (SMOKE_SHAPES if run.smoke else SHAPES)[name]
+    vocab = 512 if run.smoke else VOCAB
+    path = model_folder(root, name, shape, vocab)
+    n, length = (40, 16) if run.smoke else (1000, 128)
+    out = {}
+    for seqs, tokens in OFFLINE_BUDGETS:
+        seqs = min(seqs, 8) if run.smoke else seqs
+        t0 = time.perf_counter()
+        llm = make_llm(
+            run, path, max_model_len=2048, max_num_seqs=seqs, max_num_batched_tokens=tokens
+        )
+        ready = time.perf_counter() - t0
+        gen_seconds(run, llm, vocab, seqs, length, 8)  # warm-up: every batch size's kernels
+        t = gen_seconds(run, llm, vocab, n, length, length)
+        out[f"{seqs}x{tokens}"] = {
+            "ready_s": ready,
+            "seconds": t,
+            "output_tok_s": n * length / t,
+            "total_tok_s": 2 * n * length / t,
+        }
+        llm = None
+        release_memory()
+    return out
+
+
 def step_anatomy(run: Run, llm, out: dict) -> dict:
     """Where a batch-1 decode step's time goes: the captured graph replayed back to back (the
     device's share) against a whole single step (the rest is the host's: scheduling, inputs,
@@ -556,7 +593,7 @@ def main() -> None:
         "--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "gpu_bench.json")
     )
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, interpreter")
-    ap.add_argument("--skip", default="", help="comma-separated: kernels,tiny,1B,8B,fp8,hf")
+    ap.add_argument("--skip", default="", help="comma-separated: kernels,tiny,1B,8B,offline,fp8,hf")
     args = ap.parse_args()
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -572,6 +609,8 @@ def main() -> None:
         for name in ("1B", "8B"):
             if name not in skip:
                 run.section(f"shape {name}", shape_run, run, root, name)
+        if "8B" not in skip and "offline" not in skip:
+            run.section("offline sweep 8B", offline_sweep, run, root)
         if "fp8" not in skip:
             run.section("fp8", fp8, run, root)
         if "hf" not in skip:
