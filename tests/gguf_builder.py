@@ -1,9 +1,10 @@
 """Test support for the native GGUF kernels: quantizers, random valid blocks, a tiny Llama GGUF.
 
 * `quantize(x, qtype)`: float32 [rows, cols] -> GGUF blocks, uint8 [rows, bytes_per_row], for
-  Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (through `gguf.quants.quantize`) and Q4_K, Q5_K, Q6_K (written here
-  from the block layouts that `gguf.quants` dequantizes; a plain min/max or abs-max quantizer, not
-  llama.cpp's, but its blocks are valid and its error is bounded, see `_quantize_k_min_max`).
+  Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (through `gguf.quants.quantize`) and Q3_K, Q4_K, Q5_K, Q6_K
+  (written here from the block layouts that `gguf.quants` dequantizes; a plain min/max or abs-max
+  quantizer, not llama.cpp's, but its blocks are valid and its error is bounded, see
+  `_quantize_k_min_max`).
 * `random_blocks(qtype, rows, cols, rng, extreme=False)`: random raw blocks of any of those types,
   optionally covering edge cases (zero blocks and scales, saturated scales and quants, negative,
   tiny, subnormal and large fp16 scales), all dequantizing to finite float32 values.
@@ -21,7 +22,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf.constants import GGML_QUANT_SIZES, QK_K
 
 LEGACY_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0)
-K_TYPES = (QT.Q4_K, QT.Q5_K, QT.Q6_K)
+K_TYPES = (QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K)
 ALL_TYPES = LEGACY_TYPES + K_TYPES
 
 
@@ -142,6 +143,45 @@ def _quantize_q6_k(x: np.ndarray) -> np.ndarray:
     )
 
 
+def _quantize_q3_k(x: np.ndarray) -> np.ndarray:
+    """Q3_K blocks of 256 values, x float64 [n, 256].
+
+    Each sub-block j of 16 values dequantizes as d*(sc_j - 32)*q, sc_j 6-bit, q in [-4, 3]. Here
+    only the symmetric part of the grid is used: the step s_j = d*(sc_j - 32) is rounded UP from
+    max|x_j| / 3 (d rounded up to float16, d ~= max_j s_j / 31), so x / s_j lies in [-3, 3] and
+    rounding to nearest leaves
+        |x - dequant(x)| <= s_j / 2,  with  s_j <= max|x_j| / 3 + d.
+    Layout: hmask[32] | qs[64] | scales[12] | d. Value 128 h + 32 j + l keeps bits 0-1 of q + 4 at
+    bits 2j..2j+1 of qs[32 h + l] and bit 2 at bit 4h + j of hmask[l]; scale i keeps its low 4
+    bits in byte i % 8 (nibble i // 8), its high 2 in byte 8 + i % 4 (bits 2 (i // 4)).
+    """
+    n = x.shape[0]
+    sub = x.reshape(n, 16, 16)
+    step = np.abs(sub).max(axis=2) / 3
+    d = _fp16_at_least(step.max(axis=1) / 31)
+    d64 = d.astype(np.float64)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(d64 > 0, np.ceil(step / d64), 0).clip(0, 31)
+    s = (d64 * sc)[:, :, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(s > 0, np.rint(sub / s), 0)
+    u = (q.clip(-4, 3) + 4).astype(np.uint8).reshape(n, 2, 4, 32)  # [half, j, l]
+    qs = np.zeros((n, 2, 32), np.uint8)
+    hmask = np.zeros((n, 32), np.uint8)
+    for h in range(2):
+        for j in range(4):
+            qs[:, h] |= (u[:, h, j] & 3) << (2 * j)
+            hmask |= (u[:, h, j] >> 2) << (4 * h + j)
+    sc6 = (sc + 32).astype(np.uint8)  # [n, 16]
+    scales = np.zeros((n, 12), np.uint8)
+    for i in range(16):
+        scales[:, i % 8] |= (sc6[:, i] & 0xF) << (4 * (i // 8))
+        scales[:, 8 + i % 4] |= (sc6[:, i] >> 4) << (2 * (i // 4))
+    return np.concatenate(
+        [hmask, qs.reshape(n, 64), scales, d.view(np.uint8).reshape(n, 2)], axis=1
+    )
+
+
 def quantize(x: np.ndarray, qtype: QT) -> np.ndarray:
     """float [rows, cols] -> GGUF blocks of `qtype`, uint8 [rows, bytes_per_row]."""
     x = np.asarray(x, dtype=np.float32)
@@ -159,6 +199,8 @@ def quantize(x: np.ndarray, qtype: QT) -> np.ndarray:
         blocks = x.astype(np.float64).reshape(-1, QK_K)
         if qtype == QT.Q6_K:
             out = _quantize_q6_k(blocks)
+        elif qtype == QT.Q3_K:
+            out = _quantize_q3_k(blocks)
         else:
             out = _quantize_k_min_max(blocks, 4 if qtype == QT.Q4_K else 5)
     else:
@@ -175,6 +217,7 @@ _LAYOUT = {
     QT.Q5_0: dict(d=0, m=None, scales=None, quants=(2, 22)),
     QT.Q5_1: dict(d=0, m=2, scales=None, quants=(4, 24)),
     QT.Q8_0: dict(d=0, m=None, scales=None, quants=(2, 34)),
+    QT.Q3_K: dict(d=108, m=None, scales=(96, 108), quants=(0, 96)),
     QT.Q4_K: dict(d=0, m=2, scales=(4, 16), quants=(16, 144)),
     QT.Q5_K: dict(d=0, m=2, scales=(4, 16), quants=(16, 176)),
     QT.Q6_K: dict(d=208, m=None, scales=(192, 208), quants=(0, 192)),
@@ -186,6 +229,7 @@ _TYPICAL_D = {
     QT.Q5_0: 0.05,
     QT.Q5_1: 0.05,
     QT.Q8_0: 0.01,
+    QT.Q3_K: 0.01,
     QT.Q4_K: 0.005,
     QT.Q5_K: 0.003,
     QT.Q6_K: 0.002,
@@ -195,8 +239,8 @@ EXTREME_CASES = (
     "random",  # random bytes, random moderate positive d (and m/dmin)
     "zero_block",  # every byte 0 (d = 0, all quants 0)
     "zero_d",  # d = 0 (and m/dmin = 0), random quants and sub-block scales
-    "zero_subscales",  # K types: 6-bit scales/mins or int8 scales all 0; others: like "random"
-    "max_subscales",  # K types: 6-bit scales and mins all 63, Q6_K int8 scales -128/127
+    "zero_subscales",  # K types: 6-bit scales/mins or int8 scales 0 (Q3_K: -32); others: "random"
+    "max_subscales",  # K types: 6-bit scales and mins all 63 (Q3_K: 31), Q6_K int8 scales -128/127
     "quants_min",  # every quant at its lowest code (Q8_0: -128)
     "quants_max",  # every quant at its highest code (Q8_0: 127)
     "q8_extremes",  # every quant at its lowest or highest code, mixed (Q8_0: -128 / 127)
@@ -323,6 +367,7 @@ _FILE_TYPE = {
     QT.Q8_0: 7,
     QT.Q5_0: 8,
     QT.Q5_1: 9,
+    QT.Q3_K: 11,
     QT.Q4_K: 15,
     QT.Q5_K: 17,
     QT.Q6_K: 18,

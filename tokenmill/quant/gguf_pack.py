@@ -8,15 +8,19 @@ another along k (32 inputs for the legacy types, a 256-input super-block for the
     Q4_0  d[16] | L                      Q4_K  d[16] | dmin[16] | sc[8][16] | m[8][16] | L x 8
     Q4_1  d[16] | m[16] | L              Q5_K  as Q4_K, with H x 8 before the L x 8
     Q5_0  d[16] | H | L                  Q6_K  d[16] | sc[16][16] (int8) | L x 8 | H6 x 8
-    Q5_1  d[16] | m[16] | H | L          Q8_0  d[16] | U[8] (int8)
+    Q5_1  d[16] | m[16] | H | L          Q3_K  d[16] | sc[16][16] (int8) | L2 x 8 | H3 x 8
+    Q8_0  d[16] | U[8] (int8)
 
-d / dmin / m are fp16, sc / m of the K types are the 6-bit values in bytes, one per row. Each
+d / dmin / m are fp16, sc / m of the K types are the 6-bit values in bytes, one per row (Q3_K:
+its 6-bit scale less 32, Q6_K: its own, as int8; both types scale each 16 inputs apart). Each
 32-input block of the 16 rows is eight 64-byte vectors U[t], byte 4r + j of U[t] = input 4t + j of
 row r (the layout `vpdpbusd` reads with a broadcast activation); L[c] (c < 4, 64 bytes each)
 holds U[c] in its low and U[c + 4] in its high nibble; H is eight little-endian 64-bit masks
 (bit 4r + j of mask t = bit 4 of that weight); H6 is two 64-byte vectors, bits 2i..2i+1 of byte b
-of vector h = bits 4..5 of byte b of U[4h + i]. Sizes per weight equal the file's, except Q4_K /
-Q5_K, whose scales take 4 bytes more per 256 inputs. `unpack` inverts `pack` exactly.
+of vector h = bits 4..5 of byte b of U[4h + i]; L2 the same for bits 0..1 and H3 the masks of bit
+2 (Q3_K's u = its 3-bit value + 4, 0..7). Sizes per weight equal the file's, except Q4_K / Q5_K,
+whose scales take 4 bytes more per 256 inputs, and Q3_K, 4 bytes more (its scales in whole
+bytes). `unpack` inverts `pack` exactly.
 """
 
 from __future__ import annotations
@@ -24,26 +28,39 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 12, 13, 14
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 11, 12, 13, 14
 NAMES = {
     Q4_0: "Q4_0",
     Q4_1: "Q4_1",
     Q5_0: "Q5_0",
     Q5_1: "Q5_1",
     Q8_0: "Q8_0",
+    Q3_K: "Q3_K",
     Q4_K: "Q4_K",
     Q5_K: "Q5_K",
     Q6_K: "Q6_K",
 }
-K_TYPES = (Q4_K, Q5_K, Q6_K)
+K_TYPES = (Q3_K, Q4_K, Q5_K, Q6_K)
+SPLIT_TYPES = (Q3_K, Q6_K)  # a scale per 16 inputs
 # GGUF bytes per block and inputs per block
-BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q5_0: 22, Q5_1: 24, Q8_0: 34, Q4_K: 144, Q5_K: 176, Q6_K: 210}
+BLOCK_BYTES = {
+    Q4_0: 18,
+    Q4_1: 20,
+    Q5_0: 22,
+    Q5_1: 24,
+    Q8_0: 34,
+    Q3_K: 110,
+    Q4_K: 144,
+    Q5_K: 176,
+    Q6_K: 210,
+}
 UNIT_BYTES = {
     Q4_0: 288,
     Q4_1: 320,
     Q5_0: 352,
     Q5_1: 384,
     Q8_0: 544,
+    Q3_K: 1824,
     Q4_K: 2368,
     Q5_K: 2880,
     Q6_K: 3360,
@@ -108,6 +125,19 @@ def parse(raw: np.ndarray | torch.Tensor, qtype: int, n: int, k: int) -> dict[st
             u = u | (((qh[:, :, None, :] >> torch.arange(8, dtype=torch.uint8)[:, None]) & 1) << 4)
         f["u"] = u.reshape(n, k)
         return f
+    if qtype == Q3_K:
+        hm, qs, s = b[..., 0:32], b[..., 32:96], b[..., 96:108]
+        f["d"] = b[..., 108:110]
+        low = torch.stack([s[..., :8] & 0xF, s[..., :8] >> 4], dim=-2).reshape(n, nb, 16)
+        h = s[..., 8:12]
+        high = torch.stack([(h >> sh) & 3 for sh in (0, 2, 4, 6)], dim=-2).reshape(n, nb, 16)
+        f["sc"] = ((low | (high << 4)).to(torch.int8) - 32).view(torch.uint8)
+        # input 128 h + 32 j + l: bits 2j..2j+1 of qs[32 h + l], bit 4h + j of hm[l]
+        shifts = torch.arange(4, dtype=torch.uint8)[:, None]
+        u = (qs.reshape(n, nb, 2, 1, 32) >> (2 * shifts)) & 3
+        bits = (hm[:, :, None, :] >> torch.arange(8, dtype=torch.uint8)[:, None]) & 1
+        f["u"] = (u | (bits.reshape(n, nb, 2, 4, 32) << 2)).reshape(n, k)
+        return f
     # Q6_K
     ql, qh = b[..., 0:128].reshape(n, nb, 2, 64), b[..., 128:192].reshape(n, nb, 2, 32)
     f["sc"], f["d"] = b[..., 192:208], b[..., 208:210]
@@ -126,11 +156,12 @@ def dequantize_fields(f: dict[str, torch.Tensor], qtype: int, n: int, k: int) ->
         return x.contiguous().view(torch.float16).float()[..., 0]
 
     if qtype in K_TYPES:
-        u = f["u"].reshape(n, -1, 16 if qtype == Q6_K else 8, 16 if qtype == Q6_K else 32).float()
+        split = qtype in SPLIT_TYPES
+        u = f["u"].reshape(n, -1, 16 if split else 8, 16 if split else 32).float()
         d = half(f["d"])[..., None, None]
-        if qtype == Q6_K:
+        if split:
             s = d * f["sc"].view(torch.int8).float()[..., None]
-            return (s * (u - 32)).reshape(n, k)
+            return (s * (u - (32 if qtype == Q6_K else 4))).reshape(n, k)
         s = d * f["sc"].float()[..., None]
         m = half(f["dmin"])[..., None, None] * f["mn"].float()[..., None]
         return (s * u - m).reshape(n, k)
@@ -172,6 +203,14 @@ def _nibbles(ut: torch.Tensor) -> torch.Tensor:
     return ((ut[..., :4, :] & 0xF) | ((ut[..., 4:, :] & 0xF) << 4)).flatten(-2)
 
 
+def _bit_pairs(ut: torch.Tensor, shift: int) -> torch.Tensor:
+    """[..., 8, 64] -> H6 / L2 [..., 128]: bits 2i..2i+1 of byte x of vector h = bits
+    shift..shift + 1 of U[4h + i][x]."""
+    pairs = ((ut >> shift) & 3).reshape(*ut.shape[:-2], 2, 4, 64)
+    shifts = (2 * torch.arange(4, dtype=torch.uint8))[:, None]
+    return (pairs << shifts).sum(-2, dtype=torch.uint8).flatten(-2)
+
+
 def _bit_masks(ut: torch.Tensor, bit: int) -> torch.Tensor:
     """[..., 8, 64] -> H [..., 64]: one little-endian 64-bit mask per U[t]."""
     bits = ((ut >> bit) & 1).reshape(*ut.shape[:-1], 8, 8)
@@ -194,10 +233,11 @@ def pack(f: dict[str, torch.Tensor], qtype: int, n: int, k: int) -> torch.Tensor
         if qtype == Q6_K:
             parts.append(_per_row(f["sc"], n, units, 1))  # [nt, units, 16 sub x 16 rows]
             parts.append(_nibbles(ut).flatten(-2))
-            h6 = ((ut >> 4) & 3).reshape(nt, units, 8, 2, 4, 64)
-            shifts = (2 * torch.arange(4, dtype=torch.uint8))[:, None]
-            h6 = (h6 << shifts).sum(-2, dtype=torch.uint8)
-            parts.append(h6.flatten(-3))
+            parts.append(_bit_pairs(ut, 4).flatten(-2))
+        elif qtype == Q3_K:
+            parts.append(_per_row(f["sc"], n, units, 1))
+            parts.append(_bit_pairs(ut, 0).flatten(-2))
+            parts.append(_bit_masks(ut, 2).flatten(-2))
         else:
             parts += [
                 _per_row(f["dmin"], n, units, 2),
@@ -242,18 +282,25 @@ def _unpack_tiles(packed: torch.Tensor, qtype: int, n: int, k: int) -> dict[str,
         L = L.reshape(*L.shape[:-1], 4, 64)
         return torch.cat([L & 0xF, L >> 4], dim=-2)
 
-    def from_masks(H: torch.Tensor) -> torch.Tensor:  # [..., 64] -> bit 4 of [..., 8, 64]
+    def from_masks(H: torch.Tensor, bit: int = 4) -> torch.Tensor:  # [..., 64] -> [..., 8, 64]
         bits = (H.reshape(*H.shape[:-1], 8, 8, 1) >> torch.arange(8, dtype=torch.uint8)) & 1
-        return bits.reshape(*H.shape[:-1], 8, 64) << 4
+        return bits.reshape(*H.shape[:-1], 8, 64) << bit
+
+    def from_pairs(P: torch.Tensor) -> torch.Tensor:  # [..., 128] -> 2 bits of [..., 8, 64]
+        P = P.reshape(*P.shape[:-1], 2, 1, 64)
+        pairs = (P >> (2 * torch.arange(4, dtype=torch.uint8))[:, None]) & 3
+        return pairs.reshape(*P.shape[:-3], 8, 64)
 
     f["d"] = _from_rows(take(32), n, units, 2)
     if qtype in K_TYPES:
         if qtype == Q6_K:
             f["sc"] = _from_rows(take(256), n, units, 1)
             ut = from_nibbles(take(2048).reshape(nt, units, 8, 256))
-            h6 = take(1024).reshape(nt, units, 8, 2, 1, 64)
-            high = (h6 >> (2 * torch.arange(4, dtype=torch.uint8))[:, None]) & 3
-            ut = ut | (high.reshape(nt, units, 8, 8, 64) << 4)
+            ut = ut | (from_pairs(take(1024).reshape(nt, units, 8, 128)) << 4)
+        elif qtype == Q3_K:
+            f["sc"] = _from_rows(take(256), n, units, 1)
+            ut = from_pairs(take(1024).reshape(nt, units, 8, 128))
+            ut = ut | from_masks(take(512).reshape(nt, units, 8, 64), bit=2)
         else:
             f["dmin"] = _from_rows(take(32), n, units, 2)
             f["sc"] = _from_rows(take(128), n, units, 1)

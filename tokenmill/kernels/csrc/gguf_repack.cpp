@@ -6,7 +6,8 @@
 // Per tile and unit, each row's block is decoded into unsigned weights u[0..unit) plus its
 // metadata bytes, then written out: per-row metadata interleaved by row, the eight 64-byte
 // vectors U[t] of each 32-input block (byte 4r + j = input 4t + j of row r) as nibbles (L), the
-// 5th bits as 64-bit masks (H) and Q6_K's 5th-6th bits in pairs (H6). Rows past n are zeros.
+// 5th bits as 64-bit masks (H) and Q6_K's 5th-6th bits in pairs (H6); Q3_K's as pairs of its low
+// 2 bits (L2) and masks of its 3rd bit (H3). Rows past n are zeros.
 #include "gguf_repack.h"
 
 #include <ATen/Parallel.h>
@@ -26,7 +27,7 @@ using namespace gguf_types;
 struct RowUnit {
   uint8_t u[256];
   uint8_t d[2], m[2];     // fp16 scale; fp16 min (Q4_1 / Q5_1) or dmin (Q4_K / Q5_K)
-  uint8_t sc[16], mn[8];  // K-quant sub-block scales (Q6_K: 16 int8) and mins
+  uint8_t sc[16], mn[8];  // K-quant sub-block scales (Q3_K, Q6_K: 16 int8) and mins
 };
 
 inline void nibbles(const uint8_t* qs, int n, uint8_t* lo, uint8_t* hi) {
@@ -83,6 +84,26 @@ void decode(int64_t q, const uint8_t* src, RowUnit& r) {
       }
       return;
     }
+    case Q3_K: {
+      // hmask[32] | qs[64] | 12 bytes of 16 6-bit scales | d. Input 128 n + 32 j + l: 2 bits at
+      // bit 2 j of qs[32 n + l], a 3rd (set: no -4) at bit 4 n + j of hmask[l]; scale i: low 4
+      // bits in byte i % 8 (nibble i / 8), high 2 in byte 8 + i % 4 (bits 2 (i / 4)), minus 32.
+      const uint8_t* hm = src;
+      const uint8_t* qs = src + 32;
+      const uint8_t* s = src + 96;
+      std::memcpy(r.d, src + 108, 2);
+      for (int i = 0; i < 16; ++i) {
+        const int v =
+            ((s[i % 8] >> (4 * (i / 8))) & 0xF) | (((s[8 + i % 4] >> (2 * (i / 4))) & 3) << 4);
+        r.sc[i] = static_cast<uint8_t>(static_cast<int8_t>(v - 32));
+      }
+      for (int n = 0; n < 2; ++n)
+        for (int j = 0; j < 4; ++j)
+          for (int l = 0; l < 32; ++l)
+            r.u[128 * n + 32 * j + l] = static_cast<uint8_t>(((qs[32 * n + l] >> (2 * j)) & 3) |
+                                                             (((hm[l] >> (4 * n + j)) & 1) << 2));
+      return;
+    }
     case Q6_K: {
       const uint8_t* ql = src;
       const uint8_t* qh = src + 128;
@@ -118,22 +139,23 @@ inline uint8_t* put_nibbles(const uint8_t (*U)[64], uint8_t* out) {
   return out + 256;
 }
 
-// H: eight little-endian 64-bit masks, bit x of mask t = bit 4 of U[t][x].
-inline uint8_t* put_masks(const uint8_t (*U)[64], uint8_t* out) {
+// H (bit 4) / H3 (bit 2): eight little-endian 64-bit masks, bit x of mask t = that bit of U[t][x].
+inline uint8_t* put_masks(const uint8_t (*U)[64], int bit, uint8_t* out) {
   for (int t = 0; t < 8; ++t) {
     uint64_t mask = 0;
-    for (int x = 0; x < 64; ++x) mask |= static_cast<uint64_t>((U[t][x] >> 4) & 1) << x;
+    for (int x = 0; x < 64; ++x) mask |= static_cast<uint64_t>((U[t][x] >> bit) & 1) << x;
     std::memcpy(out + 8 * t, &mask, 8);
   }
   return out + 64;
 }
 
-// H6: two 64-byte vectors, bits 2i..2i+1 of byte x of vector h = bits 4..5 of U[4h + i][x].
-inline uint8_t* put_h6(const uint8_t (*U)[64], uint8_t* out) {
+// H6 (shift 4) / L2 (shift 0): two 64-byte vectors, bits 2i..2i+1 of byte x of vector h = bits
+// shift..shift + 1 of U[4h + i][x].
+inline uint8_t* put_pairs(const uint8_t (*U)[64], int shift, uint8_t* out) {
   for (int h = 0; h < 2; ++h)
     for (int x = 0; x < 64; ++x) {
       uint8_t v = 0;
-      for (int i = 0; i < 4; ++i) v |= ((U[4 * h + i][x] >> 4) & 3) << (2 * i);
+      for (int i = 0; i < 4; ++i) v |= ((U[4 * h + i][x] >> shift) & 3) << (2 * i);
       out[64 * h + x] = v;
     }
   return out + 128;
@@ -158,17 +180,22 @@ void pack_unit(int64_t q, const RowUnit* rows, uint8_t* out) {
       std::memcpy(out, U, 512);
       return;
     }
-    if (q == Q5_0 || q == Q5_1) out = put_masks(U, out);
+    if (q == Q5_0 || q == Q5_1) out = put_masks(U, 4, out);
     put_nibbles(U, out);
     return;
   }
-  if (q == Q6_K) {
+  if (q == Q3_K || q == Q6_K) {
     out = put_rows(rows, 16, 1, [](const RowUnit& r, int g) { return r.sc + g; }, out);
-    uint8_t* h6 = out + 2048;
+    uint8_t* high = out + (q == Q3_K ? 1024 : 2048);  // H3 after the L2s, H6 after the Ls
     for (int b = 0; b < 8; ++b) {
       tile_block(rows, b, U);
-      out = put_nibbles(U, out);
-      h6 = put_h6(U, h6);
+      if (q == Q3_K) {
+        out = put_pairs(U, 0, out);
+        high = put_masks(U, 2, high);
+      } else {
+        out = put_nibbles(U, out);
+        high = put_pairs(U, 4, high);
+      }
     }
     return;
   }
@@ -178,7 +205,7 @@ void pack_unit(int64_t q, const RowUnit* rows, uint8_t* out) {
   uint8_t* L = q == Q5_K ? out + 512 : out;
   for (int b = 0; b < 8; ++b) {
     tile_block(rows, b, U);
-    if (q == Q5_K) out = put_masks(U, out);
+    if (q == Q5_K) out = put_masks(U, 4, out);
     L = put_nibbles(U, L);
   }
 }

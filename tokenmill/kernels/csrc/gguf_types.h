@@ -12,12 +12,13 @@ enum : int64_t {
   Q5_0 = 6,
   Q5_1 = 7,
   Q8_0 = 8,
+  Q3_K = 11,
   Q4_K = 12,
   Q5_K = 13,
   Q6_K = 14
 };
 
-inline bool k_type(int64_t q) { return q == Q4_K || q == Q5_K || q == Q6_K; }
+inline bool k_type(int64_t q) { return q == Q3_K || q == Q4_K || q == Q5_K || q == Q6_K; }
 
 // Inputs per packed unit (a block of 32, or a K-quant super-block of 256).
 inline int64_t unit_k(int64_t q) { return k_type(q) ? 256 : 32; }
@@ -35,6 +36,8 @@ inline int64_t unit_bytes(int64_t q) {
       return 384;
     case Q8_0:
       return 544;
+    case Q3_K:
+      return 1824;
     case Q4_K:
       return 2368;
     case Q5_K:
@@ -59,6 +62,8 @@ inline int64_t block_bytes(int64_t q) {
       return 24;
     case Q8_0:
       return 34;
+    case Q3_K:
+      return 110;
     case Q4_K:
       return 144;
     case Q5_K:
@@ -85,6 +90,8 @@ bool with_type(int64_t q, F&& f) {
       return f(std::integral_constant<int64_t, Q5_1>{}), true;
     case Q8_0:
       return f(std::integral_constant<int64_t, Q8_0>{}), true;
+    case Q3_K:
+      return f(std::integral_constant<int64_t, Q3_K>{}), true;
     case Q4_K:
       return f(std::integral_constant<int64_t, Q4_K>{}), true;
     case Q5_K:

@@ -16,7 +16,7 @@
 // Weights are repacked at load (tokenmill/quant/gguf_pack.py, which documents the layout) into
 // tiles of 16 output rows. Inside a tile every 32-input block unpacks to eight 64-byte vectors
 // U[t] whose lane r (4 bytes) holds inputs 4t..4t+3 of row r as unsigned integers, plus a scale
-// s and an offset o per row (w = s * u + o; Q6_K has one pair per 16 inputs). Then
+// s and an offset o per row (w = s * u + o; Q3_K and Q6_K have one pair per 16 inputs). Then
 //   y[m][row] += s * dx * sum(u * xq) + o * dx * sum(xq)
 // where the integer sum is exact (int32) and every float product of it matches what a float
 // matmul over the dequantized weights and activations computes, up to the order of additions.
@@ -255,7 +255,7 @@ struct F16 {
 #endif
 
 // One unpacked 32-input block of a 16-row tile: U[8] (see top), scales and offsets per row.
-// Split types (Q6_K) have (s0, o0) for inputs 0..15 and (s1, o1) for 16..31.
+// Split types (Q3_K, Q6_K) have (s0, o0) for inputs 0..15 and (s1, o1) for 16..31.
 struct alignas(64) Block {
   uint8_t u[8][64];
   float s0[16], o0[16], s1[16], o1[16];
@@ -270,7 +270,7 @@ constexpr bool kSignedU =
     Q == Q8_0;
 #endif
 template <int64_t Q>
-constexpr bool kSplit = Q == Q6_K;
+constexpr bool kSplit = Q == Q3_K || Q == Q6_K;
 
 // Block b's scales and offsets per row, in registers (see Block): s(part), o(part).
 struct Scales {
@@ -298,6 +298,15 @@ inline const uint8_t* high_bit_base(const uint8_t* src, int b) {
   if constexpr (Q == Q5_0) return src + 32;
   if constexpr (Q == Q5_1) return src + 64;
   if constexpr (Q == Q5_K) return src + 320 + b * 64;
+  if constexpr (Q == Q3_K) return src + 1312 + b * 64;  // H3: masks of bit 2
+  return nullptr;
+}
+// Where block b of a Q3_K unit keeps its bit pairs (L2, 128 bytes) and of a Q6_K unit its 5th-6th
+// bits (H6): byte x of vector h, bits 2i..2i+1 = those bits of U[4h + i][x].
+template <int64_t Q>
+inline const uint8_t* pair_base(const uint8_t* src, int b) {
+  if constexpr (Q == Q3_K) return src + 288 + b * 128;
+  if constexpr (Q == Q6_K) return src + 2336 + b * 128;
   return nullptr;
 }
 
@@ -316,11 +325,11 @@ inline Scales block_scales(const uint8_t* src, int b) {
     return {d * F16::u8(src + 64 + b * 16), dmin * F16::u8(src + 192 + b * 16) * F16::set1(-1.f),
             F16::zero(), F16::zero()};
   } else {
-    static_assert(Q == Q6_K, "unknown type");
-    const F16 d = F16::half(src);
+    static_assert(kSplit<Q>, "unknown type");
+    const F16 d = F16::half(src), c = F16::set1(-static_cast<float>(Q == Q3_K ? 4 : 32));
     const F16 s0 = d * F16::i8(reinterpret_cast<const int8_t*>(src + 32 + 2 * b * 16));
     const F16 s1 = d * F16::i8(reinterpret_cast<const int8_t*>(src + 32 + (2 * b + 1) * 16));
-    return {s0, s0 * F16::set1(-32.f), s1, s1 * F16::set1(-32.f)};
+    return {s0, s0 * c, s1, s1 * c};
   }
 }
 
@@ -343,6 +352,20 @@ inline void unpack_block(const uint8_t* src, int b, Block& out) {
     }
     return;
   }
+  if constexpr (Q == Q3_K) {
+    const V64 lo2 = V64::set1(0x03);
+    const uint8_t* P = pair_base<Q>(src, b);
+    const uint8_t* H = high_bit_base<Q>(src, b);
+    for (int h = 0; h < 2; ++h) {
+      const V64 p = V64::load(P + h * 64);
+      for (int i = 0; i < 4; ++i) {
+        uint64_t m;
+        std::memcpy(&m, H + (4 * h + i) * 8, 8);
+        (((i ? p.srl16(2 * i) : p) & lo2) | V64::from_bits(m, 0x04)).store(out.u[4 * h + i]);
+      }
+    }
+    return;
+  }
   const V64 lo4 = V64::set1(0x0F);
   const uint8_t* L = nibble_base<Q>(src, b);
   for (int c = 0; c < 4; ++c) {
@@ -360,7 +383,7 @@ inline void unpack_block(const uint8_t* src, int b, Block& out) {
   } else if constexpr (Q == Q6_K) {
     const V64 two = V64::set1(0x30);
     for (int h = 0; h < 2; ++h) {
-      const V64 hb = V64::load(src + 2336 + b * 128 + h * 64);
+      const V64 hb = V64::load(pair_base<Q>(src, b) + h * 64);
       for (int i = 0; i < 4; ++i) {
         const V64 hi = (i < 2 ? hb.sll16(4 - 2 * i) : hb.srl16(2 * i - 4)) & two;
         (V64::load(out.u[h * 4 + i]) | hi).store(out.u[h * 4 + i]);
@@ -377,6 +400,13 @@ inline __m256i u_half(const uint8_t* src, int b, int t, int h) {
   if constexpr (Q == Q8_0) {
     static_assert(kSignedU<Q>, "AVX2 keeps Q8_0 signed");
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32 + t * 64 + h * 32));
+  } else if constexpr (Q == Q3_K) {
+    const __m256i p = _mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(pair_base<Q>(src, b) + (t / 4) * 64 + h * 32));
+    uint32_t m;
+    std::memcpy(&m, high_bit_base<Q>(src, b) + t * 8 + h * 4, 4);
+    return _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(p, 2 * (t & 3)), _mm256_set1_epi8(3)),
+                           V64::bits32(m, 0x04));
   } else {
     const __m256i lo4 = _mm256_set1_epi8(0x0F);
     const __m256i p = _mm256_loadu_si256(
@@ -388,7 +418,7 @@ inline __m256i u_half(const uint8_t* src, int b, int t, int h) {
       u = _mm256_or_si256(u, V64::bits32(m, 0x10));
     } else if constexpr (Q == Q6_K) {
       const __m256i hb = _mm256_loadu_si256(
-          reinterpret_cast<const __m256i*>(src + 2336 + b * 128 + (t / 4) * 64 + h * 32));
+          reinterpret_cast<const __m256i*>(pair_base<Q>(src, b) + (t / 4) * 64 + h * 32));
       const int i = t & 3;
       const __m256i hi =
           i < 2 ? _mm256_slli_epi16(hb, 4 - 2 * i) : _mm256_srli_epi16(hb, 2 * i - 4);
@@ -600,6 +630,7 @@ constexpr int32_t kIntOffset = kSignedU<Q> ? 0
                                : Q == Q4_0 ? 8
                                : Q == Q5_0 ? 16
                                : Q == Q8_0 ? 128
+                               : Q == Q3_K ? 4
                                : Q == Q6_K ? 32
                                            : 0;
 
@@ -739,8 +770,8 @@ struct BlockRegs {
 // Block kb of the NT tiles applied to the G tokens whose quantized inputs start at x (32 bytes
 // each), with their metadata and chain starts: acc[k * 32 + 16 * i ...] += tile i's contribution
 // to token k. Each tile's dot steps for a token form one chain per half of the block where the
-// type scales the halves apart (Q6_K), or where a single token would leave too few independent
-// chains (then the halves are joined by one add); else one chain of 8.
+// type scales the halves apart (Q3_K, Q6_K), or where a single token would leave too few
+// independent chains (then the halves are joined by one add); else one chain of 8.
 template <int64_t Q, int NT, int G>
 inline void accumulate_tokens(const BlockRegs<NT>& r, const int8_t* x, const ActMeta* meta,
                               const int32_t* start, float* acc) {
@@ -821,12 +852,13 @@ inline void accumulate_batch(const Block* blk, const BatchActs& acts, const int3
 // in L1 (Block) and each of its 16 weight vectors is loaded once per group of tokens and applied
 // to all of them. `maddubs` products of pairs add up in int16 for kRun<Q> steps before one
 // widening `madd`: exact while kRun * 2 * max(u) * 127 < 2^15 (4-bit weights: all 8 steps, 5-bit:
-// 4, 6-bit: 2; AVX2's signed Q8_0 widens every product, up to 2 * 128 * 127).
+// 4, 6-bit: 2, 3-bit Q3_K: the 4 of each half; AVX2's signed Q8_0 widens every product, up to
+// 2 * 128 * 127).
 template <int64_t Q>
-constexpr int kRun = kSignedU<Q>                           ? 1
-                     : Q == Q6_K                           ? 2
-                     : Q == Q5_0 || Q == Q5_1 || Q == Q5_K ? 4
-                                                           : 8;
+constexpr int kRun = kSignedU<Q>                                        ? 1
+                     : Q == Q6_K                                        ? 2
+                     : Q == Q3_K || Q == Q5_0 || Q == Q5_1 || Q == Q5_K ? 4
+                                                                        : 8;
 
 // Tokens per pass over a block: as many as the registers hold (kRun < 8 keeps int32 sums beside
 // the int16 runs, so fewer tokens).
@@ -859,7 +891,7 @@ struct AccRegs {
 
 // A block applied to G tokens: acc[k] += its contribution to token k, whose 32 quantized inputs
 // are at x + k * xs and metadata at meta[k * ms]. wv(t, h) gives rows 8h..8h+7 of U[t] (from an
-// unpacked Block, or computed from the packed bytes). Split types (Q6_K) sum and scale inputs
+// unpacked Block, or computed from the packed bytes). Split types (Q3_K, Q6_K) sum and scale inputs
 // 0..15 and 16..31 as two parts. Every path (streaming or batched) does the same float
 // operations in the same order, so a row's output does not depend on its batch.
 template <int64_t Q, int G, typename WV, typename Sc, typename Acc>
@@ -1443,7 +1475,7 @@ void gemm_prepared(const uint8_t* w, const BatchActs& acts, int64_t N, int64_t K
   // The tiles' products are nearly free, but every block's int32 sums still need the same
   // float rescaling per token as VNNI's. Measured on Sapphire Rapids against gemm_batched
   // (same process, 1 thread): 0.8-0.9x at 16 tokens, 0.92-1.06x at 32, 1.0-1.08x at 64; slower
-  // for prefill-size batches, and Q6_K's half blocks never pay off.
+  // for prefill-size batches, and the split types' half blocks never pay off.
   if constexpr (!kSplit<Q>) {
     if (acts.M >= kAmxMinM && acts.M <= kAmxMaxM && amx_permitted())
       return gemm_amx<Q>(w, acts, N, K, ep, y, ldy);
@@ -1567,8 +1599,8 @@ StartSpec start_spec(int64_t q) {
 // on AVX-512, 17 on AVX2): QuantLinear then quantizes straight into its block-major layout.
 constexpr int64_t kPreparedMinM =
     1 + std::max({kStreamingMaxM<Q4_0>, kStreamingMaxM<Q4_1>, kStreamingMaxM<Q5_0>,
-                  kStreamingMaxM<Q5_1>, kStreamingMaxM<Q8_0>, kStreamingMaxM<Q4_K>,
-                  kStreamingMaxM<Q5_K>, kStreamingMaxM<Q6_K>});
+                  kStreamingMaxM<Q5_1>, kStreamingMaxM<Q8_0>, kStreamingMaxM<Q3_K>,
+                  kStreamingMaxM<Q4_K>, kStreamingMaxM<Q5_K>, kStreamingMaxM<Q6_K>});
 #endif  // TM_AVX512 || TM_AVX2
 
 }  // namespace
