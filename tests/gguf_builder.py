@@ -1,10 +1,10 @@
 """Test support for the native GGUF kernels: quantizers, random valid blocks, a tiny Llama GGUF.
 
 * `quantize(x, qtype)`: float32 [rows, cols] -> GGUF blocks, uint8 [rows, bytes_per_row], for
-  Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (through `gguf.quants.quantize`) and Q3_K, Q4_K, Q5_K, Q6_K
+  Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (through `gguf.quants.quantize`) and Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
   (written here from the block layouts that `gguf.quants` dequantizes; a plain min/max or abs-max
   quantizer, not llama.cpp's, but its blocks are valid and its error is bounded, see
-  `_quantize_k_min_max`).
+  `_min_max_grid`, `_quantize_q3_k` and `_quantize_q6_k`).
 * `random_blocks(qtype, rows, cols, rng, extreme=False)`: random raw blocks of any of those types,
   optionally covering edge cases (zero blocks and scales, saturated scales and quants, negative,
   tiny, subnormal and large fp16 scales), all dequantizing to finite float32 values.
@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf.constants import GGML_QUANT_SIZES, QK_K
 
 LEGACY_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0)
-K_TYPES = (QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K)
+K_TYPES = (QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K)
 ALL_TYPES = LEGACY_TYPES + K_TYPES
 
 
@@ -57,35 +57,39 @@ def _pack_k_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
     return np.concatenate([lo, mid, hi], axis=1)
 
 
-def _quantize_k_min_max(x: np.ndarray, bits: int) -> np.ndarray:
-    """Q4_K (bits=4) / Q5_K (bits=5) blocks of 256 values, x float64 [n, 256].
-
-    Each sub-block j of 32 values dequantizes as d*sc_j*q - dmin*m_j, q in [0, 2^bits - 1].
-    The offset off_j = dmin*m_j is rounded UP from -min(x_j, 0) and the step s_j = d*sc_j is
-    rounded UP from (max(x_j) + off_j) / qmax (d and dmin are themselves rounded up to float16),
-    so the grid -off_j + s_j*[0, qmax] covers the sub-block and rounding q to nearest leaves
+def _min_max_grid(sub: np.ndarray, qmax: int, smax: int):
+    """The asymmetric K-quant grid of sub-blocks sub [n, subs, size] (float64): per sub-block
+    x ~= d*sc_j*q - dmin*m_j with q in [0, qmax] and sc_j, m_j in [0, smax]. The offset
+    off_j = dmin*m_j is rounded UP from -min(x_j, 0) and the step s_j = d*sc_j is rounded UP from
+    (max(x_j) + off_j) / qmax (d and dmin are themselves rounded up to float16), so the grid
+    -off_j + s_j*[0, qmax] covers the sub-block and rounding q to nearest leaves
         |x - dequant(x)| <= s_j / 2,  with  s_j <= (max_j - min(min_j, 0) + dmin) / qmax + d,
-    d ~= max_j(s_j) / 63 and dmin ~= max_j(-min_j) / 63 (up to float16 rounding), plus float32
-    rounding of the dequantized value (the products d*sc*q and dmin*m are exact in float32).
-    """
-    n = x.shape[0]
-    qmax = (1 << bits) - 1
-    sub = x.reshape(n, 8, 32)
-    offset = -np.minimum(sub.min(axis=2), 0.0)  # [n, 8], >= 0
-    dmin = _fp16_at_least(offset.max(axis=1) / 63)
+    d ~= max_j(s_j) / smax and dmin ~= max_j(-min_j) / smax (up to float16 rounding), plus
+    float32 rounding of the dequantized value (the products d*sc*q and dmin*m are exact in
+    float32). Returns d, dmin (float16 [n]), sc, m ([n, subs]) and q (uint8, like sub)."""
+    offset = -np.minimum(sub.min(axis=2), 0.0)  # [n, subs], >= 0
+    dmin = _fp16_at_least(offset.max(axis=1) / smax)
     dmin64 = dmin.astype(np.float64)[:, None]
     with np.errstate(divide="ignore", invalid="ignore"):
-        m = np.where(dmin64 > 0, np.ceil(offset / dmin64), 0).clip(0, 63)
+        m = np.where(dmin64 > 0, np.ceil(offset / dmin64), 0).clip(0, smax)
     off_q = dmin64 * m  # >= offset
     step = (sub.max(axis=2) + off_q) / qmax  # >= 0
-    d = _fp16_at_least(step.max(axis=1) / 63)
+    d = _fp16_at_least(step.max(axis=1) / smax)
     d64 = d.astype(np.float64)[:, None]
     with np.errstate(divide="ignore", invalid="ignore"):
-        sc = np.where(d64 > 0, np.ceil(step / d64), 0).clip(0, 63)
+        sc = np.where(d64 > 0, np.ceil(step / d64), 0).clip(0, smax)
     s = (d64 * sc)[:, :, None]
     with np.errstate(divide="ignore", invalid="ignore"):
         q = np.where(s > 0, np.rint((sub + off_q[:, :, None]) / s), 0)
-    q = q.clip(0, qmax).astype(np.uint8)  # [n, 8, 32]
+    return d, dmin, sc, m, q.clip(0, qmax).astype(np.uint8)
+
+
+def _quantize_k_min_max(x: np.ndarray, bits: int) -> np.ndarray:
+    """Q4_K (bits=4) / Q5_K (bits=5) blocks of 256 values, x float64 [n, 256]: each sub-block j
+    of 32 values dequantizes as d*sc_j*q - dmin*m_j, q in [0, 2^bits - 1], sc_j and m_j 6-bit
+    (the grid and its error bound: `_min_max_grid`)."""
+    n = x.shape[0]
+    d, dmin, sc, m, q = _min_max_grid(x.reshape(n, 8, 32), (1 << bits) - 1, 63)
 
     # 32 bytes per pair of sub-blocks: low nibbles sub-block 2c, high nibbles sub-block 2c+1.
     qs = ((q[:, 0::2] & 0x0F) | ((q[:, 1::2] & 0x0F) << 4)).reshape(n, 128)
@@ -102,6 +106,29 @@ def _quantize_k_min_max(x: np.ndarray, bits: int) -> np.ndarray:
         parts.append(qh)
     parts.append(qs)
     return np.concatenate(parts, axis=1)
+
+
+def _quantize_q2_k(x: np.ndarray) -> np.ndarray:
+    """Q2_K blocks of 256 values, x float64 [n, 256]: each sub-block j of 16 values dequantizes
+    as d*sc_j*q - dmin*m_j, q in [0, 3], sc_j and m_j 4-bit (`_min_max_grid`). Layout:
+    scales[16] (sc_j in the low nibble, m_j in the high one) | qs[64] | d | dmin; value
+    128 h + 32 j + l keeps its 2 bits at bits 2j..2j+1 of qs[32 h + l]."""
+    n = x.shape[0]
+    d, dmin, sc, m, q = _min_max_grid(x.reshape(n, 16, 16), 3, 15)
+    scales = (sc.astype(np.uint8) | (m.astype(np.uint8) << 4)).reshape(n, 16)
+    q = q.reshape(n, 2, 4, 32)
+    qs = np.zeros((n, 2, 32), np.uint8)
+    for j in range(4):
+        qs |= q[:, :, j] << (2 * j)
+    return np.concatenate(
+        [
+            scales,
+            qs.reshape(n, 64),
+            d.view(np.uint8).reshape(n, 2),
+            dmin.view(np.uint8).reshape(n, 2),
+        ],
+        axis=1,
+    )
 
 
 def _quantize_q6_k(x: np.ndarray) -> np.ndarray:
@@ -201,6 +228,8 @@ def quantize(x: np.ndarray, qtype: QT) -> np.ndarray:
             out = _quantize_q6_k(blocks)
         elif qtype == QT.Q3_K:
             out = _quantize_q3_k(blocks)
+        elif qtype == QT.Q2_K:
+            out = _quantize_q2_k(blocks)
         else:
             out = _quantize_k_min_max(blocks, 4 if qtype == QT.Q4_K else 5)
     else:
@@ -217,6 +246,7 @@ _LAYOUT = {
     QT.Q5_0: dict(d=0, m=None, scales=None, quants=(2, 22)),
     QT.Q5_1: dict(d=0, m=2, scales=None, quants=(4, 24)),
     QT.Q8_0: dict(d=0, m=None, scales=None, quants=(2, 34)),
+    QT.Q2_K: dict(d=80, m=82, scales=(0, 16), quants=(16, 80)),
     QT.Q3_K: dict(d=108, m=None, scales=(96, 108), quants=(0, 96)),
     QT.Q4_K: dict(d=0, m=2, scales=(4, 16), quants=(16, 144)),
     QT.Q5_K: dict(d=0, m=2, scales=(4, 16), quants=(16, 176)),
@@ -229,6 +259,7 @@ _TYPICAL_D = {
     QT.Q5_0: 0.05,
     QT.Q5_1: 0.05,
     QT.Q8_0: 0.01,
+    QT.Q2_K: 0.02,
     QT.Q3_K: 0.01,
     QT.Q4_K: 0.005,
     QT.Q5_K: 0.003,
@@ -367,6 +398,7 @@ _FILE_TYPE = {
     QT.Q8_0: 7,
     QT.Q5_0: 8,
     QT.Q5_1: 9,
+    QT.Q2_K: 10,
     QT.Q3_K: 11,
     QT.Q4_K: 15,
     QT.Q5_K: 17,

@@ -155,8 +155,8 @@ def test_prefill_batches_write_whole_lines_alike(ops, qtype, out_dtype):
 def test_avx2_rows_do_not_depend_on_the_batch(ops, qtype, dtype):
     """On AVX2 every path (streaming up to 8 or 16 tokens, batched beyond, each in one or several
     passes) does the same float operations per row: a row's output is bit-identical whatever
-    batch it is in. Streaming the split types (Q3_K up to 8 tokens, Q6_K up to 16) is the known
-    exception (1e-7 relative)."""
+    batch it is in. Streaming the split types (Q2_K and Q3_K up to 8 tokens, Q6_K up to 16) is
+    the known exception (1e-7 relative)."""
     if ops.quant_isa() != "avx2":
         pytest.skip("the AVX-512 batched path starts integer sums at -c * sum(q); streaming not")
     rng = np.random.default_rng(300 + int(qtype))
@@ -164,7 +164,7 @@ def test_avx2_rows_do_not_depend_on_the_batch(ops, qtype, dtype):
     raw = random_blocks(qtype, n, k, rng)
     x = torch.randn(70, k).to(dtype)
     full, _, _ = _run(ops, raw, qtype, n, k, x)
-    for m in (17, 33) if qtype in (QT.Q3_K, QT.Q6_K) else (1, 2, 3, 4, 5, 12, 16, 33):
+    for m in (17, 33) if qtype in (QT.Q2_K, QT.Q3_K, QT.Q6_K) else (1, 2, 3, 4, 5, 12, 16, 33):
         part, _, _ = _run(ops, raw, qtype, n, k, x[:m].contiguous())
         assert torch.equal(part, full[:m]), f"{qtype.name} M={m}"
 
@@ -183,6 +183,9 @@ def test_integer_block_sums_are_exact(ops, qtype):
         raw[..., 192:208] = rng.integers(-4, 5, size=raw[..., 192:208].shape).astype(np.uint8)
     elif qtype == QT.Q3_K:
         raw[..., 108:110] = one  # its 6-bit scales less 32 are integers already
+    elif qtype == QT.Q2_K:
+        raw[..., 80:82] = one
+        raw[..., 82:84] = np.frombuffer(np.float16(-3).tobytes(), np.uint8)
     else:
         raw[..., 0:2] = one
         if qtype in (QT.Q4_1, QT.Q5_1, QT.Q4_K, QT.Q5_K):

@@ -9,18 +9,18 @@ another along k (32 inputs for the legacy types, a 256-input super-block for the
     Q4_1  d[16] | m[16] | L              Q5_K  as Q4_K, with H x 8 before the L x 8
     Q5_0  d[16] | H | L                  Q6_K  d[16] | sc[16][16] (int8) | L x 8 | H6 x 8
     Q5_1  d[16] | m[16] | H | L          Q3_K  d[16] | sc[16][16] (int8) | L2 x 8 | H3 x 8
-    Q8_0  d[16] | U[8] (int8)
+    Q8_0  d[16] | U[8] (int8)            Q2_K  d[16] | dmin[16] | sm[16][16] | L2 x 8
 
-d / dmin / m are fp16, sc / m of the K types are the 6-bit values in bytes, one per row (Q3_K:
-its 6-bit scale less 32, Q6_K: its own, as int8; both types scale each 16 inputs apart). Each
-32-input block of the 16 rows is eight 64-byte vectors U[t], byte 4r + j of U[t] = input 4t + j of
-row r (the layout `vpdpbusd` reads with a broadcast activation); L[c] (c < 4, 64 bytes each)
-holds U[c] in its low and U[c + 4] in its high nibble; H is eight little-endian 64-bit masks
-(bit 4r + j of mask t = bit 4 of that weight); H6 is two 64-byte vectors, bits 2i..2i+1 of byte b
-of vector h = bits 4..5 of byte b of U[4h + i]; L2 the same for bits 0..1 and H3 the masks of bit
-2 (Q3_K's u = its 3-bit value + 4, 0..7). Sizes per weight equal the file's, except Q4_K / Q5_K,
-whose scales take 4 bytes more per 256 inputs, and Q3_K, 4 bytes more (its scales in whole
-bytes). `unpack` inverts `pack` exactly.
+d / dmin / m are fp16, sc / m of the K types are the 6-bit values in bytes, one per row (Q3_K: its
+6-bit scale less 32, Q6_K: its own, as int8; Q2_K: the file's byte, a 4-bit scale and a 4-bit min
+above it; the three types scale each 16 inputs apart). Each 32-input block of the 16 rows is eight
+64-byte vectors U[t], byte 4r + j of U[t] = input 4t + j of row r (the layout `vpdpbusd` reads with
+a broadcast activation); L[c] (c < 4, 64 bytes each) holds U[c] in its low and U[c + 4] in its high
+nibble; H is eight little-endian 64-bit masks (bit 4r + j of mask t = bit 4 of that weight); H6 is
+two 64-byte vectors, bits 2i..2i+1 of byte b of vector h = bits 4..5 of byte b of U[4h + i]; L2 the
+same for bits 0..1 and H3 the masks of bit 2 (Q3_K's u = its 3-bit value + 4, 0..7; Q2_K's u = its
+2 bits). Sizes per weight equal the file's, except Q4_K / Q5_K, whose scales take 4 bytes more per
+256 inputs, and Q3_K, 4 bytes more (its scales in whole bytes). `unpack` inverts `pack` exactly.
 """
 
 from __future__ import annotations
@@ -28,20 +28,21 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 11, 12, 13, 14
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 10, 11, 12, 13, 14
 NAMES = {
     Q4_0: "Q4_0",
     Q4_1: "Q4_1",
     Q5_0: "Q5_0",
     Q5_1: "Q5_1",
     Q8_0: "Q8_0",
+    Q2_K: "Q2_K",
     Q3_K: "Q3_K",
     Q4_K: "Q4_K",
     Q5_K: "Q5_K",
     Q6_K: "Q6_K",
 }
-K_TYPES = (Q3_K, Q4_K, Q5_K, Q6_K)
-SPLIT_TYPES = (Q3_K, Q6_K)  # a scale per 16 inputs
+K_TYPES = (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)
+SPLIT_TYPES = (Q2_K, Q3_K, Q6_K)  # a scale per 16 inputs
 # GGUF bytes per block and inputs per block
 BLOCK_BYTES = {
     Q4_0: 18,
@@ -49,6 +50,7 @@ BLOCK_BYTES = {
     Q5_0: 22,
     Q5_1: 24,
     Q8_0: 34,
+    Q2_K: 84,
     Q3_K: 110,
     Q4_K: 144,
     Q5_K: 176,
@@ -60,6 +62,7 @@ UNIT_BYTES = {
     Q5_0: 352,
     Q5_1: 384,
     Q8_0: 544,
+    Q2_K: 1344,
     Q3_K: 1824,
     Q4_K: 2368,
     Q5_K: 2880,
@@ -125,6 +128,14 @@ def parse(raw: np.ndarray | torch.Tensor, qtype: int, n: int, k: int) -> dict[st
             u = u | (((qh[:, :, None, :] >> torch.arange(8, dtype=torch.uint8)[:, None]) & 1) << 4)
         f["u"] = u.reshape(n, k)
         return f
+    shifts = torch.arange(4, dtype=torch.uint8)[:, None]
+    if qtype == Q2_K:
+        s, qs = b[..., 0:16], b[..., 16:80]
+        f["d"], f["dmin"] = b[..., 80:82], b[..., 82:84]
+        f["sc"], f["mn"] = s & 0xF, s >> 4  # per 16 inputs
+        # input 128 h + 32 j + l: bits 2j..2j+1 of qs[32 h + l]
+        f["u"] = ((qs.reshape(n, nb, 2, 1, 32) >> (2 * shifts)) & 3).reshape(n, k)
+        return f
     if qtype == Q3_K:
         hm, qs, s = b[..., 0:32], b[..., 32:96], b[..., 96:108]
         f["d"] = b[..., 108:110]
@@ -133,7 +144,6 @@ def parse(raw: np.ndarray | torch.Tensor, qtype: int, n: int, k: int) -> dict[st
         high = torch.stack([(h >> sh) & 3 for sh in (0, 2, 4, 6)], dim=-2).reshape(n, nb, 16)
         f["sc"] = ((low | (high << 4)).to(torch.int8) - 32).view(torch.uint8)
         # input 128 h + 32 j + l: bits 2j..2j+1 of qs[32 h + l], bit 4h + j of hm[l]
-        shifts = torch.arange(4, dtype=torch.uint8)[:, None]
         u = (qs.reshape(n, nb, 2, 1, 32) >> (2 * shifts)) & 3
         bits = (hm[:, :, None, :] >> torch.arange(8, dtype=torch.uint8)[:, None]) & 1
         f["u"] = (u | (bits.reshape(n, nb, 2, 4, 32) << 2)).reshape(n, k)
@@ -159,7 +169,7 @@ def dequantize_fields(f: dict[str, torch.Tensor], qtype: int, n: int, k: int) ->
         split = qtype in SPLIT_TYPES
         u = f["u"].reshape(n, -1, 16 if split else 8, 16 if split else 32).float()
         d = half(f["d"])[..., None, None]
-        if split:
+        if qtype in (Q3_K, Q6_K):
             s = d * f["sc"].view(torch.int8).float()[..., None]
             return (s * (u - (32 if qtype == Q6_K else 4))).reshape(n, k)
         s = d * f["sc"].float()[..., None]
@@ -238,6 +248,10 @@ def pack(f: dict[str, torch.Tensor], qtype: int, n: int, k: int) -> torch.Tensor
             parts.append(_per_row(f["sc"], n, units, 1))
             parts.append(_bit_pairs(ut, 0).flatten(-2))
             parts.append(_bit_masks(ut, 2).flatten(-2))
+        elif qtype == Q2_K:
+            parts.append(_per_row(f["dmin"], n, units, 2))
+            parts.append(_per_row(f["sc"] | (f["mn"] << 4), n, units, 1))
+            parts.append(_bit_pairs(ut, 0).flatten(-2))
         else:
             parts += [
                 _per_row(f["dmin"], n, units, 2),
@@ -301,6 +315,11 @@ def _unpack_tiles(packed: torch.Tensor, qtype: int, n: int, k: int) -> dict[str,
             f["sc"] = _from_rows(take(256), n, units, 1)
             ut = from_pairs(take(1024).reshape(nt, units, 8, 128))
             ut = ut | from_masks(take(512).reshape(nt, units, 8, 64), bit=2)
+        elif qtype == Q2_K:
+            f["dmin"] = _from_rows(take(32), n, units, 2)
+            sm = _from_rows(take(256), n, units, 1)
+            f["sc"], f["mn"] = sm & 0xF, sm >> 4
+            ut = from_pairs(take(1024).reshape(nt, units, 8, 128))
         else:
             f["dmin"] = _from_rows(take(32), n, units, 2)
             f["sc"] = _from_rows(take(128), n, units, 1)

@@ -6,8 +6,8 @@
 // Per tile and unit, each row's block is decoded into unsigned weights u[0..unit) plus its
 // metadata bytes, then written out: per-row metadata interleaved by row, the eight 64-byte
 // vectors U[t] of each 32-input block (byte 4r + j = input 4t + j of row r) as nibbles (L), the
-// 5th bits as 64-bit masks (H) and Q6_K's 5th-6th bits in pairs (H6); Q3_K's as pairs of its low
-// 2 bits (L2) and masks of its 3rd bit (H3). Rows past n are zeros.
+// 5th bits as 64-bit masks (H) and Q6_K's 5th-6th bits in pairs (H6); Q2_K's and Q3_K's as pairs
+// of their low 2 bits (L2), Q3_K's 3rd bit as masks (H3). Rows past n are zeros.
 #include "gguf_repack.h"
 
 #include <ATen/Parallel.h>
@@ -26,8 +26,9 @@ using namespace gguf_types;
 // One row's unit, decoded: unsigned weights and the metadata bytes the layout keeps per row.
 struct RowUnit {
   uint8_t u[256];
-  uint8_t d[2], m[2];     // fp16 scale; fp16 min (Q4_1 / Q5_1) or dmin (Q4_K / Q5_K)
-  uint8_t sc[16], mn[8];  // K-quant sub-block scales (Q3_K, Q6_K: 16 int8) and mins
+  uint8_t d[2], m[2];     // fp16 scale; fp16 min (Q4_1 / Q5_1) or dmin (Q2_K, Q4_K / Q5_K)
+  uint8_t sc[16], mn[8];  // K-quant sub-block scales (Q3_K, Q6_K: 16 int8; Q2_K: 16 bytes of a
+                          // 4-bit scale and, above it, a 4-bit min) and mins
 };
 
 inline void nibbles(const uint8_t* qs, int n, uint8_t* lo, uint8_t* hi) {
@@ -82,6 +83,18 @@ void decode(int64_t q, const uint8_t* src, RowUnit& r) {
         for (int j = 0; j < 8; ++j)
           for (int l = 0; l < 32; ++l) r.u[32 * j + l] |= ((qh[l] >> j) & 1) << 4;
       }
+      return;
+    }
+    case Q2_K: {
+      // scales[16] (a 4-bit scale, a 4-bit min above it) | qs[64] | d | dmin. Input
+      // 128 n + 32 j + l: 2 bits at bit 2 j of qs[32 n + l].
+      std::memcpy(r.sc, src, 16);
+      std::memcpy(r.d, src + 80, 2);
+      std::memcpy(r.m, src + 82, 2);
+      for (int n = 0; n < 2; ++n)
+        for (int j = 0; j < 4; ++j)
+          for (int l = 0; l < 32; ++l)
+            r.u[128 * n + 32 * j + l] = (src[16 + 32 * n + l] >> (2 * j)) & 3;
       return;
     }
     case Q3_K: {
@@ -182,6 +195,15 @@ void pack_unit(int64_t q, const RowUnit* rows, uint8_t* out) {
     }
     if (q == Q5_0 || q == Q5_1) out = put_masks(U, 4, out);
     put_nibbles(U, out);
+    return;
+  }
+  if (q == Q2_K) {
+    out = put_rows(rows, 1, 2, [](const RowUnit& r, int) { return r.m; }, out);
+    out = put_rows(rows, 16, 1, [](const RowUnit& r, int g) { return r.sc + g; }, out);
+    for (int b = 0; b < 8; ++b) {
+      tile_block(rows, b, U);
+      out = put_pairs(U, 0, out);
+    }
     return;
   }
   if (q == Q3_K || q == Q6_K) {

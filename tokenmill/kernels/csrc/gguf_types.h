@@ -12,13 +12,16 @@ enum : int64_t {
   Q5_0 = 6,
   Q5_1 = 7,
   Q8_0 = 8,
+  Q2_K = 10,
   Q3_K = 11,
   Q4_K = 12,
   Q5_K = 13,
   Q6_K = 14
 };
 
-inline bool k_type(int64_t q) { return q == Q3_K || q == Q4_K || q == Q5_K || q == Q6_K; }
+inline bool k_type(int64_t q) {
+  return q == Q2_K || q == Q3_K || q == Q4_K || q == Q5_K || q == Q6_K;
+}
 
 // Inputs per packed unit (a block of 32, or a K-quant super-block of 256).
 inline int64_t unit_k(int64_t q) { return k_type(q) ? 256 : 32; }
@@ -36,6 +39,8 @@ inline int64_t unit_bytes(int64_t q) {
       return 384;
     case Q8_0:
       return 544;
+    case Q2_K:
+      return 1344;
     case Q3_K:
       return 1824;
     case Q4_K:
@@ -62,6 +67,8 @@ inline int64_t block_bytes(int64_t q) {
       return 24;
     case Q8_0:
       return 34;
+    case Q2_K:
+      return 84;
     case Q3_K:
       return 110;
     case Q4_K:
@@ -90,6 +97,8 @@ bool with_type(int64_t q, F&& f) {
       return f(std::integral_constant<int64_t, Q5_1>{}), true;
     case Q8_0:
       return f(std::integral_constant<int64_t, Q8_0>{}), true;
+    case Q2_K:
+      return f(std::integral_constant<int64_t, Q2_K>{}), true;
     case Q3_K:
       return f(std::integral_constant<int64_t, Q3_K>{}), true;
     case Q4_K:

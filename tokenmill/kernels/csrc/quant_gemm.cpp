@@ -16,7 +16,7 @@
 // Weights are repacked at load (tokenmill/quant/gguf_pack.py, which documents the layout) into
 // tiles of 16 output rows. Inside a tile every 32-input block unpacks to eight 64-byte vectors
 // U[t] whose lane r (4 bytes) holds inputs 4t..4t+3 of row r as unsigned integers, plus a scale
-// s and an offset o per row (w = s * u + o; Q3_K and Q6_K have one pair per 16 inputs). Then
+// s and an offset o per row (w = s * u + o; Q2_K, Q3_K and Q6_K have one pair per 16 inputs). Then
 //   y[m][row] += s * dx * sum(u * xq) + o * dx * sum(xq)
 // where the integer sum is exact (int32) and every float product of it matches what a float
 // matmul over the dequantized weights and activations computes, up to the order of additions.
@@ -180,6 +180,12 @@ struct F16 {  // 16 floats, one per row of a tile
   static F16 u8(const uint8_t* p) {
     return {_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)))};
   }
+  // the low (shift 0) or high (shift 4) nibbles of 16 bytes
+  static F16 u4(const uint8_t* p, int shift) {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+    return {
+        _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(b, shift), _mm512_set1_epi32(0xF)))};
+  }
   static F16 i8(const int8_t* p) {
     return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)))};
   }
@@ -236,6 +242,14 @@ struct F16 {
     return {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p))),
             _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8))))};
   }
+  static F16 u4(const uint8_t* p, int shift) {
+    const __m256i m = _mm256_set1_epi32(0xF);
+    const auto half = [&](const uint8_t* q) {
+      const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)q));
+      return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(b, shift), m));
+    };
+    return {half(p), half(p + 8)};
+  }
   static F16 i8(const int8_t* p) {
     return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p))),
             _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8))))};
@@ -255,7 +269,7 @@ struct F16 {
 #endif
 
 // One unpacked 32-input block of a 16-row tile: U[8] (see top), scales and offsets per row.
-// Split types (Q3_K, Q6_K) have (s0, o0) for inputs 0..15 and (s1, o1) for 16..31.
+// Split types (Q2_K, Q3_K, Q6_K) have (s0, o0) for inputs 0..15 and (s1, o1) for 16..31.
 struct alignas(64) Block {
   uint8_t u[8][64];
   float s0[16], o0[16], s1[16], o1[16];
@@ -270,7 +284,7 @@ constexpr bool kSignedU =
     Q == Q8_0;
 #endif
 template <int64_t Q>
-constexpr bool kSplit = Q == Q3_K || Q == Q6_K;
+constexpr bool kSplit = Q == Q2_K || Q == Q3_K || Q == Q6_K;
 
 // Block b's scales and offsets per row, in registers (see Block): s(part), o(part).
 struct Scales {
@@ -301,10 +315,11 @@ inline const uint8_t* high_bit_base(const uint8_t* src, int b) {
   if constexpr (Q == Q3_K) return src + 1312 + b * 64;  // H3: masks of bit 2
   return nullptr;
 }
-// Where block b of a Q3_K unit keeps its bit pairs (L2, 128 bytes) and of a Q6_K unit its 5th-6th
-// bits (H6): byte x of vector h, bits 2i..2i+1 = those bits of U[4h + i][x].
+// Where block b of a Q2_K / Q3_K unit keeps its bit pairs (L2, 128 bytes) and of a Q6_K unit its
+// 5th-6th bits (H6): byte x of vector h, bits 2i..2i+1 = those bits of U[4h + i][x].
 template <int64_t Q>
 inline const uint8_t* pair_base(const uint8_t* src, int b) {
+  if constexpr (Q == Q2_K) return src + 320 + b * 128;
   if constexpr (Q == Q3_K) return src + 288 + b * 128;
   if constexpr (Q == Q6_K) return src + 2336 + b * 128;
   return nullptr;
@@ -320,6 +335,12 @@ inline Scales block_scales(const uint8_t* src, int b) {
   } else if constexpr (Q == Q8_0) {
     const F16 d = F16::half(src);
     return {d, kSignedU<Q> ? F16::zero() : d * F16::set1(-128.f), F16::zero(), F16::zero()};
+  } else if constexpr (Q == Q2_K) {
+    // per 16 inputs a byte: the scale in its low nibble, the min in its high one
+    const F16 d = F16::half(src), ndmin = F16::half(src + 32) * F16::set1(-1.f);
+    const uint8_t* sm = src + 64 + 2 * b * 16;
+    return {d * F16::u4(sm, 0), ndmin * F16::u4(sm, 4), d * F16::u4(sm + 16, 0),
+            ndmin * F16::u4(sm + 16, 4)};
   } else if constexpr (Q == Q4_K || Q == Q5_K) {
     const F16 d = F16::half(src), dmin = F16::half(src + 32);
     return {d * F16::u8(src + 64 + b * 16), dmin * F16::u8(src + 192 + b * 16) * F16::set1(-1.f),
@@ -352,16 +373,19 @@ inline void unpack_block(const uint8_t* src, int b, Block& out) {
     }
     return;
   }
-  if constexpr (Q == Q3_K) {
+  if constexpr (Q == Q2_K || Q == Q3_K) {
     const V64 lo2 = V64::set1(0x03);
     const uint8_t* P = pair_base<Q>(src, b);
-    const uint8_t* H = high_bit_base<Q>(src, b);
     for (int h = 0; h < 2; ++h) {
       const V64 p = V64::load(P + h * 64);
       for (int i = 0; i < 4; ++i) {
-        uint64_t m;
-        std::memcpy(&m, H + (4 * h + i) * 8, 8);
-        (((i ? p.srl16(2 * i) : p) & lo2) | V64::from_bits(m, 0x04)).store(out.u[4 * h + i]);
+        V64 u = (i ? p.srl16(2 * i) : p) & lo2;
+        if constexpr (Q == Q3_K) {
+          uint64_t m;
+          std::memcpy(&m, high_bit_base<Q>(src, b) + (4 * h + i) * 8, 8);
+          u = u | V64::from_bits(m, 0x04);
+        }
+        u.store(out.u[4 * h + i]);
       }
     }
     return;
@@ -400,13 +424,14 @@ inline __m256i u_half(const uint8_t* src, int b, int t, int h) {
   if constexpr (Q == Q8_0) {
     static_assert(kSignedU<Q>, "AVX2 keeps Q8_0 signed");
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32 + t * 64 + h * 32));
-  } else if constexpr (Q == Q3_K) {
+  } else if constexpr (Q == Q2_K || Q == Q3_K) {
     const __m256i p = _mm256_loadu_si256(
         reinterpret_cast<const __m256i*>(pair_base<Q>(src, b) + (t / 4) * 64 + h * 32));
+    const __m256i u = _mm256_and_si256(_mm256_srli_epi16(p, 2 * (t & 3)), _mm256_set1_epi8(3));
+    if constexpr (Q == Q2_K) return u;
     uint32_t m;
     std::memcpy(&m, high_bit_base<Q>(src, b) + t * 8 + h * 4, 4);
-    return _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(p, 2 * (t & 3)), _mm256_set1_epi8(3)),
-                           V64::bits32(m, 0x04));
+    return _mm256_or_si256(u, V64::bits32(m, 0x04));
   } else {
     const __m256i lo4 = _mm256_set1_epi8(0x0F);
     const __m256i p = _mm256_loadu_si256(
@@ -764,13 +789,13 @@ inline __m512i zero_idiom() {
 template <int NT>
 struct BlockRegs {
   __m512i U[NT][8];
-  __m512 s0[NT], o0[NT], s1[NT];
+  __m512 s0[NT], o0[NT], s1[NT], o1[NT];
 };
 
 // Block kb of the NT tiles applied to the G tokens whose quantized inputs start at x (32 bytes
 // each), with their metadata and chain starts: acc[k * 32 + 16 * i ...] += tile i's contribution
 // to token k. Each tile's dot steps for a token form one chain per half of the block where the
-// type scales the halves apart (Q3_K, Q6_K), or where a single token would leave too few
+// type scales the halves apart (Q2_K, Q3_K, Q6_K), or where a single token would leave too few
 // independent chains (then the halves are joined by one add); else one chain of 8.
 template <int64_t Q, int NT, int G>
 inline void accumulate_tokens(const BlockRegs<NT>& r, const int8_t* x, const ActMeta* meta,
@@ -802,6 +827,10 @@ inline void accumulate_tokens(const BlockRegs<NT>& r, const int8_t* x, const Act
         __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(a[k][i][0]), r.s0[i]);
         v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[k][i][1]), r.s1[i], v);
         y = _mm512_fmadd_ps(v, d, y);
+        if constexpr (c == 0) {  // float offsets (Q2_K)
+          y = _mm512_fmadd_ps(r.o0[i], _mm512_set1_ps(meta[k].dlo), y);
+          y = _mm512_fmadd_ps(r.o1[i], _mm512_set1_ps(meta[k].dhi), y);
+        }
       } else {
         const __m512i e = H == 2 ? _mm512_add_epi32(a[k][i][0], a[k][i][H - 1]) : a[k][i][0];
         y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(e), _mm512_mul_ps(r.s0[i], d), y);
@@ -833,6 +862,7 @@ inline void accumulate_batch(const Block* blk, const BatchActs& acts, const int3
     r.s0[i] = _mm512_load_ps(blk[i].s0);
     r.o0[i] = _mm512_load_ps(blk[i].o0);
     r.s1[i] = _mm512_load_ps(blk[i].s1);
+    r.o1[i] = _mm512_load_ps(blk[i].o1);
   }
   const int64_t first = kb * acts.M + m0;  // (block, token) index of the first token
   const int8_t* x = acts.x.data() + first * 32;
@@ -852,12 +882,12 @@ inline void accumulate_batch(const Block* blk, const BatchActs& acts, const int3
 // in L1 (Block) and each of its 16 weight vectors is loaded once per group of tokens and applied
 // to all of them. `maddubs` products of pairs add up in int16 for kRun<Q> steps before one
 // widening `madd`: exact while kRun * 2 * max(u) * 127 < 2^15 (4-bit weights: all 8 steps, 5-bit:
-// 4, 6-bit: 2, 3-bit Q3_K: the 4 of each half; AVX2's signed Q8_0 widens every product, up to
-// 2 * 128 * 127).
+// 4, 6-bit: 2, 2- and 3-bit Q2_K / Q3_K: the 4 of each half; AVX2's signed Q8_0 widens every
+// product, up to 2 * 128 * 127).
 template <int64_t Q>
 constexpr int kRun = kSignedU<Q>                                        ? 1
                      : Q == Q6_K                                        ? 2
-                     : Q == Q3_K || Q == Q5_0 || Q == Q5_1 || Q == Q5_K ? 4
+                     : kSplit<Q> || Q == Q5_0 || Q == Q5_1 || Q == Q5_K ? 4
                                                                         : 8;
 
 // Tokens per pass over a block: as many as the registers hold (kRun < 8 keeps int32 sums beside
@@ -891,8 +921,8 @@ struct AccRegs {
 
 // A block applied to G tokens: acc[k] += its contribution to token k, whose 32 quantized inputs
 // are at x + k * xs and metadata at meta[k * ms]. wv(t, h) gives rows 8h..8h+7 of U[t] (from an
-// unpacked Block, or computed from the packed bytes). Split types (Q3_K, Q6_K) sum and scale inputs
-// 0..15 and 16..31 as two parts. Every path (streaming or batched) does the same float
+// unpacked Block, or computed from the packed bytes). Split types (Q2_K, Q3_K, Q6_K) sum and scale
+// inputs 0..15 and 16..31 as two parts. Every path (streaming or batched) does the same float
 // operations in the same order, so a row's output does not depend on its batch.
 template <int64_t Q, int G, typename WV, typename Sc, typename Acc>
 __attribute__((always_inline)) inline void accumulate_tokens(WV&& wv, const Sc& sc, const int8_t* x,
@@ -1599,8 +1629,9 @@ StartSpec start_spec(int64_t q) {
 // on AVX-512, 17 on AVX2): QuantLinear then quantizes straight into its block-major layout.
 constexpr int64_t kPreparedMinM =
     1 + std::max({kStreamingMaxM<Q4_0>, kStreamingMaxM<Q4_1>, kStreamingMaxM<Q5_0>,
-                  kStreamingMaxM<Q5_1>, kStreamingMaxM<Q8_0>, kStreamingMaxM<Q3_K>,
-                  kStreamingMaxM<Q4_K>, kStreamingMaxM<Q5_K>, kStreamingMaxM<Q6_K>});
+                  kStreamingMaxM<Q5_1>, kStreamingMaxM<Q8_0>, kStreamingMaxM<Q2_K>,
+                  kStreamingMaxM<Q3_K>, kStreamingMaxM<Q4_K>, kStreamingMaxM<Q5_K>,
+                  kStreamingMaxM<Q6_K>});
 #endif  // TM_AVX512 || TM_AVX2
 
 }  // namespace
