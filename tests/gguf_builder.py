@@ -23,7 +23,10 @@ from gguf.constants import GGML_QUANT_SIZES, QK_K
 
 LEGACY_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0)
 K_TYPES = (QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K)
-ALL_TYPES = LEGACY_TYPES + K_TYPES
+IQ_TYPES = (QT.IQ4_NL, QT.IQ4_XS)
+ALL_TYPES = LEGACY_TYPES + K_TYPES + IQ_TYPES
+# ggml's kvalues_iq4nl: an IQ4 weight is its block's scale times one of these
+IQ4_CODEBOOK = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113])
 
 
 def bytes_per_row(qtype: QT, cols: int) -> int:
@@ -209,6 +212,56 @@ def _quantize_q3_k(x: np.ndarray) -> np.ndarray:
     )
 
 
+def _nearest_code(y: np.ndarray) -> np.ndarray:
+    """The index of the IQ4 codebook value nearest to each y (float64, any shape)."""
+    return np.abs(y[..., None] - IQ4_CODEBOOK).argmin(axis=-1).astype(np.uint8)
+
+
+def _iq4_nibbles(q: np.ndarray) -> np.ndarray:
+    """Indices [..., 32] -> 16 bytes per 32: value j in the low nibble of byte j, value 16 + j
+    in its high nibble (as Q4_0)."""
+    return q[..., :16] | (q[..., 16:] << 4)
+
+
+def _quantize_iq4(x: np.ndarray, qtype: QT) -> np.ndarray:
+    """IQ4_NL blocks of 32 / IQ4_XS super-blocks of 256 values, x float64 [n, 32 or 256].
+
+    A weight is s * CODEBOOK[q]; s = d (IQ4_NL) or d*(ls - 32) per 32 values (IQ4_XS, ls
+    6-bit). The step s is rounded UP from max|x| / 127 (the codebook spans [-127, 113], so
+    every |x| <= 113 s/127 is inside it; beyond, the end value -127 s or 113 s is the nearest):
+    q is the nearest codebook value, so |x - dequant(x)| is at most half the largest gap of the
+    codebook (24 s / 2) inside and max|x| - 113 s <= 14 s at the top end.
+    """
+    n = x.shape[0]
+    if qtype == QT.IQ4_NL:
+        d = _fp16_at_least(np.abs(x).max(axis=1) / 127)
+        d64 = d.astype(np.float64)[:, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = _nearest_code(np.where(d64 > 0, x / d64, 0))
+        return np.concatenate([d.view(np.uint8).reshape(n, 2), _iq4_nibbles(q)], axis=1)
+    sub = x.reshape(n, 8, 32)
+    step = np.abs(sub).max(axis=2) / 127
+    d = _fp16_at_least(step.max(axis=1) / 31)
+    d64 = d.astype(np.float64)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ls = np.where(d64 > 0, np.ceil(step / d64), 0).clip(0, 31)
+    s = (d64 * ls)[:, :, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = _nearest_code(np.where(s > 0, sub / s, 0))
+    code = (ls + 32).astype(np.uint16)  # 6 bits: the low 4 in scales_l, the high 2 in scales_h
+    high = ((code >> 4) << (2 * np.arange(8, dtype=np.uint16))).sum(axis=1, dtype=np.uint16)
+    low = (code[:, 0::2] & 0xF) | ((code[:, 1::2] & 0xF) << 4)
+    return np.concatenate(
+        [
+            d.view(np.uint8).reshape(n, 2),
+            high.view(np.uint8).reshape(n, 2),
+            low.astype(np.uint8),
+            _iq4_nibbles(q).reshape(n, 128),
+        ],
+        axis=1,
+    )
+
+
 def quantize(x: np.ndarray, qtype: QT) -> np.ndarray:
     """float [rows, cols] -> GGUF blocks of `qtype`, uint8 [rows, bytes_per_row]."""
     x = np.asarray(x, dtype=np.float32)
@@ -222,6 +275,9 @@ def quantize(x: np.ndarray, qtype: QT) -> np.ndarray:
         from gguf.quants import quantize as gguf_quantize
 
         out = gguf_quantize(x, qtype)
+    elif qtype in IQ_TYPES:
+        size = 32 if qtype == QT.IQ4_NL else QK_K
+        out = _quantize_iq4(x.astype(np.float64).reshape(-1, size), qtype)
     elif qtype in K_TYPES:
         blocks = x.astype(np.float64).reshape(-1, QK_K)
         if qtype == QT.Q6_K:
@@ -251,6 +307,8 @@ _LAYOUT = {
     QT.Q4_K: dict(d=0, m=2, scales=(4, 16), quants=(16, 144)),
     QT.Q5_K: dict(d=0, m=2, scales=(4, 16), quants=(16, 176)),
     QT.Q6_K: dict(d=208, m=None, scales=(192, 208), quants=(0, 192)),
+    QT.IQ4_NL: dict(d=0, m=None, scales=None, quants=(2, 18)),
+    QT.IQ4_XS: dict(d=0, m=None, scales=(2, 8), quants=(8, 136)),
 }
 # Typical |d| per type, so that random blocks dequantize to values of order one.
 _TYPICAL_D = {
@@ -264,6 +322,8 @@ _TYPICAL_D = {
     QT.Q4_K: 0.005,
     QT.Q5_K: 0.003,
     QT.Q6_K: 0.002,
+    QT.IQ4_NL: 0.01,
+    QT.IQ4_XS: 0.0005,
 }
 
 EXTREME_CASES = (
@@ -403,6 +463,8 @@ _FILE_TYPE = {
     QT.Q4_K: 15,
     QT.Q5_K: 17,
     QT.Q6_K: 18,
+    QT.IQ4_NL: 25,
+    QT.IQ4_XS: 30,
 }
 EOS_TOKEN = "<|endoftext|>"
 

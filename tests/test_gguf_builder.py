@@ -13,6 +13,7 @@ from gguf.quants import dequantize
 from tests.gguf_builder import (
     ALL_TYPES,
     EXTREME_CASES,
+    IQ_TYPES,
     K_TYPES,
     bytes_per_row,
     quantize,
@@ -99,6 +100,26 @@ def test_k_quantizers_round_trip_within_bound(qtype, seed):
     rel = np.abs(y - x).max(axis=1) / np.abs(x).max(axis=1).clip(1e-30)
     limit = {QT.Q2_K: 0.4, QT.Q3_K: 0.2, QT.Q4_K: 0.08, QT.Q5_K: 0.04, QT.Q6_K: 0.02}[qtype]
     assert rel[7:].max() < limit
+    assert np.array_equal(y[5], y[5, :1].repeat(512))  # a constant row stays constant
+
+
+@pytest.mark.parametrize("qtype", IQ_TYPES, ids=lambda t: t.name)
+def test_iq4_quantizers_round_trip_within_bound(qtype):
+    """|x - dequant(x)| <= 14 s per block of 32 (`_quantize_iq4`): s = d <= A/127 (1 + 2^-10) +
+    2^-24 for IQ4_NL (A = the block's largest |x|); for IQ4_XS s = d*ls <= A/127 + d, with
+    d <= A_max/(127*31) (1 + 2^-10) + 2^-24 (A_max: the largest of the super-block's 8 blocks)."""
+    x = _data()
+    y = dequantize(quantize(x, qtype), qtype)
+    amax = np.abs(x.astype(np.float64)).reshape(-1, 8, 32).max(axis=2)  # [super-blocks, 8]
+    if qtype == QT.IQ4_NL:
+        step = amax / 127 * (1 + F16_ULP) + F16_TINY
+    else:
+        d = amax.max(axis=1, keepdims=True) / (127 * 31) * (1 + F16_ULP) + F16_TINY
+        step = amax / 127 + d
+    err = np.abs(y.astype(np.float64) - x).reshape(-1, 8, 32)
+    assert np.all(err <= 14 * step[..., None] * (1 + 1e-6))
+    rel = np.abs(y - x).max(axis=1) / np.abs(x).max(axis=1).clip(1e-30)
+    assert rel[7:].max() < 0.15  # the bound is the writer's real precision
     assert np.array_equal(y[5], y[5, :1].repeat(512))  # a constant row stays constant
 
 

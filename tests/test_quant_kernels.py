@@ -183,6 +183,10 @@ def test_integer_block_sums_are_exact(ops, qtype):
         raw[..., 192:208] = rng.integers(-4, 5, size=raw[..., 192:208].shape).astype(np.uint8)
     elif qtype == QT.Q3_K:
         raw[..., 108:110] = one  # its 6-bit scales less 32 are integers already
+    elif qtype == QT.IQ4_XS:
+        raw[..., 0:2] = one
+        raw[..., 2:4] = 0xAA  # every scale's high 2 bits 2: 32 + its low nibble
+        raw[..., 4:8] = rng.integers(0, 4, raw[..., 4:8].shape) * 17  # low nibbles 0..3: 0..3
     elif qtype == QT.Q2_K:
         raw[..., 80:82] = one
         raw[..., 82:84] = np.frombuffer(np.float16(-3).tobytes(), np.uint8)

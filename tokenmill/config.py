@@ -164,10 +164,10 @@ class EngineArgs:
         default="auto",
         metadata={
             "help": "auto | none | fp8 (auto: run a GGUF file's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q2_K/"
-            "Q3_K/Q4_K/Q5_K/Q6_K weights natively on x86 CPUs with AVX2 or better; none: "
-            "dequantize all weights to the compute dtype; fp8: quantize the decoder's linear "
-            "weights at load to float8 e4m3 with a scale per output channel, activations per "
-            "token (GPUs of compute capability 8.9+, bfloat16))"
+            "Q3_K/Q4_K/Q5_K/Q6_K/IQ4_NL/IQ4_XS weights natively on x86 CPUs with AVX2 or "
+            "better; none: dequantize all weights to the compute dtype; fp8: quantize the "
+            "decoder's linear weights at load to float8 e4m3 with a scale per output channel, "
+            "activations per token (GPUs of compute capability 8.9+, bfloat16))"
         },
     )
     exact_channels: int = dataclasses.field(

@@ -3,13 +3,14 @@
 A GGUF weight [n, k] is parsed into *fields*: the unsigned integer of every weight (`u`, 0..2^bits
 - 1; Q8_0 keeps its signed bytes) plus the block metadata (fp16 scales and mins, K-quant
 sub-block scales). `pack` writes the fields into tiles of 16 output rows, one *unit* after
-another along k (32 inputs for the legacy types, a 256-input super-block for the K types):
+another along k (32 inputs for the legacy types and IQ4_NL, a super-block of 256 for the others):
 
     Q4_0  d[16] | L                      Q4_K  d[16] | dmin[16] | sc[8][16] | m[8][16] | L x 8
     Q4_1  d[16] | m[16] | L              Q5_K  as Q4_K, with H x 8 before the L x 8
     Q5_0  d[16] | H | L                  Q6_K  d[16] | sc[16][16] (int8) | L x 8 | H6 x 8
     Q5_1  d[16] | m[16] | H | L          Q3_K  d[16] | sc[16][16] (int8) | L2 x 8 | H3 x 8
     Q8_0  d[16] | U[8] (int8)            Q2_K  d[16] | dmin[16] | sm[16][16] | L2 x 8
+    IQ4_NL  as Q4_0                      IQ4_XS  d[16] | sc[8][16] (int8) | L x 8
 
 d / dmin / m are fp16, sc / m of the K types are the 6-bit values in bytes, one per row (Q3_K: its
 6-bit scale less 32, Q6_K: its own, as int8; Q2_K: the file's byte, a 4-bit scale and a 4-bit min
@@ -19,8 +20,10 @@ a broadcast activation); L[c] (c < 4, 64 bytes each) holds U[c] in its low and U
 nibble; H is eight little-endian 64-bit masks (bit 4r + j of mask t = bit 4 of that weight); H6 is
 two 64-byte vectors, bits 2i..2i+1 of byte b of vector h = bits 4..5 of byte b of U[4h + i]; L2 the
 same for bits 0..1 and H3 the masks of bit 2 (Q3_K's u = its 3-bit value + 4, 0..7; Q2_K's u = its
-2 bits). Sizes per weight equal the file's, except Q4_K / Q5_K, whose scales take 4 bytes more per
-256 inputs, and Q3_K, 4 bytes more (its scales in whole bytes). `unpack` inverts `pack` exactly.
+2 bits; IQ4_NL's and IQ4_XS's u = the index of their codebook value, CODEBOOK, and IQ4_XS's sc its
+6-bit scale less 32). Sizes per weight equal the file's, except Q4_K / Q5_K, whose scales take 4
+bytes more per 256 inputs, and Q3_K and IQ4_XS, 4 and 2 bytes more (their scales in whole bytes).
+`unpack` inverts `pack` exactly.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import numpy as np
 import torch
 
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 10, 11, 12, 13, 14
+IQ4_NL, IQ4_XS = 20, 23
 NAMES = {
     Q4_0: "Q4_0",
     Q4_1: "Q4_1",
@@ -40,9 +44,14 @@ NAMES = {
     Q4_K: "Q4_K",
     Q5_K: "Q5_K",
     Q6_K: "Q6_K",
+    IQ4_NL: "IQ4_NL",
+    IQ4_XS: "IQ4_XS",
 }
 K_TYPES = (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)
 SPLIT_TYPES = (Q2_K, Q3_K, Q6_K)  # a scale per 16 inputs
+SUPER_BLOCK_TYPES = K_TYPES + (IQ4_XS,)  # units of 256 inputs
+# IQ4_NL / IQ4_XS weights are d (times a scale per 32, IQ4_XS) * CODEBOOK[u] (ggml's kvalues_iq4nl)
+CODEBOOK = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 # GGUF bytes per block and inputs per block
 BLOCK_BYTES = {
     Q4_0: 18,
@@ -55,6 +64,8 @@ BLOCK_BYTES = {
     Q4_K: 144,
     Q5_K: 176,
     Q6_K: 210,
+    IQ4_NL: 18,
+    IQ4_XS: 136,
 }
 UNIT_BYTES = {
     Q4_0: 288,
@@ -67,11 +78,13 @@ UNIT_BYTES = {
     Q4_K: 2368,
     Q5_K: 2880,
     Q6_K: 3360,
+    IQ4_NL: 288,
+    IQ4_XS: 2208,
 }
 
 
 def unit_k(qtype: int) -> int:
-    return 256 if qtype in K_TYPES else 32
+    return 256 if qtype in SUPER_BLOCK_TYPES else 32
 
 
 def can_pack(qtype: int, n: int, k: int) -> bool:
@@ -92,10 +105,19 @@ def parse(raw: np.ndarray | torch.Tensor, qtype: int, n: int, k: int) -> dict[st
     """GGUF rows [n, k / block * block bytes] -> fields: `u` uint8 [n, k] and metadata."""
     if not isinstance(raw, torch.Tensor):
         raw = torch.from_numpy(np.array(raw))  # a copy: memory-mapped arrays are read-only
-    nb = k // (256 if qtype in K_TYPES else 32)
+    nb = k // unit_k(qtype)
     b = raw.view(torch.uint8).reshape(n, nb, BLOCK_BYTES[qtype])
     f: dict[str, torch.Tensor] = {}
-    if qtype in (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0):
+    if qtype == IQ4_XS:
+        f["d"] = b[..., 0:2]
+        h = b[..., 2].to(torch.int32) | (b[..., 3].to(torch.int32) << 8)
+        low = torch.stack([b[..., 4:8] & 0xF, b[..., 4:8] >> 4], dim=-1).reshape(n, nb, 8)
+        high = (h[..., None] >> (2 * torch.arange(8))) & 3
+        f["sc"] = ((low.to(torch.int32) | (high << 4)) - 32).to(torch.int8).view(torch.uint8)
+        qs = b[..., 8:136].reshape(n, nb, 8, 16)
+        f["u"] = torch.cat([qs & 0xF, qs >> 4], dim=-1).reshape(n, k)
+        return f
+    if qtype in (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL):
         f["d"] = b[..., 0:2]
         off = 2
         if qtype in (Q4_1, Q5_1):
@@ -165,6 +187,12 @@ def dequantize_fields(f: dict[str, torch.Tensor], qtype: int, n: int, k: int) ->
     def half(x: torch.Tensor) -> torch.Tensor:
         return x.contiguous().view(torch.float16).float()[..., 0]
 
+    if qtype in (IQ4_NL, IQ4_XS):
+        w = torch.tensor(CODEBOOK, dtype=torch.float32)[f["u"].long()].reshape(n, -1, 32)
+        s = half(f["d"])
+        if qtype == IQ4_XS:
+            s = s[..., None] * f["sc"].view(torch.int8).float()
+        return (s.reshape(n, -1, 1) * w).reshape(n, k)
     if qtype in K_TYPES:
         split = qtype in SPLIT_TYPES
         u = f["u"].reshape(n, -1, 16 if split else 8, 16 if split else 32).float()
@@ -236,11 +264,14 @@ def pack(f: dict[str, torch.Tensor], qtype: int, n: int, k: int) -> torch.Tensor
         n += pad
     nt, kb = n // 16, k // 32
     ut = _tile_u(f["u"], n, k)  # [nt, kb, 8, 64]
-    if qtype in K_TYPES:
+    if qtype in SUPER_BLOCK_TYPES:
         units = k // 256
         ut = ut.reshape(nt, units, 8, 8, 64)
         parts = [_per_row(f["d"], n, units, 2)]
-        if qtype == Q6_K:
+        if qtype == IQ4_XS:
+            parts.append(_per_row(f["sc"], n, units, 1))  # [nt, units, 8 sub x 16 rows]
+            parts.append(_nibbles(ut).flatten(-2))
+        elif qtype == Q6_K:
             parts.append(_per_row(f["sc"], n, units, 1))  # [nt, units, 16 sub x 16 rows]
             parts.append(_nibbles(ut).flatten(-2))
             parts.append(_bit_pairs(ut, 4).flatten(-2))
@@ -306,8 +337,11 @@ def _unpack_tiles(packed: torch.Tensor, qtype: int, n: int, k: int) -> dict[str,
         return pairs.reshape(*P.shape[:-3], 8, 64)
 
     f["d"] = _from_rows(take(32), n, units, 2)
-    if qtype in K_TYPES:
-        if qtype == Q6_K:
+    if qtype in SUPER_BLOCK_TYPES:
+        if qtype == IQ4_XS:
+            f["sc"] = _from_rows(take(128), n, units, 1)
+            ut = from_nibbles(take(2048).reshape(nt, units, 8, 256))
+        elif qtype == Q6_K:
             f["sc"] = _from_rows(take(256), n, units, 1)
             ut = from_nibbles(take(2048).reshape(nt, units, 8, 256))
             ut = ut | (from_pairs(take(1024).reshape(nt, units, 8, 128)) << 4)

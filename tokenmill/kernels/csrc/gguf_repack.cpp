@@ -27,7 +27,7 @@ using namespace gguf_types;
 struct RowUnit {
   uint8_t u[256];
   uint8_t d[2], m[2];     // fp16 scale; fp16 min (Q4_1 / Q5_1) or dmin (Q2_K, Q4_K / Q5_K)
-  uint8_t sc[16], mn[8];  // K-quant sub-block scales (Q3_K, Q6_K: 16 int8; Q2_K: 16 bytes of a
+  uint8_t sc[16], mn[8];  // sub-block scales (Q3_K, Q6_K: 16 int8; IQ4_XS: 8; Q2_K: 16 bytes of a
                           // 4-bit scale and, above it, a 4-bit min) and mins
 };
 
@@ -45,7 +45,20 @@ void decode(int64_t q, const uint8_t* src, RowUnit& r) {
       std::memcpy(r.d, src, 2);
       std::memcpy(r.u, src + 2, 32);
       return;
+    case IQ4_XS: {
+      // d | scales_h (16 bits: 2 high bits per 32 inputs) | scales_l[4] (a nibble per 32) |
+      // qs[128] (per 32 inputs 16 bytes of nibbles, as Q4_0). u: the codebook index.
+      std::memcpy(r.d, src, 2);
+      const int h = src[2] | (src[3] << 8);
+      for (int ib = 0; ib < 8; ++ib) {
+        const int ls = ((src[4 + ib / 2] >> (4 * (ib % 2))) & 0xF) | (((h >> (2 * ib)) & 3) << 4);
+        r.sc[ib] = static_cast<uint8_t>(static_cast<int8_t>(ls - 32));
+        nibbles(src + 8 + 16 * ib, 16, r.u + 32 * ib, r.u + 32 * ib + 16);
+      }
+      return;
+    }
     case Q4_0:
+    case IQ4_NL:
     case Q4_1:
     case Q5_0:
     case Q5_1: {
@@ -203,6 +216,14 @@ void pack_unit(int64_t q, const RowUnit* rows, uint8_t* out) {
     for (int b = 0; b < 8; ++b) {
       tile_block(rows, b, U);
       out = put_pairs(U, 0, out);
+    }
+    return;
+  }
+  if (q == IQ4_XS) {
+    out = put_rows(rows, 8, 1, [](const RowUnit& r, int g) { return r.sc + g; }, out);
+    for (int b = 0; b < 8; ++b) {
+      tile_block(rows, b, U);
+      out = put_nibbles(U, out);
     }
     return;
   }

@@ -16,14 +16,17 @@ enum : int64_t {
   Q3_K = 11,
   Q4_K = 12,
   Q5_K = 13,
-  Q6_K = 14
+  Q6_K = 14,
+  IQ4_NL = 20,
+  IQ4_XS = 23
 };
 
+// Types whose unit is a 256-input super-block (the K-quants and IQ4_XS).
 inline bool k_type(int64_t q) {
-  return q == Q2_K || q == Q3_K || q == Q4_K || q == Q5_K || q == Q6_K;
+  return q == Q2_K || q == Q3_K || q == Q4_K || q == Q5_K || q == Q6_K || q == IQ4_XS;
 }
 
-// Inputs per packed unit (a block of 32, or a K-quant super-block of 256).
+// Inputs per packed unit (a block of 32, or a super-block of 256).
 inline int64_t unit_k(int64_t q) { return k_type(q) ? 256 : 32; }
 
 // Bytes of one packed unit of 16 rows (0: no kernel for this type).
@@ -49,6 +52,10 @@ inline int64_t unit_bytes(int64_t q) {
       return 2880;
     case Q6_K:
       return 3360;
+    case IQ4_NL:
+      return 288;
+    case IQ4_XS:
+      return 2208;
     default:
       return 0;
   }
@@ -77,6 +84,10 @@ inline int64_t block_bytes(int64_t q) {
       return 176;
     case Q6_K:
       return 210;
+    case IQ4_NL:
+      return 18;
+    case IQ4_XS:
+      return 136;
     default:
       return 0;
   }
@@ -107,6 +118,10 @@ bool with_type(int64_t q, F&& f) {
       return f(std::integral_constant<int64_t, Q5_K>{}), true;
     case Q6_K:
       return f(std::integral_constant<int64_t, Q6_K>{}), true;
+    case IQ4_NL:
+      return f(std::integral_constant<int64_t, IQ4_NL>{}), true;
+    case IQ4_XS:
+      return f(std::integral_constant<int64_t, IQ4_XS>{}), true;
     default:
       return false;
   }

@@ -166,6 +166,11 @@ struct V64 {
   V64 operator^(V64 o) const { return {_mm512_xor_si512(v, o.v)}; }
   V64 srl16(int n) const { return {_mm512_srli_epi16(v, n)}; }
   V64 sll16(int n) const { return {_mm512_slli_epi16(v, n)}; }
+  // byte i = table[byte i & 15] (bytes 0..15)
+  V64 lookup(const V64& table) const { return {_mm512_shuffle_epi8(table.v, v)}; }
+  static V64 table16(const int8_t* t) {
+    return {_mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t)))};
+  }
   // byte i = val where bit i of bits is set, else 0
   static V64 from_bits(uint64_t bits, uint8_t val) {
     return {_mm512_maskz_mov_epi8(bits, _mm512_set1_epi8(static_cast<char>(val)))};
@@ -217,6 +222,14 @@ struct V64 {
   V64 operator^(V64 o) const { return {_mm256_xor_si256(a, o.a), _mm256_xor_si256(b, o.b)}; }
   V64 srl16(int n) const { return {_mm256_srli_epi16(a, n), _mm256_srli_epi16(b, n)}; }
   V64 sll16(int n) const { return {_mm256_slli_epi16(a, n), _mm256_slli_epi16(b, n)}; }
+  V64 lookup(const V64& table) const {
+    return {_mm256_shuffle_epi8(table.a, a), _mm256_shuffle_epi8(table.b, b)};
+  }
+  static V64 table16(const int8_t* t) {
+    const __m256i v =
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t)));
+    return {v, v};
+  }
   static __m256i bits32(uint32_t bits, uint8_t val) {
     // byte i takes bit i: spread byte i/8 of `bits` over 8 lanes, test one bit per lane.
     const __m256i spread = _mm256_shuffle_epi8(
@@ -275,14 +288,32 @@ struct alignas(64) Block {
   float s0[16], o0[16], s1[16], o1[16];
 };
 
-// Whether U holds signed bytes (AVX2 Q8_0: sign trick instead of an offset).
+// The non-linear 4-bit types: a weight is d * kCodebook[its 4-bit index] (ggml's kvalues_iq4nl).
+template <int64_t Q>
+constexpr bool kCodebookType = Q == IQ4_NL || Q == IQ4_XS;
+alignas(16) constexpr int8_t kCodebook[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                              1,    13,   25,  38,  53,  69,  89,  113};
+
+// Whether U holds signed bytes (AVX2 Q8_0 and codebook types: sign trick instead of an offset).
 template <int64_t Q>
 constexpr bool kSignedU =
 #ifdef TM_AVX512
     false;
 #else
-    Q == Q8_0;
+    Q == Q8_0 || kCodebookType<Q>;
 #endif
+
+// U of a codebook type: the codebook, signed (AVX2) or + 128 as unsigned bytes (offset 128).
+template <int64_t Q>
+struct CodebookBytes {
+  alignas(16) int8_t v[16];
+  constexpr CodebookBytes() : v() {
+    for (int i = 0; i < 16; ++i)
+      v[i] = static_cast<int8_t>(kSignedU<Q> ? kCodebook[i] : kCodebook[i] ^ -128);
+  }
+};
+template <int64_t Q>
+constexpr CodebookBytes<Q> kCodebookBytes;
 template <int64_t Q>
 constexpr bool kSplit = Q == Q2_K || Q == Q3_K || Q == Q6_K;
 
@@ -298,7 +329,8 @@ struct Scales {
 // r) and its fifth bits (Q5 types: eight 64-bit masks, bit r * 4 + i of mask t = input 4t + i).
 template <int64_t Q>
 inline const uint8_t* nibble_base(const uint8_t* src, int b) {
-  if constexpr (Q == Q4_0) return src + 32;
+  if constexpr (Q == Q4_0 || Q == IQ4_NL) return src + 32;
+  if constexpr (Q == IQ4_XS) return src + 160 + b * 256;
   if constexpr (Q == Q4_1) return src + 64;
   if constexpr (Q == Q5_0) return src + 96;
   if constexpr (Q == Q5_1) return src + 128;
@@ -327,7 +359,12 @@ inline const uint8_t* pair_base(const uint8_t* src, int b) {
 
 template <int64_t Q>
 inline Scales block_scales(const uint8_t* src, int b) {
-  if constexpr (Q == Q4_0 || Q == Q4_1 || Q == Q5_0 || Q == Q5_1) {
+  if constexpr (kCodebookType<Q>) {
+    // per 32 inputs d (IQ4_NL) or d times an int8 scale (IQ4_XS); offset -128 * s for U + 128
+    const F16 d = F16::half(src);
+    const F16 s = Q == IQ4_XS ? d * F16::i8(reinterpret_cast<const int8_t*>(src + 32 + b * 16)) : d;
+    return {s, kSignedU<Q> ? F16::zero() : s * F16::set1(-128.f), F16::zero(), F16::zero()};
+  } else if constexpr (Q == Q4_0 || Q == Q4_1 || Q == Q5_0 || Q == Q5_1) {
     const F16 d = F16::half(src);
     const bool has_m = Q == Q4_1 || Q == Q5_1;
     return {d, has_m ? F16::half(src + 32) : d * F16::set1(Q == Q4_0 ? -8.f : -16.f), F16::zero(),
@@ -392,6 +429,15 @@ inline void unpack_block(const uint8_t* src, int b, Block& out) {
   }
   const V64 lo4 = V64::set1(0x0F);
   const uint8_t* L = nibble_base<Q>(src, b);
+  if constexpr (kCodebookType<Q>) {
+    const V64 table = V64::table16(kCodebookBytes<Q>.v);
+    for (int c = 0; c < 4; ++c) {
+      const V64 p = V64::load(L + c * 64);
+      (p & lo4).lookup(table).store(out.u[c]);
+      (p.srl16(4) & lo4).lookup(table).store(out.u[c + 4]);
+    }
+    return;
+  }
   for (int c = 0; c < 4; ++c) {
     const V64 p = V64::load(L + c * 64);
     (p & lo4).store(out.u[c]);
@@ -437,7 +483,11 @@ inline __m256i u_half(const uint8_t* src, int b, int t, int h) {
     const __m256i p = _mm256_loadu_si256(
         reinterpret_cast<const __m256i*>(nibble_base<Q>(src, b) + (t & 3) * 64 + h * 32));
     __m256i u = _mm256_and_si256(t < 4 ? p : _mm256_srli_epi16(p, 4), lo4);
-    if constexpr (Q == Q5_0 || Q == Q5_1 || Q == Q5_K) {
+    if constexpr (kCodebookType<Q>) {
+      u = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_load_si128(
+                                  reinterpret_cast<const __m128i*>(kCodebookBytes<Q>.v))),
+                              u);
+    } else if constexpr (Q == Q5_0 || Q == Q5_1 || Q == Q5_K) {
       uint32_t m;
       std::memcpy(&m, high_bit_base<Q>(src, b) + t * 8 + h * 4, 4);
       u = _mm256_or_si256(u, V64::bits32(m, 0x10));
@@ -651,13 +701,13 @@ constexpr bool kChainStarts = false;
 // The integer offset c of a symmetric type's unsigned weights (0: the offset is a float min, or
 // the weights are signed bytes).
 template <int64_t Q>
-constexpr int32_t kIntOffset = kSignedU<Q> ? 0
-                               : Q == Q4_0 ? 8
-                               : Q == Q5_0 ? 16
-                               : Q == Q8_0 ? 128
-                               : Q == Q3_K ? 4
-                               : Q == Q6_K ? 32
-                                           : 0;
+constexpr int32_t kIntOffset = kSignedU<Q>                     ? 0
+                               : Q == Q8_0 || kCodebookType<Q> ? 128
+                               : Q == Q4_0                     ? 8
+                               : Q == Q5_0                     ? 16
+                               : Q == Q3_K                     ? 4
+                               : Q == Q6_K                     ? 32
+                                                               : 0;
 
 // An uninitialized array (a std::vector would first zero it: a pass of its own, per call).
 template <typename T>
@@ -1631,7 +1681,7 @@ constexpr int64_t kPreparedMinM =
     1 + std::max({kStreamingMaxM<Q4_0>, kStreamingMaxM<Q4_1>, kStreamingMaxM<Q5_0>,
                   kStreamingMaxM<Q5_1>, kStreamingMaxM<Q8_0>, kStreamingMaxM<Q2_K>,
                   kStreamingMaxM<Q3_K>, kStreamingMaxM<Q4_K>, kStreamingMaxM<Q5_K>,
-                  kStreamingMaxM<Q6_K>});
+                  kStreamingMaxM<Q6_K>, kStreamingMaxM<IQ4_NL>, kStreamingMaxM<IQ4_XS>});
 #endif  // TM_AVX512 || TM_AVX2
 
 }  // namespace
