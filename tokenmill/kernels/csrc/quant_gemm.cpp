@@ -15,8 +15,9 @@
 //
 // Weights are repacked at load (tokenmill/quant/gguf_pack.py, which documents the layout) into
 // tiles of 16 output rows. Inside a tile every 32-input block unpacks to eight 64-byte vectors
-// U[t] whose lane r (4 bytes) holds inputs 4t..4t+3 of row r as unsigned integers, plus a scale
-// s and an offset o per row (w = s * u + o; Q2_K, Q3_K and Q6_K have one pair per 16 inputs). Then
+// U[t] whose lane r (4 bytes) holds inputs 4t..4t+3 of row r as unsigned integers (IQ4_NL /
+// IQ4_XS: their codebook values + 128, looked up from the packed indices), plus a scale s and an
+// offset o per row (w = s * u + o; Q2_K, Q3_K and Q6_K have one pair per 16 inputs). Then
 //   y[m][row] += s * dx * sum(u * xq) + o * dx * sum(xq)
 // where the integer sum is exact (int32) and every float product of it matches what a float
 // matmul over the dequantized weights and activations computes, up to the order of additions.
