@@ -913,7 +913,7 @@ inline void accumulate_batch(const Block* blk, const BatchActs& acts, const int3
     r.s0[i] = _mm512_load_ps(blk[i].s0);
     r.o0[i] = _mm512_load_ps(blk[i].o0);
     r.s1[i] = _mm512_load_ps(blk[i].s1);
-    r.o1[i] = _mm512_load_ps(blk[i].o1);
+    if constexpr (kSplit<Q> && kIntOffset<Q> == 0) r.o1[i] = _mm512_load_ps(blk[i].o1);
   }
   const int64_t first = kb * acts.M + m0;  // (block, token) index of the first token
   const int8_t* x = acts.x.data() + first * 32;
