@@ -134,6 +134,25 @@ def _quantize_q2_k(x: np.ndarray) -> np.ndarray:
     )
 
 
+def _abs_max_scales(sub: np.ndarray, qmax: int, smax: int) -> tuple[np.ndarray, ...]:
+    """The symmetric grid of sub-blocks sub [n, subs, size] (float64): the step s_j = d*sc_j is
+    rounded UP from max|x_j| / qmax, with d rounded up to float16 from max_j(step_j) / smax and
+    sc_j in [0, smax], so x / s_j lies in [-qmax, qmax] and s_j <= max|x_j| / qmax + d. Returns d
+    (float16 [n]), sc ([n, subs]) and s ([n, subs, 1])."""
+    step = np.abs(sub).max(axis=2) / qmax
+    d = _fp16_at_least(step.max(axis=1) / smax)
+    d64 = d.astype(np.float64)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(d64 > 0, np.ceil(step / d64), 0).clip(0, smax)
+    return d, sc, (d64 * sc)[:, :, None]
+
+
+def _rint_steps(sub: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """sub / s rounded to the nearest integer (0 where s is 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(s > 0, np.rint(sub / s), 0)
+
+
 def _quantize_q6_k(x: np.ndarray) -> np.ndarray:
     """Q6_K blocks of 256 values, x float64 [n, 256].
 
@@ -145,15 +164,8 @@ def _quantize_q6_k(x: np.ndarray) -> np.ndarray:
     """
     n = x.shape[0]
     sub = x.reshape(n, 16, 16)
-    step = np.abs(sub).max(axis=2) / 31
-    d = _fp16_at_least(step.max(axis=1) / 127)
-    d64 = d.astype(np.float64)[:, None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        sc = np.where(d64 > 0, np.ceil(step / d64), 0).clip(0, 127)
-    s = (d64 * sc)[:, :, None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(s > 0, np.rint(sub / s), 0)
-    q = (q.clip(-32, 31) + 32).astype(np.uint8).reshape(n, 2, 128)  # two halves of 128
+    d, sc, s = _abs_max_scales(sub, 31, 127)
+    q = (_rint_steps(sub, s).clip(-32, 31) + 32).astype(np.uint8).reshape(n, 2, 128)  # 2 halves
 
     # ql byte h*64 + b: low nibble = low 4 bits of value b of half h, high nibble = value 64 + b.
     ql = (q[:, :, :64] & 0x0F) | ((q[:, :, 64:] & 0x0F) << 4)
@@ -187,15 +199,8 @@ def _quantize_q3_k(x: np.ndarray) -> np.ndarray:
     """
     n = x.shape[0]
     sub = x.reshape(n, 16, 16)
-    step = np.abs(sub).max(axis=2) / 3
-    d = _fp16_at_least(step.max(axis=1) / 31)
-    d64 = d.astype(np.float64)[:, None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        sc = np.where(d64 > 0, np.ceil(step / d64), 0).clip(0, 31)
-    s = (d64 * sc)[:, :, None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(s > 0, np.rint(sub / s), 0)
-    u = (q.clip(-4, 3) + 4).astype(np.uint8).reshape(n, 2, 4, 32)  # [half, j, l]
+    d, sc, s = _abs_max_scales(sub, 3, 31)
+    u = (_rint_steps(sub, s).clip(-4, 3) + 4).astype(np.uint8).reshape(n, 2, 4, 32)  # [half, j, l]
     qs = np.zeros((n, 2, 32), np.uint8)
     hmask = np.zeros((n, 32), np.uint8)
     for h in range(2):
@@ -240,12 +245,7 @@ def _quantize_iq4(x: np.ndarray, qtype: QT) -> np.ndarray:
             q = _nearest_code(np.where(d64 > 0, x / d64, 0))
         return np.concatenate([d.view(np.uint8).reshape(n, 2), _iq4_nibbles(q)], axis=1)
     sub = x.reshape(n, 8, 32)
-    step = np.abs(sub).max(axis=2) / 127
-    d = _fp16_at_least(step.max(axis=1) / 31)
-    d64 = d.astype(np.float64)[:, None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ls = np.where(d64 > 0, np.ceil(step / d64), 0).clip(0, 31)
-    s = (d64 * ls)[:, :, None]
+    d, ls, s = _abs_max_scales(sub, 127, 31)
     with np.errstate(divide="ignore", invalid="ignore"):
         q = _nearest_code(np.where(s > 0, sub / s, 0))
     code = (ls + 32).astype(np.uint16)  # 6 bits: the low 4 in scales_l, the high 2 in scales_h

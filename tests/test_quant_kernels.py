@@ -89,7 +89,7 @@ def test_cpp_repack_rejects_bad_shapes(ops):
     with pytest.raises(RuntimeError, match="not a multiple of 256"):
         ops.gguf_repack(raw, int(QT.Q4_K), 1, 320)
     with pytest.raises(RuntimeError, match="no kernel layout"):
-        ops.gguf_repack(raw, int(QT.Q2_K), 1, 256)
+        ops.gguf_repack(raw, int(QT.IQ3_XXS), 1, 256)
 
 
 def _run(ops, raw, qtype, n, k, x, bias=None, out_dtype=None):
@@ -220,7 +220,7 @@ def test_shape_errors_are_clear(ops):
     with pytest.raises(RuntimeError, match="packed weights do not match"):
         ops.quant_gemm(xq, meta, packed, int(QT.Q4_K), 32, torch.empty(2, 32), 0, None)
     with pytest.raises(RuntimeError, match="unsupported GGUF type"):
-        ops.quant_gemm(xq, meta, packed, int(QT.Q2_K), 16, torch.empty(2, 16), 0, None)
+        ops.quant_gemm(xq, meta, packed, int(QT.IQ3_XXS), 16, torch.empty(2, 16), 0, None)
 
 
 def test_k_types_need_whole_super_blocks():
