@@ -224,8 +224,8 @@ def test_shape_errors_are_clear(ops):
 
 
 def test_k_types_need_whole_super_blocks():
-    assert all(not gp.can_pack(int(q), 16, 288) for q in K_TYPES)
-    assert gp.can_pack(int(QT.Q8_0), 17, 288)
+    assert all(not gp.can_pack(int(q), 16, 288) for q in (*K_TYPES, QT.IQ4_XS))
+    assert gp.can_pack(int(QT.Q8_0), 17, 288) and gp.can_pack(int(QT.IQ4_NL), 17, 288)
 
 
 def test_isa_selection_and_forcing(monkeypatch):
