@@ -101,6 +101,13 @@ def packed_bytes(qtype: int, n: int, k: int) -> int:
     return padded_rows(n) // 16 * (k // unit_k(qtype)) * UNIT_BYTES[qtype]
 
 
+def _two_bit_values(qs: torch.Tensor, n: int, nb: int) -> torch.Tensor:
+    """Q2_K / Q3_K qs [n, nb, 64] -> 2-bit values [n, nb, 2, 4, 32]: input 128 h + 32 j + l at
+    bits 2j..2j+1 of qs[32 h + l]."""
+    shifts = 2 * torch.arange(4, dtype=torch.uint8)[:, None]
+    return (qs.reshape(n, nb, 2, 1, 32) >> shifts) & 3
+
+
 def parse(raw: np.ndarray | torch.Tensor, qtype: int, n: int, k: int) -> dict[str, torch.Tensor]:
     """GGUF rows [n, k / block * block bytes] -> fields: `u` uint8 [n, k] and metadata."""
     if not isinstance(raw, torch.Tensor):
@@ -150,13 +157,11 @@ def parse(raw: np.ndarray | torch.Tensor, qtype: int, n: int, k: int) -> dict[st
             u = u | (((qh[:, :, None, :] >> torch.arange(8, dtype=torch.uint8)[:, None]) & 1) << 4)
         f["u"] = u.reshape(n, k)
         return f
-    shifts = torch.arange(4, dtype=torch.uint8)[:, None]
     if qtype == Q2_K:
         s, qs = b[..., 0:16], b[..., 16:80]
         f["d"], f["dmin"] = b[..., 80:82], b[..., 82:84]
         f["sc"], f["mn"] = s & 0xF, s >> 4  # per 16 inputs
-        # input 128 h + 32 j + l: bits 2j..2j+1 of qs[32 h + l]
-        f["u"] = ((qs.reshape(n, nb, 2, 1, 32) >> (2 * shifts)) & 3).reshape(n, k)
+        f["u"] = _two_bit_values(qs, n, nb).reshape(n, k)
         return f
     if qtype == Q3_K:
         hm, qs, s = b[..., 0:32], b[..., 32:96], b[..., 96:108]
@@ -165,8 +170,8 @@ def parse(raw: np.ndarray | torch.Tensor, qtype: int, n: int, k: int) -> dict[st
         h = s[..., 8:12]
         high = torch.stack([(h >> sh) & 3 for sh in (0, 2, 4, 6)], dim=-2).reshape(n, nb, 16)
         f["sc"] = ((low | (high << 4)).to(torch.int8) - 32).view(torch.uint8)
-        # input 128 h + 32 j + l: bits 2j..2j+1 of qs[32 h + l], bit 4h + j of hm[l]
-        u = (qs.reshape(n, nb, 2, 1, 32) >> (2 * shifts)) & 3
+        # input 128 h + 32 j + l: its 3rd bit at bit 4h + j of hm[l]
+        u = _two_bit_values(qs, n, nb)
         bits = (hm[:, :, None, :] >> torch.arange(8, dtype=torch.uint8)[:, None]) & 1
         f["u"] = (u | (bits.reshape(n, nb, 2, 4, 32) << 2)).reshape(n, k)
         return f

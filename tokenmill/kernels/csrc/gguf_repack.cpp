@@ -38,6 +38,14 @@ inline void nibbles(const uint8_t* qs, int n, uint8_t* lo, uint8_t* hi) {
   }
 }
 
+// The 2-bit values of a Q2_K / Q3_K super-block: input 128 n + 32 j + l at bit 2 j of
+// qs[32 n + l].
+inline void two_bit_values(const uint8_t* qs, uint8_t* u) {
+  for (int n = 0; n < 2; ++n)
+    for (int j = 0; j < 4; ++j)
+      for (int l = 0; l < 32; ++l) u[128 * n + 32 * j + l] = (qs[32 * n + l] >> (2 * j)) & 3;
+}
+
 // Decodes one row's GGUF block(s) for a unit (src: the unit's first block) into `r`.
 void decode(int64_t q, const uint8_t* src, RowUnit& r) {
   switch (q) {
@@ -99,21 +107,17 @@ void decode(int64_t q, const uint8_t* src, RowUnit& r) {
       return;
     }
     case Q2_K: {
-      // scales[16] (a 4-bit scale, a 4-bit min above it) | qs[64] | d | dmin. Input
-      // 128 n + 32 j + l: 2 bits at bit 2 j of qs[32 n + l].
+      // scales[16] (a 4-bit scale, a 4-bit min above it) | qs[64] | d | dmin
       std::memcpy(r.sc, src, 16);
       std::memcpy(r.d, src + 80, 2);
       std::memcpy(r.m, src + 82, 2);
-      for (int n = 0; n < 2; ++n)
-        for (int j = 0; j < 4; ++j)
-          for (int l = 0; l < 32; ++l)
-            r.u[128 * n + 32 * j + l] = (src[16 + 32 * n + l] >> (2 * j)) & 3;
+      two_bit_values(src + 16, r.u);
       return;
     }
     case Q3_K: {
-      // hmask[32] | qs[64] | 12 bytes of 16 6-bit scales | d. Input 128 n + 32 j + l: 2 bits at
-      // bit 2 j of qs[32 n + l], a 3rd (set: no -4) at bit 4 n + j of hmask[l]; scale i: low 4
-      // bits in byte i % 8 (nibble i / 8), high 2 in byte 8 + i % 4 (bits 2 (i / 4)), minus 32.
+      // hmask[32] | qs[64] | 12 bytes of 16 6-bit scales | d. Input 128 n + 32 j + l: 2 bits in
+      // qs (two_bit_values), a 3rd (set: no -4) at bit 4 n + j of hmask[l]; scale i: low 4 bits
+      // in byte i % 8 (nibble i / 8), high 2 in byte 8 + i % 4 (bits 2 (i / 4)), minus 32.
       const uint8_t* hm = src;
       const uint8_t* qs = src + 32;
       const uint8_t* s = src + 96;
@@ -123,11 +127,11 @@ void decode(int64_t q, const uint8_t* src, RowUnit& r) {
             ((s[i % 8] >> (4 * (i / 8))) & 0xF) | (((s[8 + i % 4] >> (2 * (i / 4))) & 3) << 4);
         r.sc[i] = static_cast<uint8_t>(static_cast<int8_t>(v - 32));
       }
+      two_bit_values(qs, r.u);
       for (int n = 0; n < 2; ++n)
         for (int j = 0; j < 4; ++j)
           for (int l = 0; l < 32; ++l)
-            r.u[128 * n + 32 * j + l] = static_cast<uint8_t>(((qs[32 * n + l] >> (2 * j)) & 3) |
-                                                             (((hm[l] >> (4 * n + j)) & 1) << 2));
+            r.u[128 * n + 32 * j + l] |= ((hm[l] >> (4 * n + j)) & 1) << 2;
       return;
     }
     case Q6_K: {
