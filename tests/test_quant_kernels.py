@@ -131,9 +131,11 @@ def test_gemm_matches_dequantized_matmul(ops, qtype):
 def test_prefill_batches_write_whole_lines_alike(ops, qtype, out_dtype):
     """Batches of several passes (65+ tokens) write an output whose rows are whole aligned
     64-byte lines with streaming stores (AVX-512): the same bits as the ordinary stores, which
-    an unaligned output (column 1) takes, and the dequantized matmul's values."""
+    an unaligned output (column 1) takes, and the dequantized matmul's values. At 130 tokens the
+    2048 inputs' prepared activations (448 KiB) exceed the group applied to every tile at a time
+    (256 KiB), so the tiles take the tokens in three groups of one pass each."""
     rng = np.random.default_rng(500 + int(qtype))
-    n, k = 64, 512
+    n, k = 64, 2048
     raw = random_blocks(qtype, n, k, rng)
     packed = gp.pack(gp.parse(raw, int(qtype), n, k), int(qtype), n, k)
     w = torch.from_numpy(dequantize(raw, qtype).reshape(n, k)).double()
