@@ -83,11 +83,21 @@ def test_add_rms_norm(dtype):
     torch.testing.assert_close(out2, ref, **TOL[dtype])
 
 
+@pytest.mark.parametrize("level", list(cpu_ops.ISA_FLAGS))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_silu_mul(dtype):
-    gu = torch.randn(7, 2 * 40, generator=torch.Generator().manual_seed(2)).to(dtype) * 4
+@pytest.mark.parametrize("width", [40, 43])  # whole vectors (8 or 16 lanes), and a partial one
+def test_silu_mul(level, dtype, width):
+    """On every kernel level the machine has (8-lane AVX2 and 16-lane AVX-512 code), with gates
+    far below -88 (where exp(-x) overflows float32: the old loop gave NaN there) and above."""
+    if level not in cpu_ops.supported_isas():
+        pytest.skip(f"this CPU cannot run the {level} kernels")
+    kernels = cpu_ops.load_ops(level)
+    gu = torch.randn(7, 2 * width, generator=torch.Generator().manual_seed(2)) * 4
+    gu[0, :width] = torch.linspace(-120, 120, width)
+    gu = gu.to(dtype)
     gate, up = gu.chunk(2, dim=-1)
-    torch.testing.assert_close(ops.silu_mul(gu), F.silu(gate) * up, **TOL[dtype])
+    ref = F.silu(gate.double()) * up.double()
+    torch.testing.assert_close(kernels.silu_mul(gu).double(), ref, **TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -101,39 +101,9 @@ void paged_decode_kernel(const T* q, const T* kc, const T* vc, const int32_t* bt
 #if defined(__AVX512F__)
 // AVX-512 versions of the hot loops. Same math as the generic kernels (float32 accumulation);
 // only the summation order inside a dot product differs.
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline void store16(at::BFloat16* p, __m512 v) {
-  // Round to nearest even, as from_f<BFloat16> does.
-  __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                      _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
-}
-
-// exp(x) for x <= 0 (softmax inputs after subtracting the max): range reduction to
-// r in [-ln2/2, ln2/2] and a degree-7 Taylor polynomial (relative error ~1e-7).
-inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  __m512 p = _mm512_set1_ps(1.f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
+using vec_math::exp512;
+using vec_math::load16;
+using vec_math::store16;
 
 // Sums of 16 vectors at once: out[i] = sum of the lanes of a[i] (a transposing tree of adds,
 // ~3 instructions per sum instead of ~8 for a separate horizontal reduction each).
@@ -585,19 +555,12 @@ void add_rms_norm_kernel(T* residual, const T* delta, const T* weight, T* out, i
   });
 }
 
-// out[n, i] = T(T(silu(gate)) * up) with gate_up [N, 2I] = [gate | up].
+// out[n, i] = T(T(silu(gate)) * up) with gate_up [N, 2I] = [gate | up] (vec_math::silu_mul_row).
 template <typename T>
 void silu_mul_kernel(const T* gate_up, T* out, int64_t N, int64_t I) {
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const T* g = gate_up + n * 2 * I;
-      const T* u = g + I;
-      for (int64_t i = 0; i < I; ++i) {
-        const float x = tf(g[i]);
-        const T s = from_f<T>(x / (1.f + std::exp(-x)));
-        out[n * I + i] = from_f<T>(tf(s) * tf(u[i]));
-      }
-    }
+    for (int64_t n = begin; n < end; ++n)
+      vec_math::silu_mul_row(gate_up + n * 2 * I, gate_up + n * 2 * I + I, out + n * I, I);
   });
 }
 
