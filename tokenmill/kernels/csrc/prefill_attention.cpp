@@ -10,6 +10,7 @@
 //   3. masks the keys after each row's position, and folds the block into that row's online
 //      softmax (running max m, sum l; the output rescaled when the max grows),
 //   4. adds P V to the output rows, 6 rows x 16 dims at a time, V rows read from the cache.
+// Steps 2 and 4 run in 16-float vectors on AVX-512 builds, 8-float ones on AVX2 builds.
 // All arithmetic is float32 (bfloat16 caches are widened on load); the result differs from the
 // reference softmax(Q K^T) V only by the order of additions and the exp polynomial (~1e-7).
 // Tasks are handed out longest first from a shared counter (a causal prompt's late rows see
@@ -117,6 +118,53 @@ inline void pv_block(const float* p, T* const* vrows, int n, int64_t d0, float* 
   }
 }
 
+#if defined(__AVX512F__)
+// AVX-512 builds: the same two products with NV 16-float vectors per row (32 or 16 columns per
+// call), each lane's sum the same FMAs in the same order as the 8-float versions above. Half the
+// instructions, and with 32 columns 8 loads per 12 FMAs: the FMAs, not the loads, bound it
+// (1B-shape heads, 32 / 8 x 64, 512-token prompt, 2 threads: 2.2-2.3x the 8-float kernel, 6.4-6.9
+// against 14.5-15.6 ms per layer).
+template <int RG, int NV>
+inline void scores_block16(const float* q, int64_t D, const float* kt, int c0, float* s) {
+  __m512 acc[RG][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < RG; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    __m512 k[NV];
+    for (int v = 0; v < NV; ++v) k[v] = _mm512_load_ps(kt + d * kKeyBlock + c0 + 16 * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < RG; ++r) {
+      const __m512 b = _mm512_set1_ps(q[r * D + d]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(b, k[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < RG; ++r)
+    for (int v = 0; v < NV; ++v) _mm512_store_ps(s + r * kKeyBlock + c0 + 16 * v, acc[r][v]);
+}
+
+template <int RG, int NV, typename T>
+inline void pv_block16(const float* p, T* const* vrows, int n, int64_t d0, float* o, int64_t D) {
+  __m512 acc[RG][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < RG; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_load_ps(o + r * D + d0 + 16 * v);
+  for (int t = 0; t < n; ++t) {
+    __m512 x[NV];
+    for (int v = 0; v < NV; ++v) x[v] = vec_math::load16(vrows[t] + d0 + 16 * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < RG; ++r) {
+      const __m512 b = _mm512_set1_ps(p[r * kKeyBlock + t]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(b, x[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < RG; ++r)
+    for (int v = 0; v < NV; ++v) _mm512_store_ps(o + r * D + d0 + 16 * v, acc[r][v]);
+}
+#endif
+
 // Runs fn.template run<RG>(r0) over rows [0, R) in groups of kRowGroup and one smaller group.
 template <typename Fn>
 inline void for_row_groups(int R, const Fn& fn) {
@@ -151,7 +199,14 @@ struct ScoreRows {  // S = Q Kt for nc keys
   float* s;
   template <int RG>
   void run(int r0) const {
+#if defined(__AVX512F__)
+    int c0 = 0;
+    for (; c0 + 32 <= nc; c0 += 32)
+      scores_block16<RG, 2>(q + r0 * D, D, kt, c0, s + r0 * kKeyBlock);
+    if (c0 < nc) scores_block16<RG, 1>(q + r0 * D, D, kt, c0, s + r0 * kKeyBlock);
+#else
     for (int c0 = 0; c0 < nc; c0 += 16) scores_block<RG>(q + r0 * D, D, kt, c0, s + r0 * kKeyBlock);
+#endif
   }
 };
 
@@ -164,8 +219,15 @@ struct AddPV {  // O += P V over the first n keys
   int64_t D;
   template <int RG>
   void run(int r0) const {
+#if defined(__AVX512F__)
+    int64_t d0 = 0;
+    for (; d0 + 32 <= D; d0 += 32)
+      pv_block16<RG, 2>(p + r0 * kKeyBlock, vrows, n, d0, o + r0 * D, D);
+    if (d0 < D) pv_block16<RG, 1>(p + r0 * kKeyBlock, vrows, n, d0, o + r0 * D, D);
+#else
     for (int64_t d0 = 0; d0 < D; d0 += 16)
       pv_block<RG>(p + r0 * kKeyBlock, vrows, n, d0, o + r0 * D, D);
+#endif
   }
 };
 
