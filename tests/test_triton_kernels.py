@@ -187,3 +187,54 @@ def test_argmax_rows_picks_the_first_maximum_across_chunks(dtype):
     assert got.tolist()[1:5] == [997, 300, 5, 0]
     # one chunk, and a strided row view (a slice of a wider logits buffer)
     assert tk.argmax_rows(x[:, :100], block=block).tolist() == x[:, :100].argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "m,n,k",
+    [(1, 48, 512), (5, 40, 300), (16, 33, 64), (3, 16, 8)],
+    ids=["batch1", "ragged-n-k", "full-tile", "k-below-16"],
+)
+@pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
+def test_skinny_linear(dtype, m, n, k, bias):
+    """Against a float64 matmul: row counts up to the tile's 16, N not a multiple of BLOCK_N,
+    K not a multiple of BLOCK_K (the masked loop) and below tl.dot's 16, x a strided view."""
+    g = torch.Generator().manual_seed(m * 1000 + n)
+    x = torch.randn(m, k + 7, generator=g).to(dtype)[:, 3 : 3 + k]  # rows k + 7 apart
+    w = torch.randn(n, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    y = tk.skinny_linear(x, w, b, config=(16, 128, 4, 2))
+    ref = x.double() @ w.double().T + (b.double() if bias else 0.0)
+    assert y.dtype == dtype and y.shape == (m, n)
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(y.double(), ref, atol=TOL[dtype] * scale, rtol=TOL[dtype])
+
+
+def test_dense_linear_takes_the_small_batch_kernel_up_to_its_rows():
+    """The dense method runs `SkinnyLinear` for inputs of up to 16 rows and the library GEMM
+    above (the same values either way), and never for a weight the kernel does not take."""
+    from tokenmill.layers.linear import Linear
+    from tokenmill.quant.dense import DenseConfig
+
+    calls = []
+
+    class Counting(tk.SkinnyLinear):
+        max_weight_bytes = 64 * 96 * 4  # a bigger weight goes to F.linear
+
+        def __call__(self, x, w, bias):
+            calls.append(x.shape[0])
+            return super().__call__(x, w, bias)
+
+    quant = DenseConfig(Counting())
+    small = Linear(96, {"a": 40, "b": 24}, bias=True, quant_method=quant.linear_method({}, 96, {}))
+    big = Linear(96, 65, quant_method=quant.linear_method({}, 96, {}))
+    g = torch.Generator().manual_seed(0)
+    for layer in (small, big):
+        layer.weight.data.copy_(torch.randn(layer.weight.shape, generator=g))
+        layer.quant_method.process_weights_after_loading(layer)
+    small.bias.data.copy_(torch.randn(64, generator=g))
+    for m in (1, 7, 16, 17):
+        x = torch.randn(m, 96, generator=g)
+        torch.testing.assert_close(small(x), F.linear(x, small.weight, small.bias))
+        torch.testing.assert_close(big(x), F.linear(x, big.weight))
+    assert calls == [1, 7, 16]

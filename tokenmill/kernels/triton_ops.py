@@ -1,4 +1,4 @@
-"""Triton kernels for the GPU path (written here; GEMMs stay on cuBLAS through torch).
+"""Triton kernels for the GPU path (written here; other GEMMs stay on cuBLAS through torch).
 
 - `paged_attention`: one launch for a mixed batch (prefill chunks with cached context and
   decodes), straight from `query_start_loc` / `seq_lens` / `block_tables`. A program owns
@@ -12,6 +12,8 @@
 - `rotary_inplace`: rotate-half rotary on [tokens, heads, head_dim] from the cos / signed-sin
   tables of `layers/rotary.py`.
 - `silu_and_mul`: [n, 2i] = [gate | up] -> silu(gate) * up.
+- `skinny_linear`: x W^T for decode steps of a few rows (the dense linears' kernel on CUDA up
+  to SKINNY_MAX_M rows, where cuBLAS left bandwidth unused).
 
 The KV cache layout is the engine's: [num_slots, num_kv_heads, head_dim], slot = block *
 block_size + offset. Tests run every kernel under TRITON_INTERPRET=1 on the CPU against the torch
@@ -516,6 +518,118 @@ def argmax_rows(logits: torch.Tensor, block: int = 2048) -> torch.Tensor:
         vals, idxs, out, vocab, CHUNKS=chunks, CHUNKS_P=triton.next_power_of_2(chunks)
     )
     return out
+
+
+@triton.jit
+def _skinny_linear_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_ym,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
+    PRECISION: tl.constexpr,  # "ieee" for float32 (no TF32 rounding), else the default
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    row_ok = offs_m[:, None] < M
+    col_ok = offs_n[:, None] < N
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k[None, :]
+        if EVEN_K:
+            x = tl.load(x_rows + kk, mask=row_ok, other=0.0)
+            w = tl.load(w_rows + kk, mask=col_ok, other=0.0)
+        else:
+            x = tl.load(x_rows + kk, mask=row_ok & (kk < K), other=0.0)
+            w = tl.load(w_rows + kk, mask=col_ok & (kk < K), other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(
+        y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
+        acc.to(y_ptr.dtype.element_ty),
+        mask=row_ok & (offs_n[None, :] < N),
+    )
+
+
+# The skinny GEMM's launch configuration: BLOCK_N, BLOCK_K, warps, pipeline stages.
+SKINNY_CONFIG = (16, 256, 4, 4)
+SKINNY_MAX_M = 16  # rows of x one launch takes (tl.dot's smallest M tile)
+
+
+def skinny_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: tuple[int, int, int, int] = SKINNY_CONFIG,
+) -> torch.Tensor:
+    """y = x W^T (+ b) for the few rows of a decode step, x [M <= SKINNY_MAX_M, K], W [N, K]
+    (both with unit stride along K), in x's dtype: bound by reading W once, so each program
+    streams BLOCK_N whole rows of W through a pipelined loop over K (`tl.dot` on a BLOCK_M = 16
+    tile; padding rows of x read nothing). cuBLAS reached 45-74% of an H200's bandwidth on the
+    small q/k/v and o projections of a batch-1 step (`benchmarks/gpu_profile.py` sweeps this
+    configuration against it)."""
+    m, k = x.shape
+    n = w.shape[0]
+    assert m <= SKINNY_MAX_M and w.shape[1] == k and x.stride(1) == 1 and w.stride(1) == 1
+    block_n, block_k, warps, stages = config
+    block_k = min(block_k, max(16, triton.next_power_of_2(k)))
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    _skinny_linear_kernel[(triton.cdiv(n, block_n),)](
+        x,
+        w,
+        bias if bias is not None else w,
+        y,
+        m,
+        n,
+        k,
+        x.stride(0),
+        w.stride(0),
+        y.stride(0),
+        HAS_BIAS=bias is not None,
+        EVEN_K=k % block_k == 0,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        BLOCK_M=SKINNY_MAX_M,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=warps,
+        num_stages=stages,
+    )
+    return y
+
+
+class SkinnyLinear:
+    """`quant.dense.SmallBatchLinear` on the Triton backend: `skinny_linear` for steps of up to
+    SKINNY_MAX_M rows, on weights of at most `max_weight_bytes` (larger ones, a Llama-3-8B
+    shape's gate/up and down, already ran at 89-100% of the bandwidth on cuBLAS, as did the
+    heads)."""
+
+    max_rows = SKINNY_MAX_M
+    max_weight_bytes = 64 << 20
+
+    def applies(self, w: torch.Tensor) -> bool:
+        return (
+            w.dim() == 2
+            and w.stride(1) == 1
+            and w.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and w.numel() * w.element_size() <= self.max_weight_bytes
+        )
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return skinny_linear(x if x.stride(1) == 1 else x.contiguous(), w, bias)
 
 
 @triton.jit

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from tqdm.auto import tqdm
 from tokenmill.errors import ModelLoadError
 from tokenmill.kernels.cpu_ops import get_ops, select_isa
 from tokenmill.layers.attention import make_backend
+from tokenmill.layers.ops import backend_name
 from tokenmill.loader.gguf_file import gguf_metadata, open_gguf
 from tokenmill.loader.resolve import ModelSource
 from tokenmill.loader.weights import (
@@ -30,7 +32,7 @@ from tokenmill.models.base import CausalLM
 from tokenmill.models.config import ModelArchConfig, arch_config_from_gguf, arch_config_from_hf
 from tokenmill.models.registry import get_model_class
 from tokenmill.quant.base import QuantConfig
-from tokenmill.quant.dense import DenseConfig
+from tokenmill.quant.dense import DenseConfig, SmallBatchLinear
 from tokenmill.quant.fp8 import Fp8Config, fp8_unsupported
 from tokenmill.quant.gguf import GGUFQuantConfig, describe_counts
 
@@ -84,6 +86,19 @@ def read_model_info(source: ModelSource, load_format: str = "auto") -> tuple[Mod
     return ModelInfo(source, arch, fmt, size, cfg), None
 
 
+def small_batch_linear(device: torch.device | str, dtype: torch.dtype) -> SmallBatchLinear | None:
+    """The dense linears' kernel for decode steps of a few rows: Triton's skinny GEMM where the
+    Triton backend runs (`layers.ops.backend_name`: CUDA, or forced), unless
+    TOKENMILL_SKINNY_GEMM=0 (cuBLAS for every row count: the benchmarks' baseline)."""
+    if os.environ.get("TOKENMILL_SKINNY_GEMM", "1").strip() == "0":
+        return None
+    if backend_name(device, dtype)[0] != "triton":
+        return None
+    from tokenmill.kernels.triton_ops import SkinnyLinear
+
+    return SkinnyLinear()
+
+
 def quant_config_for(
     source: ModelSource,
     reader: Any,
@@ -116,19 +131,20 @@ def quant_config_for(
             "fp8: decoder linear weights in float8 e4m3 with a scale per output channel, "
             "activations quantized per token; the output head and embedding dense"
         )
+    dense = DenseConfig(small_batch_linear(device, dtype))
     if source.kind != "gguf":
-        return DenseConfig(), "dense checkpoint"
+        return dense, "dense checkpoint"
     if quantization != "auto":
-        return DenseConfig(), f"quantization={quantization!r}: dequantized to the compute dtype"
+        return dense, f"quantization={quantization!r}: dequantized to the compute dtype"
     if not get_model_class(arch.architecture).supports_native_gguf:
-        return DenseConfig(), f"no native GGUF path for {arch.architecture}: dequantized"
+        return dense, f"no native GGUF path for {arch.architecture}: dequantized"
     if torch.device(device).type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
-        return DenseConfig(), f"no quantized kernels for {dtype} on {device}: dequantized"
+        return dense, f"no quantized kernels for {dtype} on {device}: dequantized"
     choice = select_isa()
     ops = get_ops() if choice.quant else None
     if ops is None or not ops.quant_isa():
         why = choice.reason if not choice.quant else "the CPU kernels could not be built"
-        return DenseConfig(), f"{why}; dequantized"
+        return dense, f"{why}; dequantized"
     types = {}
     for t in reader.tensors:
         name = gguf_to_hf_name(arch.model_type, t.name)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -38,11 +38,29 @@ def onednn_packable(w: torch.Tensor) -> bool:
     return False
 
 
+class SmallBatchLinear(Protocol):
+    """A kernel for x W^T (+ b) on steps of a few rows (decode), where the library GEMM leaves
+    bandwidth unused; handed to `DenseConfig` by the loader (quant does not import kernels)."""
+
+    max_rows: int  # the most rows of x one call takes
+
+    def applies(self, w: torch.Tensor) -> bool:
+        """Whether the kernel takes this [out, in] weight (its dtype, layout and size)."""
+
+    def __call__(
+        self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor: ...
+
+
 class UnquantizedLinearMethod:
-    """Dense [out, in] weights; on CPU in bf16/fp16 repacked into oneDNN's blocked layout."""
+    """Dense [out, in] weights; on CPU in bf16/fp16 repacked into oneDNN's blocked layout; with
+    a `SmallBatchLinear` that takes the weight, inputs of up to its `max_rows` rows run on it."""
 
     name = "dense"
     takes_raw = False
+
+    def __init__(self, small_batch: SmallBatchLinear | None = None) -> None:
+        self.small_batch = small_batch
 
     def create_weights(
         self,
@@ -55,6 +73,7 @@ class UnquantizedLinearMethod:
             torch.empty(sum(output_sizes.values()), in_features, dtype=dtype), requires_grad=False
         )
         layer.packed_weight = None
+        layer.small_batch = None
 
     def load_weight(self, layer: torch.nn.Module, shard: str, tensor: Any, name: str) -> None:
         dest = layer.weight.data
@@ -70,10 +89,15 @@ class UnquantizedLinearMethod:
             # (bit-identical results). The dense copy is dropped to keep memory flat.
             layer.packed_weight = torch.ops.mkldnn._reorder_linear_weight(w.detach())
             layer.weight = None
+        elif self.small_batch is not None and self.small_batch.applies(w):
+            layer.small_batch = self.small_batch
 
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
+        small = layer.small_batch
+        if small is not None and x.dim() == 2 and x.shape[0] <= small.max_rows:
+            return small(x, layer.weight, bias)
         if layer.packed_weight is not None:
             return torch.ops.mkldnn._linear_pointwise(x, layer.packed_weight, bias, "none", [], "")
         return F.linear(x, layer.weight, bias)
@@ -107,12 +131,16 @@ class DenseEmbeddingMethod:
 
 
 class DenseConfig:
-    """Every layer dense (safetensors checkpoints, `quantization="none"`, no kernels)."""
+    """Every layer dense (safetensors checkpoints, `quantization="none"`, no kernels), with the
+    loader's `SmallBatchLinear` for the linears where there is one."""
+
+    def __init__(self, small_batch: SmallBatchLinear | None = None) -> None:
+        self.small_batch = small_batch
 
     def linear_method(
         self, names: dict[str, str], in_features: int, output_sizes: dict[str, int]
     ) -> UnquantizedLinearMethod:
-        return UnquantizedLinearMethod()
+        return UnquantizedLinearMethod(self.small_batch)
 
     def embedding_method(self, name: str) -> DenseEmbeddingMethod:
         return DenseEmbeddingMethod()
