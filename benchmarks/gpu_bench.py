@@ -8,7 +8,8 @@ In order, each section timed and saved as soon as it ends (a timeout keeps what 
      sampled) under torch.cuda.set_sync_debug_mode("error");
   4. shapes: random-weight models of Llama-3.2-1B and Llama-3-8B shapes (load_format=dummy):
      start-up (load, capture), prefill, batch-1 decode, batch 32 / 64, offline 1,000 x 128/128
-     on the 8B; every rate also as a fraction of the bandwidth roofline;
+     on the 8B; every rate also as a fraction of the bandwidth roofline; batch 1 and 16 with
+     the skinny GEMM against cuBLAS (`skinny_ab`);
   4a. offline sweep: the 8B offline run under larger per-step budgets (OFFLINE_BUDGETS);
   4b. fp8: --quantization fp8 against bfloat16 (quality on a tiny model, 8B decode speed);
   5. transformers eager (random weights, same shapes) at batch 1, as a sanity baseline.
@@ -221,6 +222,15 @@ def kernels(run: Run) -> dict:
     tk.write_kv(k, k, kc, kc.clone(), slots)
     keep = slots >= 0
     checks["write_kv exact"] = float(torch.equal(kc[slots[keep]], k[keep]))
+    for rows in (1, 5, 16):
+        x = torch.randn(rows, 2048, device=dev).to(dt)
+        w = (torch.randn(3072, 2048, device=dev) * 0.02).to(dt)
+        b = torch.randn(3072, device=dev).to(dt)
+        expected = F.linear(x.float(), w.float(), b.float())
+        got = tk.skinny_linear(x, w, b).float()
+        checks[f"skinny_linear x{rows}"] = (
+            (got - expected).abs().max() / expected.abs().max()
+        ).item()
     logits = torch.randn(5, 128256, device=dev).to(dt)
     logits[1, [7, 90000]] = 50.0  # a tie across chunks: the first index wins
     checks["argmax exact"] = float(torch.equal(tk.argmax_rows(logits), logits.argmax(-1)))
@@ -429,6 +439,7 @@ def shape_run(run: Run, root: Path, name: str) -> dict:
         sched.config = dataclasses.replace(sched.config, num_scheduler_steps=default_steps)
         out[f"decode_b{b}_tok_s_by_scheduler_steps"] = {default_steps: rate, **by_steps}
     out["b1_step_anatomy"] = step_anatomy(run, llm, out)
+    out["skinny_vs_cublas"] = skinny_ab(llm, decode_rate)
     if name == "8B" or run.smoke:
         n = 40 if run.smoke else 1000
         length = 16 if run.smoke else 128
@@ -503,6 +514,29 @@ def step_anatomy(run: Run, llm, out: dict) -> dict:
         "overlap_bound_tok_s": 1 / max(t, host),
         "round_bound_tok_s": {k: k / (k * t + host) for k in (4, 8, 16)},
     }
+
+
+def skinny_ab(llm, decode_rate) -> dict:
+    """Decode at batch 1 and 16 with the dense linears' small-batch kernel (the skinny GEMM,
+    `SkinnyLinear`) detached from every linear, so cuBLAS runs every row count, then attached
+    again, the decode graphs recaptured each time (a benchmark knob, not an API); the same
+    measurement as the shape's other decode rates."""
+    linears = [m for m in llm.engine.model.modules() if getattr(m, "small_batch", None)]
+    out = {"linears_on_skinny": len(linears)}
+    graphs = llm.engine.runner.graphs
+    if not linears:
+        return out
+    kernel = linears[0].small_batch
+    for label, k in (("cublas", None), ("skinny", kernel)):
+        for m in linears:
+            m.small_batch = k
+        if graphs is not None:
+            graphs.capture()
+        for b in (1, 16):
+            out[f"{label}_b{b}_tok_s"] = decode_rate(b)
+    for b in (1, 16):
+        out[f"skinny_over_cublas_b{b}"] = out[f"skinny_b{b}_tok_s"] / out[f"cublas_b{b}_tok_s"]
+    return out
 
 
 def fp8(run: Run, root: Path) -> dict:

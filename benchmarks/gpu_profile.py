@@ -2,7 +2,8 @@
 the 1B and 8B shapes, the captured step's kernels as torch.profiler sees them (eager run of
 the captured function over the same static buffers, and the graph replay), the sum of kernel
 times per step against the replay's wall time (the difference is launch gaps); first, a sweep
-of the small kernels' launch configurations (`sweep`).
+of the small kernels' launch configurations (`sweep`), and before it the skinny GEMM against
+cuBLAS on the dense linears of both shapes (`skinny_sweep`).
 
     python benchmarks/gpu_profile.py --out $OUT
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.gpu_bench import SHAPES, VOCAB, Run, make_llm, model_folder  # noqa: E402
+from benchmarks.gpu_bench import SHAPES, VOCAB, Run, env, make_llm, model_folder  # noqa: E402
 
 
 def kernel_table(prof, steps: int) -> tuple[float, list[dict]]:
@@ -188,6 +189,68 @@ def _argmax_case(rows: int) -> dict:
     return entry
 
 
+# The dense linears of a decode step (out, in), Llama-3.2-1B and Llama-3-8B shapes.
+LINEARS = {
+    "1B": {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192)},
+    "8B": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
+}
+# skinny_linear configurations tried: (BLOCK_N, BLOCK_K, warps, stages)
+SKINNY_CONFIGS = (
+    (16, 256, 4, 4),
+    (16, 128, 4, 4),
+    (16, 512, 4, 3),
+    (32, 256, 4, 4),
+    (16, 256, 8, 6),
+    (16, 512, 8, 4),
+)
+
+
+def _skinny_case(n: int, k: int, rows: int, copy_gbs: float) -> dict:
+    """x W^T for `rows` rows on cuBLAS (F.linear) and on skinny_linear in every configuration
+    of SKINNY_CONFIGS: device time per call and the fraction of the copy bandwidth its weight
+    bytes need. The graph cycles through copies of W totalling >= 512 MB, so each call reads
+    its weight from memory, not from the 50 MB L2 (`_us` alone would keep it there)."""
+    import torch
+    import torch.nn.functional as F
+
+    from tokenmill.kernels import triton_ops as tk
+
+    dt, dev = torch.bfloat16, "cuda"
+    nbytes = n * k * 2
+    copies = max(2, -(-(512 << 20) // nbytes))
+    ws = [torch.randn(n, k, dtype=dt, device=dev) * 0.02 for _ in range(copies)]
+    x = torch.randn(rows, k, dtype=dt, device=dev)
+    ref = F.linear(x.float(), ws[0].float())
+
+    def per_call(fn) -> float:
+        return _us(lambda: [fn(w) for w in ws], reps=1) / copies
+
+    def entry(us: float) -> dict:
+        return {"us": round(us, 2), "bw_fraction": round(nbytes / (us * 1e-6) / 1e9 / copy_gbs, 3)}
+
+    out = {"cublas": entry(per_call(lambda w: F.linear(x, w)))}
+    for cfg in SKINNY_CONFIGS:
+        err = ((tk.skinny_linear(x, ws[0], None, cfg).float() - ref).abs().max()).item()
+        out[str(cfg)] = entry(per_call(lambda w, cfg=cfg: tk.skinny_linear(x, w, None, cfg)))
+        out[str(cfg)]["max_err_rel"] = err / ref.abs().max().item()
+    ws.clear()
+    torch.cuda.empty_cache()
+    return out
+
+
+def skinny_sweep(run: Run) -> dict:
+    """skinny_linear against cuBLAS on every dense linear of the 1B and 8B shapes at 1, 4 and
+    16 rows (`_skinny_case`): which weights the small-batch kernel should take
+    (`SkinnyLinear.max_weight_bytes`) and in which configuration (`SKINNY_CONFIG`)."""
+    copy_gbs = run.results.get("copy_gbs") or 4000.0
+    out = {}
+    for shape, linears in LINEARS.items():
+        for name, (n, k) in linears.items():
+            for rows in (1, 4, 16):
+                out[f"{shape} {name} x{rows}"] = _skinny_case(n, k, rows, copy_gbs)
+    return out
+
+
 def sweep(run: Run) -> dict:
     """Launch configurations of the small kernels of a decode step, each checked against the
     default configuration's output and timed on the device alone (`_us`):
@@ -216,13 +279,15 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     run = Run(out / "gpu_profile.json", smoke=False)
+    run.section("env", env, run)
+    run.section("skinny sweep", skinny_sweep, run)
     run.section("sweep", sweep, run)
     if not args.sweep_only:
         with tempfile.TemporaryDirectory() as tmp:
             for name in ("1B", "8B"):
                 run.section(f"profile {name}", profile_shape, run, Path(tmp), name)
     for name, sec in run.results["sections"].items():
-        if not sec.get("ok") or name == "sweep":
+        if not sec.get("ok") or name == "env" or name.endswith("sweep"):
             continue
         for label in ("eager", "graph"):
             p = sec[label]
