@@ -209,6 +209,23 @@ def kernels(run: Run) -> dict:
         .max()
         .item()
     )
+    qkv = torch.randn(9, 48 * 128, device=dev).to(dt)  # 32 query + 8 KV heads of 128
+    q, k, v = (t.view(9, -1, 128) for t in qkv.split([32 * 128, 8 * 128, 8 * 128], dim=1))
+    slots = torch.randperm(64, device=dev)[:9]
+    slots[4] = -1
+    kc, vc = (
+        torch.zeros(64, 8, 128, device=dev, dtype=dt),
+        torch.zeros(64, 8, 128, device=dev, dtype=dt),
+    )
+    exp_q = apply_rotary(q.float(), *rot.cos_sin(pos, torch.float32))
+    exp_k = apply_rotary(k.float(), *rot.cos_sin(pos, torch.float32))
+    keep = slots >= 0
+    tk.rope_write_kv(q, k, v, kc, vc, pos, slots, rot.cos_cached, rot.sin_cached)
+    checks["rope_write_kv"] = max(
+        (q.float() - exp_q).abs().max().item(),
+        (kc[slots[keep]].float() - exp_k[keep]).abs().max().item(),
+    )
+    checks["rope_write_kv v exact"] = float(torch.equal(vc[slots[keep]], v[keep]))
     gu = torch.randn(17, 2 * 8192, device=dev).to(dt)
     g, u = gu.float().chunk(2, dim=-1)
     expected = F.silu(g) * u

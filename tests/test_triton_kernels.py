@@ -148,6 +148,42 @@ def test_rotary_inplace_matches_reference(dtype, rotary_dim):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim,rotary_dim",
+    [(4, 4, 64, 64), (8, 2, 128, 128), (8, 1, 64, 32)],
+    ids=["mha", "gqa4", "gqa8-partial-rotary"],
+)
+def test_rope_write_kv_matches_rotary_then_write_kv(dtype, heads, kv_heads, head_dim, rotary_dim):
+    """The fused launch against the reference's two steps (apply_rotary on q and k, then the
+    cache rows by index): q, k, v are views of one fused qkv row, a padding row (slot -1)
+    writes nowhere, channels past a partial rotary_dim are copied as they are."""
+    from tokenmill.layers.ops import Rope, TorchOps
+
+    n, width = 6, (heads + 2 * kv_heads) * head_dim
+    g = torch.Generator().manual_seed(heads * 10 + kv_heads)
+    qkv = torch.randn(n, width + 16, generator=g).to(dtype)[:, :width]  # rows width + 16 apart
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=1)
+    q, k, v = (t.view(n, -1, head_dim) for t in (q, k, v))
+    rot = RotaryEmbedding(rotary_dim, 512, 10000.0)
+    pos = torch.tensor([0, 3, 17, 200, 511, 9])
+    slots = torch.tensor([5, 0, 31, -1, 12, 20])
+    rope = Rope(pos, rot, None)
+    # the reference has one more slot, where the padding row goes
+    ref_k, ref_v = (torch.zeros(33, kv_heads, head_dim, dtype=dtype) for _ in range(2))
+    q_ref = TorchOps().rope_write_kv(
+        q.clone(), k.clone(), v.clone(), rope, ref_k, ref_v, slots.where(slots >= 0, 32)
+    )
+    caches = [torch.zeros(32, kv_heads, head_dim, dtype=dtype) for _ in range(2)]
+    k_before = k.clone()
+    got = tk.rope_write_kv(q, k, v, *caches, pos, slots, rot.cos_cached, rot.sin_cached)
+    assert got.data_ptr() == q.data_ptr(), "q is rotated in place"
+    torch.testing.assert_close(got, q_ref, atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(caches[0], ref_k[:32], atol=TOL[dtype], rtol=TOL[dtype])
+    assert torch.equal(caches[1], ref_v[:32])
+    assert torch.equal(k, k_before), "k itself is left as it was"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_silu_and_mul(dtype):
     x = torch.randn(3, 2 * 1100).to(dtype)  # 1100: two column blocks, the second partial
     gate, up = x.float().chunk(2, dim=-1)

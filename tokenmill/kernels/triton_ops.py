@@ -11,6 +11,8 @@
 - `add_rms_norm`: residual += delta, then RMSNorm of it (float32 math), one pass.
 - `rotary_inplace`: rotate-half rotary on [tokens, heads, head_dim] from the cos / signed-sin
   tables of `layers/rotary.py`.
+- `rope_write_kv`: the two above in one launch (q rotated in place, rotated K and V into the
+  cache).
 - `silu_and_mul`: [n, 2i] = [gate | up] -> silu(gate) * up.
 - `skinny_linear`: x W^T for decode steps of a few rows (the dense linears' kernel on CUDA up
   to SKINNY_MAX_M rows, where cuBLAS left bandwidth unused).
@@ -449,6 +451,116 @@ def rotary_inplace(
         HALF_P=triton.next_power_of_2(rot // 2),
     )
     return x
+
+
+@triton.jit
+def _rope_write_kv_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    kc_ptr,
+    vc_ptr,
+    pos_ptr,
+    slot_ptr,
+    cos_ptr,
+    sin_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ct,  # the caches' slot stride (heads are head_dim apart)
+    stride_c,  # the tables' row stride
+    NUM_Q_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_P: tl.constexpr,
+    ROT: tl.constexpr,
+    HALF_P: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    half = ROT // 2
+    offs = tl.arange(0, HALF_P)
+    mask = offs < half
+    c1 = tl.load(cos_ptr + pos * stride_c + offs, mask=mask, other=0.0)
+    c2 = tl.load(cos_ptr + pos * stride_c + half + offs, mask=mask, other=0.0)
+    s1 = tl.load(sin_ptr + pos * stride_c + offs, mask=mask, other=0.0)  # -sin
+    s2 = tl.load(sin_ptr + pos * stride_c + half + offs, mask=mask, other=0.0)  # +sin
+    if h < NUM_Q_HEADS:  # a query head, rotated in place
+        base = q_ptr + t * stride_qt + h * stride_qh
+        x1 = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(base + half + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(base + offs, (x1 * c1 + x2 * s1).to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(base + half + offs, (x2 * c2 + x1 * s2).to(q_ptr.dtype.element_ty), mask=mask)
+    else:  # KV head h - NUM_Q_HEADS: rotated K and V into the caches' slot
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        if slot >= 0:
+            kvh = h - NUM_Q_HEADS
+            src = k_ptr + t * stride_kt + kvh * stride_kh
+            dst = kc_ptr + slot * stride_ct + kvh * HEAD_DIM
+            x1 = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(src + half + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(dst + offs, (x1 * c1 + x2 * s1).to(kc_ptr.dtype.element_ty), mask=mask)
+            tl.store(dst + half + offs, (x2 * c2 + x1 * s2).to(kc_ptr.dtype.element_ty), mask=mask)
+            if ROT < HEAD_DIM:  # channels past rotary_dim as they are
+                rest = ROT + tl.arange(0, HEAD_P)
+                keep = rest < HEAD_DIM
+                tl.store(dst + rest, tl.load(src + rest, mask=keep), mask=keep)
+            d = tl.arange(0, HEAD_P)
+            dm = d < HEAD_DIM
+            v = tl.load(v_ptr + t * stride_vt + kvh * stride_vh + d, mask=dm)
+            tl.store(vc_ptr + slot * stride_ct + kvh * HEAD_DIM + d, v, mask=dm)
+
+
+def rope_write_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    positions: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    cos_cached: torch.Tensor,
+    sin_cached: torch.Tensor,
+) -> torch.Tensor:
+    """`rotary_inplace` on q and k, then `write_kv` of the rotated k and v, in one launch (a
+    program per token and head): q [tokens, heads, head_dim] is rotated in place and returned,
+    k [tokens, kv_heads, head_dim] is read only (its rotation goes to the cache). q, k, v may be
+    strided views (of a fused qkv row) with contiguous channels; caches are token-major
+    [num_slots, kv_heads, head_dim]; negative slots write nowhere."""
+    tokens, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    rot = cos_cached.shape[1]
+    assert q.stride(2) == 1 and k.stride(2) == 1 and v.stride(2) == 1
+    assert k_cache.stride(1) == head_dim and k_cache.stride(2) == 1
+    assert v_cache.stride() == k_cache.stride()
+    _rope_write_kv_kernel[(tokens, heads + kv_heads)](
+        q,
+        k,
+        v,
+        k_cache,
+        v_cache,
+        positions,
+        slot_mapping,
+        cos_cached,
+        sin_cached,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        k_cache.stride(0),
+        cos_cached.stride(0),
+        NUM_Q_HEADS=heads,
+        HEAD_DIM=head_dim,
+        HEAD_P=triton.next_power_of_2(head_dim),
+        ROT=rot,
+        HALF_P=triton.next_power_of_2(rot // 2),
+    )
+    return q
 
 
 @triton.jit

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tokenmill.layers.ops import TorchOps, backend_name, make_ops
+from tokenmill.layers.ops import Rope, TorchOps, backend_name, make_ops
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,10 +181,12 @@ class Attention:
         v: torch.Tensor,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,  # as the backend built it
+        rope: Rope | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads * head_dim]
         """Write the new K/V into the cache, then attend each query to its request's context
-        (causal)."""
-        return self.backend.forward(self, q, k, v, kv_cache, meta)
+        (causal). With `rope`, q and k come unrotated: the backend rotates them as it writes
+        the cache (`ops.rope_write_kv`, one launch on the Triton backend)."""
+        return self.backend.forward(self, q, k, v, kv_cache, meta, rope)
 
 
 class TorchAttentionBackend:
@@ -232,9 +234,10 @@ class TorchAttentionBackend:
         v: torch.Tensor,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: TorchAttentionMetadata,
+        rope: Rope | None = None,
     ) -> torch.Tensor:
         k_cache, v_cache = kv_cache
-        self.ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        q = self.write_kv(q, k, v, k_cache, v_cache, meta, rope)
         nd = meta.num_decode_tokens
         if nd == meta.num_tokens:
             return self._decode(layer, q, k_cache, v_cache, meta)
@@ -245,6 +248,22 @@ class TorchAttentionBackend:
             parts.append(self._prefill(layer, q[start:end], k_cache, v_cache, group))
             start = end
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def write_kv(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        rope: Rope | None,
+    ) -> torch.Tensor:
+        """The step's K/V into the cache, rotated first with `rope`; returns q (rotated)."""
+        if rope is None:
+            self.ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+            return q
+        return self.ops.rope_write_kv(q, k, v, rope, k_cache, v_cache, meta.slot_mapping)
 
     @staticmethod
     def _gather(layer: Attention, cache: torch.Tensor, g: PaddedGroup) -> torch.Tensor:
@@ -349,11 +368,11 @@ class CpuAttentionBackend(TorchAttentionBackend):
             chunks = common.query_start_loc[nd:] - nd
         return CpuAttentionMetadata(**_common(common), chunk_query_start_loc=chunks)
 
-    def forward(self, layer, q, k, v, kv_cache, meta):
+    def forward(self, layer, q, k, v, kv_cache, meta, rope=None):
         if not self.prefill_kernel:
-            return super().forward(layer, q, k, v, kv_cache, meta)
+            return super().forward(layer, q, k, v, kv_cache, meta, rope)
         k_cache, v_cache = kv_cache
-        self.ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        q = self.write_kv(q, k, v, k_cache, v_cache, meta, rope)
         nd = meta.num_decode_tokens
         if nd == meta.num_tokens:
             return self._decode(layer, q, k_cache, v_cache, meta)
@@ -412,11 +431,11 @@ class TritonAttentionBackend(TorchAttentionBackend):
             splits *= 2
         return splits
 
-    def forward(self, layer, q, k, v, kv_cache, meta):
+    def forward(self, layer, q, k, v, kv_cache, meta, rope=None):
         from tokenmill.kernels.triton_ops import paged_attention
 
         k_cache, v_cache = kv_cache
-        self.ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        q = self.write_kv(q, k, v, k_cache, v_cache, meta, rope)
         # the rows of a captured graph's padding (no request) come back as zeros: no garbage
         # (inf / NaN) goes through the rest of the step
         out = paged_attention(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,6 +23,16 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "cpu", "triton")
+
+
+@dataclass(frozen=True, slots=True)
+class Rope:
+    """Rotary embedding still to be applied to a layer's q and k: the step's positions, the
+    model's `RotaryEmbedding` and what `rotary_tables` gathered for the step (or None)."""
+
+    positions: torch.Tensor
+    rotary: Any
+    tables: tuple[torch.Tensor, torch.Tensor] | None
 
 
 class TorchOps:
@@ -73,6 +84,23 @@ class TorchOps:
         """K/V rows [tokens, kv_heads, head_dim] into the caches at `slot_mapping`."""
         k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
         v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+    def rope_write_kv(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rope: Rope,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> torch.Tensor:
+        """`rotary` on q (returned, rotated in place where the kernel can) and on k, then
+        `write_kv` of the rotated k and v."""
+        q = self.rotary(q, rope.positions, rope.rotary, rope.tables)
+        k = self.rotary(k, rope.positions, rope.rotary, rope.tables)
+        self.write_kv(k, v, k_cache, v_cache, slot_mapping)
+        return q
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """Row-wise argmax (int64), first index on ties."""
@@ -166,6 +194,30 @@ class TritonOps(TorchOps):
         if x.stride(-1) == 1:
             return self.kernels.rotary_inplace(x, positions, rotary.cos_cached, rotary.sin_cached)
         return super().rotary(x, positions, rotary, tables)
+
+    def rope_write_kv(self, q, k, v, rope, k_cache, v_cache, slot_mapping):
+        if (
+            k.dtype == k_cache.dtype
+            and v.dtype == v_cache.dtype
+            and q.stride(-1) == 1
+            and k.stride(-1) == 1
+            and v.stride(-1) == 1
+            and k_cache.is_contiguous()
+            and v_cache.is_contiguous()
+        ):
+            rot = rope.rotary
+            return self.kernels.rope_write_kv(
+                q,
+                k,
+                v,
+                k_cache,
+                v_cache,
+                rope.positions,
+                slot_mapping,
+                rot.cos_cached,
+                rot.sin_cached,
+            )
+        return super().rope_write_kv(q, k, v, rope, k_cache, v_cache, slot_mapping)
 
     def write_kv(self, k, v, k_cache, v_cache, slot_mapping):
         if (

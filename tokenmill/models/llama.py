@@ -8,6 +8,7 @@ from tokenmill.layers.attention import Attention, AttentionBackend, AttentionMet
 from tokenmill.layers.embedding import VocabEmbedding
 from tokenmill.layers.linear import Linear
 from tokenmill.layers.norm import RMSNorm
+from tokenmill.layers.ops import Rope
 from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.models.base import CausalLM, KVCache
 from tokenmill.models.config import ModelArchConfig
@@ -72,20 +73,15 @@ class LlamaAttention(torch.nn.Module):
     ) -> torch.Tensor:
         n, d = x.shape[0], self.head_dim
         qkv = self.qkv_proj(x)
-        v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, d)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=1)
+        q = q.view(n, self.num_heads, d)
+        k = k.view(n, self.num_kv_heads, d)
+        v = v.view(n, self.num_kv_heads, d)
         if self.qk_norm:
-            q = self.q_norm(qkv[:, : self.q_size].reshape(n, self.num_heads, d))
-            k = self.k_norm(
-                qkv[:, self.q_size : self.q_size + self.kv_size].reshape(n, self.num_kv_heads, d)
-            )
-            q = self.ops.rotary(q, positions, rotary, rotary_tables)
-            k = self.ops.rotary(k, positions, rotary, rotary_tables)
-        else:
-            # q and k are adjacent in the fused output: rotate both heads at once.
-            qk = qkv[:, : self.q_size + self.kv_size].view(n, self.num_heads + self.num_kv_heads, d)
-            qk = self.ops.rotary(qk, positions, rotary, rotary_tables)
-            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        return self.o_proj(self.attn.forward(q, k, v, kv_cache, meta))
+            q, k = self.q_norm(q), self.k_norm(k)
+        # rotary is applied by the backend as it writes the cache (one launch on Triton)
+        rope = Rope(positions, rotary, rotary_tables)
+        return self.o_proj(self.attn.forward(q, k, v, kv_cache, meta, rope))
 
 
 class LlamaMLP(torch.nn.Module):
