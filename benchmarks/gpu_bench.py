@@ -248,6 +248,19 @@ def kernels(run: Run) -> dict:
         checks[f"skinny_linear x{rows}"] = (
             (got - expected).abs().max() / expected.abs().max()
         ).item()
+        gu = torch.randn(rows, 2 * 2048, device=dev).to(dt)
+        got = tk.skinny_glu_linear(gu, w, b)
+        checks[f"skinny_glu_linear x{rows} exact"] = float(
+            torch.equal(got, tk.skinny_linear(tk.silu_and_mul(gu), w, b))
+        )
+        delta, g = torch.randn_like(x), (1 + 0.1 * torch.randn(2048, device=dev)).to(dt)
+        r, got = tk.skinny_add_norm_linear(x, delta, g, 1e-5, w, b)
+        rf = (x.float() + delta.float()).to(dt)
+        expected = F.linear(F.rms_norm(rf.float(), (2048,), g.float(), 1e-5), w.float(), b.float())
+        checks[f"skinny_add_norm_linear x{rows} residual exact"] = float(torch.equal(r, rf))
+        checks[f"skinny_add_norm_linear x{rows}"] = (
+            (got.float() - expected).abs().max() / expected.abs().max()
+        ).item()
     logits = torch.randn(5, 128256, device=dev).to(dt)
     logits[1, [7, 90000]] = 50.0  # a tie across chunks: the first index wins
     checks["argmax exact"] = float(torch.equal(tk.argmax_rows(logits), logits.argmax(-1)))

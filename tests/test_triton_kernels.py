@@ -246,6 +246,49 @@ def test_skinny_linear(dtype, m, n, k, bias):
     torch.testing.assert_close(y.double(), ref, atol=TOL[dtype] * scale, rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m,n,k", [(1, 48, 512), (6, 40, 300)], ids=["batch1", "ragged"])
+def test_skinny_glu_linear_is_silu_and_mul_then_the_gemm(dtype, m, n, k):
+    """One launch against the two it replaces (the same rounding of silu(gate) * up), and the
+    pair against float64."""
+    g = torch.Generator().manual_seed(m)
+    gate_up = (torch.randn(m, 2 * k, generator=g) * 3).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype)
+    y = tk.skinny_glu_linear(gate_up, w, b, config=(16, 128, 4, 2))
+    two = tk.skinny_linear(tk.silu_and_mul(gate_up), w, b, config=(16, 128, 4, 2))
+    torch.testing.assert_close(y, two, atol=0, rtol=0)
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    ref = (F.silu(gate) * up) @ w.double().T + b.double()
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(y.double(), ref, atol=4 * TOL[dtype] * scale, rtol=4 * TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m,n,k", [(1, 48, 512), (7, 40, 300)], ids=["batch1", "ragged"])
+@pytest.mark.parametrize("with_delta", [True, False], ids=["add", "norm-only"])
+def test_skinny_add_norm_linear_is_add_rms_norm_then_the_gemm(dtype, m, n, k, with_delta):
+    """Against float64 add + RMSNorm + matmul: the new residual stream (exactly residual +
+    delta, rounded to the dtype, as add_rms_norm writes it; the input itself when there is no
+    delta) and the product, with the tolerance of the dtype's rounding of the normed row."""
+    g = torch.Generator().manual_seed(m * 10 + with_delta)
+    residual = (torch.randn(m, k, generator=g) * 4).to(dtype)
+    delta = torch.randn(m, k, generator=g).to(dtype) if with_delta else None
+    norm_w = (1 + 0.1 * torch.randn(k, generator=g)).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype)
+    before = residual.clone()
+    r, y = tk.skinny_add_norm_linear(residual, delta, norm_w, 1e-5, w, b, config=(16, 128, 4, 2))
+    expected_r = (residual.float() + delta.float()).to(dtype) if with_delta else residual
+    assert torch.equal(r, expected_r)
+    assert torch.equal(residual, before), "the input residual is left as it was"
+    rd = r.double()
+    h = rd * torch.rsqrt(rd.pow(2).mean(-1, keepdim=True) + 1e-5) * norm_w.double()
+    ref = h @ w.double().T + b.double()
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(y.double(), ref, atol=4 * TOL[dtype] * scale, rtol=4 * TOL[dtype])
+
+
 def test_dense_linear_takes_the_small_batch_kernel_up_to_its_rows():
     """The dense method runs `SkinnyLinear` for inputs of up to 16 rows and the library GEMM
     above (the same values either way), and never for a weight the kernel does not take."""
@@ -274,3 +317,37 @@ def test_dense_linear_takes_the_small_batch_kernel_up_to_its_rows():
         torch.testing.assert_close(small(x), F.linear(x, small.weight, small.bias))
         torch.testing.assert_close(big(x), F.linear(x, big.weight))
     assert calls == [1, 7, 16]
+
+
+def test_linear_fused_entry_points_take_the_small_batch_kernel_or_the_unfused_ops():
+    """`Linear.forward_glu` / `forward_add_norm` give the unfused ops' values through the
+    skinny kernels (up to 16 rows) and through the ops (17 rows, a weight over the kernel's
+    size, a method without fused kernels)."""
+    from tokenmill.layers.linear import Linear
+    from tokenmill.layers.norm import RMSNorm
+    from tokenmill.layers.ops import TorchOps
+    from tokenmill.quant.dense import DenseConfig
+
+    fused = DenseConfig(tk.SkinnyLinear())
+    g = torch.Generator().manual_seed(0)
+    down = Linear(64, 24, bias=True, quant_method=fused.linear_method({}, 64, {}))
+    qkv = Linear(96, 40, quant_method=fused.linear_method({}, 96, {}))
+    plain = Linear(96, 40)  # no small-batch kernel: the unfused path
+    for layer in (down, qkv, plain):
+        layer.weight.data.copy_(torch.randn(layer.weight.shape, generator=g))
+        layer.quant_method.process_weights_after_loading(layer)
+    down.bias.data.copy_(torch.randn(24, generator=g))
+    plain.weight.data.copy_(qkv.weight)
+    norm = RMSNorm(96, 1e-5)
+    norm.weight.data.copy_(1 + 0.1 * torch.randn(96, generator=g))
+    ops = TorchOps()
+    for m in (1, 16, 17):
+        gu = torch.randn(m, 128, generator=g)
+        expected = F.linear(ops.silu_and_mul(gu), down.weight, down.bias)
+        torch.testing.assert_close(down.forward_glu(gu, ops.silu_and_mul), expected)
+        res, delta = torch.randn(m, 96, generator=g), torch.randn(m, 96, generator=g)
+        exp_r, h = ops.add_rms_norm(res, delta, norm.weight, 1e-5)
+        for layer in (qkv, plain):
+            r, y = layer.forward_add_norm(res.clone(), delta, norm)
+            torch.testing.assert_close(r, exp_r)
+            torch.testing.assert_close(y, F.linear(h, qkv.weight), atol=1e-4, rtol=1e-4)

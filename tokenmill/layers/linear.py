@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from tokenmill.layers.norm import RMSNorm
 from tokenmill.quant.base import LinearMethod
 from tokenmill.quant.dense import UnquantizedLinearMethod
 
@@ -44,3 +47,25 @@ class Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_method.apply(self, x, self.bias)
+
+    def forward_glu(
+        self, gate_up: torch.Tensor, silu_and_mul: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """self(silu_and_mul(gate_up)) for gate_up = [gate | up]: one kernel where the method
+        has one for this call (`apply_glu`), else the backend's `silu_and_mul` first."""
+        y = self.quant_method.apply_glu(self, gate_up, self.bias)
+        return y if y is not None else self(silu_and_mul(gate_up))
+
+    def forward_add_norm(
+        self, residual: torch.Tensor, delta: torch.Tensor | None, norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r, self(norm(r))) with r = residual + delta (`norm.add_forward`): one kernel where
+        the method has one for this call (`apply_add_norm`), else the norm's fused op first.
+        `residual` may be updated in place; use the returned r."""
+        out = self.quant_method.apply_add_norm(
+            self, residual, delta, norm.weight, norm.eps, self.bias
+        )
+        if out is not None:
+            return out
+        residual, h = norm.add_forward(residual, delta)
+        return residual, self(h)

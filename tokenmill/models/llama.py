@@ -64,15 +64,18 @@ class LlamaAttention(torch.nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
+        residual: torch.Tensor,
+        delta: torch.Tensor | None,
+        norm: RMSNorm,
         positions: torch.Tensor,
         rotary: RotaryEmbedding,
         rotary_tables: tuple[torch.Tensor, torch.Tensor] | None,
         kv_cache: KVCache,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        n, d = x.shape[0], self.head_dim
-        qkv = self.qkv_proj(x)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r, attention(norm(r))) with r = residual + delta."""
+        n, d = residual.shape[0], self.head_dim
+        residual, qkv = self.qkv_proj.forward_add_norm(residual, delta, norm)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=1)
         q = q.view(n, self.num_heads, d)
         k = k.view(n, self.num_kv_heads, d)
@@ -81,7 +84,7 @@ class LlamaAttention(torch.nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         # rotary is applied by the backend as it writes the cache (one launch on Triton)
         rope = Rope(positions, rotary, rotary_tables)
-        return self.o_proj(self.attn.forward(q, k, v, kv_cache, meta, rope))
+        return residual, self.o_proj(self.attn.forward(q, k, v, kv_cache, meta, rope))
 
 
 class LlamaMLP(torch.nn.Module):
@@ -104,8 +107,12 @@ class LlamaMLP(torch.nn.Module):
         self.down_proj = _linear(quant, f"{prefix}.down_proj", i, {"": cfg.hidden_size}, dtype)
         self.ops = backend.ops
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+    def forward(
+        self, residual: torch.Tensor, delta: torch.Tensor, norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r, mlp(norm(r))) with r = residual + delta."""
+        residual, gate_up = self.gate_up_proj.forward_add_norm(residual, delta, norm)
+        return residual, self.down_proj.forward_glu(gate_up, self.ops.silu_and_mul)
 
 
 class LlamaDecoderLayer(torch.nn.Module):
@@ -126,22 +133,29 @@ class LlamaDecoderLayer(torch.nn.Module):
     def forward(
         self,
         residual: torch.Tensor,
-        h: torch.Tensor,
+        delta: torch.Tensor | None,
         positions: torch.Tensor,
         rotary: RotaryEmbedding,
         rotary_tables: tuple[torch.Tensor, torch.Tensor] | None,
         kv_cache: KVCache,
         meta: AttentionMetadata,
-        next_norm: RMSNorm,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """h = input_layernorm(residual) on entry; returns (residual, next_norm(residual)).
-
-        Each residual add is fused with the norm that follows it (the next layer's input norm
-        or the final norm), as in the reference: x = x + attn(norm(x)); x = x + mlp(norm(x)).
-        """
-        attn = self.self_attn(h, positions, rotary, rotary_tables, kv_cache, meta)
-        residual, h = self.post_attention_layernorm.add_forward(residual, attn)
-        return next_norm.add_forward(residual, self.mlp(h))
+        """The layer's input is residual + delta (delta: the previous layer's MLP output, None
+        for the first); returns (its residual, its MLP output), as in the reference:
+        x = x + attn(norm(x)); x = x + mlp(norm(x)). Each residual add is fused with the norm
+        after it, and where the linears have a kernel for it (`Linear.forward_add_norm`), with
+        the projection after that too."""
+        residual, attn = self.self_attn(
+            residual,
+            delta,
+            self.input_layernorm,
+            positions,
+            rotary,
+            rotary_tables,
+            kv_cache,
+            meta,
+        )
+        return self.mlp(residual, attn, self.post_attention_layernorm)
 
 
 class LlamaModel(torch.nn.Module):
@@ -262,12 +276,10 @@ class LlamaForCausalLM(CausalLM):
                 m.rotary.sin_cached,
             )
         tables = self.attn_backend.ops.rotary_tables(m.rotary, positions, residual.dtype)
-        residual, h = m.layers[0].input_layernorm.add_forward(residual, None)
-        num_layers = len(m.layers)
-        for i, (layer, kv_cache) in enumerate(zip(m.layers, kv_caches)):
-            next_norm = m.layers[i + 1].input_layernorm if i + 1 < num_layers else m.norm
-            residual, h = layer(residual, h, positions, m.rotary, tables, kv_cache, meta, next_norm)
-        return h
+        delta = None
+        for layer, kv_cache in zip(m.layers, kv_caches):
+            residual, delta = layer(residual, delta, positions, m.rotary, tables, kv_cache, meta)
+        return m.norm.add_forward(residual, delta)[1]
 
     def input_embeddings(self) -> VocabEmbedding:
         return self.model.embed_tokens

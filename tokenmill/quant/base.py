@@ -43,6 +43,46 @@ class LinearMethod(Protocol):
     def bytes_per_call(self, layer: torch.nn.Module) -> int:
         """Weight bytes one call reads (the roofline's numerator)."""
 
+    def apply_glu(
+        self, layer: torch.nn.Module, gate_up: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """(silu(gate) * up) W^T + b for gate_up [rows, 2 * in] = [gate | up] in one kernel,
+        or None where the method has none for this call (`Linear.forward_glu` then runs the
+        backend's silu_and_mul and `apply`)."""
+
+    def apply_add_norm(
+        self,
+        layer: torch.nn.Module,
+        residual: torch.Tensor,
+        delta: torch.Tensor | None,
+        norm_weight: torch.Tensor,
+        eps: float,
+        bias: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(r, rms_norm(r) * norm_weight W^T + b) with r = residual + delta in one kernel, or
+        None where the method has none for this call (`Linear.forward_add_norm` then runs the
+        norm's add_forward and `apply`)."""
+
+
+class UnfusedEntryPoints:
+    """The fused entry points of a method that has no fused kernel: every call returns None."""
+
+    def apply_glu(
+        self, layer: torch.nn.Module, gate_up: torch.Tensor, bias: torch.Tensor | None
+    ) -> None:
+        return None
+
+    def apply_add_norm(
+        self,
+        layer: torch.nn.Module,
+        residual: torch.Tensor,
+        delta: torch.Tensor | None,
+        norm_weight: torch.Tensor,
+        eps: float,
+        bias: torch.Tensor | None,
+    ) -> None:
+        return None
+
 
 class EmbeddingMethod(Protocol):
     """Storage and row lookup of a token embedding table [vocab, hidden]."""

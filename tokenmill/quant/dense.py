@@ -51,6 +51,23 @@ class SmallBatchLinear(Protocol):
         self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor: ...
 
+    def glu(
+        self, gate_up: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """(silu(gate) * up) W^T + b (`LinearMethod.apply_glu`)."""
+
+    def add_norm(
+        self,
+        residual: torch.Tensor,
+        delta: torch.Tensor | None,
+        norm_weight: torch.Tensor,
+        eps: float,
+        w: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r, rms_norm(r) * norm_weight W^T + b), r = residual + delta
+        (`LinearMethod.apply_add_norm`)."""
+
 
 class UnquantizedLinearMethod:
     """Dense [out, in] weights; on CPU in bf16/fp16 repacked into oneDNN's blocked layout; with
@@ -95,8 +112,8 @@ class UnquantizedLinearMethod:
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
-        small = layer.small_batch
-        if small is not None and x.dim() == 2 and x.shape[0] <= small.max_rows:
+        small = self._small(layer, x)
+        if small is not None:
             return small(x, layer.weight, bias)
         if layer.packed_weight is not None:
             return torch.ops.mkldnn._linear_pointwise(x, layer.packed_weight, bias, "none", [], "")
@@ -105,6 +122,34 @@ class UnquantizedLinearMethod:
     def bytes_per_call(self, layer: torch.nn.Module) -> int:
         w = layer.packed_weight if layer.packed_weight is not None else layer.weight
         return w.numel() * w.element_size()
+
+    @staticmethod
+    def _small(layer: torch.nn.Module, x: torch.Tensor) -> SmallBatchLinear | None:
+        """The small-batch kernel when it takes this layer and x's rows."""
+        small = layer.small_batch
+        if small is None or x.dim() != 2 or x.shape[0] > small.max_rows:
+            return None
+        return small
+
+    def apply_glu(
+        self, layer: torch.nn.Module, gate_up: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        small = self._small(layer, gate_up)
+        return small.glu(gate_up, layer.weight, bias) if small is not None else None
+
+    def apply_add_norm(
+        self,
+        layer: torch.nn.Module,
+        residual: torch.Tensor,
+        delta: torch.Tensor | None,
+        norm_weight: torch.Tensor,
+        eps: float,
+        bias: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        small = self._small(layer, residual)
+        if small is None:
+            return None
+        return small.add_norm(residual, delta, norm_weight, eps, layer.weight, bias)
 
 
 class DenseEmbeddingMethod:

@@ -35,6 +35,7 @@ import torch
 
 from tokenmill.errors import ModelLoadError
 from tokenmill.quant import gguf_pack as gp
+from tokenmill.quant.base import UnfusedEntryPoints
 from tokenmill.quant.dense import DenseEmbeddingMethod, UnquantizedLinearMethod
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class _Segment:
     bias: torch.Tensor | None = None
 
 
-class GGUFLinearMethod:
+class GGUFLinearMethod(UnfusedEntryPoints):
     """Packed GGUF blocks per shard; `apply` quantizes x once and runs the integer kernel."""
 
     takes_raw = True
