@@ -192,3 +192,30 @@ def test_stop_choice_and_prompt(smollm: Tokenizer) -> None:
     emoji = smollm.encode("a😀b", add_special_tokens=False)
     detok = IncrementalDetokenizer(smollm, [], stop=["😀"])
     assert "".join(stream(detok, emoji)) == "a" and detok.stop_reason == "😀"
+
+
+@pytest.mark.parametrize("which", ["smollm", "spm"])
+def test_deferred_decoding_gives_the_streamed_text(which: str, request) -> None:
+    """A deferred detokenizer (an offline request without stop strings) releases nothing until
+    flush, then the whole text the streaming one releases: after prompts that end mid-word or
+    mid-character, with split multi-byte characters, special tokens kept or skipped, and an
+    unfinished character at the end."""
+    tok: Tokenizer = request.getfixturevalue(which)
+    prompts = [[], tok.encode("tell me"), tok.encode("Prompt ending 日")]
+    for text in [*TEXTS, "ok 😀"]:
+        ids = tok.encode(text, add_special_tokens=False)
+        for cut in (len(ids), len(ids) - 1):  # the second may end inside a character
+            for prompt in prompts:
+                for skip in (True, False):
+                    streamed = IncrementalDetokenizer(tok, prompt, skip)
+                    stream(streamed, ids[:cut])
+                    streamed.flush()
+                    deferred = IncrementalDetokenizer(tok, prompt, skip, deferred=True)
+                    assert not any(stream(deferred, ids[:cut]))
+                    assert deferred.flush() == deferred.text == streamed.text, (text, prompt)
+                    assert deferred.output_token_ids == ids[:cut]
+
+
+def test_deferred_decoding_refuses_stop_strings(smollm: Tokenizer) -> None:
+    with pytest.raises(ValueError, match="stop strings"):
+        IncrementalDetokenizer(smollm, [], stop=["x"], deferred=True)

@@ -161,6 +161,35 @@ def test_streaming_deltas_add_up_and_closing_aborts(llm_f32):
     assert kv.num_free_blocks == kv.block_pool.num_blocks
 
 
+def test_final_only_requests_report_once_with_the_streamed_result(llm_f32):
+    """`final_only` (what LLM.generate asks for): no output until the request finishes, then
+    the text, ids and finish reasons a streaming request of the same params produced, in the
+    same batch; with and without stop strings (deferred vs incremental decoding), n = 2."""
+    engine = llm_f32.engine
+    cases = [
+        SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+        SamplingParams(temperature=0.8, seed=5, n=2, max_tokens=24, stop=[" the", "\n"]),
+    ]
+    for p in cases:
+        streamed = engine.add_request(None, "Tell me about rivers.", p)
+        final = engine.add_request(None, "Tell me about rivers.", p, final_only=True)
+        seen: dict[str, list] = {streamed: [], final: []}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                seen[out.request_id].append(out)
+        assert len(seen[final]) == 1 and seen[final][0].finished
+        assert len(seen[streamed]) > 1
+        last, only = seen[streamed][-1], seen[final][0]
+        for a, b in zip(last.outputs, only.outputs, strict=True):
+            assert (a.text, a.token_ids, a.finish_reason, a.stop_reason) == (
+                b.text,
+                b.token_ids,
+                b.finish_reason,
+                b.stop_reason,
+            )
+            assert a.text and a.token_ids
+
+
 @pytest.mark.parametrize(
     "bad",
     [

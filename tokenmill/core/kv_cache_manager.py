@@ -89,10 +89,17 @@ class KVCacheManager:
 
     def _cache_full_blocks(self, request: Request, blocks: list[KVBlock], num_tokens: int) -> None:
         num_full = min(num_tokens, request.num_tokens) // self.block_size
+        # A request's cached blocks are a prefix of its list (hits first, then each block as it
+        # fills): only the full blocks after the last cached one are new, and a decode step
+        # looks at one block, not all of them (which grew quadratically with the output).
+        first = num_full
+        while first > 0 and blocks[first - 1].block_hash is None:
+            first -= 1
+        if first == num_full:
+            return
         self._update_block_hashes(request)
-        for i in range(num_full):
-            if blocks[i].block_hash is None:
-                self.block_pool.cache_full_block(blocks[i], request.block_hashes[i])
+        for i in range(first, num_full):
+            self.block_pool.cache_full_block(blocks[i], request.block_hashes[i])
 
     def free(self, request: Request) -> None:
         blocks = self.req_to_blocks.pop(request.request_id, None)

@@ -101,7 +101,9 @@ class LLM:
         ids: list[str] = []
         try:
             for (prompt, token_ids), p in zip(prompts, params):
-                ids.append(engine.add_request(None, prompt, p, prompt_token_ids=token_ids))
+                ids.append(
+                    engine.add_request(None, prompt, p, prompt_token_ids=token_ids, final_only=True)
+                )
         except Exception:
             engine.abort_request(ids)
             raise

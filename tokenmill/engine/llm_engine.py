@@ -74,6 +74,7 @@ class _Group:
     # structured output: the grammar being compiled; the samples wait outside the scheduler
     grammar: concurrent.futures.Future | None = None
     error: str | None = None  # why the request failed (its grammar did not compile)
+    final_only: bool = False  # `step` returns its output only once it has finished
 
     @property
     def finished(self) -> bool:
@@ -271,9 +272,13 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         prompt_token_ids: list[int] | None = None,
+        final_only: bool = False,
     ) -> str:
         """Validate, tokenize and queue a request (n samples). Raises ValueError on bad input,
-        leaving the engine untouched."""
+        leaving the engine untouched. With `final_only`, `step` returns the request's output
+        once, when it has finished (vLLM's RequestOutputKind.FINAL_ONLY, as its offline LLM
+        uses): no output object per step, whose copies of the token ids grow with the output,
+        and, without stop strings, the text decoded once at the end."""
         params = params or SamplingParams()
         request_id = request_id or self.new_request_id()
         if request_id in self.groups:
@@ -305,13 +310,23 @@ class LLMEngine:
         for i, p in enumerate(children):
             req = Request(f"{request_id}#{i}", ids, p, eos, max_tokens, time.monotonic())
             detok = IncrementalDetokenizer(
-                self.tokenizer, ids, p.skip_special_tokens, p.stop, p.include_stop_str_in_output
+                self.tokenizer,
+                ids,
+                p.skip_special_tokens,
+                p.stop,
+                p.include_stop_str_in_output,
+                deferred=final_only and not p.stop,
             )
             samples.append(
                 _Sample(request_id, i, req, detok, [] if p.logprobs is not None else None)
             )
         group = _Group(
-            request_id, text, ids, samples, [None] if params.prompt_logprobs is not None else None
+            request_id,
+            text,
+            ids,
+            samples,
+            [None] if params.prompt_logprobs is not None else None,
+            final_only=final_only,
         )
         if params.structured_outputs is not None:
             # GrammarError (a ValueError) here for a constraint that cannot be translated
@@ -455,7 +470,7 @@ class LLMEngine:
         outputs = []
         for gid in touched:
             group = self.groups.get(gid)
-            if group is None:
+            if group is None or (group.final_only and not group.finished):
                 continue
             outputs.append(self._make_output(group))
             if group.finished:
