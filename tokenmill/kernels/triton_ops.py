@@ -405,6 +405,23 @@ def add_rms_norm(
 
 
 @triton.jit
+def _rotate_half(src, dst, cos_row, sin_row, ROT: tl.constexpr, HALF_P: tl.constexpr):
+    """dst[:ROT] = the rotate-half rotary of src[:ROT], from one position's rows of the cos /
+    signed-sin tables (dst may be src)."""
+    half = ROT // 2
+    offs = tl.arange(0, HALF_P)
+    mask = offs < half
+    x1 = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + half + offs, mask=mask, other=0.0).to(tl.float32)
+    c1 = tl.load(cos_row + offs, mask=mask, other=0.0)
+    c2 = tl.load(cos_row + half + offs, mask=mask, other=0.0)
+    s1 = tl.load(sin_row + offs, mask=mask, other=0.0)  # -sin
+    s2 = tl.load(sin_row + half + offs, mask=mask, other=0.0)  # +sin
+    tl.store(dst + offs, (x1 * c1 + x2 * s1).to(dst.dtype.element_ty), mask=mask)
+    tl.store(dst + half + offs, (x2 * c2 + x1 * s2).to(dst.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rotary_kernel(
     x_ptr,
     pos_ptr,
@@ -419,18 +436,8 @@ def _rotary_kernel(
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     pos = tl.load(pos_ptr + t).to(tl.int64)
-    half = ROT // 2
-    offs = tl.arange(0, HALF_P)
-    mask = offs < half
     base = x_ptr + t * stride_xt + h * stride_xh
-    x1 = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(base + half + offs, mask=mask, other=0.0).to(tl.float32)
-    c1 = tl.load(cos_ptr + pos * stride_c + offs, mask=mask, other=0.0)
-    c2 = tl.load(cos_ptr + pos * stride_c + half + offs, mask=mask, other=0.0)
-    s1 = tl.load(sin_ptr + pos * stride_c + offs, mask=mask, other=0.0)  # -sin
-    s2 = tl.load(sin_ptr + pos * stride_c + half + offs, mask=mask, other=0.0)  # +sin
-    tl.store(base + offs, (x1 * c1 + x2 * s1).to(x_ptr.dtype.element_ty), mask=mask)
-    tl.store(base + half + offs, (x2 * c2 + x1 * s2).to(x_ptr.dtype.element_ty), mask=mask)
+    _rotate_half(base, base, cos_ptr + pos * stride_c, sin_ptr + pos * stride_c, ROT, HALF_P)
 
 
 def rotary_inplace(
@@ -482,29 +489,17 @@ def _rope_write_kv_kernel(
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     pos = tl.load(pos_ptr + t).to(tl.int64)
-    half = ROT // 2
-    offs = tl.arange(0, HALF_P)
-    mask = offs < half
-    c1 = tl.load(cos_ptr + pos * stride_c + offs, mask=mask, other=0.0)
-    c2 = tl.load(cos_ptr + pos * stride_c + half + offs, mask=mask, other=0.0)
-    s1 = tl.load(sin_ptr + pos * stride_c + offs, mask=mask, other=0.0)  # -sin
-    s2 = tl.load(sin_ptr + pos * stride_c + half + offs, mask=mask, other=0.0)  # +sin
+    cos_row, sin_row = cos_ptr + pos * stride_c, sin_ptr + pos * stride_c
     if h < NUM_Q_HEADS:  # a query head, rotated in place
         base = q_ptr + t * stride_qt + h * stride_qh
-        x1 = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(base + half + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(base + offs, (x1 * c1 + x2 * s1).to(q_ptr.dtype.element_ty), mask=mask)
-        tl.store(base + half + offs, (x2 * c2 + x1 * s2).to(q_ptr.dtype.element_ty), mask=mask)
+        _rotate_half(base, base, cos_row, sin_row, ROT, HALF_P)
     else:  # KV head h - NUM_Q_HEADS: rotated K and V into the caches' slot
         slot = tl.load(slot_ptr + t).to(tl.int64)
         if slot >= 0:
             kvh = h - NUM_Q_HEADS
             src = k_ptr + t * stride_kt + kvh * stride_kh
             dst = kc_ptr + slot * stride_ct + kvh * HEAD_DIM
-            x1 = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
-            x2 = tl.load(src + half + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(dst + offs, (x1 * c1 + x2 * s1).to(kc_ptr.dtype.element_ty), mask=mask)
-            tl.store(dst + half + offs, (x2 * c2 + x1 * s2).to(kc_ptr.dtype.element_ty), mask=mask)
+            _rotate_half(src, dst, cos_row, sin_row, ROT, HALF_P)
             if ROT < HEAD_DIM:  # channels past rotary_dim as they are
                 rest = ROT + tl.arange(0, HEAD_P)
                 keep = rest < HEAD_DIM
