@@ -17,7 +17,6 @@ from tqdm.auto import tqdm
 from tokenmill.errors import ModelLoadError
 from tokenmill.kernels.cpu_ops import get_ops, select_isa
 from tokenmill.layers.attention import make_backend
-from tokenmill.layers.ops import backend_name
 from tokenmill.loader.gguf_file import gguf_metadata, open_gguf
 from tokenmill.loader.resolve import ModelSource
 from tokenmill.loader.weights import (
@@ -86,13 +85,11 @@ def read_model_info(source: ModelSource, load_format: str = "auto") -> tuple[Mod
     return ModelInfo(source, arch, fmt, size, cfg), None
 
 
-def small_batch_linear(device: torch.device | str, dtype: torch.dtype) -> SmallBatchLinear | None:
-    """The dense linears' kernel for decode steps of a few rows: Triton's skinny GEMM where the
-    Triton backend runs (`layers.ops.backend_name`: CUDA, or forced), unless
+def small_batch_linear(backend: str) -> SmallBatchLinear | None:
+    """The dense linears' kernel for decode steps of a few rows under the attention / ops
+    backend `backend`: Triton's skinny GEMM with the Triton backend (CUDA, or forced), unless
     TOKENMILL_SKINNY_GEMM=0 (cuBLAS for every row count: the benchmarks' baseline)."""
-    if os.environ.get("TOKENMILL_SKINNY_GEMM", "1").strip() == "0":
-        return None
-    if backend_name(device, dtype)[0] != "triton":
+    if backend != "triton" or os.environ.get("TOKENMILL_SKINNY_GEMM", "1").strip() == "0":
         return None
     from tokenmill.kernels.triton_ops import SkinnyLinear
 
@@ -106,8 +103,10 @@ def quant_config_for(
     dtype: torch.dtype,
     device: torch.device | str,
     quantization: str,
+    small_batch: SmallBatchLinear | None = None,
 ) -> tuple[QuantConfig, str]:
-    """The quantization config for this load, and why (logged, shown by `info`).
+    """The quantization config for this load, and why (logged, shown by `info`); dense layers
+    get `small_batch` (`small_batch_linear`).
 
     `quantization="fp8"` quantizes the decoder's linear weights of any checkpoint at load
     (`quant/fp8.py`). A GGUF file's quantized tensors run natively when `quantization="auto"`,
@@ -131,7 +130,7 @@ def quant_config_for(
             "fp8: decoder linear weights in float8 e4m3 with a scale per output channel, "
             "activations quantized per token; the output head and embedding dense"
         )
-    dense = DenseConfig(small_batch_linear(device, dtype))
+    dense = DenseConfig(small_batch)
     if source.kind != "gguf":
         return dense, "dense checkpoint"
     if quantization != "auto":
@@ -187,9 +186,11 @@ def load_model(
     max_positions = min(arch.max_position_embeddings, max_model_len or 1 << 62)
     model_cls = get_model_class(arch.architecture)
     freq_factors = gguf_rope_freq_factors(reader) if reader is not None else None
-    quant, info.quant_reason = quant_config_for(source, reader, arch, dtype, device, quantization)
     backend, why = make_backend(device, dtype, arch.num_heads, arch.num_kv_heads, arch.head_dim)
     info.backend = f"{backend.name} ({why})"
+    quant, info.quant_reason = quant_config_for(
+        source, reader, arch, dtype, device, quantization, small_batch_linear(backend.name)
+    )
     lap("kernel load")
     kwargs = {"quant": quant} if model_cls.supports_native_gguf else {}
     kwargs["backend"] = backend

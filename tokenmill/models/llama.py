@@ -59,7 +59,6 @@ class LlamaAttention(torch.nn.Module):
             self.q_norm = RMSNorm(d, cfg.norm_eps, dtype)
             self.k_norm = RMSNorm(d, cfg.norm_eps, dtype)
         self.qk_norm = cfg.qk_norm
-        self.ops = backend.ops
         self.attn = Attention(cfg.num_heads, cfg.num_kv_heads, d, d**-0.5, backend)
 
     def forward(
