@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -491,15 +492,8 @@ def shape_run(run: Run, root: Path, name: str) -> dict:
     if name == "8B" or run.smoke:
         n = 40 if run.smoke else 1000
         length = 16 if run.smoke else 128
-        t = gen(n, length, length)
-        out["offline"] = {
-            "prompts": n,
-            "in": length,
-            "out": length,
-            "seconds": t,
-            "output_tok_s": n * length / t,
-            "total_tok_s": 2 * n * length / t,
-        }
+        out["offline"] = {"prompts": n, "in": length, "out": length}
+        out["offline"].update(offline_run(run, llm, vocab, n, length))
     llm = None  # the closures above reach the LLM through this name
     release_memory()
     return out
@@ -510,6 +504,37 @@ def shape_run(run: Run, root: Path, name: str) -> dict:
 # sequences per decode step read the weights for more tokens, more tokens per step cut the
 # prefill phase's steps. The defaults change only on what these measure.
 OFFLINE_BUDGETS = ((512, 8192), (1024, 16384))
+
+
+def offline_run(run: Run, llm, vocab: int, n: int, length: int) -> dict:
+    """One offline run (n prompts x `length` in / `length` out) and how its steps went: multi-step
+    rounds by length, single decode steps, steps with prefill tokens. Rounds shorter than
+    num_scheduler_steps were cut by the request nearest its max_tokens (or the context), single
+    decode steps by a waiting request or a host-bound one (`Scheduler._schedule_multi_step`)."""
+    sched = llm.engine.scheduler
+    steps: Counter = Counter()
+    schedule = sched.schedule
+
+    def counting():
+        out = schedule()
+        tokens = sum(s.num_scheduled_tokens for s in out.scheduled)
+        if out.num_steps > 1:
+            steps[f"round of {out.num_steps}"] += 1
+        else:
+            steps["decode" if tokens == len(out.scheduled) else "with prefill"] += 1
+        return out
+
+    sched.schedule = counting  # a benchmark's probe on the instance, removed below
+    try:
+        t = gen_seconds(run, llm, vocab, n, length, length)
+    finally:
+        del sched.schedule
+    return {
+        "seconds": t,
+        "output_tok_s": n * length / t,
+        "total_tok_s": 2 * n * length / t,
+        "steps": dict(sorted(steps.items())),
+    }
 
 
 def offline_sweep(run: Run, root: Path) -> dict:
@@ -529,13 +554,7 @@ def offline_sweep(run: Run, root: Path) -> dict:
         )
         ready = time.perf_counter() - t0
         gen_seconds(run, llm, vocab, seqs, length, 8)  # warm-up: every batch size's kernels
-        t = gen_seconds(run, llm, vocab, n, length, length)
-        out[f"{seqs}x{tokens}"] = {
-            "ready_s": ready,
-            "seconds": t,
-            "output_tok_s": n * length / t,
-            "total_tok_s": 2 * n * length / t,
-        }
+        out[f"{seqs}x{tokens}"] = {"ready_s": ready, **offline_run(run, llm, vocab, n, length)}
         llm = None
         release_memory()
     return out
