@@ -38,6 +38,11 @@ class ServerProcess:
             "none",
             "--max-model-len",
             "1024",
+            # Test clients keep pooled connections idle while other requests run; with the 5 s
+            # default the server may close one just as a client reuses it (a keep-alive race,
+            # seen once in CI as "Server disconnected without sending a response").
+            "--keep-alive-timeout",
+            "600",
             *args,
         ]
         if api_key:
