@@ -194,7 +194,8 @@ LINEARS = {
     "1B": {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192)},
     "8B": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
 }
-# skinny_linear configurations tried: (BLOCK_N, BLOCK_K, warps, stages)
+# skinny_linear configurations tried: (BLOCK_N, BLOCK_K, warps, stages[, dot]); the GEMVs
+# (dot=False) at one row only
 SKINNY_CONFIGS = (
     (16, 256, 4, 4),
     (16, 128, 4, 4),
@@ -202,14 +203,19 @@ SKINNY_CONFIGS = (
     (32, 256, 4, 4),
     (16, 256, 8, 6),
     (16, 512, 8, 4),
+    (8, 512, 4, 3, False),
+    (4, 512, 4, 3, False),
+    (8, 1024, 4, 2, False),
+    (16, 512, 8, 3, False),
 )
 
 
 def _skinny_case(n: int, k: int, rows: int, copy_gbs: float) -> dict:
     """x W^T for `rows` rows on cuBLAS (F.linear) and on skinny_linear in every configuration
-    of SKINNY_CONFIGS: device time per call and the fraction of the copy bandwidth its weight
-    bytes need. The graph cycles through copies of W totalling >= 512 MB, so each call reads
-    its weight from memory, not from the 50 MB L2 (`_us` alone would keep it there)."""
+    of SKINNY_CONFIGS that takes that many rows: device time per call and the fraction of the
+    copy bandwidth its weight bytes need. The graph cycles through copies of W totalling >= 512
+    MB, so each call reads its weight from memory, not from the 50 MB L2 (`_us` alone would keep
+    it there)."""
     import torch
     import torch.nn.functional as F
 
@@ -230,6 +236,8 @@ def _skinny_case(n: int, k: int, rows: int, copy_gbs: float) -> dict:
 
     out = {"cublas": entry(per_call(lambda w: F.linear(x, w)))}
     for cfg in SKINNY_CONFIGS:
+        if not tk.SkinnyConfig(*cfg).dot and rows != 1:
+            continue
         err = ((tk.skinny_linear(x, ws[0], None, cfg).float() - ref).abs().max()).item()
         out[str(cfg)] = entry(per_call(lambda w, cfg=cfg: tk.skinny_linear(x, w, None, cfg)))
         out[str(cfg)]["max_err_rel"] = err / ref.abs().max().item()
@@ -241,7 +249,8 @@ def _skinny_case(n: int, k: int, rows: int, copy_gbs: float) -> dict:
 def skinny_sweep(run: Run) -> dict:
     """skinny_linear against cuBLAS on every dense linear of the 1B and 8B shapes at 1, 4 and
     16 rows (`_skinny_case`): which weights the small-batch kernel should take
-    (`SkinnyLinear.max_weight_bytes`) and in which configuration (`SKINNY_CONFIG`)."""
+    (`SkinnyLinear.max_weight_bytes`) and in which configurations (`SKINNY_CONFIG`, and
+    `SKINNY_GEMV_CONFIG` for one row)."""
     copy_gbs = run.results.get("copy_gbs") or 4000.0
     out = {}
     for shape, linears in LINEARS.items():

@@ -225,38 +225,78 @@ def test_argmax_rows_picks_the_first_maximum_across_chunks(dtype):
     assert tk.argmax_rows(x[:, :100], block=block).tolist() == x[:, :100].argmax(-1).tolist()
 
 
+# small-tile launch configurations of the two kinds of skinny GEMM (tl.dot, and the one-row GEMV)
+DOT = tk.SkinnyConfig(16, 128, 4, 2)
+GEMV = tk.SkinnyConfig(8, 128, 4, 2, dot=False)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
-    "m,n,k",
-    [(1, 48, 512), (5, 40, 300), (16, 33, 64), (3, 16, 8)],
-    ids=["batch1", "ragged-n-k", "full-tile", "k-below-16"],
+    "m,n,k,config",
+    [
+        (1, 48, 512, DOT),
+        (1, 48, 512, GEMV),
+        (1, 41, 300, GEMV),
+        (5, 40, 300, DOT),
+        (16, 33, 64, DOT),
+        (3, 16, 8, DOT),
+        (1, 16, 8, GEMV),
+    ],
+    ids=[
+        "batch1",
+        "batch1-gemv",
+        "ragged-n-k-gemv",
+        "ragged-n-k",
+        "full-tile",
+        "k-below-16",
+        "k-below-16-gemv",
+    ],
 )
 @pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
-def test_skinny_linear(dtype, m, n, k, bias):
-    """Against a float64 matmul: row counts up to the tile's 16, N not a multiple of BLOCK_N,
-    K not a multiple of BLOCK_K (the masked loop) and below tl.dot's 16, x a strided view."""
+def test_skinny_linear(dtype, m, n, k, config, bias):
+    """Against a float64 matmul: row counts up to the tile's 16 (one for the GEMV), N not a
+    multiple of BLOCK_N, K not a multiple of BLOCK_K (the masked loop) and below tl.dot's 16, x
+    a strided view."""
     g = torch.Generator().manual_seed(m * 1000 + n)
     x = torch.randn(m, k + 7, generator=g).to(dtype)[:, 3 : 3 + k]  # rows k + 7 apart
     w = torch.randn(n, k, generator=g).to(dtype)
     b = torch.randn(n, generator=g).to(dtype) if bias else None
-    y = tk.skinny_linear(x, w, b, config=(16, 128, 4, 2))
+    y = tk.skinny_linear(x, w, b, config=config)
     ref = x.double() @ w.double().T + (b.double() if bias else 0.0)
     assert y.dtype == dtype and y.shape == (m, n)
     scale = ref.abs().max().item()
     torch.testing.assert_close(y.double(), ref, atol=TOL[dtype] * scale, rtol=TOL[dtype])
 
 
+def test_skinny_gemv_takes_one_row_and_is_the_one_row_default():
+    """A GEMV configuration refuses two rows; without a configuration one row runs the GEMV
+    (SKINNY_GEMV_CONFIG: the same values as passing it) and more rows the tl.dot kernel."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(40, 96, generator=g)
+    with pytest.raises(AssertionError, match="one row"):
+        tk.skinny_linear(torch.randn(2, 96, generator=g), w, None, config=GEMV)
+    x = torch.randn(1, 96, generator=g)
+    assert not tk.SKINNY_GEMV_CONFIG.dot and tk.SKINNY_CONFIG.dot
+    assert torch.equal(tk.skinny_linear(x, w), tk.skinny_linear(x, w, config=tk.SKINNY_GEMV_CONFIG))
+    x3 = torch.randn(3, 96, generator=g)
+    assert torch.equal(tk.skinny_linear(x3, w), tk.skinny_linear(x3, w, config=tk.SKINNY_CONFIG))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("m,n,k", [(1, 48, 512), (6, 40, 300)], ids=["batch1", "ragged"])
-def test_skinny_glu_linear_is_silu_and_mul_then_the_gemm(dtype, m, n, k):
+@pytest.mark.parametrize(
+    "m,n,k,config",
+    [(1, 48, 512, DOT), (1, 48, 512, GEMV), (6, 40, 300, DOT)],
+    ids=["batch1", "batch1-gemv", "ragged"],
+)
+def test_skinny_glu_linear_is_silu_and_mul_then_the_gemm(dtype, m, n, k, config):
     """One launch against the two it replaces (the same rounding of silu(gate) * up), and the
     pair against float64."""
     g = torch.Generator().manual_seed(m)
     gate_up = (torch.randn(m, 2 * k, generator=g) * 3).to(dtype)
     w = torch.randn(n, k, generator=g).to(dtype)
     b = torch.randn(n, generator=g).to(dtype)
-    y = tk.skinny_glu_linear(gate_up, w, b, config=(16, 128, 4, 2))
-    two = tk.skinny_linear(tk.silu_and_mul(gate_up), w, b, config=(16, 128, 4, 2))
+    y = tk.skinny_glu_linear(gate_up, w, b, config=config)
+    two = tk.skinny_linear(tk.silu_and_mul(gate_up), w, b, config=config)
     torch.testing.assert_close(y, two, atol=0, rtol=0)
     gate, up = gate_up.double().chunk(2, dim=-1)
     ref = (F.silu(gate) * up) @ w.double().T + b.double()
@@ -265,9 +305,13 @@ def test_skinny_glu_linear_is_silu_and_mul_then_the_gemm(dtype, m, n, k):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("m,n,k", [(1, 48, 512), (7, 40, 300)], ids=["batch1", "ragged"])
+@pytest.mark.parametrize(
+    "m,n,k,config",
+    [(1, 48, 512, DOT), (1, 48, 512, GEMV), (7, 40, 300, DOT)],
+    ids=["batch1", "batch1-gemv", "ragged"],
+)
 @pytest.mark.parametrize("with_delta", [True, False], ids=["add", "norm-only"])
-def test_skinny_add_norm_linear_is_add_rms_norm_then_the_gemm(dtype, m, n, k, with_delta):
+def test_skinny_add_norm_linear_is_add_rms_norm_then_the_gemm(dtype, m, n, k, config, with_delta):
     """Against float64 add + RMSNorm + matmul: the new residual stream (exactly residual +
     delta, rounded to the dtype, as add_rms_norm writes it; the input itself when there is no
     delta) and the product, with the tolerance of the dtype's rounding of the normed row."""
@@ -278,7 +322,7 @@ def test_skinny_add_norm_linear_is_add_rms_norm_then_the_gemm(dtype, m, n, k, wi
     w = torch.randn(n, k, generator=g).to(dtype)
     b = torch.randn(n, generator=g).to(dtype)
     before = residual.clone()
-    r, y = tk.skinny_add_norm_linear(residual, delta, norm_w, 1e-5, w, b, config=(16, 128, 4, 2))
+    r, y = tk.skinny_add_norm_linear(residual, delta, norm_w, 1e-5, w, b, config=config)
     expected_r = (residual.float() + delta.float()).to(dtype) if with_delta else residual
     assert torch.equal(r, expected_r)
     assert torch.equal(residual, before), "the input residual is left as it was"

@@ -15,8 +15,9 @@
   cache).
 - `silu_and_mul`: [n, 2i] = [gate | up] -> silu(gate) * up.
 - `skinny_linear`: x W^T for decode steps of a few rows (the dense linears' kernel on CUDA up
-  to SKINNY_MAX_M rows, where cuBLAS left bandwidth unused); `skinny_glu_linear` and
-  `skinny_add_norm_linear` take SiLU*mul, or the residual add and RMSNorm, into its loads.
+  to SKINNY_MAX_M rows, where cuBLAS left bandwidth unused; a GEMV for one row);
+  `skinny_glu_linear` and `skinny_add_norm_linear` take SiLU*mul, or the residual add and
+  RMSNorm, into its loads.
 
 The KV cache layout is the engine's: [num_slots, num_kv_heads, head_dim], slot = block *
 block_size + offset. Tests run every kernel under TRITON_INTERPRET=1 on the CPU against the torch
@@ -24,6 +25,8 @@ reference, in float32 and float16.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -655,6 +658,7 @@ def _skinny_linear_kernel(
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
     PRECISION: tl.constexpr,  # "ieee" for float32 (no TF32 rounding), else the default
+    DOT: tl.constexpr,  # tl.dot on a BLOCK_M-row tile; else one row, products summed along K
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -695,7 +699,10 @@ def _skinny_linear_kernel(
             x = (rf * g).to(w_ptr.dtype.element_ty)
         else:
             x = tl.load(x_rows + kk, mask=x_ok, other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        if DOT:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        else:
+            acc += tl.sum(x.to(tl.float32) * w.to(tl.float32), 1)[None, :]
     if PROLOGUE == 2:  # rms_norm(r) W^T = (r * g) W^T / rms(r), row by row
         acc *= (1.0 / tl.sqrt(sumsq / K + eps))[:, None]
     if HAS_BIAS:
@@ -707,8 +714,24 @@ def _skinny_linear_kernel(
     )
 
 
-# The skinny GEMM's launch configuration: BLOCK_N, BLOCK_K, warps, pipeline stages.
-SKINNY_CONFIG = (16, 256, 4, 4)
+class SkinnyConfig(NamedTuple):
+    """A launch configuration of the skinny GEMM: output rows per program, the K tile, warps,
+    pipeline stages, and whether it multiplies with `tl.dot` on a 16-row tile of x (any M up to
+    SKINNY_MAX_M) or is the one-row GEMV (dot=False: each K tile's products summed in float32,
+    no tile of 16 rows to fill, so BLOCK_N may be below tl.dot's 16 and a small weight spreads
+    over more programs)."""
+
+    block_n: int
+    block_k: int
+    warps: int
+    stages: int
+    dot: bool = True
+
+
+# The skinny GEMM's configurations: for 2-16 rows, and for one row. Guesses until
+# benchmarks/gpu_profile.py's skinny sweep has run on a device (it times both kinds).
+SKINNY_CONFIG = SkinnyConfig(16, 256, 4, 4)
+SKINNY_GEMV_CONFIG = SkinnyConfig(8, 512, 4, 3, dot=False)
 SKINNY_MAX_M = 16  # rows of x one launch takes (tl.dot's smallest M tile)
 
 
@@ -718,7 +741,7 @@ def _skinny_launch(
     k: int,
     w: torch.Tensor,
     bias: torch.Tensor | None,
-    config: tuple[int, int, int, int],
+    config: tuple | None,
     delta: torch.Tensor | None = None,
     norm_weight: torch.Tensor | None = None,
     residual_out: torch.Tensor | None = None,
@@ -727,7 +750,10 @@ def _skinny_launch(
     m = x.shape[0]
     n = w.shape[0]
     assert m <= SKINNY_MAX_M and w.shape[1] == k and x.stride(1) == 1 and w.stride(1) == 1
-    block_n, block_k, warps, stages = config
+    if config is None:
+        config = SKINNY_GEMV_CONFIG if m == 1 else SKINNY_CONFIG
+    block_n, block_k, warps, stages, dot = SkinnyConfig(*config)
+    assert dot or m == 1, "the GEMV configurations take one row"
     block_k = min(block_k, max(16, triton.next_power_of_2(k)))
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     _skinny_linear_kernel[(triton.cdiv(n, block_n),)](
@@ -752,7 +778,8 @@ def _skinny_launch(
         HAS_BIAS=bias is not None,
         EVEN_K=k % block_k == 0,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=SKINNY_MAX_M,
+        DOT=dot,
+        BLOCK_M=SKINNY_MAX_M if dot else 1,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=warps,
@@ -765,14 +792,15 @@ def skinny_linear(
     x: torch.Tensor,
     w: torch.Tensor,
     bias: torch.Tensor | None = None,
-    config: tuple[int, int, int, int] = SKINNY_CONFIG,
+    config: tuple | None = None,
 ) -> torch.Tensor:
     """y = x W^T (+ b) for the few rows of a decode step, x [M <= SKINNY_MAX_M, K], W [N, K]
     (both with unit stride along K), in x's dtype: bound by reading W once, so each program
     streams BLOCK_N whole rows of W through a pipelined loop over K (`tl.dot` on a BLOCK_M = 16
-    tile; padding rows of x read nothing). cuBLAS reached 45-74% of an H200's bandwidth on the
-    small q/k/v and o projections of a batch-1 step (`benchmarks/gpu_profile.py` sweeps this
-    configuration against it)."""
+    tile, padding rows of x reading nothing; or for one row the GEMV). `config` (a SkinnyConfig
+    or its fields) defaults to SKINNY_GEMV_CONFIG for one row, else SKINNY_CONFIG. cuBLAS
+    reached 45-74% of an H200's bandwidth on the small q/k/v and o projections of a batch-1 step
+    (`benchmarks/gpu_profile.py` sweeps these configurations against it)."""
     return _skinny_launch(PLAIN, x, x.shape[1], w, bias, config)
 
 
@@ -780,7 +808,7 @@ def skinny_glu_linear(
     gate_up: torch.Tensor,
     w: torch.Tensor,
     bias: torch.Tensor | None = None,
-    config: tuple[int, int, int, int] = SKINNY_CONFIG,
+    config: tuple | None = None,
 ) -> torch.Tensor:
     """`skinny_linear(silu_and_mul(gate_up), w, bias)` in one launch: gate_up [M, 2K] = [gate |
     up], each K tile of silu(gate) * up computed (and rounded to the dtype, as silu_and_mul
@@ -795,7 +823,7 @@ def skinny_add_norm_linear(
     eps: float,
     w: torch.Tensor,
     bias: torch.Tensor | None = None,
-    config: tuple[int, int, int, int] = SKINNY_CONFIG,
+    config: tuple | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`add_rms_norm` then `skinny_linear` in one launch: (r, rms_norm(r) * g W^T + b) with
     r = residual + delta (rounded to the dtype; a new tensor, written by the first program, as
