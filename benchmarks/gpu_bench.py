@@ -586,8 +586,9 @@ def step_anatomy(run: Run, llm, out: dict) -> dict:
 def skinny_ab(llm, decode_rate) -> dict:
     """Decode at batch 1 and 16 with the dense linears' small-batch kernel (the skinny GEMM,
     `SkinnyLinear`) detached from every linear, so cuBLAS runs every row count, then attached
-    again, the decode graphs recaptured each time (a benchmark knob, not an API); the same
-    measurement as the shape's other decode rates."""
+    again, and at batch 1 once more with its tl.dot kind in place of the one-row GEMV; the
+    decode graphs recaptured each time (a benchmark knob, not an API); the same measurement as
+    the shape's other decode rates."""
     linears = [m for m in llm.engine.model.modules() if getattr(m, "small_batch", None)]
     out = {"linears_on_skinny": len(linears)}
     graphs = llm.engine.runner.graphs
@@ -603,6 +604,20 @@ def skinny_ab(llm, decode_rate) -> dict:
             out[f"{label}_b{b}_tok_s"] = decode_rate(b)
     for b in (1, 16):
         out[f"skinny_over_cublas_b{b}"] = out[f"skinny_b{b}_tok_s"] / out[f"cublas_b{b}_tok_s"]
+    # one row on the tl.dot kind instead of the GEMV (SKINNY_GEMV_CONFIG is read at each launch)
+    from tokenmill.kernels import triton_ops as tk
+
+    gemv = tk.SKINNY_GEMV_CONFIG
+    tk.SKINNY_GEMV_CONFIG = tk.SKINNY_CONFIG
+    try:
+        if graphs is not None:
+            graphs.capture()
+        out["skinny_dot_b1_tok_s"] = decode_rate(1)
+    finally:
+        tk.SKINNY_GEMV_CONFIG = gemv
+        if graphs is not None:
+            graphs.capture()
+    out["gemv_over_dot_b1"] = out["skinny_b1_tok_s"] / out["skinny_dot_b1_tok_s"]
     return out
 
 
