@@ -5,11 +5,14 @@
   (written here from the block layouts that `gguf.quants` dequantizes; a plain min/max or abs-max
   quantizer, not llama.cpp's, but its blocks are valid and its error is bounded, see
   `_min_max_grid`, `_quantize_q3_k` and `_quantize_q6_k`).
-* `random_blocks(qtype, rows, cols, rng, extreme=False)`: random raw blocks of any of those types,
-  optionally covering edge cases (zero blocks and scales, saturated scales and quants, negative,
-  tiny, subnormal and large fp16 scales), all dequantizing to finite float32 values.
+* `random_blocks(qtype, rows, cols, rng, extreme=False)`: random raw blocks of any of those types
+  and of the lattice types (IQ1_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, whose every byte
+  pattern is a valid block), optionally covering edge cases (zero blocks and scales, saturated
+  scales and quants, negative, tiny, subnormal and large fp16 scales), all dequantizing to finite
+  float32 values.
 * `write_tiny_llama_gguf(path, qtype, ...)`: a small random Llama checkpoint with a byte-level BPE
-  tokenizer that loads in transformers (`gguf_file=`) and in tokenmill.
+  tokenizer that loads in transformers (`gguf_file=`) and in tokenmill (lattice types: random
+  blocks scaled to the weights' RMS, `random_lattice_blocks`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ from gguf.constants import GGML_QUANT_SIZES, QK_K
 LEGACY_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0)
 K_TYPES = (QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K)
 IQ_TYPES = (QT.IQ4_NL, QT.IQ4_XS)
-ALL_TYPES = LEGACY_TYPES + K_TYPES + IQ_TYPES
+# ggml's i-quants with a grid: random blocks only (no quantizer here; any bytes are valid blocks)
+LATTICE_TYPES = (QT.IQ1_S, QT.IQ2_XXS, QT.IQ2_XS, QT.IQ2_S, QT.IQ3_XXS, QT.IQ3_S)
+QUANTIZER_TYPES = LEGACY_TYPES + K_TYPES + IQ_TYPES
+ALL_TYPES = QUANTIZER_TYPES + LATTICE_TYPES
 # ggml's kvalues_iq4nl: an IQ4 weight is its block's scale times one of these
 IQ4_CODEBOOK = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113])
 
@@ -309,6 +315,14 @@ _LAYOUT = {
     QT.Q6_K: dict(d=208, m=None, scales=(192, 208), quants=(0, 192)),
     QT.IQ4_NL: dict(d=0, m=None, scales=None, quants=(2, 18)),
     QT.IQ4_XS: dict(d=0, m=None, scales=(2, 8), quants=(8, 136)),
+    # the lattice types' scales share bytes with their grid indices and signs (IQ2_XS, IQ2_S and
+    # IQ3_S keep them apart, IQ2_XS's last 8 bytes, IQ2_S's last 8 and IQ3_S's last 4)
+    QT.IQ1_S: dict(d=0, m=None, scales=None, quants=(2, 50)),
+    QT.IQ2_XXS: dict(d=0, m=None, scales=None, quants=(2, 66)),
+    QT.IQ2_XS: dict(d=0, m=None, scales=(66, 74), quants=(2, 66)),
+    QT.IQ2_S: dict(d=0, m=None, scales=(74, 82), quants=(2, 74)),
+    QT.IQ3_XXS: dict(d=0, m=None, scales=None, quants=(2, 98)),
+    QT.IQ3_S: dict(d=0, m=None, scales=(106, 110), quants=(2, 106)),
 }
 # Typical |d| per type, so that random blocks dequantize to values of order one.
 _TYPICAL_D = {
@@ -324,6 +338,12 @@ _TYPICAL_D = {
     QT.Q6_K: 0.002,
     QT.IQ4_NL: 0.01,
     QT.IQ4_XS: 0.0005,
+    QT.IQ1_S: 0.1,
+    QT.IQ2_XXS: 0.005,
+    QT.IQ2_XS: 0.005,
+    QT.IQ2_S: 0.005,
+    QT.IQ3_XXS: 0.004,
+    QT.IQ3_S: 0.004,
 }
 
 EXTREME_CASES = (
@@ -441,6 +461,21 @@ def random_blocks(
     return blocks.reshape(rows, width)
 
 
+def random_lattice_blocks(
+    qtype: QT, rows: int, cols: int, rms: float, rng: np.random.Generator
+) -> np.ndarray:
+    """`random_blocks` of a lattice type whose float16 scales are rescaled so that the weights'
+    RMS is about `rms` (the stand-in for quantizing random weights of that RMS)."""
+    from gguf.quants import dequantize
+
+    raw = random_blocks(qtype, rows, cols, rng)
+    blocks = raw.reshape(-1, GGML_QUANT_SIZES[qtype][1])
+    actual = float(np.sqrt(np.mean(dequantize(raw, qtype).astype(np.float64) ** 2)))
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float64) * (rms / actual)
+    _set_f16(blocks, 0, d.ravel())
+    return blocks.reshape(rows, -1)
+
+
 # ---- a tiny Llama GGUF --------------------------------------------------------------------
 _CORPUS = """\
 The quick brown fox jumps over the lazy dog. Once upon a time, in a small village by the sea,
@@ -465,6 +500,12 @@ _FILE_TYPE = {
     QT.Q6_K: 18,
     QT.IQ4_NL: 25,
     QT.IQ4_XS: 30,
+    QT.IQ1_S: 24,
+    QT.IQ2_XXS: 19,
+    QT.IQ2_XS: 20,
+    QT.IQ2_S: 28,
+    QT.IQ3_XXS: 23,
+    QT.IQ3_S: 26,
 }
 EOS_TOKEN = "<|endoftext|>"
 
@@ -595,7 +636,11 @@ def write_tiny_llama_gguf(
     writer.add_add_bos_token(False)
 
     def add(name: str, w: np.ndarray) -> None:
-        writer.add_tensor(name, quantize(w, qtype), raw_dtype=qtype)
+        if qtype in LATTICE_TYPES:  # random blocks with w's RMS in place of w
+            raw = random_lattice_blocks(qtype, *w.shape, float(np.sqrt(np.mean(w**2))), rng)
+        else:
+            raw = quantize(w, qtype)
+        writer.add_tensor(name, raw, raw_dtype=qtype)
 
     # Embedding rows of RMS ~0.25 give logits with a clear spread (std ~4 when tied).
     add("token_embd.weight", weight(vocab, hidden, 0.25))

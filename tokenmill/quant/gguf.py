@@ -86,7 +86,7 @@ class GGUFLinearMethod(UnfusedEntryPoints):
                 f"the model expects {(rows, layer.in_features)}"
             )
         layer.shard_packed[shard] = self.ops.gguf_repack(
-            _raw_bytes(tensor.data), qtype, rows, layer.in_features
+            _raw_bytes(tensor.data), qtype, rows, layer.in_features, gp.grid_levels(qtype)
         )
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
@@ -163,7 +163,9 @@ class GGUFEmbeddingMethod:
             raise ModelLoadError(
                 f"tensor {name!r} has shape {tuple(tensor.shape)}, the model expects {(n, k)}"
             )
-        layer.packed = self.ops.gguf_repack(_raw_bytes(tensor.data), self.qtype, n, k)
+        layer.packed = self.ops.gguf_repack(
+            _raw_bytes(tensor.data), self.qtype, n, k, gp.grid_levels(self.qtype)
+        )
 
     def lookup(self, layer: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         rows = self.ops.quant_rows(

@@ -24,15 +24,28 @@ same for bits 0..1 and H3 the masks of bit 2 (Q3_K's u = its 3-bit value + 4, 0.
 6-bit scale less 32). Sizes per weight equal the file's, except Q4_K / Q5_K, whose scales take 4
 bytes more per 256 inputs, and Q3_K and IQ4_XS, 4 and 2 bytes more (their scales in whole bytes).
 `unpack` inverts `pack` exactly.
+
+The lattice types (ggml's i-quants with a grid: IQ1_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S) are
+repacked losslessly into a 4-bit codebook layout: each weight is one of at most 16 values of its
+type (a grid value times a sign, IQ1_S's grid value plus its block's delta), so `u` is that
+value's index in the type's signed codebook (CODEBOOKS: magnitude i at index 8 + i, its negative
+at 7 - i) and `sc` the block scale's integer factor (2 s + 1, IQ3_S 1 + 2 s), one per 32 inputs,
+laid out as IQ4_XS (IQ2_XS and IQ2_S, a scale per 16 inputs: d[16] | sc[16][16] | L x 8). A
+weight is d * FACTOR * sc * CODEBOOKS[u], the product gguf computes, exactly. They take 4.3-4.6
+bits per weight in memory where the file has 1.6-3.4: the price of running them on the 4-bit
+kernels, against 16 dequantized.
 """
 
 from __future__ import annotations
+
+from functools import cache
 
 import numpy as np
 import torch
 
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 10, 11, 12, 13, 14
 IQ4_NL, IQ4_XS = 20, 23
+IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, IQ3_S, IQ2_S = 16, 17, 18, 19, 21, 22
 NAMES = {
     Q4_0: "Q4_0",
     Q4_1: "Q4_1",
@@ -46,12 +59,43 @@ NAMES = {
     Q6_K: "Q6_K",
     IQ4_NL: "IQ4_NL",
     IQ4_XS: "IQ4_XS",
+    IQ1_S: "IQ1_S",
+    IQ2_XXS: "IQ2_XXS",
+    IQ2_XS: "IQ2_XS",
+    IQ2_S: "IQ2_S",
+    IQ3_XXS: "IQ3_XXS",
+    IQ3_S: "IQ3_S",
 }
 K_TYPES = (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)
 SPLIT_TYPES = (Q2_K, Q3_K, Q6_K)  # a scale per 16 inputs
-SUPER_BLOCK_TYPES = K_TYPES + (IQ4_XS,)  # units of 256 inputs
+LATTICE_TYPES = (IQ1_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S)
+LATTICE_SPLIT_TYPES = (IQ2_XS, IQ2_S)  # a scale per 16 inputs
+SUPER_BLOCK_TYPES = K_TYPES + (IQ4_XS,) + LATTICE_TYPES  # units of 256 inputs
 # IQ4_NL / IQ4_XS weights are d (times a scale per 32, IQ4_XS) * CODEBOOK[u] (ggml's kvalues_iq4nl)
 CODEBOOK = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+def _signed_codebook(magnitudes: tuple[int, ...]) -> tuple[int, ...]:
+    """16 values: magnitude i at index 8 + i, its negative at 7 - i, 0 where unused."""
+    book = [0] * 16
+    for i, v in enumerate(magnitudes):
+        book[8 + i], book[7 - i] = v, -v
+    return tuple(book)
+
+
+# The lattice types' grid values as integers (ggml's grids hold these magnitudes; IQ1_S's weights
+# are 8 * (its grid value -1, 0 or 1) +- 1, its block's delta of 1/8 scaled by 8) and the power of
+# two that, with d and sc, scales them.
+_MAGNITUDES = {
+    IQ1_S: (1, 7, 9),
+    IQ2_XXS: (8, 25, 43),
+    IQ2_XS: (8, 25, 43),
+    IQ2_S: (8, 25, 43),
+    IQ3_XXS: (4, 12, 20, 28, 36, 44, 52, 62),
+    IQ3_S: (1, 3, 5, 7, 9, 11, 13, 15),
+}
+CODEBOOKS = {q: _signed_codebook(m) for q, m in _MAGNITUDES.items()}
+FACTOR = {IQ1_S: 0.125, IQ2_XXS: 0.125, IQ2_XS: 0.125, IQ2_S: 0.125, IQ3_XXS: 0.25, IQ3_S: 1.0}
 # GGUF bytes per block and inputs per block
 BLOCK_BYTES = {
     Q4_0: 18,
@@ -66,6 +110,12 @@ BLOCK_BYTES = {
     Q6_K: 210,
     IQ4_NL: 18,
     IQ4_XS: 136,
+    IQ1_S: 50,
+    IQ2_XXS: 66,
+    IQ2_XS: 74,
+    IQ2_S: 82,
+    IQ3_XXS: 98,
+    IQ3_S: 110,
 }
 UNIT_BYTES = {
     Q4_0: 288,
@@ -80,6 +130,12 @@ UNIT_BYTES = {
     Q6_K: 3360,
     IQ4_NL: 288,
     IQ4_XS: 2208,
+    IQ1_S: 2208,
+    IQ2_XXS: 2208,
+    IQ2_XS: 2336,
+    IQ2_S: 2336,
+    IQ3_XXS: 2208,
+    IQ3_S: 2208,
 }
 
 
@@ -108,12 +164,94 @@ def _two_bit_values(qs: torch.Tensor, n: int, nb: int) -> torch.Tensor:
     return (qs.reshape(n, nb, 2, 1, 32) >> shifts) & 3
 
 
+@cache
+def grid_levels(qtype: int) -> torch.Tensor:
+    """A lattice type's grid (ggml's iq*_grid, from `gguf.quants`): uint8 [entries, 8 or 4],
+    each value's index in the type's grid values (its magnitude's index, IQ1_S: 0, 1, 2 for
+    -1, 0, 1). An empty tensor for the other types."""
+    if qtype not in LATTICE_TYPES:
+        return torch.empty(0, dtype=torch.uint8)
+    from gguf import GGMLQuantizationType
+    from gguf.quants import _type_traits
+
+    cls = _type_traits[GGMLQuantizationType(qtype)]
+    cls.init_grid()
+    grid = np.asarray(cls.grid).reshape(cls.grid_shape)
+    levels = np.searchsorted(np.asarray(cls.grid_map, dtype=np.float32), grid)
+    return torch.from_numpy(levels.astype(np.uint8))
+
+
+def _sign_bytes(seven: torch.Tensor) -> torch.Tensor:
+    """ggml's ksigns_iq2xs: 7 sign bits and an eighth that makes their count even."""
+    parity = sum((seven >> i) & 1 for i in range(7)) & 1
+    return (seven | (parity << 7)).to(torch.uint8)
+
+
+def _bits(byte: torch.Tensor) -> torch.Tensor:
+    """[..., g] bytes -> [..., g, 8] bits, bit j of each byte at j."""
+    return (byte[..., None] >> torch.arange(8, dtype=torch.uint8)) & 1
+
+
+def _le(b: torch.Tensor, width: int) -> torch.Tensor:
+    """Little-endian unsigned integers of `width` bytes from b [..., m * width] -> [..., m]."""
+    b = b.to(torch.int64).reshape(*b.shape[:-1], -1, width)
+    return sum(b[..., i] << (8 * i) for i in range(width))
+
+
+def _parse_lattice(b: torch.Tensor, qtype: int, n: int, nb: int) -> dict[str, torch.Tensor]:
+    """Lattice blocks [n, nb, bytes] -> fields: u (codebook indices [n, nb * 256]), d, sc."""
+    grid = grid_levels(qtype).long()
+    f: dict[str, torch.Tensor] = {"d": b[..., 0:2]}
+    if qtype == IQ1_S:
+        qs, qh = b[..., 2:34].long().reshape(n, nb, 8, 4), _le(b[..., 34:50], 2)  # [n, nb, 8]
+        f["sc"] = (2 * ((qh >> 12) & 7) + 1).to(torch.uint8)
+        idx = qs | (((qh[..., None] >> (3 * torch.arange(4))) & 7) << 8)
+        v = 8 * (grid[idx] - 1) + torch.where(qh >> 15 == 1, -1, 1)[..., None, None]
+        level = torch.tensor([0, 0, 0, 0, 0, 0, 1, 0, 2])[v.abs() - 1]  # |v| = 1, 7, 9
+        f["u"] = torch.where(v > 0, 8 + level, 7 - level).to(torch.uint8).reshape(n, -1)
+        return f
+    if qtype in (IQ2_XXS, IQ3_XXS):
+        if qtype == IQ2_XXS:
+            words = _le(b[..., 2:66], 4).reshape(n, nb, 8, 2)
+            idx = (words[..., 0:1] >> (8 * torch.arange(4))) & 255  # 4 entries of 8
+            aux = words[..., 1]
+        else:
+            idx = b[..., 2:66].long().reshape(n, nb, 8, 8)  # 8 entries of 4
+            aux = _le(b[..., 66:98], 4)
+        f["sc"] = (2 * (aux >> 28) + 1).to(torch.uint8)
+        signs = _sign_bytes((aux[..., None] >> (7 * torch.arange(4))) & 127)  # [n, nb, 8, 4]
+    elif qtype == IQ2_XS:
+        qs = _le(b[..., 2:66], 2).reshape(n, nb, 8, 4)
+        idx, signs = qs & 511, _sign_bytes(qs >> 9)
+        s = b[..., 66:74]
+    elif qtype == IQ2_S:
+        qh = b[..., 66:74].long()
+        idx = b[..., 2:34].long().reshape(n, nb, 8, 4)
+        idx = idx | (((qh[..., None] >> (2 * torch.arange(4))) & 3) << 8)
+        signs, s = b[..., 34:66].reshape(n, nb, 8, 4), b[..., 74:82]
+    else:  # IQ3_S
+        qh = b[..., 66:74].long()
+        idx = b[..., 2:66].long().reshape(n, nb, 8, 8)
+        idx = idx | (((qh[..., None] >> torch.arange(8)) & 1) << 8)
+        signs = b[..., 74:106].reshape(n, nb, 8, 4)
+        s = torch.stack([b[..., 106:110] & 0xF, b[..., 106:110] >> 4], -1).reshape(n, nb, 8)
+        f["sc"] = 1 + 2 * s
+    if qtype in LATTICE_SPLIT_TYPES:  # a 4-bit scale per 16 inputs, low nibble first
+        f["sc"] = 2 * torch.stack([s & 0xF, s >> 4], -1).reshape(n, nb, 16) + 1
+    level = grid[idx].reshape(n, nb, 8, 4, 8)
+    negative = _bits(signs).reshape(n, nb, 8, 4, 8) == 1
+    f["u"] = torch.where(negative, 7 - level, 8 + level).to(torch.uint8).reshape(n, -1)
+    return f
+
+
 def parse(raw: np.ndarray | torch.Tensor, qtype: int, n: int, k: int) -> dict[str, torch.Tensor]:
     """GGUF rows [n, k / block * block bytes] -> fields: `u` uint8 [n, k] and metadata."""
     if not isinstance(raw, torch.Tensor):
         raw = torch.from_numpy(np.array(raw))  # a copy: memory-mapped arrays are read-only
     nb = k // unit_k(qtype)
     b = raw.view(torch.uint8).reshape(n, nb, BLOCK_BYTES[qtype])
+    if qtype in LATTICE_TYPES:
+        return _parse_lattice(b, qtype, n, nb)
     f: dict[str, torch.Tensor] = {}
     if qtype == IQ4_XS:
         f["d"] = b[..., 0:2]
@@ -192,6 +330,11 @@ def dequantize_fields(f: dict[str, torch.Tensor], qtype: int, n: int, k: int) ->
     def half(x: torch.Tensor) -> torch.Tensor:
         return x.contiguous().view(torch.float16).float()[..., 0]
 
+    if qtype in LATTICE_TYPES:
+        per = 16 if qtype in LATTICE_SPLIT_TYPES else 32
+        w = torch.tensor(CODEBOOKS[qtype], dtype=torch.float32)[f["u"].long()].reshape(n, -1, per)
+        s = half(f["d"])[..., None] * FACTOR[qtype] * f["sc"].float()
+        return (s.reshape(n, -1, 1) * w).reshape(n, k)
     if qtype in (IQ4_NL, IQ4_XS):
         w = torch.tensor(CODEBOOK, dtype=torch.float32)[f["u"].long()].reshape(n, -1, 32)
         s = half(f["d"])
@@ -273,8 +416,9 @@ def pack(f: dict[str, torch.Tensor], qtype: int, n: int, k: int) -> torch.Tensor
         units = k // 256
         ut = ut.reshape(nt, units, 8, 8, 64)
         parts = [_per_row(f["d"], n, units, 2)]
-        if qtype == IQ4_XS:
-            parts.append(_per_row(f["sc"], n, units, 1))  # [nt, units, 8 sub x 16 rows]
+        if qtype == IQ4_XS or qtype in LATTICE_TYPES:
+            # [nt, units, 8 (16: split lattice types) sub x 16 rows]
+            parts.append(_per_row(f["sc"], n, units, 1))
             parts.append(_nibbles(ut).flatten(-2))
         elif qtype == Q6_K:
             parts.append(_per_row(f["sc"], n, units, 1))  # [nt, units, 16 sub x 16 rows]
@@ -343,8 +487,8 @@ def _unpack_tiles(packed: torch.Tensor, qtype: int, n: int, k: int) -> dict[str,
 
     f["d"] = _from_rows(take(32), n, units, 2)
     if qtype in SUPER_BLOCK_TYPES:
-        if qtype == IQ4_XS:
-            f["sc"] = _from_rows(take(128), n, units, 1)
+        if qtype == IQ4_XS or qtype in LATTICE_TYPES:
+            f["sc"] = _from_rows(take(256 if qtype in LATTICE_SPLIT_TYPES else 128), n, units, 1)
             ut = from_nibbles(take(2048).reshape(nt, units, 8, 256))
         elif qtype == Q6_K:
             f["sc"] = _from_rows(take(256), n, units, 1)

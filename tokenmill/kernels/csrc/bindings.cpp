@@ -17,7 +17,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_gemm", &quant_gemm);
   m.def("quant_rows", &quant_rows);
   m.def("quant_cols", &quant_cols);
-  m.def("gguf_repack", &gguf_repack);
+  m.def("gguf_repack", &gguf_repack, py::arg("raw"), py::arg("qtype"), py::arg("n"), py::arg("k"),
+        py::arg("grid") = py::none());
   // module_local: every kernel level is its own module, and several may be loaded at once
   py::class_<QuantLinear, std::shared_ptr<QuantLinear>>(m, "QuantLinear", py::module_local())
       .def(py::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<int64_t>,

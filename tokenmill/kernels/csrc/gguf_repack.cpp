@@ -28,7 +28,8 @@ struct RowUnit {
   uint8_t u[256];
   uint8_t d[2], m[2];     // fp16 scale; fp16 min (Q4_1 / Q5_1) or dmin (Q2_K, Q4_K / Q5_K)
   uint8_t sc[16], mn[8];  // sub-block scales (Q3_K, Q6_K: 16 int8; IQ4_XS: 8; Q2_K: 16 bytes of a
-                          // 4-bit scale and, above it, a 4-bit min) and mins
+                          // 4-bit scale and, above it, a 4-bit min; lattice types: 8 or 16
+                          // integer factors) and mins
 };
 
 inline void nibbles(const uint8_t* qs, int n, uint8_t* lo, uint8_t* hi) {
@@ -46,8 +47,101 @@ inline void two_bit_values(const uint8_t* qs, uint8_t* u) {
       for (int l = 0; l < 32; ++l) u[128 * n + 32 * j + l] = (qs[32 * n + l] >> (2 * j)) & 3;
 }
 
-// Decodes one row's GGUF block(s) for a unit (src: the unit's first block) into `r`.
-void decode(int64_t q, const uint8_t* src, RowUnit& r) {
+inline uint32_t le(const uint8_t* p, int width) {
+  uint32_t v = 0;
+  for (int i = 0; i < width; ++i) v |= static_cast<uint32_t>(p[i]) << (8 * i);
+  return v;
+}
+
+// ggml's ksigns_iq2xs: 7 sign bits and an eighth that makes their count even.
+inline uint8_t sign_byte(uint32_t seven) {
+  return static_cast<uint8_t>(seven | ((__builtin_popcount(seven) & 1) << 7));
+}
+
+// The codebook index of a lattice weight: magnitude level L at 8 + L, its negative at 7 - L.
+inline uint8_t signed_index(int level, bool negative) {
+  return static_cast<uint8_t>(negative ? 7 - level : 8 + level);
+}
+
+// Grid entry e's `group` values (levels, `grid`: gguf_pack.grid_levels) with the sign bits of
+// `signs` from bit `bit` on, into u.
+inline void put_entry(const uint8_t* grid, int group, uint32_t e, uint8_t signs, int bit,
+                      uint8_t* u) {
+  for (int j = 0; j < group; ++j)
+    u[j] = signed_index(grid[e * group + j], (signs >> (bit + j)) & 1);
+}
+
+// A lattice type's super-block (see gguf_pack.py): u = codebook indices, sc = the scales'
+// integer factors (2 s + 1; IQ3_S 1 + 2 s), one per 32 inputs or, IQ2_XS / IQ2_S, per 16.
+void decode_lattice(int64_t q, const uint8_t* src, const uint8_t* grid, RowUnit& r) {
+  std::memcpy(r.d, src, 2);
+  for (int ib = 0; ib < 8; ++ib) {
+    uint8_t* u = r.u + 32 * ib;
+    switch (q) {
+      case IQ1_S: {  // qs[32] | qh[8] (uint16: 3 index bits per 8, a 3-bit scale, the delta's sign)
+        const uint32_t qh = le(src + 34 + 2 * ib, 2);
+        r.sc[ib] = static_cast<uint8_t>(2 * ((qh >> 12) & 7) + 1);
+        const int delta = (qh >> 15) ? -1 : 1;
+        for (int l = 0; l < 4; ++l) {
+          const uint32_t e = src[2 + 4 * ib + l] | (((qh >> (3 * l)) & 7) << 8);
+          for (int j = 0; j < 8; ++j) {
+            const int v = 8 * (grid[e * 8 + j] - 1) + delta;  // +-1, +-7, +-9
+            const int a = v < 0 ? -v : v;
+            u[8 * l + j] = signed_index(a == 1 ? 0 : a == 7 ? 1 : 2, v < 0);
+          }
+        }
+        break;
+      }
+      case IQ2_XXS: {  // per 32: 4 grid bytes | a word of 4 x 7 sign bits and a 4-bit scale
+        const uint8_t* blk = src + 2 + 8 * ib;
+        const uint32_t aux = le(blk + 4, 4);
+        r.sc[ib] = static_cast<uint8_t>(2 * (aux >> 28) + 1);
+        for (int l = 0; l < 4; ++l)
+          put_entry(grid, 8, blk[l], sign_byte((aux >> (7 * l)) & 127), 0, u + 8 * l);
+        break;
+      }
+      case IQ3_XXS: {  // qs[64] (8 grid bytes per 32) | 8 words as IQ2_XXS's second
+        const uint32_t aux = le(src + 66 + 4 * ib, 4);
+        r.sc[ib] = static_cast<uint8_t>(2 * (aux >> 28) + 1);
+        for (int l = 0; l < 4; ++l) {
+          const uint8_t signs = sign_byte((aux >> (7 * l)) & 127);
+          put_entry(grid, 4, src[2 + 8 * ib + 2 * l], signs, 0, u + 8 * l);
+          put_entry(grid, 4, src[2 + 8 * ib + 2 * l + 1], signs, 4, u + 8 * l + 4);
+        }
+        break;
+      }
+      case IQ3_S: {  // qs[64] | qh[8] (a 9th index bit per entry) | signs[32] | scales[4]
+        const uint8_t qh = src[66 + ib];
+        r.sc[ib] = static_cast<uint8_t>(1 + 2 * ((src[106 + ib / 2] >> (4 * (ib % 2))) & 0xF));
+        for (int e = 0; e < 8; ++e)
+          put_entry(grid, 4, src[2 + 8 * ib + e] | (((qh >> e) & 1) << 8), src[74 + 4 * ib + e / 2],
+                    4 * (e % 2), u + 4 * e);
+        break;
+      }
+      case IQ2_XS:    // qs[32] (uint16: a 9-bit grid index, 7 sign bits) | scales[8]
+      case IQ2_S: {   // qs[32] | signs[32] | qh[8] (2 index bits per entry) | scales[8]
+        const uint8_t sc = src[q == IQ2_XS ? 66 + ib : 74 + ib];
+        r.sc[2 * ib] = static_cast<uint8_t>(2 * (sc & 0xF) + 1);
+        r.sc[2 * ib + 1] = static_cast<uint8_t>(2 * (sc >> 4) + 1);
+        for (int l = 0; l < 4; ++l) {
+          if (q == IQ2_XS) {
+            const uint32_t v = le(src + 2 + 2 * (4 * ib + l), 2);
+            put_entry(grid, 8, v & 511, sign_byte(v >> 9), 0, u + 8 * l);
+          } else {
+            const uint32_t e = src[2 + 4 * ib + l] | (((src[66 + ib] >> (2 * l)) & 3) << 8);
+            put_entry(grid, 8, e, src[34 + 4 * ib + l], 0, u + 8 * l);
+          }
+        }
+        break;
+      }
+    }
+  }
+}
+
+// Decodes one row's GGUF block(s) for a unit (src: the unit's first block) into `r` (`grid`:
+// the lattice types' grid levels).
+void decode(int64_t q, const uint8_t* src, const uint8_t* grid, RowUnit& r) {
+  if (lattice(q)) return decode_lattice(q, src, grid, r);
   switch (q) {
     case Q8_0:
       std::memcpy(r.d, src, 2);
@@ -223,8 +317,9 @@ void pack_unit(int64_t q, const RowUnit* rows, uint8_t* out) {
     }
     return;
   }
-  if (q == IQ4_XS) {
-    out = put_rows(rows, 8, 1, [](const RowUnit& r, int g) { return r.sc + g; }, out);
+  if (q == IQ4_XS || lattice(q)) {
+    const int subs = lattice_split(q) ? 16 : 8;
+    out = put_rows(rows, subs, 1, [](const RowUnit& r, int g) { return r.sc + g; }, out);
     for (int b = 0; b < 8; ++b) {
       tile_block(rows, b, U);
       out = put_nibbles(U, out);
@@ -259,9 +354,24 @@ void pack_unit(int64_t q, const RowUnit* rows, uint8_t* out) {
 
 }  // namespace
 
-at::Tensor gguf_repack(at::Tensor raw, int64_t qtype, int64_t n, int64_t k) {
+at::Tensor gguf_repack(at::Tensor raw, int64_t qtype, int64_t n, int64_t k,
+                       c10::optional<at::Tensor> grid) {
   const int64_t bb = block_bytes(qtype);
   TORCH_CHECK(bb > 0, "gguf_repack: no kernel layout for GGML type ", qtype);
+  const uint8_t* levels = nullptr;
+  if (lattice(qtype)) {
+    const int64_t entries = qtype == IQ1_S ? 2048
+                            : qtype == IQ2_XXS || qtype == IQ3_XXS ? 256
+                            : qtype == IQ2_S ? 1024
+                                             : 512;
+    const int64_t group = qtype == IQ3_XXS || qtype == IQ3_S ? 4 : 8;
+    TORCH_CHECK(grid.has_value() && grid->scalar_type() == at::kByte && grid->is_contiguous() &&
+                    grid->numel() == entries * group,
+                "gguf_repack: GGML type ", qtype, " needs its grid (gguf_pack.grid_levels)");
+    levels = grid->data_ptr<uint8_t>();
+    TORCH_CHECK(grid->max().item<int64_t>() < (qtype == IQ1_S || group == 8 ? 3 : 8),
+                "gguf_repack: grid levels out of range");
+  }
   const int64_t uk = k_type(qtype) ? 256 : 32;
   TORCH_CHECK(n > 0 && k > 0 && k % uk == 0, "gguf_repack: k = ", k, " is not a multiple of ", uk);
   const int64_t row_bytes = k / uk * bb;
@@ -278,7 +388,7 @@ at::Tensor gguf_repack(at::Tensor raw, int64_t qtype, int64_t n, int64_t k) {
       for (int64_t r = valid; r < 16; ++r) std::memset(&rows[r], 0, sizeof(RowUnit));
       for (int64_t c = 0; c < units; ++c) {
         for (int64_t r = 0; r < valid; ++r)
-          decode(qtype, src + (16 * t + r) * row_bytes + c * bb, rows[r]);
+          decode(qtype, src + (16 * t + r) * row_bytes + c * bb, levels, rows[r]);
         pack_unit(qtype, rows, dst + (t * units + c) * ub);
       }
     }

@@ -17,13 +17,27 @@ enum : int64_t {
   Q4_K = 12,
   Q5_K = 13,
   Q6_K = 14,
+  IQ2_XXS = 16,
+  IQ2_XS = 17,
+  IQ3_XXS = 18,
+  IQ1_S = 19,
   IQ4_NL = 20,
+  IQ3_S = 21,
+  IQ2_S = 22,
   IQ4_XS = 23
 };
 
-// Types whose unit is a 256-input super-block (the K-quants and IQ4_XS).
+// ggml's i-quants with a grid, repacked into a 4-bit codebook layout (gguf_pack.py).
+constexpr bool lattice(int64_t q) {
+  return q == IQ1_S || q == IQ2_XXS || q == IQ2_XS || q == IQ2_S || q == IQ3_XXS || q == IQ3_S;
+}
+// The lattice types with a scale per 16 inputs.
+constexpr bool lattice_split(int64_t q) { return q == IQ2_XS || q == IQ2_S; }
+
+// Types whose unit is a 256-input super-block (the K-quants, IQ4_XS and the lattice types).
 inline bool k_type(int64_t q) {
-  return q == Q2_K || q == Q3_K || q == Q4_K || q == Q5_K || q == Q6_K || q == IQ4_XS;
+  return q == Q2_K || q == Q3_K || q == Q4_K || q == Q5_K || q == Q6_K || q == IQ4_XS ||
+         lattice(q);
 }
 
 // Inputs per packed unit (a block of 32, or a super-block of 256).
@@ -55,7 +69,14 @@ inline int64_t unit_bytes(int64_t q) {
     case IQ4_NL:
       return 288;
     case IQ4_XS:
+    case IQ1_S:
+    case IQ2_XXS:
+    case IQ3_XXS:
+    case IQ3_S:
       return 2208;
+    case IQ2_XS:
+    case IQ2_S:
+      return 2336;
     default:
       return 0;
   }
@@ -88,6 +109,18 @@ inline int64_t block_bytes(int64_t q) {
       return 18;
     case IQ4_XS:
       return 136;
+    case IQ1_S:
+      return 50;
+    case IQ2_XXS:
+      return 66;
+    case IQ2_XS:
+      return 74;
+    case IQ2_S:
+      return 82;
+    case IQ3_XXS:
+      return 98;
+    case IQ3_S:
+      return 110;
     default:
       return 0;
   }
@@ -122,6 +155,18 @@ bool with_type(int64_t q, F&& f) {
       return f(std::integral_constant<int64_t, IQ4_NL>{}), true;
     case IQ4_XS:
       return f(std::integral_constant<int64_t, IQ4_XS>{}), true;
+    case IQ1_S:
+      return f(std::integral_constant<int64_t, IQ1_S>{}), true;
+    case IQ2_XXS:
+      return f(std::integral_constant<int64_t, IQ2_XXS>{}), true;
+    case IQ2_XS:
+      return f(std::integral_constant<int64_t, IQ2_XS>{}), true;
+    case IQ2_S:
+      return f(std::integral_constant<int64_t, IQ2_S>{}), true;
+    case IQ3_XXS:
+      return f(std::integral_constant<int64_t, IQ3_XXS>{}), true;
+    case IQ3_S:
+      return f(std::integral_constant<int64_t, IQ3_S>{}), true;
     default:
       return false;
   }

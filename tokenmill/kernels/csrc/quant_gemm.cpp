@@ -289,11 +289,35 @@ struct alignas(64) Block {
   float s0[16], o0[16], s1[16], o1[16];
 };
 
-// The non-linear 4-bit types: a weight is d * kCodebook[its 4-bit index] (ggml's kvalues_iq4nl).
+// The codebook types: a weight is its block's scale times the type's codebook value at its 4-bit
+// index: IQ4_NL / IQ4_XS (ggml's kvalues_iq4nl), and the lattice types, repacked (gguf_pack.py:
+// a grid magnitude i at index 8 + i, its negative at 7 - i), whose scale is d * kFactor * sc.
 template <int64_t Q>
-constexpr bool kCodebookType = Q == IQ4_NL || Q == IQ4_XS;
-alignas(16) constexpr int8_t kCodebook[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
-                                              1,    13,   25,  38,  53,  69,  89,  113};
+constexpr bool kCodebookType = Q == IQ4_NL || Q == IQ4_XS || lattice(Q);
+template <int64_t Q>
+struct Codebook {
+  int8_t v[16];
+  constexpr Codebook() : v() {
+    constexpr int8_t iq4[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                1,    13,   25,  38,  53,  69,  89,  113};
+    constexpr int8_t iq1[3] = {1, 7, 9}, iq2[3] = {8, 25, 43};
+    constexpr int8_t iq3xxs[8] = {4, 12, 20, 28, 36, 44, 52, 62};
+    constexpr int8_t iq3s[8] = {1, 3, 5, 7, 9, 11, 13, 15};
+    const int8_t* mag = Q == IQ1_S ? iq1 : Q == IQ3_XXS ? iq3xxs : Q == IQ3_S ? iq3s : iq2;
+    const int levels = Q == IQ3_XXS || Q == IQ3_S ? 8 : 3;
+    for (int i = 0; i < 16; ++i) v[i] = lattice(Q) ? 0 : iq4[i];
+    if (lattice(Q))
+      for (int i = 0; i < levels; ++i) {
+        v[8 + i] = mag[i];
+        v[7 - i] = static_cast<int8_t>(-mag[i]);
+      }
+  }
+};
+template <int64_t Q>
+constexpr Codebook<Q> kCodebook;
+// The power of two in a lattice type's scale d * kFactor * sc (1 for the others).
+template <int64_t Q>
+constexpr float kFactor = Q == IQ3_XXS ? 0.25f : Q == IQ3_S || !lattice(Q) ? 1.f : 0.125f;
 
 // Whether U holds signed bytes (AVX2 Q8_0 and codebook types: sign trick instead of an offset).
 template <int64_t Q>
@@ -310,13 +334,13 @@ struct CodebookBytes {
   alignas(16) int8_t v[16];
   constexpr CodebookBytes() : v() {
     for (int i = 0; i < 16; ++i)
-      v[i] = static_cast<int8_t>(kSignedU<Q> ? kCodebook[i] : kCodebook[i] ^ -128);
+      v[i] = static_cast<int8_t>(kSignedU<Q> ? kCodebook<Q>.v[i] : kCodebook<Q>.v[i] ^ -128);
   }
 };
 template <int64_t Q>
 constexpr CodebookBytes<Q> kCodebookBytes;
 template <int64_t Q>
-constexpr bool kSplit = Q == Q2_K || Q == Q3_K || Q == Q6_K;
+constexpr bool kSplit = Q == Q2_K || Q == Q3_K || Q == Q6_K || lattice_split(Q);
 
 // Block b's scales and offsets per row, in registers (see Block): s(part), o(part).
 struct Scales {
@@ -331,7 +355,8 @@ struct Scales {
 template <int64_t Q>
 inline const uint8_t* nibble_base(const uint8_t* src, int b) {
   if constexpr (Q == Q4_0 || Q == IQ4_NL) return src + 32;
-  if constexpr (Q == IQ4_XS) return src + 160 + b * 256;
+  if constexpr (Q == IQ4_XS || (lattice(Q) && !lattice_split(Q))) return src + 160 + b * 256;
+  if constexpr (lattice_split(Q)) return src + 288 + b * 256;
   if constexpr (Q == Q4_1) return src + 64;
   if constexpr (Q == Q5_0) return src + 96;
   if constexpr (Q == Q5_1) return src + 128;
@@ -360,10 +385,18 @@ inline const uint8_t* pair_base(const uint8_t* src, int b) {
 
 template <int64_t Q>
 inline Scales block_scales(const uint8_t* src, int b) {
-  if constexpr (kCodebookType<Q>) {
-    // per 32 inputs d (IQ4_NL) or d times an int8 scale (IQ4_XS); offset -128 * s for U + 128
-    const F16 d = F16::half(src);
-    const F16 s = Q == IQ4_XS ? d * F16::i8(reinterpret_cast<const int8_t*>(src + 32 + b * 16)) : d;
+  if constexpr (lattice_split(Q)) {
+    // per 16 inputs d * kFactor * sc; offsets -128 * s for U + 128
+    const F16 d = F16::half(src) * F16::set1(kFactor<Q>);
+    const F16 s0 = d * F16::i8(reinterpret_cast<const int8_t*>(src + 32 + 2 * b * 16));
+    const F16 s1 = d * F16::i8(reinterpret_cast<const int8_t*>(src + 32 + (2 * b + 1) * 16));
+    const F16 c = F16::set1(kSignedU<Q> ? 0.f : -128.f);
+    return {s0, s0 * c, s1, s1 * c};
+  } else if constexpr (kCodebookType<Q>) {
+    // per 32 inputs d (IQ4_NL) or d (times kFactor) times an int8 scale (IQ4_XS, lattice
+    // types); offset -128 * s for U + 128
+    const F16 d = kFactor<Q> == 1.f ? F16::half(src) : F16::half(src) * F16::set1(kFactor<Q>);
+    const F16 s = Q == IQ4_NL ? d : d * F16::i8(reinterpret_cast<const int8_t*>(src + 32 + b * 16));
     return {s, kSignedU<Q> ? F16::zero() : s * F16::set1(-128.f), F16::zero(), F16::zero()};
   } else if constexpr (Q == Q4_0 || Q == Q4_1 || Q == Q5_0 || Q == Q5_1) {
     const F16 d = F16::half(src);
@@ -1701,7 +1734,9 @@ constexpr int64_t kPreparedMinM =
     1 + std::max({kStreamingMaxM<Q4_0>, kStreamingMaxM<Q4_1>, kStreamingMaxM<Q5_0>,
                   kStreamingMaxM<Q5_1>, kStreamingMaxM<Q8_0>, kStreamingMaxM<Q2_K>,
                   kStreamingMaxM<Q3_K>, kStreamingMaxM<Q4_K>, kStreamingMaxM<Q5_K>,
-                  kStreamingMaxM<Q6_K>, kStreamingMaxM<IQ4_NL>, kStreamingMaxM<IQ4_XS>});
+                  kStreamingMaxM<Q6_K>, kStreamingMaxM<IQ4_NL>, kStreamingMaxM<IQ4_XS>,
+                  kStreamingMaxM<IQ1_S>, kStreamingMaxM<IQ2_XXS>, kStreamingMaxM<IQ2_XS>,
+                  kStreamingMaxM<IQ2_S>, kStreamingMaxM<IQ3_XXS>, kStreamingMaxM<IQ3_S>});
 #endif  // TM_AVX512 || TM_AVX2
 
 }  // namespace
