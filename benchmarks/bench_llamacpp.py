@@ -3,7 +3,9 @@
 Files: the embedded SmolLM2 Q4_1; Q4_K_M, Q6_K and Q8_0 made from it with llama.cpp's own
 quantizer; and a random-weight model with Llama-3.2-1B shapes (2048 hidden, 16 layers, 32/8
 heads, 8192 FFN, tied embeddings; SmolLM2's 49,152-token vocabulary) written as F16 with
-`gguf.GGUFWriter` and quantized to Q4_K_M by llama.cpp (real Q4_K / Q6_K rows).
+`gguf.GGUFWriter` and quantized to Q4_K_M by llama.cpp (real Q4_K / Q6_K rows). `1B-random-IQ2_XXS`
+(and the other lattice types, IQ1_S to IQ3_S): the same shapes, every 2-D tensor random blocks of
+that type (`random_lattice_tensor`), for speed only.
 
 Cases: batch-1 decode (128 new tokens), prefill of a 512-token prompt (time to the first
 token), 32 requests x 128 new tokens end to end. Every engine runs in its own process (ggml's
@@ -58,8 +60,29 @@ def default_model() -> str:
     return str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def write_llama_1b_f16(path: Path, tokenizer_from: str) -> None:
-    """Random N(0, 0.02) weights with Llama-3.2-1B shapes, F16, SmolLM2's tokenizer."""
+def random_lattice_tensor(qtype: int, rows: int, cols: int, rms: float, rng) -> np.ndarray:
+    """Random blocks of a GGUF lattice type (IQ1_S, IQ2_*, IQ3_*: every byte pattern is a valid
+    block) whose float16 scale d is set so that the weights' RMS is about `rms`: uint8 [rows,
+    bytes per row]. A file of these runs exactly as fast as a quantized one (no engine's work
+    depends on the values); llama.cpp's own quantizer needs an importance matrix for most of
+    these types, which its Python binding cannot pass."""
+    import gguf
+    from gguf.quants import dequantize
+
+    if qtype == gguf.GGMLQuantizationType.IQ1_M:
+        raise ValueError("IQ1_M keeps its scale d in the top nibbles of its scales, not in front")
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
+    n = rows * cols // block
+    raw = rng.integers(0, 256, (n, size), dtype=np.uint8)
+    raw[:, 0:2] = np.frombuffer(np.float16(1).tobytes(), np.uint8)
+    unit = float(np.sqrt(np.mean(dequantize(raw[:256], qtype).astype(np.float64) ** 2)))
+    raw[:, 0:2] = np.frombuffer(np.float16(rms / unit).tobytes(), np.uint8)
+    return raw.reshape(rows, -1)
+
+
+def write_llama_1b(path: Path, tokenizer_from: str, qtype: str = "F16") -> None:
+    """Random weights with Llama-3.2-1B shapes, SmolLM2's tokenizer: N(0, 0.02) as F16, or every
+    2-D tensor as random blocks of a lattice type `qtype` (random_lattice_tensor, RMS 0.02)."""
     import gguf
 
     from tokenmill.loader.gguf_file import gguf_metadata, open_gguf
@@ -79,7 +102,7 @@ def write_llama_1b_f16(path: Path, tokenizer_from: str) -> None:
     w.add_rope_freq_base(500000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(vocab)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{qtype}"))
     w.add_tokenizer_model(meta["tokenizer.ggml.model"])
     w.add_tokenizer_pre(meta.get("tokenizer.ggml.pre", "default"))
     w.add_token_list(meta["tokenizer.ggml.tokens"])
@@ -89,20 +112,24 @@ def write_llama_1b_f16(path: Path, tokenizer_from: str) -> None:
     w.add_eos_token_id(int(meta["tokenizer.ggml.eos_token_id"]))
     rng = np.random.default_rng(0)
 
-    def rand(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16)
+    def add(name: str, *shape: int) -> None:
+        if qtype == "F16":
+            w.add_tensor(name, (rng.standard_normal(shape, np.float32) * 0.02).astype(np.float16))
+        else:
+            t = gguf.GGMLQuantizationType[qtype]
+            w.add_tensor(name, random_lattice_tensor(t, *shape, 0.02, rng), raw_dtype=t)
 
-    w.add_tensor("token_embd.weight", rand(vocab, hidden))
+    add("token_embd.weight", vocab, hidden)
     for i in range(layers):
         w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
         w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
-        w.add_tensor(f"blk.{i}.attn_q.weight", rand(hidden, hidden))
-        w.add_tensor(f"blk.{i}.attn_k.weight", rand(kv_heads * 64, hidden))
-        w.add_tensor(f"blk.{i}.attn_v.weight", rand(kv_heads * 64, hidden))
-        w.add_tensor(f"blk.{i}.attn_output.weight", rand(hidden, hidden))
-        w.add_tensor(f"blk.{i}.ffn_gate.weight", rand(ffn, hidden))
-        w.add_tensor(f"blk.{i}.ffn_up.weight", rand(ffn, hidden))
-        w.add_tensor(f"blk.{i}.ffn_down.weight", rand(hidden, ffn))
+        add(f"blk.{i}.attn_q.weight", hidden, hidden)
+        add(f"blk.{i}.attn_k.weight", kv_heads * 64, hidden)
+        add(f"blk.{i}.attn_v.weight", kv_heads * 64, hidden)
+        add(f"blk.{i}.attn_output.weight", hidden, hidden)
+        add(f"blk.{i}.ffn_gate.weight", ffn, hidden)
+        add(f"blk.{i}.ffn_up.weight", ffn, hidden)
+        add(f"blk.{i}.ffn_down.weight", hidden, ffn)
     w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -125,11 +152,17 @@ def prepare_files(names: list[str], workdir: Path) -> dict[str, str]:
         if name == "default":
             files[name] = base
             continue
+        if name.startswith("1B-random-"):  # a lattice type's random blocks, written here
+            files[name] = str(workdir / f"llama-1b-shapes-{name[3:]}.gguf")
+            if not Path(files[name]).exists():
+                print(f"writing {files[name]} ...", flush=True)
+                write_llama_1b(Path(files[name]), base, name[10:])
+            continue
         if name.startswith("1B-"):
             f16 = workdir / "llama-1b-shapes-F16.gguf"
             if not f16.exists():
                 print(f"writing {f16} ...", flush=True)
-                write_llama_1b_f16(f16, base)
+                write_llama_1b(f16, base)
             src, ftype, dst = f16, name[3:], workdir / f"llama-1b-shapes-{name[3:]}.gguf"
         else:
             src, ftype, dst = Path(base), name, workdir / f"SmolLM2-135M-Instruct.{name}.gguf"

@@ -6,10 +6,10 @@
   quantizer, not llama.cpp's, but its blocks are valid and its error is bounded, see
   `_min_max_grid`, `_quantize_q3_k` and `_quantize_q6_k`).
 * `random_blocks(qtype, rows, cols, rng, extreme=False)`: random raw blocks of any of those types
-  and of the lattice types (IQ1_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, whose every byte
-  pattern is a valid block), optionally covering edge cases (zero blocks and scales, saturated
-  scales and quants, negative, tiny, subnormal and large fp16 scales), all dequantizing to finite
-  float32 values.
+  and of the lattice types (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, whose every
+  byte pattern is a valid block once its float16 scale is finite), optionally covering edge cases
+  (zero blocks and scales, saturated scales and quants, negative, tiny, subnormal and large fp16
+  scales), all dequantizing to finite float32 values.
 * `write_tiny_llama_gguf(path, qtype, ...)`: a small random Llama checkpoint with a byte-level BPE
   tokenizer that loads in transformers (`gguf_file=`) and in tokenmill (lattice types: random
   blocks scaled to the weights' RMS, `random_lattice_blocks`).
@@ -28,7 +28,7 @@ LEGACY_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0)
 K_TYPES = (QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K)
 IQ_TYPES = (QT.IQ4_NL, QT.IQ4_XS)
 # ggml's i-quants with a grid: random blocks only (no quantizer here; any bytes are valid blocks)
-LATTICE_TYPES = (QT.IQ1_S, QT.IQ2_XXS, QT.IQ2_XS, QT.IQ2_S, QT.IQ3_XXS, QT.IQ3_S)
+LATTICE_TYPES = (QT.IQ1_S, QT.IQ1_M, QT.IQ2_XXS, QT.IQ2_XS, QT.IQ2_S, QT.IQ3_XXS, QT.IQ3_S)
 QUANTIZER_TYPES = LEGACY_TYPES + K_TYPES + IQ_TYPES
 ALL_TYPES = QUANTIZER_TYPES + LATTICE_TYPES
 # ggml's kvalues_iq4nl: an IQ4 weight is its block's scale times one of these
@@ -318,6 +318,8 @@ _LAYOUT = {
     # the lattice types' scales share bytes with their grid indices and signs (IQ2_XS, IQ2_S and
     # IQ3_S keep them apart, IQ2_XS's last 8 bytes, IQ2_S's last 8 and IQ3_S's last 4)
     QT.IQ1_S: dict(d=0, m=None, scales=None, quants=(2, 50)),
+    # IQ1_M: d in the top nibbles of its four uint16 scale words (set_block_d), bytes 48-55
+    QT.IQ1_M: dict(d="IQ1_M", m=None, scales=(48, 56), quants=(0, 48)),
     QT.IQ2_XXS: dict(d=0, m=None, scales=None, quants=(2, 66)),
     QT.IQ2_XS: dict(d=0, m=None, scales=(66, 74), quants=(2, 66)),
     QT.IQ2_S: dict(d=0, m=None, scales=(74, 82), quants=(2, 74)),
@@ -339,6 +341,7 @@ _TYPICAL_D = {
     QT.IQ4_NL: 0.01,
     QT.IQ4_XS: 0.0005,
     QT.IQ1_S: 0.1,
+    QT.IQ1_M: 0.1,
     QT.IQ2_XXS: 0.005,
     QT.IQ2_XS: 0.005,
     QT.IQ2_S: 0.005,
@@ -363,9 +366,28 @@ EXTREME_CASES = (
 )
 
 
-def _set_f16(blocks: np.ndarray, offset: int | None, values: np.ndarray) -> None:
-    if offset is not None:
+def _set_f16(blocks: np.ndarray, offset: int | str | None, values: np.ndarray) -> None:
+    if offset == "IQ1_M":  # d's 4 nibbles, low first, atop the 4 scale words (bytes 49, 51, ...)
+        bits = values.astype(np.float16).view(np.uint16).reshape(-1, 1)
+        nibbles = ((bits >> (4 * np.arange(4, dtype=np.uint16))) & 0xF).astype(np.uint8)
+        blocks[:, 49:56:2] = (blocks[:, 49:56:2] & 0x0F) | (nibbles << 4)
+    elif offset is not None:
         blocks[:, offset : offset + 2] = values.astype(np.float16).view(np.uint8).reshape(-1, 2)
+
+
+def set_block_d(blocks: np.ndarray, qtype: QT, d: np.ndarray) -> None:
+    """Sets the float16 scale d of every block (uint8 [blocks, block bytes]) of `qtype`."""
+    _set_f16(blocks, _LAYOUT[qtype]["d"], d)
+
+
+def block_d(blocks: np.ndarray, qtype: QT) -> np.ndarray:
+    """The float16 scale d of every block, as float64."""
+    offset = _LAYOUT[qtype]["d"]
+    if offset == "IQ1_M":
+        nib = (blocks[:, 49:56:2] >> 4).astype(np.uint16)
+        bits = (nib << (4 * np.arange(4, dtype=np.uint16))).sum(axis=1, dtype=np.uint16)
+        return bits.view(np.float16).astype(np.float64)
+    return blocks[:, offset : offset + 2].copy().view(np.float16).astype(np.float64).ravel()
 
 
 def _quant_codes(qtype: QT, n: int, rng: np.random.Generator, mode: str) -> np.ndarray:
@@ -471,8 +493,7 @@ def random_lattice_blocks(
     raw = random_blocks(qtype, rows, cols, rng)
     blocks = raw.reshape(-1, GGML_QUANT_SIZES[qtype][1])
     actual = float(np.sqrt(np.mean(dequantize(raw, qtype).astype(np.float64) ** 2)))
-    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float64) * (rms / actual)
-    _set_f16(blocks, 0, d.ravel())
+    set_block_d(blocks, qtype, block_d(blocks, qtype) * (rms / actual))
     return blocks.reshape(rows, -1)
 
 
@@ -501,6 +522,7 @@ _FILE_TYPE = {
     QT.IQ4_NL: 25,
     QT.IQ4_XS: 30,
     QT.IQ1_S: 24,
+    QT.IQ1_M: 31,
     QT.IQ2_XXS: 19,
     QT.IQ2_XS: 20,
     QT.IQ2_S: 28,

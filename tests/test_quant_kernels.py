@@ -13,7 +13,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize
 
-from tests.gguf_builder import ALL_TYPES, K_TYPES, LATTICE_TYPES, random_blocks
+from tests.gguf_builder import ALL_TYPES, K_TYPES, LATTICE_TYPES, random_blocks, set_block_d
 from tokenmill.kernels import cpu_ops
 from tokenmill.quant import gguf_pack as gp
 
@@ -90,7 +90,7 @@ def test_cpp_repack_rejects_bad_shapes(ops):
     with pytest.raises(RuntimeError, match="not a multiple of 256"):
         ops.gguf_repack(raw, int(QT.Q4_K), 1, 320)
     with pytest.raises(RuntimeError, match="no kernel layout"):
-        ops.gguf_repack(raw, int(QT.IQ1_M), 1, 256)
+        ops.gguf_repack(raw, int(QT.TQ1_0), 1, 256)
     lattice = torch.zeros(98, dtype=torch.uint8)  # one IQ3_XXS block
     with pytest.raises(RuntimeError, match="needs its grid"):
         ops.gguf_repack(lattice, int(QT.IQ3_XXS), 1, 256)
@@ -163,8 +163,8 @@ def test_prefill_batches_write_whole_lines_alike(ops, qtype, out_dtype):
 def test_avx2_rows_do_not_depend_on_the_batch(ops, qtype, dtype):
     """On AVX2 every path (streaming up to 8 or 16 tokens, batched beyond, each in one or several
     passes) does the same float operations per row: a row's output is bit-identical whatever
-    batch it is in. Streaming the split types (Q2_K, Q3_K, IQ2_XS and IQ2_S up to 8 tokens, Q6_K
-    up to 16) is the known exception (1e-7 relative)."""
+    batch it is in. Streaming the split types (Q2_K, Q3_K, IQ1_M, IQ2_XS and IQ2_S up to 8
+    tokens, Q6_K up to 16) is the known exception (1e-7 relative)."""
     if ops.quant_isa() != "avx2":
         pytest.skip("the AVX-512 batched path starts integer sums at -c * sum(q); streaming not")
     rng = np.random.default_rng(300 + int(qtype))
@@ -172,17 +172,18 @@ def test_avx2_rows_do_not_depend_on_the_batch(ops, qtype, dtype):
     raw = random_blocks(qtype, n, k, rng)
     x = torch.randn(70, k).to(dtype)
     full, _, _ = _run(ops, raw, qtype, n, k, x)
-    split = (QT.Q2_K, QT.Q3_K, QT.Q6_K, QT.IQ2_XS, QT.IQ2_S)
+    split = (QT.Q2_K, QT.Q3_K, QT.Q6_K, QT.IQ1_M, QT.IQ2_XS, QT.IQ2_S)
     for m in (17, 33) if qtype in split else (1, 2, 3, 4, 5, 12, 16, 33):
         part, _, _ = _run(ops, raw, qtype, n, k, x[:m].contiguous())
         assert torch.equal(part, full[:m]), f"{qtype.name} M={m}"
 
 
-# The bytes of a lattice block that hold its 4-bit (IQ1_S: 3-bit) scales, and the mask that
+# The bytes of a lattice block that hold its 4-bit (IQ1: 3-bit) scales, and the mask that
 # clears them: IQ1_S bits 12-14 of each uint16 qh, IQ2_XXS / IQ3_XXS the top nibble of every
-# scale word, IQ2_XS / IQ2_S / IQ3_S their bytes of scales.
+# scale word, IQ1_M / IQ2_XS / IQ2_S / IQ3_S their bytes of scales.
 _LATTICE_SCALE_BITS = {
     QT.IQ1_S: (slice(35, 50, 2), 0x8F),
+    QT.IQ1_M: (slice(48, 56), 0),  # d is set after
     QT.IQ2_XXS: (slice(9, 66, 8), 0x0F),
     QT.IQ3_XXS: (slice(69, 98, 4), 0x0F),
     QT.IQ2_XS: (slice(66, 74), 0),
@@ -210,9 +211,10 @@ def test_integer_block_sums_are_exact(ops, qtype):
         raw[..., 2:4] = 0xAA  # every scale's high 2 bits 2: 32 + its low nibble
         raw[..., 4:8] = rng.integers(0, 4, raw[..., 4:8].shape) * 17  # low nibbles 0..3: 0..3
     elif qtype in LATTICE_TYPES:  # d * FACTOR = 1 and every scale's factor 2 s + 1 = 1
-        raw[..., 0:2] = np.frombuffer(np.float16(1 / gp.FACTOR[int(qtype)]).tobytes(), np.uint8)
         where, keep = _LATTICE_SCALE_BITS[qtype]
         raw[..., where] &= keep
+        blocks = raw.reshape(-1, raw.shape[-1])
+        set_block_d(blocks, qtype, np.full(len(blocks), 1 / gp.FACTOR[int(qtype)]))
     elif qtype == QT.Q2_K:
         raw[..., 80:82] = one
         raw[..., 82:84] = np.frombuffer(np.float16(-3).tobytes(), np.uint8)
@@ -246,7 +248,7 @@ def test_shape_errors_are_clear(ops):
     with pytest.raises(RuntimeError, match="packed weights do not match"):
         ops.quant_gemm(xq, meta, packed, int(QT.Q4_K), 32, torch.empty(2, 32), 0, None)
     with pytest.raises(RuntimeError, match="unsupported GGUF type"):
-        ops.quant_gemm(xq, meta, packed, int(QT.IQ1_M), 16, torch.empty(2, 16), 0, None)
+        ops.quant_gemm(xq, meta, packed, int(QT.TQ1_0), 16, torch.empty(2, 16), 0, None)
 
 
 def test_k_types_need_whole_super_blocks():

@@ -25,15 +25,16 @@ same for bits 0..1 and H3 the masks of bit 2 (Q3_K's u = its 3-bit value + 4, 0.
 bytes more per 256 inputs, and Q3_K and IQ4_XS, 4 and 2 bytes more (their scales in whole bytes).
 `unpack` inverts `pack` exactly.
 
-The lattice types (ggml's i-quants with a grid: IQ1_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S) are
-repacked losslessly into a 4-bit codebook layout: each weight is one of at most 16 values of its
-type (a grid value times a sign, IQ1_S's grid value plus its block's delta), so `u` is that
-value's index in the type's signed codebook (CODEBOOKS: magnitude i at index 8 + i, its negative
-at 7 - i) and `sc` the block scale's integer factor (2 s + 1, IQ3_S 1 + 2 s), one per 32 inputs,
-laid out as IQ4_XS (IQ2_XS and IQ2_S, a scale per 16 inputs: d[16] | sc[16][16] | L x 8). A
-weight is d * FACTOR * sc * CODEBOOKS[u], the product gguf computes, exactly. They take 4.3-4.6
-bits per weight in memory where the file has 1.6-3.4: the price of running them on the 4-bit
-kernels, against 16 dequantized.
+The lattice types (ggml's i-quants with a grid: IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS,
+IQ3_S) are repacked losslessly into a 4-bit codebook layout: each weight is one of at most 16
+values of its type (a grid value times a sign; IQ1's grid value plus a delta of +-1/8), so `u` is
+that value's index in the type's signed codebook (CODEBOOKS: magnitude i at index 8 + i, its
+negative at 7 - i) and `sc` the block scale's integer factor (2 s + 1, IQ3_S 1 + 2 s), one per 32
+inputs, laid out as IQ4_XS (IQ1_M, IQ2_XS and IQ2_S, a scale per 16 inputs: d[16] | sc[16][16] |
+L x 8; IQ1_M's d is the float16 its scales' top nibbles make). A weight is d * FACTOR * sc *
+CODEBOOKS[u], the product gguf computes, exactly. They take 4.3-4.6 bits per weight in memory
+where the file has 1.6-3.4: the price of running them on the 4-bit kernels, against 16
+dequantized.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import torch
 
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 10, 11, 12, 13, 14
 IQ4_NL, IQ4_XS = 20, 23
-IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, IQ3_S, IQ2_S = 16, 17, 18, 19, 21, 22
+IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, IQ3_S, IQ2_S, IQ1_M = 16, 17, 18, 19, 21, 22, 29
 NAMES = {
     Q4_0: "Q4_0",
     Q4_1: "Q4_1",
@@ -60,6 +61,7 @@ NAMES = {
     IQ4_NL: "IQ4_NL",
     IQ4_XS: "IQ4_XS",
     IQ1_S: "IQ1_S",
+    IQ1_M: "IQ1_M",
     IQ2_XXS: "IQ2_XXS",
     IQ2_XS: "IQ2_XS",
     IQ2_S: "IQ2_S",
@@ -68,8 +70,8 @@ NAMES = {
 }
 K_TYPES = (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)
 SPLIT_TYPES = (Q2_K, Q3_K, Q6_K)  # a scale per 16 inputs
-LATTICE_TYPES = (IQ1_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S)
-LATTICE_SPLIT_TYPES = (IQ2_XS, IQ2_S)  # a scale per 16 inputs
+LATTICE_TYPES = (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S)
+LATTICE_SPLIT_TYPES = (IQ1_M, IQ2_XS, IQ2_S)  # a scale per 16 inputs
 SUPER_BLOCK_TYPES = K_TYPES + (IQ4_XS,) + LATTICE_TYPES  # units of 256 inputs
 # IQ4_NL / IQ4_XS weights are d (times a scale per 32, IQ4_XS) * CODEBOOK[u] (ggml's kvalues_iq4nl)
 CODEBOOK = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
@@ -88,6 +90,7 @@ def _signed_codebook(magnitudes: tuple[int, ...]) -> tuple[int, ...]:
 # two that, with d and sc, scales them.
 _MAGNITUDES = {
     IQ1_S: (1, 7, 9),
+    IQ1_M: (1, 7, 9),
     IQ2_XXS: (8, 25, 43),
     IQ2_XS: (8, 25, 43),
     IQ2_S: (8, 25, 43),
@@ -95,7 +98,15 @@ _MAGNITUDES = {
     IQ3_S: (1, 3, 5, 7, 9, 11, 13, 15),
 }
 CODEBOOKS = {q: _signed_codebook(m) for q, m in _MAGNITUDES.items()}
-FACTOR = {IQ1_S: 0.125, IQ2_XXS: 0.125, IQ2_XS: 0.125, IQ2_S: 0.125, IQ3_XXS: 0.25, IQ3_S: 1.0}
+FACTOR = {
+    IQ1_S: 0.125,
+    IQ1_M: 0.125,
+    IQ2_XXS: 0.125,
+    IQ2_XS: 0.125,
+    IQ2_S: 0.125,
+    IQ3_XXS: 0.25,
+    IQ3_S: 1.0,
+}
 # GGUF bytes per block and inputs per block
 BLOCK_BYTES = {
     Q4_0: 18,
@@ -111,6 +122,7 @@ BLOCK_BYTES = {
     IQ4_NL: 18,
     IQ4_XS: 136,
     IQ1_S: 50,
+    IQ1_M: 56,
     IQ2_XXS: 66,
     IQ2_XS: 74,
     IQ2_S: 82,
@@ -131,6 +143,7 @@ UNIT_BYTES = {
     IQ4_NL: 288,
     IQ4_XS: 2208,
     IQ1_S: 2208,
+    IQ1_M: 2336,
     IQ2_XXS: 2208,
     IQ2_XS: 2336,
     IQ2_S: 2336,
@@ -198,15 +211,31 @@ def _le(b: torch.Tensor, width: int) -> torch.Tensor:
     return sum(b[..., i] << (8 * i) for i in range(width))
 
 
+def _fp16_bytes(bits: torch.Tensor) -> torch.Tensor:
+    """16-bit patterns [...] (int64) -> their two little-endian bytes [..., 2]."""
+    return torch.stack([bits & 255, bits >> 8], -1).to(torch.uint8)
+
+
 def _parse_lattice(b: torch.Tensor, qtype: int, n: int, nb: int) -> dict[str, torch.Tensor]:
     """Lattice blocks [n, nb, bytes] -> fields: u (codebook indices [n, nb * 256]), d, sc."""
     grid = grid_levels(qtype).long()
     f: dict[str, torch.Tensor] = {"d": b[..., 0:2]}
-    if qtype == IQ1_S:
-        qs, qh = b[..., 2:34].long().reshape(n, nb, 8, 4), _le(b[..., 34:50], 2)  # [n, nb, 8]
-        f["sc"] = (2 * ((qh >> 12) & 7) + 1).to(torch.uint8)
-        idx = qs | (((qh[..., None] >> (3 * torch.arange(4))) & 7) << 8)
-        v = 8 * (grid[idx] - 1) + torch.where(qh >> 15 == 1, -1, 1)[..., None, None]
+    if qtype in (IQ1_S, IQ1_M):
+        if qtype == IQ1_S:  # qs[32] | qh[8] (uint16: 3 index bits per 8, scale, delta sign)
+            qs, qh = b[..., 2:34], _le(b[..., 34:50], 2)  # qh [n, nb, 8]
+            f["sc"] = (2 * ((qh >> 12) & 7) + 1).to(torch.uint8)
+            high = (qh[..., None] >> (3 * torch.arange(4))) & 7
+            minus = (qh >> 15)[..., None].expand(n, nb, 8, 4)
+        else:  # qs[32] | qh[16] (a nibble per 8: 3 index bits, delta sign) | 4 uint16 scales
+            qs = b[..., 0:32]
+            nib = torch.stack([b[..., 32:48] & 0xF, b[..., 32:48] >> 4], -1).long()
+            high, minus = (nib & 7).reshape(n, nb, 8, 4), (nib >> 3).reshape(n, nb, 8, 4)
+            words = _le(b[..., 48:56], 2)  # 3-bit scales per 16; d in their top nibbles
+            f["d"] = _fp16_bytes(sum((words[..., i] >> 12) << (4 * i) for i in range(4)))
+            s = (words[..., None] >> (3 * torch.arange(4))) & 7
+            f["sc"] = (2 * s + 1).reshape(n, nb, 16).to(torch.uint8)
+        idx = qs.long().reshape(n, nb, 8, 4) | (high << 8)
+        v = 8 * (grid[idx] - 1) + (1 - 2 * minus)[..., None]  # +-1, +-7, +-9
         level = torch.tensor([0, 0, 0, 0, 0, 0, 1, 0, 2])[v.abs() - 1]  # |v| = 1, 7, 9
         f["u"] = torch.where(v > 0, 8 + level, 7 - level).to(torch.uint8).reshape(n, -1)
         return f

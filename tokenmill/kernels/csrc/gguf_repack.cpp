@@ -71,9 +71,35 @@ inline void put_entry(const uint8_t* grid, int group, uint32_t e, uint8_t signs,
     u[j] = signed_index(grid[e * group + j], (signs >> (bit + j)) & 1);
 }
 
+// An IQ1 group of 8: grid entry e's values (-1, 0, 1) times 8, plus the delta's +-1.
+inline void put_iq1(const uint8_t* grid, uint32_t e, bool minus, uint8_t* u) {
+  for (int j = 0; j < 8; ++j) {
+    const int v = 8 * (grid[e * 8 + j] - 1) + (minus ? -1 : 1);  // +-1, +-7, +-9
+    const int a = v < 0 ? -v : v;
+    u[j] = signed_index(a == 1 ? 0 : a == 7 ? 1 : 2, v < 0);
+  }
+}
+
 // A lattice type's super-block (see gguf_pack.py): u = codebook indices, sc = the scales'
-// integer factors (2 s + 1; IQ3_S 1 + 2 s), one per 32 inputs or, IQ2_XS / IQ2_S, per 16.
+// integer factors (2 s + 1; IQ3_S 1 + 2 s), one per 32 inputs or, IQ1_M / IQ2_XS / IQ2_S, per
+// 16.
 void decode_lattice(int64_t q, const uint8_t* src, const uint8_t* grid, RowUnit& r) {
+  if (q == IQ1_M) {  // qs[32] | qh[16] (a nibble per 8) | 4 uint16 scales (d in their top nibbles)
+    uint32_t d = 0;
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t w = le(src + 48 + 2 * i, 2);
+      d |= (w >> 12) << (4 * i);
+      for (int j = 0; j < 4; ++j)
+        r.sc[4 * i + j] = static_cast<uint8_t>(2 * ((w >> (3 * j)) & 7) + 1);
+    }
+    r.d[0] = static_cast<uint8_t>(d & 255);
+    r.d[1] = static_cast<uint8_t>(d >> 8);
+    for (int g = 0; g < 32; ++g) {  // 3 index bits and the delta's sign per group of 8
+      const uint32_t nib = (src[32 + g / 2] >> (4 * (g % 2))) & 0xF;
+      put_iq1(grid, src[g] | ((nib & 7) << 8), nib >> 3, r.u + 8 * g);
+    }
+    return;
+  }
   std::memcpy(r.d, src, 2);
   for (int ib = 0; ib < 8; ++ib) {
     uint8_t* u = r.u + 32 * ib;
@@ -81,15 +107,8 @@ void decode_lattice(int64_t q, const uint8_t* src, const uint8_t* grid, RowUnit&
       case IQ1_S: {  // qs[32] | qh[8] (uint16: 3 index bits per 8, a 3-bit scale, the delta's sign)
         const uint32_t qh = le(src + 34 + 2 * ib, 2);
         r.sc[ib] = static_cast<uint8_t>(2 * ((qh >> 12) & 7) + 1);
-        const int delta = (qh >> 15) ? -1 : 1;
-        for (int l = 0; l < 4; ++l) {
-          const uint32_t e = src[2 + 4 * ib + l] | (((qh >> (3 * l)) & 7) << 8);
-          for (int j = 0; j < 8; ++j) {
-            const int v = 8 * (grid[e * 8 + j] - 1) + delta;  // +-1, +-7, +-9
-            const int a = v < 0 ? -v : v;
-            u[8 * l + j] = signed_index(a == 1 ? 0 : a == 7 ? 1 : 2, v < 0);
-          }
-        }
+        for (int l = 0; l < 4; ++l)
+          put_iq1(grid, src[2 + 4 * ib + l] | (((qh >> (3 * l)) & 7) << 8), qh >> 15, u + 8 * l);
         break;
       }
       case IQ2_XXS: {  // per 32: 4 grid bytes | a word of 4 x 7 sign bits and a 4-bit scale
@@ -118,8 +137,8 @@ void decode_lattice(int64_t q, const uint8_t* src, const uint8_t* grid, RowUnit&
                     4 * (e % 2), u + 4 * e);
         break;
       }
-      case IQ2_XS:    // qs[32] (uint16: a 9-bit grid index, 7 sign bits) | scales[8]
-      case IQ2_S: {   // qs[32] | signs[32] | qh[8] (2 index bits per entry) | scales[8]
+      case IQ2_XS:   // qs[32] (uint16: a 9-bit grid index, 7 sign bits) | scales[8]
+      case IQ2_S: {  // qs[32] | signs[32] | qh[8] (2 index bits per entry) | scales[8]
         const uint8_t sc = src[q == IQ2_XS ? 66 + ib : 74 + ib];
         r.sc[2 * ib] = static_cast<uint8_t>(2 * (sc & 0xF) + 1);
         r.sc[2 * ib + 1] = static_cast<uint8_t>(2 * (sc >> 4) + 1);
@@ -360,16 +379,16 @@ at::Tensor gguf_repack(at::Tensor raw, int64_t qtype, int64_t n, int64_t k,
   TORCH_CHECK(bb > 0, "gguf_repack: no kernel layout for GGML type ", qtype);
   const uint8_t* levels = nullptr;
   if (lattice(qtype)) {
-    const int64_t entries = qtype == IQ1_S ? 2048
+    const int64_t entries = qtype == IQ1_S || qtype == IQ1_M       ? 2048
                             : qtype == IQ2_XXS || qtype == IQ3_XXS ? 256
-                            : qtype == IQ2_S ? 1024
-                                             : 512;
+                            : qtype == IQ2_S                       ? 1024
+                                                                   : 512;
     const int64_t group = qtype == IQ3_XXS || qtype == IQ3_S ? 4 : 8;
     TORCH_CHECK(grid.has_value() && grid->scalar_type() == at::kByte && grid->is_contiguous() &&
                     grid->numel() == entries * group,
                 "gguf_repack: GGML type ", qtype, " needs its grid (gguf_pack.grid_levels)");
     levels = grid->data_ptr<uint8_t>();
-    TORCH_CHECK(grid->max().item<int64_t>() < (qtype == IQ1_S || group == 8 ? 3 : 8),
+    TORCH_CHECK(grid->max().item<int64_t>() < (group == 8 ? 3 : 8),
                 "gguf_repack: grid levels out of range");
   }
   const int64_t uk = k_type(qtype) ? 256 : 32;

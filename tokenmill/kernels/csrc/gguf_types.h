@@ -24,20 +24,21 @@ enum : int64_t {
   IQ4_NL = 20,
   IQ3_S = 21,
   IQ2_S = 22,
-  IQ4_XS = 23
+  IQ4_XS = 23,
+  IQ1_M = 29
 };
 
 // ggml's i-quants with a grid, repacked into a 4-bit codebook layout (gguf_pack.py).
 constexpr bool lattice(int64_t q) {
-  return q == IQ1_S || q == IQ2_XXS || q == IQ2_XS || q == IQ2_S || q == IQ3_XXS || q == IQ3_S;
+  return q == IQ1_S || q == IQ1_M || q == IQ2_XXS || q == IQ2_XS || q == IQ2_S || q == IQ3_XXS ||
+         q == IQ3_S;
 }
 // The lattice types with a scale per 16 inputs.
-constexpr bool lattice_split(int64_t q) { return q == IQ2_XS || q == IQ2_S; }
+constexpr bool lattice_split(int64_t q) { return q == IQ1_M || q == IQ2_XS || q == IQ2_S; }
 
 // Types whose unit is a 256-input super-block (the K-quants, IQ4_XS and the lattice types).
 inline bool k_type(int64_t q) {
-  return q == Q2_K || q == Q3_K || q == Q4_K || q == Q5_K || q == Q6_K || q == IQ4_XS ||
-         lattice(q);
+  return q == Q2_K || q == Q3_K || q == Q4_K || q == Q5_K || q == Q6_K || q == IQ4_XS || lattice(q);
 }
 
 // Inputs per packed unit (a block of 32, or a super-block of 256).
@@ -74,6 +75,7 @@ inline int64_t unit_bytes(int64_t q) {
     case IQ3_XXS:
     case IQ3_S:
       return 2208;
+    case IQ1_M:
     case IQ2_XS:
     case IQ2_S:
       return 2336;
@@ -111,6 +113,8 @@ inline int64_t block_bytes(int64_t q) {
       return 136;
     case IQ1_S:
       return 50;
+    case IQ1_M:
+      return 56;
     case IQ2_XXS:
       return 66;
     case IQ2_XS:
@@ -157,6 +161,8 @@ bool with_type(int64_t q, F&& f) {
       return f(std::integral_constant<int64_t, IQ4_XS>{}), true;
     case IQ1_S:
       return f(std::integral_constant<int64_t, IQ1_S>{}), true;
+    case IQ1_M:
+      return f(std::integral_constant<int64_t, IQ1_M>{}), true;
     case IQ2_XXS:
       return f(std::integral_constant<int64_t, IQ2_XXS>{}), true;
     case IQ2_XS:

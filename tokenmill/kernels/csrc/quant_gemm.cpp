@@ -303,7 +303,10 @@ struct Codebook {
     constexpr int8_t iq1[3] = {1, 7, 9}, iq2[3] = {8, 25, 43};
     constexpr int8_t iq3xxs[8] = {4, 12, 20, 28, 36, 44, 52, 62};
     constexpr int8_t iq3s[8] = {1, 3, 5, 7, 9, 11, 13, 15};
-    const int8_t* mag = Q == IQ1_S ? iq1 : Q == IQ3_XXS ? iq3xxs : Q == IQ3_S ? iq3s : iq2;
+    const int8_t* mag = Q == IQ1_S || Q == IQ1_M ? iq1
+                        : Q == IQ3_XXS           ? iq3xxs
+                        : Q == IQ3_S             ? iq3s
+                                                 : iq2;
     const int levels = Q == IQ3_XXS || Q == IQ3_S ? 8 : 3;
     for (int i = 0; i < 16; ++i) v[i] = lattice(Q) ? 0 : iq4[i];
     if (lattice(Q))
@@ -317,7 +320,9 @@ template <int64_t Q>
 constexpr Codebook<Q> kCodebook;
 // The power of two in a lattice type's scale d * kFactor * sc (1 for the others).
 template <int64_t Q>
-constexpr float kFactor = Q == IQ3_XXS ? 0.25f : Q == IQ3_S || !lattice(Q) ? 1.f : 0.125f;
+constexpr float kFactor = Q == IQ3_XXS                ? 0.25f
+                          : Q == IQ3_S || !lattice(Q) ? 1.f
+                                                      : 0.125f;
 
 // Whether U holds signed bytes (AVX2 Q8_0 and codebook types: sign trick instead of an offset).
 template <int64_t Q>
@@ -1735,8 +1740,9 @@ constexpr int64_t kPreparedMinM =
                   kStreamingMaxM<Q5_1>, kStreamingMaxM<Q8_0>, kStreamingMaxM<Q2_K>,
                   kStreamingMaxM<Q3_K>, kStreamingMaxM<Q4_K>, kStreamingMaxM<Q5_K>,
                   kStreamingMaxM<Q6_K>, kStreamingMaxM<IQ4_NL>, kStreamingMaxM<IQ4_XS>,
-                  kStreamingMaxM<IQ1_S>, kStreamingMaxM<IQ2_XXS>, kStreamingMaxM<IQ2_XS>,
-                  kStreamingMaxM<IQ2_S>, kStreamingMaxM<IQ3_XXS>, kStreamingMaxM<IQ3_S>});
+                  kStreamingMaxM<IQ1_S>, kStreamingMaxM<IQ1_M>, kStreamingMaxM<IQ2_XXS>,
+                  kStreamingMaxM<IQ2_XS>, kStreamingMaxM<IQ2_S>, kStreamingMaxM<IQ3_XXS>,
+                  kStreamingMaxM<IQ3_S>});
 #endif  // TM_AVX512 || TM_AVX2
 
 }  // namespace
