@@ -26,15 +26,16 @@ bytes more per 256 inputs, and Q3_K and IQ4_XS, 4 and 2 bytes more (their scales
 `unpack` inverts `pack` exactly.
 
 The lattice types (ggml's i-quants with a grid: IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS,
-IQ3_S) are repacked losslessly into a 4-bit codebook layout: each weight is one of at most 16
-values of its type (a grid value times a sign; IQ1's grid value plus a delta of +-1/8), so `u` is
-that value's index in the type's signed codebook (CODEBOOKS: magnitude i at index 8 + i, its
-negative at 7 - i) and `sc` the block scale's integer factor (2 s + 1, IQ3_S 1 + 2 s), one per 32
-inputs, laid out as IQ4_XS (IQ1_M, IQ2_XS and IQ2_S, a scale per 16 inputs: d[16] | sc[16][16] |
-L x 8; IQ1_M's d is the float16 its scales' top nibbles make). A weight is d * FACTOR * sc *
-CODEBOOKS[u], the product gguf computes, exactly. They take 4.3-4.6 bits per weight in memory
-where the file has 1.6-3.4: the price of running them on the 4-bit kernels, against 16
-dequantized.
+IQ3_S) are repacked losslessly into a codebook layout: each weight is one of at most 16 values of
+its type (a grid value times a sign; IQ1's grid value plus a delta of +-1/8), so `u` is that
+value's index in the type's signed codebook (CODEBOOKS: magnitude i at index h + i, its negative
+at h - 1 - i) and `sc` the block scale's integer factor (2 s + 1, IQ3_S 1 + 2 s), one per 32
+inputs (IQ1_M, IQ2_XS and IQ2_S: per 16; IQ1_M's d is the float16 its scales' top nibbles make).
+The IQ3 types (8 magnitudes, h = 8) are laid out as IQ4_XS; the IQ1 and IQ2 types (3 magnitudes,
+h = 4: u takes 3 bits) as Q3_K, d[16] | sc[8 or 16][16] | L2 x 8 | H3 x 8. A weight is d * FACTOR
+* sc * CODEBOOKS[u], the product gguf computes, exactly. In memory they take 3.3-3.6 (IQ1, IQ2)
+and 4.3 (IQ3) bits per weight, where the file has 1.6-2.6 and 3.1-3.4: the price of running
+them on the kernels' 3- and 4-bit unpacking, against 16 bits dequantized.
 """
 
 from __future__ import annotations
@@ -72,16 +73,19 @@ K_TYPES = (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)
 SPLIT_TYPES = (Q2_K, Q3_K, Q6_K)  # a scale per 16 inputs
 LATTICE_TYPES = (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S)
 LATTICE_SPLIT_TYPES = (IQ1_M, IQ2_XS, IQ2_S)  # a scale per 16 inputs
+LATTICE_3BIT_TYPES = (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S)  # 6 values: 3-bit indices
 SUPER_BLOCK_TYPES = K_TYPES + (IQ4_XS,) + LATTICE_TYPES  # units of 256 inputs
 # IQ4_NL / IQ4_XS weights are d (times a scale per 32, IQ4_XS) * CODEBOOK[u] (ggml's kvalues_iq4nl)
 CODEBOOK = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
 def _signed_codebook(magnitudes: tuple[int, ...]) -> tuple[int, ...]:
-    """16 values: magnitude i at index 8 + i, its negative at 7 - i, 0 where unused."""
+    """16 values: magnitude i at index h + i, its negative at h - 1 - i (h = 4 for up to 4
+    magnitudes, whose indices then fit 3 bits, else 8), 0 where unused."""
+    h = 4 if len(magnitudes) <= 4 else 8
     book = [0] * 16
     for i, v in enumerate(magnitudes):
-        book[8 + i], book[7 - i] = v, -v
+        book[h + i], book[h - 1 - i] = v, -v
     return tuple(book)
 
 
@@ -142,11 +146,11 @@ UNIT_BYTES = {
     Q6_K: 3360,
     IQ4_NL: 288,
     IQ4_XS: 2208,
-    IQ1_S: 2208,
-    IQ1_M: 2336,
-    IQ2_XXS: 2208,
-    IQ2_XS: 2336,
-    IQ2_S: 2336,
+    IQ1_S: 1696,
+    IQ1_M: 1824,
+    IQ2_XXS: 1696,
+    IQ2_XS: 1824,
+    IQ2_S: 1824,
     IQ3_XXS: 2208,
     IQ3_S: 2208,
 }
@@ -237,7 +241,7 @@ def _parse_lattice(b: torch.Tensor, qtype: int, n: int, nb: int) -> dict[str, to
         idx = qs.long().reshape(n, nb, 8, 4) | (high << 8)
         v = 8 * (grid[idx] - 1) + (1 - 2 * minus)[..., None]  # +-1, +-7, +-9
         level = torch.tensor([0, 0, 0, 0, 0, 0, 1, 0, 2])[v.abs() - 1]  # |v| = 1, 7, 9
-        f["u"] = torch.where(v > 0, 8 + level, 7 - level).to(torch.uint8).reshape(n, -1)
+        f["u"] = torch.where(v > 0, 4 + level, 3 - level).to(torch.uint8).reshape(n, -1)
         return f
     if qtype in (IQ2_XXS, IQ3_XXS):
         if qtype == IQ2_XXS:
@@ -269,7 +273,8 @@ def _parse_lattice(b: torch.Tensor, qtype: int, n: int, nb: int) -> dict[str, to
         f["sc"] = 2 * torch.stack([s & 0xF, s >> 4], -1).reshape(n, nb, 16) + 1
     level = grid[idx].reshape(n, nb, 8, 4, 8)
     negative = _bits(signs).reshape(n, nb, 8, 4, 8) == 1
-    f["u"] = torch.where(negative, 7 - level, 8 + level).to(torch.uint8).reshape(n, -1)
+    h = 4 if qtype in LATTICE_3BIT_TYPES else 8
+    f["u"] = torch.where(negative, h - 1 - level, h + level).to(torch.uint8).reshape(n, -1)
     return f
 
 
@@ -445,9 +450,12 @@ def pack(f: dict[str, torch.Tensor], qtype: int, n: int, k: int) -> torch.Tensor
         units = k // 256
         ut = ut.reshape(nt, units, 8, 8, 64)
         parts = [_per_row(f["d"], n, units, 2)]
-        if qtype == IQ4_XS or qtype in LATTICE_TYPES:
-            # [nt, units, 8 (16: split lattice types) sub x 16 rows]
-            parts.append(_per_row(f["sc"], n, units, 1))
+        if qtype in LATTICE_3BIT_TYPES:
+            parts.append(_per_row(f["sc"], n, units, 1))  # [nt, units, 8 or 16 sub x 16 rows]
+            parts.append(_bit_pairs(ut, 0).flatten(-2))
+            parts.append(_bit_masks(ut, 2).flatten(-2))
+        elif qtype == IQ4_XS or qtype in LATTICE_TYPES:
+            parts.append(_per_row(f["sc"], n, units, 1))  # [nt, units, 8 sub x 16 rows]
             parts.append(_nibbles(ut).flatten(-2))
         elif qtype == Q6_K:
             parts.append(_per_row(f["sc"], n, units, 1))  # [nt, units, 16 sub x 16 rows]
@@ -516,8 +524,12 @@ def _unpack_tiles(packed: torch.Tensor, qtype: int, n: int, k: int) -> dict[str,
 
     f["d"] = _from_rows(take(32), n, units, 2)
     if qtype in SUPER_BLOCK_TYPES:
-        if qtype == IQ4_XS or qtype in LATTICE_TYPES:
+        if qtype in LATTICE_3BIT_TYPES:
             f["sc"] = _from_rows(take(256 if qtype in LATTICE_SPLIT_TYPES else 128), n, units, 1)
+            ut = from_pairs(take(1024).reshape(nt, units, 8, 128))
+            ut = ut | from_masks(take(512).reshape(nt, units, 8, 64), bit=2)
+        elif qtype == IQ4_XS or qtype in LATTICE_TYPES:
+            f["sc"] = _from_rows(take(128), n, units, 1)
             ut = from_nibbles(take(2048).reshape(nt, units, 8, 256))
         elif qtype == Q6_K:
             f["sc"] = _from_rows(take(256), n, units, 1)

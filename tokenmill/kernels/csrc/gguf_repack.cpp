@@ -58,9 +58,10 @@ inline uint8_t sign_byte(uint32_t seven) {
   return static_cast<uint8_t>(seven | ((__builtin_popcount(seven) & 1) << 7));
 }
 
-// The codebook index of a lattice weight: magnitude level L at 8 + L, its negative at 7 - L.
-inline uint8_t signed_index(int level, bool negative) {
-  return static_cast<uint8_t>(negative ? 7 - level : 8 + level);
+// The codebook index of a lattice weight: magnitude level L at h + L, its negative at h - 1 - L
+// (h = 4 for the 6-value types, 8 for the IQ3 types).
+inline uint8_t signed_index(int level, bool negative, int h) {
+  return static_cast<uint8_t>(negative ? h - 1 - level : h + level);
 }
 
 // Grid entry e's `group` values (levels, `grid`: gguf_pack.grid_levels) with the sign bits of
@@ -68,7 +69,7 @@ inline uint8_t signed_index(int level, bool negative) {
 inline void put_entry(const uint8_t* grid, int group, uint32_t e, uint8_t signs, int bit,
                       uint8_t* u) {
   for (int j = 0; j < group; ++j)
-    u[j] = signed_index(grid[e * group + j], (signs >> (bit + j)) & 1);
+    u[j] = signed_index(grid[e * group + j], (signs >> (bit + j)) & 1, group == 8 ? 4 : 8);
 }
 
 // An IQ1 group of 8: grid entry e's values (-1, 0, 1) times 8, plus the delta's +-1.
@@ -76,7 +77,7 @@ inline void put_iq1(const uint8_t* grid, uint32_t e, bool minus, uint8_t* u) {
   for (int j = 0; j < 8; ++j) {
     const int v = 8 * (grid[e * 8 + j] - 1) + (minus ? -1 : 1);  // +-1, +-7, +-9
     const int a = v < 0 ? -v : v;
-    u[j] = signed_index(a == 1 ? 0 : a == 7 ? 1 : 2, v < 0);
+    u[j] = signed_index(a == 1 ? 0 : a == 7 ? 1 : 2, v < 0, 4);
   }
 }
 
@@ -336,9 +337,19 @@ void pack_unit(int64_t q, const RowUnit* rows, uint8_t* out) {
     }
     return;
   }
+  if (lattice3(q)) {  // as Q3_K: the sub-block scales, L2 x 8, H3 x 8
+    out = put_rows(
+        rows, lattice_split(q) ? 16 : 8, 1, [](const RowUnit& r, int g) { return r.sc + g; }, out);
+    uint8_t* high = out + 1024;
+    for (int b = 0; b < 8; ++b) {
+      tile_block(rows, b, U);
+      out = put_pairs(U, 0, out);
+      high = put_masks(U, 2, high);
+    }
+    return;
+  }
   if (q == IQ4_XS || lattice(q)) {
-    const int subs = lattice_split(q) ? 16 : 8;
-    out = put_rows(rows, subs, 1, [](const RowUnit& r, int g) { return r.sc + g; }, out);
+    out = put_rows(rows, 8, 1, [](const RowUnit& r, int g) { return r.sc + g; }, out);
     for (int b = 0; b < 8; ++b) {
       tile_block(rows, b, U);
       out = put_nibbles(U, out);

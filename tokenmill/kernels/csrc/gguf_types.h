@@ -35,6 +35,9 @@ constexpr bool lattice(int64_t q) {
 }
 // The lattice types with a scale per 16 inputs.
 constexpr bool lattice_split(int64_t q) { return q == IQ1_M || q == IQ2_XS || q == IQ2_S; }
+// The lattice types of 6 values (3 magnitudes and their negatives): 3-bit indices, laid out as
+// Q3_K's bits; the IQ3 types' 16 values take 4 bits, laid out as IQ4_XS's.
+constexpr bool lattice3(int64_t q) { return lattice(q) && q != IQ3_XXS && q != IQ3_S; }
 
 // Types whose unit is a 256-input super-block (the K-quants, IQ4_XS and the lattice types).
 inline bool k_type(int64_t q) {
@@ -70,15 +73,16 @@ inline int64_t unit_bytes(int64_t q) {
     case IQ4_NL:
       return 288;
     case IQ4_XS:
-    case IQ1_S:
-    case IQ2_XXS:
     case IQ3_XXS:
     case IQ3_S:
       return 2208;
+    case IQ1_S:
+    case IQ2_XXS:
+      return 1696;
     case IQ1_M:
     case IQ2_XS:
     case IQ2_S:
-      return 2336;
+      return 1824;
     default:
       return 0;
   }

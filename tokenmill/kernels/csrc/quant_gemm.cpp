@@ -291,7 +291,8 @@ struct alignas(64) Block {
 
 // The codebook types: a weight is its block's scale times the type's codebook value at its 4-bit
 // index: IQ4_NL / IQ4_XS (ggml's kvalues_iq4nl), and the lattice types, repacked (gguf_pack.py:
-// a grid magnitude i at index 8 + i, its negative at 7 - i), whose scale is d * kFactor * sc.
+// a grid magnitude i at index h + i, its negative at h - 1 - i; h = 4 for the 6-value types,
+// whose 3-bit indices are laid out as Q3_K's bits), whose scale is d * kFactor * sc.
 template <int64_t Q>
 constexpr bool kCodebookType = Q == IQ4_NL || Q == IQ4_XS || lattice(Q);
 template <int64_t Q>
@@ -307,12 +308,12 @@ struct Codebook {
                         : Q == IQ3_XXS           ? iq3xxs
                         : Q == IQ3_S             ? iq3s
                                                  : iq2;
-    const int levels = Q == IQ3_XXS || Q == IQ3_S ? 8 : 3;
+    const int levels = lattice3(Q) ? 3 : 8, h = lattice3(Q) ? 4 : 8;
     for (int i = 0; i < 16; ++i) v[i] = lattice(Q) ? 0 : iq4[i];
     if (lattice(Q))
       for (int i = 0; i < levels; ++i) {
-        v[8 + i] = mag[i];
-        v[7 - i] = static_cast<int8_t>(-mag[i]);
+        v[h + i] = mag[i];
+        v[h - 1 - i] = static_cast<int8_t>(-mag[i]);
       }
   }
 };
@@ -360,8 +361,7 @@ struct Scales {
 template <int64_t Q>
 inline const uint8_t* nibble_base(const uint8_t* src, int b) {
   if constexpr (Q == Q4_0 || Q == IQ4_NL) return src + 32;
-  if constexpr (Q == IQ4_XS || (lattice(Q) && !lattice_split(Q))) return src + 160 + b * 256;
-  if constexpr (lattice_split(Q)) return src + 288 + b * 256;
+  if constexpr (Q == IQ4_XS || Q == IQ3_XXS || Q == IQ3_S) return src + 160 + b * 256;
   if constexpr (Q == Q4_1) return src + 64;
   if constexpr (Q == Q5_0) return src + 96;
   if constexpr (Q == Q5_1) return src + 128;
@@ -376,6 +376,7 @@ inline const uint8_t* high_bit_base(const uint8_t* src, int b) {
   if constexpr (Q == Q5_1) return src + 64;
   if constexpr (Q == Q5_K) return src + 320 + b * 64;
   if constexpr (Q == Q3_K) return src + 1312 + b * 64;  // H3: masks of bit 2
+  if constexpr (lattice3(Q)) return src + (lattice_split(Q) ? 1312 : 1184) + b * 64;
   return nullptr;
 }
 // Where block b of a Q2_K / Q3_K unit keeps its bit pairs (L2, 128 bytes) and of a Q6_K unit its
@@ -384,6 +385,7 @@ template <int64_t Q>
 inline const uint8_t* pair_base(const uint8_t* src, int b) {
   if constexpr (Q == Q2_K) return src + 320 + b * 128;
   if constexpr (Q == Q3_K) return src + 288 + b * 128;
+  if constexpr (lattice3(Q)) return src + (lattice_split(Q) ? 288 : 160) + b * 128;
   if constexpr (Q == Q6_K) return src + 2336 + b * 128;
   return nullptr;
 }
@@ -449,18 +451,20 @@ inline void unpack_block(const uint8_t* src, int b, Block& out) {
     }
     return;
   }
-  if constexpr (Q == Q2_K || Q == Q3_K) {
+  if constexpr (Q == Q2_K || Q == Q3_K || lattice3(Q)) {
     const V64 lo2 = V64::set1(0x03);
+    [[maybe_unused]] const V64 table = V64::table16(kCodebookBytes<Q>.v);  // lattice types
     const uint8_t* P = pair_base<Q>(src, b);
     for (int h = 0; h < 2; ++h) {
       const V64 p = V64::load(P + h * 64);
       for (int i = 0; i < 4; ++i) {
         V64 u = (i ? p.srl16(2 * i) : p) & lo2;
-        if constexpr (Q == Q3_K) {
+        if constexpr (Q != Q2_K) {
           uint64_t m;
           std::memcpy(&m, high_bit_base<Q>(src, b) + (4 * h + i) * 8, 8);
           u = u | V64::from_bits(m, 0x04);
         }
+        if constexpr (kCodebookType<Q>) u = u.lookup(table);
         u.store(out.u[4 * h + i]);
       }
     }
@@ -509,14 +513,18 @@ inline __m256i u_half(const uint8_t* src, int b, int t, int h) {
   if constexpr (Q == Q8_0) {
     static_assert(kSignedU<Q>, "AVX2 keeps Q8_0 signed");
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32 + t * 64 + h * 32));
-  } else if constexpr (Q == Q2_K || Q == Q3_K) {
+  } else if constexpr (Q == Q2_K || Q == Q3_K || lattice3(Q)) {
     const __m256i p = _mm256_loadu_si256(
         reinterpret_cast<const __m256i*>(pair_base<Q>(src, b) + (t / 4) * 64 + h * 32));
     const __m256i u = _mm256_and_si256(_mm256_srli_epi16(p, 2 * (t & 3)), _mm256_set1_epi8(3));
     if constexpr (Q == Q2_K) return u;
     uint32_t m;
     std::memcpy(&m, high_bit_base<Q>(src, b) + t * 8 + h * 4, 4);
-    return _mm256_or_si256(u, V64::bits32(m, 0x04));
+    const __m256i u3 = _mm256_or_si256(u, V64::bits32(m, 0x04));
+    if constexpr (!kCodebookType<Q>) return u3;
+    return _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_load_si128(
+                                   reinterpret_cast<const __m128i*>(kCodebookBytes<Q>.v))),
+                               u3);
   } else {
     const __m256i lo4 = _mm256_set1_epi8(0x0F);
     const __m256i p = _mm256_loadu_si256(
