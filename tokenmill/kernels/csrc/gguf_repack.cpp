@@ -7,7 +7,9 @@
 // metadata bytes, then written out: per-row metadata interleaved by row, the eight 64-byte
 // vectors U[t] of each 32-input block (byte 4r + j = input 4t + j of row r) as nibbles (L), the
 // 5th bits as 64-bit masks (H) and Q6_K's 5th-6th bits in pairs (H6); Q2_K's and Q3_K's as pairs
-// of their low 2 bits (L2), Q3_K's 3rd bit as masks (H3). Rows past n are zeros.
+// of their low 2 bits (L2), Q3_K's 3rd bit as masks (H3). The lattice types (IQ1_S ... IQ3_S)
+// decode through their grid (gguf_pack.grid_levels) into indices of a signed codebook, written
+// as IQ4_XS's nibbles (IQ3) or Q3_K's L2 and H3 (IQ1, IQ2). Rows past n are zeros.
 #include "gguf_repack.h"
 
 #include <ATen/Parallel.h>
@@ -65,11 +67,13 @@ inline uint8_t signed_index(int level, bool negative, int h) {
 }
 
 // Grid entry e's `group` values (levels, `grid`: gguf_pack.grid_levels) with the sign bits of
-// `signs` from bit `bit` on, into u.
+// `signs` from bit `bit` on, into u: the IQ2 types' entries of 8 (3 magnitudes, h = 4) or the
+// IQ3 types' of 4 (8 magnitudes, h = 8).
 inline void put_entry(const uint8_t* grid, int group, uint32_t e, uint8_t signs, int bit,
                       uint8_t* u) {
+  const int h = group == 8 ? 4 : 8;
   for (int j = 0; j < group; ++j)
-    u[j] = signed_index(grid[e * group + j], (signs >> (bit + j)) & 1, group == 8 ? 4 : 8);
+    u[j] = signed_index(grid[e * group + j], (signs >> (bit + j)) & 1, h);
 }
 
 // An IQ1 group of 8: grid entry e's values (-1, 0, 1) times 8, plus the delta's +-1.

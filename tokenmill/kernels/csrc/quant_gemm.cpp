@@ -16,8 +16,9 @@
 // Weights are repacked at load (tokenmill/quant/gguf_pack.py, which documents the layout) into
 // tiles of 16 output rows. Inside a tile every 32-input block unpacks to eight 64-byte vectors
 // U[t] whose lane r (4 bytes) holds inputs 4t..4t+3 of row r as unsigned integers (IQ4_NL /
-// IQ4_XS: their codebook values + 128, looked up from the packed indices), plus a scale s and an
-// offset o per row (w = s * u + o; Q2_K, Q3_K and Q6_K have one pair per 16 inputs). Then
+// IQ4_XS and the lattice types: their codebook values + 128, looked up from the packed indices;
+// AVX2 keeps them signed), plus a scale s and an offset o per row (w = s * u + o; Q2_K, Q3_K,
+// Q6_K, IQ1_M, IQ2_XS and IQ2_S have one pair per 16 inputs). Then
 //   y[m][row] += s * dx * sum(u * xq) + o * dx * sum(xq)
 // where the integer sum is exact (int32) and every float product of it matches what a float
 // matmul over the dequantized weights and activations computes, up to the order of additions.
@@ -980,14 +981,34 @@ __attribute__((always_inline)) inline void accumulate_batch(const Block* blk, co
 }
 
 #else
+// The largest |value| of a codebook type's weights.
+template <int64_t Q>
+constexpr int codebook_max() {
+  int m = 0;
+  for (int8_t v : kCodebook<Q>.v) m = std::max(m, v < 0 ? -v : static_cast<int>(v));
+  return m;
+}
+// Steps per run of a signed type: products of |w| and at most 127, two per maddubs, so
+// kRun * max|w| < 128 (Q8_0 and IQ4: 1; IQ2_*, IQ3_XXS: 2; IQ1_S, IQ3_S: 8; IQ1_M: its parts' 4).
+template <int64_t Q>
+constexpr int signed_run() {
+  if constexpr (!kCodebookType<Q>) {
+    return 1;
+  } else {
+    int r = kSplit<Q> ? 4 : 8;  // a run never crosses a part
+    while (r > 1 && r * codebook_max<Q>() >= 128) r /= 2;
+    return r;
+  }
+}
+
 // AVX2 has 16 vector registers, a quarter of a block's bytes per zmm-less tile: the block stays
 // in L1 (Block) and each of its 16 weight vectors is loaded once per group of tokens and applied
 // to all of them. `maddubs` products of pairs add up in int16 for kRun<Q> steps before one
 // widening `madd`: exact while kRun * 2 * max(u) * 127 < 2^15 (4-bit weights: all 8 steps, 5-bit:
-// 4, 6-bit: 2, 2- and 3-bit Q2_K / Q3_K: the 4 of each half; AVX2's signed Q8_0 widens every
-// product, up to 2 * 128 * 127).
+// 4, 6-bit: 2, 2- and 3-bit Q2_K / Q3_K: the 4 of each half; AVX2's signed Q8_0 and IQ4 widen
+// every product, up to 2 * 128 * 127; the lattice types' smaller values run 2 or 8 steps).
 template <int64_t Q>
-constexpr int kRun = kSignedU<Q>                                        ? 1
+constexpr int kRun = kSignedU<Q>                                        ? signed_run<Q>()
                      : Q == Q6_K                                        ? 2
                      : kSplit<Q> || Q == Q5_0 || Q == Q5_1 || Q == Q5_K ? 4
                                                                         : 8;
