@@ -597,6 +597,7 @@ def write_tiny_llama_gguf(
     context_length: int = 2048,
     rope_theta: float = 10000.0,
     rms_eps: float = 1e-5,
+    split_max_tensors: int = 0,
 ) -> Path:
     """Write a random-weight Llama ("llama" architecture) GGUF to `path`; returns the path.
 
@@ -607,6 +608,8 @@ def write_tiny_llama_gguf(
     "<|endoftext|>" (the last id) as BOS/EOS; no BOS is added when encoding.
     Row lengths (hidden, intermediate) must be multiples of the type's block size (256 for K
     types, 32 otherwise); vocab >= 258 (a multiple of 16 keeps tokenmill's packed head usable).
+    `split_max_tensors` > 0 splits the file as llama.cpp's gguf-split does (gguf-py's writer:
+    `STEM-00001-of-0000N.gguf` ..., at most that many tensors each); returns the first shard.
     """
     from gguf import GGUFWriter, TokenType
 
@@ -635,7 +638,7 @@ def write_tiny_llama_gguf(
         return rng.uniform(0.8, 1.2, hidden).astype(np.float32)
 
     path = Path(path)
-    writer = GGUFWriter(str(path), "llama")
+    writer = GGUFWriter(str(path), "llama", split_max_tensors=split_max_tensors)
     writer.add_name(f"tiny-llama-{qtype.name}")
     writer.add_file_type(_FILE_TYPE[qtype])
     writer.add_context_length(context_length)
@@ -690,4 +693,5 @@ def write_tiny_llama_gguf(
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return path
+    shards = writer.format_shard_names(path)
+    return shards[0]

@@ -7,11 +7,16 @@ reads the same header (key/values, then tensor infos; the format is in gguf's do
 `tensors[i].name / tensor_type / shape (GGUF order) / n_elements / n_bytes / data` (a read-only
 view of the mapped file, shaped as GGUFReader shapes it). Type constants and block sizes come
 from the `gguf` package. Tests check it against GGUFReader field by field.
+
+A model split by llama.cpp's `gguf-split` (or gguf-py's writer) into `NAME-00001-of-0000N.gguf`
+... `NAME-0000N-of-0000N.gguf` opens as one: any shard's path names the set, the first shard's
+key/values are the model's (the others hold only `split.*`), and the tensors are all shards'.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -50,12 +55,14 @@ class GGUFTensorInfo:
 
 
 class GGUFFile:
-    """The parsed header of a GGUF file and memory-mapped views of its tensors."""
+    """The parsed header of a GGUF file and memory-mapped views of its tensors (`paths`: the
+    files they come from, one but for a split model)."""
 
     def __init__(self, path: str) -> None:
         from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
         self.path = path
+        self.paths = [path]
         self._map = np.memmap(path, mode="r")
         buf = memoryview(self._map)
         self._buf, self._pos = buf, 4
@@ -136,9 +143,64 @@ class GGUFFile:
         raise ValueError(f"unknown GGUF value type {vtype}")
 
 
-def open_gguf(path: str | os.PathLike) -> GGUFFile:
-    """The parsed GGUF file at `path`; any malformed or truncated file -> ModelLoadError."""
+# llama.cpp's shard names (llama_split_path): PREFIX-%05d-of-%05d.gguf, numbered from 1.
+_SHARD_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def shard_paths(path: str | os.PathLike) -> list[str] | None:
+    """Every shard's path of the split model whose shard `path` is (by its name), or None."""
     path = os.fspath(path)
+    m = _SHARD_NAME.match(os.path.basename(path))
+    if m is None or int(m["count"]) < 1 or not 1 <= int(m["no"]) <= int(m["count"]):
+        return None
+    folder, count = os.path.dirname(path), int(m["count"])
+    return [
+        os.path.join(folder, f"{m['prefix']}-{i:05d}-of-{count:05d}.gguf")
+        for i in range(1, count + 1)
+    ]
+
+
+def open_gguf(path: str | os.PathLike) -> GGUFFile:
+    """The parsed GGUF file at `path`, or the whole split model whose shard it is; any malformed,
+    truncated or missing file -> ModelLoadError."""
+    named = _open_one(os.fspath(path))
+    count = int(named.metadata.get("split.count", 1))
+    if count <= 1:
+        return named
+    paths = shard_paths(path)
+    if paths is None or len(paths) != count:
+        raise ModelLoadError(
+            f"{named.path} is shard {int(named.metadata.get('split.no', 0)) + 1} of a model split "
+            f"in {count}, but its name is not NAME-0000i-of-{count:05d}.gguf, which is how the "
+            "other shards are found"
+        )
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise ModelLoadError(f"shards of the split model are missing: {', '.join(missing)}")
+    shards = [named if os.path.samefile(p, named.path) else _open_one(p) for p in paths]
+    names: set[str] = set()
+    for i, shard in enumerate(shards):
+        no, n = shard.metadata.get("split.no"), shard.metadata.get("split.count")
+        if no != i or n != count:
+            raise ModelLoadError(
+                f"{shard.path} says it is shard {no} of {n} (from 0); its name says {i} of {count}"
+            )
+        for t in shard.tensors:
+            if t.name in names:
+                raise ModelLoadError(f"tensor {t.name!r} is in more than one shard ({shard.path})")
+            names.add(t.name)
+    merged = shards[0]  # its key/values are the model's
+    expected = int(merged.metadata.get("split.tensors.count", len(names)))
+    if len(names) != expected:
+        raise ModelLoadError(
+            f"the split model's shards hold {len(names)} tensors; its first shard says {expected}"
+        )
+    merged.tensors = [t for shard in shards for t in shard.tensors]
+    merged.paths = paths
+    return merged
+
+
+def _open_one(path: str) -> GGUFFile:
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != GGUF_MAGIC:

@@ -68,7 +68,7 @@ def read_model_info(source: ModelSource, load_format: str = "auto") -> tuple[Mod
         arch = arch_config_from_gguf(meta, {t.name for t in reader.tensors})
         types = Counter(t.tensor_type.name for t in reader.tensors)
         fmt = "GGUF " + ", ".join(f"{k} x{v}" for k, v in types.most_common())
-        size = source.path.stat().st_size
+        size = sum(os.path.getsize(p) for p in reader.paths)  # every shard of a split model
         return ModelInfo(source, arch, fmt, size, meta), reader
     cfg_path = source.path / "config.json"
     try:

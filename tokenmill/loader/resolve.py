@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tokenmill.errors import ModelLoadError
+from tokenmill.loader.gguf_file import shard_paths
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +54,21 @@ def _looks_like_pickle(path: Path) -> bool:
     return head[:1] == b"\x80" or head == b"PK\x03\x04"
 
 
+def _gguf_source(path: Path) -> ModelSource:
+    """A GGUF file, or a split model's first shard (any shard names the set) named without
+    its -0000i-of-0000N."""
+    shards = shard_paths(path)
+    if shards is None:
+        return ModelSource("gguf", path, path.stem)
+    first = Path(shards[0])
+    return ModelSource("gguf", first, first.name[: -len("-00001-of-00000.gguf")])
+
+
 def _resolve_file(path: Path) -> ModelSource:
     with open(path, "rb") as f:
         magic = f.read(4)
     if path.suffix.lower() == ".gguf" or magic == b"GGUF":
-        return ModelSource("gguf", path, path.stem)
+        return _gguf_source(path)
     if _looks_like_pickle(path):
         raise ModelLoadError(f"{path} is a pickle checkpoint; {PICKLE_MESSAGE}")
     if path.suffix == ".safetensors" and (path.parent / "config.json").is_file():
@@ -76,8 +87,8 @@ def _resolve_dir(path: Path, allow_no_weights: bool = False) -> ModelSource:
             raise ModelLoadError(f"{path} has config.json but no *.safetensors weights")
         return ModelSource("hf", path, path.name)
     ggufs = sorted(path.glob("*.gguf"))
-    if len(ggufs) == 1:
-        return ModelSource("gguf", ggufs[0], ggufs[0].stem)
+    if len(ggufs) == 1 or (ggufs and shard_paths(ggufs[0]) == [str(p) for p in ggufs]):
+        return _gguf_source(ggufs[0])  # one file, or the shards of one split model
     if ggufs:
         raise ModelLoadError(
             f"{path} holds several GGUF files; pass one: {', '.join(p.name for p in ggufs)}"
