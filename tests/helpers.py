@@ -46,3 +46,18 @@ def paged_logits(
             s.request.num_computed_tokens += n
             start += n
     return [torch.cat(chunks) for chunks in out]
+
+
+def prompt_logits(
+    model: torch.nn.Module, prompts: list[list[int]], num_blocks: int = 64
+) -> list[torch.Tensor]:
+    """Each prompt prefilled whole by a float32-KV CPU runner of `model` (blocks of 16):
+    `paged_logits` per prompt, [len(prompt), vocab]."""
+    runner = ModelRunner(
+        model,
+        num_blocks=num_blocks,
+        block_size=16,
+        kv_dtype=torch.float32,
+        device=torch.device("cpu"),
+    )
+    return paged_logits(runner, prompts, [[len(p)] for p in prompts])

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from tests.gguf_builder import ALL_TYPES, write_tiny_llama_gguf
-from tests.helpers import paged_logits
+from tests.helpers import paged_logits, prompt_logits
 from tokenmill import LLM, SamplingParams
 from tokenmill.config import cpu_has_native_bf16
 from tokenmill.kernels import cpu_ops
@@ -61,14 +61,7 @@ def test_tiny_model_matches_transformers(tiny_files, qtype):
     hf = _hf_model(path)
     tok = engine.tokenizer
     prompts = [tok.encode(p) for p in PROMPTS]
-    runner = ModelRunner(
-        engine.model,
-        num_blocks=32,
-        block_size=16,
-        kv_dtype=torch.float32,
-        device=torch.device("cpu"),
-    )
-    got = paged_logits(runner, prompts, [[len(p)] for p in prompts])
+    got = prompt_logits(engine.model, prompts, num_blocks=32)
     for ids, logits in zip(prompts, got):
         with torch.no_grad():
             ref = hf(torch.tensor([ids])).logits[0].float()

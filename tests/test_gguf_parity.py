@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import paged_logits
+from tests.helpers import prompt_logits
 from tokenmill import SamplingParams
-from tokenmill.worker.model_runner import ModelRunner
 
 PLAIN_PROMPTS = [
     "The capital of France is",
@@ -44,14 +43,7 @@ def test_gguf_logits_match_transformers(llm_f32, hf_gguf_model):
     engine = llm_f32.engine
     tok = engine.tokenizer
     prompts = [tok.encode(p) for p in PLAIN_PROMPTS[:3]]
-    runner = ModelRunner(
-        engine.model,
-        num_blocks=64,
-        block_size=16,
-        kv_dtype=torch.float32,
-        device=torch.device("cpu"),
-    )
-    got = paged_logits(runner, prompts, [[len(p)] for p in prompts])
+    got = prompt_logits(engine.model, prompts, num_blocks=64)
     for ids, logits in zip(prompts, got):
         with torch.no_grad():
             ref = hf_gguf_model(torch.tensor([ids])).logits[0].float()

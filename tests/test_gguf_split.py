@@ -12,12 +12,11 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from tests.gguf_builder import write_tiny_llama_gguf
-from tests.helpers import paged_logits
+from tests.helpers import prompt_logits
 from tokenmill import LLM
 from tokenmill.errors import ModelLoadError
 from tokenmill.loader.gguf_file import open_gguf
 from tokenmill.loader.resolve import resolve_model
-from tokenmill.worker.model_runner import ModelRunner
 
 PROMPTS = ["hello world, this is a test", "the quick brown fox"]
 
@@ -38,14 +37,7 @@ def _logits(path) -> list[torch.Tensor]:
     llm = LLM(model=str(path), dtype="float32", max_model_len=256, kv_cache_memory_gib=0.05)
     engine = llm.engine
     prompts = [engine.tokenizer.encode(p) for p in PROMPTS]
-    runner = ModelRunner(
-        engine.model,
-        num_blocks=32,
-        block_size=16,
-        kv_dtype=torch.float32,
-        device=torch.device("cpu"),
-    )
-    return paged_logits(runner, prompts, [[len(p)] for p in prompts])
+    return prompt_logits(engine.model, prompts, num_blocks=32)
 
 
 def test_split_model_computes_what_the_single_file_does(files):
