@@ -188,10 +188,9 @@ def grid_levels(qtype: int) -> torch.Tensor:
     -1, 0, 1). An empty tensor for the other types."""
     if qtype not in LATTICE_TYPES:
         return torch.empty(0, dtype=torch.uint8)
-    from gguf import GGMLQuantizationType
-    from gguf.quants import _type_traits
+    from gguf import GGMLQuantizationType, quants
 
-    cls = _type_traits[GGMLQuantizationType(qtype)]
+    cls = getattr(quants, GGMLQuantizationType(qtype).name)  # e.g. gguf.quants.IQ2_XXS
     cls.init_grid()
     grid = np.asarray(cls.grid).reshape(cls.grid_shape)
     levels = np.searchsorted(np.asarray(cls.grid_map, dtype=np.float32), grid)
