@@ -184,8 +184,8 @@ def _two_bit_values(qs: torch.Tensor, n: int, nb: int) -> torch.Tensor:
 @cache
 def grid_levels(qtype: int) -> torch.Tensor:
     """A lattice type's grid (ggml's iq*_grid, from `gguf.quants`): uint8 [entries, 8 or 4],
-    each value's index in the type's grid values (its magnitude's index, IQ1_S: 0, 1, 2 for
-    -1, 0, 1). An empty tensor for the other types."""
+    each value's index in the type's grid values (its magnitude's index; IQ1_S / IQ1_M: 0, 1,
+    2 for -1, 0, 1). An empty tensor for the other types."""
     if qtype not in LATTICE_TYPES:
         return torch.empty(0, dtype=torch.uint8)
     from gguf import GGMLQuantizationType, quants

@@ -507,6 +507,13 @@ inline void unpack_block(const uint8_t* src, int b, Block& out) {
 }
 
 #ifndef TM_AVX512
+// A codebook type's weight bytes for 32 indices (0..15).
+template <int64_t Q>
+inline __m256i codebook_lookup(__m256i idx) {
+  const __m128i table = _mm_load_si128(reinterpret_cast<const __m128i*>(kCodebookBytes<Q>.v));
+  return _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(table), idx);
+}
+
 // Rows 8h..8h+7 of U[t] of block b of unit `src` (what unpack_block stores to u[t] + 32 h),
 // computed in registers: the streaming path's weights never round-trip through memory.
 template <int64_t Q>
@@ -523,18 +530,14 @@ inline __m256i u_half(const uint8_t* src, int b, int t, int h) {
     std::memcpy(&m, high_bit_base<Q>(src, b) + t * 8 + h * 4, 4);
     const __m256i u3 = _mm256_or_si256(u, V64::bits32(m, 0x04));
     if constexpr (!kCodebookType<Q>) return u3;
-    return _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_load_si128(
-                                   reinterpret_cast<const __m128i*>(kCodebookBytes<Q>.v))),
-                               u3);
+    return codebook_lookup<Q>(u3);
   } else {
     const __m256i lo4 = _mm256_set1_epi8(0x0F);
     const __m256i p = _mm256_loadu_si256(
         reinterpret_cast<const __m256i*>(nibble_base<Q>(src, b) + (t & 3) * 64 + h * 32));
     __m256i u = _mm256_and_si256(t < 4 ? p : _mm256_srli_epi16(p, 4), lo4);
     if constexpr (kCodebookType<Q>) {
-      u = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_load_si128(
-                                  reinterpret_cast<const __m128i*>(kCodebookBytes<Q>.v))),
-                              u);
+      u = codebook_lookup<Q>(u);
     } else if constexpr (Q == Q5_0 || Q == Q5_1 || Q == Q5_K) {
       uint32_t m;
       std::memcpy(&m, high_bit_base<Q>(src, b) + t * 8 + h * 4, 4);
