@@ -16,8 +16,8 @@ engine reads per decode step (weights as it stores them + KV at the mean context
 measured copy bandwidth, or the multiply-adds over the measured peak of the instruction the
 engine multiplies with, whichever is slower: `vpdpbusd` / `vpmaddubsw` for the integer kernel
 levels, on the amx level `vpdpbusd` for decode and AMX bfloat16 tiles for prefill
-(benchmarks/int8_peak.c, one thread per core; llama.cpp at the best non-AMX level), the bf16
-matmul rate for dense weights. Like the rates, these ceilings are the best of
+(benchmarks/int8_peak.c, one thread per core; llama.cpp at the level its build says it uses),
+the bf16 matmul rate for dense weights. Like the rates, these ceilings are the best of
 several measurements: before each file and at the end.
 
     # benchmark-only, built from source for the CPU's ISA but without AMX (its path faults on
@@ -26,6 +26,13 @@ several measurements: before each file and at the end.
       -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON \
       -DGGML_AVX512_BF16=ON" pip install --no-cache-dir llama-cpp-python==0.3.36
     python benchmarks/bench_llamacpp.py [--files default,Q4_K_M,Q6_K,Q8_0,1B-Q4_K_M]
+
+    # an AVX-VNNI CPU without AVX-512 (Intel Alder Lake and later), stood in for by a CPU that
+    # has more: tokenmill's avxvnni level against a llama.cpp built for that ISA alone
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_AVX_VNNI=ON -DGGML_FMA=ON \
+      -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF" pip install --no-cache-dir --no-deps \
+      --no-binary llama-cpp-python --target /opt/llamacpp-avxvnni llama-cpp-python==0.3.36
+    PYTHONPATH=/opt/llamacpp-avxvnni python benchmarks/bench_llamacpp.py --isas avxvnni,avx2
 """
 
 from __future__ import annotations
@@ -229,7 +236,7 @@ def _llamacpp(path: str, threads: int):
         "kernels": "ggml CPU",
         "dtype": "f32 acts",
         "weight_bytes": eng.weight_bytes(),
-        "int8_level": "avx512" if "avx512_vnni" in _cpu_flags() else "avx2",
+        "int8_level": eng.simd_level(),
     }
 
 
@@ -464,7 +471,7 @@ def main() -> None:
     ap.add_argument("--files", default="default,Q4_K_M,Q6_K,Q8_0,1B-Q4_K_M")
     ap.add_argument(
         "--isas",
-        default="amx,avx512,avx2",
+        default="amx,avx512,avxvnni,avx2",
         help="tokenmill kernel levels to run "
         "(those the CPU lacks are left out; 'reference' = dequantized)",
     )

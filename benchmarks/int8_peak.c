@@ -1,10 +1,10 @@
 // Peak integer multiply-add rate of the instruction each tokenmill kernel level is built on, for
 // the compute roofline of benchmarks/bench_llamacpp.py: independent chains of `vpdpbusd` on zmm
-// (avx512: 64 MACs each), `vpmaddubsw` on ymm (avx2: 32 MACs each, before the widening adds the
-// kernels also pay) and `tdpbusd` (amx: a 16 x 64 by 64 x 16 tile product, 16,384 MACs), one
-// thread per core, and AMX's bfloat16 tile product (amx_bf16: `tdpbf16ps`, 8,192 MACs), which
-// the amx level multiplies with from 64 tokens on. Prints "level GMAC/s" lines for the levels
-// this CPU has.
+// (avx512: 64 MACs each) and on ymm (avxvnni: 32), `vpmaddubsw` on ymm (avx2: 32 MACs each,
+// before the widening adds the kernels also pay) and `tdpbusd` (amx: a 16 x 64 by 64 x 16 tile
+// product, 16,384 MACs), one thread per core, and AMX's bfloat16 tile product (amx_bf16:
+// `tdpbf16ps`, 8,192 MACs), which the amx level multiplies with from 64 tokens on. Prints
+// "level GMAC/s" lines for the levels this CPU has.
 //   cc -O3 -march=native -fopenmp int8_peak.c -o int8_peak && ./int8_peak THREADS
 #include <immintrin.h>
 #include <omp.h>
@@ -34,6 +34,25 @@ static double avx512(void) {  // MACs per second on this thread
   for (int i = 0; i < 12; i++) s += _mm512_reduce_add_epi32(a[i]);
   if (s == 42) puts("");
   return ITERS * 12.0 * 64 / t;
+}
+#endif
+
+#if defined(__AVXVNNI__)
+static double avxvnni(void) {  // the VEX-encoded vpdpbusd on ymm: 32 MACs each
+  __m256i a[12];
+  for (int i = 0; i < 12; i++) a[i] = _mm256_set1_epi32(i);
+  __m256i w = _mm256_set1_epi8(3), x = _mm256_set1_epi8(1);
+  double t = now();
+  for (long n = 0; n < ITERS; n++) {
+#pragma GCC unroll 12
+    for (int i = 0; i < 12; i++) a[i] = _mm256_dpbusd_avx_epi32(a[i], w, x);
+    __asm__ volatile("" : "+v"(w));
+  }
+  t = now() - t;
+  int s = 0;
+  for (int i = 0; i < 12; i++) s += _mm256_extract_epi32(a[i], 0);
+  if (s == 42) puts("");
+  return ITERS * 12.0 * 32 / t;
 }
 #endif
 
@@ -118,6 +137,9 @@ int main(int argc, char** argv) {
 #endif
 #if defined(__AVX512VNNI__)
   report("avx512", avx512, threads);
+#endif
+#if defined(__AVXVNNI__)
+  report("avxvnni", avxvnni, threads);
 #endif
 #if defined(__AVX2__)
   report("avx2", avx2, threads);

@@ -86,6 +86,15 @@ class LlamaCppEngine:
     def weight_bytes(self) -> int:
         return int(self.lc.llama_model_size(self.model))
 
+    def simd_level(self) -> str:
+        """The tokenmill kernel level whose integer-dot instruction this build of ggml's CPU
+        backend uses (from its system info): avx512, avxvnni or avx2. Which build runs is the
+        `llama_cpp` package on the path: PYTHONPATH may name one built for a lower level."""
+        info = self.lc.llama_print_system_info().decode()
+        if "AVX512_VNNI = 1" in info:
+            return "avx512"
+        return "avxvnni" if "AVX_VNNI = 1" in info else "avx2"
+
 
 def quantize(src: str, dst: str, ftype: str) -> None:
     """llama.cpp's own quantizer: `ftype` like "Q4_K_M", "Q6_K", "Q8_0" (requantizes)."""

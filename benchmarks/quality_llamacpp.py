@@ -174,7 +174,9 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", default="default,Q4_K_M,Q6_K,Q8_0")
-    ap.add_argument("--isas", default="amx,avx512,avx2", help="those the CPU lacks are left out")
+    ap.add_argument(
+        "--isas", default="amx,avx512,avxvnni,avx2", help="those the CPU lacks are left out"
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--text", default=str(ROOT / "LICENSE"), help="a UTF-8 text file to score")
     ap.add_argument("--window", type=int, default=256)

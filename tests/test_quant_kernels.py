@@ -17,7 +17,7 @@ from tests.gguf_builder import ALL_TYPES, K_TYPES, LATTICE_TYPES, random_blocks,
 from tokenmill.kernels import cpu_ops
 from tokenmill.quant import gguf_pack as gp
 
-LEVELS = ("avx2", "avx512", "amx")
+LEVELS = ("avx2", "avxvnni", "avx512", "amx")
 
 
 @pytest.fixture(scope="module", params=LEVELS)
@@ -161,11 +161,11 @@ def test_prefill_batches_write_whole_lines_alike(ops, qtype, out_dtype):
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_avx2_rows_do_not_depend_on_the_batch(ops, qtype, dtype):
-    """On AVX2 every path (streaming up to 8 or 16 tokens, batched beyond, each in one or several
-    passes) does the same float operations per row: a row's output is bit-identical whatever
-    batch it is in. Streaming the split types (Q2_K, Q3_K, IQ1_M, IQ2_XS and IQ2_S up to 8
-    tokens, Q6_K up to 16) is the known exception (1e-7 relative)."""
-    if ops.quant_isa() != "avx2":
+    """On AVX2 (and AVX-VNNI) every path (streaming up to 8 or 16 tokens, batched beyond, each in
+    one or several passes) does the same float operations per row: a row's output is
+    bit-identical whatever batch it is in. Streaming the split types (Q2_K, Q3_K, IQ1_M, IQ2_XS
+    and IQ2_S up to 8 tokens, Q6_K up to 16) is the known exception (1e-7 relative)."""
+    if ops.quant_isa() not in ("avx2", "avxvnni"):
         pytest.skip("the AVX-512 batched path starts integer sums at -c * sum(q); streaming not")
     rng = np.random.default_rng(300 + int(qtype))
     n, k = 40, 512
@@ -176,6 +176,29 @@ def test_avx2_rows_do_not_depend_on_the_batch(ops, qtype, dtype):
     for m in (17, 33) if qtype in split else (1, 2, 3, 4, 5, 12, 16, 33):
         part, _, _ = _run(ops, raw, qtype, n, k, x[:m].contiguous())
         assert torch.equal(part, full[:m]), f"{qtype.name} M={m}"
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
+def test_avxvnni_level_gives_the_avx2_bits(qtype):
+    """The avxvnni level adds each 4-byte product group into int32 sums with `vpdpbusd` where
+    the avx2 level adds `maddubs` pairs in int16 runs: both sums are exact, and the float
+    operations after them are the same, so every output must be bit-identical, on every path
+    (streaming, batched, several passes), float32 and bfloat16."""
+    levels = cpu_ops.supported_isas()
+    if "avxvnni" not in levels:
+        pytest.skip("this CPU cannot run the avxvnni kernels")
+    vnni, avx2 = cpu_ops.load_ops("avxvnni"), cpu_ops.load_ops("avx2")
+    assert vnni.quant_isa() == "avxvnni" and avx2.quant_isa() == "avx2"
+    rng = np.random.default_rng(900 + int(qtype))
+    n, k = 40, 512
+    for extreme in (False, True):
+        raw = random_blocks(qtype, n, k, rng, extreme=extreme)
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(70, k).to(dtype)
+            for m in (1, 2, 3, 4, 5, 9, 17, 33, 70):
+                a, _, _ = _run(vnni, raw, qtype, n, k, x[:m].contiguous())
+                b, _, _ = _run(avx2, raw, qtype, n, k, x[:m].contiguous())
+                assert torch.equal(a, b), f"{qtype.name} M={m} {dtype} extreme={extreme}"
 
 
 # The bytes of a lattice block that hold its 4-bit (IQ1: 3-bit) scales, and the mask that
@@ -259,6 +282,7 @@ def test_k_types_need_whole_super_blocks():
 def test_isa_selection_and_forcing(monkeypatch):
     flags = frozenset({"avx2", "fma", "f16c", "bmi2"})
     assert cpu_ops.select_isa(flags).build == "avx2"
+    assert cpu_ops.select_isa(flags | {"avx_vnni"}).build == "avxvnni"  # Alder Lake and later
     assert cpu_ops.select_isa(frozenset()).build is None  # dense path, with a reason
     assert "dequantized" in cpu_ops.select_isa(frozenset()).reason
     monkeypatch.setenv("TOKENMILL_CPU_ISA", "avx512")
@@ -271,6 +295,7 @@ def test_isa_selection_and_forcing(monkeypatch):
     with pytest.raises(ValueError, match="expected one of"):
         cpu_ops.select_isa(flags)
     assert cpu_ops.build_directory("avx2") != cpu_ops.build_directory("avx512")
+    assert cpu_ops.build_directory("avx2") != cpu_ops.build_directory("avxvnni")
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)

@@ -6,9 +6,12 @@ ATen's core headers alone, so ninja compiles them beside it on the other core (a
 
 The kernels are built once per instruction-set level (`ISA_FLAGS`), never with `-march=native`:
 the level is chosen at run time from the CPU's flags (`select_isa`), so a cache shared between
-machines never hands an AVX-512 build to an AVX2 CPU. `TOKENMILL_CPU_ISA=reference|avx2|avx512|amx`
-forces a level (tests and benchmarks run every level the machine supports); `reference` keeps
-the kernels of the best level for everything but the quantized matmuls, which then run dense.
+machines never hands an AVX-512 build to an AVX2 CPU. The levels: `avx2` (`maddubs` integer
+dots), `avxvnni` (the same kernels with 256-bit `vpdpbusd`: Intel cores from Alder Lake on, the
+usual laptop and desktop CPU without AVX-512), `avx512` (VNNI) and `amx` (AVX-512 plus the tiles).
+`TOKENMILL_CPU_ISA=reference|avx2|avxvnni|avx512|amx` forces a level (tests and benchmarks run
+every level the machine supports); `reference` keeps the kernels of the best level for everything
+but the quantized matmuls, which then run dense.
 
 `get_ops()` returns the compiled module of the selected level, or None when it cannot be built
 (no compiler / ninja, TOKENMILL_DISABLE_CPU_KERNELS=1): callers then use their pure-PyTorch
@@ -66,6 +69,7 @@ _AVX2 = ["-mavx2", "-mfma", "-mf16c", "-mbmi2"]
 _AVX512 = _AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"]
 ISA_FLAGS = {
     "avx2": _AVX2,
+    "avxvnni": _AVX2 + ["-mavxvnni"],
     "avx512": _AVX512,
     "amx": _AVX512 + ["-mavx512bf16", "-mamx-tile", "-mamx-int8", "-mamx-bf16"],
 }
@@ -79,6 +83,7 @@ def compile_flags(isa: str) -> list[str]:
 # CPU flags (as /proc/cpuinfo names them) each level needs.
 ISA_CPU_FLAGS = {
     "avx2": {"avx2", "fma", "f16c", "bmi2"},
+    "avxvnni": {"avx2", "fma", "f16c", "bmi2", "avx_vnni"},
     "avx512": {
         "avx2",
         "fma",
@@ -106,7 +111,7 @@ ISA_CPU_FLAGS = {
         "amx_bf16",
     },
 }
-ISA_ORDER = ("amx", "avx512", "avx2")
+ISA_ORDER = ("amx", "avx512", "avxvnni", "avx2")
 _LDFLAGS = ["-fopenmp"]
 STALE_LOCK_SECONDS = 600.0
 _lock = threading.Lock()

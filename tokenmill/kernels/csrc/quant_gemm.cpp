@@ -60,6 +60,11 @@
 #define TM_AVX512 1
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define TM_AVX2 1
+#if defined(__AVXVNNI__)
+// The avxvnni level: the AVX2 kernels with `vpdpbusd` on 256-bit vectors (AVX-VNNI, VEX-encoded:
+// Intel cores from Alder Lake on, and CPUs without AVX-512) in place of `maddubs` + `madd`.
+#define TM_AVXVNNI 1
+#endif
 #endif
 
 namespace {
@@ -1016,10 +1021,16 @@ constexpr int kRun = kSignedU<Q>                                        ? signed
                      : kSplit<Q> || Q == Q5_0 || Q == Q5_1 || Q == Q5_K ? 4
                                                                         : 8;
 
+#ifdef TM_AVXVNNI
+constexpr bool kVnni = true;
+#else
+constexpr bool kVnni = false;
+#endif
+
 // Tokens per pass over a block: as many as the registers hold (kRun < 8 keeps int32 sums beside
-// the int16 runs, so fewer tokens).
+// the int16 runs, so fewer tokens; AVX-VNNI adds each step into its int32 sums: no runs).
 template <int64_t Q>
-constexpr int kTokenGroup = kRun<Q> == 8 ? 4 : 2;
+constexpr int kTokenGroup = kVnni || kRun<Q> == 8 ? 4 : 2;
 
 // Pins v to a register at this point of the program: the integer adds then stay in program
 // order. Reassociated, the products would all be computed first and spilled (16 registers).
@@ -1045,6 +1056,82 @@ struct AccRegs {
   }
 };
 
+// The int32 sums of part `part` of a block for G tokens, per token and 8-row half, into sum:
+// `maddubs` products of pairs in int16 runs of kRun<Q> steps, each widened by one `madd`.
+template <int64_t Q, int G, typename WV>
+__attribute__((always_inline)) inline void part_sums_maddubs(WV&& wv, const int8_t* x, int64_t xs,
+                                                             int part, __m256i (&sum)[G][2]) {
+  constexpr int TP = kSplit<Q> ? 4 : 8, R = kRun<Q>;
+  static_assert(TP % R == 0, "a run never crosses a part");
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i run[G][2];
+#pragma GCC unroll 8
+  for (int j = 0; j < TP; ++j) {
+    const int t = part * TP + j;
+    __m256i w[2], wa[2];
+    for (int h = 0; h < 2; ++h) {
+      w[h] = wv(t, h);
+      if constexpr (kSignedU<Q>) wa[h] = _mm256_sign_epi8(w[h], w[h]);
+    }
+#pragma GCC unroll 4
+    for (int k = 0; k < G; ++k) {
+      int32_t v;
+      std::memcpy(&v, x + k * xs + 4 * t, 4);
+      const __m256i xb = _mm256_set1_epi32(v);
+      for (int h = 0; h < 2; ++h) {
+        const __m256i p = kSignedU<Q> ? _mm256_maddubs_epi16(wa[h], _mm256_sign_epi8(xb, w[h]))
+                                      : _mm256_maddubs_epi16(w[h], xb);
+        __m256i r = j % R == 0 ? p : _mm256_add_epi16(run[k][h], p);
+        pin(r);
+        run[k][h] = r;
+        if (j % R == R - 1) {
+          const __m256i e = _mm256_madd_epi16(r, ones);
+          sum[k][h] = j == R - 1 ? e : _mm256_add_epi32(sum[k][h], e);
+        }
+      }
+    }
+  }
+}
+
+#ifdef TM_AVXVNNI
+// The same sums with `vpdpbusd` (AVX-VNNI): each step adds its 4-byte products straight into an
+// int32 sum, exactly what the int16 runs add up to (no run ever saturates), so every level gives
+// the same bits. A step waits on the previous one in its chain (5 cycles), so with fewer than 4
+// tokens each token's half splits into 4 / G chains (8 or more in flight), added at the end.
+template <int64_t Q, int G, typename WV>
+__attribute__((always_inline)) inline void part_sums_vnni(WV&& wv, const int8_t* x, int64_t xs,
+                                                          int part, __m256i (&sum)[G][2]) {
+  constexpr int TP = kSplit<Q> ? 4 : 8, C = G >= 4 ? 1 : 4 / G;
+  __m256i chain[G][2][C];
+#pragma GCC unroll 8
+  for (int j = 0; j < TP; ++j) {
+    const int t = part * TP + j;
+    __m256i w[2], wa[2];
+    for (int h = 0; h < 2; ++h) {
+      w[h] = wv(t, h);
+      wa[h] = kSignedU<Q> ? _mm256_sign_epi8(w[h], w[h]) : w[h];  // |w|: 0..128 as unsigned
+    }
+#pragma GCC unroll 4
+    for (int k = 0; k < G; ++k) {
+      int32_t v;
+      std::memcpy(&v, x + k * xs + 4 * t, 4);
+      const __m256i xb = _mm256_set1_epi32(v);
+      for (int h = 0; h < 2; ++h) {
+        const __m256i b = kSignedU<Q> ? _mm256_sign_epi8(xb, w[h]) : xb;
+        __m256i& c = chain[k][h][j % C];
+        c = _mm256_dpbusd_avx_epi32(j < C ? _mm256_setzero_si256() : c, wa[h], b);
+      }
+    }
+  }
+  for (int k = 0; k < G; ++k)
+    for (int h = 0; h < 2; ++h) {
+      __m256i e = chain[k][h][0];
+      for (int c = 1; c < C; ++c) e = _mm256_add_epi32(e, chain[k][h][c]);
+      sum[k][h] = e;
+    }
+}
+#endif
+
 // A block applied to G tokens: acc[k] += its contribution to token k, whose 32 quantized inputs
 // are at x + k * xs and metadata at meta[k * ms]. wv(t, h) gives rows 8h..8h+7 of U[t] (from an
 // unpacked Block, or computed from the packed bytes). Split types (Q2_K, Q3_K, Q6_K) sum and scale
@@ -1054,38 +1141,15 @@ template <int64_t Q, int G, typename WV, typename Sc, typename Acc>
 __attribute__((always_inline)) inline void accumulate_tokens(WV&& wv, const Sc& sc, const int8_t* x,
                                                              int64_t xs, const ActMeta* meta,
                                                              int64_t ms, Acc acc) {
-  constexpr int P = kSplit<Q> ? 2 : 1, TP = 8 / P, R = kRun<Q>;
-  static_assert(TP % R == 0, "a run never crosses a part");
-  const __m256i ones = _mm256_set1_epi16(1);
+  constexpr int P = kSplit<Q> ? 2 : 1;
 #pragma GCC unroll 2
   for (int part = 0; part < P; ++part) {
-    __m256i run[G][2], sum[G][2];  // per token and 8-row half
-#pragma GCC unroll 8
-    for (int j = 0; j < TP; ++j) {
-      const int t = part * TP + j;
-      __m256i w[2], wa[2];
-      for (int h = 0; h < 2; ++h) {
-        w[h] = wv(t, h);
-        if constexpr (kSignedU<Q>) wa[h] = _mm256_sign_epi8(w[h], w[h]);
-      }
-#pragma GCC unroll 4
-      for (int k = 0; k < G; ++k) {
-        int32_t v;
-        std::memcpy(&v, x + k * xs + 4 * t, 4);
-        const __m256i xb = _mm256_set1_epi32(v);
-        for (int h = 0; h < 2; ++h) {
-          const __m256i p = kSignedU<Q> ? _mm256_maddubs_epi16(wa[h], _mm256_sign_epi8(xb, w[h]))
-                                        : _mm256_maddubs_epi16(w[h], xb);
-          __m256i r = j % R == 0 ? p : _mm256_add_epi16(run[k][h], p);
-          pin(r);
-          run[k][h] = r;
-          if (j % R == R - 1) {
-            const __m256i e = _mm256_madd_epi16(r, ones);
-            sum[k][h] = j == R - 1 ? e : _mm256_add_epi32(sum[k][h], e);
-          }
-        }
-      }
-    }
+    __m256i sum[G][2];  // per token and 8-row half
+#ifdef TM_AVXVNNI
+    part_sums_vnni<Q, G>(wv, x, xs, part, sum);
+#else
+    part_sums_maddubs<Q, G>(wv, x, xs, part, sum);
+#endif
     F16 s = sc.s(part), o = sc.o(part);
     pin(s);
     pin(o);
@@ -1782,12 +1846,15 @@ constexpr int64_t kPreparedMinM =
 #include "quant_gemm.h"
 
 // The integer-dot ISA this build was compiled for: "amx" (int8 tiles for batches of 48-63,
-// bfloat16 tiles from 64 on, VNNI below), "avx512" (VNNI), "avx2" or "" (none).
+// bfloat16 tiles from 64 on, VNNI below), "avx512" (VNNI), "avxvnni" (256-bit VNNI), "avx2" or
+// "" (none).
 std::string quant_isa() {
 #if defined(TM_AMX)
   return amx_permitted() ? "amx" : "avx512";
 #elif defined(TM_AVX512)
   return "avx512";
+#elif defined(TM_AVXVNNI)
+  return "avxvnni";
 #elif defined(TM_AVX2)
   return "avx2";
 #else
