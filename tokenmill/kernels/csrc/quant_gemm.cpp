@@ -17,8 +17,8 @@
 // tiles of 16 output rows. Inside a tile every 32-input block unpacks to eight 64-byte vectors
 // U[t] whose lane r (4 bytes) holds inputs 4t..4t+3 of row r as unsigned integers (IQ4_NL /
 // IQ4_XS and the lattice types: their codebook values + 128, looked up from the packed indices;
-// AVX2 keeps them signed), plus a scale s and an offset o per row (w = s * u + o; Q2_K, Q3_K,
-// Q6_K, IQ1_M, IQ2_XS and IQ2_S have one pair per 16 inputs). Then
+// the avx2 level keeps them signed), plus a scale s and an offset o per row (w = s * u + o; Q2_K,
+// Q3_K, Q6_K, IQ1_M, IQ2_XS and IQ2_S have one pair per 16 inputs). Then
 //   y[m][row] += s * dx * sum(u * xq) + o * dx * sum(xq)
 // where the integer sum is exact (int32) and every float product of it matches what a float
 // matmul over the dequantized weights and activations computes, up to the order of additions.
@@ -331,10 +331,11 @@ constexpr float kFactor = Q == IQ3_XXS                ? 0.25f
                           : Q == IQ3_S || !lattice(Q) ? 1.f
                                                       : 0.125f;
 
-// Whether U holds signed bytes (AVX2 Q8_0 and codebook types: sign trick instead of an offset).
+// Whether U holds signed bytes (AVX2 Q8_0 and codebook types: sign trick instead of an offset;
+// with `vpdpbusd` the offset of 128 costs less than two sign operations per step).
 template <int64_t Q>
 constexpr bool kSignedU =
-#ifdef TM_AVX512
+#if defined(TM_AVX512) || defined(TM_AVXVNNI)
     false;
 #else
     Q == Q8_0 || kCodebookType<Q>;
@@ -524,8 +525,9 @@ inline __m256i codebook_lookup(__m256i idx) {
 template <int64_t Q>
 inline __m256i u_half(const uint8_t* src, int b, int t, int h) {
   if constexpr (Q == Q8_0) {
-    static_assert(kSignedU<Q>, "AVX2 keeps Q8_0 signed");
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32 + t * 64 + h * 32));
+    const __m256i w =
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32 + t * 64 + h * 32));
+    return kSignedU<Q> ? w : _mm256_xor_si256(w, _mm256_set1_epi8(static_cast<char>(0x80)));
   } else if constexpr (Q == Q2_K || Q == Q3_K || lattice3(Q)) {
     const __m256i p = _mm256_loadu_si256(
         reinterpret_cast<const __m256i*>(pair_base<Q>(src, b) + (t / 4) * 64 + h * 32));
@@ -1095,31 +1097,29 @@ __attribute__((always_inline)) inline void part_sums_maddubs(WV&& wv, const int8
 
 #ifdef TM_AVXVNNI
 // The same sums with `vpdpbusd` (AVX-VNNI): each step adds its 4-byte products straight into an
-// int32 sum, exactly what the int16 runs add up to (no run ever saturates), so every level gives
-// the same bits. A step waits on the previous one in its chain (5 cycles), so with fewer than 4
-// tokens each token's half splits into 4 / G chains (8 or more in flight), added at the end.
+// int32 sum, exactly what the int16 runs add up to (no run ever saturates), so the types whose
+// weights are unsigned on both levels give the avx2 level's bits; Q8_0 and the codebook types
+// are unsigned here (U + 128, an offset of 128 in the float tail, as for Q4_0's 8) where AVX2
+// keeps them signed. A step waits on the previous one in its chain (5 cycles), so with fewer than
+// 4 tokens each token's half splits into 4 / G chains (8 or more in flight), added at the end.
 template <int64_t Q, int G, typename WV>
 __attribute__((always_inline)) inline void part_sums_vnni(WV&& wv, const int8_t* x, int64_t xs,
                                                           int part, __m256i (&sum)[G][2]) {
+  static_assert(!kSignedU<Q>, "vpdpbusd multiplies unsigned weights");
   constexpr int TP = kSplit<Q> ? 4 : 8, C = G >= 4 ? 1 : 4 / G;
   __m256i chain[G][2][C];
 #pragma GCC unroll 8
   for (int j = 0; j < TP; ++j) {
     const int t = part * TP + j;
-    __m256i w[2], wa[2];
-    for (int h = 0; h < 2; ++h) {
-      w[h] = wv(t, h);
-      wa[h] = kSignedU<Q> ? _mm256_sign_epi8(w[h], w[h]) : w[h];  // |w|: 0..128 as unsigned
-    }
+    const __m256i w[2] = {wv(t, 0), wv(t, 1)};
 #pragma GCC unroll 4
     for (int k = 0; k < G; ++k) {
       int32_t v;
       std::memcpy(&v, x + k * xs + 4 * t, 4);
       const __m256i xb = _mm256_set1_epi32(v);
       for (int h = 0; h < 2; ++h) {
-        const __m256i b = kSignedU<Q> ? _mm256_sign_epi8(xb, w[h]) : xb;
         __m256i& c = chain[k][h][j % C];
-        c = _mm256_dpbusd_avx_epi32(j < C ? _mm256_setzero_si256() : c, wa[h], b);
+        c = _mm256_dpbusd_avx_epi32(j < C ? _mm256_setzero_si256() : c, w[h], xb);
       }
     }
   }
