@@ -189,7 +189,9 @@ def test_avxvnni_level_gives_the_avx2_bits(qtype):
     """The avxvnni level adds each 4-byte product group into int32 sums with `vpdpbusd` where
     the avx2 level adds `maddubs` pairs in int16 runs: both sums are exact, and the float
     operations after them are the same, so every output must be bit-identical, on every path
-    (streaming, batched, several passes), float32 and bfloat16."""
+    (streaming, batched, several passes), float32 and bfloat16. (avxvnni batches the super-block
+    types from 5 tokens on, where avx2 streams up to 8 or 16: the same bits, but for the split
+    types' known streaming difference, test_avx2_rows_do_not_depend_on_the_batch.)"""
     levels = cpu_ops.supported_isas()
     if "avxvnni" not in levels:
         pytest.skip("this CPU cannot run the avxvnni kernels")
@@ -201,7 +203,8 @@ def test_avxvnni_level_gives_the_avx2_bits(qtype):
         raw = random_blocks(qtype, n, k, rng, extreme=extreme)
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(70, k).to(dtype)
-            for m in (1, 2, 3, 4, 5, 9, 17, 33, 70):
+            split = qtype in (QT.Q2_K, QT.Q3_K, QT.Q6_K)
+            for m in (1, 2, 3, 4, 17, 33, 70) if split else (1, 2, 3, 4, 5, 9, 17, 33, 70):
                 a, _, _ = _run(vnni, raw, qtype, n, k, x[:m].contiguous())
                 b, _, _ = _run(avx2, raw, qtype, n, k, x[:m].contiguous())
                 assert torch.equal(a, b), f"{qtype.name} M={m} {dtype} extreme={extreme}"

@@ -40,7 +40,7 @@ constexpr bool lattice_split(int64_t q) { return q == IQ1_M || q == IQ2_XS || q 
 constexpr bool lattice3(int64_t q) { return lattice(q) && q != IQ3_XXS && q != IQ3_S; }
 
 // Types whose unit is a 256-input super-block (the K-quants, IQ4_XS and the lattice types).
-inline bool k_type(int64_t q) {
+constexpr bool k_type(int64_t q) {
   return q == Q2_K || q == Q3_K || q == Q4_K || q == Q5_K || q == Q6_K || q == IQ4_XS || lattice(q);
 }
 

@@ -1691,13 +1691,19 @@ void gemm_amx(const uint8_t* w, const BatchActs& batch, int64_t N, int64_t K, co
 // tile's later passes reading it from L1 / L2) instead of taking gemm_batched, whose unpacking
 // to memory and accumulators in L1 only pay off over more tokens. Measured on AVX2 (Zen 3, 2
 // threads, against gemm_batched): 1.02-1.67x at 5-8 tokens for every type; at 12-16 tokens
-// 1.1-1.5x for Q4_0, Q4_1, Q8_0 and Q6_K, 0.9-1.0x for the others.
+// 1.1-1.5x for Q4_0, Q4_1, Q8_0 and Q6_K, 0.9-1.0x for the others. With AVX-VNNI's cheaper dot
+// steps the super-block types, whose scales every streaming pass unpacks again, gain from the
+// batched path from 5 tokens on (`kernel_ab.py --isa avxvnni --tokens 5,8,12,16` against the
+// AVX2 thresholds, 1B-shape Q4_K_M: step linears 1.05-1.10x, the Q6_K head 1.14-1.31x), the
+// 32-input types not (the default model's Q4_1 / Q8_0 linears batched: 0.75-0.93x).
 template <int64_t Q>
 constexpr int64_t kStreamingMaxM =
-#ifdef TM_AVX512
+#if defined(TM_AVX512)
     4;
 #else
-    Q == Q4_0 || Q == Q4_1 || Q == Q8_0 || Q == Q6_K ? 16 : 8;
+    kVnni && k_type(Q)                                 ? 4
+    : Q == Q4_0 || Q == Q4_1 || Q == Q8_0 || Q == Q6_K ? 16
+                                                       : 8;
 #endif
 
 // y = the quantized GEMM of a batch prepared block-major (more than kStreamingMaxM tokens):
