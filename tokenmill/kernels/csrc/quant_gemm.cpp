@@ -95,6 +95,13 @@ struct Epilogue {
   }
 };
 
+// The 4 activation bytes at p as one int32: the group a dot step broadcasts to every row.
+inline int32_t group4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
 // ---- activation quantization ----
 // Per block of 32: amax = max |x|, d = amax * (1 / 127), q = round-to-nearest-even(x * (127 /
 // amax)) (0 for an all-zero block), and the sums of q over each half, in 8-float vectors (every
@@ -573,10 +580,8 @@ inline I16 dot_u(const Block& blk, const int8_t* x, int t0, int n) {
   // latency (measured 1.05-1.19x on the default model's gate_up / down at M = 1..4).
   __m512i acc[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
   for (int t = t0; t < t0 + n; ++t) {
-    int32_t xv;
-    std::memcpy(&xv, x + 4 * t, 4);
-    acc[t & 1] =
-        _mm512_dpbusd_epi32(acc[t & 1], _mm512_load_si512(blk.u[t]), _mm512_set1_epi32(xv));
+    acc[t & 1] = _mm512_dpbusd_epi32(acc[t & 1], _mm512_load_si512(blk.u[t]),
+                                     _mm512_set1_epi32(group4(x + 4 * t)));
   }
   return {_mm512_add_epi32(acc[0], acc[1])};
 }
@@ -921,9 +926,7 @@ inline void accumulate_tokens(const BlockRegs<NT>& r, const int8_t* x, const Act
     for (int k = 0; k < G; ++k)
       for (int h = 0; h < H; ++h) {
         const int u = t + h * 4;  // H == 2: inputs 0..15 in chain 0, 16..31 in chain 1
-        int32_t v;
-        std::memcpy(&v, x + 32 * k + 4 * u, 4);
-        const __m512i b = _mm512_set1_epi32(v);
+        const __m512i b = _mm512_set1_epi32(group4(x + 32 * k + 4 * u));
         for (int i = 0; i < NT; ++i) a[k][i][h] = _mm512_dpbusd_epi32(a[k][i][h], r.U[i][u], b);
       }
   for (int k = 0; k < G; ++k) {
@@ -1077,9 +1080,7 @@ __attribute__((always_inline)) inline void part_sums_maddubs(WV&& wv, const int8
     }
 #pragma GCC unroll 4
     for (int k = 0; k < G; ++k) {
-      int32_t v;
-      std::memcpy(&v, x + k * xs + 4 * t, 4);
-      const __m256i xb = _mm256_set1_epi32(v);
+      const __m256i xb = _mm256_set1_epi32(group4(x + k * xs + 4 * t));
       for (int h = 0; h < 2; ++h) {
         const __m256i p = kSignedU<Q> ? _mm256_maddubs_epi16(wa[h], _mm256_sign_epi8(xb, w[h]))
                                       : _mm256_maddubs_epi16(w[h], xb);
@@ -1114,9 +1115,7 @@ __attribute__((always_inline)) inline void part_sums_vnni(WV&& wv, const int8_t*
     const __m256i w[2] = {wv(t, 0), wv(t, 1)};
 #pragma GCC unroll 4
     for (int k = 0; k < G; ++k) {
-      int32_t v;
-      std::memcpy(&v, x + k * xs + 4 * t, 4);
-      const __m256i xb = _mm256_set1_epi32(v);
+      const __m256i xb = _mm256_set1_epi32(group4(x + k * xs + 4 * t));
       for (int h = 0; h < 2; ++h) {
         __m256i& c = chain[k][h][j % C];
         c = _mm256_dpbusd_avx_epi32(j < C ? _mm256_setzero_si256() : c, w[h], xb);
