@@ -132,9 +132,10 @@ def test_prefill_and_decode_match_transformers(checkpoint, kernel_mode):
     for e, o in zip(expected, got):
         torch.testing.assert_close(o, e, atol=ATOL, rtol=1e-4)
 
-    # Token-by-token decoding for one, uneven chunks for the others, in the same steps.
+    # Token-by-token decoding for one (after a first chunk of 21: its 16 decodes cross four of
+    # the 4-token blocks), uneven chunks for the others, in the same steps.
     runner2 = _runner(path)
-    chunks = [[1] * 37, [2, 1, 2], [7, 7, 6]]
+    chunks = [[21] + [1] * 16, [2, 1, 2], [7, 7, 6]]
     got = paged_logits(runner2, prompts, chunks)
     for e, o in zip(expected, got):
         torch.testing.assert_close(o, e, atol=ATOL, rtol=1e-4)
