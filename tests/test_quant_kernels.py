@@ -160,20 +160,21 @@ def test_prefill_batches_write_whole_lines_alike(ops, qtype, out_dtype):
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_avx2_rows_do_not_depend_on_the_batch(ops, qtype, dtype):
-    """On AVX2 (and AVX-VNNI) every path (streaming up to 8 or 16 tokens, batched beyond, each in
-    one or several passes) does the same float operations per row: a row's output is
-    bit-identical whatever batch it is in. Streaming the split types (Q2_K, Q3_K, IQ1_M, IQ2_XS
-    and IQ2_S up to 8 tokens, Q6_K up to 16) is the known exception (1e-7 relative)."""
-    if ops.quant_isa() not in ("avx2", "avxvnni"):
-        pytest.skip("the AVX-512 batched path starts integer sums at -c * sum(q); streaming not")
+def test_rows_do_not_depend_on_the_batch(ops, qtype, dtype):
+    """Every path (streaming up to 4 tokens on AVX-512, 8 or 16 on AVX2; batched beyond, in one
+    or several passes) does the same integer sums and float operations per row: a row's output
+    is bit-identical whatever batch it is in. The known exceptions: on AVX2 (and AVX-VNNI),
+    streaming the split types (Q2_K, Q3_K, IQ1_M, IQ2_XS and IQ2_S up to 8 tokens, Q6_K up to
+    16: 1e-7 relative); on the amx level, batches of 48 tokens or more, which take the tiles."""
+    level = ops.quant_isa()
     rng = np.random.default_rng(300 + int(qtype))
     n, k = 40, 512
     raw = random_blocks(qtype, n, k, rng)
-    x = torch.randn(70, k).to(dtype)
+    x = torch.randn(47 if level == "amx" else 70, k).to(dtype)
     full, _, _ = _run(ops, raw, qtype, n, k, x)
     split = (QT.Q2_K, QT.Q3_K, QT.Q6_K, QT.IQ1_M, QT.IQ2_XS, QT.IQ2_S)
-    for m in (17, 33) if qtype in split else (1, 2, 3, 4, 5, 12, 16, 33):
+    avx2_split = level in ("avx2", "avxvnni") and qtype in split
+    for m in (17, 33) if avx2_split else (1, 2, 3, 4, 5, 12, 16, 33):
         part, _, _ = _run(ops, raw, qtype, n, k, x[:m].contiguous())
         assert torch.equal(part, full[:m]), f"{qtype.name} M={m}"
 
@@ -191,7 +192,7 @@ def test_avxvnni_level_gives_the_avx2_bits(qtype):
     operations after them are the same, so every output must be bit-identical, on every path
     (streaming, batched, several passes), float32 and bfloat16. (avxvnni batches the super-block
     types from 5 tokens on, where avx2 streams up to 8 or 16: the same bits, but for the split
-    types' known streaming difference, test_avx2_rows_do_not_depend_on_the_batch.)"""
+    types' known streaming difference, test_rows_do_not_depend_on_the_batch.)"""
     levels = cpu_ops.supported_isas()
     if "avxvnni" not in levels:
         pytest.skip("this CPU cannot run the avxvnni kernels")

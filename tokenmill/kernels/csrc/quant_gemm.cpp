@@ -348,6 +348,26 @@ constexpr bool kSignedU =
     Q == Q8_0 || kCodebookType<Q>;
 #endif
 
+// On AVX-512, types whose offset is an integer multiple of the scale (w = s * (u - c)) start each
+// token's integer sum at -c * sum(q) (its chain start) instead of paying a float FMA for the
+// offset: the exact integer sum of (u - c) * q, on every path. AVX2 applies every offset in float.
+#ifdef TM_AVX512
+constexpr bool kChainStarts = true;
+#else
+constexpr bool kChainStarts = false;
+#endif
+
+// The integer offset c of a symmetric type's unsigned weights (0: the offset is a float min, or
+// the weights are signed bytes).
+template <int64_t Q>
+constexpr int32_t kIntOffset = kSignedU<Q>                     ? 0
+                               : Q == Q8_0 || kCodebookType<Q> ? 128
+                               : Q == Q4_0                     ? 8
+                               : Q == Q5_0                     ? 16
+                               : Q == Q3_K                     ? 4
+                               : Q == Q6_K                     ? 32
+                                                               : 0;
+
 // U of a codebook type: the codebook, signed (AVX2) or + 128 as unsigned bytes (offset 128).
 template <int64_t Q>
 struct CodebookBytes {
@@ -569,16 +589,16 @@ inline __m256i u_half(const uint8_t* src, int b, int t, int h) {
 }
 #endif
 
-// Integer dot of U[t0..t0+n) with 4-byte groups of token x (broadcast): one int32 per row.
+// Integer dot of U[t0..t0+n) with 4-byte groups of token x (broadcast), plus `start`: one int32
+// per row.
 #ifdef TM_AVX512
 struct I16 {
   __m512i v;
 };
-template <bool kSigned>
-inline I16 dot_u(const Block& blk, const int8_t* x, int t0, int n) {
+inline I16 dot_u(const Block& blk, const int8_t* x, int t0, int n, int32_t start) {
   // Two independent chains (n is even): with one, batches of 1-4 tokens wait on vpdpbusd's
   // latency (measured 1.05-1.19x on the default model's gate_up / down at M = 1..4).
-  __m512i acc[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+  __m512i acc[2] = {_mm512_set1_epi32(start), _mm512_setzero_si512()};
   for (int t = t0; t < t0 + n; ++t) {
     acc[t & 1] = _mm512_dpbusd_epi32(acc[t & 1], _mm512_load_si512(blk.u[t]),
                                      _mm512_set1_epi32(group4(x + 4 * t)));
@@ -587,41 +607,51 @@ inline I16 dot_u(const Block& blk, const int8_t* x, int t0, int n) {
 }
 inline F16 to_float(I16 v) { return {_mm512_cvtepi32_ps(v.v)}; }
 
-// Quantized activations as the kernels read them: token m's 32 inputs of block b and their
-// metadata, in either layout: row-major as quantize_activations writes them ([M, K]), or
-// block-major ([K / 32, M, 32]) for the AMX path, where a block's tokens then sit on
-// consecutive cache lines instead of K bytes apart (which aliases to a few L1 sets).
+// Quantized activations as the kernels read them: token m's 32 inputs of block b, their
+// metadata and their chain starts (the symmetric types' integer offsets, see kStartSpec), in
+// either layout: row-major as quantize_activations writes them ([M, K]), or block-major
+// ([K / 32, M, 32], BatchActs) for the AMX path, where a block's tokens then sit on consecutive
+// cache lines instead of K bytes apart (which aliases to a few L1 sets).
 struct Acts {
   const int8_t* x;
   const ActMeta* meta;
   int64_t xs, xb, ms, mb;  // token and block strides of x (bytes) and meta (entries)
-  static Acts row_major(const int8_t* x, const ActMeta* meta, int64_t K) {
-    return {x, meta, K, 32, K / 32, 1};
+  const int32_t* start;    // two per entry of meta (nullptr: the type takes none)
+  static Acts row_major(const int8_t* x, const ActMeta* meta, int64_t K, const int32_t* start) {
+    return {x, meta, K, 32, K / 32, 1, start};
   }
   const int8_t* at(int64_t m, int64_t b) const { return x + m * xs + b * xb; }
   const ActMeta& meta_at(int64_t m, int64_t b) const { return meta[m * ms + b * mb]; }
-  Acts from(int64_t m0) const { return {x + m0 * xs, meta + m0 * ms, xs, xb, ms, mb}; }
+  const int32_t* start_at(int64_t m, int64_t b) const { return start + (m * ms + b * mb) * 2; }
+  Acts from(int64_t m0) const {
+    return {x + m0 * xs, meta + m0 * ms, xs, xb, ms, mb, start ? start + m0 * ms * 2 : nullptr};
+  }
 };
 
-// acc[m] += block b's contribution for tokens 0..MT of `acts`.
+// acc[m] += block b's contribution for tokens 0..MT of `acts`, with the batched path's integer
+// sums and float operations (accumulate_tokens below), so that a row's output does not depend
+// on the path its batch takes.
 template <int64_t Q, int MT>
 inline void accumulate(const Block& blk, const Acts& acts, int64_t b, F16* acc) {
+  constexpr bool starts = kIntOffset<Q> != 0;  // else float offsets
   const F16 s0 = F16::load(blk.s0), o0 = F16::load(blk.o0);
   for (int m = 0; m < MT; ++m) {
     const int8_t* x = acts.at(m, b);
     const ActMeta& a = acts.meta_at(m, b);
+    const int32_t* st = starts ? acts.start_at(m, b) : nullptr;
+    const F16 d = F16::set1(a.d);
     if constexpr (kSplit<Q>) {
-      const F16 s1 = F16::load(blk.s1), o1 = F16::load(blk.o1);
-      const F16 lo = to_float(dot_u<false>(blk, x, 0, 4));
-      const F16 hi = to_float(dot_u<false>(blk, x, 4, 4));
-      acc[m] = F16::fma(lo, s0 * F16::set1(a.d), acc[m]);
-      acc[m] = F16::fma(hi, s1 * F16::set1(a.d), acc[m]);
-      acc[m] = F16::fma(o0, F16::set1(a.dlo), acc[m]);
-      acc[m] = F16::fma(o1, F16::set1(a.dhi), acc[m]);
+      const F16 lo = to_float(dot_u(blk, x, 0, 4, starts ? st[0] : 0));
+      const F16 hi = to_float(dot_u(blk, x, 4, 4, starts ? st[1] : 0));
+      acc[m] = F16::fma(F16::fma(hi, F16::load(blk.s1), lo * s0), d, acc[m]);
+      if constexpr (!starts) {
+        acc[m] = F16::fma(o0, F16::set1(a.dlo), acc[m]);
+        acc[m] = F16::fma(F16::load(blk.o1), F16::set1(a.dhi), acc[m]);
+      }
     } else {
-      const F16 dot = to_float(dot_u<kSignedU<Q>>(blk, x, 0, 8));
-      acc[m] = F16::fma(dot, s0 * F16::set1(a.d), acc[m]);
-      if constexpr (!kSignedU<Q>) acc[m] = F16::fma(o0, F16::set1(a.dsum), acc[m]);
+      const F16 dot = to_float(dot_u(blk, x, 0, 8, starts ? st[0] : 0));
+      acc[m] = F16::fma(dot, s0 * d, acc[m]);
+      if constexpr (!starts) acc[m] = F16::fma(o0, F16::set1(a.dsum), acc[m]);
     }
   }
 }
@@ -730,11 +760,12 @@ inline void for_each_block(const uint8_t* w, int64_t K, Fn&& fn) {
 }
 
 #ifdef TM_AVX512
-// One 16-row tile for tokens [0, MT), unpacking each block as it streams.
+// One 16-row tile for tokens [0, MT), unpacking each block as it streams; `start`: the tokens'
+// chain starts, [MT][K / 32][2] (gemm_typed).
 template <int64_t Q, int MT, typename TY>
-void tile_streaming(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t K,
-                    const Epilogue& ep, TY* y, int64_t ldy, int rows) {
-  const Acts acts = Acts::row_major(xq, meta, K);
+void tile_streaming(const uint8_t* w, const int8_t* xq, const ActMeta* meta, const int32_t* start,
+                    int64_t K, const Epilogue& ep, TY* y, int64_t ldy, int rows) {
+  const Acts acts = Acts::row_major(xq, meta, K, start);
   F16 acc[MT];
   epilogue_start<MT>(ep, acc);
   Block blk;
@@ -749,28 +780,10 @@ void tile_streaming(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int
 // ---- Batches of 5+ tokens (decode of many sequences, prefill) ----
 // Each block of a tile (or of two tiles, AVX-512) is unpacked once and applied to every token of
 // a pass of up to kBatchChunk tokens, several tokens together (kTokenGroup) so that each weight
-// vector loaded serves all of them and their chains of dot steps overlap. On AVX-512, types whose
-// offset is an integer multiple of the scale (w = s * (u - c)) start each token's integer sum at
-// -c * sum(q) instead of paying a float FMA for the offset: the exact integer sum of
-// (u - c) * q. AVX2 applies every offset in float, with the same operations in its streaming
-// and batched paths, so a row's output there does not depend on its batch (bitwise, but for
-// Q6_K streaming, up to 16 tokens: 1e-7 relative).
-#ifdef TM_AVX512
-constexpr bool kChainStarts = true;
-#else
-constexpr bool kChainStarts = false;
-#endif
-
-// The integer offset c of a symmetric type's unsigned weights (0: the offset is a float min, or
-// the weights are signed bytes).
-template <int64_t Q>
-constexpr int32_t kIntOffset = kSignedU<Q>                     ? 0
-                               : Q == Q8_0 || kCodebookType<Q> ? 128
-                               : Q == Q4_0                     ? 8
-                               : Q == Q5_0                     ? 16
-                               : Q == Q3_K                     ? 4
-                               : Q == Q6_K                     ? 32
-                                                               : 0;
+// vector loaded serves all of them and their chains of dot steps overlap. Every path does the
+// same integer sums and float operations per row as the streaming path, so a row's output does
+// not depend on its batch (bitwise; on AVX2 but for the split types' streaming, 1e-7 relative;
+// the AMX tiles, from kAmxMinM tokens on, aside).
 
 // An uninitialized array (a std::vector would first zero it: a pass of its own, per call).
 template <typename T>
@@ -797,6 +810,11 @@ struct StartSpec {
   int32_t c = 0;
   bool split = false;
   bool operator==(const StartSpec& o) const { return c == o.c && split == o.split; }
+  // A block's two chain starts from the integer sums of its halves' activations.
+  void fill(int32_t lo, int32_t hi, int32_t* st) const {
+    st[0] = split ? -c * lo : -c * (lo + hi);
+    st[1] = split ? -c * hi : 0;
+  }
 };
 template <int64_t Q>
 constexpr StartSpec kStartSpec = {kChainStarts ? kIntOffset<Q> : 0, kSplit<Q>};
@@ -830,12 +848,8 @@ struct BatchActs {
     const int64_t i = b * M + m;
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(x.data() + i * 32), bytes);
     meta.data()[i] = mt;
-    for (size_t s = 0; s < specs.size(); ++s) {
-      int32_t* st = start.data() + s * M * KB * 2 + i * 2;
-      const int32_t c = specs[s].c;
-      st[0] = specs[s].split ? -c * lo : -c * (lo + hi);
-      st[1] = specs[s].split ? -c * hi : 0;
-    }
+    for (size_t s = 0; s < specs.size(); ++s)
+      specs[s].fill(lo, hi, start.data() + (s * M * KB + i) * 2);
   }
 
   BatchActs(int64_t m, int64_t k, std::vector<StartSpec> sp)
@@ -1228,8 +1242,9 @@ struct PackedScales {
 // memory first costs 16 stores per block, one per cycle: more than the block's arithmetic at
 // batch 1.)
 template <int64_t Q, int MT, typename TY>
-void tile_streaming(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t K,
-                    const Epilogue& ep, TY* y, int64_t ldy, int rows) {
+void tile_streaming(const uint8_t* w, const int8_t* xq, const ActMeta* meta,
+                    const int32_t* /*start*/, int64_t K, const Epilogue& ep, TY* y, int64_t ldy,
+                    int rows) {
   F16 acc[MT];
   epilogue_start<MT>(ep, acc);
   for_each_block<Q>(w, K, [&](const uint8_t* src, int b, int64_t kb) {
@@ -1674,7 +1689,7 @@ void gemm_amx(const uint8_t* w, const BatchActs& batch, int64_t N, int64_t K, co
               TY* y, int64_t ldy) {
   const int64_t M = batch.M, n_tiles = (N + 15) / 16, tile_bytes = K / unit_k(Q) * unit_bytes(Q);
   // every weight tile reads the activations block by block: block-major
-  const Acts acts = {batch.x.data(), batch.meta.data(), 32, M * 32, 1, M};
+  const Acts acts = {batch.x.data(), batch.meta.data(), 32, M * 32, 1, M, batch.starts<Q>()};
   at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
     configure_amx();
     std::vector<float> accbuf(M * 16);
@@ -1731,6 +1746,15 @@ void gemm_typed(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t
   if (M > kStreamingMaxM<Q>)
     return gemm_prepared<Q>(w, BatchActs::from_rows<Q>(xq, meta, M, K), N, K, ep, y, ldy);
   const int64_t n_tiles = (N + 15) / 16, tile_bytes = K / unit_k(Q) * unit_bytes(Q);
+  // the chain starts of every token and block, [M][K / 32][2], as BatchActs has them
+  std::vector<int32_t> starts;
+  if constexpr (kStartSpec<Q>.c != 0) {
+    starts.resize(M * K / 32 * 2);
+    for (int64_t i = 0; i < M * K / 32; ++i) {
+      const auto [lo, hi] = half_sums(xq + i * 32);
+      kStartSpec<Q>.fill(lo, hi, starts.data() + 2 * i);
+    }
+  }
   // passes of at most 4 tokens (the accumulators stay in registers), as even as they can be; a
   // tile's later passes find it in L1 / L2
   const int64_t passes = (M + 3) / 4, chunk = (M + passes - 1) / passes;
@@ -1741,20 +1765,21 @@ void gemm_typed(const uint8_t* w, const int8_t* xq, const ActMeta* meta, int64_t
       for (int64_t m0 = 0; m0 < M; m0 += chunk) {
         const int8_t* xm = xq + m0 * K;
         const ActMeta* mm = meta + m0 * (K / 32);
+        const int32_t* st = starts.empty() ? nullptr : starts.data() + m0 * (K / 32) * 2;
         TY* yt = y + m0 * ldy + nt * 16;
         const Epilogue et = ep.at(nt * 16, m0);
         switch (std::min(chunk, M - m0)) {
           case 1:
-            tile_streaming<Q, 1>(wt, xm, mm, K, et, yt, ldy, rows);
+            tile_streaming<Q, 1>(wt, xm, mm, st, K, et, yt, ldy, rows);
             break;
           case 2:
-            tile_streaming<Q, 2>(wt, xm, mm, K, et, yt, ldy, rows);
+            tile_streaming<Q, 2>(wt, xm, mm, st, K, et, yt, ldy, rows);
             break;
           case 3:
-            tile_streaming<Q, 3>(wt, xm, mm, K, et, yt, ldy, rows);
+            tile_streaming<Q, 3>(wt, xm, mm, st, K, et, yt, ldy, rows);
             break;
           default:
-            tile_streaming<Q, 4>(wt, xm, mm, K, et, yt, ldy, rows);
+            tile_streaming<Q, 4>(wt, xm, mm, st, K, et, yt, ldy, rows);
             break;
         }
       }
