@@ -163,18 +163,15 @@ def test_prefill_batches_write_whole_lines_alike(ops, qtype, out_dtype):
 def test_rows_do_not_depend_on_the_batch(ops, qtype, dtype):
     """Every path (streaming up to 4 tokens on AVX-512, 8 or 16 on AVX2; batched beyond, in one
     or several passes) does the same integer sums and float operations per row: a row's output
-    is bit-identical whatever batch it is in. The known exceptions: on AVX2 (and AVX-VNNI),
-    streaming the split types (Q2_K, Q3_K, IQ1_M, IQ2_XS and IQ2_S up to 8 tokens, Q6_K up to
-    16: 1e-7 relative); on the amx level, batches of 48 tokens or more, which take the tiles."""
+    is bit-identical whatever batch it is in; on the amx level, below 48 tokens (from there on
+    the tiles' arithmetic)."""
     level = ops.quant_isa()
     rng = np.random.default_rng(300 + int(qtype))
     n, k = 40, 512
     raw = random_blocks(qtype, n, k, rng)
     x = torch.randn(47 if level == "amx" else 70, k).to(dtype)
     full, _, _ = _run(ops, raw, qtype, n, k, x)
-    split = (QT.Q2_K, QT.Q3_K, QT.Q6_K, QT.IQ1_M, QT.IQ2_XS, QT.IQ2_S)
-    avx2_split = level in ("avx2", "avxvnni") and qtype in split
-    for m in (17, 33) if avx2_split else (1, 2, 3, 4, 5, 12, 16, 33):
+    for m in (1, 2, 3, 4, 5, 8, 9, 12, 16, 17, 33):
         part, _, _ = _run(ops, raw, qtype, n, k, x[:m].contiguous())
         assert torch.equal(part, full[:m]), f"{qtype.name} M={m}"
 
@@ -191,8 +188,8 @@ def test_avxvnni_level_gives_the_avx2_bits(qtype):
     the avx2 level adds `maddubs` pairs in int16 runs: both sums are exact, and the float
     operations after them are the same, so every output must be bit-identical, on every path
     (streaming, batched, several passes), float32 and bfloat16. (avxvnni batches the super-block
-    types from 5 tokens on, where avx2 streams up to 8 or 16: the same bits, but for the split
-    types' known streaming difference, test_rows_do_not_depend_on_the_batch.)"""
+    types from 5 tokens on, where avx2 streams up to 8 or 16: the same bits, as every path gives,
+    test_rows_do_not_depend_on_the_batch.)"""
     levels = cpu_ops.supported_isas()
     if "avxvnni" not in levels:
         pytest.skip("this CPU cannot run the avxvnni kernels")
@@ -204,8 +201,7 @@ def test_avxvnni_level_gives_the_avx2_bits(qtype):
         raw = random_blocks(qtype, n, k, rng, extreme=extreme)
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(70, k).to(dtype)
-            split = qtype in (QT.Q2_K, QT.Q3_K, QT.Q6_K)
-            for m in (1, 2, 3, 4, 17, 33, 70) if split else (1, 2, 3, 4, 5, 9, 17, 33, 70):
+            for m in (1, 2, 3, 4, 5, 9, 17, 33, 70):
                 a, _, _ = _run(vnni, raw, qtype, n, k, x[:m].contiguous())
                 b, _, _ = _run(avx2, raw, qtype, n, k, x[:m].contiguous())
                 assert torch.equal(a, b), f"{qtype.name} M={m} {dtype} extreme={extreme}"

@@ -782,8 +782,7 @@ void tile_streaming(const uint8_t* w, const int8_t* xq, const ActMeta* meta, con
 // a pass of up to kBatchChunk tokens, several tokens together (kTokenGroup) so that each weight
 // vector loaded serves all of them and their chains of dot steps overlap. Every path does the
 // same integer sums and float operations per row as the streaming path, so a row's output does
-// not depend on its batch (bitwise; on AVX2 but for the split types' streaming, 1e-7 relative;
-// the AMX tiles, from kAmxMinM tokens on, aside).
+// not depend on its batch (bitwise; the AMX tiles, from kAmxMinM tokens on, aside).
 
 // An uninitialized array (a std::vector would first zero it: a pass of its own, per call).
 template <typename T>
@@ -1072,6 +1071,7 @@ struct AccRegs {
   void add(int k, F16 v) const {
     pin(v);
     r[k] = r[k] + v;
+    pin(r[k]);  // each sum as written: -ffast-math would add a split type's two parts first
   }
 };
 
