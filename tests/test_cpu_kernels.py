@@ -236,6 +236,48 @@ def test_argmax_rows_matches_torch_including_ties(dtype, vocab):
     torch.testing.assert_close(ops.argmax_rows(x), x.argmax(dim=-1), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("level", list(cpu_ops.ISA_FLAGS))
+@pytest.mark.parametrize("vocab", [1, 7, 255, 256, 257, 1000, 4099])
+def test_sample_rows_is_the_float64_inverse_cdf(level, vocab):
+    """sample_rows against the textbook definition in float64: a greedy row (temperature 0)
+    takes torch's argmax; any other row the first token whose cumulative probability under
+    softmax(row / T) exceeds u x total, up to float32's rounding of the probabilities (a
+    1e-5-of-the-total band around the target), and never a masked (-inf) token; with masked
+    stretches longer than a block of 256, wide logits, and u at 0 and just below 1."""
+    if level not in cpu_ops.supported_isas():
+        pytest.skip(f"this CPU cannot run the {level} kernels")
+    kernels = cpu_ops.load_ops(level)
+    g = torch.Generator().manual_seed(vocab)
+    rows = 96
+    x = torch.randn(rows, vocab, generator=g) * 4
+    x[torch.rand(rows, vocab, generator=g) < 0.3] = float("-inf")  # scattered masked tokens
+    x[:12, : vocab * 2 // 3] = float("-inf")  # whole masked blocks
+    x[:, vocab // 2] = torch.randn(rows, generator=g)  # a finite token in every row
+    x[12:16] *= 10  # logits spread over +-100: most terms underflow
+    t = torch.rand(rows, generator=g) * 2 + 0.05
+    t[16:24] = 0.0
+    t[24:28] = 1.0
+    u = torch.rand(rows, dtype=torch.float64, generator=g)
+    u[28:32] = torch.tensor([0.0, 0.5, 1 - 2**-53, 1 - 2**-30], dtype=torch.float64)
+    got = kernels.sample_rows(x, t, u)
+
+    greedy = t == 0
+    assert torch.equal(got[greedy], x[greedy].argmax(dim=1))
+    xd = x.double() / torch.where(greedy, 1.0, t.double()).unsqueeze(1)
+    p = torch.exp(xd - xd.amax(dim=1, keepdim=True))
+    cdf = p.cumsum(dim=1)
+    total = cdf[:, -1]
+    target = u * total
+    picked = got.unsqueeze(1)
+    before = cdf.gather(1, picked).squeeze(1) - p.gather(1, picked).squeeze(1)
+    after = cdf.gather(1, picked).squeeze(1)
+    band = 1e-5 * total
+    random = ~greedy
+    assert (p.gather(1, picked).squeeze(1)[random] > 0).all()  # never a masked token
+    assert (before[random] <= target[random] + band[random]).all()
+    assert (target[random] < after[random] + band[random]).all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("vocab", [70, 96, 130])  # a partial last word; exact; past the mask
 def test_apply_token_bitmask_matches_bit_by_bit_reference(dtype, vocab):

@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+from tokenmill.kernels.cpu_ops import get_ops
+from tokenmill.layers.ops import CpuOps
 from tokenmill.sample.sampler import (
     Sampler,
     SamplingMetadata,
@@ -55,11 +57,25 @@ def _kept(logits: torch.Tensor) -> list[set[int]]:
     return [set(torch.nonzero(torch.isfinite(row)).flatten().tolist()) for row in logits]
 
 
-def _frequencies(params: SamplingParams, logits_row: torch.Tensor, draws: int) -> torch.Tensor:
+@pytest.fixture(params=["torch", "cpu"])
+def sampler(request: pytest.FixtureRequest) -> Sampler:
+    """The sampler on each implementation of the ops seam that draws on the CPU: the PyTorch
+    reference, and the C++ kernels (argmax and inverse CDF in one pass per row)."""
+    if request.param == "torch":
+        return Sampler()
+    kernels = get_ops()
+    if kernels is None:
+        pytest.skip("no C++ compiler to build the kernels")
+    return Sampler(CpuOps(kernels))
+
+
+def _frequencies(
+    sampler: Sampler, params: SamplingParams, logits_row: torch.Tensor, draws: int
+) -> torch.Tensor:
     """Empirical distribution of `draws` independent samples (one batch, one row per draw)."""
     torch.manual_seed(0)
     md = _metadata([params] * draws, logits_row.shape[0])
-    tokens = Sampler()(logits_row.repeat(draws, 1), md).sampled_token_ids
+    tokens = sampler(logits_row.repeat(draws, 1), md).sampled_token_ids
     return torch.bincount(tokens, minlength=logits_row.shape[0]).float() / draws
 
 
@@ -175,38 +191,40 @@ def test_greedy_is_argmax(dtype: torch.dtype) -> None:
     assert out.sampled_token_ids.tolist() == logits.float().argmax(dim=1).tolist()
 
 
-def test_greedy_rows_inside_random_batch() -> None:
+def test_greedy_rows_inside_random_batch(sampler: Sampler) -> None:
     logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(2))
     params = [SamplingParams(temperature=0.0 if i % 2 else 1.5) for i in range(6)]
-    tokens = Sampler()(logits, _metadata(params, 40)).sampled_token_ids
+    tokens = sampler(logits, _metadata(params, 40)).sampled_token_ids
     assert tokens[1::2].tolist() == logits[1::2].argmax(dim=1).tolist()
 
 
-def test_temperature_frequencies_match_softmax() -> None:
+def test_temperature_frequencies_match_softmax(sampler: Sampler) -> None:
     probs = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05])
     temperature = 0.7
-    freq = _frequencies(SamplingParams(temperature=temperature), probs.log(), 20_000)
+    freq = _frequencies(sampler, SamplingParams(temperature=temperature), probs.log(), 20_000)
     target = probs ** (1 / temperature)  # softmax(log p / T) = p^(1/T) / sum
     target = target / target.sum()
     assert (freq - target).abs().max().item() < 0.012  # ~3.5 sigma for p ~ 0.5
 
 
-def test_top_p_with_temperature_frequencies() -> None:
+def test_top_p_with_temperature_frequencies(sampler: Sampler) -> None:
     # T=0.5 squares the probabilities: 0.25, 0.0625, 0.0225, 0.01 (sum 0.345), i.e. about
     # 0.725, 0.181, 0.065, 0.029; top_p=0.8 keeps ids 2 and 0, renormalised 0.25:0.0625 = 0.8:0.2.
-    freq = _frequencies(SamplingParams(temperature=0.5, top_p=0.8), _base_logits()[0], 20_000)
+    params = SamplingParams(temperature=0.5, top_p=0.8)
+    freq = _frequencies(sampler, params, _base_logits()[0], 20_000)
     target = torch.tensor([0.2, 0.0, 0.8, 0.0])
     assert freq[1].item() == 0.0 and freq[3].item() == 0.0
     assert (freq - target).abs().max().item() < 0.01
 
 
-def test_top_k_frequencies() -> None:
-    freq = _frequencies(SamplingParams(top_k=2), _base_logits()[0], 20_000)
+def test_top_k_frequencies(sampler: Sampler) -> None:
+    freq = _frequencies(sampler, SamplingParams(top_k=2), _base_logits()[0], 20_000)
     target = torch.tensor([1 / 3, 0.0, 2 / 3, 0.0])
     assert (freq - target).abs().max().item() < 0.012
 
 
 def _run_steps(
+    sampler: Sampler,
     logits_steps: list[torch.Tensor],
     params: list[SamplingParams],
     seeds: dict[int, int],
@@ -215,7 +233,6 @@ def _run_steps(
     """Sample len(logits_steps) steps; returns [steps, num_rows] tokens."""
     torch.manual_seed(global_seed)
     generators = {row: torch.Generator().manual_seed(seed) for row, seed in seeds.items()}
-    sampler = Sampler()
     out = []
     for logits in logits_steps:
         md = _metadata(params, logits.shape[1], generators=generators)
@@ -223,12 +240,15 @@ def _run_steps(
     return torch.stack(out)
 
 
-def test_seeded_row_is_independent_of_batch() -> None:
+@pytest.mark.parametrize("top_p", [0.95, 1.0])
+def test_seeded_row_is_independent_of_batch(sampler: Sampler, top_p: float) -> None:
+    """Alone or beside other rows (whose filters send the whole batch through the filtered
+    path: with top_p=1 the row alone takes the unfiltered one), a seeded row draws the same."""
     vocab, steps = 300, 6
     gen = torch.Generator().manual_seed(7)
     row_logits = [torch.randn(1, vocab, generator=gen) for _ in range(steps)]
-    seeded = SamplingParams(temperature=0.9, top_p=0.95, seed=1234)
-    alone = _run_steps(row_logits, [seeded], {0: 1234}, global_seed=0)[:, 0]
+    seeded = SamplingParams(temperature=0.9, top_p=top_p, seed=1234)
+    alone = _run_steps(sampler, row_logits, [seeded], {0: 1234}, global_seed=0)[:, 0]
 
     others = [
         SamplingParams(temperature=0.0),
@@ -242,11 +262,11 @@ def test_seeded_row_is_independent_of_batch() -> None:
         mixed = torch.randn(5, vocab, generator=gen)
         mixed[2] = step_logits[0]
         batch_logits.append(mixed)
-    in_batch = _run_steps(batch_logits, batch, {2: 1234, 3: 99}, global_seed=1)
+    in_batch = _run_steps(sampler, batch_logits, batch, {2: 1234, 3: 99}, global_seed=1)
     assert in_batch[:, 2].tolist() == alone.tolist()
 
     # The generator really drives the row: another seed gives another sequence.
-    other_seed = _run_steps(row_logits, [seeded], {0: 4321}, global_seed=0)[:, 0]
+    other_seed = _run_steps(sampler, row_logits, [seeded], {0: 4321}, global_seed=0)[:, 0]
     assert other_seed.tolist() != alone.tolist()
 
 

@@ -106,6 +106,20 @@ class TorchOps:
         """Row-wise argmax (int64), first index on ties."""
         return logits.argmax(dim=-1)
 
+    def sample(
+        self,
+        logits: torch.Tensor,
+        temperature: torch.Tensor,
+        generators: dict[int, torch.Generator],
+    ) -> torch.Tensor:
+        """One token per row of float32 `logits` [R, V] (int64 [R]): the argmax (first on ties)
+        where `temperature` [R] is 0, else a draw from softmax(row / temperature) by
+        `sample.sampler.random_sample` (the rows in `generators` from their own generator)."""
+        from tokenmill.sample.sampler import apply_temperature, random_sample
+
+        probs = apply_temperature(logits, temperature).softmax(dim=1)
+        return torch.where(temperature == 0, self.argmax(logits), random_sample(probs, generators))
+
     def apply_token_bitmask_(
         self, logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None = None
     ) -> None:
@@ -150,6 +164,13 @@ class CpuOps(TorchOps):
 
     def argmax(self, logits):
         return self.kernels.argmax_rows(logits)
+
+    def sample(self, logits, temperature, generators):
+        # the inverse CDF's draws (the reference's on the CPU), sampled in one pass per row
+        from tokenmill.sample.sampler import draw_uniforms
+
+        u = draw_uniforms(logits.shape[0], generators)
+        return self.kernels.sample_rows(logits, temperature, u)
 
     def apply_token_bitmask_(self, logits, bitmask, rows=None):
         if not logits.is_contiguous():

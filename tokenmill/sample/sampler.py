@@ -5,8 +5,9 @@ allows (`apply_token_bitmask_`, in place, before any path, greedy included); log
 those logits; then the min_tokens mask, repetition
 penalty, frequency / presence penalties; greedy rows take the argmax of the penalised logits;
 random rows are divided by their temperature, filtered by top-k, top-p and min-p, and sampled
-(`random_sample`: the exponential race on CUDA, the inverse CDF on the CPU), seeded rows from
-their own generator so that their tokens do not depend on the rest of the batch.
+by the ops seam's `sample` (`random_sample`: the exponential race on CUDA, the inverse CDF on the
+CPU, which the C++ kernels compute in one pass per row), seeded rows from their own generator so
+that their tokens do not depend on the rest of the batch.
 Everything runs in float32 whatever the logits' dtype, on the logits' device, with no host
 synchronisation (shapes come from host-side metadata; the caller copies the tokens back once).
 """
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenmill.layers.ops import TorchOps
 from tokenmill.sample.metadata import SamplingMetadata, build_sampling_metadata
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "apply_top_k_top_p",
     "build_sampling_metadata",
     "compute_logprobs",
+    "draw_uniforms",
     "process_logits",
     "random_sample",
 ]
@@ -220,13 +223,18 @@ def random_sample(
 def _inverse_cdf_sample(
     probs: torch.Tensor, generators: dict[int, torch.Generator]
 ) -> torch.Tensor:
-    num_rows = probs.shape[0]
+    return inverse_cdf(probs, draw_uniforms(probs.shape[0], generators))
+
+
+def draw_uniforms(num_rows: int, generators: dict[int, torch.Generator]) -> torch.Tensor:
+    """[num_rows] float64 in [0, 1) on the CPU, the inverse CDF's one draw per row: rows in
+    `generators` from their own generator, the others from one batched draw of the global RNG."""
     u = torch.empty(num_rows, dtype=torch.float64)
     if len(generators) < num_rows:
         u.uniform_()
     for row, generator in generators.items():
         u[row : row + 1].uniform_(generator=generator)
-    return inverse_cdf(probs, u)
+    return u
 
 
 CDF_BLOCK = 256  # tokens per block of the two-level inverse CDF
@@ -285,7 +293,15 @@ def compute_logprobs(
 
 
 class Sampler(torch.nn.Module):
-    """Turns the logits of the rows to sample into next tokens (and logprobs when asked)."""
+    """Turns the logits of the rows to sample into next tokens (and logprobs when asked).
+
+    `ops` (the fused-ops seam, `layers.ops`; the PyTorch reference by default) takes the
+    argmax and the draw from the softmax: the C++ kernels do the CPU's in one pass per row.
+    """
+
+    def __init__(self, ops: TorchOps | None = None) -> None:
+        super().__init__()
+        self.ops = ops if ops is not None else TorchOps()
 
     def forward(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         md = metadata
@@ -299,15 +315,13 @@ class Sampler(torch.nn.Module):
             raw_logprobs = torch.log_softmax(logits, dim=1)
 
         penalised = apply_penalties(logits, md)
-        greedy = None if md.all_random else penalised.argmax(dim=1)
         if md.all_greedy:
-            assert greedy is not None
-            sampled = greedy
-        else:
-            probs = _filter(penalised, md).softmax(dim=1)
-            sampled = random_sample(probs, md.generators)
-            if greedy is not None:
-                sampled = torch.where(md.temperature == 0, greedy, sampled)
+            sampled = self.ops.argmax(penalised)
+        elif md.top_k is None and md.top_p is None and md.min_p is None:
+            sampled = self.ops.sample(penalised, md.temperature, md.generators)
+        else:  # the filters act on the tempered logits, which are then sampled as they are
+            unit = (md.temperature > 0).to(torch.float32)  # greedy rows keep temperature 0
+            sampled = self.ops.sample(_filter(penalised, md), unit, md.generators)
 
         if raw_logprobs is None:
             return SamplerOutput(sampled_token_ids=sampled)

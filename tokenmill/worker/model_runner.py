@@ -258,7 +258,7 @@ class ModelRunner:
         )
         self.kv_pool = KVPool(cfg.num_layers, shape, kv_dtype, device)
         self.kv_caches: list[KVCache] = self.kv_pool.caches
-        self.sampler = Sampler()
+        self.sampler = Sampler(self.ops)
         self.generators: dict[str, torch.Generator] = {}
         self.graphs: DecodeGraphRunner | None = None
         if (graphs or graph_factory is not None) and self.attn_backend.supports_graphs:

@@ -42,6 +42,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_prefill_attention_supported", &paged_prefill_attention_supported);
   m.def("write_kv", &write_kv);
   m.def("argmax_rows", &argmax_rows);
+  m.def("sample_rows", &sample_rows);
   m.def("apply_token_bitmask", &apply_token_bitmask);
   m.def("add_rms_norm", &add_rms_norm);
   m.def("silu_mul", &silu_mul);

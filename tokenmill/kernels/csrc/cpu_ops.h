@@ -42,3 +42,8 @@ at::Tensor paged_decode_attention_reference(at::Tensor q, at::Tensor k_cache, at
 void apply_token_bitmask(at::Tensor logits, at::Tensor bitmask, at::Tensor rows);
 // The index of each row's maximum (the first on ties).
 at::Tensor argmax_rows(at::Tensor x);
+// One token per row of logits [R, V] (float32): the argmax (first on ties) where temperature[r]
+// is 0, else the inverse-CDF sample at u[r] (float64, [0, 1)) of softmax(logits[r] /
+// temperature[r]): the first token whose cumulative probability exceeds u x total, never one of
+// probability 0.
+at::Tensor sample_rows(at::Tensor logits, at::Tensor temperature, at::Tensor u);
