@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tokenmill.kernels.cpu_ops import get_ops
-from tokenmill.layers.ops import CpuOps
+from tokenmill.layers.ops import CpuOps, TorchOps
 from tokenmill.sample.sampler import (
     Sampler,
     SamplingMetadata,
@@ -62,7 +62,7 @@ def sampler(request: pytest.FixtureRequest) -> Sampler:
     """The sampler on each implementation of the ops seam that draws on the CPU: the PyTorch
     reference, and the C++ kernels (argmax and inverse CDF in one pass per row)."""
     if request.param == "torch":
-        return Sampler()
+        return Sampler(TorchOps())
     kernels = get_ops()
     if kernels is None:
         pytest.skip("no C++ compiler to build the kernels")
@@ -177,7 +177,7 @@ def test_min_tokens_blocks_eos_until_reached() -> None:
     md = _metadata(params, 4, output_ids=[[1], [1, 1, 1]], stop_ids=[{eos, 9}, {eos}])
     assert md.min_tokens_mask is not None
     assert md.min_tokens_mask.tolist() == [[False, False, True, False], [False] * 4]
-    assert Sampler()(logits, md).sampled_token_ids.tolist() == [1, eos]
+    assert Sampler(TorchOps())(logits, md).sampled_token_ids.tolist() == [1, eos]
     no_mask = _metadata(params, 4, output_ids=[[1, 1, 1]] * 2, stop_ids=[{eos}, {eos}])
     assert no_mask.min_tokens_mask is None
 
@@ -187,7 +187,7 @@ def test_greedy_is_argmax(dtype: torch.dtype) -> None:
     logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(1)).to(dtype)
     md = _metadata([SamplingParams(temperature=0.0, top_k=2, top_p=0.1)] * 8, 50)
     assert md.all_greedy
-    out = Sampler()(logits, md)
+    out = Sampler(TorchOps())(logits, md)
     assert out.sampled_token_ids.tolist() == logits.float().argmax(dim=1).tolist()
 
 
@@ -282,7 +282,7 @@ def test_logprobs_are_raw_log_softmax_and_true_top_k() -> None:
         SamplingParams(temperature=0.8),
     ]
     md = _metadata(params, vocab, prompt_ids=[[29], [1], []], output_ids=[[29], [2, 3], []])
-    out = Sampler()(logits, md)
+    out = Sampler(TorchOps())(logits, md)
     assert out.logprobs is not None and out.logprob_token_ids is not None
     assert out.sampled_rank is not None
     assert out.logprobs.dtype == torch.float32 and out.logprobs.shape == (3, 1 + k)
@@ -307,9 +307,9 @@ def test_logprobs_are_raw_log_softmax_and_true_top_k() -> None:
 
 def test_logprobs_zero_and_none() -> None:
     logits = torch.randn(2, 10, generator=torch.Generator().manual_seed(4))
-    out = Sampler()(logits, _metadata([SamplingParams(logprobs=0), SamplingParams()], 10))
+    out = Sampler(TorchOps())(logits, _metadata([SamplingParams(logprobs=0), SamplingParams()], 10))
     assert out.logprobs is not None and out.logprobs.shape == (2, 1)
-    out = Sampler()(logits, _metadata([SamplingParams()] * 2, 10))
+    out = Sampler(TorchOps())(logits, _metadata([SamplingParams()] * 2, 10))
     assert out.logprobs is None and out.logprob_token_ids is None
 
 
@@ -317,7 +317,9 @@ def test_forward_does_not_modify_logits() -> None:
     logits = torch.randn(3, 20, generator=torch.Generator().manual_seed(6))
     before = logits.clone()
     params = [SamplingParams(top_p=0.5, top_k=3, min_p=0.1, repetition_penalty=1.5)] * 3
-    Sampler()(logits, _metadata(params, 20, prompt_ids=[[1, 2]] * 3, output_ids=[[3]] * 3))
+    Sampler(TorchOps())(
+        logits, _metadata(params, 20, prompt_ids=[[1, 2]] * 3, output_ids=[[3]] * 3)
+    )
     assert torch.equal(logits, before)
 
 

@@ -18,6 +18,7 @@ import torch
 
 from tests.server_utils import ServerProcess
 from tokenmill.engine.structured_output import StructuredOutputManager
+from tokenmill.layers.ops import TorchOps
 from tokenmill.sample.sampler import Sampler, apply_token_bitmask_, build_sampling_metadata
 from tokenmill.sampling_params import SamplingParams, StructuredOutputsParams
 
@@ -72,7 +73,7 @@ def test_sampler_never_leaves_the_mask(temperature):
     for _ in range(20):
         logits = torch.randn(rows, vocab) * 5
         apply_token_bitmask_(logits, _pack(allowed, vocab), torch.tensor([0, 2, 5]))
-        out = Sampler()(logits, md)
+        out = Sampler(TorchOps())(logits, md)
         for row, ids in zip([0, 2, 5], allowed):
             assert out.sampled_token_ids[row].item() in ids
 

@@ -115,9 +115,10 @@ class TorchOps:
         """One token per row of float32 `logits` [R, V] (int64 [R]): the argmax (first on ties)
         where `temperature` [R] is 0, else a draw from softmax(row / temperature) by
         `sample.sampler.random_sample` (the rows in `generators` from their own generator)."""
-        from tokenmill.sample.sampler import sample_reference
+        from tokenmill.sample.sampler import apply_temperature, random_sample
 
-        return sample_reference(logits, temperature, generators, self.argmax)
+        probs = apply_temperature(logits, temperature).softmax(dim=1)
+        return torch.where(temperature == 0, self.argmax(logits), random_sample(probs, generators))
 
     def apply_token_bitmask_(
         self, logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None = None

@@ -14,7 +14,6 @@ synchronisation (shapes come from host-side metadata; the caller copies the toke
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +35,6 @@ __all__ = [
     "draw_uniforms",
     "process_logits",
     "random_sample",
-    "sample_reference",
 ]
 
 _NEG_INF = float("-inf")
@@ -239,35 +237,6 @@ def draw_uniforms(num_rows: int, generators: dict[int, torch.Generator]) -> torc
     return u
 
 
-def sample_reference(
-    logits: torch.Tensor,
-    temperature: torch.Tensor,
-    generators: dict[int, torch.Generator],
-    argmax: Callable[[torch.Tensor], torch.Tensor],
-) -> torch.Tensor:
-    """One token per row of float32 `logits` [R, V] (int64 [R]): `argmax` of the row where
-    `temperature` [R] is 0, else a draw from softmax(row / temperature) by `random_sample` (the
-    rows in `generators` from their own generator). What the ops seam's `sample` computes."""
-    probs = apply_temperature(logits, temperature).softmax(dim=1)
-    return torch.where(temperature == 0, argmax(logits), random_sample(probs, generators))
-
-
-class _ReferenceOps:
-    """The ops seam's `argmax` and `sample` in PyTorch ops (layers.ops.TorchOps's): the
-    Sampler's when it is given none."""
-
-    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.argmax(dim=-1)
-
-    def sample(
-        self,
-        logits: torch.Tensor,
-        temperature: torch.Tensor,
-        generators: dict[int, torch.Generator],
-    ) -> torch.Tensor:
-        return sample_reference(logits, temperature, generators, self.argmax)
-
-
 CDF_BLOCK = 256  # tokens per block of the two-level inverse CDF
 
 
@@ -326,14 +295,14 @@ def compute_logprobs(
 class Sampler(torch.nn.Module):
     """Turns the logits of the rows to sample into next tokens (and logprobs when asked).
 
-    `ops` (the fused-ops seam, `layers.ops`: anything with its `argmax` and `sample`; the
-    PyTorch reference by default) takes the argmax and the draw from the softmax: the C++
-    kernels do the CPU's in one pass per row.
+    `ops` (the fused-ops seam, `layers.ops`, chosen once at load) takes the argmax and the
+    draw from the softmax: the PyTorch reference's `TorchOps`, or `CpuOps`, whose C++ kernels
+    do the CPU's in one pass per row.
     """
 
-    def __init__(self, ops: Any = None) -> None:
+    def __init__(self, ops: Any) -> None:
         super().__init__()
-        self.ops = ops if ops is not None else _ReferenceOps()
+        self.ops = ops
 
     def forward(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         md = metadata
