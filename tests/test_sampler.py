@@ -86,7 +86,7 @@ def test_metadata_leaves_unused_features_out() -> None:
     assert md.frequency_penalty is None and md.prompt_token_ids is None
     assert md.output_token_ids is None and md.min_tokens_mask is None
     assert md.max_num_logprobs is None
-    assert not md.all_greedy and not md.all_random
+    assert not md.all_greedy
     assert md.temperature.tolist() == [0.0, 1.0]
 
     md = _metadata(
@@ -95,7 +95,7 @@ def test_metadata_leaves_unused_features_out() -> None:
         prompt_ids=[[1, 2, 3], [4]],
         output_ids=[[5], []],
     )
-    assert md.all_random and md.max_num_logprobs == 2
+    assert not md.all_greedy and md.max_num_logprobs == 2
     assert md.top_k is not None and md.top_k.tolist() == [3, 0]
     assert md.prompt_token_ids is not None and md.output_token_ids is not None
     assert md.prompt_token_ids.tolist() == [[1, 2, 3], [4, 10, 10]]

@@ -37,7 +37,6 @@ class SamplingMetadata:
     max_num_logprobs: int | None = None  # None: no logprobs; k >= 0: sampled + top-k
     max_top_k: int = 0  # the largest top_k of the batch (host side, sizes the top-k)
     all_greedy: bool = False
-    all_random: bool = False
 
     @property
     def num_rows(self) -> int:
@@ -161,5 +160,4 @@ def build_sampling_metadata(
         max_num_logprobs=max(requested) if requested else None,
         max_top_k=max(top_k, default=0),
         all_greedy=all(greedy),
-        all_random=not any(greedy),
     )

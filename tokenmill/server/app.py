@@ -148,9 +148,9 @@ class Gate:
     `keyed` paths (when a key is set).
 
     A plain ASGI callable, not Starlette's BaseHTTPMiddleware (`@app.middleware`), which passes
-    every chunk of a streamed response through a memory stream and another task: with a few
-    streams open, that event-loop work took 1-2 ms of every decode step from the engine's
-    cores (2 cores, the default model)."""
+    every chunk of a streamed response through a memory stream and another task: event-loop work
+    per token and stream, taken from the engine's cores (on 2 cores, a stream beside two n=2
+    streams: 11.3 ms a token with this gate, 13.5 ms with the old one, medians of 6 rounds)."""
 
     def __init__(
         self,
