@@ -111,20 +111,27 @@ def _perplexity(isa: str, text: str, **kwargs) -> float:
         del os.environ["TOKENMILL_CPU_ISA"]
 
 
-# Issue 7: every native path within 0.5% of the file dequantized to float32, in both compute
-# dtypes, on the GNU GPL v3 (7,639 tokens; tests/data has Debian's copy, which may be copied
-# verbatim). Per-token log-likelihoods of a native path differ from the reference's by about
-# 0.10 nats (float32) to 0.13 (bfloat16) at random, so the mean over n tokens carries a standard
-# error of about 0.13 / sqrt(n): 0.15% here, 0.26% on the project's LICENSE (2,215 tokens), too
-# short: which near-equal input channels a level's calibration keeps exact depends on the last
-# bits of its float sums (an activation's 8-bit rounding amplifies them). On a Sapphire Rapids
-# VM the avx2 and avx512 levels' choices differed in 16 of 120 layers and measured +0.72% and
-# +0.25% on LICENSE (the avx2 level with the avx512 level's channels: +0.08%), +0.14% and -0.02%
-# on this text.
-# bfloat16 is checked where the CPU computes it natively (where `dtype="auto"` picks it): on an
-# AVX2-only CPU it is an opt-in dtype that torch emulates, slowly; there (AMD Zen 3) the avx2
-# level in bfloat16 measured -0.05% on LICENSE (+0.40% with every channel rounded).
+# Issue 7: every native path within 0.5% of the file dequantized to float32, on the GNU GPL v3
+# (7,639 tokens; tests/data has Debian's copy, which may be copied verbatim). Per-token
+# log-likelihoods of a native path differ from the reference's by about 0.10 nats (float32) to
+# 0.13 (bfloat16) at random, so the mean over n tokens carries a standard error of about
+# 0.13 / sqrt(n): 0.15% here, 0.26% on the project's LICENSE (2,215 tokens), too short: which
+# near-equal input channels a level's calibration keeps exact depends on the last bits of its
+# float sums (an activation's 8-bit rounding amplifies them). On a Sapphire Rapids VM the avx2
+# and avx512 levels' choices differed in 16 of 120 layers and measured +0.72% and +0.25% on
+# LICENSE (the avx2 level with the avx512 level's channels: +0.08%), +0.14% and -0.02% on this
+# text.
+# Each level runs in the dtype that `dtype="auto"` picks on the CPUs the level is chosen for:
+# bfloat16 for amx and avx512 where the CPU computes it natively (Sapphire Rapids, Zen 4),
+# float32 for avxvnni and avx2 (the AVX-VNNI laptops and AVX2-only CPUs have no native bfloat16;
+# there, AMD Zen 3, the avx2 level in bfloat16 measured -0.05% on LICENSE, +0.40% with every
+# channel rounded). The quantized GEMMs' integer arithmetic is the same in both dtypes.
 PPL_TOLERANCE = 0.005
+
+
+def _user_dtype(isa: str) -> str:
+    """The compute dtype a user of level `isa` gets by default (see above)."""
+    return "bfloat16" if isa in ("amx", "avx512") and cpu_has_native_bf16() else "float32"
 
 
 @pytest.mark.slow
@@ -135,12 +142,8 @@ def test_perplexity_of_every_level_close_to_float32():
     levels = cpu_ops.supported_isas()
     assert levels, "no kernel level on this CPU"
     for isa in levels:
-        # bfloat16 where the CPU computes it natively; an AVX-VNNI CPU without AVX-512 (the
-        # avxvnni level's) has no native bfloat16, so that level runs float32 there
-        native_bf16 = cpu_has_native_bf16() and isa != "avxvnni"
-        for dtype in ("float32", "bfloat16") if native_bf16 else ("float32",):
-            ppl = _perplexity(isa, text, dtype=dtype)
-            assert abs(ppl / reference - 1) < PPL_TOLERANCE, (isa, dtype, ppl, reference)
+        ppl = _perplexity(isa, text, dtype=_user_dtype(isa))
+        assert abs(ppl / reference - 1) < PPL_TOLERANCE, (isa, _user_dtype(isa), ppl, reference)
 
 
 def test_avxvnni_level_gives_the_avx2_outputs(monkeypatch, tmp_path):

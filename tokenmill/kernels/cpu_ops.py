@@ -2,7 +2,7 @@
 
 Only csrc/bindings.cpp includes pybind11 and torch's Tensor casters; the kernel files include
 ATen's core headers alone, so ninja compiles them beside it on the other core (a level builds in
-40-50 s on 2 cores, where every file parsing <torch/extension.h> took about two minutes).
+60-90 s on 2 cores, where every file parsing <torch/extension.h> took minutes).
 
 The kernels are built once per instruction-set level (`ISA_FLAGS`), never with `-march=native`:
 the level is chosen at run time from the CPU's flags (`select_isa`), so a cache shared between
@@ -254,7 +254,7 @@ def _compile(build_dir: Path, isa: str) -> Any:
     building = not (build_dir / "lock").exists()
     if building:
         logger.warning(
-            "compiling the %s CPU kernels once, under a minute per level on 2 cores (cached in %s)",
+            "compiling the %s CPU kernels once, 60-90 s per level on 2 cores (cached in %s)",
             isa,
             build_dir,
         )
