@@ -13,9 +13,11 @@ when memory is not the limit. Each case runs on both KV cache layouts the kernel
 side by side) and token-major (a slot's heads side by side).
 
 Each row: microseconds per layer call, GB/s of K and V rows read, and that over the machine's
-copy bandwidth (measured in the same run; `bench_llamacpp.measure_bandwidth_gbs`).
+copy bandwidth (measured in the same run; `bench_llamacpp.measure_bandwidth_gbs`). With
+`--base REV`, that revision's kernels (built as `kernel_ab.py` builds them) run every case too,
+interleaved with this checkout's pass by pass: the rows then add the base's time and the ratio.
 
-    .venv/bin/python benchmarks/decode_attention.py [--heads 9/3x64] [--out FILE]
+    .venv/bin/python benchmarks/decode_attention.py [--heads 9/3x64] [--base REV] [--out FILE]
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ def main() -> None:
     ap.add_argument("--kv-layouts", default="head-major,token-major")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--base", help="a git revision whose kernels run interleaved with these")
     ap.add_argument("--out", default="benchmarks/results/decode_attention.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -87,6 +90,11 @@ def main() -> None:
     from tokenmill.kernels import cpu_ops
 
     ops = cpu_ops.get_ops()
+    base = None
+    if args.base:
+        from kernel_ab import build_base
+
+        base = build_base(args.base, cpu_ops.select_isa().build)
     hq, rest = args.heads.split("/")
     hkv, d = (int(x) for x in rest.split("x"))
     hq = int(hq)
@@ -101,6 +109,8 @@ def main() -> None:
     )
     heads = ("batch", "ctx", "block", "kv", "layout", "us/layer", "GB/s", "of bw")
     widths = (5, 5, 5, 11, 10, 9, 6, 6)
+    if base is not None:
+        heads, widths = heads + ("base us", "speed-up"), widths + (8, 8)
     print(" ".join(f"{h:>{w}}" for h, w in zip(heads, widths, strict=True)))
     rows = []
     for batch in (int(x) for x in args.batches.split(",")):
@@ -121,26 +131,34 @@ def main() -> None:
                         used = [tuple(c.view(-1, hkv, bs, d) for c in pair) for pair in used]
                     calls = 2 * args.layers
                     if not rows:  # the first case's first pass pays the threads' start-up
-                        measure(ops, used, q, tables, seq_lens, bs, calls, 1)
-                    sec = measure(ops, used, q, tables, seq_lens, bs, calls, args.repeats)
+                        for kernels in (ops, base) if base is not None else (ops,):
+                            measure(kernels, used, q, tables, seq_lens, bs, calls, 1)
+                    sec = base_sec = float("inf")
+                    for _ in range(args.repeats):  # interleaved with the base, pass by pass
+                        sec = min(sec, measure(ops, used, q, tables, seq_lens, bs, calls, 1))
+                        if base is not None:
+                            t = measure(base, used, q, tables, seq_lens, bs, calls, 1)
+                            base_sec = min(base_sec, t)
                     gbs = batch * ctx * hkv * d * 2 * 2 / sec / 1e9
-                    rows.append(
-                        {
-                            "batch": batch,
-                            "context": ctx,
-                            "block_size": bs,
-                            "kv_layout": kv,
-                            "layout": layout,
-                            "us_per_layer": sec * 1e6,
-                            "gb_s": gbs,
-                            "of_bandwidth": gbs / bw,
-                        }
-                    )
-                    print(
+                    row = {
+                        "batch": batch,
+                        "context": ctx,
+                        "block_size": bs,
+                        "kv_layout": kv,
+                        "layout": layout,
+                        "us_per_layer": sec * 1e6,
+                        "gb_s": gbs,
+                        "of_bandwidth": gbs / bw,
+                    }
+                    line = (
                         f"{batch:5d} {ctx:5d} {bs:5d} {kv:>11} {layout:>10} {sec * 1e6:9.1f} "
-                        f"{gbs:6.1f} {gbs / bw:6.0%}",
-                        flush=True,
+                        f"{gbs:6.1f} {gbs / bw:6.0%}"
                     )
+                    if base is not None:
+                        row.update(base_us_per_layer=base_sec * 1e6, speedup=base_sec / sec)
+                        line += f" {base_sec * 1e6:8.1f} {base_sec / sec:7.2f}x"
+                    rows.append(row)
+                    print(line, flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
@@ -152,6 +170,7 @@ def main() -> None:
                 "pool_gib": args.pool_gib,
                 "layers": args.layers,
                 "bandwidth_gbs": bw,
+                "base": args.base,
                 "rows": rows,
             },
             indent=1,

@@ -143,6 +143,42 @@ def test_paged_decode_attention_vectorized_matches_portable(dtype, hq, hkv, d, b
     torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
 
 
+@pytest.mark.parametrize("level", list(cpu_ops.ISA_FLAGS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "hq,hkv,d,bs,layout",
+    [(9, 3, 64, 16, "head-major"), (32, 8, 128, 5, "token-major"), (12, 2, 64, 32, "head-major")],
+)
+def test_split_kv_decode_matches_portable_and_its_batch(level, dtype, hq, hkv, d, bs, layout):
+    """Contexts over 256 tokens run in chunks (split-KV, merged by log-sum-exp) on every kernel
+    level the machine has: against the portable kernel (one pass over the whole context), at
+    lengths around the chunk cuts (255-257, 513, 770, 1000: chunks that start inside a block
+    of 5 and of 32), among short requests; and each request alone gives the bits it gets in
+    the batch (the cuts depend on its length only, the merge order on nothing else)."""
+    if level not in cpu_ops.supported_isas():
+        pytest.skip(f"this CPU cannot run the {level} kernels")
+    kernels = cpu_ops.load_ops(level)
+    g = torch.Generator().manual_seed(7)
+    seq_lens = torch.tensor([255, 1, 256, 257, 17, 513, 1000, 300, 770], dtype=torch.int32)
+    n, per_seq = len(seq_lens), -(-1000 // bs)
+    num_blocks = n * per_seq + 3
+    k_cache = in_layout(torch.randn(num_blocks * bs, hkv, d, generator=g).to(dtype), bs, layout)
+    v_cache = in_layout(torch.randn(num_blocks * bs, hkv, d, generator=g).to(dtype), bs, layout)
+    tables = torch.randperm(num_blocks, generator=g)[: n * per_seq].view(n, per_seq).int()
+    # queries scaled up so that the softmax is peaked and the chunks' maxima differ widely
+    q = (torch.randn(n, hq, d, generator=g) * 4).to(dtype)
+    out = kernels.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, bs, d**-0.5)
+    ref = kernels.paged_decode_attention_reference(
+        q, k_cache, v_cache, tables, seq_lens, bs, d**-0.5
+    )
+    torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
+    for i in range(n):
+        alone = kernels.paged_decode_attention(
+            q[i : i + 1], k_cache, v_cache, tables[i : i + 1], seq_lens[i : i + 1], bs, d**-0.5
+        )
+        assert torch.equal(alone, out[i : i + 1]), int(seq_lens[i])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "hq,hkv,d,bs",

@@ -14,9 +14,11 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -98,6 +100,82 @@ void paged_decode_kernel(const T* q, const T* kc, const T* vc, const int32_t* bt
   });
 }
 
+// Split-KV decoding for the vectorized kernels. Request b's context of S tokens is cut into
+// ceil(S / kSplitTokens) chunks of equal length (a multiple of 16 tokens), one task per (request,
+// kv head, chunk). Without it, batch 1 of a model with 3 kv heads gives 2 threads 3 tasks (one
+// idles a third of the time), and a batch's one long request is one thread's long tail. The cuts
+// depend on S alone, so a request's output does not depend on its batch. A chunk's task keeps its
+// heads' unnormalized output, softmax maximum and sum (`partial`); the task that finishes a
+// (request, kv head) last merges its chunks in chunk order with log-sum-exp weights, so the result
+// does not depend on the threads' timing either. An unsplit request (S <= kSplitTokens) writes
+// its output directly, as before the split existed.
+constexpr int64_t kSplitTokens = 256;
+
+struct DecodeTask {
+  int64_t b, g;    // request, kv head
+  int64_t c, nc;   // chunk, chunks of the request
+  int64_t t0, t1;  // the chunk's tokens [t0, t1)
+};
+
+class DecodeSplit {
+ public:
+  // rep * (d + 2) floats per task of a split request: its heads' outputs, maxima, sums.
+  DecodeSplit(const int32_t* seq_lens, int64_t B, int64_t Hkv, int64_t rep, int64_t d)
+      : Hkv_(Hkv), stride_(rep * (d + 2)), seq_lens_(seq_lens), first_(B + 1), len_(B) {
+    bool split = false;
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t S = std::max<int64_t>(seq_lens[b], 1);
+      const int64_t parts = (S + kSplitTokens - 1) / kSplitTokens;
+      len_[b] = parts == 1 ? S : ((S + parts - 1) / parts + 15) / 16 * 16;
+      const int64_t nc = (S + len_[b] - 1) / len_[b];
+      first_[b + 1] = first_[b] + Hkv * nc;
+      split |= nc > 1;
+    }
+    if (split) {
+      partial_.reset(new float[first_[B] * stride_]);
+      done_.reset(new std::atomic<int>[B * Hkv]);
+      for (int64_t i = 0; i < B * Hkv; ++i) done_[i].store(0, std::memory_order_relaxed);
+    }
+  }
+  int64_t tasks() const { return first_.back(); }
+  DecodeTask task(int64_t i) const {
+    const int64_t b = std::upper_bound(first_.begin(), first_.end(), i) - first_.begin() - 1;
+    const int64_t nc = (first_[b + 1] - first_[b]) / Hkv_, r = i - first_[b];
+    const int64_t c = r % nc, t0 = c * len_[b];
+    return {b, r / nc, c, nc, t0, std::min<int64_t>(seq_lens_[b], t0 + len_[b])};
+  }
+  float* partial(int64_t i) const { return partial_.get() + i * stride_; }
+  // Called once per chunk after its partial is written: true for the last of its (request,
+  // kv head), whose task then merges; the acquire-release count makes every partial visible.
+  bool last_chunk(const DecodeTask& t) const {
+    return done_[t.b * Hkv_ + t.g].fetch_add(1, std::memory_order_acq_rel) == t.nc - 1;
+  }
+  // The merged output of t's (request, kv head), in the kernel's lane order, into out[rep * d],
+  // and each head's 1 / softmax sum into inv_sum[rep].
+  void merge(const DecodeTask& t, int64_t rep, int64_t d, float* out, float* inv_sum) const {
+    const int64_t first = first_[t.b] + t.g * t.nc;
+    std::fill(out, out + rep * d, 0.f);
+    for (int64_t h = 0; h < rep; ++h) {
+      float m = -std::numeric_limits<float>::infinity(), sum = 0.f;
+      for (int64_t c = 0; c < t.nc; ++c) m = std::max(m, partial(first + c)[rep * d + h]);
+      for (int64_t c = 0; c < t.nc; ++c) {
+        const float* p = partial(first + c);
+        const float w = std::exp(p[rep * d + h] - m);
+        sum += w * p[rep * d + rep + h];
+        for (int64_t i = 0; i < d; ++i) out[h * d + i] += w * p[h * d + i];
+      }
+      inv_sum[h] = 1.f / sum;
+    }
+  }
+
+ private:
+  int64_t Hkv_, stride_;
+  const int32_t* seq_lens_;
+  std::vector<int64_t> first_, len_;  // first task of each request (and the total); chunk length
+  std::unique_ptr<float[]> partial_;
+  std::unique_ptr<std::atomic<int>[]> done_;
+};
+
 #if defined(__AVX512F__)
 // AVX-512 versions of the hot loops. Same math as the generic kernels (float32 accumulation);
 // only the summation order inside a dot product differs.
@@ -161,20 +239,20 @@ inline void store_head(at::BFloat16* p, const __m512* v, float scale) {
   }
 }
 
-// One task per (request, kv head): its REP query heads read that head's K and V rows once.
-// ND = head_dim / 16 and REP are compile-time so the accumulators live in registers.
+// One task per (request, kv head, chunk of the context: DecodeSplit): its REP query heads read
+// that head's K and V rows of the chunk once. ND = head_dim / 16 and REP are compile-time so the
+// accumulators live in registers.
 template <typename T, int ND, int REP>
-void paged_decode_avx512(const T* q, const T* kc, const T* vc, const int32_t* bt,
-                         const int32_t* seq_lens, T* out, int64_t B, int64_t Hq, int64_t Hkv,
-                         int64_t D, int64_t max_blocks, int64_t block_size, float scale,
-                         int64_t q_stride, KvLayout kv) {
+void paged_decode_avx512(const T* q, const T* kc, const T* vc, const int32_t* bt, T* out,
+                         int64_t Hq, int64_t Hkv, int64_t D, int64_t max_blocks, int64_t block_size,
+                         float scale, int64_t q_stride, KvLayout kv, const DecodeSplit& split) {
   const int64_t row_len = Hkv * D;
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
+  at::parallel_for(0, split.tasks(), 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float scores[REP * kSplitTokens];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / Hkv, g = task % Hkv, S = seq_lens[b];
-      const int64_t S16 = (S + 15) / 16 * 16;
-      scores.resize(REP * (S16 + 16));
+      const DecodeTask tk = split.task(task);
+      const int64_t b = tk.b, g = tk.g, t_begin = tk.t0, t_end = tk.t1;
+      const int64_t L = t_end - t_begin, L16 = (L + 15) / 16 * 16;
       const T* qb = q + b * q_stride + g * REP * D;
       __m512 qv[REP][ND];
       for (int h = 0; h < REP; ++h) {
@@ -190,7 +268,7 @@ void paged_decode_avx512(const T* q, const T* kc, const T* vc, const int32_t* bt
                t % block_size * kv.token + g * kv.head;
       };
       auto prefetch_rows = [&](const T* cache, int64_t t0) {
-        const int64_t n = std::min<int64_t>(16, S - t0);
+        const int64_t n = std::min<int64_t>(16, t_end - t0);
         for (int64_t o = 0; o < n; ++o) {
           const char* r = reinterpret_cast<const char*>(row(cache, t0 + o));
           for (int64_t off = 0; off < D * (int64_t)sizeof(T); off += 64)
@@ -198,15 +276,15 @@ void paged_decode_avx512(const T* q, const T* kc, const T* vc, const int32_t* bt
         }
       };
       // scores[h, t] = q_h . k_t, 16 tokens at a time (rows past the end repeat the last one)
-      prefetch_rows(kc, 0);
-      for (int64_t t0 = 0; t0 < S; t0 += 16) {
-        if (t0 + 16 < S)
+      prefetch_rows(kc, t_begin);
+      for (int64_t t0 = t_begin; t0 < t_end; t0 += 16) {
+        if (t0 + 16 < t_end)
           prefetch_rows(kc, t0 + 16);
         else
-          prefetch_rows(vc, 0);
+          prefetch_rows(vc, t_begin);
         __m512 part[REP][16];
         for (int o = 0; o < 16; ++o) {
-          const int64_t t = std::min<int64_t>(t0 + o, S - 1);
+          const int64_t t = std::min<int64_t>(t0 + o, t_end - 1);
           const T* kp = row(kc, t);
           __m512 k[ND];
           load_head<ND>(kp, k);
@@ -217,47 +295,67 @@ void paged_decode_avx512(const T* q, const T* kc, const T* vc, const int32_t* bt
           }
         }
         for (int h = 0; h < REP; ++h)
-          _mm512_storeu_ps(scores.data() + h * S16 + t0, reduce_add16(part[h]));
+          _mm512_storeu_ps(scores + h * L16 + (t0 - t_begin), reduce_add16(part[h]));
       }
       // softmax numerators per head; the 1/sum is applied to the output
-      float inv_sum[REP];
-      const __mmask16 tail = (__mmask16)((1u << (S - (S16 - 16))) - 1u);
+      float row_max[REP], sum[REP];
+      const __mmask16 tail = (__mmask16)((1u << (L - (L16 - 16))) - 1u);
       for (int h = 0; h < REP; ++h) {
-        float* sr = scores.data() + h * S16;
+        float* sr = scores + h * L16;
         __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-        for (int64_t t = 0; t < S16 - 16; t += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sr + t));
-        mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_maskz_loadu_ps(tail, sr + S16 - 16));
-        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t t = 0; t < S16; t += 16) {
+        for (int64_t t = 0; t < L16 - 16; t += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sr + t));
+        mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_maskz_loadu_ps(tail, sr + L16 - 16));
+        row_max[h] = _mm512_reduce_max_ps(mx);
+        const __m512 m = _mm512_set1_ps(row_max[h]);
+        __m512 total = _mm512_setzero_ps();
+        for (int64_t t = 0; t < L16; t += 16) {
           __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + t), m));
-          if (t == S16 - 16) e = _mm512_maskz_mov_ps(tail, e);
+          if (t == L16 - 16) e = _mm512_maskz_mov_ps(tail, e);
           _mm512_storeu_ps(sr + t, e);
-          sum = _mm512_add_ps(sum, e);
+          total = _mm512_add_ps(total, e);
         }
-        inv_sum[h] = 1.f / _mm512_reduce_add_ps(sum);
+        sum[h] = _mm512_reduce_add_ps(total);
       }
       // out_h = sum_t p[h, t] v_t / sum_h
       __m512 acc[REP][ND];
       for (int h = 0; h < REP; ++h)
         for (int j = 0; j < ND; ++j) acc[h][j] = _mm512_setzero_ps();
-      for (int64_t t0 = 0; t0 < S; t0 += block_size) {
+      for (int64_t t0 = t_begin; t0 < t_end;) {
+        const int64_t o0 = t0 % block_size, n = std::min(block_size - o0, t_end - t0);
         const T* vb = vc + (int64_t)table[t0 / block_size] * block_size * row_len + g * kv.head;
-        const int64_t n = std::min(block_size, S - t0);
-        for (int64_t o = 0; o < n; ++o) {
+        for (int64_t o = o0; o < o0 + n; ++o) {
+          const int64_t t = t0 + o - o0;
           // every 16 tokens, the next 16 tokens' V rows (whatever the block size)
-          if ((t0 + o) % 16 == 0 && t0 + o + 16 < S) prefetch_rows(vc, t0 + o + 16);
+          if ((t - t_begin) % 16 == 0 && t + 16 < t_end) prefetch_rows(vc, t + 16);
           const T* vp = vb + o * kv.token;
-          const float* p = scores.data() + t0 + o;
+          const float* p = scores + (t - t_begin);
           __m512 v[ND];
           load_head<ND>(vp, v);
           for (int j = 0; j < ND; ++j)
             for (int h = 0; h < REP; ++h)
-              acc[h][j] = _mm512_fmadd_ps(_mm512_set1_ps(p[h * S16]), v[j], acc[h][j]);
+              acc[h][j] = _mm512_fmadd_ps(_mm512_set1_ps(p[h * L16]), v[j], acc[h][j]);
         }
+        t0 += n;
       }
       T* ob = out + b * Hq * D + g * REP * D;
-      for (int h = 0; h < REP; ++h) store_head<ND>(ob + h * D, acc[h], inv_sum[h]);
+      if (tk.nc == 1) {
+        for (int h = 0; h < REP; ++h) store_head<ND>(ob + h * D, acc[h], 1.f / sum[h]);
+        continue;
+      }
+      float* part = split.partial(task);
+      for (int h = 0; h < REP; ++h) {
+        for (int j = 0; j < ND; ++j) _mm512_storeu_ps(part + h * D + j * 16, acc[h][j]);
+        part[REP * D + h] = row_max[h];
+        part[REP * D + REP + h] = sum[h];
+      }
+      if (!split.last_chunk(tk)) continue;
+      alignas(64) float merged[REP * ND * 16];
+      float inv_sum[REP];
+      split.merge(tk, REP, D, merged, inv_sum);
+      for (int h = 0; h < REP; ++h) {
+        for (int j = 0; j < ND; ++j) acc[h][j] = _mm512_load_ps(merged + h * D + j * 16);
+        store_head<ND>(ob + h * D, acc[h], inv_sum[h]);
+      }
     }
   });
 }
@@ -317,25 +415,31 @@ inline void store_vectors(at::BFloat16* p, const __m256* v, float scale) {
   }
 }
 
-// One task per (request, kv head), as the AVX-512 kernel. ND = head_dim / 8 and REP are
+// One task per (request, kv head, chunk), as the AVX-512 kernel. ND = head_dim / 8 and REP are
 // compile-time; the output is accumulated CH vectors of the head at a time, as many as fit the
-// registers beside REP accumulators each (one pass over the context's scores per chunk; every
+// registers beside REP accumulators each (one pass over the chunk's scores per CH vectors; every
 // pass reads its own bytes of the V rows).
 template <typename T, int ND, int REP>
-void paged_decode_avx2(const T* q, const T* kc, const T* vc, const int32_t* bt,
-                       const int32_t* seq_lens, T* out, int64_t B, int64_t Hq, int64_t Hkv,
-                       int64_t D, int64_t max_blocks, int64_t block_size, float scale,
-                       int64_t q_stride, KvLayout kv) {
+void paged_decode_avx2(const T* q, const T* kc, const T* vc, const int32_t* bt, T* out, int64_t Hq,
+                       int64_t Hkv, int64_t D, int64_t max_blocks, int64_t block_size, float scale,
+                       int64_t q_stride, KvLayout kv, const DecodeSplit& split) {
   constexpr int CH = REP <= 2 ? 4 : REP <= 4 ? 2 : 1;
   static_assert(ND % CH == 0, "chunks split the head");
   const int64_t row_len = Hkv * D;
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
+  // ob[c * 8 : (c + CH) * 8] = acc * scale, acc in the order the V rows were loaded in
+  auto store_part = [](T* ob, const __m256* acc, float scale) {
+    if constexpr (CH % 2 == 0)
+      store_vectors<CH>(ob, acc, scale);
+    else
+      for (int i = 0; i < CH; ++i) store8(ob + i * 8, _mm256_mul_ps(acc[i], _mm256_set1_ps(scale)));
+  };
+  at::parallel_for(0, split.tasks(), 1, [&](int64_t begin, int64_t end) {
+    alignas(32) float scores[REP * kSplitTokens];
     alignas(32) float qs[REP][ND * 8];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / Hkv, g = task % Hkv, S = seq_lens[b];
-      const int64_t S8 = (S + 7) / 8 * 8;
-      scores.resize(REP * S8);
+      const DecodeTask tk = split.task(task);
+      const int64_t b = tk.b, g = tk.g, t_begin = tk.t0, t_end = tk.t1;
+      const int64_t L = t_end - t_begin, L8 = (L + 7) / 8 * 8;
       const T* qb = q + b * q_stride + g * REP * D;
       for (int h = 0; h < REP; ++h) {  // in load_vectors' order, as the K rows
         __m256 v[ND];
@@ -349,25 +453,25 @@ void paged_decode_avx2(const T* q, const T* kc, const T* vc, const int32_t* bt,
                t % block_size * kv.token + g * kv.head;
       };
       auto prefetch = [&](const T* cache, int64_t t) {
-        if (t >= S) return;
+        if (t >= t_end) return;
         const char* r = reinterpret_cast<const char*>(row(cache, t));
         for (int64_t off = 0; off < D * (int64_t)sizeof(T); off += 64)
           _mm_prefetch(r + off, _MM_HINT_T0);
       };
       // The rows come from DRAM at batch sizes where the caches outgrow L3, and a token's dot
       // steps take a few dozen cycles: K is fetched kAhead tokens ahead, and V, when the
-      // request's rows of this head fit half of L2, while the scores are computed (else
+      // chunk's rows of this head fit half of L2, while the scores are computed (else
       // kAhead tokens ahead of the first output pass).
       constexpr int64_t kAhead = 32;
-      const bool v_early = S * D * (int64_t)sizeof(T) <= (128 << 10);
-      for (int64_t t = 0; t < kAhead; ++t) prefetch(kc, t);
+      const bool v_early = L * D * (int64_t)sizeof(T) <= (128 << 10);
+      for (int64_t t = t_begin; t < t_begin + kAhead; ++t) prefetch(kc, t);
       // scores[h, t] = q_h . k_t, 8 tokens at a time (rows past the end repeat the last one)
-      for (int64_t t0 = 0; t0 < S; t0 += 8) {
+      for (int64_t t0 = t_begin; t0 < t_end; t0 += 8) {
         __m256 part[REP][8];
         for (int o = 0; o < 8; ++o) {
           prefetch(kc, t0 + o + kAhead);
           if (v_early) prefetch(vc, t0 + o);
-          const T* kp = row(kc, std::min<int64_t>(t0 + o, S - 1));
+          const T* kp = row(kc, std::min<int64_t>(t0 + o, t_end - 1));
           __m256 k[ND];
           load_vectors<ND>(kp, k);
           for (int h = 0; h < REP; ++h) {
@@ -378,66 +482,84 @@ void paged_decode_avx2(const T* q, const T* kc, const T* vc, const int32_t* bt,
           }
         }
         for (int h = 0; h < REP; ++h)
-          _mm256_storeu_ps(scores.data() + h * S8 + t0, reduce_add8(part[h]));
+          _mm256_storeu_ps(scores + h * L8 + (t0 - t_begin), reduce_add8(part[h]));
       }
       // softmax numerators per head (zero past the end); the 1/sum is applied to the output
-      float inv_sum[REP];
+      float row_max[REP], sum[REP];
       const __m256 tail =
-          _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(S - (S8 - 8))),
+          _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(L - (L8 - 8))),
                                                  _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
       for (int h = 0; h < REP; ++h) {
-        float* sr = scores.data() + h * S8;
+        float* sr = scores + h * L8;
         __m256 mx = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-        for (int64_t t = 0; t < S8 - 8; t += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sr + t));
-        mx = _mm256_max_ps(mx, _mm256_blendv_ps(mx, _mm256_loadu_ps(sr + S8 - 8), tail));
+        for (int64_t t = 0; t < L8 - 8; t += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sr + t));
+        mx = _mm256_max_ps(mx, _mm256_blendv_ps(mx, _mm256_loadu_ps(sr + L8 - 8), tail));
         __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
         m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
         m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-        const __m256 m = _mm256_broadcastss_ps(m4);
-        __m256 sum = _mm256_setzero_ps();
-        for (int64_t t = 0; t < S8; t += 8) {
+        row_max[h] = _mm_cvtss_f32(m4);
+        const __m256 m = _mm256_set1_ps(row_max[h]);
+        __m256 total = _mm256_setzero_ps();
+        for (int64_t t = 0; t < L8; t += 8) {
           __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sr + t), m));
-          if (t == S8 - 8) e = _mm256_and_ps(e, tail);
+          if (t == L8 - 8) e = _mm256_and_ps(e, tail);
           _mm256_storeu_ps(sr + t, e);
-          sum = _mm256_add_ps(sum, e);
+          total = _mm256_add_ps(total, e);
         }
-        inv_sum[h] = 1.f / hsum8(sum);
+        sum[h] = hsum8(total);
       }
-      // out_h = sum_t p[h, t] v_t / sum_h, CH vectors of the head per pass
+      // out_h = sum_t p[h, t] v_t / sum_h, CH vectors of the head per pass; a split request's
+      // chunk keeps its unnormalized sums in `part` instead
       T* ob = out + b * Hq * D + g * REP * D;
+      float* part = tk.nc == 1 ? nullptr : split.partial(task);
       for (int c = 0; c < ND; c += CH) {
         __m256 acc[REP][CH];
         for (int h = 0; h < REP; ++h)
           for (int i = 0; i < CH; ++i) acc[h][i] = _mm256_setzero_ps();
-        for (int64_t t0 = 0; t0 < S; t0 += block_size) {
+        if (c == 0 && !v_early)
+          for (int64_t t = t_begin; t < t_begin + kAhead; ++t) prefetch(vc, t);
+        for (int64_t t0 = t_begin; t0 < t_end;) {
+          const int64_t o0 = t0 % block_size, n = std::min(block_size - o0, t_end - t0);
           const T* vb =
               vc + (int64_t)table[t0 / block_size] * block_size * row_len + g * kv.head + c * 8;
-          const int64_t n = std::min(block_size, S - t0);
-          if (c == 0 && !v_early && t0 == 0)
-            for (int64_t t = 0; t < kAhead; ++t) prefetch(vc, t);
-          for (int64_t o = 0; o < n; ++o) {
-            if (c == 0 && !v_early) prefetch(vc, t0 + o + kAhead);
+          for (int64_t o = o0; o < o0 + n; ++o) {
+            const int64_t t = t0 + o - o0;
+            if (c == 0 && !v_early) prefetch(vc, t + kAhead);
             const T* vp = vb + o * kv.token;
-            const float* p = scores.data() + t0 + o;
+            const float* p = scores + (t - t_begin);
             __m256 v[CH];
             if constexpr (CH % 2 == 0)
               load_vectors<CH>(vp, v);
             else
               for (int i = 0; i < CH; ++i) v[i] = load8(vp + i * 8);
             for (int h = 0; h < REP; ++h) {
-              const __m256 ph = _mm256_broadcast_ss(p + h * S8);
+              const __m256 ph = _mm256_broadcast_ss(p + h * L8);
               for (int i = 0; i < CH; ++i) acc[h][i] = _mm256_fmadd_ps(ph, v[i], acc[h][i]);
             }
           }
+          t0 += n;
         }
         for (int h = 0; h < REP; ++h)
-          if constexpr (CH % 2 == 0)
-            store_vectors<CH>(ob + h * D + c * 8, acc[h], inv_sum[h]);
+          if (part)
+            for (int i = 0; i < CH; ++i) _mm256_storeu_ps(part + h * D + (c + i) * 8, acc[h][i]);
           else
-            for (int i = 0; i < CH; ++i)
-              store8(ob + h * D + (c + i) * 8,
-                     _mm256_mul_ps(acc[h][i], _mm256_set1_ps(inv_sum[h])));
+            store_part(ob + h * D + c * 8, acc[h], 1.f / sum[h]);
       }
+      if (!part) continue;
+      for (int h = 0; h < REP; ++h) {
+        part[REP * D + h] = row_max[h];
+        part[REP * D + REP + h] = sum[h];
+      }
+      if (!split.last_chunk(tk)) continue;
+      alignas(32) float merged[REP * ND * 8];
+      float inv_sum[REP];
+      split.merge(tk, REP, D, merged, inv_sum);
+      for (int h = 0; h < REP; ++h)
+        for (int c = 0; c < ND; c += CH) {
+          __m256 v[CH];
+          for (int i = 0; i < CH; ++i) v[i] = _mm256_load_ps(merged + h * D + (c + i) * 8);
+          store_part(ob + h * D + c * 8, v, inv_sum[h]);
+        }
     }
   });
 }
@@ -450,8 +572,8 @@ constexpr int kDecodeLanes = 8;
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 template <typename T>
-using DecodeFn = void (*)(const T*, const T*, const T*, const int32_t*, const int32_t*, T*, int64_t,
-                          int64_t, int64_t, int64_t, int64_t, int64_t, float, int64_t, KvLayout);
+using DecodeFn = void (*)(const T*, const T*, const T*, const int32_t*, T*, int64_t, int64_t,
+                          int64_t, int64_t, int64_t, float, int64_t, KvLayout, const DecodeSplit&);
 
 // The kernel for REP = 1 + index into REPS.
 template <typename T, int ND, int... REPS>
@@ -744,12 +866,18 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache
   TORCH_CHECK(Hq % Hkv == 0 && k_cache.size(-1) == D, "q and the cache heads do not match");
   auto out = at::empty({B, Hq, D}, q.options());
   DISPATCH(q.scalar_type(), "paged_decode_attention", [&] {
-    auto run = paged_decode_kernel<scalar_t>;
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
     if (vectorized)
-      if (auto fast = vector_decode_kernel<scalar_t>(Hq, Hkv, D)) run = fast;
+      if (auto fast = vector_decode_kernel<scalar_t>(Hq, Hkv, D)) {
+        const DecodeSplit split(sl.data_ptr<int32_t>(), B, Hkv, Hq / Hkv, D);
+        fast(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+             bt.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), Hq, Hkv, D, bt.size(1), block_size,
+             static_cast<float>(scale), q.stride(0), kv, split);
+        return;
+      }
 #endif
-    run(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+    paged_decode_kernel<scalar_t>(
+        q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
         bt.data_ptr<int32_t>(), sl.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), B, Hq, Hkv, D,
         bt.size(1), block_size, static_cast<float>(scale), q.stride(0), kv);
   });
