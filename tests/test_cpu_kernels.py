@@ -179,6 +179,18 @@ def test_split_kv_decode_matches_portable_and_its_batch(level, dtype, hq, hkv, d
         assert torch.equal(alone, out[i : i + 1]), int(seq_lens[i])
 
 
+@pytest.mark.parametrize("bad_len", [0, 33])
+def test_decode_rejects_contexts_its_block_table_does_not_hold(bad_len):
+    """A context of 0 tokens, or longer than the request's blocks, is an error, not a read
+    outside the scores or the pool."""
+    q = torch.randn(2, 4, 64)
+    cache = torch.randn(8, 4, 4, 64)  # 8 head-major blocks of 4 slots
+    tables = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)  # 8 slots per request
+    lens = torch.tensor([5, bad_len], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="attends to 1 to"):
+        ops.paged_decode_attention(q, cache, cache, tables, lens, 4, 0.125)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "hq,hkv,d,bs",

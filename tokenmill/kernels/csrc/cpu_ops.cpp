@@ -124,7 +124,7 @@ class DecodeSplit {
       : Hkv_(Hkv), stride_(rep * (d + 2)), seq_lens_(seq_lens), first_(B + 1), len_(B) {
     bool split = false;
     for (int64_t b = 0; b < B; ++b) {
-      const int64_t S = std::max<int64_t>(seq_lens[b], 1);
+      const int64_t S = seq_lens[b];
       const int64_t parts = (S + kSplitTokens - 1) / kSplitTokens;
       len_[b] = parts == 1 ? S : ((S + parts - 1) / parts + 15) / 16 * 16;
       const int64_t nc = (S + len_[b] - 1) / len_[b];
@@ -864,6 +864,11 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache
   auto sl = seq_lens.contiguous();
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(1);
   TORCH_CHECK(Hq % Hkv == 0 && k_cache.size(-1) == D, "q and the cache heads do not match");
+  TORCH_CHECK(sl.numel() == B && bt.size(0) == B, "one seq_len and block table row per query");
+  const int32_t* lens = sl.data_ptr<int32_t>();
+  TORCH_CHECK(std::all_of(lens, lens + B,
+                          [&](int32_t n) { return n >= 1 && n <= bt.size(1) * block_size; }),
+              "a decoding request attends to 1 to block_tables.size(1) * block_size tokens");
   auto out = at::empty({B, Hq, D}, q.options());
   DISPATCH(q.scalar_type(), "paged_decode_attention", [&] {
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
