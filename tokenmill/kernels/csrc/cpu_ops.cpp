@@ -113,15 +113,15 @@ constexpr int64_t kSplitTokens = 256;
 
 struct DecodeTask {
   int64_t b, g;    // request, kv head
-  int64_t c, nc;   // chunk, chunks of the request
-  int64_t t0, t1;  // the chunk's tokens [t0, t1)
+  int64_t nc;      // the request's chunks
+  int64_t t0, t1;  // this chunk's tokens [t0, t1)
 };
 
 class DecodeSplit {
  public:
   // rep * (d + 2) floats per task of a split request: its heads' outputs, maxima, sums.
   DecodeSplit(const int32_t* seq_lens, int64_t B, int64_t Hkv, int64_t rep, int64_t d)
-      : Hkv_(Hkv), stride_(rep * (d + 2)), seq_lens_(seq_lens), first_(B + 1), len_(B) {
+      : Hkv_(Hkv), rep_(rep), d_(d), seq_lens_(seq_lens), first_(B + 1), len_(B) {
     bool split = false;
     for (int64_t b = 0; b < B; ++b) {
       const int64_t S = seq_lens[b];
@@ -132,7 +132,7 @@ class DecodeSplit {
       split |= nc > 1;
     }
     if (split) {
-      partial_.reset(new float[first_[B] * stride_]);
+      partial_.reset(new float[first_[B] * rep_ * (d_ + 2)]);
       done_.reset(new std::atomic<int>[B * Hkv]);
       for (int64_t i = 0; i < B * Hkv; ++i) done_[i].store(0, std::memory_order_relaxed);
     }
@@ -141,19 +141,22 @@ class DecodeSplit {
   DecodeTask task(int64_t i) const {
     const int64_t b = std::upper_bound(first_.begin(), first_.end(), i) - first_.begin() - 1;
     const int64_t nc = (first_[b + 1] - first_[b]) / Hkv_, r = i - first_[b];
-    const int64_t c = r % nc, t0 = c * len_[b];
-    return {b, r / nc, c, nc, t0, std::min<int64_t>(seq_lens_[b], t0 + len_[b])};
+    const int64_t t0 = r % nc * len_[b];
+    return {b, r / nc, nc, t0, std::min<int64_t>(seq_lens_[b], t0 + len_[b])};
   }
-  float* partial(int64_t i) const { return partial_.get() + i * stride_; }
-  // Called once per chunk after its partial is written: true for the last of its (request,
-  // kv head), whose task then merges; the acquire-release count makes every partial visible.
-  bool last_chunk(const DecodeTask& t) const {
+  float* partial(int64_t i) const { return partial_.get() + i * rep_ * (d_ + 2); }
+  // Records task i's (chunk t's) softmax maxima and sums beside its outputs, already in
+  // partial(i); true for the last chunk of its (request, kv head) to finish, whose task then
+  // merges. The acquire-release count makes every chunk's partial visible to that task.
+  bool finish_chunk(int64_t i, const DecodeTask& t, const float* row_max, const float* sum) const {
+    std::copy(row_max, row_max + rep_, partial(i) + rep_ * d_);
+    std::copy(sum, sum + rep_, partial(i) + rep_ * d_ + rep_);
     return done_[t.b * Hkv_ + t.g].fetch_add(1, std::memory_order_acq_rel) == t.nc - 1;
   }
   // The merged output of t's (request, kv head), in the kernel's lane order, into out[rep * d],
   // and each head's 1 / softmax sum into inv_sum[rep].
-  void merge(const DecodeTask& t, int64_t rep, int64_t d, float* out, float* inv_sum) const {
-    const int64_t first = first_[t.b] + t.g * t.nc;
+  void merge(const DecodeTask& t, float* out, float* inv_sum) const {
+    const int64_t first = first_[t.b] + t.g * t.nc, rep = rep_, d = d_;
     std::fill(out, out + rep * d, 0.f);
     for (int64_t h = 0; h < rep; ++h) {
       float m = -std::numeric_limits<float>::infinity(), sum = 0.f;
@@ -169,7 +172,7 @@ class DecodeSplit {
   }
 
  private:
-  int64_t Hkv_, stride_;
+  int64_t Hkv_, rep_, d_;
   const int32_t* seq_lens_;
   std::vector<int64_t> first_, len_;  // first task of each request (and the total); chunk length
   std::unique_ptr<float[]> partial_;
@@ -343,15 +346,12 @@ void paged_decode_avx512(const T* q, const T* kc, const T* vc, const int32_t* bt
         continue;
       }
       float* part = split.partial(task);
-      for (int h = 0; h < REP; ++h) {
+      for (int h = 0; h < REP; ++h)
         for (int j = 0; j < ND; ++j) _mm512_storeu_ps(part + h * D + j * 16, acc[h][j]);
-        part[REP * D + h] = row_max[h];
-        part[REP * D + REP + h] = sum[h];
-      }
-      if (!split.last_chunk(tk)) continue;
+      if (!split.finish_chunk(task, tk, row_max, sum)) continue;
       alignas(64) float merged[REP * ND * 16];
       float inv_sum[REP];
-      split.merge(tk, REP, D, merged, inv_sum);
+      split.merge(tk, merged, inv_sum);
       for (int h = 0; h < REP; ++h) {
         for (int j = 0; j < ND; ++j) acc[h][j] = _mm512_load_ps(merged + h * D + j * 16);
         store_head<ND>(ob + h * D, acc[h], inv_sum[h]);
@@ -545,15 +545,10 @@ void paged_decode_avx2(const T* q, const T* kc, const T* vc, const int32_t* bt, 
           else
             store_part(ob + h * D + c * 8, acc[h], 1.f / sum[h]);
       }
-      if (!part) continue;
-      for (int h = 0; h < REP; ++h) {
-        part[REP * D + h] = row_max[h];
-        part[REP * D + REP + h] = sum[h];
-      }
-      if (!split.last_chunk(tk)) continue;
+      if (!part || !split.finish_chunk(task, tk, row_max, sum)) continue;
       alignas(32) float merged[REP * ND * 8];
       float inv_sum[REP];
-      split.merge(tk, REP, D, merged, inv_sum);
+      split.merge(tk, merged, inv_sum);
       for (int h = 0; h < REP; ++h)
         for (int c = 0; c < ND; c += CH) {
           __m256 v[CH];
