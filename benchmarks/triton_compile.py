@@ -1,5 +1,6 @@
 """Every Triton kernel the GPU backend launches for real model shapes, compiled for Hopper
-(sm_90a) here, without a GPU: what the device's first minutes would otherwise find out.
+(sm_90a; with `--archs`, A100 / Ampere / Ada too) here, without a GPU: what the device's first
+minutes would otherwise find out.
 
 The Triton backend runs on the CPU (`TOKENMILL_BACKEND=triton`, no interpreter) over
 random-weight models of Llama-3.2-1B and Llama-3-8B shapes (one layer each, the real vocab;
@@ -13,14 +14,16 @@ it, so a kernel's outputs stay unwritten: nothing is checked here but what the c
 Each distinct specialization is then compiled (`triton.compile`, Triton's own ptxas) and its
 resources read from ptxas's report: registers per thread, shared memory, spilled bytes.
 
-It fails (exit 1) when a kernel does not compile, asks for more shared memory than an sm_90
-block gets (227 KiB), or spills registers. `--sweeps` adds the launch configurations that
-benchmarks/gpu_profile.py tries on the device; their problems are notes (a sweep skips or
-times such a configuration), not failures. Run it under the device image's Triton too (3.6):
-`pip install --no-deps --target DIR triton==3.6.0`, then `PYTHONPATH=DIR python ...`; a
-language change between releases then shows up here instead of on the device.
+It fails (exit 1) when a kernel does not compile or asks for more shared memory than a block
+gets on that GPU (227 KiB on sm_90), and on sm_90 when it spills registers (elsewhere that is a
+note). `--sweeps` adds the launch configurations that benchmarks/gpu_profile.py tries on the
+device; their problems are notes (a sweep skips or times such a configuration), not failures.
+Run it under the device image's Triton too (3.6): `pip install --no-deps --target DIR
+triton==3.6.0`, then `PYTHONPATH=DIR python ...`; a language change between releases then shows
+up here, not on the device.
 
     python benchmarks/triton_compile.py [--shapes 1B,8B] [--dtypes bfloat16,float16]
+        [--archs 90,80,86,89] [--sweeps]
 """
 
 from __future__ import annotations
@@ -41,9 +44,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# An sm_90 block may use up to 227 KiB of shared memory (the rest of the 228 KiB is reserved).
-MAX_SHARED = 227 * 1024
+# The shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin), per compute
+# capability: Hopper (H100 / H200), A100, and the Ampere / Ada cards (RTX 30xx / 40xx, L4, L40).
+MAX_SHARED = {90: 227 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024}
 CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64)
+
+
+def cuda_target(arch: int):
+    """Triton's target for an NVIDIA GPU of compute capability `arch` (90: sm_90a)."""
+    from triton.backends.compiler import GPUTarget
+
+    return GPUTarget("cuda", arch, 32)
 
 
 class HopperTarget:
@@ -51,9 +62,7 @@ class HopperTarget:
     device, the stream and the target (an H100 / H200: sm_90, warps of 32)."""
 
     def __init__(self) -> None:
-        from triton.backends.compiler import GPUTarget
-
-        self.target = GPUTarget("cuda", 90, 32)
+        self.target = cuda_target(90)
 
     def get_current_device(self) -> int:
         return 0
@@ -72,6 +81,7 @@ class Recorder:
     def __init__(self) -> None:
         self.specs: dict[str, dict] = {}
         self.source = "engine"  # what launches are recorded now: "engine" or "sweep"
+        self.min_arch = 0  # the lowest compute capability that runs them
 
     def __enter__(self) -> Recorder:
         from triton import knobs
@@ -94,6 +104,7 @@ class Recorder:
                 "fn": fn.jit_function,
                 "name": fn.name,
                 "source": self.source,
+                "min_arch": self.min_arch,
                 **compile,
             }
         return True  # skip: nothing runs
@@ -109,14 +120,16 @@ def constexpr_text(spec: dict) -> str:
     return " ".join(parts)
 
 
-def compile_spec(spec: dict) -> dict:
-    """Compiles one recorded specialization for sm_90a: its resources from ptxas's own report
-    (Triton runs ptxas with -v; TRITON_DUMP_PTXAS_LOG prints it) or the error."""
+def compile_spec(spec: dict, arch: int) -> dict:
+    """Compiles one recorded specialization for compute capability `arch`: its resources from
+    ptxas's own report (Triton runs ptxas with -v; TRITON_DUMP_PTXAS_LOG prints it) or the
+    error."""
     import triton
     from triton import knobs
     from triton.compiler import ASTSource
 
     row = {
+        "arch": arch,
         "kernel": spec["name"],
         "source": spec["source"],
         "constexprs": constexpr_text(spec),
@@ -133,7 +146,7 @@ def compile_spec(spec: dict) -> dict:
             patch.object(knobs.nvidia, "dump_ptxas_log", True),
             redirect_stdout(log),
         ):
-            kernel = triton.compile(src, target=HopperTarget().target, options=options)
+            kernel = triton.compile(src, target=cuda_target(arch), options=options)
     except Exception as e:  # noqa: BLE001 - the report says which kernel failed and why
         row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
         return row
@@ -160,18 +173,20 @@ def ptxas_resources(log: str) -> dict:
     }
 
 
-def problems(row: dict) -> list[str]:
-    """Why a compiled row would fail on the device (empty: none)."""
+def problems(row: dict) -> tuple[list[str], list[str]]:
+    """(failures, notes) of a compiled row. A kernel that does not compile or needs more shared
+    memory than a block gets would not launch: a failure on every GPU. Register spills are a
+    failure on sm_90, the GPUs the launch configurations are tuned for, and a note elsewhere."""
     if "error" in row:
-        return [row["error"]]
-    out = []
-    if row["shared"] > MAX_SHARED:
-        out.append(f"shared memory {row['shared']} B > {MAX_SHARED} B")
+        return [row["error"]], []
+    failures, notes = [], []
+    limit = MAX_SHARED[row["arch"]]
+    if row["shared"] > limit:
+        failures.append(f"shared memory {row['shared']} B > sm_{row['arch']}'s {limit} B")
     if row["spill_stores"] + row["spill_loads"] > 0:
-        out.append(
-            f"register spills: {row['spill_stores']} B stored, {row['spill_loads']} B loaded"
-        )
-    return out
+        spills = f"register spills: {row['spill_stores']} B stored, {row['spill_loads']} B loaded"
+        (failures if row["arch"] == 90 else notes).append(spills)
+    return failures, notes
 
 
 # ---- the launches -------------------------------------------------------------------------
@@ -208,7 +223,9 @@ def steps() -> dict[str, list[tuple[int, int]]]:
     return out
 
 
-def record_model(name: str, shape: dict, vocab: int, dtype_name: str, root: Path) -> int:
+def record_model(
+    name: str, shape: dict, vocab: int, dtype_name: str, root: Path, rec: Recorder
+) -> int:
     """Runs every step of `steps()` through one-layer `shape`'s forward, head and argmax on the
     Triton backend in `dtype_name` (launches recorded, not run); returns the number of steps."""
     import torch
@@ -265,7 +282,9 @@ def record_model(name: str, shape: dict, vocab: int, dtype_name: str, root: Path
             )
             k = torch.randn(n, kv_heads, head_dim, dtype=dtype)
             triton_ops.write_kv(k, k.clone(), k_cache, v_cache, positions)
+            rec.min_arch = 89  # quant.fp8.fp8_unsupported: e4m3 needs compute capability 8.9+
             triton_ops.fp8_quantize_rows(torch.randn(n, shape["hidden_size"], dtype=dtype))
+            rec.min_arch = 0
     del llm
     return len(batches)
 
@@ -331,6 +350,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="1B,8B")
     ap.add_argument("--dtypes", default="bfloat16,float16")
+    ap.add_argument(
+        "--archs", default="90", help=f"compute capabilities to compile for ({sorted(MAX_SHARED)})"
+    )
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument(
         "--sweeps", action="store_true", help="also gpu_profile.py's sweep configurations"
@@ -351,7 +373,7 @@ def main() -> None:
         for dtype in args.dtypes.split(","):
             for name in args.shapes.split(","):
                 t = time.perf_counter()
-                n = record_model(name, SHAPES[name], args.vocab, dtype, Path(tmp) / dtype)
+                n = record_model(name, SHAPES[name], args.vocab, dtype, Path(tmp) / dtype, rec)
                 print(
                     f"{name} {dtype}: {n} steps, {len(rec.specs)} specializations so far "
                     f"({time.perf_counter() - t:.1f} s)",
@@ -361,16 +383,21 @@ def main() -> None:
             rec.source = "sweep"
             record_sweeps(args.dtypes.split(",")[0])
             print(f"sweeps: {len(rec.specs)} specializations in all", flush=True)
-    rows = [compile_spec(s) for s in rec.specs.values()]
+    archs = [int(a) for a in args.archs.split(",")]
+    rows = [
+        compile_spec(s, arch) for arch in archs for s in rec.specs.values() if arch >= s["min_arch"]
+    ]
     bad = 0
-    print(f"\nTriton {triton.__version__}, torch {torch.__version__}, target sm_90a")
+    print(f"\nTriton {triton.__version__}, torch {torch.__version__}")
     print(
-        f"{'kernel':28s} {'warps':>5s} {'stages':>6s} {'regs':>5s} {'shared':>8s} {'spills':>6s}"
-        "  constexprs"
+        f"{'arch':5s} {'kernel':28s} {'warps':>5s} {'stages':>6s} {'regs':>5s} {'shared':>8s}"
+        f" {'spills':>6s}  constexprs"
     )
-    for row in sorted(rows, key=lambda r: (r["kernel"], r["constexprs"])):
-        why = problems(row)
-        bad += bool(why) and row["source"] == "engine"
+    for row in sorted(rows, key=lambda r: (r["arch"], r["kernel"], r["constexprs"])):
+        failures, notes = problems(row)
+        if row["source"] == "sweep":  # a sweep tries (and skips) what does not fit
+            failures, notes = [], failures + notes
+        bad += bool(failures)
         res = (
             f"{row['regs']:5d} {row['shared']:8d} {row['spill_stores']:6d}"
             if "error" not in row
@@ -378,11 +405,13 @@ def main() -> None:
         )
         sweep = " (sweep)" if row["source"] == "sweep" else ""
         print(
-            f"{row['kernel']:28s} {row['warps']:5d} {row['stages']:6d} {res}  "
+            f"sm_{row['arch']:<2d} {row['kernel']:28s} {row['warps']:5d} {row['stages']:6d} {res}  "
             f"{row['constexprs']}{sweep}"
         )
-        for w in why:
-            print(f"    {'note' if sweep else 'PROBLEM'}: {w}")
+        for w in failures:
+            print(f"    PROBLEM: {w}")
+        for w in notes:
+            print(f"    note: {w}")
     missing = sorted(kernels_defined() - {r["kernel"] for r in rows})
     if missing:
         print(f"never launched here: {', '.join(missing)}")
