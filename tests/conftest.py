@@ -20,7 +20,7 @@ def _patch_device_functions_once() -> None:
     the language modules, a third of an interpreted launch's time. The patch of a device
     function's modules outlives the call (Triton drops its scope without restoring it), and the
     kernel's own launch has patched `triton.language` already, so after a device function's
-    first call the repeats change nothing: this skips them (20-30% off the Triton tests). Other
+    first call the repeats change nothing: this skips them (16-30% off the Triton tests). Other
     Triton versions keep their own behaviour."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         return
