@@ -145,6 +145,36 @@ def test_min_tokens_and_stop_token_ids(llm_f32):
     assert stopped.token_ids == [first] and stopped.stop_reason == first
 
 
+def test_logit_bias_bans_and_forces_tokens_in_a_mixed_batch(llm_f32):
+    prompt = "The weather today"
+    plain = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=3)
+    base = llm_f32.generate(prompt, plain)[0].outputs[0]
+    ranked = sorted(base.logprobs[0].values(), key=lambda v: v.rank)
+    first, second, third = ranked[0], ranked[1], ranked[2]
+    assert first.logprob - second.logprob > 1e-3 and second.logprob - third.logprob > 1e-3
+    first_id, second_id = (
+        next(t for t, v in base.logprobs[0].items() if v is x) for x in (first, second)
+    )
+    forced_id = llm_f32.get_tokenizer().encode(" blue", add_special_tokens=False)[0]
+    ban = SamplingParams(
+        temperature=0, max_tokens=4, ignore_eos=True, logprobs=3, logit_bias={first_id: -100}
+    )
+    force = SamplingParams(
+        temperature=0, max_tokens=4, ignore_eos=True, logit_bias={forced_id: 100}
+    )
+    outs = llm_f32.generate([prompt] * 3, [plain, ban, force])
+    assert outs[0].outputs[0].token_ids == base.token_ids  # the unbiased row is untouched
+    banned = outs[1].outputs[0]
+    assert banned.token_ids[0] == second_id
+    # the reported logprobs are the model's, not the biased ones
+    assert math.isclose(banned.logprobs[0][first_id].logprob, first.logprob, rel_tol=1e-5)
+    assert outs[2].outputs[0].token_ids == [forced_id] * 4
+    # alone, a greedy request without logprobs: the runner's bare-argmax path must not skip it
+    assert llm_f32.generate(prompt, force)[0].outputs[0].token_ids == [forced_id] * 4
+    with pytest.raises(ValueError, match="logit_bias token ids out of range"):
+        llm_f32.generate(prompt, SamplingParams(logit_bias={10**7: 1.0}))
+
+
 def test_streaming_deltas_add_up_and_closing_aborts(llm_f32):
     p = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     final = llm_f32.generate("List some colors:", p)[0].outputs[0]

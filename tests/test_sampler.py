@@ -85,7 +85,7 @@ def test_metadata_leaves_unused_features_out() -> None:
     assert md.repetition_penalty is None and md.presence_penalty is None
     assert md.frequency_penalty is None and md.prompt_token_ids is None
     assert md.output_token_ids is None and md.min_tokens_mask is None
-    assert md.max_num_logprobs is None
+    assert md.max_num_logprobs is None and md.logit_bias is None
     assert not md.all_greedy
     assert md.temperature.tolist() == [0.0, 1.0]
 
@@ -168,6 +168,40 @@ def test_penalties_match_hand_computed_logits() -> None:
     )
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(logits[1], expected[1])  # input untouched
+
+
+def test_logit_bias_added_before_the_penalties_and_sampled_from() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 0.0, -2.0]] * 3)
+    params = [
+        SamplingParams(temperature=0.0, logit_bias={0: 4.0, 3: -100}, repetition_penalty=2.0),
+        SamplingParams(temperature=0.0),  # no bias inside a biased batch
+        SamplingParams(temperature=0.0, logit_bias={5: 100}),
+    ]
+    md = _metadata(params, 6, prompt_ids=[[0], [], []])
+    assert md.logit_bias is not None
+    out = apply_penalties(logits, md)
+    # Row 0: bias first (2 + 4 = 6, 3 - 100 = -97), then the repetition penalty on token 0: 6 / 2.
+    expected = torch.tensor(
+        [
+            [3.0, -1.0, 0.5, -97.0, 0.0, -2.0],
+            [2.0, -1.0, 0.5, 3.0, 0.0, -2.0],
+            [2.0, -1.0, 0.5, 3.0, 0.0, 98.0],
+        ]
+    )
+    torch.testing.assert_close(out, expected)
+    assert Sampler(TorchOps())(logits, md).sampled_token_ids.tolist() == [0, 3, 5]
+    # a sampled row: -100 on the likeliest token removes it from 2,000 draws (e^-100 ~ 0)
+    biased = SamplingParams(logit_bias={2: -100.0})
+    assert _frequencies(Sampler(TorchOps()), biased, _base_logits()[0], 2000)[2] == 0
+
+
+@pytest.mark.parametrize(
+    "bias",
+    [{-1: 1.0}, {"3": 1.0}, {True: 1.0}, {3: 100.5}, {3: float("nan")}, {3: "1"}, [(3, 1.0)]],
+)
+def test_logit_bias_validation(bias: object) -> None:
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias=bias)  # type: ignore[arg-type]
 
 
 def test_min_tokens_blocks_eos_until_reached() -> None:

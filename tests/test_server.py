@@ -56,6 +56,9 @@ def _expected(llm, prompt, **kw) -> str:
 # ---- behaviour -----------------------------------------------------------------------------
 def test_models_health_tokenize(server, client, llm_f32):
     assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).model_dump() == client.models.list().data[0].model_dump()
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("gpt-4o")
     assert httpx.get(server.url + "/health").status_code == 200
     r = httpx.post(server.url + "/tokenize", json={"prompt": "Hello world"}).json()
     assert r["tokens"] == llm_f32.get_tokenizer().encode("Hello world")
@@ -175,6 +178,66 @@ def test_chat_n2_logprobs_max_completion_tokens(client):
             assert item.top_logprobs[0].logprob >= item.top_logprobs[1].logprob
             assert item.logprob <= item.top_logprobs[0].logprob + 1e-6
     assert r.usage.completion_tokens == 12
+
+
+def test_chat_logprobs_bytes_join_into_the_text(client):
+    # Each Chinese character and the emoji span two or more byte-level tokens; a token's "bytes"
+    # must be its own part of the UTF-8, not the encoding of its U+FFFD text.
+    text = "说你好 😀"
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Greet me."}],
+        max_tokens=20,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"structured_outputs": {"choice": [text]}},
+    )
+    c = r.choices[0]
+    assert c.message.content == text
+    items = c.logprobs.content
+    assert b"".join(bytes(x.bytes) for x in items) == text.encode()
+    assert any("\ufffd" in x.token for x in items)  # some token does hold a partial character
+    for x in items:
+        assert x.top_logprobs[0].bytes == x.bytes  # the grammar leaves one way on
+        for alt in [x, *x.top_logprobs]:
+            if "\ufffd" not in alt.token:
+                assert bytes(alt.bytes) == alt.token.encode()
+
+
+def test_logit_bias_forces_and_bans_over_http(client, llm_f32):
+    tok = llm_f32.get_tokenizer()
+    blue = tok.encode(" blue", add_special_tokens=False)[0]
+    prompt = "The capital of France is"
+    r = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=3, temperature=0, logit_bias={str(blue): 100}
+    )
+    assert r.choices[0].text == " blue" * 3
+    # chat: banning the greedy first token gives the runner-up (the engine's own ranking)
+    messages = [{"role": "user", "content": prompt}]
+    ref = llm_f32.chat(messages, SamplingParams(temperature=0, max_tokens=1, logprobs=3))
+    ranked = sorted(ref[0].outputs[0].logprobs[0].items(), key=lambda kv: kv[1].rank)
+    (first, _), (second, lp2), (_, lp3) = ranked[:3]
+    assert lp2.logprob - lp3.logprob > 1e-3  # a clear runner-up
+    banned = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=1, temperature=0, logit_bias={str(first): -100}
+    )
+    assert banned.choices[0].message.content == tok.decode([second])
+
+
+def test_chat_accepts_openai_fields_without_effect_here(client):
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
+    plain = client.chat.completions.create(temperature=0, **kw)
+    extra = client.chat.completions.create(
+        temperature=0,
+        store=False,
+        metadata={"team": "a"},
+        service_tier="auto",
+        prompt_cache_key="k1",
+        safety_identifier="user-1",
+        modalities=["text"],
+        **kw,
+    )
+    assert extra.choices[0].message.content == plain.choices[0].message.content
 
 
 def test_completion_stream_with_usage_then_done(server):
@@ -306,6 +369,11 @@ def _err(r: httpx.Response, status: int) -> dict:
         ({"bogus": 1}, "bogus"),
         ({"prompt": [10**9]}, None),
         ({"stop": 5}, "stop"),
+        ({"logit_bias": {"blue": 1}}, "logit_bias"),
+        ({"logit_bias": {"-5": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, None),
+        ({"logit_bias": {"99999999": 1}}, None),
+        ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
     ],
 )
 def test_invalid_completion_params(server, patch, param):
@@ -324,6 +392,10 @@ def test_invalid_completion_params(server, patch, param):
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, None),
         ({"top_logprobs": 3}, "top_logprobs"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"metadata": {str(i): "v" for i in range(17)}}, "metadata"),
+        ({"service_tier": "gold"}, None),
+        ({"reasoning_effort": "low"}, "reasoning_effort"),
     ],
 )
 def test_invalid_chat_params(server, patch, param):

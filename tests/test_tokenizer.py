@@ -228,6 +228,33 @@ def test_sentencepiece_gguf_matches_transformers(with_merges: bool) -> None:
     assert [ours.id_to_token(i) for i in ids][-2:] == ["<0xC3>", "<0xA9>"]  # byte fallback
 
 
+def test_token_bytes_are_each_tokens_own_bytes(ours: Tokenizer) -> None:
+    """Against the vocabularies' own spelling: GPT-2's byte -> character table for the
+    byte-level vocabulary, `<0xNN>` pieces and U+2581 for spaces in the sentencepiece one. The
+    pieces of every text's tokens join into its UTF-8, characters split over tokens included."""
+    text = "Ünïcödé 日本 😀 说你好 tab\tend"
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    ids = ours.encode(text, add_special_tokens=False)
+    got = ours.token_bytes(ids)
+    assert got == [bytes(byte_of[c] for c in ours.id_to_token(i)) for i in ids]
+    assert b"".join(got) == text.encode()
+    assert any(ours.decode([i]) == "\ufffd" for i in ids)  # the case decode cannot show
+    eos = ours.eos_token_id
+    assert ours.token_bytes([eos, ours.vocab_size]) == [ours.id_to_token(eos).encode(), b""]
+
+    sp = Tokenizer.from_gguf_metadata(sentencepiece_metadata(True))
+    ids = sp.encode(text, add_special_tokens=False)
+    pieces = [sp.id_to_token(i) for i in ids]
+    expected = [
+        bytes([int(p[3:5], 16)]) if p.startswith("<0x") else p.replace("\u2581", " ").encode()
+        for p in pieces
+    ]
+    assert sp.token_bytes(ids) == expected
+    assert b"".join(expected) == (" " + text).encode()  # the space prefix
+
+
 def test_sentencepiece_flags() -> None:
     no_prefix = Tokenizer.from_gguf_metadata(sentencepiece_metadata(True, add_space_prefix=False))
     with_prefix = Tokenizer.from_gguf_metadata(sentencepiece_metadata(True))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 _GREEDY_EPS = 1e-5
 MAX_PROMPT_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,9 @@ class SamplingParams:
     the top-k alternatives at that position (raw model distribution: no temperature or
     penalties); such requests never reuse prefix-cached KV blocks, as the logits of the cached
     positions are needed. `max_tokens=0` is allowed with prompt_logprobs: score the prompt only.
+    `logit_bias` maps token ids to a value in [-100, 100] added to that token's logit before
+    the penalties and sampling (OpenAI's meaning: -100 bans a token, 100 all but forces it);
+    like the penalties it shapes what is sampled, not the logprobs reported.
     """
 
     n: int = 1
@@ -91,6 +95,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured_outputs: StructuredOutputsParams | None = None
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -98,6 +103,7 @@ class SamplingParams:
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self._validate()
+        self.logit_bias = {t: float(v) for t, v in (self.logit_bias or {}).items()} or None
 
     def _validate(self) -> None:
         def bad(msg: str) -> None:
@@ -160,6 +166,17 @@ class SamplingParams:
             bad("stop strings must be non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids must be non-negative integers")
+        if self.logit_bias is not None and not isinstance(self.logit_bias, dict):
+            bad("logit_bias must be a dict of token id -> bias")
+        for t, v in (self.logit_bias or {}).items():
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                bad(f"logit_bias keys must be token ids (integers >= 0), got {t!r}")
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float))
+                or not -MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS
+            ):
+                bad(f"logit_bias values must be numbers in [-100, 100], got {v!r} for token {t}")
         if self.structured_outputs is not None and not isinstance(
             self.structured_outputs, StructuredOutputsParams
         ):
@@ -168,6 +185,17 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether the logits are changed before sampling (logit_bias or a penalty): such a
+        request needs the full sampler, not a bare argmax or draw."""
+        return bool(
+            self.logit_bias
+            or self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
 
     def clone_for_child(self, index: int) -> SamplingParams:
         """The params of the index-th of n parallel samples: n=1, and a distinct seed if seeded."""

@@ -236,14 +236,12 @@ class Scheduler:
 
 def _host_free(req: Request) -> bool:
     """True when the request's next tokens can be sampled on the device with nothing from the
-    host in between: no grammar mask, no penalties over its output, no logprobs to report,
+    host in between: no grammar mask, no penalties or logit bias, no logprobs to report,
     and min_tokens reached (its mask changes with the count)."""
     p = req.sampling_params
     return (
         p.structured_outputs is None
         and p.logprobs is None
-        and p.repetition_penalty == 1.0
-        and p.presence_penalty == 0.0
-        and p.frequency_penalty == 0.0
+        and not p.adjusts_logits
         and req.num_output_tokens >= p.min_tokens
     )

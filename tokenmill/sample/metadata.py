@@ -33,6 +33,9 @@ class SamplingMetadata:
     prompt_token_ids: torch.Tensor | None  # [num_rows, max_prompt_len] int64
     output_token_ids: torch.Tensor | None  # [num_rows, max_out_len] int64
     min_tokens_mask: torch.Tensor | None  # [num_rows, vocab_size] bool, True = forbidden
+    # logit_bias of the rows that have one, as (row, token id, bias) triples: [n] int64, [n]
+    # int64, [n] float32
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     generators: dict[int, torch.Generator] = field(default_factory=dict)  # row -> generator
     max_num_logprobs: int | None = None  # None: no logprobs; k >= 0: sampled + top-k
     max_top_k: int = 0  # the largest top_k of the batch (host side, sizes the top-k)
@@ -100,6 +103,30 @@ def _min_tokens_mask(
     return mask
 
 
+def _logit_bias(
+    params: list[SamplingParams], vocab_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The rows' logit_bias entries as (row, token id, bias) tensors, or None if no row has one.
+    Ids outside the logits are an error (the engine checks them against the vocabulary)."""
+    rows: list[int] = []
+    ids: list[int] = []
+    values: list[float] = []
+    for i, p in enumerate(params):
+        for t, v in (p.logit_bias or {}).items():
+            if not 0 <= t < vocab_size:
+                raise ValueError(f"logit_bias token id {t} out of range [0, {vocab_size})")
+            rows.append(i)
+            ids.append(t)
+            values.append(v)
+    if not rows:
+        return None
+    return (
+        _to(rows, torch.int64, device),
+        _to(ids, torch.int64, device),
+        _to(values, torch.float32, device),
+    )
+
+
 def build_sampling_metadata(
     params: list[SamplingParams],
     prompt_ids: list[list[int]],
@@ -156,6 +183,7 @@ def build_sampling_metadata(
         min_tokens_mask=_min_tokens_mask(
             params, output_ids, stop_ids_for_min_tokens, vocab_size, device
         ),
+        logit_bias=_logit_bias(params, vocab_size, device),
         generators=dict(generators),
         max_num_logprobs=max(requested) if requested else None,
         max_top_k=max(top_k, default=0),

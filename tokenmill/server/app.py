@@ -371,21 +371,24 @@ def build_app(
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await respond(request, body, chat_response)
 
+    def model_card(name: str) -> dict:
+        return {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": "tokenmill",
+            "max_model_len": serving.max_model_len,
+        }
+
     @app.get("/v1/models")
     async def models() -> dict:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": n,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "tokenmill",
-                    "max_model_len": serving.max_model_len,
-                }
-                for n in sorted(names)
-            ],
-        }
+        return {"object": "list", "data": [model_card(n) for n in sorted(names)]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict:
+        """One model (OpenAI's retrieve): its card, or 404 as for a request naming it."""
+        check_model(name)
+        return model_card(name)
 
     @app.get("/health")
     async def health() -> Response:

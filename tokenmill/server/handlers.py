@@ -243,24 +243,27 @@ def join_logprobs(
 def chat_logprobs(
     o: CompletionOutput, tokenizer: Any, k: int, start: int = 0
 ) -> dict[str, Any] | None:
-    """The chat logprobs object ({"content": [...]}) for output tokens [start:]."""
+    """The chat logprobs object ({"content": [...]}) for output tokens [start:]. A token's
+    "bytes" are its own (OpenAI's meaning: the pieces of a character split over tokens join
+    into its UTF-8), while "token" is its text, U+FFFD for such a piece."""
     if o.logprobs is None:
         return None
     content = []
     for tok, lp in zip(o.token_ids[start:], o.logprobs[start:]):
-        piece = tokenizer.decode([tok], skip_special_tokens=False)
+        top = _top(lp, k)
+        raw = tokenizer.token_bytes([tok, *(i for i, _ in top)])
         content.append(
             {
-                "token": piece,
+                "token": tokenizer.decode([tok], skip_special_tokens=False),
                 "logprob": _json_logprob(lp[tok].logprob),
-                "bytes": list(piece.encode()),
+                "bytes": list(raw[0]),
                 "top_logprobs": [
                     {
                         "token": v.decoded_token,
                         "logprob": _json_logprob(v.logprob),
-                        "bytes": list((v.decoded_token or "").encode()),
+                        "bytes": list(b),
                     }
-                    for _, v in _top(lp, k)
+                    for (_, v), b in zip(top, raw[1:])
                 ],
             }
         )

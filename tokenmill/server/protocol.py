@@ -33,6 +33,7 @@ class RequestLimits:
     max_messages: int = 1024
     max_prompts: int = 256  # prompts in one completions request
     max_tools: int = 128  # tools in one chat request
+    max_logit_bias: int = 300  # logit_bias entries (OpenAI's limit)
     max_request_tokens: int = 1 << 17  # n x max_tokens (x prompts) one request may ask for
 
 
@@ -198,6 +199,10 @@ class _Common(_Request):
             )
         if any(i < 0 for i in ids):
             raise UnsupportedParameter("stop_token_ids", "stop_token_ids must be >= 0")
+        if len(self.logit_bias or {}) > limits.max_logit_bias:
+            raise UnsupportedParameter(
+                "logit_bias", f"at most {limits.max_logit_bias} logit_bias entries"
+            )
         budget = self.n * (self.requested_tokens() or 0) * self.num_prompts()
         if budget > limits.max_request_tokens:
             raise UnsupportedParameter(
@@ -205,6 +210,18 @@ class _Common(_Request):
                 f"n x max_tokens x prompts = {budget} exceeds the per-request "
                 f"budget of {limits.max_request_tokens} tokens",
             )
+
+    def token_logit_bias(self) -> dict[int, float] | None:
+        """logit_bias with its keys (token ids as JSON strings) as integers; 400 for a key that
+        is not one."""
+        bias: dict[int, float] = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not key.isascii() or not key.isdigit():
+                raise UnsupportedParameter(
+                    "logit_bias", f"logit_bias keys must be token ids, got {key!r}"
+                )
+            bias[int(key)] = value
+        return bias or None
 
     def requested_tokens(self) -> int | None:
         """max_tokens as the request gives it (None: up to the context length)."""
@@ -214,8 +231,6 @@ class _Common(_Request):
         return 1
 
     def check_supported(self) -> None:
-        if self.logit_bias:
-            raise UnsupportedParameter("logit_bias", "logit_bias is not supported yet")
         if self.stream_options is not None and not self.stream:
             raise UnsupportedParameter(
                 "stream_options", "stream_options is only allowed when stream is true"
@@ -239,6 +254,7 @@ class _Common(_Request):
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             structured_outputs=self.structured_spec(),
+            logit_bias=self.token_logit_bias(),
         )
         optional = dict(
             temperature=self.temperature,
@@ -390,6 +406,15 @@ class ChatCompletionRequest(_Common):
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     add_generation_prompt: bool = True
+    # Accepted for the clients that send them, with no effect here: a local server stores no
+    # completions and has one service tier; the cache key, the end-user id and the metadata
+    # (OpenAI's limits checked) change nothing; the only output modality is text.
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    modalities: list[str] | None = None
 
     def check_limits(self, limits: RequestLimits) -> None:
         super().check_limits(limits)
@@ -400,6 +425,13 @@ class ChatCompletionRequest(_Common):
 
     def check_supported(self) -> None:
         super().check_supported()
+        if any(m != "text" for m in self.modalities or []):
+            raise UnsupportedParameter("modalities", 'only the "text" modality is supported')
+        meta = self.metadata or {}
+        if len(meta) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in meta.items()):
+            raise UnsupportedParameter(
+                "metadata", "metadata holds at most 16 pairs, keys of 64 and values of 512 chars"
+            )
         for name in ("functions", "function_call"):
             if getattr(self, name):
                 raise UnsupportedParameter(

@@ -49,6 +49,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         ("max_messages", "most chat messages per request"),
         ("max_prompts", "most prompts per completions request"),
         ("max_tools", "most tools per chat request"),
+        ("max_logit_bias", "most logit_bias entries per request"),
         ("max_request_tokens", "largest n x max_tokens x prompts of a request"),
     ):
         p.add_argument(

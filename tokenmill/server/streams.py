@@ -180,6 +180,8 @@ async def chat_response(
         text = tok.apply_chat_template(
             plan.messages, add_generation_prompt=body.add_generation_prompt, **extra
         )
+        if body.logprobs:
+            tok.token_bytes([])  # the logprobs' byte table, built here on first use
         return plan, PreparedPrompt(text, tok.encode(text, add_special_tokens=False))
 
     # rendering and tokenizing run in a worker thread, so the event loop keeps serving

@@ -145,9 +145,7 @@ def _plain_greedy(req, p) -> bool:
     return (
         p.greedy
         and p.logprobs is None
-        and p.repetition_penalty == 1.0
-        and p.presence_penalty == 0.0
-        and p.frequency_penalty == 0.0
+        and not p.adjusts_logits
         and req.num_output_tokens >= p.min_tokens
     )
 
