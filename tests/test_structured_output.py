@@ -167,6 +167,53 @@ def test_bad_constraints_raise_before_queueing(llm_f32):
         StructuredOutputsParams(regex="a", choice=["b"])
 
 
+def _accepts(llm, schema: dict, text: str) -> bool:
+    """Whether the compiled schema lets `text` (the tokenizer's own tokens of it) be the whole
+    output."""
+    manager: StructuredOutputManager = llm.engine.structured_outputs
+    matcher = manager.new_matcher(manager.compile(StructuredOutputsParams(json=schema)))
+    ids = llm.get_tokenizer().encode(text, add_special_tokens=False)
+    return all(matcher.accept(t) for t in ids) and matcher.is_terminated
+
+
+AGE = {"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"]}
+
+
+@pytest.mark.parametrize(
+    "schema,text,accepted",
+    [
+        # properties without a word on other keys: closed, as llama.cpp and xgrammar read them
+        (AGE, '{"age": 3}', True),
+        (AGE, '{"age": 3, "name": "x"}', False),
+        ({"type": "array", "items": AGE}, '[{"age": 3, "name": "x"}]', False),
+        # the schema's own word stands
+        ({**AGE, "additionalProperties": True}, '{"age": 3, "name": "x"}', True),
+        ({**AGE, "additionalProperties": {"type": "string"}}, '{"age": 3, "name": "x"}', True),
+        ({"type": "object"}, '{"name": "x"}', True),  # no properties listed: any object
+        # merged schemas stay open, else one side would forbid the other's keys
+        (
+            {"allOf": [AGE, {"properties": {"name": {"type": "string"}}, "required": ["name"]}]},
+            '{"age": 3, "name": "x"}',
+            True,
+        ),
+        (
+            {
+                "$defs": {"Base": AGE},
+                "allOf": [{"$ref": "#/$defs/Base"}],
+                "properties": {"name": {"type": "string"}},
+                "required": ["name"],
+            },
+            '{"age": 3, "name": "x"}',
+            True,
+        ),
+    ],
+)
+def test_json_objects_closed_unless_the_schema_says(llm_f32, schema, text, accepted):
+    if accepted:  # valid under JSON Schema itself too
+        jsonschema.validate(json.loads(text), schema)
+    assert _accepts(llm_f32, schema, text) is accepted
+
+
 def test_manager_caches_compilations(llm_f32):
     manager: StructuredOutputManager = llm_f32.engine.structured_outputs
     spec = StructuredOutputsParams(json=SCHEMAS["person"])

@@ -269,3 +269,27 @@ def test_streamed_samples_finish_once(client):
                 finishes.setdefault(c.index, []).append(c.finish_reason)
     assert sorted(finishes) == [0, 1, 2]
     assert all(len(v) == 1 and v[0] in ("tool_calls", "length") for v in finishes.values())
+
+
+def test_arguments_take_no_keys_the_parameters_do_not_list(llm_f32):
+    """Parameters that list properties without a word on other keys: the grammar closes them
+    (as for response_format), so a call cannot invent arguments."""
+    from tokenmill.sampling_params import StructuredOutputsParams
+    from tokenmill.server.tools import tool_call_grammar
+
+    open_params = dict(WEATHER["function"]["parameters"])
+    del open_params["additionalProperties"]
+    grammar = tool_call_grammar([{**WEATHER["function"], "parameters": open_params}], False)
+    manager = llm_f32.engine.structured_outputs
+    compiled = manager.compile(StructuredOutputsParams(grammar=grammar))
+    tok = llm_f32.get_tokenizer()
+
+    def accepts(arguments: dict) -> bool:
+        call = {"name": "get_weather", "arguments": arguments}
+        text = f"<tool_call>\n{json.dumps(call)}\n</tool_call>"
+        matcher = manager.new_matcher(compiled)
+        ids = tok.encode(text, add_special_tokens=False)
+        return all(matcher.accept(t) for t in ids) and matcher.is_terminated
+
+    assert accepts({"city": "Paris", "unit": "celsius"})
+    assert not accepts({"city": "Paris", "unit": "celsius", "country": "FR"})

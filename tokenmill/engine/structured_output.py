@@ -36,6 +36,80 @@ JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separ
 CACHE_SIZE = 256
 
 
+# Keywords whose value is one subschema, a list of them, or a map of names to them.
+_ONE = (
+    "items",
+    "additionalProperties",
+    "contains",
+    "not",
+    "if",
+    "then",
+    "else",
+    "unevaluatedItems",
+    "propertyNames",
+)
+_LIST = ("prefixItems", "items", "anyOf", "oneOf", "allOf")
+_MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+# An object schema with one of these says itself what other keys may do, or is merged with
+# other schemas (whose keys closing it would forbid).
+_LEAVE_OPEN = (
+    "additionalProperties",
+    "patternProperties",
+    "unevaluatedProperties",
+    "allOf",
+    "anyOf",
+    "oneOf",
+    "$ref",
+)
+
+
+def close_objects(schema: Any) -> Any:
+    """A copy of a JSON schema where every object schema that lists `properties` and says
+    nothing of other keys gets `"additionalProperties": false`: how llama.cpp's converter and
+    xgrammar's strict mode (vLLM's default) read such schemas. JSON Schema itself would allow
+    any extra key, which models fill with invented ones (SmolLM2 added a 90-character key to a
+    one-property schema). Schemas merged with others stay open: members of `allOf`, members of
+    an `anyOf` / `oneOf` beside `properties`, and definitions that an `allOf` refers to."""
+    merged_refs: set[str] = set()
+
+    def scan(node: Any) -> None:
+        if isinstance(node, dict):
+            for member in node.get("allOf") or []:
+                if isinstance(member, dict) and isinstance(member.get("$ref"), str):
+                    merged_refs.add(member["$ref"])
+            for value in node.values():
+                scan(value)
+        elif isinstance(node, list):
+            for value in node:
+                scan(value)
+
+    def close(node: Any, merged: bool) -> Any:
+        if not isinstance(node, dict):
+            return node
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            if key in _MAP and isinstance(value, dict):
+                defs = key in ("$defs", "definitions")
+                out[key] = {
+                    k: close(v, defs and f"#/{key}/{k}" in merged_refs) for k, v in value.items()
+                }
+            elif key in _LIST and isinstance(value, list):
+                members_merged = key == "allOf" or (
+                    key in ("anyOf", "oneOf") and "properties" in node
+                )
+                out[key] = [close(v, members_merged) for v in value]
+            elif key in _ONE:
+                out[key] = close(value, False)
+            else:
+                out[key] = value
+        if "properties" in node and not merged and not any(k in node for k in _LEAVE_OPEN):
+            out["additionalProperties"] = False
+        return out
+
+    scan(schema)
+    return close(schema, False)
+
+
 class GrammarError(ValueError):
     """A constraint that is malformed, unsupported, or does not compile (a 400 for clients)."""
 
@@ -54,7 +128,7 @@ def grammar_text(spec: StructuredOutputsParams) -> str:
                 schema = json.loads(schema)
             if not isinstance(schema, dict):
                 raise GrammarError("a JSON schema must be a JSON object")
-            return matcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+            return matcher.grammar_from_json_schema(close_objects(schema), defaults=JSON_OPTIONS)
         if spec.regex is not None:
             return matcher.grammar_from_regex(spec.regex)
         if spec.choice is not None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokenmill.engine.chat_template import apply_tool_fallback, template_supports_tools
-from tokenmill.engine.structured_output import JSON_OPTIONS
+from tokenmill.engine.structured_output import JSON_OPTIONS, close_objects
 from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.engine.tool_parsers import (
     PARSERS,
@@ -68,7 +68,7 @@ def _call_schema(function: dict[str, Any]) -> dict[str, Any]:
     parameters = function.get("parameters") or {"type": "object", "properties": {}}
     return {
         "type": "object",
-        "properties": {"name": {"const": function["name"]}, "arguments": parameters},
+        "properties": {"name": {"const": function["name"]}, "arguments": close_objects(parameters)},
         "required": ["name", "arguments"],
         "additionalProperties": False,
     }
