@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tokenmill.engine.chat_template import render_chat_template
+from tokenmill.engine.chat_template import render_chat_template, template_variables
 from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.errors import ChatTemplateError
 
@@ -143,6 +143,57 @@ def test_extra_variables_reach_the_template(ours: Tokenizer) -> None:
     year = str(datetime.datetime.now().year)
     assert render_chat_template("{{ strftime_now('%Y') }}", []) == year
     assert render_chat_template("{{ x }}-{{ template }}", [], True, x=1, template=2) == "1-2"
+
+
+PREFILLED = [
+    {"role": "user", "content": "Name a color."},
+    {"role": "assistant", "content": "My favourite colour is"},
+]
+THINKING = (  # a Qwen3-style switch read from a template variable
+    "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: "
+    "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}"
+    "{% endif %}"
+)
+
+
+@pytest.mark.parametrize("template", [None, THINKING, TEMPLATES["variables"]])
+def test_continue_final_message_matches_transformers(
+    ours: Tokenizer, ref: Any, template: str | None
+) -> None:
+    tok = ours if template is None else _with_template(ours, template)
+    for messages in (PREFILLED, [PREFILLED[0], {**PREFILLED[1], "content": " padded  "}]):
+        want = ref.apply_chat_template(
+            messages,
+            chat_template=template,
+            tokenize=False,
+            add_generation_prompt=False,
+            continue_final_message=True,
+        )
+        got = tok.apply_chat_template(
+            messages, add_generation_prompt=False, continue_final_message=True
+        )
+        assert got == want, messages
+    with pytest.raises(ChatTemplateError, match="cannot both be set"):
+        tok.apply_chat_template(PREFILLED, continue_final_message=True)
+    hidden = _with_template(ours, "{% for m in messages %}{{ m.role }}{% endfor %}")
+    with pytest.raises(ChatTemplateError, match="cannot be left open"):
+        hidden.apply_chat_template(PREFILLED, False, continue_final_message=True)
+
+
+def test_chat_template_kwargs_match_transformers(ours: Tokenizer, ref: Any) -> None:
+    tok = _with_template(ours, THINKING)
+    for kwargs in ({}, {"enable_thinking": False}, {"enable_thinking": True}):
+        want = ref.apply_chat_template(
+            PREFILLED[:1],
+            chat_template=THINKING,
+            tokenize=False,
+            add_generation_prompt=True,
+            **kwargs,
+        )
+        assert tok.apply_chat_template(PREFILLED[:1], **template_variables(kwargs)) == want
+    with pytest.raises(ChatTemplateError, match="may not set messages"):
+        template_variables({"messages": [], "x": 1})
 
 
 def test_errors_are_chat_template_errors(ours: Tokenizer) -> None:

@@ -240,6 +240,37 @@ def test_chat_accepts_openai_fields_without_effect_here(client):
     assert extra.choices[0].message.content == plain.choices[0].message.content
 
 
+def test_chat_continue_final_message_and_template_kwargs(server, client, llm_f32):
+    prefill = [
+        {"role": "user", "content": "Name a color."},
+        {"role": "assistant", "content": "My favourite colour is"},
+    ]
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=prefill,
+        max_tokens=8,
+        temperature=0,
+        extra_body={
+            "continue_final_message": True,
+            "add_generation_prompt": False,
+            "chat_template_kwargs": {"enable_thinking": False},
+        },
+    )
+    want = llm_f32.chat(
+        prefill,
+        SamplingParams(temperature=0, max_tokens=8),
+        add_generation_prompt=False,
+        continue_final_message=True,
+    )[0]
+    assert r.choices[0].message.content == want.outputs[0].text
+    assert want.prompt.endswith("<|im_start|>assistant\nMy favourite colour is")
+    tokens = httpx.post(
+        server.url + "/tokenize",
+        json={"messages": prefill, "add_generation_prompt": False, "continue_final_message": True},
+    ).json()["tokens"]
+    assert tokens == want.prompt_token_ids
+
+
 def test_completion_stream_with_usage_then_done(server):
     body = {
         "model": MODEL,
@@ -396,6 +427,8 @@ def test_invalid_completion_params(server, patch, param):
         ({"metadata": {str(i): "v" for i in range(17)}}, "metadata"),
         ({"service_tier": "gold"}, None),
         ({"reasoning_effort": "low"}, "reasoning_effort"),
+        ({"continue_final_message": True}, "continue_final_message"),
+        ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
     ],
 )
 def test_invalid_chat_params(server, patch, param):

@@ -290,20 +290,59 @@ def apply_tool_fallback(
     return out
 
 
+# What a template's caller sets itself: `chat_template_kwargs` may not replace these.
+RESERVED_VARIABLES = frozenset(
+    {"messages", "add_generation_prompt", "tools", "documents", "bos_token", "eos_token"}
+)
+
+
+def template_variables(kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A caller's `chat_template_kwargs` as template variables; a reserved name (messages,
+    tools, ...: set by the caller's own arguments) is a ChatTemplateError."""
+    taken = sorted(RESERVED_VARIABLES.intersection(kwargs or {}))
+    if taken:
+        raise ChatTemplateError(
+            f"chat_template_kwargs may not set {', '.join(taken)} (set by the request itself)"
+        )
+    return dict(kwargs or {})
+
+
 def render_chat_template(
     template: str | None,
     messages: Any,
     add_generation_prompt: bool = True,
     /,
     *,
+    continue_final_message: bool = False,
     timeout: float = RENDER_TIMEOUT_S,
     **variables: Any,
 ) -> str:
     """Render a chat template in a sandbox with `messages`, `add_generation_prompt` and any
     extra `variables` (bos_token, tools, ...), within `timeout` seconds of wall time; every
-    failure (the time limit included) is a ChatTemplateError."""
+    failure (the time limit included) is a ChatTemplateError.
+
+    `continue_final_message` (vLLM's and transformers' meaning) leaves the last message open:
+    the text ends right after its content, without the template's end-of-turn, so the model
+    continues it (an assistant "prefill"). It excludes `add_generation_prompt`."""
     if not template:
         raise ChatTemplateError("this model has no chat template; send a plain prompt instead")
+    if continue_final_message:
+        if add_generation_prompt:
+            raise ChatTemplateError(
+                "continue_final_message and add_generation_prompt cannot both be set"
+            )
+        text = render_chat_template(template, messages, False, timeout=timeout, **variables)
+        final = validate_messages(messages)[-1]["content"] if messages else None
+        if not final:
+            raise ChatTemplateError("continue_final_message needs a last message with content")
+        for piece in (final, final.strip()):
+            end = text.rfind(piece)
+            if piece and end >= 0:
+                return text[: end + len(piece)]
+        raise ChatTemplateError(
+            "continue_final_message: the chat template does not render the last message's "
+            "content as it is, so it cannot be left open"
+        )
     compiled = _compile_template(template)
     # HF always passes tools/documents (as None when absent); `tools is not none` depends on it
     context = {

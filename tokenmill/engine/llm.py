@@ -8,6 +8,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from tokenmill.config import EngineArgs
+from tokenmill.engine.chat_template import template_variables
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.outputs import RequestOutput
@@ -69,18 +70,36 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         add_generation_prompt: bool = True,
         use_tqdm: bool = False,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to each conversation, then generate."""
+        """Apply the model's chat template to each conversation, then generate.
+        `continue_final_message=True` (with `add_generation_prompt=False`) continues the last
+        message instead of starting a reply; `chat_template_kwargs` are the template's own
+        variables (e.g. `enable_thinking`)."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prepared = [self.encode_chat(c, add_generation_prompt) for c in convs]
+        prepared = [
+            self.encode_chat(c, add_generation_prompt, continue_final_message, chat_template_kwargs)
+            for c in convs
+        ]
         _, params = self._normalize([p[0] for p in prepared], sampling_params)
         return self._run(prepared, params, use_tqdm)
 
     def encode_chat(
-        self, messages: Messages, add_generation_prompt: bool = True
+        self,
+        messages: Messages,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> tuple[str, list[int]]:
+        """A conversation's prompt text and token ids (see `chat`)."""
         tok = self.engine.tokenizer
-        text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        text = tok.apply_chat_template(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            **template_variables(chat_template_kwargs),
+        )
         return text, tok.encode(text, add_special_tokens=False)
 
     def _compile_constraints(self, params: list[SamplingParams]) -> None:

@@ -428,16 +428,25 @@ class Tokenizer:
         self,
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
         **extra: Any,
     ) -> str:
-        """Render `messages` to the prompt text with the model's chat template (sandboxed)."""
+        """Render `messages` to the prompt text with the model's chat template (sandboxed);
+        `extra` are the template's variables (`tools`, or a template's own such as
+        `enable_thinking`). `continue_final_message`: see `render_chat_template`."""
         template = self.chat_template_for(tools=bool(extra.get("tools")))
         variables = {
             "bos_token": self._token_text(self._bos_id),
             "eos_token": self._token_text(self._eos_id),
             **extra,
         }
-        return render_chat_template(template, messages, add_generation_prompt, **variables)
+        return render_chat_template(
+            template,
+            messages,
+            add_generation_prompt,
+            continue_final_message=continue_final_message,
+            **variables,
+        )
 
 
 def load_tokenizer(info: Any) -> Tokenizer:

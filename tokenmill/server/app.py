@@ -17,6 +17,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenmill.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
+from tokenmill.engine.chat_template import template_variables
 from tokenmill.errors import ChatTemplateError
 from tokenmill.server.handlers import ContextLengthError, OpenAIServing
 from tokenmill.server.metrics import ServerMetrics
@@ -417,6 +418,8 @@ def build_app(
                 text = tok.apply_chat_template(
                     [m.as_template_message() for m in body.messages],
                     add_generation_prompt=body.add_generation_prompt,
+                    continue_final_message=body.continue_final_message,
+                    **template_variables(body.chat_template_kwargs),
                 )
             except ChatTemplateError as e:
                 raise APIError(400, str(e), param="messages") from None

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tokenmill.engine.chat_template import RESERVED_VARIABLES
 from tokenmill.sampling_params import SamplingParams, StructuredOutputsParams
 
 
@@ -406,6 +407,10 @@ class ChatCompletionRequest(_Common):
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     add_generation_prompt: bool = True
+    # vLLM's: leave the last message open and continue it (needs add_generation_prompt false);
+    # the chat template's own variables (e.g. enable_thinking)
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
     # Accepted for the clients that send them, with no effect here: a local server stores no
     # completions and has one service tier; the cache key, the end-user id and the metadata
     # (OpenAI's limits checked) change nothing; the only output modality is text.
@@ -425,6 +430,16 @@ class ChatCompletionRequest(_Common):
 
     def check_supported(self) -> None:
         super().check_supported()
+        taken = sorted(RESERVED_VARIABLES.intersection(self.chat_template_kwargs or {}))
+        if taken:
+            raise UnsupportedParameter(
+                "chat_template_kwargs", f"chat_template_kwargs may not set {', '.join(taken)}"
+            )
+        if self.continue_final_message and self.add_generation_prompt:
+            raise UnsupportedParameter(
+                "continue_final_message",
+                "continue_final_message needs add_generation_prompt false",
+            )
         if any(m != "text" for m in self.modalities or []):
             raise UnsupportedParameter("modalities", 'only the "text" modality is supported')
         meta = self.metadata or {}
@@ -482,6 +497,8 @@ class TokenizeRequest(_Request):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class DetokenizeRequest(_Request):

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
+from tokenmill.engine.chat_template import template_variables
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.server.handlers import (
     OpenAIServing,
@@ -176,9 +177,14 @@ async def chat_response(
             tok,
             serving.tool_call_parser,
         )
-        extra = {"tools": plan.template_tools} if plan.template_tools else {}
+        extra = template_variables(body.chat_template_kwargs)
+        if plan.template_tools:
+            extra["tools"] = plan.template_tools
         text = tok.apply_chat_template(
-            plan.messages, add_generation_prompt=body.add_generation_prompt, **extra
+            plan.messages,
+            add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message,
+            **extra,
         )
         if body.logprobs:
             tok.token_bytes([])  # the logprobs' byte table, built here on first use
