@@ -173,6 +173,24 @@ def test_logit_bias_bans_and_forces_tokens_in_a_mixed_batch(llm_f32):
     assert llm_f32.generate(prompt, force)[0].outputs[0].token_ids == [forced_id] * 4
     with pytest.raises(ValueError, match="logit_bias token ids out of range"):
         llm_f32.generate(prompt, SamplingParams(logit_bias={10**7: 1.0}))
+    # allowed_token_ids, greedy without logprobs (the bare-argmax path must not skip it): the
+    # runner-up is the only allowed token the model ranks above the rest
+    only = SamplingParams(temperature=0, max_tokens=1, allowed_token_ids=[second_id, forced_id])
+    assert llm_f32.generate(prompt, only)[0].outputs[0].token_ids == [second_id]
+    with pytest.raises(ValueError, match="allowed_token_ids out of range"):
+        llm_f32.generate(prompt, SamplingParams(allowed_token_ids=[10**7]))
+
+
+def test_vllm_dict_prompts(llm_f32):
+    p = SamplingParams(temperature=0, max_tokens=4)
+    ids = llm_f32.get_tokenizer().encode("The weather today")
+    want = llm_f32.generate(ids, p)[0].outputs[0].token_ids
+    outs = llm_f32.generate([{"prompt_token_ids": ids}, {"prompt": "The weather today"}], p)
+    assert [o.outputs[0].token_ids for o in outs] == [want, want]
+    assert llm_f32.generate({"prompt_token_ids": ids}, p)[0].outputs[0].token_ids == want
+    assert list(llm_f32.stream({"prompt_token_ids": ids}, p))[-1].outputs[0].token_ids == want
+    with pytest.raises(ValueError, match="exactly one key"):
+        llm_f32.generate({"prompt": "x", "multi_modal_data": {}}, p)
 
 
 def test_streaming_deltas_add_up_and_closing_aborts(llm_f32):

@@ -84,7 +84,7 @@ def test_metadata_leaves_unused_features_out() -> None:
     assert md.top_k is None and md.top_p is None and md.min_p is None
     assert md.repetition_penalty is None and md.presence_penalty is None
     assert md.frequency_penalty is None and md.prompt_token_ids is None
-    assert md.output_token_ids is None and md.min_tokens_mask is None
+    assert md.output_token_ids is None and md.forbidden_mask is None
     assert md.max_num_logprobs is None and md.logit_bias is None
     assert not md.all_greedy
     assert md.temperature.tolist() == [0.0, 1.0]
@@ -195,6 +195,33 @@ def test_logit_bias_added_before_the_penalties_and_sampled_from() -> None:
     assert _frequencies(Sampler(TorchOps()), biased, _base_logits()[0], 2000)[2] == 0
 
 
+def test_allowed_token_ids_mask_the_rest_with_min_tokens() -> None:
+    logits = torch.tensor([[0.0, 1.0, 5.0, 0.5, 3.0]] * 3)
+    eos = 2
+    params = [
+        SamplingParams(temperature=0.0, allowed_token_ids=[2, 3, 9]),  # 9: past this vocab
+        SamplingParams(temperature=0.0, allowed_token_ids=[2, 3], min_tokens=2),
+        SamplingParams(temperature=0.0),
+    ]
+    md = _metadata(params, 5, output_ids=[[], [], []], stop_ids=[set(), {eos}, set()])
+    assert md.forbidden_mask is not None
+    assert md.forbidden_mask.tolist() == [
+        [True, True, False, False, True],
+        [True, True, True, False, True],  # eos allowed, but not before min_tokens
+        [False] * 5,
+    ]
+    assert Sampler(TorchOps())(logits, md).sampled_token_ids.tolist() == [2, 3, 2]
+    allowed = SamplingParams(allowed_token_ids=[0, 1])  # sampled: only those ever come out
+    freq = _frequencies(Sampler(TorchOps()), allowed, _base_logits()[0], 2000)
+    assert freq[2] == 0 and freq[3] == 0 and freq[0] > 0 and freq[1] > 0
+
+
+@pytest.mark.parametrize("ids", [[], [-1], [True], ["3"], 3])
+def test_allowed_token_ids_validation(ids: object) -> None:
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        SamplingParams(allowed_token_ids=ids)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     "bias",
     [{-1: 1.0}, {"3": 1.0}, {True: 1.0}, {3: 100.5}, {3: float("nan")}, {3: "1"}, [(3, 1.0)]],
@@ -209,11 +236,11 @@ def test_min_tokens_blocks_eos_until_reached() -> None:
     logits = torch.tensor([[0.0, 1.0, 5.0, 0.5]] * 2)
     params = [SamplingParams(temperature=0.0, min_tokens=3)] * 2
     md = _metadata(params, 4, output_ids=[[1], [1, 1, 1]], stop_ids=[{eos, 9}, {eos}])
-    assert md.min_tokens_mask is not None
-    assert md.min_tokens_mask.tolist() == [[False, False, True, False], [False] * 4]
+    assert md.forbidden_mask is not None
+    assert md.forbidden_mask.tolist() == [[False, False, True, False], [False] * 4]
     assert Sampler(TorchOps())(logits, md).sampled_token_ids.tolist() == [1, eos]
     no_mask = _metadata(params, 4, output_ids=[[1, 1, 1]] * 2, stop_ids=[{eos}, {eos}])
-    assert no_mask.min_tokens_mask is None
+    assert no_mask.forbidden_mask is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -271,6 +271,50 @@ def test_chat_continue_final_message_and_template_kwargs(server, client, llm_f32
     assert tokens == want.prompt_token_ids
 
 
+def test_truncate_prompt_tokens_allowed_token_ids_add_special_tokens(client, llm_f32):
+    tok = llm_f32.get_tokenizer()
+    prompt = "river stone light ancient quickly mountain code python"
+    ids = tok.encode(prompt)
+    r = client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=4,
+        temperature=0,
+        echo=True,
+        extra_body={"truncate_prompt_tokens": 3},
+    )
+    want = llm_f32.generate(
+        {"prompt_token_ids": ids[-3:]}, SamplingParams(temperature=0, max_tokens=4)
+    )
+    assert r.usage.prompt_tokens == 3
+    assert r.choices[0].text == tok.decode(ids[-3:]) + want[0].outputs[0].text
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=1,
+        extra_body={"truncate_prompt_tokens": 5},
+    )
+    assert chat.usage.prompt_tokens == 5
+    full = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=1, extra_body={"truncate_prompt_tokens": -1}
+    )
+    assert full.usage.prompt_tokens == len(ids)
+    blue = tok.encode(" blue", add_special_tokens=False)[0]
+    only = client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=3,
+        temperature=1.0,
+        extra_body={"allowed_token_ids": [blue]},
+    )
+    assert only.choices[0].text == " blue" * 3
+    # SmolLM2's tokenizer adds no BOS: with a template that has one, the ids would differ
+    plain = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=1, extra_body={"add_special_tokens": False}
+    )
+    assert plain.usage.prompt_tokens == len(tok.encode(prompt, add_special_tokens=False))
+
+
 def test_completion_stream_with_usage_then_done(server):
     body = {
         "model": MODEL,
@@ -405,6 +449,10 @@ def _err(r: httpx.Response, status: int) -> dict:
         ({"logit_bias": {"5": 101}}, None),
         ({"logit_bias": {"99999999": 1}}, None),
         ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+        ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+        ({"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
+        ({"allowed_token_ids": []}, None),
+        ({"allowed_token_ids": [10**8]}, None),
     ],
 )
 def test_invalid_completion_params(server, patch, param):

@@ -73,7 +73,8 @@ class SamplingParams:
     positions are needed. `max_tokens=0` is allowed with prompt_logprobs: score the prompt only.
     `logit_bias` maps token ids to a value in [-100, 100] added to that token's logit before
     the penalties and sampling (OpenAI's meaning: -100 bans a token, 100 all but forces it);
-    like the penalties it shapes what is sampled, not the logprobs reported.
+    like the penalties it shapes what is sampled, not the logprobs reported. `allowed_token_ids`
+    (vLLM's) restricts sampling to those ids, the same way.
     """
 
     n: int = 1
@@ -96,6 +97,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     structured_outputs: StructuredOutputsParams | None = None
     logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -177,6 +179,15 @@ class SamplingParams:
                 or not -MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS
             ):
                 bad(f"logit_bias values must be numbers in [-100, 100], got {v!r} for token {t}")
+        if self.allowed_token_ids is not None and (
+            not isinstance(self.allowed_token_ids, (list, tuple))
+            or not self.allowed_token_ids
+            or any(
+                isinstance(t, bool) or not isinstance(t, int) or t < 0
+                for t in self.allowed_token_ids
+            )
+        ):
+            bad("allowed_token_ids must be a non-empty list of token ids (integers >= 0)")
         if self.structured_outputs is not None and not isinstance(
             self.structured_outputs, StructuredOutputsParams
         ):
@@ -188,10 +199,12 @@ class SamplingParams:
 
     @property
     def adjusts_logits(self) -> bool:
-        """Whether the logits are changed before sampling (logit_bias or a penalty): such a
+        """Whether the logits are changed before sampling (logit_bias, allowed_token_ids or a
+        penalty): such a
         request needs the full sampler, not a bare argmax or draw."""
         return bool(
             self.logit_bias
+            or self.allowed_token_ids
             or self.repetition_penalty != 1.0
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0

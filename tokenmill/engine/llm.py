@@ -14,12 +14,28 @@ from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
-Prompt = str | list[int]
+# A text, its token ids, or vLLM's dict forms: {"prompt": text} / {"prompt_token_ids": ids}
+Prompt = str | list[int] | dict[str, Any]
 Messages = list[dict[str, Any]]
 
 
 def _is_token_ids(x: Any) -> bool:
     return isinstance(x, list) and bool(x) and all(isinstance(t, int) for t in x)
+
+
+def _unwrap(prompt: Any) -> str | list[int]:
+    """A prompt as a text or token ids; vLLM's TextPrompt / TokensPrompt dicts are unwrapped,
+    any other dict is an error that says what it holds."""
+    if not isinstance(prompt, dict):
+        return prompt
+    if set(prompt) == {"prompt"}:
+        return prompt["prompt"]
+    if set(prompt) == {"prompt_token_ids"}:
+        return prompt["prompt_token_ids"]
+    raise ValueError(
+        "a dict prompt needs exactly one key, 'prompt' (a text) or 'prompt_token_ids' (token "
+        f"ids); got {sorted(prompt)}"
+    )
 
 
 class LLM:
@@ -41,9 +57,9 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         params: SamplingParams | Sequence[SamplingParams] | None,
     ) -> tuple[list[Prompt], list[SamplingParams]]:
-        if isinstance(prompts, str) or _is_token_ids(prompts):
+        if isinstance(prompts, (str, dict)) or _is_token_ids(prompts):
             prompts = [prompts]
-        prompts = list(prompts)
+        prompts = [_unwrap(p) for p in prompts]
         if params is None:
             params = SamplingParams()
         if isinstance(params, SamplingParams):
@@ -150,7 +166,7 @@ class LLM:
         what is new). Other queued requests advance too. Closing the iterator aborts it."""
         engine = self.engine
         self._compile_constraints([sampling_params] if sampling_params else [])
-        rid = engine.add_request(None, prompt, sampling_params, prompt_token_ids)
+        rid = engine.add_request(None, _unwrap(prompt), sampling_params, prompt_token_ids)
         finished = False
         try:
             while not finished:

@@ -378,6 +378,9 @@ class LLMEngine:
         bad = [t for t in params.logit_bias or {} if t >= vocab]
         if bad:
             raise ValueError(f"logit_bias token ids out of range [0, {vocab}): {bad[:5]}")
+        bad = [t for t in params.allowed_token_ids or [] if t >= vocab]
+        if bad:
+            raise ValueError(f"allowed_token_ids out of range [0, {vocab}): {bad[:5]}")
         if params.logprobs is not None and params.logprobs > vocab:
             raise ValueError(f"logprobs must be <= the vocabulary size ({vocab})")
         if params.prompt_logprobs is not None and params.prompt_logprobs > vocab:

@@ -32,7 +32,8 @@ class SamplingMetadata:
     frequency_penalty: torch.Tensor | None  # [num_rows] float32
     prompt_token_ids: torch.Tensor | None  # [num_rows, max_prompt_len] int64
     output_token_ids: torch.Tensor | None  # [num_rows, max_out_len] int64
-    min_tokens_mask: torch.Tensor | None  # [num_rows, vocab_size] bool, True = forbidden
+    # [num_rows, vocab_size] bool, True = may not be sampled (min_tokens, allowed_token_ids)
+    forbidden_mask: torch.Tensor | None
     # logit_bias of the rows that have one, as (row, token id, bias) triples: [n] int64, [n]
     # int64, [n] float32
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -78,28 +79,37 @@ def _padded_ids(rows: list[list[int]], pad_id: int, device: torch.device) -> tor
     return _to(padded, torch.int64, device)
 
 
-def _min_tokens_mask(
+def _forbidden_mask(
     params: list[SamplingParams],
     output_ids: list[list[int]],
     stop_ids: list[set[int]] | None,
     vocab_size: int,
     device: torch.device,
 ) -> torch.Tensor | None:
-    """True where a stop token is forbidden because the row has fewer than min_tokens outputs."""
-    if stop_ids is None:
-        return None
+    """True where a row may not sample a token: a stop id while the row has fewer than
+    min_tokens outputs, any id outside its allowed_token_ids. None when no row has either."""
     rows: list[int] = []
     cols: list[int] = []
-    for i, (p, out, ids) in enumerate(zip(params, output_ids, stop_ids)):
-        if len(out) >= p.min_tokens:
-            continue
-        valid = [t for t in ids if 0 <= t < vocab_size]
-        rows.extend([i] * len(valid))
-        cols.extend(valid)
-    if not rows:
+    allow_rows: list[int] = []
+    allow_cols: list[int] = []
+    for i, p in enumerate(params):
+        if stop_ids is not None and len(output_ids[i]) < p.min_tokens:
+            valid = [t for t in stop_ids[i] if 0 <= t < vocab_size]
+            rows.extend([i] * len(valid))
+            cols.extend(valid)
+        if p.allowed_token_ids:
+            valid = [t for t in p.allowed_token_ids if 0 <= t < vocab_size]
+            allow_rows.extend([i] * len(valid))
+            allow_cols.extend(valid)
+    restricted = sorted({i for i, p in enumerate(params) if p.allowed_token_ids})
+    if not rows and not restricted:
         return None
     mask = torch.zeros(len(params), vocab_size, dtype=torch.bool, device=device)
-    mask[_to(rows, torch.int64, device), _to(cols, torch.int64, device)] = True
+    if restricted:
+        mask[_to(restricted, torch.int64, device)] = True
+        mask[_to(allow_rows, torch.int64, device), _to(allow_cols, torch.int64, device)] = False
+    if rows:
+        mask[_to(rows, torch.int64, device), _to(cols, torch.int64, device)] = True
     return mask
 
 
@@ -180,7 +190,7 @@ def build_sampling_metadata(
             _padded_ids(prompt_ids, vocab_size, device) if repetition is not None else None
         ),
         output_token_ids=_padded_ids(output_ids, vocab_size, device) if any_penalty else None,
-        min_tokens_mask=_min_tokens_mask(
+        forbidden_mask=_forbidden_mask(
             params, output_ids, stop_ids_for_min_tokens, vocab_size, device
         ),
         logit_bias=_logit_bias(params, vocab_size, device),

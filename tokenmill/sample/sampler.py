@@ -2,12 +2,12 @@
 
 Order (vLLM's): the runner first restricts structured-output rows to the tokens their constraint
 allows (`apply_token_bitmask_`, in place, before any path, greedy included); logprobs come from
-those logits; then the min_tokens mask, logit_bias, repetition penalty, frequency / presence
-penalties; greedy rows take the argmax of the penalised logits; random rows are divided by
-their temperature, filtered by top-k, top-p and min-p, and sampled by the ops seam's `sample`
-(`random_sample`: the exponential race on CUDA, the inverse CDF on the CPU, which the C++
-kernels compute in one pass per row), seeded rows from their own generator so that their tokens
-do not depend on the rest of the batch.
+those logits; then the min_tokens / allowed_token_ids mask, logit_bias, repetition penalty,
+frequency / presence penalties; greedy rows take the argmax of the penalised logits; random
+rows are divided by their temperature, filtered by top-k, top-p and min-p, and sampled by the
+ops seam's `sample` (`random_sample`: the exponential race on CUDA, the inverse CDF on the CPU,
+which the C++ kernels compute in one pass per row), seeded rows from their own generator so
+that their tokens do not depend on the rest of the batch.
 Everything runs in float32 whatever the logits' dtype, on the logits' device, with no host
 synchronisation (shapes come from host-side metadata; the caller copies the tokens back once).
 """
@@ -99,14 +99,14 @@ def apply_token_bitmask_(
 
 
 def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-    """min_tokens mask, then logit_bias, then CTRL repetition penalty, then OpenAI frequency /
-    presence penalties (vLLM's order).
+    """min_tokens / allowed_token_ids mask, then logit_bias, then CTRL repetition penalty, then
+    OpenAI frequency / presence penalties (vLLM's order).
 
     logits: [num_rows, vocab] float32. Returns a new tensor; the input is not modified.
     """
     num_rows, vocab_size = logits.shape
-    if md.min_tokens_mask is not None:
-        logits = logits.masked_fill(md.min_tokens_mask, _NEG_INF)
+    if md.forbidden_mask is not None:
+        logits = logits.masked_fill(md.forbidden_mask, _NEG_INF)
     if md.logit_bias is not None:
         rows, ids, bias = md.logit_bias
         logits = logits.index_put((rows, ids), bias, accumulate=True)

@@ -56,17 +56,28 @@ class OpenAIServing:
         self.vocab_size = engine.engine.model_info.arch.vocab_size
 
     # ---- preparation ------------------------------------------------------------------------
-    def prepare(self, prompt: str | list[int], add_special_tokens: bool = True) -> PreparedPrompt:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt is empty")
-            return PreparedPrompt(prompt, self.tokenizer.encode(prompt, add_special_tokens))
+    def prepare(
+        self,
+        prompt: str | list[int],
+        add_special_tokens: bool = True,
+        truncate_prompt_tokens: int | None = None,
+    ) -> PreparedPrompt:
+        """A prompt's token ids (a text is encoded, ids are checked), cut to its last
+        `truncate_prompt_tokens` (-1: the context length) if given; a cut prompt's text is
+        None (it no longer spells the prompt)."""
         if not prompt:
             raise ValueError("prompt is empty")
-        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids out of range [0, {self.vocab_size}): {bad[:5]}")
-        return PreparedPrompt(None, list(prompt))
+        if isinstance(prompt, str):
+            prepared = PreparedPrompt(prompt, self.tokenizer.encode(prompt, add_special_tokens))
+        else:
+            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+            prepared = PreparedPrompt(None, list(prompt))
+        keep = self.max_model_len if truncate_prompt_tokens == -1 else truncate_prompt_tokens
+        if keep is not None and len(prepared.token_ids) > keep:
+            prepared = PreparedPrompt(None, prepared.token_ids[-keep:])
+        return prepared
 
     def check_length(self, num_prompt: int, max_tokens: int | None) -> None:
         requested = num_prompt + (max_tokens or 0)

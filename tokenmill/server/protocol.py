@@ -138,6 +138,11 @@ class _Common(_Request):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    allowed_token_ids: list[int] | None = None
+    # None: the endpoint's default (completions add BOS / EOS as the tokenizer does, chat does
+    # not: the template writes them)
+    add_special_tokens: bool | None = None
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)  # keep the last k; -1: context
     # structured output: OpenAI's response_format, vLLM's structured_outputs and guided_*
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsBody | None = None
@@ -200,6 +205,10 @@ class _Common(_Request):
             )
         if any(i < 0 for i in ids):
             raise UnsupportedParameter("stop_token_ids", "stop_token_ids must be >= 0")
+        if self.truncate_prompt_tokens == 0:
+            raise UnsupportedParameter(
+                "truncate_prompt_tokens", "truncate_prompt_tokens must be >= 1 (or -1)"
+            )
         if len(self.logit_bias or {}) > limits.max_logit_bias:
             raise UnsupportedParameter(
                 "logit_bias", f"at most {limits.max_logit_bias} logit_bias entries"
@@ -256,6 +265,7 @@ class _Common(_Request):
             include_stop_str_in_output=self.include_stop_str_in_output,
             structured_outputs=self.structured_spec(),
             logit_bias=self.token_logit_bias(),
+            allowed_token_ids=self.allowed_token_ids,
         )
         optional = dict(
             temperature=self.temperature,

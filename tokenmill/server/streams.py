@@ -64,7 +64,12 @@ async def completion_response(
 ) -> AsyncIterator[str] | Coroutine[Any, Any, dict]:
     body.check_supported()
     # tokenizing runs in a worker thread: a long prompt never blocks the event loop
-    prompts = await asyncio.to_thread(lambda: [serving.prepare(p) for p in body.prompts()])
+    special = body.add_special_tokens is not False
+
+    def prepare() -> list[PreparedPrompt]:
+        return [serving.prepare(p, special, body.truncate_prompt_tokens) for p in body.prompts()]
+
+    prompts = await asyncio.to_thread(prepare)
     for p in prompts:
         serving.check_length(len(p.token_ids), body.max_tokens)
     params = body.sampling_params(body.max_tokens, body.logprobs, body.prompt_logprobs())
@@ -188,7 +193,8 @@ async def chat_response(
         )
         if body.logprobs:
             tok.token_bytes([])  # the logprobs' byte table, built here on first use
-        return plan, PreparedPrompt(text, tok.encode(text, add_special_tokens=False))
+        prompt = serving.prepare(text, bool(body.add_special_tokens), body.truncate_prompt_tokens)
+        return plan, prompt
 
     # rendering and tokenizing run in a worker thread, so the event loop keeps serving
     plan, prompt = await asyncio.to_thread(render)
