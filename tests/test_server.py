@@ -315,6 +315,34 @@ def test_truncate_prompt_tokens_allowed_token_ids_add_special_tokens(client, llm
     assert plain.usage.prompt_tokens == len(tok.encode(prompt, add_special_tokens=False))
 
 
+def test_vllm_prompt_logprobs(server, client, llm_f32):
+    prompt = "The capital of France is"
+    r = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=1, extra_body={"prompt_logprobs": 2}
+    ).model_dump()
+    got = r["choices"][0]["prompt_logprobs"]
+    ref = llm_f32.generate(prompt, SamplingParams(max_tokens=1, prompt_logprobs=2))[0]
+    assert len(got) == len(ref.prompt_token_ids) == r["usage"]["prompt_tokens"]
+    assert got[0] is None
+    for tok, want, entry in zip(ref.prompt_token_ids[1:], ref.prompt_logprobs[1:], got[1:]):
+        assert str(tok) in entry and 2 <= len(entry) <= 3
+        assert abs(entry[str(tok)]["logprob"] - want[tok].logprob) < 1e-4
+        assert entry[str(tok)]["rank"] == want[tok].rank
+        assert {v["rank"] for v in entry.values()} >= {1, 2}  # the top 2 are there
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=1,
+        extra_body={"prompt_logprobs": 0},
+    ).model_dump()
+    assert len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"]
+    assert all(len(e) == 1 for e in chat["prompt_logprobs"][1:])
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2, "prompt_logprobs": 1, "stream": True}
+    assert _err(httpx.post(server.url + "/v1/completions", json=body), 400)["param"] == (
+        "prompt_logprobs"
+    )
+
+
 def test_completion_stream_with_usage_then_done(server):
     body = {
         "model": MODEL,

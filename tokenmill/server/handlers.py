@@ -242,6 +242,31 @@ def prompt_logprobs_object(
     }
 
 
+def vllm_prompt_logprobs(
+    token_ids: list[int], prompt_logprobs: list | None, k: int
+) -> list[dict[str, Any] | None]:
+    """vLLM's `prompt_logprobs` of a response: per prompt token, {token id: {logprob, rank,
+    decoded_token}} for the token itself and its top-k alternatives (None for the first token,
+    which nothing predicts)."""
+    out: list[dict[str, Any] | None] = []
+    for tok, lp in zip(token_ids, prompt_logprobs or []):
+        if lp is None:
+            out.append(None)
+            continue
+        entries = {tok: lp[tok], **dict(_top(lp, k))}
+        out.append(
+            {
+                str(t): {
+                    "logprob": _json_logprob(v.logprob),
+                    "rank": v.rank,
+                    "decoded_token": v.decoded_token,
+                }
+                for t, v in entries.items()
+            }
+        )
+    return out
+
+
 def join_logprobs(
     first: dict[str, Any] | None, second: dict[str, Any] | None
 ) -> dict[str, Any] | None:

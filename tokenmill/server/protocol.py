@@ -143,6 +143,8 @@ class _Common(_Request):
     # not: the template writes them)
     add_special_tokens: bool | None = None
     truncate_prompt_tokens: int | None = Field(default=None, ge=-1)  # keep the last k; -1: context
+    # vLLM's: each prompt token's logprob and top-k alternatives, in the response
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     # structured output: OpenAI's response_format, vLLM's structured_outputs and guided_*
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsBody | None = None
@@ -245,6 +247,10 @@ class _Common(_Request):
             raise UnsupportedParameter(
                 "stream_options", "stream_options is only allowed when stream is true"
             )
+        if self.prompt_logprobs is not None and self.stream:
+            raise UnsupportedParameter(
+                "prompt_logprobs", "prompt_logprobs is not returned when streaming"
+            )
 
     def sampling_params(
         self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
@@ -319,12 +325,14 @@ class CompletionRequest(_Common):
                 "max_tokens must be >= 1 (0 is allowed with echo: it only scores the prompt)",
             )
 
-    def prompt_logprobs(self) -> int | None:
+    def engine_prompt_logprobs(self) -> int | None:
         """What the engine must compute for the prompt: the echoed prompt's logprobs (with
-        logprobs), or nothing; max_tokens 0 runs the prompt alone, which needs them anyway."""
+        logprobs; max_tokens 0 runs the prompt alone, which needs them anyway) and the ones
+        asked for by `prompt_logprobs`, or nothing."""
+        wanted = [self.prompt_logprobs] if self.prompt_logprobs is not None else []
         if self.echo and (self.logprobs is not None or self.max_tokens == 0):
-            return self.logprobs or 0
-        return None
+            wanted.append(self.logprobs or 0)
+        return max(wanted) if wanted else None
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt

@@ -24,6 +24,7 @@ from tokenmill.server.handlers import (
     prompt_logprobs_object,
     sse,
     usage,
+    vllm_prompt_logprobs,
 )
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest, NamedToolChoice
 from tokenmill.server.tools import ToolPlan, new_call_id, plan_tools, tool_calls_json
@@ -72,7 +73,7 @@ async def completion_response(
     prompts = await asyncio.to_thread(prepare)
     for p in prompts:
         serving.check_length(len(p.token_ids), body.max_tokens)
-    params = body.sampling_params(body.max_tokens, body.logprobs, body.prompt_logprobs())
+    params = body.sampling_params(body.max_tokens, body.logprobs, body.engine_prompt_logprobs())
     rid, streams, tracker = await serving.start(prompts, params, "cmpl")
     created, n = int(time.time()), body.n
     tok = serving.tokenizer
@@ -108,14 +109,17 @@ async def completion_response(
                 lp = completion_logprobs(o, tok, k, text_offset=len(prefix))
                 if body.echo:
                     lp = join_logprobs(echo_logprobs(i, final[i]), lp)
-                choices.append(
-                    {
-                        "index": i * n + o.index,
-                        "text": prefix + o.text,
-                        "logprobs": lp,
-                        "finish_reason": o.finish_reason,
-                    }
-                )
+                choice = {
+                    "index": i * n + o.index,
+                    "text": prefix + o.text,
+                    "logprobs": lp,
+                    "finish_reason": o.finish_reason,
+                }
+                if body.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = vllm_prompt_logprobs(
+                        prompts[i].token_ids, final[i].prompt_logprobs, body.prompt_logprobs
+                    )
+                choices.append(choice)
         choices.sort(key=lambda c: c["index"])
         return base(choices) | {"usage": usage(tracker.prompt_tokens, n_out)}
 
@@ -200,7 +204,7 @@ async def chat_response(
     plan, prompt = await asyncio.to_thread(render)
     max_tokens = body.effective_max_tokens()
     serving.check_length(len(prompt.token_ids), max_tokens)
-    params = body.sampling_params(max_tokens, body.num_logprobs())
+    params = body.sampling_params(max_tokens, body.num_logprobs(), body.prompt_logprobs)
     if plan.constraint is not None:
         params = dataclasses.replace(params, structured_outputs=plan.constraint)
     if plan.keep_special_tokens:
@@ -246,7 +250,12 @@ async def chat_response(
                 }
             )
         n_out = sum(len(o.token_ids) for o in final.outputs)
-        return base(choices) | {"usage": usage(tracker.prompt_tokens, n_out)}
+        response = base(choices) | {"usage": usage(tracker.prompt_tokens, n_out)}
+        if body.prompt_logprobs is not None:
+            response["prompt_logprobs"] = vllm_prompt_logprobs(
+                prompt.token_ids, final.prompt_logprobs, body.prompt_logprobs
+            )
+        return response
 
     streamers = {j: plan.parser.streamer() for j in range(body.n)} if plan.parser else {}
     called: set[int] = set()  # samples that streamed a tool call
