@@ -361,6 +361,33 @@ def test_completion_stream_with_usage_then_done(server):
     events = [json.loads(ln[6:]) for ln in lines[:-1]]
     assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 10
     assert events[-2]["choices"][0]["finish_reason"] == "length"
+    assert all("usage" not in e for e in events[:-1])
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat/completions"])
+def test_continuous_usage_stats_in_every_chunk(server, endpoint):
+    body = {
+        "model": MODEL,
+        "max_tokens": 10,
+        "temperature": 0,
+        "ignore_eos": True,
+        "n": 2,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+    if endpoint == "completions":
+        body["prompt"] = "Count: 1, 2,"
+    else:
+        body["messages"] = [{"role": "user", "content": "Count to ten."}]
+    with httpx.stream("POST", f"{server.url}/v1/{endpoint}", json=body, timeout=60) as r:
+        events = [json.loads(ln[6:]) for ln in r.iter_lines() if ln and ln != "data: [DONE]"]
+    used = [e["usage"]["completion_tokens"] for e in events]
+    prompt = {e["usage"]["prompt_tokens"] for e in events}
+    assert len(prompt) == 1 and prompt.pop() > 0
+    assert used == sorted(used) and used[0] <= 1 and used[-1] == 20  # running, then the total
+    assert all(
+        e["usage"]["total_tokens"] == e["usage"]["prompt_tokens"] + n for e, n in zip(events, used)
+    )
 
 
 def test_64_concurrent_streams(server, llm_f32):

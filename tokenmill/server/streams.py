@@ -60,6 +60,24 @@ def _stream_end(
     return lines + [DONE]
 
 
+def _chunker(
+    body: CompletionRequest | ChatCompletionRequest, base: Any, tracker: Any, counts: dict[int, int]
+) -> Any:
+    """The SSE line of a chunk with these choices; with stream_options' include_usage and
+    continuous_usage_stats (vLLM's), every chunk carries the usage so far: the prompt and the
+    tokens generated until then over all choices."""
+    options = body.stream_options
+    running = bool(options and options.include_usage and options.continuous_usage_stats)
+
+    def chunk(choices: list[dict]) -> str:
+        data = base(choices)
+        if running:
+            data["usage"] = usage(tracker.prompt_tokens, sum(counts.values()))
+        return sse(data)
+
+    return chunk
+
+
 async def completion_response(
     serving: OpenAIServing, body: CompletionRequest
 ) -> AsyncIterator[str] | Coroutine[Any, Any, dict]:
@@ -125,6 +143,7 @@ async def completion_response(
 
     async def stream() -> AsyncIterator[str]:
         counts: dict[int, int] = {}
+        chunk = _chunker(body, base, tracker, counts)
         offsets: dict[int, int] = {}
         done: set[int] = set()  # choices whose finish_reason went out (outputs repeat them)
         try:
@@ -149,17 +168,15 @@ async def completion_response(
                         echo_lp, completion_logprobs(o, tok, k, start, offsets.get(idx, 0))
                     )
                     offsets[idx] = offsets.get(idx, 0) + len(o.delta_text)
-                    yield sse(
-                        base(
-                            [
-                                {
-                                    "index": idx,
-                                    "text": echo + o.delta_text,
-                                    "logprobs": lp,
-                                    "finish_reason": o.finish_reason,
-                                }
-                            ]
-                        )
+                    yield chunk(
+                        [
+                            {
+                                "index": idx,
+                                "text": echo + o.delta_text,
+                                "logprobs": lp,
+                                "finish_reason": o.finish_reason,
+                            }
+                        ]
                     )
             for line in _stream_end(body, base([]), tracker.prompt_tokens, counts):
                 yield line
@@ -282,19 +299,18 @@ async def chat_response(
 
     async def stream() -> AsyncIterator[str]:
         counts: dict[int, int] = {}
+        chunk = _chunker(body, base, tracker, counts)
         try:
             for j in range(body.n):
-                yield sse(
-                    base(
-                        [
-                            {
-                                "index": j,
-                                "delta": {"role": "assistant", "content": ""},
-                                "logprobs": None,
-                                "finish_reason": None,
-                            }
-                        ]
-                    )
+                yield chunk(
+                    [
+                        {
+                            "index": j,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ]
                 )
             done: set[int] = set()  # samples whose finish_reason went out (outputs repeat them)
             async for _, out in serving.merged(streams, tracker):
@@ -309,35 +325,29 @@ async def chat_response(
                     if not pieces and o.delta_token_ids and body.logprobs:
                         pieces = [{"content": ""}]
                     for i, delta in enumerate(pieces):
-                        yield sse(
-                            base(
-                                [
-                                    {
-                                        "index": o.index,
-                                        "delta": delta,
-                                        "logprobs": chat_logprobs(o, tok, k, start)
-                                        if i == 0
-                                        else None,
-                                        "finish_reason": None,
-                                    }
-                                ]
-                            )
+                        yield chunk(
+                            [
+                                {
+                                    "index": o.index,
+                                    "delta": delta,
+                                    "logprobs": chat_logprobs(o, tok, k, start) if i == 0 else None,
+                                    "finish_reason": None,
+                                }
+                            ]
                         )
                     if o.finished:
                         reason = o.finish_reason
                         if o.index in called and reason == "stop":
                             reason = "tool_calls"
-                        yield sse(
-                            base(
-                                [
-                                    {
-                                        "index": o.index,
-                                        "delta": {},
-                                        "logprobs": None,
-                                        "finish_reason": reason,
-                                    }
-                                ]
-                            )
+                        yield chunk(
+                            [
+                                {
+                                    "index": o.index,
+                                    "delta": {},
+                                    "logprobs": None,
+                                    "finish_reason": reason,
+                                }
+                            ]
                         )
             for line in _stream_end(body, base([]), tracker.prompt_tokens, counts):
                 yield line
