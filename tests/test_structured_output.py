@@ -214,6 +214,20 @@ def test_json_objects_closed_unless_the_schema_says(llm_f32, schema, text, accep
     assert _accepts(llm_f32, schema, text) is accepted
 
 
+def test_too_deep_schemas_are_grammar_errors():
+    """Deeper than Python's recursion: a GrammarError (a 400), not a RecursionError (a 500)."""
+    from tokenmill.engine.structured_output import GrammarError, close_objects
+    from tokenmill.server.tools import tool_call_grammar
+
+    deep: dict = {"type": "string"}
+    for _ in range(5000):
+        deep = {"type": "object", "properties": {"a": deep}}
+    with pytest.raises(GrammarError, match="nests too deeply"):
+        close_objects(deep)
+    with pytest.raises(GrammarError, match="nests too deeply"):
+        tool_call_grammar([{"name": "f", "parameters": {"type": "object", "x": deep}}], False)
+
+
 def test_manager_caches_compilations(llm_f32):
     manager: StructuredOutputManager = llm_f32.engine.structured_outputs
     spec = StructuredOutputsParams(json=SCHEMAS["person"])

@@ -106,8 +106,11 @@ def close_objects(schema: Any) -> Any:
             out["additionalProperties"] = False
         return out
 
-    scan(schema)
-    return close(schema, False)
+    try:
+        scan(schema)
+        return close(schema, False)
+    except RecursionError:
+        raise GrammarError("the JSON schema nests too deeply") from None
 
 
 class GrammarError(ValueError):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokenmill.engine.chat_template import apply_tool_fallback, template_supports_tools
-from tokenmill.engine.structured_output import JSON_OPTIONS, close_objects
+from tokenmill.engine.structured_output import JSON_OPTIONS, GrammarError, close_objects
 from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.engine.tool_parsers import (
     PARSERS,
@@ -81,10 +81,12 @@ def tool_call_grammar(functions: list[dict[str, Any]], parallel: bool) -> str:
     schema = options[0] if len(options) == 1 else {"anyOf": options}
     schema = {**schema, "x-guidance": JSON_OPTIONS}
     repeat = ' ("\\n" call)*' if parallel else ""
+    try:
+        body = json.dumps(schema)
+    except RecursionError:
+        raise GrammarError("the tools' parameter schemas nest too deeply") from None
     return (
-        f"start: call{repeat}\n"
-        'call: "<tool_call>\\n" body "\\n</tool_call>"\n'
-        f"body: %json {json.dumps(schema)}\n"
+        f'start: call{repeat}\ncall: "<tool_call>\\n" body "\\n</tool_call>"\nbody: %json {body}\n'
     )
 
 
