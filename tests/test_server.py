@@ -227,16 +227,15 @@ def test_logit_bias_forces_and_bans_over_http(client, llm_f32):
 def test_chat_accepts_openai_fields_without_effect_here(client):
     kw = dict(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
     plain = client.chat.completions.create(temperature=0, **kw)
-    extra = client.chat.completions.create(
-        temperature=0,
-        store=False,
-        metadata={"team": "a"},
-        service_tier="auto",
-        prompt_cache_key="k1",
-        safety_identifier="user-1",
-        modalities=["text"],
-        **kw,
-    )
+    fields = {  # as the body's fields: older SDKs (the lowest pins) have no keywords for them
+        "store": False,
+        "metadata": {"team": "a"},
+        "service_tier": "auto",
+        "prompt_cache_key": "k1",
+        "safety_identifier": "user-1",
+        "modalities": ["text"],
+    }
+    extra = client.chat.completions.create(temperature=0, extra_body=fields, **kw)
     assert extra.choices[0].message.content == plain.choices[0].message.content
 
 
