@@ -181,6 +181,25 @@ def test_logit_bias_bans_and_forces_tokens_in_a_mixed_batch(llm_f32):
         llm_f32.generate(prompt, SamplingParams(allowed_token_ids=[10**7]))
 
 
+def test_bad_words_never_appear_in_the_output(llm_f32):
+    tok = llm_f32.get_tokenizer()
+    prompt = "List some colors: red, green,"
+    plain = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    base = llm_f32.generate(prompt, plain)[0].outputs[0]
+    words = [w.strip(",.") for w in base.text.split() if w.strip(",.").isalpha()][:2]
+    assert words, base.text
+
+    def spelled(ids: list[int], word: str) -> bool:
+        seqs = [tok.encode(t, add_special_tokens=False) for t in (word, " " + word)]
+        return any(ids[i : i + len(q)] == q for q in seqs for i in range(len(ids)))
+
+    assert any(spelled(base.token_ids, w) for w in words)  # the unbanned output has them
+    banned = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, bad_words=words)
+    outs = llm_f32.generate([prompt, prompt], [banned, plain])  # in one batch
+    assert outs[1].outputs[0].token_ids == base.token_ids
+    assert not any(spelled(outs[0].outputs[0].token_ids, w) for w in words), outs[0].outputs[0].text
+
+
 def test_vllm_dict_prompts(llm_f32):
     p = SamplingParams(temperature=0, max_tokens=4)
     ids = llm_f32.get_tokenizer().encode("The weather today")

@@ -40,6 +40,7 @@ def _metadata(
     output_ids: list[list[int]] | None = None,
     generators: dict[int, torch.Generator] | None = None,
     stop_ids: list[set[int]] | None = None,
+    bad_words: list[tuple[tuple[int, ...], ...]] | None = None,
 ) -> SamplingMetadata:
     n = len(params)
     return build_sampling_metadata(
@@ -50,6 +51,7 @@ def _metadata(
         vocab_size,
         CPU,
         stop_ids,
+        bad_words,
     )
 
 
@@ -214,6 +216,21 @@ def test_allowed_token_ids_mask_the_rest_with_min_tokens() -> None:
     allowed = SamplingParams(allowed_token_ids=[0, 1])  # sampled: only those ever come out
     freq = _frequencies(Sampler(TorchOps()), allowed, _base_logits()[0], 2000)
     assert freq[2] == 0 and freq[3] == 0 and freq[0] > 0 and freq[1] > 0
+
+
+def test_bad_words_ban_the_token_that_would_complete_one() -> None:
+    words = ((3,), (7, 9), (5, 8), (1, 2, 4), (2, 7, 6))
+    params = [SamplingParams(temperature=0.0, bad_words=["x"])] * 2 + [SamplingParams()]
+    md = _metadata(params, 10, output_ids=[[5, 7], [], [7]], bad_words=[words, words, ()])
+    assert md.forbidden_mask is not None
+    # 3 always; row 0's output ends with 7 (bans 9), not with 5, [1, 2] or [2, 7] (8, 4, 6 stay)
+    assert torch.nonzero(md.forbidden_mask).tolist() == [[0, 3], [0, 9], [1, 3]]
+
+
+@pytest.mark.parametrize("words", [[""], ["  "], [3], "abc"])
+def test_bad_words_validation(words: object) -> None:
+    with pytest.raises(ValueError, match="bad_words"):
+        SamplingParams(bad_words=words)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("ids", [[], [-1], [True], ["3"], 3])

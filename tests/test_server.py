@@ -342,6 +342,40 @@ def test_vllm_prompt_logprobs(server, client, llm_f32):
     )
 
 
+def test_bad_words_and_token_ids_as_names(client, llm_f32):
+    prompt = "List some colors: red, green,"
+    first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0)
+    word = first.choices[0].text.split()[0].strip(",")
+    banned = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=3, temperature=0, extra_body={"bad_words": [word]}
+    )
+    assert word not in banned.choices[0].text
+    r = client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=3,
+        temperature=0,
+        logprobs=2,
+        extra_body={"return_tokens_as_token_ids": True},
+    )
+    lp = r.choices[0].logprobs
+    assert all(t.startswith("token_id:") for t in lp.tokens)
+    ids = [int(t.removeprefix("token_id:")) for t in lp.tokens]
+    assert llm_f32.get_tokenizer().decode(ids) == r.choices[0].text
+    assert all(k.startswith("token_id:") for top in lp.top_logprobs for k in top)
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=3,
+        logprobs=True,
+        top_logprobs=1,
+        extra_body={"return_tokens_as_token_ids": True},
+    )
+    items = chat.choices[0].logprobs.content
+    assert all(x.token.startswith("token_id:") for x in items)
+    assert all(x.top_logprobs[0].token.startswith("token_id:") for x in items)
+
+
 def test_completion_stream_with_usage_then_done(server):
     body = {
         "model": MODEL,
@@ -506,6 +540,8 @@ def _err(r: httpx.Response, status: int) -> dict:
         ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
         ({"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
         ({"allowed_token_ids": []}, None),
+        ({"bad_words": ["x"] * 17}, "bad_words"),
+        ({"bad_words": [" "]}, None),
         ({"allowed_token_ids": [10**8]}, None),
     ],
 )

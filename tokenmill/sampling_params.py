@@ -74,7 +74,9 @@ class SamplingParams:
     `logit_bias` maps token ids to a value in [-100, 100] added to that token's logit before
     the penalties and sampling (OpenAI's meaning: -100 bans a token, 100 all but forces it);
     like the penalties it shapes what is sampled, not the logprobs reported. `allowed_token_ids`
-    (vLLM's) restricts sampling to those ids, the same way.
+    (vLLM's) restricts sampling to those ids, the same way. `bad_words` (vLLM's) are texts the
+    output may not contain as whole token sequences: the engine tokenizes each (as written and
+    after a space), and a sequence's last token is banned whenever the output ends with the rest.
     """
 
     n: int = 1
@@ -98,6 +100,7 @@ class SamplingParams:
     structured_outputs: StructuredOutputsParams | None = None
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -188,6 +191,11 @@ class SamplingParams:
             )
         ):
             bad("allowed_token_ids must be a non-empty list of token ids (integers >= 0)")
+        if self.bad_words is not None and (
+            not isinstance(self.bad_words, (list, tuple))
+            or any(not isinstance(w, str) or not w.strip() for w in self.bad_words)
+        ):
+            bad("bad_words must be a list of non-blank strings")
         if self.structured_outputs is not None and not isinstance(
             self.structured_outputs, StructuredOutputsParams
         ):
@@ -199,12 +207,13 @@ class SamplingParams:
 
     @property
     def adjusts_logits(self) -> bool:
-        """Whether the logits are changed before sampling (logit_bias, allowed_token_ids or a
-        penalty): such a
+        """Whether the logits are changed before sampling (logit_bias, allowed_token_ids,
+        bad_words or a penalty): such a
         request needs the full sampler, not a bare argmax or draw."""
         return bool(
             self.logit_bias
             or self.allowed_token_ids
+            or self.bad_words
             or self.repetition_penalty != 1.0
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0

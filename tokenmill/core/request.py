@@ -50,6 +50,7 @@ class Request:
         "num_preemptions",
         "block_hashes",
         "num_cached_tokens",
+        "bad_words_token_ids",
         "extra",
     )
 
@@ -61,6 +62,7 @@ class Request:
         eos_token_ids: frozenset[int] | set[int],
         max_tokens: int,
         arrival_time: float = 0.0,
+        bad_words_token_ids: tuple[tuple[int, ...], ...] = (),
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -68,6 +70,8 @@ class Request:
         self.sampling_params = sampling_params
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_tokens = max_tokens
+        # sampling_params.bad_words as token sequences (the engine's tokenizer made them)
+        self.bad_words_token_ids = bad_words_token_ids
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.stop_reason: int | str | None = None

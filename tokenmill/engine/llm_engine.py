@@ -306,9 +306,10 @@ class LLMEngine:
         )
         for child in children[1:]:
             child.prompt_logprobs = None  # the prompt is scored once, by the first sample
+        bad_words = self._bad_words_token_ids(params.bad_words)
         samples = []
         for i, p in enumerate(children):
-            req = Request(f"{request_id}#{i}", ids, p, eos, max_tokens, time.monotonic())
+            req = Request(f"{request_id}#{i}", ids, p, eos, max_tokens, time.monotonic(), bad_words)
             detok = IncrementalDetokenizer(
                 self.tokenizer,
                 ids,
@@ -368,6 +369,17 @@ class LLMEngine:
                 s.matcher = self.structured_outputs.new_matcher(fut.result())
             self._schedule_group(group)
         return failed
+
+    def _bad_words_token_ids(self, words: list[str] | None) -> tuple[tuple[int, ...], ...]:
+        """Each bad word as the token sequences that spell it: as written (stripped on the
+        left) and after a space, which byte-level and sentencepiece vocabularies spell apart."""
+        seqs: dict[tuple[int, ...], None] = {}
+        for word in words or []:
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = tuple(self.tokenizer.encode(text, add_special_tokens=False))
+                if ids:
+                    seqs[ids] = None
+        return tuple(seqs)
 
     def _check_params_fit_model(self, params: SamplingParams) -> None:
         """Limits that depend on the model: caught here so a bad value never reaches a step."""

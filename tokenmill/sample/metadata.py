@@ -85,9 +85,11 @@ def _forbidden_mask(
     stop_ids: list[set[int]] | None,
     vocab_size: int,
     device: torch.device,
+    bad_words: list[tuple[tuple[int, ...], ...]] | None = None,
 ) -> torch.Tensor | None:
     """True where a row may not sample a token: a stop id while the row has fewer than
-    min_tokens outputs, any id outside its allowed_token_ids. None when no row has either."""
+    min_tokens outputs, any id outside its allowed_token_ids, the last token of a bad word's
+    sequence whose other tokens end the output. None when no row has any."""
     rows: list[int] = []
     cols: list[int] = []
     allow_rows: list[int] = []
@@ -97,6 +99,11 @@ def _forbidden_mask(
             valid = [t for t in stop_ids[i] if 0 <= t < vocab_size]
             rows.extend([i] * len(valid))
             cols.extend(valid)
+        for seq in bad_words[i] if bad_words is not None else ():
+            head = list(seq[:-1])
+            if (not head or output_ids[i][-len(head) :] == head) and 0 <= seq[-1] < vocab_size:
+                rows.append(i)
+                cols.append(seq[-1])
         if p.allowed_token_ids:
             valid = [t for t in p.allowed_token_ids if 0 <= t < vocab_size]
             allow_rows.extend([i] * len(valid))
@@ -145,18 +152,22 @@ def build_sampling_metadata(
     vocab_size: int,
     device: torch.device,
     stop_ids_for_min_tokens: list[set[int]] | None = None,
+    bad_words_token_ids: list[tuple[tuple[int, ...], ...]] | None = None,
 ) -> SamplingMetadata:
     """Batch the rows' sampling settings into tensors on `device`.
 
     `generators` maps a row index to that request's own generator (seeded requests).
     `stop_ids_for_min_tokens[i]` holds the ids (eos + stop_token_ids) that row i may not emit
-    while it has fewer than `params[i].min_tokens` output tokens.
+    while it has fewer than `params[i].min_tokens` output tokens. `bad_words_token_ids[i]` are
+    row i's bad words as token sequences (`Request.bad_words_token_ids`).
     """
     num_rows = len(params)
     if len(prompt_ids) != num_rows or len(output_ids) != num_rows:
         raise ValueError("params, prompt_ids and output_ids must have one entry per row")
     if stop_ids_for_min_tokens is not None and len(stop_ids_for_min_tokens) != num_rows:
         raise ValueError("stop_ids_for_min_tokens must have one entry per row")
+    if bad_words_token_ids is not None and len(bad_words_token_ids) != num_rows:
+        raise ValueError("bad_words_token_ids must have one entry per row")
     if any(not 0 <= i < num_rows for i in generators):
         raise ValueError(f"generator row indices must be in [0, {num_rows})")
 
@@ -191,7 +202,7 @@ def build_sampling_metadata(
         ),
         output_token_ids=_padded_ids(output_ids, vocab_size, device) if any_penalty else None,
         forbidden_mask=_forbidden_mask(
-            params, output_ids, stop_ids_for_min_tokens, vocab_size, device
+            params, output_ids, stop_ids_for_min_tokens, vocab_size, device, bad_words_token_ids
         ),
         logit_bias=_logit_bias(params, vocab_size, device),
         generators=dict(generators),

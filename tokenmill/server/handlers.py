@@ -191,20 +191,34 @@ def _top(lp: dict, k: int) -> list[tuple[int, Any]]:
     return sorted(alts, key=lambda tv: -tv[1].logprob)[:k]
 
 
+def _name(token_id: int, text: str | None, as_ids: bool) -> str:
+    """How a logprobs object names a token: its text, or with vLLM's
+    `return_tokens_as_token_ids` "token_id:<id>" (exact, where texts can be U+FFFD or equal)."""
+    return f"token_id:{token_id}" if as_ids else (text or "")
+
+
 def completion_logprobs(
-    o: CompletionOutput, tokenizer: Any, k: int, start: int = 0, text_offset: int = 0
+    o: CompletionOutput,
+    tokenizer: Any,
+    k: int,
+    start: int = 0,
+    text_offset: int = 0,
+    as_ids: bool = False,
 ) -> dict[str, Any] | None:
-    """The legacy completions logprobs object for output tokens [start:]."""
+    """The legacy completions logprobs object for output tokens [start:] (`as_ids`: tokens
+    named by id, see `_name`)."""
     if o.logprobs is None:
         return None
     tokens, token_lps, tops, offsets = [], [], [], []
     offset = text_offset
     for tok, lp in zip(o.token_ids[start:], o.logprobs[start:]):
         piece = tokenizer.decode([tok], skip_special_tokens=False)
-        tokens.append(piece)
+        tokens.append(_name(tok, piece, as_ids))
         token_lps.append(_json_logprob(lp[tok].logprob))
         tops.append(
-            {v.decoded_token: _json_logprob(v.logprob) for _, v in _top(lp, k)} if k else None
+            {_name(t, v.decoded_token, as_ids): _json_logprob(v.logprob) for t, v in _top(lp, k)}
+            if k
+            else None
         )
         offsets.append(offset)
         offset += len(piece)
@@ -217,7 +231,11 @@ def completion_logprobs(
 
 
 def prompt_logprobs_object(
-    token_ids: list[int], prompt_logprobs: list | None, tokenizer: Any, k: int
+    token_ids: list[int],
+    prompt_logprobs: list | None,
+    tokenizer: Any,
+    k: int,
+    as_ids: bool = False,
 ) -> dict[str, Any]:
     """The legacy completions logprobs object of an echoed prompt (the first token's logprob
     and alternatives are null: nothing predicts it)."""
@@ -225,12 +243,12 @@ def prompt_logprobs_object(
     offset = 0
     for tok, lp in zip(token_ids, prompt_logprobs or []):
         piece = tokenizer.decode([tok], skip_special_tokens=False)
-        tokens.append(piece)
+        tokens.append(_name(tok, piece, as_ids))
         offsets.append(offset)
         offset += len(piece)
         token_lps.append(None if lp is None else _json_logprob(lp[tok].logprob))
         tops.append(
-            {v.decoded_token: _json_logprob(v.logprob) for _, v in _top(lp, k)}
+            {_name(t, v.decoded_token, as_ids): _json_logprob(v.logprob) for t, v in _top(lp, k)}
             if k and lp is not None
             else None
         )
@@ -243,7 +261,7 @@ def prompt_logprobs_object(
 
 
 def vllm_prompt_logprobs(
-    token_ids: list[int], prompt_logprobs: list | None, k: int
+    token_ids: list[int], prompt_logprobs: list | None, k: int, as_ids: bool = False
 ) -> list[dict[str, Any] | None]:
     """vLLM's `prompt_logprobs` of a response: per prompt token, {token id: {logprob, rank,
     decoded_token}} for the token itself and its top-k alternatives (None for the first token,
@@ -259,7 +277,7 @@ def vllm_prompt_logprobs(
                 str(t): {
                     "logprob": _json_logprob(v.logprob),
                     "rank": v.rank,
-                    "decoded_token": v.decoded_token,
+                    "decoded_token": _name(t, v.decoded_token, as_ids),
                 }
                 for t, v in entries.items()
             }
@@ -277,7 +295,7 @@ def join_logprobs(
 
 
 def chat_logprobs(
-    o: CompletionOutput, tokenizer: Any, k: int, start: int = 0
+    o: CompletionOutput, tokenizer: Any, k: int, start: int = 0, as_ids: bool = False
 ) -> dict[str, Any] | None:
     """The chat logprobs object ({"content": [...]}) for output tokens [start:]. A token's
     "bytes" are its own (OpenAI's meaning: the pieces of a character split over tokens join
@@ -290,16 +308,16 @@ def chat_logprobs(
         raw = tokenizer.token_bytes([tok, *(i for i, _ in top)])
         content.append(
             {
-                "token": tokenizer.decode([tok], skip_special_tokens=False),
+                "token": _name(tok, tokenizer.decode([tok], skip_special_tokens=False), as_ids),
                 "logprob": _json_logprob(lp[tok].logprob),
                 "bytes": list(raw[0]),
                 "top_logprobs": [
                     {
-                        "token": v.decoded_token,
+                        "token": _name(t, v.decoded_token, as_ids),
                         "logprob": _json_logprob(v.logprob),
                         "bytes": list(b),
                     }
-                    for (_, v), b in zip(top, raw[1:])
+                    for (t, v), b in zip(top, raw[1:])
                 ],
             }
         )

@@ -139,12 +139,15 @@ class _Common(_Request):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None  # capped like stop strings
     # None: the endpoint's default (completions add BOS / EOS as the tokenizer does, chat does
     # not: the template writes them)
     add_special_tokens: bool | None = None
     truncate_prompt_tokens: int | None = Field(default=None, ge=-1)  # keep the last k; -1: context
     # vLLM's: each prompt token's logprob and top-k alternatives, in the response
     prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    # vLLM's: logprobs name tokens "token_id:<id>" instead of by their text
+    return_tokens_as_token_ids: bool = False
     # structured output: OpenAI's response_format, vLLM's structured_outputs and guided_*
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsBody | None = None
@@ -199,6 +202,15 @@ class _Common(_Request):
         if any(len(x) > limits.max_stop_length for x in stops):
             raise UnsupportedParameter(
                 "stop", f"stop strings are limited to {limits.max_stop_length} characters"
+            )
+        words = self.bad_words or []
+        if len(words) > limits.max_stop_strings or any(
+            len(w) > limits.max_stop_length for w in words
+        ):
+            raise UnsupportedParameter(
+                "bad_words",
+                f"at most {limits.max_stop_strings} bad_words of {limits.max_stop_length} "
+                "characters",
             )
         ids = self.stop_token_ids or []
         if len(ids) > limits.max_stop_token_ids:
@@ -272,6 +284,7 @@ class _Common(_Request):
             structured_outputs=self.structured_spec(),
             logit_bias=self.token_logit_bias(),
             allowed_token_ids=self.allowed_token_ids,
+            bad_words=self.bad_words,
         )
         optional = dict(
             temperature=self.temperature,

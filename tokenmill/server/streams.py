@@ -96,6 +96,7 @@ async def completion_response(
     created, n = int(time.time()), body.n
     tok = serving.tokenizer
     k = body.logprobs or 0
+    as_ids = body.return_tokens_as_token_ids
 
     def echo_text(p: PreparedPrompt) -> str:
         return p.text if p.text is not None else tok.decode(p.token_ids)
@@ -104,7 +105,7 @@ async def completion_response(
         """The echoed prompt's part of the logprobs object (None without logprobs)."""
         if body.logprobs is None:
             return None
-        return prompt_logprobs_object(prompts[i].token_ids, out.prompt_logprobs, tok, k)
+        return prompt_logprobs_object(prompts[i].token_ids, out.prompt_logprobs, tok, k, as_ids)
 
     def base(choices: list[dict]) -> dict:
         return {
@@ -124,7 +125,7 @@ async def completion_response(
             prefix = echo_text(prompts[i]) if body.echo else ""
             for o in final[i].outputs:
                 n_out += len(o.token_ids)
-                lp = completion_logprobs(o, tok, k, text_offset=len(prefix))
+                lp = completion_logprobs(o, tok, k, text_offset=len(prefix), as_ids=as_ids)
                 if body.echo:
                     lp = join_logprobs(echo_logprobs(i, final[i]), lp)
                 choice = {
@@ -135,7 +136,7 @@ async def completion_response(
                 }
                 if body.prompt_logprobs is not None:
                     choice["prompt_logprobs"] = vllm_prompt_logprobs(
-                        prompts[i].token_ids, final[i].prompt_logprobs, body.prompt_logprobs
+                        prompts[i].token_ids, final[i].prompt_logprobs, body.prompt_logprobs, as_ids
                     )
                 choices.append(choice)
         choices.sort(key=lambda c: c["index"])
@@ -165,7 +166,7 @@ async def completion_response(
                         continue
                     start = len(o.token_ids) - len(o.delta_token_ids)
                     lp = join_logprobs(
-                        echo_lp, completion_logprobs(o, tok, k, start, offsets.get(idx, 0))
+                        echo_lp, completion_logprobs(o, tok, k, start, offsets.get(idx, 0), as_ids)
                     )
                     offsets[idx] = offsets.get(idx, 0) + len(o.delta_text)
                     yield chunk(
@@ -229,6 +230,7 @@ async def chat_response(
     rid, streams, tracker = await serving.start([prompt], params, "chatcmpl")
     created = int(time.time())
     k = body.top_logprobs or 0
+    as_ids = body.return_tokens_as_token_ids
 
     def base(choices: list[dict]) -> dict:
         return {
@@ -262,7 +264,7 @@ async def chat_response(
                 {
                     "index": o.index,
                     "message": msg,
-                    "logprobs": chat_logprobs(o, tok, k),
+                    "logprobs": chat_logprobs(o, tok, k, 0, as_ids),
                     "finish_reason": reason,
                 }
             )
@@ -270,7 +272,7 @@ async def chat_response(
         response = base(choices) | {"usage": usage(tracker.prompt_tokens, n_out)}
         if body.prompt_logprobs is not None:
             response["prompt_logprobs"] = vllm_prompt_logprobs(
-                prompt.token_ids, final.prompt_logprobs, body.prompt_logprobs
+                prompt.token_ids, final.prompt_logprobs, body.prompt_logprobs, as_ids
             )
         return response
 
@@ -330,7 +332,9 @@ async def chat_response(
                                 {
                                     "index": o.index,
                                     "delta": delta,
-                                    "logprobs": chat_logprobs(o, tok, k, start) if i == 0 else None,
+                                    "logprobs": chat_logprobs(o, tok, k, start, as_ids)
+                                    if i == 0
+                                    else None,
                                     "finish_reason": None,
                                 }
                             ]

@@ -470,6 +470,7 @@ class ModelRunner:
             self.vocab_size,
             self.device,
             min_tok_stops,
+            [r.bad_words_token_ids for r in reqs],
         )
 
     def _sample(self, reqs: list[Request], logits: torch.Tensor) -> ModelRunnerOutput:
