@@ -32,7 +32,8 @@ class SamplingMetadata:
     frequency_penalty: torch.Tensor | None  # [num_rows] float32
     prompt_token_ids: torch.Tensor | None  # [num_rows, max_prompt_len] int64
     output_token_ids: torch.Tensor | None  # [num_rows, max_out_len] int64
-    # [num_rows, vocab_size] bool, True = may not be sampled (min_tokens, allowed_token_ids)
+    # [num_rows, vocab_size] bool, True = may not be sampled (min_tokens, allowed_token_ids,
+    # bad_words)
     forbidden_mask: torch.Tensor | None
     # logit_bias of the rows that have one, as (row, token id, bias) triples: [n] int64, [n]
     # int64, [n] float32
