@@ -543,6 +543,7 @@ def _err(r: httpx.Response, status: int) -> dict:
         ({"bad_words": ["x"] * 17}, "bad_words"),
         ({"bad_words": [" "]}, None),
         ({"allowed_token_ids": [10**8]}, None),
+        ({"allowed_token_ids": list(range(4097))}, "allowed_token_ids"),
     ],
 )
 def test_invalid_completion_params(server, patch, param):

@@ -35,6 +35,7 @@ class RequestLimits:
     max_prompts: int = 256  # prompts in one completions request
     max_tools: int = 128  # tools in one chat request
     max_logit_bias: int = 300  # logit_bias entries (OpenAI's limit)
+    max_allowed_token_ids: int = 4096  # the mask is rebuilt every step from these
     max_request_tokens: int = 1 << 17  # n x max_tokens (x prompts) one request may ask for
 
 
@@ -222,6 +223,10 @@ class _Common(_Request):
         if self.truncate_prompt_tokens == 0:
             raise UnsupportedParameter(
                 "truncate_prompt_tokens", "truncate_prompt_tokens must be >= 1 (or -1)"
+            )
+        if len(self.allowed_token_ids or []) > limits.max_allowed_token_ids:
+            raise UnsupportedParameter(
+                "allowed_token_ids", f"at most {limits.max_allowed_token_ids} allowed_token_ids"
             )
         if len(self.logit_bias or {}) > limits.max_logit_bias:
             raise UnsupportedParameter(

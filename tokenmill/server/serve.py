@@ -50,6 +50,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         ("max_prompts", "most prompts per completions request"),
         ("max_tools", "most tools per chat request"),
         ("max_logit_bias", "most logit_bias entries per request"),
+        ("max_allowed_token_ids", "most allowed_token_ids per request"),
         ("max_request_tokens", "largest n x max_tokens x prompts of a request"),
     ):
         p.add_argument(
