@@ -1,16 +1,16 @@
 """Fairness: an abusive but valid request (the most stop strings allowed, each as long as
 allowed; n at its cap; a long max_tokens; its own seeded generator) must not slow a plain greedy
-stream beyond 2x its time per token alone. The stop-string scan costs O(new text) per step, and
-every running sequence gets a token every step, so the abuser only adds its share of a batched
-step.
+stream more than a plain request of the same shape does. The stop-string scan costs O(new text)
+per step, and every running sequence gets a token every step, so the abuser only adds its share
+of a batched step, like any request with as many samples.
 
-The cap on n is 2, so the victim shares each step with 2 abusive samples. What a larger batch
-costs is the hardware's, not the abuse's: on 2 cores each row beyond the first adds ~25-35% to
-the default model's step (its linears are compute-bound at a few rows, and a long-running
-sample's context adds attention). Two such requests (4 extra rows) took 2.2-2.5x a solo step
-once the solo step was as fast as the offline engine's, however the rows were asked for, so the
-2x bound could not tell abuse from batch size. The step-counted test below checks the
-scheduling side beside two n=8 abusers."""
+The abuser is therefore compared with a plain request of the same n and max_tokens (no stop
+strings, no seed), not with no load: what a larger batch costs is the hardware's, not the
+abuse's. On 2 cores each row beyond the first adds ~25-35% to the default model's step (its
+linears are compute-bound at a few rows, and a long-running sample's context adds attention),
+so against no load even the plain request of the same shape sits near 2x, and a bound there
+could not tell abuse from batch size (it failed CI runs at 2.1x). The step-counted test below
+checks the scheduling side beside two n=8 abusers."""
 
 from __future__ import annotations
 
@@ -59,50 +59,48 @@ def _time_per_token(url: str) -> float:
 def test_abusive_requests_do_not_starve_a_stream(server):
     stop = [f"{i:03d}" + "never appears " * 18 for i in range(16)]  # 16 x 256 characters
     # one request abusing every valid knob at once: n at its cap, the most and longest stop
-    # strings, a long max_tokens, its own seeded generator
-    abusers = [
-        {"prompt": "Count to a thousand:", "n": MAX_N, "max_tokens": 700, "stop": stop, "seed": 1},
-    ]
+    # strings, a long max_tokens, its own seeded generator; and a plain one of the same shape
+    plain = {"prompt": "Count to a thousand:", "n": MAX_N, "max_tokens": 700}
+    abusive = {**plain, "stop": stop, "seed": 1}
 
-    def loaded_time_per_token() -> float:
+    def loaded_time_per_token(load: dict) -> float:
         stop_event = threading.Event()
 
-        def abuse(extra: dict) -> None:
-            body = {"model": MODEL, "stream": True, "ignore_eos": True, **extra}
+        def run_load() -> None:
+            body = {"model": MODEL, "stream": True, "ignore_eos": True, **load}
             with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=300) as r:
                 assert r.status_code == 200, r.read()
                 # raw chunks: parsing every event here would take CPU from the server
                 for _ in r.iter_raw(1 << 16):
                     if stop_event.is_set():
-                        return  # disconnect: the server aborts them
+                        return  # disconnect: the server aborts it
 
-        threads = [threading.Thread(target=abuse, args=(a,)) for a in abusers]
-        for t in threads:
-            t.start()
-        time.sleep(2.0)  # the abusers are decoding
+        thread = threading.Thread(target=run_load)
+        thread.start()
+        time.sleep(2.0)  # the load is decoding
         try:
             return _time_per_token(server.url)
         finally:
             stop_event.set()
-            for t in threads:
-                t.join(120)
+            thread.join(120)
             server.wait_idle(60)
 
     # Interleaved rounds, the best of each: a shared machine's slow spells only add time. They
-    # can last several rounds and hit one side only (a 2.8x "ratio" from 3 rounds in a slow
-    # spell, 1.5x in a quiet one), so rounds go on, up to 8, until the best of each side is
-    # measured in a quiet stretch; abuse that really costs > 2x fails every round.
-    solo, loaded = [], []
+    # can last several rounds and hit one side only, so rounds go on, up to 8, until the best of
+    # each side is measured in a quiet stretch; abuse that really costs more fails every round.
+    with_plain, with_abuser = [], []
     for _ in range(8):
-        solo.append(_time_per_token(server.url))
-        loaded.append(loaded_time_per_token())
-        if len(solo) >= 2 and min(loaded) < 2 * min(solo):
+        with_plain.append(loaded_time_per_token(plain))
+        with_abuser.append(loaded_time_per_token(abusive))
+        if len(with_plain) >= 2 and min(with_abuser) < 1.5 * min(with_plain):
             break
     print(
-        f"time per token (ms): alone {[round(t * 1e3, 1) for t in solo]}, "
-        f"with the abusers {[round(t * 1e3, 1) for t in loaded]}"
+        f"time per token (ms): beside the plain request {[round(t * 1e3, 1) for t in with_plain]}, "
+        f"beside the abuser {[round(t * 1e3, 1) for t in with_abuser]}"
     )
-    assert min(loaded) < 2 * min(solo), f"{min(loaded) * 1e3:.1f} ms vs {min(solo) * 1e3:.1f} ms"
+    assert min(with_abuser) < 1.5 * min(with_plain), (
+        f"{min(with_abuser) * 1e3:.1f} ms vs {min(with_plain) * 1e3:.1f} ms"
+    )
 
 
 def test_every_running_sequence_gets_a_token_every_step(llm_f32):
