@@ -93,6 +93,7 @@ def _forbidden_mask(
     sequence whose other tokens end the output. None when no row has any."""
     rows: list[int] = []
     cols: list[int] = []
+    restricted: list[int] = []
     allow_rows: list[int] = []
     allow_cols: list[int] = []
     for i, p in enumerate(params):
@@ -106,10 +107,10 @@ def _forbidden_mask(
                 rows.append(i)
                 cols.append(seq[-1])
         if p.allowed_token_ids:
+            restricted.append(i)
             valid = [t for t in p.allowed_token_ids if 0 <= t < vocab_size]
             allow_rows.extend([i] * len(valid))
             allow_cols.extend(valid)
-    restricted = sorted({i for i, p in enumerate(params) if p.allowed_token_ids})
     if not rows and not restricted:
         return None
     mask = torch.zeros(len(params), vocab_size, dtype=torch.bool, device=device)

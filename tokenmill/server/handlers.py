@@ -197,6 +197,38 @@ def _name(token_id: int, text: str | None, as_ids: bool) -> str:
     return f"token_id:{token_id}" if as_ids else (text or "")
 
 
+def _legacy_logprobs(
+    token_ids: list[int],
+    logprobs: list,
+    tokenizer: Any,
+    k: int,
+    text_offset: int,
+    as_ids: bool,
+) -> dict[str, Any]:
+    """The legacy completions logprobs object ({tokens, token_logprobs, top_logprobs,
+    text_offset}) of tokens and their per-position logprobs; a None position (a prompt's first
+    token, which nothing predicts) has a null logprob and null alternatives."""
+    tokens, token_lps, tops, offsets = [], [], [], []
+    offset = text_offset
+    for tok, lp in zip(token_ids, logprobs):
+        piece = tokenizer.decode([tok], skip_special_tokens=False)
+        tokens.append(_name(tok, piece, as_ids))
+        token_lps.append(None if lp is None else _json_logprob(lp[tok].logprob))
+        tops.append(
+            {_name(t, v.decoded_token, as_ids): _json_logprob(v.logprob) for t, v in _top(lp, k)}
+            if k and lp is not None
+            else None
+        )
+        offsets.append(offset)
+        offset += len(piece)
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_lps,
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
+
+
 def completion_logprobs(
     o: CompletionOutput,
     tokenizer: Any,
@@ -209,25 +241,9 @@ def completion_logprobs(
     named by id, see `_name`)."""
     if o.logprobs is None:
         return None
-    tokens, token_lps, tops, offsets = [], [], [], []
-    offset = text_offset
-    for tok, lp in zip(o.token_ids[start:], o.logprobs[start:]):
-        piece = tokenizer.decode([tok], skip_special_tokens=False)
-        tokens.append(_name(tok, piece, as_ids))
-        token_lps.append(_json_logprob(lp[tok].logprob))
-        tops.append(
-            {_name(t, v.decoded_token, as_ids): _json_logprob(v.logprob) for t, v in _top(lp, k)}
-            if k
-            else None
-        )
-        offsets.append(offset)
-        offset += len(piece)
-    return {
-        "tokens": tokens,
-        "token_logprobs": token_lps,
-        "top_logprobs": tops,
-        "text_offset": offsets,
-    }
+    return _legacy_logprobs(
+        o.token_ids[start:], o.logprobs[start:], tokenizer, k, text_offset, as_ids
+    )
 
 
 def prompt_logprobs_object(
@@ -239,25 +255,7 @@ def prompt_logprobs_object(
 ) -> dict[str, Any]:
     """The legacy completions logprobs object of an echoed prompt (the first token's logprob
     and alternatives are null: nothing predicts it)."""
-    tokens, token_lps, tops, offsets = [], [], [], []
-    offset = 0
-    for tok, lp in zip(token_ids, prompt_logprobs or []):
-        piece = tokenizer.decode([tok], skip_special_tokens=False)
-        tokens.append(_name(tok, piece, as_ids))
-        offsets.append(offset)
-        offset += len(piece)
-        token_lps.append(None if lp is None else _json_logprob(lp[tok].logprob))
-        tops.append(
-            {_name(t, v.decoded_token, as_ids): _json_logprob(v.logprob) for t, v in _top(lp, k)}
-            if k and lp is not None
-            else None
-        )
-    return {
-        "tokens": tokens,
-        "token_logprobs": token_lps,
-        "top_logprobs": tops,
-        "text_offset": offsets,
-    }
+    return _legacy_logprobs(token_ids, prompt_logprobs or [], tokenizer, k, 0, as_ids)
 
 
 def vllm_prompt_logprobs(
