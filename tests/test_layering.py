@@ -1,6 +1,7 @@
 """Which package may import which (../shared/DESIGN.md's layers): an AST scan of every module's
 imports, top-level and inside functions alike. A package may import only packages of a lower
-rank; the leaf modules (errors, config, outputs, sampling_params) import no package."""
+rank; the leaf modules (errors, config, outputs, sampling_params, pooling_params) import no
+package."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ RANK = {
     "config": 0,
     "outputs": 0,
     "sampling_params": 0,
+    "pooling_params": 0,
     "core": 1,
     "kernels": 1,
     "quant": 1,

@@ -32,6 +32,7 @@ def test_api_never_5xx_and_conforms(api_schema):
     assert {op.path for op in operations} >= {
         "/v1/completions",
         "/v1/chat/completions",
+        "/v1/embeddings",
         "/tokenize",
         "/detokenize",
         "/health",

@@ -10,10 +10,18 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tokenmill.engine.llm import LLM
-    from tokenmill.outputs import CompletionOutput, RequestOutput
+    from tokenmill.outputs import CompletionOutput, EmbeddingRequestOutput, RequestOutput
+    from tokenmill.pooling_params import PoolingParams
     from tokenmill.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "PoolingParams",
+    "RequestOutput",
+    "CompletionOutput",
+    "EmbeddingRequestOutput",
+]
 __version__ = "0.1.0"
 
 _WHERE = {
@@ -21,6 +29,8 @@ _WHERE = {
     "SamplingParams": "tokenmill.sampling_params",
     "RequestOutput": "tokenmill.outputs",
     "CompletionOutput": "tokenmill.outputs",
+    "PoolingParams": "tokenmill.pooling_params",
+    "EmbeddingRequestOutput": "tokenmill.outputs",
 }
 
 

@@ -22,6 +22,10 @@ DEFAULT_CPU_KV_GIB = 2.0  # KV budget on the CPU unless kv_cache_memory_gib says
 CUDA_MEMORY_UTILIZATION = 0.9  # share of the GPU the engine may fill (weights + peak + KV)
 QUANTIZATION_MODES = ("auto", "none", "fp8")
 LOAD_FORMATS = ("auto", "dummy")
+# How an embedding request turns the prompt's final hidden states (after the model's last
+# norm) into one vector: "last": the last token's (decoder embedding models: Qwen3-Embedding,
+# e5-mistral, gte-Qwen2); "mean": the average over every prompt token; "cls": the first's.
+POOLING_TYPES = ("last", "mean", "cls")
 MAX_EXACT_CHANNELS = 16  # QuantLinear::kMaxExactChannels (kernels/csrc/quant_gemm.h)
 # Decode steps per scheduling round with CUDA graphs (num_scheduler_steps): measured on an H200
 # with Llama-3.2-1B shapes, batch 1 (benchmarks/gpu_bench.py, "scheduler_steps").
@@ -81,6 +85,9 @@ class ModelConfig:
     max_model_len: int
     quantization: str  # the option (QUANTIZATION_MODES); the loader decides per checkpoint
     load_format: str  # LOAD_FORMATS: real weights or random ones of the checkpoint's shapes
+    # how embedding requests pool the hidden states (POOLING_TYPES): the option,
+    # else what the checkpoint declares, else "last"
+    pooling_type: str = "last"
 
     def torch_dtype(self) -> torch.dtype:
         """`dtype` as a torch dtype."""
@@ -229,6 +236,14 @@ class EngineArgs:
             "help": "never replay CUDA graphs (decode steps are captured on CUDA by default)"
         },
     )
+    pooling_type: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "last | mean | cls: how /v1/embeddings pools the prompt's final hidden "
+            "states (default: what the checkpoint declares, a GGUF pooling_type or a "
+            "sentence-transformers 1_Pooling config, else last)"
+        },
+    )
     seed: int = dataclasses.field(default=0, metadata={"help": "global RNG seed"})
     num_threads: int | None = dataclasses.field(
         default=None, metadata={"help": "CPU threads for torch (default: all cores)"}
@@ -261,6 +276,10 @@ class EngineArgs:
             raise ValueError("num_kv_blocks must be >= 1")
         if self.num_scheduler_steps is not None and self.num_scheduler_steps < 1:
             raise ValueError("num_scheduler_steps must be >= 1")
+        if self.pooling_type is not None and self.pooling_type not in POOLING_TYPES:
+            raise ValueError(
+                f"pooling_type must be one of {POOLING_TYPES}, got {self.pooling_type!r}"
+            )
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
@@ -317,6 +336,7 @@ class EngineArgs:
             max_model_len=min(arch.max_position_embeddings, self.max_model_len or 1 << 62),
             quantization=self.quantization,
             load_format=self.load_format,
+            pooling_type=self.pooling_type or arch.pooling_type or "last",
         )
         bytes_per_token = kv_cache_bytes_per_token(
             arch.num_layers, arch.num_kv_heads, arch.head_dim, model.dtype

@@ -48,3 +48,20 @@ class RequestOutput:
     num_cached_tokens: int = 0
     prompt_logprobs: PromptLogprobList | None = None  # when SamplingParams.prompt_logprobs is set
     error: str | None = None  # set (with finished) when the request failed, e.g. bad grammar
+
+
+@dataclass(slots=True)
+class EmbeddingOutput:
+    embedding: list[float]  # the pooled hidden state (unit L2 norm when normalized)
+
+
+@dataclass(slots=True)
+class EmbeddingRequestOutput:
+    """The result of an embedding request (`PoolingParams`), returned once, when finished."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+    finished: bool = True  # (the contract every engine output keeps, as `error` is)
+    error: str | None = None

@@ -44,10 +44,11 @@ class KVCacheManager:
         """The longest cached prefix of a new request: (blocks, number of tokens they hold).
 
         At least one token is always left to compute, so the step produces logits to sample.
-        A request asking for prompt logprobs uses no cached block: it needs the logits of every
-        prompt position (its own full blocks are still cached for later requests).
+        A request that needs the hidden states of its first positions (prompt logprobs, mean or
+        first-token pooling) uses no cached block (its own full blocks are still cached for
+        later requests).
         """
-        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
+        if not self.enable_prefix_caching or request.needs_every_position:
             return [], 0
         self._update_block_hashes(request)
         max_blocks = (request.num_tokens - 1) // self.block_size

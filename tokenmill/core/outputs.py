@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tokenmill.core.request import Request
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +49,22 @@ class ScheduledRequest:
         start = self.num_computed_tokens
         return range(start, min(start + self.num_scheduled_tokens, req.num_prompt_tokens - 1))
 
+    @property
+    def pool_positions(self) -> range:
+        """Positions of this chunk whose hidden states an embedding request pools: the last
+        prompt token ("last"), every one ("mean"), the first ("cls"); empty for other
+        requests."""
+        req = self.request
+        start = self.num_computed_tokens
+        end = start + self.num_scheduled_tokens
+        if req.pooling == "mean":
+            return range(start, end)
+        if req.pooling == "last" and end == req.num_tokens:
+            return range(end - 1, end)
+        if req.pooling == "cls" and start == 0:
+            return range(0, 1)
+        return range(0)
+
 
 @dataclass(frozen=True, slots=True)
 class SchedulerOutput:
@@ -84,11 +104,23 @@ class PromptLogprobsChunk:
 
 
 @dataclass(slots=True)
+class PooledChunk:
+    """An embedding request's share of one step: the sum (float32, on the CPU) of the hidden
+    states of `num_positions` positions from `first_position` on (`pool_positions`)."""
+
+    first_position: int
+    num_positions: int
+    total: torch.Tensor
+
+
+@dataclass(slots=True)
 class ModelRunnerOutput:
     """For each request that sampled this step, its new tokens in order (one, or num_steps in a
     multi-step round) and optionally logprobs (single steps); for each request with prompt
-    logprobs whose chunk covered prompt positions, those logprobs."""
+    logprobs whose chunk covered prompt positions, those logprobs; for each embedding request
+    whose chunk held positions it pools, their sum."""
 
     sampled: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, SampleLogprobs] = field(default_factory=dict)
     prompt_logprobs: dict[str, PromptLogprobsChunk] = field(default_factory=dict)
+    pooled: dict[str, PooledChunk] = field(default_factory=dict)

@@ -51,6 +51,7 @@ class Request:
         "block_hashes",
         "num_cached_tokens",
         "bad_words_token_ids",
+        "pooling",
         "extra",
     )
 
@@ -63,6 +64,7 @@ class Request:
         max_tokens: int,
         arrival_time: float = 0.0,
         bad_words_token_ids: tuple[tuple[int, ...], ...] = (),
+        pooling: str | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -72,6 +74,9 @@ class Request:
         self.max_tokens = max_tokens
         # sampling_params.bad_words as token sequences (the engine's tokenizer made them)
         self.bad_words_token_ids = bad_words_token_ids
+        # an embedding request: its pooling type (config.POOLING_TYPES); it generates
+        # nothing (max_tokens 0) and is done once its prompt is computed
+        self.pooling = pooling
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.stop_reason: int | str | None = None
@@ -80,6 +85,13 @@ class Request:
         self.block_hashes: list = []  # BlockHash of each full block of all_token_ids, in order
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache when first scheduled
         self.extra: dict[str, Any] = {}
+
+    @property
+    def needs_every_position(self) -> bool:
+        """True when the hidden states of the first prompt positions are wanted (prompt
+        logprobs, mean or first-token pooling), so no prefix of the prompt may come from the
+        prefix cache."""
+        return self.sampling_params.prompt_logprobs is not None or self.pooling in ("mean", "cls")
 
     @property
     def num_prompt_tokens(self) -> int:

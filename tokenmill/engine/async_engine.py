@@ -27,7 +27,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from tokenmill.engine.llm_engine import LLMEngine
-from tokenmill.outputs import RequestOutput
+from tokenmill.outputs import EmbeddingRequestOutput, RequestOutput
+from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,11 @@ def release_openmp_threads() -> bool:
         if pause is not None:
             return pause(1) == 0  # omp_pause_soft
     return False
+
+
+def num_sequences(params: SamplingParams | PoolingParams) -> int:
+    """Sequences a request adds to the queue: its n samples (an embedding request: one)."""
+    return params.n if isinstance(params, SamplingParams) else 1
 
 
 class EngineOverloadedError(RuntimeError):
@@ -125,23 +131,25 @@ class AsyncEngine:
         self,
         prompt: str | None,
         prompt_token_ids: list[int],
-        params: SamplingParams,
+        params: SamplingParams | PoolingParams,
         request_id: str,
     ) -> RequestStream:
-        """Queue a request; returns once the engine accepted it.
+        """Queue a request (PoolingParams: an embedding request, whose stream yields one
+        EmbeddingRequestOutput); returns once the engine accepted it.
 
         Raises ValueError (bad input), EngineOverloadedError (waiting queue full) or
         EngineDeadError. Iterate the returned stream for outputs; closing it early aborts.
         """
         if not self.is_running:
             raise EngineDeadError("the engine is not running")
+        n = num_sequences(params)
         with self._lock:
-            if self.num_waiting + params.n > self.max_waiting_requests:
+            if self.num_waiting + n > self.max_waiting_requests:
                 raise EngineOverloadedError(
                     f"the server is overloaded: {self.num_waiting} sequences are already waiting"
                 )
-            self._pending_adds += params.n
-        if params.structured_outputs is not None:
+            self._pending_adds += n
+        if isinstance(params, SamplingParams) and params.structured_outputs is not None:
             # Compile off the engine thread (and off this loop) first: a constraint that does
             # not compile is a ValueError for this caller, and the engine finds it cached.
             try:
@@ -150,7 +158,7 @@ class AsyncEngine:
                 )
             except BaseException:
                 with self._lock:
-                    self._pending_adds -= params.n
+                    self._pending_adds -= n
                 raise
         stream = RequestStream(
             self, request_id, asyncio.get_running_loop(), self.stream_stall_timeout
@@ -226,7 +234,7 @@ class AsyncEngine:
                 self._resolve(fut, e)
             finally:
                 with self._lock:
-                    self._pending_adds -= params.n
+                    self._pending_adds -= num_sequences(params)
 
     def _deliver(self, rid: str, item: Any) -> None:
         stream = self._streams.get(rid)
@@ -253,7 +261,7 @@ class AsyncEngine:
             if cmd[0] == "add":
                 self._resolve(cmd[-1], error)
                 with self._lock:
-                    self._pending_adds -= cmd[4].n
+                    self._pending_adds -= num_sequences(cmd[4])
         for rid in list(self._streams):
             self._deliver(rid, error)
 
@@ -341,13 +349,14 @@ class RequestStream:
         self.request_id = request_id
         self.loop = loop
         self.stall_timeout = stall_timeout
-        self._pending: RequestOutput | None = None
+        # (an embedding request's one output is never merged: nothing follows it)
+        self._pending: RequestOutput | EmbeddingRequestOutput | None = None
         self._error: BaseException | None = None
         self._ready = asyncio.Event()
         self._waiting_since: float | None = None  # when the untaken output arrived
         self.finished = False
 
-    def push(self, item: RequestOutput | BaseException) -> None:
+    def push(self, item: RequestOutput | EmbeddingRequestOutput | BaseException) -> None:
         """Called on the stream's event loop for every engine output (or error)."""
         if isinstance(item, BaseException):
             self._error = item
@@ -367,7 +376,7 @@ class RequestStream:
                 self.engine.abort(self.request_id)
         self._ready.set()
 
-    async def outputs(self) -> AsyncIterator[RequestOutput]:
+    async def outputs(self) -> AsyncIterator[RequestOutput | EmbeddingRequestOutput]:
         try:
             while not self.finished:
                 await self._ready.wait()

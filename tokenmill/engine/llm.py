@@ -11,7 +11,8 @@ from tokenmill.config import EngineArgs
 from tokenmill.engine.chat_template import template_variables
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.engine.tokenizer import Tokenizer
-from tokenmill.outputs import RequestOutput
+from tokenmill.outputs import EmbeddingRequestOutput, RequestOutput
+from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import SamplingParams
 
 # A text, its token ids, or vLLM's dict forms: {"prompt": text} / {"prompt_token_ids": ids}
@@ -80,6 +81,21 @@ class LLM:
         prompts, params = self._normalize(prompts, sampling_params)
         return self._run([(p, None) for p in prompts], params, use_tqdm)
 
+    def embed(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        pooling_params: PoolingParams | None = None,
+        use_tqdm: bool = False,
+    ) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt (`outputs.embedding`), in input order: the prompt's final
+        hidden states pooled by the model's pooling type (the `pooling_type` option, else the
+        checkpoint's, else the last token's), unit-normalized unless `pooling_params` says
+        otherwise."""
+        if isinstance(prompts, (str, dict)) or _is_token_ids(prompts):
+            prompts = [prompts]
+        params = pooling_params or PoolingParams()
+        return self._run([(_unwrap(p), None) for p in prompts], [params] * len(prompts), use_tqdm)
+
     def chat(
         self,
         messages: Messages | Sequence[Messages],
@@ -118,19 +134,19 @@ class LLM:
         )
         return text, tok.encode(text, add_special_tokens=False)
 
-    def _compile_constraints(self, params: list[SamplingParams]) -> None:
+    def _compile_constraints(self, params: Sequence[SamplingParams | PoolingParams]) -> None:
         """Compile the structured-output constraints first, so one that does not compile is
         a ValueError before anything is queued (the engine then finds them cached)."""
         for p in params:
-            if p.structured_outputs is not None:
+            if isinstance(p, SamplingParams) and p.structured_outputs is not None:
                 self.engine.structured_outputs.compile(p.structured_outputs)
 
     def _run(
         self,
         prompts: list[tuple[Prompt, list[int] | None]],
-        params: list[SamplingParams],
+        params: Sequence[SamplingParams | PoolingParams],
         use_tqdm: bool,
-    ) -> list[RequestOutput]:
+    ) -> list[Any]:
         engine = self.engine
         self._compile_constraints(params)
         ids: list[str] = []
@@ -142,7 +158,7 @@ class LLM:
         except Exception:
             engine.abort_request(ids)
             raise
-        results: dict[str, RequestOutput] = {}
+        results: dict[str, RequestOutput | EmbeddingRequestOutput] = {}
         wanted = set(ids)
         bar = tqdm(total=len(ids), desc="Generating", disable=not use_tqdm)
         try:

@@ -13,7 +13,7 @@ import torch
 
 from tokenmill.config import EngineArgs, GiB, ModelConfig, cuda_kv_budget
 from tokenmill.core.kv_cache_manager import KVCacheManager
-from tokenmill.core.outputs import PromptLogprobsChunk, SampleLogprobs
+from tokenmill.core.outputs import PooledChunk, PromptLogprobsChunk, SampleLogprobs
 from tokenmill.core.request import Request, RequestStatus
 from tokenmill.core.scheduler import Scheduler
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
@@ -21,7 +21,15 @@ from tokenmill.engine.structured_output import Matcher, StructuredOutputManager
 from tokenmill.engine.tokenizer import Tokenizer, load_tokenizer
 from tokenmill.loader.load import load_model
 from tokenmill.loader.resolve import resolve_model
-from tokenmill.outputs import CompletionOutput, Logprob, PromptLogprobList, RequestOutput
+from tokenmill.outputs import (
+    CompletionOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    Logprob,
+    PromptLogprobList,
+    RequestOutput,
+)
+from tokenmill.pooling_params import PoolingParams
 from tokenmill.quant.gguf import calibrate_exact_channels
 from tokenmill.sample.metadata import TokenBitmasks
 from tokenmill.sampling_params import SamplingParams
@@ -75,6 +83,10 @@ class _Group:
     grammar: concurrent.futures.Future | None = None
     error: str | None = None  # why the request failed (its grammar did not compile)
     final_only: bool = False  # `step` returns its output only once it has finished
+    # an embedding request: its parameters, and the sum of the hidden states pooled so far
+    pooling: PoolingParams | None = None
+    pooled: torch.Tensor | None = None
+    pooled_positions: int = 0
 
     @property
     def finished(self) -> bool:
@@ -270,7 +282,7 @@ class LLMEngine:
         self,
         request_id: str | None,
         prompt: str | list[int],
-        params: SamplingParams | None = None,
+        params: SamplingParams | PoolingParams | None = None,
         prompt_token_ids: list[int] | None = None,
         final_only: bool = False,
     ) -> str:
@@ -278,7 +290,10 @@ class LLMEngine:
         leaving the engine untouched. With `final_only`, `step` returns the request's output
         once, when it has finished (vLLM's RequestOutputKind.FINAL_ONLY, as its offline LLM
         uses): no output object per step, whose copies of the token ids grow with the output,
-        and, without stop strings, the text decoded once at the end."""
+        and, without stop strings, the text decoded once at the end.
+
+        With PoolingParams it is an embedding request: the prompt runs once, nothing is
+        generated, and `step` returns one EmbeddingRequestOutput when it has finished."""
         params = params or SamplingParams()
         request_id = request_id or self.new_request_id()
         if request_id in self.groups:
@@ -289,6 +304,9 @@ class LLMEngine:
             text, ids = self.encode_prompt(prompt)
         if not ids:
             raise ValueError("prompt is empty (no tokens)")
+        if isinstance(params, PoolingParams):
+            self._add_group(self._pooling_group(request_id, text, ids, params))
+            return request_id
         self._check_params_fit_model(params)
         # A prompt-scoring request (max_tokens 0) may fill the whole context.
         if len(ids) > self.max_model_len or (
@@ -334,15 +352,43 @@ class LLMEngine:
             group.grammar = self.structured_outputs.submit(params.structured_outputs)
             if group.grammar.done() and group.grammar.exception() is not None:
                 raise group.grammar.exception()  # known not to compile (cached)
-        self.groups[request_id] = group
-        for s in samples:
+        self._add_group(group)
+        return request_id
+
+    def _add_group(self, group: _Group) -> None:
+        """Register a validated request and queue its samples (or its grammar's compilation)."""
+        self.groups[group.request_id] = group
+        for s in group.samples:
             self._child_to_group[s.request.request_id] = s
         if group.grammar is None:
             self._schedule_group(group)
         else:
-            self._awaiting_grammar[request_id] = group
+            self._awaiting_grammar[group.request_id] = group
             self._admit_compiled()
-        return request_id
+
+    def _pooling_group(
+        self, request_id: str, text: str | None, ids: list[int], params: PoolingParams
+    ) -> _Group:
+        """An embedding request: one sequence that computes its prompt (which may fill the
+        whole context) and generates nothing (max_tokens 0); the runner pools its hidden
+        states by the model's pooling type."""
+        if len(ids) > self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens, but the context is {self.max_model_len} tokens"
+            )
+        req = Request(
+            f"{request_id}#0",
+            ids,
+            SamplingParams(),
+            (),
+            0,
+            time.monotonic(),
+            pooling=self.config.model.pooling_type,
+        )
+        detok = IncrementalDetokenizer(self.tokenizer, ids, deferred=True)
+        return _Group(
+            request_id, text, ids, [_Sample(request_id, 0, req, detok, None)], pooling=params
+        )
 
     def _schedule_group(self, group: _Group) -> None:
         for s in group.samples:
@@ -451,8 +497,9 @@ class LLMEngine:
         )
 
     # ---- stepping ---------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """Run one scheduler step and return outputs of the requests that changed."""
+    def step(self) -> list[RequestOutput | EmbeddingRequestOutput]:
+        """Run one scheduler step and return outputs of the requests that changed (an
+        embedding request's once, when it has finished)."""
         failed = self._admit_compiled()
         if (
             not failed
@@ -471,6 +518,8 @@ class LLMEngine:
         updated, finished = self.scheduler.update_from_output(sched, runner_out)
         for rid, chunk in runner_out.prompt_logprobs.items():
             self._on_prompt_logprobs(rid, chunk)
+        for rid, pooled in runner_out.pooled.items():
+            self._on_pooled(rid, pooled)
         touched: dict[str, None] = dict.fromkeys(g.request_id for g in failed)  # ordered set
         for req, new_ids in updated:
             sample = self._child_to_group.get(req.request_id)
@@ -564,6 +613,37 @@ class LLMEngine:
         ):
             plps.append(self._logprob_entry(ids, lps, rank))
 
+    def _on_pooled(self, request_id: str, chunk: PooledChunk) -> None:
+        """Add a step's pooled hidden states to the request's sum. A chunk from position 0
+        starts the sum again: the prompt is being recomputed after a preemption."""
+        sample = self._child_to_group.get(request_id)
+        group = self.groups.get(sample.group_id) if sample is not None else None
+        if group is None or group.pooling is None:
+            return
+        if group.pooled is None or chunk.first_position == 0:
+            group.pooled, group.pooled_positions = chunk.total, chunk.num_positions
+        else:
+            group.pooled = group.pooled + chunk.total
+            group.pooled_positions += chunk.num_positions
+
+    def _embedding_output(self, group: _Group) -> EmbeddingRequestOutput:
+        """The finished embedding request's vector: the pooled sum (a mean's divided by its
+        count), unit-normalized if asked."""
+        assert group.pooling is not None
+        req = group.samples[0].request
+        expected = req.num_prompt_tokens if req.pooling == "mean" else 1
+        if group.pooled is None or group.pooled_positions != expected:
+            raise RuntimeError(
+                f"{group.request_id}: pooled {group.pooled_positions} positions, "
+                f"expected {expected} ({req.pooling} pooling)"
+            )
+        vector = group.pooled / group.pooled_positions
+        if group.pooling.normalize:
+            vector = torch.nn.functional.normalize(vector, dim=0)
+        return EmbeddingRequestOutput(
+            group.request_id, group.prompt, group.prompt_token_ids, EmbeddingOutput(vector.tolist())
+        )
+
     def _on_tokens(self, sample: _Sample, new_ids: list[int], lp: SampleLogprobs | None) -> None:
         """Detokenize a sample's new tokens (several after a multi-step round, fed one at a time:
         a stop string ends the output at the token that completes it, later ones are dropped)."""
@@ -588,7 +668,9 @@ class LLMEngine:
             else:
                 self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
 
-    def _make_output(self, group: _Group) -> RequestOutput:
+    def _make_output(self, group: _Group) -> RequestOutput | EmbeddingRequestOutput:
+        if group.pooling is not None:
+            return self._embedding_output(group)
         outs = []
         for s in group.samples:
             req = s.request

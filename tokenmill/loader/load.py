@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import logging
 import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,6 +62,40 @@ class ModelInfo:
         return self.checkpoint_bytes / s / 1e9 if s > 0 else float("inf")
 
 
+# a sentence-transformers Pooling module's mode flags -> config.POOLING_TYPES
+_ST_POOLING_MODES = {
+    "pooling_mode_lasttoken": "last",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_cls_token": "cls",
+}
+
+
+def sentence_transformers_pooling(folder: Path) -> str | None:
+    """The pooling a sentence-transformers model folder declares (its modules.json names a
+    Pooling module, whose config.json sets one pooling_mode_* flag), or None: no such module, or
+    a mode the engine does not have (a ModelLoadError names it)."""
+    try:
+        modules = json.loads((folder / "modules.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for module in modules if isinstance(modules, list) else ():
+        if not isinstance(module, dict) or not str(module.get("type", "")).endswith(".Pooling"):
+            continue
+        path = folder / str(module.get("path", "")) / "config.json"
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"{path} cannot be read as JSON: {e}") from None
+        on = [mode for mode, flag in cfg.items() if mode.startswith("pooling_mode_") and flag]
+        if len(on) != 1 or on[0] not in _ST_POOLING_MODES:
+            raise ModelLoadError(
+                f"{path}: pooling modes {on} are not supported (one of "
+                f"{sorted(_ST_POOLING_MODES)} is)"
+            )
+        return _ST_POOLING_MODES[on[0]]
+    return None
+
+
 def read_model_info(source: ModelSource, load_format: str = "auto") -> tuple[ModelInfo, Any]:
     """Config and format facts without loading tensors; returns (info, gguf reader or None)."""
     if source.kind == "gguf":
@@ -76,6 +112,9 @@ def read_model_info(source: ModelSource, load_format: str = "auto") -> tuple[Mod
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{cfg_path} cannot be read as JSON: {e}") from None
     arch = arch_config_from_hf(cfg)
+    pooling = sentence_transformers_pooling(source.path)
+    if pooling is not None:
+        arch = dataclasses.replace(arch, pooling_type=pooling)
     if load_format == "dummy":
         return ModelInfo(source, arch, "dummy (random weights)", 0, cfg), None
     files = safetensors_files(source.path)

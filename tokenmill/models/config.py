@@ -29,6 +29,7 @@ class ModelArchConfig:
     hidden_act: str = "silu"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    pooling_type: str | None = None  # the embedding pooling the checkpoint declares, if any
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -138,6 +139,10 @@ GGUF_ARCHS = {
 }
 
 
+# llama.cpp's enum llama_pooling_type (the `{arch}.pooling_type` key) -> config.POOLING_TYPES
+GGUF_POOLING_TYPES = {1: "mean", 2: "cls", 3: "last"}
+
+
 def arch_config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> ModelArchConfig:
     """Build from GGUF metadata (llama.cpp's key names)."""
     arch = meta.get("general.architecture")
@@ -167,6 +172,7 @@ def arch_config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> Model
         tie_word_embeddings="output.weight" not in tensor_names,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=() if eos is None else (int(eos),),
+        pooling_type=GGUF_POOLING_TYPES.get(key("pooling_type")),
     )
     if arch == "gpt2":
         return ModelArchConfig(

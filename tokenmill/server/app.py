@@ -19,12 +19,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tokenmill.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
 from tokenmill.engine.chat_template import template_variables
 from tokenmill.errors import ChatTemplateError
+from tokenmill.server.embeddings import embedding_response
 from tokenmill.server.handlers import ContextLengthError, OpenAIServing
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     RequestLimits,
     TokenizeRequest,
     UnsupportedParameter,
@@ -371,6 +373,10 @@ def build_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await respond(request, body, chat_response)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+        return await respond(request, body, embedding_response)
 
     def model_card(name: str) -> dict:
         return {

@@ -12,6 +12,7 @@ from typing import Any
 
 from tokenmill.engine.async_engine import AsyncEngine, RequestStream
 from tokenmill.outputs import CompletionOutput, RequestOutput
+from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.metrics import ServerMetrics
 
@@ -54,6 +55,7 @@ class OpenAIServing:
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.max_model_len
         self.vocab_size = engine.engine.model_info.arch.vocab_size
+        self.hidden_size = engine.engine.model_info.arch.hidden_size
 
     # ---- preparation ------------------------------------------------------------------------
     def prepare(
@@ -93,7 +95,7 @@ class OpenAIServing:
             )
 
     async def start(
-        self, prompts: list[PreparedPrompt], params: SamplingParams, prefix: str
+        self, prompts: list[PreparedPrompt], params: SamplingParams | PoolingParams, prefix: str
     ) -> tuple[str, list[RequestStream], _Tracker]:
         """Queue every prompt; if one fails, abort the others and re-raise."""
         request_id = f"{prefix}-{uuid.uuid4().hex}"
@@ -145,7 +147,7 @@ class OpenAIServing:
                 t.cancel()
             for s in streams:
                 s.close()
-            self._finish(tracker, status)
+            self.record_finish(tracker, status)
 
     def _observe(self, tracker: _Tracker, i: int, out: RequestOutput) -> None:
         n = sum(len(o.token_ids) for o in out.outputs)
@@ -156,7 +158,9 @@ class OpenAIServing:
         for o in out.outputs:
             tracker.finish_reasons[(i, o.index)] = o.finish_reason
 
-    def _finish(self, tracker: _Tracker, status: str) -> None:
+    def record_finish(self, tracker: _Tracker, status: str) -> None:
+        """A request's metrics, once it has ended: "ok" becomes its finish reason ("length" if
+        a sample hit its cap, else "stop"); "abort" and "error" stay."""
         now = time.monotonic()
         n_out = sum(tracker.output_tokens.values())
         self.metrics.prompt_tokens.inc(tracker.prompt_tokens)

@@ -32,7 +32,7 @@ class RequestLimits:
     max_stop_length: int = 256  # characters per stop string
     max_stop_token_ids: int = 64
     max_messages: int = 1024
-    max_prompts: int = 256  # prompts in one completions request
+    max_prompts: int = 256  # prompts in one completions request, inputs in one embeddings one
     max_tools: int = 128  # tools in one chat request
     max_logit_bias: int = 300  # logit_bias entries (OpenAI's limit)
     max_allowed_token_ids: int = 4096  # the mask is rebuilt every step from these
@@ -540,3 +540,53 @@ class TokenizeRequest(_Request):
 class DetokenizeRequest(_Request):
     model: str | None = None
     tokens: list[int]
+
+
+class EmbeddingRequest(_Request):
+    """OpenAI's /v1/embeddings body, with vLLM's extras (`truncate_prompt_tokens`,
+    `add_special_tokens`, `normalize`)."""
+
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)  # keep the last k; -1: context
+    add_special_tokens: bool = True
+    normalize: bool = True  # unit L2 norm (dot products are cosine similarities)
+
+    @property
+    def stream(self) -> bool:
+        """Embeddings are never streamed (the server's shared response path asks)."""
+        return False
+
+    def check_limits(self, limits: RequestLimits) -> None:
+        p = self.input
+        count = len(p) if isinstance(p, list) and p and not isinstance(p[0], int) else 1
+        if count > limits.max_prompts:
+            raise UnsupportedParameter("input", f"at most {limits.max_prompts} inputs per request")
+        if self.truncate_prompt_tokens == 0:
+            raise UnsupportedParameter(
+                "truncate_prompt_tokens", "truncate_prompt_tokens must be >= 1 (or -1)"
+            )
+
+    def check_supported(self, hidden_size: int) -> None:
+        """`dimensions` (a Matryoshka cut) only as the model's own size: a shorter prefix of
+        the vector means something only for models trained for it, which no checkpoint says."""
+        if self.dimensions is not None and self.dimensions != hidden_size:
+            raise UnsupportedParameter(
+                "dimensions",
+                f"this model's embeddings have {hidden_size} dimensions; other sizes "
+                "(Matryoshka truncation) are not supported",
+            )
+
+    def inputs(self) -> list[str | list[int]]:
+        """Each input as a text or token ids (an empty list or text is an error)."""
+        p = self.input
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise UnsupportedParameter("input", "input is empty")
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ import torch
 
 from tokenmill.core.outputs import (
     ModelRunnerOutput,
+    PooledChunk,
     PromptLogprobsChunk,
     SampleLogprobs,
     SchedulerOutput,
@@ -306,8 +307,13 @@ class ModelRunner:
             if any(s.prompt_logprob_positions for s in sched.scheduled)
             else {}
         )
+        pooled = (
+            self._pool(sched, inputs.order, hidden)
+            if any(s.pool_positions for s in sched.scheduled)
+            else {}
+        )
         if not inputs.sample_rows:
-            return ModelRunnerOutput(prompt_logprobs=prompt_lps)
+            return ModelRunnerOutput(prompt_logprobs=prompt_lps, pooled=pooled)
         hidden = hidden[inputs.logits_indices]
         reqs = [sched.scheduled[i].request for i in inputs.sample_rows]
         if all(_plain_greedy(r, r.sampling_params) for r in reqs):
@@ -322,11 +328,14 @@ class ModelRunner:
             self._mask(reqs, logits, token_bitmasks)
             out = self._sample(reqs, logits)
         out.prompt_logprobs = prompt_lps
+        out.pooled = pooled
         return out
 
     def _graph_size(self, sched: SchedulerOutput, inputs: ModelInputs) -> int | None:
         """The captured size this step replays, or None to run it eagerly."""
-        if self.graphs is None or any(s.prompt_logprob_positions for s in sched.scheduled):
+        if self.graphs is None or any(
+            s.prompt_logprob_positions or s.pool_positions for s in sched.scheduled
+        ):
             return None
         meta = inputs.attn
         return self.graphs.size_for(
@@ -426,6 +435,24 @@ class ModelRunner:
             )
             pos += n
         return result
+
+    def _pool(
+        self, sched: SchedulerOutput, order: list[int], hidden: torch.Tensor
+    ) -> dict[str, PooledChunk]:
+        """For each embedding request, the float32 sum of the hidden states of the positions
+        it pools in this step (`ScheduledRequest.pool_positions`), copied to the CPU at once."""
+        spans: list[tuple[str, int, int, int]] = []  # (request id, first position, row, rows)
+        start = 0
+        for i in order:  # flat-batch order: row offsets follow it
+            s = sched.scheduled[i]
+            span = s.pool_positions
+            if span:
+                row = start + span.start - s.num_computed_tokens
+                spans.append((s.request_id, span.start, row, len(span)))
+            start += s.num_scheduled_tokens
+        totals = torch.stack([hidden[row : row + n].float().sum(0) for _, _, row, n in spans])
+        totals = totals.cpu()
+        return {rid: PooledChunk(first, n, totals[j]) for j, (rid, first, _, n) in enumerate(spans)}
 
     def _mask(
         self, reqs: list[Request], logits: torch.Tensor, token_bitmasks: TokenBitmasks | None
