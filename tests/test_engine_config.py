@@ -123,6 +123,9 @@ def test_info_reports_what_the_engine_runs(capsys, info):
     assert shown["max concurrency at full ctx"] == "1.0 x 128 tokens"
     assert shown["KV cache per token"] == f"{46080 / 1024:.1f} KiB"
     assert shown["compute dtype"] == "float32 on cpu"
+    assert shown["embedding pooling"] == "last (the default: the checkpoint declares none)"
+    shown = _info_lines(capsys, *flags, "--pooling-type", "mean")
+    assert shown["embedding pooling"] == "mean (--pooling-type)"
 
 
 def test_scheduler_steps_resolve_with_cuda_graphs(info):

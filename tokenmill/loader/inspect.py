@@ -80,6 +80,15 @@ def describe_model(args: EngineArgs) -> dict[str, str]:
         "vocabulary": str(arch.vocab_size),
         "context length": str(arch.max_position_embeddings),
         "max model length": f"{max_len} tokens",
+        "embedding pooling": f"{model.pooling_type} ("
+        + (
+            "--pooling-type"
+            if args.pooling_type
+            else "the checkpoint's"
+            if arch.pooling_type
+            else "the default: the checkpoint declares none"
+        )
+        + ")",
         "compute dtype": f"{model.dtype} on {model.device}",
         "weights in memory": f"{weights / GiB:.3f} GiB ({stored}; file "
         f"{info.checkpoint_bytes / GiB:.3f} GiB)",
