@@ -47,6 +47,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -274,39 +275,44 @@ def _transformers(path: str, threads: int):
     }
 
 
-def _worker(conn, kind: str, args: tuple) -> None:
+ENGINES = {"tokenmill": _tokenmill, "llama.cpp": _llamacpp, "transformers": _transformers}
+
+
+def _worker(conn, factory, args: tuple, warmup: tuple) -> None:
     try:
-        run, desc = {
-            "tokenmill": _tokenmill,
-            "llama.cpp": _llamacpp,
-            "transformers": _transformers,
-        }[kind](*args)
-        run([[5] * 8], 4)  # warm-up
+        run, desc = factory(*args)
+        run(*warmup)
         conn.send(("ready", desc))
         while True:
             msg = conn.recv()
             if msg is None:
                 return
-            prompts, new = msg
-            conn.send(("time", run(prompts, new)))
+            conn.send(("time", run(*msg)))
     except Exception as e:  # report and exit: the orchestrator prints it
         conn.send(("error", f"{type(e).__name__}: {e}"))
 
 
 class Worker:
-    def __init__(self, label: str, kind: str, args: tuple) -> None:
+    """One engine in its own process: `factory(*args)` (by default the generation engine
+    `kind` of ENGINES) returns (run, description); `time(*work)` returns `run(*work)`, which
+    times the work itself. `warmup` is run once first."""
+
+    def __init__(
+        self, label: str, kind: str, args: tuple, factory=None, warmup: tuple = ([[5] * 8], 4)
+    ) -> None:
         ctx = mp.get_context("spawn")
         self.label, self.kind = label, kind
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(child, kind, args), daemon=True)
+        target = (child, factory or ENGINES[kind], args, warmup)
+        self.proc = ctx.Process(target=_worker, args=target, daemon=True)
         self.proc.start()
         status, self.desc = self._recv()
         if status != "ready":
             raise RuntimeError(f"{label}: {self.desc}")
 
-    def time(self, prompts, new) -> float:
+    def time(self, *work) -> Any:
         time.sleep(1.0)  # let the previous engine's worker threads go idle
-        self.conn.send((prompts, new))
+        self.conn.send(work)
         status, value = self._recv()
         if status != "time":
             raise RuntimeError(f"{self.label}: {value}")
@@ -379,16 +385,21 @@ def measure_int8_gmacs(threads: int) -> dict[str, float]:
     return peaks
 
 
+def peak_macs_per_s(level: str | None, peaks: dict, prefill: bool) -> float:
+    """Multiply-adds per second of the instruction an engine at integer kernel `level` (None:
+    dense weights, the bf16 matmul rate) multiplies with; amx multiplies a prefill's rows on
+    bfloat16 tiles and a decode step's with VNNI."""
+    if level == "amx":  # int8 tiles only for 48-63 tokens, bfloat16 tiles from 64: VNNI below
+        level = "amx_bf16" if prefill else "avx512"
+    if level in peaks:
+        return peaks[level] * 1e9
+    return peaks["bf16"] * 1e12 / 2
+
+
 def roofline(case: str, desc: dict, params: int, bw: float, peaks: dict, args) -> float:
     """Upper bound in tokens/s for the case (see the module docstring). `peaks` has the bf16
     matmul rate ("bf16", TFLOP/s) and the integer levels' multiply-add rates (GMAC/s)."""
-    level = desc.get("int8_level")
-    if level == "amx":  # int8 tiles only for 48-63 tokens, bfloat16 tiles from 64: VNNI below
-        level = "amx_bf16" if case == "prefill" else "avx512"
-    if level in peaks:
-        macs_per_s = peaks[level] * 1e9
-    else:
-        macs_per_s = peaks["bf16"] * 1e12 / 2
+    macs_per_s = peak_macs_per_s(desc.get("int8_level"), peaks, case == "prefill")
     if case == "prefill":
         n = args.prefill
         t_mem = (desc["weight_bytes"] + n * desc.get("kv_bytes_per_token", 0)) / (bw * 1e9)

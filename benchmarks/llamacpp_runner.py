@@ -13,6 +13,18 @@ import time
 import numpy as np
 
 
+def simd_level() -> str:
+    """The tokenmill kernel level whose integer-dot instruction this build of ggml's CPU
+    backend uses (from its system info): avx512, avxvnni or avx2. Which build runs is the
+    `llama_cpp` package on the path: PYTHONPATH may name one built for a lower level."""
+    import llama_cpp as lc
+
+    info = lc.llama_print_system_info().decode()
+    if "AVX512_VNNI = 1" in info:
+        return "avx512"
+    return "avxvnni" if "AVX_VNNI = 1" in info else "avx2"
+
+
 class LlamaCppEngine:
     """One model + context sized for `max_seqs` sequences of `n_ctx_per_seq` tokens."""
 
@@ -87,13 +99,59 @@ class LlamaCppEngine:
         return int(self.lc.llama_model_size(self.model))
 
     def simd_level(self) -> str:
-        """The tokenmill kernel level whose integer-dot instruction this build of ggml's CPU
-        backend uses (from its system info): avx512, avxvnni or avx2. Which build runs is the
-        `llama_cpp` package on the path: PYTHONPATH may name one built for a lower level."""
-        info = self.lc.llama_print_system_info().decode()
-        if "AVX512_VNNI = 1" in info:
-            return "avx512"
-        return "avxvnni" if "AVX_VNNI = 1" in info else "avx2"
+        return simd_level()
+
+
+class LlamaCppEmbedder:
+    """llama.cpp's embeddings (last-token pooling, after the final norm, as tokenmill's
+    default) of sequences of `seq_len` tokens, as many whole sequences per llama_decode as fit
+    in `batch_tokens` (its examples/embedding packs them so)."""
+
+    def __init__(self, path: str, threads: int, seq_len: int, batch_tokens: int = 2048) -> None:
+        import llama_cpp as lc
+
+        self.lc = lc
+        self._quiet = lc.llama_log_callback(lambda level, text, data: None)
+        lc.llama_log_set(self._quiet, ctypes.c_void_p(0))
+        lc.llama_backend_init()
+        self.model = lc.llama_model_load_from_file(path.encode(), lc.llama_model_default_params())
+        if not self.model:
+            raise RuntimeError(f"llama.cpp cannot load {path}")
+        self.per_batch = max(1, batch_tokens // seq_len)
+        cp = lc.llama_context_default_params()
+        cp.n_ctx = cp.n_batch = cp.n_ubatch = self.per_batch * seq_len
+        cp.n_seq_max = self.per_batch
+        cp.n_threads = cp.n_threads_batch = threads
+        cp.embeddings = True
+        cp.pooling_type = lc.LLAMA_POOLING_TYPE_LAST
+        self.ctx = lc.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            raise RuntimeError("llama.cpp cannot create an embedding context")
+        self.n_embd = lc.llama_model_n_embd(self.model)
+        self.batch = lc.llama_batch_init(cp.n_batch, 0, 1)
+
+    def embed(self, prompts: list[list[int]]) -> tuple[float, np.ndarray]:
+        """(seconds, [len(prompts), n_embd] float32 vectors, not normalized)."""
+        lc, mem = self.lc, self.lc.llama_get_memory(self.ctx)
+        out = np.empty((len(prompts), self.n_embd), dtype=np.float32)
+        t = time.perf_counter()
+        for first in range(0, len(prompts), self.per_batch):
+            group = prompts[first : first + self.per_batch]
+            lc.llama_memory_clear(mem, True)
+            b, i = self.batch, 0
+            for seq, ids in enumerate(group):
+                for pos, tok in enumerate(ids):
+                    b.token[i], b.pos[i], b.n_seq_id[i] = tok, pos, 1
+                    b.seq_id[i][0] = seq
+                    b.logits[i] = pos == len(ids) - 1
+                    i += 1
+            b.n_tokens = i
+            if lc.llama_decode(self.ctx, b) != 0:
+                raise RuntimeError("llama_decode failed")
+            for seq in range(len(group)):
+                ptr = lc.llama_get_embeddings_seq(self.ctx, seq)
+                out[first + seq] = np.ctypeslib.as_array(ptr, shape=(self.n_embd,))
+        return time.perf_counter() - t, out
 
 
 def quantize(src: str, dst: str, ftype: str) -> None:
