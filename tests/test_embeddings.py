@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from tests.server_utils import ServerProcess
+from tests.test_model_parity import _llama_like
 from tests.test_prompt_logprobs import _char_tokenizer
 from tokenmill import LLM, PoolingParams, SamplingParams
 from tokenmill.errors import ModelLoadError
@@ -37,21 +38,8 @@ TEXTS = [
 def tiny(tmp_path_factory):
     """(folder, transformers model): a random Qwen3 checkpoint (tied embeddings, q/k norm) with
     a one-token-per-character tokenizer, float32."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
     torch.manual_seed(0)
-    cfg = Qwen3Config(
-        vocab_size=160,
-        hidden_size=64,
-        intermediate_size=112,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    model = Qwen3ForCausalLM(cfg).eval()
+    model = _llama_like("Qwen3ForCausalLM", head_dim=16, tie_word_embeddings=True).eval()
     path = tmp_path_factory.mktemp("tiny-qwen3")
     model.save_pretrained(path)
     _char_tokenizer().save(str(path / "tokenizer.json"))
