@@ -63,5 +63,5 @@ class EmbeddingRequestOutput:
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: EmbeddingOutput
-    finished: bool = True  # (the contract every engine output keeps, as `error` is)
+    finished: bool = True  # always: its one output (read like RequestOutput.finished, .error)
     error: str | None = None

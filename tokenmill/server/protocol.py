@@ -117,6 +117,28 @@ def _constraint(param: str, **kw: Any) -> StructuredOutputsParams:
         raise UnsupportedParameter(param, str(e)) from None
 
 
+def _check_truncation(keep: int | None) -> None:
+    """vLLM's truncate_prompt_tokens: keep the last k >= 1 tokens, or -1 (the context)."""
+    if keep == 0:
+        raise UnsupportedParameter(
+            "truncate_prompt_tokens", "truncate_prompt_tokens must be >= 1 (or -1)"
+        )
+
+
+def _count_prompts(value: str | list) -> int:
+    """How many prompts a `prompt` / `input` field holds: a text or one token-id list is one."""
+    return len(value) if isinstance(value, list) and value and not isinstance(value[0], int) else 1
+
+
+def _as_prompts(value: str | list) -> list[str | list[int]]:
+    """A `prompt` / `input` field as its prompts, each a text or token ids ([] when empty)."""
+    if isinstance(value, str):
+        return [value]
+    if value and all(isinstance(x, int) for x in value):
+        return [list(value)]
+    return list(value)
+
+
 class _Common(_Request):
     model: str
     n: int = 1
@@ -220,10 +242,7 @@ class _Common(_Request):
             )
         if any(i < 0 for i in ids):
             raise UnsupportedParameter("stop_token_ids", "stop_token_ids must be >= 0")
-        if self.truncate_prompt_tokens == 0:
-            raise UnsupportedParameter(
-                "truncate_prompt_tokens", "truncate_prompt_tokens must be >= 1 (or -1)"
-            )
+        _check_truncation(self.truncate_prompt_tokens)
         if len(self.allowed_token_ids or []) > limits.max_allowed_token_ids:
             raise UnsupportedParameter(
                 "allowed_token_ids", f"at most {limits.max_allowed_token_ids} allowed_token_ids"
@@ -316,8 +335,7 @@ class CompletionRequest(_Common):
         return self.max_tokens
 
     def num_prompts(self) -> int:
-        p = self.prompt
-        return len(p) if isinstance(p, list) and p and not isinstance(p[0], int) else 1
+        return _count_prompts(self.prompt)
 
     max_tokens: int | None = 16
     logprobs: int | None = None
@@ -353,14 +371,10 @@ class CompletionRequest(_Common):
         return max(wanted) if wanted else None
 
     def prompts(self) -> list[str | list[int]]:
-        p = self.prompt
-        if isinstance(p, str):
-            return [p]
-        if not p:
+        prompts = _as_prompts(self.prompt)
+        if not prompts:
             raise ValueError("prompt is empty")
-        if all(isinstance(x, int) for x in p):
-            return [list(p)]  # type: ignore[arg-type]
-        return list(p)  # type: ignore[arg-type]
+        return prompts
 
 
 class TextPart(BaseModel):
@@ -561,14 +575,9 @@ class EmbeddingRequest(_Request):
         return False
 
     def check_limits(self, limits: RequestLimits) -> None:
-        p = self.input
-        count = len(p) if isinstance(p, list) and p and not isinstance(p[0], int) else 1
-        if count > limits.max_prompts:
+        if _count_prompts(self.input) > limits.max_prompts:
             raise UnsupportedParameter("input", f"at most {limits.max_prompts} inputs per request")
-        if self.truncate_prompt_tokens == 0:
-            raise UnsupportedParameter(
-                "truncate_prompt_tokens", "truncate_prompt_tokens must be >= 1 (or -1)"
-            )
+        _check_truncation(self.truncate_prompt_tokens)
 
     def check_supported(self, hidden_size: int) -> None:
         """`dimensions` (a Matryoshka cut) only as the model's own size: a shorter prefix of
@@ -582,11 +591,7 @@ class EmbeddingRequest(_Request):
 
     def inputs(self) -> list[str | list[int]]:
         """Each input as a text or token ids (an empty list or text is an error)."""
-        p = self.input
-        if isinstance(p, str):
-            return [p]
-        if not p:
+        inputs = _as_prompts(self.input)
+        if not inputs:
             raise UnsupportedParameter("input", "input is empty")
-        if all(isinstance(x, int) for x in p):
-            return [list(p)]  # type: ignore[arg-type]
-        return list(p)  # type: ignore[arg-type]
+        return inputs
