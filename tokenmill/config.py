@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -116,6 +117,75 @@ class CacheConfig:
         return self.capacity_tokens * self.bytes_per_token
 
 
+SPECULATIVE_METHODS = ("ngram",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (vLLM's `speculative_config`): each decoding request whose next
+    tokens need nothing from the host in between (no grammar, penalties, logit bias or
+    logprobs, min_tokens reached) gets up to `num_speculative_tokens` draft tokens per step,
+    checked in the same forward pass; the output follows the same distribution as without.
+    "ngram" drafts by prompt lookup (`core/spec_decode.py`): the tokens that followed the last
+    earlier occurrence of the sequence's last n tokens, n from prompt_lookup_max down to
+    prompt_lookup_min. Steps with more running sequences than `disable_by_batch_size` draft
+    nothing (a big batch is compute-bound, where rejected drafts cost real work)."""
+
+    method: str
+    num_speculative_tokens: int
+    prompt_lookup_min: int
+    prompt_lookup_max: int
+    disable_by_batch_size: int | None = None
+
+    @classmethod
+    def parse(cls, value: str | dict[str, Any]) -> SpeculativeConfig:
+        """From vLLM's JSON / dict form, e.g. {"method": "ngram", "num_speculative_tokens": 4,
+        "prompt_lookup_max": 4}; errors name the offending key."""
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"speculative_config is not valid JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise ValueError("speculative_config must be a JSON object")
+        known = {
+            "method",
+            "num_speculative_tokens",
+            "prompt_lookup_min",
+            "prompt_lookup_max",
+            "disable_by_batch_size",
+        }
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(
+                f"speculative_config: unsupported key(s) {', '.join(unknown)} (supported: "
+                f"{', '.join(sorted(known))}; draft models are not supported yet)"
+            )
+        method = value.get("method", "ngram")
+        if method not in SPECULATIVE_METHODS:
+            raise ValueError(
+                f"speculative_config: method must be one of {SPECULATIVE_METHODS}, got {method!r}"
+            )
+
+        def integer(key: str, default: int | None) -> int | None:
+            v = value.get(key, default)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"speculative_config: {key} must be an integer >= 1, got {v!r}")
+            return v
+
+        k = integer("num_speculative_tokens", None)
+        if k is None:
+            raise ValueError("speculative_config: num_speculative_tokens is required")
+        lo, hi = integer("prompt_lookup_min", None), integer("prompt_lookup_max", None)
+        # vLLM's defaults: 5 and 5, or the one given for both
+        lo, hi = lo or hi or 5, hi or lo or 5
+        if lo > hi:
+            raise ValueError(
+                f"speculative_config: prompt_lookup_min ({lo}) > prompt_lookup_max ({hi})"
+            )
+        return cls(method, k, lo, hi, integer("disable_by_batch_size", None))
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     """Per-step budgets. max_num_batched_tokens bounds the tokens of one forward pass."""
@@ -128,8 +198,11 @@ class SchedulerConfig:
     # and no request needs the host between tokens (Scheduler.schedule): the sampled tokens
     # are fed back on the device and come back to the host once per round.
     num_scheduler_steps: int = 1
+    speculative: SpeculativeConfig | None = None  # draft tokens per decode (single steps)
 
     def __post_init__(self) -> None:
+        if self.speculative is not None and self.num_scheduler_steps > 1:
+            raise ValueError("speculative decoding and num_scheduler_steps > 1 exclude each other")
         if self.num_scheduler_steps < 1:
             raise ValueError("num_scheduler_steps must be >= 1")
         if self.max_num_batched_tokens < 1:
@@ -244,6 +317,14 @@ class EngineArgs:
             "sentence-transformers 1_Pooling config, else last)"
         },
     )
+    speculative_config: str | dict | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": 'speculative decoding, as JSON (vLLM\'s form), e.g. \'{"method": "ngram", '
+            '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\': draft tokens by prompt '
+            "lookup, checked in the same forward pass (same output distribution)"
+        },
+    )
     seed: int = dataclasses.field(default=0, metadata={"help": "global RNG seed"})
     num_threads: int | None = dataclasses.field(
         default=None, metadata={"help": "CPU threads for torch (default: all cores)"}
@@ -276,6 +357,8 @@ class EngineArgs:
             raise ValueError("num_kv_blocks must be >= 1")
         if self.num_scheduler_steps is not None and self.num_scheduler_steps < 1:
             raise ValueError("num_scheduler_steps must be >= 1")
+        if self.speculative_config is not None:
+            SpeculativeConfig.parse(self.speculative_config)  # errors now, not at load
         if self.pooling_type is not None and self.pooling_type not in POOLING_TYPES:
             raise ValueError(
                 f"pooling_type must be one of {POOLING_TYPES}, got {self.pooling_type!r}"
@@ -322,7 +405,8 @@ class EngineArgs:
         needs one of the two options. max_model_len is the model's context length, capped by
         the option and by the KV capacity (with a warning). CUDA graphs are on for a CUDA
         device unless enforce_eager or the attention backend cannot be captured
-        (`graphs_supported`); multi-step decoding (num_scheduler_steps) needs them.
+        (`graphs_supported`); multi-step decoding (num_scheduler_steps) needs them, and is off
+        by default with speculative decoding (the two exclude each other).
         """
         source, arch = model_info.source, model_info.arch
         device = self.torch_device()
@@ -355,9 +439,14 @@ class EngineArgs:
             )
             model = dataclasses.replace(model, max_model_len=cache.capacity_tokens)
         cuda_graphs = device.type == "cuda" and not self.enforce_eager and graphs_supported
+        speculative = (
+            None
+            if self.speculative_config is None
+            else SpeculativeConfig.parse(self.speculative_config)
+        )
         steps = self.num_scheduler_steps
         if steps is None:
-            steps = DEFAULT_CUDA_SCHEDULER_STEPS if cuda_graphs else 1
+            steps = DEFAULT_CUDA_SCHEDULER_STEPS if cuda_graphs and speculative is None else 1
         elif steps > 1 and not cuda_graphs:
             raise ValueError(
                 "num_scheduler_steps > 1 needs CUDA graphs (a CUDA device, an attention backend "
@@ -369,6 +458,7 @@ class EngineArgs:
             model.max_model_len,
             self.enable_chunked_prefill,
             steps,
+            speculative,
         )
         return EngineConfig(model, cache, scheduler, cuda_graphs)
 

@@ -13,12 +13,18 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class ScheduledRequest:
-    """One request's share of a step: compute tokens [num_computed_tokens, +num_tokens)."""
+    """One request's share of a step: compute tokens [num_computed_tokens, +num_tokens).
+
+    With speculative decoding, a decode's last `len(spec_token_ids)` scheduled tokens are draft
+    tokens, past the known ones: the step samples at the last known token and at every draft,
+    and keeps the drafts up to the first one the target model rejects
+    (`ModelRunnerOutput.sampled`: the kept drafts, then one token of its own)."""
 
     request: Request
     num_computed_tokens: int
     num_scheduled_tokens: int
     block_ids: tuple[int, ...]
+    spec_token_ids: tuple[int, ...] = ()
 
     @property
     def request_id(self) -> str:
@@ -27,16 +33,15 @@ class ScheduledRequest:
     @property
     def token_ids(self) -> list[int]:
         start = self.num_computed_tokens
-        return self.request.token_ids_slice(start, start + self.num_scheduled_tokens)
+        end = start + self.num_scheduled_tokens - len(self.spec_token_ids)
+        return self.request.token_ids_slice(start, end) + list(self.spec_token_ids)
 
     @property
     def samples(self) -> bool:
         """True when this chunk reaches the end of the known tokens, so a new token is sampled
         (never for a request with max_tokens 0, which only scores its prompt)."""
-        return (
-            self.num_computed_tokens + self.num_scheduled_tokens == self.request.num_tokens
-            and self.request.max_tokens > 0
-        )
+        known_end = self.num_computed_tokens + self.num_scheduled_tokens - len(self.spec_token_ids)
+        return known_end == self.request.num_tokens and self.request.max_tokens > 0
 
     @property
     def prompt_logprob_positions(self) -> range:
@@ -115,8 +120,9 @@ class PooledChunk:
 
 @dataclass(slots=True)
 class ModelRunnerOutput:
-    """For each request that sampled this step, its new tokens in order (one, or num_steps in a
-    multi-step round) and optionally logprobs (single steps); for each request with prompt
+    """For each request that sampled this step, its new tokens in order (one, num_steps in a
+    multi-step round, or its accepted drafts and one more) and optionally logprobs (single
+    steps without drafts); for each request with prompt
     logprobs whose chunk covered prompt positions, those logprobs; for each embedding request
     whose chunk held positions it pools, their sum."""
 

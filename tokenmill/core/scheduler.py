@@ -10,6 +10,7 @@ from tokenmill.config import SchedulerConfig
 from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from tokenmill.core.request import Request, RequestStatus
+from tokenmill.core.spec_decode import NgramProposer
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +26,11 @@ class Scheduler:
     request could be admitted and no request needs the host between its tokens runs several
     decode steps at once
     (`SchedulerOutput.num_steps`); tokens past a request's stop are discarded.
+
+    With speculative decoding (`config.speculative`), a decoding request whose next tokens need
+    nothing from the host in between also computes the draft tokens the proposer finds, within
+    the token budget, its max_tokens and the context; the drafts the model rejects are rolled
+    back (their KV slots are simply written again later).
     """
 
     def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
@@ -35,6 +41,14 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._finished_ids: set[str] = set()
         self.num_preemptions_total = 0
+        spec = config.speculative
+        self.proposer = (
+            None if spec is None else NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
+        )
+        # speculative decoding since start: decodes that carried drafts, drafts, accepted drafts
+        self.num_spec_drafts_total = 0
+        self.num_spec_draft_tokens_total = 0
+        self.num_spec_accepted_tokens_total = 0
 
     # ---- queue management -------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -96,10 +110,14 @@ class Scheduler:
             if num_new <= 0:
                 idx += 1
                 continue
+            drafts = self._drafts(req, budget)
             while True:
-                blocks = self.kv.allocate_slots(req, num_new)
+                blocks = self.kv.allocate_slots(req, num_new + len(drafts))
                 if blocks is not None:
                     break
+                if drafts:  # drop the drafts before preempting anyone for them
+                    drafts = ()
+                    continue
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted.add(victim.request_id)
@@ -107,8 +125,8 @@ class Scheduler:
                     break
             if blocks is None:
                 break  # req itself was preempted; everything after it too
-            scheduled.append(self._make_scheduled(req, num_new, blocks))
-            budget -= num_new
+            scheduled.append(self._make_scheduled(req, num_new, blocks, drafts))
+            budget -= num_new + len(drafts)
             idx += 1
 
         if not preempted:
@@ -177,10 +195,43 @@ class Scheduler:
             budget -= num_new
         return budget
 
+    def _drafts(self, req: Request, budget: int) -> tuple[int, ...]:
+        """The draft tokens a running request computes this step: none unless speculative
+        decoding is on, the request is decoding (one known token to compute, after its first
+        output token) with nothing from the host between its tokens, and the batch is not
+        over `disable_by_batch_size`; at most what the budget, its max_tokens and the context
+        leave room for after the token it samples anyway."""
+        spec = self.config.speculative
+        if (
+            self.proposer is None
+            or req.num_tokens - req.num_computed_tokens != 1
+            or not req.output_token_ids
+            or not _host_free(req)
+        ):
+            return ()
+        if (
+            spec.disable_by_batch_size is not None
+            and len(self.running) > spec.disable_by_batch_size
+        ):
+            return ()
+        k = min(
+            spec.num_speculative_tokens,
+            budget - 1,
+            req.max_tokens - req.num_output_tokens - 1,
+            self.config.max_model_len - req.num_tokens - 1,
+        )
+        if k <= 0:
+            return ()
+        return tuple(self.proposer.propose(req.prompt_token_ids + req.output_token_ids, k))
+
     @staticmethod
-    def _make_scheduled(req: Request, num_new: int, blocks: list) -> ScheduledRequest:
+    def _make_scheduled(
+        req: Request, num_new: int, blocks: list, drafts: tuple[int, ...] = ()
+    ) -> ScheduledRequest:
         block_ids = tuple(b.block_id for b in blocks)
-        return ScheduledRequest(req, req.num_computed_tokens, num_new, block_ids)
+        return ScheduledRequest(
+            req, req.num_computed_tokens, num_new + len(drafts), block_ids, drafts
+        )
 
     def update_from_output(
         self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
@@ -197,7 +248,7 @@ class Scheduler:
                 continue  # aborted while the step ran
             if req.status != RequestStatus.RUNNING:
                 continue  # preempted in this step's scheduling
-            req.num_computed_tokens += sched.num_scheduled_tokens
+            req.num_computed_tokens += sched.num_scheduled_tokens - len(sched.spec_token_ids)
             tokens = runner_output.sampled.get(req.request_id)
             if tokens is None:
                 if req.max_tokens == 0 and req.num_computed_tokens >= req.num_tokens:
@@ -205,15 +256,20 @@ class Scheduler:
                     self.finish_requests([req.request_id], RequestStatus.FINISHED_LENGTH_CAPPED)
                     finished.append(req)
                 continue
+            if sched.spec_token_ids:
+                self.num_spec_drafts_total += 1
+                self.num_spec_draft_tokens_total += len(sched.spec_token_ids)
+                self.num_spec_accepted_tokens_total += len(tokens) - 1
             accepted: list[int] = []
             status = None
-            for token in tokens:  # several in a multi-step round: the rest of a stop is dropped
+            # several in a multi-step round or after accepted drafts: the rest of a stop is dropped
+            for token in tokens:
                 req.output_token_ids.append(token)
                 accepted.append(token)
                 status = self._check_stop(req, token)
                 if status is not None:
                     break
-            # every accepted token but the last was also an input of the round
+            # every accepted token but the last was also an input of the step (a draft) or round
             req.num_computed_tokens += len(accepted) - 1
             updated.append((req, accepted))
             if status is not None:

@@ -105,6 +105,9 @@ class EngineStats:
     kv_cache_resident_bytes: int  # pages of the pool the OS has committed
     prefix_cache_query_tokens: int  # prompt tokens looked up in the prefix cache
     prefix_cache_hit_tokens: int  # of which found cached
+    spec_drafts: int  # speculative decoding: decodes of a sequence that carried drafts
+    spec_draft_tokens: int  # draft tokens checked
+    spec_accepted_tokens: int  # of which accepted
 
 
 class LLMEngine:
@@ -180,6 +183,19 @@ class LLMEngine:
             config.scheduler,
             KVCacheManager(cache.num_blocks, cache.block_size, cache.enable_prefix_caching),
         )
+        spec = config.scheduler.speculative
+        if spec is not None:
+            logger.info(
+                "speculative decoding: %s, up to %d draft tokens per decode (n-grams of %d-%d "
+                "tokens)%s",
+                spec.method,
+                spec.num_speculative_tokens,
+                spec.prompt_lookup_min,
+                spec.prompt_lookup_max,
+                ""
+                if spec.disable_by_batch_size is None
+                else f", none above {spec.disable_by_batch_size} running sequences",
+            )
         t1 = time.perf_counter()
         self.runner = ModelRunner(
             self.model,
@@ -494,6 +510,9 @@ class LLMEngine:
             kv_cache_resident_bytes=self.runner.kv_pool.resident_bytes(),
             prefix_cache_query_tokens=sched.kv.num_prefix_query_tokens,
             prefix_cache_hit_tokens=sched.kv.num_prefix_hit_tokens,
+            spec_drafts=sched.num_spec_drafts_total,
+            spec_draft_tokens=sched.num_spec_draft_tokens_total,
+            spec_accepted_tokens=sched.num_spec_accepted_tokens_total,
         )
 
     # ---- stepping ---------------------------------------------------------------------------

@@ -189,10 +189,11 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor | None) -> torch.Tenso
 def process_logits(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     """The float32 logits random rows sample from: penalties, temperature, top-k/p, min-p."""
     logits = apply_penalties(logits.to(torch.float32), md)
-    return _filter(logits, md)
+    return apply_filters(logits, md)
 
 
-def _filter(penalised: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+def apply_filters(penalised: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """Temperature, then top-k / top-p, then min-p (greedy rows, temperature 0, unchanged)."""
     logits = apply_temperature(penalised, md.temperature)
     logits = apply_top_k_top_p(logits, md.top_k, md.top_p, md.max_top_k)
     return apply_min_p(logits, md.min_p)
@@ -326,7 +327,7 @@ class Sampler(torch.nn.Module):
             sampled = self.ops.sample(penalised, md.temperature, md.generators)
         else:  # the filters act on the tempered logits, which are then sampled as they are
             unit = (md.temperature > 0).to(torch.float32)  # greedy rows keep temperature 0
-            sampled = self.ops.sample(_filter(penalised, md), unit, md.generators)
+            sampled = self.ops.sample(apply_filters(penalised, md), unit, md.generators)
 
         if raw_logprobs is None:
             return SamplerOutput(sampled_token_ids=sampled)

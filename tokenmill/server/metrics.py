@@ -129,6 +129,23 @@ class ServerMetrics:
             "Prompt tokens found in the prefix cache (since start)",
             lambda: core.stats().prefix_cache_hit_tokens,
         )
+        # Speculative decoding (vLLM's spec_decode_* counters): accepted / draft tokens is the
+        # acceptance rate, 1 + accepted / drafts the tokens a drafted step emits on average.
+        gauge(
+            "tokenmill_spec_decode_num_drafts",
+            "Decode steps of a sequence that carried draft tokens (since start)",
+            lambda: core.stats().spec_drafts,
+        )
+        gauge(
+            "tokenmill_spec_decode_num_draft_tokens",
+            "Draft tokens proposed and checked (since start)",
+            lambda: core.stats().spec_draft_tokens,
+        )
+        gauge(
+            "tokenmill_spec_decode_num_accepted_tokens",
+            "Draft tokens accepted (since start)",
+            lambda: core.stats().spec_accepted_tokens,
+        )
         # Memory: the process (process_resident_memory_bytes, ...) next to the KV pool's
         # reserved and committed sizes (the pool's pages are committed as blocks are written).
         ProcessCollector(registry=reg)

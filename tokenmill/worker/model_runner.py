@@ -19,6 +19,7 @@ from tokenmill.core.request import Request
 from tokenmill.layers.attention import AttentionBackend, AttentionMetadata
 from tokenmill.models.base import CausalLM, KVCache
 from tokenmill.sample.metadata import SamplingMetadata, TokenBitmasks
+from tokenmill.sample.rejection import accept_greedy, rejection_sample
 from tokenmill.sample.sampler import Sampler, build_sampling_metadata, compute_logprobs
 from tokenmill.worker.graph_runner import (
     CudaGraph,
@@ -40,7 +41,8 @@ class ModelInputs:
     input_ids: torch.Tensor  # [num_tokens] int64
     positions: torch.Tensor  # [num_tokens] int64
     attn: AttentionMetadata
-    logits_indices: torch.Tensor  # [num_sampled] int64: rows of the hidden states to sample
+    # [num_sampled] int64: rows of the hidden states to sample (a request with drafts: 1 + k)
+    logits_indices: torch.Tensor
     sample_rows: list[int]  # indices into scheduler_output.scheduled of the sampling requests
     order: list[int]  # scheduler_output.scheduled indices in flat-batch order
 
@@ -52,13 +54,14 @@ def prepare_inputs(
     common attention metadata, turned into `backend`'s own by its `build_metadata`.
 
     Single-query requests (decodes) are laid out first, then the multi-token chunks, so the
-    attention backend can treat the two groups separately.
+    attention backend can treat the two groups separately. A sampling request has logits at
+    its chunk's last position, and at the positions before it that verify its draft tokens.
     """
     order = sorted(
         range(len(sched.scheduled)), key=lambda i: sched.scheduled[i].num_scheduled_tokens > 1
     )
     token_ids: list[int] = []
-    query_lens, seq_lens, block_tables, sample_rows, sample_pos = [], [], [], [], []
+    query_lens, seq_lens, block_tables, sample_rows, sample_pos, num_logits = [], [], [], [], [], []
     for pos, i in enumerate(order):
         s = sched.scheduled[i]
         token_ids.extend(s.token_ids)
@@ -68,6 +71,7 @@ def prepare_inputs(
         if s.samples:
             sample_rows.append(i)
             sample_pos.append(pos)
+            num_logits.append(1 + len(s.spec_token_ids))
     q = np.asarray(query_lens, dtype=np.int64)
     sl = np.asarray(seq_lens, dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(q)])
@@ -79,7 +83,11 @@ def prepare_inputs(
     for i, row in enumerate(block_tables):
         bt[i, : len(row)] = row
     slot_mapping = bt[req_of_token, positions // block_size] * block_size + positions % block_size
-    logits_indices = starts[1:][sample_pos] - 1
+    per = np.asarray(num_logits, dtype=np.int64)
+    first = np.cumsum(per) - per  # where each request's logits start
+    logits_indices = np.repeat(starts[1:][sample_pos] - per, per) + (
+        np.arange(per.sum()) - np.repeat(first, per)
+    )
     # One host buffer (pinned on CUDA) and one non-blocking copy for every index tensor.
     n, r = int(starts[-1]), len(q)
     parts = [
@@ -316,7 +324,10 @@ class ModelRunner:
             return ModelRunnerOutput(prompt_logprobs=prompt_lps, pooled=pooled)
         hidden = hidden[inputs.logits_indices]
         reqs = [sched.scheduled[i].request for i in inputs.sample_rows]
-        if all(_plain_greedy(r, r.sampling_params) for r in reqs):
+        drafts = [sched.scheduled[i].spec_token_ids for i in inputs.sample_rows]
+        if any(drafts):
+            out = self._verify(reqs, drafts, hidden, token_bitmasks)
+        elif all(_plain_greedy(r, r.sampling_params) for r in reqs):
             # Nothing to penalise or report: the sampler would reduce to an argmax (of the
             # masked logits), which the model-dtype logits give exactly (widening is exact).
             logits = self.model.compute_logits(hidden, float32=False)
@@ -329,6 +340,48 @@ class ModelRunner:
             out = self._sample(reqs, logits)
         out.prompt_logprobs = prompt_lps
         out.pooled = pooled
+        return out
+
+    def _verify(
+        self,
+        reqs: list[Request],
+        drafts: list[tuple[int, ...]],
+        hidden: torch.Tensor,
+        token_bitmasks: TokenBitmasks | None,
+    ) -> ModelRunnerOutput:
+        """Sample a step in which some requests carry draft tokens (`hidden`: 1 + k rows per
+        request, in order): a greedy batch by the argmax of every row, checked on the host;
+        otherwise the requests with drafts by rejection sampling (`sample/rejection.py`) and
+        the others (penalties, logprobs, grammars) by the sampler, one row each."""
+        counts = [1 + len(d) for d in drafts]
+        row_reqs = [r for r, c in zip(reqs, counts) for _ in range(c)]
+        if all(_plain_greedy(r, r.sampling_params) for r in reqs):
+            logits = self.model.compute_logits(hidden, float32=False)
+            self._mask(row_reqs, logits, token_bitmasks)
+            (targets,) = to_host(self.ops.argmax(logits))
+            tokens = accept_greedy(targets, drafts)
+            return ModelRunnerOutput(sampled={r.request_id: t for r, t in zip(reqs, tokens)})
+        logits = self.model.compute_logits(hidden)
+        self._mask(row_reqs, logits, token_bitmasks)
+        first = np.cumsum(counts) - counts
+        plain = [j for j, d in enumerate(drafts) if not d]
+        out = ModelRunnerOutput()
+        if plain:
+            rows = torch.from_numpy(first[plain]).to(self.device)
+            out = self._sample([reqs[j] for j in plain], logits[rows])
+        spec = [j for j, d in enumerate(drafts) if d]
+        rows = np.concatenate([np.arange(first[j], first[j] + counts[j]) for j in spec])
+        spec_reqs = [reqs[j] for j in spec]
+        spec_drafts = [drafts[j] for j in spec]
+        num_accepted, final = rejection_sample(
+            logits[torch.from_numpy(rows).to(self.device)],
+            spec_drafts,
+            self._sampling_metadata(spec_reqs),
+            self.ops,
+        )
+        num_accepted, final = to_host(num_accepted, final)
+        for r, d, n, t in zip(spec_reqs, spec_drafts, num_accepted, final):
+            out.sampled[r.request_id] = [*d[:n], t]
         return out
 
     def _graph_size(self, sched: SchedulerOutput, inputs: ModelInputs) -> int | None:
