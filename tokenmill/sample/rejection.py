@@ -98,8 +98,8 @@ def rejection_sample(
     p_draft = filtered.softmax(dim=1)[rows, padded]  # [R, max_k]
     p_accept = torch.where(greedy, argmax_ok.to(p_draft.dtype), p_draft)
     u = torch.rand(num_rows, max_k, device=device)
-    for r, generator in md.generators.items():
-        u[r].uniform_(generator=generator)
+    for r, generator in md.generators.items():  # k_r draws: the same in any batch
+        u[r, : len(drafts[r])].uniform_(generator=generator)
     accepted = (u < p_accept) & valid
     num_accepted = accepted.to(torch.int64).cumprod(dim=1).sum(dim=1)
 
