@@ -95,6 +95,35 @@ class LlamaCppEngine:
                 outs[s].append(tok)
         return time.perf_counter() - t, outs
 
+    def generate_lookup(
+        self, prompt: list[int], new_tokens: int, proposer
+    ) -> tuple[float, list[int], int, int]:
+        """Greedy decoding of one sequence with prompt-lookup drafts (`proposer.propose(tokens,
+        k)`, tokenmill's n-gram search, so both engines check the same drafts): each step
+        decodes the last token and up to `proposer.k` drafts with logits at every position,
+        keeps the drafts that equal the argmax before them, and removes the rejected
+        positions from the KV cache. Returns (seconds, generated ids, steps, draft tokens)."""
+        mem = self.lc.llama_get_memory(self.ctx)
+        self.lc.llama_memory_clear(mem, True)
+        t = time.perf_counter()
+        items = [(tok, pos, 0, pos == len(prompt) - 1) for pos, tok in enumerate(prompt)]
+        out = self._decode(items)
+        steps = draft_tokens = 0
+        while len(out) < new_tokens:
+            tokens = prompt + out
+            drafts = proposer.propose(tokens, min(proposer.k, new_tokens - len(out) - 1))
+            n = len(tokens) - 1  # the position of the last token, not yet in the cache
+            items = [(tok, n + j, 0, True) for j, tok in enumerate([tokens[-1], *drafts])]
+            targets = self._decode(items)
+            kept = 0
+            while kept < len(drafts) and targets[kept] == drafts[kept]:
+                kept += 1
+            out += targets[: kept + 1]
+            self.lc.llama_memory_seq_rm(mem, 0, n + kept + 1, -1)  # the rejected drafts' cells
+            steps += 1
+            draft_tokens += len(drafts)
+        return time.perf_counter() - t, out[:new_tokens], steps, draft_tokens
+
     def weight_bytes(self) -> int:
         return int(self.lc.llama_model_size(self.model))
 

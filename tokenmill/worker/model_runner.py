@@ -54,24 +54,40 @@ def prepare_inputs(
     common attention metadata, turned into `backend`'s own by its `build_metadata`.
 
     Single-query requests (decodes) are laid out first, then the multi-token chunks, so the
-    attention backend can treat the two groups separately. A sampling request has logits at
-    its chunk's last position, and at the positions before it that verify its draft tokens.
+    attention backend can treat the two groups separately. A decode with draft tokens is laid
+    out as one single-query row per token, each seeing the context up to itself (its block
+    table repeated): the step stays a decode batch for every backend (and the CPU's C++ layer
+    loop), and a draft attends to the drafts before it, whose K/V the step writes first. A
+    sampling request has logits at its chunk's last position, and at the positions before it
+    that verify its drafts.
     """
     order = sorted(
-        range(len(sched.scheduled)), key=lambda i: sched.scheduled[i].num_scheduled_tokens > 1
+        range(len(sched.scheduled)),
+        key=lambda i: (
+            sched.scheduled[i].num_scheduled_tokens > 1 and not sched.scheduled[i].spec_token_ids
+        ),
     )
     token_ids: list[int] = []
-    query_lens, seq_lens, block_tables, sample_rows, sample_pos, num_logits = [], [], [], [], [], []
-    for pos, i in enumerate(order):
+    # per attention row (a request, or one token of a decode with drafts)
+    query_lens, seq_lens, block_tables = [], [], []
+    sample_rows, logits_rows = [], []
+    for i in order:
         s = sched.scheduled[i]
         token_ids.extend(s.token_ids)
-        query_lens.append(s.num_scheduled_tokens)
-        seq_lens.append(s.num_computed_tokens + s.num_scheduled_tokens)
-        block_tables.append(list(s.block_ids))
+        table = list(s.block_ids)
+        if s.spec_token_ids:
+            query_lens.extend([1] * s.num_scheduled_tokens)
+            seq_lens.extend(
+                range(s.num_computed_tokens + 1, s.num_computed_tokens + s.num_scheduled_tokens + 1)
+            )
+            block_tables.extend([table] * s.num_scheduled_tokens)
+        else:
+            query_lens.append(s.num_scheduled_tokens)
+            seq_lens.append(s.num_computed_tokens + s.num_scheduled_tokens)
+            block_tables.append(table)
         if s.samples:
             sample_rows.append(i)
-            sample_pos.append(pos)
-            num_logits.append(1 + len(s.spec_token_ids))
+            logits_rows.extend(range(len(token_ids) - 1 - len(s.spec_token_ids), len(token_ids)))
     q = np.asarray(query_lens, dtype=np.int64)
     sl = np.asarray(seq_lens, dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(q)])
@@ -83,11 +99,7 @@ def prepare_inputs(
     for i, row in enumerate(block_tables):
         bt[i, : len(row)] = row
     slot_mapping = bt[req_of_token, positions // block_size] * block_size + positions % block_size
-    per = np.asarray(num_logits, dtype=np.int64)
-    first = np.cumsum(per) - per  # where each request's logits start
-    logits_indices = np.repeat(starts[1:][sample_pos] - per, per) + (
-        np.arange(per.sum()) - np.repeat(first, per)
-    )
+    logits_indices = np.asarray(logits_rows, dtype=np.int64)
     # One host buffer (pinned on CUDA) and one non-blocking copy for every index tensor.
     n, r = int(starts[-1]), len(q)
     parts = [
