@@ -25,7 +25,7 @@ class CountingGraph(EagerGraph):
         super().replay()
 
 
-def _llm(path) -> LLM:
+def _llm(path, **kw) -> LLM:
     return LLM(
         str(path),
         dtype="float32",
@@ -33,6 +33,7 @@ def _llm(path) -> LLM:
         block_size=BLOCK_SIZE,
         max_num_seqs=MAX_SEQS,
         max_model_len=128,
+        **kw,
     )
 
 
@@ -82,6 +83,32 @@ def test_graph_replay_matches_eager_at_every_size(tiny, monkeypatch):  # noqa: F
     }
     # the last replay (one real row) ran its padding rows with slot -1: no KV write
     assert torch.all(graphs.static.slot_mapping[1:] == -1)
+
+
+def test_drafted_decodes_replay_graphs(tiny, monkeypatch):  # noqa: F811
+    """Speculative decoding with captured graphs: a decode with k drafts is k + 1 single-query
+    rows, which replay the graph of their count. Greedy rows give plain decoding's tokens,
+    seeded sampled rows the eager speculative engine's, with drafts accepted on the way."""
+    monkeypatch.setenv("TOKENMILL_BACKEND", "triton")
+    path, _ = tiny
+    spec = {"num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 2}
+    prompts = [[5 + (3 * j) % 7 for j in range(10)], [40 + j % 4 for j in range(9)]]
+    params = [
+        SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+        SamplingParams(temperature=0.8, seed=7, max_tokens=20, ignore_eos=True),
+    ]
+    plain = _llm(path).generate(prompts[0], params[0])[0].outputs[0].token_ids
+    eager = [
+        o.outputs[0].token_ids
+        for o in _llm(path, speculative_config=spec).generate(prompts, params)
+    ]
+    llm = _llm(path, speculative_config=spec)
+    engine = llm.engine
+    engine.runner = _graph_runner(engine)
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert got[0] == plain and got == eager
+    assert engine.stats().spec_accepted_tokens > 0
+    assert engine.runner.graphs.graphs[8].replays > 0  # 2 requests x (1 + 3) rows
 
 
 def test_backends_without_graph_support_never_capture(tiny, monkeypatch):  # noqa: F811

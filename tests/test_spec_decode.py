@@ -237,7 +237,9 @@ def _check_same_as_plain(ref, got, label: str) -> None:
     for t, (x, y) in enumerate(zip(a.token_ids, b.token_ids)):
         if x != y:
             top = sorted((v.logprob for v in a.logprobs[t].values()), reverse=True)
-            assert top[0] - top[1] < 1e-4, f"{label}: diverged at token {t} ({x} vs {y}), gap {top[0] - top[1]}"
+            assert top[0] - top[1] < 1e-4, (
+                f"{label}: diverged at token {t} ({x} vs {y}), gap {top[0] - top[1]}"
+            )
             return
     assert a.token_ids == b.token_ids, label
     assert a.text == b.text and a.finish_reason == b.finish_reason, label

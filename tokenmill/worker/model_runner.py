@@ -338,7 +338,9 @@ class ModelRunner:
         reqs = [sched.scheduled[i].request for i in inputs.sample_rows]
         drafts = [sched.scheduled[i].spec_token_ids for i in inputs.sample_rows]
         if any(drafts):
-            out = self._verify(reqs, drafts, hidden, token_bitmasks)
+            greedy = all(_plain_greedy(r, r.sampling_params) for r in reqs)
+            logits = self.model.compute_logits(hidden, float32=not greedy)
+            out = self._verify(reqs, drafts, logits, token_bitmasks)
         elif all(_plain_greedy(r, r.sampling_params) for r in reqs):
             # Nothing to penalise or report: the sampler would reduce to an argmax (of the
             # masked logits), which the model-dtype logits give exactly (widening is exact).
@@ -358,23 +360,26 @@ class ModelRunner:
         self,
         reqs: list[Request],
         drafts: list[tuple[int, ...]],
-        hidden: torch.Tensor,
+        logits: torch.Tensor,
         token_bitmasks: TokenBitmasks | None,
+        argmax: torch.Tensor | None = None,
     ) -> ModelRunnerOutput:
-        """Sample a step in which some requests carry draft tokens (`hidden`: 1 + k rows per
-        request, in order): a greedy batch by the argmax of every row, checked on the host;
-        otherwise the requests with drafts by rejection sampling (`sample/rejection.py`) and
-        the others (penalties, logprobs, grammars) by the sampler, one row each."""
+        """Sample a step in which some requests carry draft tokens (`logits`: 1 + k rows per
+        request, in order; float32 unless every request is plain greedy; `argmax`: theirs
+        when known, before any mask): a greedy batch by the argmax of every row, checked on
+        the host; otherwise the requests with drafts by rejection sampling
+        (`sample/rejection.py`) and the others (penalties, logprobs, grammars) by the
+        sampler, one row each."""
         counts = [1 + len(d) for d in drafts]
         row_reqs = [r for r, c in zip(reqs, counts) for _ in range(c)]
+        self._mask(row_reqs, logits, token_bitmasks)
         if all(_plain_greedy(r, r.sampling_params) for r in reqs):
-            logits = self.model.compute_logits(hidden, float32=False)
-            self._mask(row_reqs, logits, token_bitmasks)
-            (targets,) = to_host(self.ops.argmax(logits))
+            if argmax is None or token_bitmasks is not None:
+                argmax = self.ops.argmax(logits)
+            (targets,) = to_host(argmax)
             tokens = accept_greedy(targets, drafts)
             return ModelRunnerOutput(sampled={r.request_id: t for r, t in zip(reqs, tokens)})
-        logits = self.model.compute_logits(hidden)
-        self._mask(row_reqs, logits, token_bitmasks)
+        logits = logits.float()
         first = np.cumsum(counts) - counts
         plain = [j for j, d in enumerate(drafts) if not d]
         out = ModelRunnerOutput()
@@ -402,9 +407,9 @@ class ModelRunner:
             s.prompt_logprob_positions or s.pool_positions for s in sched.scheduled
         ):
             return None
-        meta = inputs.attn
+        meta = inputs.attn  # a decode with drafts is one row per token (prepare_inputs)
         return self.graphs.size_for(
-            len(sched.scheduled), meta.num_tokens, meta.block_tables.shape[1]
+            len(meta.seq_lens_host), meta.num_tokens, meta.block_tables.shape[1]
         )
 
     def _execute_graph(
@@ -418,6 +423,10 @@ class ModelRunner:
         if not inputs.sample_rows:
             return ModelRunnerOutput()
         reqs = [sched.scheduled[i].request for i in inputs.sample_rows]
+        drafts = [sched.scheduled[i].spec_token_ids for i in inputs.sample_rows]
+        if any(drafts):  # the graph's buffers stay as they were: indexing copies
+            rows = inputs.logits_indices
+            return self._verify(reqs, drafts, logits[rows], token_bitmasks, greedy[rows])
         plain = all(_plain_greedy(r, r.sampling_params) for r in reqs)
         if plain and token_bitmasks is None:
             (tokens,) = to_host(greedy[inputs.logits_indices])
