@@ -10,7 +10,6 @@ row of a batched step instead of a step of its own.
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 
 class NgramProposer:
@@ -31,11 +30,19 @@ class NgramProposer:
         if k <= 0 or length <= self.min_n:
             return []
         tokens = np.asarray(token_ids, dtype=np.int64)
-        for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
-            # windows starting at 0 .. length - n - 1: every earlier place of the last n tokens
-            windows = sliding_window_view(tokens[:-1], n)
-            hits = np.flatnonzero((windows == tokens[-n:]).all(axis=1))
-            if len(hits):
-                start = int(hits[-1]) + n
-                return tokens[start : start + k].tolist()
-        return []
+        # every earlier place i of the last token, and how far back the match there reaches
+        ends = np.flatnonzero(tokens[:-1] == tokens[-1])
+        matched = np.ones(len(ends), dtype=np.int64)
+        alive = np.ones(len(ends), dtype=bool)
+        for j in range(1, min(self.max_n, length - 1)):
+            back = ends - j
+            alive &= back >= 0
+            alive[alive] = tokens[back[alive]] == tokens[-1 - j]
+            if not alive.any():
+                break
+            matched += alive
+        if not len(ends) or matched.max() < self.min_n:
+            return []
+        # the longest match (up to max_n) wins; of those, the latest
+        end = int(ends[np.flatnonzero(matched == matched.max())[-1]])
+        return tokens[end + 1 : end + 1 + k].tolist()
