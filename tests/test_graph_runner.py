@@ -5,9 +5,10 @@ path's tokens at every capture size, with rows finishing mid-batch."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from tests.test_prompt_logprobs import tiny  # noqa: F401  (the fixture)
+from tests.test_prompt_logprobs import _char_tokenizer, tiny  # noqa: F401  (the fixture)
 from tokenmill import LLM, SamplingParams
 from tokenmill.worker.graph_runner import EagerGraph, capture_sizes
 from tokenmill.worker.model_runner import ModelRunner
@@ -85,30 +86,63 @@ def test_graph_replay_matches_eager_at_every_size(tiny, monkeypatch):  # noqa: F
     assert torch.all(graphs.static.slot_mapping[1:] == -1)
 
 
-def test_drafted_decodes_replay_graphs(tiny, monkeypatch):  # noqa: F811
+@pytest.fixture(scope="module")
+def looping(tmp_path_factory):
+    """A tiny random Llama whose attention and MLP outputs are scaled down to 0.1 and whose
+    output head is scaled up 50x: the next token is mostly a function of the current one, by a
+    clear margin, so greedy outputs fall into cycles that prompt lookup predicts (drafts get
+    accepted), while attention still moves the logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=160,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(0.1)
+            layer.mlp.down_proj.weight.mul_(0.1)
+    path = tmp_path_factory.mktemp("looping-llama")
+    model.save_pretrained(path)
+    _char_tokenizer().save(str(path / "tokenizer.json"))
+    return path
+
+
+def test_drafted_decodes_replay_graphs(looping, monkeypatch):
     """Speculative decoding with captured graphs: a decode with k drafts is k + 1 single-query
-    rows, which replay the graph of their count. Greedy rows give plain decoding's tokens,
-    seeded sampled rows the eager speculative engine's, with drafts accepted on the way."""
+    rows, which replay the graph of their count. Greedy rows give plain decoding's tokens
+    (beside a sampled row, and alone, where the graph's argmax checks the drafts), seeded
+    sampled rows the eager speculative engine's, with drafts accepted on the way."""
     monkeypatch.setenv("TOKENMILL_BACKEND", "triton")
-    path, _ = tiny
     spec = {"num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 2}
-    prompts = [[5 + (3 * j) % 7 for j in range(10)], [40 + j % 4 for j in range(9)]]
+    prompts = [[40 + j % 4 for j in range(5)], [5 + (3 * j) % 7 for j in range(6)]]
     params = [
-        SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
-        SamplingParams(temperature=0.8, seed=7, max_tokens=20, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=14, ignore_eos=True),
+        SamplingParams(temperature=0.8, seed=7, max_tokens=14, ignore_eos=True),
     ]
-    plain = _llm(path).generate(prompts[0], params[0])[0].outputs[0].token_ids
-    eager = [
-        o.outputs[0].token_ids
-        for o in _llm(path, speculative_config=spec).generate(prompts, params)
-    ]
-    llm = _llm(path, speculative_config=spec)
+    plain = _llm(looping).generate(prompts[0], params[0])[0].outputs[0].token_ids
+    eager_llm = _llm(looping, speculative_config=spec)
+    eager = [o.outputs[0].token_ids for o in eager_llm.generate(prompts, params)]
+    llm = _llm(looping, speculative_config=spec)
     engine = llm.engine
     engine.runner = _graph_runner(engine)
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert got[0] == plain and got == eager
-    assert engine.stats().spec_accepted_tokens > 0
     assert engine.runner.graphs.graphs[8].replays > 0  # 2 requests x (1 + 3) rows
+    accepted = engine.stats().spec_accepted_tokens
+    assert accepted > 0
+    # greedy alone: the graph's own argmax checks the drafts
+    assert llm.generate(prompts[0], params[0])[0].outputs[0].token_ids == plain
+    assert engine.stats().spec_accepted_tokens > accepted
+    assert engine.runner.graphs.graphs[4].replays > 0
 
 
 def test_backends_without_graph_support_never_capture(tiny, monkeypatch):  # noqa: F811
