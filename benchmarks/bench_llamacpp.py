@@ -469,6 +469,14 @@ def bench_file(name: str, path: str, args) -> list[dict]:
     return rows
 
 
+def write_results(out: str, payload: dict) -> None:
+    """The run's JSON (`payload` after the method every engine comparison here follows)."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    method = {"method": "best of interleaved repeats, one process per engine"}
+    Path(out).write_text(json.dumps(method | payload, indent=2))
+    print(f"wrote {out}")
+
+
 def measure_ceilings(threads: int) -> dict:
     """The machine's copy bandwidth (GB/s), bf16 matmul rate ("bf16", TFLOP/s) and integer
     multiply-add peaks (GMAC/s per kernel level), measured now."""
@@ -540,24 +548,19 @@ def main() -> None:
             else:
                 line += f"{'-':>14}{'':>6}{'':>8}"
         print(line)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
-        json.dumps(
-            {
-                "method": "best of interleaved repeats, one process per engine",
-                "threads": args.threads,
-                "bandwidth_gbs": bw,
-                "ceiling_samples": samples,
-                "bf16_tflops": tflops,
-                "int8_peak_gmacs": {k: v for k, v in peaks.items() if k != "bf16"},
-                "cpu_flags": flags,
-                "args": vars(args),
-                "rows": rows,
-            },
-            indent=2,
-        )
+    write_results(
+        args.out,
+        {
+            "threads": args.threads,
+            "bandwidth_gbs": bw,
+            "ceiling_samples": samples,
+            "bf16_tflops": tflops,
+            "int8_peak_gmacs": {k: v for k, v in peaks.items() if k != "bf16"},
+            "cpu_flags": flags,
+            "args": vars(args),
+            "rows": rows,
+        },
     )
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

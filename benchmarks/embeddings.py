@@ -19,7 +19,6 @@ over the measured peak of the instruction the engine multiplies with (`bench_lla
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -37,6 +36,7 @@ from bench_llamacpp import (  # noqa: E402
     measure_ceilings,
     peak_macs_per_s,
     token_ids,
+    write_results,
 )
 
 CHECKED = 4  # sequences whose vectors are compared with the float32 reference
@@ -221,23 +221,18 @@ def main() -> None:
             f"{r['case']:<9}{r['engine']:<19}{r['tok_s']:>10.0f}{100 * r['roofline']:>5.0f}%"
             f"{r['tok_s'] / base['tok_s']:>8.2f}x{r['min_cosine_vs_fp32']:>10.5f}"
         )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
-        json.dumps(
-            {
-                "method": "best of interleaved repeats, one process per engine",
-                "model": path,
-                "threads": args.threads,
-                "ceilings": ceilings,
-                "ceiling_samples": samples,
-                "cpu_flags": flags,
-                "args": vars(args),
-                "rows": rows,
-            },
-            indent=2,
-        )
+    write_results(
+        args.out,
+        {
+            "model": path,
+            "threads": args.threads,
+            "ceilings": ceilings,
+            "ceiling_samples": samples,
+            "cpu_flags": flags,
+            "args": vars(args),
+            "rows": rows,
+        },
     )
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import platform
 import sys
@@ -45,6 +44,7 @@ from bench_llamacpp import (  # noqa: E402
     default_model,
     measure_ceilings,
     peak_macs_per_s,
+    write_results,
 )
 
 CODE = """import json
@@ -307,23 +307,18 @@ def main() -> None:
             )
     for w in workers:
         w.close()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
-        json.dumps(
-            {
-                "method": "best of interleaved repeats, one process per engine",
-                "threads": args.threads,
-                "spec": spec,
-                "ceilings": ceilings,
-                "weights_read_gbs": read_bw,
-                "params": params,
-                "args": vars(args),
-                "rows": rows,
-            },
-            indent=2,
-        )
+    write_results(
+        args.out,
+        {
+            "threads": args.threads,
+            "spec": spec,
+            "ceilings": ceilings,
+            "weights_read_gbs": read_bw,
+            "params": params,
+            "args": vars(args),
+            "rows": rows,
+        },
     )
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.test_model_parity import _llama_like
 from tests.test_prompt_logprobs import _char_tokenizer, tiny  # noqa: F401  (the fixture)
 from tokenmill import LLM, SamplingParams
 from tokenmill.worker.graph_runner import EagerGraph, capture_sizes
@@ -92,19 +93,8 @@ def looping(tmp_path_factory):
     output head is scaled up 50x: the next token is mostly a function of the current one, by a
     clear margin, so greedy outputs fall into cycles that prompt lookup predicts (drafts get
     accepted), while attention still moves the logits."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=160,
-        hidden_size=64,
-        intermediate_size=112,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = _llama_like("LlamaForCausalLM").eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(50)
         for layer in model.model.layers:
