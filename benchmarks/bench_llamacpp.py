@@ -186,20 +186,25 @@ def prepare_files(names: list[str], workdir: Path) -> dict[str, str]:
 
 
 # ---- engine workers (each in its own process) ----------------------------------------------
-def _tokenmill(path: str, threads: int, isa: str, quantization: str):
+def tokenmill_llm(path: str, threads: int, isa: str, **options):
+    """tokenmill in a worker process: kernel level `isa` forced, `threads` threads, prefix
+    caching off (every repeat computes its prompts, as llama.cpp does), other `options`."""
     os.environ["TOKENMILL_CPU_ISA"] = isa
     import torch
 
-    from tokenmill import LLM, SamplingParams
+    from tokenmill import LLM
 
     torch.set_num_threads(threads)
-    llm = LLM(
-        path,
-        max_model_len=1024,
-        kv_cache_memory_gib=1.0,
-        quantization=quantization,
-        num_threads=threads,
-        enable_prefix_caching=False,  # every repeat computes its prompts, as llama.cpp does
+    return LLM(path, num_threads=threads, enable_prefix_caching=False, **options)
+
+
+def _tokenmill(path: str, threads: int, isa: str, quantization: str):
+    import torch
+
+    from tokenmill import SamplingParams
+
+    llm = tokenmill_llm(
+        path, threads, isa, max_model_len=1024, kv_cache_memory_gib=1.0, quantization=quantization
     )
     info = llm.engine.model_info
     arch = info.arch

@@ -36,6 +36,7 @@ from bench_llamacpp import (  # noqa: E402
     measure_ceilings,
     peak_macs_per_s,
     token_ids,
+    tokenmill_llm,
     write_results,
 )
 
@@ -44,19 +45,13 @@ BATCH_TOKENS = 2048  # tokens per forward (llama.cpp's batch, transformers', tok
 
 
 def _tokenmill(path: str, threads: int, isa: str):
-    os.environ["TOKENMILL_CPU_ISA"] = isa
-    import torch
-
-    from tokenmill import LLM
-
-    torch.set_num_threads(threads)
-    llm = LLM(
+    llm = tokenmill_llm(
         path,
+        threads,
+        isa,
         max_model_len=1024,
         kv_cache_memory_gib=1.0,
-        num_threads=threads,
         max_num_batched_tokens=BATCH_TOKENS,
-        enable_prefix_caching=False,
     )
     info = llm.engine.model_info
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import platform
 import sys
 import time
@@ -44,6 +43,7 @@ from bench_llamacpp import (  # noqa: E402
     default_model,
     measure_ceilings,
     peak_macs_per_s,
+    tokenmill_llm,
     write_results,
 )
 
@@ -123,19 +123,10 @@ def _load_proposer(k: int, lo: int, hi: int):
 
 
 def _tokenmill(path: str, threads: int, isa: str, spec: dict | None):
-    os.environ["TOKENMILL_CPU_ISA"] = isa
-    import torch
+    from tokenmill import SamplingParams
 
-    from tokenmill import LLM, SamplingParams
-
-    torch.set_num_threads(threads)
-    llm = LLM(
-        path,
-        max_model_len=2048,
-        kv_cache_memory_gib=0.5,
-        num_threads=threads,
-        enable_prefix_caching=False,  # every repeat computes its prompt, as llama.cpp does
-        speculative_config=spec,
+    llm = tokenmill_llm(
+        path, threads, isa, max_model_len=2048, kv_cache_memory_gib=0.5, speculative_config=spec
     )
     engine = llm.engine
 
