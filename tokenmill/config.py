@@ -224,6 +224,7 @@ class EngineConfig:
     cache: CacheConfig
     scheduler: SchedulerConfig
     cuda_graphs: bool  # pure-decode steps replay captured CUDA graphs (CUDA, not enforce_eager)
+    tensor_parallel_size: int = 1  # ranks that split the model (the cache's sizes are per rank)
 
 
 @dataclass(frozen=True)
@@ -325,6 +326,13 @@ class EngineArgs:
             "lookup, checked in the same forward pass (same output distribution)"
         },
     )
+    tensor_parallel_size: int = dataclasses.field(
+        default=1,
+        metadata={
+            "help": "ranks (processes; one GPU each on CUDA) that split every layer's heads "
+            "and MLP width, summed by torch.distributed all-reduces (Llama family)"
+        },
+    )
     seed: int = dataclasses.field(default=0, metadata={"help": "global RNG seed"})
     num_threads: int | None = dataclasses.field(
         default=None, metadata={"help": "CPU threads for torch (default: all cores)"}
@@ -357,6 +365,8 @@ class EngineArgs:
             raise ValueError("num_kv_blocks must be >= 1")
         if self.num_scheduler_steps is not None and self.num_scheduler_steps < 1:
             raise ValueError("num_scheduler_steps must be >= 1")
+        if self.tensor_parallel_size < 1:
+            raise ValueError("tensor_parallel_size must be >= 1")
         if self.speculative_config is not None:
             SpeculativeConfig.parse(self.speculative_config)  # errors now, not at load
         if self.pooling_type is not None and self.pooling_type not in POOLING_TYPES:
@@ -406,7 +416,9 @@ class EngineArgs:
         the option and by the KV capacity (with a warning). CUDA graphs are on for a CUDA
         device unless enforce_eager or the attention backend cannot be captured
         (`graphs_supported`); multi-step decoding (num_scheduler_steps) needs them, and is off
-        by default with speculative decoding (the two exclude each other).
+        by default with speculative decoding (the two exclude each other) and with tensor
+        parallelism (one rank feeds its tokens back). Under tensor parallelism the budget and
+        the cache's bytes per token are each rank's (its share of the KV heads).
         """
         source, arch = model_info.source, model_info.arch
         device = self.torch_device()
@@ -422,8 +434,14 @@ class EngineArgs:
             load_format=self.load_format,
             pooling_type=self.pooling_type or arch.pooling_type or "last",
         )
-        bytes_per_token = kv_cache_bytes_per_token(
-            arch.num_layers, arch.num_kv_heads, arch.head_dim, model.dtype
+        tp = self.tensor_parallel_size
+        if arch.num_kv_heads % tp:
+            raise ValueError(
+                f"tensor_parallel_size {tp} must divide the model's key/value heads "
+                f"({arch.num_kv_heads})"
+            )
+        bytes_per_token = kv_cache_bytes_per_token(  # on each rank: its share of the KV heads
+            arch.num_layers, arch.num_kv_heads // tp, arch.head_dim, model.dtype
         )
         cache = CacheConfig(
             self.block_size,
@@ -446,7 +464,10 @@ class EngineArgs:
         )
         steps = self.num_scheduler_steps
         if steps is None:
-            steps = DEFAULT_CUDA_SCHEDULER_STEPS if cuda_graphs and speculative is None else 1
+            single = speculative is not None or tp > 1
+            steps = DEFAULT_CUDA_SCHEDULER_STEPS if cuda_graphs and not single else 1
+        elif steps > 1 and tp > 1:
+            raise ValueError("num_scheduler_steps > 1 runs on one rank (tensor_parallel_size 1)")
         elif steps > 1 and not cuda_graphs:
             raise ValueError(
                 "num_scheduler_steps > 1 needs CUDA graphs (a CUDA device, an attention backend "
@@ -460,7 +481,7 @@ class EngineArgs:
             steps,
             speculative,
         )
-        return EngineConfig(model, cache, scheduler, cuda_graphs)
+        return EngineConfig(model, cache, scheduler, cuda_graphs, tp)
 
     def _num_kv_blocks(
         self,

@@ -11,13 +11,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tokenmill.config import EngineArgs, GiB, ModelConfig, cuda_kv_budget
+from tokenmill.config import EngineArgs, GiB, ModelConfig
 from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.outputs import PooledChunk, PromptLogprobsChunk, SampleLogprobs
 from tokenmill.core.request import Request, RequestStatus
 from tokenmill.core.scheduler import Scheduler
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.structured_output import Matcher, StructuredOutputManager
+from tokenmill.engine.tensor_parallel import (
+    RankSpec,
+    TensorParallelWorkers,
+    profile_budget,
+    threads_per_rank,
+)
 from tokenmill.engine.tokenizer import Tokenizer, load_tokenizer
 from tokenmill.loader.load import load_model
 from tokenmill.loader.resolve import resolve_model
@@ -123,15 +129,39 @@ class LLMEngine:
         startup = {"imports and arguments": seconds_since_process_start()}
         source = resolve_model(args.model, allow_no_weights=args.load_format == "dummy")
         t0 = time.perf_counter()
-        self.model, self.model_info = load_model(
-            source,
-            self.dtype,
-            args.max_model_len,
-            self.device,
-            quantization=args.quantization,
-            load_format=args.load_format,
-            seed=args.seed,
-        )
+        self.workers: TensorParallelWorkers | None = None
+        if args.tensor_parallel_size > 1:
+            torch.set_num_threads(threads_per_rank(args.tensor_parallel_size, args.num_threads))
+            self.workers = TensorParallelWorkers(
+                args.tensor_parallel_size,
+                RankSpec(
+                    source,
+                    self.dtype,
+                    args.max_model_len,
+                    self.device,
+                    args.quantization,
+                    args.load_format,
+                    args.seed,
+                    torch.get_num_threads(),
+                ),
+            )
+        try:
+            self.model, self.model_info = load_model(
+                source,
+                self.dtype,
+                args.max_model_len,
+                self.device,
+                quantization=args.quantization,
+                load_format=args.load_format,
+                seed=args.seed,
+                tp=self.workers.tp if self.workers else None,
+            )
+        except Exception as e:
+            if self.workers is not None:
+                self.workers.loaded(f"{type(e).__name__}: {e}")
+            raise
+        if self.workers is not None:
+            self.workers.loaded(None)
         info = self.model_info
         startup.update(info.load_seconds)
         t1 = time.perf_counter()
@@ -206,6 +236,7 @@ class LLMEngine:
             max_len,
             config.scheduler.max_num_seqs,
             graphs=config.cuda_graphs,
+            workers=self.workers,
         )
         graphs = self.runner.graphs
         startup["KV pool"] = time.perf_counter() - t1 - (graphs.capture_seconds if graphs else 0)
@@ -257,24 +288,26 @@ class LLMEngine:
 
     def _cuda_kv_budget(self, model: ModelConfig) -> float:
         """The KV budget on a GPU (`EngineArgs.create_engine_config`), with the peak of the
-        largest step measured by a profile forward of the loaded model."""
+        largest step measured by a profile forward of the loaded model (on every
+        tensor-parallel rank: the smallest rank's budget)."""
         args = self.args
-        peak = profile_forward(
-            self.model,
+        profile = (
             args.max_num_batched_tokens,
             args.max_num_seqs,
             args.block_size,
             self.dtype,
-            self.device,
             model.max_model_len,
         )
-        torch.cuda.empty_cache()
-        return cuda_kv_budget(
-            model.device,
-            peak,
-            "a memory profile",
-            f"peak of a {args.max_num_batched_tokens}-token step",
-        )
+        if self.workers is not None:
+            self.workers.profile(*profile)
+        budget = profile_budget(self.model, self.device, *profile)
+        return budget if self.workers is None else self.workers.min_over_ranks(budget)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel ranks' processes, if any (they also stop when this
+        process exits)."""
+        if self.workers is not None:
+            self.workers.close()
 
     # ---- requests ---------------------------------------------------------------------------
     def new_request_id(self) -> str:

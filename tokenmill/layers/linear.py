@@ -6,7 +6,9 @@ from collections.abc import Callable
 
 import torch
 
+from tokenmill.errors import ModelLoadError
 from tokenmill.layers.norm import RMSNorm
+from tokenmill.layers.parallel import Partition
 from tokenmill.quant.base import LinearMethod
 from tokenmill.quant.dense import UnquantizedLinearMethod
 
@@ -16,6 +18,10 @@ class Linear(torch.nn.Module):
 
     `output_sizes` names the row blocks of a fused layer (e.g. q, k, v of a fused qkv_proj) so
     checkpoints that store them separately load into the right rows.
+
+    With a tensor-parallel `partition`, the sizes are this rank's share and `local_part`
+    cuts each checkpoint tensor down to it; a layer split by input columns sums its partial
+    outputs over the ranks before adding its bias.
     """
 
     def __init__(
@@ -25,8 +31,12 @@ class Linear(torch.nn.Module):
         bias: bool = False,
         dtype: torch.dtype = torch.float32,
         quant_method: LinearMethod | None = None,
+        partition: Partition | None = None,
     ) -> None:
         super().__init__()
+        self.partition = partition
+        # the layer sums partial outputs over the ranks (then adds its bias)
+        self.reduces = partition is not None and partition.dim == 1
         if isinstance(output_sizes, int):
             output_sizes = {"": output_sizes}
         self.in_features = in_features
@@ -45,16 +55,43 @@ class Linear(torch.nn.Module):
             else None
         )
 
+    def local_part(self, tensor: torch.Tensor, shard: str, name: str, bias: bool) -> torch.Tensor:
+        """The part of checkpoint tensor `name` (the weight or bias of `shard`) that this rank
+        holds: all of it without a partition (and a row-parallel layer's bias)."""
+        p = self.partition
+        if p is None or (bias and p.dim == 1):
+            return tensor
+        dim = 0 if bias else p.dim
+        size = self.output_sizes[shard] if dim == 0 else self.in_features
+        if tensor.dim() <= dim or tensor.shape[dim] != size * p.tp.size:
+            raise ModelLoadError(
+                f"{name}: shape {tuple(tensor.shape)} does not split into {p.tp.size} parts "
+                f"of {size} along dimension {dim}"
+            )
+        return tensor.narrow(dim, p.tp.rank * size, size)
+
+    def _finish(self, y: torch.Tensor) -> torch.Tensor:
+        """A row-parallel layer's partial output summed over the ranks, plus the bias."""
+        if not self.reduces:
+            return y
+        y = self.partition.tp.all_reduce(y)
+        return y if self.bias is None else y + self.bias
+
+    @property
+    def _local_bias(self) -> torch.Tensor | None:
+        """The bias the method adds: none where the ranks' partial outputs are summed first."""
+        return None if self.reduces else self.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant_method.apply(self, x, self.bias)
+        return self._finish(self.quant_method.apply(self, x, self._local_bias))
 
     def forward_glu(
         self, gate_up: torch.Tensor, silu_and_mul: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
         """self(silu_and_mul(gate_up)) for gate_up = [gate | up]: one kernel where the method
         has one for this call (`apply_glu`), else the backend's `silu_and_mul` first."""
-        y = self.quant_method.apply_glu(self, gate_up, self.bias)
-        return y if y is not None else self(silu_and_mul(gate_up))
+        y = self.quant_method.apply_glu(self, gate_up, self._local_bias)
+        return self._finish(y) if y is not None else self(silu_and_mul(gate_up))
 
     def forward_add_norm(
         self, residual: torch.Tensor, delta: torch.Tensor | None, norm: RMSNorm
@@ -63,9 +100,9 @@ class Linear(torch.nn.Module):
         the method has one for this call (`apply_add_norm`), else the norm's fused op first.
         `residual` may be updated in place; use the returned r."""
         out = self.quant_method.apply_add_norm(
-            self, residual, delta, norm.weight, norm.eps, self.bias
+            self, residual, delta, norm.weight, norm.eps, self._local_bias
         )
         if out is not None:
-            return out
+            return out[0], self._finish(out[1])
         residual, h = norm.add_forward(residual, delta)
         return residual, self(h)

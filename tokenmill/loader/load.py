@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from tokenmill.errors import ModelLoadError
 from tokenmill.kernels.cpu_ops import get_ops, select_isa
 from tokenmill.layers.attention import make_backend
+from tokenmill.layers.parallel import TensorParallel
 from tokenmill.loader.gguf_file import gguf_metadata, open_gguf
 from tokenmill.loader.resolve import ModelSource
 from tokenmill.loader.weights import (
@@ -199,6 +200,7 @@ def load_model(
     quantization: str = "auto",
     load_format: str = "auto",
     seed: int = 0,
+    tp: TensorParallel | None = None,
 ) -> tuple[CausalLM, ModelInfo]:
     """Build the model module for `source` and stream its weights in (strict names).
 
@@ -207,6 +209,8 @@ def load_model(
     kernel exists for this device and dtype (`quant_config_for`); "none" dequantizes everything.
     `load_format="dummy"` (an HF folder's config.json) fills the weights with random values
     drawn from `seed` on the device instead: benchmarks of real shapes without a checkpoint.
+    With `tp` (tensor parallelism), this rank's part of the model (`layers.parallel`): GGUF
+    files are dequantized (the native kernels run whole matrices).
     """
     if load_format == "dummy" and source.kind != "hf":
         raise ModelLoadError("load_format='dummy' needs a folder with config.json")
@@ -224,17 +228,29 @@ def load_model(
     arch = info.arch
     max_positions = min(arch.max_position_embeddings, max_model_len or 1 << 62)
     model_cls = get_model_class(arch.architecture)
+    kwargs: dict[str, Any] = {}
+    local = arch  # what this process builds: with tp, its share of the heads and the MLP
+    if tp is not None:
+        if not model_cls.supports_tensor_parallel:
+            raise ModelLoadError(f"tensor parallelism is not supported for {arch.architecture}")
+        local = arch.shard(tp.size)
+        kwargs["tp"] = tp
+        if quantization == "auto":
+            quantization = "none"  # the native GGUF kernels run whole matrices
     freq_factors = gguf_rope_freq_factors(reader) if reader is not None else None
-    backend, why = make_backend(device, dtype, arch.num_heads, arch.num_kv_heads, arch.head_dim)
+    backend, why = make_backend(device, dtype, local.num_heads, local.num_kv_heads, local.head_dim)
     info.backend = f"{backend.name} ({why})"
     quant, info.quant_reason = quant_config_for(
         source, reader, arch, dtype, device, quantization, small_batch_linear(backend.name)
     )
+    if tp is not None:
+        info.quant_reason += f"; rank {tp.rank} of {tp.size} (tensor parallel)"
     lap("kernel load")
-    kwargs = {"quant": quant} if model_cls.supports_native_gguf else {}
+    if model_cls.supports_native_gguf:
+        kwargs["quant"] = quant
     kwargs["backend"] = backend
     with torch.device(device):
-        model = model_cls(arch, dtype, max_positions, freq_factors, **kwargs)
+        model = model_cls(local, dtype, max_positions, freq_factors, **kwargs)
     lap("module")
     if load_format == "dummy":
         _init_dummy(model, seed)

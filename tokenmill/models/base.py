@@ -38,6 +38,8 @@ class CausalLM(torch.nn.Module):
 
     stacked_params: dict[str, tuple[str, str]] = {}
     supports_native_gguf = False  # takes a QuantConfig (GGUF blocks load with no layout change)
+    # takes a `layers.parallel.TensorParallel` (`tp=`) and a sharded architecture
+    supports_tensor_parallel = False
     ignored_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
 
     def __init__(self, cfg: ModelArchConfig, backend: AttentionBackend | None = None) -> None:
@@ -177,7 +179,8 @@ class CausalLM(torch.nn.Module):
 
         Tensors may be dense torch tensors or a GGUF file's raw blocks (`dequantize()`-able):
         a layer whose method takes raw blocks gets them as they are, every other one gets the
-        dense tensor. A tied quantized output head gets the embedding's blocks too.
+        dense tensor. A tied quantized output head gets the embedding's blocks too. A
+        tensor-parallel Linear gets its rank's part (`Linear.local_part`).
         """
         modules = dict(self.named_modules())
         params = dict(self.named_parameters())
@@ -206,6 +209,12 @@ class CausalLM(torch.nn.Module):
                 if not method.takes_raw:
                     tensor = self.transform_weight(name, materialize(tensor))
                 if isinstance(module, Linear):
+                    if module.partition is not None:
+                        if method.takes_raw:
+                            raise ModelLoadError(
+                                f"{raw_name}: {method.name} weights cannot be split over ranks"
+                            )
+                        tensor = module.local_part(tensor, shard, raw_name, bias=False)
                     method.load_weight(module, shard, tensor, raw_name)
                 else:
                     method.load_weight(module, tensor, raw_name)
@@ -214,6 +223,8 @@ class CausalLM(torch.nn.Module):
                         loaded.add(("lm_head.weight", ""))
             else:
                 tensor = self.transform_weight(name, materialize(tensor))
+                if isinstance(module, Linear):
+                    tensor = module.local_part(tensor, shard, raw_name, bias=True)
                 dest = params[target].data
                 if shard:
                     start, size = module.shard_offsets[shard]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,26 @@ class ModelArchConfig:
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_kv_heads})"
             )
+
+    def shard(self, size: int) -> ModelArchConfig:
+        """What one of `size` tensor-parallel ranks builds: its share of the query heads, the
+        KV heads and the intermediate width (`layers.parallel`). Raises ModelLoadError naming
+        the dimension that does not divide."""
+        for what, n in (
+            ("attention heads", self.num_heads),
+            ("key/value heads", self.num_kv_heads),
+            ("intermediate size", self.intermediate_size),
+        ):
+            if n % size:
+                raise ModelLoadError(
+                    f"tensor_parallel_size {size} must divide the model's {what} ({n})"
+                )
+        return dataclasses.replace(
+            self,
+            num_heads=self.num_heads // size,
+            num_kv_heads=self.num_kv_heads // size,
+            intermediate_size=self.intermediate_size // size,
+        )
 
 
 def _rope_from_hf(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:

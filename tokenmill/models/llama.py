@@ -9,6 +9,7 @@ from tokenmill.layers.embedding import VocabEmbedding
 from tokenmill.layers.linear import Linear
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.ops import Rope
+from tokenmill.layers.parallel import Partition, TensorParallel
 from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.models.base import CausalLM, KVCache
 from tokenmill.models.config import ModelArchConfig
@@ -25,8 +26,11 @@ def _linear(
     sizes: dict[str, int],
     dtype: torch.dtype,
     bias: bool = False,
+    tp: TensorParallel | None = None,
+    split_dim: int = 0,
 ) -> Linear:
-    """A Linear whose shards load from `{prefix}.{shard}.weight` (or `{prefix}.weight`)."""
+    """A Linear whose shards load from `{prefix}.{shard}.weight` (or `{prefix}.weight`); with
+    `tp`, split over the ranks along `split_dim` (0: output rows, 1: input columns)."""
     names = {s: f"{prefix}.{s}.weight" if s else f"{prefix}.weight" for s in sizes}
     return Linear(
         in_features,
@@ -34,6 +38,7 @@ def _linear(
         bias=bias,
         dtype=dtype,
         quant_method=quant.linear_method(names, in_features, sizes),
+        partition=None if tp is None else Partition(tp, split_dim),
     )
 
 
@@ -45,6 +50,7 @@ class LlamaAttention(torch.nn.Module):
         quant: QuantConfig,
         backend: AttentionBackend,
         prefix: str,
+        tp: TensorParallel | None = None,
     ) -> None:
         super().__init__()
         d = cfg.head_dim
@@ -52,9 +58,11 @@ class LlamaAttention(torch.nn.Module):
         self.q_size, self.kv_size = cfg.num_heads * d, cfg.num_kv_heads * d
         # Checkpoint names of the fused shards: q_proj, k_proj, v_proj.
         sizes = {"q_proj": self.q_size, "k_proj": self.kv_size, "v_proj": self.kv_size}
-        qkv = _linear(quant, prefix, cfg.hidden_size, sizes, dtype, cfg.attention_bias)
+        qkv = _linear(quant, prefix, cfg.hidden_size, sizes, dtype, cfg.attention_bias, tp)
         self.qkv_proj = qkv
-        self.o_proj = _linear(quant, f"{prefix}.o_proj", self.q_size, {"": cfg.hidden_size}, dtype)
+        self.o_proj = _linear(
+            quant, f"{prefix}.o_proj", self.q_size, {"": cfg.hidden_size}, dtype, tp=tp, split_dim=1
+        )
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.norm_eps, dtype)
             self.k_norm = RMSNorm(d, cfg.norm_eps, dtype)
@@ -94,6 +102,7 @@ class LlamaMLP(torch.nn.Module):
         quant: QuantConfig,
         backend: AttentionBackend,
         prefix: str,
+        tp: TensorParallel | None = None,
     ) -> None:
         super().__init__()
         if cfg.hidden_act != "silu":
@@ -101,9 +110,11 @@ class LlamaMLP(torch.nn.Module):
         i = cfg.intermediate_size
         self.intermediate_size = i
         self.gate_up_proj = _linear(
-            quant, prefix, cfg.hidden_size, {"gate_proj": i, "up_proj": i}, dtype
+            quant, prefix, cfg.hidden_size, {"gate_proj": i, "up_proj": i}, dtype, tp=tp
         )
-        self.down_proj = _linear(quant, f"{prefix}.down_proj", i, {"": cfg.hidden_size}, dtype)
+        self.down_proj = _linear(
+            quant, f"{prefix}.down_proj", i, {"": cfg.hidden_size}, dtype, tp=tp, split_dim=1
+        )
         self.ops = backend.ops
 
     def forward(
@@ -122,10 +133,11 @@ class LlamaDecoderLayer(torch.nn.Module):
         quant: QuantConfig,
         backend: AttentionBackend,
         prefix: str,
+        tp: TensorParallel | None = None,
     ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, dtype, quant, backend, f"{prefix}.self_attn")
-        self.mlp = LlamaMLP(cfg, dtype, quant, backend, f"{prefix}.mlp")
+        self.self_attn = LlamaAttention(cfg, dtype, quant, backend, f"{prefix}.self_attn", tp)
+        self.mlp = LlamaMLP(cfg, dtype, quant, backend, f"{prefix}.mlp", tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype, backend.ops)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype, backend.ops)
 
@@ -166,13 +178,14 @@ class LlamaModel(torch.nn.Module):
         rope_freq_factors: torch.Tensor | None,
         quant: QuantConfig,
         backend: AttentionBackend,
+        tp: TensorParallel | None = None,
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(
             cfg.vocab_size, cfg.hidden_size, dtype, quant.embedding_method(EMBEDDING)
         )
         self.layers = torch.nn.ModuleList(
-            LlamaDecoderLayer(cfg, dtype, quant, backend, f"model.layers.{i}")
+            LlamaDecoderLayer(cfg, dtype, quant, backend, f"model.layers.{i}", tp)
             for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype, backend.ops)
@@ -183,6 +196,7 @@ class LlamaModel(torch.nn.Module):
 
 class LlamaForCausalLM(CausalLM):
     supports_native_gguf = True
+    supports_tensor_parallel = True
     # checkpoint name fragment -> (fused module fragment, shard)
     stacked_params = {
         "q_proj": ("qkv_proj", "q_proj"),
@@ -200,12 +214,16 @@ class LlamaForCausalLM(CausalLM):
         rope_freq_factors: torch.Tensor | None = None,
         quant: QuantConfig | None = None,
         backend: AttentionBackend | None = None,
+        tp: TensorParallel | None = None,
     ) -> None:
+        """`cfg` is what this rank builds: with `tp`, its share of the heads and of the
+        intermediate width (`ModelArchConfig.shard`)."""
         super().__init__(cfg, backend)
         self.decode_stack = None  # built after loading when every projection is native
+        self.tp = tp
         quant = quant or DenseConfig()
         self.model = LlamaModel(
-            cfg, dtype, max_positions, rope_freq_factors, quant, self.attn_backend
+            cfg, dtype, max_positions, rope_freq_factors, quant, self.attn_backend, tp
         )
         self._build_head(quant, cfg.hidden_size, cfg.vocab_size, dtype, EMBEDDING)
 
@@ -217,7 +235,8 @@ class LlamaForCausalLM(CausalLM):
         """The C++ layer loop for decode-only batches (`LlamaDecodeStack`), when every
         projection runs a native kernel, attention runs on the CPU backend (whose cache layout
         the loop reads) and the layers need nothing the loop lacks (q/k norm, partial rotary);
-        None otherwise (the Python path runs every step)."""
+        None otherwise, and under tensor parallelism, whose sums the loop does not make (the
+        Python path runs every step)."""
         m, cfg = self.model, self.cfg
         linears = [
             (
@@ -230,6 +249,7 @@ class LlamaForCausalLM(CausalLM):
         ]
         if (
             self.attn_backend.name != "cpu"
+            or self.tp is not None
             or cfg.qk_norm
             or m.rotary.rotary_dim != cfg.head_dim
             or not all(hasattr(x, "kernel") for group in linears for x in group)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -29,6 +30,19 @@ from tokenmill.worker.graph_runner import (
 )
 from tokenmill.worker.kv_pool import KVPool
 
+
+class OtherRanks(Protocol):
+    """The other tensor-parallel ranks, as rank 0's runner drives them
+    (`engine.tensor_parallel.TensorParallelWorkers`)."""
+
+    def build_runner(self, *args: Any) -> None:
+        """Each rank builds its ModelRunner from `ModelRunner`'s arguments after the model and
+        the device (and captures its graphs alongside rank 0's)."""
+
+    def step(self, batch: HostBatch, size: int | None) -> None:
+        """Each rank runs `ModelRunner.forward(batch, size)` (all-reducing with rank 0's)."""
+
+
 logger = logging.getLogger(__name__)
 
 # Prompt logprobs are computed over at most this many logits at once ([rows, vocab] float32),
@@ -47,11 +61,60 @@ class ModelInputs:
     order: list[int]  # scheduler_output.scheduled indices in flat-batch order
 
 
-def prepare_inputs(
-    sched: SchedulerOutput, block_size: int, device: torch.device, backend: AttentionBackend
-) -> ModelInputs:
-    """Build the flat, unpadded batch of one step (a pure function of the schedule): the
-    common attention metadata, turned into `backend`'s own by its `build_metadata`.
+@dataclass(frozen=True, slots=True)
+class HostBatch:
+    """One step's flat batch on the host (`plan_batch`): every index array in one int64
+    buffer, and the sizes the attention metadata needs. Tensor-parallel ranks receive this
+    (it pickles small) and each turns it into device tensors (`to_device`)."""
+
+    # token ids, positions, slots, query starts, seq lens, block tables, logits rows
+    flat: np.ndarray
+    parts: tuple[int, ...]  # the length of each array in `flat`
+    max_blocks: int
+    max_query_len: int
+    max_seq_len: int
+    num_decode_tokens: int
+    block_size: int
+    query_lens: list[int]  # per attention row
+    seq_lens: list[int]
+    block_tables: list[list[int]]
+    sample_rows: list[int]
+    order: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.parts[0]
+
+    def to_device(self, device: torch.device, backend: AttentionBackend) -> ModelInputs:
+        """The step's tensors on `device` (one non-blocking copy) with `backend`'s metadata."""
+        views = iter(_to_device(self.flat, device).split(list(self.parts)))
+        input_ids, positions, slots, starts, seq_lens, tables, logits_rows = views
+        common = AttentionMetadata(
+            num_tokens=self.num_tokens,
+            slot_mapping=slots,
+            query_start_loc=starts.to(torch.int32),
+            seq_lens=seq_lens.to(torch.int32),
+            block_tables=tables.view(len(self.seq_lens), self.max_blocks).to(torch.int32),
+            max_query_len=self.max_query_len,
+            max_seq_len=self.max_seq_len,
+            num_decode_tokens=self.num_decode_tokens,
+            block_size=self.block_size,
+            query_lens_host=self.query_lens,
+            seq_lens_host=self.seq_lens,
+            block_tables_host=self.block_tables,
+        )
+        return ModelInputs(
+            input_ids=input_ids,
+            positions=positions,
+            attn=backend.build_metadata(common, device),
+            logits_indices=logits_rows,
+            sample_rows=self.sample_rows,
+            order=self.order,
+        )
+
+
+def plan_batch(sched: SchedulerOutput, block_size: int) -> HostBatch:
+    """The flat, unpadded batch of one step on the host (a pure function of the schedule).
 
     Single-query requests (decodes) are laid out first, then the multi-token chunks, so the
     attention backend can treat the two groups separately. A decode with draft tokens is laid
@@ -100,8 +163,6 @@ def prepare_inputs(
         bt[i, : len(row)] = row
     slot_mapping = bt[req_of_token, positions // block_size] * block_size + positions % block_size
     logits_indices = np.asarray(logits_rows, dtype=np.int64)
-    # One host buffer (pinned on CUDA) and one non-blocking copy for every index tensor.
-    n, r = int(starts[-1]), len(q)
     parts = [
         np.asarray(token_ids, dtype=np.int64),
         positions,
@@ -111,31 +172,28 @@ def prepare_inputs(
         bt.ravel(),
         logits_indices,
     ]
-    dev = _to_device(np.concatenate(parts), device)
-    views = iter(dev.split([len(x) for x in parts]))
-    input_ids, positions_t, slots_t, starts_t, seq_lens_t, bt_t, logits_t = views
-    common = AttentionMetadata(
-        num_tokens=n,
-        slot_mapping=slots_t,
-        query_start_loc=starts_t.to(torch.int32),
-        seq_lens=seq_lens_t.to(torch.int32),
-        block_tables=bt_t.view(r, max_blocks).to(torch.int32),
+    return HostBatch(
+        flat=np.concatenate(parts),
+        parts=tuple(len(x) for x in parts),
+        max_blocks=max_blocks,
         max_query_len=int(q.max()),
         max_seq_len=int(sl.max()),
         num_decode_tokens=int((q == 1).sum()),
         block_size=block_size,
-        query_lens_host=query_lens,
-        seq_lens_host=seq_lens,
-        block_tables_host=block_tables,
-    )
-    return ModelInputs(
-        input_ids=input_ids,
-        positions=positions_t,
-        attn=backend.build_metadata(common, device),
-        logits_indices=logits_t,
+        query_lens=query_lens,
+        seq_lens=seq_lens,
+        block_tables=block_tables,
         sample_rows=sample_rows,
         order=order,
     )
+
+
+def prepare_inputs(
+    sched: SchedulerOutput, block_size: int, device: torch.device, backend: AttentionBackend
+) -> ModelInputs:
+    """The step's inputs on `device` (`plan_batch`, then `HostBatch.to_device`): the common
+    attention metadata, turned into `backend`'s own by its `build_metadata`."""
+    return plan_batch(sched, block_size).to_device(device, backend)
 
 
 def _to_device(host: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -251,7 +309,12 @@ class ModelRunner:
     With `graphs` (on CUDA unless --enforce-eager; `graph_factory` overrides the graph kind,
     which tests use on the CPU) and a backend that supports them, pure-decode steps of up to
     `max_num_seqs` requests replay captured graphs (`worker/graph_runner.py`); prefill and
-    mixed steps run eagerly."""
+    mixed steps run eagerly.
+
+    Under tensor parallelism this is rank 0's runner: `workers` (the other ranks' processes)
+    build a runner of their own with the same arguments, and run every step's forward pass
+    with it (`forward`); sampling, logprobs and pooling happen here only, on the replicated
+    output head."""
 
     def __init__(
         self,
@@ -264,7 +327,13 @@ class ModelRunner:
         max_num_seqs: int = 0,
         graphs: bool = False,
         graph_factory: GraphFactory | None = None,
+        workers: OtherRanks | None = None,
     ) -> None:
+        if workers is not None:  # the other ranks build theirs (and capture) alongside
+            workers.build_runner(
+                num_blocks, block_size, kv_dtype, max_model_len, max_num_seqs, graphs, graph_factory
+            )
+        self.workers = workers
         self.model = model
         self.device = device
         self.block_size = block_size
@@ -313,15 +382,18 @@ class ModelRunner:
             self.generators.pop(rid, None)
         if sched.is_empty:
             return ModelRunnerOutput()
-        inputs = prepare_inputs(sched, self.block_size, self.device, self.attn_backend)
-        size = self._graph_size(sched, inputs)
+        batch = plan_batch(sched, self.block_size)
+        size = self._graph_size(sched, batch)
         if sched.num_steps > 1:
-            if size is None:
-                raise RuntimeError("a multi-step round needs a captured decode graph of its size")
-            return self._execute_steps(sched, inputs, size)
+            if size is None or self.workers is not None:
+                raise RuntimeError(
+                    "a multi-step round needs a captured decode graph of its size and one rank"
+                )
+            return self._execute_steps(sched, batch.to_device(self.device, self.attn_backend), size)
+        inputs, out = self.forward(batch, size)
         if size is not None:
-            return self._execute_graph(sched, inputs, size, token_bitmasks)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn)
+            return self._execute_graph(sched, inputs, out, token_bitmasks)
+        hidden = out
         prompt_lps = (
             self._prompt_logprobs(sched, inputs.order, hidden)
             if any(s.prompt_logprob_positions for s in sched.scheduled)
@@ -355,6 +427,19 @@ class ModelRunner:
         out.prompt_logprobs = prompt_lps
         out.pooled = pooled
         return out
+
+    def forward(
+        self, batch: HostBatch, size: int | None
+    ) -> tuple[ModelInputs, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+        """One step's forward pass (on every tensor-parallel rank: the step goes to the other
+        ranks first): its inputs on the device, and the hidden states, or with a graph `size`
+        that graph's (logits, argmax) views."""
+        if self.workers is not None:
+            self.workers.step(batch, size)
+        inputs = batch.to_device(self.device, self.attn_backend)
+        if size is not None:
+            return inputs, self.graphs.run(size, inputs.input_ids, inputs.positions, inputs.attn)
+        return inputs, self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn)
 
     def _verify(
         self,
@@ -401,25 +486,23 @@ class ModelRunner:
             out.sampled[r.request_id] = [*d[:n], t]
         return out
 
-    def _graph_size(self, sched: SchedulerOutput, inputs: ModelInputs) -> int | None:
+    def _graph_size(self, sched: SchedulerOutput, batch: HostBatch) -> int | None:
         """The captured size this step replays, or None to run it eagerly."""
         if self.graphs is None or any(
             s.prompt_logprob_positions or s.pool_positions for s in sched.scheduled
         ):
             return None
-        meta = inputs.attn  # a decode with drafts is one row per token (prepare_inputs)
-        return self.graphs.size_for(
-            len(meta.seq_lens_host), meta.num_tokens, meta.block_tables.shape[1]
-        )
+        # a decode with drafts is one attention row per token (plan_batch)
+        return self.graphs.size_for(len(batch.seq_lens), batch.num_tokens, batch.max_blocks)
 
     def _execute_graph(
         self,
         sched: SchedulerOutput,
         inputs: ModelInputs,
-        size: int,
+        outputs: tuple[torch.Tensor, torch.Tensor],
         token_bitmasks: TokenBitmasks | None,
     ) -> ModelRunnerOutput:
-        logits, greedy = self.graphs.run(size, inputs.input_ids, inputs.positions, inputs.attn)
+        logits, greedy = outputs
         if not inputs.sample_rows:
             return ModelRunnerOutput()
         reqs = [sched.scheduled[i].request for i in inputs.sample_rows]
