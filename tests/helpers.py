@@ -7,7 +7,7 @@ import torch
 from tokenmill.core.outputs import ScheduledRequest, SchedulerOutput
 from tokenmill.core.request import Request
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.worker.model_runner import ModelRunner, prepare_inputs
+from tokenmill.worker.model_runner import ModelRunner, plan_batch
 
 
 def paged_logits(
@@ -34,9 +34,8 @@ def paged_logits(
                     ScheduledRequest(r, r.num_computed_tokens, chunks[step], r.extra["blocks"])
                 )
         sched = SchedulerOutput(tuple(scheduled), sum(s.num_scheduled_tokens for s in scheduled))
-        inputs = prepare_inputs(sched, bs, runner.device, runner.attn_backend)
-        with torch.inference_mode():
-            hidden = runner.model(inputs.input_ids, inputs.positions, runner.kv_caches, inputs.attn)
+        with torch.inference_mode():  # the runner's eager forward (on every rank under TP)
+            inputs, hidden = runner.forward(plan_batch(sched, bs), None)
             logits = runner.model.compute_logits(hidden)
         start = 0
         for i in inputs.order:  # the runner lays decodes out first

@@ -367,6 +367,8 @@ class EngineArgs:
             raise ValueError("num_scheduler_steps must be >= 1")
         if self.tensor_parallel_size < 1:
             raise ValueError("tensor_parallel_size must be >= 1")
+        if self.tensor_parallel_size > 1 and (self.num_scheduler_steps or 1) > 1:
+            raise ValueError("num_scheduler_steps > 1 runs on one rank (tensor_parallel_size 1)")
         if self.speculative_config is not None:
             SpeculativeConfig.parse(self.speculative_config)  # errors now, not at load
         if self.pooling_type is not None and self.pooling_type not in POOLING_TYPES:
@@ -466,8 +468,6 @@ class EngineArgs:
         if steps is None:
             single = speculative is not None or tp > 1
             steps = DEFAULT_CUDA_SCHEDULER_STEPS if cuda_graphs and not single else 1
-        elif steps > 1 and tp > 1:
-            raise ValueError("num_scheduler_steps > 1 runs on one rank (tensor_parallel_size 1)")
         elif steps > 1 and not cuda_graphs:
             raise ValueError(
                 "num_scheduler_steps > 1 needs CUDA graphs (a CUDA device, an attention backend "

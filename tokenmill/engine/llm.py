@@ -53,6 +53,17 @@ class LLM:
     def get_tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
 
+    def close(self) -> None:
+        """Stop the tensor-parallel ranks' processes, if any (they also stop at exit); the
+        object is unusable afterwards."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def _normalize(
         self,
         prompts: Prompt | Sequence[Prompt],

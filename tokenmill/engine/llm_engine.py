@@ -25,7 +25,7 @@ from tokenmill.engine.tensor_parallel import (
     threads_per_rank,
 )
 from tokenmill.engine.tokenizer import Tokenizer, load_tokenizer
-from tokenmill.loader.load import load_model
+from tokenmill.loader.load import load_model, rank_arch, read_model_info
 from tokenmill.loader.resolve import resolve_model
 from tokenmill.outputs import (
     CompletionOutput,
@@ -131,6 +131,8 @@ class LLMEngine:
         t0 = time.perf_counter()
         self.workers: TensorParallelWorkers | None = None
         if args.tensor_parallel_size > 1:
+            # the model's headers first: a size that cannot split it starts no process
+            rank_arch(read_model_info(source, args.load_format)[0].arch, args.tensor_parallel_size)
             torch.set_num_threads(threads_per_rank(args.tensor_parallel_size, args.num_threads))
             self.workers = TensorParallelWorkers(
                 args.tensor_parallel_size,

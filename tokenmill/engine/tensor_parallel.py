@@ -96,6 +96,10 @@ class TensorParallelWorkers:
                     f"tensor_parallel_size {size} needs GPUs {first}..{first + size - 1}; "
                     f"{torch.cuda.device_count()} visible"
                 )
+        if dist.is_initialized():
+            raise RuntimeError(
+                "this process already runs a tensor-parallel engine: close() it first"
+            )
         self.size = size
         init = f"tcp://127.0.0.1:{_free_port()}"
         context = mp.get_context("spawn")

@@ -191,6 +191,14 @@ def quant_config_for(
     return GGUFQuantConfig(types, ops), f"{choice.build} kernels ({choice.reason})"
 
 
+def rank_arch(arch: ModelArchConfig, tensor_parallel_size: int) -> ModelArchConfig:
+    """What each of `tensor_parallel_size` ranks builds (`ModelArchConfig.shard`); raises
+    ModelLoadError when the family or the model's dimensions do not allow it."""
+    if not get_model_class(arch.architecture).supports_tensor_parallel:
+        raise ModelLoadError(f"tensor parallelism is not supported for {arch.architecture}")
+    return arch.shard(tensor_parallel_size)
+
+
 def load_model(
     source: ModelSource,
     dtype: torch.dtype,
@@ -231,9 +239,7 @@ def load_model(
     kwargs: dict[str, Any] = {}
     local = arch  # what this process builds: with tp, its share of the heads and the MLP
     if tp is not None:
-        if not model_cls.supports_tensor_parallel:
-            raise ModelLoadError(f"tensor parallelism is not supported for {arch.architecture}")
-        local = arch.shard(tp.size)
+        local = rank_arch(arch, tp.size)
         kwargs["tp"] = tp
         if quantization == "auto":
             quantization = "none"  # the native GGUF kernels run whole matrices
