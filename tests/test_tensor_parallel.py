@@ -19,7 +19,9 @@ from tests.test_graph_runner import CountingGraph
 from tests.test_model_parity import ARCHS, ATOL, _randomize, _reference_logits
 from tests.test_prompt_logprobs import _char_tokenizer
 from tokenmill import LLM, SamplingParams
+from tokenmill.config import EngineArgs, GiB
 from tokenmill.errors import ModelLoadError
+from tokenmill.loader.inspect import describe_model
 from tokenmill.worker.model_runner import ModelRunner
 
 BLOCK_SIZE = 4
@@ -165,7 +167,13 @@ def test_embedded_gguf_over_three_ranks(default_gguf, llm_f32):
     with LLM(dtype="float32", max_model_len=512, tensor_parallel_size=3) as llm:
         got = [o.outputs[0].text for o in llm.generate(prompts, params)]
         assert "tensor parallel" in llm.engine.model_info.quant_reason
+        held = llm.engine.model.weight_memory_bytes()
     assert got == expected
+    # `tokenmill info`'s estimate of a rank's weights (from the headers) against rank 0's
+    info = describe_model(EngineArgs(dtype="float32", max_model_len=512, tensor_parallel_size=3))
+    estimate = float(info["weights in memory"].split()[0]) * GiB
+    assert abs(estimate - held) < 0.02 * held, (estimate, held)
+    assert info["KV cache per token"] == f"{30 * 2 * 64 * 4 / 1024:.1f} KiB per rank"
 
 
 def test_sizes_that_do_not_split_the_model(llama, tmp_path_factory):

@@ -73,6 +73,8 @@ def _join(rank: int, size: int, init_method: str, device: torch.device) -> tuple
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size)
+    if device.type == "cuda":  # NCCL's communicator now, not inside a first graph capture
+        dist.all_reduce(torch.zeros(1, device=device))
     commands = dist.new_group(backend="gloo", timeout=COMMAND_TIMEOUT)
     return dist.group.WORLD, commands
 

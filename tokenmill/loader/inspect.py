@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 from tokenmill.config import DTYPE_SIZES, EngineArgs, GiB, ModelConfig, cuda_kv_budget
-from tokenmill.loader.load import quant_config_for, read_model_info
+from tokenmill.loader.load import quant_config_for, rank_arch, read_model_info
 from tokenmill.loader.resolve import resolve_model
 from tokenmill.loader.weights import safetensors_files
 from tokenmill.quant import gguf_pack as gp
@@ -39,8 +39,23 @@ def describe_model(args: EngineArgs) -> dict[str, str]:
     arch = info.arch
     params = count_parameters(info, reader)
 
+    tp = args.tensor_parallel_size
+    if tp > 1:
+        rank_arch(arch, tp)  # the size must split the model
+
     def weights_in_memory(model: ModelConfig) -> tuple[int, str, str]:
-        """(bytes, how they are stored, the quantization decision) under `model`'s config."""
+        """(bytes, how they are stored, the quantization decision) under `model`'s config (on
+        each rank under tensor parallelism)."""
+        if tp > 1 and model.quantization != "fp8":
+            layer = arch.hidden_size * arch.head_dim * 2 * (arch.num_heads + arch.num_kv_heads)
+            layer += 3 * arch.hidden_size * arch.intermediate_size
+            split = arch.num_layers * layer  # the decoder's linear weights
+            per_rank = (params - split + split // tp) * DTYPE_SIZES[model.dtype]
+            stored = (
+                f"per rank: 1/{tp} of the decoder's linear weights, embedding, norms and head "
+                "whole, in the compute dtype"
+            )
+            return per_rank, stored, f"tensor parallel over {tp} ranks: dense weights"
         quant, why = quant_config_for(
             source, reader, arch, model.torch_dtype(), model.device, model.quantization
         )
@@ -93,7 +108,9 @@ def describe_model(args: EngineArgs) -> dict[str, str]:
         "weights in memory": f"{weights / GiB:.3f} GiB ({stored}; file "
         f"{info.checkpoint_bytes / GiB:.3f} GiB)",
         "quantized kernels": why,
-        "KV cache per token": f"{cache.bytes_per_token / 1024:.1f} KiB",
+        "tensor parallel": f"{tp} ranks (processes; one GPU each on CUDA)" if tp > 1 else "off",
+        "KV cache per token": f"{cache.bytes_per_token / 1024:.1f} KiB"
+        + (" per rank" if tp > 1 else ""),
         "KV capacity": f"{cache.capacity_tokens} tokens ({cache.reserved_bytes / GiB:.2f} GiB)",
         "max concurrency at full ctx": f"{cache.capacity_tokens / max_len:.1f} x {max_len} tokens",
         "memory needed (weights+KV)": f"{(weights + cache.reserved_bytes) / GiB:.2f} GiB",
