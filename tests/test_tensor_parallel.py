@@ -229,9 +229,18 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_server_over_three_ranks_and_ranks_die_with_it(llm_f32):
-    """`tokenmill serve --tensor-parallel-size 3` answers like one rank; killed with SIGKILL
-    (no clean-up at all), its rank processes notice the closed links and exit."""
+def _wait_dead(pids: list[int]) -> None:
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in pids)
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
+def test_server_over_three_ranks_and_ranks_die_with_it(llm_f32, stop):
+    """`tokenmill serve --tensor-parallel-size 3` answers like one rank. Stopped with SIGTERM,
+    it stops its ranks and exits 0; killed with SIGKILL (no clean-up at all), its rank
+    processes notice the closed links and exit."""
     prompt = "The capital of France is"
     expected = llm_f32.generate(prompt, SamplingParams(temperature=0, max_tokens=12))[0]
     server = ServerProcess("--tensor-parallel-size", "3")
@@ -250,12 +259,10 @@ def test_server_over_three_ranks_and_ranks_die_with_it(llm_f32):
         assert r.json()["choices"][0]["text"] == expected.outputs[0].text
         ranks = [p for p in _children(server.proc.pid) if "spawn_main" in _cmdline(p)]
         assert len(ranks) == 2, ranks
-        os.kill(server.proc.pid, signal.SIGKILL)
-        server.proc.wait(10)
-        deadline = time.time() + 30
-        while time.time() < deadline and any(_alive(p) for p in ranks):
-            time.sleep(0.2)
-        assert not any(_alive(p) for p in ranks)
+        os.kill(server.proc.pid, signal.SIGTERM if stop == "sigterm" else signal.SIGKILL)
+        code = server.proc.wait(30)
+        assert code == (0 if stop == "sigterm" else -signal.SIGKILL), server.output()[-2000:]
+        _wait_dead(ranks)
     finally:
         server.stop()
 

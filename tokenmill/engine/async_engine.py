@@ -113,9 +113,13 @@ class AsyncEngine:
         self._thread.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the engine thread, then the engine's tensor-parallel ranks (if any; with the
+        thread still in a step after `timeout`, they are left to the exit)."""
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self.engine.close()
 
     @property
     def is_running(self) -> bool:

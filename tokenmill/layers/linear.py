@@ -68,7 +68,7 @@ class Linear(torch.nn.Module):
                 f"{name}: shape {tuple(tensor.shape)} does not split into {p.tp.size} parts "
                 f"of {size} along dimension {dim}"
             )
-        return tensor.narrow(dim, p.tp.rank * size, size)
+        return tensor.narrow(dim, p.tp.rank * size, size).contiguous()
 
     def _finish(self, y: torch.Tensor) -> torch.Tensor:
         """A row-parallel layer's partial output summed over the ranks, plus the bias."""
