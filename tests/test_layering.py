@@ -15,6 +15,7 @@ RANK = {
     "outputs": 0,
     "sampling_params": 0,
     "pooling_params": 0,
+    "lora_request": 0,
     "core": 1,
     "kernels": 1,
     "quant": 1,

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tokenmill.engine.llm import LLM
+    from tokenmill.lora_request import LoRARequest
     from tokenmill.outputs import CompletionOutput, EmbeddingRequestOutput, RequestOutput
     from tokenmill.pooling_params import PoolingParams
     from tokenmill.sampling_params import SamplingParams
@@ -21,6 +22,7 @@ __all__ = [
     "RequestOutput",
     "CompletionOutput",
     "EmbeddingRequestOutput",
+    "LoRARequest",
 ]
 __version__ = "0.1.0"
 
@@ -31,6 +33,7 @@ _WHERE = {
     "CompletionOutput": "tokenmill.outputs",
     "PoolingParams": "tokenmill.pooling_params",
     "EmbeddingRequestOutput": "tokenmill.outputs",
+    "LoRARequest": "tokenmill.lora_request",
 }
 
 

@@ -199,6 +199,7 @@ class SchedulerConfig:
     # are fed back on the device and come back to the host once per round.
     num_scheduler_steps: int = 1
     speculative: SpeculativeConfig | None = None  # draft tokens per decode (single steps)
+    max_loras: int = 0  # distinct LoRA adapters running at once (0: LoRA off)
 
     def __post_init__(self) -> None:
         if self.speculative is not None and self.num_scheduler_steps > 1:
@@ -326,6 +327,26 @@ class EngineArgs:
             "lookup, checked in the same forward pass (same output distribution)"
         },
     )
+    enable_lora: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "serve LoRA adapters (PEFT folders) beside the base model: each request "
+            "may name one (Llama family)"
+        },
+    )
+    max_loras: int = dataclasses.field(
+        default=4, metadata={"help": "distinct LoRA adapters in one step (with --enable-lora)"}
+    )
+    max_lora_rank: int = dataclasses.field(
+        default=16, metadata={"help": "the largest LoRA rank an adapter may have"}
+    )
+    lora_modules: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "adapters to serve from the start, as NAME=PATH[,NAME=PATH...] (implies "
+            "--enable-lora); a request picks one by its model name"
+        },
+    )
     tensor_parallel_size: int = dataclasses.field(
         default=1,
         metadata={
@@ -367,6 +388,12 @@ class EngineArgs:
             raise ValueError("num_scheduler_steps must be >= 1")
         if self.tensor_parallel_size < 1:
             raise ValueError("tensor_parallel_size must be >= 1")
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise ValueError("max_loras and max_lora_rank must be >= 1")
+        if self.lora_modules is not None:
+            self.lora_module_paths()  # errors now, not at load
+        if self.lora_enabled and self.tensor_parallel_size > 1:
+            raise ValueError("LoRA adapters with tensor_parallel_size > 1 are not supported yet")
         if self.tensor_parallel_size > 1 and (self.num_scheduler_steps or 1) > 1:
             raise ValueError("num_scheduler_steps > 1 runs on one rank (tensor_parallel_size 1)")
         if self.speculative_config is not None:
@@ -375,6 +402,24 @@ class EngineArgs:
             raise ValueError(
                 f"pooling_type must be one of {POOLING_TYPES}, got {self.pooling_type!r}"
             )
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self.enable_lora or self.lora_modules is not None
+
+    def lora_module_paths(self) -> dict[str, str]:
+        """`lora_modules` as {name: path}: a dict, or NAME=PATH pairs separated by commas."""
+        if self.lora_modules is None:
+            return {}
+        if isinstance(self.lora_modules, dict):
+            return dict(self.lora_modules)
+        out = {}
+        for item in self.lora_modules.split(","):
+            name, sep, path = item.strip().partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise ValueError(f"lora_modules: expected NAME=PATH, got {item.strip()!r}")
+            out[name.strip()] = path.strip()
+        return out
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
@@ -480,6 +525,7 @@ class EngineArgs:
             self.enable_chunked_prefill,
             steps,
             speculative,
+            self.max_loras if self.lora_enabled else 0,
         )
         return EngineConfig(model, cache, scheduler, cuda_graphs, tp)
 

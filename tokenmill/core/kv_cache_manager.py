@@ -36,9 +36,12 @@ class KVCacheManager:
         """Extend request.block_hashes to cover every full block of its known tokens."""
         bs = self.block_size
         hashes = request.block_hashes
+        # an adapter changes every layer's K/V: its blocks are its own
+        extra = () if request.lora_id is None else (("lora", request.lora_id),)
         for i in range(len(hashes), request.num_tokens // bs):
             parent = hashes[-1] if hashes else None
-            hashes.append(hash_block_tokens(parent, request.token_ids_slice(i * bs, (i + 1) * bs)))
+            tokens = request.token_ids_slice(i * bs, (i + 1) * bs)
+            hashes.append(hash_block_tokens(parent, tokens, extra))
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
         """The longest cached prefix of a new request: (blocks, number of tokens they hold).

@@ -52,6 +52,7 @@ class Request:
         "num_cached_tokens",
         "bad_words_token_ids",
         "pooling",
+        "lora_id",
         "extra",
     )
 
@@ -65,6 +66,7 @@ class Request:
         arrival_time: float = 0.0,
         bad_words_token_ids: tuple[tuple[int, ...], ...] = (),
         pooling: str | None = None,
+        lora_id: int | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -77,6 +79,8 @@ class Request:
         # an embedding request: its pooling type (config.POOLING_TYPES); it generates
         # nothing (max_tokens 0) and is done once its prompt is computed
         self.pooling = pooling
+        # the LoRA adapter it runs with (LoRARequest.lora_int_id), None for the base model
+        self.lora_id = lora_id
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.stop_reason: int | str | None = None

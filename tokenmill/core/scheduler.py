@@ -156,6 +156,8 @@ class Scheduler:
         for req in self.running:
             if req.num_tokens - req.num_computed_tokens != 1 or not _host_free(req):
                 return None
+            if req.lora_id is not None:  # adapters run eagerly (the graphs hold none)
+                return None
             k = min(
                 k,
                 req.max_tokens - req.num_output_tokens,
@@ -173,9 +175,18 @@ class Scheduler:
         self._finished_ids.clear()
         return SchedulerOutput(tuple(scheduled), len(scheduled), finished, num_steps=k)
 
+    def _lora_fits(self, req: Request) -> bool:
+        """Whether `req` may run now: at most max_loras distinct adapters run at once."""
+        if req.lora_id is None:
+            return True
+        running = {r.lora_id for r in self.running if r.lora_id is not None}
+        return req.lora_id in running or len(running) < self.config.max_loras
+
     def _schedule_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            if not self._lora_fits(req):
+                break  # first come, first served: it waits for an adapter to finish
             hits, num_hit_tokens = self.kv.get_computed_blocks(req)
             num_new = req.num_tokens - num_hit_tokens
             if num_new > budget:

@@ -11,6 +11,7 @@ from tokenmill.config import EngineArgs
 from tokenmill.engine.chat_template import template_variables
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.engine.tokenizer import Tokenizer
+from tokenmill.lora_request import LoRARequest
 from tokenmill.outputs import EmbeddingRequestOutput, RequestOutput
 from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import SamplingParams
@@ -86,17 +87,20 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt; results in input order. Bad input raises ValueError and
-        nothing is left queued."""
+        nothing is left queued. `lora_request`: the LoRA adapter of every prompt, or one per
+        prompt (None: the base model)."""
         prompts, params = self._normalize(prompts, sampling_params)
-        return self._run([(p, None) for p in prompts], params, use_tqdm)
+        return self._run([(p, None) for p in prompts], params, use_tqdm, lora_request)
 
     def embed(
         self,
         prompts: Prompt | Sequence[Prompt],
         pooling_params: PoolingParams | None = None,
         use_tqdm: bool = False,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[EmbeddingRequestOutput]:
         """One embedding per prompt (`outputs.embedding`), in input order: the prompt's final
         hidden states pooled by the model's pooling type (the `pooling_type` option, else the
@@ -105,7 +109,9 @@ class LLM:
         if isinstance(prompts, (str, dict)) or _is_token_ids(prompts):
             prompts = [prompts]
         params = pooling_params or PoolingParams()
-        return self._run([(_unwrap(p), None) for p in prompts], [params] * len(prompts), use_tqdm)
+        return self._run(
+            [(_unwrap(p), None) for p in prompts], [params] * len(prompts), use_tqdm, lora_request
+        )
 
     def chat(
         self,
@@ -115,6 +121,7 @@ class LLM:
         use_tqdm: bool = False,
         continue_final_message: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to each conversation, then generate.
         `continue_final_message=True` (with `add_generation_prompt=False`) continues the last
@@ -126,7 +133,7 @@ class LLM:
             for c in convs
         ]
         _, params = self._normalize([p[0] for p in prepared], sampling_params)
-        return self._run(prepared, params, use_tqdm)
+        return self._run(prepared, params, use_tqdm, lora_request)
 
     def encode_chat(
         self,
@@ -157,14 +164,28 @@ class LLM:
         prompts: list[tuple[Prompt, list[int] | None]],
         params: Sequence[SamplingParams | PoolingParams],
         use_tqdm: bool,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[Any]:
         engine = self.engine
         self._compile_constraints(params)
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            loras = [lora_request] * len(prompts)
+        else:
+            loras = list(lora_request)
+            if len(loras) != len(prompts):
+                raise ValueError(f"{len(loras)} lora_request entries for {len(prompts)} prompts")
         ids: list[str] = []
         try:
-            for (prompt, token_ids), p in zip(prompts, params):
+            for (prompt, token_ids), p, lora in zip(prompts, params, loras):
                 ids.append(
-                    engine.add_request(None, prompt, p, prompt_token_ids=token_ids, final_only=True)
+                    engine.add_request(
+                        None,
+                        prompt,
+                        p,
+                        prompt_token_ids=token_ids,
+                        final_only=True,
+                        lora_request=lora,
+                    )
                 )
         except Exception:
             engine.abort_request(ids)

@@ -25,8 +25,11 @@ from tokenmill.engine.tensor_parallel import (
     threads_per_rank,
 )
 from tokenmill.engine.tokenizer import Tokenizer, load_tokenizer
+from tokenmill.layers.lora import LoRASlots
 from tokenmill.loader.load import load_model, rank_arch, read_model_info
+from tokenmill.loader.lora import load_lora_adapter
 from tokenmill.loader.resolve import resolve_model
+from tokenmill.lora_request import LoRARequest
 from tokenmill.outputs import (
     CompletionOutput,
     EmbeddingOutput,
@@ -157,6 +160,7 @@ class LLMEngine:
                 load_format=args.load_format,
                 seed=args.seed,
                 tp=self.workers.tp if self.workers else None,
+                lora=LoRASlots(args.max_loras, args.max_lora_rank) if args.lora_enabled else None,
             )
         except Exception as e:
             if self.workers is not None:
@@ -271,6 +275,9 @@ class LLMEngine:
         self._token_text: dict[int, str] = {}  # token id -> its text alone (logprob entries)
         self.structured_outputs = StructuredOutputManager(self.tokenizer, arch.vocab_size)
         self._awaiting_grammar: dict[str, _Group] = {}  # request id -> group, in arrival order
+        self.loras: dict[int, LoRARequest] = {}  # the adapters loaded so far, by id
+        for i, (name, path) in enumerate(args.lora_module_paths().items()):
+            self.add_lora(LoRARequest(name, i + 1, path))
 
     # ---- set-up ---------------------------------------------------------------------------
     @property
@@ -311,6 +318,40 @@ class LLMEngine:
         if self.workers is not None:
             self.workers.close()
 
+    # ---- LoRA adapters ------------------------------------------------------------------------
+    def add_lora(self, lora_request: LoRARequest) -> int:
+        """Load adapter `lora_request` (a PEFT folder) for this model, once per id; returns its
+        id. ValueError (ModelLoadError) for an engine without LoRA, an id already taken by
+        another adapter, or an adapter that does not fit the model (the message names what)."""
+        if self.runner.lora is None:
+            raise ValueError("LoRA adapters need an engine started with enable_lora=True")
+        known = self.loras.get(lora_request.lora_int_id)
+        if known is not None:
+            if known != lora_request:
+                raise ValueError(
+                    f"lora_int_id {lora_request.lora_int_id} is already {known.lora_name!r} "
+                    f"({known.lora_path})"
+                )
+            return lora_request.lora_int_id
+        adapter = load_lora_adapter(
+            lora_request.lora_name, lora_request.lora_path, self.model, self.args.max_lora_rank
+        )
+        self.runner.lora.add(lora_request.lora_int_id, adapter)
+        self.loras[lora_request.lora_int_id] = lora_request
+        logger.info(
+            "LoRA adapter %r (id %d, rank %d, %d layers) from %s",
+            lora_request.lora_name,
+            lora_request.lora_int_id,
+            adapter.rank,
+            len(adapter.weights),
+            lora_request.lora_path,
+        )
+        return lora_request.lora_int_id
+
+    def list_loras(self) -> list[LoRARequest]:
+        """The adapters loaded so far, by id."""
+        return [self.loras[i] for i in sorted(self.loras)]
+
     # ---- requests ---------------------------------------------------------------------------
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"
@@ -336,6 +377,7 @@ class LLMEngine:
         params: SamplingParams | PoolingParams | None = None,
         prompt_token_ids: list[int] | None = None,
         final_only: bool = False,
+        lora_request: LoRARequest | None = None,
     ) -> str:
         """Validate, tokenize and queue a request (n samples). Raises ValueError on bad input,
         leaving the engine untouched. With `final_only`, `step` returns the request's output
@@ -344,8 +386,12 @@ class LLMEngine:
         and, without stop strings, the text decoded once at the end.
 
         With PoolingParams it is an embedding request: the prompt runs once, nothing is
-        generated, and `step` returns one EmbeddingRequestOutput when it has finished."""
+        generated, and `step` returns one EmbeddingRequestOutput when it has finished.
+
+        With `lora_request`, the request runs with that LoRA adapter (loaded on first use,
+        `add_lora`)."""
         params = params or SamplingParams()
+        lora_id = None if lora_request is None else self.add_lora(lora_request)
         request_id = request_id or self.new_request_id()
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -356,7 +402,7 @@ class LLMEngine:
         if not ids:
             raise ValueError("prompt is empty (no tokens)")
         if isinstance(params, PoolingParams):
-            self._add_group(self._pooling_group(request_id, text, ids, params))
+            self._add_group(self._pooling_group(request_id, text, ids, params, lora_id))
             return request_id
         self._check_params_fit_model(params)
         # A prompt-scoring request (max_tokens 0) may fill the whole context.
@@ -378,7 +424,16 @@ class LLMEngine:
         bad_words = self._bad_words_token_ids(params.bad_words)
         samples = []
         for i, p in enumerate(children):
-            req = Request(f"{request_id}#{i}", ids, p, eos, max_tokens, time.monotonic(), bad_words)
+            req = Request(
+                f"{request_id}#{i}",
+                ids,
+                p,
+                eos,
+                max_tokens,
+                time.monotonic(),
+                bad_words,
+                lora_id=lora_id,
+            )
             detok = IncrementalDetokenizer(
                 self.tokenizer,
                 ids,
@@ -418,7 +473,12 @@ class LLMEngine:
             self._admit_compiled()
 
     def _pooling_group(
-        self, request_id: str, text: str | None, ids: list[int], params: PoolingParams
+        self,
+        request_id: str,
+        text: str | None,
+        ids: list[int],
+        params: PoolingParams,
+        lora_id: int | None = None,
     ) -> _Group:
         """An embedding request: one sequence that computes its prompt (which may fill the
         whole context) and generates nothing (max_tokens 0); the runner pools its hidden
@@ -435,6 +495,7 @@ class LLMEngine:
             0,
             time.monotonic(),
             pooling=self.config.model.pooling_type,
+            lora_id=lora_id,
         )
         detok = IncrementalDetokenizer(self.tokenizer, ids, deferred=True)
         return _Group(

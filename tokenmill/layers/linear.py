@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 
 from tokenmill.errors import ModelLoadError
+from tokenmill.layers.lora import LoRASlots, LoRAWeights
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.parallel import Partition
 from tokenmill.quant.base import LinearMethod
@@ -22,6 +23,10 @@ class Linear(torch.nn.Module):
     With a tensor-parallel `partition`, the sizes are this rank's share and `local_part`
     cuts each checkpoint tensor down to it; a layer split by input columns sums its partial
     outputs over the ranks before adding its bias.
+
+    With `lora` (the model's LoRA slot table), the layer holds LoRA slots (`self.lora`) and
+    adds the step's adapters' updates to its output; while any adapter runs, the fused entry
+    points take their unfused path (the adapters need the layer's input).
     """
 
     def __init__(
@@ -32,6 +37,7 @@ class Linear(torch.nn.Module):
         dtype: torch.dtype = torch.float32,
         quant_method: LinearMethod | None = None,
         partition: Partition | None = None,
+        lora: LoRASlots | None = None,
     ) -> None:
         super().__init__()
         self.partition = partition
@@ -54,6 +60,7 @@ class Linear(torch.nn.Module):
             if bias
             else None
         )
+        self.lora = None if lora is None else LoRAWeights(lora, in_features, output_sizes, dtype)
 
     def local_part(self, tensor: torch.Tensor, shard: str, name: str, bias: bool) -> torch.Tensor:
         """The part of checkpoint tensor `name` (the weight or bias of `shard`) that this rank
@@ -82,14 +89,21 @@ class Linear(torch.nn.Module):
         """The bias the method adds: none where the ranks' partial outputs are summed first."""
         return None if self.reduces else self.bias
 
+    @property
+    def _lora_active(self) -> bool:
+        return self.lora is not None and bool(self.lora.slots.rows)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._finish(self.quant_method.apply(self, x, self._local_bias))
+        y = self._finish(self.quant_method.apply(self, x, self._local_bias))
+        return self.lora.add(x, y) if self._lora_active else y
 
     def forward_glu(
         self, gate_up: torch.Tensor, silu_and_mul: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
         """self(silu_and_mul(gate_up)) for gate_up = [gate | up]: one kernel where the method
         has one for this call (`apply_glu`), else the backend's `silu_and_mul` first."""
+        if self._lora_active:
+            return self(silu_and_mul(gate_up))
         y = self.quant_method.apply_glu(self, gate_up, self._local_bias)
         return self._finish(y) if y is not None else self(silu_and_mul(gate_up))
 
@@ -99,6 +113,9 @@ class Linear(torch.nn.Module):
         """(r, self(norm(r))) with r = residual + delta (`norm.add_forward`): one kernel where
         the method has one for this call (`apply_add_norm`), else the norm's fused op first.
         `residual` may be updated in place; use the returned r."""
+        if self._lora_active:
+            residual, h = norm.add_forward(residual, delta)
+            return residual, self(h)
         out = self.quant_method.apply_add_norm(
             self, residual, delta, norm.weight, norm.eps, self._local_bias
         )

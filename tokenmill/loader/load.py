@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from tokenmill.errors import ModelLoadError
 from tokenmill.kernels.cpu_ops import get_ops, select_isa
 from tokenmill.layers.attention import make_backend
+from tokenmill.layers.lora import LoRASlots
 from tokenmill.layers.parallel import TensorParallel
 from tokenmill.loader.gguf_file import gguf_metadata, open_gguf
 from tokenmill.loader.resolve import ModelSource
@@ -209,6 +210,7 @@ def load_model(
     load_format: str = "auto",
     seed: int = 0,
     tp: TensorParallel | None = None,
+    lora: LoRASlots | None = None,
 ) -> tuple[CausalLM, ModelInfo]:
     """Build the model module for `source` and stream its weights in (strict names).
 
@@ -218,7 +220,8 @@ def load_model(
     `load_format="dummy"` (an HF folder's config.json) fills the weights with random values
     drawn from `seed` on the device instead: benchmarks of real shapes without a checkpoint.
     With `tp` (tensor parallelism), this rank's part of the model (`layers.parallel`): GGUF
-    files are dequantized (the native kernels run whole matrices).
+    files are dequantized (the native kernels run whole matrices). With `lora`, the decoder's
+    linear layers hold LoRA slots (`layers.lora`).
     """
     if load_format == "dummy" and source.kind != "hf":
         raise ModelLoadError("load_format='dummy' needs a folder with config.json")
@@ -241,6 +244,10 @@ def load_model(
     if tp is not None:
         local = rank_arch(arch, tp.size)
         kwargs["tp"] = tp
+    if lora is not None:
+        if not model_cls.supports_lora:
+            raise ModelLoadError(f"LoRA adapters are not supported for {arch.architecture}")
+        kwargs["lora"] = lora
         if quantization == "auto":
             quantization = "none"  # the native GGUF kernels run whole matrices
     freq_factors = gguf_rope_freq_factors(reader) if reader is not None else None

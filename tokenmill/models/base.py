@@ -40,6 +40,7 @@ class CausalLM(torch.nn.Module):
     supports_native_gguf = False  # takes a QuantConfig (GGUF blocks load with no layout change)
     # takes a `layers.parallel.TensorParallel` (`tp=`) and a sharded architecture
     supports_tensor_parallel = False
+    supports_lora = False  # takes `lora=` (a `layers.lora.LoRASlots`): decoder linears hold slots
     ignored_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
 
     def __init__(self, cfg: ModelArchConfig, backend: AttentionBackend | None = None) -> None:

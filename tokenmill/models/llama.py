@@ -7,6 +7,7 @@ import torch
 from tokenmill.layers.attention import Attention, AttentionBackend, AttentionMetadata
 from tokenmill.layers.embedding import VocabEmbedding
 from tokenmill.layers.linear import Linear
+from tokenmill.layers.lora import LoRASlots
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.ops import Rope
 from tokenmill.layers.parallel import Partition, TensorParallel
@@ -28,9 +29,11 @@ def _linear(
     bias: bool = False,
     tp: TensorParallel | None = None,
     split_dim: int = 0,
+    lora: LoRASlots | None = None,
 ) -> Linear:
     """A Linear whose shards load from `{prefix}.{shard}.weight` (or `{prefix}.weight`); with
-    `tp`, split over the ranks along `split_dim` (0: output rows, 1: input columns)."""
+    `tp`, split over the ranks along `split_dim` (0: output rows, 1: input columns); with `lora`,
+    holding LoRA slots."""
     names = {s: f"{prefix}.{s}.weight" if s else f"{prefix}.weight" for s in sizes}
     return Linear(
         in_features,
@@ -39,6 +42,7 @@ def _linear(
         dtype=dtype,
         quant_method=quant.linear_method(names, in_features, sizes),
         partition=None if tp is None else Partition(tp, split_dim),
+        lora=lora,
     )
 
 
@@ -51,6 +55,7 @@ class LlamaAttention(torch.nn.Module):
         backend: AttentionBackend,
         prefix: str,
         tp: TensorParallel | None = None,
+        lora: LoRASlots | None = None,
     ) -> None:
         super().__init__()
         d = cfg.head_dim
@@ -58,10 +63,19 @@ class LlamaAttention(torch.nn.Module):
         self.q_size, self.kv_size = cfg.num_heads * d, cfg.num_kv_heads * d
         # Checkpoint names of the fused shards: q_proj, k_proj, v_proj.
         sizes = {"q_proj": self.q_size, "k_proj": self.kv_size, "v_proj": self.kv_size}
-        qkv = _linear(quant, prefix, cfg.hidden_size, sizes, dtype, cfg.attention_bias, tp)
+        qkv = _linear(
+            quant, prefix, cfg.hidden_size, sizes, dtype, cfg.attention_bias, tp, lora=lora
+        )
         self.qkv_proj = qkv
         self.o_proj = _linear(
-            quant, f"{prefix}.o_proj", self.q_size, {"": cfg.hidden_size}, dtype, tp=tp, split_dim=1
+            quant,
+            f"{prefix}.o_proj",
+            self.q_size,
+            {"": cfg.hidden_size},
+            dtype,
+            tp=tp,
+            split_dim=1,
+            lora=lora,
         )
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.norm_eps, dtype)
@@ -103,6 +117,7 @@ class LlamaMLP(torch.nn.Module):
         backend: AttentionBackend,
         prefix: str,
         tp: TensorParallel | None = None,
+        lora: LoRASlots | None = None,
     ) -> None:
         super().__init__()
         if cfg.hidden_act != "silu":
@@ -110,10 +125,17 @@ class LlamaMLP(torch.nn.Module):
         i = cfg.intermediate_size
         self.intermediate_size = i
         self.gate_up_proj = _linear(
-            quant, prefix, cfg.hidden_size, {"gate_proj": i, "up_proj": i}, dtype, tp=tp
+            quant, prefix, cfg.hidden_size, {"gate_proj": i, "up_proj": i}, dtype, tp=tp, lora=lora
         )
         self.down_proj = _linear(
-            quant, f"{prefix}.down_proj", i, {"": cfg.hidden_size}, dtype, tp=tp, split_dim=1
+            quant,
+            f"{prefix}.down_proj",
+            i,
+            {"": cfg.hidden_size},
+            dtype,
+            tp=tp,
+            split_dim=1,
+            lora=lora,
         )
         self.ops = backend.ops
 
@@ -134,10 +156,11 @@ class LlamaDecoderLayer(torch.nn.Module):
         backend: AttentionBackend,
         prefix: str,
         tp: TensorParallel | None = None,
+        lora: LoRASlots | None = None,
     ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, dtype, quant, backend, f"{prefix}.self_attn", tp)
-        self.mlp = LlamaMLP(cfg, dtype, quant, backend, f"{prefix}.mlp", tp)
+        self.self_attn = LlamaAttention(cfg, dtype, quant, backend, f"{prefix}.self_attn", tp, lora)
+        self.mlp = LlamaMLP(cfg, dtype, quant, backend, f"{prefix}.mlp", tp, lora)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype, backend.ops)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype, backend.ops)
 
@@ -179,13 +202,14 @@ class LlamaModel(torch.nn.Module):
         quant: QuantConfig,
         backend: AttentionBackend,
         tp: TensorParallel | None = None,
+        lora: LoRASlots | None = None,
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(
             cfg.vocab_size, cfg.hidden_size, dtype, quant.embedding_method(EMBEDDING)
         )
         self.layers = torch.nn.ModuleList(
-            LlamaDecoderLayer(cfg, dtype, quant, backend, f"model.layers.{i}", tp)
+            LlamaDecoderLayer(cfg, dtype, quant, backend, f"model.layers.{i}", tp, lora)
             for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype, backend.ops)
@@ -197,6 +221,7 @@ class LlamaModel(torch.nn.Module):
 class LlamaForCausalLM(CausalLM):
     supports_native_gguf = True
     supports_tensor_parallel = True
+    supports_lora = True
     # checkpoint name fragment -> (fused module fragment, shard)
     stacked_params = {
         "q_proj": ("qkv_proj", "q_proj"),
@@ -215,15 +240,18 @@ class LlamaForCausalLM(CausalLM):
         quant: QuantConfig | None = None,
         backend: AttentionBackend | None = None,
         tp: TensorParallel | None = None,
+        lora: LoRASlots | None = None,
     ) -> None:
         """`cfg` is what this rank builds: with `tp`, its share of the heads and of the
-        intermediate width (`ModelArchConfig.shard`)."""
+        intermediate width (`ModelArchConfig.shard`). With `lora`, the decoder's linears hold
+        LoRA slots (`layers.lora`)."""
         super().__init__(cfg, backend)
         self.decode_stack = None  # built after loading when every projection is native
         self.tp = tp
+        self.lora_slots = lora
         quant = quant or DenseConfig()
         self.model = LlamaModel(
-            cfg, dtype, max_positions, rope_freq_factors, quant, self.attn_backend, tp
+            cfg, dtype, max_positions, rope_freq_factors, quant, self.attn_backend, tp, lora
         )
         self._build_head(quant, cfg.hidden_size, cfg.vocab_size, dtype, EMBEDDING)
 
@@ -280,6 +308,7 @@ class LlamaForCausalLM(CausalLM):
         if (
             self.decode_stack is not None
             and meta.num_decode_tokens == meta.num_tokens
+            and not (self.lora_slots is not None and self.lora_slots.rows)  # the loop has none
             and kv_caches[0][0].dtype == residual.dtype
         ):
             return self.decode_stack(

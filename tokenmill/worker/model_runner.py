@@ -29,6 +29,7 @@ from tokenmill.worker.graph_runner import (
     capture_sizes,
 )
 from tokenmill.worker.kv_pool import KVPool
+from tokenmill.worker.lora import LoRAManager
 
 
 class OtherRanks(Protocol):
@@ -348,6 +349,9 @@ class ModelRunner:
         self.kv_caches: list[KVCache] = self.kv_pool.caches
         self.sampler = Sampler(self.ops)
         self.generators: dict[str, torch.Generator] = {}
+        slots = getattr(model, "lora_slots", None)
+        # the adapters by id and their slots (a model built with LoRA slots)
+        self.lora = None if slots is None else LoRAManager(model, slots, device)
         self.graphs: DecodeGraphRunner | None = None
         if (graphs or graph_factory is not None) and self.attn_backend.supports_graphs:
             self.graphs = DecodeGraphRunner(
@@ -383,7 +387,8 @@ class ModelRunner:
         if sched.is_empty:
             return ModelRunnerOutput()
         batch = plan_batch(sched, self.block_size)
-        size = self._graph_size(sched, batch)
+        adapters = self._set_lora_rows(sched, batch)
+        size = None if adapters else self._graph_size(sched, batch)
         if sched.num_steps > 1:
             if size is None or self.workers is not None:
                 raise RuntimeError(
@@ -427,6 +432,22 @@ class ModelRunner:
         out.prompt_logprobs = prompt_lps
         out.pooled = pooled
         return out
+
+    def _set_lora_rows(self, sched: SchedulerOutput, batch: HostBatch) -> bool:
+        """Give the model this step's rows per LoRA adapter (none without adapters); True when
+        some row runs one (the step then runs eagerly: the graphs hold no adapters)."""
+        if self.lora is None:
+            return False
+        rows: dict[int, list[int]] = {}
+        start = 0
+        for i in batch.order:  # flat-batch order: row offsets follow it
+            s = sched.scheduled[i]
+            lora_id = s.request.lora_id
+            if lora_id is not None:
+                rows.setdefault(lora_id, []).extend(range(start, start + s.num_scheduled_tokens))
+            start += s.num_scheduled_tokens
+        self.lora.set_rows(rows)
+        return bool(rows)
 
     def forward(
         self, batch: HostBatch, size: int | None

@@ -1,0 +1,134 @@
+"""LoRA adapters in PEFT's format (a folder with adapter_config.json and
+adapter_model.safetensors), read against a loaded model's LoRA-capable linears."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tokenmill.errors import ModelLoadError
+from tokenmill.layers.linear import Linear
+from tokenmill.models.base import CausalLM
+
+# base_model.model.<module>.lora_A.weight (older PEFT versions kept the adapter's name in it)
+_TENSOR = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.\w+)?\.weight$"
+)
+
+
+@dataclass(frozen=True)
+class LoRAAdapter:
+    """An adapter ready for the model's slots: per Linear module name, per shard of it,
+    (A [r, in], scale * B [out_shard, r]) in the model's dtype."""
+
+    name: str
+    path: str
+    rank: int  # the largest of its modules' ranks
+    weights: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]
+
+
+def _check_config(cfg: dict, path: Path) -> None:
+    """Refuse what this engine does not run (rather than run it wrong)."""
+    unsupported = [
+        ("peft_type", cfg.get("peft_type", "LORA") != "LORA"),
+        ("use_dora", bool(cfg.get("use_dora"))),
+        ("bias", cfg.get("bias", "none") != "none" or bool(cfg.get("lora_bias"))),
+        ("modules_to_save", bool(cfg.get("modules_to_save"))),
+        ("fan_in_fan_out", bool(cfg.get("fan_in_fan_out"))),
+        ("target_parameters", bool(cfg.get("target_parameters"))),
+        ("layer_replication", bool(cfg.get("layer_replication"))),
+        ("trainable_token_indices", bool(cfg.get("trainable_token_indices"))),
+    ]
+    for key, bad in unsupported:
+        if bad:
+            raise ModelLoadError(
+                f"LoRA adapter {path}: {key}={cfg.get(key)!r} is not supported (plain LoRA "
+                "of the decoder's linear layers only)"
+            )
+
+
+def _alpha(cfg: dict, module: str) -> float:
+    """The module's alpha: an `alpha_pattern` key its name ends with, else `lora_alpha`."""
+    for key, value in (cfg.get("alpha_pattern") or {}).items():
+        if re.search(rf"(^|\.){key}$", module):
+            return float(value)
+    return float(cfg.get("lora_alpha", 8))
+
+
+def load_lora_adapter(name: str, path: str, model: CausalLM, max_rank: int) -> LoRAAdapter:
+    """Read the PEFT adapter folder `path` for `model` (built with LoRA slots). Every tensor
+    must be a lora_A / lora_B pair of a linear layer the model holds slots in, with its shapes
+    and a rank of at most `max_rank`; anything else is a ModelLoadError naming it. Pickled
+    adapters (adapter_model.bin) are refused."""
+    folder = Path(path)
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"LoRA adapter {path}: no adapter_config.json")
+    cfg = json.loads(config_file.read_text())
+    _check_config(cfg, folder)
+    file = folder / "adapter_model.safetensors"
+    if not file.is_file():
+        if (folder / "adapter_model.bin").is_file():
+            raise ModelLoadError(
+                f"LoRA adapter {path}: adapter_model.bin is a pickle, which is never loaded "
+                "(it can run code); save the adapter as safetensors"
+            )
+        raise ModelLoadError(f"LoRA adapter {path}: no adapter_model.safetensors")
+    from safetensors.torch import load_file
+
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for tensor_name, tensor in load_file(str(file)).items():
+        m = _TENSOR.match(tensor_name)
+        if m is None:
+            raise ModelLoadError(
+                f"LoRA adapter {path}: unsupported tensor {tensor_name} (only lora_A / lora_B "
+                "weights of linear layers)"
+            )
+        pairs.setdefault(m["module"], {})[m["ab"]] = tensor
+    use_rslora = bool(cfg.get("use_rslora"))
+    weights: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    top = 0
+    for module, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise ModelLoadError(f"LoRA adapter {path}: {module} lacks lora_{'AB'[len(ab) - 1]}")
+        resolved = model.resolve_param(f"{module}.weight")
+        layer = None
+        if resolved is not None:
+            owner = resolved[1].rsplit(".", 1)[0]
+            try:
+                layer = model.get_submodule(owner)
+            except AttributeError:
+                layer = None
+        if not isinstance(layer, Linear) or layer.lora is None:
+            raise ModelLoadError(
+                f"LoRA adapter {path}: {module} is not a layer adapters apply to (the "
+                "decoder's q/k/v/o and gate/up/down projections)"
+            )
+        shard = resolved[2]
+        a, b = ab["A"], ab["B"]
+        r = a.shape[0]
+        want_a, want_b = (r, layer.in_features), (layer.output_sizes[shard], r)
+        if a.dim() != 2 or tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+            raise ModelLoadError(
+                f"LoRA adapter {path}: {module} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
+                f"the model needs {want_a} and {want_b}"
+            )
+        if r > max_rank:
+            raise ModelLoadError(
+                f"LoRA adapter {path}: {module} has rank {r}, above max_lora_rank {max_rank}"
+            )
+        scale = _alpha(cfg, module) / (math.sqrt(r) if use_rslora else r)
+        dtype = layer.lora.a.dtype
+        weights.setdefault(owner, {})[shard] = (
+            a.to(dtype),
+            (b.float() * scale).to(dtype),
+        )
+        top = max(top, r)
+    if not weights:
+        raise ModelLoadError(f"LoRA adapter {path}: no lora_A / lora_B tensors")
+    return LoRAAdapter(name, str(folder), top, weights)
