@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.lora_request import LoRARequest
 from tokenmill.outputs import EmbeddingRequestOutput, RequestOutput
 from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import SamplingParams
@@ -137,6 +138,7 @@ class AsyncEngine:
         prompt_token_ids: list[int],
         params: SamplingParams | PoolingParams,
         request_id: str,
+        lora_request: LoRARequest | None = None,
     ) -> RequestStream:
         """Queue a request (PoolingParams: an embedding request, whose stream yields one
         EmbeddingRequestOutput); returns once the engine accepted it.
@@ -169,7 +171,7 @@ class AsyncEngine:
         )
         added: concurrent.futures.Future = concurrent.futures.Future()
         self._streams[request_id] = stream
-        self._submit(("add", request_id, prompt, prompt_token_ids, params, added))
+        self._submit(("add", request_id, prompt, prompt_token_ids, params, lora_request, added))
         try:
             await asyncio.wrap_future(added)
         except BaseException:
@@ -229,10 +231,12 @@ class AsyncEngine:
                 for rid in ids:
                     self._deliver(rid, error)
                 continue
-            _, rid, prompt, ids, params, fut = cmd
+            _, rid, prompt, ids, params, lora, fut = cmd
             try:
                 if rid in self._streams and not fut.cancelled():
-                    self.engine.add_request(rid, prompt or "", params, prompt_token_ids=ids)
+                    self.engine.add_request(
+                        rid, prompt or "", params, prompt_token_ids=ids, lora_request=lora
+                    )
                 self._resolve(fut)  # (or the caller already went away)
             except Exception as e:  # bad input: report to that caller only
                 self._resolve(fut, e)

@@ -244,12 +244,12 @@ def load_model(
     if tp is not None:
         local = rank_arch(arch, tp.size)
         kwargs["tp"] = tp
+        if quantization == "auto":
+            quantization = "none"  # the native GGUF kernels run whole matrices
     if lora is not None:
         if not model_cls.supports_lora:
             raise ModelLoadError(f"LoRA adapters are not supported for {arch.architecture}")
         kwargs["lora"] = lora
-        if quantization == "auto":
-            quantization = "none"  # the native GGUF kernels run whole matrices
     freq_factors = gguf_rope_freq_factors(reader) if reader is not None else None
     backend, why = make_backend(device, dtype, local.num_heads, local.num_kv_heads, local.head_dim)
     info.backend = f"{backend.name} ({why})"

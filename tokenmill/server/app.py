@@ -268,7 +268,7 @@ def build_app(
     limits = limits or RequestLimits()
     metrics = ServerMetrics(engine, model_name)
     serving = OpenAIServing(engine, model_name, metrics, tool_call_parser)
-    names = {model_name, *extra_model_names}
+    names = {model_name, *extra_model_names, *serving.loras}
     created = int(time.time())
 
     @contextlib.asynccontextmanager

@@ -50,7 +50,9 @@ async def embedding_response(
                 "generation. Please reduce the length of the input (or set "
                 "truncate_prompt_tokens).",
             )
-    _, streams, tracker = await serving.start(prompts, PoolingParams(body.normalize), "embd")
+    _, streams, tracker = await serving.start(
+        prompts, PoolingParams(body.normalize), "embd", body.model
+    )
 
     async def collect() -> dict:
         status, data = "abort", []

@@ -56,6 +56,8 @@ class OpenAIServing:
         self.max_model_len = engine.engine.max_model_len
         self.vocab_size = engine.engine.model_info.arch.vocab_size
         self.hidden_size = engine.engine.model_info.arch.hidden_size
+        # the LoRA adapters served (--lora-modules): a request names one as its model
+        self.loras = {r.lora_name: r for r in engine.engine.list_loras()}
 
     # ---- preparation ------------------------------------------------------------------------
     def prepare(
@@ -95,16 +97,24 @@ class OpenAIServing:
             )
 
     async def start(
-        self, prompts: list[PreparedPrompt], params: SamplingParams | PoolingParams, prefix: str
+        self,
+        prompts: list[PreparedPrompt],
+        params: SamplingParams | PoolingParams,
+        prefix: str,
+        model: str | None = None,
     ) -> tuple[str, list[RequestStream], _Tracker]:
-        """Queue every prompt; if one fails, abort the others and re-raise."""
+        """Queue every prompt (with the LoRA adapter `model` names, if it names one); if one
+        fails, abort the others and re-raise."""
+        lora = self.loras.get(model) if model is not None else None
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         tracker = _Tracker(time.monotonic(), prompt_tokens=sum(len(p.token_ids) for p in prompts))
         streams: list[RequestStream] = []
         try:
             for i, p in enumerate(prompts):
                 streams.append(
-                    await self.engine.add_request(p.text, p.token_ids, params, f"{request_id}-{i}")
+                    await self.engine.add_request(
+                        p.text, p.token_ids, params, f"{request_id}-{i}", lora
+                    )
                 )
         except BaseException:
             for s in streams:

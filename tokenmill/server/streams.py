@@ -92,7 +92,7 @@ async def completion_response(
     for p in prompts:
         serving.check_length(len(p.token_ids), body.max_tokens)
     params = body.sampling_params(body.max_tokens, body.logprobs, body.engine_prompt_logprobs())
-    rid, streams, tracker = await serving.start(prompts, params, "cmpl")
+    rid, streams, tracker = await serving.start(prompts, params, "cmpl", body.model)
     created, n = int(time.time()), body.n
     tok = serving.tokenizer
     k = body.logprobs or 0
@@ -227,7 +227,7 @@ async def chat_response(
         params = dataclasses.replace(params, structured_outputs=plan.constraint)
     if plan.keep_special_tokens:
         params = dataclasses.replace(params, skip_special_tokens=False)
-    rid, streams, tracker = await serving.start([prompt], params, "chatcmpl")
+    rid, streams, tracker = await serving.start([prompt], params, "chatcmpl", body.model)
     created = int(time.time())
     k = body.top_logprobs or 0
     as_ids = body.return_tokens_as_token_ids
