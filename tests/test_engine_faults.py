@@ -44,7 +44,7 @@ def test_cancelled_add_does_not_disturb_the_loop(engine):
         fut: concurrent.futures.Future = concurrent.futures.Future()
         aengine._streams["gone"] = RequestStream(aengine, "gone", asyncio.get_running_loop())
         aengine._pending_adds += 1
-        aengine._submit(("add", "gone", "hi", engine.tokenizer.encode("hi"), PARAMS, fut))
+        aengine._submit(("add", "gone", "hi", engine.tokenizer.encode("hi"), PARAMS, None, fut))
         fut.cancel()
         aengine._apply_commands()  # must neither raise nor queue the request
 
