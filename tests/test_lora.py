@@ -103,6 +103,31 @@ def test_logits_and_greedy_tokens_match_peft(tiny, adapters):  # noqa: F811
     assert len({tuple(o.outputs[0].token_ids) for o in outs[: len(cases)]}) == len(cases)
 
 
+def test_adapters_over_two_ranks(tiny, adapters):  # noqa: F811
+    """Tensor parallelism (two ranks over gloo): each rank keeps its part of every slot (B's
+    rows of q/k/v and gate/up, A's columns of o and down, whose partial updates the layer's
+    all-reduce sums). Base and adapters in one batch give PEFT's logprobs and greedy tokens."""
+    path, base = tiny
+    cases = [(None, base)] + [(req, model) for req, model in adapters.values()]
+    prompts = [PROMPTS[0]] * len(cases)
+    loras = [req for req, _ in cases]
+    with _llm(path, tensor_parallel_size=2, max_loras=2) as llm:
+        scored = llm.generate(
+            prompts, SamplingParams(max_tokens=1, prompt_logprobs=0), lora_request=loras
+        )
+        greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        outs = llm.generate(prompts, greedy, lora_request=loras)
+    for got, (_, model) in zip(_prompt_logprobs(scored), cases):
+        torch.testing.assert_close(
+            torch.tensor(got),
+            torch.tensor(_reference_logprobs(model, PROMPTS[0])),
+            atol=2e-4,
+            rtol=0,
+        )
+    for o, (_, model) in zip(outs, cases):
+        assert o.outputs[0].token_ids == _reference_greedy(model, PROMPTS[0], 6)
+
+
 def test_more_adapters_than_slots(tiny, adapters):  # noqa: F811
     """max_loras=1: requests of three adapters and the base model queued together run one
     adapter at a time (the scheduler holds the others back), each slot refilled as adapters
@@ -235,8 +260,6 @@ def test_bad_adapters_and_options(tiny, adapters, tmp_path):  # noqa: F811
     plain = LLM(str(path), dtype="float32", max_model_len=128)
     with pytest.raises(ValueError, match="need an engine started with enable_lora=True"):
         plain.generate(PROMPTS[0], lora_request=adapters["all"][0])
-    with pytest.raises(ValueError, match="not supported yet"):
-        LLM(str(path), enable_lora=True, tensor_parallel_size=2)
     with pytest.raises(ValueError, match="expected NAME=PATH"):
         LLM(str(path), lora_modules="just-a-path")
 

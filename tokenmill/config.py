@@ -392,8 +392,6 @@ class EngineArgs:
             raise ValueError("max_loras and max_lora_rank must be >= 1")
         if self.lora_modules is not None:
             self.lora_module_paths()  # errors now, not at load
-        if self.lora_enabled and self.tensor_parallel_size > 1:
-            raise ValueError("LoRA adapters with tensor_parallel_size > 1 are not supported yet")
         if self.tensor_parallel_size > 1 and (self.num_scheduler_steps or 1) > 1:
             raise ValueError("num_scheduler_steps > 1 runs on one rank (tensor_parallel_size 1)")
         if self.speculative_config is not None:

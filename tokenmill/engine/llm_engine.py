@@ -18,15 +18,10 @@ from tokenmill.core.request import Request, RequestStatus
 from tokenmill.core.scheduler import Scheduler
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.structured_output import Matcher, StructuredOutputManager
-from tokenmill.engine.tensor_parallel import (
-    RankSpec,
-    TensorParallelWorkers,
-    profile_budget,
-    threads_per_rank,
-)
+from tokenmill.engine.tensor_parallel import profile_budget, start_ranks
 from tokenmill.engine.tokenizer import Tokenizer, load_tokenizer
 from tokenmill.layers.lora import LoRASlots
-from tokenmill.loader.load import load_model, rank_arch, read_model_info
+from tokenmill.loader.load import load_model
 from tokenmill.loader.lora import load_lora_adapter
 from tokenmill.loader.resolve import resolve_model
 from tokenmill.lora_request import LoRARequest
@@ -132,24 +127,7 @@ class LLMEngine:
         startup = {"imports and arguments": seconds_since_process_start()}
         source = resolve_model(args.model, allow_no_weights=args.load_format == "dummy")
         t0 = time.perf_counter()
-        self.workers: TensorParallelWorkers | None = None
-        if args.tensor_parallel_size > 1:
-            # the model's headers first: a size that cannot split it starts no process
-            rank_arch(read_model_info(source, args.load_format)[0].arch, args.tensor_parallel_size)
-            torch.set_num_threads(threads_per_rank(args.tensor_parallel_size, args.num_threads))
-            self.workers = TensorParallelWorkers(
-                args.tensor_parallel_size,
-                RankSpec(
-                    source,
-                    self.dtype,
-                    args.max_model_len,
-                    self.device,
-                    args.quantization,
-                    args.load_format,
-                    args.seed,
-                    torch.get_num_threads(),
-                ),
-            )
+        self.workers = start_ranks(args, source, self.device, self.dtype)
         try:
             self.model, self.model_info = load_model(
                 source,
@@ -333,9 +311,11 @@ class LLMEngine:
                     f"({known.lora_path})"
                 )
             return lora_request.lora_int_id
-        adapter = load_lora_adapter(
-            lora_request.lora_name, lora_request.lora_path, self.model, self.args.max_lora_rank
-        )
+        name, path = lora_request.lora_name, lora_request.lora_path
+        max_rank = self.args.max_lora_rank
+        adapter = load_lora_adapter(name, path, self.model, max_rank)
+        if self.workers is not None:  # each rank keeps its part of every slot
+            self.workers.add_lora(lora_request.lora_int_id, name, path, max_rank)
         self.runner.lora.add(lora_request.lora_int_id, adapter)
         self.loras[lora_request.lora_int_id] = lora_request
         logger.info(

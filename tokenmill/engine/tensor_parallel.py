@@ -4,10 +4,10 @@ started here and mirror its forward passes.
 All ranks join one torch.distributed process group (NCCL on CUDA, one GPU per rank; gloo on
 the CPU) whose all-reduces sum the row-parallel projections (`layers.parallel`), plus a gloo
 group with no idle timeout that carries rank 0's commands (`broadcast_object_list`): build
-the runner (and capture its graphs, in the same order as rank 0), run a profile forward, run
-a step's forward pass (`ModelRunner.forward` of the step's `HostBatch`), stop. The scheduler,
-the sampler and the outputs live on rank 0 only: the other ranks hold no request state, so
-their own sampled values never matter.
+the runner (and capture its graphs, in the same order as rank 0), run a profile forward, load
+a LoRA adapter, run a step's forward pass (`ModelRunner.forward` of the step's `HostBatch`),
+stop. The scheduler, the sampler and the outputs live on rank 0 only: the other ranks hold no
+request state, so their own sampled values never matter.
 """
 
 from __future__ import annotations
@@ -24,9 +24,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tokenmill.config import cuda_kv_budget
 from tokenmill.errors import ModelLoadError
+from tokenmill.layers.lora import LoRASlots
 from tokenmill.layers.parallel import TensorParallel
+from tokenmill.loader.load import load_model, rank_arch, read_model_info
+from tokenmill.loader.lora import load_lora_adapter
 from tokenmill.loader.resolve import ModelSource
+from tokenmill.worker.model_runner import ModelRunner, profile_forward
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +52,7 @@ class RankSpec:
     load_format: str
     seed: int
     num_threads: int  # torch threads per rank on the CPU
+    lora: tuple[int, int] | None  # (max_loras, max_lora_rank) with LoRA slots, else None
 
     def device_of(self, rank: int) -> torch.device:
         if self.device.type != "cuda":
@@ -59,6 +65,31 @@ def threads_per_rank(size: int, num_threads: int | None) -> int:
     if num_threads:
         return num_threads
     return max(1, len(os.sched_getaffinity(0)) // size)
+
+
+def start_ranks(
+    args: Any, source: ModelSource, device: torch.device, dtype: torch.dtype
+) -> TensorParallelWorkers | None:
+    """The other ranks of `args.tensor_parallel_size` (None for 1), started after the
+    checkpoint's headers show the size splits the model (otherwise ModelLoadError, and no
+    process starts). Sets this process's CPU threads to its share (`threads_per_rank`)."""
+    size = args.tensor_parallel_size
+    if size == 1:
+        return None
+    rank_arch(read_model_info(source, args.load_format)[0].arch, size)
+    torch.set_num_threads(threads_per_rank(size, args.num_threads))
+    spec = RankSpec(
+        source,
+        dtype,
+        args.max_model_len,
+        device,
+        args.quantization,
+        args.load_format,
+        args.seed,
+        torch.get_num_threads(),
+        (args.max_loras, args.max_lora_rank) if args.lora_enabled else None,
+    )
+    return TensorParallelWorkers(size, spec)
 
 
 def _free_port() -> int:
@@ -146,6 +177,14 @@ class TensorParallelWorkers:
         """The ranks run `ModelRunner.forward(batch, size)`: rank 0 runs its own right after."""
         self._send("step", batch, size)
 
+    def add_lora(self, lora_id: int, name: str, path: str, max_rank: int) -> None:
+        """The ranks load LoRA adapter `lora_id` (`loader.lora.load_lora_adapter`) into their
+        runner; ModelLoadError naming each rank that failed."""
+        self._send("lora", lora_id, name, path, max_rank)
+        errors = _gather_errors(self.commands, None, self.size)
+        if errors:
+            raise ModelLoadError("; ".join(errors))
+
     def min_over_ranks(self, value: float) -> float:
         """The smallest of every rank's `value` (each rank passes its own)."""
         t = torch.tensor([value], dtype=torch.float64)
@@ -182,9 +221,6 @@ def profile_budget(
 ) -> float:
     """This rank's KV budget on its GPU (`config.cuda_kv_budget`) after a profile forward of
     the largest step (`profile_forward`)."""
-    from tokenmill.config import cuda_kv_budget
-    from tokenmill.worker.model_runner import profile_forward
-
     peak = profile_forward(
         model, num_tokens, num_sampled, block_size, kv_dtype, device, max_model_len
     )
@@ -196,9 +232,6 @@ def profile_budget(
 
 def _rank_main(rank: int, size: int, init_method: str, spec: RankSpec) -> None:
     """A rank's process: join, load its part, then run rank 0's commands until "stop"."""
-    from tokenmill.loader.load import load_model
-    from tokenmill.worker.model_runner import ModelRunner
-
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(spec.num_threads)
     torch.manual_seed(spec.seed)
@@ -217,6 +250,7 @@ def _rank_main(rank: int, size: int, init_method: str, spec: RankSpec) -> None:
             load_format=spec.load_format,
             seed=spec.seed,
             tp=tp,
+            lora=None if spec.lora is None else LoRASlots(*spec.lora),
         )
     except Exception as e:  # reported by rank 0 (ModelLoadError, out of memory, ...)
         error = f"{type(e).__name__}: {e}"
@@ -233,6 +267,14 @@ def _rank_main(rank: int, size: int, init_method: str, spec: RankSpec) -> None:
                 runner.forward(*args)
             elif command == "runner":
                 runner = ModelRunner(model, args[0], args[1], args[2], device, *args[3:])
+            elif command == "lora":
+                lora_id, name, path, max_rank = args
+                lora_error = None
+                try:
+                    runner.lora.add(lora_id, load_lora_adapter(name, path, model, max_rank))
+                except Exception as e:  # reported by rank 0
+                    lora_error = f"{type(e).__name__}: {e}"
+                _gather_errors(commands, lora_error, size)
             elif command == "profile":
                 budget = profile_budget(model, device, *args)
                 t = torch.tensor([budget], dtype=torch.float64)

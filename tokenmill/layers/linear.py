@@ -60,7 +60,9 @@ class Linear(torch.nn.Module):
             if bias
             else None
         )
-        self.lora = None if lora is None else LoRAWeights(lora, in_features, output_sizes, dtype)
+        self.lora = (
+            None if lora is None else LoRAWeights(lora, in_features, output_sizes, dtype, partition)
+        )
 
     def local_part(self, tensor: torch.Tensor, shard: str, name: str, bias: bool) -> torch.Tensor:
         """The part of checkpoint tensor `name` (the weight or bias of `shard`) that this rank
@@ -93,9 +95,19 @@ class Linear(torch.nn.Module):
     def _lora_active(self) -> bool:
         return self.lora is not None and bool(self.lora.slots.rows)
 
+    def full_shape(self, shard: str) -> tuple[int, int]:
+        """(rows of `shard`, input columns) of the whole weight, across the ranks."""
+        rows, cols = self.output_sizes[shard], self.in_features
+        p = self.partition
+        if p is not None:
+            rows, cols = (rows * p.tp.size, cols) if p.dim == 0 else (rows, cols * p.tp.size)
+        return rows, cols
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._finish(self.quant_method.apply(self, x, self._local_bias))
-        return self.lora.add(x, y) if self._lora_active else y
+        y = self.quant_method.apply(self, x, self._local_bias)
+        if self._lora_active:  # before the ranks' sum: a rank's update is partial too
+            y = self.lora.add(x, y)
+        return self._finish(y)
 
     def forward_glu(
         self, gate_up: torch.Tensor, silu_and_mul: Callable[[torch.Tensor], torch.Tensor]

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from tokenmill.layers.parallel import Partition
+
 
 class LoRASlots:
     """The model-wide slot table: `max_loras` slots of rank up to `max_rank`, and this step's
@@ -32,9 +34,11 @@ class LoRAWeights(torch.nn.Module):
         in_features: int,
         output_sizes: dict[str, int],
         dtype: torch.dtype,
+        partition: Partition | None = None,
     ) -> None:
         super().__init__()
         self.slots = slots
+        self.partition = partition  # the Linear's: each slot holds this rank's part
         self.shards = list(output_sizes)
         self.offsets = {}
         start = 0
@@ -50,15 +54,23 @@ class LoRAWeights(torch.nn.Module):
         )
 
     def set_slot(self, slot: int, shards: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Slot `slot` := the adapter's (A [r, in], scale * B [out_shard, r]) per shard (shards
-        it leaves out stay zero)."""
+        """Slot `slot` := the adapter's (A [r, in], scale * B [out_shard, r]) per shard, whole
+        (shards it leaves out stay zero). Under tensor parallelism the slot keeps this rank's
+        part: B's rows of a layer split by output rows, A's columns of one split by input
+        columns (whose partial updates the layer's all-reduce then sums)."""
         self.a[slot].zero_()
         self.b[slot].zero_()
         rank = self.slots.max_rank
+        p = self.partition
         for shard, (a, b) in shards.items():
             j = self.shards.index(shard)
             r = a.shape[0]
             start, size = self.offsets[shard]
+            if p is not None and p.dim == 0:
+                b = b.narrow(0, p.tp.rank * size, size)
+            elif p is not None:
+                width = self.a.shape[2]
+                a = a.narrow(1, p.tp.rank * width, width)
             self.a[slot, j * rank : j * rank + r].copy_(a)
             self.b[slot, start : start + size, j * rank : j * rank + r].copy_(b)
 

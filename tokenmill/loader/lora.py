@@ -112,7 +112,8 @@ def load_lora_adapter(name: str, path: str, model: CausalLM, max_rank: int) -> L
         shard = resolved[2]
         a, b = ab["A"], ab["B"]
         r = a.shape[0]
-        want_a, want_b = (r, layer.in_features), (layer.output_sizes[shard], r)
+        rows, cols = layer.full_shape(shard)  # the whole weight's, under tensor parallelism too
+        want_a, want_b = (r, cols), (rows, r)
         if a.dim() != 2 or tuple(a.shape) != want_a or tuple(b.shape) != want_b:
             raise ModelLoadError(
                 f"LoRA adapter {path}: {module} has A {tuple(a.shape)} and B {tuple(b.shape)}, "

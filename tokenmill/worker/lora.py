@@ -18,8 +18,11 @@ class LoRAManager:
     def __init__(self, model: torch.nn.Module, slots: LoRASlots, device: torch.device) -> None:
         self.slots = slots
         self.device = device
-        self.layers = {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
-        self.layers = {n: m for n, m in self.layers.items() if m.lora is not None}
+        self.layers = {
+            name: m
+            for name, m in model.named_modules()
+            if isinstance(m, Linear) and m.lora is not None
+        }
         self.adapters: dict[int, Any] = {}  # id -> loader.lora.LoRAAdapter
         self.resident: dict[int, int] = {}  # id -> slot
         self.last_used: dict[int, int] = {}  # slot -> step counter

@@ -81,6 +81,7 @@ class HostBatch:
     block_tables: list[list[int]]
     sample_rows: list[int]
     order: list[int]
+    lora_rows: dict[int, list[int]]  # LoRA adapter id -> its requests' rows
 
     @property
     def num_tokens(self) -> int:
@@ -135,8 +136,13 @@ def plan_batch(sched: SchedulerOutput, block_size: int) -> HostBatch:
     # per attention row (a request, or one token of a decode with drafts)
     query_lens, seq_lens, block_tables = [], [], []
     sample_rows, logits_rows = [], []
+    lora_rows: dict[int, list[int]] = {}
     for i in order:
         s = sched.scheduled[i]
+        if s.request.lora_id is not None:
+            first = len(token_ids)
+            rows = range(first, first + s.num_scheduled_tokens)
+            lora_rows.setdefault(s.request.lora_id, []).extend(rows)
         token_ids.extend(s.token_ids)
         table = list(s.block_ids)
         if s.spec_token_ids:
@@ -186,6 +192,7 @@ def plan_batch(sched: SchedulerOutput, block_size: int) -> HostBatch:
         block_tables=block_tables,
         sample_rows=sample_rows,
         order=order,
+        lora_rows=lora_rows,
     )
 
 
@@ -387,8 +394,7 @@ class ModelRunner:
         if sched.is_empty:
             return ModelRunnerOutput()
         batch = plan_batch(sched, self.block_size)
-        adapters = self._set_lora_rows(sched, batch)
-        size = None if adapters else self._graph_size(sched, batch)
+        size = self._graph_size(sched, batch)
         if sched.num_steps > 1:
             if size is None or self.workers is not None:
                 raise RuntimeError(
@@ -433,30 +439,17 @@ class ModelRunner:
         out.pooled = pooled
         return out
 
-    def _set_lora_rows(self, sched: SchedulerOutput, batch: HostBatch) -> bool:
-        """Give the model this step's rows per LoRA adapter (none without adapters); True when
-        some row runs one (the step then runs eagerly: the graphs hold no adapters)."""
-        if self.lora is None:
-            return False
-        rows: dict[int, list[int]] = {}
-        start = 0
-        for i in batch.order:  # flat-batch order: row offsets follow it
-            s = sched.scheduled[i]
-            lora_id = s.request.lora_id
-            if lora_id is not None:
-                rows.setdefault(lora_id, []).extend(range(start, start + s.num_scheduled_tokens))
-            start += s.num_scheduled_tokens
-        self.lora.set_rows(rows)
-        return bool(rows)
-
     def forward(
         self, batch: HostBatch, size: int | None
     ) -> tuple[ModelInputs, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
         """One step's forward pass (on every tensor-parallel rank: the step goes to the other
         ranks first): its inputs on the device, and the hidden states, or with a graph `size`
-        that graph's (logits, argmax) views."""
+        that graph's (logits, argmax) views. The model's LoRA slots get the batch's rows per
+        adapter first."""
         if self.workers is not None:
             self.workers.step(batch, size)
+        if self.lora is not None:
+            self.lora.set_rows(batch.lora_rows)
         inputs = batch.to_device(self.device, self.attn_backend)
         if size is not None:
             return inputs, self.graphs.run(size, inputs.input_ids, inputs.positions, inputs.attn)
@@ -509,8 +502,10 @@ class ModelRunner:
 
     def _graph_size(self, sched: SchedulerOutput, batch: HostBatch) -> int | None:
         """The captured size this step replays, or None to run it eagerly."""
-        if self.graphs is None or any(
-            s.prompt_logprob_positions or s.pool_positions for s in sched.scheduled
+        if (
+            self.graphs is None
+            or batch.lora_rows  # the graphs hold no adapters
+            or any(s.prompt_logprob_positions or s.pool_positions for s in sched.scheduled)
         ):
             return None
         # a decode with drafts is one attention row per token (plan_batch)
