@@ -255,6 +255,14 @@ def test_bad_adapters_and_options(tiny, adapters, tmp_path):  # noqa: F811
     (pickled / "adapter_model.bin").write_bytes(b"not loaded")
     with pytest.raises(ModelLoadError, match="adapter_model.bin is a pickle"):
         llm.generate(PROMPTS[0], lora_request=LoRARequest("p", 7, str(pickled)))
+    # an adapter in use stays until its requests finish
+    engine = llm.engine
+    rid = engine.add_request(None, PROMPTS[0], lora_request=adapters["all"][0])
+    with pytest.raises(ValueError, match=r"'all' is in use by 1 unfinished sequence"):
+        engine.remove_lora(1)
+    engine.abort_request(rid)
+    engine.remove_lora(1)
+    assert [r.lora_name for r in engine.list_loras()] == []
     # the engine still serves the base model and the adapters that loaded
     assert llm.generate(PROMPTS[0], lora_request=adapters["all"][0])[0].outputs[0].token_ids
     plain = LLM(str(path), dtype="float32", max_model_len=128)
@@ -264,39 +272,76 @@ def test_bad_adapters_and_options(tiny, adapters, tmp_path):  # noqa: F811
         LLM(str(path), lora_modules="just-a-path")
 
 
-def test_server_serves_adapters_by_model_name(tiny, adapters):  # noqa: F811
+def _completion_tokens(srv, model: str, max_tokens: int = 8) -> httpx.Response:
+    return httpx.post(
+        srv.url + "/v1/completions",
+        json={
+            "model": model,
+            "prompt": PROMPTS[0],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "return_tokens_as_token_ids": True,
+            "logprobs": 0,
+        },
+        timeout=60,
+    )
+
+
+def _tokens(r: httpx.Response) -> list[int]:
+    assert r.status_code == 200, r.text
+    return [int(t.split(":")[1]) for t in r.json()["choices"][0]["logprobs"]["tokens"]]
+
+
+def test_server_serves_adapters_by_model_name(tiny, adapters, tmp_path):  # noqa: F811
+    """`--lora-modules` adapters are models by name; with `--allow-runtime-lora-updating`,
+    vLLM's load / unload endpoints add and remove them, and without it they do not exist."""
     path, _ = tiny
-    req = adapters["all"][0]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     llm = _llm(path)
     expected = {
-        name: llm.generate(PROMPTS[0], params, lora_request=lora)[0].outputs[0].token_ids
-        for name, lora in (("tiny", None), ("all", req))
+        name: llm.generate(PROMPTS[0], params, lora_request=adapters.get(name, (None,))[0])[0]
+        .outputs[0]
+        .token_ids
+        for name in ("tiny", "all", "qv")
     }
+    all_path, qv_path = adapters["all"][0].lora_path, adapters["qv"][0].lora_path
     srv = ServerProcess(
-        str(path), "--served-model-name", "tiny", "--lora-modules", f"all={req.lora_path}"
+        str(path),
+        "--served-model-name",
+        "tiny",
+        "--lora-modules",
+        f"all={all_path}",
+        "--max-model-len",
+        "128",
+        "--allow-runtime-lora-updating",
     )
     try:
         models = httpx.get(srv.url + "/v1/models").json()["data"]
         assert sorted(m["id"] for m in models) == ["all", "tiny"]
-        for name, tokens in expected.items():
-            r = httpx.post(
-                srv.url + "/v1/completions",
-                json={
-                    "model": name,
-                    "prompt": PROMPTS[0],
-                    "max_tokens": 8,
-                    "temperature": 0,
-                    "ignore_eos": True,
-                    "return_tokens_as_token_ids": True,
-                    "logprobs": 0,
-                },
-                timeout=60,
-            )
-            assert r.status_code == 200, r.text
-            body = r.json()
-            assert body["model"] == name
-            got = [int(t.split(":")[1]) for t in body["choices"][0]["logprobs"]["tokens"]]
-            assert got == tokens
+        for name in ("tiny", "all"):
+            r = _completion_tokens(srv, name)
+            assert r.json()["model"] == name and _tokens(r) == expected[name]
+        load = srv.url + "/v1/load_lora_adapter"
+        unload = srv.url + "/v1/unload_lora_adapter"
+        r = httpx.post(load, json={"lora_name": "qv", "lora_path": qv_path})
+        assert r.status_code == 200 and "added" in r.text, r.text
+        assert _tokens(_completion_tokens(srv, "qv")) == expected["qv"]
+        assert httpx.post(load, json={"lora_name": "qv", "lora_path": qv_path}).status_code == 400
+        r = httpx.post(load, json={"lora_name": "bad", "lora_path": str(tmp_path)})
+        assert r.status_code == 400 and "no adapter_config.json" in r.json()["error"]["message"]
+        r = httpx.post(unload, json={"lora_name": "qv"})
+        assert r.status_code == 200 and "removed" in r.text, r.text
+        assert _completion_tokens(srv, "qv").status_code == 404
+        assert httpx.post(unload, json={"lora_name": "qv"}).status_code == 404
+        assert _tokens(_completion_tokens(srv, "all")) == expected["all"]
     finally:
         srv.stop()
+    plain = ServerProcess(str(path), "--lora-modules", f"all={all_path}")
+    try:
+        r = httpx.post(
+            plain.url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": qv_path}
+        )
+        assert r.status_code == 404
+    finally:
+        plain.stop()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
@@ -180,6 +181,15 @@ class AsyncEngine:
             raise
         return stream
 
+    async def call(self, fn: Any, *args: Any) -> Any:
+        """fn(*args) run on the engine thread between two steps (for what changes the engine's
+        state, e.g. `LLMEngine.add_lora`): its result, or its exception raised here."""
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running")
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._submit(("call", fn, args, done))
+        return await asyncio.wrap_future(done)
+
     def abort(self, request_id: str) -> None:
         self._submit(("abort", request_id))
 
@@ -219,6 +229,16 @@ class AsyncEngine:
                 return
             if cmd[0] == "abort":
                 self.engine.abort_request(cmd[1])
+                continue
+            if cmd[0] == "call":
+                _, fn, args, done = cmd
+                try:
+                    result = fn(*args)
+                except Exception as e:  # that caller's error only
+                    self._resolve(done, e)
+                else:
+                    with contextlib.suppress(concurrent.futures.InvalidStateError):
+                        done.set_result(result)
                 continue
             if cmd[0] == "fail":
                 _, error, queued_only = cmd
@@ -266,6 +286,8 @@ class AsyncEngine:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 break
+            if cmd[0] == "call":
+                self._resolve(cmd[-1], error)
             if cmd[0] == "add":
                 self._resolve(cmd[-1], error)
                 with self._lock:

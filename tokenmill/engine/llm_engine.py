@@ -328,6 +328,22 @@ class LLMEngine:
         )
         return lora_request.lora_int_id
 
+    def remove_lora(self, lora_int_id: int) -> None:
+        """Forget adapter `lora_int_id`; ValueError while a request runs or waits with it (or
+        for an unknown id)."""
+        if lora_int_id not in self.loras:
+            raise ValueError(f"no LoRA adapter with id {lora_int_id}")
+        users = [s for s in self._child_to_group.values() if s.request.lora_id == lora_int_id]
+        if users:
+            raise ValueError(
+                f"LoRA adapter {self.loras[lora_int_id].lora_name!r} is in use by "
+                f"{len(users)} unfinished sequence(s)"
+            )
+        if self.workers is not None:
+            self.workers.remove_lora(lora_int_id)
+        self.runner.lora.remove(lora_int_id)
+        del self.loras[lora_int_id]
+
     def list_loras(self) -> list[LoRARequest]:
         """The adapters loaded so far, by id."""
         return [self.loras[i] for i in sorted(self.loras)]

@@ -185,6 +185,10 @@ class TensorParallelWorkers:
         if errors:
             raise ModelLoadError("; ".join(errors))
 
+    def remove_lora(self, lora_id: int) -> None:
+        """The ranks forget LoRA adapter `lora_id`."""
+        self._send("unlora", lora_id)
+
     def min_over_ranks(self, value: float) -> float:
         """The smallest of every rank's `value` (each rank passes its own)."""
         t = torch.tensor([value], dtype=torch.float64)
@@ -275,6 +279,8 @@ def _rank_main(rank: int, size: int, init_method: str, spec: RankSpec) -> None:
                 except Exception as e:  # reported by rank 0
                     lora_error = f"{type(e).__name__}: {e}"
                 _gather_errors(commands, lora_error, size)
+            elif command == "unlora":
+                runner.lora.remove(args[0])
             elif command == "profile":
                 budget = profile_budget(model, device, *args)
                 t = torch.tensor([budget], dtype=torch.float64)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import secrets
 import time
@@ -19,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tokenmill.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
 from tokenmill.engine.chat_template import template_variables
 from tokenmill.errors import ChatTemplateError
+from tokenmill.lora_request import LoRARequest
 from tokenmill.server.embeddings import embedding_response
 from tokenmill.server.handlers import ContextLengthError, OpenAIServing
 from tokenmill.server.metrics import ServerMetrics
@@ -27,8 +29,10 @@ from tokenmill.server.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
+    LoadLoRAAdapterRequest,
     RequestLimits,
     TokenizeRequest,
+    UnloadLoRAAdapterRequest,
     UnsupportedParameter,
 )
 from tokenmill.server.streams import chat_response, completion_response
@@ -259,10 +263,13 @@ def build_app(
     body_timeout: float = 30.0,
     max_header_bytes: int = 16384,
     tool_call_parser: str = "auto",
+    allow_runtime_lora_updating: bool = False,
 ) -> FastAPI:
     """The app. `api_key`: required as a Bearer token on the API, docs and (unless
     `public_metrics`) /metrics; /health stays open. `allowed_hosts`: Host header values
-    accepted (anything else: 400), against DNS rebinding; empty = any."""
+    accepted (anything else: 400), against DNS rebinding; empty = any.
+    `allow_runtime_lora_updating`: serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter
+    (vLLM's), which load a server-side path: for trusted clients only."""
     if api_key is not None and not api_key:
         raise ValueError("the API key is empty: pass a non-empty key or none")
     limits = limits or RequestLimits()
@@ -396,6 +403,46 @@ def build_app(
         """One model (OpenAI's retrieve): its card, or 404 as for a request naming it."""
         check_model(name)
         return model_card(name)
+
+    if allow_runtime_lora_updating:
+        lora_lock = asyncio.Lock()  # one change at a time: names and ids stay unique
+        taken = [r.lora_int_id for r in serving.loras.values()]
+        next_lora_id = itertools.count(max(taken, default=0) + 1)
+
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> Response:
+            """Load a PEFT adapter folder on the server and serve it as model `lora_name`."""
+            async with lora_lock:
+                if body.lora_name in names:
+                    raise APIError(
+                        400, f"The model `{body.lora_name}` already exists", param="lora_name"
+                    )
+                lora = LoRARequest(body.lora_name, next(next_lora_id), body.lora_path)
+                await guarded(engine.call, engine.engine.add_lora, lora)
+                serving.loras[lora.lora_name] = lora
+                names.add(lora.lora_name)
+            return PlainTextResponse(
+                f"Success: LoRA adapter '{lora.lora_name}' added successfully."
+            )
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> Response:
+            """Stop serving adapter `lora_name` (400 while requests use it)."""
+            async with lora_lock:
+                lora = serving.loras.get(body.lora_name)
+                if lora is None:
+                    raise APIError(
+                        404,
+                        f"The LoRA adapter `{body.lora_name}` does not exist",
+                        param="lora_name",
+                        code="model_not_found",
+                    )
+                await guarded(engine.call, engine.engine.remove_lora, lora.lora_int_id)
+                del serving.loras[lora.lora_name]
+                names.discard(lora.lora_name)
+            return PlainTextResponse(
+                f"Success: LoRA adapter '{lora.lora_name}' removed successfully."
+            )
 
     @app.get("/health")
     async def health() -> Response:

@@ -111,6 +111,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="seconds running requests may take to finish after SIGTERM (queued "
         "ones get 503 at once; a second SIGTERM exits now)",
     )
+    p.add_argument(
+        "--allow-runtime-lora-updating",
+        action="store_true",
+        help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (they load "
+        "server-side paths: for trusted clients; needs --enable-lora)",
+    )
     EngineArgs.add_cli_args(p, skip=("model",))
 
 
@@ -201,6 +207,7 @@ def run_server(ns: argparse.Namespace) -> int:
         body_timeout=ns.body_timeout,
         max_header_bytes=ns.max_header_bytes,
         tool_call_parser=ns.tool_call_parser,
+        allow_runtime_lora_updating=ns.allow_runtime_lora_updating,
     )
     config = uvicorn.Config(
         app,
