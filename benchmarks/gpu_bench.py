@@ -12,6 +12,8 @@ In order, each section timed and saved as soon as it ends (a timeout keeps what 
      the skinny GEMM against cuBLAS (`skinny_ab`);
   4a. offline sweep: the 8B offline run under larger per-step budgets (OFFLINE_BUDGETS);
   4b. fp8: --quantization fp8 against bfloat16 (quality on a tiny model, 8B decode speed);
+  4c. lora: a LoRA adapter against its update merged into the weights (tiny, float32), and the
+      1B shape's decode with 1 and 4 adapters against none;
   5. transformers eager (random weights, same shapes) at batch 1, as a sanity baseline.
 
     python benchmarks/gpu_bench.py --out $OUT/gpu_bench.json
@@ -422,23 +424,26 @@ def roofline_tokens_per_s(llm, batch: int, context: int, copy_gbs: float | None)
     return batch / (step_bytes / (copy_gbs * 1e9))
 
 
-def gen_seconds(run: Run, llm, vocab: int, n: int, length: int, tokens: int) -> float:
-    """Wall time of `tokens` greedy tokens for each of `n` prompts of `length` ids."""
+def gen_seconds(run: Run, llm, vocab: int, n: int, length: int, tokens: int, lora=None) -> float:
+    """Wall time of `tokens` greedy tokens for each of `n` prompts of `length` ids (with the
+    LoRA adapter(s) `lora`: one, or one per prompt)."""
     from tokenmill import SamplingParams
 
     prompts = [[(31 * i + 7 * j) % (vocab - 10) + 5 for j in range(length)] for i in range(n)]
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
-    return timed(run, lambda: llm.generate(prompts, params))
+    return timed(run, lambda: llm.generate(prompts, params, lora_request=lora))
 
 
-def decode_tok_s(run: Run, llm, vocab: int, batch: int, prompt_len: int, new: int) -> float:
+def decode_tok_s(
+    run: Run, llm, vocab: int, batch: int, prompt_len: int, new: int, lora=None
+) -> float:
     """Steady decode rate of `batch` requests: the time of `new` tokens each less that of the
     first `new // 8`. Both runs include the whole prefill, in which the first requests already
     decode while later prompts are still chunked in (mixed steps); counting only from 1 token
     (the first version) credited those tokens to decoding and overstated batch rates."""
     head = max(1, new // 8)
-    t_head = gen_seconds(run, llm, vocab, batch, prompt_len, head)
-    t_all = gen_seconds(run, llm, vocab, batch, prompt_len, new)
+    t_head = gen_seconds(run, llm, vocab, batch, prompt_len, head, lora)
+    t_all = gen_seconds(run, llm, vocab, batch, prompt_len, new, lora)
     return batch * (new - head) / (t_all - t_head)
 
 
@@ -679,6 +684,112 @@ def fp8(run: Run, root: Path) -> dict:
     return out
 
 
+# ---- 4c. LoRA -----------------------------------------------------------------------------
+LORA_TARGETS = {  # PEFT module name -> (input, output) as multiples of (hidden, head_dim...)
+    "self_attn.q_proj": ("h", "q"),
+    "self_attn.k_proj": ("h", "kv"),
+    "self_attn.v_proj": ("h", "kv"),
+    "self_attn.o_proj": ("q", "h"),
+    "mlp.gate_proj": ("h", "i"),
+    "mlp.up_proj": ("h", "i"),
+    "mlp.down_proj": ("i", "h"),
+}
+
+
+def lora_adapter(path: Path, shape: dict, rank: int, seed: int) -> Path:
+    """A PEFT adapter folder of rank `rank` on every projection of a Llama of `shape`, random
+    (A ~ N(0, 1/in), B ~ N(0, 0.02^2), alpha = rank)."""
+    import torch
+    from safetensors.torch import save_file
+
+    h = shape["hidden_size"]
+    d = h // shape["num_attention_heads"]
+    size = {
+        "h": h,
+        "q": shape["num_attention_heads"] * d,
+        "kv": shape["num_key_value_heads"] * d,
+        "i": shape["intermediate_size"],
+    }
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(shape["num_hidden_layers"]):
+        for module, (fan_in, fan_out) in LORA_TARGETS.items():
+            name = f"base_model.model.model.layers.{layer}.{module}"
+            a = torch.randn(rank, size[fan_in], generator=g) / size[fan_in] ** 0.5
+            tensors[f"{name}.lora_A.weight"] = a
+            tensors[f"{name}.lora_B.weight"] = torch.randn(size[fan_out], rank, generator=g) * 0.02
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": []}
+    config["target_modules"] = sorted(m.split(".")[1] for m in LORA_TARGETS)
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    return path
+
+
+def lora(run: Run, root: Path) -> dict:
+    """LoRA adapters on the device (tests/test_lora.py checks the loader and the math against
+    PEFT on the CPU). Correctness: a tiny random Llama in float32 with a rank-16 adapter, its
+    prompt logprobs against a second engine of the same random weights with the adapter's
+    update merged into them (W + b a, from the first engine's own slot), within 1e-3. Speed:
+    the 1B shape's decode at batch 1 and 32 with one adapter (rank 16, every projection) and
+    at batch 32 with 4 adapters, against the same engine without one (steps with adapters run
+    eagerly; without, they replay the graphs)."""
+    import torch
+
+    from tokenmill import LoRARequest, SamplingParams
+
+    out: dict = {}
+    vocab = 4096
+    path = model_folder(root, "tiny-lora", TINY_SHAPE, vocab)
+    req = LoRARequest("tiny", 1, str(lora_adapter(root / "tiny-adapter", TINY_SHAPE, 16, 0)))
+    prompt = [[(13 * j) % (vocab - 10) + 5 for j in range(200)]]
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
+    opts = dict(dtype="float32", max_model_len=512, max_num_seqs=4, enforce_eager=True)
+    llm = make_llm(run, path, enable_lora=True, **opts)
+    scored = llm.generate(prompt, params, lora_request=req)[0].prompt_logprobs[1:]
+    with_adapter = torch.tensor([next(iter(e.values())).logprob for e in scored])
+    updates = {
+        name: (m.lora.b[0] @ m.lora.a[0]).clone()  # slot 0: the only adapter
+        for name, m in llm.engine.model.named_modules()
+        if getattr(m, "lora", None) is not None
+    }
+    del llm, scored
+    release_memory()
+    merged = make_llm(run, path, **opts)
+    with torch.no_grad():
+        for name, delta in updates.items():
+            merged.engine.model.get_submodule(name).weight.add_(delta)
+    scored = merged.generate(prompt, params)[0].prompt_logprobs[1:]
+    reference = torch.tensor([next(iter(e.values())).logprob for e in scored])
+    del merged, scored
+    release_memory()
+    err = (with_adapter - reference).abs().max().item()
+    out["tiny_max_logprob_error"] = err
+    out["tiny_ok"] = err <= 1e-3
+    name = "1B"
+    shape = (SMOKE_SHAPES if run.smoke else SHAPES)[name]
+    vocab = 512 if run.smoke else VOCAB
+    path = model_folder(root, name, shape, vocab)
+    prompt_len, new = (16, 8) if run.smoke else (512, 128)
+    adapters = [
+        LoRARequest(f"a{i}", i + 1, str(lora_adapter(root / f"a{i}", shape, 16, i + 1)))
+        for i in range(4)
+    ]
+    llm = make_llm(run, path, max_model_len=2048, max_num_seqs=256, enable_lora=True)
+    gen_seconds(run, llm, vocab, 1, prompt_len, 24)  # warm-up: graphs and kernels
+    gen_seconds(run, llm, vocab, 4, prompt_len, 24, adapters)  # and the adapters' slots
+    cases = {"b1": (1, None), "b1_lora": (1, adapters[0]), "b32": (32, None)}
+    cases |= {"b32_lora": (32, adapters[0]), "b32_4_loras": (32, adapters * 8)}
+    for label, (b, which) in cases.items():
+        out[f"decode_{label}_tok_s"] = decode_tok_s(run, llm, vocab, b, prompt_len, new, which)
+    for label in ("b1_lora", "b32_lora", "b32_4_loras"):
+        plain = out[f"decode_{label.split('_')[0]}_tok_s"]
+        out[f"decode_{label}_vs_none"] = out[f"decode_{label}_tok_s"] / plain
+    llm = None
+    release_memory()
+    return out
+
+
 # ---- 5. transformers eager ----------------------------------------------------------------
 def transformers_eager(run: Run, name: str) -> dict:
     import torch
@@ -709,7 +820,9 @@ def main() -> None:
         "--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "gpu_bench.json")
     )
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, interpreter")
-    ap.add_argument("--skip", default="", help="comma-separated: kernels,tiny,1B,8B,offline,fp8,hf")
+    ap.add_argument(
+        "--skip", default="", help="comma-separated: kernels,tiny,1B,8B,offline,fp8,lora,hf"
+    )
     args = ap.parse_args()
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -733,6 +846,8 @@ def main() -> None:
             run.section("offline sweep 8B", offline_sweep, run, root)
         if "fp8" not in skip:
             run.section("fp8", fp8, run, root)
+        if "lora" not in skip:
+            run.section("lora", lora, run, root)
         if "hf" not in skip:
             for name in ("1B", "8B"):
                 if name not in skip:
