@@ -110,6 +110,13 @@ def _join(rank: int, size: int, init_method: str, device: torch.device) -> tuple
     return dist.group.WORLD, commands
 
 
+def _min_over_ranks(commands: Any, value: float) -> float:
+    """The smallest of every rank's `value`, on every rank."""
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=commands)
+    return float(t.item())
+
+
 def _gather_errors(commands: Any, error: str | None, size: int) -> list[str]:
     """Every rank's load error (None where it loaded), gathered on every rank."""
     errors: list[Any] = [None] * size
@@ -191,9 +198,7 @@ class TensorParallelWorkers:
 
     def min_over_ranks(self, value: float) -> float:
         """The smallest of every rank's `value` (each rank passes its own)."""
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.commands)
-        return float(t.item())
+        return _min_over_ranks(self.commands, value)
 
     def close(self, stopping: bool = True) -> None:
         """Stop the ranks' processes and leave the process groups (idempotent)."""
@@ -282,9 +287,7 @@ def _rank_main(rank: int, size: int, init_method: str, spec: RankSpec) -> None:
             elif command == "unlora":
                 runner.lora.remove(args[0])
             elif command == "profile":
-                budget = profile_budget(model, device, *args)
-                t = torch.tensor([budget], dtype=torch.float64)
-                dist.all_reduce(t, op=dist.ReduceOp.MIN, group=commands)
+                _min_over_ranks(commands, profile_budget(model, device, *args))
             elif command == "stop":
                 break
     dist.destroy_process_group()

@@ -9,7 +9,7 @@ import torch
 from tokenmill.errors import ModelLoadError
 from tokenmill.layers.lora import LoRASlots, LoRAWeights
 from tokenmill.layers.norm import RMSNorm
-from tokenmill.layers.parallel import Partition
+from tokenmill.layers.parallel import Partition, rank_part
 from tokenmill.quant.base import LinearMethod
 from tokenmill.quant.dense import UnquantizedLinearMethod
 
@@ -77,7 +77,7 @@ class Linear(torch.nn.Module):
                 f"{name}: shape {tuple(tensor.shape)} does not split into {p.tp.size} parts "
                 f"of {size} along dimension {dim}"
             )
-        return tensor.narrow(dim, p.tp.rank * size, size).contiguous()
+        return rank_part(tensor, p.tp, dim, size)
 
     def _finish(self, y: torch.Tensor) -> torch.Tensor:
         """A row-parallel layer's partial output summed over the ranks, plus the bias."""

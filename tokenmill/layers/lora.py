@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.layers.parallel import Partition
+from tokenmill.layers.parallel import Partition, rank_part
 
 
 class LoRASlots:
@@ -67,10 +67,9 @@ class LoRAWeights(torch.nn.Module):
             r = a.shape[0]
             start, size = self.offsets[shard]
             if p is not None and p.dim == 0:
-                b = b.narrow(0, p.tp.rank * size, size)
+                b = rank_part(b, p.tp, 0, size)
             elif p is not None:
-                width = self.a.shape[2]
-                a = a.narrow(1, p.tp.rank * width, width)
+                a = rank_part(a, p.tp, 1, self.a.shape[2])
             self.a[slot, j * rank : j * rank + r].copy_(a)
             self.b[slot, start : start + size, j * rank : j * rank + r].copy_(b)
 

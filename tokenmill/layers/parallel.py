@@ -32,6 +32,11 @@ class TensorParallel:
         return x
 
 
+def rank_part(tensor: torch.Tensor, tp: TensorParallel, dim: int, size: int) -> torch.Tensor:
+    """This rank's `size`-wide slice of a whole tensor along `dim` (contiguous)."""
+    return tensor.narrow(dim, tp.rank * size, size).contiguous()
+
+
 @dataclass(frozen=True)
 class Partition:
     """How one Linear is split over the ranks: `dim` 0 splits its output rows (every shard of
