@@ -57,7 +57,7 @@ def build_base(rev: str, isa: str) -> object:
         (src / name).write_bytes(blob)
     out = Path(tempfile.mkdtemp(prefix="tm-base-build-"))
     print(f"building {rev}'s {isa} kernels in {out}", flush=True)
-    return load(
+    module = load(
         name=f"tm_base_{isa}",
         sources=[str(p) for p in sorted(src.glob("*.cpp"))],
         extra_cflags=cpu_ops.compile_flags(isa),
@@ -65,6 +65,9 @@ def build_base(rev: str, isa: str) -> object:
         build_directory=str(out),
         verbose=False,
     )
+    if hasattr(module, "set_weight_prefetch"):  # the distances this CPU's loaded build runs
+        module.set_weight_prefetch(*cpu_ops.weight_prefetch()[:2])
+    return module
 
 
 def seconds_per_call(kernel, x, calls: int) -> float:

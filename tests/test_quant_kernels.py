@@ -304,6 +304,42 @@ def test_isa_selection_and_forcing(monkeypatch):
     assert cpu_ops.build_directory("avx2") != cpu_ops.build_directory("avxvnni")
 
 
+def test_weight_prefetch_by_vendor_and_forcing(monkeypatch):
+    monkeypatch.delenv("TOKENMILL_CPU_PREFETCH", raising=False)
+    assert cpu_ops.weight_prefetch("AuthenticAMD")[:2] == (8192, 0)  # no L2 hint on AMD
+    assert cpu_ops.weight_prefetch("GenuineIntel")[:2] == (8192, 32768)
+    assert cpu_ops.weight_prefetch("")[:2] == cpu_ops.DEFAULT_WEIGHT_PREFETCH
+    monkeypatch.setenv("TOKENMILL_CPU_PREFETCH", "0,4096")
+    assert cpu_ops.weight_prefetch("AuthenticAMD") == (0, 4096, "forced by TOKENMILL_CPU_PREFETCH")
+    for bad in ("8192", "a,b", "100,0", "-64,0"):
+        monkeypatch.setenv("TOKENMILL_CPU_PREFETCH", bad)
+        with pytest.raises(ValueError, match="TOKENMILL_CPU_PREFETCH"):
+            cpu_ops.weight_prefetch()
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q6_K, QT.Q8_0], ids=lambda q: q.name)
+def test_weight_prefetch_changes_no_bit(ops, monkeypatch, qtype):
+    """The loaded module runs this CPU's distances; any others (none, L1 only, both, far
+    ahead) give the same bits on the streaming and the batched paths."""
+    monkeypatch.delenv("TOKENMILL_CPU_PREFETCH", raising=False)
+    assert tuple(ops.weight_prefetch()) == cpu_ops.weight_prefetch()[:2]
+    rng = np.random.default_rng(7)
+    n, k = 73, 1024
+    raw = random_blocks(qtype, n, k, rng)
+    xs = [torch.randn(m, k) for m in (1, 3, 12, 40)]
+    try:
+        outs = []
+        for l1, l2 in ((0, 0), (8192, 0), (8192, 32768), (64, 1 << 20)):
+            ops.set_weight_prefetch(l1, l2)
+            outs.append([_run(ops, raw, qtype, n, k, x)[0] for x in xs])
+        for other in outs[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(outs[0], other, strict=True))
+        with pytest.raises(RuntimeError, match="whole 64-byte lines"):
+            ops.set_weight_prefetch(100, 0)
+    finally:
+        ops.set_weight_prefetch(*cpu_ops.weight_prefetch()[:2])
+
+
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
 def test_row_lookup_equals_gguf_dequantize(ops, qtype):
     """The embedding lookup from packed blocks gives gguf's float32 values exactly."""

@@ -12,6 +12,8 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_isa", &quant_isa);
+  m.def("set_weight_prefetch", &set_weight_prefetch);
+  m.def("weight_prefetch", &weight_prefetch);
   m.def("bf16_tiles_min_tokens", &bf16_tiles_min_tokens);
   m.def("quantize_activations", &quantize_activations);
   m.def("quant_gemm", &quant_gemm);

@@ -736,24 +736,30 @@ inline void store_row(F16 acc, TY* y, int rows) {
 #endif
 }
 
-constexpr int64_t kPrefetchBytes = 8192;
-constexpr int64_t kPrefetchL2Bytes = 4 * kPrefetchBytes;
+// How far ahead the weight streams are prefetched, in bytes: into L1 (_MM_HINT_T0) and into L2
+// (_MM_HINT_T1); 0 turns a kind off. Set once per process from the CPU's vendor
+// (set_weight_prefetch, from tokenmill/kernels/cpu_ops.py), before any GEMM runs.
+int64_t g_prefetch_l1 = 8192;
+int64_t g_prefetch_l2 = 32768;
 
 // Streams a 16-row tile's blocks in order: fn(src, b, kb) for every 32-input block kb, block b
 // of the unit at src. Batch 1 is bound by how many misses are in flight, and the tiles of a
-// thread are contiguous, so every line of the unit is prefetched into L1 8 KiB ahead and into L2
-// 32 KiB ahead: the L1 prefetches alone wait on the core's few line-fill buffers, the L2 ones
-// keep more lines coming from DRAM behind them (weights cycled from DRAM, 2 threads: 1.08x
-// Q4_K, 1.13x Q6_K and Q5_0, 21.5 -> 24.2 GB/s; 0.95x where they come from L3; batch-1 decode
-// 1.06x on the default model, about 1.04x on the 1B shape).
+// thread are contiguous, so every line of the unit is prefetched into L1 g_prefetch_l1 ahead and
+// into L2 g_prefetch_l2 ahead. On Intel cores (8 KiB / 32 KiB) the L1 prefetches alone wait on
+// the core's few line-fill buffers, the L2 ones keep more lines coming from DRAM behind them
+// (Sapphire Rapids, weights cycled from DRAM, 2 threads: 1.08x Q4_K, 1.13x Q6_K and Q5_0, 21.5
+// -> 24.2 GB/s; 0.95x where they come from L3; batch-1 decode 1.06x on the default model, about
+// 1.04x on the 1B shape). AMD cores fill L1 for every hint, so 32 KiB ahead evicts the lines in
+// use there: the L2 kind is off (cpu_ops.weight_prefetch).
 template <int64_t Q, typename Fn>
 inline void for_each_block(const uint8_t* w, int64_t K, Fn&& fn) {
   const int64_t uk = unit_k(Q), ub = unit_bytes(Q), bpu = uk / 32;
+  const int64_t l1 = g_prefetch_l1, l2 = g_prefetch_l2;
   for (int64_t u = 0; u < K / uk; ++u) {
     const uint8_t* src = w + u * ub;
     for (int64_t line = 0; line < ub; line += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchBytes + line), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchL2Bytes + line), _MM_HINT_T1);
+      if (l1) _mm_prefetch(reinterpret_cast<const char*>(src + l1 + line), _MM_HINT_T0);
+      if (l2) _mm_prefetch(reinterpret_cast<const char*>(src + l2 + line), _MM_HINT_T1);
     }
     for (int b = 0; b < bpu; ++b) fn(src, b, u * bpu + b);
   }
@@ -1311,17 +1317,19 @@ void tiles_batched(const uint8_t* w, int64_t tile_bytes, const BatchActs& acts, 
     // unit's lines (36-53 per tile) are prefetched an eighth before each of its blocks, not all
     // before the first: a burst of ~100 prefetches waits on the 16 line-fill buffers while the
     // block's work could run (1B-shape Q4_K_M, 32 tokens, weights cold: 1.10-1.13x). Each line
-    // also goes to L2 kPrefetchL2Bytes ahead, as at batch 1 (weights cycled from DRAM, 2 threads:
-    // Q4_K 1.15x / 1.04x, Q6_K 1.22x / 1.08x, Q5_0 1.07x / 1.01x at 8 / 32 tokens).
+    // also goes to L2 g_prefetch_l2 ahead, as at batch 1 (Sapphire Rapids, weights cycled from
+    // DRAM, 2 threads: Q4_K 1.15x / 1.04x, Q6_K 1.22x / 1.08x, Q5_0 1.07x / 1.01x at 8 / 32
+    // tokens).
     const int64_t lines = (ub + 63) / 64, per_block = (lines + bpu - 1) / bpu;
+    const int64_t l1 = g_prefetch_l1, l2 = g_prefetch_l2;
     const uint8_t* unit[NT];  // unit u of each tile
     for (int i = 0; i < NT; ++i) unit[i] = w + (nt0 + i) * tile_bytes + u * ub;
     for (int b = 0; b < bpu; ++b) {
       for (int i = 0; i < NT; ++i) {
         const char* src = reinterpret_cast<const char*>(unit[i]);
         for (int64_t l = b * per_block; l < std::min(lines, (b + 1) * per_block); ++l) {
-          _mm_prefetch(src + NT * kPrefetchBytes + l * 64, _MM_HINT_T0);
-          _mm_prefetch(src + kPrefetchL2Bytes + l * 64, _MM_HINT_T1);
+          if (l1) _mm_prefetch(src + NT * l1 + l * 64, _MM_HINT_T0);
+          if (l2) _mm_prefetch(src + l2 + l * 64, _MM_HINT_T1);
         }
       }
       for (int i = 0; i < NT; ++i) unpack_block<Q>(unit[i], b, blk[i]);
@@ -1878,6 +1886,15 @@ constexpr int64_t kPreparedMinM =
 // The integer-dot ISA this build was compiled for: "amx" (int8 tiles for batches of 48-63,
 // bfloat16 tiles from 64 on, VNNI below), "avx512" (VNNI), "avxvnni" (256-bit VNNI), "avx2" or
 // "" (none).
+void set_weight_prefetch(int64_t l1_bytes, int64_t l2_bytes) {
+  TORCH_CHECK(l1_bytes >= 0 && l2_bytes >= 0 && l1_bytes % 64 == 0 && l2_bytes % 64 == 0,
+              "prefetch distances are whole 64-byte lines, >= 0: ", l1_bytes, ", ", l2_bytes);
+  g_prefetch_l1 = l1_bytes;
+  g_prefetch_l2 = l2_bytes;
+}
+
+std::vector<int64_t> weight_prefetch() { return {g_prefetch_l1, g_prefetch_l2}; }
+
 std::string quant_isa() {
 #if defined(TM_AMX)
   return amx_permitted() ? "amx" : "avx512";
