@@ -83,6 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model_path", nargs="?", default=None, metavar="MODEL")
     EngineArgs.add_cli_args(info, skip=("model",))
 
+    est = sub.add_parser(
+        "estimate", help="memory needed at full use, and how many sequences of each length fit"
+    )
+    est.add_argument("model_path", nargs="?", default=None, metavar="MODEL")
+    est.add_argument(
+        "--memory-gib",
+        type=float,
+        default=None,
+        help="the memory to fit in, per device (default: the CPU's available memory, or 90%% "
+        "of the GPU's; needed for a GPU that is not here: --device cuda)",
+    )
+    EngineArgs.add_cli_args(est, skip=("model",))
+
     ppl = sub.add_parser("perplexity", help="perplexity of a text file (sliding windows)")
     ppl.add_argument(
         "model_path",
@@ -195,6 +208,15 @@ def cmd_info(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_estimate(ns: argparse.Namespace) -> int:
+    from tokenmill.loader.estimate import describe_estimate, estimate_memory
+
+    args = EngineArgs.from_cli(argparse.Namespace(**{**vars(ns), "model": ns.model_path}))
+    e = estimate_memory(args, ns.memory_gib)
+    print("\n".join(describe_estimate(e, args.model or "the embedded default model")))
+    return 0
+
+
 def cmd_perplexity(ns: argparse.Namespace) -> int:
     from tokenmill.engine.llm import LLM
     from tokenmill.engine.perplexity import perplexity
@@ -251,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "generate": cmd_generate,
         "chat": cmd_chat,
         "info": cmd_info,
+        "estimate": cmd_estimate,
         "perplexity": cmd_perplexity,
         "serve": cmd_serve,
         "bench": cmd_bench,

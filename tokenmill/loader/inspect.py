@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 from tokenmill.config import DTYPE_SIZES, EngineArgs, GiB, ModelConfig, cuda_kv_budget
 from tokenmill.loader.load import quant_config_for, rank_arch, read_model_info
 from tokenmill.loader.resolve import resolve_model
 from tokenmill.loader.weights import safetensors_files
 from tokenmill.quant import gguf_pack as gp
-from tokenmill.quant.fp8 import Fp8Config
 from tokenmill.quant.gguf import GGUFQuantConfig
 
 
@@ -43,33 +42,8 @@ def describe_model(args: EngineArgs) -> dict[str, str]:
     if tp > 1:
         rank_arch(arch, tp)  # the size must split the model
 
-    def weights_in_memory(model: ModelConfig) -> tuple[int, str, str]:
-        """(bytes, how they are stored, the quantization decision) under `model`'s config (on
-        each rank under tensor parallelism)."""
-        if tp > 1 and model.quantization != "fp8":
-            layer = arch.hidden_size * arch.head_dim * 2 * (arch.num_heads + arch.num_kv_heads)
-            layer += 3 * arch.hidden_size * arch.intermediate_size
-            split = arch.num_layers * layer  # the decoder's linear weights
-            per_rank = (params - split + split // tp) * DTYPE_SIZES[model.dtype]
-            stored = (
-                f"per rank: 1/{tp} of the decoder's linear weights, embedding, norms and head "
-                "whole, in the compute dtype"
-            )
-            return per_rank, stored, f"tensor parallel over {tp} ranks: dense weights"
-        quant, why = quant_config_for(
-            source, reader, arch, model.torch_dtype(), model.device, model.quantization
-        )
-        if isinstance(quant, GGUFQuantConfig):
-            weights = estimate_native_bytes(
-                reader, arch.tie_word_embeddings, DTYPE_SIZES[model.dtype]
-            )
-            return weights, "quantized blocks kept, the rest dequantized", why
-        if isinstance(quant, Fp8Config):  # 1 byte per parameter but the embedding and head's
-            size = DTYPE_SIZES[model.dtype]
-            dense = arch.vocab_size * arch.hidden_size * (1 if arch.tie_word_embeddings else 2)
-            stored = "decoder linear weights in fp8, the rest in the compute dtype (estimate)"
-            return params - dense + dense * size, stored, why
-        return params * DTYPE_SIZES[model.dtype], "dequantized to the compute dtype", why
+    def weights_in_memory(model: ModelConfig) -> WeightMemory:
+        return weight_memory(source, reader, arch, params, model.device, model.dtype, args)
 
     def gpu_kv_budget(model: ModelConfig) -> float:
         """The GPU's KV budget with the weights in place of the engine's profiled peak."""
@@ -82,7 +56,7 @@ def describe_model(args: EngineArgs) -> dict[str, str]:
 
     config = args.create_engine_config(info, gpu_kv_budget)
     model, cache = config.model, config.cache
-    weights, stored, why = weights_in_memory(model)
+    weights, stored, why, _ = weights_in_memory(model)
     max_len = model.max_model_len
     return {
         "model": f"{source.name} ({source.path})",
@@ -115,6 +89,52 @@ def describe_model(args: EngineArgs) -> dict[str, str]:
         "max concurrency at full ctx": f"{cache.capacity_tokens / max_len:.1f} x {max_len} tokens",
         "memory needed (weights+KV)": f"{(weights + cache.reserved_bytes) / GiB:.2f} GiB",
     }
+
+
+class WeightMemory(NamedTuple):
+    """The weights in memory: their bytes, how they are stored, the quantization decision, and
+    whether the native GGUF kernels run them."""
+
+    bytes: int
+    stored: str
+    why: str
+    native: bool = False
+
+
+def weight_memory(
+    source: Any, reader: Any, arch: Any, params: int, device: str, dtype: str, args: EngineArgs
+) -> WeightMemory:
+    """The weights in memory on `device` in `dtype` under `args` (its quantization and
+    tensor_parallel_size: on each rank), from the headers: `params` parameters, GGUF `reader`
+    or None."""
+    import torch
+
+    tp = args.tensor_parallel_size
+    size = DTYPE_SIZES[dtype]
+    if args.quantization == "fp8":  # 1 byte per parameter but the embedding and head's
+        why = "fp8 (quantization='fp8')"
+        if torch.device(device).type == "cpu" or torch.cuda.is_available():  # raises where fp8
+            why = quant_config_for(source, reader, arch, getattr(torch, dtype), device, "fp8")[1]
+        dense = arch.vocab_size * arch.hidden_size * (1 if arch.tie_word_embeddings else 2)
+        stored = "decoder linear weights in fp8, the rest in the compute dtype (estimate)"
+        return WeightMemory(params - dense + dense * size, stored, why)
+    if tp > 1:
+        layer = arch.hidden_size * arch.head_dim * 2 * (arch.num_heads + arch.num_kv_heads)
+        layer += 3 * arch.hidden_size * arch.intermediate_size
+        split = arch.num_layers * layer  # the decoder's linear weights
+        per_rank = (params - split + split // tp) * size
+        stored = (
+            f"per rank: 1/{tp} of the decoder's linear weights, embedding, norms and head "
+            "whole, in the compute dtype"
+        )
+        return WeightMemory(per_rank, stored, f"tensor parallel over {tp} ranks: dense weights")
+    quant, why = quant_config_for(
+        source, reader, arch, getattr(torch, dtype), device, args.quantization
+    )
+    if isinstance(quant, GGUFQuantConfig):
+        weights = estimate_native_bytes(reader, arch.tie_word_embeddings, size)
+        return WeightMemory(weights, "quantized blocks kept, the rest dequantized", why, True)
+    return WeightMemory(params * size, "dequantized to the compute dtype", why)
 
 
 _LINEAR = re.compile(
