@@ -447,6 +447,54 @@ def decode_tok_s(
     return batch * (new - head) / (t_all - t_head)
 
 
+def estimate_check(run: Run, llm, path: Path, max_num_seqs: int) -> dict:
+    """`tokenmill estimate`'s GPU figures against the loaded engine: its weights against the
+    model's, its activations against a profile forward of the largest step (what the engine
+    budgets its KV cache with), its CUDA context against the memory in use outside torch's
+    allocator."""
+    import torch
+
+    from tokenmill.config import EngineArgs
+    from tokenmill.loader.estimate import estimate_memory
+    from tokenmill.worker.model_runner import profile_forward
+
+    engine = llm.engine
+    args = EngineArgs(
+        model=str(path),
+        dtype=str(engine.dtype).removeprefix("torch."),
+        device="cuda",
+        max_model_len=2048,
+        max_num_seqs=max_num_seqs,
+    )
+    if run.device.type != "cuda":  # --smoke: the estimate runs, nothing to hold it against
+        e = estimate_memory(args, memory_gib=80)
+        return {"activations_estimate_gb": e.activations / 1e9, "checked": False}
+    e = estimate_memory(args)
+    cfg = engine.config
+    peak = profile_forward(
+        engine.model,
+        args.max_num_batched_tokens,
+        args.max_num_seqs,
+        cfg.cache.block_size,
+        engine.dtype,
+        engine.device,
+        cfg.model.max_model_len,
+    )
+    free, total = torch.cuda.mem_get_info(engine.device)
+    outside = (total - free) - torch.cuda.memory_reserved(engine.device)
+    weights = engine.model.weight_memory_bytes()
+    return {
+        "weights_estimate_gb": e.weights / 1e9,
+        "weights_gb": weights / 1e9,
+        "weights_ratio": e.weights / weights,
+        "activations_estimate_gb": e.activations / 1e9,
+        "profiled_peak_gb": peak / 1e9,
+        "activations_ratio": e.activations / peak if peak else None,
+        "context_estimate_gb": e.runtime / 1e9,
+        "outside_allocator_gb": outside / 1e9,
+    }
+
+
 def shape_run(run: Run, root: Path, name: str) -> dict:
     shape = (SMOKE_SHAPES if run.smoke else SHAPES)[name]
     vocab = 512 if run.smoke else VOCAB
@@ -493,6 +541,7 @@ def shape_run(run: Run, root: Path, name: str) -> dict:
         sched.config = dataclasses.replace(sched.config, num_scheduler_steps=default_steps)
         out[f"decode_b{b}_tok_s_by_scheduler_steps"] = {default_steps: rate, **by_steps}
     out["b1_step_anatomy"] = step_anatomy(run, llm, out)
+    out["estimate"] = estimate_check(run, llm, path, 8 if run.smoke else 256)
     out["skinny_vs_cublas"] = skinny_ab(llm, decode_rate)
     if name == "8B" or run.smoke:
         n = 40 if run.smoke else 1000

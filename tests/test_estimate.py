@@ -194,3 +194,34 @@ def test_cli_prints_the_verdict_and_what_fits(capsys):
     assert table and int(table[-1][-1]) == seqs
     assert main(["estimate", "--max-model-len", "1024", "--max-num-seqs", "2"]) == 0
     assert "fits," in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen2-bias-tied", "qwen3-qk-norm"])
+def test_a_config_alone_is_enough(variant, tmp_path):
+    """A folder with only config.json (decide before downloading): the parameters counted from
+    the architecture are transformers' own count, and the estimate equals the one made with the
+    weights present."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = dict(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
+    kind = {"llama": "llama", "qwen2-bias-tied": "qwen2", "qwen3-qk-norm": "qwen3"}[variant]
+    cfg = AutoConfig.for_model(kind, tie_word_embeddings=kind == "qwen2", **kw)
+    model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+    full, bare = tmp_path / "full", tmp_path / "bare"
+    model.save_pretrained(full)
+    bare.mkdir()
+    (bare / "config.json").write_text((full / "config.json").read_text())
+    args = dict(dtype="bfloat16", max_model_len=512)
+    with_weights = estimate_memory(EngineArgs(model=str(full), **args), memory_gib=1)
+    alone = estimate_memory(EngineArgs(model=str(bare), **args), memory_gib=1)
+    assert alone.weights == with_weights.weights == model.num_parameters() * 2
+    assert alone.checkpoint_bytes == pytest.approx(with_weights.checkpoint_bytes, rel=0.01)
+    assert alone.kv_per_token == with_weights.kv_per_token

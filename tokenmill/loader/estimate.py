@@ -15,14 +15,16 @@ The figures (per device: per rank under tensor parallelism):
     max_model_len tokens at full use). On the CPU the cache's pages are committed as they are
     written, so resident memory follows the tokens actually cached; on a GPU the engine reserves
     its whole budget at start.
-The memory to fit in is `memory_gib` if given, else on the CPU what the OS reports available
-(MemAvailable) plus this process's own size, on a GPU CUDA_MEMORY_UTILIZATION of the device's
-memory (the share the engine fills).
+A folder with only config.json is enough (decide before downloading): the parameters are
+counted from the architecture. The memory to fit in is `memory_gib` if given, else on the CPU
+what the OS reports available (MemAvailable) plus this process's own size, on a GPU
+CUDA_MEMORY_UTILIZATION of the device's memory (the share the engine fills).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from tokenmill.config import (
     CUDA_MEMORY_UTILIZATION,
@@ -31,7 +33,7 @@ from tokenmill.config import (
     GiB,
     kv_cache_bytes_per_token,
 )
-from tokenmill.loader.inspect import count_parameters, weight_memory
+from tokenmill.loader.inspect import arch_parameters, count_parameters, weight_memory
 from tokenmill.loader.load import rank_arch, read_model_info
 from tokenmill.loader.resolve import resolve_model
 from tokenmill.models.config import ModelArchConfig
@@ -167,11 +169,19 @@ def estimate_memory(args: EngineArgs, memory_gib: float | None = None) -> Memory
     otherwise, and `memory_gib` is needed."""
     import torch
 
-    source = resolve_model(args.model)
-    info, reader = read_model_info(source)
+    source = resolve_model(args.model, allow_no_weights=True)
+    # a folder with only config.json: the parameters from the architecture, the file's size
+    # from the checkpoint's declared dtype (bfloat16 if none)
+    config_only = source.kind != "gguf" and not any(Path(source.path).glob("*.safetensors"))
+    info, reader = read_model_info(source, "dummy" if config_only else "auto")
     arch, tp = info.arch, args.tensor_parallel_size
     rank = rank_arch(arch, tp) if tp > 1 else arch
-    params = count_parameters(info, reader)
+    if config_only:
+        params = arch_parameters(arch)
+        declared = info.metadata.get("torch_dtype") or info.metadata.get("dtype")
+        checkpoint = params * DTYPE_SIZES.get(str(declared), 2)
+    else:
+        params, checkpoint = count_parameters(info, reader), info.checkpoint_bytes
     if args.device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     else:
@@ -188,7 +198,6 @@ def estimate_memory(args: EngineArgs, memory_gib: float | None = None) -> Memory
         rank, step, min(args.max_num_seqs, step), DTYPE_SIZES[dtype], weights.native
     )
     if device == "cpu":
-        import tokenmill.engine.llm_engine  # noqa: F401  (what an engine process imports)
         from tokenmill.kernels.cpu_ops import get_ops
 
         get_ops()  # the kernels' shared library is part of every engine process
@@ -225,7 +234,7 @@ def estimate_memory(args: EngineArgs, memory_gib: float | None = None) -> Memory
         runtime=runtime,
         runtime_source=runtime_source,
         first_steps=first_steps,
-        checkpoint_bytes=info.checkpoint_bytes if device == "cpu" else 0,
+        checkpoint_bytes=checkpoint if device == "cpu" else 0,
         activations=activations,
         step_tokens=step,
         kv_per_token=bytes_per_token,

@@ -28,6 +28,21 @@ def count_parameters(info: Any, reader: Any) -> int:
     return total
 
 
+def arch_parameters(arch: Any) -> int:
+    """The parameter count of a Llama-family decoder from its config alone (a folder with only
+    config.json): embedding, untied head, per layer q/k/v/o (and their biases where the model
+    has them), gate/up/down, the norms."""
+    h, i, d = arch.hidden_size, arch.intermediate_size, arch.head_dim
+    q, kv = arch.num_heads * d, arch.num_kv_heads * d
+    layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h
+    if arch.attention_bias:
+        layer += q + 2 * kv
+    if arch.qk_norm:
+        layer += 2 * d
+    head = 0 if arch.tie_word_embeddings else arch.vocab_size * h
+    return arch.vocab_size * h + head + arch.num_layers * layer + h
+
+
 def describe_model(args: EngineArgs) -> dict[str, str]:
     """What `tokenmill info` prints: the checkpoint's facts and the engine's configuration for
     `args` (`EngineArgs.create_engine_config`, as the engine resolves it), without loading the
