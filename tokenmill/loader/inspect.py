@@ -29,10 +29,17 @@ def count_parameters(info: Any, reader: Any) -> int:
 
 
 def arch_parameters(arch: Any) -> int:
-    """The parameter count of a Llama-family decoder from its config alone (a folder with only
-    config.json): embedding, untied head, per layer q/k/v/o (and their biases where the model
-    has them), gate/up/down, the norms."""
+    """The parameter count of a decoder from its config alone (a folder with only config.json).
+    Llama family: embedding, untied head, per layer q/k/v/o (and their biases where the model
+    has them), gate/up/down, the norms. GPT-2: token and position embeddings, per layer the
+    fused qkv and output projections, the two MLP matrices, their biases and two LayerNorms,
+    the final LayerNorm (the head is tied)."""
     h, i, d = arch.hidden_size, arch.intermediate_size, arch.head_dim
+    if arch.model_type == "gpt2":
+        layer = (3 * h * h + 3 * h) + (h * h + h) + (2 * h * i + i + h) + 4 * h
+        return (
+            (arch.vocab_size + arch.max_position_embeddings) * h + arch.num_layers * layer + 2 * h
+        )
     q, kv = arch.num_heads * d, arch.num_kv_heads * d
     layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h
     if arch.attention_bias:
