@@ -192,8 +192,25 @@ def test_cli_prints_the_verdict_and_what_fits(capsys):
     assert e.fixed + e.kv(seqs, 8192) <= 2 * GiB < e.fixed + e.kv(seqs + 1, 8192)
     table = [line.split() for line in out.splitlines() if line.strip().startswith("8192 ")]
     assert table and int(table[-1][-1]) == seqs
+    full = e.kv(e.max_num_seqs, 8192)  # more than the CPU's default 2 GiB budget
+    assert f"--kv-cache-memory-gib {-(-full * 100 // GiB) / 100:.2f}" in lines["KV budget"]
     assert main(["estimate", "--max-model-len", "1024", "--max-num-seqs", "2"]) == 0
-    assert "fits," in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "fits," in out and "KV budget" not in out
+
+
+def test_tensor_parallel_ranks_on_the_cpu_share_its_memory():
+    one = estimate_memory(EngineArgs(dtype="float32", max_model_len=1024), memory_gib=3)
+    three = estimate_memory(
+        EngineArgs(dtype="float32", max_model_len=1024, tensor_parallel_size=3), memory_gib=3
+    )
+    assert three.memory == GiB and one.memory == 3 * GiB
+    assert three.kv_per_token * 3 == one.kv_per_token  # 1 of the 3 KV heads per rank
+    # GGUF weights are dequantized under tensor parallelism: 1/3 of the decoder's linears each
+    dense = estimate_memory(
+        EngineArgs(dtype="float32", max_model_len=1024, quantization="none"), memory_gib=3
+    )
+    assert three.weights < dense.weights and three.weights_stored.startswith("per rank")
 
 
 @pytest.mark.parametrize("variant", ["llama", "qwen2-bias-tied", "qwen3-qk-norm", "gpt2"])

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from tokenmill.config import (
     CUDA_MEMORY_UTILIZATION,
+    DEFAULT_CPU_KV_GIB,
     DTYPE_SIZES,
     EngineArgs,
     GiB,
@@ -85,12 +86,12 @@ def step_peak_bytes(
     return tokens * per_token + rows * arch.vocab_size * SAMPLER_BYTES_PER_LOGIT
 
 
-def _meminfo_available() -> int:
-    """MemAvailable from /proc/meminfo, in bytes (0 where there is none)."""
+def _proc_bytes(path: str, key: str) -> int:
+    """A "key: N kB" line of a /proc file, in bytes (0 where there is none)."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -99,14 +100,7 @@ def _meminfo_available() -> int:
 
 def process_resident_bytes() -> int:
     """This process's resident size (VmRSS), in bytes (0 where /proc has none)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _proc_bytes("/proc/self/status", "VmRSS")
 
 
 @dataclass(frozen=True)
@@ -130,6 +124,9 @@ class MemoryEstimate:
     memory: int  # the memory to fit in
     memory_source: str
     tensor_parallel_size: int = 1
+    # the KV budget the engine reserves on the CPU (kv_cache_memory_gib, num_kv_blocks, else
+    # DEFAULT_CPU_KV_GIB); None on a GPU, where it fills what the memory leaves
+    kv_budget: int | None = None
 
     @property
     def fixed(self) -> int:
@@ -212,8 +209,8 @@ def estimate_memory(args: EngineArgs, memory_gib: float | None = None) -> Memory
     if memory_gib is not None:
         memory, memory_source = int(memory_gib * GiB), "--memory-gib"
     elif device == "cpu":
-        memory = _meminfo_available() + process_resident_bytes()
-        memory_source = "available now (MemAvailable, plus this process)"
+        memory = _proc_bytes("/proc/meminfo", "MemAvailable") + process_resident_bytes()
+        memory_source = "available now: MemAvailable plus this process"
     elif cuda_here:
         total = torch.cuda.mem_get_info()[1]
         memory = int(CUDA_MEMORY_UTILIZATION * total)
@@ -223,6 +220,9 @@ def estimate_memory(args: EngineArgs, memory_gib: float | None = None) -> Memory
         )
     else:
         raise ValueError("no GPU here: give the memory to fit in (memory_gib / --memory-gib)")
+    if device == "cpu" and tp > 1:  # the ranks' processes share the machine's memory
+        memory //= tp
+        memory_source += f", shared by {tp} ranks"
     bytes_per_token = kv_cache_bytes_per_token(
         rank.num_layers, rank.num_kv_heads, rank.head_dim, dtype
     )
@@ -243,7 +243,16 @@ def estimate_memory(args: EngineArgs, memory_gib: float | None = None) -> Memory
         memory=memory,
         memory_source=memory_source,
         tensor_parallel_size=tp,
+        kv_budget=_cpu_kv_budget(args, bytes_per_token) if device == "cpu" else None,
     )
+
+
+def _cpu_kv_budget(args: EngineArgs, bytes_per_token: int) -> int:
+    """The KV bytes the engine reserves on the CPU under `args` (`EngineArgs._num_kv_blocks`)."""
+    if args.num_kv_blocks is not None:
+        return args.num_kv_blocks * args.block_size * bytes_per_token
+    gib = DEFAULT_CPU_KV_GIB if args.kv_cache_memory_gib is None else args.kv_cache_memory_gib
+    return int(gib * GiB)
 
 
 def context_lengths(max_len: int) -> list[int]:
@@ -301,6 +310,14 @@ def describe_estimate(e: MemoryEstimate, model: str) -> list[str]:
         ("total at full use", f"{gib(e.total)}"),
         ("verdict", verdict),
     ]
+    if e.kv_budget is not None and e.kv_budget < full:
+        rows.append(
+            (
+                "KV budget",
+                f"{gib(e.kv_budget)} holds {e.kv_budget // e.kv_per_token} tokens: "
+                f"--kv-cache-memory-gib {-(-full * 100 // GiB) / 100:.2f} for full use",
+            )
+        )
     lines = [f"{k:<24}{v}" for k, v in rows]
     if room < 0:
         seqs = e.sequences_that_fit(e.max_model_len)
