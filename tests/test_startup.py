@@ -200,7 +200,10 @@ def test_two_processes_starting_together_build_the_kernels_once(tmp_path):
     (src / "bindings.cpp").write_text(
         "#include <pybind11/pybind11.h>\n"
         "int tokenmill_test_kernel(int x);\n"
-        'PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("twice", &tokenmill_test_kernel); }\n'
+        "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {\n"
+        '  m.def("twice", &tokenmill_test_kernel);\n'
+        '  m.def("set_weight_prefetch", [](long, long) {});\n'  # what load_ops sets
+        "}\n"
     )
     sources = [str(src / "bindings.cpp"), str(src / "kernel.cpp")]
     level = "avx2" if "avx2" in cpu_ops.supported_isas() else _level()

@@ -4,9 +4,9 @@ device's memory, from the checkpoint's headers alone (`tokenmill estimate`; no w
 The figures (per device: per rank under tensor parallelism):
   * weights: as `tokenmill info` gives them (`inspect.weight_memory`; within 2% of a loaded
     model);
-  * runtime: on the CPU, the resident size of this process once torch and the kernels are
-    loaded (what an engine process holds before its model) and CPU_FIRST_STEPS_BYTES; on a
-    GPU, CUDA_CONTEXT_BYTES;
+  * runtime: on the CPU, the resident size of a fresh process once the engine is imported and
+    the kernels are loaded (what an engine process holds before its model) and
+    CPU_FIRST_STEPS_BYTES; on a GPU, CUDA_CONTEXT_BYTES;
   * loading (CPU): the checkpoint's pages, mapped while the weights are read, count in the
     resident size beside the weights already built (page cache: the OS may drop them, but they
     show in the process's peak);
@@ -17,12 +17,15 @@ The figures (per device: per rank under tensor parallelism):
     its whole budget at start.
 A folder with only config.json is enough (decide before downloading): the parameters are
 counted from the architecture. The memory to fit in is `memory_gib` if given, else on the CPU
-what the OS reports available (MemAvailable) plus this process's own size, on a GPU
-CUDA_MEMORY_UTILIZATION of the device's memory (the share the engine fills).
+what the OS reports available (MemAvailable), on a GPU CUDA_MEMORY_UTILIZATION of the device's
+memory (the share the engine fills).
 """
 
 from __future__ import annotations
 
+import functools
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,9 +101,26 @@ def _proc_bytes(path: str, key: str) -> int:
     return 0
 
 
-def process_resident_bytes() -> int:
-    """This process's resident size (VmRSS), in bytes (0 where /proc has none)."""
-    return _proc_bytes("/proc/self/status", "VmRSS")
+# What an engine process holds before its model: its imports and the CPU kernels.
+_FRESH_PROCESS = (
+    "from tokenmill.kernels.cpu_ops import get_ops\n"
+    "import tokenmill.engine.llm_engine\n"
+    "get_ops()\n"
+    "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmRSS:')))\n"
+)
+
+
+@functools.lru_cache(maxsize=1)
+def fresh_process_bytes() -> int:
+    """The resident size of a fresh Python process that has imported the engine and loaded
+    the CPU kernels (measured once per process, in a child: the caller's own size says nothing
+    of an engine's)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _FRESH_PROCESS], capture_output=True, text=True, timeout=300
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"measuring a fresh process failed: {out.stderr[-2000:]}")
+    return int(out.stdout.split()[-1]) * 1024
 
 
 @dataclass(frozen=True)
@@ -195,12 +215,9 @@ def estimate_memory(args: EngineArgs, memory_gib: float | None = None) -> Memory
         rank, step, min(args.max_num_seqs, step), DTYPE_SIZES[dtype], weights.native
     )
     if device == "cpu":
-        from tokenmill.kernels.cpu_ops import get_ops
-
-        get_ops()  # the kernels' shared library is part of every engine process
-        runtime, first_steps = process_resident_bytes(), CPU_FIRST_STEPS_BYTES
+        runtime, first_steps = fresh_process_bytes(), CPU_FIRST_STEPS_BYTES
         runtime_source = (
-            "Python, torch and the kernels as resident in this process, and "
+            "Python, torch and the kernels as resident in a fresh process, and "
             f"{first_steps >> 20} MiB for the first steps' threads and buffers"
         )
     else:
@@ -209,8 +226,8 @@ def estimate_memory(args: EngineArgs, memory_gib: float | None = None) -> Memory
     if memory_gib is not None:
         memory, memory_source = int(memory_gib * GiB), "--memory-gib"
     elif device == "cpu":
-        memory = _proc_bytes("/proc/meminfo", "MemAvailable") + process_resident_bytes()
-        memory_source = "available now: MemAvailable plus this process"
+        memory = _proc_bytes("/proc/meminfo", "MemAvailable")
+        memory_source = "available now: MemAvailable"
     elif cuda_here:
         total = torch.cuda.mem_get_info()[1]
         memory = int(CUDA_MEMORY_UTILIZATION * total)
@@ -341,6 +358,6 @@ __all__ = [
     "MemoryEstimate",
     "describe_estimate",
     "estimate_memory",
-    "process_resident_bytes",
+    "fresh_process_bytes",
     "step_peak_bytes",
 ]
