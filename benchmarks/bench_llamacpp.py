@@ -199,16 +199,12 @@ def tokenmill_llm(path: str, threads: int, isa: str, **options):
 
 
 def _tokenmill(path: str, threads: int, isa: str, quantization: str):
-    import torch
-
     from tokenmill import SamplingParams
 
     llm = tokenmill_llm(
         path, threads, isa, max_model_len=1024, kv_cache_memory_gib=1.0, quantization=quantization
     )
     info = llm.engine.model_info
-    arch = info.arch
-    elt = 2 if llm.engine.dtype == torch.bfloat16 else 4
 
     def run(prompts, new):
         p = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
@@ -224,7 +220,8 @@ def _tokenmill(path: str, threads: int, isa: str, quantization: str):
         "dtype": str(llm.engine.dtype).removeprefix("torch."),
         "weight_bytes": llm.engine.model.weight_bytes_per_step(),
         "int8_level": isa if info.native_weights else None,
-        "kv_bytes_per_token": 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * elt,
+        "kv_bytes_per_token": llm.engine.config.cache.bytes_per_token,
+        "kv_cache_dtype": llm.engine.config.cache.dtype,
     }
     return run, desc
 

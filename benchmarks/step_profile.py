@@ -85,7 +85,6 @@ def main() -> None:
     if model.decode_stack is None:
         raise SystemExit("this model runs no C++ decode loop (native kernels off or unsupported)")
     info = engine.model_info
-    arch = info.arch
     prompts = token_ids(7, args.batch, args.prompt_len, model.cfg.vocab_size)
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
@@ -146,10 +145,9 @@ def main() -> None:
     bw = measure_bandwidth_gbs()
     peak = measure_int8_gmacs(args.threads).get(select_isa().build, 0.0)
     layers = model.model.layers
-    elt = 2 if engine.dtype == torch.bfloat16 else 4
     # every decode step's contexts: the prompt plus the tokens so far (1 .. new_tokens - 1)
     mean_ctx = args.prompt_len + args.new_tokens / 2
-    kv_bytes = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * elt
+    kv_bytes = engine.config.cache.bytes_per_token  # in the KV cache's dtype
     cost = {s: linear_cost(layers, s, args.batch) for s in LINEARS}
     cost["attention"] = (args.batch * mean_ctx * kv_bytes, 0.0)
     head = model.lm_head

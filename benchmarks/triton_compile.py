@@ -266,12 +266,42 @@ def record_model(
             logits = runner.model.compute_logits(hidden[inputs.logits_indices]).float()
             runner.ops.argmax(logits)
         # The kernels a Llama's layers do not launch (rope_write_kv does both their jobs): rotary
-        # alone (q / k norms, partial rotary) and the cache write alone (a KV cache in another
-        # dtype), on this shape's tensors; and the FP8 path's activation quantizer.
+        # alone (q / k norms, partial rotary) and the cache write alone, on this shape's
+        # tensors; the FP8 path's activation quantizer; and a KV cache in another dtype
+        # (--kv-cache-dtype: float16 beside bfloat16) written and read.
         heads, kv_heads = shape["num_attention_heads"], shape["num_key_value_heads"]
         head_dim = shape["hidden_size"] // heads
         rotary = runner.model.model.rotary
         k_cache, v_cache = runner.kv_caches[0]
+        other = torch.bfloat16 if dtype == torch.float16 else torch.float16
+        k_other, v_other = (torch.zeros_like(k_cache, dtype=other) for _ in range(2))
+        for n, splits in ((1, 4), (64, 1)):
+            q = torch.randn(n, heads, head_dim, dtype=dtype)
+            k = torch.randn(n, kv_heads, head_dim, dtype=dtype)
+            positions = torch.arange(n)
+            triton_ops.rope_write_kv(
+                q,
+                k,
+                k.clone(),
+                k_other,
+                v_other,
+                positions,
+                positions,
+                rotary.cos_cached,
+                rotary.sin_cached,
+            )
+            triton_ops.paged_attention(
+                q,
+                k_other,
+                v_other,
+                block_tables=torch.zeros(n, 1, dtype=torch.int32),
+                seq_lens=torch.ones(n, dtype=torch.int32),
+                query_start_loc=torch.arange(n + 1, dtype=torch.int32),
+                max_query_len=1,
+                block_size=block_size,
+                scale=head_dim**-0.5,
+                num_splits=splits,
+            )
         for n in (1, 64, 512):
             positions = torch.arange(n)
             triton_ops.rotary_inplace(

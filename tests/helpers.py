@@ -48,15 +48,18 @@ def paged_logits(
 
 
 def prompt_logits(
-    model: torch.nn.Module, prompts: list[list[int]], num_blocks: int = 64
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    num_blocks: int = 64,
+    kv_dtype: torch.dtype = torch.float32,
 ) -> list[torch.Tensor]:
-    """Each prompt prefilled whole by a float32-KV CPU runner of `model` (blocks of 16):
-    `paged_logits` per prompt, [len(prompt), vocab]."""
+    """Each prompt prefilled whole by a CPU runner of `model` (blocks of 16, the KV cache in
+    `kv_dtype`): `paged_logits` per prompt, [len(prompt), vocab]."""
     runner = ModelRunner(
         model,
         num_blocks=num_blocks,
         block_size=16,
-        kv_dtype=torch.float32,
+        kv_dtype=kv_dtype,
         device=torch.device("cpu"),
     )
     return paged_logits(runner, prompts, [[len(p)] for p in prompts])

@@ -18,8 +18,29 @@ from tokenmill.layers.rotary import RotaryEmbedding, apply_rotary
 
 ops = get_ops()
 pytestmark = pytest.mark.skipif(ops is None, reason="no C++ compiler to build the kernels")
-TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+TOL = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=1e-3, rtol=1e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
 DTYPES = [torch.float32, torch.bfloat16]
+# (query and output dtype, KV cache dtype): the model's dtype, or a float16 cache beside it
+# (--kv-cache-dtype float16: the attention kernels then run in float16 loads, the query
+# converted to float16 on entry and the output back)
+KV_DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.float16),
+    (torch.bfloat16, torch.float16),
+]
+KV_IDS = ["float32", "bfloat16", "float32-f16cache", "bfloat16-f16cache"]
+
+
+def kv_tol(dtype: torch.dtype, cache_dtype: torch.dtype) -> dict:
+    """The looser tolerance of an output in `dtype` from rows in `cache_dtype`."""
+    return max(TOL[dtype], TOL[cache_dtype], key=lambda t: t["rtol"])
+
+
 LAYOUTS = ["token-major", "head-major"]  # the KV cache layouts the kernels read (attention.py)
 
 
@@ -32,14 +53,16 @@ def in_layout(cache: torch.Tensor, bs: int, layout: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype,cache_dtype", KV_DTYPES, ids=KV_IDS)
 @pytest.mark.parametrize("hq,hkv", [(9, 3), (4, 4), (8, 1)])
-def test_paged_decode_attention_matches_sdpa(dtype, hq, hkv, layout):
+def test_paged_decode_attention_matches_sdpa(dtype, cache_dtype, hq, hkv, layout):
+    """Against SDPA in float32 over the cached rows, with the query as the kernel reads it (in
+    the cache's dtype)."""
     g = torch.Generator().manual_seed(0)
     d, bs, num_blocks = 64, 4, 80
     seq_lens = [1, 7, 16, 33, 50]
-    k_cache = torch.randn(num_blocks * bs, hkv, d, generator=g).to(dtype)
-    v_cache = torch.randn(num_blocks * bs, hkv, d, generator=g).to(dtype)
+    k_cache = torch.randn(num_blocks * bs, hkv, d, generator=g).to(cache_dtype)
+    v_cache = torch.randn(num_blocks * bs, hkv, d, generator=g).to(cache_dtype)
     perm = torch.randperm(num_blocks, generator=g)  # blocks scattered through the pool
     max_blocks = -(-max(seq_lens) // bs)
     tables = perm[: len(seq_lens) * max_blocks].view(len(seq_lens), max_blocks)
@@ -53,17 +76,18 @@ def test_paged_decode_attention_matches_sdpa(dtype, hq, hkv, layout):
         bs,
         d**-0.5,
     )
+    assert out.dtype == dtype
     for b, n in enumerate(seq_lens):
         slots = (tables[b][:, None] * bs + torch.arange(bs)).flatten()[:n]
         k = k_cache[slots].float().transpose(0, 1)  # [hkv, n, d]
         v = v_cache[slots].float().transpose(0, 1)
         ref = F.scaled_dot_product_attention(
-            q[b].float()[:, None],
+            q[b].to(cache_dtype).float()[:, None],
             k.repeat_interleave(hq // hkv, 0),
             v.repeat_interleave(hq // hkv, 0),
             scale=d**-0.5,
         )[:, 0]
-        torch.testing.assert_close(out[b].float(), ref, **TOL[dtype])
+        torch.testing.assert_close(out[b].float(), ref, **kv_tol(dtype, cache_dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -115,7 +139,7 @@ def test_rotary_inplace_on_strided_view(dtype):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float16])  # float16: a KV cache's
 @pytest.mark.parametrize("bs", [16, 32])
 @pytest.mark.parametrize(
     "hq,hkv,d", [(32, 8, 128), (12, 2, 64), (16, 2, 64), (5, 5, 128), (6, 2, 32)]
@@ -144,7 +168,7 @@ def test_paged_decode_attention_vectorized_matches_portable(dtype, hq, hkv, d, b
 
 
 @pytest.mark.parametrize("level", list(cpu_ops.ISA_FLAGS))
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float16])
 @pytest.mark.parametrize(
     "hq,hkv,d,bs,layout",
     [(9, 3, 64, 16, "head-major"), (32, 8, 128, 5, "token-major"), (12, 2, 64, 32, "head-major")],
@@ -191,18 +215,19 @@ def test_decode_rejects_contexts_its_block_table_does_not_hold(bad_len):
         ops.paged_decode_attention(q, cache, cache, tables, lens, 4, 0.125)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype,cache_dtype", KV_DTYPES, ids=KV_IDS)
 @pytest.mark.parametrize(
     "hq,hkv,d,bs",
     [(9, 3, 64, 16), (4, 4, 64, 16), (32, 8, 128, 32), (16, 2, 64, 4), (48, 1, 16, 16)],
 )
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_paged_prefill_attention_matches_causal_softmax(dtype, hq, hkv, d, bs, layout):
+def test_paged_prefill_attention_matches_causal_softmax(dtype, cache_dtype, hq, hkv, d, bs, layout):
     """Chunks after cached context (starting mid-block), whole prompts, one-token chunks and a
     2-token one, lengths around the 64-key blocks and the 16-key score columns, GQA from 1 to 48
     query heads per KV head (a task's 48 rows then hold one token), head_dim 16 to 128, q a
     strided view of a fused qkv row as in the model: against softmax(q k^T) v in float64 with
-    each query masked to its position."""
+    each query masked to its position (the query as the kernel reads it: in the cache's
+    dtype)."""
     if not ops.paged_prefill_attention_supported(hq, hkv, d):
         pytest.skip("this build has no prefill kernel")  # never on x86: AVX2 is every level's
     g = torch.Generator().manual_seed(7)
@@ -210,8 +235,8 @@ def test_paged_prefill_attention_matches_causal_softmax(dtype, hq, hkv, d, bs, l
     seq_lens = [45, 30, 64, 2, 129, 300, 65, 103]
     n_blocks = [-(-s // bs) for s in seq_lens]
     pool = sum(n_blocks) + 5
-    k_cache = torch.randn(pool * bs, hkv, d, generator=g).to(dtype)
-    v_cache = torch.randn(pool * bs, hkv, d, generator=g).to(dtype)
+    k_cache = torch.randn(pool * bs, hkv, d, generator=g).to(cache_dtype)
+    v_cache = torch.randn(pool * bs, hkv, d, generator=g).to(cache_dtype)
     perm = torch.randperm(pool, generator=g)  # blocks scattered through the pool
     tables = torch.zeros(len(seq_lens), max(n_blocks), dtype=torch.int32)
     used = 0
@@ -232,31 +257,38 @@ def test_paged_prefill_attention_matches_causal_softmax(dtype, hq, hkv, d, bs, l
         bs,
         scale,
     )
+    assert out.dtype == dtype
     for b, (n_q, n) in enumerate(zip(q_lens, seq_lens)):
         pos = torch.arange(n)
         slots = tables[b].long()[pos // bs] * bs + pos % bs
         k = k_cache[slots].double().transpose(0, 1).repeat_interleave(hq // hkv, 0)
         v = v_cache[slots].double().transpose(0, 1).repeat_interleave(hq // hkv, 0)
-        qb = q[starts[b] : starts[b + 1]].double().transpose(0, 1)  # [hq, n_q, d]
+        qb = q[starts[b] : starts[b + 1]].to(cache_dtype).double().transpose(0, 1)  # [hq, n_q, d]
         scores = qb @ k.transpose(1, 2) * scale
         q_pos = n - n_q + torch.arange(n_q)
         scores = scores.masked_fill(pos[None, None, :] > q_pos[None, :, None], float("-inf"))
         ref = (scores.softmax(-1) @ v).transpose(0, 1)
-        torch.testing.assert_close(out[starts[b] : starts[b + 1]].double(), ref, **TOL[dtype])
+        torch.testing.assert_close(
+            out[starts[b] : starts[b + 1]].double(), ref, **kv_tol(dtype, cache_dtype)
+        )
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_write_kv_from_strided_views(dtype, layout):
+@pytest.mark.parametrize("dtype,cache_dtype", KV_DTYPES, ids=KV_IDS)
+def test_write_kv_from_strided_views(dtype, cache_dtype, layout):
+    """Rows land in their slots, converted to the cache's dtype with torch's rounding (values
+    past float16's range included: they become inf, as torch's conversion makes them)."""
     g = torch.Generator().manual_seed(6)
     qkv = torch.randn(9, (4 + 2 * 2) * 16, generator=g).to(dtype)
+    qkv[0, 4 * 16] = 1e5  # past float16's largest value
     k = qkv[:, 4 * 16 : 6 * 16].view(9, 2, 16)
     v = qkv[:, 6 * 16 :].view(9, 2, 16)
     slots = torch.tensor([3, 0, 17, 5, 30, 31, 8, 2, 11])
-    ref_k, ref_v = torch.zeros(32, 2, 16, dtype=dtype), torch.zeros(32, 2, 16, dtype=dtype)
+    ref_k = torch.zeros(32, 2, 16, dtype=cache_dtype)
+    ref_v = torch.zeros(32, 2, 16, dtype=cache_dtype)
     k_cache, v_cache = in_layout(ref_k, 8, layout), in_layout(ref_v, 8, layout)
-    ref_k.index_copy_(0, slots, k)
-    ref_v.index_copy_(0, slots, v)
+    ref_k.index_copy_(0, slots, k.to(cache_dtype))
+    ref_v.index_copy_(0, slots, v.to(cache_dtype))
     ops.write_kv(k, v, k_cache, v_cache, slots)
     assert torch.equal(k_cache, in_layout(ref_k, 8, layout))
     assert torch.equal(v_cache, in_layout(ref_v, 8, layout))

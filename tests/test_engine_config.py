@@ -80,6 +80,38 @@ def test_dtype_resolution(info):
     assert config.cache.bytes_per_token == _kv_bytes_per_token(info.arch, 2)
 
 
+def test_kv_cache_dtype_resolution(info):
+    """auto: the compute dtype, but float16 on a CPU where auto chose float32 compute; the
+    option wins; the cache's bytes per token follow the cache's dtype."""
+    arch = info.arch
+
+    def cache(**kw):
+        return EngineArgs(device="cpu", **kw).create_engine_config(info).cache
+
+    auto = cache()
+    assert auto.dtype == ("bfloat16" if cpu_has_native_bf16() else "float16")
+    assert auto.bytes_per_token == _kv_bytes_per_token(arch, 2)
+    assert cache(dtype="float32").dtype == "float32"  # a float32 asked for keeps float32 KV
+    assert cache(dtype="float32").bytes_per_token == _kv_bytes_per_token(arch, 4)
+    assert cache(dtype="bfloat16").dtype == "bfloat16"
+    assert cache(dtype="float32", kv_cache_dtype="float16").dtype == "float16"
+    assert cache(dtype="bfloat16", kv_cache_dtype="float32").bytes_per_token == (
+        _kv_bytes_per_token(arch, 4)
+    )
+    # the same 2 GiB budget holds twice the tokens in float16 as in float32 (2912 blocks)
+    per_token = _kv_bytes_per_token(arch, 2)
+    assert (
+        cache(dtype="float32", kv_cache_dtype="float16").num_blocks
+        == 2 * GiB // (per_token * 16)
+        == 5825
+    )
+    gpu = EngineArgs(device="cuda", dtype="bfloat16", num_kv_blocks=4)
+    assert gpu.create_engine_config(info).cache.dtype == "bfloat16"  # auto: the compute dtype
+    assert gpu.kv_cache_dtype_for("cuda", "float32") == "float32"
+    with pytest.raises(ValueError, match="kv_cache_dtype must be auto or one of"):
+        EngineArgs(kv_cache_dtype="fp8")
+
+
 def test_gpu_budget_comes_from_the_callback(info):
     """On a GPU the budget is the caller's measure (the engine profiles the loaded model); it
     sees the model's config before the KV cap. Nothing here touches a GPU."""

@@ -158,6 +158,7 @@ def test_what_fits_by_hand():
         activations=GiB // 2,
         step_tokens=2048,
         kv_per_token=128 * 1024,  # Llama-3-8B in bfloat16
+        kv_dtype="bfloat16",
         max_num_seqs=64,
         max_model_len=8192,
         memory=20 * GiB,

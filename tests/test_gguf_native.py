@@ -125,13 +125,20 @@ def _perplexity(isa: str, text: str, **kwargs) -> float:
 # bfloat16 for amx and avx512 where the CPU computes it natively (Sapphire Rapids, Zen 4),
 # float32 for avxvnni and avx2 (the AVX-VNNI laptops and AVX2-only CPUs have no native bfloat16;
 # there, AMD Zen 3, the avx2 level in bfloat16 measured -0.05% on LICENSE, +0.40% with every
-# channel rounded). The quantized GEMMs' integer arithmetic is the same in both dtypes.
+# channel rounded). The quantized GEMMs' integer arithmetic is the same in both dtypes. Where
+# the compute dtype is float32, the KV cache is float16, as a user's auto gives it there.
 PPL_TOLERANCE = 0.005
 
 
 def _user_dtype(isa: str) -> str:
     """The compute dtype a user of level `isa` gets by default (see above)."""
     return "bfloat16" if isa in ("amx", "avx512") and cpu_has_native_bf16() else "float32"
+
+
+def _user_kv_dtype(isa: str) -> str:
+    """The KV cache dtype a user of level `isa` gets by default (EngineArgs.kv_cache_dtype_for:
+    float16 beside an auto float32)."""
+    return "float16" if _user_dtype(isa) == "float32" else "bfloat16"
 
 
 @pytest.mark.slow
@@ -142,8 +149,9 @@ def test_perplexity_of_every_level_close_to_float32():
     levels = cpu_ops.supported_isas()
     assert levels, "no kernel level on this CPU"
     for isa in levels:
-        ppl = _perplexity(isa, text, dtype=_user_dtype(isa))
-        assert abs(ppl / reference - 1) < PPL_TOLERANCE, (isa, _user_dtype(isa), ppl, reference)
+        dtype, kv_dtype = _user_dtype(isa), _user_kv_dtype(isa)
+        ppl = _perplexity(isa, text, dtype=dtype, kv_cache_dtype=kv_dtype)
+        assert abs(ppl / reference - 1) < PPL_TOLERANCE, (isa, dtype, kv_dtype, ppl, reference)
 
 
 def test_avxvnni_level_gives_the_avx2_outputs(monkeypatch, tmp_path):
@@ -216,9 +224,16 @@ def test_loading_memory_is_close_to_file_plus_kv():
     assert after - before <= 1.3 * budget, (after - before) / budget
 
 
-def test_cpp_decode_loop_matches_python_layers():
-    """The C++ layer loop for decode-only steps gives the Python path's tokens and logits."""
-    llm = LLM(max_model_len=256, kv_cache_memory_gib=0.05)
+@pytest.mark.parametrize("dtype,kv_cache_dtype", [("auto", "auto"), ("float32", "float16")])
+def test_cpp_decode_loop_matches_python_layers(dtype, kv_cache_dtype):
+    """The C++ layer loop for decode-only steps gives the Python path's tokens and logits: as
+    a user gets it by default, and with a float16 KV cache beside float32 compute (the loop
+    converts the rows it writes and the queries it attends with, as the layers do)."""
+    llm = LLM(
+        dtype=dtype, kv_cache_dtype=kv_cache_dtype, max_model_len=256, kv_cache_memory_gib=0.05
+    )
+    if kv_cache_dtype == "float16":
+        assert (llm.engine.dtype, llm.engine.config.cache.dtype) == (torch.float32, "float16")
     model = llm.engine.model
     assert model.decode_stack is not None
     prompts = [[1, 504, 3458, 314, 2656], [1, 9707, 28, 1216], [1, 26294, 28, 253, 1123, 2]]

@@ -120,6 +120,53 @@ def test_write_kv_skips_padding_slots(dtype):
     assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
 
 
+def test_kv_cache_of_another_dtype_is_converted_on_write_and_read():
+    """A float16 KV cache beside float32 activations (--kv-cache-dtype float16): write_kv and
+    rope_write_kv store rows rounded as torch rounds them (padding slots write nowhere), and
+    attention reads the float16 rows into float32 math: the float64 reference over the same
+    rows, with the query as the kernel multiplies it (in the cache's dtype), mixed batch and
+    split-KV."""
+    from tokenmill.layers.ops import Rope, TorchOps
+
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(5, 2, 64, generator=g), torch.randn(5, 2, 64, generator=g)
+    k_cache, v_cache = (torch.zeros(32, 2, 64, dtype=torch.float16) for _ in range(2))
+    slots = torch.tensor([3, 17, -1, 0, 31])
+    tk.write_kv(k, v, k_cache, v_cache, slots)
+    keep = slots >= 0
+    ref_k, ref_v = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
+    ref_k[slots[keep]], ref_v[slots[keep]] = k[keep].half(), v[keep].half()
+    assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
+
+    rot = RotaryEmbedding(32, 512, 10000.0)  # partial rotary: channels 32..63 copied
+    q = torch.randn(5, 8, 64, generator=g)
+    pos = torch.tensor([0, 3, 17, 200, 9])
+    ref_k, ref_v = (torch.zeros(33, 2, 64, dtype=torch.float16) for _ in range(2))
+    q_ref = TorchOps().rope_write_kv(
+        q.clone(), k.clone(), v.clone(), Rope(pos, rot, None), ref_k, ref_v, slots.where(keep, 32)
+    )
+    caches = [torch.zeros(32, 2, 64, dtype=torch.float16) for _ in range(2)]
+    got = tk.rope_write_kv(q, k, v, *caches, pos, slots, rot.cos_cached, rot.sin_cached)
+    torch.testing.assert_close(got, q_ref, atol=TOL[torch.float32], rtol=TOL[torch.float32])
+    # rotated in float32 in both, then rounded to float16: at most one float16 ulp apart
+    torch.testing.assert_close(caches[0], ref_k[:32], atol=1e-3, rtol=1e-3)
+    assert torch.equal(caches[1], ref_v[:32])
+
+    block_size, query_lens, seq_lens = 16, [1, 1, 5, 21], [16, 37, 5, 50]
+    k_cache, v_cache, tables, meta = _paged_batch(
+        query_lens, seq_lens, 2, 64, block_size, torch.float16, seed=4
+    )
+    q = torch.randn(sum(query_lens), 8, 64, generator=g)
+    ref = _reference_attention(
+        q.half(), k_cache, v_cache, tables, query_lens, seq_lens, block_size, 0.125
+    )
+    for splits in (1, 4):
+        out = tk.paged_attention(q, k_cache, v_cache, scale=0.125, num_splits=splits, **meta)
+        assert out.dtype == torch.float32
+        tol = TOL[torch.float16]  # the probabilities multiply V in float16
+        torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("with_delta", [True, False])
 def test_add_rms_norm(dtype, with_delta):

@@ -79,7 +79,7 @@ class ModelConfig:
     path: str  # the GGUF file or the HF folder
     architecture: str  # e.g. "LlamaForCausalLM"
     max_position_embeddings: int  # the model's own context length
-    dtype: str  # compute and KV cache dtype, a name in DTYPE_SIZES
+    dtype: str  # compute dtype, a name in DTYPE_SIZES (the KV cache's: CacheConfig.dtype)
     device: str  # "cpu", "cuda" or "cuda:N"
     # The longest sequence (prompt + output): the model's context length, capped by the
     # max_model_len option and by the KV cache's capacity.
@@ -105,6 +105,13 @@ class CacheConfig:
     num_blocks: int
     bytes_per_token: int  # keys and values of every layer (kv_cache_bytes_per_token)
     enable_prefix_caching: bool  # blocks of identical prompt prefixes are shared
+    dtype: str = "float32"  # the keys' and values' dtype, a name in DTYPE_SIZES
+
+    def torch_dtype(self) -> torch.dtype:
+        """`dtype` as a torch dtype."""
+        import torch
+
+        return getattr(torch, self.dtype)
 
     @property
     def capacity_tokens(self) -> int:
@@ -271,6 +278,15 @@ class EngineArgs:
         default=None, metadata={"help": "context length cap (default: the model's)"}
     )
     block_size: int = dataclasses.field(default=16, metadata={"help": "KV cache block size"})
+    kv_cache_dtype: str = dataclasses.field(
+        default="auto",
+        metadata={
+            "help": "auto | float32 | bfloat16 | float16: the keys' and values' dtype (auto: "
+            "the compute dtype, but float16 on a CPU where auto chose float32 compute for "
+            "want of native bfloat16: llama.cpp's default, half the memory and half the bytes "
+            "a decode step's attention reads)"
+        },
+    )
     kv_cache_memory_gib: float | None = dataclasses.field(
         default=None,
         metadata={
@@ -370,10 +386,12 @@ class EngineArgs:
             )
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
-        if self.dtype != "auto" and self.dtype not in DTYPE_SIZES:
-            raise ValueError(
-                f"dtype must be auto or one of {sorted(DTYPE_SIZES)}, got {self.dtype!r}"
-            )
+        for name in ("dtype", "kv_cache_dtype"):
+            value = getattr(self, name)
+            if value != "auto" and value not in DTYPE_SIZES:
+                raise ValueError(
+                    f"{name} must be auto or one of {sorted(DTYPE_SIZES)}, got {value!r}"
+                )
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -443,14 +461,26 @@ class EngineArgs:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
+    def kv_cache_dtype_for(self, device: str, dtype: str) -> str:
+        """The KV cache's dtype (a DTYPE_SIZES name) on `device` ("cpu", "cuda[:N]") with
+        compute dtype `dtype` as resolved: the option, or with auto the compute dtype, except
+        float16 on a CPU whose compute dtype auto chose float32 (no native bfloat16). Keys and
+        values then round to float16 (a relative error of at most 2^-11), as llama.cpp's cache
+        does by default; an explicit `dtype` float32 keeps a float32 cache."""
+        if self.kv_cache_dtype != "auto":
+            return self.kv_cache_dtype
+        if device == "cpu" and self.dtype == "auto" and dtype == "float32":
+            return "float16"
+        return dtype
+
     def create_engine_config(
         self,
         model_info: Any,
         kv_budget_bytes: Callable[[ModelConfig], float] | None = None,
         graphs_supported: bool = True,
     ) -> EngineConfig:
-        """Resolve the options against a model: the one place where the device, the dtype, the
-        number of KV blocks and the maximum length are decided.
+        """Resolve the options against a model: the one place where the device, the dtypes (compute
+        and KV cache), the number of KV blocks and the maximum length are decided.
 
         `model_info` is the loader's ModelInfo (its `source` and `arch` are read; no weights).
         The KV cache gets `num_kv_blocks` blocks if set, else as many as a budget holds:
@@ -485,14 +515,16 @@ class EngineArgs:
                 f"tensor_parallel_size {tp} must divide the model's key/value heads "
                 f"({arch.num_kv_heads})"
             )
+        kv_dtype = self.kv_cache_dtype_for(model.device, model.dtype)
         bytes_per_token = kv_cache_bytes_per_token(  # on each rank: its share of the KV heads
-            arch.num_layers, arch.num_kv_heads // tp, arch.head_dim, model.dtype
+            arch.num_layers, arch.num_kv_heads // tp, arch.head_dim, kv_dtype
         )
         cache = CacheConfig(
             self.block_size,
             self._num_kv_blocks(model, bytes_per_token, kv_budget_bytes),
             bytes_per_token,
             self.enable_prefix_caching,
+            kv_dtype,
         )
         if model.max_model_len > cache.capacity_tokens:
             logger.warning(

@@ -177,7 +177,14 @@ class LLMEngine:
         exact = calibrate_exact_channels(
             self.model,
             lambda ids: profile_forward(
-                self.model, len(ids), 0, cache.block_size, self.dtype, self.device, max_len, ids
+                self.model,
+                len(ids),
+                0,
+                cache.block_size,
+                cache.torch_dtype(),
+                self.device,
+                max_len,
+                ids,
             ),
             args.exact_channels,
         )
@@ -215,7 +222,7 @@ class LLMEngine:
             self.model,
             cache.num_blocks,
             cache.block_size,
-            self.dtype,
+            cache.torch_dtype(),
             self.device,
             max_len,
             config.scheduler.max_num_seqs,
@@ -228,14 +235,14 @@ class LLMEngine:
             startup["graph capture"] = graphs.capture_seconds
         logger.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB reserved, %.2f GiB resident: "
-            "pages are committed as blocks are written; %s); max concurrency at full context "
-            "(%d tokens): %.1f",
+            "pages are committed as blocks are written; keys and values in %s); max "
+            "concurrency at full context (%d tokens): %.1f",
             cache.num_blocks,
             cache.block_size,
             cache.capacity_tokens,
             cache.reserved_bytes / GiB,
             self.runner.kv_pool.resident_bytes() / GiB,
-            config.model.dtype,
+            cache.dtype,
             max_len,
             cache.capacity_tokens / max_len,
         )
@@ -282,7 +289,7 @@ class LLMEngine:
             args.max_num_batched_tokens,
             args.max_num_seqs,
             args.block_size,
-            self.dtype,
+            getattr(torch, args.kv_cache_dtype_for(model.device, model.dtype)),
             model.max_model_len,
         )
         if self.workers is not None:

@@ -84,7 +84,7 @@ def _attention_kernel(
         + offs_d[None, :],
         mask=valid_m[:, None] & valid_d[None, :],
         other=0.0,
-    )
+    ).to(k_ptr.dtype.element_ty)  # the products in the KV cache's dtype (--kv-cache-dtype)
 
     # Keys this program may need: up to the last query's position (causal), within its split.
     last_q = tl.minimum((qb + 1) * BLOCK_Q, q_len) - 1
@@ -205,8 +205,9 @@ def paged_attention(
     seq_lens[r] tokens (whose K/V are already in the cache). Requests with no queries (padding)
     are skipped: their rows of the output (padding rows of a captured graph) are zeros.
     `num_splits` (a power of two) > 1 runs the split-KV variant. `block_q`, `block_n` (keys per
-    iteration) and `num_warps` override the launch configuration. Returns a new tensor
-    [num_tokens, num_heads, head_dim] in q's dtype.
+    iteration) and `num_warps` override the launch configuration. A cache in another dtype than
+    q's (--kv-cache-dtype) is multiplied in its own: q is converted to it as it is loaded.
+    Returns a new tensor [num_tokens, num_heads, head_dim] in q's dtype.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
@@ -323,12 +324,12 @@ def _write_kv_kernel(
     mask = offs < WIDTH
     tl.store(
         kc_ptr + slot * stride_ct + offs,
-        tl.load(k_ptr + t * stride_kt + offs, mask=mask),
+        tl.load(k_ptr + t * stride_kt + offs, mask=mask).to(kc_ptr.dtype.element_ty),
         mask=mask,
     )
     tl.store(
         vc_ptr + slot * stride_ct + offs,
-        tl.load(v_ptr + t * stride_vt + offs, mask=mask),
+        tl.load(v_ptr + t * stride_vt + offs, mask=mask).to(vc_ptr.dtype.element_ty),
         mask=mask,
     )
 
@@ -341,7 +342,8 @@ def write_kv(
     slot_mapping: torch.Tensor,
 ) -> None:
     """k, v [num_tokens, num_kv_heads, head_dim] (heads contiguous within a token) into the
-    caches [num_slots, num_kv_heads, head_dim] at slot_mapping; negative slots are skipped."""
+    caches [num_slots, num_kv_heads, head_dim] at slot_mapping, converted to the caches'
+    dtype; negative slots are skipped."""
     width = k.shape[1] * k.shape[2]
     assert k.stride(2) == 1 and k.stride(1) == k.shape[2] and v.stride(1) == v.shape[2]
     _write_kv_kernel[(k.shape[0],)](
@@ -506,11 +508,17 @@ def _rope_write_kv_kernel(
             if ROT < HEAD_DIM:  # channels past rotary_dim as they are
                 rest = ROT + tl.arange(0, HEAD_P)
                 keep = rest < HEAD_DIM
-                tl.store(dst + rest, tl.load(src + rest, mask=keep), mask=keep)
+                tl.store(
+                    dst + rest, tl.load(src + rest, mask=keep).to(dst.dtype.element_ty), mask=keep
+                )
             d = tl.arange(0, HEAD_P)
             dm = d < HEAD_DIM
             v = tl.load(v_ptr + t * stride_vt + kvh * stride_vh + d, mask=dm)
-            tl.store(vc_ptr + slot * stride_ct + kvh * HEAD_DIM + d, v, mask=dm)
+            tl.store(
+                vc_ptr + slot * stride_ct + kvh * HEAD_DIM + d,
+                v.to(vc_ptr.dtype.element_ty),
+                mask=dm,
+            )
 
 
 def rope_write_kv(
@@ -528,7 +536,8 @@ def rope_write_kv(
     program per token and head): q [tokens, heads, head_dim] is rotated in place and returned,
     k [tokens, kv_heads, head_dim] is read only (its rotation goes to the cache). q, k, v may be
     strided views (of a fused qkv row) with contiguous channels; caches are token-major
-    [num_slots, kv_heads, head_dim]; negative slots write nowhere."""
+    [num_slots, kv_heads, head_dim], of any float dtype (rows are converted); negative slots
+    write nowhere."""
     tokens, heads, head_dim = q.shape
     kv_heads = k.shape[1]
     rot = cos_cached.shape[1]

@@ -1,6 +1,7 @@
 """Attention over a paged KV cache, behind one seam: the `AttentionBackend`.
 
-The cache of one layer is two tensors of the backend's `kv_cache_shape`: token-major
+The cache of one layer is two tensors of the backend's `kv_cache_shape`, in the KV cache's
+dtype (`CacheConfig.dtype`: the compute dtype or another; every backend converts): token-major
 `[num_blocks * block_size, num_kv_heads, head_dim]` (the torch and Triton backends), or
 head-major `[num_blocks, num_kv_heads, block_size, head_dim]` (the CPU backend where its
 kernels cover decodes and chunks: a decode task then reads one head's rows of a block as one
@@ -266,11 +267,15 @@ class TorchAttentionBackend:
         return self.ops.rope_write_kv(q, k, v, rope, k_cache, v_cache, meta.slot_mapping)
 
     @staticmethod
-    def _gather(layer: Attention, cache: torch.Tensor, g: PaddedGroup) -> torch.Tensor:
+    def _gather(
+        layer: Attention, cache: torch.Tensor, g: PaddedGroup, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The group's context rows in `dtype` (the query's; a cache may hold another):
+        [num_reqs, num_kv_heads, max_seq_len, head_dim]."""
         # index_select on rows is much faster than advanced indexing on CPU.
-        # -> [num_reqs, num_kv_heads, max_seq_len, head_dim]
         return (
             torch.index_select(cache, 0, g.context_slots)
+            .to(dtype)
             .view(g.num_reqs, g.max_seq_len, layer.num_kv_heads, layer.head_dim)
             .transpose(1, 2)
         )
@@ -289,8 +294,8 @@ class TorchAttentionBackend:
         rep = layer.num_heads // layer.num_kv_heads
         out = F.scaled_dot_product_attention(
             q.reshape(g.num_reqs, layer.num_kv_heads, rep, layer.head_dim),
-            self._gather(layer, k_cache, g),
-            self._gather(layer, v_cache, g),
+            self._gather(layer, k_cache, g, q.dtype),
+            self._gather(layer, v_cache, g, q.dtype),
             attn_mask=g.attn_mask,
             scale=layer.scale,
         )
@@ -313,8 +318,8 @@ class TorchAttentionBackend:
             qp = qp.view(n, max_q, h, d)
         out = F.scaled_dot_product_attention(
             qp.transpose(1, 2),
-            self._gather(layer, k_cache, g),
-            self._gather(layer, v_cache, g),
+            self._gather(layer, k_cache, g, q.dtype),
+            self._gather(layer, v_cache, g, q.dtype),
             attn_mask=g.attn_mask,
             scale=layer.scale,
             is_causal=g.is_causal,

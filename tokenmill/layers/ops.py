@@ -157,10 +157,9 @@ class CpuOps(TorchOps):
         return super().rotary(x, positions, rotary, tables)
 
     def write_kv(self, k, v, k_cache, v_cache, slot_mapping):
-        # the kernel reads strided views and either cache layout (attention.py)
-        self.kernels.write_kv(
-            k.to(k_cache.dtype), v.to(v_cache.dtype), k_cache, v_cache, slot_mapping
-        )
+        # the kernel reads strided views and either cache layout (attention.py), and converts
+        # rows to the cache's dtype
+        self.kernels.write_kv(k, v, k_cache, v_cache, slot_mapping)
 
     def argmax(self, logits):
         return self.kernels.argmax_rows(logits)
@@ -218,9 +217,7 @@ class TritonOps(TorchOps):
 
     def rope_write_kv(self, q, k, v, rope, k_cache, v_cache, slot_mapping):
         if (
-            k.dtype == k_cache.dtype
-            and v.dtype == v_cache.dtype
-            and q.stride(-1) == 1
+            q.stride(-1) == 1
             and k.stride(-1) == 1
             and v.stride(-1) == 1
             and k_cache.is_contiguous()
@@ -242,8 +239,7 @@ class TritonOps(TorchOps):
 
     def write_kv(self, k, v, k_cache, v_cache, slot_mapping):
         if (
-            k.dtype == k_cache.dtype
-            and k.stride(2) == 1
+            k.stride(2) == 1
             and k.stride(1) == k.shape[2]
             and v.stride(2) == 1
             and v.stride(1) == v.shape[2]

@@ -139,6 +139,7 @@ class MemoryEstimate:
     activations: int  # the largest step's peak
     step_tokens: int  # that step's tokens (max_num_batched_tokens)
     kv_per_token: int
+    kv_dtype: str  # the KV cache's dtype (EngineArgs.kv_cache_dtype_for)
     max_num_seqs: int
     max_model_len: int  # the option, else the model's context length
     memory: int  # the memory to fit in
@@ -240,8 +241,9 @@ def estimate_memory(args: EngineArgs, memory_gib: float | None = None) -> Memory
     if device == "cpu" and tp > 1:  # the ranks' processes share the machine's memory
         memory //= tp
         memory_source += f", shared by {tp} ranks"
+    kv_dtype = args.kv_cache_dtype_for(device, dtype)
     bytes_per_token = kv_cache_bytes_per_token(
-        rank.num_layers, rank.num_kv_heads, rank.head_dim, dtype
+        rank.num_layers, rank.num_kv_heads, rank.head_dim, kv_dtype
     )
     return MemoryEstimate(
         device=device,
@@ -255,6 +257,7 @@ def estimate_memory(args: EngineArgs, memory_gib: float | None = None) -> Memory
         activations=activations,
         step_tokens=step,
         kv_per_token=bytes_per_token,
+        kv_dtype=kv_dtype,
         max_num_seqs=args.max_num_seqs,
         max_model_len=max_len,
         memory=memory,
@@ -319,7 +322,10 @@ def describe_estimate(e: MemoryEstimate, model: str) -> list[str]:
             f"{gib(e.activations)} (the largest step: {e.step_tokens} tokens, and the logits of "
             f"{min(e.max_num_seqs, e.step_tokens)} rows)",
         ),
-        ("KV cache per token", f"{e.kv_per_token / 1024:.1f} KiB{per} ({kv_note})"),
+        (
+            "KV cache per token",
+            f"{e.kv_per_token / 1024:.1f} KiB{per} in {e.kv_dtype} ({kv_note})",
+        ),
         (
             "KV cache at full use",
             f"{gib(full)} ({e.max_num_seqs} sequences x {e.max_model_len} tokens)",

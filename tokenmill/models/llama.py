@@ -309,7 +309,6 @@ class LlamaForCausalLM(CausalLM):
             self.decode_stack is not None
             and meta.num_decode_tokens == meta.num_tokens
             and not (self.lora_slots is not None and self.lora_slots.rows)  # the loop has none
-            and kv_caches[0][0].dtype == residual.dtype
         ):
             return self.decode_stack(
                 residual,

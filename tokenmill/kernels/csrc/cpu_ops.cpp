@@ -1,4 +1,4 @@
-// Fused CPU kernels for the decode hot path (float32 and bfloat16).
+// Fused CPU kernels for the decode hot path (float32 and bfloat16; KV caches also float16).
 //
 // Each op replaces a chain of small PyTorch ops whose launch overhead dominates a decode step on
 // CPU. Numerics follow the reference PyTorch formulas (float32 accumulation, rounding to the
@@ -208,10 +208,14 @@ inline __m512 reduce_add16(const __m512* a) {
 // and odd elements (a bfloat16 pair as a 32-bit word: the even one is its low half shifted up,
 // the odd one its high half kept): two instructions per 32 values, where widening each 16 in
 // order takes two per 16. Dot products and sums over a head do not depend on the lane order;
-// store_head puts the values back in order.
+// store_head puts the values back in order. float16 (a KV cache's type) loads in order too.
 template <int ND>
 inline void load_head(const float* p, __m512* v) {
   for (int j = 0; j < ND; ++j) v[j] = _mm512_loadu_ps(p + j * 16);
+}
+template <int ND>
+inline void load_head(const at::Half* p, __m512* v) {
+  for (int j = 0; j < ND; ++j) v[j] = load16(p + j * 16);
 }
 template <int ND>
 inline void load_head(const at::BFloat16* p, __m512* v) {
@@ -228,6 +232,10 @@ template <int ND>
 inline void store_head(float* p, const __m512* v, float scale) {
   for (int j = 0; j < ND; ++j)
     _mm512_storeu_ps(p + j * 16, _mm512_mul_ps(v[j], _mm512_set1_ps(scale)));
+}
+template <int ND>
+inline void store_head(at::Half* p, const __m512* v, float scale) {
+  for (int j = 0; j < ND; ++j) store16(p + j * 16, _mm512_mul_ps(v[j], _mm512_set1_ps(scale)));
 }
 template <int ND>
 inline void store_head(at::BFloat16* p, const __m512* v, float scale) {
@@ -383,10 +391,15 @@ inline __m256 reduce_add8(const __m256* a) {
 using vec_math::hsum8;
 
 // The AVX2 twins of load_head / store_head: N vectors of 8 floats from p, in order for float32;
-// for bfloat16 (N even), each 16 values (one 32-byte load) as their even and odd elements.
+// for bfloat16 (N even), each 16 values (one 32-byte load) as their even and odd elements;
+// float16 in order.
 template <int N>
 inline void load_vectors(const float* p, __m256* v) {
   for (int j = 0; j < N; ++j) v[j] = _mm256_loadu_ps(p + j * 8);
+}
+template <int N>
+inline void load_vectors(const at::Half* p, __m256* v) {
+  for (int j = 0; j < N; ++j) v[j] = load8(p + j * 8);
 }
 template <int N>
 inline void load_vectors(const at::BFloat16* p, __m256* v) {
@@ -401,6 +414,10 @@ inline void load_vectors(const at::BFloat16* p, __m256* v) {
 // p[0:8N] = v * scale, from load_vectors' order.
 template <int N>
 inline void store_vectors(float* p, const __m256* v, float scale) {
+  for (int j = 0; j < N; ++j) store8(p + j * 8, _mm256_mul_ps(v[j], _mm256_set1_ps(scale)));
+}
+template <int N>
+inline void store_vectors(at::Half* p, const __m256* v, float scale) {
   for (int j = 0; j < N; ++j) store8(p + j * 8, _mm256_mul_ps(v[j], _mm256_set1_ps(scale)));
 }
 template <int N>
@@ -831,7 +848,19 @@ void rotary_kernel(T* x, const int64_t* positions, const float* cos_t, const flo
   } else                                 \
     TORCH_CHECK(false, NAME ": unsupported dtype ", dtype)
 
+// DISPATCH for the KV cache's ops, whose cache may also be float16 (`--kv-cache-dtype`).
+#define DISPATCH_KV(dtype, NAME, ...) \
+  if ((dtype) == at::kHalf) {         \
+    using scalar_t = at::Half;        \
+    __VA_ARGS__();                    \
+  } else                              \
+    DISPATCH(dtype, NAME, __VA_ARGS__)
+
 }  // namespace
+
+at::Tensor as_cache_dtype(const at::Tensor& x, const at::Tensor& cache) {
+  return x.scalar_type() == cache.scalar_type() ? x : x.to(cache.scalar_type());
+}
 
 KvLayout kv_layout(const at::Tensor& cache, int64_t block_size) {
   TORCH_CHECK(cache.is_contiguous(), "KV caches must be contiguous");
@@ -854,7 +883,9 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes() && v_cache.is_contiguous(),
               "the V cache must be shaped as the K cache");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt);
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q and the cache must share a dtype");
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "the K and V caches' dtypes differ");
+  const auto q_dtype = q.scalar_type();
+  q = as_cache_dtype(q, k_cache);
   auto bt = block_tables.contiguous();
   auto sl = seq_lens.contiguous();
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(1);
@@ -865,7 +896,7 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache
                           [&](int32_t n) { return n >= 1 && n <= bt.size(1) * block_size; }),
               "a decoding request attends to 1 to block_tables.size(1) * block_size tokens");
   auto out = at::empty({B, Hq, D}, q.options());
-  DISPATCH(q.scalar_type(), "paged_decode_attention", [&] {
+  DISPATCH_KV(q.scalar_type(), "paged_decode_attention", [&] {
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
     if (vectorized)
       if (auto fast = vector_decode_kernel<scalar_t>(Hq, Hkv, D)) {
@@ -881,7 +912,7 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache
         bt.data_ptr<int32_t>(), sl.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), B, Hq, Hkv, D,
         bt.size(1), block_size, static_cast<float>(scale), q.stride(0), kv);
   });
-  return out;
+  return out.to(q_dtype);
 }
 
 at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
@@ -899,18 +930,20 @@ at::Tensor paged_decode_attention_reference(at::Tensor q, at::Tensor k_cache, at
 void write_kv(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v_cache,
               at::Tensor slot_mapping) {
   TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.sizes() == v.sizes(), "k, v must be [N, H, D]");
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "the K and V caches' dtypes differ");
+  k = as_cache_dtype(k, k_cache);
+  v = as_cache_dtype(v, v_cache);
   TORCH_CHECK(
       k.stride(2) == 1 && k.stride(1) == k.size(2) && v.stride(2) == 1 && v.stride(1) == v.size(2),
       "k, v rows must hold contiguous heads");
   const KvLayout kv = kv_layout(k_cache, 0);
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes() && v_cache.is_contiguous(),
               "the V cache must be shaped as the K cache");
-  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == k_cache.scalar_type());
   TORCH_CHECK(k.size(1) == k_cache.size(1) && k.size(2) == k_cache.size(-1),
               "k, v heads do not match the cache's");
   auto slots = slot_mapping.to(at::kLong).contiguous();
   TORCH_CHECK(slots.numel() == k.size(0));
-  DISPATCH(k.scalar_type(), "write_kv", [&] {
+  DISPATCH_KV(k.scalar_type(), "write_kv", [&] {
     write_kv_kernel<scalar_t>(k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                               k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
                               slots.data_ptr<int64_t>(), k.size(0), k.size(1), k.size(2), kv,

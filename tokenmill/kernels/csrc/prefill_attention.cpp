@@ -11,8 +11,9 @@
 //      softmax (running max m, sum l; the output rescaled when the max grows),
 //   4. adds P V to the output rows, 6 rows x 16 dims at a time, V rows read from the cache.
 // Steps 2 and 4 run in 16-float vectors on AVX-512 builds, 8-float ones on AVX2 builds.
-// All arithmetic is float32 (bfloat16 caches are widened on load); the result differs from the
-// reference softmax(Q K^T) V only by the order of additions and the exp polynomial (~1e-7).
+// All arithmetic is float32 (bfloat16 and float16 caches are widened on load; a query of another
+// dtype than the cache's is converted to it on entry, the output back); the result differs from
+// the reference softmax(Q K^T) V only by the order of additions and the exp polynomial (~1e-7).
 // Tasks are handed out longest first from a shared counter (a causal prompt's late rows see
 // more keys).
 #include "prefill_attention.h"
@@ -364,8 +365,9 @@ at::Tensor paged_prefill_attention(at::Tensor q, at::Tensor k_cache, at::Tensor 
   const int64_t Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(1);
   TORCH_CHECK(paged_prefill_attention_supported(Hq, Hkv, D) && k_cache.size(-1) == D,
               "no prefill attention kernel for ", Hq, " / ", Hkv, " heads of ", D);
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
-              "q and the caches must share a dtype");
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "the K and V caches' dtypes differ");
+  const auto q_dtype = q.scalar_type();
+  q = as_cache_dtype(q, k_cache);
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
                   query_start_loc.scalar_type() == at::kInt,
               "block_tables, seq_lens and query_start_loc must be int32");
@@ -412,8 +414,11 @@ at::Tensor paged_prefill_attention(at::Tensor q, at::Tensor k_cache, at::Tensor 
   else if (q.scalar_type() == at::kBFloat16)
     run(q.data_ptr<at::BFloat16>(), k_cache.data_ptr<at::BFloat16>(),
         v_cache.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>());
+  else if (q.scalar_type() == at::kHalf)
+    run(q.data_ptr<at::Half>(), k_cache.data_ptr<at::Half>(), v_cache.data_ptr<at::Half>(),
+        out.data_ptr<at::Half>());
   else
-    TORCH_CHECK(false, "paged_prefill_attention: float32 or bfloat16 only");
+    TORCH_CHECK(false, "paged_prefill_attention: float32, bfloat16 or float16 caches only");
 #endif
-  return out;
+  return out.to(q_dtype);
 }

@@ -1,16 +1,14 @@
 // Scalar and vector helpers shared by the fused-op kernels (cpu_ops.cpp) and the prefill
-// attention (prefill_attention.cpp): bfloat16 <-> float, loads and stores of either as 8- (16-,
-// AVX-512 builds) float vectors, exp for softmax, and SiLU * mul. Every kernel build has AVX2 +
-// FMA (AVX-512 builds too).
+// attention (prefill_attention.cpp): bfloat16 and float16 <-> float, loads and stores of each as
+// 8- (16-, AVX-512 builds) float vectors, exp for softmax, and SiLU * mul. Every kernel build has
+// AVX2 + FMA + F16C (AVX-512 builds too); float16 is a KV cache's type only (`--kv-cache-dtype`).
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <immintrin.h>
 
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
 
 namespace vec_math {
 
@@ -23,6 +21,10 @@ inline float tf(at::BFloat16 x) {
   std::memcpy(&f, &bits, sizeof(f));
   return f;
 }
+#if defined(__F16C__)
+// float16 through F16C, rounding to nearest even (as torch's conversion).
+inline float tf(at::Half x) { return _cvtsh_ss(x.x); }
+#endif
 template <typename T>
 inline T from_f(float f);
 template <>
@@ -36,6 +38,12 @@ inline at::BFloat16 from_f<at::BFloat16>(float f) {
   bits += 0x7FFFu + ((bits >> 16) & 1u);
   return at::BFloat16(static_cast<uint16_t>(bits >> 16), at::BFloat16::from_bits());
 }
+#if defined(__F16C__)
+template <>
+inline at::Half from_f<at::Half>(float f) {
+  return at::Half(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT), at::Half::from_bits());
+}
+#endif
 
 #if defined(__AVX2__) && defined(__FMA__)
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -43,7 +51,13 @@ inline __m256 load8(const at::BFloat16* p) {
   const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
 }
+inline __m256 load8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(at::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
 inline void store8(at::BFloat16* p, __m256 v) {  // from_f's rounding, 8 at a time
   const __m256i bits = _mm256_castps_si256(v);
   const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
@@ -94,7 +108,13 @@ inline __m512 load16(const at::BFloat16* p) {
   const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
+inline __m512 load16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(at::Half* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
 inline void store16(at::BFloat16* p, __m512 v) {
   // Round to nearest even, as from_f<BFloat16> does.
   __m512i bits = _mm512_castps_si512(v);
