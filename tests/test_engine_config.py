@@ -153,7 +153,7 @@ def test_info_reports_what_the_engine_runs(capsys, info):
     assert shown["KV capacity"].startswith(f"{engine.kv_capacity_tokens} tokens ")
     assert shown["max model length"] == f"{engine.max_model_len} tokens"
     assert shown["max concurrency at full ctx"] == "1.0 x 128 tokens"
-    assert shown["KV cache per token"] == f"{46080 / 1024:.1f} KiB"
+    assert shown["KV cache per token"] == f"{46080 / 1024:.1f} KiB in float32"
     assert shown["compute dtype"] == "float32 on cpu"
     assert shown["embedding pooling"] == "last (the default: the checkpoint declares none)"
     shown = _info_lines(capsys, *flags, "--pooling-type", "mean")

@@ -173,7 +173,7 @@ def test_embedded_gguf_over_three_ranks(default_gguf, llm_f32):
     info = describe_model(EngineArgs(dtype="float32", max_model_len=512, tensor_parallel_size=3))
     estimate = float(info["weights in memory"].split()[0]) * GiB
     assert abs(estimate - held) < 0.02 * held, (estimate, held)
-    assert info["KV cache per token"] == f"{30 * 2 * 64 * 4 / 1024:.1f} KiB per rank"
+    assert info["KV cache per token"] == f"{30 * 2 * 64 * 4 / 1024:.1f} KiB in float32 per rank"
 
 
 def test_sizes_that_do_not_split_the_model(llama, tmp_path_factory):

@@ -105,7 +105,7 @@ def describe_model(args: EngineArgs) -> dict[str, str]:
         f"{info.checkpoint_bytes / GiB:.3f} GiB)",
         "quantized kernels": why,
         "tensor parallel": f"{tp} ranks (processes; one GPU each on CUDA)" if tp > 1 else "off",
-        "KV cache per token": f"{cache.bytes_per_token / 1024:.1f} KiB"
+        "KV cache per token": f"{cache.bytes_per_token / 1024:.1f} KiB in {cache.dtype}"
         + (" per rank" if tp > 1 else ""),
         "KV capacity": f"{cache.capacity_tokens} tokens ({cache.reserved_bytes / GiB:.2f} GiB)",
         "max concurrency at full ctx": f"{cache.capacity_tokens / max_len:.1f} x {max_len} tokens",
