@@ -25,8 +25,8 @@ TOL = {
 }
 DTYPES = [torch.float32, torch.bfloat16]
 # (query and output dtype, KV cache dtype): the model's dtype, or a float16 cache beside it
-# (--kv-cache-dtype float16: the attention kernels then run in float16 loads, the query
-# converted to float16 on entry and the output back)
+# (--kv-cache-dtype float16: the kernels widen its rows as they load them; the query and the
+# output keep their dtype)
 KV_DTYPES = [
     (torch.float32, torch.float32),
     (torch.bfloat16, torch.bfloat16),
@@ -34,11 +34,6 @@ KV_DTYPES = [
     (torch.bfloat16, torch.float16),
 ]
 KV_IDS = ["float32", "bfloat16", "float32-f16cache", "bfloat16-f16cache"]
-
-
-def kv_tol(dtype: torch.dtype, cache_dtype: torch.dtype) -> dict:
-    """The looser tolerance of an output in `dtype` from rows in `cache_dtype`."""
-    return max(TOL[dtype], TOL[cache_dtype], key=lambda t: t["rtol"])
 
 
 LAYOUTS = ["token-major", "head-major"]  # the KV cache layouts the kernels read (attention.py)
@@ -56,8 +51,8 @@ def in_layout(cache: torch.Tensor, bs: int, layout: str) -> torch.Tensor:
 @pytest.mark.parametrize("dtype,cache_dtype", KV_DTYPES, ids=KV_IDS)
 @pytest.mark.parametrize("hq,hkv", [(9, 3), (4, 4), (8, 1)])
 def test_paged_decode_attention_matches_sdpa(dtype, cache_dtype, hq, hkv, layout):
-    """Against SDPA in float32 over the cached rows, with the query as the kernel reads it (in
-    the cache's dtype)."""
+    """Against SDPA in float32 over the cached rows (a float16 cache's rows as they are, the
+    query unrounded: the output's own dtype's tolerance)."""
     g = torch.Generator().manual_seed(0)
     d, bs, num_blocks = 64, 4, 80
     seq_lens = [1, 7, 16, 33, 50]
@@ -82,12 +77,12 @@ def test_paged_decode_attention_matches_sdpa(dtype, cache_dtype, hq, hkv, layout
         k = k_cache[slots].float().transpose(0, 1)  # [hkv, n, d]
         v = v_cache[slots].float().transpose(0, 1)
         ref = F.scaled_dot_product_attention(
-            q[b].to(cache_dtype).float()[:, None],
+            q[b].float()[:, None],
             k.repeat_interleave(hq // hkv, 0),
             v.repeat_interleave(hq // hkv, 0),
             scale=d**-0.5,
         )[:, 0]
-        torch.testing.assert_close(out[b].float(), ref, **kv_tol(dtype, cache_dtype))
+        torch.testing.assert_close(out[b].float(), ref, **TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -139,12 +134,14 @@ def test_rotary_inplace_on_strided_view(dtype):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", [*DTYPES, torch.float16])  # float16: a KV cache's
+@pytest.mark.parametrize("dtype,cache_dtype", KV_DTYPES, ids=KV_IDS)
 @pytest.mark.parametrize("bs", [16, 32])
 @pytest.mark.parametrize(
     "hq,hkv,d", [(32, 8, 128), (12, 2, 64), (16, 2, 64), (5, 5, 128), (6, 2, 32)]
 )
-def test_paged_decode_attention_vectorized_matches_portable(dtype, hq, hkv, d, bs, layout):
+def test_paged_decode_attention_vectorized_matches_portable(
+    dtype, cache_dtype, hq, hkv, d, bs, layout
+):
     """The vectorized kernel of the build (AVX-512 or AVX2; head_dim 64/128; 1 to 8 query heads
     per KV head) against the portable one, with q a strided view of a fused qkv row as in the
     model, context lengths around the 8- and 16-token groups and the blocks, and one context
@@ -154,8 +151,12 @@ def test_paged_decode_attention_vectorized_matches_portable(dtype, hq, hkv, d, b
     num_blocks = 200
     seq_lens = torch.tensor([1, 15, 16, 17, 31, 33, 100, 300], dtype=torch.int32)  # <= 19 blocks
     n = len(seq_lens)
-    k_cache = in_layout(torch.randn(num_blocks * bs, hkv, d, generator=g).to(dtype), bs, layout)
-    v_cache = in_layout(torch.randn(num_blocks * bs, hkv, d, generator=g).to(dtype), bs, layout)
+    k_cache = in_layout(
+        torch.randn(num_blocks * bs, hkv, d, generator=g).to(cache_dtype), bs, layout
+    )
+    v_cache = in_layout(
+        torch.randn(num_blocks * bs, hkv, d, generator=g).to(cache_dtype), bs, layout
+    )
     tables = torch.randperm(num_blocks, generator=g)[: n * 19].view(n, 19).int()
     qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=g).to(dtype)
     q = qkv[:, : hq * d].view(n, hq, d)
@@ -168,12 +169,14 @@ def test_paged_decode_attention_vectorized_matches_portable(dtype, hq, hkv, d, b
 
 
 @pytest.mark.parametrize("level", list(cpu_ops.ISA_FLAGS))
-@pytest.mark.parametrize("dtype", [*DTYPES, torch.float16])
+@pytest.mark.parametrize("dtype,cache_dtype", KV_DTYPES, ids=KV_IDS)
 @pytest.mark.parametrize(
     "hq,hkv,d,bs,layout",
     [(9, 3, 64, 16, "head-major"), (32, 8, 128, 5, "token-major"), (12, 2, 64, 32, "head-major")],
 )
-def test_split_kv_decode_matches_portable_and_its_batch(level, dtype, hq, hkv, d, bs, layout):
+def test_split_kv_decode_matches_portable_and_its_batch(
+    level, dtype, cache_dtype, hq, hkv, d, bs, layout
+):
     """Contexts over 256 tokens run in chunks (split-KV, merged by log-sum-exp) on every kernel
     level the machine has: against the portable kernel (one pass over the whole context), at
     lengths around the chunk cuts (255-257, 513, 770, 1000: chunks that start inside a block
@@ -186,8 +189,12 @@ def test_split_kv_decode_matches_portable_and_its_batch(level, dtype, hq, hkv, d
     seq_lens = torch.tensor([255, 1, 256, 257, 17, 513, 1000, 300, 770], dtype=torch.int32)
     n, per_seq = len(seq_lens), -(-1000 // bs)
     num_blocks = n * per_seq + 3
-    k_cache = in_layout(torch.randn(num_blocks * bs, hkv, d, generator=g).to(dtype), bs, layout)
-    v_cache = in_layout(torch.randn(num_blocks * bs, hkv, d, generator=g).to(dtype), bs, layout)
+    k_cache = in_layout(
+        torch.randn(num_blocks * bs, hkv, d, generator=g).to(cache_dtype), bs, layout
+    )
+    v_cache = in_layout(
+        torch.randn(num_blocks * bs, hkv, d, generator=g).to(cache_dtype), bs, layout
+    )
     tables = torch.randperm(num_blocks, generator=g)[: n * per_seq].view(n, per_seq).int()
     # queries scaled up so that the softmax is peaked and the chunks' maxima differ widely
     q = (torch.randn(n, hq, d, generator=g) * 4).to(dtype)
@@ -226,8 +233,7 @@ def test_paged_prefill_attention_matches_causal_softmax(dtype, cache_dtype, hq, 
     2-token one, lengths around the 64-key blocks and the 16-key score columns, GQA from 1 to 48
     query heads per KV head (a task's 48 rows then hold one token), head_dim 16 to 128, q a
     strided view of a fused qkv row as in the model: against softmax(q k^T) v in float64 with
-    each query masked to its position (the query as the kernel reads it: in the cache's
-    dtype)."""
+    each query masked to its position (over a float16 cache's rows as they are)."""
     if not ops.paged_prefill_attention_supported(hq, hkv, d):
         pytest.skip("this build has no prefill kernel")  # never on x86: AVX2 is every level's
     g = torch.Generator().manual_seed(7)
@@ -263,14 +269,12 @@ def test_paged_prefill_attention_matches_causal_softmax(dtype, cache_dtype, hq, 
         slots = tables[b].long()[pos // bs] * bs + pos % bs
         k = k_cache[slots].double().transpose(0, 1).repeat_interleave(hq // hkv, 0)
         v = v_cache[slots].double().transpose(0, 1).repeat_interleave(hq // hkv, 0)
-        qb = q[starts[b] : starts[b + 1]].to(cache_dtype).double().transpose(0, 1)  # [hq, n_q, d]
+        qb = q[starts[b] : starts[b + 1]].double().transpose(0, 1)  # [hq, n_q, d]
         scores = qb @ k.transpose(1, 2) * scale
         q_pos = n - n_q + torch.arange(n_q)
         scores = scores.masked_fill(pos[None, None, :] > q_pos[None, :, None], float("-inf"))
         ref = (scores.softmax(-1) @ v).transpose(0, 1)
-        torch.testing.assert_close(
-            out[starts[b] : starts[b + 1]].double(), ref, **kv_tol(dtype, cache_dtype)
-        )
+        torch.testing.assert_close(out[starts[b] : starts[b + 1]].double(), ref, **TOL[dtype])
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

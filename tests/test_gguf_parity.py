@@ -52,12 +52,12 @@ def test_gguf_logits_match_transformers(llm_f32, hf_gguf_model):
 
 
 # A float16 KV cache beside float32 compute (--kv-cache-dtype float16, what auto gives a CPU
-# without native bfloat16) rounds every cached key and value, and on the CPU kernels the query
-# and the attention output, to 11 significant bits (2^-11 relative). Over these prompts the
-# logits then differ from transformers' float32 by at most 0.031 (float32 KV: 8e-5); a
-# bfloat16 cache, rounding to 8 bits (8x coarser), measured 0.14 on the first prompt alone.
-# The tolerance sits between: a cache that kept bfloat16's precision, or lost rows, fails.
-F16_KV_ATOL = 0.06
+# without native bfloat16) rounds every cached key and value to 11 significant bits (2^-11
+# relative; the CPU kernels keep the query and the output in float32). Over these prompts the
+# logits then differ from transformers' float32 by at most 0.045, on the longest (float32 KV:
+# 8e-5); a bfloat16 cache, rounding to 8 bits (8x coarser), measured 0.14 on the first prompt
+# alone. The tolerance sits between: a cache that kept bfloat16's precision, or lost rows, fails.
+F16_KV_ATOL = 0.08
 
 
 def test_float16_kv_cache_logits_match_transformers(llm_f32, hf_gguf_model):

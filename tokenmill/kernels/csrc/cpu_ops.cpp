@@ -30,21 +30,22 @@ using vec_math::from_f;
 using vec_math::tf;
 
 // Paged attention for single-query requests.
-// q [B, Hq, D] (row stride q_stride, heads contiguous); k_cache, v_cache in layout kv (see
-// KvLayout); block_tables [B, max_blocks] int32; seq_lens [B] int32; out [B, Hq, D] contiguous.
+// q [B, Hq, D] (row stride q_stride, heads contiguous) in TQ; k_cache, v_cache in layout kv (see
+// KvLayout), in TC (TQ, or float16 beside it: --kv-cache-dtype); block_tables [B, max_blocks]
+// int32; seq_lens [B] int32; out [B, Hq, D] contiguous, in TQ.
 // Query heads g*rep .. g*rep+rep-1 share kv head g.
-template <typename T>
-void paged_decode_kernel(const T* q, const T* kc, const T* vc, const int32_t* bt,
-                         const int32_t* seq_lens, T* out, int64_t B, int64_t Hq, int64_t Hkv,
+template <typename TQ, typename TC>
+void paged_decode_kernel(const TQ* q, const TC* kc, const TC* vc, const int32_t* bt,
+                         const int32_t* seq_lens, TQ* out, int64_t B, int64_t Hq, int64_t Hkv,
                          int64_t D, int64_t max_blocks, int64_t block_size, float scale,
                          int64_t q_stride, KvLayout kv) {
   // One task per request, walking its blocks in order; a token's kv heads are gathered into
   // `row` as float. scores: [Hq, S].
   const int64_t rep = Hq / Hkv, row_len = Hkv * D;
   // token o of the block at `base` (block id * block_size * row_len), every kv head -> row
-  auto gather = [&](const T* cache, int64_t base, int64_t o, float* row) {
+  auto gather = [&](const TC* cache, int64_t base, int64_t o, float* row) {
     for (int64_t g = 0; g < Hkv; ++g) {
-      const T* p = cache + base + o * kv.token + g * kv.head;
+      const TC* p = cache + base + o * kv.token + g * kv.head;
       for (int64_t d = 0; d < D; ++d) row[g * D + d] = tf(p[d]);
     }
   };
@@ -95,7 +96,7 @@ void paged_decode_kernel(const T* q, const T* kc, const T* vc, const int32_t* bt
           }
         }
       }
-      for (int64_t i = 0; i < Hq * D; ++i) out[b * Hq * D + i] = from_f<T>(acc[i]);
+      for (int64_t i = 0; i < Hq * D; ++i) out[b * Hq * D + i] = from_f<TQ>(acc[i]);
     }
   });
 }
@@ -250,11 +251,31 @@ inline void store_head(at::BFloat16* p, const __m512* v, float scale) {
   }
 }
 
+// The query in the lane order of the cache's rows (TC): load_head's own for a cache of the
+// query's type; in order beside a float16 cache. The output back from that order.
+template <typename TC, int ND, typename TQ>
+inline void load_query(const TQ* p, __m512* v) {
+  if constexpr (std::is_same_v<TQ, TC>) {
+    load_head<ND>(p, v);
+  } else {
+    static_assert(std::is_same_v<TC, at::Half>, "a cache of another type is float16");
+    for (int j = 0; j < ND; ++j) v[j] = load16(p + j * 16);
+  }
+}
+template <typename TC, int ND, typename TQ>
+inline void store_output(TQ* p, const __m512* v, float scale) {
+  if constexpr (std::is_same_v<TQ, TC>) {
+    store_head<ND>(p, v, scale);
+  } else {
+    for (int j = 0; j < ND; ++j) store16(p + j * 16, _mm512_mul_ps(v[j], _mm512_set1_ps(scale)));
+  }
+}
+
 // One task per (request, kv head, chunk of the context: DecodeSplit): its REP query heads read
 // that head's K and V rows of the chunk once. ND = head_dim / 16 and REP are compile-time so the
 // accumulators live in registers.
-template <typename T, int ND, int REP>
-void paged_decode_avx512(const T* q, const T* kc, const T* vc, const int32_t* bt, T* out,
+template <typename TQ, typename TC, int ND, int REP>
+void paged_decode_avx512(const TQ* q, const TC* kc, const TC* vc, const int32_t* bt, TQ* out,
                          int64_t Hq, int64_t Hkv, int64_t D, int64_t max_blocks, int64_t block_size,
                          float scale, int64_t q_stride, KvLayout kv, const DecodeSplit& split) {
   const int64_t row_len = Hkv * D;
@@ -264,25 +285,25 @@ void paged_decode_avx512(const T* q, const T* kc, const T* vc, const int32_t* bt
       const DecodeTask tk = split.task(task);
       const int64_t b = tk.b, g = tk.g, t_begin = tk.t0, t_end = tk.t1;
       const int64_t L = t_end - t_begin, L16 = (L + 15) / 16 * 16;
-      const T* qb = q + b * q_stride + g * REP * D;
+      const TQ* qb = q + b * q_stride + g * REP * D;
       __m512 qv[REP][ND];
       for (int h = 0; h < REP; ++h) {
-        load_head<ND>(qb + h * D, qv[h]);
+        load_query<TC, ND>(qb + h * D, qv[h]);
         for (int j = 0; j < ND; ++j) qv[h][j] = _mm512_mul_ps(qv[h][j], _mm512_set1_ps(scale));
       }
       const int32_t* table = bt + b * max_blocks;
       // The rows of one head (2 * D bytes each; contiguous within a block in the head-major
       // layout) sit in blocks scattered through the pool: fetch the next 16 tokens' K (or V)
       // rows while this group is being computed.
-      auto row = [&](const T* cache, int64_t t) {  // head g of token t
+      auto row = [&](const TC* cache, int64_t t) {  // head g of token t
         return cache + (int64_t)table[t / block_size] * block_size * row_len +
                t % block_size * kv.token + g * kv.head;
       };
-      auto prefetch_rows = [&](const T* cache, int64_t t0) {
+      auto prefetch_rows = [&](const TC* cache, int64_t t0) {
         const int64_t n = std::min<int64_t>(16, t_end - t0);
         for (int64_t o = 0; o < n; ++o) {
           const char* r = reinterpret_cast<const char*>(row(cache, t0 + o));
-          for (int64_t off = 0; off < D * (int64_t)sizeof(T); off += 64)
+          for (int64_t off = 0; off < D * (int64_t)sizeof(TC); off += 64)
             _mm_prefetch(r + off, _MM_HINT_T0);
         }
       };
@@ -296,7 +317,7 @@ void paged_decode_avx512(const T* q, const T* kc, const T* vc, const int32_t* bt
         __m512 part[REP][16];
         for (int o = 0; o < 16; ++o) {
           const int64_t t = std::min<int64_t>(t0 + o, t_end - 1);
-          const T* kp = row(kc, t);
+          const TC* kp = row(kc, t);
           __m512 k[ND];
           load_head<ND>(kp, k);
           for (int h = 0; h < REP; ++h) {
@@ -333,12 +354,12 @@ void paged_decode_avx512(const T* q, const T* kc, const T* vc, const int32_t* bt
         for (int j = 0; j < ND; ++j) acc[h][j] = _mm512_setzero_ps();
       for (int64_t t0 = t_begin; t0 < t_end;) {
         const int64_t o0 = t0 % block_size, n = std::min(block_size - o0, t_end - t0);
-        const T* vb = vc + (int64_t)table[t0 / block_size] * block_size * row_len + g * kv.head;
+        const TC* vb = vc + (int64_t)table[t0 / block_size] * block_size * row_len + g * kv.head;
         for (int64_t o = o0; o < o0 + n; ++o) {
           const int64_t t = t0 + o - o0;
           // every 16 tokens, the next 16 tokens' V rows (whatever the block size)
           if ((t - t_begin) % 16 == 0 && t + 16 < t_end) prefetch_rows(vc, t + 16);
-          const T* vp = vb + o * kv.token;
+          const TC* vp = vb + o * kv.token;
           const float* p = scores + (t - t_begin);
           __m512 v[ND];
           load_head<ND>(vp, v);
@@ -348,9 +369,9 @@ void paged_decode_avx512(const T* q, const T* kc, const T* vc, const int32_t* bt
         }
         t0 += n;
       }
-      T* ob = out + b * Hq * D + g * REP * D;
+      TQ* ob = out + b * Hq * D + g * REP * D;
       if (tk.nc == 1) {
-        for (int h = 0; h < REP; ++h) store_head<ND>(ob + h * D, acc[h], 1.f / sum[h]);
+        for (int h = 0; h < REP; ++h) store_output<TC, ND>(ob + h * D, acc[h], 1.f / sum[h]);
         continue;
       }
       float* part = split.partial(task);
@@ -362,15 +383,15 @@ void paged_decode_avx512(const T* q, const T* kc, const T* vc, const int32_t* bt
       split.merge(tk, merged, inv_sum);
       for (int h = 0; h < REP; ++h) {
         for (int j = 0; j < ND; ++j) acc[h][j] = _mm512_load_ps(merged + h * D + j * 16);
-        store_head<ND>(ob + h * D, acc[h], inv_sum[h]);
+        store_output<TC, ND>(ob + h * D, acc[h], inv_sum[h]);
       }
     }
   });
 }
 
-// The kernel family of this build: paged_decode_avx512<T, ND = head_dim / 16, REP>.
-template <typename T, int ND, int REP>
-constexpr auto paged_decode_vector = paged_decode_avx512<T, ND, REP>;
+// The kernel family of this build: paged_decode_avx512<TQ, TC, ND = head_dim / 16, REP>.
+template <typename TQ, typename TC, int ND, int REP>
+constexpr auto paged_decode_vector = paged_decode_avx512<TQ, TC, ND, REP>;
 constexpr int kDecodeLanes = 16;
 #elif defined(__AVX2__) && defined(__FMA__)
 // AVX2 versions of the decode attention loops, the AVX-512 kernel's structure in 8-float
@@ -432,21 +453,41 @@ inline void store_vectors(at::BFloat16* p, const __m256* v, float scale) {
   }
 }
 
+// The query in the lane order of the cache's rows (TC), and the output back, as the AVX-512
+// kernel's load_query / store_output.
+template <typename TC, int N, typename TQ>
+inline void load_query(const TQ* p, __m256* v) {
+  if constexpr (std::is_same_v<TQ, TC>) {
+    load_vectors<N>(p, v);
+  } else {
+    static_assert(std::is_same_v<TC, at::Half>, "a cache of another type is float16");
+    for (int j = 0; j < N; ++j) v[j] = load8(p + j * 8);
+  }
+}
+template <typename TC, int N, typename TQ>
+inline void store_output(TQ* p, const __m256* v, float scale) {
+  if constexpr (std::is_same_v<TQ, TC>) {
+    store_vectors<N>(p, v, scale);
+  } else {
+    for (int j = 0; j < N; ++j) store8(p + j * 8, _mm256_mul_ps(v[j], _mm256_set1_ps(scale)));
+  }
+}
+
 // One task per (request, kv head, chunk), as the AVX-512 kernel. ND = head_dim / 8 and REP are
 // compile-time; the output is accumulated CH vectors of the head at a time, as many as fit the
 // registers beside REP accumulators each (one pass over the chunk's scores per CH vectors; every
 // pass reads its own bytes of the V rows).
-template <typename T, int ND, int REP>
-void paged_decode_avx2(const T* q, const T* kc, const T* vc, const int32_t* bt, T* out, int64_t Hq,
-                       int64_t Hkv, int64_t D, int64_t max_blocks, int64_t block_size, float scale,
-                       int64_t q_stride, KvLayout kv, const DecodeSplit& split) {
+template <typename TQ, typename TC, int ND, int REP>
+void paged_decode_avx2(const TQ* q, const TC* kc, const TC* vc, const int32_t* bt, TQ* out,
+                       int64_t Hq, int64_t Hkv, int64_t D, int64_t max_blocks, int64_t block_size,
+                       float scale, int64_t q_stride, KvLayout kv, const DecodeSplit& split) {
   constexpr int CH = REP <= 2 ? 4 : REP <= 4 ? 2 : 1;
   static_assert(ND % CH == 0, "chunks split the head");
   const int64_t row_len = Hkv * D;
   // ob[c * 8 : (c + CH) * 8] = acc * scale, acc in the order the V rows were loaded in
-  auto store_part = [](T* ob, const __m256* acc, float scale) {
+  auto store_part = [](TQ* ob, const __m256* acc, float scale) {
     if constexpr (CH % 2 == 0)
-      store_vectors<CH>(ob, acc, scale);
+      store_output<TC, CH>(ob, acc, scale);
     else
       for (int i = 0; i < CH; ++i) store8(ob + i * 8, _mm256_mul_ps(acc[i], _mm256_set1_ps(scale)));
   };
@@ -457,22 +498,22 @@ void paged_decode_avx2(const T* q, const T* kc, const T* vc, const int32_t* bt, 
       const DecodeTask tk = split.task(task);
       const int64_t b = tk.b, g = tk.g, t_begin = tk.t0, t_end = tk.t1;
       const int64_t L = t_end - t_begin, L8 = (L + 7) / 8 * 8;
-      const T* qb = q + b * q_stride + g * REP * D;
+      const TQ* qb = q + b * q_stride + g * REP * D;
       for (int h = 0; h < REP; ++h) {  // in load_vectors' order, as the K rows
         __m256 v[ND];
-        load_vectors<ND>(qb + h * D, v);
+        load_query<TC, ND>(qb + h * D, v);
         for (int j = 0; j < ND; ++j)
           _mm256_store_ps(qs[h] + j * 8, _mm256_mul_ps(v[j], _mm256_set1_ps(scale)));
       }
       const int32_t* table = bt + b * max_blocks;
-      auto row = [&](const T* cache, int64_t t) {  // head g of token t
+      auto row = [&](const TC* cache, int64_t t) {  // head g of token t
         return cache + (int64_t)table[t / block_size] * block_size * row_len +
                t % block_size * kv.token + g * kv.head;
       };
-      auto prefetch = [&](const T* cache, int64_t t) {
+      auto prefetch = [&](const TC* cache, int64_t t) {
         if (t >= t_end) return;
         const char* r = reinterpret_cast<const char*>(row(cache, t));
-        for (int64_t off = 0; off < D * (int64_t)sizeof(T); off += 64)
+        for (int64_t off = 0; off < D * (int64_t)sizeof(TC); off += 64)
           _mm_prefetch(r + off, _MM_HINT_T0);
       };
       // The rows come from DRAM at batch sizes where the caches outgrow L3, and a token's dot
@@ -480,7 +521,7 @@ void paged_decode_avx2(const T* q, const T* kc, const T* vc, const int32_t* bt, 
       // chunk's rows of this head fit half of L2, while the scores are computed (else
       // kAhead tokens ahead of the first output pass).
       constexpr int64_t kAhead = 32;
-      const bool v_early = L * D * (int64_t)sizeof(T) <= (128 << 10);
+      const bool v_early = L * D * (int64_t)sizeof(TC) <= (128 << 10);
       for (int64_t t = t_begin; t < t_begin + kAhead; ++t) prefetch(kc, t);
       // scores[h, t] = q_h . k_t, 8 tokens at a time (rows past the end repeat the last one)
       for (int64_t t0 = t_begin; t0 < t_end; t0 += 8) {
@@ -488,7 +529,7 @@ void paged_decode_avx2(const T* q, const T* kc, const T* vc, const int32_t* bt, 
         for (int o = 0; o < 8; ++o) {
           prefetch(kc, t0 + o + kAhead);
           if (v_early) prefetch(vc, t0 + o);
-          const T* kp = row(kc, std::min<int64_t>(t0 + o, t_end - 1));
+          const TC* kp = row(kc, std::min<int64_t>(t0 + o, t_end - 1));
           __m256 k[ND];
           load_vectors<ND>(kp, k);
           for (int h = 0; h < REP; ++h) {
@@ -527,7 +568,7 @@ void paged_decode_avx2(const T* q, const T* kc, const T* vc, const int32_t* bt, 
       }
       // out_h = sum_t p[h, t] v_t / sum_h, CH vectors of the head per pass; a split request's
       // chunk keeps its unnormalized sums in `part` instead
-      T* ob = out + b * Hq * D + g * REP * D;
+      TQ* ob = out + b * Hq * D + g * REP * D;
       float* part = tk.nc == 1 ? nullptr : split.partial(task);
       for (int c = 0; c < ND; c += CH) {
         __m256 acc[REP][CH];
@@ -537,12 +578,12 @@ void paged_decode_avx2(const T* q, const T* kc, const T* vc, const int32_t* bt, 
           for (int64_t t = t_begin; t < t_begin + kAhead; ++t) prefetch(vc, t);
         for (int64_t t0 = t_begin; t0 < t_end;) {
           const int64_t o0 = t0 % block_size, n = std::min(block_size - o0, t_end - t0);
-          const T* vb =
+          const TC* vb =
               vc + (int64_t)table[t0 / block_size] * block_size * row_len + g * kv.head + c * 8;
           for (int64_t o = o0; o < o0 + n; ++o) {
             const int64_t t = t0 + o - o0;
             if (c == 0 && !v_early) prefetch(vc, t + kAhead);
-            const T* vp = vb + o * kv.token;
+            const TC* vp = vb + o * kv.token;
             const float* p = scores + (t - t_begin);
             __m256 v[CH];
             if constexpr (CH % 2 == 0)
@@ -576,31 +617,31 @@ void paged_decode_avx2(const T* q, const T* kc, const T* vc, const int32_t* bt, 
   });
 }
 
-// The kernel family of this build: paged_decode_avx2<T, ND = head_dim / 8, REP>.
-template <typename T, int ND, int REP>
-constexpr auto paged_decode_vector = paged_decode_avx2<T, ND, REP>;
+// The kernel family of this build: paged_decode_avx2<TQ, TC, ND = head_dim / 8, REP>.
+template <typename TQ, typename TC, int ND, int REP>
+constexpr auto paged_decode_vector = paged_decode_avx2<TQ, TC, ND, REP>;
 constexpr int kDecodeLanes = 8;
 #endif  // __AVX512F__ / __AVX2__
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-template <typename T>
-using DecodeFn = void (*)(const T*, const T*, const T*, const int32_t*, T*, int64_t, int64_t,
+template <typename TQ, typename TC>
+using DecodeFn = void (*)(const TQ*, const TC*, const TC*, const int32_t*, TQ*, int64_t, int64_t,
                           int64_t, int64_t, int64_t, float, int64_t, KvLayout, const DecodeSplit&);
 
 // The kernel for REP = 1 + index into REPS.
-template <typename T, int ND, int... REPS>
-DecodeFn<T> pick_rep(int64_t rep, std::integer_sequence<int, REPS...>) {
-  constexpr DecodeFn<T> kernels[] = {paged_decode_vector<T, ND, REPS + 1>...};
+template <typename TQ, typename TC, int ND, int... REPS>
+DecodeFn<TQ, TC> pick_rep(int64_t rep, std::integer_sequence<int, REPS...>) {
+  constexpr DecodeFn<TQ, TC> kernels[] = {paged_decode_vector<TQ, TC, ND, REPS + 1>...};
   return rep >= 1 && rep <= static_cast<int64_t>(sizeof...(REPS)) ? kernels[rep - 1] : nullptr;
 }
 
 // The vectorized kernel for this head geometry (head_dim 64 or 128, up to 8 query heads per kv
 // head), or nullptr: the portable kernel then runs.
-template <typename T>
-DecodeFn<T> vector_decode_kernel(int64_t Hq, int64_t Hkv, int64_t D) {
+template <typename TQ, typename TC>
+DecodeFn<TQ, TC> vector_decode_kernel(int64_t Hq, int64_t Hkv, int64_t D) {
   const auto reps = std::make_integer_sequence<int, 8>{};
-  if (D == 64) return pick_rep<T, 64 / kDecodeLanes>(Hq / Hkv, reps);
-  if (D == 128) return pick_rep<T, 128 / kDecodeLanes>(Hq / Hkv, reps);
+  if (D == 64) return pick_rep<TQ, TC, 64 / kDecodeLanes>(Hq / Hkv, reps);
+  if (D == 128) return pick_rep<TQ, TC, 128 / kDecodeLanes>(Hq / Hkv, reps);
   return nullptr;
 }
 #endif
@@ -769,17 +810,29 @@ int64_t sample_row(const float* x, int64_t V, float t, double u) {
   return b * kCdfBlock + first_above(inner, n, target - cdf[b]);
 }
 
+// dst[0:D] = src[0:D] in dst's type (rounded to nearest even; a copy when the types match).
+template <typename TS, typename TC>
+inline void copy_row(TC* dst, const TS* src, int64_t D) {
+  if constexpr (std::is_same_v<TS, TC>) {
+    std::memcpy(dst, src, D * sizeof(TC));
+  } else {
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) vec_math::store8(dst + d, vec_math::load8(src + d));
+    for (; d < D; ++d) dst[d] = from_f<TC>(tf(src[d]));
+  }
+}
+
 // k_cache[slot_mapping[n]] = k[n] (and v): Hkv rows of D elements each, into a cache of layout
-// kv; k, v may be strided views.
-template <typename T>
-void write_kv_kernel(const T* k, const T* v, T* kc, T* vc, const int64_t* slots, int64_t N,
+// kv, converted from TS to the cache's TC; k, v may be strided views.
+template <typename TS, typename TC>
+void write_kv_kernel(const TS* k, const TS* v, TC* kc, TC* vc, const int64_t* slots, int64_t N,
                      int64_t Hkv, int64_t D, KvLayout kv, int64_t k_stride, int64_t v_stride) {
   at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n)
       for (int64_t g = 0; g < Hkv; ++g) {
         const int64_t at = kv.at(slots[n], g, Hkv * D);
-        std::memcpy(kc + at, k + n * k_stride + g * D, D * sizeof(T));
-        std::memcpy(vc + at, v + n * v_stride + g * D, D * sizeof(T));
+        copy_row(kc + at, k + n * k_stride + g * D, D);
+        copy_row(vc + at, v + n * v_stride + g * D, D);
       }
   });
 }
@@ -848,18 +901,25 @@ void rotary_kernel(T* x, const int64_t* positions, const float* cos_t, const flo
   } else                                 \
     TORCH_CHECK(false, NAME ": unsupported dtype ", dtype)
 
-// DISPATCH for the KV cache's ops, whose cache may also be float16 (`--kv-cache-dtype`).
-#define DISPATCH_KV(dtype, NAME, ...) \
-  if ((dtype) == at::kHalf) {         \
-    using scalar_t = at::Half;        \
-    __VA_ARGS__();                    \
-  } else                              \
-    DISPATCH(dtype, NAME, __VA_ARGS__)
+// DISPATCH over the pairs the KV cache's kernels take (as_kernel_dtype): scalar_t the rows'
+// or query's type (float, bfloat16), cache_t the cache's (scalar_t, or float16 beside it).
+#define DISPATCH_KV_PAIR(dtype, cache_dtype, NAME, ...) \
+  DISPATCH(dtype, NAME, [&] {                           \
+    if ((cache_dtype) == at::kHalf) {                   \
+      using cache_t = at::Half;                         \
+      __VA_ARGS__();                                    \
+    } else {                                            \
+      using cache_t = scalar_t;                         \
+      __VA_ARGS__();                                    \
+    }                                                   \
+  })
 
 }  // namespace
 
-at::Tensor as_cache_dtype(const at::Tensor& x, const at::Tensor& cache) {
-  return x.scalar_type() == cache.scalar_type() ? x : x.to(cache.scalar_type());
+at::Tensor as_kernel_dtype(const at::Tensor& x, const at::Tensor& cache) {
+  const auto t = x.scalar_type(), c = cache.scalar_type();
+  if (c == at::kHalf) return t == at::kFloat || t == at::kBFloat16 ? x : x.to(at::kFloat);
+  return t == c ? x : x.to(c);
 }
 
 KvLayout kv_layout(const at::Tensor& cache, int64_t block_size) {
@@ -885,7 +945,7 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt);
   TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "the K and V caches' dtypes differ");
   const auto q_dtype = q.scalar_type();
-  q = as_cache_dtype(q, k_cache);
+  q = as_kernel_dtype(q, k_cache);
   auto bt = block_tables.contiguous();
   auto sl = seq_lens.contiguous();
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(1);
@@ -896,23 +956,23 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache
                           [&](int32_t n) { return n >= 1 && n <= bt.size(1) * block_size; }),
               "a decoding request attends to 1 to block_tables.size(1) * block_size tokens");
   auto out = at::empty({B, Hq, D}, q.options());
-  DISPATCH_KV(q.scalar_type(), "paged_decode_attention", [&] {
+  DISPATCH_KV_PAIR(q.scalar_type(), k_cache.scalar_type(), "paged_decode_attention", [&] {
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
     if (vectorized)
-      if (auto fast = vector_decode_kernel<scalar_t>(Hq, Hkv, D)) {
+      if (auto fast = vector_decode_kernel<scalar_t, cache_t>(Hq, Hkv, D)) {
         const DecodeSplit split(sl.data_ptr<int32_t>(), B, Hkv, Hq / Hkv, D);
-        fast(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+        fast(q.data_ptr<scalar_t>(), k_cache.data_ptr<cache_t>(), v_cache.data_ptr<cache_t>(),
              bt.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), Hq, Hkv, D, bt.size(1), block_size,
              static_cast<float>(scale), q.stride(0), kv, split);
         return;
       }
 #endif
-    paged_decode_kernel<scalar_t>(
-        q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+    paged_decode_kernel<scalar_t, cache_t>(
+        q.data_ptr<scalar_t>(), k_cache.data_ptr<cache_t>(), v_cache.data_ptr<cache_t>(),
         bt.data_ptr<int32_t>(), sl.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), B, Hq, Hkv, D,
         bt.size(1), block_size, static_cast<float>(scale), q.stride(0), kv);
   });
-  return out.to(q_dtype);
+  return out.scalar_type() == q_dtype ? out : out.to(q_dtype);
 }
 
 at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
@@ -931,8 +991,10 @@ void write_kv(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v_cache
               at::Tensor slot_mapping) {
   TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.sizes() == v.sizes(), "k, v must be [N, H, D]");
   TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "the K and V caches' dtypes differ");
-  k = as_cache_dtype(k, k_cache);
-  v = as_cache_dtype(v, v_cache);
+  if (k.scalar_type() != k_cache.scalar_type()) {  // float16 rows take float32 ones
+    k = as_kernel_dtype(k, k_cache);
+    v = as_kernel_dtype(v, v_cache);
+  }
   TORCH_CHECK(
       k.stride(2) == 1 && k.stride(1) == k.size(2) && v.stride(2) == 1 && v.stride(1) == v.size(2),
       "k, v rows must hold contiguous heads");
@@ -943,12 +1005,18 @@ void write_kv(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v_cache
               "k, v heads do not match the cache's");
   auto slots = slot_mapping.to(at::kLong).contiguous();
   TORCH_CHECK(slots.numel() == k.size(0));
-  DISPATCH_KV(k.scalar_type(), "write_kv", [&] {
-    write_kv_kernel<scalar_t>(k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                              k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
-                              slots.data_ptr<int64_t>(), k.size(0), k.size(1), k.size(2), kv,
-                              k.stride(0), v.stride(0));
-  });
+  auto run = [&](auto* k_ptr, auto* v_ptr, auto* kc_ptr, auto* vc_ptr) {
+    write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slots.data_ptr<int64_t>(), k.size(0), k.size(1),
+                    k.size(2), kv, k.stride(0), v.stride(0));
+  };
+  if (k.scalar_type() == at::kHalf)  // into a float16 cache: a copy
+    run(k.data_ptr<at::Half>(), v.data_ptr<at::Half>(), k_cache.data_ptr<at::Half>(),
+        v_cache.data_ptr<at::Half>());
+  else
+    DISPATCH_KV_PAIR(k.scalar_type(), k_cache.scalar_type(), "write_kv", [&] {
+      run(k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), k_cache.data_ptr<cache_t>(),
+          v_cache.data_ptr<cache_t>());
+    });
 }
 
 // Structured output: in rows `rows[i]` of logits [R, V] (row i when rows is null), set to -inf

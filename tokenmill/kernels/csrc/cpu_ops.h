@@ -23,10 +23,12 @@ struct KvLayout {
 // The layout of a contiguous 3-D or 4-D cache (as above), checked against the paged block size
 // `block_size` where it is not 0.
 KvLayout kv_layout(const at::Tensor& cache, int64_t block_size);
-// x in the cache's dtype (x itself when they match). The attention kernels run in the KV
-// cache's dtype: a query of another dtype is converted on entry, the output back on return;
-// write_kv converts the new rows.
-at::Tensor as_cache_dtype(const at::Tensor& x, const at::Tensor& cache);
+// x (a query, or rows to write) in a dtype the KV cache's kernels take beside `cache`: x itself
+// when it is the cache's dtype, or float32 / bfloat16 beside a float16 cache (--kv-cache-dtype:
+// the kernels widen the cache's rows as they load them and round the rows they write); else
+// converted (to the cache's dtype, or float32 beside a float16 cache). The attention entry
+// points convert their output back to the query's dtype.
+at::Tensor as_kernel_dtype(const at::Tensor& x, const at::Tensor& cache);
 
 at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
                                   at::Tensor block_tables, at::Tensor seq_lens, int64_t block_size,

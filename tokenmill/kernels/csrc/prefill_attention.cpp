@@ -11,9 +11,9 @@
 //      softmax (running max m, sum l; the output rescaled when the max grows),
 //   4. adds P V to the output rows, 6 rows x 16 dims at a time, V rows read from the cache.
 // Steps 2 and 4 run in 16-float vectors on AVX-512 builds, 8-float ones on AVX2 builds.
-// All arithmetic is float32 (bfloat16 and float16 caches are widened on load; a query of another
-// dtype than the cache's is converted to it on entry, the output back); the result differs from
-// the reference softmax(Q K^T) V only by the order of additions and the exp polynomial (~1e-7).
+// All arithmetic is float32 (bfloat16 and float16 caches are widened on load, a float16 cache
+// beside a float32 or bfloat16 query included: as_kernel_dtype); the result differs from the
+// reference softmax(Q K^T) V only by the order of additions and the exp polynomial (~1e-7).
 // Tasks are handed out longest first from a shared counter (a causal prompt's late rows see
 // more keys).
 #include "prefill_attention.h"
@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_ops.h"
@@ -249,10 +250,11 @@ struct Scratch {
   }
 };
 
-template <typename T>
-void run_task(const Task& task, const T* q, const T* kc, const T* vc, const int32_t* bt,
+// The task's rows: the query and output in TQ, the cache in TC (TQ, or float16 beside it).
+template <typename TQ, typename TC>
+void run_task(const Task& task, const TQ* q, const TC* kc, const TC* vc, const int32_t* bt,
               int64_t max_blocks, int64_t block_size, const int32_t* seq_lens, const int32_t* qsl,
-              int64_t q_stride, T* out, int64_t Hq, int64_t Hkv, int64_t D, float scale,
+              int64_t q_stride, TQ* out, int64_t Hq, int64_t Hkv, int64_t D, float scale,
               KvLayout kv, Scratch& w) {
   const int64_t rep = Hq / Hkv, row_len = Hkv * D, g = task.kv_head;
   const int R = static_cast<int>(task.count * rep);
@@ -261,16 +263,16 @@ void run_task(const Task& task, const T* q, const T* kc, const T* vc, const int3
   const int32_t* table = bt + task.req * max_blocks;
   // scaled queries; row r = token (r / rep), head g * rep + r % rep
   for (int r = 0; r < R; ++r) {
-    const T* src = q + (qsl[task.req] + task.first + r / rep) * q_stride + (g * rep + r % rep) * D;
+    const TQ* src = q + (qsl[task.req] + task.first + r / rep) * q_stride + (g * rep + r % rep) * D;
     for (int64_t d = 0; d < D; d += 8)
       _mm256_store_ps(w.q + r * D + d, _mm256_mul_ps(load8(src + d), _mm256_set1_ps(scale)));
     std::fill(w.o + r * D, w.o + (r + 1) * D, 0.f);
     w.m[r] = kNoScore;
     w.l[r] = 0.f;
   }
-  static const T zero_row[256] = {};  // keys past the end of a block (D <= 256)
-  const T* krows[kKeyBlock];
-  const T* vrows[kKeyBlock];
+  static const TC zero_row[256] = {};  // keys past the end of a block (D <= 256)
+  const TC* krows[kKeyBlock];
+  const TC* vrows[kKeyBlock];
   const int64_t kv_end = ctx0 + task.first + task.count;  // keys the last row sees
   for (int64_t k0 = 0; k0 < kv_end; k0 += kKeyBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kKeyBlock, kv_end - k0));
@@ -334,10 +336,10 @@ void run_task(const Task& task, const T* q, const T* kc, const T* vc, const int3
           _mm256_store_ps(o + d, _mm256_mul_ps(_mm256_load_ps(o + d), _mm256_set1_ps(alpha)));
       }
     }
-    for_row_groups(R, AddPV<const T>{w.s, vrows, n_pv, w.o, D});
+    for_row_groups(R, AddPV<const TC>{w.s, vrows, n_pv, w.o, D});
   }
   for (int r = 0; r < R; ++r) {
-    T* dst = out + ((qsl[task.req] + task.first + r / rep) * Hq + g * rep + r % rep) * D;
+    TQ* dst = out + ((qsl[task.req] + task.first + r / rep) * Hq + g * rep + r % rep) * D;
     const __m256 inv = _mm256_set1_ps(1.f / w.l[r]);
     for (int64_t d = 0; d < D; d += 8)
       store8(dst + d, _mm256_mul_ps(_mm256_load_ps(w.o + r * D + d), inv));
@@ -367,7 +369,7 @@ at::Tensor paged_prefill_attention(at::Tensor q, at::Tensor k_cache, at::Tensor 
               "no prefill attention kernel for ", Hq, " / ", Hkv, " heads of ", D);
   TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "the K and V caches' dtypes differ");
   const auto q_dtype = q.scalar_type();
-  q = as_cache_dtype(q, k_cache);
+  q = as_kernel_dtype(q, k_cache);
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
                   query_start_loc.scalar_type() == at::kInt,
               "block_tables, seq_lens and query_start_loc must be int32");
@@ -408,17 +410,20 @@ at::Tensor paged_prefill_attention(at::Tensor q, at::Tensor k_cache, at::Tensor 
                      lens, qs, q.stride(0), out_ptr, Hq, Hkv, D, static_cast<float>(scale), kv, w);
         });
   };
+  // the pairs as_kernel_dtype leaves: a cache of the query's dtype, or float16 beside it
+  auto run_pair = [&](auto* q_ptr, auto* out_ptr) {
+    if (k_cache.scalar_type() == at::kHalf)
+      run(q_ptr, k_cache.data_ptr<at::Half>(), v_cache.data_ptr<at::Half>(), out_ptr);
+    else
+      run(q_ptr, k_cache.data_ptr<std::remove_pointer_t<decltype(q_ptr)>>(),
+          v_cache.data_ptr<std::remove_pointer_t<decltype(q_ptr)>>(), out_ptr);
+  };
   if (q.scalar_type() == at::kFloat)
-    run(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
-        out.data_ptr<float>());
+    run_pair(q.data_ptr<float>(), out.data_ptr<float>());
   else if (q.scalar_type() == at::kBFloat16)
-    run(q.data_ptr<at::BFloat16>(), k_cache.data_ptr<at::BFloat16>(),
-        v_cache.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>());
-  else if (q.scalar_type() == at::kHalf)
-    run(q.data_ptr<at::Half>(), k_cache.data_ptr<at::Half>(), v_cache.data_ptr<at::Half>(),
-        out.data_ptr<at::Half>());
+    run_pair(q.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>());
   else
-    TORCH_CHECK(false, "paged_prefill_attention: float32, bfloat16 or float16 caches only");
+    TORCH_CHECK(false, "paged_prefill_attention: float32 or bfloat16 queries only");
 #endif
-  return out.to(q_dtype);
+  return out.scalar_type() == q_dtype ? out : out.to(q_dtype);
 }
