@@ -20,7 +20,6 @@ ops = get_ops()
 pytestmark = pytest.mark.skipif(ops is None, reason="no C++ compiler to build the kernels")
 TOL = {
     torch.float32: dict(atol=1e-5, rtol=1e-5),
-    torch.float16: dict(atol=1e-3, rtol=1e-3),
     torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
 }
 DTYPES = [torch.float32, torch.bfloat16]
