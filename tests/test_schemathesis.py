@@ -33,6 +33,8 @@ def test_api_never_5xx_and_conforms(api_schema):
         "/v1/completions",
         "/v1/chat/completions",
         "/v1/embeddings",
+        "/v1/responses",
+        "/v1/responses/{response_id}",
         "/tokenize",
         "/detokenize",
         "/health",

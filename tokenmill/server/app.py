@@ -35,6 +35,7 @@ from tokenmill.server.protocol import (
     UnloadLoRAAdapterRequest,
     UnsupportedParameter,
 )
+from tokenmill.server.responses import ResponsesRequest, ResponseStore, responses_response
 from tokenmill.server.streams import chat_response, completion_response
 
 logger = logging.getLogger(__name__)
@@ -380,6 +381,38 @@ def build_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await respond(request, body, chat_response)
+
+    responses_store = ResponseStore()
+
+    async def create_response(serving: OpenAIServing, body: ResponsesRequest):
+        return await responses_response(serving, body, responses_store, limits)
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request) -> Response:
+        """OpenAI's Responses API (server/responses.py)."""
+        return await respond(request, body, create_response)
+
+    def stored_response(response_id: str):
+        stored = responses_store.get(response_id)
+        if stored is None:
+            raise APIError(
+                404,
+                f"Response with id '{response_id}' not found.",
+                param="response_id",
+                code="not_found",
+            )
+        return stored
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str) -> dict:
+        """A stored response (one created with store: true, among the newest kept)."""
+        return stored_response(response_id).response
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str) -> dict:
+        stored_response(response_id)
+        responses_store.delete(response_id)
+        return {"id": response_id, "object": "response", "deleted": True}
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request) -> Response:

@@ -187,9 +187,21 @@ async def completion_response(
     return stream() if body.stream else collect()
 
 
-async def chat_response(
-    serving: OpenAIServing, body: ChatCompletionRequest
-) -> AsyncIterator[str] | Coroutine[Any, Any, dict]:
+@dataclasses.dataclass
+class ChatRun:
+    """A chat request rendered and queued: how its tools render, parse and constrain, its
+    prompt, and the engine streams of its samples."""
+
+    plan: ToolPlan
+    prompt: PreparedPrompt
+    request_id: str
+    streams: list
+    tracker: Any
+
+
+async def start_chat(serving: OpenAIServing, body: ChatCompletionRequest, prefix: str) -> ChatRun:
+    """Validate a chat request, render its conversation (tools included) and queue it; raises
+    before anything runs. Shared by /v1/chat/completions and /v1/responses."""
     body.check_supported()
     tok = serving.tokenizer
 
@@ -227,7 +239,22 @@ async def chat_response(
         params = dataclasses.replace(params, structured_outputs=plan.constraint)
     if plan.keep_special_tokens:
         params = dataclasses.replace(params, skip_special_tokens=False)
-    rid, streams, tracker = await serving.start([prompt], params, "chatcmpl", body.model)
+    rid, streams, tracker = await serving.start([prompt], params, prefix, body.model)
+    return ChatRun(plan, prompt, rid, streams, tracker)
+
+
+async def chat_response(
+    serving: OpenAIServing, body: ChatCompletionRequest
+) -> AsyncIterator[str] | Coroutine[Any, Any, dict]:
+    run = await start_chat(serving, body, "chatcmpl")
+    plan, prompt, rid, streams, tracker = (
+        run.plan,
+        run.prompt,
+        run.request_id,
+        run.streams,
+        run.tracker,
+    )
+    tok = serving.tokenizer
     created = int(time.time())
     k = body.top_logprobs or 0
     as_ids = body.return_tokens_as_token_ids
