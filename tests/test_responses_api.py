@@ -340,3 +340,50 @@ def test_store_drops_the_oldest_by_count_and_bytes():
     assert store.get("c") and store.get("d")
     store.put("big", entry("x" * (2 * size)))  # larger than the whole store: not kept
     assert store.get("big") is None and store.get("c") and store.get("d")
+
+
+def test_a_failing_step_ends_the_stream_with_response_failed(monkeypatch):
+    """An engine error after the stream began: the open item is closed, and the last event is
+    response.failed carrying the error (the HTTP status went out long before)."""
+    import asyncio
+
+    from tokenmill.config import EngineArgs
+    from tokenmill.engine.async_engine import AsyncEngine
+    from tokenmill.engine.llm_engine import LLMEngine
+    from tokenmill.server.app import build_app
+
+    engine = LLMEngine(EngineArgs(max_model_len=256, kv_cache_memory_gib=0.05))
+    real_step, calls = engine.step, []
+
+    def flaky_step():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected step failure")
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", flaky_step)
+    aengine = AsyncEngine(engine)
+    app = build_app(aengine, MODEL)
+    body = {"model": MODEL, "input": ASK, "stream": True, "max_output_tokens": 30}
+
+    async def main() -> str:
+        aengine.start()
+        try:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+                async with c.stream("POST", "/v1/responses", json=body) as r:
+                    assert r.status_code == 200
+                    return "".join([chunk async for chunk in r.aiter_text()])
+        finally:
+            aengine.shutdown()
+
+    text = asyncio.run(main())
+    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert events[0]["type"] == "response.created"
+    last = events[-1]
+    assert last["type"] == "response.failed" and last["response"]["status"] == "failed"
+    assert "injected step failure" in last["response"]["error"]["message"]
+    added = [e["output_index"] for e in events if e["type"] == "response.output_item.added"]
+    done = [e["output_index"] for e in events if e["type"] == "response.output_item.done"]
+    assert added and added == done  # the message opened before the failure was closed

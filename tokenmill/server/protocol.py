@@ -65,7 +65,7 @@ def _surrogate_path(value: Any) -> str | None:
     return None
 
 
-class _Request(BaseModel):
+class RequestBody(BaseModel):
     """A top-level request body: rejects invalid Unicode anywhere in it before validation."""
 
     model_config = _STRICT
@@ -139,7 +139,7 @@ def _as_prompts(value: str | list) -> list[str | list[int]]:
     return list(value)
 
 
-class _Common(_Request):
+class _Common(RequestBody):
     model: str
     n: int = 1
     temperature: float | None = None
@@ -541,20 +541,20 @@ class ChatCompletionRequest(_Common):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-class LoadLoRAAdapterRequest(_Request):
+class LoadLoRAAdapterRequest(RequestBody):
     """POST /v1/load_lora_adapter (vLLM's runtime LoRA loading)."""
 
     lora_name: str = Field(min_length=1, max_length=256)
     lora_path: str = Field(min_length=1, max_length=4096)
 
 
-class UnloadLoRAAdapterRequest(_Request):
+class UnloadLoRAAdapterRequest(RequestBody):
     """POST /v1/unload_lora_adapter."""
 
     lora_name: str = Field(min_length=1, max_length=256)
 
 
-class TokenizeRequest(_Request):
+class TokenizeRequest(RequestBody):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -564,12 +564,12 @@ class TokenizeRequest(_Request):
     chat_template_kwargs: dict[str, Any] | None = None
 
 
-class DetokenizeRequest(_Request):
+class DetokenizeRequest(RequestBody):
     model: str | None = None
     tokens: list[int]
 
 
-class EmbeddingRequest(_Request):
+class EmbeddingRequest(RequestBody):
     """OpenAI's /v1/embeddings body, with vLLM's extras (`truncate_prompt_tokens`,
     `add_special_tokens`, `normalize`)."""
 

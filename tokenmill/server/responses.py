@@ -33,9 +33,9 @@ from tokenmill.server.protocol import (
     MAX_LOGPROBS,
     ChatCompletionRequest,
     FunctionDefinition,
+    RequestBody,
     RequestLimits,
     UnsupportedParameter,
-    _Request,
 )
 from tokenmill.server.streams import ChatRun, start_chat
 from tokenmill.server.tools import new_call_id
@@ -152,7 +152,7 @@ class ResponsesStreamOptions(BaseModel):
     include_obfuscation: bool | None = None  # nothing is obfuscated here
 
 
-class ResponsesRequest(_Request):
+class ResponsesRequest(RequestBody):
     """The body of POST /v1/responses. Fields that cannot be honoured here (hosted tools,
     reasoning, background runs, `truncation: auto`, a verbosity other than the default) are a
     400 naming them; `store`, `metadata` and the like are kept or accepted."""
