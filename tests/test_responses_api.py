@@ -291,6 +291,7 @@ def test_logprobs_equal_the_chat_endpoint(client):
         ({"tool_choice": "required"}, "tool_choice"),  # no tools
         ({"max_output_tokens": 0}, "max_output_tokens"),
         ({"max_output_tokens": 1 << 20}, "max_output_tokens"),
+        ({"max_output_tokens": 1020}, "max_output_tokens"),  # beyond the 1024-token context
         ({"top_logprobs": 21}, "top_logprobs"),
         ({"input": []}, "input"),
         (

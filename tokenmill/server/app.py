@@ -343,9 +343,7 @@ def build_app(
         except UnsupportedParameter as e:
             raise APIError(400, str(e), param=e.param) from None
         except ContextLengthError as e:
-            raise APIError(
-                400, str(e), param="max_tokens", code="context_length_exceeded"
-            ) from None
+            raise APIError(400, str(e), param=e.param, code="context_length_exceeded") from None
         except ChatTemplateError as e:
             raise APIError(400, str(e), param="messages") from None
         except EngineOverloadedError as e:

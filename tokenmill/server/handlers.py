@@ -18,7 +18,12 @@ from tokenmill.server.metrics import ServerMetrics
 
 
 class ContextLengthError(ValueError):
-    pass
+    """The prompt and the tokens asked for exceed the context; `param` names the request's
+    token cap (max_tokens, or what the endpoint calls it)."""
+
+    def __init__(self, message: str, param: str = "max_tokens") -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass

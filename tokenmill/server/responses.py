@@ -28,7 +28,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tokenmill.outputs import CompletionOutput, RequestOutput
-from tokenmill.server.handlers import OpenAIServing, chat_logprobs
+from tokenmill.server.handlers import ContextLengthError, OpenAIServing, chat_logprobs
 from tokenmill.server.protocol import (
     MAX_LOGPROBS,
     ChatCompletionRequest,
@@ -592,6 +592,8 @@ async def responses_response(
         run: ChatRun = await start_chat(serving, chat, "resp")
     except UnsupportedParameter as e:
         raise _renamed(e) from None
+    except ContextLengthError as e:
+        raise ContextLengthError(str(e), "max_output_tokens") from None
     response_id = _new_id("resp")
     created = int(time.time())
     tok = serving.tokenizer
