@@ -35,6 +35,8 @@ def test_api_never_5xx_and_conforms(api_schema):
         "/v1/embeddings",
         "/v1/responses",
         "/v1/responses/{response_id}",
+        "/v1/messages",
+        "/v1/messages/count_tokens",
         "/tokenize",
         "/detokenize",
         "/health",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import secrets
 import time
@@ -23,6 +24,12 @@ from tokenmill.errors import ChatTemplateError
 from tokenmill.lora_request import LoRARequest
 from tokenmill.server.embeddings import embedding_response
 from tokenmill.server.handlers import ContextLengthError, OpenAIServing
+from tokenmill.server.messages import (
+    CountTokensRequest,
+    MessagesRequest,
+    count_tokens_response,
+    messages_response,
+)
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.protocol import (
     ChatCompletionRequest,
@@ -185,11 +192,15 @@ class Gate:
                 return error_response(400, "Host header not allowed", code="invalid_host")
         if self.api_key and (path.startswith("/v1/") or path in self.keyed):
             given = headers.get("authorization", "")
-            token = given[7:] if given.lower().startswith("bearer ") else ""
+            # Anthropic's clients send the key as x-api-key
+            token = (
+                given[7:] if given.lower().startswith("bearer ") else headers.get("x-api-key", "")
+            )
             if not secrets.compare_digest(token.encode(), self.api_key.encode()):
                 return error_response(
                     401,
-                    "Incorrect or missing API key. Pass it as 'Authorization: Bearer <key>'.",
+                    "Incorrect or missing API key. Pass it as 'Authorization: Bearer <key>' "
+                    "(or 'x-api-key: <key>').",
                     code="invalid_api_key",
                 )
         return None
@@ -199,6 +210,61 @@ class Gate:
         if refusal is not None:
             return await refusal(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+# Anthropic's error type for each status (its API's shapes, for /v1/messages)
+_ANTHROPIC_ERRORS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+class AnthropicErrors:
+    """ASGI middleware: error responses on Anthropic's paths (/v1/messages...) in Anthropic's
+    shape, {"type": "error", "error": {"type", "message"}}, whichever layer produced them (the
+    gate, the body limit, validation, the engine). Successful responses, streams included, pass
+    through untouched."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/messages"):
+            return await self.app(scope, receive, send)
+        start: dict | None = None
+        chunks: list[bytes] = []
+
+        async def rewrite(message: dict) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                start = message  # held until the body is complete
+                return
+            if start is None:
+                return await send(message)
+            chunks.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            status = start["status"]
+            try:
+                error = json.loads(b"".join(chunks))["error"]
+                text = error["message"]
+            except (ValueError, KeyError, TypeError):
+                text = b"".join(chunks).decode("utf-8", "replace")
+            kind = _ANTHROPIC_ERRORS.get(
+                status, "api_error" if status >= 500 else "invalid_request_error"
+            )
+            body = json.dumps({"type": "error", "error": {"type": kind, "message": text}}).encode()
+            headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+            headers.append((b"content-length", str(len(body)).encode()))
+            await send({**start, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, rewrite)
 
 
 async def drain(app: FastAPI, timeout: float) -> None:
@@ -326,6 +392,7 @@ def build_app(
         timeout=body_timeout,
         max_header_bytes=max_header_bytes,
     )
+    app.add_middleware(AnthropicErrors)  # outermost: it sees every error of those paths
 
     def check_model(name: str | None) -> None:
         if name is not None and name not in names:
@@ -411,6 +478,24 @@ def build_app(
         stored_response(response_id)
         responses_store.delete(response_id)
         return {"id": response_id, "object": "response", "deleted": True}
+
+    async def create_message(serving: OpenAIServing, body: MessagesRequest):
+        return await messages_response(serving, body, limits)
+
+    @app.post("/v1/messages")
+    async def messages(body: MessagesRequest, request: Request) -> Response:
+        """Anthropic's Messages API (server/messages.py)."""
+        return await respond(request, body, create_message)
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(body: CountTokensRequest) -> dict:
+        """The input tokens a Messages request would take (its rendered conversation)."""
+        check_model(body.model)
+        try:
+            body.check_limits(limits)
+        except UnsupportedParameter as e:
+            raise APIError(400, str(e), param=e.param) from None
+        return await guarded(count_tokens_response, serving, body)
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request) -> Response:

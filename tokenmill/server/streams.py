@@ -199,9 +199,11 @@ class ChatRun:
     tracker: Any
 
 
-async def start_chat(serving: OpenAIServing, body: ChatCompletionRequest, prefix: str) -> ChatRun:
-    """Validate a chat request, render its conversation (tools included) and queue it; raises
-    before anything runs. Shared by /v1/chat/completions and /v1/responses."""
+async def render_chat(
+    serving: OpenAIServing, body: ChatCompletionRequest
+) -> tuple[ToolPlan, PreparedPrompt]:
+    """Validate a chat request and render its conversation (tools included) to its prompt, in a
+    worker thread (the event loop keeps serving)."""
     body.check_supported()
     tok = serving.tokenizer
 
@@ -230,8 +232,13 @@ async def start_chat(serving: OpenAIServing, body: ChatCompletionRequest, prefix
         prompt = serving.prepare(text, bool(body.add_special_tokens), body.truncate_prompt_tokens)
         return plan, prompt
 
-    # rendering and tokenizing run in a worker thread, so the event loop keeps serving
-    plan, prompt = await asyncio.to_thread(render)
+    return await asyncio.to_thread(render)
+
+
+async def start_chat(serving: OpenAIServing, body: ChatCompletionRequest, prefix: str) -> ChatRun:
+    """Validate, render and queue a chat request; raises before anything runs. Shared by
+    /v1/chat/completions, /v1/responses and /v1/messages."""
+    plan, prompt = await render_chat(serving, body)
     max_tokens = body.effective_max_tokens()
     serving.check_length(len(prompt.token_ids), max_tokens)
     params = body.sampling_params(max_tokens, body.num_logprobs(), body.prompt_logprobs)
