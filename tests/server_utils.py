@@ -109,3 +109,43 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+def stream_through_failing_step(path: str, body: dict, fail_at: int = 3) -> list[dict]:
+    """POST a streaming `body` to `path` of an in-process app whose engine step raises
+    ("injected step failure") on its `fail_at`-th call, after the stream began; the data of
+    every SSE event it sent, in order (the HTTP status was 200)."""
+    import asyncio
+    import json
+
+    from tokenmill.config import EngineArgs
+    from tokenmill.engine.async_engine import AsyncEngine
+    from tokenmill.engine.llm_engine import LLMEngine
+    from tokenmill.server.app import build_app
+
+    engine = LLMEngine(EngineArgs(max_model_len=256, kv_cache_memory_gib=0.05))
+    real_step, calls = engine.step, []
+
+    def flaky_step():
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise RuntimeError("injected step failure")
+        return real_step()
+
+    engine.step = flaky_step
+    aengine = AsyncEngine(engine)
+    app = build_app(aengine, "SmolLM2-135M-Instruct")
+
+    async def main() -> str:
+        aengine.start()
+        try:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+                async with c.stream("POST", path, json=body) as r:
+                    assert r.status_code == 200
+                    return "".join([chunk async for chunk in r.aiter_text()])
+        finally:
+            aengine.shutdown()
+
+    text = asyncio.run(main())
+    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]

@@ -17,7 +17,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.server_utils import ServerProcess
+from tests.server_utils import ServerProcess, stream_through_failing_step
 from tokenmill import SamplingParams
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -245,3 +245,18 @@ def test_the_key_goes_in_x_api_key_or_bearer(server):
     # the OpenAI paths keep OpenAI's error shape
     chat = httpx.post(server.url + "/v1/chat/completions", json={}, headers={"x-api-key": "no"})
     assert chat.status_code == 401 and chat.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_failing_step_ends_the_stream_with_an_error_event():
+    body = {
+        "model": MODEL,
+        "max_tokens": 30,
+        "messages": [{"role": "user", "content": ASK}],
+        "stream": True,
+    }
+    events = stream_through_failing_step("/v1/messages", body)
+    assert events[0]["type"] == "message_start"
+    assert any(e["type"] == "content_block_delta" for e in events)  # it failed mid-reply
+    last = events[-1]
+    assert last["type"] == "error" and last["error"]["type"] == "api_error"
+    assert "injected step failure" in last["error"]["message"]

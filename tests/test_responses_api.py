@@ -14,7 +14,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.server_utils import ServerProcess
+from tests.server_utils import ServerProcess, stream_through_failing_step
 from tokenmill import SamplingParams
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -343,43 +343,11 @@ def test_store_drops_the_oldest_by_count_and_bytes():
     assert store.get("big") is None and store.get("c") and store.get("d")
 
 
-def test_a_failing_step_ends_the_stream_with_response_failed(monkeypatch):
+def test_a_failing_step_ends_the_stream_with_response_failed():
     """An engine error after the stream began: the open item is closed, and the last event is
     response.failed carrying the error (the HTTP status went out long before)."""
-    import asyncio
-
-    from tokenmill.config import EngineArgs
-    from tokenmill.engine.async_engine import AsyncEngine
-    from tokenmill.engine.llm_engine import LLMEngine
-    from tokenmill.server.app import build_app
-
-    engine = LLMEngine(EngineArgs(max_model_len=256, kv_cache_memory_gib=0.05))
-    real_step, calls = engine.step, []
-
-    def flaky_step():
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("injected step failure")
-        return real_step()
-
-    monkeypatch.setattr(engine, "step", flaky_step)
-    aengine = AsyncEngine(engine)
-    app = build_app(aengine, MODEL)
     body = {"model": MODEL, "input": ASK, "stream": True, "max_output_tokens": 30}
-
-    async def main() -> str:
-        aengine.start()
-        try:
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-                async with c.stream("POST", "/v1/responses", json=body) as r:
-                    assert r.status_code == 200
-                    return "".join([chunk async for chunk in r.aiter_text()])
-        finally:
-            aengine.shutdown()
-
-    text = asyncio.run(main())
-    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+    events = stream_through_failing_step("/v1/responses", body)
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     assert events[0]["type"] == "response.created"
     last = events[-1]
