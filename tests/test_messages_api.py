@@ -53,18 +53,24 @@ def _chat(llm, messages, max_tokens):
     return llm.chat(messages, SamplingParams(temperature=0, max_tokens=max_tokens))[0]
 
 
+def _ask(client, max_tokens=40, **kw):
+    """The brief question about France, greedy."""
+    return client.messages.create(
+        model=MODEL,
+        max_tokens=max_tokens,
+        system=BRIEF,
+        messages=[{"role": "user", "content": ASK}],
+        **kw,
+        **GREEDY,
+    )
+
+
 def _post(server, path, body, key=KEY):
     return httpx.post(server.url + path, json=body, headers={"x-api-key": key}, timeout=120)
 
 
 def test_text_message_equals_the_chat_it_is(client, llm_f32):
-    r = client.messages.create(
-        model=MODEL,
-        max_tokens=40,
-        system=BRIEF,
-        messages=[{"role": "user", "content": ASK}],
-        **GREEDY,
-    )
+    r = _ask(client)
     ref = _chat(
         llm_f32, [{"role": "system", "content": BRIEF}, {"role": "user", "content": ASK}], 40
     )
@@ -101,14 +107,7 @@ def test_stream_accumulates_to_the_same_message(client):
 
 
 def test_stop_sequence_is_reported(client, llm_f32):
-    r = client.messages.create(
-        model=MODEL,
-        max_tokens=40,
-        system=BRIEF,
-        messages=[{"role": "user", "content": ASK}],
-        stop_sequences=["Paris"],
-        **GREEDY,
-    )
+    r = _ask(client, stop_sequences=["Paris"])
     ref = _chat(
         llm_f32, [{"role": "system", "content": BRIEF}, {"role": "user", "content": ASK}], 40
     )

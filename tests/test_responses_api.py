@@ -161,7 +161,7 @@ def test_previous_response_id_continues_the_conversation(client, llm_f32, server
 def test_function_call_and_its_result_round_trip(client):
     """A required tool gives function_call items whose arguments validate; sent back with
     their output, the next turn is the chat endpoint's answer to the same messages."""
-    r = client.responses.create(
+    kw = dict(
         model=MODEL,
         input="What is the weather in Paris?",
         tools=[WEATHER],
@@ -170,19 +170,12 @@ def test_function_call_and_its_result_round_trip(client):
         temperature=0,
         max_output_tokens=80,
     )
+    r = client.responses.create(**kw)
     [call] = r.output
     assert call.type == "function_call" and call.name == "get_weather"
     assert call.id.startswith("fc_") and call.call_id.startswith("call_")
     jsonschema.validate(json.loads(call.arguments), WEATHER["parameters"])
-    with client.responses.stream(
-        model=MODEL,
-        input="What is the weather in Paris?",
-        tools=[WEATHER],
-        tool_choice="required",
-        parallel_tool_calls=False,
-        temperature=0,
-        max_output_tokens=80,
-    ) as stream:
+    with client.responses.stream(**kw) as stream:
         streamed = stream.get_final_response()
     [streamed_call] = streamed.output
     assert (streamed_call.name, streamed_call.arguments) == (call.name, call.arguments)

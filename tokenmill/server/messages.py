@@ -33,8 +33,9 @@ from tokenmill.server.protocol import (
     RequestBody,
     RequestLimits,
     UnsupportedParameter,
+    reject_kinds,
 )
-from tokenmill.server.streams import render_chat, start_chat
+from tokenmill.server.streams import new_pieces, render_chat, start_chat
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 BLOCK_TYPES = ("text", "tool_use", "tool_result")
@@ -159,14 +160,8 @@ class MessagesRequest(RequestBody):
         are named in the error."""
         messages = data.get("messages") if isinstance(data, dict) else None
         for i, message in enumerate(messages if isinstance(messages, list) else []):
-            content = message.get("content") if isinstance(message, dict) else None
-            for j, block in enumerate(content if isinstance(content, list) else []):
-                kind = block.get("type") if isinstance(block, dict) else None
-                if isinstance(kind, str) and kind not in BLOCK_TYPES:
-                    raise ValueError(
-                        f"messages.{i}.content.{j}: {kind!r} blocks are not supported (only "
-                        f"{', '.join(BLOCK_TYPES)})"
-                    )
+            if isinstance(message, dict):
+                reject_kinds(message.get("content"), BLOCK_TYPES, f"messages.{i}.content", "blocks")
         return data
 
     def check_limits(self, limits: RequestLimits) -> None:
@@ -372,12 +367,8 @@ async def messages_response(
         }
 
     async def collect() -> dict:
-        final = None
-        async for _, out in serving.merged(run.streams, run.tracker):
-            final = out
-        assert final is not None
+        final, text, calls = await run.reply(serving)
         o = final.outputs[0]
-        text, calls = (o.text, []) if run.plan.parser is None else run.plan.parser.extract(o.text)
         content = [{"type": "text", "text": text}] if text or not calls else []
         content += [
             {
@@ -397,13 +388,7 @@ async def messages_response(
         try:
             async for _, out in serving.merged(run.streams, run.tracker):
                 o = out.outputs[0]
-                if streamer is None:
-                    text, calls = o.delta_text, []
-                else:
-                    text, calls = streamer.feed(o.delta_text)
-                    if o.finished:
-                        tail, more = streamer.finish()
-                        text, calls = text + tail, calls + more
+                text, calls = new_pieces(streamer, o)
                 lines = []
                 if text:
                     if not blocks or blocks[-1] != "text":

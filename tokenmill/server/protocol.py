@@ -65,6 +65,27 @@ def _surrogate_path(value: Any) -> str | None:
     return None
 
 
+def check_metadata(meta: dict[str, str] | None) -> None:
+    """OpenAI's limits on a request's `metadata`: 16 pairs, keys of 64, values of 512 chars."""
+    meta = meta or {}
+    if len(meta) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in meta.items()):
+        raise UnsupportedParameter(
+            "metadata", "metadata holds at most 16 pairs, keys of 64 and values of 512 chars"
+        )
+
+
+def reject_kinds(values: Any, allowed: tuple[str, ...], where: str, what: str) -> None:
+    """A ValueError naming the first object of the list `values` whose "type" is a string not
+    in `allowed` (an input the endpoint does not serve, such as an image), as "where.i"."""
+    for i, value in enumerate(values if isinstance(values, list) else []):
+        kind = value.get("type") if isinstance(value, dict) else None
+        if isinstance(kind, str) and kind not in allowed:
+            raise ValueError(
+                f"{where}.{i}: {what} of type {kind!r} are not supported (only "
+                f"{', '.join(allowed)})"
+            )
+
+
 class RequestBody(BaseModel):
     """A top-level request body: rejects invalid Unicode anywhere in it before validation."""
 
@@ -492,11 +513,7 @@ class ChatCompletionRequest(_Common):
             )
         if any(m != "text" for m in self.modalities or []):
             raise UnsupportedParameter("modalities", 'only the "text" modality is supported')
-        meta = self.metadata or {}
-        if len(meta) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in meta.items()):
-            raise UnsupportedParameter(
-                "metadata", "metadata holds at most 16 pairs, keys of 64 and values of 512 chars"
-            )
+        check_metadata(self.metadata)
         for name in ("functions", "function_call"):
             if getattr(self, name):
                 raise UnsupportedParameter(

@@ -36,8 +36,10 @@ from tokenmill.server.protocol import (
     RequestBody,
     RequestLimits,
     UnsupportedParameter,
+    check_metadata,
+    reject_kinds,
 )
-from tokenmill.server.streams import ChatRun, start_chat
+from tokenmill.server.streams import ChatRun, new_pieces, start_chat
 from tokenmill.server.tools import new_call_id
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
@@ -196,25 +198,16 @@ class ResponsesRequest(RequestBody):
         named in the error."""
         if not isinstance(data, dict) or not isinstance(data.get("input"), list):
             return data
-        items = []
-        for i, item in enumerate(data["input"]):
-            if isinstance(item, dict) and "type" not in item and "role" in item:
-                item = {**item, "type": "message"}
-            kind = item.get("type") if isinstance(item, dict) else None
-            if isinstance(kind, str) and kind not in ITEM_TYPES:
-                raise ValueError(
-                    f"input {i}: items of type {kind!r} are not supported (only "
-                    f"{', '.join(ITEM_TYPES)})"
-                )
-            content = item.get("content") if kind == "message" else None
-            for j, part in enumerate(content if isinstance(content, list) else []):
-                kind = part.get("type") if isinstance(part, dict) else None
-                if isinstance(kind, str) and kind not in PART_TYPES:
-                    raise ValueError(
-                        f"input {i}, content part {j}: {kind!r} is not supported (text only: "
-                        f"{', '.join(PART_TYPES)})"
-                    )
-            items.append(item)
+        items = [
+            {**item, "type": "message"}
+            if isinstance(item, dict) and "type" not in item and "role" in item
+            else item
+            for item in data["input"]
+        ]
+        reject_kinds(items, ITEM_TYPES, "input", "items")
+        for i, item in enumerate(items):
+            if isinstance(item, dict) and item.get("type") == "message":
+                reject_kinds(item.get("content"), PART_TYPES, f"input.{i}.content", "parts")
         return {**data, "input": items}
 
     @property
@@ -256,11 +249,7 @@ class ResponsesRequest(RequestBody):
             raise UnsupportedParameter(
                 "stream_options", "stream_options is only allowed when stream is true"
             )
-        meta = self.metadata or {}
-        if len(meta) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in meta.items()):
-            raise UnsupportedParameter(
-                "metadata", "metadata holds at most 16 pairs, keys of 64 and values of 512 chars"
-            )
+        check_metadata(self.metadata)
 
     def messages(self) -> list[dict[str, Any]]:
         """The input items as chat messages: function calls join the assistant message before
@@ -671,15 +660,9 @@ async def responses_response(
         return None if lp is None else lp["content"]
 
     async def collect() -> dict:
-        final = None
-        async for _, out in serving.merged(run.streams, run.tracker):
-            final = out
-        assert final is not None
+        final, content, calls = await run.reply(serving)
         o = final.outputs[0]
         status = "incomplete" if o.finish_reason == "length" else "completed"
-        content, calls = (
-            (o.text, []) if run.plan.parser is None else run.plan.parser.extract(o.text)
-        )
         output = []
         if content or not calls:
             message = _message_item(status)
@@ -699,13 +682,7 @@ async def responses_response(
                 o = out.outputs[0]
                 start = len(o.token_ids) - len(o.delta_token_ids)
                 lp = logprobs(o, start)
-                if streamer is None:
-                    content, calls = o.delta_text, []
-                else:
-                    content, calls = streamer.feed(o.delta_text)
-                    if o.finished:
-                        tail, more = streamer.finish()
-                        content, calls = content + tail, calls + more
+                content, calls = new_pieces(streamer, o)
                 if content or (lp and streamer is None):
                     for line in items.text(content, lp):
                         yield line

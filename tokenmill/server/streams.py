@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 from tokenmill.engine.chat_template import template_variables
+from tokenmill.engine.tool_parsers import ToolStreamer
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.server.handlers import (
     OpenAIServing,
@@ -187,6 +188,19 @@ async def completion_response(
     return stream() if body.stream else collect()
 
 
+def new_pieces(streamer: ToolStreamer | None, o: CompletionOutput) -> tuple[str, list]:
+    """A sample's new text as (content, tool-call pieces): all content without a tool parser;
+    with one, what its streamer makes of the delta (and, once the sample finished, of what it
+    held back)."""
+    if streamer is None:
+        return o.delta_text, []
+    content, calls = streamer.feed(o.delta_text)
+    if o.finished:
+        tail, more = streamer.finish()
+        content, calls = content + tail, calls + more
+    return content, calls
+
+
 @dataclasses.dataclass
 class ChatRun:
     """A chat request rendered and queued: how its tools render, parse and constrain, its
@@ -197,6 +211,17 @@ class ChatRun:
     request_id: str
     streams: list
     tracker: Any
+
+    async def reply(self, serving: OpenAIServing) -> tuple[RequestOutput, str, list]:
+        """Wait for a one-sample run to end: its final output, and the sample's text split
+        into content and the tool calls the parser found (none without a parser)."""
+        final = None
+        async for _, out in serving.merged(self.streams, self.tracker):
+            final = out
+        assert final is not None
+        text = final.outputs[0].text
+        content, calls = (text, []) if self.plan.parser is None else self.plan.parser.extract(text)
+        return final, content, calls
 
 
 async def render_chat(
@@ -316,12 +341,7 @@ async def chat_response(
     def deltas(o: CompletionOutput) -> list[dict]:
         """The chunk deltas for a sample's new text: content, or tool-call pieces (the id,
         type and name first, then argument fragments)."""
-        if not streamers:
-            return [{"content": o.delta_text}] if o.delta_text else []
-        content, calls = streamers[o.index].feed(o.delta_text)
-        if o.finished:
-            tail, more = streamers[o.index].finish()
-            content, calls = content + tail, calls + more
+        content, calls = new_pieces(streamers.get(o.index), o)
         out: list[dict] = [{"content": content}] if content else []
         for d in calls:
             if d.name is not None:
