@@ -259,3 +259,68 @@ def test_a_failing_step_ends_the_stream_with_an_error_event():
     last = events[-1]
     assert last["type"] == "error" and last["error"]["type"] == "api_error"
     assert "injected step failure" in last["error"]["message"]
+
+
+def test_blocks_become_these_chat_messages():
+    """Hand-written: tool_use blocks are the assistant turn's calls (input as JSON text),
+    tool_result blocks become tool messages (an error's text marked) before the user's text."""
+    from tokenmill.server.messages import MessagesRequest
+
+    body = MessagesRequest.model_validate(
+        {
+            "model": MODEL,
+            "max_tokens": 5,
+            "system": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}],
+            "messages": [
+                {"role": "user", "content": "Weather?"},
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "text", "text": "Checking."},
+                        {"type": "tool_use", "id": "t1", "name": "w", "input": {"city": "Oslo"}},
+                    ],
+                },
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "tool_result", "tool_use_id": "t1", "content": "cold"},
+                        {"type": "text", "text": "Thanks."},
+                    ],
+                },
+                {
+                    "role": "assistant",
+                    "content": [{"type": "tool_use", "id": "t2", "name": "w", "input": {}}],
+                },
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "tool_result",
+                            "tool_use_id": "t2",
+                            "content": [{"type": "text", "text": "no city"}],
+                            "is_error": True,
+                        }
+                    ],
+                },
+            ],
+        }
+    )
+    chat = body.chat_request()
+    got = [m.model_dump(exclude_none=True) for m in chat.messages]
+
+    def call(i, args):
+        return {"id": i, "type": "function", "function": {"name": "w", "arguments": args}}
+
+    assert got == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather?"},
+        {
+            "role": "assistant",
+            "content": "Checking.",
+            "tool_calls": [call("t1", '{"city": "Oslo"}')],
+        },
+        {"role": "tool", "content": "cold", "tool_call_id": "t1", "name": "w"},
+        {"role": "user", "content": "Thanks."},
+        {"role": "assistant", "tool_calls": [call("t2", "{}")]},
+        {"role": "tool", "content": "Error: no city", "tool_call_id": "t2", "name": "w"},
+    ]

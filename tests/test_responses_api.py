@@ -349,3 +349,55 @@ def test_a_failing_step_ends_the_stream_with_response_failed():
     added = [e["output_index"] for e in events if e["type"] == "response.output_item.added"]
     done = [e["output_index"] for e in events if e["type"] == "response.output_item.done"]
     assert added and added == done  # the message opened before the failure was closed
+
+
+def test_input_items_become_these_chat_messages():
+    """Hand-written: an assistant text and the calls after it are one turn, a call's output
+    names its function (called in the input or in the stored conversation before it)."""
+    from tokenmill.server.responses import ResponsesRequest
+
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    history = [
+        {"role": "user", "content": "earlier"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+    ]
+    body = ResponsesRequest.model_validate(
+        {
+            "model": MODEL,
+            "instructions": "Be brief.",
+            "input": [
+                {"type": "function_call_output", "call_id": "call_1", "output": "one"},
+                {"role": "developer", "content": [{"type": "input_text", "text": "Rules."}]},
+                {"role": "user", "content": "Hi"},
+                {
+                    "type": "message",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": "Let me", "annotations": []}],
+                },
+                {"type": "function_call", "call_id": "call_2", "name": "g", "arguments": '{"a":1}'},
+                {"type": "function_call_output", "call_id": "call_2", "output": "two"},
+            ],
+        }
+    )
+    chat = body.chat_request(history)
+    got = [m.model_dump(exclude_none=True) for m in chat.messages]
+    assert got == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "earlier"},
+        {"role": "assistant", "tool_calls": [call]},
+        {"role": "tool", "content": "one", "tool_call_id": "call_1", "name": "f"},
+        {"role": "developer", "content": "Rules."},
+        {"role": "user", "content": "Hi"},
+        {
+            "role": "assistant",
+            "content": "Let me",
+            "tool_calls": [
+                {
+                    "id": "call_2",
+                    "type": "function",
+                    "function": {"name": "g", "arguments": '{"a":1}'},
+                }
+            ],
+        },
+        {"role": "tool", "content": "two", "tool_call_id": "call_2", "name": "g"},
+    ]

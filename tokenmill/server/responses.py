@@ -251,13 +251,16 @@ class ResponsesRequest(RequestBody):
             )
         check_metadata(self.metadata)
 
-    def messages(self) -> list[dict[str, Any]]:
+    def messages(self, history: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
         """The input items as chat messages: function calls join the assistant message before
-        them (one turn), a call's output becomes a `tool` message naming its function."""
+        them (one turn), a call's output becomes a `tool` message naming its function (called
+        in the input or in the `history` it follows)."""
         if isinstance(self.input, str):
             return [{"role": "user", "content": self.input}]
         messages: list[dict[str, Any]] = []
-        names: dict[str, str] = {}  # call_id -> function name
+        names = {  # call_id -> function name
+            c["id"]: c["function"]["name"] for m in history for c in m.get("tool_calls") or []
+        }
         for item in self.input:
             if isinstance(item, MessageItem):
                 messages.append({"role": item.role, "content": item.text()})
@@ -285,7 +288,7 @@ class ResponsesRequest(RequestBody):
         """The chat request this one is: `history` (a stored conversation) and the input,
         after the instructions as a system message."""
         messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
-        messages += history + self.messages()
+        messages += history + self.messages(history)
         if not messages:
             raise UnsupportedParameter("input", "input is empty")
         choice: Any = self.tool_choice
