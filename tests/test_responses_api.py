@@ -280,7 +280,7 @@ def test_logprobs_equal_the_chat_endpoint(client):
         ({"background": True}, "background"),
         ({"truncation": "auto"}, "truncation"),
         ({"reasoning": {"effort": "high"}}, "reasoning"),
-        ({"include": ["reasoning.encrypted_content"]}, "include"),
+        ({"include": ["message.output_text.logprobs", "no.such.field"]}, "include"),
         ({"tool_choice": "required"}, "tool_choice"),  # no tools
         ({"max_output_tokens": 0}, "max_output_tokens"),
         ({"max_output_tokens": 1 << 20}, "max_output_tokens"),
@@ -305,6 +305,15 @@ def test_bad_requests_are_400(server, patch, param):
         assert error["param"] == param
     if patch.get("input"):
         assert "not supported" in error["message"]
+
+
+def test_includes_about_items_never_produced_are_accepted(client):
+    """Codex and other clients ask for reasoning's encrypted content whatever the model: no
+    reasoning item exists here, so the request is served as without it."""
+    kw = dict(model=MODEL, input=ASK, temperature=0, max_output_tokens=8)
+    plain = client.responses.create(**kw)
+    r = client.responses.create(**kw, include=["reasoning.encrypted_content"], store=False)
+    assert r.output_text == plain.output_text and [o.type for o in r.output] == ["message"]
 
 
 def test_unknown_model_is_404(client):

@@ -44,6 +44,18 @@ from tokenmill.server.tools import new_call_id
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
 LOGPROBS_INCLUDE = "message.output_text.logprobs"  # the one `include` value with a meaning here
+# `include` values about items this server never produces (hosted tools' results, images,
+# reasoning): accepted, and vacuously honoured (clients such as Codex send
+# "reasoning.encrypted_content" whatever the model)
+VACUOUS_INCLUDES = (
+    "file_search_call.results",
+    "web_search_call.results",
+    "web_search_call.action.sources",
+    "message.input_image.image_url",
+    "computer_call_output.output.image_url",
+    "code_interpreter_call.outputs",
+    "reasoning.encrypted_content",
+)
 MAX_STORED_RESPONSES = 1024  # the store's bounds: responses, and bytes of their JSON
 MAX_STORED_BYTES = 256 << 20
 ITEM_TYPES = ("message", "function_call", "function_call_output")
@@ -240,11 +252,9 @@ class ResponsesRequest(RequestBody):
             reject("reasoning", "reasoning (this server runs no reasoning models)")
         if self.text is not None and self.text.verbosity not in (None, "medium"):
             reject("text", "text.verbosity other than medium")
-        unknown = sorted(set(self.include or []) - {LOGPROBS_INCLUDE})
+        unknown = sorted(set(self.include or []) - {LOGPROBS_INCLUDE, *VACUOUS_INCLUDES})
         if unknown:
-            raise UnsupportedParameter(
-                "include", f"include: only {LOGPROBS_INCLUDE!r} is supported, got {unknown}"
-            )
+            raise UnsupportedParameter("include", f"include: unknown value(s) {unknown}")
         if self.stream_options is not None and not self.stream:
             raise UnsupportedParameter(
                 "stream_options", "stream_options is only allowed when stream is true"
