@@ -278,7 +278,6 @@ def test_logprobs_equal_the_chat_endpoint(client):
     [
         ({"tools": [{"type": "web_search"}]}, "tools"),
         ({"background": True}, "background"),
-        ({"truncation": "auto"}, "truncation"),
         ({"reasoning": {"effort": "high"}}, "reasoning"),
         ({"include": ["message.output_text.logprobs", "no.such.field"]}, "include"),
         ({"tool_choice": "required"}, "tool_choice"),  # no tools
@@ -314,6 +313,36 @@ def test_includes_about_items_never_produced_are_accepted(client):
     plain = client.responses.create(**kw)
     r = client.responses.create(**kw, include=["reasoning.encrypted_content"], store=False)
     assert r.output_text == plain.output_text and [o.type for o in r.output] == ["message"]
+
+
+def test_truncation_auto_drops_the_oldest_turns_to_fit(client, server, llm_f32):
+    """A conversation longer than the 1024-token context: refused as it is, served with
+    truncation "auto" as the chat of its newest turns that fit (the instructions kept)."""
+    filler = "The quick brown fox jumps over the lazy dog near the river bank. " * 6
+    turns = []
+    for i in range(12):
+        turns += [
+            {"role": "user", "content": f"Note {i}: {filler}"},
+            {"role": "assistant", "content": f"Noted {i}."},
+        ]
+    turns.append({"role": "user", "content": ASK})
+    system = [{"role": "system", "content": BRIEF}]
+    kw = dict(model=MODEL, instructions=BRIEF, input=turns, temperature=0, max_output_tokens=20)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(**kw)
+    assert e.value.body["param"] == "max_output_tokens"
+    r = client.responses.create(**kw, truncation="auto")
+    # the documented rule, computed here: drop whole turns (a user message and its reply)
+    # from the oldest until the prompt and max_output_tokens fit the context
+    dropped = next(
+        k
+        for k in range(0, len(turns), 2)
+        if len(llm_f32.encode_chat(system + turns[k:])[1]) + 20 <= 1024
+    )
+    assert dropped > 0
+    ref = _chat(llm_f32, system + turns[dropped:], 20)
+    assert r.output_text == ref.outputs[0].text and r.truncation == "auto"
+    assert r.usage.input_tokens == len(ref.prompt_token_ids)
 
 
 def test_unknown_model_is_404(client):

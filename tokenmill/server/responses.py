@@ -168,7 +168,7 @@ class ResponsesStreamOptions(BaseModel):
 
 class ResponsesRequest(RequestBody):
     """The body of POST /v1/responses. Fields that cannot be honoured here (hosted tools,
-    reasoning, background runs, `truncation: auto`, a verbosity other than the default) are a
+    reasoning, background runs, a verbosity other than the default) are a
     400 naming them; `store`, `metadata` and the like are kept or accepted."""
 
     model: str
@@ -244,8 +244,6 @@ class ResponsesRequest(RequestBody):
 
         if self.background:
             reject("background", "background: true")
-        if self.truncation == "auto":
-            reject("truncation", 'truncation "auto" (dropping input items to fit)')
         if self.max_tool_calls is not None:
             reject("max_tool_calls", "max_tool_calls")
         if self.reasoning is not None and any(self.reasoning.model_dump().values()):
@@ -337,6 +335,20 @@ class ResponsesRequest(RequestBody):
         except ValidationError as e:  # a stored conversation or item the chat path refuses
             err = e.errors()[0]
             raise UnsupportedParameter("input", f"input: {err['msg']}") from None
+
+
+def without_oldest_turn(chat: ChatCompletionRequest) -> ChatCompletionRequest | None:
+    """`truncation: "auto"`: the conversation without its oldest turn (a user message and
+    what follows it up to the next one; system messages stay), or None when only the last
+    turn is left."""
+    messages = chat.messages
+    first = next((i for i, m in enumerate(messages) if m.role not in ("system", "developer")), None)
+    if first is None:
+        return None
+    nxt = next((i for i in range(first + 1, len(messages)) if messages[i].role == "user"), None)
+    if nxt is None:
+        return None
+    return chat.model_copy(update={"messages": messages[:first] + messages[nxt:]})
 
 
 # Chat parameters named as the Responses API names them, in errors.
@@ -591,7 +603,15 @@ async def responses_response(
     try:
         chat = body.chat_request(history)
         chat.check_limits(limits)
-        run: ChatRun = await start_chat(serving, chat, "resp")
+        while True:
+            try:
+                run: ChatRun = await start_chat(serving, chat, "resp")
+                break
+            except ContextLengthError:
+                shorter = without_oldest_turn(chat) if body.truncation == "auto" else None
+                if shorter is None:
+                    raise
+                chat = shorter
     except UnsupportedParameter as e:
         raise _renamed(e) from None
     except ContextLengthError as e:
@@ -646,7 +666,7 @@ async def responses_response(
             "tools": [t.model_dump() for t in body.tools or []],
             "top_logprobs": body.top_logprobs,
             "top_p": 1.0 if body.top_p is None else body.top_p,
-            "truncation": "disabled",
+            "truncation": body.truncation or "disabled",
             "usage": None
             if final is None
             else {
