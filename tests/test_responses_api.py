@@ -158,6 +158,30 @@ def test_previous_response_id_continues_the_conversation(client, llm_f32, server
     assert httpx.get(f"{server.url}/v1/responses/{unstored.id}").status_code == 404
 
 
+def test_input_items_are_listed_back(client, server):
+    """GET /v1/responses/{id}/input_items as the SDK pages it: typed items with ids, newest
+    first by default, `after` and `limit` paging."""
+    given = [
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Hi there."},
+        {"type": "message", "id": "msg_mine", "role": "user", "content": "Bye"},
+    ]
+    r = client.responses.create(model=MODEL, input=given, max_output_tokens=2)
+    items = client.responses.input_items.list(r.id, order="asc").data
+    assert [(i.type, i.role, i.content[0].text) for i in items] == [
+        ("message", "user", "Hello"),
+        ("message", "assistant", "Hi there."),
+        ("message", "user", "Bye"),
+    ]
+    assert items[2].id == "msg_mine" and len({i.id for i in items}) == 3
+    newest = client.responses.input_items.list(r.id).data
+    assert [i.id for i in newest] == [i.id for i in reversed(items)]
+    page = client.responses.input_items.list(r.id, order="asc", limit=1, after=items[0].id)
+    assert [i.id for i in page.data] == [items[1].id] and page.has_more
+    bad = httpx.get(f"{server.url}/v1/responses/{r.id}/input_items", params={"after": "x"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "after"
+
+
 def test_function_call_and_its_result_round_trip(client):
     """A required tool gives function_call items whose arguments validate; sent back with
     their output, the next turn is the chat endpoint's answer to the same messages."""

@@ -10,9 +10,9 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.datastructures import Headers
@@ -472,6 +472,20 @@ def build_app(
     async def get_response(response_id: str) -> dict:
         """A stored response (one created with store: true, among the newest kept)."""
         return stored_response(response_id).response
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def response_input_items(
+        response_id: str,
+        limit: Annotated[int, Query(ge=1, le=100)] = 20,
+        order: Literal["asc", "desc"] = "desc",
+        after: str | None = None,
+    ) -> dict:
+        """A stored response's input items (OpenAI's list, newest first by default; `include`
+        adds nothing: no item here has more to show)."""
+        try:
+            return stored_response(response_id).list_items(limit, order, after)
+        except UnsupportedParameter as e:
+            raise APIError(400, str(e), param=e.param) from None
 
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(response_id: str) -> dict:

@@ -17,12 +17,12 @@ count and bytes that drops the oldest: `previous_response_id` then continues its
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -259,6 +259,25 @@ class ResponsesRequest(RequestBody):
             )
         check_metadata(self.metadata)
 
+    def input_items(self) -> list[dict[str, Any]]:
+        """The input as OpenAI lists it back: typed items, each with an id (given, or new)."""
+        given = (
+            [MessageItem(role="user", content=self.input)]
+            if isinstance(self.input, str)
+            else self.input
+        )
+        prefixes = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
+        items = []
+        for item in given:
+            data = item.model_dump(exclude_none=True)
+            if isinstance(item, MessageItem) and isinstance(item.content, str):
+                kind = "output_text" if item.role == "assistant" else "input_text"
+                data["content"] = [{"type": kind, "text": item.content}]
+            data.setdefault("id", _new_id(prefixes[item.type]))
+            data.setdefault("status", "completed")
+            items.append(data)
+        return items
+
     def messages(self, history: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
         """The input items as chat messages: function calls join the assistant message before
         them (one turn), a call's output becomes a `tool` message naming its function (called
@@ -365,14 +384,33 @@ def _renamed(e: UnsupportedParameter) -> UnsupportedParameter:
 
 
 # ---- the store -----------------------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class StoredResponse:
     response: dict[str, Any]  # the response object, as returned
     messages: list[dict[str, Any]]  # its conversation without instructions, output included
+    input_items: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # with ids
 
     def size(self) -> int:
         """Its bytes as JSON, a measure of the memory it holds."""
-        return len(json.dumps([self.response, self.messages]))
+        return len(json.dumps([self.response, self.messages, self.input_items]))
+
+    def list_items(self, limit: int, order: str, after: str | None) -> dict[str, Any]:
+        """OpenAI's list of the request's input items: `limit` of them in `order` (desc:
+        newest first), after the item with id `after`."""
+        items = self.input_items if order == "asc" else self.input_items[::-1]
+        if after is not None:
+            ids = [item["id"] for item in items]
+            if after not in ids:
+                raise UnsupportedParameter("after", f"no input item has id {after!r}")
+            items = items[ids.index(after) + 1 :]
+        page = items[:limit]
+        return {
+            "object": "list",
+            "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(items) > len(page),
+        }
 
 
 class ResponseStore:
@@ -685,7 +723,7 @@ async def responses_response(
         response = response_object(status, output, final)
         if body.stores:
             messages = conversation + [_assistant_message(output)]
-            store.put(response_id, StoredResponse(response, messages))
+            store.put(response_id, StoredResponse(response, messages, body.input_items()))
         return response
 
     def logprobs(o: CompletionOutput, start: int) -> list | None:
