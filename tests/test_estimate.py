@@ -108,7 +108,11 @@ def test_estimate_matches_the_resident_size_of_an_engine(case, dense_llama):
     # above its size after a first small step
     step = e["activations"] + r["kv_written"]
     rise = r["step_peak"] - r["loaded"]
-    assert 0.8 <= step / rise <= 1.25, (case, step / rise, r)
+    # The same step's rise varies between processes: default-float32 measured 162.6-206.1 MB
+    # over 22 runs on a 2-core AMD EPYC (estimate / rise 0.794-1.006), in steps of 17-43 MB
+    # (not the garbage collector, not malloc's arena count; a fixed mmap threshold removes it
+    # but then measures no allocator slack, which real processes keep). Hence 0.75.
+    assert 0.75 <= step / rise <= 1.25, (case, step / rise, r)
     # loading, and the whole run, against the process's peaks
     assert 0.85 <= r["loading_peak"] / r["loaded_peak"] <= 1.1, (case, r)
     run = r["fixed"] + r["kv_written"]
