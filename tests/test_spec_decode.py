@@ -1,7 +1,8 @@
-"""Speculative decoding (prompt-lookup drafts): the proposer against a naive search, the rejection
-sampler's output distribution against hand-computed target distributions, and the engine's
-output against plain decoding (greedy: token for token; limits, stops, preemption, prefix
-cache, mixed batches), the options and the server's counters."""
+"""Speculative decoding (prompt-lookup drafts and a draft model): the proposer against a naive
+search, the rejection sampler's output distribution against hand-computed target distributions,
+and the engine's output against plain decoding (greedy: token for token; limits, stops,
+preemption, prefix cache, mixed batches), the draft model's cache bookkeeping (a draft that
+is the target gets its guesses accepted), the options and the server's counters."""
 
 from __future__ import annotations
 
@@ -18,9 +19,12 @@ from tests.server_utils import ServerProcess
 from tests.test_engine import _prompts
 from tokenmill import LLM, SamplingParams
 from tokenmill.config import EngineArgs, SpeculativeConfig
+from tokenmill.core.kv_cache_manager import KVCacheManager
+from tokenmill.core.request import Request
 from tokenmill.core.spec_decode import NgramProposer
 from tokenmill.kernels.cpu_ops import get_ops
 from tokenmill.layers.ops import CpuOps, TorchOps
+from tokenmill.loader.resolve import default_model_path
 from tokenmill.sample.rejection import accept_greedy, rejection_sample
 from tokenmill.sample.sampler import build_sampling_metadata
 
@@ -224,9 +228,19 @@ COPY_PROMPTS = [
 ]
 
 
+# a draft model: the embedded file on its native kernels (8-bit activations) drafting for the
+# same file dequantized to float32: mostly right, sometimes not
+DRAFT = {"model": str(default_model_path()), "num_speculative_tokens": 4, "quantization": "auto"}
+
+
+@pytest.fixture(scope="module", params=["ngram", "draft model"])
+def spec(request):
+    return SPEC if request.param == "ngram" else DRAFT
+
+
 @pytest.fixture(scope="module")
-def spec_llm():
-    return LLM(dtype="float32", max_model_len=2048, quantization="none", speculative_config=SPEC)
+def spec_llm(spec):
+    return LLM(dtype="float32", max_model_len=2048, quantization="none", speculative_config=spec)
 
 
 def _check_same_as_plain(ref, got, label: str) -> None:
@@ -266,7 +280,7 @@ def test_greedy_output_is_plain_greedy_output(llm_f32, spec_llm):
         assert len(got.outputs[0].token_ids) == 48
 
 
-def test_limits_and_stops_hold_inside_accepted_drafts(llm_f32, spec_llm):
+def test_limits_and_stops_hold_inside_accepted_drafts(llm_f32, spec_llm, spec):
     """max_tokens, the context length, stop strings and stop tokens cut a run of accepted
     drafts exactly where plain decoding stops."""
     prompt = COPY_PROMPTS[1]
@@ -288,7 +302,7 @@ def test_limits_and_stops_hold_inside_accepted_drafts(llm_f32, spec_llm):
         ), label
     assert len(llm_f32.generate(prompt, cases["max_tokens"])[0].outputs[0].token_ids) == 13
 
-    short = LLM(dtype="float32", quantization="none", max_model_len=40, speculative_config=SPEC)
+    short = LLM(dtype="float32", quantization="none", max_model_len=40, speculative_config=spec)
     n_prompt = len(short.engine.tokenizer.encode(prompt))
     out = short.generate(prompt, SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))
     got = out[0].outputs[0]
@@ -298,7 +312,7 @@ def test_limits_and_stops_hold_inside_accepted_drafts(llm_f32, spec_llm):
 
 
 @pytest.mark.slow
-def test_preemption_chunks_and_prefix_cache_keep_the_output(llm_f32):
+def test_preemption_chunks_and_prefix_cache_keep_the_output(llm_f32, spec):
     """Tiny KV (requests preempted and recomputed, rejected drafts' slots reused), 32-token
     chunks, and a prefix-cache hit: still plain greedy output, and every block comes back."""
     prompts = COPY_PROMPTS + _prompts(9)
@@ -309,18 +323,20 @@ def test_preemption_chunks_and_prefix_cache_keep_the_output(llm_f32):
         dtype="float32",
         quantization="none",
         max_model_len=256,
-        num_kv_blocks=20,
+        # small enough to preempt (a draft model's drafts come in fuller steps)
+        num_kv_blocks=20 if spec is SPEC else 18,
         max_num_batched_tokens=32,
-        speculative_config=SPEC,
+        speculative_config=spec,
     )
     outs = llm.generate(prompts, params)
     assert llm.engine.scheduler.num_preemptions_total > 0
     assert _spec_counts(llm)[2] > 0
     for i, (ref, got) in enumerate(zip(refs, outs)):
         _check_same_as_plain(ref, got, f"prompt {i}")
-    again = llm.generate(prompts[0], params)[0]
+    # the last prompt's blocks were freed last: the least recently used go first
+    again = llm.generate(prompts[-1], params)[0]
     assert again.num_cached_tokens > 0
-    assert again.outputs[0].token_ids == outs[0].outputs[0].token_ids
+    assert again.outputs[0].token_ids == outs[-1].outputs[0].token_ids
     kv = llm.engine.scheduler.kv
     assert kv.num_free_blocks == kv.block_pool.num_blocks
 
@@ -349,6 +365,94 @@ def test_mixed_batch_with_requests_that_get_no_drafts(llm_f32, spec_llm):
     assert outs[4].outputs[0].token_ids == alone
 
 
+# ---- a draft model -----------------------------------------------------------------------------
+def test_a_draft_that_is_the_target_gets_its_guesses_accepted(llm_f32):
+    """The target drafting for itself (the same float32 weights): every guess is the target's
+    own greedy token, unless the draft's cache held wrong keys and values at some position (a
+    guess kept after the target rejected it, a position shifted, a preempted request's old
+    blocks). With 48-token chunks, a cache small enough to preempt, and a prefix-cache hit; the
+    output is plain greedy."""
+    prompts = COPY_PROMPTS + _prompts(5)
+    ref_params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=2)
+    refs = llm_f32.generate(prompts, ref_params)
+    llm = LLM(
+        dtype="float32",
+        quantization="none",
+        max_model_len=256,
+        num_kv_blocks=24,
+        max_num_batched_tokens=48,
+        speculative_config={"model": str(default_model_path()), "num_speculative_tokens": 3},
+    )
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    outs = llm.generate(prompts, params)
+    assert llm.engine.scheduler.num_preemptions_total > 0
+    for i, (ref, got) in enumerate(zip(refs, outs)):
+        _check_same_as_plain(ref, got, f"prompt {i}")
+    again = llm.generate(prompts[-1], params)[0]  # freed last, so still cached
+    assert again.num_cached_tokens > 0
+    assert again.outputs[0].token_ids == outs[-1].outputs[0].token_ids
+    _, draft_tokens, accepted = _spec_counts(llm)
+    assert draft_tokens > 100 and accepted >= 0.97 * draft_tokens, (draft_tokens, accepted)
+    assert not llm.engine.drafter.computed  # every request's state went with it
+
+
+def _slots(cache: torch.Tensor, block_size: int) -> torch.Tensor:
+    """A layer's K or V cache as [slot, head, dim], whichever layout its backend keeps."""
+    if cache.dim() == 4:  # [block, head, token in block, dim]
+        return cache.permute(0, 2, 1, 3).reshape(-1, cache.shape[1], cache.shape[3])
+    return cache
+
+
+def test_the_draft_cache_holds_the_targets_keys_and_values():
+    """The target drafting for itself, checked after every step: at every position the
+    target computed for a running request, the draft's cache holds what the target's does
+    (the same weights and tokens: float32 rounding apart). 40-token chunks and a cache small
+    enough to preempt; seeded sampling beside greedy."""
+    llm = LLM(
+        dtype="float32",
+        quantization="none",
+        max_model_len=256,
+        num_kv_blocks=16,
+        max_num_batched_tokens=40,
+        enable_prefix_caching=False,
+        speculative_config={"model": str(default_model_path()), "num_speculative_tokens": 3},
+    )
+    engine = llm.engine
+    bs = engine.config.cache.block_size
+    target = engine.runner.kv_pool.caches
+    draft = engine.drafter.kv_pool.caches
+    for i, prompt in enumerate(COPY_PROMPTS + _prompts(4)):
+        params = SamplingParams(temperature=0.8 * (i % 2), seed=i, max_tokens=24, ignore_eos=True)
+        engine.add_request(None, prompt, params)
+    checked = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        for req in engine.scheduler.running:
+            blocks = engine.scheduler.kv.get_block_ids(req.request_id)
+            pos = np.arange(req.num_computed_tokens)
+            slots = torch.from_numpy(np.asarray(blocks)[pos // bs] * bs + pos % bs)
+            for (tk, tv), (dk, dv) in zip(target, draft):
+                for t, d in ((tk, dk), (tv, dv)):
+                    got, want = _slots(d, bs)[slots], _slots(t, bs)[slots]
+                    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+            checked += len(pos)
+    assert engine.scheduler.num_preemptions_total > 0
+    assert checked > 2000
+    _, draft_tokens, accepted = _spec_counts(llm)
+    assert 0 < accepted <= draft_tokens
+
+
+def test_lookahead_slots_never_cache_a_block_early():
+    """A draft model's lookahead slots (past a prefill chunk) get blocks, but only the blocks
+    the chunk fills are cached: a block of prompt tokens not computed yet must not be found by
+    another request."""
+    kv = KVCacheManager(num_blocks=10, block_size=4, enable_prefix_caching=True)
+    req = Request("a", list(range(10)), SamplingParams(max_tokens=4), set(), 4)
+    blocks = kv.allocate_slots(req, 4, (), 6)
+    assert len(blocks) == 3
+    assert [b.block_hash is not None for b in blocks] == [True, False, False]
+
+
 # ---- options and the server --------------------------------------------------------------------
 @pytest.mark.parametrize(
     "value, message",
@@ -358,7 +462,13 @@ def test_mixed_batch_with_requests_that_get_no_drafts(llm_f32, spec_llm):
         ({"method": "eagle", "num_speculative_tokens": 2}, "method must be one of"),
         ({"method": "ngram"}, "num_speculative_tokens is required"),
         ({"num_speculative_tokens": 0}, "num_speculative_tokens must be an integer >= 1"),
-        ({"num_speculative_tokens": 2, "model": "x"}, "unsupported key(s) model"),
+        ({"num_speculative_tokens": 2, "draft_model": "x"}, "unsupported key(s) draft_model"),
+        ({"method": "ngram", "num_speculative_tokens": 2, "model": "x"}, "needs method"),
+        ({"method": "draft_model", "num_speculative_tokens": 2}, "needs a model"),
+        ({"num_speculative_tokens": 2, "model": ""}, "model must be a path"),
+        ({"num_speculative_tokens": 2, "model": "x", "prompt_lookup_max": 3}, "for method ngram"),
+        ({"num_speculative_tokens": 2, "model": "x", "quantization": "q3"}, "quantization is a"),
+        ({"num_speculative_tokens": 2, "quantization": "none"}, "quantization is a"),
         ({"num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2}, "> prompt"),
         ({"num_speculative_tokens": True}, "must be an integer"),
     ],
@@ -368,12 +478,28 @@ def test_bad_speculative_configs_are_named(value, message):
         EngineArgs(speculative_config=value)
 
 
+def test_draft_model_options_are_checked():
+    with pytest.raises(ValueError, match="one rank"):
+        EngineArgs(
+            speculative_config={"model": "x", "num_speculative_tokens": 2}, tensor_parallel_size=2
+        )
+    with pytest.raises(ValueError, match="nonexistent-draft.gguf"):
+        LLM(
+            dtype="float32",
+            speculative_config={"model": "/nonexistent-draft.gguf", "num_speculative_tokens": 2},
+        )
+
+
 def test_speculative_config_defaults_like_vllm():
     assert SpeculativeConfig.parse('{"num_speculative_tokens": 3}') == SpeculativeConfig(
         "ngram", 3, 5, 5
     )
     assert SpeculativeConfig.parse({"num_speculative_tokens": 3, "prompt_lookup_max": 4}) == (
         SpeculativeConfig("ngram", 3, 4, 4)
+    )
+    # a model given: the draft_model method
+    assert SpeculativeConfig.parse({"num_speculative_tokens": 3, "model": "d.gguf"}) == (
+        SpeculativeConfig("draft_model", 3, model="d.gguf")
     )
 
 

@@ -103,7 +103,8 @@ class CacheConfig:
 
     block_size: int  # tokens per block
     num_blocks: int
-    bytes_per_token: int  # keys and values of every layer (kv_cache_bytes_per_token)
+    # keys and values of every layer (kv_cache_bytes_per_token; with a draft model, its too)
+    bytes_per_token: int
     enable_prefix_caching: bool  # blocks of identical prompt prefixes are shared
     dtype: str = "float32"  # the keys' and values' dtype, a name in DTYPE_SIZES
 
@@ -124,7 +125,7 @@ class CacheConfig:
         return self.capacity_tokens * self.bytes_per_token
 
 
-SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_METHODS = ("ngram", "draft_model")
 
 
 @dataclass(frozen=True)
@@ -135,19 +136,25 @@ class SpeculativeConfig:
     checked in the same forward pass; the output follows the same distribution as without.
     "ngram" drafts by prompt lookup (`core/spec_decode.py`): the tokens that followed the last
     earlier occurrence of the sequence's last n tokens, n from prompt_lookup_max down to
-    prompt_lookup_min. Steps with more running sequences than `disable_by_batch_size` draft
-    nothing (a big batch is compute-bound, where rejected drafts cost real work)."""
+    prompt_lookup_min. "draft_model" (the method when `model` is given, as in vLLM) drafts with
+    a smaller model of the same vocabulary, greedily, after each step (`worker/draft.py`); its
+    KV cache mirrors the target's blocks. Steps with more running sequences than
+    `disable_by_batch_size` draft nothing (a big batch is compute-bound, where rejected drafts
+    cost real work)."""
 
     method: str
     num_speculative_tokens: int
-    prompt_lookup_min: int
-    prompt_lookup_max: int
+    prompt_lookup_min: int = 5
+    prompt_lookup_max: int = 5
     disable_by_batch_size: int | None = None
+    model: str | None = None  # the draft model (a GGUF file or a folder), for "draft_model"
+    quantization: str | None = None  # the draft's --quantization (default: the target's)
 
     @classmethod
     def parse(cls, value: str | dict[str, Any]) -> SpeculativeConfig:
         """From vLLM's JSON / dict form, e.g. {"method": "ngram", "num_speculative_tokens": 4,
-        "prompt_lookup_max": 4}; errors name the offending key."""
+        "prompt_lookup_max": 4} or {"model": "draft.gguf", "num_speculative_tokens": 4};
+        errors name the offending key."""
         if isinstance(value, str):
             try:
                 value = json.loads(value)
@@ -161,17 +168,36 @@ class SpeculativeConfig:
             "prompt_lookup_min",
             "prompt_lookup_max",
             "disable_by_batch_size",
+            "model",
+            "quantization",
         }
         unknown = sorted(set(value) - known)
         if unknown:
             raise ValueError(
                 f"speculative_config: unsupported key(s) {', '.join(unknown)} (supported: "
-                f"{', '.join(sorted(known))}; draft models are not supported yet)"
+                f"{', '.join(sorted(known))})"
             )
-        method = value.get("method", "ngram")
+        model = value.get("model")
+        if model is not None and (not isinstance(model, str) or not model):
+            raise ValueError(f"speculative_config: model must be a path, got {model!r}")
+        method = value.get("method", "ngram" if model is None else "draft_model")
         if method not in SPECULATIVE_METHODS:
             raise ValueError(
                 f"speculative_config: method must be one of {SPECULATIVE_METHODS}, got {method!r}"
+            )
+        if (method == "draft_model") != (model is not None):
+            raise ValueError(
+                "speculative_config: a draft model needs method draft_model (or none) and a model"
+                if model is not None
+                else "speculative_config: method draft_model needs a model (the draft's path)"
+            )
+        if model is not None and {"prompt_lookup_min", "prompt_lookup_max"} & set(value):
+            raise ValueError("speculative_config: prompt_lookup_min/max are for method ngram")
+        quantization = value.get("quantization")
+        if quantization is not None and (model is None or quantization not in QUANTIZATION_MODES):
+            raise ValueError(
+                "speculative_config: quantization is a draft model's, one of "
+                f"{QUANTIZATION_MODES}, got {quantization!r}"
             )
 
         def integer(key: str, default: int | None) -> int | None:
@@ -190,7 +216,7 @@ class SpeculativeConfig:
             raise ValueError(
                 f"speculative_config: prompt_lookup_min ({lo}) > prompt_lookup_max ({hi})"
             )
-        return cls(method, k, lo, hi, integer("disable_by_batch_size", None))
+        return cls(method, k, lo, hi, integer("disable_by_batch_size", None), model, quantization)
 
 
 @dataclass(frozen=True)
@@ -339,8 +365,10 @@ class EngineArgs:
         default=None,
         metadata={
             "help": 'speculative decoding, as JSON (vLLM\'s form), e.g. \'{"method": "ngram", '
-            '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\': draft tokens by prompt '
-            "lookup, checked in the same forward pass (same output distribution)"
+            '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\' (drafts by prompt lookup) '
+            'or \'{"model": "draft.gguf", "num_speculative_tokens": 4}\' (by a smaller model '
+            "of the same vocabulary), checked in the same forward pass (same output "
+            "distribution)"
         },
     )
     enable_lora: bool = dataclasses.field(
@@ -413,7 +441,9 @@ class EngineArgs:
         if self.tensor_parallel_size > 1 and (self.num_scheduler_steps or 1) > 1:
             raise ValueError("num_scheduler_steps > 1 runs on one rank (tensor_parallel_size 1)")
         if self.speculative_config is not None:
-            SpeculativeConfig.parse(self.speculative_config)  # errors now, not at load
+            spec = SpeculativeConfig.parse(self.speculative_config)  # errors now, not at load
+            if spec.model is not None and self.tensor_parallel_size > 1:
+                raise ValueError("a draft model runs on one rank (tensor_parallel_size 1)")
         if self.pooling_type is not None and self.pooling_type not in POOLING_TYPES:
             raise ValueError(
                 f"pooling_type must be one of {POOLING_TYPES}, got {self.pooling_type!r}"
@@ -478,6 +508,7 @@ class EngineArgs:
         model_info: Any,
         kv_budget_bytes: Callable[[ModelConfig], float] | None = None,
         graphs_supported: bool = True,
+        draft_arch: Any = None,
     ) -> EngineConfig:
         """Resolve the options against a model: the one place where the device, the dtypes (compute
         and KV cache), the number of KV blocks and the maximum length are decided.
@@ -493,7 +524,9 @@ class EngineArgs:
         (`graphs_supported`); multi-step decoding (num_scheduler_steps) needs them, and is off
         by default with speculative decoding (the two exclude each other) and with tensor
         parallelism (one rank feeds its tokens back). Under tensor parallelism the budget and
-        the cache's bytes per token are each rank's (its share of the KV heads).
+        the cache's bytes per token are each rank's (its share of the KV heads). With a draft
+        model (`draft_arch`, its ModelArchConfig) every block also holds the draft's keys and
+        values, so a token costs both models' bytes.
         """
         source, arch = model_info.source, model_info.arch
         device = self.torch_device()
@@ -519,6 +552,10 @@ class EngineArgs:
         bytes_per_token = kv_cache_bytes_per_token(  # on each rank: its share of the KV heads
             arch.num_layers, arch.num_kv_heads // tp, arch.head_dim, kv_dtype
         )
+        if draft_arch is not None:
+            bytes_per_token += kv_cache_bytes_per_token(
+                draft_arch.num_layers, draft_arch.num_kv_heads, draft_arch.head_dim, kv_dtype
+            )
         cache = CacheConfig(
             self.block_size,
             self._num_kv_blocks(model, bytes_per_token, kv_budget_bytes),

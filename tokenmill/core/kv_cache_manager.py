@@ -66,16 +66,22 @@ class KVCacheManager:
         return hits, len(hits) * self.block_size
 
     def allocate_slots(
-        self, request: Request, num_new_tokens: int, new_computed_blocks: Sequence[KVBlock] = ()
+        self,
+        request: Request,
+        num_new_tokens: int,
+        new_computed_blocks: Sequence[KVBlock] = (),
+        num_lookahead_tokens: int = 0,
     ) -> list[KVBlock] | None:
         """Make room for `num_new_tokens` more tokens; None (and no change) if blocks run out.
 
         `new_computed_blocks` are prefix-cache hits found by get_computed_blocks for a request
         being scheduled for the first time; their tokens count as already computed.
+        `num_lookahead_tokens` more slots come after those (a draft model writes the keys and
+        values of its guesses there); they never make a block count as full for the cache.
         """
         blocks = self.req_to_blocks.get(request.request_id, [])
         num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
-        num_required = cdiv(num_computed + num_new_tokens, self.block_size)
+        num_required = cdiv(num_computed + num_new_tokens + num_lookahead_tokens, self.block_size)
         num_new_blocks = num_required - len(blocks) - len(new_computed_blocks)
         # Cache hits sitting in the free queue stop being free once we take them.
         num_hits_free = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)

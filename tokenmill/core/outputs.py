@@ -72,6 +72,27 @@ class ScheduledRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class DraftJob:
+    """One request's share of a draft model's work after a step (`Scheduler.draft_jobs`):
+    compute the keys and values of its tokens up to `end` (exclusive) that the draft has not
+    computed yet, then guess `num_drafts` tokens to follow them (0: catch up only).
+
+    `block_ids` is its block table, with room for the guesses' keys and values past `end`.
+    `chunk_start` is where this step's chunk began: for a request the draft has not seen, the
+    tokens before it are in blocks the draft computed already (prefix-cache hits), or none."""
+
+    request: Request
+    block_ids: tuple[int, ...]
+    chunk_start: int
+    end: int
+    num_drafts: int
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+
+@dataclass(frozen=True, slots=True)
 class SchedulerOutput:
     scheduled: tuple[ScheduledRequest, ...]
     total_num_scheduled_tokens: int

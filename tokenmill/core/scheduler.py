@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 from tokenmill.config import SchedulerConfig
 from tokenmill.core.kv_cache_manager import KVCacheManager
-from tokenmill.core.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from tokenmill.core.outputs import DraftJob, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from tokenmill.core.request import Request, RequestStatus
 from tokenmill.core.spec_decode import NgramProposer
 
@@ -30,7 +30,9 @@ class Scheduler:
     With speculative decoding (`config.speculative`), a decoding request whose next tokens need
     nothing from the host in between also computes the draft tokens the proposer finds, within
     the token budget, its max_tokens and the context; the drafts the model rejects are rolled
-    back (their KV slots are simply written again later).
+    back (their KV slots are simply written again later). A draft model proposes after each
+    step instead (`draft_jobs`, then `set_drafts`), and every request gets its guesses' KV
+    slots ahead of time when blocks allow.
     """
 
     def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
@@ -43,8 +45,15 @@ class Scheduler:
         self.num_preemptions_total = 0
         spec = config.speculative
         self.proposer = (
-            None if spec is None else NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
+            NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
+            if spec is not None and spec.method == "ngram"
+            else None
         )
+        draft_model = spec is not None and spec.method == "draft_model"
+        # a draft model's guesses for each decoding request (set_drafts), and the KV slots
+        # reserved past a step's tokens for the next guesses
+        self._proposed: dict[str, tuple[int, ...]] = {}
+        self._lookahead = spec.num_speculative_tokens if draft_model else 0
         # speculative decoding since start: decodes that carried drafts, drafts, accepted drafts
         self.num_spec_drafts_total = 0
         self.num_spec_draft_tokens_total = 0
@@ -71,6 +80,7 @@ class Scheduler:
                 self.waiting.remove(req)
             req.status = status
             self.kv.free(req)
+            self._proposed.pop(rid, None)
             self._finished_ids.add(rid)
             done.append(req)
         return done
@@ -88,6 +98,7 @@ class Scheduler:
     # ---- one step ---------------------------------------------------------------------
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
+        self._proposed.pop(req.request_id, None)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1
@@ -112,7 +123,7 @@ class Scheduler:
                 continue
             drafts = self._drafts(req, budget)
             while True:
-                blocks = self.kv.allocate_slots(req, num_new + len(drafts))
+                blocks = self._allocate(req, num_new + len(drafts))
                 if blocks is not None:
                     break
                 if drafts:  # drop the drafts before preempting anyone for them
@@ -193,7 +204,7 @@ class Scheduler:
                 if not self.config.enable_chunked_prefill:
                     break
                 num_new = budget
-            blocks = self.kv.allocate_slots(req, num_new, hits)
+            blocks = self._allocate(req, num_new, hits)
             if blocks is None:
                 break
             self.waiting.popleft()
@@ -206,34 +217,83 @@ class Scheduler:
             budget -= num_new
         return budget
 
-    def _drafts(self, req: Request, budget: int) -> tuple[int, ...]:
-        """The draft tokens a running request computes this step: none unless speculative
-        decoding is on, the request is decoding (one known token to compute, after its first
-        output token) with nothing from the host between its tokens, and the batch is not
-        over `disable_by_batch_size`; at most what the budget, its max_tokens and the context
-        leave room for after the token it samples anyway."""
+    def _allocate(self, req: Request, num_new: int, hits: list | tuple = ()) -> list | None:
+        """`kv.allocate_slots`, with a draft model's lookahead slots past the new tokens (within
+        the context) when the blocks allow, else without them."""
+        if self._lookahead:
+            computed = req.num_computed_tokens + len(hits) * self.kv.block_size
+            ahead = min(self._lookahead, self.config.max_model_len - computed - num_new)
+            if ahead > 0:
+                blocks = self.kv.allocate_slots(req, num_new, hits, ahead)
+                if blocks is not None:
+                    return blocks
+        return self.kv.allocate_slots(req, num_new, hits)
+
+    def _num_drafts(self, req: Request, budget: int) -> int:
+        """How many draft tokens a running request may compute in a step: none unless
+        speculative decoding is on, the request is decoding (one known token to compute, after
+        its first output token) with nothing from the host between its tokens, and the batch
+        is not over `disable_by_batch_size`; at most what the budget, its max_tokens and the
+        context leave room for after the token it samples anyway."""
         spec = self.config.speculative
         if (
-            self.proposer is None
+            spec is None
             or req.num_tokens - req.num_computed_tokens != 1
             or not req.output_token_ids
             or not _host_free(req)
         ):
-            return ()
+            return 0
         if (
             spec.disable_by_batch_size is not None
             and len(self.running) > spec.disable_by_batch_size
         ):
-            return ()
-        k = min(
-            spec.num_speculative_tokens,
-            budget - 1,
-            req.max_tokens - req.num_output_tokens - 1,
-            self.config.max_model_len - req.num_tokens - 1,
+            return 0
+        return max(
+            0,
+            min(
+                spec.num_speculative_tokens,
+                budget - 1,
+                req.max_tokens - req.num_output_tokens - 1,
+                self.config.max_model_len - req.num_tokens - 1,
+            ),
         )
-        if k <= 0:
+
+    def _drafts(self, req: Request, budget: int) -> tuple[int, ...]:
+        """The draft tokens a running request computes this step (`_num_drafts` of them at
+        most): the n-gram proposer's, or the draft model's from after the last step."""
+        k = self._num_drafts(req, budget)
+        if k == 0:
             return ()
+        if self.proposer is None:
+            return self._proposed.get(req.request_id, ())[:k]
         return tuple(self.proposer.propose(req.prompt_token_ids + req.output_token_ids, k))
+
+    def draft_jobs(self, sched: SchedulerOutput) -> list[DraftJob]:
+        """A draft model's work after step `sched` (`update_from_output` applied): every request
+        of the step that still runs, up to its last token when it is decoding (else up to what
+        the step computed) and within its KV slots, with as many guesses as its next step may
+        carry (the budget aside) and its slots hold."""
+        jobs = []
+        bs = self.kv.block_size
+        for s in sched.scheduled:
+            req = s.request
+            if req.request_id not in self.requests or req.status != RequestStatus.RUNNING:
+                continue
+            block_ids = tuple(self.kv.get_block_ids(req.request_id))
+            room = len(block_ids) * bs
+            decoding = req.num_tokens - req.num_computed_tokens == 1
+            end = min(req.num_tokens if decoding else req.num_computed_tokens, room)
+            k = self._num_drafts(req, self.config.max_num_batched_tokens)
+            # the guesses' keys and values go to the slots after the last token's
+            k = min(k, room - req.num_tokens + 1) if end == req.num_tokens else 0
+            jobs.append(DraftJob(req, block_ids, s.num_computed_tokens, end, max(k, 0)))
+        return jobs
+
+    def set_drafts(self, drafts: dict[str, list[int]]) -> None:
+        """A draft model's guesses (`draft_jobs`), each for its request's next step."""
+        for rid, tokens in drafts.items():
+            if rid in self.requests:
+                self._proposed[rid] = tuple(tokens)
 
     @staticmethod
     def _make_scheduled(

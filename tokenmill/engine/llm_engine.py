@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tokenmill.config import EngineArgs, GiB, ModelConfig
+from tokenmill.config import EngineArgs, GiB, ModelConfig, SpeculativeConfig
 from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.outputs import PooledChunk, PromptLogprobsChunk, SampleLogprobs
 from tokenmill.core.request import Request, RequestStatus
@@ -21,10 +21,11 @@ from tokenmill.engine.structured_output import Matcher, StructuredOutputManager
 from tokenmill.engine.tensor_parallel import profile_budget, start_ranks
 from tokenmill.engine.tokenizer import Tokenizer, load_tokenizer
 from tokenmill.layers.lora import LoRASlots
-from tokenmill.loader.load import load_model
+from tokenmill.loader.load import ModelInfo, load_model
 from tokenmill.loader.lora import load_lora_adapter
 from tokenmill.loader.resolve import resolve_model
 from tokenmill.lora_request import LoRARequest
+from tokenmill.models.base import CausalLM
 from tokenmill.outputs import (
     CompletionOutput,
     EmbeddingOutput,
@@ -37,6 +38,7 @@ from tokenmill.pooling_params import PoolingParams
 from tokenmill.quant.gguf import calibrate_exact_channels
 from tokenmill.sample.metadata import TokenBitmasks
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.worker.draft import DraftProposer
 from tokenmill.worker.model_runner import ModelRunner, profile_forward
 
 logger = logging.getLogger(__name__)
@@ -169,8 +171,15 @@ class LLMEngine:
             info.backend,
         )
 
+        t1 = time.perf_counter()
+        draft = self._load_draft()
+        if draft is not None:
+            startup["draft model"] = time.perf_counter() - t1
         self.config = config = args.create_engine_config(
-            info, self._cuda_kv_budget, self.model.attn_backend.supports_graphs
+            info,
+            self._cuda_kv_budget,
+            self.model.attn_backend.supports_graphs,
+            None if draft is None else draft[1].arch,
         )
         cache, max_len = config.cache, config.model.max_model_len
         t1 = time.perf_counter()
@@ -207,16 +216,30 @@ class LLMEngine:
         spec = config.scheduler.speculative
         if spec is not None:
             logger.info(
-                "speculative decoding: %s, up to %d draft tokens per decode (n-grams of %d-%d "
-                "tokens)%s",
+                "speculative decoding: %s, up to %d draft tokens per decode (%s)%s",
                 spec.method,
                 spec.num_speculative_tokens,
-                spec.prompt_lookup_min,
-                spec.prompt_lookup_max,
+                f"n-grams of {spec.prompt_lookup_min}-{spec.prompt_lookup_max} tokens"
+                if draft is None
+                else f"greedy guesses of {draft[1].source.name}",
                 ""
                 if spec.disable_by_batch_size is None
                 else f", none above {spec.disable_by_batch_size} running sequences",
             )
+        # the draft model's pool mirrors the target's blocks (worker/draft.py)
+        self.drafter = (
+            None
+            if draft is None
+            else DraftProposer(
+                draft[0],
+                cache.num_blocks,
+                cache.block_size,
+                cache.torch_dtype(),
+                self.device,
+                min(draft[1].arch.max_position_embeddings, max_len),
+                arch.vocab_size,
+            )
+        )
         t1 = time.perf_counter()
         self.runner = ModelRunner(
             self.model,
@@ -265,6 +288,45 @@ class LLMEngine:
             self.add_lora(LoRARequest(name, i + 1, path))
 
     # ---- set-up ---------------------------------------------------------------------------
+    def _load_draft(self) -> tuple[CausalLM, ModelInfo] | None:
+        """The draft model of speculative decoding's draft_model method and its ModelInfo,
+        loaded like the target (dtype, device; quantization unless the speculative config
+        names its own); None without one."""
+        args = self.args
+        if args.speculative_config is None:
+            return None
+        spec = SpeculativeConfig.parse(args.speculative_config)
+        if spec.model is None:
+            return None
+        model, info = load_model(
+            resolve_model(spec.model),
+            self.dtype,
+            args.max_model_len,
+            self.device,
+            quantization=spec.quantization or args.quantization,
+            seed=args.seed,
+        )
+        target = self.model_info.arch.vocab_size
+        if info.arch.vocab_size != target:
+            logger.warning(
+                "the draft model's vocabulary has %d entries, the target's %d: guesses are "
+                "limited to ids below %d",
+                info.arch.vocab_size,
+                target,
+                min(target, info.arch.vocab_size),
+            )
+        logger.info(
+            "draft model %s (%s, %s); weights %.3f GB in memory; %s",
+            info.source.name,
+            info.arch.architecture,
+            info.weight_format,
+            model.weight_memory_bytes() / 1e9,
+            f"native quantized kernels: {info.native_weights}"
+            if info.native_weights
+            else f"weights in {str(self.dtype).removeprefix('torch.')}",
+        )
+        return model, info
+
     @property
     def max_model_len(self) -> int:
         """The longest sequence (prompt + output) a request may reach."""
@@ -634,6 +696,12 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         runner_out = self.runner.execute(sched, self._token_bitmasks(sched))
         updated, finished = self.scheduler.update_from_output(sched, runner_out)
+        if self.drafter is not None:
+            # requests finished or preempted: their draft state goes with their blocks
+            dropped = sched.preempted_req_ids | sched.finished_req_ids
+            dropped |= {r.request_id for r in finished}
+            guesses = self.drafter.propose(self.scheduler.draft_jobs(sched), dropped)
+            self.scheduler.set_drafts(guesses)
         for rid, chunk in runner_out.prompt_logprobs.items():
             self._on_prompt_logprobs(rid, chunk)
         for rid, pooled in runner_out.pooled.items():

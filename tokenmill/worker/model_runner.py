@@ -158,6 +158,34 @@ def plan_batch(sched: SchedulerOutput, block_size: int) -> HostBatch:
         if s.samples:
             sample_rows.append(i)
             logits_rows.extend(range(len(token_ids) - 1 - len(s.spec_token_ids), len(token_ids)))
+    return plan_rows(
+        token_ids,
+        query_lens,
+        seq_lens,
+        block_tables,
+        logits_rows,
+        block_size,
+        sample_rows,
+        order,
+        lora_rows,
+    )
+
+
+def plan_rows(
+    token_ids: list[int],
+    query_lens: list[int],
+    seq_lens: list[int],
+    block_tables: list[list[int]],
+    logits_rows: list[int],
+    block_size: int,
+    sample_rows: list[int] | None = None,
+    order: list[int] | None = None,
+    lora_rows: dict[int, list[int]] | None = None,
+) -> HostBatch:
+    """A flat batch from its attention rows: row i computes the last `query_lens[i]` of its
+    first `seq_lens[i]` positions (block table `block_tables[i]`), its tokens next in
+    `token_ids`; single-query rows come first. `logits_rows` are the flat positions whose
+    hidden states are sampled; the rest (`plan_batch`'s bookkeeping) is carried as given."""
     q = np.asarray(query_lens, dtype=np.int64)
     sl = np.asarray(seq_lens, dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(q)])
@@ -190,9 +218,9 @@ def plan_batch(sched: SchedulerOutput, block_size: int) -> HostBatch:
         query_lens=query_lens,
         seq_lens=seq_lens,
         block_tables=block_tables,
-        sample_rows=sample_rows,
-        order=order,
-        lora_rows=lora_rows,
+        sample_rows=sample_rows or [],
+        order=order or [],
+        lora_rows=lora_rows or {},
     )
 
 
