@@ -23,6 +23,11 @@ and again as decoding does (a small model's weights stay partly in the last-leve
 copy of a larger buffer understates it).
 
     python benchmarks/spec_decode.py [--model FILE.gguf] [--spec '{"num_speculative_tokens": 4}']
+
+With a draft model in `--spec` ('{"model": "default", "num_speculative_tokens": 4}': the
+embedded file drafting for `--model`), tokenmill runs plain and with the draft, and llama.cpp
+plain (its Python binding has no draft-model decoding); a step's roofline then reads the
+target's weights once and the draft's once per guess.
 """
 
 from __future__ import annotations
@@ -149,10 +154,12 @@ def _tokenmill(path: str, threads: int, isa: str, spec: dict | None):
         for name, text in TASKS.items()
     }
     info = engine.model_info
+    drafter = engine.drafter
     return run, {
         "weights": info.native_weights or f"dense {engine.dtype}",
         "int8_level": isa if info.native_weights else None,
         "weight_bytes": engine.model.weight_bytes_per_step(),
+        "draft_weight_bytes": 0 if drafter is None else drafter.model.weight_bytes_per_step(),
         "prompts": prompts,
     }
 
@@ -208,14 +215,26 @@ def main() -> None:
         "prompt_lookup_min": parsed.prompt_lookup_min,
         "prompt_lookup_max": parsed.prompt_lookup_max,
     }
+    if parsed.model is not None:
+        spec = {
+            "model": parsed.model,
+            "num_speculative_tokens": parsed.num_speculative_tokens,
+            **({} if parsed.quantization is None else {"quantization": parsed.quantization}),
+        }
     isa = args.isa or supported_isas()[0]
     warmup = ([5] * 8, 4)
+    kind = "ngram" if parsed.model is None else "draft"
     workers = [
         Worker("tokenmill", "tokenmill", (path, args.threads, isa, None), _tokenmill, warmup),
-        Worker("tokenmill ngram", "tokenmill", (path, args.threads, isa, spec), _tokenmill, warmup),
+        Worker(
+            f"tokenmill {kind}", "tokenmill", (path, args.threads, isa, spec), _tokenmill, warmup
+        ),
         Worker("llama.cpp", "llama.cpp", (path, args.threads, None), _llamacpp, warmup),
-        Worker("llama.cpp ngram", "llama.cpp", (path, args.threads, spec), _llamacpp, warmup),
     ]
+    if parsed.model is None:  # llama.cpp runs the same proposer's drafts
+        workers.append(
+            Worker("llama.cpp ngram", "llama.cpp", (path, args.threads, spec), _llamacpp, warmup)
+        )
     prompts = workers[0].desc.pop("prompts")
     workers[1].desc.pop("prompts")
     ceilings = measure_ceilings(args.threads)
@@ -263,7 +282,10 @@ def main() -> None:
             rows_per_step = 1 + r["draft_tokens"] / r["steps"]
             macs = peak_macs_per_s(w.desc.get("int8_level"), ceilings, False)
             bw = read_bw[w.label] * 1e9
-            step_bound = max(w.desc["weight_bytes"] / bw, params * rows_per_step / macs)
+            # a draft model reads its weights once per guess (k passes a step)
+            guesses = parsed.num_speculative_tokens if w.desc.get("draft_weight_bytes") else 0
+            step_bytes = w.desc["weight_bytes"] + guesses * w.desc.get("draft_weight_bytes", 0)
+            step_bound = max(step_bytes / bw, params * rows_per_step / macs)
             fraction = tok_s / (per_step / step_bound)
             same = sum(1 for a, b in zip(r["tokens"], ref) if a == b) if r["tokens"] else 0
             prefix = next((i for i, (a, b) in enumerate(zip(r["tokens"], ref)) if a != b), None)

@@ -24,6 +24,7 @@ from tokenmill.core.request import Request
 from tokenmill.core.spec_decode import NgramProposer
 from tokenmill.kernels.cpu_ops import get_ops
 from tokenmill.layers.ops import CpuOps, TorchOps
+from tokenmill.loader.inspect import describe_model
 from tokenmill.loader.resolve import default_model_path
 from tokenmill.sample.rejection import accept_greedy, rejection_sample
 from tokenmill.sample.sampler import build_sampling_metadata
@@ -418,6 +419,8 @@ def test_the_draft_cache_holds_the_targets_keys_and_values():
         speculative_config={"model": str(default_model_path()), "num_speculative_tokens": 3},
     )
     engine = llm.engine
+    # a block holds both models' keys and values: 2 x (30 layers x k, v x 3 heads x 64 x 4 B)
+    assert engine.config.cache.bytes_per_token == 2 * 30 * 2 * 3 * 64 * 4
     bs = engine.config.cache.block_size
     target = engine.runner.kv_pool.caches
     draft = engine.drafter.kv_pool.caches
@@ -476,6 +479,18 @@ def test_lookahead_slots_never_cache_a_block_early():
 def test_bad_speculative_configs_are_named(value, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         EngineArgs(speculative_config=value)
+
+
+def test_info_counts_the_drafts_cache():
+    """`tokenmill info` with a draft model: the KV per token is both models' (hand-computed),
+    and the draft is named."""
+    args = {"dtype": "float32", "kv_cache_memory_gib": 1}
+    spec = {"model": str(default_model_path()), "num_speculative_tokens": 3}
+    shown = describe_model(EngineArgs(**args, speculative_config=spec))
+    assert shown["KV cache per token"] == f"{2 * 46080 / 1024:.1f} KiB in float32"
+    assert shown["KV capacity"].startswith("11648 tokens")  # 1 GiB / (90 KiB x 16): 728 blocks
+    assert shown["speculative decoding"].startswith("draft_model, 3 drafts per decode from ")
+    assert describe_model(EngineArgs(**args))["speculative decoding"] == "off"
 
 
 def test_draft_model_options_are_checked():

@@ -279,6 +279,8 @@ class Scheduler:
             req = s.request
             if req.request_id not in self.requests or req.status != RequestStatus.RUNNING:
                 continue
+            if req.pooling is not None:  # an embedding request never decodes
+                continue
             block_ids = tuple(self.kv.get_block_ids(req.request_id))
             room = len(block_ids) * bs
             decoding = req.num_tokens - req.num_computed_tokens == 1

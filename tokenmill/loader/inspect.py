@@ -6,7 +6,14 @@ import math
 import re
 from typing import Any, NamedTuple
 
-from tokenmill.config import DTYPE_SIZES, EngineArgs, GiB, ModelConfig, cuda_kv_budget
+from tokenmill.config import (
+    DTYPE_SIZES,
+    EngineArgs,
+    GiB,
+    ModelConfig,
+    SpeculativeConfig,
+    cuda_kv_budget,
+)
 from tokenmill.loader.load import quant_config_for, rank_arch, read_model_info
 from tokenmill.loader.resolve import resolve_model
 from tokenmill.loader.weights import safetensors_files
@@ -76,7 +83,14 @@ def describe_model(args: EngineArgs) -> dict[str, str]:
             "for the weights, not loaded yet; activations not counted",
         )
 
-    config = args.create_engine_config(info, gpu_kv_budget)
+    spec = draft = None  # the speculative config, and a draft model's ModelInfo
+    if args.speculative_config is not None:
+        spec = SpeculativeConfig.parse(args.speculative_config)
+        if spec.model is not None:  # its keys and values share the target's blocks
+            draft, _ = read_model_info(resolve_model(spec.model))
+    config = args.create_engine_config(
+        info, gpu_kv_budget, draft_arch=None if draft is None else draft.arch
+    )
     model, cache = config.model, config.cache
     weights, stored, why, _ = weights_in_memory(model)
     max_len = model.max_model_len
@@ -105,6 +119,15 @@ def describe_model(args: EngineArgs) -> dict[str, str]:
         f"{info.checkpoint_bytes / GiB:.3f} GiB)",
         "quantized kernels": why,
         "tensor parallel": f"{tp} ranks (processes; one GPU each on CUDA)" if tp > 1 else "off",
+        "speculative decoding": "off"
+        if spec is None
+        else f"{spec.method}, {spec.num_speculative_tokens} drafts per decode"
+        + (
+            ""
+            if draft is None
+            else f" from {draft.source.name} ({draft.arch.num_layers} layers, "
+            f"{draft.checkpoint_bytes / GiB:.3f} GiB file; its KV in the same blocks)"
+        ),
         "KV cache per token": f"{cache.bytes_per_token / 1024:.1f} KiB in {cache.dtype}"
         + (" per rank" if tp > 1 else ""),
         "KV capacity": f"{cache.capacity_tokens} tokens ({cache.reserved_bytes / GiB:.2f} GiB)",

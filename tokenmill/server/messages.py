@@ -193,8 +193,11 @@ class MessagesRequest(RequestBody):
         out: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
         names: dict[str, str] = {}  # tool_use id -> tool name
         for m in self.messages:
-            blocks = [TextBlock(type="text", text=m.content)] if isinstance(m.content, str) else []
-            blocks = blocks or list(m.content)
+            blocks = (
+                [TextBlock(type="text", text=m.content)]
+                if isinstance(m.content, str)
+                else list(m.content)
+            )
             text = "".join(b.text for b in blocks if isinstance(b, TextBlock))
             if m.role == "assistant":
                 calls = [
@@ -227,6 +230,9 @@ class MessagesRequest(RequestBody):
         return out
 
     def chat_request(self) -> ChatCompletionRequest:
+        """The chat request this one means: its conversation (`chat_messages`), tools as
+        functions, tool_choice as OpenAI's (any -> required, a named tool -> that function,
+        disable_parallel_tool_use -> parallel_tool_calls false), and the sampling options."""
         choice: Any = None
         parallel = None
         if self.tool_choice is not None:
