@@ -30,6 +30,7 @@ IQ_TYPES = (QT.IQ4_NL, QT.IQ4_XS)
 # ggml's i-quants with a grid: random blocks only (no quantizer here; any bytes are valid blocks)
 LATTICE_TYPES = (QT.IQ1_S, QT.IQ1_M, QT.IQ2_XXS, QT.IQ2_XS, QT.IQ2_S, QT.IQ3_XXS, QT.IQ3_S)
 QUANTIZER_TYPES = LEGACY_TYPES + K_TYPES + IQ_TYPES
+FLOAT16_TYPES = (QT.F16, QT.BF16)  # dense 16-bit floats (gguf's own conversion)
 ALL_TYPES = QUANTIZER_TYPES + LATTICE_TYPES
 # ggml's kvalues_iq4nl: an IQ4 weight is its block's scale times one of these
 IQ4_CODEBOOK = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113])
@@ -277,10 +278,10 @@ def quantize(x: np.ndarray, qtype: QT) -> np.ndarray:
         raise ValueError("cannot quantize non-finite values")
     rows, cols = x.shape
     width = bytes_per_row(qtype, cols)
-    if qtype in LEGACY_TYPES:
+    if qtype in LEGACY_TYPES + FLOAT16_TYPES:
         from gguf.quants import quantize as gguf_quantize
 
-        out = gguf_quantize(x, qtype)
+        out = gguf_quantize(x, qtype).view(np.uint8)
     elif qtype in IQ_TYPES:
         size = 32 if qtype == QT.IQ4_NL else QK_K
         out = _quantize_iq4(x.astype(np.float64).reshape(-1, size), qtype)
@@ -509,6 +510,8 @@ and blue. Hello, world! This is a test of the tokenizer, with numbers 0123456789
 so that there are enough pairs to merge into a vocabulary of a few hundred tokens in total.
 """
 _FILE_TYPE = {
+    QT.F16: 1,
+    QT.BF16: 32,
     QT.Q4_0: 2,
     QT.Q4_1: 3,
     QT.Q8_0: 7,

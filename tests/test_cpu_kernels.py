@@ -84,6 +84,45 @@ def test_paged_decode_attention_matches_sdpa(dtype, cache_dtype, hq, hkv, layout
         torch.testing.assert_close(out[b].float(), ref, **TOL[dtype])
 
 
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dense_gemm_matches_float64(wdtype):
+    """x W^T + b for 16-bit and float32 weights (widened as they load) against a float64
+    product of the same values: every row count up to 20 (passes of 3, 2 and 1 tokens), widths
+    with and without a remainder of the 32- and 8-wide steps, an odd number of rows, with and
+    without bias; the sums in float32."""
+    g = torch.Generator().manual_seed(4)
+    for n, k in [(13, 37), (67, 45), (5, 576), (1, 8)]:
+        w = torch.randn(n, k, generator=g).to(wdtype)
+        bias = torch.randn(n, generator=g)
+        for m in range(1, 21):
+            x = torch.randn(m, k, generator=g)
+            for b in (None, bias):
+                ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+                got = ops.dense_gemm(x, w, b)
+                assert got.dtype == torch.float32 and got.shape == (m, n)
+                torch.testing.assert_close(got.double(), ref, atol=1e-5 * ref.abs().max(), rtol=0)
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        ops.dense_gemm(torch.randn(1, 8), torch.ones(2, 8, dtype=torch.int8))
+
+
+def test_dense_small_batch_entry_points():
+    """`CpuDenseLinear`'s GLU and add + RMSNorm entry points against the ops they fuse."""
+    small = cpu_ops.CpuDenseLinear(ops)
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(24, 40, generator=g).to(torch.float16)
+    gate_up = torch.randn(3, 80, generator=g)
+    gate, up = gate_up.chunk(2, dim=-1)
+    ref = F.linear((F.silu(gate) * up).double(), w.double())
+    torch.testing.assert_close(small.glu(gate_up, w, None).double(), ref, atol=1e-5, rtol=1e-5)
+    res, delta, nw = (torch.randn(3, 40, generator=g) for _ in range(3))
+    summed = res + delta
+    normed = F.rms_norm(summed, (40,), nw[0], 1e-6)
+    r, y = small.add_norm(res.clone(), delta, nw[0], 1e-6, w, None)
+    torch.testing.assert_close(r, summed)
+    torch.testing.assert_close(y, F.linear(normed, w.float()), atol=1e-4, rtol=1e-4)
+    assert small.applies(w) and not small.applies(w.t())  # a strided weight goes to torch
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_add_rms_norm(dtype):
     g = torch.Generator().manual_seed(1)

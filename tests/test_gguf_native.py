@@ -27,6 +27,7 @@ from tests.helpers import paged_logits, prompt_logits
 from tokenmill import LLM, SamplingParams
 from tokenmill.config import cpu_has_native_bf16
 from tokenmill.kernels import cpu_ops
+from tokenmill.layers.linear import Linear
 from tokenmill.worker.model_runner import ModelRunner
 
 PROMPTS = ["hello world, this is a test", "the quick brown fox", "a b c d e f g"]
@@ -96,6 +97,40 @@ def test_tiny_model_matches_transformers(tiny_files, qtype):
         if (top2[0] - top2[1]).item() < 2 * 0.12 * scores[0].std().item():
             break
         assert mine[step] == expected[step], f"step {step}"
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("qtype", [QT.F16, QT.BF16], ids=lambda q: q.name)
+def test_16bit_file_keeps_its_dtype_and_matches_transformers(tmp_path, qtype, tied):
+    """An F16 / BF16 file beside float32 compute: the linear weights and the embedding stay in
+    their 16 bits (no float32 copy), decode steps run `dense_gemm` (widening as it loads),
+    prefill widens per call. Same weights and float32 sums as transformers, so the logits
+    agree to float32 rounding (1e-4 of their spread; a wrong row or a lost bias would be of
+    the spread's order), token by token (3 rows a step: the kernel) and prefilled whole."""
+    path = write_tiny_llama_gguf(tmp_path / "model.gguf", qtype, seed=5, tie_embeddings=tied)
+    llm = LLM(model=str(path), dtype="float32", max_model_len=256, kv_cache_memory_gib=0.05)
+    model = llm.engine.model
+    dtype = {QT.F16: torch.float16, QT.BF16: torch.bfloat16}[qtype]
+    assert model.input_embeddings().weight.dtype == dtype
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert linears[-1] is model.lm_head  # tied: the embedding's table through the kernel
+    for m in linears:
+        assert m.small_batch is not None
+        assert m.weight is None if tied and m is model.lm_head else m.weight.dtype == dtype
+    # nothing else held: the parameters as stored and the rotary tables
+    held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    assert model.weight_memory_bytes() == held
+    hf = _hf_model(path)
+    prompts = [llm.engine.tokenizer.encode(p) for p in PROMPTS]
+    runner = ModelRunner(model, 64, 16, torch.float32, torch.device("cpu"))
+    stepped = paged_logits(runner, prompts, [[1] * len(p) for p in prompts])
+    whole = prompt_logits(model, prompts)
+    for ids, a, b in zip(prompts, stepped, whole):
+        with torch.no_grad():
+            ref = hf(torch.tensor([ids])).logits[0].float()
+        tol = 1e-4 * ref.std().item()
+        assert (a - ref).abs().max().item() < tol
+        assert (b - ref).abs().max().item() < tol
 
 
 def _perplexity(isa: str, text: str, **kwargs) -> float:

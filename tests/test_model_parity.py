@@ -169,8 +169,10 @@ def test_tied_checkpoint_has_no_lm_head(checkpoint):
     name, path, ref = checkpoint
     model, info = load_model(resolve_model(str(path)), torch.float32, progress=False)
     assert info.arch.tie_word_embeddings == ref.config.tie_word_embeddings
-    if info.arch.tie_word_embeddings:
-        assert not hasattr(model, "lm_head")
+    if info.arch.tie_word_embeddings:  # no head weight of its own: the embedding's table
+        head = getattr(model, "lm_head", None)
+        assert head is None or head.weight is None
+        assert all(not n.startswith("lm_head") for n, _ in model.named_parameters())
 
 
 def test_bfloat16_path_close_to_float32(checkpoint, bf16_mode):

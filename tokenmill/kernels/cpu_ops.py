@@ -55,6 +55,8 @@ _SOURCES = [
         "quant_gemm.h",
         "decode_stack.cpp",
         "decode_stack.h",
+        "dense_gemm.cpp",
+        "dense_gemm.h",
         "gguf_repack.cpp",
         "gguf_repack.h",
         "prefill_attention.cpp",
@@ -361,3 +363,53 @@ def get_ops() -> Any:
     load, where the backend and the quantization methods are chosen, never per op."""
     build = select_isa().build
     return load_ops(build) if build else None
+
+
+class CpuDenseLinear:
+    """`quant.dense.SmallBatchLinear` on the CPU: `dense_gemm` for steps of up to `max_rows`
+    rows, on float32, float16 or bfloat16 weights (16-bit ones widened to float32 as they load;
+    the sums in float32): each thread streams its share of the rows once, where the library's
+    matrix-vector product read DRAM at 11-19 GB/s of the 26 two cores can (AMD Zen 3, float32).
+    The GLU and add + RMSNorm entry points run the fused CPU op, then the kernel."""
+
+    max_rows = 8
+
+    def __init__(self, kernels: Any) -> None:
+        self.kernels = kernels
+
+    def applies(self, w: Any) -> bool:
+        import torch
+
+        return (
+            w.device.type == "cpu"
+            and w.dim() == 2
+            and w.is_contiguous()
+            and w.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        )
+
+    def __call__(self, x: Any, w: Any, bias: Any) -> Any:
+        import torch
+
+        if x.dtype == torch.float32:
+            return self.kernels.dense_gemm(x, w, bias)
+        return self.kernels.dense_gemm(x.float(), w, bias).to(x.dtype)
+
+    def glu(self, gate_up: Any, w: Any, bias: Any) -> Any:
+        return self(self.kernels.silu_mul(gate_up.contiguous()), w, bias)
+
+    def add_norm(
+        self, residual: Any, delta: Any, norm_weight: Any, eps: float, w: Any, bias: Any
+    ) -> tuple[Any, Any]:
+        residual = residual.contiguous()  # updated in place: residual + delta
+        delta = None if delta is None else delta.contiguous()
+        normed = self.kernels.add_rms_norm(residual, delta, norm_weight, eps)
+        return residual, self(normed, w, bias)
+
+
+def dense_small_batch() -> CpuDenseLinear | None:
+    """The CPU's `SmallBatchLinear` (None without kernels, or under TOKENMILL_CPU_DENSE_GEMM=0:
+    the library's GEMM for every row count, the benchmarks' baseline)."""
+    if os.environ.get("TOKENMILL_CPU_DENSE_GEMM", "1").strip() == "0":
+        return None
+    kernels = get_ops()
+    return None if kernels is None else CpuDenseLinear(kernels)

@@ -14,11 +14,16 @@ from tokenmill.config import (
     SpeculativeConfig,
     cuda_kv_budget,
 )
-from tokenmill.loader.load import quant_config_for, rank_arch, read_model_info
+from tokenmill.loader.load import (
+    quant_config_for,
+    rank_arch,
+    read_model_info,
+    small_batch_linear,
+)
 from tokenmill.loader.resolve import resolve_model
 from tokenmill.loader.weights import safetensors_files
 from tokenmill.quant import gguf_pack as gp
-from tokenmill.quant.gguf import GGUFQuantConfig
+from tokenmill.quant.gguf import DENSE16_TYPES, GGUFQuantConfig
 
 
 def count_parameters(info: Any, reader: Any) -> int:
@@ -173,11 +178,12 @@ def weight_memory(
             "whole, in the compute dtype"
         )
         return WeightMemory(per_rank, stored, f"tensor parallel over {tp} ranks: dense weights")
+    small_batch = small_batch_linear("cpu") if torch.device(device).type == "cpu" else None
     quant, why = quant_config_for(
-        source, reader, arch, getattr(torch, dtype), device, args.quantization
+        source, reader, arch, getattr(torch, dtype), device, args.quantization, small_batch
     )
     if isinstance(quant, GGUFQuantConfig):
-        weights = estimate_native_bytes(reader, arch.tie_word_embeddings, size)
+        weights = estimate_native_bytes(reader, arch.tie_word_embeddings, size, quant.dense16)
         return WeightMemory(weights, "quantized blocks kept, the rest dequantized", why, True)
     return WeightMemory(params * size, "dequantized to the compute dtype", why)
 
@@ -188,16 +194,23 @@ _LINEAR = re.compile(
 )
 
 
-def estimate_native_bytes(reader: Any, tie_word_embeddings: bool, element_size: int) -> int:
+def estimate_native_bytes(
+    reader: Any, tie_word_embeddings: bool, element_size: int, dense16: bool = False
+) -> int:
     """Weight memory when the native path runs (no loading): linear weights with a kernel
     layout are packed (`gguf_pack.packed_bytes`), a quantized embedding keeps its rows, a tied
-    output head adds a packed copy of them, and the rest is dequantized."""
+    output head adds a packed copy of them, F16 / BF16 linear weights and embedding stay in
+    their 16 bits beside float32 compute (`GGUFQuantConfig.dense16`), and the rest is
+    dequantized."""
     total = 0
     for t in reader.tensors:
         shape = tuple(int(x) for x in reversed(t.shape))
         qtype = int(t.tensor_type)
         packable = len(shape) == 2 and gp.can_pack(qtype, *shape)
-        if packable and _LINEAR.match(t.name):
+        kept16 = dense16 and qtype in DENSE16_TYPES
+        if kept16 and (_LINEAR.match(t.name) or t.name == "token_embd.weight"):
+            total += int(t.n_elements) * 2
+        elif packable and _LINEAR.match(t.name):
             total += gp.packed_bytes(qtype, *shape)
         elif t.name == "token_embd.weight" and qtype not in (0, 1, 30):  # not F32/F16/BF16
             total += int(t.n_bytes)

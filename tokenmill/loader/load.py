@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tokenmill.errors import ModelLoadError
-from tokenmill.kernels.cpu_ops import get_ops, select_isa
+from tokenmill.kernels.cpu_ops import dense_small_batch, get_ops, select_isa
 from tokenmill.layers.attention import make_backend
 from tokenmill.layers.lora import LoRASlots
 from tokenmill.layers.parallel import TensorParallel
@@ -129,7 +129,10 @@ def read_model_info(source: ModelSource, load_format: str = "auto") -> tuple[Mod
 def small_batch_linear(backend: str) -> SmallBatchLinear | None:
     """The dense linears' kernel for decode steps of a few rows under the attention / ops
     backend `backend`: Triton's skinny GEMM with the Triton backend (CUDA, or forced), unless
-    TOKENMILL_SKINNY_GEMM=0 (cuBLAS for every row count: the benchmarks' baseline)."""
+    TOKENMILL_SKINNY_GEMM=0 (cuBLAS for every row count: the benchmarks' baseline); the CPU's
+    `dense_gemm` with the CPU backend (`kernels.cpu_ops.dense_small_batch`)."""
+    if backend == "cpu":
+        return dense_small_batch()
     if backend != "triton" or os.environ.get("TOKENMILL_SKINNY_GEMM", "1").strip() == "0":
         return None
     from tokenmill.kernels.triton_ops import SkinnyLinear
@@ -189,7 +192,10 @@ def quant_config_for(
     for t in reader.tensors:
         name = gguf_to_hf_name(arch.model_type, t.name)
         types[name] = (int(t.tensor_type), tuple(int(x) for x in reversed(t.shape)))
-    return GGUFQuantConfig(types, ops), f"{choice.build} kernels ({choice.reason})"
+    # F16 / BF16 tensors stay 16-bit where a kernel widens them as it loads
+    dense16 = dtype == torch.float32 and small_batch is not None
+    quant = GGUFQuantConfig(types, ops, small_batch, dense16)
+    return quant, f"{choice.build} kernels ({choice.reason})"
 
 
 def rank_arch(arch: ModelArchConfig, tensor_parallel_size: int) -> ModelArchConfig:

@@ -71,13 +71,23 @@ class SmallBatchLinear(Protocol):
 
 class UnquantizedLinearMethod:
     """Dense [out, in] weights; on CPU in bf16/fp16 repacked into oneDNN's blocked layout; with
-    a `SmallBatchLinear` that takes the weight, inputs of up to its `max_rows` rows run on it."""
+    a `SmallBatchLinear` that takes the weight, inputs of up to its `max_rows` rows run on it.
+
+    `storage_dtype` keeps the weights in a 16-bit dtype of their own beside a float32 compute
+    dtype (an F16 / BF16 checkpoint, exactly as stored: half the bytes a step reads); the
+    small-batch kernel widens them as it loads them, and larger steps widen a copy per call
+    (prefill, compute-bound: the copy costs a few percent)."""
 
     name = "dense"
     takes_raw = False
 
-    def __init__(self, small_batch: SmallBatchLinear | None = None) -> None:
+    def __init__(
+        self,
+        small_batch: SmallBatchLinear | None = None,
+        storage_dtype: torch.dtype | None = None,
+    ) -> None:
         self.small_batch = small_batch
+        self.storage_dtype = storage_dtype
 
     def create_weights(
         self,
@@ -87,7 +97,8 @@ class UnquantizedLinearMethod:
         dtype: torch.dtype,
     ) -> None:
         layer.weight = torch.nn.Parameter(
-            torch.empty(sum(output_sizes.values()), in_features, dtype=dtype), requires_grad=False
+            torch.empty(sum(output_sizes.values()), in_features, dtype=self.storage_dtype or dtype),
+            requires_grad=False,
         )
         layer.packed_weight = None
         layer.small_batch = None
@@ -101,7 +112,7 @@ class UnquantizedLinearMethod:
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         w = layer.weight
-        if onednn_packable(w):
+        if self.storage_dtype is None and onednn_packable(w):
             # oneDNN's blocked layout: 1.2-2x faster bf16 GEMMs than the strided weight
             # (bit-identical results). The dense copy is dropped to keep memory flat.
             layer.packed_weight = torch.ops.mkldnn._reorder_linear_weight(w.detach())
@@ -117,7 +128,7 @@ class UnquantizedLinearMethod:
             return small(x, layer.weight, bias)
         if layer.packed_weight is not None:
             return torch.ops.mkldnn._linear_pointwise(x, layer.packed_weight, bias, "none", [], "")
-        return F.linear(x, layer.weight, bias)
+        return F.linear(x, layer.weight.to(x.dtype), bias)
 
     def bytes_per_call(self, layer: torch.nn.Module) -> int:
         w = layer.packed_weight if layer.packed_weight is not None else layer.weight
@@ -153,42 +164,113 @@ class UnquantizedLinearMethod:
 
 
 class DenseEmbeddingMethod:
-    """A dense [vocab, hidden] table."""
+    """A dense [vocab, hidden] table, in `storage_dtype` when given (a 16-bit table beside a
+    float32 compute dtype: rows are widened as they are looked up)."""
 
     name = "dense"
     takes_raw = False
+
+    def __init__(self, storage_dtype: torch.dtype | None = None) -> None:
+        self.storage_dtype = storage_dtype
 
     def create_weights(
         self, layer: torch.nn.Module, num_embeddings: int, dim: int, dtype: torch.dtype
     ) -> None:
         layer.weight = torch.nn.Parameter(
-            torch.empty(num_embeddings, dim, dtype=dtype), requires_grad=False
+            torch.empty(num_embeddings, dim, dtype=self.storage_dtype or dtype),
+            requires_grad=False,
         )
+        layer.compute_dtype = dtype
 
     def load_weight(self, layer: torch.nn.Module, tensor: Any, name: str) -> None:
         copy_checked(layer.weight.data, materialize(tensor), name)
 
     def lookup(self, layer: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, layer.weight)
+        return F.embedding(ids, layer.weight).to(layer.compute_dtype)
 
     def dense_weight(self, layer: torch.nn.Module) -> torch.Tensor | None:
         return layer.weight
 
 
+class SharedDenseHead(UnquantizedLinearMethod):
+    """The output head of a tied model with a dense table: the embedding's table, not a copy,
+    through the small-batch kernel where it applies (the table's own dtype: a 16-bit table is
+    widened as it loads)."""
+
+    def __init__(self, embedding: torch.nn.Module, small_batch: SmallBatchLinear | None) -> None:
+        super().__init__(small_batch)
+        self.embedding = embedding
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        in_features: int,
+        output_sizes: dict[str, int],
+        dtype: torch.dtype,
+    ) -> None:
+        layer.weight = None
+        layer.packed_weight = None
+        layer.small_batch = None
+
+    def load_weight(self, layer: torch.nn.Module, shard: str, tensor: Any, name: str) -> None:
+        """Nothing to store: the embedding keeps the table."""
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        w = self.embedding.weight
+        if self.small_batch is not None and self.small_batch.applies(w):
+            layer.small_batch = self.small_batch
+
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        w = self.embedding.weight
+        small = self._small(layer, x)
+        if small is not None:
+            return small(x, w, bias)
+        return F.linear(x, w.to(x.dtype), bias)
+
+    def bytes_per_call(self, layer: torch.nn.Module) -> int:
+        w = self.embedding.weight
+        return w.numel() * w.element_size()
+
+
+def shared_dense_head(
+    embedding: torch.nn.Module, small_batch: SmallBatchLinear | None
+) -> SharedDenseHead | None:
+    """The head of a tied model with a dense table (`DenseEmbeddingMethod`): `SharedDenseHead`,
+    or None where the model's own product with the table serves: a table in the compute dtype
+    with no small-batch kernel, one oneDNN packs, or one on a GPU (whose heads ran at 89-100%
+    of the bandwidth on cuBLAS)."""
+    w = embedding.weight
+    if w.dtype == embedding.compute_dtype and (
+        small_batch is None or onednn_packable(w) or w.device.type != "cpu"
+    ):
+        return None
+    return SharedDenseHead(embedding, small_batch)
+
+
 class DenseConfig:
     """Every layer dense (safetensors checkpoints, `quantization="none"`, no kernels), with the
-    loader's `SmallBatchLinear` for the linears where there is one."""
+    loader's `SmallBatchLinear` for the linears (and a tied head) where there is one, and the
+    weights in `storage_dtype` when given (`UnquantizedLinearMethod`)."""
 
-    def __init__(self, small_batch: SmallBatchLinear | None = None) -> None:
+    def __init__(
+        self,
+        small_batch: SmallBatchLinear | None = None,
+        storage_dtype: torch.dtype | None = None,
+    ) -> None:
         self.small_batch = small_batch
+        self.storage_dtype = storage_dtype
 
     def linear_method(
         self, names: dict[str, str], in_features: int, output_sizes: dict[str, int]
     ) -> UnquantizedLinearMethod:
-        return UnquantizedLinearMethod(self.small_batch)
+        return UnquantizedLinearMethod(self.small_batch, self.storage_dtype)
 
     def embedding_method(self, name: str) -> DenseEmbeddingMethod:
-        return DenseEmbeddingMethod()
+        return DenseEmbeddingMethod(self.storage_dtype)
 
-    def tied_head_method(self, embedding: torch.nn.Module, in_features: int, vocab: int) -> None:
-        return None
+    def tied_head_method(
+        self, embedding: torch.nn.Module, in_features: int, vocab: int
+    ) -> SharedDenseHead | None:
+        return shared_dense_head(embedding, self.small_batch)

@@ -55,6 +55,7 @@ class Fp8LinearMethod(UnquantizedLinearMethod):
     name = "fp8"
 
     def __init__(self, quantize_activations: QuantizeRows) -> None:
+        super().__init__()  # the dense weight it loads into: the compute dtype
         self.quantize_activations = quantize_activations
 
     def create_weights(

@@ -36,7 +36,13 @@ import torch
 from tokenmill.errors import ModelLoadError
 from tokenmill.quant import gguf_pack as gp
 from tokenmill.quant.base import UnfusedEntryPoints
-from tokenmill.quant.dense import DenseEmbeddingMethod, UnquantizedLinearMethod
+from tokenmill.quant.dense import (
+    DenseEmbeddingMethod,
+    SharedDenseHead,
+    SmallBatchLinear,
+    UnquantizedLinearMethod,
+    shared_dense_head,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -192,17 +198,38 @@ class _SharedPackedHead(GGUFLinearMethod):
         layer.kernel = _kernel(self.ops, layer.segments, layer.in_features)
 
 
+# GGML's 16-bit float types, kept as they are beside float32 compute (GGUFQuantConfig.dense16)
+DENSE16_TYPES = {1: torch.float16, 30: torch.bfloat16}  # F16, BF16
+_DTYPE_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
 class GGUFQuantConfig:
     """Methods for a GGUF file's tensors: native where a kernel exists, dense elsewhere.
 
     `tensor_types` maps checkpoint (HF) names to (GGML type, [out, in] shape). `counts` records
-    what was chosen, by type, for logs and `tokenmill info`.
+    what was chosen, by type, for logs and `tokenmill info`. Dense layers run on `small_batch`
+    for decode steps where it takes them; with `dense16` (a float32 compute dtype), F16 and
+    BF16 tensors stay in their 16-bit dtype (`UnquantizedLinearMethod.storage_dtype`).
     """
 
-    def __init__(self, tensor_types: dict[str, tuple[int, tuple[int, ...]]], ops: Any) -> None:
+    def __init__(
+        self,
+        tensor_types: dict[str, tuple[int, tuple[int, ...]]],
+        ops: Any,
+        small_batch: SmallBatchLinear | None = None,
+        dense16: bool = False,
+    ) -> None:
         self.tensor_types = tensor_types
         self.ops = ops
+        self.small_batch = small_batch
+        self.dense16 = dense16
         self.counts: Counter = Counter()
+
+    def _storage_dtype(self, names: list[str]) -> torch.dtype | None:
+        """The 16-bit dtype the tensors `names` all have in the file (with `dense16`), else
+        None (dequantized to the compute dtype)."""
+        dtypes = {DENSE16_TYPES.get(self.tensor_types.get(n, (None, ()))[0]) for n in names}
+        return dtypes.pop() if self.dense16 and len(dtypes) == 1 else None
 
     def _native_types(self, names: dict[str, str], in_features: int) -> dict[str, int] | None:
         qtypes = {}
@@ -218,8 +245,9 @@ class GGUFQuantConfig:
     ) -> GGUFLinearMethod | UnquantizedLinearMethod:
         qtypes = self._native_types(names, in_features)
         if qtypes is None:
-            self.counts["dense"] += 1
-            return UnquantizedLinearMethod()
+            storage = self._storage_dtype(list(names.values()))
+            self.counts["dense" if storage is None else _DTYPE_NAMES[storage]] += 1
+            return UnquantizedLinearMethod(self.small_batch, storage)
         method = GGUFLinearMethod(qtypes, self.ops)
         self.counts[method.name] += 1
         return method
@@ -229,16 +257,19 @@ class GGUFQuantConfig:
         (a dense table is what the lookup and a tied head would need anyway)."""
         qtype, shape = self.tensor_types.get(name, (0, ()))
         if len(shape) != 2 or not gp.can_pack(qtype, *shape):
-            return DenseEmbeddingMethod()
+            storage = self._storage_dtype([name])
+            if storage is not None:
+                self.counts[f"{_DTYPE_NAMES[storage]} embedding"] += 1
+            return DenseEmbeddingMethod(storage)
         self.counts[f"{gp.NAMES[qtype]} embedding"] += 1
         return GGUFEmbeddingMethod(qtype, self.ops)
 
     def tied_head_method(
         self, embedding: torch.nn.Module, in_features: int, vocab: int
-    ) -> GGUFLinearMethod | None:
+    ) -> GGUFLinearMethod | SharedDenseHead | None:
         method = embedding.quant_method
-        if not isinstance(method, GGUFEmbeddingMethod):
-            return None
+        if isinstance(method, DenseEmbeddingMethod):
+            return shared_dense_head(embedding, self.small_batch)
         self.counts[f"{method.name} output"] += 1
         return _SharedPackedHead(embedding, method.qtype, self.ops)
 

@@ -6,6 +6,7 @@
 
 #include "cpu_ops.h"
 #include "decode_stack.h"
+#include "dense_gemm.h"
 #include "gguf_repack.h"
 #include "prefill_attention.h"
 #include "quant_gemm.h"
@@ -18,6 +19,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_activations", &quantize_activations);
   m.def("quant_gemm", &quant_gemm);
   m.def("quant_rows", &quant_rows);
+  m.def("dense_gemm", &dense_gemm, py::arg("x"), py::arg("w"), py::arg("bias") = py::none());
   m.def("quant_cols", &quant_cols);
   m.def("gguf_repack", &gguf_repack, py::arg("raw"), py::arg("qtype"), py::arg("n"), py::arg("k"),
         py::arg("grid") = py::none());

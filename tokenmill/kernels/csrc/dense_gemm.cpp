@@ -1,0 +1,120 @@
+// y = x W^T (+ b) for float32 activations and dense weights in float32, float16 or bfloat16,
+// on steps of a few rows (decode), where the library GEMM leaves bandwidth unused: each thread
+// streams its share of W's rows once, widening 16-bit weights as they load (F16C; bfloat16 by a
+// shift), and multiplies every row of x against them with float32 FMAs (AVX2).
+#include "dense_gemm.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace {
+
+constexpr int64_t kTokens = 3;  // tokens per pass over a row: kTokens x kSplit accumulators
+constexpr int kSplit = 4;
+
+// Eight consecutive weights as float32.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256 load8(const at::BFloat16* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// out[t] (t < T) = x[t] . w over K for one weight row w and tokens x[0..T): the row is read
+// once, front to back (one stream per thread, which the prefetchers follow best), each sum in
+// kSplit accumulators (consecutive 8-wide steps) so that T x kSplit FMA chains hide the latency.
+template <typename W, int T>
+void row_dot(const float* x, int64_t ldx, const W* w, int64_t K, float* out, int64_t ldo,
+             const float* bias) {
+  __m256 acc[T][kSplit];
+  for (int t = 0; t < T; ++t)
+    for (int u = 0; u < kSplit; ++u) acc[t][u] = _mm256_setzero_ps();
+  constexpr int64_t step = 8 * kSplit;
+  const int64_t Ks = K / step * step, K8 = K / 8 * 8;
+  for (int64_t k = 0; k < Ks; k += step) {
+    for (int u = 0; u < kSplit; ++u) {
+      const __m256 wv = load8(w + k + 8 * u);
+      for (int t = 0; t < T; ++t)
+        acc[t][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * ldx + k + 8 * u), acc[t][u]);
+    }
+  }
+  for (int64_t k = Ks; k < K8; k += 8) {
+    const __m256 wv = load8(w + k);
+    for (int t = 0; t < T; ++t)
+      acc[t][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * ldx + k), acc[t][0]);
+  }
+  for (int t = 0; t < T; ++t) {
+    __m256 sum = acc[t][0];
+    for (int u = 1; u < kSplit; ++u) sum = _mm256_add_ps(sum, acc[t][u]);
+    float s = hsum(sum);
+    for (int64_t k = K8; k < K; ++k) s += static_cast<float>(w[k]) * x[t * ldx + k];
+    out[t * ldo] = bias ? s + *bias : s;
+  }
+}
+
+template <typename W>
+void gemm(const float* x, int64_t M, const W* w, int64_t N, int64_t K, const float* bias,
+          float* out) {
+  // a task is a run of rows, so each thread streams one contiguous stretch of W
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const W* wr = w + r * K;
+      const float* b = bias ? bias + r : nullptr;
+      int64_t t = 0;
+      for (; t + kTokens <= M; t += kTokens)
+        row_dot<W, kTokens>(x + t * K, K, wr, K, out + t * N + r, N, b);
+      if (M - t == 2) row_dot<W, 2>(x + t * K, K, wr, K, out + t * N + r, N, b);
+      if (M - t == 1) row_dot<W, 1>(x + t * K, K, wr, K, out + t * N + r, N, b);
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor dense_gemm(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat,
+              "dense_gemm: x must be [M, K] float32");
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1), "dense_gemm: w must be [N, K]");
+  x = x.contiguous();
+  w = w.contiguous();
+  const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
+  at::Tensor out = at::empty({M, N}, x.options());
+  const float* b = nullptr;
+  at::Tensor bf;
+  if (bias.has_value()) {
+    bf = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(bf.numel() == N, "dense_gemm: bias must have N elements");
+    b = bf.data_ptr<float>();
+  }
+  if (M == 0 || N == 0) return out;
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  switch (w.scalar_type()) {
+    case at::kFloat:
+      gemm(xp, M, w.data_ptr<float>(), N, K, b, op);
+      break;
+    case at::kHalf:
+      gemm(xp, M, w.data_ptr<at::Half>(), N, K, b, op);
+      break;
+    case at::kBFloat16:
+      gemm(xp, M, w.data_ptr<at::BFloat16>(), N, K, b, op);
+      break;
+    default:
+      TORCH_CHECK(false, "dense_gemm: weights must be float32, float16 or bfloat16");
+  }
+  return out;
+}
