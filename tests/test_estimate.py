@@ -97,11 +97,22 @@ def dense_llama(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "case",
-    ["default-float32", "default-bfloat16", "dense-float32", "dense-bfloat16"],
+    [
+        "default-float32",
+        "default-bfloat16",
+        "dense-float32",
+        "dense-bfloat16",
+        "default+draft-float32",
+    ],
 )
 def test_estimate_matches_the_resident_size_of_an_engine(case, dense_llama):
+    """default+draft: the embedded model with the dense Llama as its draft model (its weights
+    are a quarter of the default model's native ones in float32)."""
     which, dtype = case.split("-")
-    r = _measure(model=dense_llama if which == "dense" else None, dtype=dtype)
+    kw = {}
+    if which.endswith("+draft"):
+        kw["speculative_config"] = {"model": dense_llama, "num_speculative_tokens": 2}
+    r = _measure(model=dense_llama if which == "dense" else None, dtype=dtype, **kw)
     e = r["estimate"]
     assert e["dtype"] == dtype and e["device"] == "cpu"
     # the step: activations and the KV pages written, against the rise of the process's peak
@@ -216,6 +227,28 @@ def test_tensor_parallel_ranks_on_the_cpu_share_its_memory():
         EngineArgs(dtype="float32", max_model_len=1024, quantization="none"), memory_gib=3
     )
     assert three.weights < dense.weights and three.weights_stored.startswith("per rank")
+
+
+def test_a_draft_model_adds_its_weights_and_its_keys_and_values(dense_llama):
+    """Speculative decoding's draft model: the estimate is the target's plus the draft's alone
+    (weights, the mapped checkpoint, KV bytes per token: they share the target's blocks), the
+    draft loaded under the speculative config's quantization."""
+    base = {"dtype": "float32", "max_model_len": 1024}
+    target = estimate_memory(EngineArgs(**base), memory_gib=8)
+    spec = {"model": dense_llama, "num_speculative_tokens": 3}
+    both = estimate_memory(EngineArgs(**base, speculative_config=spec), memory_gib=8)
+    alone = estimate_memory(EngineArgs(model=dense_llama, **base), memory_gib=8)
+    assert both.weights == target.weights + alone.weights
+    assert both.checkpoint_bytes == target.checkpoint_bytes + alone.checkpoint_bytes
+    assert both.kv_per_token == target.kv_per_token + alone.kv_per_token
+    # by hand: 3 layers x 2 KV heads x 64 dims x keys and values x 4 bytes
+    assert alone.kv_per_token == 3 * 2 * 64 * 2 * 4
+    assert "draft model" in both.weights_stored
+    # the draft's own quantization: the default model drafting for itself, dequantized
+    spec = {"model": "default", "num_speculative_tokens": 3, "quantization": "none"}
+    both = estimate_memory(EngineArgs(**base, speculative_config=spec), memory_gib=8)
+    dense = estimate_memory(EngineArgs(**base, quantization="none"), memory_gib=8)
+    assert both.weights == target.weights + dense.weights > 2 * target.weights
 
 
 @pytest.mark.parametrize("variant", ["llama", "qwen2-bias-tied", "qwen3-qk-norm", "gpt2"])

@@ -15,6 +15,9 @@ The figures (per device: per rank under tensor parallelism):
     max_model_len tokens at full use). On the CPU the cache's pages are committed as they are
     written, so resident memory follows the tokens actually cached; on a GPU the engine reserves
     its whole budget at start.
+With a draft model (speculative_config's `model`), its weights count beside the target's, its
+keys and values in every token's bytes (they share the target's blocks), and its largest step's
+peak where larger than the target's (the two models' steps run one after the other).
 A folder with only config.json is enough (decide before downloading): the parameters are
 counted from the architecture. The memory to fit in is `memory_gib` if given, else on the CPU
 what the OS reports available (MemAvailable), on a GPU CUDA_MEMORY_UTILIZATION of the device's
@@ -26,8 +29,9 @@ from __future__ import annotations
 import functools
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from tokenmill.config import (
     CUDA_MEMORY_UTILIZATION,
@@ -35,9 +39,15 @@ from tokenmill.config import (
     DTYPE_SIZES,
     EngineArgs,
     GiB,
+    SpeculativeConfig,
     kv_cache_bytes_per_token,
 )
-from tokenmill.loader.inspect import arch_parameters, count_parameters, weight_memory
+from tokenmill.loader.inspect import (
+    WeightMemory,
+    arch_parameters,
+    count_parameters,
+    weight_memory,
+)
 from tokenmill.loader.load import rank_arch, read_model_info
 from tokenmill.loader.resolve import resolve_model
 from tokenmill.models.config import ModelArchConfig
@@ -181,25 +191,16 @@ class MemoryEstimate:
 
 def estimate_memory(args: EngineArgs, memory_gib: float | None = None) -> MemoryEstimate:
     """The estimate for `args` (model, dtype, device, quantization, max_model_len, max_num_seqs,
-    max_num_batched_tokens, tensor_parallel_size), from the checkpoint's headers; `memory_gib`
+    max_num_batched_tokens, tensor_parallel_size, speculative_config's draft model), from the
+    checkpoints' headers; `memory_gib`
     is the memory to fit in (see the module docstring for the default). A GPU that is not here
     is named by `device="cuda"`: its compute dtype is then bfloat16 unless `dtype` says
     otherwise, and `memory_gib` is needed."""
     import torch
 
-    source = resolve_model(args.model, allow_no_weights=True)
-    # a folder with only config.json: the parameters from the architecture, the file's size
-    # from the checkpoint's declared dtype (bfloat16 if none)
-    config_only = source.kind != "gguf" and not any(Path(source.path).glob("*.safetensors"))
-    info, reader = read_model_info(source, "dummy" if config_only else "auto")
-    arch, tp = info.arch, args.tensor_parallel_size
+    arch, checkpoint, weights_of = _checkpoint(args.model)
+    tp = args.tensor_parallel_size
     rank = rank_arch(arch, tp) if tp > 1 else arch
-    if config_only:
-        params = arch_parameters(arch)
-        declared = info.metadata.get("torch_dtype") or info.metadata.get("dtype")
-        checkpoint = params * DTYPE_SIZES.get(str(declared), 2)
-    else:
-        params, checkpoint = count_parameters(info, reader), info.checkpoint_bytes
     if args.device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     else:
@@ -209,12 +210,21 @@ def estimate_memory(args: EngineArgs, memory_gib: float | None = None) -> Memory
         dtype = "bfloat16"
     else:
         dtype = str(args.torch_dtype(torch.device(device))).removeprefix("torch.")
-    weights = weight_memory(source, reader, arch, params, device, dtype, args)
+    weights = weights_of(device, dtype, args)
     max_len = min(arch.max_position_embeddings, args.max_model_len or 1 << 62)
     step = args.max_num_batched_tokens
     activations = step_peak_bytes(
         rank, step, min(args.max_num_seqs, step), DTYPE_SIZES[dtype], weights.native
     )
+    draft = _draft(args, device, dtype)
+    if draft is not None:  # its weights beside the target's; its steps' peaks after the target's
+        d_arch, d_checkpoint, d_weights = draft
+        activations = max(
+            activations,
+            step_peak_bytes(
+                d_arch, step, min(args.max_num_seqs, step), DTYPE_SIZES[dtype], d_weights.native
+            ),
+        )
     if device == "cpu":
         runtime, first_steps = fresh_process_bytes(), CPU_FIRST_STEPS_BYTES
         runtime_source = (
@@ -245,11 +255,20 @@ def estimate_memory(args: EngineArgs, memory_gib: float | None = None) -> Memory
     bytes_per_token = kv_cache_bytes_per_token(
         rank.num_layers, rank.num_kv_heads, rank.head_dim, kv_dtype
     )
+    stored = weights.stored
+    if draft is not None:  # the draft's keys and values sit in the target's blocks
+        d_arch, d_checkpoint, d_weights = draft
+        bytes_per_token += kv_cache_bytes_per_token(
+            d_arch.num_layers, d_arch.num_kv_heads, d_arch.head_dim, kv_dtype
+        )
+        stored += f"; draft model {d_weights.bytes / GiB:.3f} GiB of it ({d_weights.stored})"
+        weights = weights._replace(bytes=weights.bytes + d_weights.bytes)
+        checkpoint += d_checkpoint
     return MemoryEstimate(
         device=device,
         dtype=dtype,
         weights=weights.bytes,
-        weights_stored=weights.stored,
+        weights_stored=stored,
         runtime=runtime,
         runtime_source=runtime_source,
         first_steps=first_steps,
@@ -265,6 +284,48 @@ def estimate_memory(args: EngineArgs, memory_gib: float | None = None) -> Memory
         tensor_parallel_size=tp,
         kv_budget=_cpu_kv_budget(args, bytes_per_token) if device == "cpu" else None,
     )
+
+
+def _checkpoint(model: str | None) -> tuple[ModelArchConfig, int, Any]:
+    """A checkpoint's architecture, its bytes, and weights(device, dtype, args): its
+    `WeightMemory` under `args`; from the headers. A folder with only config.json: the
+    parameters from the architecture, the file's size from its declared dtype (bfloat16 if
+    none)."""
+    source = resolve_model(model, allow_no_weights=True)
+    config_only = source.kind != "gguf" and not any(Path(source.path).glob("*.safetensors"))
+    info, reader = read_model_info(source, "dummy" if config_only else "auto")
+    if config_only:
+        params = arch_parameters(info.arch)
+        declared = info.metadata.get("torch_dtype") or info.metadata.get("dtype")
+        checkpoint = params * DTYPE_SIZES.get(str(declared), 2)
+    else:
+        params, checkpoint = count_parameters(info, reader), info.checkpoint_bytes
+
+    def weights(device: str, dtype: str, args: EngineArgs) -> WeightMemory:
+        return weight_memory(source, reader, info.arch, params, device, dtype, args)
+
+    return info.arch, checkpoint, weights
+
+
+def _draft(
+    args: EngineArgs, device: str, dtype: str
+) -> tuple[ModelArchConfig, int, WeightMemory] | None:
+    """Speculative decoding's draft model (`SpeculativeConfig.model`): its architecture,
+    checkpoint bytes and weights, loaded as the engine loads it (one rank; the speculative
+    config's quantization, else the target's); None without one."""
+    if args.speculative_config is None:
+        return None
+    spec = SpeculativeConfig.parse(args.speculative_config)
+    if spec.model is None:
+        return None
+    arch, checkpoint, weights_of = _checkpoint(spec.model)
+    as_loaded = replace(
+        args,
+        quantization=spec.quantization or args.quantization,
+        tensor_parallel_size=1,
+        speculative_config=None,
+    )
+    return arch, checkpoint, weights_of(device, dtype, as_loaded)
 
 
 def _cpu_kv_budget(args: EngineArgs, bytes_per_token: int) -> int:
