@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tests.helpers import paged_logits
+from tokenmill.config import EngineArgs
 from tokenmill.loader.load import load_model
 from tokenmill.loader.resolve import resolve_model
 from tokenmill.worker.model_runner import ModelRunner
@@ -173,6 +174,54 @@ def test_tied_checkpoint_has_no_lm_head(checkpoint):
         head = getattr(model, "lm_head", None)
         assert head is None or head.weight is None
         assert all(not n.startswith("lm_head") for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_16bit_checkpoint_keeps_its_dtype_beside_float32_compute(checkpoint, dtype, tmp_path):
+    """A BF16 / F16 safetensors checkpoint loaded in float32 on the CPU: the Llama family's
+    linear weights and embedding stay as stored (half the bytes; `dense_gemm` widens them on
+    decode steps, larger steps widen a copy per call), the norms and biases in float32. The
+    float32 sums of the same weights are transformers' on the checkpoint widened to float32:
+    the logits agree as the float32 checkpoints' do (ATOL), prefilled in one step and stepped
+    token by token. GPT-2 (dense only) widens everything at load."""
+    import copy
+
+    from tokenmill.layers.linear import Linear
+    from tokenmill.loader.inspect import weight_memory
+    from tokenmill.loader.load import read_model_info
+
+    name, _, ref = checkpoint
+    ref16 = copy.deepcopy(ref)  # the checkpoint's values widened (the rotary buffers kept)
+    with torch.no_grad():
+        for p in ref16.parameters():
+            p.copy_(p.to(dtype))
+    stored = copy.deepcopy(ref).to(dtype)
+    stored.save_pretrained(tmp_path, max_shard_size="200KB")
+    model, _ = load_model(resolve_model(str(tmp_path)), torch.float32, progress=False)
+    linears = [m for m in model.modules() if isinstance(m, Linear) and m.weight is not None]
+    if name != "gpt2":
+        assert model.input_embeddings().weight.dtype == dtype
+        assert linears and all(m.weight.dtype == dtype and m.small_batch for m in linears)
+        assert all(m.bias is None or m.bias.dtype == torch.float32 for m in linears)
+    else:
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    # `tokenmill info` / `estimate` count the bytes the loaded model holds
+    info, reader = read_model_info(resolve_model(str(tmp_path)))
+    params = sum(p.numel() for p in ref.parameters())
+    counted = weight_memory(
+        info.source, reader, info.arch, params, "cpu", "float32", EngineArgs()
+    ).bytes
+    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert counted == held
+    runner = ModelRunner(
+        model, num_blocks=64, block_size=4, kv_dtype=torch.float32, device=torch.device("cpu")
+    )
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, 160, (24,), generator=g).tolist()
+    expected = _reference_logits(ref16, prompt)
+    for chunks in ([24], [10, 1, 1, 12]):
+        got = paged_logits(runner, [prompt], [chunks])[0]
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
 def test_bfloat16_path_close_to_float32(checkpoint, bf16_mode):

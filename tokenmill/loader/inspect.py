@@ -185,7 +185,26 @@ def weight_memory(
     if isinstance(quant, GGUFQuantConfig):
         weights = estimate_native_bytes(reader, arch.tie_word_embeddings, size, quant.dense16)
         return WeightMemory(weights, "quantized blocks kept, the rest dequantized", why, True)
+    if quant.stored:  # a safetensors checkpoint's 16-bit matrices kept as stored
+        kept = stored_matrix_elements(source, quant.stored)
+        stored = "F16 / BF16 matrices kept in 16 bits, the rest in the compute dtype"
+        return WeightMemory(params * size - kept * (size - 2), stored, why)
     return WeightMemory(params * size, "dequantized to the compute dtype", why)
+
+
+def stored_matrix_elements(source: Any, stored: dict[str, Any]) -> int:
+    """The elements of a safetensors checkpoint's matrices named in `stored` (the dense layers'
+    weights kept in 16 bits; its vectors, norms and biases, take the compute dtype)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in safetensors_files(source.path):
+        with safe_open(str(path), framework="pt") as h:
+            for name in h.keys():
+                shape = h.get_slice(name).get_shape()
+                if name in stored and len(shape) == 2:
+                    total += math.prod(shape)
+    return total
 
 
 _LINEAR = re.compile(

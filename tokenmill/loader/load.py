@@ -29,6 +29,7 @@ from tokenmill.loader.weights import (
     gguf_to_hf_name,
     iter_gguf,
     iter_safetensors,
+    safetensors_16bit,
     safetensors_files,
 )
 from tokenmill.models.base import CausalLM
@@ -175,11 +176,21 @@ def quant_config_for(
             "activations quantized per token; the output head and embedding dense"
         )
     dense = DenseConfig(small_batch)
+    # F16 / BF16 tensors stay 16-bit beside float32 compute where a kernel widens them as it
+    # loads them (half the bytes a decode step reads), in the families that take a QuantConfig
+    takes_quant = get_model_class(arch.architecture).supports_native_gguf
+    keep16 = dtype == torch.float32 and small_batch is not None and takes_quant
     if source.kind != "gguf":
+        checkpoint = keep16 and any(Path(source.path).glob("*.safetensors"))
+        stored = safetensors_16bit(safetensors_files(source.path)) if checkpoint else None
+        if stored:
+            return DenseConfig(small_batch, stored), (
+                "dense checkpoint; its F16 / BF16 tensors kept in 16 bits beside float32 compute"
+            )
         return dense, "dense checkpoint"
     if quantization != "auto":
         return dense, f"quantization={quantization!r}: dequantized to the compute dtype"
-    if not get_model_class(arch.architecture).supports_native_gguf:
+    if not takes_quant:
         return dense, f"no native GGUF path for {arch.architecture}: dequantized"
     if torch.device(device).type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         return dense, f"no quantized kernels for {dtype} on {device}: dequantized"
@@ -192,9 +203,7 @@ def quant_config_for(
     for t in reader.tensors:
         name = gguf_to_hf_name(arch.model_type, t.name)
         types[name] = (int(t.tensor_type), tuple(int(x) for x in reversed(t.shape)))
-    # F16 / BF16 tensors stay 16-bit where a kernel widens them as it loads
-    dense16 = dtype == torch.float32 and small_batch is not None
-    quant = GGUFQuantConfig(types, ops, small_batch, dense16)
+    quant = GGUFQuantConfig(types, ops, small_batch, keep16)
     return quant, f"{choice.build} kernels ({choice.reason})"
 
 

@@ -58,6 +58,27 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, tensor
 
 
+# safetensors' dtype names of the 16-bit floats a dense weight may keep (DenseConfig.stored)
+_SAFETENSORS_16BIT = {"F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def safetensors_16bit(files: list[Path]) -> dict[str, torch.dtype]:
+    """The F16 / BF16 tensors of a safetensors checkpoint and their dtypes, from the headers."""
+    from safetensors import safe_open
+
+    found = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as h:
+                for name in h.keys():
+                    dtype = _SAFETENSORS_16BIT.get(h.get_slice(name).get_dtype())
+                    if dtype is not None:
+                        found[name] = dtype
+        except Exception as e:
+            raise ModelLoadError(f"{path} is not a valid safetensors file: {e}") from None
+    return found
+
+
 def count_safetensors(files: list[Path]) -> int:
     from safetensors import safe_open
 

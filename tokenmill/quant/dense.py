@@ -1,13 +1,19 @@
-"""Dense weights in the compute dtype (the always-correct path)."""
+"""Dense weights in the compute dtype (the always-correct path), or in the checkpoint's own 16-bit
+dtype beside float32 compute."""
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from tokenmill.errors import ModelLoadError
+
+# The 16-bit dtypes a dense weight may keep beside float32 compute, as `tokenmill info` names them
+DTYPE_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 def materialize(tensor: Any) -> torch.Tensor:
@@ -249,26 +255,47 @@ def shared_dense_head(
     return SharedDenseHead(embedding, small_batch)
 
 
+def common_storage(
+    stored: Mapping[str, torch.dtype] | None, names: Iterable[str]
+) -> torch.dtype | None:
+    """The 16-bit dtype that every checkpoint tensor of `names` keeps (`stored`: by checkpoint
+    name, the tensors kept as stored beside a float32 compute dtype), else None: the layer's
+    weight in the compute dtype (a fused layer is kept only when all its parts are)."""
+    if not stored:
+        return None
+    dtypes = {stored.get(n) for n in names}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
 class DenseConfig:
     """Every layer dense (safetensors checkpoints, `quantization="none"`, no kernels), with the
-    loader's `SmallBatchLinear` for the linears (and a tied head) where there is one, and the
-    weights in `storage_dtype` when given (`UnquantizedLinearMethod`)."""
+    loader's `SmallBatchLinear` for the linears (and a tied head) where there is one. `stored`
+    maps checkpoint names to the 16-bit dtype those tensors keep beside a float32 compute dtype
+    (`common_storage`, `UnquantizedLinearMethod.storage_dtype`); `counts` records the layers
+    kept so, for logs and `tokenmill info`."""
 
     def __init__(
         self,
         small_batch: SmallBatchLinear | None = None,
-        storage_dtype: torch.dtype | None = None,
+        stored: Mapping[str, torch.dtype] | None = None,
     ) -> None:
         self.small_batch = small_batch
-        self.storage_dtype = storage_dtype
+        self.stored = stored
+        self.counts: Counter = Counter()
 
     def linear_method(
         self, names: dict[str, str], in_features: int, output_sizes: dict[str, int]
     ) -> UnquantizedLinearMethod:
-        return UnquantizedLinearMethod(self.small_batch, self.storage_dtype)
+        storage = common_storage(self.stored, names.values())
+        if storage is not None:
+            self.counts[DTYPE_NAMES[storage]] += 1
+        return UnquantizedLinearMethod(self.small_batch, storage)
 
     def embedding_method(self, name: str) -> DenseEmbeddingMethod:
-        return DenseEmbeddingMethod(self.storage_dtype)
+        storage = common_storage(self.stored, [name])
+        if storage is not None:
+            self.counts[f"{DTYPE_NAMES[storage]} embedding"] += 1
+        return DenseEmbeddingMethod(storage)
 
     def tied_head_method(
         self, embedding: torch.nn.Module, in_features: int, vocab: int

@@ -37,10 +37,12 @@ from tokenmill.errors import ModelLoadError
 from tokenmill.quant import gguf_pack as gp
 from tokenmill.quant.base import UnfusedEntryPoints
 from tokenmill.quant.dense import (
+    DTYPE_NAMES,
     DenseEmbeddingMethod,
     SharedDenseHead,
     SmallBatchLinear,
     UnquantizedLinearMethod,
+    common_storage,
     shared_dense_head,
 )
 
@@ -200,7 +202,6 @@ class _SharedPackedHead(GGUFLinearMethod):
 
 # GGML's 16-bit float types, kept as they are beside float32 compute (GGUFQuantConfig.dense16)
 DENSE16_TYPES = {1: torch.float16, 30: torch.bfloat16}  # F16, BF16
-_DTYPE_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 class GGUFQuantConfig:
@@ -223,13 +224,12 @@ class GGUFQuantConfig:
         self.ops = ops
         self.small_batch = small_batch
         self.dense16 = dense16
+        self.stored = (
+            {n: DENSE16_TYPES[t] for n, (t, _) in tensor_types.items() if t in DENSE16_TYPES}
+            if dense16
+            else None
+        )
         self.counts: Counter = Counter()
-
-    def _storage_dtype(self, names: list[str]) -> torch.dtype | None:
-        """The 16-bit dtype the tensors `names` all have in the file (with `dense16`), else
-        None (dequantized to the compute dtype)."""
-        dtypes = {DENSE16_TYPES.get(self.tensor_types.get(n, (None, ()))[0]) for n in names}
-        return dtypes.pop() if self.dense16 and len(dtypes) == 1 else None
 
     def _native_types(self, names: dict[str, str], in_features: int) -> dict[str, int] | None:
         qtypes = {}
@@ -245,8 +245,8 @@ class GGUFQuantConfig:
     ) -> GGUFLinearMethod | UnquantizedLinearMethod:
         qtypes = self._native_types(names, in_features)
         if qtypes is None:
-            storage = self._storage_dtype(list(names.values()))
-            self.counts["dense" if storage is None else _DTYPE_NAMES[storage]] += 1
+            storage = common_storage(self.stored, names.values())
+            self.counts["dense" if storage is None else DTYPE_NAMES[storage]] += 1
             return UnquantizedLinearMethod(self.small_batch, storage)
         method = GGUFLinearMethod(qtypes, self.ops)
         self.counts[method.name] += 1
@@ -257,9 +257,9 @@ class GGUFQuantConfig:
         (a dense table is what the lookup and a tied head would need anyway)."""
         qtype, shape = self.tensor_types.get(name, (0, ()))
         if len(shape) != 2 or not gp.can_pack(qtype, *shape):
-            storage = self._storage_dtype([name])
+            storage = common_storage(self.stored, [name])
             if storage is not None:
-                self.counts[f"{_DTYPE_NAMES[storage]} embedding"] += 1
+                self.counts[f"{DTYPE_NAMES[storage]} embedding"] += 1
             return DenseEmbeddingMethod(storage)
         self.counts[f"{gp.NAMES[qtype]} embedding"] += 1
         return GGUFEmbeddingMethod(qtype, self.ops)
