@@ -87,14 +87,15 @@ def test_paged_decode_attention_matches_sdpa(dtype, cache_dtype, hq, hkv, layout
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_dense_gemm_matches_float64(wdtype):
     """x W^T + b for 16-bit and float32 weights (widened as they load) against a float64
-    product of the same values: every row count up to 20 (passes of 3, 2 and 1 tokens), widths
-    with and without a remainder of the 32- and 8-wide steps, an odd number of rows, with and
-    without bias; the sums in float32."""
+    product of the same values: every row count up to 20 (passes of 3, 2 and 1 tokens; from 9
+    on, 16-bit weights take the widened path: blocks of rows, 1,821 rows of 108 inputs being 3
+    blocks of 606 and one of 3), 33 and 70, widths with and without a remainder of the 32- and
+    8-wide steps, an odd number of rows, with and without bias; the sums in float32."""
     g = torch.Generator().manual_seed(4)
-    for n, k in [(13, 37), (67, 45), (5, 576), (1, 8)]:
+    for n, k in [(13, 37), (67, 45), (5, 576), (1, 8), (1821, 108)]:
         w = torch.randn(n, k, generator=g).to(wdtype)
         bias = torch.randn(n, generator=g)
-        for m in range(1, 21):
+        for m in [*range(1, 21), 33, 70]:
             x = torch.randn(m, k, generator=g)
             for b in (None, bias):
                 ref = F.linear(x.double(), w.double(), None if b is None else b.double())
@@ -121,6 +122,8 @@ def test_dense_small_batch_entry_points():
     torch.testing.assert_close(r, summed)
     torch.testing.assert_close(y, F.linear(normed, w.float()), atol=1e-4, rtol=1e-4)
     assert small.applies(w) and not small.applies(w.t())  # a strided weight goes to torch
+    # 16-bit weights take every row count (a float32 copy per call ran slower), float32 up to 8
+    assert small.max_rows_for(w) > 1 << 20 and small.max_rows_for(w.float()) == 8
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

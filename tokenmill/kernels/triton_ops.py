@@ -855,7 +855,6 @@ class SkinnyLinear:
     `max_weight_bytes` (larger ones, a Llama-3-8B shape's gate/up and down, already ran at
     89-100% of the bandwidth on cuBLAS, as did the heads)."""
 
-    max_rows = SKINNY_MAX_M
     max_weight_bytes = 64 << 20
 
     def applies(self, w: torch.Tensor) -> bool:
@@ -865,6 +864,9 @@ class SkinnyLinear:
             and w.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and w.numel() * w.element_size() <= self.max_weight_bytes
         )
+
+    def max_rows_for(self, w: torch.Tensor) -> int:
+        return SKINNY_MAX_M
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return skinny_linear(x if x.stride(1) == 1 else x.contiguous(), w, bias)

@@ -48,10 +48,11 @@ class SmallBatchLinear(Protocol):
     """A kernel for x W^T (+ b) on steps of a few rows (decode), where the library GEMM leaves
     bandwidth unused; handed to `DenseConfig` by the loader (quant does not import kernels)."""
 
-    max_rows: int  # the most rows of x one call takes
-
     def applies(self, w: torch.Tensor) -> bool:
         """Whether the kernel takes this [out, in] weight (its dtype, layout and size)."""
+
+    def max_rows_for(self, w: torch.Tensor) -> int:
+        """The most rows of x one call takes with the weight `w` (one it `applies` to)."""
 
     def __call__(
         self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
@@ -75,14 +76,23 @@ class SmallBatchLinear(Protocol):
         (`LinearMethod.apply_add_norm`)."""
 
 
+def _attach_small_batch(
+    layer: torch.nn.Module, small_batch: SmallBatchLinear | None, w: torch.Tensor
+) -> None:
+    """Give `layer` the small-batch kernel and its row limit for `w` when the kernel takes it."""
+    if small_batch is not None and small_batch.applies(w):
+        layer.small_batch = small_batch
+        layer.small_batch_rows = small_batch.max_rows_for(w)
+
+
 class UnquantizedLinearMethod:
     """Dense [out, in] weights; on CPU in bf16/fp16 repacked into oneDNN's blocked layout; with
-    a `SmallBatchLinear` that takes the weight, inputs of up to its `max_rows` rows run on it.
+    a `SmallBatchLinear` that takes the weight, inputs of up to its `max_rows_for` rows run on it.
 
     `storage_dtype` keeps the weights in a 16-bit dtype of their own beside a float32 compute
     dtype (an F16 / BF16 checkpoint, exactly as stored: half the bytes a step reads); the
-    small-batch kernel widens them as it loads them, and larger steps widen a copy per call
-    (prefill, compute-bound: the copy costs a few percent)."""
+    small-batch kernel widens them as it loads them (the CPU's at every row count), and without
+    one each call widens a copy."""
 
     name = "dense"
     takes_raw = False
@@ -108,6 +118,7 @@ class UnquantizedLinearMethod:
         )
         layer.packed_weight = None
         layer.small_batch = None
+        layer.small_batch_rows = 0
 
     def load_weight(self, layer: torch.nn.Module, shard: str, tensor: Any, name: str) -> None:
         dest = layer.weight.data
@@ -123,8 +134,8 @@ class UnquantizedLinearMethod:
             # (bit-identical results). The dense copy is dropped to keep memory flat.
             layer.packed_weight = torch.ops.mkldnn._reorder_linear_weight(w.detach())
             layer.weight = None
-        elif self.small_batch is not None and self.small_batch.applies(w):
-            layer.small_batch = self.small_batch
+        else:
+            _attach_small_batch(layer, self.small_batch, w)
 
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None
@@ -144,7 +155,7 @@ class UnquantizedLinearMethod:
     def _small(layer: torch.nn.Module, x: torch.Tensor) -> SmallBatchLinear | None:
         """The small-batch kernel when it takes this layer and x's rows."""
         small = layer.small_batch
-        if small is None or x.dim() != 2 or x.shape[0] > small.max_rows:
+        if small is None or x.dim() != 2 or x.shape[0] > layer.small_batch_rows:
             return None
         return small
 
@@ -217,14 +228,13 @@ class SharedDenseHead(UnquantizedLinearMethod):
         layer.weight = None
         layer.packed_weight = None
         layer.small_batch = None
+        layer.small_batch_rows = 0
 
     def load_weight(self, layer: torch.nn.Module, shard: str, tensor: Any, name: str) -> None:
         """Nothing to store: the embedding keeps the table."""
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        w = self.embedding.weight
-        if self.small_batch is not None and self.small_batch.applies(w):
-            layer.small_batch = self.small_batch
+        _attach_small_batch(layer, self.small_batch, self.embedding.weight)
 
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None

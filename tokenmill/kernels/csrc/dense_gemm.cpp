@@ -1,12 +1,15 @@
-// y = x W^T (+ b) for float32 activations and dense weights in float32, float16 or bfloat16,
-// on steps of a few rows (decode), where the library GEMM leaves bandwidth unused: each thread
+// y = x W^T (+ b) for float32 activations and dense weights in float32, float16 or bfloat16.
+// Steps of a few rows (decode), where the library GEMM leaves bandwidth unused: each thread
 // streams its share of W's rows once, widening 16-bit weights as they load (F16C; bfloat16 by a
-// shift), and multiplies every row of x against them with float32 FMAs (AVX2).
+// shift), and multiplies every row of x against them with float32 FMAs (AVX2). Larger steps on
+// 16-bit weights: blocks of rows widened in L2 and multiplied by the library's GEMM.
 #include "dense_gemm.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <c10/core/InferenceMode.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -16,6 +19,8 @@ namespace {
 
 constexpr int64_t kTokens = 3;  // tokens per pass over a row: kTokens x kSplit accumulators
 constexpr int kSplit = 4;
+// The most rows of x the streaming path takes on 16-bit weights; more take the widened path.
+constexpr int64_t kStreamMaxRows = 8;
 
 // Eight consecutive weights as float32.
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -83,6 +88,57 @@ void gemm(const float* x, int64_t M, const W* w, int64_t N, int64_t K, const flo
   });
 }
 
+// Eight 16-bit weights widened to float32 and stored.
+template <typename W>
+inline void widen_row(const W* w, int64_t K, float* out) {
+  const int64_t K8 = K / 8 * 8;
+  for (int64_t k = 0; k < K8; k += 8) _mm256_storeu_ps(out + k, load8(w + k));
+  for (int64_t k = K8; k < K; ++k) out[k] = static_cast<float>(w[k]);
+}
+
+// Steps of more rows on 16-bit weights: blocks of W's rows widened to float32 and multiplied by
+// the library's GEMM straight into their columns of out, so W's 16-bit bytes are all that comes
+// from memory, where a float32 copy of the whole of W per call read and wrote three times as
+// many (and faulted its pages in on every call: 2.1-7x slower from 9 to 64 rows on the 1B
+// shape's linears, Sapphire Rapids, 2 threads).
+//  * Up to kSharedMaxRows rows (batched decode): each thread widens its own blocks into an
+//    L2-sized buffer (512 KiB, at least 64 rows) and multiplies them on one thread.
+//  * More (prefill): 8 MiB blocks in turn, widened by every thread, then one GEMM on all of
+//    them (the per-thread blocks' narrow products ran 0.55-0.8x of it at 128-512 rows).
+constexpr int64_t kSharedMaxRows = 64;
+
+template <typename W>
+void gemm_widened(const at::Tensor& x, const W* w, int64_t N, int64_t K, at::Tensor& out) {
+  const int64_t M = x.size(0);
+  if (M <= kSharedMaxRows) {
+    const int64_t rows = std::max<int64_t>(64, (int64_t{512} << 10) / (4 * K));
+    const bool inference = c10::InferenceMode::is_enabled();  // thread-local: the caller's
+    at::parallel_for(0, (N + rows - 1) / rows, 1, [&](int64_t begin, int64_t end) {
+      c10::InferenceMode mode(inference);  // out may be an inference tensor
+      at::Tensor buf = at::empty({rows, K}, x.options());
+      float* bp = buf.data_ptr<float>();
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t r0 = blk * rows, n = std::min(rows, N - r0);
+        for (int64_t r = 0; r < n; ++r) widen_row(w + (r0 + r) * K, K, bp + r * K);
+        at::Tensor y = out.narrow(1, r0, n);
+        at::mm_out(y, x, buf.narrow(0, 0, n).t());
+      }
+    });
+    return;
+  }
+  const int64_t rows = std::min(N, std::max<int64_t>(256, (int64_t{8} << 20) / (4 * K)));
+  at::Tensor buf = at::empty({rows, K}, x.options());
+  float* bp = buf.data_ptr<float>();
+  for (int64_t r0 = 0; r0 < N; r0 += rows) {
+    const int64_t n = std::min(rows, N - r0);
+    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) widen_row(w + (r0 + r) * K, K, bp + r * K);
+    });
+    at::Tensor y = out.narrow(1, r0, n);
+    at::mm_out(y, x, buf.narrow(0, 0, n).t());
+  }
+}
+
 }  // namespace
 
 at::Tensor dense_gemm(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias) {
@@ -103,6 +159,16 @@ at::Tensor dense_gemm(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias
   if (M == 0 || N == 0) return out;
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
+  if (M > kStreamMaxRows && w.scalar_type() != at::kFloat) {
+    if (w.scalar_type() == at::kHalf)
+      gemm_widened(x, w.data_ptr<at::Half>(), N, K, out);
+    else if (w.scalar_type() == at::kBFloat16)
+      gemm_widened(x, w.data_ptr<at::BFloat16>(), N, K, out);
+    else
+      TORCH_CHECK(false, "dense_gemm: weights must be float32, float16 or bfloat16");
+    if (b != nullptr) out.add_(bf);
+    return out;
+  }
   switch (w.scalar_type()) {
     case at::kFloat:
       gemm(xp, M, w.data_ptr<float>(), N, K, b, op);
