@@ -244,6 +244,9 @@ def spec_llm(spec):
     return LLM(dtype="float32", max_model_len=2048, quantization="none", speculative_config=spec)
 
 
+_GREEDY = {"temperature": 0, "max_tokens": 24, "ignore_eos": True}
+
+
 def _check_same_as_plain(ref, got, label: str) -> None:
     """`got` (speculative) gives `ref`'s greedy tokens, except after a step where the plain
     run's top-2 logprobs were within 1e-4 (a float32 tie that a different batch shape may
@@ -341,6 +344,35 @@ def test_preemption_chunks_and_prefix_cache_keep_the_output(llm_f32, spec):
     assert again.outputs[0].token_ids == outs[-1].outputs[0].token_ids
     kv = llm.engine.scheduler.kv
     assert kv.num_free_blocks == kv.block_pool.num_blocks
+
+
+def test_a_draft_with_a_smaller_vocabulary_takes_every_token(llm_f32, tmp_path):
+    """A draft model whose table ends below the ids the target produces (a random Llama of
+    8,192 entries drafting for the 49,152 of the default model): the tokens past its table
+    reach it as id 0, so nothing fails; its guesses (below 8,192) are checked as any are, and
+    the output is plain greedy output."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=8192,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    spec = {"model": str(tmp_path), "num_speculative_tokens": 3}
+    llm = LLM(dtype="float32", quantization="none", max_model_len=256, speculative_config=spec)
+    prompts = COPY_PROMPTS[:2]
+    assert max(t for p in prompts for t in llm.engine.tokenizer.encode(p)) >= 8192
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    refs = llm_f32.generate(prompts, SamplingParams(**{**_GREEDY, "logprobs": 2}))
+    for i, (ref, got) in enumerate(zip(refs, llm.generate(prompts, params))):
+        _check_same_as_plain(ref, got, f"prompt {i}")
+    assert _spec_counts(llm)[1] > 0  # its guesses were checked
 
 
 def test_mixed_batch_with_requests_that_get_no_drafts(llm_f32, spec_llm):

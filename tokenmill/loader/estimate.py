@@ -263,7 +263,9 @@ def estimate_memory(args: EngineArgs, memory_gib: float | None = None) -> Memory
         )
         stored += f"; draft model {d_weights.bytes / GiB:.3f} GiB of it ({d_weights.stored})"
         weights = weights._replace(bytes=weights.bytes + d_weights.bytes)
-        checkpoint += d_checkpoint
+        # the draft loads after the target, whose file is unmapped by then: the loading peak is
+        # the larger of (target weights + its file) and (both models' weights + the draft's file)
+        checkpoint = max(checkpoint - d_weights.bytes, d_checkpoint)
     return MemoryEstimate(
         device=device,
         dtype=dtype,

@@ -31,7 +31,9 @@ class DraftProposer:
 
     `max_len` is the last position + 1 the draft may compute (its context, capped by the
     engine's); requests past it get no guesses. Guesses are ids below `vocab_size` (the
-    target's vocabulary: a draft's larger padded vocabulary is cut to it)."""
+    target's vocabulary: a draft's larger padded vocabulary is cut to it); a token past a
+    smaller draft vocabulary is fed to the draft as id 0 (its guesses there are worse, never an
+    error)."""
 
     def __init__(
         self,
@@ -50,6 +52,7 @@ class DraftProposer:
         self.block_size = block_size
         self.max_len = max_len
         self.vocab_size = min(vocab_size, cfg.vocab_size)
+        self.embeddable = cfg.vocab_size if cfg.vocab_size < vocab_size else None
         shape = self.backend.kv_cache_shape(num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_pool = KVPool(cfg.num_layers, shape, kv_dtype, device)
         # per request: the positions whose keys and values the draft computed, from its
@@ -92,6 +95,8 @@ class DraftProposer:
             if k > 0:
                 logits_rows.append(len(token_ids) - 1)
                 guessing.append((job, k))
+        if self.embeddable is not None:
+            token_ids = [t if t < self.embeddable else 0 for t in token_ids]
         first = self._argmax(
             plan_rows(
                 token_ids,
