@@ -58,6 +58,7 @@ _SOURCES = [
         "decode_stack.h",
         "dense_gemm.cpp",
         "dense_gemm.h",
+        "linear_kernel.h",
         "gguf_repack.cpp",
         "gguf_repack.h",
         "prefill_attention.cpp",

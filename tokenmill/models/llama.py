@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from tokenmill.layers.attention import Attention, AttentionBackend, AttentionMetadata
@@ -261,10 +263,12 @@ class LlamaForCausalLM(CausalLM):
 
     def _build_decode_stack(self):
         """The C++ layer loop for decode-only batches (`LlamaDecodeStack`), when every
-        projection runs a native kernel, attention runs on the CPU backend (whose cache layout
-        the loop reads) and the layers need nothing the loop lacks (q/k norm, partial rotary);
-        None otherwise, and under tensor parallelism, whose sums the loop does not make (the
-        Python path runs every step)."""
+        projection runs a native kernel or the CPU's dense kernel (`DenseLinear`: the dense
+        weights a `CpuDenseLinear` took, in float32 or 16 bits beside float32 compute),
+        attention runs on the CPU backend (whose cache layout the loop reads) and the layers
+        need nothing the loop lacks (q/k norm, partial rotary); None otherwise, and under
+        tensor parallelism, whose sums the loop does not make (the Python path runs every
+        step)."""
         m, cfg = self.model, self.cfg
         linears = [
             (
@@ -280,15 +284,30 @@ class LlamaForCausalLM(CausalLM):
             or self.tp is not None
             or cfg.qk_norm
             or m.rotary.rotary_dim != cfg.head_dim
-            or not all(hasattr(x, "kernel") for group in linears for x in group)
         ):
             return None
-        ops = linears[0][0].quant_method.ops  # the build the layers' kernel objects come from
+        native = [x for group in linears for x in group if hasattr(x, "kernel")]
+        # the build the native layers' kernel objects come from (the loop's must be theirs)
+        ops = native[0].quant_method.ops if native else self.attn_backend.ops.kernels
+        float32 = m.norm.weight.dtype == torch.float32  # DenseLinear takes float32 inputs
+
+        def kernel(linear: torch.nn.Module) -> Any:
+            """The layer's C++ kernel object, or None where the loop cannot run it."""
+            if hasattr(linear, "kernel"):
+                return linear.kernel
+            if not float32 or getattr(linear, "small_batch", None) is None:
+                return None
+            bias = None if linear.bias is None else linear.bias.float()
+            return ops.DenseLinear(linear.weight, bias)
+
+        kernels = [[kernel(x) for x in group] for group in linears]
+        if any(k is None for group in kernels for k in group):
+            return None
         return ops.LlamaDecodeStack(
             [layer.input_layernorm.weight for layer in m.layers],
             [layer.post_attention_layernorm.weight for layer in m.layers],
             m.norm.weight,
-            *[[group[j].kernel for group in linears] for j in range(4)],
+            *[[group[j] for group in kernels] for j in range(4)],
             cfg.num_heads,
             cfg.num_kv_heads,
             cfg.head_dim,

@@ -24,7 +24,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_repack", &gguf_repack, py::arg("raw"), py::arg("qtype"), py::arg("n"), py::arg("k"),
         py::arg("grid") = py::none());
   // module_local: every kernel level is its own module, and several may be loaded at once
-  py::class_<QuantLinear, std::shared_ptr<QuantLinear>>(m, "QuantLinear", py::module_local())
+  py::class_<LinearKernel, std::shared_ptr<LinearKernel>>(m, "LinearKernel", py::module_local());
+  py::class_<DenseLinear, LinearKernel, std::shared_ptr<DenseLinear>>(m, "DenseLinear",
+                                                                      py::module_local())
+      .def(py::init<at::Tensor, c10::optional<at::Tensor>>())
+      .def("__call__", &DenseLinear::forward);
+  py::class_<QuantLinear, LinearKernel, std::shared_ptr<QuantLinear>>(m, "QuantLinear",
+                                                                      py::module_local())
       .def(py::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<int64_t>,
                     std::vector<c10::optional<at::Tensor>>, int64_t>())
       .def("__call__", &QuantLinear::forward)
@@ -36,8 +42,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<LlamaDecodeStack>(m, "LlamaDecodeStack", py::module_local())
       .def(py::init<
            std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor,
-           std::vector<std::shared_ptr<QuantLinear>>, std::vector<std::shared_ptr<QuantLinear>>,
-           std::vector<std::shared_ptr<QuantLinear>>, std::vector<std::shared_ptr<QuantLinear>>,
+           std::vector<std::shared_ptr<LinearKernel>>, std::vector<std::shared_ptr<LinearKernel>>,
+           std::vector<std::shared_ptr<LinearKernel>>, std::vector<std::shared_ptr<LinearKernel>>,
            int64_t, int64_t, int64_t, double, double>())
       .def("__call__", &LlamaDecodeStack::forward);
   m.def("paged_decode_attention", &paged_decode_attention);

@@ -1,8 +1,9 @@
 // The decoder layers of a Llama-family model for a batch of single-token decodes, as one C++
 // call: at batch 1 a small model's layer reads ~2 MB of quantized weights (~100 us), the same
-// order as the Python and dispatch cost of its dozen ops, so the loop lives here. It runs the
-// same fused kernels, in the same order, as the Python path (tokenmill/models/llama.py), so
-// the results are identical.
+// order as the Python and dispatch cost of its dozen ops, so the loop lives here. Its
+// projections are QuantLinear (native GGUF blocks) or DenseLinear (dense weights) kernels. It runs
+// the same fused kernels, in the same order, as the Python path (tokenmill/models/llama.py), so the
+// results are identical.
 #include "decode_stack.h"
 
 #include <ATen/record_function.h>
@@ -21,10 +22,10 @@ auto stage(const char* name, Fn&& fn) {
 
 LlamaDecodeStack::LlamaDecodeStack(std::vector<at::Tensor> input_norms,
                                    std::vector<at::Tensor> post_norms, at::Tensor final_norm,
-                                   std::vector<std::shared_ptr<QuantLinear>> qkv,
-                                   std::vector<std::shared_ptr<QuantLinear>> o,
-                                   std::vector<std::shared_ptr<QuantLinear>> gate_up,
-                                   std::vector<std::shared_ptr<QuantLinear>> down,
+                                   std::vector<std::shared_ptr<LinearKernel>> qkv,
+                                   std::vector<std::shared_ptr<LinearKernel>> o,
+                                   std::vector<std::shared_ptr<LinearKernel>> gate_up,
+                                   std::vector<std::shared_ptr<LinearKernel>> down,
                                    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                                    double eps, double scale)
     : input_norms_(std::move(input_norms)),

@@ -5,15 +5,15 @@
 #include <memory>
 #include <vector>
 
-#include "quant_gemm.h"
+#include "linear_kernel.h"
 
 class LlamaDecodeStack {
  public:
   LlamaDecodeStack(std::vector<at::Tensor> input_norms, std::vector<at::Tensor> post_norms,
-                   at::Tensor final_norm, std::vector<std::shared_ptr<QuantLinear>> qkv,
-                   std::vector<std::shared_ptr<QuantLinear>> o,
-                   std::vector<std::shared_ptr<QuantLinear>> gate_up,
-                   std::vector<std::shared_ptr<QuantLinear>> down, int64_t num_heads,
+                   at::Tensor final_norm, std::vector<std::shared_ptr<LinearKernel>> qkv,
+                   std::vector<std::shared_ptr<LinearKernel>> o,
+                   std::vector<std::shared_ptr<LinearKernel>> gate_up,
+                   std::vector<std::shared_ptr<LinearKernel>> down, int64_t num_heads,
                    int64_t num_kv_heads, int64_t head_dim, double eps, double scale);
   // residual [n, hidden] (the embeddings; updated in place) -> final_norm(last residual)
   at::Tensor forward(at::Tensor residual, at::Tensor positions, std::vector<at::Tensor> k_caches,
@@ -24,7 +24,7 @@ class LlamaDecodeStack {
  private:
   std::vector<at::Tensor> input_norms_, post_norms_;
   at::Tensor final_norm_;
-  std::vector<std::shared_ptr<QuantLinear>> qkv_, o_, gate_up_, down_;
+  std::vector<std::shared_ptr<LinearKernel>> qkv_, o_, gate_up_, down_;
   int64_t num_heads_, num_kv_heads_, head_dim_;
   double eps_, scale_;
 };

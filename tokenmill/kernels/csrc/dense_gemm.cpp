@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/linear.h>
 #include <ATen/ops/mm.h>
 #include <c10/core/InferenceMode.h>
 #include <immintrin.h>
@@ -183,4 +184,15 @@ at::Tensor dense_gemm(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias
       TORCH_CHECK(false, "dense_gemm: weights must be float32, float16 or bfloat16");
   }
   return out;
+}
+
+DenseLinear::DenseLinear(at::Tensor weight, c10::optional<at::Tensor> bias)
+    : weight_(std::move(weight)), bias_(std::move(bias)) {
+  TORCH_CHECK(weight_.dim() == 2 && weight_.is_contiguous(), "DenseLinear: a contiguous [N, K]");
+}
+
+at::Tensor DenseLinear::forward(at::Tensor x) const {
+  if (x.size(0) > kStreamMaxRows && weight_.scalar_type() == at::kFloat)
+    return at::linear(x, weight_, bias_);
+  return dense_gemm(x, weight_, bias_);
 }

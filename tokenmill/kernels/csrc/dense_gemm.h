@@ -2,9 +2,24 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include "linear_kernel.h"
+
 // x [M, K] float32 times W^T for dense weights W [N, K] in float32, float16 or bfloat16 (widened
 // to float32 as they load), plus bias [N] when given: [M, N] float32. Up to 8 rows (decode
 // steps), and float32 W at any M: each thread streams its share of W's rows once for all M rows
 // of x. More rows on 16-bit W: blocks of W's rows widened into an L2-sized buffer, each
 // multiplied by the library's GEMM.
 at::Tensor dense_gemm(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias);
+
+// A dense linear layer for the C++ decode loop: dense_gemm on 16-bit weights and on float32
+// ones up to 8 rows, the library's GEMM on float32 weights beyond (as the Python layers run
+// them: `CpuDenseLinear`). x float32.
+class DenseLinear : public LinearKernel {
+ public:
+  DenseLinear(at::Tensor weight, c10::optional<at::Tensor> bias);
+  at::Tensor forward(at::Tensor x) const override;
+
+ private:
+  at::Tensor weight_;
+  c10::optional<at::Tensor> bias_;
+};

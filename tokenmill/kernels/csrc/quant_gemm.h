@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include "linear_kernel.h"
+
 std::string quant_isa();
 // How far ahead (bytes, whole lines; 0: off) the GEMMs prefetch their weight streams into L1
 // and L2: a property of the core (cpu_ops.weight_prefetch), set before any GEMM runs.
@@ -20,7 +22,7 @@ at::Tensor quant_rows(at::Tensor packed, int64_t qtype, int64_t N, int64_t K, at
 at::Tensor quant_cols(at::Tensor packed, int64_t qtype, int64_t N, int64_t K,
                       std::vector<int64_t> channels);
 
-class QuantLinear {
+class QuantLinear : public LinearKernel {
  public:
   QuantLinear(std::vector<at::Tensor> packed, std::vector<int64_t> qtypes,
               std::vector<int64_t> rows, std::vector<c10::optional<at::Tensor>> bias,
@@ -29,7 +31,7 @@ class QuantLinear {
   // by set_exact_channels are left out of the 8-bit rounding (read as 0 there) and multiply
   // their dequantized weight columns in float32 instead. From bf16_tiles_min_tokens() tokens
   // on (AMX), weights and activations are bfloat16 instead (quant_gemm.cpp's header).
-  at::Tensor forward(at::Tensor x) const;
+  at::Tensor forward(at::Tensor x) const override;
 
   // Calibration: from observe_inputs(true) on, every forward raises a running max of |x| per
   // input channel (observed_absmax(): float32 [K]); observe_inputs(false) stops and drops it.
