@@ -126,6 +126,25 @@ def test_dense_small_batch_entry_points():
     assert small.max_rows_for(w) > 1 << 20 and small.max_rows_for(w.float()) == 8
 
 
+def test_dense_linear_kernel_object():
+    """`DenseLinear`, the C++ decode loop's dense projection: x W^T + b against float64 for
+    float32 weights (streamed up to 8 rows, the library's GEMM beyond: its own rounding, same
+    tolerance) and 16-bit ones, with and without bias."""
+    g = torch.Generator().manual_seed(6)
+    for wdtype in (torch.float32, torch.bfloat16, torch.float16):
+        w = torch.randn(70, 96, generator=g).to(wdtype)
+        b = torch.randn(70, generator=g)
+        for bias in (None, b):
+            layer = ops.DenseLinear(w, bias)
+            for m in (1, 8, 11):
+                x = torch.randn(m, 96, generator=g)
+                ref = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+                got = layer(x).double()
+                torch.testing.assert_close(got, ref, atol=1e-5 * ref.abs().max(), rtol=0)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ops.DenseLinear(torch.randn(8, 4).t(), None)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_add_rms_norm(dtype):
     g = torch.Generator().manual_seed(1)
@@ -467,7 +486,13 @@ def test_levels_this_cpu_lacks_still_compile():
     csrc = Path(cpu_ops.__file__).parent / "csrc"
     includes = [f"-I{p}" for p in [*include_paths(), sysconfig.get_paths()["include"]]]
     # the sources with code per level (bindings.cpp and decode_stack.cpp have none)
-    sources = ["cpu_ops.cpp", "quant_gemm.cpp", "gguf_repack.cpp", "prefill_attention.cpp"]
+    sources = [
+        "cpu_ops.cpp",
+        "quant_gemm.cpp",
+        "gguf_repack.cpp",
+        "prefill_attention.cpp",
+        "dense_gemm.cpp",
+    ]
     lacking = [isa for isa in cpu_ops.ISA_FLAGS if isa not in cpu_ops.supported_isas()]
     for isa in lacking:
         cmd = [os.environ.get("CXX", "c++"), "-std=c++20", "-fsyntax-only", "-w"]
