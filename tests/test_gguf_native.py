@@ -272,7 +272,14 @@ def test_cpp_decode_loop_matches_python_layers(dtype, kv_cache_dtype):
     model = llm.engine.model
     assert model.decode_stack is not None
     prompts = [[1, 504, 3458, 314, 2656], [1, 9707, 28, 1216], [1, 26294, 28, 253, 1123, 2]]
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
+    _same_with_and_without_the_loop(llm, prompts, 24)
+
+
+def _same_with_and_without_the_loop(llm: LLM, prompts: list[list[int]], tokens: int) -> None:
+    """Greedy tokens and their logprobs, bit for bit, with the engine's C++ decode loop and
+    with the Python layers."""
+    model = llm.engine.model
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True, logprobs=2)
     with_loop = llm.generate(prompts, params)
     stack, model.decode_stack = model.decode_stack, None
     try:
@@ -280,9 +287,10 @@ def test_cpp_decode_loop_matches_python_layers(dtype, kv_cache_dtype):
     finally:
         model.decode_stack = stack
     for a, b in zip(with_loop, without):
-        assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        assert [d[t].logprob for d, t in zip(a.outputs[0].logprobs, a.outputs[0].token_ids)] == [
-            d[t].logprob for d, t in zip(b.outputs[0].logprobs, b.outputs[0].token_ids)
+        a, b = a.outputs[0], b.outputs[0]
+        assert a.token_ids == b.token_ids
+        assert [d[t].logprob for d, t in zip(a.logprobs, a.token_ids)] == [
+            d[t].logprob for d, t in zip(b.logprobs, b.token_ids)
         ]
 
 
@@ -291,8 +299,8 @@ def test_cpp_decode_loop_runs_dense_weights(weights, tmp_path):
     """Dense projections in the C++ layer loop (`DenseLinear`), beside float32 compute: the
     embedded model dequantized to float32, and a tiny F16 file whose weights stay 16-bit (the
     parity tests run the loop on safetensors checkpoints, q/k/v biases included). The Python
-    path's tokens and logprobs, bit for bit, in decode batches of 3
-    (`dense_gemm` streaming) and 11 (float32: the library's GEMM; 16-bit: widened blocks)."""
+    path's tokens and logprobs, bit for bit, in decode batches of 3 (`dense_gemm` streaming)
+    and 11 (float32: the library's GEMM; 16-bit: widened blocks)."""
     if weights == "F16":
         path = write_tiny_llama_gguf(tmp_path / "model.gguf", QT.F16, seed=6)
         llm = LLM(model=str(path), dtype="float32", max_model_len=128, kv_cache_memory_gib=0.05)
@@ -303,21 +311,8 @@ def test_cpp_decode_loop_runs_dense_weights(weights, tmp_path):
     assert not any(hasattr(m, "kernel") for m in model.modules())  # every projection dense
     dtype = torch.float16 if weights == "F16" else torch.float32
     assert model.model.layers[0].mlp.down_proj.weight.dtype == dtype
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
     for n in (3, 11):
-        prompts = [[1, 40 + 7 * i, 90 + i, 12] for i in range(n)]
-        with_loop = llm.generate(prompts, params)
-        stack, model.decode_stack = model.decode_stack, None
-        try:
-            without = llm.generate(prompts, params)
-        finally:
-            model.decode_stack = stack
-        for a, b in zip(with_loop, without):
-            a, b = a.outputs[0], b.outputs[0]
-            assert a.token_ids == b.token_ids
-            assert [d[t].logprob for d, t in zip(a.logprobs, a.token_ids)] == [
-                d[t].logprob for d, t in zip(b.logprobs, b.token_ids)
-            ]
+        _same_with_and_without_the_loop(llm, [[1, 40 + 7 * i, 90 + i, 12] for i in range(n)], 12)
 
 
 def test_cpp_decode_loop_stages_show_in_the_profiler():
