@@ -84,26 +84,32 @@ def test_paged_decode_attention_matches_sdpa(dtype, cache_dtype, hq, hkv, layout
         torch.testing.assert_close(out[b].float(), ref, **TOL[dtype])
 
 
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_dense_gemm_matches_float64(wdtype):
+def test_dense_gemm_matches_float64(wdtype, isa):
     """x W^T + b for 16-bit and float32 weights (widened as they load) against a float64
-    product of the same values: every row count up to 20 (passes of 3, 2 and 1 tokens; from 9
-    on, 16-bit weights take the widened path: blocks of rows, 1,821 rows of 108 inputs being 3
-    blocks of 606 and one of 3), 33 and 70, widths with and without a remainder of the 32- and
-    8-wide steps, an odd number of rows, with and without bias; the sums in float32."""
+    product of the same values, on the 8-lane (AVX2) and the 16-lane (AVX-512) build: every row
+    count up to 20 (the streaming path's groups of 8, 4, 3 or 2 weight rows and passes of up to
+    4 tokens; from 9 on, 16-bit weights take the widened path: blocks of rows, 1,821 rows of
+    108 inputs being 3 blocks of 606 and one of 3), 33 and 70, widths with and without a
+    remainder of the vector steps (1,000: prefetches past each row's end and W's), a number of
+    rows that no group size divides, with and without bias; the sums in float32."""
+    if isa not in cpu_ops.supported_isas():
+        pytest.skip(f"this CPU cannot run the {isa} kernels")
+    level = cpu_ops.load_ops(isa)
     g = torch.Generator().manual_seed(4)
-    for n, k in [(13, 37), (67, 45), (5, 576), (1, 8), (1821, 108)]:
+    for n, k in [(13, 37), (67, 45), (5, 576), (1, 8), (1821, 108), (37, 1000)]:
         w = torch.randn(n, k, generator=g).to(wdtype)
         bias = torch.randn(n, generator=g)
         for m in [*range(1, 21), 33, 70]:
             x = torch.randn(m, k, generator=g)
             for b in (None, bias):
                 ref = F.linear(x.double(), w.double(), None if b is None else b.double())
-                got = ops.dense_gemm(x, w, b)
+                got = level.dense_gemm(x, w, b)
                 assert got.dtype == torch.float32 and got.shape == (m, n)
                 torch.testing.assert_close(got.double(), ref, atol=1e-5 * ref.abs().max(), rtol=0)
     with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
-        ops.dense_gemm(torch.randn(1, 8), torch.ones(2, 8, dtype=torch.int8))
+        level.dense_gemm(torch.randn(1, 8), torch.ones(2, 8, dtype=torch.int8))
 
 
 def test_dense_small_batch_entry_points():
