@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -128,14 +129,48 @@ def test_dense_small_batch_entry_points():
     torch.testing.assert_close(r, summed)
     torch.testing.assert_close(y, F.linear(normed, w.float()), atol=1e-4, rtol=1e-4)
     assert small.applies(w) and not small.applies(w.t())  # a strided weight goes to torch
-    # 16-bit weights take every row count (a float32 copy per call ran slower), float32 up to 8
-    assert small.max_rows_for(w) > 1 << 20 and small.max_rows_for(w.float()) == 8
+    # 16-bit weights beside float32 compute take every row count (a float32 copy per call ran
+    # slower), float32 up to 8; bfloat16 in bfloat16 compute every row count on the AMX tiles
+    # (else oneDNN's packed layout takes them), float16 compute none
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert small.max_rows_for(w, f32) == sys.maxsize and small.max_rows_for(w.float(), f32) == 8
+    assert small.max_rows_for(w.bfloat16(), bf16) == (sys.maxsize if ops.dense_tiles() else 0)
+    assert small.max_rows_for(w, torch.float16) == 0
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512", "amx"])
+def test_dense_gemm_bfloat16_activations(isa):
+    """bfloat16 x and W give bfloat16: the float32 sums (+ bias) rounded once, against a float64
+    product of the same values (at most half a bfloat16 unit off, plus float32's sums). Up to 8
+    rows the float32 streaming on x widened; 9-64 rows on the AMX tiles on the amx level (token
+    groups of 16 in passes of 2: 9, 16, 17, 33 and 64 rows; pairs of 16-row weight tiles, an odd
+    number of tiles, K one or several 32-input blocks), the library's GEMM beyond, and wherever
+    N is no multiple of 16 or K of 32."""
+    if isa not in cpu_ops.supported_isas():
+        pytest.skip(f"this CPU cannot run the {isa} kernels")
+    level = cpu_ops.load_ops(isa)
+    assert level.dense_tiles() == (isa == "amx")
+    g = torch.Generator().manual_seed(7)
+    for n, k in [(48, 32), (64, 96), (32, 576), (40, 64), (48, 40)]:
+        w = torch.randn(n, k, generator=g).bfloat16()
+        bias = torch.randn(n, generator=g).bfloat16()
+        for m in (1, 5, 8, 9, 16, 17, 33, 64, 70):
+            x = torch.randn(m, k, generator=g).bfloat16()
+            for b in (None, bias):
+                ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+                got = level.dense_gemm(x, w, b)
+                assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+                err = (got.double() - ref).abs()
+                assert (err <= 2**-8 * ref.abs() + 1e-5 * ref.abs().max()).all(), (n, k, m)
+    with pytest.raises(RuntimeError, match="bfloat16 weights"):
+        level.dense_gemm(torch.randn(9, 32).bfloat16(), torch.randn(16, 32))
 
 
 def test_dense_linear_kernel_object():
     """`DenseLinear`, the C++ decode loop's dense projection: x W^T + b against float64 for
     float32 weights (streamed up to 8 rows, the library's GEMM beyond: its own rounding, same
-    tolerance) and 16-bit ones, with and without bias."""
+    tolerance) and 16-bit ones, with and without bias; bfloat16 x on bfloat16 weights gives
+    dense_gemm's bits."""
     g = torch.Generator().manual_seed(6)
     for wdtype in (torch.float32, torch.bfloat16, torch.float16):
         w = torch.randn(70, 96, generator=g).to(wdtype)
@@ -147,6 +182,10 @@ def test_dense_linear_kernel_object():
                 ref = F.linear(x.double(), w.double(), None if bias is None else bias.double())
                 got = layer(x).double()
                 torch.testing.assert_close(got, ref, atol=1e-5 * ref.abs().max(), rtol=0)
+    w = torch.randn(64, 96, generator=g).bfloat16()
+    for m in (1, 11):
+        x = torch.randn(m, 96, generator=g).bfloat16()
+        assert torch.equal(ops.DenseLinear(w, None)(x), ops.dense_gemm(x, w, None))
     with pytest.raises(RuntimeError, match="contiguous"):
         ops.DenseLinear(torch.randn(8, 4).t(), None)
 

@@ -294,23 +294,28 @@ def _same_with_and_without_the_loop(llm: LLM, prompts: list[list[int]], tokens: 
         ]
 
 
-@pytest.mark.parametrize("weights", ["float32", "F16"])
+@pytest.mark.parametrize("weights", ["float32", "F16", "bfloat16"])
 def test_cpp_decode_loop_runs_dense_weights(weights, tmp_path):
     """Dense projections in the C++ layer loop (`DenseLinear`), beside float32 compute: the
     embedded model dequantized to float32, and a tiny F16 file whose weights stay 16-bit (the
-    parity tests run the loop on safetensors checkpoints, q/k/v biases included). The Python
+    parity tests run the loop on safetensors checkpoints, q/k/v biases included); and in
+    bfloat16 compute on the AMX tiles, weights unpacked (as stored, no oneDNN copy). The Python
     path's tokens and logprobs, bit for bit, in decode batches of 3 (`dense_gemm` streaming)
-    and 11 (float32: the library's GEMM; 16-bit: widened blocks)."""
-    if weights == "F16":
-        path = write_tiny_llama_gguf(tmp_path / "model.gguf", QT.F16, seed=6)
-        llm = LLM(model=str(path), dtype="float32", max_model_len=128, kv_cache_memory_gib=0.05)
-    else:
+    and 11 (float32: the library's GEMM; 16-bit: widened blocks; bfloat16: the tiles)."""
+    if weights == "bfloat16" and not cpu_ops.get_ops().dense_tiles():
+        pytest.skip("bfloat16 compute takes the loop on the AMX tiles only")
+    if weights == "float32":
         llm = LLM(dtype="float32", quantization="none", max_model_len=128, kv_cache_memory_gib=0.05)
+    else:
+        path = write_tiny_llama_gguf(tmp_path / "model.gguf", QT.F16, seed=6)
+        dtype = "float32" if weights == "F16" else "bfloat16"
+        llm = LLM(model=str(path), dtype=dtype, max_model_len=128, kv_cache_memory_gib=0.05)
     model = llm.engine.model
     assert model.decode_stack is not None
     assert not any(hasattr(m, "kernel") for m in model.modules())  # every projection dense
-    dtype = torch.float16 if weights == "F16" else torch.float32
-    assert model.model.layers[0].mlp.down_proj.weight.dtype == dtype
+    down = model.model.layers[0].mlp.down_proj
+    stored = {"float32": torch.float32, "F16": torch.float16, "bfloat16": torch.bfloat16}
+    assert down.weight.dtype == stored[weights] and down.packed_weight is None
     for n in (3, 11):
         _same_with_and_without_the_loop(llm, [[1, 40 + 7 * i, 90 + i, 12] for i in range(n)], 12)
 

@@ -65,6 +65,7 @@ _SOURCES = [
         "prefill_attention.h",
         "vec_math.h",
         "gguf_types.h",
+        "amx.h",
     )
 ]
 _NAME = "tokenmill_cpu_ops"
@@ -369,17 +370,21 @@ def get_ops() -> Any:
 
 class CpuDenseLinear:
     """`quant.dense.SmallBatchLinear` on the CPU: `dense_gemm` on float32, float16 or bfloat16
-    weights (the sums in float32). Steps of up to 8 rows stream each row once, 16-bit weights
-    widened as they load, where the library's matrix-vector product read DRAM at 11-19 GB/s of
-    the 26 two cores can (AMD Zen 3, float32); 16-bit weights take every row count (larger
-    steps widen L2-sized blocks of rows for the library's GEMM, where a float32 copy of the
-    whole weight per call ran 1.3-8x slower from 16 rows on, Sapphire Rapids, 2 threads). The
-    GLU and add + RMSNorm entry points run the fused CPU op, then the kernel."""
+    weights (the sums in float32). Steps of up to 8 rows stream each weight row once, several
+    side by side, 16-bit weights widened as they load, where the library's matrix-vector product
+    read DRAM at 11-19 GB/s of the 26 two cores can (AMD Zen 3, float32). 16-bit weights beside
+    float32 compute take every row count (larger steps widen L2-sized blocks of rows for the
+    library's GEMM, where a float32 copy of the whole weight per call ran 1.3-8x slower from 16
+    rows on, Sapphire Rapids, 2 threads); so do bfloat16 weights in bfloat16 compute on the amx
+    level (larger steps on the AMX tiles, reading the weight as it lies), which elsewhere oneDNN
+    takes at every row count. The GLU and add + RMSNorm entry points run the fused CPU op, then
+    the kernel."""
 
     max_stream_rows = 8
 
     def __init__(self, kernels: Any) -> None:
         self.kernels = kernels
+        self.tiles = kernels.dense_tiles()  # bfloat16 steps on the AMX tiles
 
     def applies(self, w: Any) -> bool:
         import torch
@@ -391,15 +396,19 @@ class CpuDenseLinear:
             and w.dtype in (torch.float32, torch.float16, torch.bfloat16)
         )
 
-    def max_rows_for(self, w: Any) -> int:
+    def max_rows_for(self, w: Any, dtype: Any) -> int:
         import torch
 
-        return self.max_stream_rows if w.dtype == torch.float32 else sys.maxsize
+        if dtype == torch.float32:
+            return self.max_stream_rows if w.dtype == torch.float32 else sys.maxsize
+        if dtype == w.dtype == torch.bfloat16 and self.tiles:
+            return sys.maxsize
+        return 0
 
     def __call__(self, x: Any, w: Any, bias: Any) -> Any:
         import torch
 
-        if x.dtype == torch.float32:
+        if x.dtype == torch.float32 or x.dtype == w.dtype == torch.bfloat16:
             return self.kernels.dense_gemm(x, w, bias)
         return self.kernels.dense_gemm(x.float(), w, bias).to(x.dtype)
 

@@ -865,7 +865,7 @@ class SkinnyLinear:
             and w.numel() * w.element_size() <= self.max_weight_bytes
         )
 
-    def max_rows_for(self, w: torch.Tensor) -> int:
+    def max_rows_for(self, w: torch.Tensor, dtype: torch.dtype) -> int:
         return SKINNY_MAX_M
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

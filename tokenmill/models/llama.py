@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -264,7 +265,8 @@ class LlamaForCausalLM(CausalLM):
     def _build_decode_stack(self):
         """The C++ layer loop for decode-only batches (`LlamaDecodeStack`), when every
         projection runs a native kernel or the CPU's dense kernel (`DenseLinear`: the dense
-        weights a `CpuDenseLinear` took, in float32 or 16 bits beside float32 compute),
+        weights a `CpuDenseLinear` took, in float32 or 16 bits beside float32 compute, or
+        bfloat16 ones in bfloat16 compute on the AMX tiles),
         attention runs on the CPU backend (whose cache layout the loop reads) and the layers
         need nothing the loop lacks (q/k norm, partial rotary); None otherwise, and under
         tensor parallelism, whose sums the loop does not make (the Python path runs every
@@ -289,13 +291,16 @@ class LlamaForCausalLM(CausalLM):
         native = [x for group in linears for x in group if hasattr(x, "kernel")]
         # the build the native layers' kernel objects come from (the loop's must be theirs)
         ops = native[0].quant_method.ops if native else self.attn_backend.ops.kernels
-        float32 = m.norm.weight.dtype == torch.float32  # DenseLinear takes float32 inputs
+        float32 = m.norm.weight.dtype == torch.float32
 
         def kernel(linear: torch.nn.Module) -> Any:
-            """The layer's C++ kernel object, or None where the loop cannot run it."""
+            """The layer's C++ kernel object, or None where the loop cannot run it (DenseLinear
+            takes float32 inputs, and bfloat16 ones where the kernel takes every row count)."""
             if hasattr(linear, "kernel"):
                 return linear.kernel
-            if not float32 or getattr(linear, "small_batch", None) is None:
+            if getattr(linear, "small_batch", None) is None or not (
+                float32 or linear.small_batch_rows == sys.maxsize
+            ):
                 return None
             bias = None if linear.bias is None else linear.bias.float()
             return ops.DenseLinear(linear.weight, bias)

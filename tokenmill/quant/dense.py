@@ -3,6 +3,7 @@ dtype beside float32 compute."""
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
@@ -51,8 +52,9 @@ class SmallBatchLinear(Protocol):
     def applies(self, w: torch.Tensor) -> bool:
         """Whether the kernel takes this [out, in] weight (its dtype, layout and size)."""
 
-    def max_rows_for(self, w: torch.Tensor) -> int:
-        """The most rows of x one call takes with the weight `w` (one it `applies` to)."""
+    def max_rows_for(self, w: torch.Tensor, dtype: torch.dtype) -> int:
+        """The most rows of x (in the compute dtype `dtype`) one call takes with the weight `w`
+        (one it `applies` to): 0 for none, `sys.maxsize` for every row count."""
 
     def __call__(
         self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
@@ -76,13 +78,23 @@ class SmallBatchLinear(Protocol):
         (`LinearMethod.apply_add_norm`)."""
 
 
+def _small_batch_rows(
+    small_batch: SmallBatchLinear | None, w: torch.Tensor, dtype: torch.dtype
+) -> int:
+    """The most rows the small-batch kernel takes with `w` and compute dtype `dtype` (0: none)."""
+    if small_batch is None or not small_batch.applies(w):
+        return 0
+    return small_batch.max_rows_for(w, dtype)
+
+
 def _attach_small_batch(
     layer: torch.nn.Module, small_batch: SmallBatchLinear | None, w: torch.Tensor
 ) -> None:
     """Give `layer` the small-batch kernel and its row limit for `w` when the kernel takes it."""
-    if small_batch is not None and small_batch.applies(w):
+    rows = _small_batch_rows(small_batch, w, layer.compute_dtype)
+    if rows:
         layer.small_batch = small_batch
-        layer.small_batch_rows = small_batch.max_rows_for(w)
+        layer.small_batch_rows = rows
 
 
 class UnquantizedLinearMethod:
@@ -116,6 +128,7 @@ class UnquantizedLinearMethod:
             torch.empty(sum(output_sizes.values()), in_features, dtype=self.storage_dtype or dtype),
             requires_grad=False,
         )
+        layer.compute_dtype = dtype
         layer.packed_weight = None
         layer.small_batch = None
         layer.small_batch_rows = 0
@@ -129,9 +142,12 @@ class UnquantizedLinearMethod:
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         w = layer.weight
-        if self.storage_dtype is None and onednn_packable(w):
+        every_row = _small_batch_rows(self.small_batch, w, layer.compute_dtype) == sys.maxsize
+        if self.storage_dtype is None and onednn_packable(w) and not every_row:
             # oneDNN's blocked layout: 1.2-2x faster bf16 GEMMs than the strided weight
-            # (bit-identical results). The dense copy is dropped to keep memory flat.
+            # (bit-identical results). The dense copy is dropped to keep memory flat. A
+            # small-batch kernel that takes every row count (the AMX tiles on bfloat16) reads
+            # the weight as it is instead.
             layer.packed_weight = torch.ops.mkldnn._reorder_linear_weight(w.detach())
             layer.weight = None
         else:
@@ -226,6 +242,7 @@ class SharedDenseHead(UnquantizedLinearMethod):
         dtype: torch.dtype,
     ) -> None:
         layer.weight = None
+        layer.compute_dtype = dtype
         layer.packed_weight = None
         layer.small_batch = None
         layer.small_batch_rows = 0
@@ -255,11 +272,13 @@ def shared_dense_head(
 ) -> SharedDenseHead | None:
     """The head of a tied model with a dense table (`DenseEmbeddingMethod`): `SharedDenseHead`,
     or None where the model's own product with the table serves: a table in the compute dtype
-    with no small-batch kernel, one oneDNN packs, or one on a GPU (whose heads ran at 89-100%
-    of the bandwidth on cuBLAS)."""
+    with no small-batch kernel, one oneDNN would pack (unless the kernel takes it at every row
+    count), or one on a GPU (whose heads ran at 89-100% of the bandwidth on cuBLAS)."""
     w = embedding.weight
-    if w.dtype == embedding.compute_dtype and (
-        small_batch is None or onednn_packable(w) or w.device.type != "cpu"
+    dtype = embedding.compute_dtype
+    every_row = _small_batch_rows(small_batch, w, dtype) == sys.maxsize
+    if w.dtype == dtype and (
+        small_batch is None or (onednn_packable(w) and not every_row) or w.device.type != "cpu"
     ):
         return None
     return SharedDenseHead(embedding, small_batch)

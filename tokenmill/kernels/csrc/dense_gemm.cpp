@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "amx.h"
 #include "vec_math.h"
 
 namespace {
@@ -212,12 +213,152 @@ void gemm_widened(const at::Tensor& x, const W* w, int64_t N, int64_t K, at::Ten
   }
 }
 
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+#define TM_DENSE_AMX 1
+// bfloat16 steps of more than kStreamMaxRows rows on the tile unit, weights read where they
+// lie: W's rows are the A operand (a tile is 16 rows x 32 inputs, loaded at W's row stride),
+// x the B operand (input pairs x tokens, rearranged once per call: pairs_by_group), so no
+// weight is ever copied or repacked and the streaming path reads the same [N, K] tensor.
+// Tiles: 0..3 = C (weight tile i, token group g at 2 g + i: 16 rows x 16 tokens, float32),
+// 4, 5 = A (weight tiles 0 / 1), 6, 7 = B (token groups 0 / 1).
+constexpr int64_t kTilesMaxRows = 64;
+constexpr int64_t kTileAhead = 8;  // how many 32-input blocks ahead W's rows are prefetched
+
+void configure_tiles() {
+  amx::TileConfig cfg;
+  for (int c = 0; c < 8; ++c) {
+    cfg.rows[c] = 16;
+    cfg.colsb[c] = 64;
+  }
+  __asm__ volatile("" : : "r"(&cfg) : "memory");  // the intrinsic would leave cfg unwritten
+  _tile_loadconfig(&cfg);
+}
+
+// x [M, K] as B tiles: out[((kb * G + g) * 16 + kp) * 32 + 2 m + j] = x[16 g + m, 32 kb + 2 kp
+// + j] for G = ceil(M / 16) token groups, zero for the tokens past M.
+std::vector<uint16_t> pairs_by_group(const at::BFloat16* x, int64_t M, int64_t K) {
+  const int64_t G = (M + 15) / 16, KB = K / 32;
+  std::vector<uint16_t> out(KB * G * 512, 0);
+  const auto* xs = reinterpret_cast<const uint32_t*>(x);  // input pairs
+  at::parallel_for(0, KB, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t kb = b0; kb < b1; ++kb)
+      for (int64_t m = 0; m < M; ++m) {
+        auto* dst = reinterpret_cast<uint32_t*>(out.data() + (kb * G + m / 16) * 512) + m % 16;
+        for (int kp = 0; kp < 16; ++kp) dst[kp * 16] = xs[(m * K) / 2 + kb * 16 + kp];
+      }
+  });
+  return out;
+}
+
+// y [M, N] = x W^T (+ bias) for bfloat16 x (as pairs_by_group) and W [N, K], N a multiple of
+// 16 and K of 32. Pairs of weight tiles are split over the threads; each pair's rows are taken
+// in chunks of kTileChunk blocks (in L1 while every pass of 32 tokens multiplies them; the next
+// chunk prefetched meanwhile), the sums kept in the C tiles from chunk to chunk when one pass
+// covers the batch, else saved to float32 in between. Each C tile is then transposed into the
+// output rows (16 gathers), with the bias, rounded to bfloat16.
+void gemm_tiles(const at::BFloat16* w, int64_t N, int64_t K, const uint16_t* xp, int64_t M,
+                const float* bias, at::BFloat16* y) {
+  const int64_t KB = K / 32, G = (M + 15) / 16, passes = (G + 1) / 2, n_tiles = N / 16;
+  const int64_t pairs = (n_tiles + 1) / 2, stride = K * 2;  // bytes between W's rows
+  // pairs of tiles per group: their rows (up to 1 MiB) stay in L2 while each pass's
+  // activations multiply all of them, so those are read once per group, not per pair
+  const int64_t per_group =
+      std::max<int64_t>(1, std::min((int64_t{1} << 20) / (32 * stride),
+                                    (pairs + at::get_num_threads() - 1) / at::get_num_threads()));
+  at::parallel_for(0, (pairs + per_group - 1) / per_group, 1, [&](int64_t begin, int64_t end) {
+    configure_tiles();
+    alignas(64) float sums[4][256];
+    const __m512i column =
+        _mm512_mullo_epi32(_mm512_set1_epi32(16),
+                           _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    for (int64_t group = begin; group < end; ++group)
+      for (int64_t pass = 0; pass < passes; ++pass)
+        for (int64_t p = group * per_group; p < std::min(pairs, (group + 1) * per_group); ++p) {
+          const bool two_tiles = 2 * p + 1 < n_tiles, two_groups = 2 * pass + 1 < G;
+          const at::BFloat16* wp = w + 2 * p * 16 * K;
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(2);
+          _tile_zero(3);
+          for (int64_t kb = 0; kb < KB; ++kb) {
+            if (pass == 0 && kb + kTileAhead < KB)  // a later line of each row, from DRAM
+              for (int r = 0; r < (two_tiles ? 32 : 16); ++r)
+                _mm_prefetch(reinterpret_cast<const char*>(wp + r * K + (kb + kTileAhead) * 32),
+                             _MM_HINT_T0);
+            const uint16_t* xk = xp + (kb * G + 2 * pass) * 512;
+            _tile_loadd(4, wp + kb * 32, stride);
+            _tile_loadd(6, xk, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            if (two_tiles) {
+              _tile_loadd(5, wp + 16 * K + kb * 32, stride);
+              _tile_dpbf16ps(1, 5, 6);
+            }
+            if (two_groups) {
+              _tile_loadd(7, xk + 512, 64);
+              _tile_dpbf16ps(2, 4, 7);
+              if (two_tiles) _tile_dpbf16ps(3, 5, 7);
+            }
+          }
+          _tile_stored(0, sums[0], 64);
+          _tile_stored(1, sums[1], 64);
+          _tile_stored(2, sums[2], 64);
+          _tile_stored(3, sums[3], 64);
+          for (int g = 0; g < (two_groups ? 2 : 1); ++g)
+            for (int i = 0; i < (two_tiles ? 2 : 1); ++i) {
+              const int64_t n0 = (2 * p + i) * 16, m0 = (2 * pass + g) * 16;
+              const __m512 b = bias ? _mm512_loadu_ps(bias + n0) : _mm512_setzero_ps();
+              for (int64_t m = 0; m < 16 && m0 + m < M; ++m)  // column m of the tile: token m
+                vec_math::store16(
+                    y + (m0 + m) * N + n0,
+                    _mm512_add_ps(_mm512_i32gather_ps(column, sums[2 * g + i] + m, 4), b));
+            }
+        }
+    _tile_release();
+  });
+}
+#endif
+
 }  // namespace
 
+namespace {
+// dense_gemm for bfloat16 x and W: float32 sums, rounded once to bfloat16 with the bias added.
+at::Tensor gemm_bf16(const at::Tensor& x, const at::Tensor& w,
+                     const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16, "dense_gemm: bfloat16 x takes bfloat16 weights");
+  const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
+  if (M <= kStreamMaxRows) return dense_gemm(x.to(at::kFloat), w, bias).to(at::kBFloat16);
+#ifdef TM_DENSE_AMX
+  if (M <= kTilesMaxRows && N % 16 == 0 && K % 32 == 0 && amx::permitted()) {
+    const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+    const std::vector<uint16_t> xp = pairs_by_group(xc.data_ptr<at::BFloat16>(), M, K);
+    at::Tensor bf;
+    if (bias.has_value()) {
+      bf = bias->to(at::kFloat).contiguous();
+      TORCH_CHECK(bf.numel() == N, "dense_gemm: bias must have N elements");
+    }
+    at::Tensor out = at::empty({M, N}, x.options());
+    gemm_tiles(wc.data_ptr<at::BFloat16>(), N, K, xp.data(), M,
+               bf.defined() ? bf.data_ptr<float>() : nullptr, out.data_ptr<at::BFloat16>());
+    return out;
+  }
+#endif
+  return at::linear(x, w, bias);
+}
+}  // namespace
+
+bool dense_tiles() {
+#ifdef TM_DENSE_AMX
+  return amx::permitted();
+#else
+  return false;
+#endif
+}
+
 at::Tensor dense_gemm(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat,
-              "dense_gemm: x must be [M, K] float32");
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "dense_gemm: x must be [M, K] float32 or bfloat16");
   TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1), "dense_gemm: w must be [N, K]");
+  if (x.scalar_type() == at::kBFloat16) return gemm_bf16(x, w, bias);
   x = x.contiguous();
   w = w.contiguous();
   const int64_t M = x.size(0), N = w.size(0), K = w.size(1);

@@ -8,12 +8,18 @@
 // to float32 as they load), plus bias [N] when given: [M, N] float32. Up to 8 rows (decode
 // steps), and float32 W at any M: each thread streams its share of W's rows once for all M rows
 // of x. More rows on 16-bit W: blocks of W's rows widened into an L2-sized buffer, each
-// multiplied by the library's GEMM.
+// multiplied by the library's GEMM. bfloat16 x takes bfloat16 W and gives bfloat16 (the float32
+// sums rounded once): up to 8 rows the same streaming on x widened, more on the AMX tiles with
+// W read in place (amx builds; N a multiple of 16, K of 32), else the library's GEMM.
 at::Tensor dense_gemm(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias);
+
+// Whether dense_gemm runs bfloat16 steps of more than 8 rows on the AMX tiles (an amx build, and
+// the process allowed to use them).
+bool dense_tiles();
 
 // A dense linear layer for the C++ decode loop: dense_gemm on 16-bit weights and on float32
 // ones up to 8 rows, the library's GEMM on float32 weights beyond (as the Python layers run
-// them: `CpuDenseLinear`). x float32.
+// them: `CpuDenseLinear`). x float32, or bfloat16 with bfloat16 weights.
 class DenseLinear : public LinearKernel {
  public:
   DenseLinear(at::Tensor weight, c10::optional<at::Tensor> bias);

@@ -43,8 +43,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -53,6 +51,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "amx.h"
 #include "gguf_types.h"
 #include "vec_math.h"
 
@@ -1388,22 +1387,8 @@ void gemm_batched(const uint8_t* w, const BatchActs& acts, int64_t N, int64_t K,
 
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__)
 #define TM_AMX 1
-// Linux hands out the AMX tile state only on request (once per process).
-bool amx_permitted() {
-  static const bool ok = [] {
-    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return ok;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
+using amx::TileConfig;
+inline bool amx_permitted() { return amx::permitted(); }
 
 // Tiles: 0, 3, 4, 5 = C (16 tokens x 16 rows, int32; one per group of 16 tokens, so the groups'
 // products overlap), 1 = A (16 tokens x 32 inputs, int8), 2 = B (one block: U[0..7], 8 x 64
