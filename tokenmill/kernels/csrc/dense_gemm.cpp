@@ -29,6 +29,10 @@ constexpr int64_t kLanes = sizeof(VecF) / sizeof(float);  // 16 on AVX-512 build
 
 // The most rows of x the streaming path takes on 16-bit weights; more take the widened path.
 constexpr int64_t kStreamMaxRows = 8;
+// bfloat16 x of up to this many rows take the float32 streaming path (x widened), more the
+// AMX tiles where the build has them: at 8 rows, 16 layers of the 1B shape's weights, the tiles
+// read 26.1 GB/s, the streaming 19.5 (at 4 rows 25.9 streaming).
+constexpr int64_t kStreamMaxRowsBf16 = 4;
 // How far ahead of its reads each weight row is prefetched into L2, in bytes; past a row's end
 // the prefetches run on into the same row of the next group (so a group's first lines are
 // already on their way). Measured on Sapphire Rapids, 2 threads, 16 layers of the 1B shape's
@@ -216,9 +220,9 @@ void gemm_widened(const at::Tensor& x, const W* w, int64_t N, int64_t K, at::Ten
 
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
 #define TM_DENSE_AMX 1
-// bfloat16 steps of more than kStreamMaxRows rows on the tile unit, weights read where they
-// lie: W's rows are the A operand (a tile is 16 rows x 32 inputs, loaded at W's row stride),
-// x the B operand (input pairs x tokens, rearranged once per call: pairs_by_group), so no
+// bfloat16 steps of kStreamMaxRowsBf16 + 1 to kTilesMaxRows rows on the tile unit, weights read
+// where they lie: W's rows are the A operand (a tile is 16 rows x 32 inputs, loaded at W's row
+// stride), x the B operand (input pairs x tokens, rearranged once per call: pairs_by_group), so no
 // weight is ever copied or repacked and the streaming path reads the same [N, K] tensor.
 // Tiles: 0..3 = C (weight tile i, token group g at 2 g + i: 16 rows x 16 tokens, float32),
 // 4, 5 = A (weight tiles 0 / 1), 6, 7 = B (token groups 0 / 1).
@@ -327,7 +331,7 @@ at::Tensor gemm_bf16(const at::Tensor& x, const at::Tensor& w,
                      const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(w.scalar_type() == at::kBFloat16, "dense_gemm: bfloat16 x takes bfloat16 weights");
   const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
-  if (M <= kStreamMaxRows) return dense_gemm(x.to(at::kFloat), w, bias).to(at::kBFloat16);
+  if (M <= kStreamMaxRowsBf16) return dense_gemm(x.to(at::kFloat), w, bias).to(at::kBFloat16);
 #ifdef TM_DENSE_AMX
   if (M <= kTilesMaxRows && N % 16 == 0 && K % 32 == 0 && amx::permitted()) {
     const at::Tensor xc = x.contiguous(), wc = w.contiguous();

@@ -9,11 +9,12 @@
 // steps), and float32 W at any M: each thread streams its share of W's rows once for all M rows
 // of x. More rows on 16-bit W: blocks of W's rows widened into an L2-sized buffer, each
 // multiplied by the library's GEMM. bfloat16 x takes bfloat16 W and gives bfloat16 (the float32
-// sums rounded once): up to 8 rows the same streaming on x widened, more on the AMX tiles with
-// W read in place (amx builds; N a multiple of 16, K of 32), else the library's GEMM.
+// sums rounded once): up to 4 rows the same streaming on x widened, 5-128 on the AMX tiles with
+// W read in place (amx builds; N a multiple of 16, K of 32), else the library's GEMM on blocks
+// of W's rows.
 at::Tensor dense_gemm(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias);
 
-// Whether dense_gemm runs bfloat16 steps of more than 8 rows on the AMX tiles (an amx build, and
+// Whether dense_gemm runs bfloat16 steps of 5-128 rows on the AMX tiles (an amx build, and
 // the process allowed to use them).
 bool dense_tiles();
 
