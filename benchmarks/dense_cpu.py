@@ -8,7 +8,9 @@ Two parts, each engine configuration in its own process:
      (`TOKENMILL_CPU_DENSE_GEMM=1`) and without (`=0`: the library's GEMM for every step, bfloat16
      weights in oneDNN's packed layout), in the compute dtype `--dtype` (auto: bfloat16 on a CPU
      with native bfloat16); batch 1 also as a fraction of the bandwidth roofline (the weights a
-     step reads over the copy bandwidth measured here);
+     step reads over the read bandwidth measured here: torch.dot of a 512 MiB vector with itself
+     on every thread, the fastest of the library's reductions; a kernel that prefetches may read
+     faster, so this can pass 100%);
   2. the linears alone: 16 layers of the 1B shape's projections (1.95 GB of bfloat16 weights,
      so every step reads DRAM) at 1-8 rows of x, in GB/s of weights, `dense_gemm` against
      oneDNN's packed bfloat16 product.
@@ -28,9 +30,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_llamacpp import measure_bandwidth_gbs
-
 MODEL = "benchmarks/results/models/SmolLM2-135M-Instruct.F16.gguf"
+
+
+def measure_read_gbs(threads: int) -> float:
+    """The best of 5 dot products of 512 MiB of float32 with itself on `threads` threads, in
+    GB/s read."""
+    import torch
+
+    torch.set_num_threads(threads)
+    t = torch.ones(128 << 20)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        torch.dot(t, t)
+        times.append(time.perf_counter() - start)
+    return t.numel() * 4 / min(times) / 1e9
 
 
 def end_to_end(model: str, dtype: str, threads: int) -> dict:
@@ -145,14 +160,14 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    bw = measure_bandwidth_gbs()
+    bw = measure_read_gbs(args.threads)
     rows = {}
     for label, on in (("dense_gemm", "1"), ("library", "0")):
         rows[label] = in_child(
             ["e2e", args.model, args.dtype, "--threads", str(args.threads)],
             {"TOKENMILL_CPU_DENSE_GEMM": on},
         )
-    print(f"{Path(args.model).name}, {args.threads} threads, copy bandwidth {bw:.1f} GB/s")
+    print(f"{Path(args.model).name}, {args.threads} threads, read bandwidth {bw:.1f} GB/s")
     print(
         f"{'path':<12}{'dtype':<10}{'loop':<6}{'bs1 tok/s':>10}{'roof':>6}{'x lib':>7}"
         f"{'prefill512':>12}{'x lib':>7}{'32x64':>9}{'x lib':>7}"
@@ -166,7 +181,7 @@ def main() -> None:
             f"{r['prefill512']:>12.1f}{r['prefill512'] / base['prefill512']:>6.2f}x"
             f"{r['batch32']:>9.1f}{r['batch32'] / base['batch32']:>6.2f}x"
         )
-    result = {"model": args.model, "threads": args.threads, "bandwidth_gbs": bw, "e2e": rows}
+    result = {"model": args.model, "threads": args.threads, "read_gbs": bw, "e2e": rows}
     if args.linears:
         lin = in_child(["linears", "--threads", str(args.threads)], {})
         print("1B-shape projections, 16 layers of bfloat16 weights (1.95 GB), GB/s read:")
