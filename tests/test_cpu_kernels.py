@@ -163,6 +163,8 @@ def test_dense_gemm_bfloat16_activations(isa):
                 assert got.dtype == torch.bfloat16 and got.shape == (m, n)
                 err = (got.double() - ref).abs()
                 assert (err <= 2**-8 * ref.abs() + 1e-5 * ref.abs().max()).all(), (n, k, m)
+                if b is not None:  # the decode loop's bias, widened: the same bits
+                    assert torch.equal(level.dense_gemm(x, w, b.float()), got)
     with pytest.raises(RuntimeError, match="bfloat16 weights"):
         level.dense_gemm(torch.randn(9, 32).bfloat16(), torch.randn(16, 32))
 

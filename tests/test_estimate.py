@@ -160,6 +160,9 @@ def test_step_peak_by_hand():
     assert step_peak_bytes(arch, 10, 3, 2, native=True) == 10 * native + logits
     dense32 = (4 * 64 + 5 * 128) * 4  # float32: the GEMM's packed copy of the product too
     assert step_peak_bytes(arch, 10, 0, 4, native=False) == 10 * dense32
+    # bfloat16 weights the library multiplies unpacked: the packed copy of the product too
+    unpacked = (4 * 64 + 5 * 128) * 2
+    assert step_peak_bytes(arch, 10, 0, 2, native=False, unpacked=True) == 10 * unpacked
     wide_attention = _arch(num_heads=16, num_kv_heads=16, intermediate_size=32)  # q = 256
     assert step_peak_bytes(wide_attention, 1, 0, 2, native=False) == (4 * 64 + 4 * 256) * 2
 

@@ -65,7 +65,12 @@ SAMPLER_BYTES_PER_LOGIT = 4 + 4 + 8
 
 
 def step_peak_bytes(
-    arch: ModelArchConfig, tokens: int, rows: int, element_size: int, native: bool
+    arch: ModelArchConfig,
+    tokens: int,
+    rows: int,
+    element_size: int,
+    native: bool,
+    unpacked: bool = False,
 ) -> int:
     """The peak of a step's intermediate tensors: `tokens` tokens through a layer, then the
     logits of `rows` sampled rows (an upper bound: the sum of the two peaks).
@@ -76,7 +81,11 @@ def step_peak_bytes(
         output (4 hidden vectors);
       * attention: q, k and v, and the attention output;
       * MLP on dense weights: gate and up, the activation and the product (4 intermediate
-        vectors); in float32 a fifth, the copy of the product that the float32 GEMM packs;
+        vectors); in float32 a fifth, the copy of the product that the float32 GEMM packs, and
+        so in 16 bits where the library multiplies the weights unpacked (`unpacked`: bfloat16
+        weights kept as stored for the AMX tiles, whose prefill steps take the library's GEMM;
+        the 512 / 2368 Llama below, bfloat16, 25.7-31.8 KiB per token against 22.3-27.7
+        packed, 2026-12-07);
       * MLP on the native GGUF kernels (`native`): gate and up, the fused product (3), and its
         8-bit blocks with their scales and sums, twice (the row-major blocks and the batched
         path's block-major copy: 3 bytes per intermediate channel).
@@ -94,9 +103,17 @@ def step_peak_bytes(
     if native:
         mlp = 3 * i * element_size + 3 * i
     else:
-        mlp = (5 if element_size == 4 else 4) * i * element_size
+        mlp = (5 if element_size == 4 or unpacked else 4) * i * element_size
     per_token = 4 * h * element_size + max(attention, mlp)
     return tokens * per_token + rows * arch.vocab_size * SAMPLER_BYTES_PER_LOGIT
+
+
+def _dense_tiles() -> bool:
+    """Whether this CPU's dense kernel keeps bfloat16 weights unpacked (the AMX tiles)."""
+    from tokenmill.kernels.cpu_ops import dense_small_batch
+
+    small = dense_small_batch()
+    return small is not None and small.tiles
 
 
 def _proc_bytes(path: str, key: str) -> int:
@@ -213,8 +230,14 @@ def estimate_memory(args: EngineArgs, memory_gib: float | None = None) -> Memory
     weights = weights_of(device, dtype, args)
     max_len = min(arch.max_position_embeddings, args.max_model_len or 1 << 62)
     step = args.max_num_batched_tokens
+    unpacked = device == "cpu" and dtype == "bfloat16" and _dense_tiles()
     activations = step_peak_bytes(
-        rank, step, min(args.max_num_seqs, step), DTYPE_SIZES[dtype], weights.native
+        rank,
+        step,
+        min(args.max_num_seqs, step),
+        DTYPE_SIZES[dtype],
+        weights.native,
+        unpacked=unpacked,
     )
     draft = _draft(args, device, dtype)
     if draft is not None:  # its weights beside the target's; its steps' peaks after the target's
@@ -222,7 +245,12 @@ def estimate_memory(args: EngineArgs, memory_gib: float | None = None) -> Memory
         activations = max(
             activations,
             step_peak_bytes(
-                d_arch, step, min(args.max_num_seqs, step), DTYPE_SIZES[dtype], d_weights.native
+                d_arch,
+                step,
+                min(args.max_num_seqs, step),
+                DTYPE_SIZES[dtype],
+                d_weights.native,
+                unpacked=unpacked,
             ),
         )
     if device == "cpu":
