@@ -144,9 +144,8 @@ def test_dense_gemm_bfloat16_activations(isa):
     product of the same values (at most half a bfloat16 unit off, plus float32's sums). Up to 4
     rows the float32 streaming on x widened; 5-128 rows on the AMX tiles on the amx level (token
     groups of 16 in passes of 2: 5, 16, 17, 33, 64 and 128 rows; pairs of 16-row weight tiles, an
-    odd number of tiles, K one or several 32-input blocks), the library's GEMM beyond and
-    elsewhere (blocks of weight rows: 1,100 rows of 2,048 inputs are one block of 1,024 and one
-    of 76), and wherever N is no multiple of 16 or K of 32."""
+    odd number of tiles, K one or several 32-input blocks), the library's GEMM beyond, on the
+    other levels, and wherever N is no multiple of 16 or K of 32."""
     if isa not in cpu_ops.supported_isas():
         pytest.skip(f"this CPU cannot run the {isa} kernels")
     level = cpu_ops.load_ops(isa)
