@@ -231,28 +231,17 @@ def estimate_memory(args: EngineArgs, memory_gib: float | None = None) -> Memory
     max_len = min(arch.max_position_embeddings, args.max_model_len or 1 << 62)
     step = args.max_num_batched_tokens
     unpacked = device == "cpu" and dtype == "bfloat16" and _dense_tiles()
-    activations = step_peak_bytes(
-        rank,
-        step,
-        min(args.max_num_seqs, step),
-        DTYPE_SIZES[dtype],
-        weights.native,
-        unpacked=unpacked,
-    )
+
+    def peak(a: ModelArchConfig, native: bool) -> int:
+        """The largest step's peak for a model of shape `a` (the target's, or the draft's)."""
+        rows = min(args.max_num_seqs, step)
+        return step_peak_bytes(a, step, rows, DTYPE_SIZES[dtype], native, unpacked=unpacked)
+
+    activations = peak(rank, weights.native)
     draft = _draft(args, device, dtype)
     if draft is not None:  # its weights beside the target's; its steps' peaks after the target's
         d_arch, d_checkpoint, d_weights = draft
-        activations = max(
-            activations,
-            step_peak_bytes(
-                d_arch,
-                step,
-                min(args.max_num_seqs, step),
-                DTYPE_SIZES[dtype],
-                d_weights.native,
-                unpacked=unpacked,
-            ),
-        )
+        activations = max(activations, peak(d_arch, d_weights.native))
     if device == "cpu":
         runtime, first_steps = fresh_process_bytes(), CPU_FIRST_STEPS_BYTES
         runtime_source = (
