@@ -1,9 +1,11 @@
-// y = x W^T (+ b) for float32 activations and dense weights in float32, float16 or bfloat16.
+// y = x W^T (+ b) for dense weights in float32, float16 or bfloat16: float32 activations, or
+// bfloat16 ones on bfloat16 weights.
 // Steps of a few rows (decode), where the library GEMM leaves bandwidth unused: each thread
 // streams its share of W's rows once, several side by side, widening 16-bit weights as they load
 // (F16C; bfloat16 by a shift), and multiplies every row of x against them with float32 FMAs
-// (16 lanes on AVX-512 builds, 8 on AVX2 ones). Larger steps on
-// 16-bit weights: blocks of rows widened in L2 and multiplied by the library's GEMM.
+// (16 lanes on AVX-512 builds, 8 on AVX2 ones). Larger steps on 16-bit weights beside float32
+// compute: blocks of rows widened in L2 and multiplied by the library's GEMM. bfloat16
+// activations (bfloat16 weights): the AMX tiles on W as it lies (gemm_tiles).
 #include "dense_gemm.h"
 
 #include <ATen/Parallel.h>
@@ -255,11 +257,11 @@ std::vector<uint16_t> pairs_by_group(const at::BFloat16* x, int64_t M, int64_t K
 }
 
 // y [M, N] = x W^T (+ bias) for bfloat16 x (as pairs_by_group) and W [N, K], N a multiple of
-// 16 and K of 32. Pairs of weight tiles are split over the threads; each pair's rows are taken
-// in chunks of kTileChunk blocks (in L1 while every pass of 32 tokens multiplies them; the next
-// chunk prefetched meanwhile), the sums kept in the C tiles from chunk to chunk when one pass
-// covers the batch, else saved to float32 in between. Each C tile is then transposed into the
-// output rows (16 gathers), with the bias, rounded to bfloat16.
+// 16 and K of 32. Pairs of weight tiles, in groups whose rows fill up to 1 MiB, are split over
+// the threads. For each pass of 32 tokens every pair of the group runs the whole of K with its
+// sums in the C tiles: the first pass reads the rows from DRAM (prefetched kTileAhead blocks
+// ahead), the later ones from L2. Each C tile is then transposed into the output rows (16
+// gathers), with the bias, rounded to bfloat16.
 void gemm_tiles(const at::BFloat16* w, int64_t N, int64_t K, const uint16_t* xp, int64_t M,
                 const float* bias, at::BFloat16* y) {
   const int64_t KB = K / 32, G = (M + 15) / 16, passes = (G + 1) / 2, n_tiles = N / 16;
