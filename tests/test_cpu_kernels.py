@@ -130,31 +130,39 @@ def test_dense_small_batch_entry_points():
     torch.testing.assert_close(y, F.linear(normed, w.float()), atol=1e-4, rtol=1e-4)
     assert small.applies(w) and not small.applies(w.t())  # a strided weight goes to torch
     # 16-bit weights beside float32 compute take every row count (a float32 copy per call ran
-    # slower), float32 up to 8; bfloat16 in bfloat16 compute every row count on the AMX tiles
-    # (else oneDNN's packed layout takes them), float16 compute none
+    # slower), float32 up to 8; bfloat16 in bfloat16 compute every row count where the kernel
+    # multiplies them as they lie (else oneDNN's packed layout takes them), float16 compute none
     f32, bf16 = torch.float32, torch.bfloat16
     assert small.max_rows_for(w, f32) == sys.maxsize and small.max_rows_for(w.float(), f32) == 8
-    assert small.max_rows_for(w.bfloat16(), bf16) == (sys.maxsize if ops.dense_tiles() else 0)
+    every = sys.maxsize if ops.dense_bf16_path() else 0
+    assert small.max_rows_for(w.bfloat16(), bf16) == every
     assert small.max_rows_for(w, torch.float16) == 0
 
 
 @pytest.mark.parametrize("isa", ["avx2", "avx512", "amx"])
 def test_dense_gemm_bfloat16_activations(isa):
     """bfloat16 x and W give bfloat16: the float32 sums (+ bias) rounded once, against a float64
-    product of the same values (at most half a bfloat16 unit off, plus float32's sums). Up to 4
-    rows the float32 streaming on x widened; 5-128 rows on the AMX tiles on the amx level (token
-    groups of 16 in passes of 2: 5, 16, 17, 33, 64 and 128 rows; pairs of 16-row weight tiles, an
-    odd number of tiles, K one or several 32-input blocks), the library's GEMM beyond, on the
-    other levels, and wherever N is no multiple of 16 or K of 32."""
+    product of the same values (at most half a bfloat16 unit off, plus float32's sums). On the
+    amx level, up to 4 rows AVX512-BF16 dot products, 5-128 rows on the AMX tiles
+    (token groups of 16 in passes of 2: 5, 16, 17, 33, 64 and 128 rows; pairs of 16-row weight
+    tiles, an odd number of tiles, K one or several 32-input blocks); on the avx512 level of a
+    CPU with AVX512-BF16, 1-64 rows by its dot products (groups of 8 weight rows at 1 row of x,
+    else 4 in passes of up to 6 tokens: rows left over, K past a multiple of 32), where a
+    token's output does not depend on its batch; elsewhere the float32 streaming on x widened up
+    to 4 rows;
+    the library's GEMM beyond, and wherever the tiles do not take N or K."""
     if isa not in cpu_ops.supported_isas():
         pytest.skip(f"this CPU cannot run the {isa} kernels")
     level = cpu_ops.load_ops(isa)
-    assert level.dense_tiles() == (isa == "amx")
+    path = level.dense_bf16_path()
+    dot = isa == "avx512" and "avx512_bf16" in cpu_ops.cpu_flags()
+    assert path == ("tiles" if isa == "amx" else "dot" if dot else "")
     g = torch.Generator().manual_seed(7)
-    for n, k in [(48, 32), (64, 96), (32, 576), (40, 64), (48, 40), (1100, 2048)]:
+    shapes = [(48, 32), (64, 96), (32, 576), (40, 64), (48, 40), (37, 33), (1100, 2048)]
+    for n, k in shapes:
         w = torch.randn(n, k, generator=g).bfloat16()
         bias = torch.randn(n, generator=g).bfloat16()
-        for m in (1, 4, 5, 8, 16, 17, 33, 64, 128, 129):
+        for m in (1, 2, 3, 4, 5, 7, 8, 13, 16, 17, 33, 64, 128, 129):
             x = torch.randn(m, k, generator=g).bfloat16()
             for b in (None, bias):
                 ref = F.linear(x.double(), w.double(), None if b is None else b.double())
@@ -164,6 +172,8 @@ def test_dense_gemm_bfloat16_activations(isa):
                 assert (err <= 2**-8 * ref.abs() + 1e-5 * ref.abs().max()).all(), (n, k, m)
                 if b is not None:  # the decode loop's bias, widened: the same bits
                     assert torch.equal(level.dense_gemm(x, w, b.float()), got)
+                if path == "dot" and m <= 64:  # batch-invariant
+                    assert torch.equal(level.dense_gemm(x[-1:], w, b), got[-1:]), (n, k, m)
     with pytest.raises(RuntimeError, match="bfloat16 weights"):
         level.dense_gemm(torch.randn(9, 32).bfloat16(), torch.randn(16, 32))
 

@@ -294,16 +294,37 @@ def _same_with_and_without_the_loop(llm: LLM, prompts: list[list[int]], tokens: 
         ]
 
 
-@pytest.mark.parametrize("weights", ["float32", "F16", "bfloat16"])
-def test_cpp_decode_loop_runs_dense_weights(weights, tmp_path):
+@pytest.mark.parametrize(
+    "weights", ["float32", "F16", "bfloat16-amx", "bfloat16-avx512", "bfloat16-avx2"]
+)
+def test_cpp_decode_loop_runs_dense_weights(weights, tmp_path, monkeypatch):
     """Dense projections in the C++ layer loop (`DenseLinear`), beside float32 compute: the
     embedded model dequantized to float32, and a tiny F16 file whose weights stay 16-bit (the
     parity tests run the loop on safetensors checkpoints, q/k/v biases included); and in
-    bfloat16 compute on the AMX tiles, weights unpacked (as stored, no oneDNN copy). The Python
-    path's tokens and logprobs, bit for bit, in decode batches of 3 (`dense_gemm` streaming)
-    and 11 (float32: the library's GEMM; 16-bit: widened blocks; bfloat16: the tiles)."""
-    if weights == "bfloat16" and not cpu_ops.get_ops().dense_tiles():
-        pytest.skip("bfloat16 compute takes the loop on the AMX tiles only")
+    bfloat16 compute where the kernel multiplies bfloat16 weights as they lie (no oneDNN copy):
+    the AMX tiles (amx level), AVX512-BF16 dot products (avx512 level on a CPU with them); a
+    level with neither (avx2) keeps oneDNN's packed layout and the Python path. The Python
+    path's tokens and logprobs, bit for bit, in decode batches of 3 (`dense_gemm` streaming, or
+    dot products) and 11 (float32: the library's GEMM; 16-bit: widened blocks; bfloat16: the
+    tiles, or dot products)."""
+    if weights.startswith("bfloat16"):
+        isa = weights.split("-")[1]
+        if isa not in cpu_ops.supported_isas():
+            pytest.skip(f"this CPU cannot run the {isa} kernels")
+        monkeypatch.setenv("TOKENMILL_CPU_ISA", isa)
+        path = cpu_ops.get_ops().dense_bf16_path()
+        assert path == {"amx": "tiles", "avx2": ""}.get(
+            isa, "dot" if "avx512_bf16" in cpu_ops.cpu_flags() else ""
+        )
+        if not path:
+            path = write_tiny_llama_gguf(tmp_path / "model.gguf", QT.F16, seed=6)
+            llm = LLM(
+                model=str(path), dtype="bfloat16", max_model_len=128, kv_cache_memory_gib=0.05
+            )
+            assert llm.engine.model.decode_stack is None
+            assert llm.engine.model.model.layers[0].mlp.down_proj.packed_weight is not None
+            return
+        weights = "bfloat16"
     if weights == "float32":
         llm = LLM(dtype="float32", quantization="none", max_model_len=128, kv_cache_memory_gib=0.05)
     else:

@@ -375,16 +375,18 @@ class CpuDenseLinear:
     read DRAM at 11-19 GB/s of the 26 two cores can (AMD Zen 3, float32). 16-bit weights beside
     float32 compute take every row count (larger steps widen L2-sized blocks of rows for the
     library's GEMM, where a float32 copy of the whole weight per call ran 1.3-8x slower from 16
-    rows on, Sapphire Rapids, 2 threads); so do bfloat16 weights in bfloat16 compute on the amx
-    level (larger steps on the AMX tiles, reading the weight as it lies), which elsewhere oneDNN
-    takes at every row count. The GLU and add + RMSNorm entry points run the fused CPU op, then
+    rows on, Sapphire Rapids, 2 threads); so do bfloat16 weights in bfloat16 compute where the
+    kernel multiplies them as they lie (`bf16_path`: the AMX tiles on the amx level, AVX512-BF16
+    dot products on an AVX-512 level whose CPU has them), which elsewhere oneDNN takes at every
+    row count. The GLU and add + RMSNorm entry points run the fused CPU op, then
     the kernel."""
 
     max_stream_rows = 8
 
     def __init__(self, kernels: Any) -> None:
         self.kernels = kernels
-        self.tiles = kernels.dense_tiles()  # bfloat16 steps on the AMX tiles
+        # how bfloat16 steps run: "tiles", "dot" or "" (oneDNN's packed layout instead)
+        self.bf16_path = kernels.dense_bf16_path()
 
     def applies(self, w: Any) -> bool:
         import torch
@@ -401,7 +403,7 @@ class CpuDenseLinear:
 
         if dtype == torch.float32:
             return self.max_stream_rows if w.dtype == torch.float32 else sys.maxsize
-        if dtype == w.dtype == torch.bfloat16 and self.tiles:
+        if dtype == w.dtype == torch.bfloat16 and self.bf16_path:
             return sys.maxsize
         return 0
 

@@ -83,7 +83,8 @@ def step_peak_bytes(
       * MLP on dense weights: gate and up, the activation and the product (4 intermediate
         vectors); in float32 a fifth, the copy of the product that the float32 GEMM packs, and
         so in 16 bits where the library multiplies the weights unpacked (`unpacked`: bfloat16
-        weights kept as stored for the AMX tiles, whose prefill steps take the library's GEMM;
+        weights kept as stored for the CPU kernel's tiles or dot products, whose prefill steps
+        take the library's GEMM;
         the 512 / 2368 Llama below, bfloat16, 25.7-31.8 KiB per token against 22.3-27.7
         packed, 2026-12-07);
       * MLP on the native GGUF kernels (`native`): gate and up, the fused product (3), and its
@@ -108,12 +109,13 @@ def step_peak_bytes(
     return tokens * per_token + rows * arch.vocab_size * SAMPLER_BYTES_PER_LOGIT
 
 
-def _dense_tiles() -> bool:
-    """Whether this CPU's dense kernel keeps bfloat16 weights unpacked (the AMX tiles)."""
+def _dense_bf16_unpacked() -> bool:
+    """Whether this CPU's dense kernel keeps bfloat16 weights unpacked (it multiplies them as they
+    lie: `CpuDenseLinear.bf16_path`)."""
     from tokenmill.kernels.cpu_ops import dense_small_batch
 
     small = dense_small_batch()
-    return small is not None and small.tiles
+    return small is not None and bool(small.bf16_path)
 
 
 def _proc_bytes(path: str, key: str) -> int:
@@ -230,7 +232,7 @@ def estimate_memory(args: EngineArgs, memory_gib: float | None = None) -> Memory
     weights = weights_of(device, dtype, args)
     max_len = min(arch.max_position_embeddings, args.max_model_len or 1 << 62)
     step = args.max_num_batched_tokens
-    unpacked = device == "cpu" and dtype == "bfloat16" and _dense_tiles()
+    unpacked = device == "cpu" and dtype == "bfloat16" and _dense_bf16_unpacked()
 
     def peak(a: ModelArchConfig, native: bool) -> int:
         """The largest step's peak for a model of shape `a` (the target's, or the draft's)."""

@@ -266,7 +266,7 @@ class LlamaForCausalLM(CausalLM):
         """The C++ layer loop for decode-only batches (`LlamaDecodeStack`), when every
         projection runs a native kernel or the CPU's dense kernel (`DenseLinear`: the dense
         weights a `CpuDenseLinear` took, in float32 or 16 bits beside float32 compute, or
-        bfloat16 ones in bfloat16 compute on the AMX tiles),
+        bfloat16 ones in bfloat16 compute where it multiplies them as they lie),
         attention runs on the CPU backend (whose cache layout the loop reads) and the layers
         need nothing the loop lacks (q/k norm, partial rotary); None otherwise, and under
         tensor parallelism, whose sums the loop does not make (the Python path runs every

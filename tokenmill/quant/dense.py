@@ -146,8 +146,8 @@ class UnquantizedLinearMethod:
         if self.storage_dtype is None and onednn_packable(w) and not every_row:
             # oneDNN's blocked layout: 1.2-2x faster bf16 GEMMs than the strided weight
             # (bit-identical results). The dense copy is dropped to keep memory flat. A
-            # small-batch kernel that takes every row count (the AMX tiles on bfloat16) reads
-            # the weight as it is instead.
+            # small-batch kernel that takes every row count (the CPU's on bfloat16:
+            # `bf16_path`) reads the weight as it is instead.
             layer.packed_weight = torch.ops.mkldnn._reorder_linear_weight(w.detach())
             layer.weight = None
         else:

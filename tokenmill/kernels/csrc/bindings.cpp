@@ -20,7 +20,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_gemm", &quant_gemm);
   m.def("quant_rows", &quant_rows);
   m.def("dense_gemm", &dense_gemm, py::arg("x"), py::arg("w"), py::arg("bias") = py::none());
-  m.def("dense_tiles", &dense_tiles);
+  m.def("dense_bf16_path", &dense_bf16_path);
   m.def("quant_cols", &quant_cols);
   m.def("gguf_repack", &gguf_repack, py::arg("raw"), py::arg("qtype"), py::arg("n"), py::arg("k"),
         py::arg("grid") = py::none());

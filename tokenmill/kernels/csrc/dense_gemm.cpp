@@ -5,7 +5,9 @@
 // (F16C; bfloat16 by a shift), and multiplies every row of x against them with float32 FMAs
 // (16 lanes on AVX-512 builds, 8 on AVX2 ones). Larger steps on 16-bit weights beside float32
 // compute: blocks of rows widened in L2 and multiplied by the library's GEMM. bfloat16
-// activations (bfloat16 weights): the AMX tiles on W as it lies (gemm_tiles).
+// activations (bfloat16 weights) on W as it lies: AVX512-BF16 dot products (gemm_dot_bf16) up
+// to 4 rows beside the AMX tiles (gemm_tiles) for more, or up to 64 on CPUs with those dot
+// products but no tiles.
 #include "dense_gemm.h"
 
 #include <ATen/Parallel.h>
@@ -18,6 +20,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "amx.h"
@@ -30,10 +33,16 @@ constexpr int64_t kLanes = sizeof(VecF) / sizeof(float);  // 16 on AVX-512 build
 
 // The most rows of x the streaming path takes on 16-bit weights; more take the widened path.
 constexpr int64_t kStreamMaxRows = 8;
-// bfloat16 x of up to this many rows take the float32 streaming path (x widened), more the
-// AMX tiles where the build has them: at 8 rows, 16 layers of the 1B shape's weights, the tiles
-// read 26.1 GB/s, the streaming 19.5 (at 4 rows 25.9 streaming).
+// bfloat16 x of up to this many rows take the dot products (gemm_dot_bf16) where the CPU has
+// them, else the float32 streaming path (x widened); more the AMX tiles where the build has
+// them: at 8 rows, 16 layers of the 1B shape's weights, the tiles read 26.1 GB/s, the streaming
+// 19.5 (at 4 rows 25.9 streaming). The default model's F16 file in bfloat16 compute, batch-1
+// decode: 76.9 tok/s with the dot products at 1-4 rows, 62.9 with the float32 streaming.
 constexpr int64_t kStreamMaxRowsBf16 = 4;
+// The most rows of bfloat16 x the dot products take where the CPU has no tiles (gemm_dot_bf16).
+constexpr int64_t kDotMaxRows = 64;
+// The most rows of bfloat16 x the AMX tiles take (gemm_tiles); more take the library's GEMM.
+constexpr int64_t kTilesMaxRows = 128;
 // How far ahead of its reads each weight row is prefetched into L2, in bytes; past a row's end
 // the prefetches run on into the same row of the next group (so a group's first lines are
 // already on their way). Measured on Sapphire Rapids, 2 threads, 16 layers of the 1B shape's
@@ -135,17 +144,23 @@ inline Plan plan_for(int64_t M) {
   return M == 2 ? Plan{4, 2} : M == 3 ? Plan{3, 3} : Plan{2, 4};
 }
 
+// The token counts of the passes over each group of weight rows for M rows of x: at most
+// max_tokens each, as nearly equal as they can be (8 rows: 4 + 4; 5: 3 + 2).
+inline std::vector<int64_t> token_passes(int64_t M, int64_t max_tokens) {
+  std::vector<int64_t> tokens;
+  for (int64_t left = M; left > 0;) {
+    const int64_t passes = (left + max_tokens - 1) / max_tokens;
+    tokens.push_back((left + passes - 1) / passes);
+    left -= tokens.back();
+  }
+  return tokens;
+}
+
 template <typename W>
 void gemm(const float* x, int64_t M, const W* w, int64_t N, int64_t K, const float* bias,
           float* out) {
   const Plan plan = plan_for(M);
-  // passes of nearly equal token counts (8 rows: 4 + 4; 5: 3 + 2)
-  std::vector<int64_t> tokens;
-  for (int64_t left = M; left > 0;) {
-    const int64_t passes = (left + plan.max_tokens - 1) / plan.max_tokens;
-    tokens.push_back((left + passes - 1) / passes);
-    left -= tokens.back();
-  }
+  const std::vector<int64_t> tokens = token_passes(M, plan.max_tokens);
   std::vector<RowsDot<W>> grouped, single;
   for (int64_t T : tokens) {
     grouped.push_back(plan.rows == 8   ? &rows_dot<W, 8, 1>  // one row of x
@@ -227,7 +242,6 @@ void gemm_widened(const at::Tensor& x, const W* w, int64_t N, int64_t K, at::Ten
 // weight is ever copied or repacked and the streaming path reads the same [N, K] tensor.
 // Tiles: 0..3 = C (weight tile i, token group g at 2 g + i: 16 rows x 16 tokens, float32),
 // 4, 5 = A (weight tiles 0 / 1), 6, 7 = B (token groups 0 / 1).
-constexpr int64_t kTilesMaxRows = 128;
 constexpr int64_t kTileAhead = 8;  // how many 32-input blocks ahead W's rows are prefetched
 
 void configure_tiles() {
@@ -324,24 +338,169 @@ void gemm_tiles(const at::BFloat16* w, int64_t N, int64_t K, const uint16_t* xp,
 }
 #endif
 
+#if defined(__AVX512F__)
+#define TM_DENSE_DOT 1
+// bfloat16 steps of up to kDotMaxRows rows on CPUs with AVX512-BF16 but without the tile unit
+// (AMD Zen 4 and later, Intel Cooper Lake), up to kStreamMaxRowsBf16 beside it: `vdpbf16ps`
+// multiplies 32 bfloat16 inputs of a weight row with 32 of a token and adds the products pairwise
+// into 16 float32 lanes, so x is used as it lies (no widening) and W is read in place, as by the
+// streaming path. Built into the AVX-512 levels with the instruction enabled for these functions
+// alone, run only where CPUID reports it (dense_bf16_path).
+
+// out[t * ldo + r] = bfloat16(x[t] . w[r] (+ bias[r])) for R consecutive weight rows w[r] = w + r
+// * K and T rows of x (ldx apart), as rows_dot: the R rows read once side by side (prefetched
+// kPrefetchBytes ahead into L2), one chain of `vdpbf16ps` per (row, token) along K (the last
+// partial 32 inputs through zero-masked loads), then a fixed reduction: the same operations for
+// any R, T and batch, so a token's output does not depend on its batch.
+template <int R, int T>
+__attribute__((target("avx512bf16"))) void rows_dot_bf16(const at::BFloat16* x, int64_t ldx,
+                                                         const at::BFloat16* w, int64_t K,
+                                                         at::BFloat16* out, int64_t ldo,
+                                                         const float* bias) {
+  __m512 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+  const int64_t Kv = K / 32 * 32;
+  constexpr int64_t ahead = kPrefetchBytes / 2;
+  const auto base = reinterpret_cast<uintptr_t>(w);  // prefetch addresses may pass W's end
+  for (int64_t k = 0; k < Kv; k += 32) {             // one 64-byte line of each row per step
+    const int64_t a = k + ahead, at = a < K ? a : a - K + R * K;
+    for (int r = 0; r < R; ++r)
+      _mm_prefetch(reinterpret_cast<const char*>(base + (r * K + at) * 2), _MM_HINT_T1);
+    __m512i xv[T];
+    for (int t = 0; t < T; ++t) xv[t] = _mm512_loadu_si512(x + t * ldx + k);
+    for (int r = 0; r < R; ++r) {
+      const __m512i wv = _mm512_loadu_si512(w + r * K + k);
+      for (int t = 0; t < T; ++t)
+        acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)wv, (__m512bh)xv[t]);
+    }
+  }
+  // The rest of K, zero-masked. Written out apart from the loop: masked loads in the loop (or
+  // its steps in a helper taking the accumulators by reference) made GCC 12 store every
+  // accumulator to the stack on every step.
+  if (Kv < K) {
+    const __mmask32 mask = _bzhi_u32(~0u, static_cast<unsigned>(K - Kv));
+    for (int r = 0; r < R; ++r) {
+      const __m512i wv = _mm512_maskz_loadu_epi16(mask, w + r * K + Kv);
+      for (int t = 0; t < T; ++t) {
+        const __m512i xv = _mm512_maskz_loadu_epi16(mask, x + t * ldx + Kv);
+        acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)wv, (__m512bh)xv);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) {
+      const float s = _mm512_reduce_add_ps(acc[r][t]);
+      out[t * ldo + r] = at::BFloat16(bias ? s + bias[r] : s);
+    }
+}
+
+using RowsDotBf16 = void (*)(const at::BFloat16*, int64_t, const at::BFloat16*, int64_t,
+                             at::BFloat16*, int64_t, const float*);
+
+// rows_dot_bf16 for R rows and T (1..6) tokens.
+template <int R>
+RowsDotBf16 rows_dot_bf16_for(int64_t T) {
+  switch (T) {
+    case 1:
+      return &rows_dot_bf16<R, 1>;
+    case 2:
+      return &rows_dot_bf16<R, 2>;
+    case 3:
+      return &rows_dot_bf16<R, 3>;
+    case 4:
+      return &rows_dot_bf16<R, 4>;
+    case 5:
+      return &rows_dot_bf16<R, 5>;
+    default:
+      return &rows_dot_bf16<R, 6>;
+  }
+}
+
+// y [M, N] = x W^T (+ bias) for bfloat16 x [M, K] and W [N, K], M at most kDotMaxRows: groups
+// of 8 weight rows for one row of x, else groups of 4 in passes of up to 6 tokens (24
+// accumulators beside 6 token vectors and a weight vector), a group's later passes reading its
+// rows from L1 / L2. Sapphire Rapids at the avx512 level (where `vdpbf16ps` zmm issues at a
+// quarter of an FMA's rate, 1.7 G/s per core against 6.6-7.5: half the multiply-adds), 16 layers of
+// the 1B shape's weights from DRAM, 2 threads, against oneDNN's packed product limited to
+// AVX512-BF16 (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16): 28.0 / 27.5 / 26.7 / 18.1 / 11.1 / 5.6 / 2.9
+// / 1.4 GB/s at 1 / 2 / 4 / 8 / 16 / 32 / 64 / 128 rows against 24.1 / 20.0 / 25.8 / 16.3 / 10.5
+// / 5.5 / 2.9 / 1.5 (the unpacked weight in the library's GEMM: 15.7 / 16.6 / 14.1 / 11.8 / 7.9
+// / 4.7 / 2.7 / 1.5, which takes more rows here).
+void gemm_dot_bf16(const at::BFloat16* x, int64_t M, const at::BFloat16* w, int64_t N, int64_t K,
+                   const float* bias, at::BFloat16* out) {
+  const int64_t rows = M == 1 ? 8 : 4;
+  const std::vector<int64_t> tokens = token_passes(M, M == 1 ? 1 : 6);
+  std::vector<RowsDotBf16> grouped, single;
+  for (int64_t T : tokens) {
+    grouped.push_back(M == 1 ? &rows_dot_bf16<8, 1> : rows_dot_bf16_for<4>(T));
+    single.push_back(rows_dot_bf16_for<1>(T));
+  }
+  auto run = [&](const std::vector<RowsDotBf16>& fns, int64_t r) {
+    const float* b = bias ? bias + r : nullptr;
+    int64_t t = 0;
+    for (size_t i = 0; i < tokens.size(); t += tokens[i], ++i)
+      fns[i](x + t * K, K, w + r * K, K, out + t * N + r, N, b);
+  };
+  const int64_t groups = N / rows;
+  at::parallel_for(0, groups, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) run(grouped, g * rows);
+  });
+  for (int64_t r = groups * rows; r < N; ++r) run(single, r);
+}
+#endif
+
+// Whether this build and CPU run gemm_dot_bf16.
+bool dot_supported() {
+#ifdef TM_DENSE_DOT
+  static const bool ok = __builtin_cpu_supports("avx512bf16");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// How dense_gemm runs bfloat16 steps of a few rows here (dense_bf16_path).
+enum class Bf16Path { kNone, kDot, kTiles };
+Bf16Path bf16_path() {
+#ifdef TM_DENSE_AMX
+  if (amx::permitted()) return Bf16Path::kTiles;
+#endif
+  return dot_supported() ? Bf16Path::kDot : Bf16Path::kNone;
+}
+
 // dense_gemm for bfloat16 x and W: float32 sums, rounded once to bfloat16 with the bias added.
 at::Tensor gemm_bf16(const at::Tensor& x, const at::Tensor& w,
                      const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(w.scalar_type() == at::kBFloat16, "dense_gemm: bfloat16 x takes bfloat16 weights");
-  const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
-  if (M <= kStreamMaxRowsBf16) return dense_gemm(x.to(at::kFloat), w, bias).to(at::kBFloat16);
-#ifdef TM_DENSE_AMX
-  if (M <= kTilesMaxRows && N % 16 == 0 && K % 32 == 0 && amx::permitted()) {
-    const at::Tensor xc = x.contiguous(), wc = w.contiguous();
-    const std::vector<uint16_t> xp = pairs_by_group(xc.data_ptr<at::BFloat16>(), M, K);
-    at::Tensor bf;
+  const int64_t M = x.size(0);
+  const Bf16Path path = bf16_path();
+  // the dot products up to kDotMaxRows rows, or where the tiles take the larger steps, up to
+  // kStreamMaxRowsBf16
+  const int64_t dot_rows = !dot_supported()         ? 0
+                           : path == Bf16Path::kDot ? kDotMaxRows
+                                                    : kStreamMaxRowsBf16;
+  if (M > dot_rows && M <= kStreamMaxRowsBf16)
+    return dense_gemm(x.to(at::kFloat), w, bias).to(at::kBFloat16);
+#ifdef TM_DENSE_DOT  // every AVX-512 build, the amx one included
+  const int64_t N = w.size(0), K = w.size(1);
+  const bool dot = M <= dot_rows,
+             tiles = path == Bf16Path::kTiles && M <= kTilesMaxRows && N % 16 == 0 && K % 32 == 0;
+  if (dot || tiles) {
+    at::Tensor bf;  // the bias in float32
     if (bias.has_value()) {
       bf = bias->to(at::kFloat).contiguous();
       TORCH_CHECK(bf.numel() == N, "dense_gemm: bias must have N elements");
     }
+    const float* b = bf.defined() ? bf.data_ptr<float>() : nullptr;
+    const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+    const at::BFloat16 *xp = xc.data_ptr<at::BFloat16>(), *wp = wc.data_ptr<at::BFloat16>();
     at::Tensor out = at::empty({M, N}, x.options());
-    gemm_tiles(wc.data_ptr<at::BFloat16>(), N, K, xp.data(), M,
-               bf.defined() ? bf.data_ptr<float>() : nullptr, out.data_ptr<at::BFloat16>());
+    at::BFloat16* op = out.data_ptr<at::BFloat16>();
+    if (dot && M > 0 && N > 0) gemm_dot_bf16(xp, M, wp, N, K, b, op);
+#ifdef TM_DENSE_AMX
+    if (!dot) gemm_tiles(wp, N, K, pairs_by_group(xp, M, K).data(), M, b, op);
+#endif
     return out;
   }
 #endif
@@ -354,12 +513,15 @@ at::Tensor gemm_bf16(const at::Tensor& x, const at::Tensor& w,
 }
 }  // namespace
 
-bool dense_tiles() {
-#ifdef TM_DENSE_AMX
-  return amx::permitted();
-#else
-  return false;
-#endif
+std::string dense_bf16_path() {
+  switch (bf16_path()) {
+    case Bf16Path::kTiles:
+      return "tiles";
+    case Bf16Path::kDot:
+      return "dot";
+    default:
+      return "";
+  }
 }
 
 at::Tensor dense_gemm(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias) {

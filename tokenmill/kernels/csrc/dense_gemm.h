@@ -2,6 +2,8 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <string>
+
 #include "linear_kernel.h"
 
 // x [M, K] float32 times W^T for dense weights W [N, K] in float32, float16 or bfloat16 (widened
@@ -9,14 +11,15 @@
 // steps), and float32 W at any M: each thread streams its share of W's rows once for all M rows
 // of x. More rows on 16-bit W: blocks of W's rows widened into an L2-sized buffer, each
 // multiplied by the library's GEMM. bfloat16 x takes bfloat16 W and gives bfloat16 (the float32
-// sums rounded once): up to 4 rows the same streaming on x widened, 5-128 on the AMX tiles with
-// W read in place (amx builds; N a multiple of 16, K of 32), else the library's GEMM on blocks
-// of W's rows.
+// sums rounded once), decode-sized steps as dense_bf16_path says (the AMX tiles need N a
+// multiple of 16 and K of 32), else the library's GEMM on the unpacked weight.
 at::Tensor dense_gemm(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias);
 
-// Whether dense_gemm runs bfloat16 steps of 5-128 rows on the AMX tiles (an amx build, and
-// the process allowed to use them).
-bool dense_tiles();
+// How dense_gemm runs bfloat16 steps: "tiles" (5-128 rows on the AMX tiles, up to 4 by
+// AVX512-BF16 dot products: an amx build, and the process allowed to use the tiles), "dot" (1-64
+// rows by those dot products: an AVX-512 build on a CPU that has them, without the tiles), or ""
+// (neither: the float32 streaming up to 4 rows, the library's GEMM beyond).
+std::string dense_bf16_path();
 
 // A dense linear layer for the C++ decode loop: dense_gemm on 16-bit weights and on float32
 // ones up to 8 rows, the library's GEMM on float32 weights beyond (as the Python layers run
