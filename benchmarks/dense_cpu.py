@@ -15,6 +15,10 @@ Two parts, each engine configuration in its own process:
      so every step reads DRAM) at 1-8 rows of x, in GB/s of weights, `dense_gemm` against
      oneDNN's packed bfloat16 product.
 
+On a CPU with AMX, `TOKENMILL_CPU_ISA=avx512 ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16` (inherited by
+both processes) stands in for one with AVX512-BF16 and no AMX (AMD Zen 4): tokenmill's avx512
+level and oneDNN's AVX512-BF16 kernels.
+
     .venv/bin/python benchmarks/dense_cpu.py [--model PATH] [--dtype auto|bfloat16|float32]
 """
 
