@@ -149,8 +149,7 @@ def test_dense_gemm_bfloat16_activations(isa):
     CPU with AVX512-BF16, 1-64 rows by its dot products (groups of 8 weight rows at 1 row of x,
     else 4 in passes of up to 6 tokens: rows left over, K past a multiple of 32), where a
     token's output does not depend on its batch; elsewhere the float32 streaming on x widened up
-    to 4 rows;
-    the library's GEMM beyond, and wherever the tiles do not take N or K."""
+    to 4 rows; the library's GEMM beyond, and wherever the tiles do not take N or K."""
     if isa not in cpu_ops.supported_isas():
         pytest.skip(f"this CPU cannot run the {isa} kernels")
     level = cpu_ops.load_ops(isa)

@@ -312,14 +312,14 @@ def test_cpp_decode_loop_runs_dense_weights(weights, tmp_path, monkeypatch):
         if isa not in cpu_ops.supported_isas():
             pytest.skip(f"this CPU cannot run the {isa} kernels")
         monkeypatch.setenv("TOKENMILL_CPU_ISA", isa)
-        path = cpu_ops.get_ops().dense_bf16_path()
-        assert path == {"amx": "tiles", "avx2": ""}.get(
+        bf16_path = cpu_ops.get_ops().dense_bf16_path()
+        assert bf16_path == {"amx": "tiles", "avx2": ""}.get(
             isa, "dot" if "avx512_bf16" in cpu_ops.cpu_flags() else ""
         )
-        if not path:
-            path = write_tiny_llama_gguf(tmp_path / "model.gguf", QT.F16, seed=6)
+        if not bf16_path:
+            file = write_tiny_llama_gguf(tmp_path / "model.gguf", QT.F16, seed=6)
             llm = LLM(
-                model=str(path), dtype="bfloat16", max_model_len=128, kv_cache_memory_gib=0.05
+                model=str(file), dtype="bfloat16", max_model_len=128, kv_cache_memory_gib=0.05
             )
             assert llm.engine.model.decode_stack is None
             assert llm.engine.model.model.layers[0].mlp.down_proj.packed_weight is not None

@@ -156,6 +156,28 @@ inline std::vector<int64_t> token_passes(int64_t M, int64_t max_tokens) {
   return tokens;
 }
 
+// out [M, N] = x [M, K] W [N, K]^T (+ bias) by row kernels fn(x, ldx, w, K, out, ldo, bias) of
+// the two kinds above (rows_dot, rows_dot_bf16): for the passes `tokens` (token_passes),
+// grouped[i] takes `rows` weight rows and single[i] one (for the rows left over) against the
+// i-th pass's tokens. A task is a run of groups, so each thread streams one contiguous stretch
+// of W.
+template <typename Fn, typename X, typename W, typename O>
+void run_row_groups(const X* x, const W* w, int64_t N, int64_t K, const float* bias, O* out,
+                    int64_t rows, const std::vector<int64_t>& tokens,
+                    const std::vector<Fn>& grouped, const std::vector<Fn>& single) {
+  auto run = [&](const std::vector<Fn>& fns, int64_t r) {
+    const float* b = bias ? bias + r : nullptr;
+    int64_t t = 0;
+    for (size_t i = 0; i < tokens.size(); t += tokens[i], ++i)
+      fns[i](x + t * K, K, w + r * K, K, out + t * N + r, N, b);
+  };
+  const int64_t groups = N / rows;
+  at::parallel_for(0, groups, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) run(grouped, g * rows);
+  });
+  for (int64_t r = groups * rows; r < N; ++r) run(single, r);
+}
+
 template <typename W>
 void gemm(const float* x, int64_t M, const W* w, int64_t N, int64_t K, const float* bias,
           float* out) {
@@ -169,18 +191,7 @@ void gemm(const float* x, int64_t M, const W* w, int64_t N, int64_t K, const flo
                                        : rows_dot_for<W, 2>(T));
     single.push_back(rows_dot_for<W, 1>(T));
   }
-  auto run = [&](const std::vector<RowsDot<W>>& fns, int64_t r) {
-    const float* b = bias ? bias + r : nullptr;
-    int64_t t = 0;
-    for (size_t i = 0; i < tokens.size(); t += tokens[i], ++i)
-      fns[i](x + t * K, K, w + r * K, K, out + t * N + r, N, b);
-  };
-  const int64_t groups = N / plan.rows;
-  // a task is a run of groups, so each thread streams one contiguous stretch of W
-  at::parallel_for(0, groups, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) run(grouped, g * plan.rows);
-  });
-  for (int64_t r = groups * plan.rows; r < N; ++r) run(single, r);
+  run_row_groups(x, w, N, K, bias, out, plan.rows, tokens, grouped, single);
 }
 
 // Eight 16-bit weights widened to float32 and stored.
@@ -436,17 +447,7 @@ void gemm_dot_bf16(const at::BFloat16* x, int64_t M, const at::BFloat16* w, int6
     grouped.push_back(M == 1 ? &rows_dot_bf16<8, 1> : rows_dot_bf16_for<4>(T));
     single.push_back(rows_dot_bf16_for<1>(T));
   }
-  auto run = [&](const std::vector<RowsDotBf16>& fns, int64_t r) {
-    const float* b = bias ? bias + r : nullptr;
-    int64_t t = 0;
-    for (size_t i = 0; i < tokens.size(); t += tokens[i], ++i)
-      fns[i](x + t * K, K, w + r * K, K, out + t * N + r, N, b);
-  };
-  const int64_t groups = N / rows;
-  at::parallel_for(0, groups, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) run(grouped, g * rows);
-  });
-  for (int64_t r = groups * rows; r < N; ++r) run(single, r);
+  run_row_groups(x, w, N, K, bias, out, rows, tokens, grouped, single);
 }
 #endif
 
