@@ -7,6 +7,9 @@
 
 #include "linear_kernel.h"
 
+// The integer-dot ISA this build was compiled for: "amx" (int8 tiles for batches of 48-63,
+// bfloat16 tiles from 64 on, VNNI below), "avx512" (VNNI), "avxvnni" (256-bit VNNI), "avx2" or
+// "" (none).
 std::string quant_isa();
 // How far ahead (bytes, whole lines; 0: off) the GEMMs prefetch their weight streams into L1
 // and L2: a property of the core (cpu_ops.weight_prefetch), set before any GEMM runs.
