@@ -7,7 +7,6 @@
 
 namespace {
 
-// ---- activation quantization ----
 // Per block of 32: amax = max |x|, d = amax * (1 / 127), q = round-to-nearest-even(x * (127 /
 // amax)) (0 for an all-zero block), and the sums of q over each half, in 8-float vectors (every
 // kernel level has AVX2), with the float operations in that order: the bytes of

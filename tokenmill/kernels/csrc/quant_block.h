@@ -9,8 +9,9 @@ namespace {
 
 #if defined(TM_AVX512) || defined(TM_AVX2)
 
-// One unpacked 32-input block of a 16-row tile: U[8] (see top), scales and offsets per row.
-// Split types (Q2_K, Q3_K, Q6_K) have (s0, o0) for inputs 0..15 and (s1, o1) for 16..31.
+// One unpacked 32-input block of a 16-row tile: U[8] (see quant_gemm.cpp's header), scales and
+// offsets per row. Split types (Q2_K, Q3_K, Q6_K) have (s0, o0) for inputs 0..15 and (s1, o1)
+// for 16..31.
 struct alignas(64) Block {
   uint8_t u[8][64];
   float s0[16], o0[16], s1[16], o1[16];

@@ -50,8 +50,8 @@ struct Acts {
 };
 
 // acc[m] += block b's contribution for tokens 0..MT of `acts`, with the batched path's integer
-// sums and float operations (accumulate_tokens below), so that a row's output does not depend
-// on the path its batch takes.
+// sums and float operations (accumulate_tokens, quant_batch_kernels.h), so that a row's output does
+// not depend on the path its batch takes.
 template <int64_t Q, int MT>
 inline void accumulate(const Block& blk, const Acts& acts, int64_t b, F16* acc) {
   constexpr bool starts = kIntOffset<Q> != 0;  // else float offsets

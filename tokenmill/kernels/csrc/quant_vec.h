@@ -9,7 +9,6 @@ namespace {
 
 #if defined(TM_AVX512) || defined(TM_AVX2)
 
-// ---- 64-byte vector: one zmm (AVX-512) or two ymm (AVX2) ----
 #ifdef TM_AVX512
 struct V64 {
   __m512i v;
