@@ -11,11 +11,11 @@ import pytest
 from tokenmill.engine.tool_parsers import (
     PARSERS,
     ToolCall,
-    ToolCallDelta,
     ToolParser,
     detect_tool_parser,
     get_tool_parser,
 )
+from tokenmill.engine.tool_streamers import ToolCallDelta
 
 NESTED_ARGS = (
     '{"query": {"and": [{"title": "a}b"}, {"tags": ["{[", "]}"]}]}, "matrix": [[1, 2], []], '

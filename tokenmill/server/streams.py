@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 from tokenmill.engine.chat_template import template_variables
-from tokenmill.engine.tool_parsers import ToolStreamer
+from tokenmill.engine.tool_streamers import ToolStreamer
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.server.handlers import (
     OpenAIServing,
