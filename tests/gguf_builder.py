@@ -540,7 +540,7 @@ def _byte_level_bpe(n_merges: int) -> tuple[list[str], list[str]]:
     order, spelled in GPT-2's byte alphabet), then up to `n_merges` merged tokens."""
     from tokenizers import pre_tokenizers
 
-    from tokenmill.engine.tokenizer import byte_level_alphabet
+    from tokenmill.engine.gguf_tokenizer import byte_level_alphabet
 
     alphabet = byte_level_alphabet()
     tokens = [alphabet[b] for b in range(256)]

@@ -16,7 +16,8 @@ import pytest
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from tokenmill.engine.tokenizer import Tokenizer, merges_from_scores
+from tokenmill.engine.gguf_tokenizer import merges_from_scores
+from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.errors import ModelLoadError
 
 transformers = pytest.importorskip("transformers")
