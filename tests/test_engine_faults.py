@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from tokenmill.config import EngineArgs
-from tokenmill.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
+from tokenmill.engine.async_engine import AsyncEngine, EngineDeadError
 from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.engine.request_stream import RequestStream
 from tokenmill.sampling_params import SamplingParams
 
 PARAMS = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)

@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenmill.engine.async_engine import AsyncEngine, RequestStream
+from tokenmill.engine.async_engine import AsyncEngine
+from tokenmill.engine.request_stream import RequestStream
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import SamplingParams
