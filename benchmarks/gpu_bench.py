@@ -456,7 +456,7 @@ def estimate_check(run: Run, llm, path: Path, max_num_seqs: int) -> dict:
 
     from tokenmill.config import EngineArgs
     from tokenmill.loader.estimate import estimate_memory
-    from tokenmill.worker.model_runner import profile_forward
+    from tokenmill.worker.profile import profile_forward
 
     engine = llm.engine
     args = EngineArgs(

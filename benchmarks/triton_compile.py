@@ -233,7 +233,7 @@ def record_model(
 
     from tokenmill import LLM
     from tokenmill.kernels import triton_ops
-    from tokenmill.worker.model_runner import prepare_inputs
+    from tokenmill.worker.batch import prepare_inputs
 
     dtype = getattr(torch, dtype_name)
     path = model_folder(root, name, {**shape, "num_hidden_layers": 1}, vocab)

@@ -7,7 +7,8 @@ import torch
 from tokenmill.core.outputs import ScheduledRequest, SchedulerOutput
 from tokenmill.core.request import Request
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.worker.model_runner import ModelRunner, plan_batch
+from tokenmill.worker.batch import plan_batch
+from tokenmill.worker.model_runner import ModelRunner
 
 
 def paged_logits(

@@ -146,7 +146,7 @@ def test_profile_forward_runs_the_largest_step_on_every_backend(tiny, monkeypatc
     """The CUDA KV budget's profile step (max_num_batched_tokens prompt tokens in sequences of
     at most max_model_len, plus the logits of max_num_seqs rows) runs through each backend on
     a scratch pool; it measures on CUDA only."""
-    from tokenmill.worker.model_runner import profile_forward
+    from tokenmill.worker.profile import profile_forward
 
     path, _ = tiny
     # (max_model_len, token counts): one sequence; sequences of max_model_len plus a remainder,

@@ -31,7 +31,8 @@ from tokenmill.layers.parallel import TensorParallel
 from tokenmill.loader.load import load_model, rank_arch, read_model_info
 from tokenmill.loader.lora import load_lora_adapter
 from tokenmill.loader.resolve import ModelSource
-from tokenmill.worker.model_runner import ModelRunner, profile_forward
+from tokenmill.worker.model_runner import ModelRunner
+from tokenmill.worker.profile import profile_forward
 
 logger = logging.getLogger(__name__)
 

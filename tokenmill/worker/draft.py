@@ -22,8 +22,8 @@ import torch
 
 from tokenmill.core.outputs import DraftJob
 from tokenmill.models.base import CausalLM
+from tokenmill.worker.batch import HostBatch, plan_rows, to_host
 from tokenmill.worker.kv_pool import KVPool
-from tokenmill.worker.model_runner import HostBatch, plan_rows, to_host
 
 
 class DraftProposer:

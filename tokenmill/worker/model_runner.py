@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -11,17 +10,15 @@ import torch
 
 from tokenmill.core.outputs import (
     ModelRunnerOutput,
-    PooledChunk,
-    PromptLogprobsChunk,
     SampleLogprobs,
     SchedulerOutput,
 )
 from tokenmill.core.request import Request
-from tokenmill.layers.attention import AttentionBackend, AttentionMetadata
 from tokenmill.models.base import CausalLM, KVCache
 from tokenmill.sample.metadata import SamplingMetadata, TokenBitmasks
 from tokenmill.sample.rejection import accept_greedy, rejection_sample
-from tokenmill.sample.sampler import Sampler, build_sampling_metadata, compute_logprobs
+from tokenmill.sample.sampler import Sampler, build_sampling_metadata
+from tokenmill.worker.batch import HostBatch, ModelInputs, plan_batch, to_host
 from tokenmill.worker.graph_runner import (
     CudaGraph,
     DecodeGraphRunner,
@@ -30,6 +27,7 @@ from tokenmill.worker.graph_runner import (
 )
 from tokenmill.worker.kv_pool import KVPool
 from tokenmill.worker.lora import LoRAManager
+from tokenmill.worker.prompt_outputs import pool, prompt_logprobs
 
 
 class OtherRanks(Protocol):
@@ -46,215 +44,6 @@ class OtherRanks(Protocol):
 
 logger = logging.getLogger(__name__)
 
-# Prompt logprobs are computed over at most this many logits at once ([rows, vocab] float32),
-# so a long prefill chunk does not materialise its whole logits matrix.
-PROMPT_LOGPROBS_SLICE_ELEMENTS = 1 << 24
-
-
-@dataclass(frozen=True, slots=True)
-class ModelInputs:
-    input_ids: torch.Tensor  # [num_tokens] int64
-    positions: torch.Tensor  # [num_tokens] int64
-    attn: AttentionMetadata
-    # [num_sampled] int64: rows of the hidden states to sample (a request with drafts: 1 + k)
-    logits_indices: torch.Tensor
-    sample_rows: list[int]  # indices into scheduler_output.scheduled of the sampling requests
-    order: list[int]  # scheduler_output.scheduled indices in flat-batch order
-
-
-@dataclass(frozen=True, slots=True)
-class HostBatch:
-    """One step's flat batch on the host (`plan_batch`): every index array in one int64
-    buffer, and the sizes the attention metadata needs. Tensor-parallel ranks receive this
-    (it pickles small) and each turns it into device tensors (`to_device`)."""
-
-    # token ids, positions, slots, query starts, seq lens, block tables, logits rows
-    flat: np.ndarray
-    parts: tuple[int, ...]  # the length of each array in `flat`
-    max_blocks: int
-    max_query_len: int
-    max_seq_len: int
-    num_decode_tokens: int
-    block_size: int
-    query_lens: list[int]  # per attention row
-    seq_lens: list[int]
-    block_tables: list[list[int]]
-    sample_rows: list[int]
-    order: list[int]
-    lora_rows: dict[int, list[int]]  # LoRA adapter id -> its requests' rows
-
-    @property
-    def num_tokens(self) -> int:
-        return self.parts[0]
-
-    def to_device(self, device: torch.device, backend: AttentionBackend) -> ModelInputs:
-        """The step's tensors on `device` (one non-blocking copy) with `backend`'s metadata."""
-        views = iter(_to_device(self.flat, device).split(list(self.parts)))
-        input_ids, positions, slots, starts, seq_lens, tables, logits_rows = views
-        common = AttentionMetadata(
-            num_tokens=self.num_tokens,
-            slot_mapping=slots,
-            query_start_loc=starts.to(torch.int32),
-            seq_lens=seq_lens.to(torch.int32),
-            block_tables=tables.view(len(self.seq_lens), self.max_blocks).to(torch.int32),
-            max_query_len=self.max_query_len,
-            max_seq_len=self.max_seq_len,
-            num_decode_tokens=self.num_decode_tokens,
-            block_size=self.block_size,
-            query_lens_host=self.query_lens,
-            seq_lens_host=self.seq_lens,
-            block_tables_host=self.block_tables,
-        )
-        return ModelInputs(
-            input_ids=input_ids,
-            positions=positions,
-            attn=backend.build_metadata(common, device),
-            logits_indices=logits_rows,
-            sample_rows=self.sample_rows,
-            order=self.order,
-        )
-
-
-def plan_batch(sched: SchedulerOutput, block_size: int) -> HostBatch:
-    """The flat, unpadded batch of one step on the host (a pure function of the schedule).
-
-    Single-query requests (decodes) are laid out first, then the multi-token chunks, so the
-    attention backend can treat the two groups separately. A decode with draft tokens is laid
-    out as one single-query row per token, each seeing the context up to itself (its block
-    table repeated): the step stays a decode batch for every backend (and the CPU's C++ layer
-    loop), and a draft attends to the drafts before it, whose K/V the step writes first. A
-    sampling request has logits at its chunk's last position, and at the positions before it
-    that verify its drafts.
-    """
-    order = sorted(
-        range(len(sched.scheduled)),
-        key=lambda i: (
-            sched.scheduled[i].num_scheduled_tokens > 1 and not sched.scheduled[i].spec_token_ids
-        ),
-    )
-    token_ids: list[int] = []
-    # per attention row (a request, or one token of a decode with drafts)
-    query_lens, seq_lens, block_tables = [], [], []
-    sample_rows, logits_rows = [], []
-    lora_rows: dict[int, list[int]] = {}
-    for i in order:
-        s = sched.scheduled[i]
-        if s.request.lora_id is not None:
-            first = len(token_ids)
-            rows = range(first, first + s.num_scheduled_tokens)
-            lora_rows.setdefault(s.request.lora_id, []).extend(rows)
-        token_ids.extend(s.token_ids)
-        table = list(s.block_ids)
-        if s.spec_token_ids:
-            query_lens.extend([1] * s.num_scheduled_tokens)
-            seq_lens.extend(
-                range(s.num_computed_tokens + 1, s.num_computed_tokens + s.num_scheduled_tokens + 1)
-            )
-            block_tables.extend([table] * s.num_scheduled_tokens)
-        else:
-            query_lens.append(s.num_scheduled_tokens)
-            seq_lens.append(s.num_computed_tokens + s.num_scheduled_tokens)
-            block_tables.append(table)
-        if s.samples:
-            sample_rows.append(i)
-            logits_rows.extend(range(len(token_ids) - 1 - len(s.spec_token_ids), len(token_ids)))
-    return plan_rows(
-        token_ids,
-        query_lens,
-        seq_lens,
-        block_tables,
-        logits_rows,
-        block_size,
-        sample_rows,
-        order,
-        lora_rows,
-    )
-
-
-def plan_rows(
-    token_ids: list[int],
-    query_lens: list[int],
-    seq_lens: list[int],
-    block_tables: list[list[int]],
-    logits_rows: list[int],
-    block_size: int,
-    sample_rows: list[int] | None = None,
-    order: list[int] | None = None,
-    lora_rows: dict[int, list[int]] | None = None,
-) -> HostBatch:
-    """A flat batch from its attention rows: row i computes the last `query_lens[i]` of its
-    first `seq_lens[i]` positions (block table `block_tables[i]`), its tokens next in
-    `token_ids`; single-query rows come first. `logits_rows` are the flat positions whose
-    hidden states are sampled; the rest (`plan_batch`'s bookkeeping) is carried as given."""
-    q = np.asarray(query_lens, dtype=np.int64)
-    sl = np.asarray(seq_lens, dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(q)])
-    # position of every new token: (seq_len - query_len) + offset within its chunk
-    req_of_token = np.repeat(np.arange(len(q)), q)
-    positions = (sl - q)[req_of_token] + (np.arange(starts[-1]) - starts[:-1][req_of_token])
-    max_blocks = max(len(bt) for bt in block_tables)
-    bt = np.zeros((len(q), max_blocks), dtype=np.int64)
-    for i, row in enumerate(block_tables):
-        bt[i, : len(row)] = row
-    slot_mapping = bt[req_of_token, positions // block_size] * block_size + positions % block_size
-    logits_indices = np.asarray(logits_rows, dtype=np.int64)
-    parts = [
-        np.asarray(token_ids, dtype=np.int64),
-        positions,
-        slot_mapping,
-        starts,
-        sl,
-        bt.ravel(),
-        logits_indices,
-    ]
-    return HostBatch(
-        flat=np.concatenate(parts),
-        parts=tuple(len(x) for x in parts),
-        max_blocks=max_blocks,
-        max_query_len=int(q.max()),
-        max_seq_len=int(sl.max()),
-        num_decode_tokens=int((q == 1).sum()),
-        block_size=block_size,
-        query_lens=query_lens,
-        seq_lens=seq_lens,
-        block_tables=block_tables,
-        sample_rows=sample_rows or [],
-        order=order or [],
-        lora_rows=lora_rows or {},
-    )
-
-
-def prepare_inputs(
-    sched: SchedulerOutput, block_size: int, device: torch.device, backend: AttentionBackend
-) -> ModelInputs:
-    """The step's inputs on `device` (`plan_batch`, then `HostBatch.to_device`): the common
-    attention metadata, turned into `backend`'s own by its `build_metadata`."""
-    return plan_batch(sched, block_size).to_device(device, backend)
-
-
-def _to_device(host: np.ndarray, device: torch.device) -> torch.Tensor:
-    """int64 host array -> a tensor on `device`: no copy on the CPU; on CUDA through pinned
-    memory with a non-blocking copy (no host synchronisation)."""
-    t = torch.from_numpy(host)
-    if device.type != "cuda":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
-
-
-def to_host(*tensors: torch.Tensor) -> list[list]:
-    """The tensors as Python lists. On CUDA: non-blocking copies into pinned memory and one
-    wait on an event (the step's only synchronisation; `tolist()` on device tensors would
-    synchronise the stream once per tensor)."""
-    if not tensors or tensors[0].device.type != "cuda":
-        return [t.tolist() for t in tensors]
-    pinned = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
-    for dst, src in zip(pinned, tensors):
-        dst.copy_(src, non_blocking=True)
-    done = torch.cuda.Event()
-    done.record()
-    done.synchronize()
-    return [p.tolist() for p in pinned]
-
 
 def _plain_greedy(req, p) -> bool:
     return (
@@ -263,77 +52,6 @@ def _plain_greedy(req, p) -> bool:
         and not p.adjusts_logits
         and req.num_output_tokens >= p.min_tokens
     )
-
-
-@torch.inference_mode()
-def profile_forward(
-    model: CausalLM,
-    num_tokens: int,
-    num_sampled: int,
-    block_size: int,
-    kv_dtype: torch.dtype,
-    device: torch.device,
-    max_model_len: int,
-    input_ids: torch.Tensor | None = None,
-) -> int:
-    """Run the largest step the scheduler can send (`num_tokens` prompt tokens, as sequences of
-    at most `max_model_len`, then the float32 logits of `num_sampled` rows and a sort of them,
-    as top-p sampling does) on a scratch KV pool just big enough. Returns its peak memory
-    beyond what was allocated before and the scratch pool (CUDA; 0 on other devices, where
-    nothing is measured). The tokens are `input_ids` when given (the calibration of exact
-    channels), else zeros."""
-    backend = model.attn_backend
-    cfg = model.cfg
-    seq = min(num_tokens, max_model_len)
-    # a shorter remainder first: a 1-token sequence is a decode, and decodes come first
-    lens = ([num_tokens % seq] if num_tokens % seq else []) + [seq] * (num_tokens // seq)
-    per_seq = -(-seq // block_size)  # blocks per sequence
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-    pool = KVPool(
-        cfg.num_layers,
-        backend.kv_cache_shape(len(lens) * per_seq, block_size, cfg.num_kv_heads, cfg.head_dim),
-        kv_dtype,
-        device,
-    )
-    positions = np.concatenate([np.arange(n) for n in lens])
-    seq_of = np.repeat(np.arange(len(lens)), lens)
-    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(len(lens))]
-    starts = np.concatenate([[0], np.cumsum(lens)])
-    common = AttentionMetadata(
-        num_tokens=num_tokens,
-        slot_mapping=torch.from_numpy(seq_of * per_seq * block_size + positions).to(device),
-        query_start_loc=torch.from_numpy(starts.astype(np.int32)).to(device),
-        seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
-        block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
-        max_query_len=seq,
-        max_seq_len=seq,
-        num_decode_tokens=sum(1 for n in lens if n == 1),
-        block_size=block_size,
-        query_lens_host=lens,
-        seq_lens_host=lens,
-        block_tables_host=tables,
-    )
-    if input_ids is None:
-        ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
-    else:
-        ids = input_ids.to(device=device, dtype=torch.int64)
-        assert ids.shape == (num_tokens,), (ids.shape, num_tokens)
-    hidden = model(
-        ids,
-        torch.from_numpy(positions).to(device),
-        pool.caches,
-        backend.build_metadata(common, device),
-    )
-    rows = hidden[-1:].expand(min(num_sampled, num_tokens), -1)
-    model.compute_logits(rows).sort(dim=-1, descending=True)
-    if not cuda:
-        return 0
-    torch.cuda.synchronize(device)
-    return max(0, torch.cuda.max_memory_allocated(device) - before - pool.reserved_bytes)
 
 
 class ModelRunner:
@@ -434,12 +152,12 @@ class ModelRunner:
             return self._execute_graph(sched, inputs, out, token_bitmasks)
         hidden = out
         prompt_lps = (
-            self._prompt_logprobs(sched, inputs.order, hidden)
+            prompt_logprobs(self.model, sched, inputs.order, hidden)
             if any(s.prompt_logprob_positions for s in sched.scheduled)
             else {}
         )
         pooled = (
-            self._pool(sched, inputs.order, hidden)
+            pool(sched, inputs.order, hidden)
             if any(s.pool_positions for s in sched.scheduled)
             else {}
         )
@@ -589,71 +307,6 @@ class ModelRunner:
         )
         (rows,) = to_host(tokens[:, inputs.logits_indices].T)
         return ModelRunnerOutput(sampled={r.request_id: row for r, row in zip(reqs, rows)})
-
-    def _prompt_logprobs(
-        self, sched: SchedulerOutput, order: list[int], hidden: torch.Tensor
-    ) -> dict[str, PromptLogprobsChunk]:
-        """Logprobs of the prompt tokens that this step's chunks predict (log_softmax of the
-        float32 logits, no sampling transforms), in slices of rows to bound memory."""
-        rows: list[np.ndarray] = []
-        targets: list[int] = []
-        wanted: list[tuple[str, int, int, int]] = []  # (request id, first position, rows, k)
-        start = 0
-        for i in order:  # flat-batch order: row offsets follow it
-            s = sched.scheduled[i]
-            span = s.prompt_logprob_positions
-            if span:  # span starts at the chunk's first token
-                rows.append(np.arange(start, start + len(span)))
-                targets.extend(s.request.prompt_token_ids[span.start + 1 : span.stop + 1])
-                wanted.append(
-                    (s.request_id, span.start, len(span), s.request.sampling_params.prompt_logprobs)
-                )
-            start += s.num_scheduled_tokens
-        k = max(w[3] for w in wanted)
-        row_index = torch.from_numpy(np.concatenate(rows)).to(self.device)
-        target_ids = torch.tensor(targets, dtype=torch.int64, device=self.device)
-        step = max(1, PROMPT_LOGPROBS_SLICE_ELEMENTS // self.vocab_size)
-        lps, ids, ranks = [], [], []
-        for lo in range(0, len(targets), step):
-            logits = self.model.compute_logits(hidden[row_index[lo : lo + step]])  # float32
-            lp, tid, rank = compute_logprobs(
-                torch.log_softmax(logits, dim=-1), target_ids[lo : lo + step], k
-            )
-            lps.append(lp)
-            ids.append(tid)
-            ranks.append(rank)
-        all_lps = torch.cat(lps).tolist()
-        all_ids = torch.cat(ids).tolist()
-        all_ranks = torch.cat(ranks).tolist()
-        result: dict[str, PromptLogprobsChunk] = {}
-        pos = 0
-        for rid, first_position, n, kr in wanted:
-            result[rid] = PromptLogprobsChunk(
-                first_position,
-                [r[: 1 + kr] for r in all_ids[pos : pos + n]],
-                [r[: 1 + kr] for r in all_lps[pos : pos + n]],
-                all_ranks[pos : pos + n],
-            )
-            pos += n
-        return result
-
-    def _pool(
-        self, sched: SchedulerOutput, order: list[int], hidden: torch.Tensor
-    ) -> dict[str, PooledChunk]:
-        """For each embedding request, the float32 sum of the hidden states of the positions
-        it pools in this step (`ScheduledRequest.pool_positions`), copied to the CPU at once."""
-        spans: list[tuple[str, int, int, int]] = []  # (request id, first position, row, rows)
-        start = 0
-        for i in order:  # flat-batch order: row offsets follow it
-            s = sched.scheduled[i]
-            span = s.pool_positions
-            if span:
-                row = start + span.start - s.num_computed_tokens
-                spans.append((s.request_id, span.start, row, len(span)))
-            start += s.num_scheduled_tokens
-        totals = torch.stack([hidden[row : row + n].float().sum(0) for _, _, row, n in spans])
-        totals = totals.cpu()
-        return {rid: PooledChunk(first, n, totals[j]) for j, (rid, first, _, n) in enumerate(spans)}
 
     def _mask(
         self, reqs: list[Request], logits: torch.Tensor, token_bitmasks: TokenBitmasks | None
