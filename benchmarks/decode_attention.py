@@ -9,8 +9,8 @@ laid out as the block pool hands them out to a batch that decodes in lockstep (r
 block is block j * batch + i: "lockstep"), or in random order ("random": a long-running
 server's pool). A "warm" row repeats one layer (its rows then stay in L2): the kernel's rate
 when memory is not the limit. Each case runs on both KV cache layouts the kernels read
-(tokenmill/layers/attention.py): head-major (the CPU backend's: each head's rows of a block
-side by side) and token-major (a slot's heads side by side).
+(tokenmill/layers/attention_backends.py): head-major (the CPU backend's: each head's rows of a
+block side by side) and token-major (a slot's heads side by side).
 
 Each row: microseconds per layer call, GB/s of K and V rows read, and that over the machine's
 copy bandwidth (measured in the same run; `bench_llamacpp.measure_bandwidth_gbs`). With

@@ -12,7 +12,8 @@ from the cache's shape.
 Per step the runner builds the common flat-batch `AttentionMetadata` once (a pure function of
 the schedule), the backend turns it into its own metadata (`build_metadata`), and every layer's
 `Attention` passes it to the backend's `forward`. The backend is chosen once at load
-(`make_backend`) and handed to the model; model files never name one. Backends:
+(`attention_backends.make_backend`) and handed to the model; model files never name one.
+Backends (the reference here, the others in `layers/attention_backends.py`):
   * `TorchAttentionBackend`: the reference (any device): gathers each request's context into a
     padded tensor (`PaddedGroup`, its own metadata) and runs masked SDPA. Single-query requests
     ("decodes", laid out first by the runner) and multi-token chunks are attended separately so
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tokenmill.layers.ops import Rope, TorchOps, backend_name, make_ops
+from tokenmill.layers.ops import Rope, TorchOps
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +69,8 @@ class AttentionMetadata:
     block_tables_host: list[list[int]]
 
 
-def _common(meta: AttentionMetadata) -> dict[str, Any]:
+def common_fields(meta: AttentionMetadata) -> dict[str, Any]:
+    """The common metadata's fields, to build a backend's own metadata from."""
     return {f.name: getattr(meta, f.name) for f in fields(AttentionMetadata)}
 
 
@@ -79,11 +81,6 @@ class TorchAttentionMetadata(AttentionMetadata):
 
     decode: PaddedGroup | None = None  # None when there are no decodes or a kernel reads them
     prefill: tuple[tuple[int, PaddedGroup], ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class TritonAttentionMetadata(AttentionMetadata):
-    num_splits: int = 1  # split-KV ranges per sequence (1: the unsplit kernel)
 
 
 def partition_chunks(query_lens: list[int], seq_lens: list[int]) -> list[tuple[int, int]]:
@@ -225,7 +222,7 @@ class TorchAttentionBackend:
             (sum(q_lens[nd + lo : nd + hi]), group(nd + lo, nd + hi))
             for lo, hi in partition_chunks(q_lens[nd:], s_lens[nd:])
         )
-        return TorchAttentionMetadata(**_common(common), decode=decode, prefill=prefill)
+        return TorchAttentionMetadata(**common_fields(common), decode=decode, prefill=prefill)
 
     def forward(
         self,
@@ -329,153 +326,4 @@ class TorchAttentionBackend:
         return out if g.query_pad_index is None else out[g.query_pad_index]
 
 
-@dataclass(frozen=True, slots=True)
-class CpuAttentionMetadata(AttentionMetadata):
-    """The C++ kernels' metadata: the multi-token chunks' query offsets, counted from the first
-    chunk token (the decodes come first, one token each)."""
-
-    chunk_query_start_loc: torch.Tensor | None = None  # [num_chunks + 1] int32
-
-
-class CpuAttentionBackend(TorchAttentionBackend):
-    """The C++ kernels: decodes (`paged_decode_attention`) and multi-token chunks
-    (`paged_prefill_attention`) read K/V straight from the paged cache: no gathered copy, no
-    padded layout, no mask. Chunks take the reference path where the build has no prefill
-    kernel for the model's heads."""
-
-    name = "cpu"
-    padded_decode = False
-
-    def __init__(self, ops: Any, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
-        super().__init__(ops, num_heads, num_kv_heads, head_dim)
-        self.prefill_kernel = bool(
-            ops.kernels.paged_prefill_attention_supported(num_heads, num_kv_heads, head_dim)
-        )
-
-    def kv_cache_shape(
-        self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
-    ) -> tuple[int, ...]:
-        """Head-major where the C++ kernels read every step's attention (32 requests at context
-        144 from DRAM: 1.2-1.3x over token-major); token-major where chunks take the reference
-        path, which gathers slots."""
-        if not self.prefill_kernel:
-            return super().kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
-        return (num_blocks, num_kv_heads, block_size, head_dim)
-
-    def build_metadata(
-        self, common: AttentionMetadata, device: torch.device
-    ) -> CpuAttentionMetadata | TorchAttentionMetadata:
-        if not self.prefill_kernel:
-            return super().build_metadata(common, device)
-        nd = common.num_decode_tokens
-        chunks = None
-        if nd < common.num_tokens:
-            chunks = common.query_start_loc[nd:] - nd
-        return CpuAttentionMetadata(**_common(common), chunk_query_start_loc=chunks)
-
-    def forward(self, layer, q, k, v, kv_cache, meta, rope=None):
-        if not self.prefill_kernel:
-            return super().forward(layer, q, k, v, kv_cache, meta, rope)
-        k_cache, v_cache = kv_cache
-        q = self.write_kv(q, k, v, k_cache, v_cache, meta, rope)
-        nd = meta.num_decode_tokens
-        if nd == meta.num_tokens:
-            return self._decode(layer, q, k_cache, v_cache, meta)
-        out = self.ops.kernels.paged_prefill_attention(
-            q[nd:],
-            k_cache,
-            v_cache,
-            meta.block_tables[nd:],
-            meta.seq_lens[nd:],
-            meta.chunk_query_start_loc,
-            meta.block_size,
-            layer.scale,
-        ).view(meta.num_tokens - nd, layer.num_heads * layer.head_dim)
-        return torch.cat([self._decode(layer, q[:nd], k_cache, v_cache, meta), out]) if nd else out
-
-    def _decode(self, layer, q, k_cache, v_cache, meta):
-        nd = meta.num_decode_tokens
-        out = self.ops.kernels.paged_decode_attention(
-            q,
-            k_cache,
-            v_cache,
-            meta.block_tables[:nd],
-            meta.seq_lens[:nd],
-            meta.block_size,
-            layer.scale,
-        )
-        return out.view(nd, layer.num_heads * layer.head_dim)
-
-
-class TritonAttentionBackend(TorchAttentionBackend):
-    """One Triton launch per layer for the whole mixed batch, straight from the common
-    metadata; decode batches too small to fill the GPU split each context into ranges."""
-
-    name = "triton"
-    supports_graphs = True
-    # split-KV when a decode batch has fewer (request, KV head) programs than this
-    SPLIT_BELOW_PROGRAMS = 128
-    MAX_SPLITS = 16
-    MIN_SPLIT_TOKENS = 128  # of max_seq_len per split
-
-    def build_metadata(
-        self, common: AttentionMetadata, device: torch.device
-    ) -> TritonAttentionMetadata:
-        return TritonAttentionMetadata(**_common(common), num_splits=self._splits(common))
-
-    def _splits(self, common: AttentionMetadata) -> int:
-        programs = len(common.seq_lens_host) * self.num_kv_heads
-        if common.max_query_len > 1 or programs >= self.SPLIT_BELOW_PROGRAMS:
-            return 1
-        splits = 1
-        while (
-            splits < self.MAX_SPLITS
-            and programs * splits * 2 <= self.SPLIT_BELOW_PROGRAMS
-            and common.max_seq_len >= self.MIN_SPLIT_TOKENS * splits * 2
-        ):
-            splits *= 2
-        return splits
-
-    def forward(self, layer, q, k, v, kv_cache, meta, rope=None):
-        from tokenmill.kernels.triton_ops import paged_attention
-
-        k_cache, v_cache = kv_cache
-        q = self.write_kv(q, k, v, k_cache, v_cache, meta, rope)
-        # the rows of a captured graph's padding (no request) come back as zeros: no garbage
-        # (inf / NaN) goes through the rest of the step
-        out = paged_attention(
-            q,
-            k_cache,
-            v_cache,
-            meta.block_tables,
-            meta.seq_lens,
-            meta.query_start_loc,
-            meta.max_query_len,
-            meta.block_size,
-            layer.scale,
-            num_splits=meta.num_splits,
-        )
-        return out.view(meta.num_tokens, layer.num_heads * layer.head_dim)
-
-
 AttentionBackend = TorchAttentionBackend  # the interface every backend implements
-
-_BACKENDS = {
-    "torch": TorchAttentionBackend,
-    "cpu": CpuAttentionBackend,
-    "triton": TritonAttentionBackend,
-}
-
-
-def make_backend(
-    device: torch.device | str,
-    dtype: torch.dtype,
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-) -> tuple[AttentionBackend, str]:
-    """The attention backend (with its ops) for `device` and `dtype`, and why it was chosen
-    (`layers.ops.backend_name`: CUDA -> triton, CPU with built kernels -> cpu, else torch;
-    TOKENMILL_BACKEND overrides)."""
-    name, why = backend_name(device, dtype)
-    return _BACKENDS[name](make_ops(name), num_heads, num_kv_heads, head_dim), why

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from tokenmill.errors import ModelLoadError
 from tokenmill.kernels.cpu_ops import dense_small_batch, get_ops, select_isa
-from tokenmill.layers.attention import make_backend
+from tokenmill.layers.attention_backends import make_backend
 from tokenmill.layers.lora import LoRASlots
 from tokenmill.layers.parallel import TensorParallel
 from tokenmill.loader.gguf_file import gguf_metadata, open_gguf
