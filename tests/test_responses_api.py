@@ -375,7 +375,7 @@ def test_unknown_model_is_404(client):
 
 
 def test_store_drops_the_oldest_by_count_and_bytes():
-    from tokenmill.server.responses import ResponseStore, StoredResponse
+    from tokenmill.server.responses_store import ResponseStore, StoredResponse
 
     def entry(text: str) -> StoredResponse:
         return StoredResponse({"id": text}, [{"role": "user", "content": text}])
@@ -416,7 +416,7 @@ def test_a_failing_step_ends_the_stream_with_response_failed():
 def test_input_items_become_these_chat_messages():
     """Hand-written: an assistant text and the calls after it are one turn, a call's output
     names its function (called in the input or in the stored conversation before it)."""
-    from tokenmill.server.responses import ResponsesRequest
+    from tokenmill.server.responses_protocol import ResponsesRequest
 
     call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     history = [

@@ -14,7 +14,7 @@ usage, message_stop; an error after the start is an `error` event.
 
 POST /v1/messages/count_tokens renders the same conversation and counts its tokens. Errors on
 these paths take Anthropic's shape ({"type": "error", "error": {"type", "message"}}), by the
-`AnthropicErrors` middleware of server/app.py.
+`AnthropicErrors` middleware of server/errors.py.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tokenmill.outputs import CompletionOutput
+from tokenmill.server.chat_protocol import ChatCompletionRequest
 from tokenmill.server.handlers import ContextLengthError, OpenAIServing
 from tokenmill.server.protocol import (
-    ChatCompletionRequest,
     RequestBody,
     RequestLimits,
     UnsupportedParameter,

@@ -16,6 +16,8 @@ from typing import Any
 from tokenmill.engine.chat_template import template_variables
 from tokenmill.engine.tool_streamers import ToolStreamer
 from tokenmill.outputs import CompletionOutput, RequestOutput
+from tokenmill.server.chat_protocol import ChatCompletionRequest, NamedToolChoice
+from tokenmill.server.completions_protocol import CompletionRequest
 from tokenmill.server.handlers import (
     OpenAIServing,
     PreparedPrompt,
@@ -27,7 +29,6 @@ from tokenmill.server.handlers import (
     usage,
     vllm_prompt_logprobs,
 )
-from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest, NamedToolChoice
 from tokenmill.server.tools import ToolPlan, new_call_id, plan_tools, tool_calls_json
 
 logger = logging.getLogger(__name__)
