@@ -22,7 +22,8 @@ import torch
 from tests.test_prompt_logprobs import _char_tokenizer
 from tokenmill.cli import main
 from tokenmill.config import EngineArgs, GiB
-from tokenmill.loader.estimate import MemoryEstimate, estimate_memory, step_peak_bytes
+from tokenmill.loader.estimate import MemoryEstimate, estimate_memory
+from tokenmill.loader.runtime_memory import step_peak_bytes
 from tokenmill.models.config import ModelArchConfig
 
 ROOT = Path(__file__).resolve().parents[1]

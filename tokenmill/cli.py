@@ -209,7 +209,8 @@ def cmd_info(ns: argparse.Namespace) -> int:
 
 
 def cmd_estimate(ns: argparse.Namespace) -> int:
-    from tokenmill.loader.estimate import describe_estimate, estimate_memory
+    from tokenmill.loader.estimate import estimate_memory
+    from tokenmill.loader.estimate_report import describe_estimate
 
     args = EngineArgs.from_cli(argparse.Namespace(**{**vars(ns), "model": ns.model_path}))
     e = estimate_memory(args, ns.memory_gib)

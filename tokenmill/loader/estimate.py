@@ -26,9 +26,6 @@ memory (the share the engine fills).
 
 from __future__ import annotations
 
-import functools
-import subprocess
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -50,63 +47,13 @@ from tokenmill.loader.inspect import (
 )
 from tokenmill.loader.load import rank_arch, read_model_info
 from tokenmill.loader.resolve import resolve_model
+from tokenmill.loader.runtime_memory import (
+    CPU_FIRST_STEPS_BYTES,
+    CUDA_CONTEXT_BYTES,
+    fresh_process_bytes,
+    step_peak_bytes,
+)
 from tokenmill.models.config import ModelArchConfig
-
-# The CUDA context and cuBLAS workspaces of a process, outside torch's allocator (an H100 with
-# CUDA 12-13 and lazy module loading holds about this much before the first tensor).
-CUDA_CONTEXT_BYTES = GiB // 2
-# One-time allocations of an engine process's first steps on the CPU, beyond its imports: the
-# worker threads' stacks and allocator arenas, the GEMM libraries' buffers (the first prefill
-# step of a fresh process rose 22-43 MiB above a later one of the same size).
-CPU_FIRST_STEPS_BYTES = 48 << 20
-# Bytes per sampled row and vocabulary entry at the sampler's peak: float32 logits, their sorted
-# copy and its int64 indices (top-p / top-k sorting; what the engine's profile forward runs).
-SAMPLER_BYTES_PER_LOGIT = 4 + 4 + 8
-
-
-def step_peak_bytes(
-    arch: ModelArchConfig,
-    tokens: int,
-    rows: int,
-    element_size: int,
-    native: bool,
-    unpacked: bool = False,
-) -> int:
-    """The peak of a step's intermediate tensors: `tokens` tokens through a layer, then the
-    logits of `rows` sampled rows (an upper bound: the sum of the two peaks).
-
-    Per token, the larger of the attention's and the MLP's live tensors, in the compute dtype
-    (`element_size` bytes) unless said otherwise:
-      * always: the residual stream, the layer's delta, the normed input and a projection's
-        output (4 hidden vectors);
-      * attention: q, k and v, and the attention output;
-      * MLP on dense weights: gate and up, the activation and the product (4 intermediate
-        vectors); in float32 a fifth, the copy of the product that the float32 GEMM packs, and
-        so in 16 bits where the library multiplies the weights unpacked (`unpacked`: bfloat16
-        weights kept as stored for the CPU kernel's tiles or dot products, whose prefill steps
-        take the library's GEMM;
-        the 512 / 2368 Llama below, bfloat16, 25.7-31.8 KiB per token against 22.3-27.7
-        packed, 2026-12-07);
-      * MLP on the native GGUF kernels (`native`): gate and up, the fused product (3), and its
-        8-bit blocks with their scales and sums, twice (the row-major blocks and the batched
-        path's block-major copy: 3 bytes per intermediate channel).
-    Measured on the CPU (2 threads, fresh process, peak RSS of one prefill step less the KV
-    pages it wrote; 1024-4096 tokens), KiB per token against this formula's:
-      * the default model, native: 33.0-33.5 in float32 (32.3), 16.2-18.7 in bfloat16 (18.4);
-      * a dense Llama of 512 hidden, 2816 intermediate: 54.4-56.5 in float32 (64.5), 23.3-25.0
-        in bfloat16 (26.6); of 512 / 2368: 55.0-64.7 (55.5), 21.3 (23.0).
-    The CPU's prefill attention keeps per-thread tiles only, so nothing grows with the square of
-    the length; nor does the Triton kernel's.
-    """
-    h, i = arch.hidden_size, arch.intermediate_size
-    q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
-    attention = (q + 2 * kv + q) * element_size
-    if native:
-        mlp = 3 * i * element_size + 3 * i
-    else:
-        mlp = (5 if element_size == 4 or unpacked else 4) * i * element_size
-    per_token = 4 * h * element_size + max(attention, mlp)
-    return tokens * per_token + rows * arch.vocab_size * SAMPLER_BYTES_PER_LOGIT
 
 
 def _dense_bf16_unpacked() -> bool:
@@ -128,28 +75,6 @@ def _proc_bytes(path: str, key: str) -> int:
     except OSError:
         pass
     return 0
-
-
-# What an engine process holds before its model: its imports and the CPU kernels.
-_FRESH_PROCESS = (
-    "from tokenmill.kernels.cpu_ops import get_ops\n"
-    "import tokenmill.engine.llm_engine\n"
-    "get_ops()\n"
-    "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmRSS:')))\n"
-)
-
-
-@functools.lru_cache(maxsize=1)
-def fresh_process_bytes() -> int:
-    """The resident size of a fresh Python process that has imported the engine and loaded
-    the CPU kernels (measured once per process, in a child: the caller's own size says nothing
-    of an engine's)."""
-    out = subprocess.run(
-        [sys.executable, "-c", _FRESH_PROCESS], capture_output=True, text=True, timeout=300
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"measuring a fresh process failed: {out.stderr[-2000:]}")
-    return int(out.stdout.split()[-1]) * 1024
 
 
 @dataclass(frozen=True)
@@ -357,95 +282,7 @@ def _cpu_kv_budget(args: EngineArgs, bytes_per_token: int) -> int:
     return int(gib * GiB)
 
 
-def context_lengths(max_len: int) -> list[int]:
-    """Powers of two from 2,048 up to `max_len`, and `max_len` itself."""
-    lengths = []
-    n = 2048
-    while n < max_len:
-        lengths.append(n)
-        n *= 2
-    return [*lengths, max_len]
-
-
-def describe_estimate(e: MemoryEstimate, model: str) -> list[str]:
-    """The lines `tokenmill estimate` prints."""
-
-    def gib(n: int) -> str:
-        return f"{n / GiB:.2f} GiB"
-
-    per = " per rank" if e.tensor_parallel_size > 1 else ""
-    full = e.kv(e.max_num_seqs, e.max_model_len)
-    room = e.memory - max(e.total, e.loading_peak)
-    verdict = f"fits, {gib(room)} to spare" if room >= 0 else f"does not fit: {gib(-room)} over"
-    kv_note = (
-        "committed as tokens are cached"
-        if e.device == "cpu"
-        else "reserved at start: the engine fills what the memory leaves"
-    )
-    rows = [
-        ("model", model),
-        ("device", f"{e.device}, {e.dtype}" + (f", {e.tensor_parallel_size} ranks" if per else "")),
-        ("memory", f"{gib(e.memory)}{per} ({e.memory_source})"),
-        ("weights", f"{gib(e.weights)}{per} ({e.weights_stored})"),
-        ("runtime", f"{gib(e.runtime + e.first_steps)} ({e.runtime_source})"),
-        *(
-            [
-                (
-                    "while loading",
-                    f"{gib(e.loading_peak)} (runtime, weights and the checkpoint's "
-                    f"{gib(e.checkpoint_bytes)} of mapped pages)",
-                )
-            ]
-            if e.checkpoint_bytes
-            else []
-        ),
-        (
-            "activations",
-            f"{gib(e.activations)} (the largest step: {e.step_tokens} tokens, and the logits of "
-            f"{min(e.max_num_seqs, e.step_tokens)} rows)",
-        ),
-        (
-            "KV cache per token",
-            f"{e.kv_per_token / 1024:.1f} KiB{per} in {e.kv_dtype} ({kv_note})",
-        ),
-        (
-            "KV cache at full use",
-            f"{gib(full)} ({e.max_num_seqs} sequences x {e.max_model_len} tokens)",
-        ),
-        ("total at full use", f"{gib(e.total)}"),
-        ("verdict", verdict),
-    ]
-    if e.kv_budget is not None and e.kv_budget < full:
-        rows.append(
-            (
-                "KV budget",
-                f"{gib(e.kv_budget)} holds {e.kv_budget // e.kv_per_token} tokens: "
-                f"--kv-cache-memory-gib {-(-full * 100 // GiB) / 100:.2f} for full use",
-            )
-        )
-    lines = [f"{k:<24}{v}" for k, v in rows]
-    if room < 0:
-        seqs = e.sequences_that_fit(e.max_model_len)
-        ctx = e.longest_context(e.max_num_seqs)
-        hint = []
-        if seqs:
-            hint.append(f"--max-num-seqs {seqs} (at {e.max_model_len} tokens)")
-        if ctx:
-            hint.append(f"--max-model-len {ctx} (at {e.max_num_seqs} sequences)")
-        lines.append(f"{'fits with':<24}{' or '.join(hint) if hint else 'nothing: not even one'}")
-    lines.append("")
-    lines.append(f"{'context':>10}{'KV per sequence':>18}{'sequences that fit':>20}")
-    for n in context_lengths(e.max_model_len):
-        lines.append(f"{n:>10}{e.kv(1, n) / 2**20:>14.1f} MiB{e.sequences_that_fit(n):>20}")
-    return lines
-
-
 __all__ = [
-    "CPU_FIRST_STEPS_BYTES",
-    "CUDA_CONTEXT_BYTES",
     "MemoryEstimate",
-    "describe_estimate",
     "estimate_memory",
-    "fresh_process_bytes",
-    "step_peak_bytes",
 ]
