@@ -179,6 +179,10 @@ class AsyncEngine:
             raise
         return stream
 
+    def detach(self, request_id: str) -> None:
+        """Stop routing the request's outputs to its stream (`RequestStream.close`)."""
+        self._streams.pop(request_id, None)
+
     async def call(self, fn: Any, *args: Any) -> Any:
         """fn(*args) run on the engine thread between two steps (for what changes the engine's
         state, e.g. `LLMEngine.add_lora`): its result, or its exception raised here."""

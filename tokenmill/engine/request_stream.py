@@ -103,7 +103,7 @@ class RequestStream:
 
     def close(self) -> None:
         """Stop listening; aborts the request if it has not finished."""
-        self.engine._streams.pop(self.request_id, None)
+        self.engine.detach(self.request_id)
         if not self.finished:
             self.finished = True
             self.engine.abort(self.request_id)

@@ -1,6 +1,6 @@
 """The JSON of a tool call, scanned incrementally: where a JSON value ends (`_ValueScanner`), and
-the progress of one call's object (`_CallObject`: ``{"name": ..., "arguments": {...}}``) or of a
-bare arguments object (`_BareArguments`) as text arrives. The streamers in `tool_streamers`
+the progress of one call's object (`CallObject`: ``{"name": ..., "arguments": {...}}``) or of a
+bare arguments object (`BareArguments`) as text arrives. The streamers in `tool_streamers`
 drive them."""
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ _CONTAINER_SPECIAL = re.compile(r'["{}\[\]]')
 _BARE_END = re.compile(r"[,}\] \t\n\r]")
 
 
-def _skip_ws(text: str, i: int) -> int:
+def skip_ws(text: str, i: int) -> int:
     n = len(text)
     while i < n and text[i] in _WS:
         i += 1
     return i
 
 
-def _partial_marker(text: str, start: int, marker: str) -> int:
+def partial_marker(text: str, start: int, marker: str) -> int:
     """Length of the longest suffix of text[start:] that is a proper prefix of `marker`."""
     for k in range(min(len(marker) - 1, len(text) - start), 0, -1):
         if text.endswith(marker[:k]):
@@ -103,7 +103,7 @@ class _ValueScanner:
             self.end = n
 
 
-class _Call:
+class ScannedCall:
     """Progress of one call being parsed: a name once known and the span of arguments text seen
     so far (`args_start`..`args_pos`, None before the arguments begin)."""
 
@@ -119,7 +119,7 @@ class _Call:
         raise NotImplementedError
 
 
-class _CallObject(_Call):
+class CallObject(ScannedCall):
     """An object ``{"name": "...", "<args key>": {...}, ...}`` starting at `start` (after any
     whitespace). Other keys are allowed and ignored; a repeated name or arguments key fails."""
 
@@ -147,7 +147,7 @@ class _CallObject(_Call):
                 self._pos = scanner.end
                 self._value_done(text[scanner.start : scanner.end])
                 continue
-            i = _skip_ws(text, self._pos)
+            i = skip_ws(text, self._pos)
             if i >= len(text):
                 self._pos = i
                 self.failed = final
@@ -206,7 +206,7 @@ class _CallObject(_Call):
             self._state = "after_value"
 
 
-class _BareArguments(_Call):
+class BareArguments(ScannedCall):
     """An arguments object alone (mistral's ``name[ARGS]{...}``), the name already known."""
 
     def __init__(self, name: str, start: int) -> None:
@@ -217,7 +217,7 @@ class _BareArguments(_Call):
 
     def advance(self, text: str, final: bool) -> None:
         if self._scanner is None:
-            i = _skip_ws(text, self._pos)
+            i = skip_ws(text, self._pos)
             if i >= len(text):
                 self._pos = i
                 self.failed = final

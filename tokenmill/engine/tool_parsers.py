@@ -44,10 +44,10 @@ import re
 from dataclasses import dataclass
 
 from tokenmill.engine.tool_streamers import (
+    HermesStreamer,
+    Llama3JsonStreamer,
+    MistralStreamer,
     ToolStreamer,
-    _HermesStreamer,
-    _Llama3JsonStreamer,
-    _MistralStreamer,
 )
 
 
@@ -79,7 +79,7 @@ class ToolParser:
             if d.name is not None:
                 names[d.index] = d.name
             arguments.setdefault(d.index, []).append(d.arguments)
-        calls = [ToolCall(names[i], "".join(arguments[i])) for i in streamer._ok]
+        calls = [ToolCall(names[i], "".join(arguments[i])) for i in streamer.ok_calls]
         return content + tail, calls
 
     def streamer(self) -> ToolStreamer:
@@ -94,21 +94,21 @@ class HermesToolParser(ToolParser):
     """``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` (Hermes, Qwen2.5, SmolLM2)."""
 
     name = "hermes"
-    _streamer_class = _HermesStreamer
+    _streamer_class = HermesStreamer
 
 
 class Llama3JsonToolParser(ToolParser):
     """``{"name": ..., "parameters": {...}}``; ... as the whole output (Llama 3.1-3.3)."""
 
     name = "llama3_json"
-    _streamer_class = _Llama3JsonStreamer
+    _streamer_class = Llama3JsonStreamer
 
 
 class MistralToolParser(ToolParser):
     """``[TOOL_CALLS][{...}, ...]`` or ``[TOOL_CALLS]name[ARGS]{...}`` (Mistral)."""
 
     name = "mistral"
-    _streamer_class = _MistralStreamer
+    _streamer_class = MistralStreamer
 
 
 PARSERS: dict[str, ToolParser] = {

@@ -8,11 +8,11 @@ import re
 from dataclasses import dataclass
 
 from tokenmill.engine.tool_json import (
-    _BareArguments,
-    _Call,
-    _CallObject,
-    _partial_marker,
-    _skip_ws,
+    BareArguments,
+    CallObject,
+    ScannedCall,
+    partial_marker,
+    skip_ws,
 )
 
 
@@ -40,10 +40,10 @@ class ToolStreamer:
         self._content_started = False
         self._pending_ws = ""
         self._next_index = 0
-        self._call: _Call | None = None
+        self._call: ScannedCall | None = None
         self._call_index: int | None = None
         self._call_sent = 0  # where the current call's arguments text has been sent up to
-        self._ok: list[int] = []  # indices of the calls that turned out well formed
+        self.ok_calls: list[int] = []  # indices of the calls that turned out well formed
         self._finished = False
 
     def feed(self, delta: str) -> tuple[str, list[ToolCallDelta]]:
@@ -92,10 +92,10 @@ class ToolStreamer:
         if kept:
             self._content.append(kept)
 
-    def _begin_call(self, call: _Call) -> None:
+    def _begin_call(self, call: ScannedCall) -> None:
         self._call, self._call_index, self._call_sent = call, None, 0
 
-    def _advance_call(self, final: bool) -> _Call:
+    def _advance_call(self, final: bool) -> ScannedCall:
         """Parse the current call further and send what became known: its name (with the
         arguments text seen so far) and then argument fragments; "{}" when it had none."""
         call = self._call
@@ -117,7 +117,7 @@ class ToolStreamer:
 
     def _accept_call(self) -> None:
         if self._call_index is not None:
-            self._ok.append(self._call_index)
+            self.ok_calls.append(self._call_index)
         self._call = None
 
     def _content_until(self, marker: str, final: bool) -> int | None:
@@ -128,7 +128,7 @@ class ToolStreamer:
             self._emit(self._text[self._pos : i])
             self._pos = i
             return i
-        keep = 0 if final else _partial_marker(self._text, self._pos, marker)
+        keep = 0 if final else partial_marker(self._text, self._pos, marker)
         end = len(self._text) - keep
         self._emit(self._text[self._pos : end])
         self._pos = end
@@ -142,7 +142,7 @@ class ToolStreamer:
         self._pos = len(self._text)
 
 
-class _HermesStreamer(ToolStreamer):
+class HermesStreamer(ToolStreamer):
     OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
     def __init__(self) -> None:
@@ -158,7 +158,7 @@ class _HermesStreamer(ToolStreamer):
                 if i is None:
                     return
                 self._segment = i
-                self._begin_call(_CallObject(i + len(self.OPEN), ("arguments",)))
+                self._begin_call(CallObject(i + len(self.OPEN), ("arguments",)))
                 self._state = "call"
             elif state == "call":
                 call = self._advance_call(final)
@@ -169,7 +169,7 @@ class _HermesStreamer(ToolStreamer):
                 else:
                     return
             elif state == "after_call":
-                i = _skip_ws(text, self._pos)
+                i = skip_ws(text, self._pos)
                 if text.startswith(self.CLOSE, i):
                     self._accept_call()
                     self._pos, self._state = i + len(self.CLOSE), "content"
@@ -190,7 +190,7 @@ class _HermesStreamer(ToolStreamer):
                 self._pos, self._state = end, "content"
 
 
-class _Llama3JsonStreamer(ToolStreamer):
+class Llama3JsonStreamer(ToolStreamer):
     TAG = "<|python_tag|>"
     ARG_KEYS = ("parameters", "arguments")
 
@@ -204,9 +204,9 @@ class _Llama3JsonStreamer(ToolStreamer):
         while True:
             state = self._state
             if state == "start":
-                i = _skip_ws(text, 0)
+                i = skip_ws(text, 0)
                 if text.startswith(self.TAG, i):
-                    i = _skip_ws(text, i + len(self.TAG))
+                    i = skip_ws(text, i + len(self.TAG))
                 elif self.TAG.startswith(text[i:]):  # undecided: empty or a partial tag
                     if final:
                         self._rest_is_content(0)
@@ -218,7 +218,7 @@ class _Llama3JsonStreamer(ToolStreamer):
                 if text[i] != "{":
                     self._rest_is_content(0)
                     return
-                self._begin_call(_CallObject(i, self.ARG_KEYS))
+                self._begin_call(CallObject(i, self.ARG_KEYS))
                 self._state = "call"
             elif state == "call":
                 call = self._advance_call(final)
@@ -231,13 +231,13 @@ class _Llama3JsonStreamer(ToolStreamer):
                 self._pos = self._good_end = call.end
                 self._state = "after_call"
             elif state == "after_call":  # `;` and the next call, or the end
-                i = _skip_ws(text, self._pos)
+                i = skip_ws(text, self._pos)
                 if i < len(text) and text[i] == ";":
-                    i = _skip_ws(text, i + 1)
+                    i = skip_ws(text, i + 1)
                     if i >= len(text):
                         return
                     if text[i] == "{":
-                        self._begin_call(_CallObject(i, self.ARG_KEYS))
+                        self._begin_call(CallObject(i, self.ARG_KEYS))
                         self._state = "call"
                         continue
                 if i < len(text):
@@ -249,7 +249,7 @@ class _Llama3JsonStreamer(ToolStreamer):
                 return
 
 
-class _MistralStreamer(ToolStreamer):
+class MistralStreamer(ToolStreamer):
     MARKER, ARGS = "[TOOL_CALLS]", "[ARGS]"
     NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 
@@ -273,7 +273,7 @@ class _MistralStreamer(ToolStreamer):
                 self._segment, self._good_end = i, None
                 self._pos, self._state = i + len(self.MARKER), "after_marker"
             elif state == "after_marker":
-                i = _skip_ws(text, self._pos)
+                i = skip_ws(text, self._pos)
                 if i >= len(text):
                     if final:
                         self._malformed()
@@ -286,7 +286,7 @@ class _MistralStreamer(ToolStreamer):
                 j = text.find(self.ARGS, self._pos)
                 name = text[self._pos : j if j >= 0 else len(text)]
                 if j < 0:
-                    name = name[: len(name) - _partial_marker(text, self._pos, self.ARGS)]
+                    name = name[: len(name) - partial_marker(text, self._pos, self.ARGS)]
                 if (name and not self.NAME.fullmatch(name)) or (j >= 0 and not name):
                     self._malformed()
                     return
@@ -294,7 +294,7 @@ class _MistralStreamer(ToolStreamer):
                     if final:
                         self._malformed()
                     return
-                self._begin_call(_BareArguments(name, j + len(self.ARGS)))
+                self._begin_call(BareArguments(name, j + len(self.ARGS)))
                 self._state = "bare_call"
             elif state in ("bare_call", "call"):
                 call = self._advance_call(final)
@@ -307,7 +307,7 @@ class _MistralStreamer(ToolStreamer):
                 self._pos = self._good_end = call.end
                 self._state = "content" if state == "bare_call" else "after_element"
             elif state == "element":
-                i = _skip_ws(text, self._pos)
+                i = skip_ws(text, self._pos)
                 if i >= len(text):
                     if final:
                         self._malformed()
@@ -315,10 +315,10 @@ class _MistralStreamer(ToolStreamer):
                 if text[i] != "{":
                     self._malformed()
                     return
-                self._begin_call(_CallObject(i, ("arguments",)))
+                self._begin_call(CallObject(i, ("arguments",)))
                 self._state = "call"
             elif state == "after_element":
-                i = _skip_ws(text, self._pos)
+                i = skip_ws(text, self._pos)
                 if i >= len(text):
                     return  # an array cut short after a complete call still has its calls
                 if text[i] == ",":

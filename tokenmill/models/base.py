@@ -32,8 +32,8 @@ class CausalLM(torch.nn.Module):
     q/k/v (gate/up) checkpoint tensors load into the right rows. `ignored_weights` are checkpoint
     tensors that are known and not needed (e.g. precomputed rotary tables).
 
-    `attn_backend` (chosen at load, `layers.attention_backends.make_backend`; the torch reference when
-    none is given) runs attention and, through its `.ops`, the fused elementwise steps.
+    `attn_backend` (chosen at load, `layers.attention_backends.make_backend`; the torch reference
+    when none is given) runs attention and, through its `.ops`, the fused elementwise steps.
     """
 
     stacked_params: dict[str, tuple[str, str]] = {}
