@@ -15,6 +15,7 @@ from gguf.quants import dequantize
 
 from tests.gguf_builder import ALL_TYPES, K_TYPES, LATTICE_TYPES, random_blocks, set_block_d
 from tokenmill.kernels import cpu_ops
+from tokenmill.quant import gguf_fields as gf
 from tokenmill.quant import gguf_pack as gp
 
 LEVELS = ("avx2", "avxvnni", "avx512", "amx")
@@ -59,8 +60,8 @@ def test_activation_quantization_matches_reference(ops, dtype):
 def test_packing_round_trips(qtype, extreme):
     n, k = 40, 512  # 40 rows: the last tile is padded
     raw = random_blocks(qtype, n, k, np.random.default_rng(int(qtype)), extreme=extreme)
-    fields = gp.parse(raw, int(qtype), n, k)
-    w = gp.dequantize_fields(fields, int(qtype), n, k).numpy()
+    fields = gf.parse(raw, int(qtype), n, k)
+    w = gf.dequantize_fields(fields, int(qtype), n, k).numpy()
     assert np.array_equal(w, dequantize(raw, qtype).reshape(n, k))  # parsing loses nothing
     packed = gp.pack(fields, int(qtype), n, k)
     assert packed.numel() == gp.packed_bytes(int(qtype), n, k)
@@ -77,9 +78,9 @@ def test_cpp_repack_equals_reference_packing(ops, qtype, extreme):
     documented layout, round-tripped above) writes, padding rows included."""
     for n, k in ((40, 512), (16, 256), (3, 768)):
         raw = random_blocks(qtype, n, k, np.random.default_rng(n + int(qtype)), extreme=extreme)
-        expected = gp.pack(gp.parse(raw, int(qtype), n, k), int(qtype), n, k)
+        expected = gp.pack(gf.parse(raw, int(qtype), n, k), int(qtype), n, k)
         flat = torch.from_numpy(np.ascontiguousarray(raw).reshape(-1).view(np.uint8))
-        packed = ops.gguf_repack(flat, int(qtype), n, k, gp.grid_levels(int(qtype)))
+        packed = ops.gguf_repack(flat, int(qtype), n, k, gf.grid_levels(int(qtype)))
         assert torch.equal(packed, expected), (n, k)
 
 
@@ -95,11 +96,11 @@ def test_cpp_repack_rejects_bad_shapes(ops):
     with pytest.raises(RuntimeError, match="needs its grid"):
         ops.gguf_repack(lattice, int(QT.IQ3_XXS), 1, 256)
     with pytest.raises(RuntimeError, match="needs its grid"):  # another type's grid
-        ops.gguf_repack(lattice, int(QT.IQ3_XXS), 1, 256, gp.grid_levels(int(QT.IQ3_S)))
+        ops.gguf_repack(lattice, int(QT.IQ3_XXS), 1, 256, gf.grid_levels(int(QT.IQ3_S)))
 
 
 def _run(ops, raw, qtype, n, k, x, bias=None, out_dtype=None):
-    packed = gp.pack(gp.parse(raw, int(qtype), n, k), int(qtype), n, k)
+    packed = gp.pack(gf.parse(raw, int(qtype), n, k), int(qtype), n, k)
     xq, meta = ops.quantize_activations(x)
     y = torch.full((x.shape[0], n + 8), 7.0, dtype=out_dtype or x.dtype)
     b = None
@@ -143,7 +144,7 @@ def test_prefill_batches_write_whole_lines_alike(ops, qtype, out_dtype):
     rng = np.random.default_rng(500 + int(qtype))
     n, k = 64, 2048
     raw = random_blocks(qtype, n, k, rng)
-    packed = gp.pack(gp.parse(raw, int(qtype), n, k), int(qtype), n, k)
+    packed = gp.pack(gf.parse(raw, int(qtype), n, k), int(qtype), n, k)
     w = torch.from_numpy(dequantize(raw, qtype).reshape(n, k)).double()
     for m in (65, 130):
         xq, meta = ops.quantize_activations(torch.randn(m, k))
@@ -228,7 +229,7 @@ def test_integer_block_sums_are_exact(ops, qtype):
     holds only if each int32 block sum is exact."""
     rng = np.random.default_rng(7)
     n, k, m = 48, 512, 53  # 53: three 16-token groups on the AMX tiles + 5 on VNNI
-    raw = random_blocks(qtype, n, k, rng).reshape(n, k // gp.unit_k(int(qtype)), -1)
+    raw = random_blocks(qtype, n, k, rng).reshape(n, k // gf.unit_k(int(qtype)), -1)
     one = np.frombuffer(np.float16(1).tobytes(), np.uint8)
     if qtype == QT.Q6_K:
         raw[..., 208:210] = one
@@ -243,7 +244,7 @@ def test_integer_block_sums_are_exact(ops, qtype):
         where, keep = _LATTICE_SCALE_BITS[qtype]
         raw[..., where] &= keep
         blocks = raw.reshape(-1, raw.shape[-1])
-        set_block_d(blocks, qtype, np.full(len(blocks), 1 / gp.FACTOR[int(qtype)]))
+        set_block_d(blocks, qtype, np.full(len(blocks), 1 / gf.FACTOR[int(qtype)]))
     elif qtype == QT.Q2_K:
         raw[..., 80:82] = one
         raw[..., 82:84] = np.frombuffer(np.float16(-3).tobytes(), np.uint8)
@@ -272,7 +273,7 @@ def test_bfloat16_output_is_rounded_float32(ops, m):
 
 def test_shape_errors_are_clear(ops):
     raw = random_blocks(QT.Q4_K, 16, 256, np.random.default_rng(0))
-    packed = gp.pack(gp.parse(raw, int(QT.Q4_K), 16, 256), int(QT.Q4_K), 16, 256)
+    packed = gp.pack(gf.parse(raw, int(QT.Q4_K), 16, 256), int(QT.Q4_K), 16, 256)
     xq, meta = ops.quantize_activations(torch.randn(2, 256))
     with pytest.raises(RuntimeError, match="packed weights do not match"):
         ops.quant_gemm(xq, meta, packed, int(QT.Q4_K), 32, torch.empty(2, 32), 0, None)
@@ -345,7 +346,7 @@ def test_row_lookup_equals_gguf_dequantize(ops, qtype):
     """The embedding lookup from packed blocks gives gguf's float32 values exactly."""
     n, k = 40, 512
     raw = random_blocks(qtype, n, k, np.random.default_rng(int(qtype)), extreme=True)
-    packed = gp.pack(gp.parse(raw, int(qtype), n, k), int(qtype), n, k)
+    packed = gp.pack(gf.parse(raw, int(qtype), n, k), int(qtype), n, k)
     ids = torch.tensor([[0, 39, 17], [16, 15, 3]])
     rows = ops.quant_rows(packed, int(qtype), n, k, ids)
     ref = torch.from_numpy(dequantize(raw, qtype).reshape(n, k))[ids.flatten()]
@@ -359,7 +360,7 @@ def test_column_lookup_equals_gguf_dequantize(ops, qtype):
     """The exact channels' weight columns from packed blocks are gguf's float32 values."""
     n, k = 40, 512
     raw = random_blocks(qtype, n, k, np.random.default_rng(int(qtype)), extreme=True)
-    packed = gp.pack(gp.parse(raw, int(qtype), n, k), int(qtype), n, k)
+    packed = gp.pack(gf.parse(raw, int(qtype), n, k), int(qtype), n, k)
     channels = [0, 31, 32, 255, 256, 300, 511]  # block and super-block edges
     cols = ops.quant_cols(packed, int(qtype), n, k, channels)
     ref = torch.from_numpy(dequantize(raw, qtype).reshape(n, k))[:, channels].T
@@ -378,7 +379,7 @@ def _int8_batches(ops, sizes):
 def _linear(ops, shards, k):
     """A QuantLinear over `shards` [(qtype, rows, raw blocks)], no bias, and the float64
     dequantized weight of all of them stacked."""
-    packed = [gp.pack(gp.parse(raw, int(q), n, k), int(q), n, k) for q, n, raw in shards]
+    packed = [gp.pack(gf.parse(raw, int(q), n, k), int(q), n, k) for q, n, raw in shards]
     layer = ops.QuantLinear(
         packed, [int(q) for q, _, _ in shards], [n for _, n, _ in shards], [None] * len(shards), k
     )
@@ -464,7 +465,7 @@ def test_linear_prepared_batches_equal_quant_gemm(ops, dtype):
     rows = [16 + 3 * i for i in range(len(ALL_TYPES))]  # partial last tiles
     shards = [(q, n, random_blocks(q, n, k, rng)) for q, n in zip(ALL_TYPES, rows, strict=True)]
     layer, _ = _linear(ops, shards, k)
-    packed = [gp.pack(gp.parse(raw, int(q), n, k), int(q), n, k) for q, n, raw in shards]
+    packed = [gp.pack(gf.parse(raw, int(q), n, k), int(q), n, k) for q, n, raw in shards]
     for m in _int8_batches(ops, (4, 5, 16, 17, 33, 63, 64, 70)):
         x = torch.randn(m, k).to(dtype)
         y = layer(x)
@@ -495,7 +496,7 @@ def test_amx_bfloat16_tiles_multiply_rounded_weights(ops, qtype):
         (qtype, n1, random_blocks(qtype, n1, k, rng, extreme=True)),
         (QT.Q8_0, n2, random_blocks(QT.Q8_0, n2, k, rng)),
     ]
-    packed = [gp.pack(gp.parse(raw, int(q), n, k), int(q), n, k) for q, n, raw in shards]
+    packed = [gp.pack(gf.parse(raw, int(q), n, k), int(q), n, k) for q, n, raw in shards]
     bias = torch.randn(n1)
     layer = ops.QuantLinear(
         packed,

@@ -3,11 +3,11 @@ head, row dequantization for the embedding lookup. No dense copy of a quantized 
 
 `GGUFQuantConfig` reads each tensor's declared type from the file's header and hands a
 `GGUFLinearMethod` to every Linear whose shards all have a kernel (types in
-`gguf_pack.NAMES`, 16-row shards, whole units along the input); others stay dense. Shards of
+`gguf_fields.NAMES`, 16-row shards, whole units along the input); others stay dense. Shards of
 one fused layer may differ in type (a Q4_K_M file's attn_v is often Q6_K next to Q4_K q/k): the
 activations are quantized once per call and each run of same-typed shards is one kernel call.
 Blocks are repacked at load by the C++ `gguf_repack` (one pass, threads over tiles), which
-equals `gguf_pack.pack(gguf_pack.parse(...))`, the documented reference, byte for byte.
+equals `gguf_pack.pack(gguf_fields.parse(...))`, the documented reference, byte for byte.
 
 Exact channels (`calibrate_exact_channels`, once at start-up): the activations of an LLM have a
 few input channels far larger than the rest (the residual stream's "massive" dimensions), and
@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from tokenmill.errors import ModelLoadError
+from tokenmill.quant import gguf_fields as gf
 from tokenmill.quant import gguf_pack as gp
 from tokenmill.quant.base import UnfusedEntryPoints
 from tokenmill.quant.dense import (
@@ -68,7 +69,7 @@ class GGUFLinearMethod(UnfusedEntryPoints):
     def __init__(self, qtypes: dict[str, int], ops: Any) -> None:
         self.qtypes = qtypes
         self.ops = ops
-        self.name = "+".join(dict.fromkeys(gp.NAMES[q] for q in qtypes.values()))
+        self.name = "+".join(dict.fromkeys(gf.NAMES[q] for q in qtypes.values()))
 
     def create_weights(
         self,
@@ -86,7 +87,7 @@ class GGUFLinearMethod(UnfusedEntryPoints):
         qtype, rows = self.qtypes[shard], layer.output_sizes[shard]
         if isinstance(tensor, torch.Tensor) or int(tensor.ggml_type) != qtype:
             raise ModelLoadError(
-                f"tensor {name!r} is not stored as {gp.NAMES[qtype]} as the file's header declared"
+                f"tensor {name!r} is not stored as {gf.NAMES[qtype]} as the file's header declared"
             )
         if tuple(tensor.shape) != (rows, layer.in_features):
             raise ModelLoadError(
@@ -94,7 +95,7 @@ class GGUFLinearMethod(UnfusedEntryPoints):
                 f"the model expects {(rows, layer.in_features)}"
             )
         layer.shard_packed[shard] = self.ops.gguf_repack(
-            _raw_bytes(tensor.data), qtype, rows, layer.in_features, gp.grid_levels(qtype)
+            _raw_bytes(tensor.data), qtype, rows, layer.in_features, gf.grid_levels(qtype)
         )
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
@@ -155,7 +156,7 @@ class GGUFEmbeddingMethod:
     def __init__(self, qtype: int, ops: Any) -> None:
         self.qtype = qtype
         self.ops = ops
-        self.name = gp.NAMES[qtype]
+        self.name = gf.NAMES[qtype]
 
     def create_weights(
         self, layer: torch.nn.Module, num_embeddings: int, dim: int, dtype: torch.dtype
@@ -172,7 +173,7 @@ class GGUFEmbeddingMethod:
                 f"tensor {name!r} has shape {tuple(tensor.shape)}, the model expects {(n, k)}"
             )
         layer.packed = self.ops.gguf_repack(
-            _raw_bytes(tensor.data), self.qtype, n, k, gp.grid_levels(self.qtype)
+            _raw_bytes(tensor.data), self.qtype, n, k, gf.grid_levels(self.qtype)
         )
 
     def lookup(self, layer: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -261,7 +262,7 @@ class GGUFQuantConfig:
             if storage is not None:
                 self.counts[f"{DTYPE_NAMES[storage]} embedding"] += 1
             return DenseEmbeddingMethod(storage)
-        self.counts[f"{gp.NAMES[qtype]} embedding"] += 1
+        self.counts[f"{gf.NAMES[qtype]} embedding"] += 1
         return GGUFEmbeddingMethod(qtype, self.ops)
 
     def tied_head_method(
