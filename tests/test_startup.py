@@ -135,7 +135,7 @@ def test_kernel_cache_is_shared_by_a_second_virtualenv(tmp_path):
 
 
 def test_startup_breakdown_is_logged_at_debug_level(caplog):
-    with caplog.at_level(logging.DEBUG, logger="tokenmill.engine.llm_engine"):
+    with caplog.at_level(logging.DEBUG, logger="tokenmill.engine.startup"):
         LLM(max_model_len=128, kv_cache_memory_gib=0.05)
     lines = [r.getMessage() for r in caplog.records if "start-up breakdown" in r.getMessage()]
     assert len(lines) == 1
