@@ -264,7 +264,7 @@ def test_a_failing_step_ends_the_stream_with_an_error_event():
 def test_blocks_become_these_chat_messages():
     """Hand-written: tool_use blocks are the assistant turn's calls (input as JSON text),
     tool_result blocks become tool messages (an error's text marked) before the user's text."""
-    from tokenmill.server.messages import MessagesRequest
+    from tokenmill.server.messages_protocol import MessagesRequest
 
     body = MessagesRequest.model_validate(
         {

@@ -2,7 +2,7 @@
 
 A request's `instructions` and `input` items become a chat conversation (messages, assistant
 function calls, their results), its function tools, `tool_choice` and `text.format` the chat
-request's tools and response_format; `streams.start_chat` renders, constrains and queues it as
+request's tools and response_format; `chat.start_chat` renders, constrains and queues it as
 for /v1/chat/completions. The output is a list of items: the assistant's message (one
 `output_text` part) and the function calls the tool parser found. Streamed, the same items
 arrive as OpenAI's typed events, `response.created` to `response.completed` (or
@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 from tokenmill.outputs import CompletionOutput, RequestOutput
+from tokenmill.server.chat import ChatRun, new_pieces, start_chat
 from tokenmill.server.chat_protocol import ChatCompletionRequest
 from tokenmill.server.handlers import ContextLengthError, OpenAIServing, chat_logprobs
 from tokenmill.server.protocol import RequestLimits, UnsupportedParameter
@@ -37,7 +38,6 @@ from tokenmill.server.responses_output import (
 )
 from tokenmill.server.responses_protocol import FunctionToolChoice, ResponsesRequest, new_id
 from tokenmill.server.responses_store import ResponseStore, StoredResponse
-from tokenmill.server.streams import ChatRun, new_pieces, start_chat
 
 
 def without_oldest_turn(chat: ChatCompletionRequest) -> ChatCompletionRequest | None:

@@ -1,4 +1,6 @@
-"""Response and stream bodies of /v1/completions and /v1/chat/completions (OpenAI's shapes).
+"""Response and stream bodies of /v1/completions (OpenAI's shapes), and the SSE helpers that
+/v1/chat/completions (server/chat.py) shares: the error event, the chunker with its running
+usage, and the stream's end.
 
 Each builder validates and queues the request (raising before any byte is sent), then returns
 either a coroutine producing the JSON body or an async generator of SSE lines.
@@ -7,21 +9,17 @@ either a coroutine producing the JSON body or an async generator of SSE lines.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
-from tokenmill.engine.chat_template import template_variables
-from tokenmill.engine.tool_streamers import ToolStreamer
-from tokenmill.outputs import CompletionOutput, RequestOutput
-from tokenmill.server.chat_protocol import ChatCompletionRequest, NamedToolChoice
+from tokenmill.outputs import RequestOutput
+from tokenmill.server.chat_protocol import ChatCompletionRequest
 from tokenmill.server.completions_protocol import CompletionRequest
 from tokenmill.server.handlers import (
     OpenAIServing,
     PreparedPrompt,
-    chat_logprobs,
     completion_logprobs,
     join_logprobs,
     prompt_logprobs_object,
@@ -29,13 +27,13 @@ from tokenmill.server.handlers import (
     usage,
     vllm_prompt_logprobs,
 )
-from tokenmill.server.tools import ToolPlan, new_call_id, plan_tools, tool_calls_json
 
 logger = logging.getLogger(__name__)
 DONE = "data: [DONE]\n\n"
 
 
-def _error_event(e: BaseException) -> str:
+def error_event(e: BaseException) -> str:
+    """The SSE line of an error that ends a stream (its status is already sent), logged."""
     logger.warning("stream ended by error: %s", e)
     return sse(
         {
@@ -49,7 +47,7 @@ def _error_event(e: BaseException) -> str:
     )
 
 
-def _stream_end(
+def stream_end(
     body: CompletionRequest | ChatCompletionRequest,
     empty_chunk: dict,
     prompt_tokens: int,
@@ -62,7 +60,7 @@ def _stream_end(
     return lines + [DONE]
 
 
-def _chunker(
+def chunker(
     body: CompletionRequest | ChatCompletionRequest, base: Any, tracker: Any, counts: dict[int, int]
 ) -> Any:
     """The SSE line of a chunk with these choices; with stream_options' include_usage and
@@ -146,7 +144,7 @@ async def completion_response(
 
     async def stream() -> AsyncIterator[str]:
         counts: dict[int, int] = {}
-        chunk = _chunker(body, base, tracker, counts)
+        chunk = chunker(body, base, tracker, counts)
         offsets: dict[int, int] = {}
         done: set[int] = set()  # choices whose finish_reason went out (outputs repeat them)
         try:
@@ -181,236 +179,9 @@ async def completion_response(
                             }
                         ]
                     )
-            for line in _stream_end(body, base([]), tracker.prompt_tokens, counts):
+            for line in stream_end(body, base([]), tracker.prompt_tokens, counts):
                 yield line
         except Exception as e:  # noqa: BLE001 - reported in-band, the status is already sent
-            yield _error_event(e)
-
-    return stream() if body.stream else collect()
-
-
-def new_pieces(streamer: ToolStreamer | None, o: CompletionOutput) -> tuple[str, list]:
-    """A sample's new text as (content, tool-call pieces): all content without a tool parser;
-    with one, what its streamer makes of the delta (and, once the sample finished, of what it
-    held back)."""
-    if streamer is None:
-        return o.delta_text, []
-    content, calls = streamer.feed(o.delta_text)
-    if o.finished:
-        tail, more = streamer.finish()
-        content, calls = content + tail, calls + more
-    return content, calls
-
-
-@dataclasses.dataclass
-class ChatRun:
-    """A chat request rendered and queued: how its tools render, parse and constrain, its
-    prompt, and the engine streams of its samples."""
-
-    plan: ToolPlan
-    prompt: PreparedPrompt
-    request_id: str
-    streams: list
-    tracker: Any
-
-    async def reply(self, serving: OpenAIServing) -> tuple[RequestOutput, str, list]:
-        """Wait for a one-sample run to end: its final output, and the sample's text split
-        into content and the tool calls the parser found (none without a parser)."""
-        final = None
-        async for _, out in serving.merged(self.streams, self.tracker):
-            final = out
-        assert final is not None
-        text = final.outputs[0].text
-        content, calls = (text, []) if self.plan.parser is None else self.plan.parser.extract(text)
-        return final, content, calls
-
-
-async def render_chat(
-    serving: OpenAIServing, body: ChatCompletionRequest
-) -> tuple[ToolPlan, PreparedPrompt]:
-    """Validate a chat request and render its conversation (tools included) to its prompt, in a
-    worker thread (the event loop keeps serving)."""
-    body.check_supported()
-    tok = serving.tokenizer
-
-    def render() -> tuple[ToolPlan, PreparedPrompt]:
-        plan = plan_tools(
-            [m.as_template_message() for m in body.messages],
-            [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
-            body.tool_choice.model_dump()
-            if isinstance(body.tool_choice, NamedToolChoice)
-            else body.tool_choice,
-            body.parallel_tool_calls,
-            tok,
-            serving.tool_call_parser,
-        )
-        extra = template_variables(body.chat_template_kwargs)
-        if plan.template_tools:
-            extra["tools"] = plan.template_tools
-        text = tok.apply_chat_template(
-            plan.messages,
-            add_generation_prompt=body.add_generation_prompt,
-            continue_final_message=body.continue_final_message,
-            **extra,
-        )
-        if body.logprobs:
-            tok.token_bytes([])  # the logprobs' byte table, built here on first use
-        prompt = serving.prepare(text, bool(body.add_special_tokens), body.truncate_prompt_tokens)
-        return plan, prompt
-
-    return await asyncio.to_thread(render)
-
-
-async def start_chat(serving: OpenAIServing, body: ChatCompletionRequest, prefix: str) -> ChatRun:
-    """Validate, render and queue a chat request; raises before anything runs. Shared by
-    /v1/chat/completions, /v1/responses and /v1/messages."""
-    plan, prompt = await render_chat(serving, body)
-    max_tokens = body.effective_max_tokens()
-    serving.check_length(len(prompt.token_ids), max_tokens)
-    params = body.sampling_params(max_tokens, body.num_logprobs(), body.prompt_logprobs)
-    if plan.constraint is not None:
-        params = dataclasses.replace(params, structured_outputs=plan.constraint)
-    if plan.keep_special_tokens:
-        params = dataclasses.replace(params, skip_special_tokens=False)
-    rid, streams, tracker = await serving.start([prompt], params, prefix, body.model)
-    return ChatRun(plan, prompt, rid, streams, tracker)
-
-
-async def chat_response(
-    serving: OpenAIServing, body: ChatCompletionRequest
-) -> AsyncIterator[str] | Coroutine[Any, Any, dict]:
-    run = await start_chat(serving, body, "chatcmpl")
-    plan, prompt, rid, streams, tracker = (
-        run.plan,
-        run.prompt,
-        run.request_id,
-        run.streams,
-        run.tracker,
-    )
-    tok = serving.tokenizer
-    created = int(time.time())
-    k = body.top_logprobs or 0
-    as_ids = body.return_tokens_as_token_ids
-
-    def base(choices: list[dict]) -> dict:
-        return {
-            "id": rid,
-            "object": "chat.completion.chunk" if body.stream else "chat.completion",
-            "created": created,
-            "model": body.model,
-            "system_fingerprint": None,
-            "choices": choices,
-        }
-
-    def message(o: CompletionOutput) -> tuple[dict, str | None]:
-        """The assistant message of a finished sample and its finish_reason."""
-        if plan.parser is None:
-            return {"role": "assistant", "content": o.text}, o.finish_reason
-        content, calls = plan.parser.extract(o.text)
-        if not calls:
-            return {"role": "assistant", "content": content}, o.finish_reason
-        reason = "tool_calls" if o.finish_reason == "stop" else o.finish_reason
-        msg = {"role": "assistant", "content": content or None}
-        return msg | {"tool_calls": tool_calls_json(calls)}, reason
-
-    async def collect() -> dict:
-        final = None
-        async for _, out in serving.merged(streams, tracker):
-            final = out
-        choices = []
-        for o in final.outputs:
-            msg, reason = message(o)
-            choices.append(
-                {
-                    "index": o.index,
-                    "message": msg,
-                    "logprobs": chat_logprobs(o, tok, k, 0, as_ids),
-                    "finish_reason": reason,
-                }
-            )
-        n_out = sum(len(o.token_ids) for o in final.outputs)
-        response = base(choices) | {"usage": usage(tracker.prompt_tokens, n_out)}
-        if body.prompt_logprobs is not None:
-            response["prompt_logprobs"] = vllm_prompt_logprobs(
-                prompt.token_ids, final.prompt_logprobs, body.prompt_logprobs, as_ids
-            )
-        return response
-
-    streamers = {j: plan.parser.streamer() for j in range(body.n)} if plan.parser else {}
-    called: set[int] = set()  # samples that streamed a tool call
-
-    def deltas(o: CompletionOutput) -> list[dict]:
-        """The chunk deltas for a sample's new text: content, or tool-call pieces (the id,
-        type and name first, then argument fragments)."""
-        content, calls = new_pieces(streamers.get(o.index), o)
-        out: list[dict] = [{"content": content}] if content else []
-        for d in calls:
-            if d.name is not None:
-                called.add(o.index)
-                call = {"index": d.index, "id": new_call_id(), "type": "function"}
-                call["function"] = {"name": d.name, "arguments": d.arguments}
-            else:
-                call = {"index": d.index, "function": {"arguments": d.arguments}}
-            out.append({"tool_calls": [call]})
-        return out
-
-    async def stream() -> AsyncIterator[str]:
-        counts: dict[int, int] = {}
-        chunk = _chunker(body, base, tracker, counts)
-        try:
-            for j in range(body.n):
-                yield chunk(
-                    [
-                        {
-                            "index": j,
-                            "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None,
-                            "finish_reason": None,
-                        }
-                    ]
-                )
-            done: set[int] = set()  # samples whose finish_reason went out (outputs repeat them)
-            async for _, out in serving.merged(streams, tracker):
-                for o in out.outputs:
-                    if o.index in done:
-                        continue
-                    if o.finished:
-                        done.add(o.index)
-                    counts[o.index] = len(o.token_ids)
-                    start = len(o.token_ids) - len(o.delta_token_ids)
-                    pieces = deltas(o)
-                    if not pieces and o.delta_token_ids and body.logprobs:
-                        pieces = [{"content": ""}]
-                    for i, delta in enumerate(pieces):
-                        yield chunk(
-                            [
-                                {
-                                    "index": o.index,
-                                    "delta": delta,
-                                    "logprobs": chat_logprobs(o, tok, k, start, as_ids)
-                                    if i == 0
-                                    else None,
-                                    "finish_reason": None,
-                                }
-                            ]
-                        )
-                    if o.finished:
-                        reason = o.finish_reason
-                        if o.index in called and reason == "stop":
-                            reason = "tool_calls"
-                        yield chunk(
-                            [
-                                {
-                                    "index": o.index,
-                                    "delta": {},
-                                    "logprobs": None,
-                                    "finish_reason": reason,
-                                }
-                            ]
-                        )
-            for line in _stream_end(body, base([]), tracker.prompt_tokens, counts):
-                yield line
-        except Exception as e:  # noqa: BLE001 - reported in-band, the status is already sent
-            yield _error_event(e)
+            yield error_event(e)
 
     return stream() if body.stream else collect()
