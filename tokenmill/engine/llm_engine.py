@@ -18,13 +18,7 @@ from tokenmill.core.scheduler import Scheduler
 from tokenmill.engine.grammar_queue import GrammarQueue, advance_grammar
 from tokenmill.engine.lora_adapters import LoRAAdapters
 from tokenmill.engine.output_processor import OutputProcessor
-from tokenmill.engine.request_state import (
-    RequestState,
-    SampleState,
-    check_params_fit_model,
-    generation_state,
-    pooling_state,
-)
+from tokenmill.engine.request_state import RequestBuilder, RequestState, SampleState
 from tokenmill.engine.startup import (
     calibrate,
     cuda_kv_budget,
@@ -140,6 +134,13 @@ class LLMEngine:
         self.groups: dict[str, RequestState] = {}
         self._child_to_group: dict[str, SampleState] = {}
         self._ids = itertools.count()
+        self.requests = RequestBuilder(
+            self.tokenizer,
+            info.arch.vocab_size,
+            max_len,
+            config.scheduler.max_num_seqs,
+            config.model.pooling_type,
+        )
         self.outputs = OutputProcessor(self.tokenizer)
         self.structured_outputs = StructuredOutputManager(self.tokenizer, info.arch.vocab_size)
         self.grammars = GrammarQueue(self.structured_outputs)
@@ -192,18 +193,9 @@ class LLMEngine:
         return f"req-{next(self._ids)}"
 
     def encode_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt is empty")
-            return prompt, self.tokenizer.encode(prompt)
-        ids = list(prompt)
-        if not ids:
-            raise ValueError("prompt is empty")
-        vocab = self.model_info.arch.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
-        return None, ids
+        """(text or None, token ids) of a text prompt or a list of token ids; ValueError for an
+        empty prompt or ids outside the vocabulary."""
+        return self.requests.encode_prompt(prompt)
 
     def add_request(
         self,
@@ -237,32 +229,9 @@ class LLMEngine:
         if not ids:
             raise ValueError("prompt is empty (no tokens)")
         if isinstance(params, PoolingParams):
-            pooling = self.config.model.pooling_type
-            self._add_group(
-                pooling_state(
-                    request_id,
-                    text,
-                    ids,
-                    params,
-                    pooling,
-                    self.tokenizer,
-                    self.max_model_len,
-                    lora_id,
-                )
-            )
+            self._add_group(self.requests.pooling(request_id, text, ids, params, lora_id))
             return request_id
-        vocab = self.model_info.arch.vocab_size
-        check_params_fit_model(params, vocab, self.config.scheduler.max_num_seqs)
-        group = generation_state(
-            request_id,
-            text,
-            ids,
-            params,
-            self.tokenizer,
-            self.max_model_len,
-            final_only,
-            lora_id,
-        )
+        group = self.requests.generation(request_id, text, ids, params, final_only, lora_id)
         if params.structured_outputs is not None:
             # GrammarError (a ValueError) here for a constraint that cannot be translated
             group.grammar = self.structured_outputs.submit(params.structured_outputs)

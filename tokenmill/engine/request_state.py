@@ -60,124 +60,158 @@ class RequestState:
         return all(s.request.is_finished for s in self.samples)
 
 
-def check_params_fit_model(params: SamplingParams, vocab: int, max_num_seqs: int) -> None:
-    """Limits that depend on the model: caught here so a bad value never reaches a step."""
-    bad = [t for t in params.stop_token_ids if t >= vocab]
-    if bad:
-        raise ValueError(f"stop_token_ids out of range [0, {vocab}): {bad[:5]}")
-    bad = [t for t in params.logit_bias or {} if t >= vocab]
-    if bad:
-        raise ValueError(f"logit_bias token ids out of range [0, {vocab}): {bad[:5]}")
-    bad = [t for t in params.allowed_token_ids or [] if t >= vocab]
-    if bad:
-        raise ValueError(f"allowed_token_ids out of range [0, {vocab}): {bad[:5]}")
-    if params.logprobs is not None and params.logprobs > vocab:
-        raise ValueError(f"logprobs must be <= the vocabulary size ({vocab})")
-    if params.prompt_logprobs is not None and params.prompt_logprobs > vocab:
-        raise ValueError(f"prompt_logprobs must be <= the vocabulary size ({vocab})")
-    if params.n > max_num_seqs:
-        raise ValueError(f"n ({params.n}) exceeds max_num_seqs ({max_num_seqs})")
+class RequestBuilder:
+    """What `LLMEngine.add_request` is given -> a RequestState: tokenizes the prompt and checks
+    the request against the model's limits (vocabulary, context, max_num_seqs), raising
+    ValueError (with what is wrong) before anything reaches the scheduler."""
 
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        vocab_size: int,
+        max_model_len: int,
+        max_num_seqs: int,
+        pooling_type: str,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.pooling_type = pooling_type
 
-def bad_words_token_ids(
-    tokenizer: Tokenizer, words: list[str] | None
-) -> tuple[tuple[int, ...], ...]:
-    """Each bad word as the token sequences that spell it: as written (stripped on the
-    left) and after a space, which byte-level and sentencepiece vocabularies spell apart."""
-    seqs: dict[tuple[int, ...], None] = {}
-    for word in words or []:
-        for text in (word.lstrip(), " " + word.lstrip()):
-            ids = tuple(tokenizer.encode(text, add_special_tokens=False))
-            if ids:
-                seqs[ids] = None
-    return tuple(seqs)
+    def encode_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        """(text or None, token ids) of a text prompt or a list of token ids."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            return prompt, self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        vocab = self.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+        return None, ids
 
+    def _check_params(self, params: SamplingParams) -> None:
+        """Limits that depend on the model: caught here so a bad value never reaches a step."""
+        vocab = self.vocab_size
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise ValueError(f"stop_token_ids out of range [0, {vocab}): {bad[:5]}")
+        bad = [t for t in params.logit_bias or {} if t >= vocab]
+        if bad:
+            raise ValueError(f"logit_bias token ids out of range [0, {vocab}): {bad[:5]}")
+        bad = [t for t in params.allowed_token_ids or [] if t >= vocab]
+        if bad:
+            raise ValueError(f"allowed_token_ids out of range [0, {vocab}): {bad[:5]}")
+        if params.logprobs is not None and params.logprobs > vocab:
+            raise ValueError(f"logprobs must be <= the vocabulary size ({vocab})")
+        if params.prompt_logprobs is not None and params.prompt_logprobs > vocab:
+            raise ValueError(f"prompt_logprobs must be <= the vocabulary size ({vocab})")
+        if params.n > self.max_num_seqs:
+            raise ValueError(f"n ({params.n}) exceeds max_num_seqs ({self.max_num_seqs})")
 
-def generation_state(
-    request_id: str,
-    text: str | None,
-    ids: list[int],
-    params: SamplingParams,
-    tokenizer: Tokenizer,
-    max_model_len: int,
-    final_only: bool,
-    lora_id: int | None,
-) -> RequestState:
-    """A generation request of `params.n` samples over prompt `ids`, each a core Request with
-    its detokenizer; the prompt is scored (prompt_logprobs) by the first sample only. Raises
-    ValueError when the prompt leaves no room in the context."""
-    # A prompt-scoring request (max_tokens 0) may fill the whole context.
-    if len(ids) > max_model_len or (len(ids) == max_model_len and params.max_tokens != 0):
-        raise ValueError(
-            f"prompt has {len(ids)} tokens, but the context is {max_model_len} tokens "
-            "(it must leave room for at least one generated token)"
+    def _bad_words_token_ids(self, words: list[str] | None) -> tuple[tuple[int, ...], ...]:
+        """Each bad word as the token sequences that spell it: as written (stripped on the
+        left) and after a space, which byte-level and sentencepiece vocabularies spell apart."""
+        seqs: dict[tuple[int, ...], None] = {}
+        for word in words or []:
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = tuple(self.tokenizer.encode(text, add_special_tokens=False))
+                if ids:
+                    seqs[ids] = None
+        return tuple(seqs)
+
+    def generation(
+        self,
+        request_id: str,
+        text: str | None,
+        ids: list[int],
+        params: SamplingParams,
+        final_only: bool,
+        lora_id: int | None,
+    ) -> RequestState:
+        """A generation request of `params.n` samples over prompt `ids`, each a core Request
+        with its detokenizer; the prompt is scored (prompt_logprobs) by the first sample only.
+        Raises ValueError for parameters beyond the model's limits or a prompt that leaves no
+        room in the context."""
+        self._check_params(params)
+        max_len = self.max_model_len
+        # A prompt-scoring request (max_tokens 0) may fill the whole context.
+        if len(ids) > max_len or (len(ids) == max_len and params.max_tokens != 0):
+            raise ValueError(
+                f"prompt has {len(ids)} tokens, but the context is {max_len} tokens "
+                "(it must leave room for at least one generated token)"
+            )
+        room = max_len - len(ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        eos = set() if params.ignore_eos else self.tokenizer.eos_token_ids
+        children = (
+            [params] if params.n == 1 else [params.clone_for_child(i) for i in range(params.n)]
         )
-    room = max_model_len - len(ids)
-    max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-    eos = set() if params.ignore_eos else tokenizer.eos_token_ids
-    children = [params] if params.n == 1 else [params.clone_for_child(i) for i in range(params.n)]
-    for child in children[1:]:
-        child.prompt_logprobs = None  # the prompt is scored once, by the first sample
-    bad_words = bad_words_token_ids(tokenizer, params.bad_words)
-    samples = []
-    for i, p in enumerate(children):
-        req = Request(
-            f"{request_id}#{i}",
+        for child in children[1:]:
+            child.prompt_logprobs = None  # the prompt is scored once, by the first sample
+        bad_words = self._bad_words_token_ids(params.bad_words)
+        samples = []
+        for i, p in enumerate(children):
+            req = Request(
+                f"{request_id}#{i}",
+                ids,
+                p,
+                eos,
+                max_tokens,
+                time.monotonic(),
+                bad_words,
+                lora_id=lora_id,
+            )
+            detok = IncrementalDetokenizer(
+                self.tokenizer,
+                ids,
+                p.skip_special_tokens,
+                p.stop,
+                p.include_stop_str_in_output,
+                deferred=final_only and not p.stop,
+            )
+            samples.append(
+                SampleState(request_id, i, req, detok, [] if p.logprobs is not None else None)
+            )
+        return RequestState(
+            request_id,
+            text,
             ids,
-            p,
-            eos,
-            max_tokens,
+            samples,
+            [None] if params.prompt_logprobs is not None else None,
+            final_only=final_only,
+        )
+
+    def pooling(
+        self,
+        request_id: str,
+        text: str | None,
+        ids: list[int],
+        params: PoolingParams,
+        lora_id: int | None,
+    ) -> RequestState:
+        """An embedding request: one sequence that computes its prompt (which may fill the
+        whole context) and generates nothing (max_tokens 0); the runner pools its hidden
+        states by the model's pooling type."""
+        if len(ids) > self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens, but the context is {self.max_model_len} tokens"
+            )
+        req = Request(
+            f"{request_id}#0",
+            ids,
+            SamplingParams(),
+            (),
+            0,
             time.monotonic(),
-            bad_words,
+            pooling=self.pooling_type,
             lora_id=lora_id,
         )
-        detok = IncrementalDetokenizer(
-            tokenizer,
-            ids,
-            p.skip_special_tokens,
-            p.stop,
-            p.include_stop_str_in_output,
-            deferred=final_only and not p.stop,
+        detok = IncrementalDetokenizer(self.tokenizer, ids, deferred=True)
+        return RequestState(
+            request_id, text, ids, [SampleState(request_id, 0, req, detok, None)], pooling=params
         )
-        samples.append(
-            SampleState(request_id, i, req, detok, [] if p.logprobs is not None else None)
-        )
-    return RequestState(
-        request_id,
-        text,
-        ids,
-        samples,
-        [None] if params.prompt_logprobs is not None else None,
-        final_only=final_only,
-    )
-
-
-def pooling_state(
-    request_id: str,
-    text: str | None,
-    ids: list[int],
-    params: PoolingParams,
-    pooling_type: str,
-    tokenizer: Tokenizer,
-    max_model_len: int,
-    lora_id: int | None,
-) -> RequestState:
-    """An embedding request: one sequence that computes its prompt (which may fill the
-    whole context) and generates nothing (max_tokens 0); the runner pools its hidden
-    states by the model's pooling type."""
-    if len(ids) > max_model_len:
-        raise ValueError(f"prompt has {len(ids)} tokens, but the context is {max_model_len} tokens")
-    req = Request(
-        f"{request_id}#0",
-        ids,
-        SamplingParams(),
-        (),
-        0,
-        time.monotonic(),
-        pooling=pooling_type,
-        lora_id=lora_id,
-    )
-    detok = IncrementalDetokenizer(tokenizer, ids, deferred=True)
-    return RequestState(
-        request_id, text, ids, [SampleState(request_id, 0, req, detok, None)], pooling=params
-    )
