@@ -420,7 +420,7 @@ def count_params(path: str) -> int:
 
 
 def bench_file(name: str, path: str, args) -> list[dict]:
-    from tokenmill.kernels.cpu_ops import supported_isas
+    from tokenmill.kernels.cpu_isa import supported_isas
 
     isas = [i for i in args.isas.split(",") if i == "reference" or i in supported_isas()]
     workers = [Worker(f"tokenmill {i}", "tokenmill", (path, args.threads, i, "auto")) for i in isas]

@@ -94,14 +94,14 @@ def main() -> None:
 
     from bench_llamacpp import measure_bandwidth_gbs
 
-    from tokenmill.kernels import cpu_ops
+    from tokenmill.kernels import cpu_isa, cpu_ops
 
     ops = cpu_ops.get_ops()
     base = None
     if args.base:
         from kernel_ab import build_base
 
-        base = build_base(args.base, cpu_ops.select_isa().build)
+        base = build_base(args.base, cpu_isa.select_isa().build)
     hq, rest = args.heads.split("/")
     hkv, d = (int(x) for x in rest.split("x"))
     hq = int(hq)

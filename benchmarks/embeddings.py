@@ -150,7 +150,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/embeddings.json")
     args = ap.parse_args()
 
-    from tokenmill.kernels.cpu_ops import supported_isas
+    from tokenmill.kernels.cpu_isa import supported_isas
 
     path = args.model or default_model()
     cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]

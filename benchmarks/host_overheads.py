@@ -104,7 +104,7 @@ def main() -> None:
 
     from tokenmill.config import EngineArgs
     from tokenmill.engine.llm_engine import LLMEngine
-    from tokenmill.kernels.cpu_ops import select_isa
+    from tokenmill.kernels.cpu_isa import select_isa
 
     result: dict = {"isa": select_isa().build, "threads": torch.get_num_threads()}
     print(f"kernel level {result['isa']}, {result['threads']} threads")

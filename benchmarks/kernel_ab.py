@@ -40,7 +40,7 @@ def build_base(rev: str, isa: str) -> object:
     """The kernels of revision `rev`, compiled for level `isa` as module tm_base_<isa>."""
     from torch.utils.cpp_extension import load
 
-    from tokenmill.kernels import cpu_ops
+    from tokenmill.kernels import cpu_isa, cpu_ops
 
     src = Path(tempfile.mkdtemp(prefix="tm-base-src-"))
     names = subprocess.run(
@@ -66,7 +66,7 @@ def build_base(rev: str, isa: str) -> object:
         verbose=False,
     )
     if hasattr(module, "set_weight_prefetch"):  # the distances this CPU's loaded build runs
-        module.set_weight_prefetch(*cpu_ops.weight_prefetch()[:2])
+        module.set_weight_prefetch(*cpu_isa.weight_prefetch()[:2])
     return module
 
 
@@ -226,9 +226,9 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/kernel_ab.json")
     args = ap.parse_args()
 
-    from tokenmill.kernels import cpu_ops
+    from tokenmill.kernels import cpu_isa
 
-    isa = args.isa or cpu_ops.select_isa().build
+    isa = args.isa or cpu_isa.select_isa().build
     os.environ["TOKENMILL_CPU_ISA"] = isa
     import torch
 

@@ -170,7 +170,7 @@ def measure(kind: str, *args) -> tuple[dict, str]:
 def main() -> None:
     from bench_llamacpp import prepare_files
 
-    from tokenmill.kernels import cpu_ops
+    from tokenmill.kernels import cpu_isa
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", default="default,Q4_K_M,Q6_K,Q8_0")
@@ -185,7 +185,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/quality_llamacpp.json")
     args = ap.parse_args()
 
-    isas = [i for i in args.isas.split(",") if i in cpu_ops.supported_isas()]
+    isas = [i for i in args.isas.split(",") if i in cpu_isa.supported_isas()]
     files = prepare_files(args.files.split(","), Path(args.workdir))
     from tokenmill import LLM
 

@@ -205,7 +205,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from tokenmill.config import SpeculativeConfig
-    from tokenmill.kernels.cpu_ops import supported_isas
+    from tokenmill.kernels.cpu_isa import supported_isas
 
     path = args.model or default_model()
     parsed = SpeculativeConfig.parse(args.spec)

@@ -140,7 +140,7 @@ def main() -> None:
         if evt.key.startswith(PREFIX):
             stage_s[evt.key.removeprefix(PREFIX)] += evt.cpu_time_total / 1e6
 
-    from tokenmill.kernels.cpu_ops import select_isa
+    from tokenmill.kernels.cpu_isa import select_isa
 
     bw = measure_bandwidth_gbs()
     peak = measure_int8_gmacs(args.threads).get(select_isa().build, 0.0)

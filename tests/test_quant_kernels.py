@@ -14,7 +14,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize
 
 from tests.gguf_builder import ALL_TYPES, K_TYPES, LATTICE_TYPES, random_blocks, set_block_d
-from tokenmill.kernels import cpu_ops
+from tokenmill.kernels import cpu_isa, cpu_ops
 from tokenmill.quant import gguf_fields as gf
 from tokenmill.quant import gguf_pack as gp
 
@@ -23,7 +23,7 @@ LEVELS = ("avx2", "avxvnni", "avx512", "amx")
 
 @pytest.fixture(scope="module", params=LEVELS)
 def ops(request):
-    if request.param not in cpu_ops.supported_isas():
+    if request.param not in cpu_isa.supported_isas():
         pytest.skip(f"this CPU cannot run the {request.param} kernels")
     module = cpu_ops.load_ops(request.param)
     assert module is not None, f"the {request.param} kernels did not build"
@@ -191,7 +191,7 @@ def test_avxvnni_level_gives_the_avx2_bits(qtype):
     (streaming, batched, several passes), float32 and bfloat16. (avxvnni batches the super-block
     types from 5 tokens on, where avx2 streams up to 8 or 16: the same bits, as every path gives,
     test_rows_do_not_depend_on_the_batch.)"""
-    levels = cpu_ops.supported_isas()
+    levels = cpu_isa.supported_isas()
     if "avxvnni" not in levels:
         pytest.skip("this CPU cannot run the avxvnni kernels")
     vnni, avx2 = cpu_ops.load_ops("avxvnni"), cpu_ops.load_ops("avx2")
@@ -288,34 +288,34 @@ def test_k_types_need_whole_super_blocks():
 
 def test_isa_selection_and_forcing(monkeypatch):
     flags = frozenset({"avx2", "fma", "f16c", "bmi2"})
-    assert cpu_ops.select_isa(flags).build == "avx2"
-    assert cpu_ops.select_isa(flags | {"avx_vnni"}).build == "avxvnni"  # Alder Lake and later
-    assert cpu_ops.select_isa(frozenset()).build is None  # dense path, with a reason
-    assert "dequantized" in cpu_ops.select_isa(frozenset()).reason
+    assert cpu_isa.select_isa(flags).build == "avx2"
+    assert cpu_isa.select_isa(flags | {"avx_vnni"}).build == "avxvnni"  # Alder Lake and later
+    assert cpu_isa.select_isa(frozenset()).build is None  # dense path, with a reason
+    assert "dequantized" in cpu_isa.select_isa(frozenset()).reason
     monkeypatch.setenv("TOKENMILL_CPU_ISA", "avx512")
     with pytest.raises(ValueError, match="lacks avx512"):
-        cpu_ops.select_isa(flags)
+        cpu_isa.select_isa(flags)
     monkeypatch.setenv("TOKENMILL_CPU_ISA", "reference")
-    choice = cpu_ops.select_isa(flags)
+    choice = cpu_isa.select_isa(flags)
     assert choice.name == "reference" and not choice.quant
     monkeypatch.setenv("TOKENMILL_CPU_ISA", "sse9")
     with pytest.raises(ValueError, match="expected one of"):
-        cpu_ops.select_isa(flags)
+        cpu_isa.select_isa(flags)
     assert cpu_ops.build_directory("avx2") != cpu_ops.build_directory("avx512")
     assert cpu_ops.build_directory("avx2") != cpu_ops.build_directory("avxvnni")
 
 
 def test_weight_prefetch_by_vendor_and_forcing(monkeypatch):
     monkeypatch.delenv("TOKENMILL_CPU_PREFETCH", raising=False)
-    assert cpu_ops.weight_prefetch("AuthenticAMD")[:2] == (8192, 0)  # no L2 hint on AMD
-    assert cpu_ops.weight_prefetch("GenuineIntel")[:2] == (8192, 32768)
-    assert cpu_ops.weight_prefetch("")[:2] == cpu_ops.DEFAULT_WEIGHT_PREFETCH
+    assert cpu_isa.weight_prefetch("AuthenticAMD")[:2] == (8192, 0)  # no L2 hint on AMD
+    assert cpu_isa.weight_prefetch("GenuineIntel")[:2] == (8192, 32768)
+    assert cpu_isa.weight_prefetch("")[:2] == cpu_isa.DEFAULT_WEIGHT_PREFETCH
     monkeypatch.setenv("TOKENMILL_CPU_PREFETCH", "0,4096")
-    assert cpu_ops.weight_prefetch("AuthenticAMD") == (0, 4096, "forced by TOKENMILL_CPU_PREFETCH")
+    assert cpu_isa.weight_prefetch("AuthenticAMD") == (0, 4096, "forced by TOKENMILL_CPU_PREFETCH")
     for bad in ("8192", "a,b", "100,0", "-64,0"):
         monkeypatch.setenv("TOKENMILL_CPU_PREFETCH", bad)
         with pytest.raises(ValueError, match="TOKENMILL_CPU_PREFETCH"):
-            cpu_ops.weight_prefetch()
+            cpu_isa.weight_prefetch()
 
 
 @pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q6_K, QT.Q8_0], ids=lambda q: q.name)
@@ -323,7 +323,7 @@ def test_weight_prefetch_changes_no_bit(ops, monkeypatch, qtype):
     """The loaded module runs this CPU's distances; any others (none, L1 only, both, far
     ahead) give the same bits on the streaming and the batched paths."""
     monkeypatch.delenv("TOKENMILL_CPU_PREFETCH", raising=False)
-    assert tuple(ops.weight_prefetch()) == cpu_ops.weight_prefetch()[:2]
+    assert tuple(ops.weight_prefetch()) == cpu_isa.weight_prefetch()[:2]
     rng = np.random.default_rng(7)
     n, k = 73, 1024
     raw = random_blocks(qtype, n, k, rng)
@@ -338,7 +338,7 @@ def test_weight_prefetch_changes_no_bit(ops, monkeypatch, qtype):
         with pytest.raises(RuntimeError, match="whole 64-byte lines"):
             ops.set_weight_prefetch(100, 0)
     finally:
-        ops.set_weight_prefetch(*cpu_ops.weight_prefetch()[:2])
+        ops.set_weight_prefetch(*cpu_isa.weight_prefetch()[:2])
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)

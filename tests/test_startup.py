@@ -17,7 +17,7 @@ import torch
 
 from tokenmill import LLM
 from tokenmill.core.block_pool import BlockPool, hash_block_tokens
-from tokenmill.kernels import cpu_ops
+from tokenmill.kernels import cpu_isa, cpu_ops
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,7 +85,7 @@ def test_freed_blocks_without_cached_content_are_reused_first():
 
 
 def _level() -> str:
-    return cpu_ops.select_isa().build or pytest.skip("no kernel level on this CPU")
+    return cpu_isa.select_isa().build or pytest.skip("no kernel level on this CPU")
 
 
 def test_kernel_cache_is_shared_by_a_second_virtualenv(tmp_path):
@@ -114,9 +114,9 @@ def test_kernel_cache_is_shared_by_a_second_virtualenv(tmp_path):
     script = textwrap.dedent(f"""
         import torch
         assert torch.__file__.startswith({str(site)!r}), torch.__file__
-        from tokenmill.kernels import cpu_ops
+        from tokenmill.kernels import cpu_isa, cpu_ops
         ops = cpu_ops.load_ops({isa!r})
-        assert ops is not None and ops.quant_isa() in cpu_ops.ISA_ORDER
+        assert ops is not None and ops.quant_isa() in cpu_isa.ISA_ORDER
         print(cpu_ops.build_directory({isa!r}))
     """)
     env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENMILL_REQUIRE_CPU_KERNELS="1")
@@ -206,7 +206,7 @@ def test_two_processes_starting_together_build_the_kernels_once(tmp_path):
         "}\n"
     )
     sources = [str(src / "bindings.cpp"), str(src / "kernel.cpp")]
-    level = "avx2" if "avx2" in cpu_ops.supported_isas() else _level()
+    level = "avx2" if "avx2" in cpu_isa.supported_isas() else _level()
     code = (
         "from pathlib import Path\n"
         "from tokenmill.kernels import cpu_ops\n"

@@ -59,7 +59,7 @@ from tokenmill.models.config import ModelArchConfig
 def _dense_bf16_unpacked() -> bool:
     """Whether this CPU's dense kernel keeps bfloat16 weights unpacked (it multiplies them as they
     lie: `CpuDenseLinear.bf16_path`)."""
-    from tokenmill.kernels.cpu_ops import dense_small_batch
+    from tokenmill.kernels.cpu_dense import dense_small_batch
 
     small = dense_small_batch()
     return small is not None and bool(small.bf16_path)

@@ -17,7 +17,9 @@ import torch
 from tqdm.auto import tqdm
 
 from tokenmill.errors import ModelLoadError
-from tokenmill.kernels.cpu_ops import dense_small_batch, get_ops, select_isa
+from tokenmill.kernels.cpu_dense import dense_small_batch
+from tokenmill.kernels.cpu_isa import select_isa
+from tokenmill.kernels.cpu_ops import get_ops
 from tokenmill.layers.attention_backends import make_backend
 from tokenmill.layers.lora import LoRASlots
 from tokenmill.layers.parallel import TensorParallel
@@ -131,7 +133,7 @@ def small_batch_linear(backend: str) -> SmallBatchLinear | None:
     """The dense linears' kernel for decode steps of a few rows under the attention / ops
     backend `backend`: Triton's skinny GEMM with the Triton backend (CUDA, or forced), unless
     TOKENMILL_SKINNY_GEMM=0 (cuBLAS for every row count: the benchmarks' baseline); the CPU's
-    `dense_gemm` with the CPU backend (`kernels.cpu_ops.dense_small_batch`)."""
+    `dense_gemm` with the CPU backend (`kernels.cpu_dense.dense_small_batch`)."""
     if backend == "cpu":
         return dense_small_batch()
     if backend != "triton" or os.environ.get("TOKENMILL_SKINNY_GEMM", "1").strip() == "0":
@@ -156,7 +158,7 @@ def quant_config_for(
     `quantization="fp8"` quantizes the decoder's linear weights of any checkpoint at load
     (`quant/fp8.py`). A GGUF file's quantized tensors run natively when `quantization="auto"`,
     the model family takes a QuantConfig, the device is the CPU with an integer-dot kernel
-    level (`kernels.cpu_ops.select_isa`) and the dtype is float32 or bfloat16; otherwise every
+    level (`kernels.cpu_isa.select_isa`) and the dtype is float32 or bfloat16; otherwise every
     weight is dequantized to `dtype`.
     """
     if quantization == "fp8":
