@@ -4,11 +4,12 @@ Only csrc/bindings.cpp includes pybind11 and torch's Tensor casters; the kernel 
 ATen's core headers alone, so ninja compiles them beside it on the other core (a level builds in
 60-90 s on 2 cores, where every file parsing <torch/extension.h> took minutes).
 
-The kernels are built once per instruction-set level (`ISA_FLAGS`), never with `-march=native`:
-the level is chosen at run time from the CPU's flags (`select_isa`), so a cache shared between
-machines never hands an AVX-512 build to an AVX2 CPU. The levels: `avx2` (`maddubs` integer
-dots), `avxvnni` (the same kernels with 256-bit `vpdpbusd`: Intel cores from Alder Lake on, the
-usual laptop and desktop CPU without AVX-512), `avx512` (VNNI) and `amx` (AVX-512 plus the tiles).
+The kernels are built once per instruction-set level (`cpu_isa.ISA_FLAGS`), never with
+`-march=native`: the level is chosen at run time from the CPU's flags (`cpu_isa.select_isa`), so
+a cache shared between machines never hands an AVX-512 build to an AVX2 CPU. The levels: `avx2`
+(`maddubs` integer dots), `avxvnni` (the same kernels with 256-bit `vpdpbusd`: Intel cores from
+Alder Lake on, the usual laptop and desktop CPU without AVX-512), `avx512` (VNNI) and `amx`
+(AVX-512 plus the tiles).
 `TOKENMILL_CPU_ISA=reference|avx2|avxvnni|avx512|amx` forces a level (tests and benchmarks run
 every level the machine supports); `reference` keeps the kernels of the best level for everything
 but the quantized matmuls, which then run dense.

@@ -12,7 +12,7 @@
 // "" (none).
 std::string quant_isa();
 // How far ahead (bytes, whole lines; 0: off) the GEMMs prefetch their weight streams into L1
-// and L2: a property of the core (cpu_ops.weight_prefetch), set before any GEMM runs.
+// and L2: a property of the core (cpu_isa.weight_prefetch), set before any GEMM runs.
 void set_weight_prefetch(int64_t l1_bytes, int64_t l2_bytes);
 std::vector<int64_t> weight_prefetch();
 // The batch size from which QuantLinear runs bfloat16 AMX tiles instead of 8-bit activations

@@ -159,7 +159,7 @@ inline void store_row(F16 acc, TY* y, int rows) {
 
 // How far ahead the weight streams are prefetched, in bytes: into L1 (_MM_HINT_T0) and into L2
 // (_MM_HINT_T1); 0 turns a kind off. Set once per process from the CPU's vendor
-// (set_weight_prefetch, from tokenmill/kernels/cpu_ops.py), before any GEMM runs.
+// (set_weight_prefetch from cpu_ops.py, cpu_isa.weight_prefetch), before any GEMM runs.
 int64_t g_prefetch_l1 = 8192;
 int64_t g_prefetch_l2 = 32768;
 
@@ -171,7 +171,7 @@ int64_t g_prefetch_l2 = 32768;
 // (Sapphire Rapids, weights cycled from DRAM, 2 threads: 1.08x Q4_K, 1.13x Q6_K and Q5_0, 21.5
 // -> 24.2 GB/s; 0.95x where they come from L3; batch-1 decode 1.06x on the default model, about
 // 1.04x on the 1B shape). AMD cores fill L1 for every hint, so 32 KiB ahead evicts the lines in
-// use there: the L2 kind is off (cpu_ops.weight_prefetch).
+// use there: the L2 kind is off (cpu_isa.weight_prefetch).
 template <int64_t Q, typename Fn>
 inline void for_each_block(const uint8_t* w, int64_t K, Fn&& fn) {
   const int64_t uk = unit_k(Q), ub = unit_bytes(Q), bpu = uk / 32;
