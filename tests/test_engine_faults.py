@@ -98,12 +98,17 @@ def test_fatal_error_fails_every_waiter_and_marks_dead(engine, monkeypatch):
 
 
 class _FakeEngine:
+    """What a RequestStream calls on its AsyncEngine: abort and detach, recorded."""
+
     def __init__(self) -> None:
-        self._streams: dict = {}
         self.aborted: list[str] = []
+        self.detached: list[str] = []
 
     def abort(self, rid: str) -> None:
         self.aborted.append(rid)
+
+    def detach(self, rid: str) -> None:
+        self.detached.append(rid)
 
 
 def _output(text: str, ids: list[int], delta: str, finished: bool = False):
@@ -145,7 +150,7 @@ def test_slow_reader_gets_merged_deltas_in_one_slot():
     fake, got, text = asyncio.run(main())
     assert [len(g.outputs[0].delta_token_ids) for g in got] == [100, 1]
     assert got[0].outputs[0].delta_text == text and got[-1].finished
-    assert fake.aborted == []
+    assert fake.aborted == [] and fake.detached == ["r"]  # finished: detached, not aborted
 
 
 def test_stalled_reader_is_aborted():
@@ -160,7 +165,8 @@ def test_stalled_reader_is_aborted():
                 pass
         return fake
 
-    assert asyncio.run(main()).aborted == ["r"]
+    fake = asyncio.run(main())
+    assert fake.aborted == ["r"] and fake.detached == ["r"]
 
 
 def _threads() -> int:
