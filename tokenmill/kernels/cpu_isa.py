@@ -22,35 +22,13 @@ ISA_FLAGS = {
 
 
 # CPU flags (as /proc/cpuinfo names them) each level needs.
+_AVX2_CPU = frozenset({"avx2", "fma", "f16c", "bmi2"})
+_AVX512_CPU = _AVX2_CPU | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}
 ISA_CPU_FLAGS = {
-    "avx2": {"avx2", "fma", "f16c", "bmi2"},
-    "avxvnni": {"avx2", "fma", "f16c", "bmi2", "avx_vnni"},
-    "avx512": {
-        "avx2",
-        "fma",
-        "f16c",
-        "bmi2",
-        "avx512f",
-        "avx512bw",
-        "avx512vl",
-        "avx512dq",
-        "avx512_vnni",
-    },
-    "amx": {
-        "avx2",
-        "fma",
-        "f16c",
-        "bmi2",
-        "avx512f",
-        "avx512bw",
-        "avx512vl",
-        "avx512dq",
-        "avx512_vnni",
-        "avx512_bf16",
-        "amx_tile",
-        "amx_int8",
-        "amx_bf16",
-    },
+    "avx2": _AVX2_CPU,
+    "avxvnni": _AVX2_CPU | {"avx_vnni"},
+    "avx512": _AVX512_CPU,
+    "amx": _AVX512_CPU | {"avx512_bf16", "amx_tile", "amx_int8", "amx_bf16"},
 }
 ISA_ORDER = ("amx", "avx512", "avxvnni", "avx2")
 
