@@ -177,6 +177,7 @@ def _skinny_checks(dev, dt) -> dict:
     import torch.nn.functional as F
 
     from tokenmill.kernels import triton_ops as tk
+    from tokenmill.kernels import triton_skinny as ts
 
     checks = {}
     for rows in (1, 5, 16):
@@ -184,16 +185,16 @@ def _skinny_checks(dev, dt) -> dict:
         w = (torch.randn(3072, 2048, device=dev) * 0.02).to(dt)
         b = torch.randn(3072, device=dev).to(dt)
         expected = F.linear(x.float(), w.float(), b.float())
-        got = tk.skinny_linear(x, w, b).float()
+        got = ts.skinny_linear(x, w, b).float()
         checks[f"skinny_linear x{rows}"] = (
             (got - expected).abs().max() / expected.abs().max()
         ).item()
         gu = torch.randn(rows, 2 * 2048, device=dev).to(dt)
-        got = tk.skinny_glu_linear(gu, w, b).float()
-        two = tk.skinny_linear(tk.silu_and_mul(gu), w, b).float()  # the launches it replaces
+        got = ts.skinny_glu_linear(gu, w, b).float()
+        two = ts.skinny_linear(tk.silu_and_mul(gu), w, b).float()  # the launches it replaces
         checks[f"skinny_glu_linear x{rows}"] = ((got - two).abs().max() / two.abs().max()).item()
         delta, g = torch.randn_like(x), (1 + 0.1 * torch.randn(2048, device=dev)).to(dt)
-        r, got = tk.skinny_add_norm_linear(x, delta, g, 1e-5, w, b)
+        r, got = ts.skinny_add_norm_linear(x, delta, g, 1e-5, w, b)
         rf = (x.float() + delta.float()).to(dt)
         expected = F.linear(F.rms_norm(rf.float(), (2048,), g.float(), 1e-5), w.float(), b.float())
         checks[f"skinny_add_norm_linear x{rows} residual exact"] = float(torch.equal(r, rf))
@@ -209,6 +210,7 @@ def kernels(run: Run) -> dict:
     import torch.nn.functional as F
 
     from tests.test_triton_kernels import _paged_batch, _reference_attention
+    from tokenmill.kernels import triton_attention as ta
     from tokenmill.kernels import triton_ops as tk
     from tokenmill.layers.rotary import RotaryEmbedding, apply_rotary
 
@@ -223,7 +225,7 @@ def kernels(run: Run) -> dict:
         ref = _reference_attention(q, kc, vc, tables, ql, sl, 16, hd**-0.5)
         meta = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in meta.items()}
         for splits in (1, 4):
-            out = tk.paged_attention(
+            out = ta.paged_attention(
                 q.to(dev), kc.to(dev), vc.to(dev), scale=hd**-0.5, num_splits=splits, **meta
             )
             err = (out.double().cpu() - ref).abs().max().item()
@@ -658,17 +660,18 @@ def skinny_ab(llm, decode_rate) -> dict:
             out[f"{label}_b{b}_tok_s"] = decode_rate(b)
     for b in (1, 16):
         out[f"skinny_over_cublas_b{b}"] = out[f"skinny_b{b}_tok_s"] / out[f"cublas_b{b}_tok_s"]
-    # one row on the tl.dot kind instead of the GEMV (SKINNY_GEMV_CONFIG is read at each launch)
-    from tokenmill.kernels import triton_ops as tk
+    # one row on the tl.dot kind instead of the GEMV (_skinny_launch reads triton_skinny's
+    # SKINNY_GEMV_CONFIG from its module globals at each launch: patched there, it takes effect)
+    from tokenmill.kernels import triton_skinny as ts
 
-    gemv = tk.SKINNY_GEMV_CONFIG
-    tk.SKINNY_GEMV_CONFIG = tk.SKINNY_CONFIG
+    gemv = ts.SKINNY_GEMV_CONFIG
+    ts.SKINNY_GEMV_CONFIG = ts.SKINNY_CONFIG
     try:
         if graphs is not None:
             graphs.capture()
         out["skinny_dot_b1_tok_s"] = decode_rate(1)
     finally:
-        tk.SKINNY_GEMV_CONFIG = gemv
+        ts.SKINNY_GEMV_CONFIG = gemv
         if graphs is not None:
             graphs.capture()
     out["gemv_over_dot_b1"] = out["skinny_b1_tok_s"] / out["skinny_dot_b1_tok_s"]

@@ -116,7 +116,7 @@ def _attention_case(head_dim: int, batch: int) -> dict:
     launch configuration of the sweep, against the default configuration's output."""
     import torch
 
-    from tokenmill.kernels import triton_ops as tk
+    from tokenmill.kernels import triton_attention as ta
 
     dev, dt = "cuda", torch.bfloat16
     heads, kv, bs, ctx = 32, 8, 16, 576
@@ -136,7 +136,7 @@ def _attention_case(head_dim: int, batch: int) -> dict:
     q = torch.randn(batch, heads, head_dim, dtype=dt, device=dev)
 
     def attend(**kw) -> torch.Tensor:
-        return tk.paged_attention(q, k_cache, v_cache, **kw, **meta)
+        return ta.paged_attention(q, k_cache, v_cache, **kw, **meta)
 
     default = dict(num_splits=8 if batch == 1 else 1)
     ref = attend(**default)
@@ -194,8 +194,8 @@ LINEARS = {
     "1B": {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192)},
     "8B": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
 }
-# skinny_linear configurations tried: (BLOCK_N, BLOCK_K, warps, stages[, dot]); the GEMVs
-# (dot=False) at one row only
+# triton_skinny.skinny_linear configurations tried: (BLOCK_N, BLOCK_K, warps, stages[, dot]);
+# the GEMVs (dot=False) at one row only
 SKINNY_CONFIGS = (
     (16, 256, 4, 4),
     (16, 128, 4, 4),
@@ -219,7 +219,7 @@ def _skinny_case(n: int, k: int, rows: int, copy_gbs: float) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from tokenmill.kernels import triton_ops as tk
+    from tokenmill.kernels import triton_skinny as ts
 
     dt, dev = torch.bfloat16, "cuda"
     nbytes = n * k * 2
@@ -236,10 +236,10 @@ def _skinny_case(n: int, k: int, rows: int, copy_gbs: float) -> dict:
 
     out = {"cublas": entry(per_call(lambda w: F.linear(x, w)))}
     for cfg in SKINNY_CONFIGS:
-        if not tk.SkinnyConfig(*cfg).dot and rows != 1:
+        if not ts.SkinnyConfig(*cfg).dot and rows != 1:
             continue
-        err = ((tk.skinny_linear(x, ws[0], None, cfg).float() - ref).abs().max()).item()
-        out[str(cfg)] = entry(per_call(lambda w, cfg=cfg: tk.skinny_linear(x, w, None, cfg)))
+        err = ((ts.skinny_linear(x, ws[0], None, cfg).float() - ref).abs().max()).item()
+        out[str(cfg)] = entry(per_call(lambda w, cfg=cfg: ts.skinny_linear(x, w, None, cfg)))
         out[str(cfg)]["max_err_rel"] = err / ref.abs().max().item()
     ws.clear()
     torch.cuda.empty_cache()
@@ -249,8 +249,8 @@ def _skinny_case(n: int, k: int, rows: int, copy_gbs: float) -> dict:
 def skinny_sweep(run: Run) -> dict:
     """skinny_linear against cuBLAS on every dense linear of the 1B and 8B shapes at 1, 4 and
     16 rows (`_skinny_case`): which weights the small-batch kernel should take
-    (`SkinnyLinear.max_weight_bytes`) and in which configurations (`SKINNY_CONFIG`, and
-    `SKINNY_GEMV_CONFIG` for one row)."""
+    (`triton_skinny.SkinnyLinear.max_weight_bytes`) and in which configurations
+    (`triton_skinny.SKINNY_CONFIG`, and `SKINNY_GEMV_CONFIG` for one row)."""
     copy_gbs = run.results.get("copy_gbs") or 4000.0
     out = {}
     for shape, linears in LINEARS.items():

@@ -232,7 +232,7 @@ def record_model(
     from gpu_bench import model_folder
 
     from tokenmill import LLM
-    from tokenmill.kernels import triton_ops
+    from tokenmill.kernels import triton_attention, triton_ops
     from tokenmill.worker.batch import prepare_inputs
 
     dtype = getattr(torch, dtype_name)
@@ -290,7 +290,7 @@ def record_model(
                 rotary.cos_cached,
                 rotary.sin_cached,
             )
-            triton_ops.paged_attention(
+            triton_attention.paged_attention(
                 q,
                 k_other,
                 v_other,
@@ -327,7 +327,9 @@ def record_sweeps(dtype_name: str) -> None:
     import torch
     from gpu_profile import LINEARS, SKINNY_CONFIGS
 
+    from tokenmill.kernels import triton_attention as ta
     from tokenmill.kernels import triton_ops as tk
+    from tokenmill.kernels import triton_skinny as ts
 
     dt = getattr(torch, dtype_name)
     for linears in LINEARS.values():
@@ -336,8 +338,8 @@ def record_sweeps(dtype_name: str) -> None:
             for rows in (1, 4, 16):
                 x = torch.randn(rows, k, dtype=dt)
                 for cfg in SKINNY_CONFIGS:
-                    if tk.SkinnyConfig(*cfg).dot or rows == 1:
-                        tk.skinny_linear(x, w, None, cfg)
+                    if ts.SkinnyConfig(*cfg).dot or rows == 1:
+                        ts.skinny_linear(x, w, None, cfg)
     heads, kv, bs, ctx = 32, 8, 16, 576
     for head_dim in (64, 128):
         for batch in (1, 32):
@@ -355,7 +357,7 @@ def record_sweeps(dtype_name: str) -> None:
             for splits in (4, 8, 16) if batch == 1 else (1,):
                 for block_n in (32, 64, 128):
                     for warps in (2, 4, 8):
-                        tk.paged_attention(
+                        ta.paged_attention(
                             q,
                             cache,
                             cache,
@@ -463,16 +465,25 @@ def main() -> None:
 
 
 def kernels_defined() -> set[str]:
-    """Names of the @triton.jit kernels (launched, not device functions) in triton_ops."""
+    """Names of the @triton.jit kernels (launched, not device functions) in every Triton kernel
+    module, `tokenmill/kernels/triton_*.py` (triton_ops, triton_attention, triton_skinny)."""
+    import importlib
+    import pkgutil
+
     from triton.runtime.jit import JITFunction
 
-    from tokenmill.kernels import triton_ops
+    import tokenmill.kernels
 
-    return {
-        name
-        for name, obj in vars(triton_ops).items()
-        if isinstance(obj, JITFunction) and name.endswith("_kernel")
-    }
+    names: set[str] = set()
+    for info in pkgutil.iter_modules(tokenmill.kernels.__path__):
+        if not info.name.startswith("triton_"):
+            continue
+        module = importlib.import_module(f"tokenmill.kernels.{info.name}")
+        for name, obj in vars(module).items():
+            if isinstance(obj, JITFunction) and name.endswith("_kernel"):
+                assert name not in names, f"two Triton kernels named {name}"
+                names.add(name)
+    return names
 
 
 if __name__ == "__main__":

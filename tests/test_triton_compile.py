@@ -6,7 +6,8 @@ over a Llama-3.2-1B-shaped layer (the real vocab) through a prefill, a mixed bat
 batches at every graph capture size, records each launch's specialization, and compiles it for
 sm_90a (H100 / H200) with the installed Triton and its ptxas. It fails on a kernel that does not
 compile, that needs more shared memory than an sm_90 block has, or that spills registers; and
-every kernel of triton_ops must have been launched.
+every kernel of the Triton modules (kernels/triton_ops.py, triton_attention.py, triton_skinny.py)
+must have been launched.
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tokenmill.kernels import triton_attention as ta
 from tokenmill.kernels import triton_ops as tk
+from tokenmill.kernels import triton_skinny as ts
 from tokenmill.layers.rotary import RotaryEmbedding, apply_rotary
 
 DTYPES = [torch.float32, torch.float16]
@@ -81,9 +83,9 @@ def test_paged_attention_mixed_batch(dtype, gqa, head_dim):
     q = torch.randn(sum(query_lens), num_kv_heads * gqa, head_dim).to(dtype)
     scale = head_dim**-0.5
     ref = _reference_attention(q, k_cache, v_cache, tables, query_lens, seq_lens, block_size, scale)
-    out = tk.paged_attention(q, k_cache, v_cache, scale=scale, **meta)
+    out = ta.paged_attention(q, k_cache, v_cache, scale=scale, **meta)
     torch.testing.assert_close(out.double(), ref, atol=TOL[dtype], rtol=TOL[dtype])
-    split = tk.paged_attention(q, k_cache, v_cache, scale=scale, num_splits=4, **meta)
+    split = ta.paged_attention(q, k_cache, v_cache, scale=scale, num_splits=4, **meta)
     torch.testing.assert_close(split.double(), ref, atol=TOL[dtype], rtol=TOL[dtype])
 
 
@@ -100,7 +102,7 @@ def test_paged_attention_decode_with_padding_rows_and_splits(dtype):
     meta["query_start_loc"] = torch.tensor([0, 1, 2, 3, 4, 4, 4, 4, 4], dtype=torch.int32)
     ref = _reference_attention(q, k_cache, v_cache, tables, [1] * 4, seq_lens, block_size, 0.125)
     for splits in (1, 2, 8):
-        out = tk.paged_attention(q, k_cache, v_cache, scale=0.125, num_splits=splits, **meta)
+        out = ta.paged_attention(q, k_cache, v_cache, scale=0.125, num_splits=splits, **meta)
         torch.testing.assert_close(out[:4].double(), ref, atol=TOL[dtype], rtol=TOL[dtype])
         assert torch.all(out[4:] == 0.0), "padding rows must be zeros"
 
@@ -161,7 +163,7 @@ def test_kv_cache_of_another_dtype_is_converted_on_write_and_read():
         q.half(), k_cache, v_cache, tables, query_lens, seq_lens, block_size, 0.125
     )
     for splits in (1, 4):
-        out = tk.paged_attention(q, k_cache, v_cache, scale=0.125, num_splits=splits, **meta)
+        out = ta.paged_attention(q, k_cache, v_cache, scale=0.125, num_splits=splits, **meta)
         assert out.dtype == torch.float32
         tol = TOL[torch.float16]  # the probabilities multiply V in float16
         torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
@@ -273,8 +275,8 @@ def test_argmax_rows_picks_the_first_maximum_across_chunks(dtype):
 
 
 # small-tile launch configurations of the two kinds of skinny GEMM (tl.dot, and the one-row GEMV)
-DOT = tk.SkinnyConfig(16, 128, 4, 2)
-GEMV = tk.SkinnyConfig(8, 128, 4, 2, dot=False)
+DOT = ts.SkinnyConfig(16, 128, 4, 2)
+GEMV = ts.SkinnyConfig(8, 128, 4, 2, dot=False)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -308,7 +310,7 @@ def test_skinny_linear(dtype, m, n, k, config, bias):
     x = torch.randn(m, k + 7, generator=g).to(dtype)[:, 3 : 3 + k]  # rows k + 7 apart
     w = torch.randn(n, k, generator=g).to(dtype)
     b = torch.randn(n, generator=g).to(dtype) if bias else None
-    y = tk.skinny_linear(x, w, b, config=config)
+    y = ts.skinny_linear(x, w, b, config=config)
     ref = x.double() @ w.double().T + (b.double() if bias else 0.0)
     assert y.dtype == dtype and y.shape == (m, n)
     scale = ref.abs().max().item()
@@ -321,12 +323,12 @@ def test_skinny_gemv_takes_one_row_and_is_the_one_row_default():
     g = torch.Generator().manual_seed(5)
     w = torch.randn(40, 96, generator=g)
     with pytest.raises(AssertionError, match="one row"):
-        tk.skinny_linear(torch.randn(2, 96, generator=g), w, None, config=GEMV)
+        ts.skinny_linear(torch.randn(2, 96, generator=g), w, None, config=GEMV)
     x = torch.randn(1, 96, generator=g)
-    assert not tk.SKINNY_GEMV_CONFIG.dot and tk.SKINNY_CONFIG.dot
-    assert torch.equal(tk.skinny_linear(x, w), tk.skinny_linear(x, w, config=tk.SKINNY_GEMV_CONFIG))
+    assert not ts.SKINNY_GEMV_CONFIG.dot and ts.SKINNY_CONFIG.dot
+    assert torch.equal(ts.skinny_linear(x, w), ts.skinny_linear(x, w, config=ts.SKINNY_GEMV_CONFIG))
     x3 = torch.randn(3, 96, generator=g)
-    assert torch.equal(tk.skinny_linear(x3, w), tk.skinny_linear(x3, w, config=tk.SKINNY_CONFIG))
+    assert torch.equal(ts.skinny_linear(x3, w), ts.skinny_linear(x3, w, config=ts.SKINNY_CONFIG))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -342,8 +344,8 @@ def test_skinny_glu_linear_is_silu_and_mul_then_the_gemm(dtype, m, n, k, config)
     gate_up = (torch.randn(m, 2 * k, generator=g) * 3).to(dtype)
     w = torch.randn(n, k, generator=g).to(dtype)
     b = torch.randn(n, generator=g).to(dtype)
-    y = tk.skinny_glu_linear(gate_up, w, b, config=config)
-    two = tk.skinny_linear(tk.silu_and_mul(gate_up), w, b, config=config)
+    y = ts.skinny_glu_linear(gate_up, w, b, config=config)
+    two = ts.skinny_linear(tk.silu_and_mul(gate_up), w, b, config=config)
     torch.testing.assert_close(y, two, atol=0, rtol=0)
     gate, up = gate_up.double().chunk(2, dim=-1)
     ref = (F.silu(gate) * up) @ w.double().T + b.double()
@@ -369,7 +371,7 @@ def test_skinny_add_norm_linear_is_add_rms_norm_then_the_gemm(dtype, m, n, k, co
     w = torch.randn(n, k, generator=g).to(dtype)
     b = torch.randn(n, generator=g).to(dtype)
     before = residual.clone()
-    r, y = tk.skinny_add_norm_linear(residual, delta, norm_w, 1e-5, w, b, config=config)
+    r, y = ts.skinny_add_norm_linear(residual, delta, norm_w, 1e-5, w, b, config=config)
     expected_r = (residual.float() + delta.float()).to(dtype) if with_delta else residual
     assert torch.equal(r, expected_r)
     assert torch.equal(residual, before), "the input residual is left as it was"
@@ -388,7 +390,7 @@ def test_dense_linear_takes_the_small_batch_kernel_up_to_its_rows():
 
     calls = []
 
-    class Counting(tk.SkinnyLinear):
+    class Counting(ts.SkinnyLinear):
         max_weight_bytes = 64 * 96 * 4  # a bigger weight goes to F.linear
 
         def __call__(self, x, w, bias):
@@ -419,7 +421,7 @@ def test_linear_fused_entry_points_take_the_small_batch_kernel_or_the_unfused_op
     from tokenmill.layers.ops import TorchOps
     from tokenmill.quant.dense import DenseConfig
 
-    fused = DenseConfig(tk.SkinnyLinear())
+    fused = DenseConfig(ts.SkinnyLinear())
     g = torch.Generator().manual_seed(0)
     down = Linear(64, 24, bias=True, quant_method=fused.linear_method({}, 64, {}))
     qkv = Linear(96, 40, quant_method=fused.linear_method({}, 96, {}))

@@ -22,7 +22,7 @@ Backends (the reference here, the others in `layers/attention_backends.py`):
     multi-token chunks (causal, over any cached context; the reference path where the build has
     no kernel for the model's heads).
   * `TritonAttentionBackend`: one Triton launch for the whole mixed batch
-    (`kernels/triton_ops.paged_attention`), split-KV for small decode batches.
+    (`kernels/triton_attention.paged_attention`), split-KV for small decode batches.
 Each backend carries the fused-ops object of the same choice (`layers/ops.py`) as `.ops`.
 """
 

@@ -131,7 +131,7 @@ class TritonAttentionBackend(TorchAttentionBackend):
         return splits
 
     def forward(self, layer, q, k, v, kv_cache, meta, rope=None):
-        from tokenmill.kernels.triton_ops import paged_attention
+        from tokenmill.kernels.triton_attention import paged_attention
 
         k_cache, v_cache = kv_cache
         q = self.write_kv(q, k, v, k_cache, v_cache, meta, rope)

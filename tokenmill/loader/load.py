@@ -138,7 +138,7 @@ def small_batch_linear(backend: str) -> SmallBatchLinear | None:
         return dense_small_batch()
     if backend != "triton" or os.environ.get("TOKENMILL_SKINNY_GEMM", "1").strip() == "0":
         return None
-    from tokenmill.kernels.triton_ops import SkinnyLinear
+    from tokenmill.kernels.triton_skinny import SkinnyLinear
 
     return SkinnyLinear()
 
