@@ -115,74 +115,88 @@ async def start_chat(serving: OpenAIServing, body: ChatCompletionRequest, prefix
 async def chat_response(
     serving: OpenAIServing, body: ChatCompletionRequest
 ) -> AsyncIterator[str] | Coroutine[Any, Any, dict]:
-    run = await start_chat(serving, body, "chatcmpl")
-    plan, prompt, rid, streams, tracker = (
-        run.plan,
-        run.prompt,
-        run.request_id,
-        run.streams,
-        run.tracker,
-    )
-    tok = serving.tokenizer
-    created = int(time.time())
-    k = body.top_logprobs or 0
-    as_ids = body.return_tokens_as_token_ids
+    """Validate and queue a chat completion request (raising before any byte is sent), then
+    return the coroutine of its response body or the async generator of its SSE chunks."""
+    reply = _ChatReply(serving, body, await start_chat(serving, body, "chatcmpl"))
+    return reply.stream() if body.stream else reply.collect()
 
-    def base(choices: list[dict]) -> dict:
+
+class _ChatReply:
+    """The reply to a queued chat completion request: the response body (`collect`) or the
+    stream of chunks (`stream`), OpenAI's shapes."""
+
+    def __init__(self, serving: OpenAIServing, body: ChatCompletionRequest, run: ChatRun) -> None:
+        self.serving, self.body, self.run = serving, body, run
+        self.created = int(time.time())
+        parser = run.plan.parser
+        self.streamers = {j: parser.streamer() for j in range(body.n)} if parser else {}
+        self.called: set[int] = set()  # samples that streamed a tool call
+
+    def base(self, choices: list[dict]) -> dict:
+        """The fields every response body or chunk carries, with these choices."""
         return {
-            "id": rid,
-            "object": "chat.completion.chunk" if body.stream else "chat.completion",
-            "created": created,
-            "model": body.model,
+            "id": self.run.request_id,
+            "object": "chat.completion.chunk" if self.body.stream else "chat.completion",
+            "created": self.created,
+            "model": self.body.model,
             "system_fingerprint": None,
             "choices": choices,
         }
 
-    def message(o: CompletionOutput) -> tuple[dict, str | None]:
+    def logprobs(self, o: CompletionOutput, start: int) -> dict | None:
+        """The logprobs object of a sample's tokens from `start` on (None without logprobs)."""
+        body = self.body
+        k = body.top_logprobs or 0
+        return chat_logprobs(o, self.serving.tokenizer, k, start, body.return_tokens_as_token_ids)
+
+    def message(self, o: CompletionOutput) -> tuple[dict, str | None]:
         """The assistant message of a finished sample and its finish_reason."""
-        if plan.parser is None:
+        parser = self.run.plan.parser
+        if parser is None:
             return {"role": "assistant", "content": o.text}, o.finish_reason
-        content, calls = plan.parser.extract(o.text)
+        content, calls = parser.extract(o.text)
         if not calls:
             return {"role": "assistant", "content": content}, o.finish_reason
         reason = "tool_calls" if o.finish_reason == "stop" else o.finish_reason
         msg = {"role": "assistant", "content": content or None}
         return msg | {"tool_calls": tool_calls_json(calls)}, reason
 
-    async def collect() -> dict:
+    async def collect(self) -> dict:
+        """The whole response body, once every sample finished."""
+        body, run = self.body, self.run
         final = None
-        async for _, out in serving.merged(streams, tracker):
+        async for _, out in self.serving.merged(run.streams, run.tracker):
             final = out
         choices = []
         for o in final.outputs:
-            msg, reason = message(o)
+            msg, reason = self.message(o)
             choices.append(
                 {
                     "index": o.index,
                     "message": msg,
-                    "logprobs": chat_logprobs(o, tok, k, 0, as_ids),
+                    "logprobs": self.logprobs(o, 0),
                     "finish_reason": reason,
                 }
             )
         n_out = sum(len(o.token_ids) for o in final.outputs)
-        response = base(choices) | {"usage": usage(tracker.prompt_tokens, n_out)}
+        response = self.base(choices) | {"usage": usage(run.tracker.prompt_tokens, n_out)}
         if body.prompt_logprobs is not None:
             response["prompt_logprobs"] = vllm_prompt_logprobs(
-                prompt.token_ids, final.prompt_logprobs, body.prompt_logprobs, as_ids
+                run.prompt.token_ids,
+                final.prompt_logprobs,
+                body.prompt_logprobs,
+                body.return_tokens_as_token_ids,
             )
         return response
 
-    streamers = {j: plan.parser.streamer() for j in range(body.n)} if plan.parser else {}
-    called: set[int] = set()  # samples that streamed a tool call
-
-    def deltas(o: CompletionOutput) -> list[dict]:
+    def deltas(self, o: CompletionOutput) -> list[dict]:
         """The chunk deltas for a sample's new text: content, or tool-call pieces (the id,
         type and name first, then argument fragments)."""
-        content, calls = new_pieces(streamers.get(o.index), o)
+        content, calls = new_pieces(self.streamers.get(o.index), o)
         out: list[dict] = [{"content": content}] if content else []
         for d in calls:
             if d.name is not None:
-                called.add(o.index)
+                self.called.add(o.index)
                 call = {"index": d.index, "id": new_call_id(), "type": "function"}
                 call["function"] = {"name": d.name, "arguments": d.arguments}
             else:
@@ -190,63 +204,52 @@ async def chat_response(
             out.append({"tool_calls": [call]})
         return out
 
-    async def stream() -> AsyncIterator[str]:
+    def sample_choices(self, o: CompletionOutput) -> list[dict]:
+        """The chunk choices for a sample's new output, one chunk each: its content or
+        tool-call pieces (the logprobs on the first), then its finish_reason once finished."""
+        start = len(o.token_ids) - len(o.delta_token_ids)
+        pieces = self.deltas(o)
+        if not pieces and o.delta_token_ids and self.body.logprobs:
+            pieces = [{"content": ""}]
+        choices = [
+            {
+                "index": o.index,
+                "delta": delta,
+                "logprobs": self.logprobs(o, start) if i == 0 else None,
+                "finish_reason": None,
+            }
+            for i, delta in enumerate(pieces)
+        ]
+        if o.finished:
+            reason = o.finish_reason
+            if o.index in self.called and reason == "stop":
+                reason = "tool_calls"
+            choices.append(
+                {"index": o.index, "delta": {}, "logprobs": None, "finish_reason": reason}
+            )
+        return choices
+
+    async def stream(self) -> AsyncIterator[str]:
+        """The SSE chunks: each sample's role first, then its pieces as they come, then the
+        usage (when asked for) and [DONE]; an error after the start is an error event."""
+        body, run = self.body, self.run
         counts: dict[int, int] = {}
-        chunk = chunker(body, base, tracker, counts)
+        chunk = chunker(body, self.base, run.tracker, counts)
         try:
             for j in range(body.n):
-                yield chunk(
-                    [
-                        {
-                            "index": j,
-                            "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None,
-                            "finish_reason": None,
-                        }
-                    ]
-                )
+                role = {"role": "assistant", "content": ""}
+                yield chunk([{"index": j, "delta": role, "logprobs": None, "finish_reason": None}])
             done: set[int] = set()  # samples whose finish_reason went out (outputs repeat them)
-            async for _, out in serving.merged(streams, tracker):
+            async for _, out in self.serving.merged(run.streams, run.tracker):
                 for o in out.outputs:
                     if o.index in done:
                         continue
                     if o.finished:
                         done.add(o.index)
                     counts[o.index] = len(o.token_ids)
-                    start = len(o.token_ids) - len(o.delta_token_ids)
-                    pieces = deltas(o)
-                    if not pieces and o.delta_token_ids and body.logprobs:
-                        pieces = [{"content": ""}]
-                    for i, delta in enumerate(pieces):
-                        yield chunk(
-                            [
-                                {
-                                    "index": o.index,
-                                    "delta": delta,
-                                    "logprobs": chat_logprobs(o, tok, k, start, as_ids)
-                                    if i == 0
-                                    else None,
-                                    "finish_reason": None,
-                                }
-                            ]
-                        )
-                    if o.finished:
-                        reason = o.finish_reason
-                        if o.index in called and reason == "stop":
-                            reason = "tool_calls"
-                        yield chunk(
-                            [
-                                {
-                                    "index": o.index,
-                                    "delta": {},
-                                    "logprobs": None,
-                                    "finish_reason": reason,
-                                }
-                            ]
-                        )
-            for line in stream_end(body, base([]), tracker.prompt_tokens, counts):
+                    for choice in self.sample_choices(o):
+                        yield chunk([choice])
+            for line in stream_end(body, self.base([]), run.tracker.prompt_tokens, counts):
                 yield line
         except Exception as e:  # noqa: BLE001 - reported in-band, the status is already sent
             yield error_event(e)
-
-    return stream() if body.stream else collect()

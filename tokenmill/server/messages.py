@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 from tokenmill.outputs import CompletionOutput
-from tokenmill.server.chat import new_pieces, render_chat, start_chat
+from tokenmill.server.chat import ChatRun, new_pieces, render_chat, start_chat
 from tokenmill.server.handlers import ContextLengthError, OpenAIServing
 from tokenmill.server.messages_protocol import CountTokensRequest, MessagesRequest
 from tokenmill.server.protocol import RequestLimits, UnsupportedParameter
@@ -97,29 +97,90 @@ async def messages_response(
         raise _renamed(e) from None
     except ContextLengthError as e:
         raise ContextLengthError(str(e), "max_tokens") from None
-    message_id = _new_id("msg")
-    stops = list(body.stop_sequences or [])
+    reply = _MessageReply(serving, body, run)
+    return reply.stream() if body.stream else reply.collect()
 
-    def message(content: list[dict], stop: tuple[str | None, str | None], out: Any) -> dict:
+
+class _Blocks:
+    """The content blocks of a streamed message, as Anthropic's block events: a block starts
+    when its content does and stops when the next one starts or the message ends."""
+
+    def __init__(self) -> None:
+        self.types: list[str] = []  # the type of each block started
+
+    def start(self, block: dict[str, Any]) -> list[str]:
+        """The events that stop the open block (if any) and start this one."""
+        lines = [_sse("content_block_stop", {"index": len(self.types) - 1})] if self.types else []
+        self.types.append(block["type"])
+        lines.append(
+            _sse("content_block_start", {"index": len(self.types) - 1, "content_block": block})
+        )
+        return lines
+
+    def delta(self, delta: dict[str, Any]) -> str:
+        """The event of a delta to the open block."""
+        return _sse("content_block_delta", {"index": len(self.types) - 1, "delta": delta})
+
+    def text(self, text: str) -> list[str]:
+        """The events of new text: a text block started unless one is open, and its delta."""
+        lines = (
+            []
+            if self.types and self.types[-1] == "text"
+            else self.start({"type": "text", "text": ""})
+        )
+        return lines + [self.delta({"type": "text_delta", "text": text})]
+
+    def call(self, name: str | None, arguments: str) -> list[str]:
+        """The events of a tool-call piece: a tool_use block started when the piece names the
+        call, and an input_json_delta for its argument text."""
+        lines = []
+        if name is not None:
+            lines = self.start(
+                {"type": "tool_use", "id": _new_id("toolu"), "name": name, "input": {}}
+            )
+        if arguments:
+            lines.append(self.delta({"type": "input_json_delta", "partial_json": arguments}))
+        return lines
+
+    def close(self) -> list[str]:
+        """The events that end the content: an empty text block when there was none (an
+        empty reply is still a text block), and the last block's stop."""
+        lines = [] if self.types else self.start({"type": "text", "text": ""})
+        return lines + [_sse("content_block_stop", {"index": len(self.types) - 1})]
+
+
+class _MessageReply:
+    """The reply to a queued Messages request: the message (`collect`) or the stream of its
+    events (`stream`), Anthropic's shapes."""
+
+    def __init__(self, serving: OpenAIServing, body: MessagesRequest, run: ChatRun) -> None:
+        self.serving, self.body, self.run = serving, body, run
+        self.message_id = _new_id("msg")
+        self.stops = list(body.stop_sequences or [])
+
+    def message(self, content: list[dict], stop: tuple[str | None, str | None], out: Any) -> dict:
+        """The message object with this content and stop reason (`out` None before any)."""
         n_out = sum(len(o.token_ids) for o in out.outputs) if out is not None else 0
         return {
-            "id": message_id,
+            "id": self.message_id,
             "type": "message",
             "role": "assistant",
-            "model": body.model,
+            "model": self.body.model,
             "content": content,
             "stop_reason": stop[0],
             "stop_sequence": stop[1],
             "usage": {
-                "input_tokens": run.tracker.prompt_tokens,
+                "input_tokens": self.run.tracker.prompt_tokens,
                 "output_tokens": n_out,
                 "cache_read_input_tokens": out.num_cached_tokens if out is not None else 0,
                 "cache_creation_input_tokens": 0,
             },
         }
 
-    async def collect() -> dict:
-        final, text, calls = await run.reply(serving)
+    async def collect(self) -> dict:
+        """The whole message, once the reply finished: a text block (unless the reply is
+        only tool calls) and a tool_use block per call."""
+        final, text, calls = await self.run.reply(self.serving)
         o = final.outputs[0]
         content = [{"type": "text", "text": text}] if text or not calls else []
         content += [
@@ -131,70 +192,31 @@ async def messages_response(
             }
             for c in calls
         ]
-        return message(content, _stop(o, bool(calls), stops), final)
+        return self.message(content, _stop(o, bool(calls), self.stops), final)
 
-    async def stream() -> AsyncIterator[str]:
+    async def stream(self) -> AsyncIterator[str]:
+        """The events: message_start, the blocks' events as the text comes, then
+        message_delta (stop reason, usage) and message_stop; an error is an error event."""
+        run = self.run
         streamer = run.plan.parser.streamer() if run.plan.parser is not None else None
-        blocks: list[str] = []  # the type of each block started
-        yield _sse("message_start", {"message": message([], (None, None), None)})
+        blocks = _Blocks()
+        yield _sse("message_start", {"message": self.message([], (None, None), None)})
         try:
-            async for _, out in serving.merged(run.streams, run.tracker):
+            async for _, out in self.serving.merged(run.streams, run.tracker):
                 o = out.outputs[0]
                 text, calls = new_pieces(streamer, o)
-                lines = []
-                if text:
-                    if not blocks or blocks[-1] != "text":
-                        if blocks:
-                            lines.append(_sse("content_block_stop", {"index": len(blocks) - 1}))
-                        blocks.append("text")
-                        start = {"type": "text", "text": ""}
-                        lines.append(
-                            _sse(
-                                "content_block_start",
-                                {"index": len(blocks) - 1, "content_block": start},
-                            )
-                        )
-                    delta = {"type": "text_delta", "text": text}
-                    lines.append(
-                        _sse("content_block_delta", {"index": len(blocks) - 1, "delta": delta})
-                    )
+                lines = blocks.text(text) if text else []
                 for d in calls:
-                    if d.name is not None:
-                        if blocks:
-                            lines.append(_sse("content_block_stop", {"index": len(blocks) - 1}))
-                        blocks.append("tool_use")
-                        start = {"type": "tool_use", "id": _new_id("toolu"), "name": d.name}
-                        start["input"] = {}
-                        lines.append(
-                            _sse(
-                                "content_block_start",
-                                {"index": len(blocks) - 1, "content_block": start},
-                            )
-                        )
-                    if d.arguments:
-                        delta = {"type": "input_json_delta", "partial_json": d.arguments}
-                        lines.append(
-                            _sse("content_block_delta", {"index": len(blocks) - 1, "delta": delta})
-                        )
+                    lines += blocks.call(d.name, d.arguments)
+                if o.finished:
+                    lines += blocks.close()
+                    reason, sequence = _stop(o, "tool_use" in blocks.types, self.stops)
+                    delta = {"stop_reason": reason, "stop_sequence": sequence}
+                    usage = {"output_tokens": len(o.token_ids)}
+                    lines += [_sse("message_delta", {"delta": delta, "usage": usage})]
+                    lines += [_sse("message_stop", {})]
                 for line in lines:
                     yield line
-                if o.finished:
-                    if not blocks:  # an empty reply is still a text block
-                        blocks.append("text")
-                        start = {"type": "text", "text": ""}
-                        yield _sse("content_block_start", {"index": 0, "content_block": start})
-                    yield _sse("content_block_stop", {"index": len(blocks) - 1})
-                    reason, sequence = _stop(o, "tool_use" in blocks, stops)
-                    yield _sse(
-                        "message_delta",
-                        {
-                            "delta": {"stop_reason": reason, "stop_sequence": sequence},
-                            "usage": {"output_tokens": len(o.token_ids)},
-                        },
-                    )
-                    yield _sse("message_stop", {})
         except Exception as e:  # noqa: BLE001 - reported in-band, the status is already sent
             error = {"type": "api_error", "message": str(e) or type(e).__name__}
             yield _sse("error", {"error": error})
-
-    return stream() if body.stream else collect()

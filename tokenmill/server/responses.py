@@ -87,138 +87,195 @@ async def responses_response(
     try:
         chat = body.chat_request(history)
         chat.check_limits(limits)
-        while True:
-            try:
-                run: ChatRun = await start_chat(serving, chat, "resp")
-                break
-            except ContextLengthError:
-                shorter = without_oldest_turn(chat) if body.truncation == "auto" else None
-                if shorter is None:
-                    raise
-                chat = shorter
+        chat, run = await _start(serving, chat, body.truncation == "auto")
     except UnsupportedParameter as e:
         raise _renamed(e) from None
     except ContextLengthError as e:
         raise ContextLengthError(str(e), "max_output_tokens") from None
-    response_id = new_id("resp")
-    created = int(time.time())
-    tok = serving.tokenizer
-    k = body.top_logprobs or 0
-    conversation = [m for m in chat.model_dump(exclude_none=True)["messages"]]
-    if body.instructions:
-        conversation = conversation[1:]
+    reply = _ResponseReply(serving, body, store, chat, run)
+    return reply.stream() if body.stream else reply.collect()
+
+
+async def _start(
+    serving: OpenAIServing, chat: ChatCompletionRequest, truncate: bool
+) -> tuple[ChatCompletionRequest, ChatRun]:
+    """Queue the chat request; with `truncate` (`truncation: "auto"`), drop its oldest turns
+    while it is too long for the context. Returns the request that ran and its run."""
+    while True:
+        try:
+            return chat, await start_chat(serving, chat, "resp")
+        except ContextLengthError:
+            shorter = without_oldest_turn(chat) if truncate else None
+            if shorter is None:
+                raise
+            chat = shorter
+
+
+def _request_fields(body: ResponsesRequest) -> dict[str, Any]:
+    """The request's parameters as every response object of it repeats them."""
+    fmt = body.text.format if body.text is not None and body.text.format else None
+    choice = body.tool_choice
+    return {
+        "instructions": body.instructions,
+        "max_output_tokens": body.max_output_tokens,
+        "max_tool_calls": None,
+        "metadata": body.metadata or {},
+        "model": body.model,
+        "parallel_tool_calls": body.parallel_tool_calls is not False,
+        "previous_response_id": body.previous_response_id,
+        "reasoning": {"effort": None, "summary": None},
+        "service_tier": "default",
+        "store": body.stores,
+        "temperature": 1.0 if body.temperature is None else body.temperature,
+        "text": {
+            "format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}
+        },
+        "tool_choice": choice.model_dump()
+        if isinstance(choice, FunctionToolChoice)
+        else (choice or "auto"),
+        "tools": [t.model_dump() for t in body.tools or []],
+        "top_logprobs": body.top_logprobs,
+        "top_p": 1.0 if body.top_p is None else body.top_p,
+        "truncation": body.truncation or "disabled",
+        "user": body.user,
+    }
+
+
+# The order of a response object's fields (OpenAI's).
+_FIELDS = (
+    "id object created_at status background error incomplete_details instructions "
+    "max_output_tokens max_tool_calls metadata model output parallel_tool_calls "
+    "previous_response_id reasoning service_tier store temperature text tool_choice tools "
+    "top_logprobs top_p truncation usage user"
+).split()
+
+
+class _ResponseReply:
+    """The reply to a queued Responses request: the response object (`collect`) or the
+    stream of its events (`stream`); a finished response is stored when the request asks."""
+
+    def __init__(
+        self,
+        serving: OpenAIServing,
+        body: ResponsesRequest,
+        store: ResponseStore,
+        chat: ChatCompletionRequest,
+        run: ChatRun,
+    ) -> None:
+        self.serving, self.body, self.store, self.run = serving, body, store, run
+        self.response_id = new_id("resp")
+        self.created = int(time.time())
+        self.fields = _request_fields(body)
+        conversation = list(chat.model_dump(exclude_none=True)["messages"])
+        self.conversation = conversation[1:] if body.instructions else conversation
 
     def response_object(
+        self,
         status: str,
         output: list[dict[str, Any]],
         final: RequestOutput | None,
         error: str | None = None,
     ) -> dict[str, Any]:
+        """The response object in this status, with this output (usage once `final`)."""
         n_out = sum(len(o.token_ids) for o in final.outputs) if final is not None else 0
-        fmt = body.text.format if body.text is not None and body.text.format else None
-        choice = body.tool_choice
-        return {
-            "id": response_id,
+        prompt_tokens = self.run.tracker.prompt_tokens
+        response = self.fields | {
+            "id": self.response_id,
             "object": "response",
-            "created_at": created,
+            "created_at": self.created,
             "status": status,
             "background": False,
             "error": None if error is None else {"code": "server_error", "message": error},
             "incomplete_details": {"reason": "max_output_tokens"}
             if status == "incomplete"
             else None,
-            "instructions": body.instructions,
-            "max_output_tokens": body.max_output_tokens,
-            "max_tool_calls": None,
-            "metadata": body.metadata or {},
-            "model": body.model,
             "output": output,
-            "parallel_tool_calls": body.parallel_tool_calls is not False,
-            "previous_response_id": body.previous_response_id,
-            "reasoning": {"effort": None, "summary": None},
-            "service_tier": "default",
-            "store": body.stores,
-            "temperature": 1.0 if body.temperature is None else body.temperature,
-            "text": {
-                "format": fmt.model_dump(by_alias=True, exclude_none=True)
-                if fmt
-                else {"type": "text"}
-            },
-            "tool_choice": choice.model_dump()
-            if isinstance(choice, FunctionToolChoice)
-            else (choice or "auto"),
-            "tools": [t.model_dump() for t in body.tools or []],
-            "top_logprobs": body.top_logprobs,
-            "top_p": 1.0 if body.top_p is None else body.top_p,
-            "truncation": body.truncation or "disabled",
             "usage": None
             if final is None
             else {
-                "input_tokens": run.tracker.prompt_tokens,
+                "input_tokens": prompt_tokens,
                 "input_tokens_details": {"cached_tokens": final.num_cached_tokens},
                 "output_tokens": n_out,
                 "output_tokens_details": {"reasoning_tokens": 0},
-                "total_tokens": run.tracker.prompt_tokens + n_out,
+                "total_tokens": prompt_tokens + n_out,
             },
-            "user": body.user,
         }
+        return {name: response[name] for name in _FIELDS}
 
-    def finish(o: CompletionOutput, output: list[dict[str, Any]], final: RequestOutput) -> dict:
+    def finish(
+        self, o: CompletionOutput, output: list[dict[str, Any]], final: RequestOutput
+    ) -> dict:
         """The final response object; stored when asked for."""
         status = "incomplete" if o.finish_reason == "length" else "completed"
-        response = response_object(status, output, final)
-        if body.stores:
-            messages = conversation + [assistant_message(output)]
-            store.put(response_id, StoredResponse(response, messages, body.input_items()))
+        response = self.response_object(status, output, final)
+        if self.body.stores:
+            messages = self.conversation + [assistant_message(output)]
+            stored = StoredResponse(response, messages, self.body.input_items())
+            self.store.put(self.response_id, stored)
         return response
 
-    def logprobs(o: CompletionOutput, start: int) -> list | None:
-        lp = chat_logprobs(o, tok, k, start) if body.logprobs else None
+    def logprobs(self, o: CompletionOutput, start: int) -> list | None:
+        """The output_text logprobs of a sample's tokens from `start` on (None unless asked)."""
+        body = self.body
+        if not body.logprobs:
+            return None
+        lp = chat_logprobs(o, self.serving.tokenizer, body.top_logprobs or 0, start)
         return None if lp is None else lp["content"]
 
-    async def collect() -> dict:
-        final, content, calls = await run.reply(serving)
+    async def collect(self) -> dict:
+        """The whole response object, once the reply finished: a message item (unless the
+        reply is only function calls) and a function_call item per call."""
+        final, content, calls = await self.run.reply(self.serving)
         o = final.outputs[0]
         status = "incomplete" if o.finish_reason == "length" else "completed"
         output = []
         if content or not calls:
             message = message_item(status)
-            message["content"] = [text_part(content, logprobs(o, 0))]
+            message["content"] = [text_part(content, self.logprobs(o, 0))]
             output.append(message)
         output += [call_item(c.name, c.arguments, "completed") for c in calls]
-        return finish(o, output, final)
+        return self.finish(o, output, final)
 
-    async def stream() -> AsyncIterator[str]:
+    async def stream(self) -> AsyncIterator[str]:
+        """The typed events: response.created and .in_progress, the items' events as the
+        text comes, then response.completed / .incomplete (or .failed on an error)."""
+        run = self.run
         events = Events()
         items = StreamedItems(events)
         streamer = run.plan.parser.streamer() if run.plan.parser is not None else None
-        yield events("response.created", response=response_object("in_progress", [], None))
-        yield events("response.in_progress", response=response_object("in_progress", [], None))
+        yield events("response.created", response=self.response_object("in_progress", [], None))
+        yield events("response.in_progress", response=self.response_object("in_progress", [], None))
         try:
-            async for _, out in serving.merged(run.streams, run.tracker):
+            async for _, out in self.serving.merged(run.streams, run.tracker):
                 o = out.outputs[0]
-                start = len(o.token_ids) - len(o.delta_token_ids)
-                lp = logprobs(o, start)
+                lp = self.logprobs(o, len(o.token_ids) - len(o.delta_token_ids))
                 content, calls = new_pieces(streamer, o)
-                if content or (lp and streamer is None):
-                    for line in items.text(content, lp):
-                        yield line
+                lines = items.text(content, lp) if content or (lp and streamer is None) else []
                 for d in calls:
-                    for line in items.call(d.name, d.arguments):
-                        yield line
+                    lines += items.call(d.name, d.arguments)
                 if o.finished:
-                    status = "incomplete" if o.finish_reason == "length" else "completed"
-                    if not items.output:  # an empty reply is still a message
-                        for line in items.text("", [] if lp is not None else None):
-                            yield line
-                    for line in items.close(status):
-                        yield line
-                    response = finish(o, items.output, out)
-                    yield events(f"response.{response['status']}", response=response)
+                    lines += self.finished_events(events, items, o, out, lp)
+                for line in lines:
+                    yield line
         except Exception as e:  # noqa: BLE001 - reported in-band, the status is already sent
             for line in items.close("incomplete"):
                 yield line
-            failed = response_object("failed", items.output, None, str(e) or type(e).__name__)
+            failed = self.response_object("failed", items.output, None, str(e) or type(e).__name__)
             yield events("response.failed", response=failed)
 
-    return stream() if body.stream else collect()
+    def finished_events(
+        self,
+        events: Events,
+        items: StreamedItems,
+        o: CompletionOutput,
+        out: RequestOutput,
+        lp: list | None,
+    ) -> list[str]:
+        """The events that end a stream once the sample finished: an empty message when
+        nothing came (an empty reply is still a message), the items' closing events, and the
+        final response."""
+        status = "incomplete" if o.finish_reason == "length" else "completed"
+        lines = [] if items.output else list(items.text("", [] if lp is not None else None))
+        lines += items.close(status)
+        response = self.finish(o, items.output, out)
+        return lines + [events(f"response.{response['status']}", response=response)]

@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
-from tokenmill.outputs import RequestOutput
+from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.server.chat_protocol import ChatCompletionRequest
 from tokenmill.server.completions_protocol import CompletionRequest
 from tokenmill.server.handlers import (
@@ -81,6 +81,8 @@ def chunker(
 async def completion_response(
     serving: OpenAIServing, body: CompletionRequest
 ) -> AsyncIterator[str] | Coroutine[Any, Any, dict]:
+    """Validate, tokenize and queue a completion request (raising before any byte is sent),
+    then return the coroutine of its response body or the async generator of its SSE chunks."""
     body.check_supported()
     # tokenizing runs in a worker thread: a long prompt never blocks the event loop
     special = body.add_special_tokens is not False
@@ -93,95 +95,125 @@ async def completion_response(
         serving.check_length(len(p.token_ids), body.max_tokens)
     params = body.sampling_params(body.max_tokens, body.logprobs, body.engine_prompt_logprobs())
     rid, streams, tracker = await serving.start(prompts, params, "cmpl", body.model)
-    created, n = int(time.time()), body.n
-    tok = serving.tokenizer
-    k = body.logprobs or 0
-    as_ids = body.return_tokens_as_token_ids
+    reply = _CompletionReply(serving, body, prompts, rid, streams, tracker)
+    return reply.stream() if body.stream else reply.collect()
 
-    def echo_text(p: PreparedPrompt) -> str:
-        return p.text if p.text is not None else tok.decode(p.token_ids)
 
-    def echo_logprobs(i: int, out: RequestOutput) -> dict | None:
-        """The echoed prompt's part of the logprobs object (None without logprobs)."""
-        if body.logprobs is None:
-            return None
-        return prompt_logprobs_object(prompts[i].token_ids, out.prompt_logprobs, tok, k, as_ids)
+class _CompletionReply:
+    """The reply to a queued completion request: the response body (`collect`) or the stream
+    of chunks (`stream`), OpenAI's shapes. Choice `i * n + j` is prompt i's sample j."""
 
-    def base(choices: list[dict]) -> dict:
+    def __init__(
+        self,
+        serving: OpenAIServing,
+        body: CompletionRequest,
+        prompts: list[PreparedPrompt],
+        request_id: str,
+        streams: list,
+        tracker: Any,
+    ) -> None:
+        self.serving, self.body, self.prompts = serving, body, prompts
+        self.request_id, self.streams, self.tracker = request_id, streams, tracker
+        self.created = int(time.time())
+        self.tok = serving.tokenizer
+        self.k = body.logprobs or 0
+        self.as_ids = body.return_tokens_as_token_ids
+
+    def base(self, choices: list[dict]) -> dict:
+        """The fields every response body or chunk carries, with these choices."""
         return {
-            "id": rid,
+            "id": self.request_id,
             "object": "text_completion",
-            "created": created,
-            "model": body.model,
+            "created": self.created,
+            "model": self.body.model,
             "choices": choices,
         }
 
-    async def collect() -> dict:
-        final = {}
-        async for i, out in serving.merged(streams, tracker):
-            final[i] = out
-        choices, n_out = [], 0
-        for i in sorted(final):
-            prefix = echo_text(prompts[i]) if body.echo else ""
-            for o in final[i].outputs:
-                n_out += len(o.token_ids)
-                lp = completion_logprobs(o, tok, k, text_offset=len(prefix), as_ids=as_ids)
-                if body.echo:
-                    lp = join_logprobs(echo_logprobs(i, final[i]), lp)
-                choice = {
-                    "index": i * n + o.index,
-                    "text": prefix + o.text,
-                    "logprobs": lp,
-                    "finish_reason": o.finish_reason,
-                }
-                if body.prompt_logprobs is not None:
-                    choice["prompt_logprobs"] = vllm_prompt_logprobs(
-                        prompts[i].token_ids, final[i].prompt_logprobs, body.prompt_logprobs, as_ids
-                    )
-                choices.append(choice)
-        choices.sort(key=lambda c: c["index"])
-        return base(choices) | {"usage": usage(tracker.prompt_tokens, n_out)}
+    def echo_text(self, i: int) -> str:
+        """Prompt i as echoed: its text, or its tokens decoded when it came as ids."""
+        p = self.prompts[i]
+        return p.text if p.text is not None else self.tok.decode(p.token_ids)
 
-    async def stream() -> AsyncIterator[str]:
+    def echo_logprobs(self, i: int, out: RequestOutput) -> dict | None:
+        """The echoed prompt's part of the logprobs object (None without logprobs)."""
+        if self.body.logprobs is None:
+            return None
+        token_ids = self.prompts[i].token_ids
+        return prompt_logprobs_object(token_ids, out.prompt_logprobs, self.tok, self.k, self.as_ids)
+
+    def choice(self, i: int, o: CompletionOutput, out: RequestOutput) -> dict:
+        """The response body's choice of prompt i's finished sample `o`."""
+        body = self.body
+        prefix = self.echo_text(i) if body.echo else ""
+        lp = completion_logprobs(o, self.tok, self.k, text_offset=len(prefix), as_ids=self.as_ids)
+        if body.echo:
+            lp = join_logprobs(self.echo_logprobs(i, out), lp)
+        choice = {
+            "index": i * body.n + o.index,
+            "text": prefix + o.text,
+            "logprobs": lp,
+            "finish_reason": o.finish_reason,
+        }
+        if body.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = vllm_prompt_logprobs(
+                self.prompts[i].token_ids, out.prompt_logprobs, body.prompt_logprobs, self.as_ids
+            )
+        return choice
+
+    async def collect(self) -> dict:
+        """The whole response body, once every sample of every prompt finished."""
+        final = {}
+        async for i, out in self.serving.merged(self.streams, self.tracker):
+            final[i] = out
+        choices = [self.choice(i, o, final[i]) for i in sorted(final) for o in final[i].outputs]
+        n_out = sum(len(o.token_ids) for out in final.values() for o in out.outputs)
+        choices.sort(key=lambda c: c["index"])
+        return self.base(choices) | {"usage": usage(self.tracker.prompt_tokens, n_out)}
+
+    def chunk_choice(
+        self, i: int, o: CompletionOutput, out: RequestOutput, offsets: dict[int, int]
+    ) -> dict | None:
+        """The chunk choice for prompt i's sample `o`'s new output (None when there is none);
+        `offsets` holds each choice's text length so far, for the logprobs' text offsets."""
+        idx = i * self.body.n + o.index
+        echo, echo_lp = "", None
+        if self.body.echo and idx not in offsets:
+            # The choice's first chunk carries the prompt (and its logprobs, known once the
+            # prompt has run).
+            echo, echo_lp = self.echo_text(i), self.echo_logprobs(i, out)
+            offsets[idx] = len(echo)
+        elif not (o.delta_text or o.delta_token_ids or o.finished):
+            return None
+        start = len(o.token_ids) - len(o.delta_token_ids)
+        lp = completion_logprobs(o, self.tok, self.k, start, offsets.get(idx, 0), self.as_ids)
+        offsets[idx] = offsets.get(idx, 0) + len(o.delta_text)
+        return {
+            "index": idx,
+            "text": echo + o.delta_text,
+            "logprobs": join_logprobs(echo_lp, lp),
+            "finish_reason": o.finish_reason,
+        }
+
+    async def stream(self) -> AsyncIterator[str]:
+        """The SSE chunks, one per choice with new output, then the usage (when asked for)
+        and [DONE]; an error after the start is an error event."""
         counts: dict[int, int] = {}
-        chunk = chunker(body, base, tracker, counts)
+        chunk = chunker(self.body, self.base, self.tracker, counts)
         offsets: dict[int, int] = {}
         done: set[int] = set()  # choices whose finish_reason went out (outputs repeat them)
         try:
-            async for i, out in serving.merged(streams, tracker):
+            async for i, out in self.serving.merged(self.streams, self.tracker):
                 for o in out.outputs:
-                    idx = i * n + o.index
+                    idx = i * self.body.n + o.index
                     if idx in done:
                         continue
                     if o.finished:
                         done.add(idx)
                     counts[idx] = len(o.token_ids)
-                    echo, echo_lp = "", None
-                    if body.echo and idx not in offsets:
-                        # The choice's first chunk carries the prompt (and its logprobs, known
-                        # once the prompt has run).
-                        echo, echo_lp = echo_text(prompts[i]), echo_logprobs(i, out)
-                        offsets[idx] = len(echo)
-                    elif not (o.delta_text or o.delta_token_ids or o.finished):
-                        continue
-                    start = len(o.token_ids) - len(o.delta_token_ids)
-                    lp = join_logprobs(
-                        echo_lp, completion_logprobs(o, tok, k, start, offsets.get(idx, 0), as_ids)
-                    )
-                    offsets[idx] = offsets.get(idx, 0) + len(o.delta_text)
-                    yield chunk(
-                        [
-                            {
-                                "index": idx,
-                                "text": echo + o.delta_text,
-                                "logprobs": lp,
-                                "finish_reason": o.finish_reason,
-                            }
-                        ]
-                    )
-            for line in stream_end(body, base([]), tracker.prompt_tokens, counts):
+                    choice = self.chunk_choice(i, o, out, offsets)
+                    if choice is not None:
+                        yield chunk([choice])
+            for line in stream_end(self.body, self.base([]), self.tracker.prompt_tokens, counts):
                 yield line
         except Exception as e:  # noqa: BLE001 - reported in-band, the status is already sent
             yield error_event(e)
-
-    return stream() if body.stream else collect()
