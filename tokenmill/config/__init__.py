@@ -2,6 +2,7 @@
 
 * `engine_args`: EngineArgs, every engine option in one place, shared by the Python API and the
   CLI, and `EngineArgs.create_engine_config`, the one place they are resolved against a model.
+* `resolve`: the parts of that resolution (the model, the KV cache, the scheduler).
 * `engine_config`: EngineConfig and its parts (ModelConfig, CacheConfig, SpeculativeConfig,
   SchedulerConfig), the options as resolved, and the values an option may take.
 * `memory`: dtype sizes, the KV cache's bytes per token, the KV budget on a GPU, and whether the
@@ -10,11 +11,7 @@
 The names below are the layer's interface: import them from `tokenmill.config`.
 """
 
-from tokenmill.config.engine_args import (
-    DEFAULT_CUDA_SCHEDULER_STEPS,
-    MAX_EXACT_CHANNELS,
-    EngineArgs,
-)
+from tokenmill.config.engine_args import MAX_EXACT_CHANNELS, EngineArgs
 from tokenmill.config.engine_config import (
     LOAD_FORMATS,
     POOLING_TYPES,
@@ -35,6 +32,7 @@ from tokenmill.config.memory import (
     cuda_kv_budget,
     kv_cache_bytes_per_token,
 )
+from tokenmill.config.resolve import DEFAULT_CUDA_SCHEDULER_STEPS
 
 __all__ = [
     "CUDA_MEMORY_UTILIZATION",

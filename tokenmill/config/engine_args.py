@@ -10,23 +10,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+from tokenmill.config import resolve
 from tokenmill.config.engine_config import (
     LOAD_FORMATS,
     POOLING_TYPES,
     QUANTIZATION_MODES,
-    CacheConfig,
     EngineConfig,
     ModelConfig,
-    SchedulerConfig,
     SpeculativeConfig,
 )
 from tokenmill.config.memory import (
     DEFAULT_CPU_KV_GIB,
     DTYPE_SIZES,
-    GiB,
     cpu_has_native_bf16,
-    kv_cache_bytes_per_token,
 )
+from tokenmill.config.resolve import DEFAULT_CUDA_SCHEDULER_STEPS
 
 if TYPE_CHECKING:  # torch is imported where used: `tokenmill --help` and the CLI start fast
     import torch
@@ -34,9 +32,6 @@ if TYPE_CHECKING:  # torch is imported where used: `tokenmill --help` and the CL
 logger = logging.getLogger(__name__)
 
 MAX_EXACT_CHANNELS = 16  # QuantLinear::kMaxExactChannels (kernels/csrc/quant_gemm.h)
-# Decode steps per scheduling round with CUDA graphs (num_scheduler_steps): measured on an H200
-# with Llama-3.2-1B shapes, batch 1 (benchmarks/gpu_bench.py, "scheduler_steps").
-DEFAULT_CUDA_SCHEDULER_STEPS = 8
 
 
 @dataclass(frozen=True)
@@ -306,101 +301,13 @@ class EngineArgs:
         model (`draft_arch`, its ModelArchConfig) every block also holds the draft's keys and
         values, so a token costs both models' bytes.
         """
-        source, arch = model_info.source, model_info.arch
         device = self.torch_device()
-        model = ModelConfig(
-            name=source.name,
-            path=str(source.path),
-            architecture=arch.architecture,
-            max_position_embeddings=arch.max_position_embeddings,
-            dtype=str(self.torch_dtype(device)).removeprefix("torch."),
-            device=str(device),
-            max_model_len=min(arch.max_position_embeddings, self.max_model_len or 1 << 62),
-            quantization=self.quantization,
-            load_format=self.load_format,
-            pooling_type=self.pooling_type or arch.pooling_type or "last",
-        )
-        tp = self.tensor_parallel_size
-        if arch.num_kv_heads % tp:
-            raise ValueError(
-                f"tensor_parallel_size {tp} must divide the model's key/value heads "
-                f"({arch.num_kv_heads})"
-            )
-        kv_dtype = self.kv_cache_dtype_for(model.device, model.dtype)
-        bytes_per_token = kv_cache_bytes_per_token(  # on each rank: its share of the KV heads
-            arch.num_layers, arch.num_kv_heads // tp, arch.head_dim, kv_dtype
-        )
-        if draft_arch is not None:
-            bytes_per_token += kv_cache_bytes_per_token(
-                draft_arch.num_layers, draft_arch.num_kv_heads, draft_arch.head_dim, kv_dtype
-            )
-        cache = CacheConfig(
-            self.block_size,
-            self._num_kv_blocks(model, bytes_per_token, kv_budget_bytes),
-            bytes_per_token,
-            self.enable_prefix_caching,
-            kv_dtype,
-        )
-        if model.max_model_len > cache.capacity_tokens:
-            logger.warning(
-                "max_model_len %d exceeds the KV capacity; capping it to %d tokens",
-                model.max_model_len,
-                cache.capacity_tokens,
-            )
-            model = dataclasses.replace(model, max_model_len=cache.capacity_tokens)
+        model = resolve.model_config(self, model_info, device)
+        cache = resolve.cache_config(self, model, model_info.arch, draft_arch, kv_budget_bytes)
+        model = resolve.capped_to_cache(model, cache)
         cuda_graphs = device.type == "cuda" and not self.enforce_eager and graphs_supported
-        speculative = (
-            None
-            if self.speculative_config is None
-            else SpeculativeConfig.parse(self.speculative_config)
-        )
-        steps = self.num_scheduler_steps
-        if steps is None:
-            single = speculative is not None or tp > 1
-            steps = DEFAULT_CUDA_SCHEDULER_STEPS if cuda_graphs and not single else 1
-        elif steps > 1 and not cuda_graphs:
-            raise ValueError(
-                "num_scheduler_steps > 1 needs CUDA graphs (a CUDA device, an attention backend "
-                "that can be captured, and no --enforce-eager)"
-            )
-        scheduler = SchedulerConfig(
-            self.max_num_batched_tokens,
-            self.max_num_seqs,
-            model.max_model_len,
-            self.enable_chunked_prefill,
-            steps,
-            speculative,
-            self.max_loras if self.lora_enabled else 0,
-        )
-        return EngineConfig(model, cache, scheduler, cuda_graphs, tp)
-
-    def _num_kv_blocks(
-        self,
-        model: ModelConfig,
-        bytes_per_token: int,
-        kv_budget_bytes: Callable[[ModelConfig], float] | None,
-    ) -> int:
-        """The number of KV blocks (see `create_engine_config`)."""
-        if self.num_kv_blocks is not None:
-            return self.num_kv_blocks
-        if self.kv_cache_memory_gib is not None:
-            budget = self.kv_cache_memory_gib * GiB
-        elif model.device == "cpu":
-            budget = DEFAULT_CPU_KV_GIB * GiB
-        elif kv_budget_bytes is not None:
-            budget = kv_budget_bytes(model)
-        else:
-            raise ValueError(
-                f"the KV budget on {model.device} needs a memory profile: set "
-                "kv_cache_memory_gib or num_kv_blocks"
-            )
-        num_blocks = int(budget // (bytes_per_token * self.block_size))
-        if num_blocks < 1:
-            raise ValueError(
-                f"KV cache budget of {budget / GiB:.3f} GiB holds no block "
-                f"({bytes_per_token * self.block_size} bytes each)"
-            )
-        return num_blocks
+        scheduler = resolve.scheduler_config(self, model.max_model_len, cuda_graphs)
+        return EngineConfig(model, cache, scheduler, cuda_graphs, self.tensor_parallel_size)
 
     def apply_threads(self) -> None:
         import torch
