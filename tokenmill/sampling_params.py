@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NoReturn
 
 _GREEDY_EPS = 1e-5
 MAX_PROMPT_LOGPROBS = 20
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
+
+
+def _bad(msg: str) -> NoReturn:
+    """Reject a SamplingParams field (the validators' one way out)."""
+    raise ValueError(msg)
 
 
 @dataclass(frozen=True)
@@ -111,11 +117,15 @@ class SamplingParams:
         self.logit_bias = {t: float(v) for t, v in (self.logit_bias or {}).items()} or None
 
     def _validate(self) -> None:
-        def bad(msg: str) -> None:
-            raise ValueError(msg)
+        """Raise ValueError naming the first invalid field."""
+        self._validate_sampling()
+        self._validate_lengths()
+        self._validate_token_rules()
 
+    def _validate_sampling(self) -> None:
+        """n and the numbers that shape the distribution."""
         if not isinstance(self.n, int) or self.n < 1:
-            bad(f"n must be an integer >= 1, got {self.n!r}")
+            _bad(f"n must be an integer >= 1, got {self.n!r}")
         for name in (
             "temperature",
             "top_p",
@@ -130,58 +140,64 @@ class SamplingParams:
                 or not isinstance(value, (int, float))
                 or not math.isfinite(value)
             ):
-                bad(f"{name} must be a finite number, got {value!r}")
+                _bad(f"{name} must be a finite number, got {value!r}")
         if self.temperature < 0:
-            bad(f"temperature must be >= 0, got {self.temperature}")
+            _bad(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
-            bad(f"top_p must be in (0, 1], got {self.top_p}")
+            _bad(f"top_p must be in (0, 1], got {self.top_p}")
         if not isinstance(self.top_k, int) or self.top_k < -1:
-            bad(f"top_k must be -1 or 0 (disabled) or a positive integer, got {self.top_k!r}")
+            _bad(f"top_k must be -1 or 0 (disabled) or a positive integer, got {self.top_k!r}")
         if not 0.0 <= self.min_p <= 1.0:
-            bad(f"min_p must be in [0, 1], got {self.min_p}")
+            _bad(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
-            bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            _bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if not -2.0 <= self.presence_penalty <= 2.0:
-            bad(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+            _bad(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         if not -2.0 <= self.frequency_penalty <= 2.0:
-            bad(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+            _bad(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+
+    def _validate_lengths(self) -> None:
+        """The token counts: prompt_logprobs, max_tokens, min_tokens, logprobs; and the seed."""
         if self.prompt_logprobs is not None and (
             not isinstance(self.prompt_logprobs, int)
             or not 0 <= self.prompt_logprobs <= MAX_PROMPT_LOGPROBS
         ):
-            bad(
+            _bad(
                 f"prompt_logprobs must be an integer in [0, {MAX_PROMPT_LOGPROBS}], "
                 f"got {self.prompt_logprobs!r}"
             )
         if self.max_tokens is not None and (
             not isinstance(self.max_tokens, int) or self.max_tokens < 0
         ):
-            bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+            _bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if self.max_tokens == 0 and self.prompt_logprobs is None:
-            bad("max_tokens must be >= 1 (0, scoring the prompt only, needs prompt_logprobs)")
+            _bad("max_tokens must be >= 1 (0, scoring the prompt only, needs prompt_logprobs)")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            bad(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+            _bad(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            bad(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+            _bad(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
-            bad(f"logprobs must be an integer >= 0, got {self.logprobs!r}")
+            _bad(f"logprobs must be an integer >= 0, got {self.logprobs!r}")
         if self.seed is not None and not isinstance(self.seed, int):
-            bad(f"seed must be an integer, got {self.seed!r}")
+            _bad(f"seed must be an integer, got {self.seed!r}")
+
+    def _validate_token_rules(self) -> None:
+        """Stop strings and ids, logit bias, allowed and bad words, the structured output."""
         if any(not isinstance(s, str) or not s for s in self.stop):
-            bad("stop strings must be non-empty strings")
+            _bad("stop strings must be non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            bad("stop_token_ids must be non-negative integers")
+            _bad("stop_token_ids must be non-negative integers")
         if self.logit_bias is not None and not isinstance(self.logit_bias, dict):
-            bad("logit_bias must be a dict of token id -> bias")
+            _bad("logit_bias must be a dict of token id -> bias")
         for t, v in (self.logit_bias or {}).items():
             if isinstance(t, bool) or not isinstance(t, int) or t < 0:
-                bad(f"logit_bias keys must be token ids (integers >= 0), got {t!r}")
+                _bad(f"logit_bias keys must be token ids (integers >= 0), got {t!r}")
             if (
                 isinstance(v, bool)
                 or not isinstance(v, (int, float))
                 or not -MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS
             ):
-                bad(f"logit_bias values must be numbers in [-100, 100], got {v!r} for token {t}")
+                _bad(f"logit_bias values must be numbers in [-100, 100], got {v!r} for token {t}")
         if self.allowed_token_ids is not None and (
             not isinstance(self.allowed_token_ids, (list, tuple))
             or not self.allowed_token_ids
@@ -190,16 +206,16 @@ class SamplingParams:
                 for t in self.allowed_token_ids
             )
         ):
-            bad("allowed_token_ids must be a non-empty list of token ids (integers >= 0)")
+            _bad("allowed_token_ids must be a non-empty list of token ids (integers >= 0)")
         if self.bad_words is not None and (
             not isinstance(self.bad_words, (list, tuple))
             or any(not isinstance(w, str) or not w.strip() for w in self.bad_words)
         ):
-            bad("bad_words must be a list of non-blank strings")
+            _bad("bad_words must be a list of non-blank strings")
         if self.structured_outputs is not None and not isinstance(
             self.structured_outputs, StructuredOutputsParams
         ):
-            bad("structured_outputs must be a StructuredOutputsParams")
+            _bad("structured_outputs must be a StructuredOutputsParams")
 
     @property
     def greedy(self) -> bool:
