@@ -11,21 +11,18 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.config import EngineArgs
-from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.outputs import PooledChunk, PromptLogprobsChunk, SampleLogprobs
 from tokenmill.core.request import RequestStatus
-from tokenmill.core.scheduler import Scheduler
 from tokenmill.engine.grammar_queue import GrammarQueue, advance_grammar
 from tokenmill.engine.lora_adapters import LoRAAdapters
 from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.request_state import RequestBuilder, RequestState, SampleState
 from tokenmill.engine.startup import (
+    build_executors,
     calibrate,
     cuda_kv_budget,
     load_draft,
     load_target,
-    log_kv_cache,
-    log_speculative,
     log_startup,
     seconds_since_process_start,
 )
@@ -36,8 +33,6 @@ from tokenmill.lora_request import LoRARequest
 from tokenmill.outputs import EmbeddingRequestOutput, RequestOutput
 from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.worker.draft import DraftProposer
-from tokenmill.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +65,26 @@ class LLMEngine:
         self.device = args.torch_device()
         self.dtype = args.torch_dtype(self.device)
         startup = {"imports and arguments": seconds_since_process_start()}
+        draft = self._load(startup)
+        self.scheduler, self.drafter, self.runner = build_executors(
+            self.config,
+            self.model,
+            self.model_info.arch.vocab_size,
+            self.device,
+            self.workers,
+            draft,
+            startup,
+        )
+        self.startup_seconds = log_startup(startup)
+        self._build_request_handling()
+        for i, (name, path) in enumerate(args.lora_module_paths().items()):
+            self.add_lora(LoRARequest(name, i + 1, path))
+
+    def _load(self, startup: dict[str, float]) -> tuple | None:
+        """Load the target model (and its tensor-parallel workers), the tokenizer and the draft
+        model, resolve the EngineConfig and calibrate the exact channels; time each part into
+        `startup`. Returns the draft as load_draft gives it (None without one)."""
+        args = self.args
         source = resolve_model(args.model, allow_no_weights=args.load_format == "dummy")
         self.workers, self.model, self.model_info = load_target(
             args, source, self.device, self.dtype
@@ -93,44 +108,13 @@ class LLMEngine:
         seconds = calibrate(self.model, cache, self.device, max_len, args.exact_channels)
         if seconds is not None:
             startup["exact channels"] = seconds
-        self.scheduler = Scheduler(
-            config.scheduler,
-            KVCacheManager(cache.num_blocks, cache.block_size, cache.enable_prefix_caching),
-        )
-        if config.scheduler.speculative is not None:
-            log_speculative(config.scheduler.speculative, None if draft is None else draft[1])
-        # the draft model's pool mirrors the target's blocks (worker/draft.py)
-        self.drafter = (
-            None
-            if draft is None
-            else DraftProposer(
-                draft[0],
-                cache.num_blocks,
-                cache.block_size,
-                cache.torch_dtype(),
-                self.device,
-                min(draft[1].arch.max_position_embeddings, max_len),
-                info.arch.vocab_size,
-            )
-        )
-        t1 = time.perf_counter()
-        self.runner = ModelRunner(
-            self.model,
-            cache.num_blocks,
-            cache.block_size,
-            cache.torch_dtype(),
-            self.device,
-            max_len,
-            config.scheduler.max_num_seqs,
-            graphs=config.cuda_graphs,
-            workers=self.workers,
-        )
-        graphs = self.runner.graphs
-        startup["KV pool"] = time.perf_counter() - t1 - (graphs.capture_seconds if graphs else 0)
-        if graphs is not None:
-            startup["graph capture"] = graphs.capture_seconds
-        log_kv_cache(cache, self.runner, max_len)
-        self.startup_seconds = log_startup(startup)
+        return draft
+
+    def _build_request_handling(self) -> None:
+        """What turns requests into scheduler work and outputs back into results: the request
+        table, the request builder, the output processor, grammars, LoRA adapters."""
+        config, info = self.config, self.model_info
+        max_len = config.model.max_model_len
         self.groups: dict[str, RequestState] = {}
         self._child_to_group: dict[str, SampleState] = {}
         self._ids = itertools.count()
@@ -145,10 +129,8 @@ class LLMEngine:
         self.structured_outputs = StructuredOutputManager(self.tokenizer, info.arch.vocab_size)
         self.grammars = GrammarQueue(self.structured_outputs)
         self.lora_adapters = LoRAAdapters(
-            self.model, self.runner.lora, self.workers, args.max_lora_rank
+            self.model, self.runner.lora, self.workers, self.args.max_lora_rank
         )
-        for i, (name, path) in enumerate(args.lora_module_paths().items()):
-            self.add_lora(LoRARequest(name, i + 1, path))
 
     @property
     def max_model_len(self) -> int:

@@ -1,6 +1,7 @@
 """The engine's start-up steps that load and report: the target model (and its tensor-parallel
 ranks), the speculative draft model, the exact-channel calibration, and the log lines that say
-what was built. `LLMEngine.__init__` calls them in order and keeps the objects they return."""
+what was built, and the executors (scheduler, draft proposer, model runner) built from them.
+`LLMEngine.__init__` calls them in order and keeps the objects they return."""
 
 from __future__ import annotations
 
@@ -10,13 +11,23 @@ import time
 
 import torch
 
-from tokenmill.config import CacheConfig, EngineArgs, GiB, ModelConfig, SpeculativeConfig
+from tokenmill.config import (
+    CacheConfig,
+    EngineArgs,
+    EngineConfig,
+    GiB,
+    ModelConfig,
+    SpeculativeConfig,
+)
+from tokenmill.core.kv_cache_manager import KVCacheManager
+from tokenmill.core.scheduler import Scheduler
 from tokenmill.engine.tensor_parallel import TensorParallelWorkers, profile_budget, start_ranks
 from tokenmill.layers.lora import LoRASlots
 from tokenmill.loader.load import ModelInfo, load_model
 from tokenmill.loader.resolve import ModelSource, resolve_model
 from tokenmill.models.base import CausalLM
 from tokenmill.quant.gguf import calibrate_exact_channels
+from tokenmill.worker.draft import DraftProposer
 from tokenmill.worker.model_runner import ModelRunner
 from tokenmill.worker.profile import profile_forward
 
@@ -188,6 +199,59 @@ def cuda_kv_budget(
         workers.profile(*profile)
     budget = profile_budget(model, device, *profile)
     return budget if workers is None else workers.min_over_ranks(budget)
+
+
+def build_executors(
+    config: EngineConfig,
+    model: CausalLM,
+    vocab_size: int,
+    device: torch.device,
+    workers: TensorParallelWorkers | None,
+    draft: tuple[CausalLM, ModelInfo] | None,
+    startup: dict[str, float | None],
+) -> tuple[Scheduler, DraftProposer | None, ModelRunner]:
+    """The scheduler with its KV block manager, the draft proposer (None without a draft
+    model) and the model runner (its KV pool and CUDA graphs, timed into `startup`); logs the
+    speculative decoding and KV cache lines."""
+    cache, max_len = config.cache, config.model.max_model_len
+    scheduler = Scheduler(
+        config.scheduler,
+        KVCacheManager(cache.num_blocks, cache.block_size, cache.enable_prefix_caching),
+    )
+    if config.scheduler.speculative is not None:
+        log_speculative(config.scheduler.speculative, None if draft is None else draft[1])
+    # the draft model's pool mirrors the target's blocks (worker/draft.py)
+    drafter = (
+        None
+        if draft is None
+        else DraftProposer(
+            draft[0],
+            cache.num_blocks,
+            cache.block_size,
+            cache.torch_dtype(),
+            device,
+            min(draft[1].arch.max_position_embeddings, max_len),
+            vocab_size,
+        )
+    )
+    t1 = time.perf_counter()
+    runner = ModelRunner(
+        model,
+        cache.num_blocks,
+        cache.block_size,
+        cache.torch_dtype(),
+        device,
+        max_len,
+        config.scheduler.max_num_seqs,
+        graphs=config.cuda_graphs,
+        workers=workers,
+    )
+    graphs = runner.graphs
+    startup["KV pool"] = time.perf_counter() - t1 - (graphs.capture_seconds if graphs else 0)
+    if graphs is not None:
+        startup["graph capture"] = graphs.capture_seconds
+    log_kv_cache(cache, runner, max_len)
+    return scheduler, drafter, runner
 
 
 def log_speculative(spec: SpeculativeConfig, draft_info: ModelInfo | None) -> None:
