@@ -65,7 +65,17 @@ class ToolStreamer:
         return self._drain()
 
     def _run(self, final: bool) -> None:
-        raise NotImplementedError
+        """Advance the parser's state machine over the text so far. Each state has a handler,
+        `_on_<state>(final)`, that returns True when it moved on (run the next state) and False
+        when it needs more text (or, with `final`, has decided everything)."""
+        while getattr(self, f"_on_{self._state}")(final):
+            pass
+
+    def _on_all_content(self, final: bool) -> bool:
+        """After a malformed call whose rest cannot be a call: everything is content."""
+        self._emit(self._text[self._pos :])
+        self._pos = len(self._text)
+        return False
 
     def _drain(self) -> tuple[str, list[ToolCallDelta]]:
         merged: list[ToolCallDelta] = []
@@ -149,45 +159,51 @@ class HermesStreamer(ToolStreamer):
         super().__init__()
         self._segment = 0  # where the current <tool_call> starts
 
-    def _run(self, final: bool) -> None:
+    def _on_content(self, final: bool) -> bool:
+        i = self._content_until(self.OPEN, final)
+        if i is None:
+            return False
+        self._segment = i
+        self._begin_call(CallObject(i + len(self.OPEN), ("arguments",)))
+        self._state = "call"
+        return True
+
+    def _on_call(self, final: bool) -> bool:
+        call = self._advance_call(final)
+        if call.failed:
+            self._state = "malformed"
+        elif call.done:
+            self._pos, self._state = call.end, "after_call"
+        else:
+            return False
+        return True
+
+    def _on_after_call(self, final: bool) -> bool:
         text = self._text
-        while True:
-            state = self._state
-            if state == "content":
-                i = self._content_until(self.OPEN, final)
-                if i is None:
-                    return
-                self._segment = i
-                self._begin_call(CallObject(i + len(self.OPEN), ("arguments",)))
-                self._state = "call"
-            elif state == "call":
-                call = self._advance_call(final)
-                if call.failed:
-                    self._state = "malformed"
-                elif call.done:
-                    self._pos, self._state = call.end, "after_call"
-                else:
-                    return
-            elif state == "after_call":
-                i = skip_ws(text, self._pos)
-                if text.startswith(self.CLOSE, i):
-                    self._accept_call()
-                    self._pos, self._state = i + len(self.CLOSE), "content"
-                elif self.CLOSE.startswith(text[i:]):  # nothing yet, or a cut-short close tag
-                    if final:
-                        self._accept_call()
-                        self._pos = len(text)
-                    return
-                else:
-                    self._state = "malformed"
-            else:  # "malformed": the segment through the first closing tag is content
-                self._call = None
-                i = text.find(self.CLOSE, self._segment + len(self.OPEN))
-                if i < 0 and not final:
-                    return
-                end = len(text) if i < 0 else i + len(self.CLOSE)
-                self._emit(text[self._segment : end])
-                self._pos, self._state = end, "content"
+        i = skip_ws(text, self._pos)
+        if text.startswith(self.CLOSE, i):
+            self._accept_call()
+            self._pos, self._state = i + len(self.CLOSE), "content"
+            return True
+        if self.CLOSE.startswith(text[i:]):  # nothing yet, or a cut-short close tag
+            if final:
+                self._accept_call()
+                self._pos = len(text)
+            return False
+        self._state = "malformed"
+        return True
+
+    def _on_malformed(self, final: bool) -> bool:
+        """The segment through the first closing tag is content."""
+        self._call = None
+        text = self._text
+        i = text.find(self.CLOSE, self._segment + len(self.OPEN))
+        if i < 0 and not final:
+            return False
+        end = len(text) if i < 0 else i + len(self.CLOSE)
+        self._emit(text[self._segment : end])
+        self._pos, self._state = end, "content"
+        return True
 
 
 class Llama3JsonStreamer(ToolStreamer):
@@ -199,54 +215,53 @@ class Llama3JsonStreamer(ToolStreamer):
         self._state = "start"
         self._good_end = 0  # where the last well-formed call ends
 
-    def _run(self, final: bool) -> None:
+    def _on_start(self, final: bool) -> bool:
         text = self._text
-        while True:
-            state = self._state
-            if state == "start":
-                i = skip_ws(text, 0)
-                if text.startswith(self.TAG, i):
-                    i = skip_ws(text, i + len(self.TAG))
-                elif self.TAG.startswith(text[i:]):  # undecided: empty or a partial tag
-                    if final:
-                        self._rest_is_content(0)
-                    return
-                if i >= len(text):
-                    if final:
-                        self._rest_is_content(0)
-                    return
-                if text[i] != "{":
-                    self._rest_is_content(0)
-                    return
+        i = skip_ws(text, 0)
+        if text.startswith(self.TAG, i):
+            i = skip_ws(text, i + len(self.TAG))
+        elif self.TAG.startswith(text[i:]):  # undecided: empty or a partial tag
+            if final:
+                self._rest_is_content(0)
+            return False
+        if i >= len(text):
+            if final:
+                self._rest_is_content(0)
+            return False
+        if text[i] != "{":
+            self._rest_is_content(0)
+            return False
+        self._begin_call(CallObject(i, self.ARG_KEYS))
+        self._state = "call"
+        return True
+
+    def _on_call(self, final: bool) -> bool:
+        call = self._advance_call(final)
+        if call.failed:
+            self._rest_is_content(self._good_end)
+            return False
+        if not call.done:
+            return False
+        self._accept_call()
+        self._pos = self._good_end = call.end
+        self._state = "after_call"
+        return True
+
+    def _on_after_call(self, final: bool) -> bool:
+        """`;` and the next call, or the end."""
+        text = self._text
+        i = skip_ws(text, self._pos)
+        if i < len(text) and text[i] == ";":
+            i = skip_ws(text, i + 1)
+            if i >= len(text):
+                return False
+            if text[i] == "{":
                 self._begin_call(CallObject(i, self.ARG_KEYS))
                 self._state = "call"
-            elif state == "call":
-                call = self._advance_call(final)
-                if call.failed:
-                    self._rest_is_content(self._good_end)
-                    return
-                if not call.done:
-                    return
-                self._accept_call()
-                self._pos = self._good_end = call.end
-                self._state = "after_call"
-            elif state == "after_call":  # `;` and the next call, or the end
-                i = skip_ws(text, self._pos)
-                if i < len(text) and text[i] == ";":
-                    i = skip_ws(text, i + 1)
-                    if i >= len(text):
-                        return
-                    if text[i] == "{":
-                        self._begin_call(CallObject(i, self.ARG_KEYS))
-                        self._state = "call"
-                        continue
-                if i < len(text):
-                    self._rest_is_content(self._good_end)
-                return
-            else:  # "all_content"
-                self._emit(text[self._pos :])
-                self._pos = len(text)
-                return
+                return True
+        if i < len(text):
+            self._rest_is_content(self._good_end)
+        return False
 
 
 class MistralStreamer(ToolStreamer):
@@ -258,77 +273,80 @@ class MistralStreamer(ToolStreamer):
         self._segment = 0  # where the current [TOOL_CALLS] starts
         self._good_end: int | None = None  # end of this segment's last well-formed call
 
-    def _malformed(self) -> None:
+    def _malformed(self) -> bool:
         start = self._segment if self._good_end is None else self._good_end
         self._rest_is_content(start)
+        return False
 
-    def _run(self, final: bool) -> None:
+    def _on_content(self, final: bool) -> bool:
+        i = self._content_until(self.MARKER, final)
+        if i is None:
+            return False
+        self._segment, self._good_end = i, None
+        self._pos, self._state = i + len(self.MARKER), "after_marker"
+        return True
+
+    def _on_after_marker(self, final: bool) -> bool:
+        """A JSON array of calls, or a bare `name[ARGS]{...}` call."""
+        i = skip_ws(self._text, self._pos)
+        if i >= len(self._text):
+            return self._malformed() if final else False
+        if self._text[i] == "[":
+            self._pos, self._state = i + 1, "element"
+        else:
+            self._pos, self._state = i, "name"
+        return True
+
+    def _on_name(self, final: bool) -> bool:
         text = self._text
-        while True:
-            state = self._state
-            if state == "content":
-                i = self._content_until(self.MARKER, final)
-                if i is None:
-                    return
-                self._segment, self._good_end = i, None
-                self._pos, self._state = i + len(self.MARKER), "after_marker"
-            elif state == "after_marker":
-                i = skip_ws(text, self._pos)
-                if i >= len(text):
-                    if final:
-                        self._malformed()
-                    return
-                if text[i] == "[":
-                    self._pos, self._state = i + 1, "element"
-                else:
-                    self._pos, self._state = i, "name"
-            elif state == "name":
-                j = text.find(self.ARGS, self._pos)
-                name = text[self._pos : j if j >= 0 else len(text)]
-                if j < 0:
-                    name = name[: len(name) - partial_marker(text, self._pos, self.ARGS)]
-                if (name and not self.NAME.fullmatch(name)) or (j >= 0 and not name):
-                    self._malformed()
-                    return
-                if j < 0:
-                    if final:
-                        self._malformed()
-                    return
-                self._begin_call(BareArguments(name, j + len(self.ARGS)))
-                self._state = "bare_call"
-            elif state in ("bare_call", "call"):
-                call = self._advance_call(final)
-                if call.failed:
-                    self._malformed()
-                    return
-                if not call.done:
-                    return
-                self._accept_call()
-                self._pos = self._good_end = call.end
-                self._state = "content" if state == "bare_call" else "after_element"
-            elif state == "element":
-                i = skip_ws(text, self._pos)
-                if i >= len(text):
-                    if final:
-                        self._malformed()
-                    return
-                if text[i] != "{":
-                    self._malformed()
-                    return
-                self._begin_call(CallObject(i, ("arguments",)))
-                self._state = "call"
-            elif state == "after_element":
-                i = skip_ws(text, self._pos)
-                if i >= len(text):
-                    return  # an array cut short after a complete call still has its calls
-                if text[i] == ",":
-                    self._pos, self._state = i + 1, "element"
-                elif text[i] == "]":
-                    self._pos, self._state = i + 1, "content"
-                else:
-                    self._malformed()
-                    return
-            else:  # "all_content"
-                self._emit(text[self._pos :])
-                self._pos = len(text)
-                return
+        j = text.find(self.ARGS, self._pos)
+        name = text[self._pos : j if j >= 0 else len(text)]
+        if j < 0:
+            name = name[: len(name) - partial_marker(text, self._pos, self.ARGS)]
+        if (name and not self.NAME.fullmatch(name)) or (j >= 0 and not name):
+            return self._malformed()
+        if j < 0:
+            return self._malformed() if final else False
+        self._begin_call(BareArguments(name, j + len(self.ARGS)))
+        self._state = "bare_call"
+        return True
+
+    def _on_bare_call(self, final: bool) -> bool:
+        return self._finish_call(final, "content")
+
+    def _on_call(self, final: bool) -> bool:
+        return self._finish_call(final, "after_element")
+
+    def _finish_call(self, final: bool, then: str) -> bool:
+        """Parse the current call further; once it is done, go on in state `then`."""
+        call = self._advance_call(final)
+        if call.failed:
+            return self._malformed()
+        if not call.done:
+            return False
+        self._accept_call()
+        self._pos = self._good_end = call.end
+        self._state = then
+        return True
+
+    def _on_element(self, final: bool) -> bool:
+        i = skip_ws(self._text, self._pos)
+        if i >= len(self._text):
+            return self._malformed() if final else False
+        if self._text[i] != "{":
+            return self._malformed()
+        self._begin_call(CallObject(i, ("arguments",)))
+        self._state = "call"
+        return True
+
+    def _on_after_element(self, final: bool) -> bool:
+        i = skip_ws(self._text, self._pos)
+        if i >= len(self._text):
+            return False  # an array cut short after a complete call still has its calls
+        if self._text[i] == ",":
+            self._pos, self._state = i + 1, "element"
+        elif self._text[i] == "]":
+            self._pos, self._state = i + 1, "content"
+        else:
+            return self._malformed()
+        return True
