@@ -227,39 +227,22 @@ def paged_attention(
         BLOCK_SIZE=block_size,
         NUM_SPLITS=num_splits,
     )
-    if num_splits == 1:
-        _attention_kernel[grid](
-            q,
-            k_cache,
-            v_cache,
-            out,
-            out,
-            block_tables,
-            seq_lens,
-            query_start_loc,
-            scale,
-            q.stride(0),
-            q.stride(1),
-            k_cache.stride(0),
-            k_cache.stride(1),
-            out.stride(0),
-            out.stride(1),
-            block_tables.stride(0),
-            **common,
-            **launch,
+    if num_splits == 1:  # the kernel writes the output rows directly
+        dst, lse, dst_strides = out, out, (out.stride(0), out.stride(1))
+    else:
+        # Partials indexed by (token, head) as a dense [num_tokens, num_heads] grid.
+        dst = torch.empty(
+            num_tokens, num_heads, num_splits, head_dim_p, dtype=torch.float32, device=q.device
         )
-        return out
-    # Partials indexed by (token, head) as a dense [num_tokens, num_heads] grid.
-    part = torch.empty(
-        num_tokens, num_heads, num_splits, head_dim_p, dtype=torch.float32, device=q.device
-    )
-    # every split of every real row stores its lse (-inf when empty); padding rows are never read
-    lse = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=q.device)
+        # every split of every real row stores its lse (-inf when empty); padding rows are
+        # never read
+        lse = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=q.device)
+        dst_strides = (num_heads, 1)
     _attention_kernel[grid](
         q,
         k_cache,
         v_cache,
-        part,
+        dst,
         lse,
         block_tables,
         seq_lens,
@@ -269,14 +252,15 @@ def paged_attention(
         q.stride(1),
         k_cache.stride(0),
         k_cache.stride(1),
-        num_heads,
-        1,
+        *dst_strides,
         block_tables.stride(0),
         **common,
         **launch,
     )
+    if num_splits == 1:
+        return out
     _merge_kernel[(num_tokens, num_heads)](
-        part,
+        dst,
         lse,
         out,
         query_start_loc,
