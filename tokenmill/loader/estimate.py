@@ -140,44 +140,95 @@ def estimate_memory(args: EngineArgs, memory_gib: float | None = None) -> Memory
     is the memory to fit in (see the module docstring for the default). A GPU that is not here
     is named by `device="cuda"`: its compute dtype is then bfloat16 unless `dtype` says
     otherwise, and `memory_gib` is needed."""
-    import torch
-
     arch, checkpoint, weights_of = _checkpoint(args.model)
     tp = args.tensor_parallel_size
     rank = rank_arch(arch, tp) if tp > 1 else arch
+    device, dtype, cuda_here = _device_and_dtype(args)
+    weights = weights_of(device, dtype, args)
+    unpacked = device == "cpu" and dtype == "bfloat16" and _dense_bf16_unpacked()
+    draft = _draft(args, device, dtype)
+    # the draft model's steps run after the target's; its keys and values share the target's blocks
+    models = [(rank, weights)]
+    if draft is not None:
+        d_arch, _, d_weights = draft
+        models.append((d_arch, d_weights))
+    runtime, first_steps, runtime_source = _runtime(device)
+    memory, memory_source = _memory_to_fit(device, cuda_here, memory_gib, tp)
+    kv_dtype = args.kv_cache_dtype_for(device, dtype)
+    bytes_per_token = sum(
+        kv_cache_bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim, kv_dtype)
+        for a, _ in models
+    )
+    weight_bytes, stored, checkpoint = _with_draft(weights, checkpoint, draft)
+    return MemoryEstimate(
+        device=device,
+        dtype=dtype,
+        weights=weight_bytes,
+        weights_stored=stored,
+        runtime=runtime,
+        runtime_source=runtime_source,
+        first_steps=first_steps,
+        checkpoint_bytes=checkpoint if device == "cpu" else 0,
+        activations=max(_step_peak(args, a, dtype, w.native, unpacked) for a, w in models),
+        step_tokens=args.max_num_batched_tokens,
+        kv_per_token=bytes_per_token,
+        kv_dtype=kv_dtype,
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=min(arch.max_position_embeddings, args.max_model_len or 1 << 62),
+        memory=memory,
+        memory_source=memory_source,
+        tensor_parallel_size=tp,
+        kv_budget=_cpu_kv_budget(args, bytes_per_token) if device == "cpu" else None,
+    )
+
+
+def _device_and_dtype(args: EngineArgs) -> tuple[str, str, bool]:
+    """The device ("cpu" or "cuda"), the compute dtype's name, and whether that GPU is here (one
+    that is not computes in bfloat16 unless `args.dtype` says otherwise)."""
+    import torch
+
     if args.device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     else:
         device = torch.device(args.device).type
     cuda_here = device == "cuda" and torch.cuda.is_available()
     if device == "cuda" and not cuda_here and args.dtype == "auto":
-        dtype = "bfloat16"
-    else:
-        dtype = str(args.torch_dtype(torch.device(device))).removeprefix("torch.")
-    weights = weights_of(device, dtype, args)
-    max_len = min(arch.max_position_embeddings, args.max_model_len or 1 << 62)
+        return device, "bfloat16", cuda_here
+    dtype = str(args.torch_dtype(torch.device(device))).removeprefix("torch.")
+    return device, dtype, cuda_here
+
+
+def _step_peak(
+    args: EngineArgs, arch: ModelArchConfig, dtype: str, native: bool, unpacked: bool
+) -> int:
+    """The largest step's peak for a model of shape `arch` (the target's, or the draft's):
+    max_num_batched_tokens tokens, and the logits of up to max_num_seqs rows."""
     step = args.max_num_batched_tokens
-    unpacked = device == "cpu" and dtype == "bfloat16" and _dense_bf16_unpacked()
+    rows = min(args.max_num_seqs, step)
+    return step_peak_bytes(arch, step, rows, DTYPE_SIZES[dtype], native, unpacked=unpacked)
 
-    def peak(a: ModelArchConfig, native: bool) -> int:
-        """The largest step's peak for a model of shape `a` (the target's, or the draft's)."""
-        rows = min(args.max_num_seqs, step)
-        return step_peak_bytes(a, step, rows, DTYPE_SIZES[dtype], native, unpacked=unpacked)
 
-    activations = peak(rank, weights.native)
-    draft = _draft(args, device, dtype)
-    if draft is not None:  # its weights beside the target's; its steps' peaks after the target's
-        d_arch, d_checkpoint, d_weights = draft
-        activations = max(activations, peak(d_arch, d_weights.native))
-    if device == "cpu":
-        runtime, first_steps = fresh_process_bytes(), CPU_FIRST_STEPS_BYTES
-        runtime_source = (
-            "Python, torch and the kernels as resident in a fresh process, and "
-            f"{first_steps >> 20} MiB for the first steps' threads and buffers"
-        )
-    else:
-        runtime, first_steps = CUDA_CONTEXT_BYTES, 0
-        runtime_source = "the CUDA context and workspaces (an assumption, not measured here)"
+def _runtime(device: str) -> tuple[int, int, str]:
+    """What a process holds before its model, the first steps' one-time allocations, and where
+    the figures come from."""
+    if device != "cpu":
+        why = "the CUDA context and workspaces (an assumption, not measured here)"
+        return CUDA_CONTEXT_BYTES, 0, why
+    why = (
+        "Python, torch and the kernels as resident in a fresh process, and "
+        f"{CPU_FIRST_STEPS_BYTES >> 20} MiB for the first steps' threads and buffers"
+    )
+    return fresh_process_bytes(), CPU_FIRST_STEPS_BYTES, why
+
+
+def _memory_to_fit(
+    device: str, cuda_here: bool, memory_gib: float | None, tp: int
+) -> tuple[int, str]:
+    """The memory to fit in on one device and where the figure comes from: `memory_gib`, else
+    what the CPU has available, else the engine's share of this GPU (ValueError for a GPU that
+    is not here). The CPU's ranks share its memory."""
+    import torch
+
     if memory_gib is not None:
         memory, memory_source = int(memory_gib * GiB), "--memory-gib"
     elif device == "cpu":
@@ -195,41 +246,25 @@ def estimate_memory(args: EngineArgs, memory_gib: float | None = None) -> Memory
     if device == "cpu" and tp > 1:  # the ranks' processes share the machine's memory
         memory //= tp
         memory_source += f", shared by {tp} ranks"
-    kv_dtype = args.kv_cache_dtype_for(device, dtype)
-    bytes_per_token = kv_cache_bytes_per_token(
-        rank.num_layers, rank.num_kv_heads, rank.head_dim, kv_dtype
+    return memory, memory_source
+
+
+def _with_draft(
+    weights: WeightMemory,
+    checkpoint: int,
+    draft: tuple[ModelArchConfig, int, WeightMemory] | None,
+) -> tuple[int, str, int]:
+    """The weights' bytes, how they are kept, and the checkpoint bytes mapped at the loading
+    peak: the target's, and with a draft model (`_draft`) both models'."""
+    if draft is None:
+        return weights.bytes, weights.stored, checkpoint
+    _, d_checkpoint, d_weights = draft
+    stored = (
+        f"{weights.stored}; draft model {d_weights.bytes / GiB:.3f} GiB of it ({d_weights.stored})"
     )
-    stored = weights.stored
-    if draft is not None:  # the draft's keys and values sit in the target's blocks
-        d_arch, d_checkpoint, d_weights = draft
-        bytes_per_token += kv_cache_bytes_per_token(
-            d_arch.num_layers, d_arch.num_kv_heads, d_arch.head_dim, kv_dtype
-        )
-        stored += f"; draft model {d_weights.bytes / GiB:.3f} GiB of it ({d_weights.stored})"
-        weights = weights._replace(bytes=weights.bytes + d_weights.bytes)
-        # the draft loads after the target, whose file is unmapped by then: the loading peak is
-        # the larger of (target weights + its file) and (both models' weights + the draft's file)
-        checkpoint = max(checkpoint - d_weights.bytes, d_checkpoint)
-    return MemoryEstimate(
-        device=device,
-        dtype=dtype,
-        weights=weights.bytes,
-        weights_stored=stored,
-        runtime=runtime,
-        runtime_source=runtime_source,
-        first_steps=first_steps,
-        checkpoint_bytes=checkpoint if device == "cpu" else 0,
-        activations=activations,
-        step_tokens=step,
-        kv_per_token=bytes_per_token,
-        kv_dtype=kv_dtype,
-        max_num_seqs=args.max_num_seqs,
-        max_model_len=max_len,
-        memory=memory,
-        memory_source=memory_source,
-        tensor_parallel_size=tp,
-        kv_budget=_cpu_kv_budget(args, bytes_per_token) if device == "cpu" else None,
-    )
+    # the draft loads after the target, whose file is unmapped by then: the loading peak is
+    # the larger of (target weights + its file) and (both models' weights + the draft's file)
+    return weights.bytes + d_weights.bytes, stored, max(checkpoint - d_weights.bytes, d_checkpoint)
 
 
 def _checkpoint(model: str | None) -> tuple[ModelArchConfig, int, Any]:

@@ -19,75 +19,96 @@ def context_lengths(max_len: int) -> list[int]:
 
 def describe_estimate(e: MemoryEstimate, model: str) -> list[str]:
     """The lines `tokenmill estimate` prints."""
+    room = e.memory - max(e.total, e.loading_peak)
+    rows = _fixed_rows(e, model) + _kv_rows(e, room)
+    lines = [f"{k:<24}{v}" for k, v in rows]
+    if room < 0:
+        lines.append(f"{'fits with':<24}{_what_fits(e)}")
+    lines.append("")
+    lines.append(f"{'context':>10}{'KV per sequence':>18}{'sequences that fit':>20}")
+    for n in context_lengths(e.max_model_len):
+        lines.append(f"{n:>10}{e.kv(1, n) / 2**20:>14.1f} MiB{e.sequences_that_fit(n):>20}")
+    return lines
 
-    def gib(n: int) -> str:
-        return f"{n / GiB:.2f} GiB"
 
+def _gib(n: int) -> str:
+    """`n` bytes in GiB, to two decimals."""
+    return f"{n / GiB:.2f} GiB"
+
+
+def _fixed_rows(e: MemoryEstimate, model: str) -> list[tuple[str, str]]:
+    """The rows of what does not depend on the tokens cached: the model and device, the memory
+    to fit in, the weights, the runtime, the loading peak (where the checkpoint is mapped) and
+    the activations."""
+    per = " per rank" if e.tensor_parallel_size > 1 else ""
+    rows = [
+        ("model", model),
+        ("device", f"{e.device}, {e.dtype}" + (f", {e.tensor_parallel_size} ranks" if per else "")),
+        ("memory", f"{_gib(e.memory)}{per} ({e.memory_source})"),
+        ("weights", f"{_gib(e.weights)}{per} ({e.weights_stored})"),
+        ("runtime", f"{_gib(e.runtime + e.first_steps)} ({e.runtime_source})"),
+    ]
+    if e.checkpoint_bytes:
+        rows.append(
+            (
+                "while loading",
+                f"{_gib(e.loading_peak)} (runtime, weights and the checkpoint's "
+                f"{_gib(e.checkpoint_bytes)} of mapped pages)",
+            )
+        )
+    rows.append(
+        (
+            "activations",
+            f"{_gib(e.activations)} (the largest step: {e.step_tokens} tokens, and the logits "
+            f"of {min(e.max_num_seqs, e.step_tokens)} rows)",
+        )
+    )
+    return rows
+
+
+def _kv_rows(e: MemoryEstimate, room: int) -> list[tuple[str, str]]:
+    """The rows of the KV cache, the total at full use and the verdict (`room`: the memory
+    left at the peak, negative when over), and the KV budget where it holds less than full
+    use."""
     per = " per rank" if e.tensor_parallel_size > 1 else ""
     full = e.kv(e.max_num_seqs, e.max_model_len)
-    room = e.memory - max(e.total, e.loading_peak)
-    verdict = f"fits, {gib(room)} to spare" if room >= 0 else f"does not fit: {gib(-room)} over"
+    verdict = f"fits, {_gib(room)} to spare" if room >= 0 else f"does not fit: {_gib(-room)} over"
     kv_note = (
         "committed as tokens are cached"
         if e.device == "cpu"
         else "reserved at start: the engine fills what the memory leaves"
     )
     rows = [
-        ("model", model),
-        ("device", f"{e.device}, {e.dtype}" + (f", {e.tensor_parallel_size} ranks" if per else "")),
-        ("memory", f"{gib(e.memory)}{per} ({e.memory_source})"),
-        ("weights", f"{gib(e.weights)}{per} ({e.weights_stored})"),
-        ("runtime", f"{gib(e.runtime + e.first_steps)} ({e.runtime_source})"),
-        *(
-            [
-                (
-                    "while loading",
-                    f"{gib(e.loading_peak)} (runtime, weights and the checkpoint's "
-                    f"{gib(e.checkpoint_bytes)} of mapped pages)",
-                )
-            ]
-            if e.checkpoint_bytes
-            else []
-        ),
-        (
-            "activations",
-            f"{gib(e.activations)} (the largest step: {e.step_tokens} tokens, and the logits of "
-            f"{min(e.max_num_seqs, e.step_tokens)} rows)",
-        ),
-        (
-            "KV cache per token",
-            f"{e.kv_per_token / 1024:.1f} KiB{per} in {e.kv_dtype} ({kv_note})",
-        ),
+        ("KV cache per token", f"{e.kv_per_token / 1024:.1f} KiB{per} in {e.kv_dtype} ({kv_note})"),
         (
             "KV cache at full use",
-            f"{gib(full)} ({e.max_num_seqs} sequences x {e.max_model_len} tokens)",
+            f"{_gib(full)} ({e.max_num_seqs} sequences x {e.max_model_len} tokens)",
         ),
-        ("total at full use", f"{gib(e.total)}"),
+        ("total at full use", f"{_gib(e.total)}"),
         ("verdict", verdict),
     ]
     if e.kv_budget is not None and e.kv_budget < full:
         rows.append(
             (
                 "KV budget",
-                f"{gib(e.kv_budget)} holds {e.kv_budget // e.kv_per_token} tokens: "
+                f"{_gib(e.kv_budget)} holds {e.kv_budget // e.kv_per_token} tokens: "
                 f"--kv-cache-memory-gib {-(-full * 100 // GiB) / 100:.2f} for full use",
             )
         )
-    lines = [f"{k:<24}{v}" for k, v in rows]
-    if room < 0:
-        seqs = e.sequences_that_fit(e.max_model_len)
-        ctx = e.longest_context(e.max_num_seqs)
-        hint = []
-        if seqs:
-            hint.append(f"--max-num-seqs {seqs} (at {e.max_model_len} tokens)")
-        if ctx:
-            hint.append(f"--max-model-len {ctx} (at {e.max_num_seqs} sequences)")
-        lines.append(f"{'fits with':<24}{' or '.join(hint) if hint else 'nothing: not even one'}")
-    lines.append("")
-    lines.append(f"{'context':>10}{'KV per sequence':>18}{'sequences that fit':>20}")
-    for n in context_lengths(e.max_model_len):
-        lines.append(f"{n:>10}{e.kv(1, n) / 2**20:>14.1f} MiB{e.sequences_that_fit(n):>20}")
-    return lines
+    return rows
+
+
+def _what_fits(e: MemoryEstimate) -> str:
+    """What would fit instead: fewer sequences at the full length, or a shorter length for as
+    many sequences."""
+    seqs = e.sequences_that_fit(e.max_model_len)
+    ctx = e.longest_context(e.max_num_seqs)
+    hint = []
+    if seqs:
+        hint.append(f"--max-num-seqs {seqs} (at {e.max_model_len} tokens)")
+    if ctx:
+        hint.append(f"--max-model-len {ctx} (at {e.max_num_seqs} sequences)")
+    return " or ".join(hint) if hint else "nothing: not even one"
 
 
 __all__ = ["describe_estimate"]

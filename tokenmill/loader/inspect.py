@@ -9,12 +9,14 @@ from typing import Any, NamedTuple
 from tokenmill.config import (
     DTYPE_SIZES,
     EngineArgs,
+    EngineConfig,
     GiB,
     ModelConfig,
     SpeculativeConfig,
     cuda_kv_budget,
 )
 from tokenmill.loader.load import (
+    ModelInfo,
     quant_config_for,
     rank_arch,
     read_model_info,
@@ -88,19 +90,31 @@ def describe_model(args: EngineArgs) -> dict[str, str]:
             "for the weights, not loaded yet; activations not counted",
         )
 
-    spec = draft = None  # the speculative config, and a draft model's ModelInfo
-    if args.speculative_config is not None:
-        spec = SpeculativeConfig.parse(args.speculative_config)
-        if spec.model is not None:  # its keys and values share the target's blocks
-            draft, _ = read_model_info(resolve_model(spec.model))
+    spec, draft = _speculative(args)
     config = args.create_engine_config(
         info, gpu_kv_budget, draft_arch=None if draft is None else draft.arch
     )
-    model, cache = config.model, config.cache
-    weights, stored, why, _ = weights_in_memory(model)
-    max_len = model.max_model_len
+    weights = weights_in_memory(config.model)
+    return _checkpoint_facts(info, params) | _engine_facts(args, info, config, weights, spec, draft)
+
+
+def _speculative(args: EngineArgs) -> tuple[SpeculativeConfig | None, ModelInfo | None]:
+    """The speculative config, and a draft model's ModelInfo (its keys and values share the
+    target's blocks); None for each that is not given."""
+    if args.speculative_config is None:
+        return None, None
+    spec = SpeculativeConfig.parse(args.speculative_config)
+    if spec.model is None:
+        return spec, None
+    draft, _ = read_model_info(resolve_model(spec.model))
+    return spec, draft
+
+
+def _checkpoint_facts(info: ModelInfo, params: int) -> dict[str, str]:
+    """The checkpoint's own facts: name, architecture, size, format and shape."""
+    arch = info.arch
     return {
-        "model": f"{source.name} ({source.path})",
+        "model": f"{info.source.name} ({info.source.path})",
         "architecture": f"{arch.architecture} ({arch.model_type})",
         "parameters": f"{params / 1e6:.1f}M",
         "weight format": info.weight_format,
@@ -109,36 +123,60 @@ def describe_model(args: EngineArgs) -> dict[str, str]:
         f"{arch.num_heads} q, {arch.num_kv_heads} kv x {arch.head_dim}",
         "vocabulary": str(arch.vocab_size),
         "context length": str(arch.max_position_embeddings),
+    }
+
+
+def _engine_facts(
+    args: EngineArgs,
+    info: ModelInfo,
+    config: EngineConfig,
+    memory: WeightMemory,
+    spec: SpeculativeConfig | None,
+    draft: ModelInfo | None,
+) -> dict[str, str]:
+    """What the engine runs under `args` (`config`): lengths, dtypes, the weights in memory
+    (`memory`), parallelism, speculative decoding and the KV cache."""
+    model, cache = config.model, config.cache
+    weights, stored, why, _ = memory
+    tp = args.tensor_parallel_size
+    max_len = model.max_model_len
+    return {
         "max model length": f"{max_len} tokens",
-        "embedding pooling": f"{model.pooling_type} ("
-        + (
-            "--pooling-type"
-            if args.pooling_type
-            else "the checkpoint's"
-            if arch.pooling_type
-            else "the default: the checkpoint declares none"
-        )
-        + ")",
+        "embedding pooling": f"{model.pooling_type} ({_pooling_source(args, info.arch)})",
         "compute dtype": f"{model.dtype} on {model.device}",
         "weights in memory": f"{weights / GiB:.3f} GiB ({stored}; file "
         f"{info.checkpoint_bytes / GiB:.3f} GiB)",
         "quantized kernels": why,
         "tensor parallel": f"{tp} ranks (processes; one GPU each on CUDA)" if tp > 1 else "off",
-        "speculative decoding": "off"
-        if spec is None
-        else f"{spec.method}, {spec.num_speculative_tokens} drafts per decode"
-        + (
-            ""
-            if draft is None
-            else f" from {draft.source.name} ({draft.arch.num_layers} layers, "
-            f"{draft.checkpoint_bytes / GiB:.3f} GiB file; its KV in the same blocks)"
-        ),
+        "speculative decoding": _speculative_note(spec, draft),
         "KV cache per token": f"{cache.bytes_per_token / 1024:.1f} KiB in {cache.dtype}"
         + (" per rank" if tp > 1 else ""),
         "KV capacity": f"{cache.capacity_tokens} tokens ({cache.reserved_bytes / GiB:.2f} GiB)",
         "max concurrency at full ctx": f"{cache.capacity_tokens / max_len:.1f} x {max_len} tokens",
         "memory needed (weights+KV)": f"{(weights + cache.reserved_bytes) / GiB:.2f} GiB",
     }
+
+
+def _pooling_source(args: EngineArgs, arch: Any) -> str:
+    """Where the embedding pooling comes from."""
+    if args.pooling_type:
+        return "--pooling-type"
+    if arch.pooling_type:
+        return "the checkpoint's"
+    return "the default: the checkpoint declares none"
+
+
+def _speculative_note(spec: SpeculativeConfig | None, draft: ModelInfo | None) -> str:
+    """Speculative decoding's method and drafts, and the draft model where there is one."""
+    if spec is None:
+        return "off"
+    note = f"{spec.method}, {spec.num_speculative_tokens} drafts per decode"
+    if draft is None:
+        return note
+    return (
+        f"{note} from {draft.source.name} ({draft.arch.num_layers} layers, "
+        f"{draft.checkpoint_bytes / GiB:.3f} GiB file; its KV in the same blocks)"
+    )
 
 
 class WeightMemory(NamedTuple):

@@ -20,6 +20,7 @@ from tokenmill.errors import ModelLoadError
 from tokenmill.kernels.cpu_dense import dense_small_batch
 from tokenmill.kernels.cpu_isa import select_isa
 from tokenmill.kernels.cpu_ops import get_ops
+from tokenmill.layers.attention import AttentionBackend
 from tokenmill.layers.attention_backends import make_backend
 from tokenmill.layers.lora import LoRASlots
 from tokenmill.layers.parallel import TensorParallel
@@ -242,54 +243,119 @@ def load_model(
     """
     if load_format == "dummy" and source.kind != "hf":
         raise ModelLoadError("load_format='dummy' needs a folder with config.json")
-    t = time.perf_counter()
+    lap = _Laps()
     info, reader = read_model_info(source, load_format)
-    phases = info.load_seconds
-
-    def lap(name: str) -> None:
-        nonlocal t
-        now = time.perf_counter()
-        phases[name] = now - t
-        t = now
-
+    info.load_seconds = lap.seconds
     lap("file mapping")
-    arch = info.arch
-    max_positions = min(arch.max_position_embeddings, max_model_len or 1 << 62)
-    model_cls = get_model_class(arch.architecture)
-    kwargs: dict[str, Any] = {}
-    local = arch  # what this process builds: with tp, its share of the heads and the MLP
-    if tp is not None:
-        local = rank_arch(arch, tp.size)
-        kwargs["tp"] = tp
-        if quantization == "auto":
-            quantization = "none"  # the native GGUF kernels run whole matrices
-    if lora is not None:
-        if not model_cls.supports_lora:
-            raise ModelLoadError(f"LoRA adapters are not supported for {arch.architecture}")
-        kwargs["lora"] = lora
-    freq_factors = gguf_rope_freq_factors(reader) if reader is not None else None
+    model, quant = _build_module(
+        source, info, reader, dtype, max_model_len, device, quantization, tp, lora, lap
+    )
+    _load_weights(model, info, source, reader, load_format, seed, progress)
+    lap("weights")
+    if isinstance(quant, GGUFQuantConfig):
+        info.native_weights = describe_counts(quant.counts)
+    model.process_weights_after_loading()
+    model.eval()
+    if load_format != "dummy":  # random weights leave no loader scratch behind
+        _return_free_memory()
+    lap("post-processing")
+    return model, info
+
+
+class _Laps:
+    """Seconds per load phase (`ModelInfo.load_seconds`), each phase timed from the end of the
+    one before; the first from the timer's creation."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def __call__(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = now - self._last
+        self._last = now
+
+
+def _kernels(
+    source: ModelSource,
+    info: ModelInfo,
+    reader: Any,
+    local: ModelArchConfig,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    quantization: str,
+    tp: TensorParallel | None,
+) -> tuple[AttentionBackend, QuantConfig]:
+    """The attention / fused-ops backend for this process's heads (`local`) and the
+    quantization config (`quant_config_for`; with `tp`, "auto" dequantizes), each noted in
+    `info` with why."""
+    if tp is not None and quantization == "auto":
+        quantization = "none"  # the native GGUF kernels run whole matrices
     backend, why = make_backend(device, dtype, local.num_heads, local.num_kv_heads, local.head_dim)
     info.backend = f"{backend.name} ({why})"
     quant, info.quant_reason = quant_config_for(
-        source, reader, arch, dtype, device, quantization, small_batch_linear(backend.name)
+        source, reader, info.arch, dtype, device, quantization, small_batch_linear(backend.name)
     )
     if tp is not None:
         info.quant_reason += f"; rank {tp.rank} of {tp.size} (tensor parallel)"
+    return backend, quant
+
+
+def _build_module(
+    source: ModelSource,
+    info: ModelInfo,
+    reader: Any,
+    dtype: torch.dtype,
+    max_model_len: int | None,
+    device: torch.device | str,
+    quantization: str,
+    tp: TensorParallel | None,
+    lora: LoRASlots | None,
+    lap: _Laps,
+) -> tuple[CausalLM, QuantConfig]:
+    """The model module on `device`, its weights not read yet, and its quantization config:
+    this process's share of the model (with `tp`), rotary tables of min(the context length,
+    max_model_len) positions, the config where the family takes one. Times the kernel load and
+    the module's construction (`lap`)."""
+    arch = info.arch
+    model_cls = get_model_class(arch.architecture)
+    local = rank_arch(arch, tp.size) if tp is not None else arch  # what this process builds
+    if lora is not None and not model_cls.supports_lora:
+        raise ModelLoadError(f"LoRA adapters are not supported for {arch.architecture}")
+    freq_factors = gguf_rope_freq_factors(reader) if reader is not None else None
+    backend, quant = _kernels(source, info, reader, local, dtype, device, quantization, tp)
     lap("kernel load")
+    kwargs: dict[str, Any] = {"backend": backend}
+    if tp is not None:
+        kwargs["tp"] = tp
+    if lora is not None:
+        kwargs["lora"] = lora
     if model_cls.supports_native_gguf:
         kwargs["quant"] = quant
-    kwargs["backend"] = backend
+    max_positions = min(arch.max_position_embeddings, max_model_len or 1 << 62)
     with torch.device(device):
         model = model_cls(local, dtype, max_positions, freq_factors, **kwargs)
     lap("module")
+    return model, quant
+
+
+def _load_weights(
+    model: CausalLM,
+    info: ModelInfo,
+    source: ModelSource,
+    reader: Any,
+    load_format: str,
+    seed: int,
+    progress: bool,
+) -> None:
+    """Fill `model`'s weights: random ones drawn from `seed` under load_format="dummy" (the
+    checkpoint's bytes are then the model's own), else the checkpoint's tensors, streamed in
+    behind a progress bar."""
     if load_format == "dummy":
         _init_dummy(model, seed)
         info.checkpoint_bytes = model.weight_memory_bytes()
-        lap("weights")
-        model.process_weights_after_loading()
-        model.eval()
-        lap("post-processing")
-        return model, info
+        return
+    arch = info.arch
     if source.kind == "gguf":
         if arch.model_type == "gpt2":
             model.conv1d_layout = False
@@ -308,14 +374,6 @@ def load_model(
         leave=False,
     )
     model.load_weights(bar)
-    lap("weights")
-    if isinstance(quant, GGUFQuantConfig):
-        info.native_weights = describe_counts(quant.counts)
-    model.process_weights_after_loading()
-    model.eval()
-    _return_free_memory()
-    lap("post-processing")
-    return model, info
 
 
 @torch.no_grad()

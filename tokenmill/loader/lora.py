@@ -66,6 +66,24 @@ def load_lora_adapter(name: str, path: str, model: CausalLM, max_rank: int) -> L
     and a rank of at most `max_rank`; anything else is a ModelLoadError naming it. Pickled
     adapters (adapter_model.bin) are refused."""
     folder = Path(path)
+    cfg, file = _read_folder(folder, path)
+    weights: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    top = 0
+    for module, ab in sorted(_read_pairs(file, path).items()):
+        if set(ab) != {"A", "B"}:
+            raise ModelLoadError(f"LoRA adapter {path}: {module} lacks lora_{'AB'[len(ab) - 1]}")
+        owner, shard, layer = _adapted_layer(model, module, path)
+        pair = _scaled_pair(layer, shard, module, ab["A"], ab["B"], cfg, max_rank, path)
+        weights.setdefault(owner, {})[shard] = pair
+        top = max(top, ab["A"].shape[0])
+    if not weights:
+        raise ModelLoadError(f"LoRA adapter {path}: no lora_A / lora_B tensors")
+    return LoRAAdapter(name, str(folder), top, weights)
+
+
+def _read_folder(folder: Path, path: str) -> tuple[dict, Path]:
+    """The adapter's config (checked: `_check_config`) and its safetensors file; a
+    ModelLoadError where either is missing, or where the weights are only pickled."""
     config_file = folder / "adapter_config.json"
     if not config_file.is_file():
         raise ModelLoadError(f"LoRA adapter {path}: no adapter_config.json")
@@ -79,6 +97,12 @@ def load_lora_adapter(name: str, path: str, model: CausalLM, max_rank: int) -> L
                 "(it can run code); save the adapter as safetensors"
             )
         raise ModelLoadError(f"LoRA adapter {path}: no adapter_model.safetensors")
+    return cfg, file
+
+
+def _read_pairs(file: Path, path: str) -> dict[str, dict[str, torch.Tensor]]:
+    """The adapter file's tensors by module name, then "A" / "B"; a ModelLoadError names any
+    tensor that is not a lora_A / lora_B weight."""
     from safetensors.torch import load_file
 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -90,46 +114,54 @@ def load_lora_adapter(name: str, path: str, model: CausalLM, max_rank: int) -> L
                 "weights of linear layers)"
             )
         pairs.setdefault(m["module"], {})[m["ab"]] = tensor
-    use_rslora = bool(cfg.get("use_rslora"))
-    weights: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
-    top = 0
-    for module, ab in sorted(pairs.items()):
-        if set(ab) != {"A", "B"}:
-            raise ModelLoadError(f"LoRA adapter {path}: {module} lacks lora_{'AB'[len(ab) - 1]}")
-        resolved = model.resolve_param(f"{module}.weight")
-        layer = None
-        if resolved is not None:
-            owner = resolved[1].rsplit(".", 1)[0]
-            try:
-                layer = model.get_submodule(owner)
-            except AttributeError:
-                layer = None
-        if not isinstance(layer, Linear) or layer.lora is None:
-            raise ModelLoadError(
-                f"LoRA adapter {path}: {module} is not a layer adapters apply to (the "
-                "decoder's q/k/v/o and gate/up/down projections)"
-            )
-        shard = resolved[2]
-        a, b = ab["A"], ab["B"]
-        r = a.shape[0]
-        rows, cols = layer.full_shape(shard)  # the whole weight's, under tensor parallelism too
-        want_a, want_b = (r, cols), (rows, r)
-        if a.dim() != 2 or tuple(a.shape) != want_a or tuple(b.shape) != want_b:
-            raise ModelLoadError(
-                f"LoRA adapter {path}: {module} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
-                f"the model needs {want_a} and {want_b}"
-            )
-        if r > max_rank:
-            raise ModelLoadError(
-                f"LoRA adapter {path}: {module} has rank {r}, above max_lora_rank {max_rank}"
-            )
-        scale = _alpha(cfg, module) / (math.sqrt(r) if use_rslora else r)
-        dtype = layer.lora.a.dtype
-        weights.setdefault(owner, {})[shard] = (
-            a.to(dtype),
-            (b.float() * scale).to(dtype),
+    return pairs
+
+
+def _adapted_layer(model: CausalLM, module: str, path: str) -> tuple[str, str, Linear]:
+    """The model's Linear that holds `module`'s weight: its name, the shard of it (a fused
+    layer's part, else "") and the layer; a ModelLoadError where it holds no LoRA slots."""
+    resolved = model.resolve_param(f"{module}.weight")
+    layer = None
+    if resolved is not None:
+        owner = resolved[1].rsplit(".", 1)[0]
+        try:
+            layer = model.get_submodule(owner)
+        except AttributeError:
+            layer = None
+    if not isinstance(layer, Linear) or layer.lora is None:
+        raise ModelLoadError(
+            f"LoRA adapter {path}: {module} is not a layer adapters apply to (the "
+            "decoder's q/k/v/o and gate/up/down projections)"
         )
-        top = max(top, r)
-    if not weights:
-        raise ModelLoadError(f"LoRA adapter {path}: no lora_A / lora_B tensors")
-    return LoRAAdapter(name, str(folder), top, weights)
+    return owner, resolved[2], layer
+
+
+def _scaled_pair(
+    layer: Linear,
+    shard: str,
+    module: str,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    cfg: dict,
+    max_rank: int,
+    path: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, scale * B) in the layer's LoRA dtype, once their shapes are checked against the
+    layer's `shard` and their rank against `max_rank`; scale is alpha / r (alpha / sqrt(r)
+    with use_rslora)."""
+    r = a.shape[0]
+    rows, cols = layer.full_shape(shard)  # the whole weight's, under tensor parallelism too
+    want_a, want_b = (r, cols), (rows, r)
+    if a.dim() != 2 or tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+        raise ModelLoadError(
+            f"LoRA adapter {path}: {module} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
+            f"the model needs {want_a} and {want_b}"
+        )
+    if r > max_rank:
+        raise ModelLoadError(
+            f"LoRA adapter {path}: {module} has rank {r}, above max_lora_rank {max_rank}"
+        )
+    use_rslora = bool(cfg.get("use_rslora"))
+    scale = _alpha(cfg, module) / (math.sqrt(r) if use_rslora else r)
+    dtype = layer.lora.a.dtype
+    return a.to(dtype), (b.float() * scale).to(dtype)

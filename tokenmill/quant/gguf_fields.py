@@ -219,70 +219,103 @@ def parse(raw: np.ndarray | torch.Tensor, qtype: int, n: int, k: int) -> dict[st
     b = raw.view(torch.uint8).reshape(n, nb, BLOCK_BYTES[qtype])
     if qtype in LATTICE_TYPES:
         return _parse_lattice(b, qtype, n, nb)
-    f: dict[str, torch.Tensor] = {}
     if qtype == IQ4_XS:
-        f["d"] = b[..., 0:2]
-        h = b[..., 2].to(torch.int32) | (b[..., 3].to(torch.int32) << 8)
-        low = torch.stack([b[..., 4:8] & 0xF, b[..., 4:8] >> 4], dim=-1).reshape(n, nb, 8)
-        high = (h[..., None] >> (2 * torch.arange(8))) & 3
-        f["sc"] = ((low.to(torch.int32) | (high << 4)) - 32).to(torch.int8).view(torch.uint8)
-        qs = b[..., 8:136].reshape(n, nb, 8, 16)
-        f["u"] = torch.cat([qs & 0xF, qs >> 4], dim=-1).reshape(n, k)
-        return f
+        return _parse_iq4_xs(b, n, nb, k)
     if qtype in (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL):
-        f["d"] = b[..., 0:2]
-        off = 2
-        if qtype in (Q4_1, Q5_1):
-            f["m"] = b[..., 2:4]
-            off = 4
-        if qtype == Q8_0:
-            f["u"] = b[..., 2:34].reshape(n, k)
-            return f
-        if qtype in (Q5_0, Q5_1):
-            qh = b[..., off : off + 4].to(torch.int64)
-            bits = qh[..., 0] | qh[..., 1] << 8 | qh[..., 2] << 16 | qh[..., 3] << 24
-            high = ((bits[..., None] >> torch.arange(32)) & 1).to(torch.uint8) << 4
-            off += 4
-        qs = b[..., off : off + 16]
-        u = torch.cat([qs & 0xF, qs >> 4], dim=-1)
-        if qtype in (Q5_0, Q5_1):
-            u = u | high
-        f["u"] = u.reshape(n, k)
-        return f
+        return _parse_block32(b, qtype, n, k)
     if qtype in (Q4_K, Q5_K):
-        f["d"], f["dmin"] = b[..., 0:2], b[..., 2:4]
-        s = b[..., 4:16]
-        lo, mid, hi = s[..., 0:4], s[..., 4:8], s[..., 8:12]
-        f["sc"] = torch.cat([lo & 63, (hi & 0xF) | ((lo >> 2) & 0x30)], dim=-1)  # [n, nb, 8]
-        f["mn"] = torch.cat([mid & 63, (hi >> 4) | ((mid >> 2) & 0x30)], dim=-1)
-        qs = b[..., -128:].reshape(n, nb, 4, 32)
-        u = torch.stack([qs & 0xF, qs >> 4], dim=3).reshape(n, nb, 8, 32)
-        if qtype == Q5_K:
-            qh = b[..., 16:48]  # [n, nb, 32]: bit j of byte l = bit 4 of input 32j + l
-            u = u | (((qh[:, :, None, :] >> torch.arange(8, dtype=torch.uint8)[:, None]) & 1) << 4)
-        f["u"] = u.reshape(n, k)
-        return f
+        return _parse_q4_k_q5_k(b, qtype, n, nb, k)
     if qtype == Q2_K:
-        s, qs = b[..., 0:16], b[..., 16:80]
-        f["d"], f["dmin"] = b[..., 80:82], b[..., 82:84]
-        f["sc"], f["mn"] = s & 0xF, s >> 4  # per 16 inputs
-        f["u"] = _two_bit_values(qs, n, nb).reshape(n, k)
-        return f
+        return _parse_q2_k(b, n, nb, k)
     if qtype == Q3_K:
-        hm, qs, s = b[..., 0:32], b[..., 32:96], b[..., 96:108]
-        f["d"] = b[..., 108:110]
-        low = torch.stack([s[..., :8] & 0xF, s[..., :8] >> 4], dim=-2).reshape(n, nb, 16)
-        h = s[..., 8:12]
-        high = torch.stack([(h >> sh) & 3 for sh in (0, 2, 4, 6)], dim=-2).reshape(n, nb, 16)
-        f["sc"] = ((low | (high << 4)).to(torch.int8) - 32).view(torch.uint8)
-        # input 128 h + 32 j + l: its 3rd bit at bit 4h + j of hm[l]
-        u = _two_bit_values(qs, n, nb)
-        bits = (hm[:, :, None, :] >> torch.arange(8, dtype=torch.uint8)[:, None]) & 1
-        f["u"] = (u | (bits.reshape(n, nb, 2, 4, 32) << 2)).reshape(n, k)
+        return _parse_q3_k(b, n, nb, k)
+    return _parse_q6_k(b, n, nb, k)
+
+
+def _parse_iq4_xs(b: torch.Tensor, n: int, nb: int, k: int) -> dict[str, torch.Tensor]:
+    """IQ4_XS blocks [n, nb, 136] -> fields: d, sc (int8 bytes, a 6-bit scale per 32 less 32),
+    u (codebook indices)."""
+    f: dict[str, torch.Tensor] = {"d": b[..., 0:2]}
+    h = b[..., 2].to(torch.int32) | (b[..., 3].to(torch.int32) << 8)
+    low = torch.stack([b[..., 4:8] & 0xF, b[..., 4:8] >> 4], dim=-1).reshape(n, nb, 8)
+    high = (h[..., None] >> (2 * torch.arange(8))) & 3
+    f["sc"] = ((low.to(torch.int32) | (high << 4)) - 32).to(torch.int8).view(torch.uint8)
+    qs = b[..., 8:136].reshape(n, nb, 8, 16)
+    f["u"] = torch.cat([qs & 0xF, qs >> 4], dim=-1).reshape(n, k)
+    return f
+
+
+def _parse_block32(b: torch.Tensor, qtype: int, n: int, k: int) -> dict[str, torch.Tensor]:
+    """Blocks of 32 inputs (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL) [n, nb, bytes] -> fields: d,
+    m (Q4_1 / Q5_1), u."""
+    f: dict[str, torch.Tensor] = {"d": b[..., 0:2]}
+    off = 2
+    if qtype in (Q4_1, Q5_1):
+        f["m"] = b[..., 2:4]
+        off = 4
+    if qtype == Q8_0:
+        f["u"] = b[..., 2:34].reshape(n, k)
         return f
-    # Q6_K
+    if qtype in (Q5_0, Q5_1):
+        qh = b[..., off : off + 4].to(torch.int64)
+        bits = qh[..., 0] | qh[..., 1] << 8 | qh[..., 2] << 16 | qh[..., 3] << 24
+        high = ((bits[..., None] >> torch.arange(32)) & 1).to(torch.uint8) << 4
+        off += 4
+    qs = b[..., off : off + 16]
+    u = torch.cat([qs & 0xF, qs >> 4], dim=-1)
+    if qtype in (Q5_0, Q5_1):
+        u = u | high
+    f["u"] = u.reshape(n, k)
+    return f
+
+
+def _parse_q4_k_q5_k(
+    b: torch.Tensor, qtype: int, n: int, nb: int, k: int
+) -> dict[str, torch.Tensor]:
+    """Q4_K / Q5_K blocks [n, nb, 144 or 176] -> fields: d, dmin, sc and mn (6 bits per 32), u."""
+    f: dict[str, torch.Tensor] = {"d": b[..., 0:2], "dmin": b[..., 2:4]}
+    s = b[..., 4:16]
+    lo, mid, hi = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    f["sc"] = torch.cat([lo & 63, (hi & 0xF) | ((lo >> 2) & 0x30)], dim=-1)  # [n, nb, 8]
+    f["mn"] = torch.cat([mid & 63, (hi >> 4) | ((mid >> 2) & 0x30)], dim=-1)
+    qs = b[..., -128:].reshape(n, nb, 4, 32)
+    u = torch.stack([qs & 0xF, qs >> 4], dim=3).reshape(n, nb, 8, 32)
+    if qtype == Q5_K:
+        qh = b[..., 16:48]  # [n, nb, 32]: bit j of byte l = bit 4 of input 32j + l
+        u = u | (((qh[:, :, None, :] >> torch.arange(8, dtype=torch.uint8)[:, None]) & 1) << 4)
+    f["u"] = u.reshape(n, k)
+    return f
+
+
+def _parse_q2_k(b: torch.Tensor, n: int, nb: int, k: int) -> dict[str, torch.Tensor]:
+    """Q2_K blocks [n, nb, 84] -> fields: d, dmin, sc and mn (4 bits per 16), u."""
+    s, qs = b[..., 0:16], b[..., 16:80]
+    f: dict[str, torch.Tensor] = {"d": b[..., 80:82], "dmin": b[..., 82:84]}
+    f["sc"], f["mn"] = s & 0xF, s >> 4  # per 16 inputs
+    f["u"] = _two_bit_values(qs, n, nb).reshape(n, k)
+    return f
+
+
+def _parse_q3_k(b: torch.Tensor, n: int, nb: int, k: int) -> dict[str, torch.Tensor]:
+    """Q3_K blocks [n, nb, 110] -> fields: d, sc (int8 bytes, a 6-bit scale per 16 less 32),
+    u."""
+    hm, qs, s = b[..., 0:32], b[..., 32:96], b[..., 96:108]
+    f: dict[str, torch.Tensor] = {"d": b[..., 108:110]}
+    low = torch.stack([s[..., :8] & 0xF, s[..., :8] >> 4], dim=-2).reshape(n, nb, 16)
+    h = s[..., 8:12]
+    high = torch.stack([(h >> sh) & 3 for sh in (0, 2, 4, 6)], dim=-2).reshape(n, nb, 16)
+    f["sc"] = ((low | (high << 4)).to(torch.int8) - 32).view(torch.uint8)
+    # input 128 h + 32 j + l: its 3rd bit at bit 4h + j of hm[l]
+    u = _two_bit_values(qs, n, nb)
+    bits = (hm[:, :, None, :] >> torch.arange(8, dtype=torch.uint8)[:, None]) & 1
+    f["u"] = (u | (bits.reshape(n, nb, 2, 4, 32) << 2)).reshape(n, k)
+    return f
+
+
+def _parse_q6_k(b: torch.Tensor, n: int, nb: int, k: int) -> dict[str, torch.Tensor]:
+    """Q6_K blocks [n, nb, 210] -> fields: sc (int8 bytes, per 16), d, u."""
     ql, qh = b[..., 0:128].reshape(n, nb, 2, 64), b[..., 128:192].reshape(n, nb, 2, 32)
-    f["sc"], f["d"] = b[..., 192:208], b[..., 208:210]
+    f: dict[str, torch.Tensor] = {"sc": b[..., 192:208], "d": b[..., 208:210]}
     low = torch.stack(
         [ql[..., :32] & 0xF, ql[..., 32:] & 0xF, ql[..., :32] >> 4, ql[..., 32:] >> 4], dim=3
     )  # [n, nb, half, 4, 32]
