@@ -245,6 +245,20 @@ def test_bad_adapters_and_options(tiny, adapters, tmp_path):  # noqa: F811
     )
     with pytest.raises(ModelLoadError, match="lm_head is not a layer adapters apply to"):
         llm.generate(PROMPTS[0], lora_request=LoRARequest("h", 8, str(head)))
+    q_proj = "base_model.model.model.layers.0.self_attn.q_proj"
+    for present, missing in (("A", "B"), ("B", "A")):
+        half = tmp_path / f"only_{present}"  # a pair with one of its two matrices
+        half.mkdir()
+        (half / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8}))
+        shape = (4, 64) if present == "A" else (64, 4)
+        save_file(
+            {f"{q_proj}.lora_{present}.weight": torch.zeros(shape)},
+            str(half / "adapter_model.safetensors"),
+        )
+        with pytest.raises(ModelLoadError, match=f"q_proj lacks lora_{missing}"):
+            llm.generate(
+                PROMPTS[0], lora_request=LoRARequest(present, 10 + ord(present), str(half))
+            )
     dora = tmp_path / "dora"
     _adapter(path, dora, 5, use_dora=True)
     with pytest.raises(ModelLoadError, match="use_dora=True is not supported"):

@@ -310,7 +310,8 @@ def _draft(
 
 
 def _cpu_kv_budget(args: EngineArgs, bytes_per_token: int) -> int:
-    """The KV bytes the engine reserves on the CPU under `args` (`EngineArgs._num_kv_blocks`)."""
+    """The KV bytes the engine reserves on the CPU under `args` (as `config.resolve`'s
+    num_kv_blocks counts them, before rounding down to whole blocks)."""
     if args.num_kv_blocks is not None:
         return args.num_kv_blocks * args.block_size * bytes_per_token
     gib = DEFAULT_CPU_KV_GIB if args.kv_cache_memory_gib is None else args.kv_cache_memory_gib

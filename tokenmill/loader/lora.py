@@ -71,7 +71,8 @@ def load_lora_adapter(name: str, path: str, model: CausalLM, max_rank: int) -> L
     top = 0
     for module, ab in sorted(_read_pairs(file, path).items()):
         if set(ab) != {"A", "B"}:
-            raise ModelLoadError(f"LoRA adapter {path}: {module} lacks lora_{'AB'[len(ab) - 1]}")
+            missing = "A" if "A" not in ab else "B"
+            raise ModelLoadError(f"LoRA adapter {path}: {module} lacks lora_{missing}")
         owner, shard, layer = _adapted_layer(model, module, path)
         pair = _scaled_pair(layer, shard, module, ab["A"], ab["B"], cfg, max_rank, path)
         weights.setdefault(owner, {})[shard] = pair
