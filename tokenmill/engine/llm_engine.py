@@ -28,8 +28,10 @@ from tokenmill.engine.startup import (
 )
 from tokenmill.engine.structured_output import StructuredOutputManager
 from tokenmill.engine.tokenizer import Tokenizer, load_tokenizer
+from tokenmill.loader.load import ModelInfo
 from tokenmill.loader.resolve import resolve_model
 from tokenmill.lora_request import LoRARequest
+from tokenmill.models.base import CausalLM
 from tokenmill.outputs import EmbeddingRequestOutput, RequestOutput
 from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import SamplingParams
@@ -80,7 +82,7 @@ class LLMEngine:
         for i, (name, path) in enumerate(args.lora_module_paths().items()):
             self.add_lora(LoRARequest(name, i + 1, path))
 
-    def _load(self, startup: dict[str, float]) -> tuple | None:
+    def _load(self, startup: dict[str, float | None]) -> tuple[CausalLM, ModelInfo] | None:
         """Load the target model (and its tensor-parallel workers), the tokenizer and the draft
         model, resolve the EngineConfig and calibrate the exact channels; time each part into
         `startup`. Returns the draft as load_draft gives it (None without one)."""
