@@ -577,6 +577,16 @@ def test_invalid_chat_params(server, patch, param):
         assert err["param"] == param
 
 
+def test_chat_parts_other_than_text_are_named(server):
+    """An image (or audio) part is refused with its kind named, not as a failed union."""
+    part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    content = [{"type": "text", "text": "what is this?"}, part]
+    body = {"model": MODEL, "messages": [{"role": "user", "content": content}]}
+    err = _err(httpx.post(server.url + "/v1/chat/completions", json=body), 400)
+    assert "'image_url'" in err["message"] and "not supported" in err["message"], err
+    assert "messages.0.content" in err["message"], err
+
+
 def test_context_overflow_says_numbers(server):
     body = {"model": MODEL, "prompt": "hello " * 100, "max_tokens": 1000}
     err = _err(httpx.post(server.url + "/v1/completions", json=body), 400)
@@ -594,7 +604,8 @@ def test_unknown_model_malformed_json(server):
         content=b"{not json",
         headers={"content-type": "application/json"},
     )
-    _err(r, 400)
+    err = _err(r, 400)
+    assert err["message"].startswith("the body is not valid JSON") and err["param"] is None, err
 
 
 def test_errors_do_not_disturb_others(server, llm_f32):

@@ -143,12 +143,14 @@ def add_error_handlers(app: FastAPI) -> None:
     async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
         errors = e.errors()  # only the first is reported (a summary, never one per item)
         err = errors[0] if errors else {}
+        if err.get("type") == "json_invalid":  # its loc is the character, not a field
+            detail = (err.get("ctx") or {}).get("error", "")
+            return error_response(400, f"the body is not valid JSON: {detail}".rstrip(": "))
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         param = loc[0] if loc else None
         where = ".".join(loc)
-        return error_response(
-            400, f"{where}: {err.get('msg', 'invalid request')}".lstrip(": "), param=param
-        )
+        message = err.get("msg", "invalid request").removeprefix("Value error, ")
+        return error_response(400, f"{where}: {message}".lstrip(": "), param=param)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, e: Exception) -> JSONResponse:

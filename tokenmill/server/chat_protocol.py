@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from tokenmill.engine.chat_template import RESERVED_VARIABLES
 from tokenmill.server.completions_protocol import SamplingRequest
@@ -16,6 +16,7 @@ from tokenmill.server.protocol import (
     RequestLimits,
     UnsupportedParameter,
     check_metadata,
+    reject_kinds,
 )
 
 
@@ -45,6 +46,14 @@ class ChatMessage(BaseModel):
     name: str | None = None
     tool_calls: list[ToolCallMessage] | None = None  # assistant messages
     tool_call_id: str | None = None  # tool messages
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: Any) -> Any:
+        """Parts of a kind this server does not take (images, audio, files) are named in the
+        error instead of failing the text-or-parts union."""
+        reject_kinds(content, ("text",), "content", "parts")
+        return content
 
     def as_template_message(self) -> dict[str, Any]:
         content = self.content
