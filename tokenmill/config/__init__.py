@@ -2,7 +2,8 @@
 
 * `engine_args`: EngineArgs, every engine option in one place, shared by the Python API and the
   CLI, and `EngineArgs.create_engine_config`, the one place they are resolved against a model.
-* `resolve`: the parts of that resolution (the model, the KV cache, the scheduler).
+* `resolve`: the parts of that resolution (the model, the KV cache, the scheduler), and
+  `reserved_kv_bytes`, the KV budget the options give (also for `tokenmill estimate`).
 * `engine_config`: EngineConfig and its parts (ModelConfig, CacheConfig, SpeculativeConfig,
   SchedulerConfig), the options as resolved, and the values an option may take.
 * `memory`: dtype sizes, the KV cache's bytes per token, the KV budget on a GPU, and whether the
@@ -32,7 +33,7 @@ from tokenmill.config.memory import (
     cuda_kv_budget,
     kv_cache_bytes_per_token,
 )
-from tokenmill.config.resolve import DEFAULT_CUDA_SCHEDULER_STEPS
+from tokenmill.config.resolve import DEFAULT_CUDA_SCHEDULER_STEPS, reserved_kv_bytes
 
 __all__ = [
     "CUDA_MEMORY_UTILIZATION",
@@ -54,4 +55,5 @@ __all__ = [
     "cpu_has_native_bf16",
     "cuda_kv_budget",
     "kv_cache_bytes_per_token",
+    "reserved_kv_bytes",
 ]

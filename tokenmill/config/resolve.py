@@ -78,27 +78,40 @@ def cache_config(
     )
 
 
+def reserved_kv_bytes(
+    args: EngineArgs,
+    device: str,
+    bytes_per_token: int,
+    profiled: Callable[[], float] | None = None,
+) -> float:
+    """The KV bytes to reserve on `device`: num_kv_blocks' worth, else kv_cache_memory_gib, else
+    the CPU's default, else (on a GPU) the memory profile `profiled` measures."""
+    if args.num_kv_blocks is not None:
+        return args.num_kv_blocks * args.block_size * bytes_per_token
+    if args.kv_cache_memory_gib is not None:
+        return args.kv_cache_memory_gib * GiB
+    if device == "cpu":
+        return DEFAULT_CPU_KV_GIB * GiB
+    if profiled is not None:
+        return profiled()
+    raise ValueError(
+        f"the KV budget on {device} needs a memory profile: set kv_cache_memory_gib or "
+        "num_kv_blocks"
+    )
+
+
 def num_kv_blocks(
     args: EngineArgs,
     model: ModelConfig,
     bytes_per_token: int,
-    kv_budget_bytes: Callable[[ModelConfig], float] | None,
+    kv_budget: Callable[[ModelConfig], float] | None,
 ) -> int:
-    """The number of KV blocks: the option, else as many as the budget holds
+    """The number of KV blocks: the option, else as many as `reserved_kv_bytes` holds
     (see `EngineArgs.create_engine_config`)."""
     if args.num_kv_blocks is not None:
         return args.num_kv_blocks
-    if args.kv_cache_memory_gib is not None:
-        budget = args.kv_cache_memory_gib * GiB
-    elif model.device == "cpu":
-        budget = DEFAULT_CPU_KV_GIB * GiB
-    elif kv_budget_bytes is not None:
-        budget = kv_budget_bytes(model)
-    else:
-        raise ValueError(
-            f"the KV budget on {model.device} needs a memory profile: set "
-            "kv_cache_memory_gib or num_kv_blocks"
-        )
+    profiled = None if kv_budget is None else lambda: kv_budget(model)
+    budget = reserved_kv_bytes(args, model.device, bytes_per_token, profiled)
     num_blocks = int(budget // (bytes_per_token * args.block_size))
     if num_blocks < 1:
         raise ValueError(

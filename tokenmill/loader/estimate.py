@@ -32,12 +32,12 @@ from typing import Any
 
 from tokenmill.config import (
     CUDA_MEMORY_UTILIZATION,
-    DEFAULT_CPU_KV_GIB,
     DTYPE_SIZES,
     EngineArgs,
     GiB,
     SpeculativeConfig,
     kv_cache_bytes_per_token,
+    reserved_kv_bytes,
 )
 from tokenmill.loader.inspect import (
     WeightMemory,
@@ -178,7 +178,7 @@ def estimate_memory(args: EngineArgs, memory_gib: float | None = None) -> Memory
         memory=memory,
         memory_source=memory_source,
         tensor_parallel_size=tp,
-        kv_budget=_cpu_kv_budget(args, bytes_per_token) if device == "cpu" else None,
+        kv_budget=int(reserved_kv_bytes(args, "cpu", bytes_per_token)) if device == "cpu" else None,
     )
 
 
@@ -307,15 +307,6 @@ def _draft(
         speculative_config=None,
     )
     return arch, checkpoint, weights_of(device, dtype, as_loaded)
-
-
-def _cpu_kv_budget(args: EngineArgs, bytes_per_token: int) -> int:
-    """The KV bytes the engine reserves on the CPU under `args` (as `config.resolve`'s
-    num_kv_blocks counts them, before rounding down to whole blocks)."""
-    if args.num_kv_blocks is not None:
-        return args.num_kv_blocks * args.block_size * bytes_per_token
-    gib = DEFAULT_CPU_KV_GIB if args.kv_cache_memory_gib is None else args.kv_cache_memory_gib
-    return int(gib * GiB)
 
 
 __all__ = [
