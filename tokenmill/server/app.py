@@ -76,17 +76,19 @@ def build_app(
     max_header_bytes: int = 16384,
     tool_call_parser: str = "auto",
     allow_runtime_lora_updating: bool = False,
+    reasoning_parser: str | None = None,
 ) -> FastAPI:
     """The app. `api_key`: required as a Bearer token on the API, docs and (unless
     `public_metrics`) /metrics; /health stays open. `allowed_hosts`: Host header values
     accepted (anything else: 400), against DNS rebinding; empty = any.
     `allow_runtime_lora_updating`: serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter
-    (vLLM's), which load a server-side path: for trusted clients only."""
+    (vLLM's), which load a server-side path: for trusted clients only. `reasoning_parser`: a
+    `tokenmill.engine.reasoning` parser name, to give chat replies' reasoning apart."""
     if api_key is not None and not api_key:
         raise ValueError("the API key is empty: pass a non-empty key or none")
     limits = limits or RequestLimits()
     metrics = ServerMetrics(engine, model_name)
-    serving = OpenAIServing(engine, model_name, metrics, tool_call_parser)
+    serving = OpenAIServing(engine, model_name, metrics, tool_call_parser, reasoning_parser)
     names = {model_name, *extra_model_names, *serving.loras}
 
     @contextlib.asynccontextmanager

@@ -25,14 +25,14 @@ from tokenmill.server.streams import chunker, error_event, stream_end
 from tokenmill.server.tools import ToolPlan, new_call_id, plan_tools, tool_calls_json
 
 
-def new_pieces(streamer: ToolStreamer | None, o: CompletionOutput) -> tuple[str, list]:
+def new_pieces(streamer: ToolStreamer | None, text: str, finished: bool) -> tuple[str, list]:
     """A sample's new text as (content, tool-call pieces): all content without a tool parser;
     with one, what its streamer makes of the delta (and, once the sample finished, of what it
     held back)."""
     if streamer is None:
-        return o.delta_text, []
-    content, calls = streamer.feed(o.delta_text)
-    if o.finished:
+        return text, []
+    content, calls = streamer.feed(text)
+    if finished:
         tail, more = streamer.finish()
         content, calls = content + tail, calls + more
     return content, calls
@@ -131,6 +131,11 @@ class _ChatReply:
         parser = run.plan.parser
         self.streamers = {j: parser.streamer() for j in range(body.n)} if parser else {}
         self.called: set[int] = set()  # samples that streamed a tool call
+        self.reasoning = serving.reasoning_parser  # None: no reasoning split
+        reasoning, prompt_text = self.reasoning, run.prompt.text
+        self.reasoners = (
+            {j: reasoning.streamer(prompt_text) for j in range(body.n)} if reasoning else {}
+        )
 
     def base(self, choices: list[dict]) -> dict:
         """The fields every response body or chunk carries, with these choices."""
@@ -150,16 +155,22 @@ class _ChatReply:
         return chat_logprobs(o, self.serving.tokenizer, k, start, body.return_tokens_as_token_ids)
 
     def message(self, o: CompletionOutput) -> tuple[dict, str | None]:
-        """The assistant message of a finished sample and its finish_reason."""
-        parser = self.run.plan.parser
-        if parser is None:
-            return {"role": "assistant", "content": o.text}, o.finish_reason
-        content, calls = parser.extract(o.text)
-        if not calls:
-            return {"role": "assistant", "content": content}, o.finish_reason
-        reason = "tool_calls" if o.finish_reason == "stop" else o.finish_reason
-        msg = {"role": "assistant", "content": content or None}
-        return msg | {"tool_calls": tool_calls_json(calls)}, reason
+        """The assistant message of a finished sample and its finish_reason: its reasoning
+        (with a reasoning parser, under vLLM's `reasoning` and its older `reasoning_content`),
+        then its answer, split into content and tool calls by the tool parser."""
+        msg: dict = {"role": "assistant"}
+        text = o.text
+        if self.reasoning is not None:
+            reasoning, text = self.reasoning.extract(o.text, self.run.prompt.text)
+            if reasoning is not None:
+                msg |= {"reasoning": reasoning, "reasoning_content": reasoning}
+        parser, reason = self.run.plan.parser, o.finish_reason
+        content, calls = (text, []) if parser is None else parser.extract(text)
+        msg["content"] = (content or None) if calls or "reasoning" in msg else content
+        if calls:
+            reason = "tool_calls" if reason == "stop" else reason
+            msg["tool_calls"] = tool_calls_json(calls)
+        return msg, reason
 
     async def collect(self) -> dict:
         """The whole response body, once every sample finished."""
@@ -190,10 +201,21 @@ class _ChatReply:
         return response
 
     def deltas(self, o: CompletionOutput) -> list[dict]:
-        """The chunk deltas for a sample's new text: content, or tool-call pieces (the id,
-        type and name first, then argument fragments)."""
-        content, calls = new_pieces(self.streamers.get(o.index), o)
-        out: list[dict] = [{"content": content}] if content else []
+        """The chunk deltas for a sample's new text: reasoning (with a reasoning parser), then
+        content or tool-call pieces (the id, type and name first, then argument fragments)."""
+        reasoning, text = "", o.delta_text
+        reasoner = self.reasoners.get(o.index)
+        if reasoner is not None:
+            reasoning, text = reasoner.feed(text)
+            if o.finished:
+                held_reasoning, held_text = reasoner.finish()
+                reasoning, text = reasoning + held_reasoning, text + held_text
+        content, calls = new_pieces(self.streamers.get(o.index), text, o.finished)
+        out: list[dict] = []
+        if reasoning:
+            out.append({"reasoning": reasoning, "reasoning_content": reasoning})
+        if content:
+            out.append({"content": content})
         for d in calls:
             if d.name is not None:
                 self.called.add(o.index)

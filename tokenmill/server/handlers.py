@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokenmill.engine.async_engine import AsyncEngine
+from tokenmill.engine.reasoning import ReasoningParser
 from tokenmill.engine.request_stream import RequestStream
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.pooling_params import PoolingParams
@@ -53,9 +54,12 @@ class OpenAIServing:
         model_name: str,
         metrics: ServerMetrics,
         tool_call_parser: str = "auto",
+        reasoning_parser: str | None = None,
     ) -> None:
         self.engine = engine
         self.tool_call_parser = tool_call_parser  # a tool_parsers.PARSERS name, or "auto"
+        # how chat replies split reasoning from the answer (None: they do not)
+        self.reasoning_parser = ReasoningParser(reasoning_parser) if reasoning_parser else None
         self.model_name = model_name
         self.metrics = metrics
         self.tokenizer = engine.engine.tokenizer

@@ -204,7 +204,7 @@ class _MessageReply:
         try:
             async for _, out in self.serving.merged(run.streams, run.tracker):
                 o = out.outputs[0]
-                text, calls = new_pieces(streamer, o)
+                text, calls = new_pieces(streamer, o.delta_text, o.finished)
                 lines = blocks.text(text) if text else []
                 for d in calls:
                     lines += blocks.call(d.name, d.arguments)

@@ -249,7 +249,7 @@ class _ResponseReply:
             async for _, out in self.serving.merged(run.streams, run.tracker):
                 o = out.outputs[0]
                 lp = self.logprobs(o, len(o.token_ids) - len(o.delta_token_ids))
-                content, calls = new_pieces(streamer, o)
+                content, calls = new_pieces(streamer, o.delta_text, o.finished)
                 lines = items.text(content, lp) if content or (lp and streamer is None) else []
                 for d in calls:
                     lines += items.call(d.name, d.arguments)

@@ -9,6 +9,7 @@ import signal
 import sys
 
 from tokenmill.config import EngineArgs
+from tokenmill.engine.reasoning import REASONING_PARSERS
 from tokenmill.engine.tool_parsers import PARSERS
 from tokenmill.server.protocol import RequestLimits
 
@@ -62,6 +63,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         choices=("auto", *sorted(PARSERS)),
         help="how models write tool calls (auto: detected from the chat template; hermes "
         "when the template cannot render tools and the fallback system prompt is used)",
+    )
+    p.add_argument(
+        "--reasoning-parser",
+        default=None,
+        choices=REASONING_PARSERS,
+        help="give chat replies' reasoning (<think> ... </think>) as the message's `reasoning` "
+        "(and `reasoning_content`) instead of in its content: deepseek_r1 (DeepSeek-R1 and its "
+        "distills, QwQ) or qwen3",
     )
     p.add_argument(
         "--served-model-name",
@@ -208,6 +217,7 @@ def run_server(ns: argparse.Namespace) -> int:
         max_header_bytes=ns.max_header_bytes,
         tool_call_parser=ns.tool_call_parser,
         allow_runtime_lora_updating=ns.allow_runtime_lora_updating,
+        reasoning_parser=ns.reasoning_parser,
     )
     config = uvicorn.Config(
         app,

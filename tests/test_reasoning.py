@@ -1,0 +1,99 @@
+"""Reasoning parsers (`--reasoning-parser`): the split of an output into reasoning and answer,
+against hand-written expectations; streamed splits against the whole output's at every cut;
+and the chat endpoint's fields, with the output forced by a regex so that it is known."""
+
+from __future__ import annotations
+
+import itertools
+
+import openai
+import pytest
+
+from tests.server_utils import ServerProcess
+from tokenmill.engine.reasoning import ReasoningParser
+
+MODEL = "SmolLM2-135M-Instruct"
+QWEN3_PROMPT = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+THINKING_PROMPT = QWEN3_PROMPT + "<think>\n"
+
+CASES = [
+    # parser, prompt, output, (reasoning, answer)
+    ("deepseek_r1", None, "abc</think>def", ("abc", "def")),
+    ("deepseek_r1", None, "<think>\nabc\n</think>\n\ndef", ("\nabc\n", "\n\ndef")),
+    ("deepseek_r1", None, "cut short while thinking", ("cut short while thinking", "")),
+    ("deepseek_r1", None, "a</thi", ("a</thi", "")),
+    ("deepseek_r1", None, "</think>", ("", "")),
+    ("deepseek_r1", None, "x</think>y</think>z", ("x", "y</think>z")),
+    ("qwen3", QWEN3_PROMPT, "<think>\nx\n</think>\n\ny", ("\nx\n", "\n\ny")),
+    ("qwen3", QWEN3_PROMPT, "a plain answer", (None, "a plain answer")),
+    ("qwen3", QWEN3_PROMPT, "a </think> b", (None, "a </think> b")),
+    ("qwen3", QWEN3_PROMPT, "<thin", (None, "<thin")),
+    ("qwen3", QWEN3_PROMPT, "<think>cut", ("cut", "")),
+    ("qwen3", THINKING_PROMPT, "x</think>y", ("x", "y")),
+    ("qwen3", THINKING_PROMPT, "x</think", ("x</think", "")),
+]
+
+
+@pytest.mark.parametrize("name, prompt, text, want", CASES)
+def test_split(name, prompt, text, want):
+    assert ReasoningParser(name).extract(text, prompt) == want
+
+
+@pytest.mark.parametrize("name, prompt, text, want", CASES)
+def test_streamed_split_equals_whole_at_every_cut(name, prompt, text, want):
+    parser = ReasoningParser(name)
+    for i, j in itertools.combinations_with_replacement(range(len(text) + 1), 2):
+        s = parser.streamer(prompt)
+        parts = [s.feed(text[:i]), s.feed(text[i:j]), s.feed(text[j:]), s.finish()]
+        reasoning = "".join(r for r, _ in parts)
+        content = "".join(c for _, c in parts)
+        assert (reasoning, content) == (want[0] or "", want[1]), (i, j)
+        assert s.reasoned == (want[0] is not None)
+
+
+def test_unknown_parser_is_refused():
+    with pytest.raises(ValueError, match="deepseek_r1, qwen3"):
+        ReasoningParser("o1")
+
+
+@pytest.fixture(scope="module")
+def client():
+    srv = ServerProcess("--reasoning-parser", "deepseek_r1")
+    yield openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+    assert srv.stop() == 0
+
+
+FORCED = {"structured_outputs": {"regex": "First, 2\\+2 is 4\\.</think>It is 4\\."}}
+
+
+def _ask(client, **kw):
+    return client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is 2+2?"}],
+        max_tokens=40,
+        temperature=0,
+        extra_body=FORCED,
+        **kw,
+    )
+
+
+def test_chat_reply_carries_reasoning(client):
+    msg = _ask(client).choices[0].message.model_dump()
+    assert msg["reasoning"] == msg["reasoning_content"] == "First, 2+2 is 4."
+    assert msg["content"] == "It is 4."
+
+
+def test_streamed_chat_reasoning_then_content(client):
+    reasoning, content, order = [], [], []
+    for chunk in _ask(client, stream=True):
+        for choice in chunk.choices:
+            delta = choice.delta.model_dump()
+            if delta.get("reasoning"):
+                assert delta["reasoning_content"] == delta["reasoning"]
+                reasoning.append(delta["reasoning"])
+                order.append("r")
+            if delta.get("content"):
+                content.append(delta["content"])
+                order.append("c")
+    assert "".join(reasoning) == "First, 2+2 is 4." and "".join(content) == "It is 4."
+    assert order == sorted(order, reverse=True)  # every reasoning piece before the answer
