@@ -11,6 +11,7 @@ import pytest
 
 from tests.server_utils import ServerProcess
 from tokenmill.engine.reasoning import ReasoningParser
+from tokenmill.server.chat_protocol import ChatMessage
 
 MODEL = "SmolLM2-135M-Instruct"
 QWEN3_PROMPT = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
@@ -97,3 +98,15 @@ def test_streamed_chat_reasoning_then_content(client):
                 order.append("c")
     assert "".join(reasoning) == "First, 2+2 is 4." and "".join(content) == "It is 4."
     assert order == sorted(order, reverse=True)  # every reasoning piece before the answer
+
+
+@pytest.mark.parametrize("field", ["reasoning", "reasoning_content"])
+def test_reasoning_sent_back_reaches_the_template(client, field):
+    """Clients send a reply back as they got it: its reasoning is accepted, and templates that
+    render past reasoning (Qwen3's, DeepSeek-R1's) find it as `reasoning_content`."""
+    turn = {"role": "assistant", "content": "It is 4.", field: "2+2 is 4."}
+    rendered = ChatMessage.model_validate(turn).as_template_message()
+    assert rendered["reasoning_content"] == "2+2 is 4."
+    messages = [{"role": "user", "content": "2+2?"}, turn, {"role": "user", "content": "And 3+3?"}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4)
+    assert reply.choices[0].finish_reason in ("length", "stop")  # accepted, not a 400

@@ -46,6 +46,10 @@ class ChatMessage(BaseModel):
     name: str | None = None
     tool_calls: list[ToolCallMessage] | None = None  # assistant messages
     tool_call_id: str | None = None  # tool messages
+    # an earlier reply's reasoning, as clients send it back (vLLM's name and its older one);
+    # given to the template as `reasoning_content`, which Qwen3's and DeepSeek-R1's read
+    reasoning: str | None = None
+    reasoning_content: str | None = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -68,6 +72,9 @@ class ChatMessage(BaseModel):
             msg["tool_call_id"] = self.tool_call_id
         if self.name is not None and role == "tool":
             msg["name"] = self.name
+        reasoning = self.reasoning_content if self.reasoning is None else self.reasoning
+        if reasoning is not None:
+            msg["reasoning_content"] = reasoning
         return msg
 
 
