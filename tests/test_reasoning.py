@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import itertools
 
+import anthropic
+import httpx
 import openai
 import pytest
 
 from tests.server_utils import ServerProcess
 from tokenmill.engine.reasoning import ReasoningParser
 from tokenmill.server.chat_protocol import ChatMessage
+from tokenmill.server.messages_protocol import MessagesRequest
+from tokenmill.server.responses_protocol import ResponsesRequest
 
 MODEL = "SmolLM2-135M-Instruct"
 QWEN3_PROMPT = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
@@ -58,10 +62,15 @@ def test_unknown_parser_is_refused():
 
 
 @pytest.fixture(scope="module")
-def client():
+def server():
     srv = ServerProcess("--reasoning-parser", "deepseek_r1")
-    yield openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+    yield srv
     assert srv.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
 
 FORCED = {"structured_outputs": {"regex": "First, 2\\+2 is 4\\.</think>It is 4\\."}}
@@ -110,3 +119,68 @@ def test_reasoning_sent_back_reaches_the_template(client, field):
     messages = [{"role": "user", "content": "2+2?"}, turn, {"role": "user", "content": "And 3+3?"}]
     reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4)
     assert reply.choices[0].finish_reason in ("length", "stop")  # accepted, not a 400
+
+
+# The Responses and Messages APIs force the output through a JSON schema: the JSON string
+# "Think</think>Answer", quotes included.
+STRING = {"type": "string", "enum": ["Think</think>Answer"]}
+
+
+def test_responses_reasoning_item_then_message(client):
+    fmt = {"format": {"type": "json_schema", "name": "s", "schema": STRING}}
+    r = client.responses.create(model=MODEL, input="Go", text=fmt, max_output_tokens=20)
+    kinds = [item.type for item in r.output]
+    assert kinds == ["reasoning", "message"], kinds
+    assert r.output[0].content[0].text == '"Think' and r.output_text == 'Answer"'
+    events = list(
+        client.responses.create(
+            model=MODEL, input="Go", text=fmt, max_output_tokens=20, stream=True
+        )
+    )
+    deltas = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+    done = [e.item for e in events if e.type == "response.output_item.done"]
+    assert deltas == '"Think' and [item.type for item in done] == ["reasoning", "message"]
+    final = events[-1].response
+    assert final.output[0].content[0].text == '"Think' and final.output_text == 'Answer"'
+
+
+def test_messages_thinking_block_then_text(server):
+    a = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0)
+    kw = {
+        "model": MODEL,
+        "max_tokens": 20,
+        "messages": [{"role": "user", "content": "Go"}],
+        "extra_body": {"output_config": {"format": {"type": "json_schema", "schema": STRING}}},
+    }
+    m = a.messages.create(**kw)
+    assert [b.type for b in m.content] == ["thinking", "text"]
+    assert m.content[0].thinking == '"Think' and m.content[1].text == 'Answer"'
+    with a.messages.stream(**kw) as stream:
+        final = stream.get_final_message()
+    assert [b.type for b in final.content] == ["thinking", "text"]
+    assert final.content[0].thinking == '"Think' and final.content[1].text == 'Answer"'
+
+
+def test_reasoning_items_and_thinking_blocks_sent_back(server):
+    """Responses' reasoning items and Messages' thinking blocks, sent back in a later request,
+    are accepted and become the assistant turn's reasoning for the template."""
+    items = [
+        {"role": "user", "content": "2+2?"},
+        {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "4"}]},
+        {"role": "assistant", "content": "It is 4."},
+        {"role": "user", "content": "And 3+3?"},
+    ]
+    chat = ResponsesRequest.model_validate({"model": MODEL, "input": items}).messages()
+    assert [m.get("reasoning_content") for m in chat] == [None, "4", None]
+    thinking = {"type": "thinking", "thinking": "4", "signature": "x"}
+    turns = [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": [thinking, {"type": "text", "text": "It is 4."}]},
+        {"role": "user", "content": "And 3+3?"},
+    ]
+    body = {"model": MODEL, "max_tokens": 4, "messages": turns}
+    chat = MessagesRequest.model_validate(body).chat_messages()
+    assert [m.get("reasoning_content") for m in chat] == [None, "4", None]
+    r = httpx.post(server.url + "/v1/responses", json={"model": MODEL, "input": items})
+    assert r.status_code == 200, r.text
+    assert httpx.post(server.url + "/v1/messages", json=body).status_code == 200

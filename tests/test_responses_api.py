@@ -314,7 +314,7 @@ def test_logprobs_equal_the_chat_endpoint(client):
             {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
             None,
         ),
-        ({"input": [{"type": "reasoning", "summary": []}]}, None),
+        ({"input": [{"type": "web_search_call", "id": "ws_1", "status": "completed"}]}, None),
         ({"previous_response_id": "resp_unknown"}, "previous_response_id"),
     ],
 )

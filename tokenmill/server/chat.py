@@ -1,6 +1,7 @@
 """Response and stream bodies of /v1/chat/completions (OpenAI's shapes), and the chat path
 shared with /v1/responses and /v1/messages: render and queue a chat request (`start_chat`,
-`ChatRun`) and split a sample's new text into content and tool-call pieces (`new_pieces`)."""
+`ChatRun`) and split a sample's text into reasoning, content and tool calls (`ChatRun.split`;
+streamed, `SampleSplitter`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 from tokenmill.engine.chat_template import template_variables
+from tokenmill.engine.reasoning import ReasoningStreamer
 from tokenmill.engine.tool_streamers import ToolStreamer
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.server.chat_protocol import ChatCompletionRequest, NamedToolChoice
@@ -25,19 +27,6 @@ from tokenmill.server.streams import chunker, error_event, stream_end
 from tokenmill.server.tools import ToolPlan, new_call_id, plan_tools, tool_calls_json
 
 
-def new_pieces(streamer: ToolStreamer | None, text: str, finished: bool) -> tuple[str, list]:
-    """A sample's new text as (content, tool-call pieces): all content without a tool parser;
-    with one, what its streamer makes of the delta (and, once the sample finished, of what it
-    held back)."""
-    if streamer is None:
-        return text, []
-    content, calls = streamer.feed(text)
-    if finished:
-        tail, more = streamer.finish()
-        content, calls = content + tail, calls + more
-    return content, calls
-
-
 @dataclasses.dataclass
 class ChatRun:
     """A chat request rendered and queued: how its tools render, parse and constrain, its
@@ -49,16 +38,58 @@ class ChatRun:
     streams: list
     tracker: Any
 
-    async def reply(self, serving: OpenAIServing) -> tuple[RequestOutput, str, list]:
-        """Wait for a one-sample run to end: its final output, and the sample's text split
-        into content and the tool calls the parser found (none without a parser)."""
+    def split(self, serving: OpenAIServing, text: str) -> tuple[str | None, str, list]:
+        """A sample's whole text as (reasoning, content, tool calls): the reasoning by the
+        server's reasoning parser (None without one, or when the sample did not reason), the
+        calls by the tool parser, from the answer only."""
+        reasoning = None
+        if serving.reasoning_parser is not None:
+            reasoning, text = serving.reasoning_parser.extract(text, self.prompt.text)
+        content, calls = (text, []) if self.plan.parser is None else self.plan.parser.extract(text)
+        return reasoning, content, calls
+
+    def splitter(self, serving: OpenAIServing) -> SampleSplitter:
+        """The streaming `split` of one sample."""
+        reasoner = serving.reasoning_parser
+        return SampleSplitter(
+            reasoner.streamer(self.prompt.text) if reasoner is not None else None,
+            self.plan.parser.streamer() if self.plan.parser is not None else None,
+        )
+
+    async def reply(self, serving: OpenAIServing) -> tuple[RequestOutput, str | None, str, list]:
+        """Wait for a one-sample run to end: its final output and the sample's `split`."""
         final = None
         async for _, out in serving.merged(self.streams, self.tracker):
             final = out
         assert final is not None
-        text = final.outputs[0].text
-        content, calls = (text, []) if self.plan.parser is None else self.plan.parser.extract(text)
-        return final, content, calls
+        return final, *self.split(serving, final.outputs[0].text)
+
+
+@dataclasses.dataclass
+class SampleSplitter:
+    """One sample's text, delta by delta, split as `ChatRun.split` splits the whole: the
+    reasoning streamer first (None: no reasoning parser), then the tool streamer on the
+    answer (None: no tool parser)."""
+
+    reasoner: ReasoningStreamer | None
+    tools: ToolStreamer | None
+
+    def feed(self, delta: str, finished: bool) -> tuple[str, str, list]:
+        """The (reasoning, content, tool-call pieces) that `delta` completes; once the sample
+        `finished`, with what the streamers held back."""
+        reasoning, text = "", delta
+        if self.reasoner is not None:
+            reasoning, text = self.reasoner.feed(delta)
+            if finished:
+                held_reasoning, held_text = self.reasoner.finish()
+                reasoning, text = reasoning + held_reasoning, text + held_text
+        if self.tools is None:
+            return reasoning, text, []
+        content, calls = self.tools.feed(text)
+        if finished:
+            tail, more = self.tools.finish()
+            content, calls = content + tail, calls + more
+        return reasoning, content, calls
 
 
 async def render_chat(
@@ -128,14 +159,8 @@ class _ChatReply:
     def __init__(self, serving: OpenAIServing, body: ChatCompletionRequest, run: ChatRun) -> None:
         self.serving, self.body, self.run = serving, body, run
         self.created = int(time.time())
-        parser = run.plan.parser
-        self.streamers = {j: parser.streamer() for j in range(body.n)} if parser else {}
+        self.splitters = {j: run.splitter(serving) for j in range(body.n)}
         self.called: set[int] = set()  # samples that streamed a tool call
-        self.reasoning = serving.reasoning_parser  # None: no reasoning split
-        reasoning, prompt_text = self.reasoning, run.prompt.text
-        self.reasoners = (
-            {j: reasoning.streamer(prompt_text) for j in range(body.n)} if reasoning else {}
-        )
 
     def base(self, choices: list[dict]) -> dict:
         """The fields every response body or chunk carries, with these choices."""
@@ -159,13 +184,10 @@ class _ChatReply:
         (with a reasoning parser, under vLLM's `reasoning` and its older `reasoning_content`),
         then its answer, split into content and tool calls by the tool parser."""
         msg: dict = {"role": "assistant"}
-        text = o.text
-        if self.reasoning is not None:
-            reasoning, text = self.reasoning.extract(o.text, self.run.prompt.text)
-            if reasoning is not None:
-                msg |= {"reasoning": reasoning, "reasoning_content": reasoning}
-        parser, reason = self.run.plan.parser, o.finish_reason
-        content, calls = (text, []) if parser is None else parser.extract(text)
+        reasoning, content, calls = self.run.split(self.serving, o.text)
+        if reasoning is not None:
+            msg |= {"reasoning": reasoning, "reasoning_content": reasoning}
+        reason = o.finish_reason
         msg["content"] = (content or None) if calls or "reasoning" in msg else content
         if calls:
             reason = "tool_calls" if reason == "stop" else reason
@@ -203,14 +225,7 @@ class _ChatReply:
     def deltas(self, o: CompletionOutput) -> list[dict]:
         """The chunk deltas for a sample's new text: reasoning (with a reasoning parser), then
         content or tool-call pieces (the id, type and name first, then argument fragments)."""
-        reasoning, text = "", o.delta_text
-        reasoner = self.reasoners.get(o.index)
-        if reasoner is not None:
-            reasoning, text = reasoner.feed(text)
-            if o.finished:
-                held_reasoning, held_text = reasoner.finish()
-                reasoning, text = reasoning + held_reasoning, text + held_text
-        content, calls = new_pieces(self.streamers.get(o.index), text, o.finished)
+        reasoning, content, calls = self.splitters[o.index].feed(o.delta_text, o.finished)
         out: list[dict] = []
         if reasoning:
             out.append({"reasoning": reasoning, "reasoning_content": reasoning})

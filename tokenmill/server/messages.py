@@ -7,9 +7,11 @@ calls, a user's `tool_result` blocks `tool` messages before its text; `tools` (n
 description, input_schema) and `tool_choice` (auto, any, tool, none) become the chat request's
 function tools and choice, so rendering, grammars and parsing are the chat endpoint's
 (`chat.start_chat`). The reply's content is a text block and the `tool_use` blocks the
-parser found; `stop_reason` is `end_turn`, `max_tokens`, `stop_sequence` (with the sequence) or
-`tool_use`. Streamed, it arrives as Anthropic's events: message_start, content_block_start /
-delta / stop per block (text_delta, input_json_delta), message_delta with the stop reason and
+parser found, after a `thinking` block where the server's reasoning parser found reasoning (a
+`thinking` block sent back is that assistant turn's reasoning, for the template);
+`stop_reason` is `end_turn`, `max_tokens`, `stop_sequence` (with the sequence) or `tool_use`.
+Streamed, it arrives as Anthropic's events: message_start, content_block_start / delta / stop
+per block (thinking_delta, text_delta, input_json_delta), message_delta with the stop reason and
 usage, message_stop; an error after the start is an `error` event.
 
 POST /v1/messages/count_tokens renders the same conversation and counts its tokens. Errors on
@@ -27,7 +29,7 @@ from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 from tokenmill.outputs import CompletionOutput
-from tokenmill.server.chat import ChatRun, new_pieces, render_chat, start_chat
+from tokenmill.server.chat import ChatRun, render_chat, start_chat
 from tokenmill.server.handlers import ContextLengthError, OpenAIServing
 from tokenmill.server.messages_protocol import CountTokensRequest, MessagesRequest
 from tokenmill.server.protocol import RequestLimits, UnsupportedParameter
@@ -121,6 +123,16 @@ class _Blocks:
         """The event of a delta to the open block."""
         return _sse("content_block_delta", {"index": len(self.types) - 1, "delta": delta})
 
+    def thinking(self, text: str) -> list[str]:
+        """The events of new reasoning: a thinking block started unless one is open (its
+        signature empty: nothing here verifies one), and its delta."""
+        lines = (
+            []
+            if self.types and self.types[-1] == "thinking"
+            else self.start({"type": "thinking", "thinking": "", "signature": ""})
+        )
+        return lines + [self.delta({"type": "thinking_delta", "thinking": text})]
+
     def text(self, text: str) -> list[str]:
         """The events of new text: a text block started unless one is open, and its delta."""
         lines = (
@@ -143,9 +155,10 @@ class _Blocks:
         return lines
 
     def close(self) -> list[str]:
-        """The events that end the content: an empty text block when there was none (an
+        """The events that end the content: an empty text block when no answer came (an
         empty reply is still a text block), and the last block's stop."""
-        lines = [] if self.types else self.start({"type": "text", "text": ""})
+        answered = any(kind != "thinking" for kind in self.types)
+        lines = [] if answered else self.start({"type": "text", "text": ""})
         return lines + [_sse("content_block_stop", {"index": len(self.types) - 1})]
 
 
@@ -178,11 +191,16 @@ class _MessageReply:
         }
 
     async def collect(self) -> dict:
-        """The whole message, once the reply finished: a text block (unless the reply is
-        only tool calls) and a tool_use block per call."""
-        final, text, calls = await self.run.reply(self.serving)
+        """The whole message, once the reply finished: a thinking block (with a reasoning
+        parser, when the sample reasoned), a text block (unless the reply is only tool calls)
+        and a tool_use block per call."""
+        final, reasoning, text, calls = await self.run.reply(self.serving)
         o = final.outputs[0]
-        content = [{"type": "text", "text": text}] if text or not calls else []
+        content = []
+        if reasoning is not None:
+            content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
+        if text or not calls:
+            content.append({"type": "text", "text": text})
         content += [
             {
                 "type": "tool_use",
@@ -198,14 +216,15 @@ class _MessageReply:
         """The events: message_start, the blocks' events as the text comes, then
         message_delta (stop reason, usage) and message_stop; an error is an error event."""
         run = self.run
-        streamer = run.plan.parser.streamer() if run.plan.parser is not None else None
+        splitter = run.splitter(self.serving)
         blocks = _Blocks()
         yield _sse("message_start", {"message": self.message([], (None, None), None)})
         try:
             async for _, out in self.serving.merged(run.streams, run.tracker):
                 o = out.outputs[0]
-                text, calls = new_pieces(streamer, o.delta_text, o.finished)
-                lines = blocks.text(text) if text else []
+                reasoning, text, calls = splitter.feed(o.delta_text, o.finished)
+                lines = blocks.thinking(reasoning) if reasoning else []
+                lines += blocks.text(text) if text else []
                 for d in calls:
                     lines += blocks.call(d.name, d.arguments)
                 if o.finished:

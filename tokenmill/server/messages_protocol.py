@@ -18,7 +18,7 @@ from tokenmill.server.protocol import (
 )
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
-BLOCK_TYPES = ("text", "tool_use", "tool_result")
+BLOCK_TYPES = ("text", "tool_use", "tool_result", "thinking", "redacted_thinking")
 
 
 class TextBlock(BaseModel):
@@ -55,7 +55,21 @@ class ToolResultBlock(BaseModel):
         return f"Error: {text or ''}" if self.is_error else text or ""
 
 
-Block = Annotated[TextBlock | ToolUseBlock | ToolResultBlock, Field(discriminator="type")]
+class ThinkingBlock(BaseModel):
+    """An earlier reply's reasoning sent back (its signature is not checked; a redacted one
+    carries none readable and is dropped)."""
+
+    model_config = _STRICT
+    type: Literal["thinking", "redacted_thinking"]
+    thinking: str | None = None
+    signature: str | None = None
+    data: str | None = None  # redacted_thinking's
+    cache_control: dict[str, Any] | None = None
+
+
+Block = Annotated[
+    TextBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock, Field(discriminator="type")
+]
 
 
 class Message(BaseModel):
@@ -136,7 +150,7 @@ class MessagesRequest(RequestBody):
     @model_validator(mode="before")
     @classmethod
     def _known_blocks(cls, data: Any) -> Any:
-        """Content blocks of a kind not served (images, documents, thinking, server tools)
+        """Content blocks of a kind not served (images, documents, server tools)
         are named in the error."""
         messages = data.get("messages") if isinstance(data, dict) else None
         for i, message in enumerate(messages if isinstance(messages, list) else []):
@@ -153,7 +167,9 @@ class MessagesRequest(RequestBody):
     def check_supported(self) -> None:
         if self.thinking is not None and self.thinking.type != "disabled":
             raise UnsupportedParameter(
-                "thinking", "extended thinking is not supported (no reasoning models here)"
+                "thinking",
+                "thinking options are not supported (whether a model thinks is its chat "
+                "template's choice; --reasoning-parser gives its thinking as thinking blocks)",
             )
         if self.output_config is not None and self.output_config.effort is not None:
             raise UnsupportedParameter("output_config", "output_config.effort is not supported")
@@ -195,6 +211,9 @@ class MessagesRequest(RequestBody):
                     message["tool_calls"] = calls
                 else:
                     message["content"] = text
+                thinking = [b.thinking for b in blocks if isinstance(b, ThinkingBlock)]
+                if any(t is not None for t in thinking):
+                    message["reasoning_content"] = "".join(t for t in thinking if t)
                 out.append(message)
                 continue
             if any(isinstance(b, ToolUseBlock) for b in blocks):

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 from tokenmill.outputs import CompletionOutput, RequestOutput
-from tokenmill.server.chat import ChatRun, new_pieces, start_chat
+from tokenmill.server.chat import ChatRun, start_chat
 from tokenmill.server.chat_protocol import ChatCompletionRequest
 from tokenmill.server.handlers import ContextLengthError, OpenAIServing, chat_logprobs
 from tokenmill.server.protocol import RequestLimits, UnsupportedParameter
@@ -34,6 +34,7 @@ from tokenmill.server.responses_output import (
     assistant_message,
     call_item,
     message_item,
+    reasoning_item,
     text_part,
 )
 from tokenmill.server.responses_protocol import FunctionToolChoice, ResponsesRequest, new_id
@@ -223,12 +224,13 @@ class _ResponseReply:
         return None if lp is None else lp["content"]
 
     async def collect(self) -> dict:
-        """The whole response object, once the reply finished: a message item (unless the
-        reply is only function calls) and a function_call item per call."""
-        final, content, calls = await self.run.reply(self.serving)
+        """The whole response object, once the reply finished: a reasoning item (with a
+        reasoning parser, when the sample reasoned), a message item (unless the reply is only
+        function calls) and a function_call item per call."""
+        final, reasoning, content, calls = await self.run.reply(self.serving)
         o = final.outputs[0]
         status = "incomplete" if o.finish_reason == "length" else "completed"
-        output = []
+        output = [] if reasoning is None else [reasoning_item(reasoning, "completed")]
         if content or not calls:
             message = message_item(status)
             message["content"] = [text_part(content, self.logprobs(o, 0))]
@@ -242,15 +244,18 @@ class _ResponseReply:
         run = self.run
         events = Events()
         items = StreamedItems(events)
-        streamer = run.plan.parser.streamer() if run.plan.parser is not None else None
+        splitter = run.splitter(self.serving)
+        # logprobs ride on text events: with a parser, only where the answer's text goes out
+        plain = splitter.tools is None and splitter.reasoner is None
         yield events("response.created", response=self.response_object("in_progress", [], None))
         yield events("response.in_progress", response=self.response_object("in_progress", [], None))
         try:
             async for _, out in self.serving.merged(run.streams, run.tracker):
                 o = out.outputs[0]
                 lp = self.logprobs(o, len(o.token_ids) - len(o.delta_token_ids))
-                content, calls = new_pieces(streamer, o.delta_text, o.finished)
-                lines = items.text(content, lp) if content or (lp and streamer is None) else []
+                reasoning, content, calls = splitter.feed(o.delta_text, o.finished)
+                lines = items.reasoning(reasoning) if reasoning else []
+                lines += items.text(content, lp) if content or (lp and plain) else []
                 for d in calls:
                     lines += items.call(d.name, d.arguments)
                 if o.finished:
@@ -271,11 +276,12 @@ class _ResponseReply:
         out: RequestOutput,
         lp: list | None,
     ) -> list[str]:
-        """The events that end a stream once the sample finished: an empty message when
-        nothing came (an empty reply is still a message), the items' closing events, and the
+        """The events that end a stream once the sample finished: an empty message when no
+        answer came (an empty reply is still a message), the items' closing events, and the
         final response."""
         status = "incomplete" if o.finish_reason == "length" else "completed"
-        lines = [] if items.output else list(items.text("", [] if lp is not None else None))
+        answered = any(item["type"] != "reasoning" for item in items.output)
+        lines = [] if answered else list(items.text("", [] if lp is not None else None))
         lines += items.close(status)
         response = self.finish(o, items.output, out)
         return lines + [events(f"response.{response['status']}", response=response)]

@@ -1,5 +1,6 @@
-"""The output items of a /v1/responses response (the assistant's message, its function calls)
-and, streamed, the typed SSE events that build them item by item."""
+"""The output items of a /v1/responses response (the assistant's reasoning, with a reasoning
+parser; its message; its function calls) and, streamed, the typed SSE events that build them
+item by item."""
 
 from __future__ import annotations
 
@@ -25,6 +26,17 @@ def text_part(text: str, logprobs: list | None) -> dict[str, Any]:
     if logprobs is not None:
         part["logprobs"] = logprobs
     return part
+
+
+def reasoning_item(text: str, status: str) -> dict[str, Any]:
+    """The reply's reasoning, as its text (OpenAI's `reasoning_text` content; no summary)."""
+    return {
+        "id": new_id("rs"),
+        "type": "reasoning",
+        "status": status,
+        "summary": [],
+        "content": [{"type": "reasoning_text", "text": text}],
+    }
 
 
 def call_item(name: str, arguments: str, status: str) -> dict[str, Any]:
@@ -55,6 +67,9 @@ def assistant_message(output: list[dict[str, Any]]) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": text or (None if calls else "")}
     if calls:
         message["tool_calls"] = calls
+    reasoning = [item for item in output if item["type"] == "reasoning"]
+    if reasoning:
+        message["reasoning_content"] = "".join(p["text"] for p in reasoning[0]["content"])
     return message
 
 
@@ -72,9 +87,10 @@ class Events:
 
 
 class StreamedItems:
-    """The output items of a streamed response, built from text and tool-call pieces in order:
-    text opens a message item if the open item is not one, a named call piece opens a
-    function_call item, and opening an item closes the one before. Each method returns the
+    """The output items of a streamed response, built from reasoning, text and tool-call pieces
+    in order: reasoning opens a reasoning item and text a message item if the open item is not
+    one, a named call piece opens a function_call item, and opening an item closes the one
+    before. Each method returns the
     events it implies."""
 
     def __init__(self, events: Events) -> None:
@@ -123,6 +139,24 @@ class StreamedItems:
         )
         return lines
 
+    def reasoning(self, delta: str) -> list[str]:
+        lines: list[str] = []
+        if self.open is None or self.open["type"] != "reasoning":
+            lines += self._add(reasoning_item("", "in_progress") | {"content": []})
+            part = {"type": "reasoning_text", "text": ""}
+            lines.append(
+                self.events(
+                    "response.content_part.added", **self._where(), content_index=0, part=part
+                )
+            )
+            self.open["part"] = part
+        self.open["part"]["text"] += delta
+        where = self._where()
+        lines.append(
+            self.events("response.reasoning_text.delta", **where, content_index=0, delta=delta)
+        )
+        return lines
+
     def call(self, name: str | None, arguments: str) -> list[str]:
         lines = self._add(call_item(name, "", "in_progress")) if name is not None else []
         assert self.open is not None and self.open["type"] == "function_call"
@@ -141,7 +175,18 @@ class StreamedItems:
         if item is None:
             return lines
         where = self._where()
-        if item["type"] == "message":
+        if item["type"] == "reasoning":
+            part = item.pop("part")
+            lines.append(
+                self.events(
+                    "response.reasoning_text.done", **where, content_index=0, text=part["text"]
+                )
+            )
+            lines.append(
+                self.events("response.content_part.done", **where, content_index=0, part=part)
+            )
+            item["content"] = [part]
+        elif item["type"] == "message":
             part = item.pop("part")
             lines.append(
                 self.events(

@@ -33,7 +33,7 @@ VACUOUS_INCLUDES = (
     "code_interpreter_call.outputs",
     "reasoning.encrypted_content",
 )
-ITEM_TYPES = ("message", "function_call", "function_call_output")
+ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
 PART_TYPES = ("input_text", "output_text")
 
 
@@ -87,8 +87,31 @@ class FunctionCallOutputItem(BaseModel):
         return "".join(part.text for part in self.output)
 
 
+class ReasoningText(BaseModel):
+    model_config = _STRICT
+    type: Literal["reasoning_text", "summary_text"]
+    text: str
+
+
+class ReasoningItem(BaseModel):
+    """An earlier reply's reasoning sent back: its text becomes the next assistant turn's
+    reasoning for the template (encrypted content, which only its issuer reads, is dropped)."""
+
+    model_config = _STRICT
+    type: Literal["reasoning"]
+    summary: list[ReasoningText] = []
+    content: list[ReasoningText] | None = None
+    encrypted_content: str | None = None
+    id: str | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+    def text(self) -> str:
+        return "".join(part.text for part in self.content or [])
+
+
 InputItem = Annotated[
-    MessageItem | FunctionCallItem | FunctionCallOutputItem, Field(discriminator="type")
+    MessageItem | FunctionCallItem | FunctionCallOutputItem | ReasoningItem,
+    Field(discriminator="type"),
 ]
 
 
@@ -221,7 +244,7 @@ class ResponsesRequest(RequestBody):
         if self.max_tool_calls is not None:
             reject("max_tool_calls", "max_tool_calls")
         if self.reasoning is not None and any(self.reasoning.model_dump().values()):
-            reject("reasoning", "reasoning (this server runs no reasoning models)")
+            reject("reasoning", "reasoning options (effort, summary)")
         if self.text is not None and self.text.verbosity not in (None, "medium"):
             reject("text", "text.verbosity other than medium")
         unknown = sorted(set(self.include or []) - {LOGPROBS_INCLUDE, *VACUOUS_INCLUDES})
@@ -240,7 +263,12 @@ class ResponsesRequest(RequestBody):
             if isinstance(self.input, str)
             else self.input
         )
-        prefixes = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
+        prefixes = {
+            "message": "msg",
+            "function_call": "fc",
+            "function_call_output": "fco",
+            "reasoning": "rs",
+        }
         items = []
         for item in given:
             data = item.model_dump(exclude_none=True)
@@ -255,14 +283,19 @@ class ResponsesRequest(RequestBody):
     def messages(self, history: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
         """The input items as chat messages: function calls join the assistant message before
         them (one turn), a call's output becomes a `tool` message naming its function (called
-        in the input or in the `history` it follows)."""
+        in the input or in the `history` it follows), a reasoning item's text the reasoning of
+        the assistant turn after it."""
         if isinstance(self.input, str):
             return [{"role": "user", "content": self.input}]
         messages: list[dict[str, Any]] = []
         names = {  # call_id -> function name
             c["id"]: c["function"]["name"] for m in history for c in m.get("tool_calls") or []
         }
+        reasoning = None  # a reasoning item's text, for the assistant turn after it
         for item in self.input:
+            if isinstance(item, ReasoningItem):
+                reasoning = item.text()
+                continue
             if isinstance(item, MessageItem):
                 messages.append({"role": item.role, "content": item.text()})
             elif isinstance(item, FunctionCallItem):
@@ -283,6 +316,8 @@ class ResponsesRequest(RequestBody):
                 if item.call_id in names:
                     tool["name"] = names[item.call_id]
                 messages.append(tool)
+            if reasoning is not None and messages[-1]["role"] == "assistant":
+                messages[-1]["reasoning_content"], reasoning = reasoning, None
         return messages
 
     def chat_request(self, history: list[dict[str, Any]]) -> ChatCompletionRequest:
