@@ -4,6 +4,7 @@ and the chat endpoint's fields, with the output forced by a regex so that it is 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import anthropic
@@ -13,6 +14,7 @@ import pytest
 
 from tests.server_utils import ServerProcess
 from tokenmill.engine.reasoning import ReasoningParser
+from tokenmill.sampling_params import SamplingParams, StructuredOutputsParams
 from tokenmill.server.chat_protocol import ChatMessage
 from tokenmill.server.messages_protocol import MessagesRequest
 from tokenmill.server.responses_protocol import ResponsesRequest
@@ -184,3 +186,54 @@ def test_reasoning_items_and_thinking_blocks_sent_back(server):
     r = httpx.post(server.url + "/v1/responses", json={"model": MODEL, "input": items})
     assert r.status_code == 200, r.text
     assert httpx.post(server.url + "/v1/messages", json=body).status_code == 200
+
+
+def test_grammar_starts_after_its_token(llm_f32):
+    """`after_token_id`: the output runs free up to that token (here the unconstrained greedy
+    output's third token, standing for `</think>`), and the constraint holds after it."""
+    prompt = "The three primary colors are"
+    free = llm_f32.generate(prompt, SamplingParams(temperature=0, max_tokens=3))[0].outputs[0]
+    first, second, mark = free.token_ids
+    assert mark not in (first, second)
+    choice = ("yes", "no")
+    gated = SamplingParams(
+        temperature=0,
+        max_tokens=12,
+        structured_outputs=StructuredOutputsParams(choice=choice, after_token_id=mark),
+    )
+    out = llm_f32.generate(prompt, gated)[0].outputs[0]
+    assert out.token_ids[:3] == [first, second, mark] and out.finish_reason == "stop"
+    assert out.text.startswith(free.text) and out.text[len(free.text) :] in choice
+    spec = StructuredOutputsParams(choice=choice)
+    from_start = dataclasses.replace(gated, structured_outputs=spec)
+    assert llm_f32.generate(prompt, from_start)[0].outputs[0].text in choice
+
+
+class _Vocab:
+    """A tokenizer stand-in: `</think>` as one token (id 7), or spelled in three."""
+
+    def __init__(self, one_token: bool) -> None:
+        self.one_token = one_token
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        assert text == "</think>" and not add_special_tokens
+        return [7] if self.one_token else [1, 2, 3]
+
+
+def test_where_constraints_start():
+    """After `</think>` where a sample may reason and it is one token; else from the start."""
+    deepseek, qwen3 = ReasoningParser("deepseek_r1"), ReasoningParser("qwen3")
+    one, three = _Vocab(True), _Vocab(False)
+    assert deepseek.grammar_after(None, one) == 7
+    assert deepseek.grammar_after("x", three) is None
+    assert qwen3.grammar_after(QWEN3_PROMPT, one) == 7  # may open <think>
+    assert qwen3.grammar_after(THINKING_PROMPT, one) == 7
+    assert qwen3.grammar_after(QWEN3_PROMPT + "<think>\n\n</think>\n\n", one) is None
+
+
+def test_bad_after_token_ids_are_refused(llm_f32):
+    with pytest.raises(ValueError, match="after_token_id"):
+        StructuredOutputsParams(choice=("a",), after_token_id=-1)
+    spec = StructuredOutputsParams(choice=("a",), after_token_id=10**9)
+    with pytest.raises(ValueError, match="after_token_id 1000000000 is out of range"):
+        llm_f32.generate("x", SamplingParams(structured_outputs=spec))

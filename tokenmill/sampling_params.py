@@ -28,6 +28,10 @@ class StructuredOutputsParams:
 
     Generation stops (finish_reason "stop") when the constraint is complete. Whether the
     constraint compiles is checked by the engine (`StructuredOutputManager`), not here.
+
+    `after_token_id`: the constraint applies from the token after this one, and the output up
+    to it is free: a reasoning model's `</think>`, so that it reasons before it answers in
+    the constrained form (vLLM starts the grammar where its reasoning parser sees the end).
     """
 
     json: dict | str | None = None
@@ -35,6 +39,7 @@ class StructuredOutputsParams:
     choice: tuple[str, ...] | list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
+    after_token_id: int | None = None
 
     def __post_init__(self) -> None:
         given = [
@@ -63,6 +68,9 @@ class StructuredOutputsParams:
             object.__setattr__(self, "choice", tuple(self.choice))
         if self.json_object is not None and not isinstance(self.json_object, bool):
             raise ValueError("structured outputs: json_object must be a boolean")
+        after = self.after_token_id
+        if after is not None and (type(after) is not int or after < 0):
+            raise ValueError("structured outputs: after_token_id must be a token id (int >= 0)")
 
 
 @dataclass

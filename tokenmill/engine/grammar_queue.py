@@ -60,6 +60,8 @@ class GrammarQueue:
                 continue
             for s in group.samples:
                 s.matcher = self.manager.new_matcher(fut.result())
+                spec = s.request.sampling_params.structured_outputs
+                s.grammar_after = spec.after_token_id if spec is not None else None
             ready.append(group)
         return ready, failed
 
@@ -74,12 +76,13 @@ class GrammarQueue:
     def token_bitmasks(
         self, sched: SchedulerOutput, samples: dict[str, SampleState]
     ) -> TokenBitmasks | None:
-        """The masks of this step's sampling rows that carry a grammar (None if none does);
-        `samples` maps core request ids to their samples."""
+        """The masks of this step's sampling rows whose grammar applies (None if none does:
+        a grammar waiting for its `grammar_after` token does not yet); `samples` maps core
+        request ids to their samples."""
         rids, matchers = [], []
         for s in sched.scheduled:
             sample = samples.get(s.request_id) if s.samples else None
-            if sample is not None and sample.matcher is not None:
+            if sample is not None and sample.matcher is not None and sample.grammar_after is None:
                 rids.append(s.request_id)
                 matchers.append(sample.matcher)
         if not matchers:
@@ -88,11 +91,17 @@ class GrammarQueue:
 
 
 def advance_grammar(sample: SampleState, new_ids: list[int]) -> bool:
-    """Feed accepted tokens to the sample's grammar. True when the grammar is complete (or
-    broken) while the request still runs: the caller ends the output (finish_reason "stop")."""
+    """Feed accepted tokens to the sample's grammar (those after its `grammar_after` token,
+    while it waits for one). True when the grammar is complete (or broken) while the request
+    still runs: the caller ends the output (finish_reason "stop")."""
     req = sample.request
     matcher = sample.matcher
     assert matcher is not None
+    if sample.grammar_after is not None:
+        if sample.grammar_after not in new_ids:
+            return False
+        new_ids = new_ids[new_ids.index(sample.grammar_after) + 1 :]
+        sample.grammar_after = None
     for token in new_ids:
         if token in req.eos_token_ids and req.is_finished:
             break  # the end of the output (the grammar allowed it)

@@ -8,6 +8,9 @@ reasoning, written between `<think>` and `</think>`, and its answer after them.
   models) or the prompt ends with it (the thinking-only releases); otherwise (thinking turned
   off by `enable_thinking: false`) everything is the answer.
 
+An output constraint (structured output, a required tool call) starts after `</think>`
+(`grammar_after`), so that the model reasons first, as vLLM does.
+
 As in vLLM, neither part is trimmed: Qwen3's answer keeps the blank line it writes after
 `</think>`. A streamed split equals the whole output's split, however the text was cut into
 deltas (a tag split over deltas is held back until it is complete or ruled out)."""
@@ -15,6 +18,7 @@ deltas (a tag split over deltas is held back until it is complete or ruled out).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 START, END = "<think>", "</think>"
 REASONING_PARSERS = ("deepseek_r1", "qwen3")
@@ -37,6 +41,17 @@ class ReasoningParser:
         if self.name == "deepseek_r1":
             return True
         return prompt_text is not None and prompt_text.rstrip().endswith(START)
+
+    def grammar_after(self, prompt_text: str | None, tokenizer: Any) -> int | None:
+        """The token an output constraint of this prompt's samples starts after
+        (`StructuredOutputsParams.after_token_id`): `</think>` where a sample may reason and
+        the vocabulary spells it as one token (Qwen3's and DeepSeek-R1's do); None, from the
+        first token, where it is not one token or the prompt closed the reasoning already
+        (Qwen3 with `enable_thinking: false`)."""
+        if self.name == "qwen3" and prompt_text is not None and prompt_text.rstrip().endswith(END):
+            return None
+        ids = tokenizer.encode(END, add_special_tokens=False)
+        return ids[0] if len(ids) == 1 else None
 
     def streamer(self, prompt_text: str | None) -> ReasoningStreamer:
         """A new streaming split for one sample of this prompt."""

@@ -34,6 +34,9 @@ class SampleState:
     pending_text: str = ""
     pending_ids: list[int] = field(default_factory=list)
     matcher: Matcher | None = None  # structured output: the sample's place in its grammar
+    # the token the grammar starts after (StructuredOutputsParams.after_token_id) until it is
+    # sampled; None once it was (or when the grammar applies from the start)
+    grammar_after: int | None = None
 
 
 @dataclass
@@ -110,6 +113,12 @@ class RequestBuilder:
             raise ValueError(f"logprobs must be <= the vocabulary size ({vocab})")
         if params.prompt_logprobs is not None and params.prompt_logprobs > vocab:
             raise ValueError(f"prompt_logprobs must be <= the vocabulary size ({vocab})")
+        so = params.structured_outputs
+        if so is not None and so.after_token_id is not None and so.after_token_id >= vocab:
+            raise ValueError(
+                f"structured outputs: after_token_id {so.after_token_id} is out of range "
+                f"[0, {vocab})"
+            )
         if params.n > self.max_num_seqs:
             raise ValueError(f"n ({params.n}) exceeds max_num_seqs ({self.max_num_seqs})")
 

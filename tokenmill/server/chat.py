@@ -137,6 +137,11 @@ async def start_chat(serving: OpenAIServing, body: ChatCompletionRequest, prefix
     params = body.sampling_params(max_tokens, body.num_logprobs(), body.prompt_logprobs)
     if plan.constraint is not None:
         params = dataclasses.replace(params, structured_outputs=plan.constraint)
+    reasoning = serving.reasoning_parser
+    if params.structured_outputs is not None and reasoning is not None:
+        after = reasoning.grammar_after(prompt.text, serving.tokenizer)  # the model thinks first
+        constraint = dataclasses.replace(params.structured_outputs, after_token_id=after)
+        params = dataclasses.replace(params, structured_outputs=constraint)
     if plan.keep_special_tokens:
         params = dataclasses.replace(params, skip_special_tokens=False)
     rid, streams, tracker = await serving.start([prompt], params, prefix, body.model)
