@@ -95,6 +95,20 @@ def test_chat_reply_carries_reasoning(client):
     assert msg["content"] == "It is 4."
 
 
+def test_include_reasoning_false_leaves_it_out(client):
+    body = {**FORCED, "include_reasoning": False}
+    kw = {"model": MODEL, "messages": [{"role": "user", "content": "2+2?"}], "extra_body": body}
+    msg = client.chat.completions.create(**kw).choices[0].message.model_dump()
+    assert "reasoning" not in msg and msg["content"] == "It is 4."
+    deltas = [
+        c.choices[0].delta.model_dump()
+        for c in client.chat.completions.create(**kw, stream=True)
+        if c.choices
+    ]
+    assert not any(d.get("reasoning") for d in deltas)
+    assert "".join(d.get("content") or "" for d in deltas) == "It is 4."
+
+
 def test_streamed_chat_reasoning_then_content(client):
     reasoning, content, order = [], [], []
     for chunk in _ask(client, stream=True):

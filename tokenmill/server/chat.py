@@ -190,7 +190,7 @@ class _ChatReply:
         then its answer, split into content and tool calls by the tool parser."""
         msg: dict = {"role": "assistant"}
         reasoning, content, calls = self.run.split(self.serving, o.text)
-        if reasoning is not None:
+        if reasoning is not None and self.body.include_reasoning:
             msg |= {"reasoning": reasoning, "reasoning_content": reasoning}
         reason = o.finish_reason
         msg["content"] = (content or None) if calls or "reasoning" in msg else content
@@ -232,7 +232,7 @@ class _ChatReply:
         content or tool-call pieces (the id, type and name first, then argument fragments)."""
         reasoning, content, calls = self.splitters[o.index].feed(o.delta_text, o.finished)
         out: list[dict] = []
-        if reasoning:
+        if reasoning and self.body.include_reasoning:
             out.append({"reasoning": reasoning, "reasoning_content": reasoning})
         if content:
             out.append({"content": content})

@@ -119,6 +119,8 @@ class ChatCompletionRequest(SamplingRequest):
     # the chat template's own variables (e.g. enable_thinking)
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM's: with a reasoning parser, false leaves the reasoning out of the reply
+    include_reasoning: bool = True
     # Accepted for the clients that send them, with no effect here: a local server stores no
     # completions and has one service tier; the cache key, the end-user id and the metadata
     # (OpenAI's limits checked) change nothing; the only output modality is text.
