@@ -266,3 +266,49 @@ def test_rendering_has_a_time_limit():
     assert time.monotonic() - t < 3
     # the limit is per render: the next one starts afresh
     assert render_chat_template("{{ messages[0]['content'] }}", [{"role": "user", "content": "ok"}])
+
+
+# ---- --chat-template: a template of one's own, given as a file or as the text itself ----------
+OWN_TEMPLATE = (
+    "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant] {% endif %}"
+)
+
+
+def test_own_chat_template_from_a_file(tmp_path: Path) -> None:
+    from tokenmill import LLM
+
+    path = tmp_path / "own.jinja"
+    path.write_text(OWN_TEMPLATE)
+    llm = LLM(chat_template=str(path), max_model_len=256)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    want = "[system] Be brief.\n[user] Hi\n[assistant] "
+    tok = llm.get_tokenizer()
+    assert tok.apply_chat_template(messages) == want
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    assert "[system] " in tok.apply_chat_template(messages, tools=tools)  # tools: still ours
+
+
+def test_own_chat_template_in_the_server() -> None:
+    import httpx
+
+    from tests.server_utils import ServerProcess
+
+    srv = ServerProcess("--chat-template", OWN_TEMPLATE)
+    try:
+        body = {"messages": [{"role": "user", "content": "Hi"}]}
+        tokens = httpx.post(srv.url + "/tokenize", json=body).json()["tokens"]
+        text = httpx.post(srv.url + "/detokenize", json={"tokens": tokens}).json()["prompt"]
+        assert text == "[user] Hi\n[assistant] "
+    finally:
+        assert srv.stop() == 0
+
+
+def test_bad_own_chat_templates_are_named(tmp_path: Path) -> None:
+    from tokenmill import LLM
+    from tokenmill.config import EngineArgs
+
+    with pytest.raises(ValueError, match="neither a file nor a Jinja template"):
+        EngineArgs(chat_template=str(tmp_path / "missing.jinja"))
+    with pytest.raises(ChatTemplateError, match=r"syntax error \(line 2\)"):
+        LLM(chat_template="ok\n{% for %}", max_model_len=256)

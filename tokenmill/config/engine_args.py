@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
@@ -171,12 +172,24 @@ class EngineArgs:
             "and MLP width, summed by torch.distributed all-reduces (Llama family)"
         },
     )
+    chat_template: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "a Jinja chat template, or a file holding one, to render conversations "
+            "with instead of the model's own (vLLM's --chat-template)"
+        },
+    )
     seed: int = dataclasses.field(default=0, metadata={"help": "global RNG seed"})
     num_threads: int | None = dataclasses.field(
         default=None, metadata={"help": "CPU threads for torch (default: all cores)"}
     )
 
     def __post_init__(self) -> None:
+        template = self.chat_template
+        if template is not None and not _looks_like_template(template):
+            raise ValueError(
+                f"chat_template {template[:80]!r} is neither a file nor a Jinja template"
+            )
         if self.quantization not in QUANTIZATION_MODES:
             raise ValueError(
                 f"quantization must be one of {QUANTIZATION_MODES}, got {self.quantization!r}"
@@ -342,3 +355,8 @@ class EngineArgs:
                 if hasattr(ns, f.name) and f.name not in skip
             }
         )
+
+
+def _looks_like_template(value: str) -> bool:
+    """A chat template option names a file, or is a template itself (it has Jinja tags)."""
+    return os.path.isfile(value) or "{{" in value or "{%" in value

@@ -13,6 +13,7 @@ writes calls and results as text in the hermes format (`tool_parsers` reads the 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Mapping
@@ -111,6 +112,19 @@ def _compile_template(source: str) -> jinja2.Template:
         ) from None
     except jinja2.TemplateError as e:
         raise ChatTemplateError(f"chat template cannot be compiled: {e}") from None
+
+
+def check_chat_template(source: str) -> None:
+    """ChatTemplateError (naming the line) when `source` does not compile."""
+    _compile_template(source)
+
+
+def read_chat_template(value: str) -> str:
+    """A chat template option's template: the file it names, or the value itself."""
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    return value
 
 
 def _message_content(content: Any, index: int) -> str | None:

@@ -94,7 +94,7 @@ class LLMEngine:
         info = self.model_info
         startup.update(info.load_seconds)
         t1 = time.perf_counter()
-        self.tokenizer: Tokenizer = load_tokenizer(info)
+        self.tokenizer: Tokenizer = load_tokenizer(info, args.chat_template)
         startup["tokenizer"] = time.perf_counter() - t1
         t1 = time.perf_counter()
         draft = load_draft(args, self.dtype, self.device, info.arch.vocab_size)

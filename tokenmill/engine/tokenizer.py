@@ -17,7 +17,11 @@ from typing import Any
 
 from tokenizers import Tokenizer as RustTokenizer
 
-from tokenmill.engine.chat_template import render_chat_template
+from tokenmill.engine.chat_template import (
+    check_chat_template,
+    read_chat_template,
+    render_chat_template,
+)
 from tokenmill.engine.gguf_tokenizer import gguf_backend
 from tokenmill.errors import ModelLoadError
 
@@ -229,6 +233,12 @@ class Tokenizer:
     def chat_template(self) -> str | None:
         return self._templates.get("default") or next(iter(self._templates.values()), None)
 
+    def use_chat_template(self, template: str) -> None:
+        """Render every conversation (with tools too) with `template` instead of the model's
+        templates; a template that does not compile is a ChatTemplateError now."""
+        check_chat_template(template)
+        self._templates = {"default": template}
+
     def chat_template_for(self, tools: bool = False) -> str | None:
         """The template that renders a conversation (with tools: the `tool_use` one if any)."""
         if tools and "tool_use" in self._templates:
@@ -264,9 +274,14 @@ class Tokenizer:
         )
 
 
-def load_tokenizer(info: Any) -> Tokenizer:
+def load_tokenizer(info: Any, chat_template: str | None = None) -> Tokenizer:
     """The tokenizer of a loaded model (`loader.load.ModelInfo`): a GGUF file's embedded
-    vocabulary, or a folder's tokenizer.json."""
+    vocabulary, or a folder's tokenizer.json; with `chat_template` (a template, or a file
+    holding one: `EngineArgs.chat_template`), rendering with that instead of the model's."""
     if info.source.kind == "gguf":
-        return Tokenizer.from_gguf_metadata(info.metadata)
-    return Tokenizer.from_hf_dir(info.source.path)
+        tok = Tokenizer.from_gguf_metadata(info.metadata)
+    else:
+        tok = Tokenizer.from_hf_dir(info.source.path)
+    if chat_template is not None:
+        tok.use_chat_template(read_chat_template(chat_template))
+    return tok
