@@ -601,8 +601,10 @@ def write_tiny_llama_gguf(
     rope_theta: float = 10000.0,
     rms_eps: float = 1e-5,
     split_max_tensors: int = 0,
+    extra_metadata: dict[str, float | int] | None = None,
 ) -> Path:
     """Write a random-weight Llama ("llama" architecture) GGUF to `path`; returns the path.
+    `extra_metadata`: more keys, each a float32 (floats) or an int32 (ints).
 
     token_embd, output (unless `tie_embeddings`) and every attention / MLP weight are stored as
     `qtype`, the RMSNorm weights as F32. Q/K rows are permuted as llama.cpp's converter does, so
@@ -662,6 +664,11 @@ def write_tiny_llama_gguf(
     writer.add_bos_token_id(eos)
     writer.add_eos_token_id(eos)
     writer.add_add_bos_token(False)
+    for key, value in (extra_metadata or {}).items():
+        if isinstance(value, float):
+            writer.add_float32(key, value)
+        else:
+            writer.add_int32(key, value)
 
     def add(name: str, w: np.ndarray) -> None:
         if qtype in LATTICE_TYPES:  # random blocks with w's RMS in place of w

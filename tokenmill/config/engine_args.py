@@ -179,6 +179,15 @@ class EngineArgs:
             "with instead of the model's own (vLLM's --chat-template)"
         },
     )
+    generation_config: str = dataclasses.field(
+        default="auto",
+        metadata={
+            "help": "where the sampling defaults of requests that leave them out come from "
+            "(vLLM's option): auto (the model's generation_config.json, or a GGUF file's "
+            "general.sampling keys), vllm (none: the API's defaults), or a folder holding a "
+            "generation_config.json"
+        },
+    )
     seed: int = dataclasses.field(default=0, metadata={"help": "global RNG seed"})
     num_threads: int | None = dataclasses.field(
         default=None, metadata={"help": "CPU threads for torch (default: all cores)"}

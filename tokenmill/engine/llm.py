@@ -65,6 +65,11 @@ class LLM:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The sampling settings of a call without any: the model's recommended ones
+        (`--generation-config`, vLLM's), else SamplingParams' defaults."""
+        return SamplingParams(**self.engine.default_sampling)
+
     def _normalize(
         self,
         prompts: Prompt | Sequence[Prompt],
@@ -74,7 +79,7 @@ class LLM:
             prompts = [prompts]
         prompts = [_unwrap(p) for p in prompts]
         if params is None:
-            params = SamplingParams()
+            params = self.get_default_sampling_params()
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         params = list(params)

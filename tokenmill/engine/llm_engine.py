@@ -13,6 +13,7 @@ import torch
 from tokenmill.config import EngineArgs
 from tokenmill.core.outputs import PooledChunk, PromptLogprobsChunk, SampleLogprobs
 from tokenmill.core.request import RequestStatus
+from tokenmill.engine.generation_defaults import sampling_defaults
 from tokenmill.engine.grammar_queue import GrammarQueue, advance_grammar
 from tokenmill.engine.lora_adapters import LoRAAdapters
 from tokenmill.engine.output_processor import OutputProcessor
@@ -95,6 +96,8 @@ class LLMEngine:
         startup.update(info.load_seconds)
         t1 = time.perf_counter()
         self.tokenizer: Tokenizer = load_tokenizer(info, args.chat_template)
+        # the model's recommended settings, for requests that leave them out (the server's)
+        self.default_sampling = sampling_defaults(args.generation_config, info)
         startup["tokenizer"] = time.perf_counter() - t1
         t1 = time.perf_counter()
         draft = load_draft(args, self.dtype, self.device, info.arch.vocab_size)

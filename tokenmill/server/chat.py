@@ -134,7 +134,9 @@ async def start_chat(serving: OpenAIServing, body: ChatCompletionRequest, prefix
     plan, prompt = await render_chat(serving, body)
     max_tokens = body.effective_max_tokens()
     serving.check_length(len(prompt.token_ids), max_tokens)
-    params = body.sampling_params(max_tokens, body.num_logprobs(), body.prompt_logprobs)
+    params = body.sampling_params(
+        max_tokens, body.num_logprobs(), body.prompt_logprobs, serving.sampling_defaults
+    )
     if plan.constraint is not None:
         params = dataclasses.replace(params, structured_outputs=plan.constraint)
     reasoning = serving.reasoning_parser

@@ -3,6 +3,7 @@ their limits, output constraints and translation to SamplingParams) and the comp
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -210,8 +211,14 @@ class SamplingRequest(RequestBody):
             )
 
     def sampling_params(
-        self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+        self,
+        max_tokens: int | None,
+        logprobs: int | None,
+        prompt_logprobs: int | None = None,
+        defaults: Mapping[str, float | int] | None = None,
     ) -> SamplingParams:
+        """The request's SamplingParams; `defaults` (the model's recommended settings) stand
+        in for the temperature, top_p, top_k, min_p and repetition_penalty it leaves out."""
         kw: dict[str, Any] = dict(
             n=self.n,
             seed=self.seed,
@@ -238,6 +245,7 @@ class SamplingRequest(RequestBody):
             min_p=self.min_p,
             repetition_penalty=self.repetition_penalty,
         )
+        kw.update(defaults or {})
         kw.update({k: v for k, v in optional.items() if v is not None})
         return SamplingParams(**kw)
 

@@ -63,6 +63,8 @@ class OpenAIServing:
         self.model_name = model_name
         self.metrics = metrics
         self.tokenizer = engine.engine.tokenizer
+        # the model's recommended sampling settings, for requests that leave them out
+        self.sampling_defaults = engine.engine.default_sampling
         self.max_model_len = engine.engine.max_model_len
         self.vocab_size = engine.engine.model_info.arch.vocab_size
         self.hidden_size = engine.engine.model_info.arch.hidden_size

@@ -93,7 +93,9 @@ async def completion_response(
     prompts = await asyncio.to_thread(prepare)
     for p in prompts:
         serving.check_length(len(p.token_ids), body.max_tokens)
-    params = body.sampling_params(body.max_tokens, body.logprobs, body.engine_prompt_logprobs())
+    params = body.sampling_params(
+        body.max_tokens, body.logprobs, body.engine_prompt_logprobs(), serving.sampling_defaults
+    )
     rid, streams, tracker = await serving.start(prompts, params, "cmpl", body.model)
     reply = _CompletionReply(serving, body, prompts, rid, streams, tracker)
     return reply.stream() if body.stream else reply.collect()
