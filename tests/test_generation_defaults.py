@@ -5,6 +5,8 @@ generation_config.json, as llama.cpp and vLLM read them."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -100,3 +102,20 @@ def test_server_requests_without_settings_take_the_defaults(greedy_gguf: Path) -
         assert len(hot) > 1  # the request's own setting wins
     finally:
         assert srv.stop() == 0
+
+
+def test_cli_flags_left_out_take_the_defaults(greedy_gguf: Path) -> None:
+    def generate(*flags: str) -> str:
+        cmd = [sys.executable, "-m", "tokenmill", "generate", "hello", "--model", str(greedy_gguf)]
+        res = subprocess.run(
+            [*cmd, "--max-tokens", "10", "--max-model-len", "128", *flags],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert res.returncode == 0, res.stderr
+        return res.stdout
+
+    assert generate("--seed", "1") == generate("--seed", "2")  # greedy, as the file says
+    hot = {generate("--seed", str(s), "--temperature", "1") for s in range(3)}
+    assert len(hot) > 1

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
 
 from tokenmill.config import EngineArgs
+from tokenmill.engine.generation_defaults import CONFIG_KEYS
 from tokenmill.errors import TokenmillError
 from tokenmill.sampling_params import SamplingParams
 
@@ -31,6 +33,9 @@ SAMPLING_FLAGS = {
 }
 
 
+# Flags whose default is the model's recommendation (`--generation-config`), when it has one.
+MODEL_DEFAULTS = CONFIG_KEYS
+
 # Flags that mean the per-request value in generate/chat (the engine keeps its default).
 SAMPLING_ONLY = ("seed",)
 
@@ -39,14 +44,21 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     defaults = {f.name: f.default for f in fields(SamplingParams)}
     defaults["max_tokens"] = max_tokens
     for name, (typ, help_) in SAMPLING_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=typ, default=defaults[name], help=help_)
+        if name in MODEL_DEFAULTS:  # left out: the model's recommendation, if it has one
+            help_ += f" (default: the model's, else {defaults[name]})"
+            default = None
+        else:
+            default = defaults[name]
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=default, help=help_)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep going after EOS")
 
 
-def _sampling_params(ns: argparse.Namespace) -> SamplingParams:
-    kw = {name: getattr(ns, name) for name in SAMPLING_FLAGS}
-    return SamplingParams(**kw, stop=ns.stop, ignore_eos=ns.ignore_eos)
+def _sampling_params(ns: argparse.Namespace, base: SamplingParams) -> SamplingParams:
+    """The flags' SamplingParams, over `base` (the model's recommended settings) for the
+    settings the flags leave out."""
+    kw = {name: getattr(ns, name) for name in SAMPLING_FLAGS if getattr(ns, name) is not None}
+    return dataclasses.replace(base, **kw, stop=ns.stop, ignore_eos=ns.ignore_eos)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,8 +140,9 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     from tokenmill.engine.llm import LLM
 
     prompt = sys.stdin.read() if ns.prompt == "-" else ns.prompt
-    params = _sampling_params(ns)
+    _sampling_params(ns, SamplingParams())  # a bad flag fails before the model loads
     llm = LLM(**vars(EngineArgs.from_cli(ns, skip=SAMPLING_ONLY)))
+    params = _sampling_params(ns, llm.get_default_sampling_params())
     token_ids = llm.encode_chat([{"role": "user", "content": prompt}])[1] if ns.chat else None
     if ns.no_stream or params.n > 1:
         out = llm.generate(prompt if token_ids is None else token_ids, params)[0]
@@ -161,8 +174,9 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 def cmd_chat(ns: argparse.Namespace) -> int:
     from tokenmill.engine.llm import LLM
 
-    params = _sampling_params(ns)
+    _sampling_params(ns, SamplingParams())
     llm = LLM(**vars(EngineArgs.from_cli(ns, skip=SAMPLING_ONLY)))
+    params = _sampling_params(ns, llm.get_default_sampling_params())
     history: list[dict[str, str]] = []
     if ns.system:
         history.append({"role": "system", "content": ns.system})
