@@ -132,6 +132,23 @@ def test_gpu_budget_comes_from_the_callback(info):
         args.create_engine_config(info)
 
 
+def test_gpu_memory_utilization_sets_the_share(monkeypatch):
+    """`--gpu-memory-utilization`: the share of a GPU's memory filled, less what is in use and
+    the step's peak (hand-computed; torch.cuda's memory query stands in for a GPU)."""
+    import torch
+
+    from tokenmill.config import cuda_kv_budget
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (60 * GiB, 80 * GiB))
+    budget = cuda_kv_budget("cuda:0", 4 * GiB, "a test", "peak", utilization=0.5)
+    assert budget == 0.5 * 80 * GiB - 20 * GiB - 4 * GiB
+    assert cuda_kv_budget("cuda:0", 0, "a test", "peak") == 0.9 * 80 * GiB - 20 * GiB
+    assert EngineArgs(gpu_memory_utilization=0.5).gpu_memory_utilization == 0.5
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match="gpu_memory_utilization"):
+            EngineArgs(gpu_memory_utilization=bad)
+
+
 def _info_lines(capsys, *flags: str) -> dict[str, str]:
     from tokenmill.cli import main
 

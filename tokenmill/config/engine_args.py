@@ -21,6 +21,7 @@ from tokenmill.config.engine_config import (
     SpeculativeConfig,
 )
 from tokenmill.config.memory import (
+    CUDA_MEMORY_UTILIZATION,
     DEFAULT_CPU_KV_GIB,
     DTYPE_SIZES,
     cpu_has_native_bf16,
@@ -85,6 +86,13 @@ class EngineArgs:
             "the compute dtype, but float16 on a CPU where auto chose float32 compute for "
             "want of native bfloat16: llama.cpp's default, half the memory and half the bytes "
             "a decode step's attention reads)"
+        },
+    )
+    gpu_memory_utilization: float = dataclasses.field(
+        default=CUDA_MEMORY_UTILIZATION,
+        metadata={
+            "help": "share of a GPU's memory the engine may fill: weights, the largest "
+            "step's peak and, in what is left, the KV cache (vLLM's option; CUDA only)"
         },
     )
     kv_cache_memory_gib: float | None = dataclasses.field(
@@ -194,6 +202,10 @@ class EngineArgs:
     )
 
     def __post_init__(self) -> None:
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
         template = self.chat_template
         if template is not None and not _looks_like_template(template):
             raise ValueError(

@@ -11,7 +11,7 @@ logger = logging.getLogger(__name__)
 GiB = 1 << 30
 DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2}  # torch dtype name -> bytes
 DEFAULT_CPU_KV_GIB = 2.0  # KV budget on the CPU unless kv_cache_memory_gib says otherwise
-CUDA_MEMORY_UTILIZATION = 0.9  # share of the GPU the engine may fill (weights + peak + KV)
+CUDA_MEMORY_UTILIZATION = 0.9  # default share of the GPU the engine may fill (weights, peak, KV)
 
 
 @lru_cache(maxsize=1)
@@ -31,19 +31,26 @@ def kv_cache_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, 
     return 2 * num_layers * num_kv_heads * head_dim * DTYPE_SIZES[dtype]
 
 
-def cuda_kv_budget(device: str, peak_bytes: int, source: str, peak: str) -> float:
-    """The KV budget on a GPU: CUDA_MEMORY_UTILIZATION of its memory, less what is in use now
-    (weights, the CUDA context, other processes) and `peak_bytes` more that the model claims
-    at its peak. Logged with `source` (how the peak was found) and `peak` (what it is)."""
+def cuda_kv_budget(
+    device: str,
+    peak_bytes: int,
+    source: str,
+    peak: str,
+    utilization: float = CUDA_MEMORY_UTILIZATION,
+) -> float:
+    """The KV budget on a GPU: `utilization` of its memory (`--gpu-memory-utilization`), less
+    what is in use now (weights, the CUDA context, other processes) and `peak_bytes` more that
+    the model claims at its peak. Logged with `source` (how the peak was found) and `peak`
+    (what it is)."""
     import torch
 
     free, total = torch.cuda.mem_get_info(device)
-    budget = CUDA_MEMORY_UTILIZATION * total - (total - free) - peak_bytes
+    budget = utilization * total - (total - free) - peak_bytes
     logger.info(
         "KV budget from %s: %.2f GiB (%.0f%% of %.1f GiB, %.2f GiB in use, %.2f GiB %s)",
         source,
         budget / GiB,
-        100 * CUDA_MEMORY_UTILIZATION,
+        100 * utilization,
         total / GiB,
         (total - free) / GiB,
         peak_bytes / GiB,

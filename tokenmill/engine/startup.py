@@ -194,6 +194,7 @@ def cuda_kv_budget(
         args.block_size,
         getattr(torch, args.kv_cache_dtype_for(model_config.device, model_config.dtype)),
         model_config.max_model_len,
+        args.gpu_memory_utilization,
     )
     if workers is not None:
         workers.profile(*profile)

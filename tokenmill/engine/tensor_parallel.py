@@ -228,15 +228,16 @@ def profile_budget(
     block_size: int,
     kv_dtype: torch.dtype,
     max_model_len: int,
+    utilization: float,
 ) -> float:
-    """This rank's KV budget on its GPU (`config.cuda_kv_budget`) after a profile forward of
-    the largest step (`profile_forward`)."""
+    """This rank's KV budget on its GPU (`config.cuda_kv_budget`, `utilization` of its
+    memory) after a profile forward of the largest step (`profile_forward`)."""
     peak = profile_forward(
         model, num_tokens, num_sampled, block_size, kv_dtype, device, max_model_len
     )
     torch.cuda.empty_cache()
     return cuda_kv_budget(
-        str(device), peak, "a memory profile", f"peak of a {num_tokens}-token step"
+        str(device), peak, "a memory profile", f"peak of a {num_tokens}-token step", utilization
     )
 
 

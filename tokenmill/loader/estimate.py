@@ -20,8 +20,8 @@ keys and values in every token's bytes (they share the target's blocks), and its
 peak where larger than the target's (the two models' steps run one after the other).
 A folder with only config.json is enough (decide before downloading): the parameters are
 counted from the architecture. The memory to fit in is `memory_gib` if given, else on the CPU
-what the OS reports available (MemAvailable), on a GPU CUDA_MEMORY_UTILIZATION of the device's
-memory (the share the engine fills).
+what the OS reports available (MemAvailable), on a GPU `--gpu-memory-utilization` of the
+device's memory (the share the engine fills).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 from tokenmill.config import (
-    CUDA_MEMORY_UTILIZATION,
     DTYPE_SIZES,
     EngineArgs,
     GiB,
@@ -153,7 +152,9 @@ def estimate_memory(args: EngineArgs, memory_gib: float | None = None) -> Memory
         d_arch, _, d_weights = draft
         models.append((d_arch, d_weights))
     runtime, first_steps, runtime_source = _runtime(device)
-    memory, memory_source = _memory_to_fit(device, cuda_here, memory_gib, tp)
+    memory, memory_source = _memory_to_fit(
+        device, cuda_here, memory_gib, tp, args.gpu_memory_utilization
+    )
     kv_dtype = args.kv_cache_dtype_for(device, dtype)
     bytes_per_token = sum(
         kv_cache_bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim, kv_dtype)
@@ -222,11 +223,11 @@ def _runtime(device: str) -> tuple[int, int, str]:
 
 
 def _memory_to_fit(
-    device: str, cuda_here: bool, memory_gib: float | None, tp: int
+    device: str, cuda_here: bool, memory_gib: float | None, tp: int, utilization: float
 ) -> tuple[int, str]:
     """The memory to fit in on one device and where the figure comes from: `memory_gib`, else
-    what the CPU has available, else the engine's share of this GPU (ValueError for a GPU that
-    is not here). The CPU's ranks share its memory."""
+    what the CPU has available, else the engine's share (`utilization`) of this GPU
+    (ValueError for a GPU that is not here). The CPU's ranks share its memory."""
     import torch
 
     if memory_gib is not None:
@@ -236,10 +237,9 @@ def _memory_to_fit(
         memory_source = "available now: MemAvailable"
     elif cuda_here:
         total = torch.cuda.mem_get_info()[1]
-        memory = int(CUDA_MEMORY_UTILIZATION * total)
+        memory = int(utilization * total)
         memory_source = (
-            f"{100 * CUDA_MEMORY_UTILIZATION:.0f}% of {torch.cuda.get_device_name()}'s "
-            f"{total / GiB:.1f} GiB"
+            f"{100 * utilization:.0f}% of {torch.cuda.get_device_name()}'s {total / GiB:.1f} GiB"
         )
     else:
         raise ValueError("no GPU here: give the memory to fit in (memory_gib / --memory-gib)")

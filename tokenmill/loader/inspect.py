@@ -88,6 +88,7 @@ def describe_model(args: EngineArgs) -> dict[str, str]:
             weights_in_memory(model)[0],
             "an estimate (no profile)",
             "for the weights, not loaded yet; activations not counted",
+            args.gpu_memory_utilization,
         )
 
     spec, draft = _speculative(args)
