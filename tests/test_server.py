@@ -38,6 +38,8 @@ def auth_server():
         "1",
         "--max-request-bytes",
         "20000",
+        "--allowed-origins",
+        "https://app.example",
         api_key="sekrit",
     )
     yield srv
@@ -639,6 +641,44 @@ def test_auth(auth_server, server):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=auth_server.url + "/v1", api_key="nope", max_retries=0).models.list()
     assert httpx.get(server.url + "/v1/models").status_code == 200  # auth off
+
+
+def _preflight(url: str, origin: str) -> httpx.Response:
+    headers = {
+        "Origin": origin,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
+    return httpx.options(url + "/v1/chat/completions", headers=headers)
+
+
+def test_cors_allows_local_pages_by_default(server):
+    """A page served from this machine may call the API from a browser; another site's page
+    may not (its preflight fails and no response names it), so it cannot drive the server."""
+    for origin in ("http://localhost:5173", "http://127.0.0.1:8080", "http://[::1]:3000"):
+        r = _preflight(server.url, origin)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin
+        r = httpx.get(server.url + "/v1/models", headers={"Origin": origin})
+        assert r.headers["access-control-allow-origin"] == origin
+    for origin in ("https://evil.example", "http://localhost.evil.example", "null"):
+        r = _preflight(server.url, origin)
+        assert r.status_code == 400 and "access-control-allow-origin" not in r.headers, origin
+        r = httpx.get(server.url + "/v1/models", headers={"Origin": origin})
+        assert "access-control-allow-origin" not in r.headers
+
+
+def test_cors_named_origins_and_the_key(auth_server):
+    """--allowed-origins replaces the local default; a preflight needs no key (browsers send
+    none), the request itself does, and its 401 is readable by the page."""
+    r = _preflight(auth_server.url, "https://app.example")
+    assert (
+        r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+    )
+    assert _preflight(auth_server.url, "http://localhost:3000").status_code == 400
+    r = httpx.get(auth_server.url + "/v1/models", headers={"Origin": "https://app.example"})
+    assert (
+        r.status_code == 401 and r.headers["access-control-allow-origin"] == "https://app.example"
+    )
 
 
 def test_oversized_body(auth_server):

@@ -10,6 +10,7 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -63,6 +64,11 @@ _KEYED_PATHS = (
 )
 
 
+# The origins of pages served from this machine: the cross-origin callers allowed by default
+# (anchored at the end too: older Starlettes `match` it rather than `fullmatch`).
+LOCAL_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:[0-9]+)?\Z"
+
+
 def build_app(
     engine: AsyncEngine,
     model_name: str,
@@ -77,13 +83,18 @@ def build_app(
     tool_call_parser: str = "auto",
     allow_runtime_lora_updating: bool = False,
     reasoning_parser: str | None = None,
+    allowed_origins: tuple[str, ...] = (),
+    allow_credentials: bool = False,
 ) -> FastAPI:
     """The app. `api_key`: required as a Bearer token on the API, docs and (unless
     `public_metrics`) /metrics; /health stays open. `allowed_hosts`: Host header values
     accepted (anything else: 400), against DNS rebinding; empty = any.
     `allow_runtime_lora_updating`: serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter
     (vLLM's), which load a server-side path: for trusted clients only. `reasoning_parser`: a
-    `tokenmill.engine.reasoning` parser name, to give chat replies' reasoning apart."""
+    `tokenmill.engine.reasoning` parser name, to give chat replies' reasoning apart.
+    `allowed_origins`: the web pages (origins) whose scripts may call the API across origins
+    (CORS; "*": any); empty = pages served from this machine (localhost, 127.0.0.1, [::1],
+    any port), as Ollama allows by default, so that a website cannot drive a local server."""
     if api_key is not None and not api_key:
         raise ValueError("the API key is empty: pass a non-empty key or none")
     limits = limits or RequestLimits()
@@ -113,7 +124,15 @@ def build_app(
         timeout=body_timeout,
         max_header_bytes=max_header_bytes,
     )
-    app.add_middleware(AnthropicErrors)  # outermost: it sees every error of those paths
+    app.add_middleware(AnthropicErrors)  # it sees every error of those paths
+    app.add_middleware(  # outermost: preflights are answered before the key is asked for
+        CORSMiddleware,
+        allow_origins=list(allowed_origins),
+        allow_origin_regex=None if allowed_origins else LOCAL_ORIGINS,
+        allow_methods=["*"],
+        allow_headers=["*"],
+        allow_credentials=allow_credentials,
+    )
 
     api = Endpoints(serving, limits, names)
     add_openai_routes(app, api)

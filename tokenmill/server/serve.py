@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -40,6 +41,18 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         default="",
         help="comma-separated Host header values to accept (DNS-rebinding "
         "protection; default: any)",
+    )
+    p.add_argument(
+        "--allowed-origins",
+        default="",
+        help="comma-separated origins (https://app.example) whose web pages may call the API "
+        "(CORS; * for any, as vLLM and llama.cpp allow; also a JSON list, vLLM's form); "
+        "default: pages served from this machine only",
+    )
+    p.add_argument(
+        "--allow-credentials",
+        action="store_true",
+        help="let those pages send cookies and HTTP authentication (CORS credentials)",
     )
     defaults = RequestLimits()
     for field, help_ in (
@@ -218,6 +231,8 @@ def run_server(ns: argparse.Namespace) -> int:
         tool_call_parser=ns.tool_call_parser,
         allow_runtime_lora_updating=ns.allow_runtime_lora_updating,
         reasoning_parser=ns.reasoning_parser,
+        allowed_origins=_origins(ns.allowed_origins),
+        allow_credentials=ns.allow_credentials,
     )
     config = uvicorn.Config(
         app,
@@ -246,3 +261,13 @@ def run_server(ns: argparse.Namespace) -> int:
         async_engine.shutdown()
     logger.info("server stopped")
     return 0
+
+
+def _origins(value: str) -> tuple[str, ...]:
+    """`--allowed-origins`: comma-separated, or a JSON list (vLLM's form)."""
+    if value.strip().startswith("["):
+        origins = json.loads(value)
+        if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
+            raise ValueError("--allowed-origins: a JSON list must hold strings")
+        return tuple(origins)
+    return tuple(o.strip() for o in value.split(",") if o.strip())
