@@ -826,3 +826,31 @@ def test_prefix_cache_on_by_default_with_hit_metrics(server, client):
     assert outs[0].choices[0].text == outs[1].choices[0].text
     assert server.metric("tokenmill_prefix_cache_queries_tokens") > queried
     assert server.metric("tokenmill_prefix_cache_hits_tokens") >= before + 32
+
+
+def test_a_vllm_command_line_runs_unchanged():
+    """vLLM's serve flags that scripts carry (some with no effect here) are accepted, and
+    vLLM's JSON-list form of --allowed-origins works."""
+    srv = ServerProcess(
+        "--trust-remote-code",
+        "--enable-auto-tool-choice",
+        "--tool-call-parser",
+        "hermes",
+        "--disable-log-requests",
+        "--disable-log-stats",
+        "--gpu-memory-utilization",
+        "0.8",
+        "--generation-config",
+        "vllm",
+        "--uvicorn-log-level",
+        "info",
+        "--allowed-origins",
+        '["*"]',
+    )
+    try:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+        assert httpx.post(srv.url + "/v1/chat/completions", json=body).status_code == 200
+        r = _preflight(srv.url, "https://any.example")
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+    finally:
+        assert srv.stop() == 0

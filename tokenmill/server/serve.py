@@ -139,7 +139,30 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (they load "
         "server-side paths: for trusted clients; needs --enable-lora)",
     )
+    p.add_argument(
+        "--uvicorn-log-level",
+        default="warning",
+        choices=("critical", "error", "warning", "info", "debug", "trace"),
+        help="uvicorn's own log level (info: one line per request)",
+    )
+    _add_vllm_flags(p)
     EngineArgs.add_cli_args(p, skip=("model",))
+
+
+# vLLM's serve flags that scripts pass by habit, and what they mean here: accepted, so that a
+# command line written for vLLM runs unchanged.
+VLLM_FLAGS = {
+    "--trust-remote-code": "no effect: no model code is ever run here, only its weights",
+    "--enable-auto-tool-choice": "no effect: tool_choice auto is always served",
+    "--disable-log-requests": "no effect: requests are not logged",
+    "--disable-log-stats": "no effect: no periodic stats are logged (see /metrics)",
+}
+
+
+def _add_vllm_flags(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("vLLM's flags, accepted for its command lines")
+    for flag, help_ in VLLM_FLAGS.items():
+        group.add_argument(flag, action="store_true", help=help_)
 
 
 def banner(engine, name: str, host: str, port: int, api_key: str | None) -> str:
@@ -238,7 +261,7 @@ def run_server(ns: argparse.Namespace) -> int:
         app,
         host=ns.host,
         port=ns.port,
-        log_level="warning",
+        log_level=ns.uvicorn_log_level,
         timeout_graceful_shutdown=ns.shutdown_timeout,
         access_log=False,
         timeout_keep_alive=ns.keep_alive_timeout,
