@@ -854,3 +854,9 @@ def test_a_vllm_command_line_runs_unchanged():
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
     finally:
         assert srv.stop() == 0
+
+
+def test_suffix_needs_fill_in_the_middle_tokens(server):
+    body = {"model": MODEL, "prompt": "def f(", "suffix": "):", "max_tokens": 4}
+    err = _err(httpx.post(server.url + "/v1/completions", json=body), 400)
+    assert err["param"] == "suffix" and "fill-in-the-middle" in err["message"]

@@ -71,8 +71,10 @@ class Tokenizer:
         add_bos_token: bool | None = None,
         add_eos_token: bool | None = None,
         chat_templates: Mapping[str, str] | None = None,
+        fim_token_ids: tuple[int, int, int] | None = None,
     ) -> None:
         self.backend = backend
+        self._fim_ids = fim_token_ids
         self._bos_id = bos_token_id
         self._eos_id = eos_token_id
         self._eos_ids = {i for i in (eos_token_id, *extra_eos_token_ids) if i is not None}
@@ -102,6 +104,8 @@ class Tokenizer:
             add_bos = metadata.get("tokenizer.ggml.model") == "llama"
         extra = [metadata.get(f"tokenizer.ggml.{k}_token_id") for k in ("eot", "eom")]
         template = metadata.get("tokenizer.chat_template")
+        pre, suf, mid = (metadata.get(f"tokenizer.ggml.fim_{k}_token_id") for k in FIM_KEYS)
+        fim = (pre, suf, mid) if all(isinstance(i, int) for i in (pre, suf, mid)) else None
         return cls(
             backend,
             bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
@@ -110,6 +114,7 @@ class Tokenizer:
             add_bos_token=bool(add_bos),
             add_eos_token=bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
             chat_templates={"default": template} if isinstance(template, str) else None,
+            fim_token_ids=fim,
         )
 
     @classmethod
@@ -207,6 +212,31 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
+    def fill_in_the_middle(self, prefix: str, suffix: str) -> list[int]:
+        """The prompt of a code model's fill-in-the-middle: its prefix, suffix and middle
+        tokens around the two texts, in that order (llama.cpp's /infill order), after BOS where
+        the model starts with one. ValueError for a model without those tokens."""
+        ids = self.fim_token_ids
+        if ids is None:
+            raise ValueError("this model has no fill-in-the-middle tokens (suffix needs them)")
+        pre, suf, mid = ids
+        start = self.encode("", add_special_tokens=True)[:1]  # BOS, where the model adds one
+        body = [pre, *self.encode(prefix, False), suf, *self.encode(suffix, False), mid]
+        return [*start, *body] if start == [self._bos_id] else body
+
+    @property
+    def fim_token_ids(self) -> tuple[int, int, int] | None:
+        """(prefix, suffix, middle) ids of a code model's fill-in-the-middle tokens: a GGUF
+        file's fim_pre / fim_suf / fim_mid ids, else the first spelling of `FIM_SPELLINGS` the
+        vocabulary has whole; None without them."""
+        if self._fim_ids is None:
+            for spelling in FIM_SPELLINGS:
+                found = [self.backend.token_to_id(t) for t in spelling]
+                if all(i is not None for i in found):
+                    self._fim_ids = (found[0], found[1], found[2])
+                    break
+        return self._fim_ids
+
     # ----------------------------------------------------------------------------- properties
     @property
     def bos_token_id(self) -> int | None:
@@ -272,6 +302,19 @@ class Tokenizer:
             continue_final_message=continue_final_message,
             **variables,
         )
+
+
+# A GGUF file's fill-in-the-middle token ids: tokenizer.ggml.fim_{pre,suf,mid}_token_id.
+FIM_KEYS = ("pre", "suf", "mid")
+# Fill-in-the-middle tokens (prefix, suffix, middle) as code models spell them: Qwen2.5-Coder;
+# StarCoder, SmolLM; Code Llama; DeepSeek-Coder (begin, hole, end play the same parts).
+FIM_SPELLINGS = (
+    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
+    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+    ("<PRE>", "<SUF>", "<MID>"),
+    ("▁<PRE>", "▁<SUF>", "▁<MID>"),
+    ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),
+)
 
 
 def load_tokenizer(info: Any, chat_template: str | None = None) -> Tokenizer:

@@ -274,8 +274,11 @@ class CompletionRequest(SamplingRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.suffix:
-            raise UnsupportedParameter("suffix", "suffix (insertion) is not supported")
+        texts = all(isinstance(p, str) for p in as_prompts(self.prompt))
+        if self.suffix and (self.echo or not texts):
+            raise UnsupportedParameter(
+                "suffix", "suffix (fill-in-the-middle) needs text prompts and no echo"
+            )
         if self.best_of is not None and self.best_of != self.n:
             raise UnsupportedParameter("best_of", "best_of other than n is not supported yet")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:

@@ -17,6 +17,7 @@ from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.pooling_params import PoolingParams
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.metrics import ServerMetrics
+from tokenmill.server.protocol import UnsupportedParameter
 
 
 class ContextLengthError(ValueError):
@@ -72,6 +73,15 @@ class OpenAIServing:
         self.loras = {r.lora_name: r for r in engine.engine.list_loras()}
 
     # ---- preparation ------------------------------------------------------------------------
+    def fill_in_the_middle(self, prefix: str, suffix: str) -> list[int]:
+        """A completion's fill-in-the-middle prompt (`suffix`): the model's prefix, suffix and
+        middle tokens around the texts; a 400 for a model without them."""
+        if self.tokenizer.fim_token_ids is None:
+            raise UnsupportedParameter(
+                "suffix", "this model has no fill-in-the-middle tokens, which suffix needs"
+            )
+        return self.tokenizer.fill_in_the_middle(prefix, suffix)
+
     def prepare(
         self,
         prompt: str | list[int],

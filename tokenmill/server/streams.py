@@ -88,7 +88,10 @@ async def completion_response(
     special = body.add_special_tokens is not False
 
     def prepare() -> list[PreparedPrompt]:
-        return [serving.prepare(p, special, body.truncate_prompt_tokens) for p in body.prompts()]
+        prompts = body.prompts()
+        if body.suffix:  # fill-in-the-middle: the code before and after the gap (text prompts)
+            prompts = [serving.fill_in_the_middle(str(p), body.suffix) for p in prompts]
+        return [serving.prepare(p, special, body.truncate_prompt_tokens) for p in prompts]
 
     prompts = await asyncio.to_thread(prepare)
     for p in prompts:
