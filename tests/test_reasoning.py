@@ -251,3 +251,37 @@ def test_bad_after_token_ids_are_refused(llm_f32):
     spec = StructuredOutputsParams(choice=("a",), after_token_id=10**9)
     with pytest.raises(ValueError, match="after_token_id 1000000000 is out of range"):
         llm_f32.generate("x", SamplingParams(structured_outputs=spec))
+
+
+def test_messages_thinking_option_reaches_the_template():
+    """Anthropic's `thinking` (enabled, disabled) is the template's `enable_thinking`, which
+    Qwen3's templates read: here one of our own writes it into the prompt it counts."""
+    template = (
+        "{% for m in messages %}{{ m.content }}{% endfor %}"
+        "{% if enable_thinking is defined %}"
+        "{{ ' think it through first' if enable_thinking else ' answer' }}{% endif %}"
+    )
+    turns = [{"role": "user", "content": "Hi"}]
+    body = {"model": MODEL, "max_tokens": 3, "messages": turns}
+    disabled = MessagesRequest.model_validate(body | {"thinking": {"type": "disabled"}})
+    assert disabled.chat_request().chat_template_kwargs == {"enable_thinking": False}
+    srv = ServerProcess("--chat-template", template)
+    try:
+
+        def count(url: str, payload: dict) -> int:
+            r = httpx.post(srv.url + url, json=payload)
+            assert r.status_code == 200, r.text
+            return r.json()["input_tokens" if "messages" in url else "count"]
+
+        for thinking, text in (
+            ({"type": "enabled", "budget_tokens": 1024}, "Hi think it through first"),
+            ({"type": "disabled"}, "Hi answer"),
+            (None, "Hi"),
+        ):
+            extra = {} if thinking is None else {"thinking": thinking}
+            got = count("/v1/messages/count_tokens", body | extra)
+            assert got == count("/tokenize", {"prompt": text}), (thinking, text)
+        reply = httpx.post(srv.url + "/v1/messages", json=body | {"thinking": {"type": "enabled"}})
+        assert reply.status_code == 200, reply.text
+    finally:
+        assert srv.stop() == 0

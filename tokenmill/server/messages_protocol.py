@@ -97,8 +97,13 @@ class ToolChoice(BaseModel):
 
 
 class Thinking(BaseModel):
+    """Whether the model thinks: given to the chat template as `enable_thinking` (Qwen3's
+    templates read it; models that always or never think ignore it). The budget is not
+    enforced: thinking counts against max_tokens as a whole."""
+
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
-    type: str  # "disabled" is the only kind served
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: int | None = None
 
 
 class JsonFormat(BaseModel):
@@ -165,12 +170,6 @@ class MessagesRequest(RequestBody):
             raise UnsupportedParameter("tools", f"at most {limits.max_tools} tools")
 
     def check_supported(self) -> None:
-        if self.thinking is not None and self.thinking.type != "disabled":
-            raise UnsupportedParameter(
-                "thinking",
-                "thinking options are not supported (whether a model thinks is its chat "
-                "template's choice; --reasoning-parser gives its thinking as thinking blocks)",
-            )
         if self.output_config is not None and self.output_config.effort is not None:
             raise UnsupportedParameter("output_config", "output_config.effort is not supported")
         if self.speed == "fast":
@@ -231,7 +230,8 @@ class MessagesRequest(RequestBody):
     def chat_request(self) -> ChatCompletionRequest:
         """The chat request this one means: its conversation (`chat_messages`), tools as
         functions, tool_choice as OpenAI's (any -> required, a named tool -> that function,
-        disable_parallel_tool_use -> parallel_tool_calls false), and the sampling options."""
+        disable_parallel_tool_use -> parallel_tool_calls false), `thinking` as the template's
+        `enable_thinking`, and the sampling options."""
         choice: Any = None
         parallel = None
         if self.tool_choice is not None:
@@ -267,6 +267,8 @@ class MessagesRequest(RequestBody):
             "parallel_tool_calls": parallel,
             "user": self.metadata.user_id if self.metadata else None,
         }
+        if self.thinking is not None:
+            body["chat_template_kwargs"] = {"enable_thinking": self.thinking.type != "disabled"}
         fmt = self.output_config.format if self.output_config is not None else None
         if fmt is not None:
             spec = {"name": "output", "schema": fmt.json_schema}
