@@ -158,6 +158,36 @@ def test_responses_reasoning_item_then_message(client):
     assert deltas == '"Think' and [item.type for item in done] == ["reasoning", "message"]
     final = events[-1].response
     assert final.output[0].content[0].text == '"Think' and final.output_text == 'Answer"'
+    for usage in (r.usage, final.usage):
+        assert 0 < usage.output_tokens_details.reasoning_tokens < usage.output_tokens
+
+
+def test_reasoning_tokens_counted_to_the_closing_tag():
+    """The reasoning's token count: the tokens up to the one that completes `</think>`
+    (a linear scan of the tokens' text as the reference), all of them when it never closed."""
+    from types import SimpleNamespace
+
+    from tokenmill.engine.tokenizer import load_tokenizer
+    from tokenmill.loader.load import read_model_info
+    from tokenmill.loader.resolve import resolve_model
+    from tokenmill.server.chat import ChatRun
+
+    tok = load_tokenizer(read_model_info(resolve_model(None))[0])
+    serving = SimpleNamespace(reasoning_parser=ReasoningParser("deepseek_r1"), tokenizer=tok)
+    run = ChatRun(SimpleNamespace(parser=None), SimpleNamespace(text=None), "r", [], None)
+    for text in ("First, 2+2 is 4.</think>It is 4.", "x</think>", "still thinking"):
+        ids = tok.encode(text, add_special_tokens=False)
+        want = next(
+            (k + 1 for k in range(len(ids)) if "</think>" in tok.decode(ids[: k + 1], False)),
+            len(ids),
+        )
+        o = SimpleNamespace(text=tok.decode(ids), token_ids=ids)
+        assert run.reasoning_tokens(serving, o) == want, text
+    answer = SimpleNamespace(reasoning_parser=ReasoningParser("qwen3"), tokenizer=tok)
+    ids = tok.encode("no reasoning here", add_special_tokens=False)
+    assert (
+        run.reasoning_tokens(answer, SimpleNamespace(text="no reasoning here", token_ids=ids)) == 0
+    )
 
 
 def test_messages_thinking_block_then_text(server):

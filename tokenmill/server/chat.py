@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 from tokenmill.engine.chat_template import template_variables
-from tokenmill.engine.reasoning import ReasoningStreamer
+from tokenmill.engine.reasoning import END, ReasoningStreamer
 from tokenmill.engine.tool_streamers import ToolStreamer
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.server.chat_protocol import ChatCompletionRequest, NamedToolChoice
@@ -47,6 +47,27 @@ class ChatRun:
             reasoning, text = serving.reasoning_parser.extract(text, self.prompt.text)
         content, calls = (text, []) if self.plan.parser is None else self.plan.parser.extract(text)
         return reasoning, content, calls
+
+    def reasoning_tokens(self, serving: OpenAIServing, o: CompletionOutput) -> int:
+        """How many of a sample's tokens are its reasoning, `</think>` included (all of them
+        when it never closed it; none without a reasoning parser or reasoning): the shortest
+        run of its tokens whose text holds the whole tag."""
+        if serving.reasoning_parser is None:
+            return 0
+        reasoning, _, _ = self.split(serving, o.text)
+        if reasoning is None:
+            return 0
+        ids, tok = o.token_ids, serving.tokenizer
+        if END not in tok.decode(ids, False):
+            return len(ids)
+        lo, hi = 1, len(ids)  # the tag is in the text of ids[:hi], not of ids[:lo - 1]
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if END in tok.decode(ids[:mid], False):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
 
     def splitter(self, serving: OpenAIServing) -> SampleSplitter:
         """The streaming `split` of one sample."""

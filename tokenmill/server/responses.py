@@ -197,7 +197,9 @@ class _ResponseReply:
                 "input_tokens": prompt_tokens,
                 "input_tokens_details": {"cached_tokens": final.num_cached_tokens},
                 "output_tokens": n_out,
-                "output_tokens_details": {"reasoning_tokens": 0},
+                "output_tokens_details": {
+                    "reasoning_tokens": self.run.reasoning_tokens(self.serving, final.outputs[0])
+                },
                 "total_tokens": prompt_tokens + n_out,
             },
         }
