@@ -90,9 +90,14 @@ def _ask(client, **kw):
 
 
 def test_chat_reply_carries_reasoning(client):
-    msg = _ask(client).choices[0].message.model_dump()
+    reply = _ask(client)
+    msg = reply.choices[0].message.model_dump()
     assert msg["reasoning"] == msg["reasoning_content"] == "First, 2+2 is 4."
     assert msg["content"] == "It is 4."
+    thought = reply.usage.completion_tokens_details.reasoning_tokens
+    assert 0 < thought < reply.usage.completion_tokens
+    chunks = list(_ask(client, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == thought
 
 
 def test_include_reasoning_false_leaves_it_out(client):

@@ -201,6 +201,14 @@ class _ChatReply:
             "choices": choices,
         }
 
+    def usage_details(self, outputs: list[CompletionOutput]) -> dict:
+        """With a reasoning parser, `completion_tokens_details.reasoning_tokens` over the
+        samples (OpenAI's field); else nothing."""
+        if self.serving.reasoning_parser is None:
+            return {}
+        n = sum(self.run.reasoning_tokens(self.serving, o) for o in outputs)
+        return {"completion_tokens_details": {"reasoning_tokens": n}}
+
     def logprobs(self, o: CompletionOutput, start: int) -> dict | None:
         """The logprobs object of a sample's tokens from `start` on (None without logprobs)."""
         body = self.body
@@ -240,7 +248,8 @@ class _ChatReply:
                 }
             )
         n_out = sum(len(o.token_ids) for o in final.outputs)
-        response = self.base(choices) | {"usage": usage(run.tracker.prompt_tokens, n_out)}
+        tokens = usage(run.tracker.prompt_tokens, n_out) | self.usage_details(final.outputs)
+        response = self.base(choices) | {"usage": tokens}
         if body.prompt_logprobs is not None:
             response["prompt_logprobs"] = vllm_prompt_logprobs(
                 run.prompt.token_ids,
@@ -304,17 +313,19 @@ class _ChatReply:
             for j in range(body.n):
                 role = {"role": "assistant", "content": ""}
                 yield chunk([{"index": j, "delta": role, "logprobs": None, "finish_reason": None}])
-            done: set[int] = set()  # samples whose finish_reason went out (outputs repeat them)
+            done: dict[int, CompletionOutput] = {}  # samples whose finish_reason went out
             async for _, out in self.serving.merged(run.streams, run.tracker):
                 for o in out.outputs:
                     if o.index in done:
-                        continue
+                        continue  # outputs repeat the finished samples
                     if o.finished:
-                        done.add(o.index)
+                        done[o.index] = o
                     counts[o.index] = len(o.token_ids)
                     for choice in self.sample_choices(o):
                         yield chunk([choice])
-            for line in stream_end(body, self.base([]), run.tracker.prompt_tokens, counts):
+            details = self.usage_details(list(done.values()))
+            end = stream_end(body, self.base([]), run.tracker.prompt_tokens, counts, details)
+            for line in end:
                 yield line
         except Exception as e:  # noqa: BLE001 - reported in-band, the status is already sent
             yield error_event(e)

@@ -52,11 +52,14 @@ def stream_end(
     empty_chunk: dict,
     prompt_tokens: int,
     counts: dict[int, int],
+    details: dict | None = None,
 ) -> list[str]:
-    """The usage chunk (when stream_options.include_usage) and the [DONE] sentinel."""
+    """The usage chunk (when stream_options.include_usage; with `details`, such as the
+    reasoning tokens) and the [DONE] sentinel."""
     lines = []
     if body.stream_options and body.stream_options.include_usage:
-        lines.append(sse(empty_chunk | {"usage": usage(prompt_tokens, sum(counts.values()))}))
+        tokens = usage(prompt_tokens, sum(counts.values())) | (details or {})
+        lines.append(sse(empty_chunk | {"usage": tokens}))
     return lines + [DONE]
 
 
