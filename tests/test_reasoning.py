@@ -288,25 +288,37 @@ def test_bad_after_token_ids_are_refused(llm_f32):
         llm_f32.generate("x", SamplingParams(structured_outputs=spec))
 
 
-def test_messages_thinking_option_reaches_the_template():
-    """Anthropic's `thinking` (enabled, disabled) is the template's `enable_thinking`, which
-    Qwen3's templates read: here one of our own writes it into the prompt it counts."""
-    template = (
-        "{% for m in messages %}{{ m.content }}{% endfor %}"
-        "{% if enable_thinking is defined %}"
-        "{{ ' think it through first' if enable_thinking else ' answer' }}{% endif %}"
-    )
+# A template that writes what it is told of the reasoning into the prompt, whose length the
+# endpoints report: the reference is the count of the text it should render.
+REASONING_TEMPLATE = (
+    "{% for m in messages %}{{ m.content }}{% endfor %}"
+    "{% if enable_thinking is defined %}"
+    "{{ ' think it through first' if enable_thinking else ' answer' }}{% endif %}"
+    "{% if reasoning_effort is defined %} effort {{ reasoning_effort }}{% endif %}"
+)
+
+
+def test_thinking_options_reach_the_template():
+    """Anthropic's `thinking` and OpenAI's `reasoning_effort` / Responses' `reasoning.effort`
+    become the template's `enable_thinking` (Qwen3's) and `reasoning_effort` (gpt-oss's);
+    chat_template_kwargs win over them."""
     turns = [{"role": "user", "content": "Hi"}]
     body = {"model": MODEL, "max_tokens": 3, "messages": turns}
     disabled = MessagesRequest.model_validate(body | {"thinking": {"type": "disabled"}})
     assert disabled.chat_request().chat_template_kwargs == {"enable_thinking": False}
-    srv = ServerProcess("--chat-template", template)
+    srv = ServerProcess("--chat-template", REASONING_TEMPLATE)
     try:
 
         def count(url: str, payload: dict) -> int:
             r = httpx.post(srv.url + url, json=payload)
             assert r.status_code == 200, r.text
-            return r.json()["input_tokens" if "messages" in url else "count"]
+            data = r.json()
+            if "usage" in data:
+                return data["usage"].get("prompt_tokens", data["usage"].get("input_tokens"))
+            return data.get("input_tokens", data.get("count"))
+
+        def tokens(text: str) -> int:
+            return count("/tokenize", {"prompt": text})
 
         for thinking, text in (
             ({"type": "enabled", "budget_tokens": 1024}, "Hi think it through first"),
@@ -314,8 +326,22 @@ def test_messages_thinking_option_reaches_the_template():
             (None, "Hi"),
         ):
             extra = {} if thinking is None else {"thinking": thinking}
-            got = count("/v1/messages/count_tokens", body | extra)
-            assert got == count("/tokenize", {"prompt": text}), (thinking, text)
+            assert count("/v1/messages/count_tokens", body | extra) == tokens(text), text
+        chat = {"model": MODEL, "max_tokens": 1, "messages": turns}
+        for extra, text in (
+            ({"reasoning_effort": "high"}, "Hi think it through first effort high"),
+            ({"reasoning_effort": "minimal"}, "Hi answer effort minimal"),
+            (
+                {"reasoning_effort": "none", "chat_template_kwargs": {"enable_thinking": True}},
+                "Hi think it through first effort none",
+            ),
+        ):
+            assert count("/v1/chat/completions", chat | extra) == tokens(text), text
+        responses = {"model": MODEL, "input": "Hi", "max_output_tokens": 16}
+        got = count(
+            "/v1/responses", responses | {"reasoning": {"effort": "low", "summary": "auto"}}
+        )
+        assert got == tokens("Hi think it through first effort low")
         reply = httpx.post(srv.url + "/v1/messages", json=body | {"thinking": {"type": "enabled"}})
         assert reply.status_code == 200, reply.text
     finally:

@@ -302,7 +302,7 @@ def test_logprobs_equal_the_chat_endpoint(client):
     [
         ({"tools": [{"type": "web_search"}]}, "tools"),
         ({"background": True}, "background"),
-        ({"reasoning": {"effort": "high"}}, "reasoning"),
+        ({"reasoning": {"effort": "extreme"}}, "reasoning"),
         ({"include": ["message.output_text.logprobs", "no.such.field"]}, "include"),
         ({"tool_choice": "required"}, "tool_choice"),  # no tools
         ({"max_output_tokens": 0}, "max_output_tokens"),

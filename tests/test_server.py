@@ -567,7 +567,7 @@ def test_invalid_completion_params(server, patch, param):
         ({"modalities": ["text", "audio"]}, "modalities"),
         ({"metadata": {str(i): "v" for i in range(17)}}, "metadata"),
         ({"service_tier": "gold"}, None),
-        ({"reasoning_effort": "low"}, "reasoning_effort"),
+        ({"reasoning_effort": "extreme"}, "reasoning_effort"),
         ({"continue_final_message": True}, "continue_final_message"),
         ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
     ],

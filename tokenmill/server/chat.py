@@ -132,7 +132,7 @@ async def render_chat(
             tok,
             serving.tool_call_parser,
         )
-        extra = template_variables(body.chat_template_kwargs)
+        extra = body.reasoning_variables() | template_variables(body.chat_template_kwargs)
         if plan.template_tools:
             extra["tools"] = plan.template_tools
         text = tok.apply_chat_template(

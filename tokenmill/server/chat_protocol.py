@@ -19,6 +19,8 @@ from tokenmill.server.protocol import (
     reject_kinds,
 )
 
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high"]
+
 
 class TextPart(BaseModel):
     model_config = STRICT
@@ -121,6 +123,8 @@ class ChatCompletionRequest(SamplingRequest):
     chat_template_kwargs: dict[str, Any] | None = None
     # vLLM's: with a reasoning parser, false leaves the reasoning out of the reply
     include_reasoning: bool = True
+    # OpenAI's: given to the template (`reasoning_variables`)
+    reasoning_effort: ReasoningEffort | None = None
     # Accepted for the clients that send them, with no effect here: a local server stores no
     # completions and has one service tier; the cache key, the end-user id and the metadata
     # (OpenAI's limits checked) change nothing; the only output modality is text.
@@ -182,6 +186,15 @@ class ChatCompletionRequest(SamplingRequest):
                 raise UnsupportedParameter(
                     "top_logprobs", f"top_logprobs must be in [0, {MAX_LOGPROBS}]"
                 )
+
+    def reasoning_variables(self) -> dict[str, Any]:
+        """The template variables `reasoning_effort` asks for: itself (vLLM passes it on so,
+        for gpt-oss) and `enable_thinking` (Qwen3's), false for "none" and "minimal";
+        `chat_template_kwargs` setting either wins."""
+        effort = self.reasoning_effort
+        if effort is None:
+            return {}
+        return {"reasoning_effort": effort, "enable_thinking": effort not in ("none", "minimal")}
 
     def requested_tokens(self) -> int | None:
         return self.effective_max_tokens()

@@ -9,7 +9,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tokenmill.server.chat_protocol import ChatCompletionRequest, FunctionDefinition
+from tokenmill.server.chat_protocol import (
+    ChatCompletionRequest,
+    FunctionDefinition,
+    ReasoningEffort,
+)
 from tokenmill.server.protocol import (
     MAX_LOGPROBS,
     RequestBody,
@@ -152,10 +156,13 @@ class TextConfig(BaseModel):
 
 
 class Reasoning(BaseModel):
+    """`effort` is the chat request's `reasoning_effort` (template variables); no summary is
+    written (the reasoning item carries the reasoning itself), so `summary` changes nothing."""
+
     model_config = _STRICT
-    effort: str | None = None
-    summary: str | None = None
-    generate_summary: str | None = None
+    effort: ReasoningEffort | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None
+    generate_summary: Literal["auto", "concise", "detailed"] | None = None
 
 
 class ResponsesStreamOptions(BaseModel):
@@ -243,8 +250,6 @@ class ResponsesRequest(RequestBody):
             reject("background", "background: true")
         if self.max_tool_calls is not None:
             reject("max_tool_calls", "max_tool_calls")
-        if self.reasoning is not None and any(self.reasoning.model_dump().values()):
-            reject("reasoning", "reasoning options (effort, summary)")
         if self.text is not None and self.text.verbosity not in (None, "medium"):
             reject("text", "text.verbosity other than medium")
         unknown = sorted(set(self.include or []) - {LOGPROBS_INCLUDE, *VACUOUS_INCLUDES})
@@ -357,6 +362,7 @@ class ResponsesRequest(RequestBody):
             "min_p": self.min_p,
             "repetition_penalty": self.repetition_penalty,
             "user": self.user,
+            "reasoning_effort": self.reasoning.effort if self.reasoning is not None else None,
         }
         try:
             return ChatCompletionRequest.model_validate(body)
