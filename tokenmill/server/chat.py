@@ -52,10 +52,8 @@ class ChatRun:
         """How many of a sample's tokens are its reasoning, `</think>` included (all of them
         when it never closed it; none without a reasoning parser or reasoning): the shortest
         run of its tokens whose text holds the whole tag."""
-        if serving.reasoning_parser is None:
-            return 0
-        reasoning, _, _ = self.split(serving, o.text)
-        if reasoning is None:
+        parser = serving.reasoning_parser
+        if parser is None or parser.extract(o.text, self.prompt.text)[0] is None:
             return 0
         ids, tok = o.token_ids, serving.tokenizer
         if END not in tok.decode(ids, False):
